@@ -1,0 +1,19 @@
+"""selfattn: scaled dot-product self-attention you can read, run fast, and look inside."""
+
+from . import backends, masks, reference
+from .backends import BackendUnavailable, use_backend
+from .functional import attention, attention_probs
+from .stats import AttentionStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention",
+    "attention_probs",
+    "AttentionStats",
+    "BackendUnavailable",
+    "backends",
+    "masks",
+    "reference",
+    "use_backend",
+]

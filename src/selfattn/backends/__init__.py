@@ -1,0 +1,89 @@
+"""The backend registry: every way selfattn can compute attention, and what each supports.
+
+>>> import selfattn
+>>> print(selfattn.backends.table())          # doctest: +SKIP
+>>> with selfattn.use_backend("math"): ...    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+from .base import Backend, BackendUnavailable, Request
+from .math import MathBackend
+from .reference import ReferenceBackend
+from .sdpa import SDPABackend
+
+__all__ = ["Backend", "BackendUnavailable", "Request", "register", "get", "names", "available", "table", "use_backend", "current"]
+
+_REGISTRY: dict[str, Backend] = {}
+_CURRENT: contextvars.ContextVar[str] = contextvars.ContextVar("selfattn_backend", default="auto")
+
+
+def register(backend: Backend) -> Backend:
+    """Add a backend to the registry (later issues add fused kernels this way)."""
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+for _b in (ReferenceBackend(), MathBackend(), SDPABackend()):
+    register(_b)
+
+
+def names() -> list[str]:
+    """Registered backend names, plus "auto"."""
+    return ["auto", *_REGISTRY]
+
+
+def get(name: str) -> Backend:
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, got {type(name).__name__}")
+    if name not in _REGISTRY:
+        raise ValueError(f"backend: unknown backend {name!r}; choose one of {names()}")
+    return _REGISTRY[name]
+
+
+def available() -> dict[str, dict]:
+    """Each backend with its one-line summary and feature support."""
+    return {n: {"summary": b.summary, **b.features} for n, b in _REGISTRY.items()}
+
+
+def table() -> str:
+    """The registry as readable text."""
+    lines = []
+    for n, b in _REGISTRY.items():
+        lines.append(f"{n}: {b.summary}")
+        lines.extend(f"    {k:<9} {v}" for k, v in b.features.items())
+    return "\n".join(lines)
+
+
+def current() -> str:
+    """The backend that ``backend="auto"`` resolves to in this context ("auto" unless use_backend is active)."""
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager: calls with ``backend="auto"`` inside it use backend ``name``."""
+    if name != "auto":
+        get(name)
+    token = _CURRENT.set(name)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def choose(name: str, q, k, v, req: Request) -> Backend:
+    """Resolve a backend name for a request: explicit names must serve it, "auto" picks the fastest."""
+    if name == "auto":
+        name = _CURRENT.get()
+    if name != "auto":
+        b = get(name)
+        missing = b.unsupported(q, k, v, req)
+        if missing:
+            raise BackendUnavailable(f"backend {name!r} cannot serve this request: it does not support {missing}. Use backend='auto' or one of {names()}")
+        return b
+    capable = [b for b in _REGISTRY.values() if b.unsupported(q, k, v, req) is None]
+    return min(capable, key=lambda b: b.rank(req))

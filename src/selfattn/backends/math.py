@@ -1,0 +1,64 @@
+"""Backend `math`: unfused torch ops, every feature, autograd through torch. Stores Lq x Lk."""
+
+from __future__ import annotations
+
+import torch
+
+from ..stats import AttentionStats
+from .base import Backend, Request
+
+
+def math_attention(q, k, v, req: Request):
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # low precision accumulates in float32
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)  # (B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv)
+    group = req.q_heads // req.kv_heads
+    B, Hkv, Lk, D = k.shape
+    Lq = q.shape[2]
+    # GQA without copying K/V: fold the query-head group into the row dimension
+    qg = q.reshape(B, Hkv, group * Lq, D)  # (B, Hkv, G*Lq, D)
+    s = (qg @ k.transpose(-2, -1)).reshape(B, req.q_heads, Lq, Lk) * req.scale  # (B, Hq, Lq, Lk)
+    if req.softcap is not None:
+        s = req.softcap * torch.tanh(s / req.softcap)
+    if req.mask is not None:
+        allowed = req.mask.allowed(Lq, Lk, device=q.device)  # (B|1, H|1, Lq, Lk)
+        bias = req.mask.bias(Lq, Lk, device=q.device)
+        if bias is not None:
+            s = s + bias.to(acc)
+        s = s.masked_fill(~allowed, float("-inf"))
+    row_max = s.amax(dim=-1, keepdim=True)  # (B, Hq, Lq, 1)
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    e = torch.exp(s - shift)  # (B, Hq, Lq, Lk); masked pairs give exp(-inf) = 0 with zero gradient
+    denom = e.sum(dim=-1, keepdim=True)  # (B, Hq, Lq, 1)
+    p = e / torch.where(denom > 0, denom, torch.ones_like(denom))  # (B, Hq, Lq, Lk) zero rows stay zero
+    stats = None
+    if req.return_stats:
+        with torch.no_grad():
+            lse = (shift + torch.log(denom)).squeeze(-1)  # (B, Hq, Lq)
+            finite_s = torch.where(p > 0, s, torch.zeros_like(s))
+            ent = lse - (p * finite_s).sum(-1)  # H = lse - sum p*s
+            ent = torch.where(torch.isfinite(lse), ent, torch.zeros_like(ent)).clamp_min(0)
+            stats = AttentionStats(lse, row_max.squeeze(-1), ent)
+    if req.dropout_p > 0:
+        keep = torch.rand(p.shape, generator=req.generator, device=p.device) >= req.dropout_p
+        p = p * keep / (1.0 - req.dropout_p)
+    out = (p.reshape(B, Hkv, group * Lq, Lk) @ v).reshape(B, req.q_heads, Lq, v.shape[-1])  # (B, Hq, Lq, Dv)
+    return out.to(req.dtype), stats
+
+
+class MathBackend(Backend):
+    name = "math"
+    summary = "unfused torch ops; every feature; stores the Lq x Lk matrix"
+    features = {
+        "masks": "all",
+        "dtypes": "any float (fp16/bf16 accumulate in fp32)",
+        "stats": "yes",
+        "dropout": "yes, with generator",
+        "backward": "autograd",
+        "memory": "O(Lq*Lk)",
+    }
+
+    def rank(self, req):
+        return 50.0
+
+    def forward(self, q, k, v, req):
+        return math_attention(q, k, v, req)
