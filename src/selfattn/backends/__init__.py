@@ -30,6 +30,10 @@ def register(backend: Backend) -> Backend:
 for _b in (ReferenceBackend(), MathBackend(), SDPABackend()):
     register(_b)
 
+# fused backends register themselves on import (each module handles a missing numba/triton itself)
+from . import cpu as _cpu  # noqa: E402,F401
+from . import triton_gpu as _triton_gpu  # noqa: E402,F401
+
 
 def names() -> list[str]:
     """Registered backend names, plus "auto"."""

@@ -1,0 +1,1 @@
+"""Backend `cpu`: fused flash-style CPU kernel (issue 5). Placeholder until the kernel lands."""
