@@ -1,6 +1,7 @@
 """selfattn: scaled dot-product self-attention you can read, run fast, and look inside."""
 
 from . import backends, masks, reference
+from .explain import ExplainTrace, explain
 from .backends import BackendUnavailable, use_backend
 from .functional import attention, attention_probs
 from .stats import AttentionStats
@@ -12,6 +13,8 @@ __all__ = [
     "attention_probs",
     "AttentionStats",
     "BackendUnavailable",
+    "ExplainTrace",
+    "explain",
     "backends",
     "masks",
     "reference",

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up selfattn on a fresh machine: a virtual environment in .venv with the package installed.
+#   scripts/setup.sh          runtime dependencies (torch CPU build, numba, rich, matplotlib, safetensors)
+#   scripts/setup.sh --test   also the test dependencies (pytest, hypothesis, triton for its CPU interpreter)
+# Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+# torch first and pinned exactly: on these machines 2.13.0 is a local CPU build; a looser pin
+# could pull a multi-GB CUDA build.
+if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
+    .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0"
+fi
+extra=""
+if [ "${1:-}" = "--test" ]; then
+    extra="[test]"
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e ".${extra}" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import selfattn" 
