@@ -4,6 +4,7 @@ from . import backends, masks, reference
 from .explain import ExplainTrace, explain
 from .backends import BackendUnavailable, use_backend
 from .functional import attention, attention_probs
+from .layers import KVCache, MultiHeadAttention, SelfAttention
 from .stats import AttentionStats
 
 __version__ = "0.1.0"
@@ -19,4 +20,7 @@ __all__ = [
     "masks",
     "reference",
     "use_backend",
+    "SelfAttention",
+    "MultiHeadAttention",
+    "KVCache",
 ]
