@@ -1,1 +1,350 @@
-"""Backend `cpu`: fused flash-style CPU kernel (issue 5). Placeholder until the kernel lands."""
+"""Backend `cpu`: fused flash-style CPU kernel (issue 5).
+
+Three layers, as flash-attn has them:
+
+* ``_launch_forward`` / ``_launch_backward``: private launchers that pack K and V into
+  blocks, classify tiles with ``Mask.block_map`` and call the numba kernels in
+  ``selfattn.kernels.cpu_flash``;
+* ``selfattn::cpu_flash_attention`` and ``selfattn::cpu_flash_attention_backward``:
+  ``torch.library`` custom ops, so ``torch.compile`` traces a call as one node; the forward
+  op's autograd (``register_autograd``) saves q, k, v, the output and the log-sum-exp only;
+* ``CPUBackend.forward``: turns a validated ``Request`` into the ops' arguments.
+
+Memory is O(L): the L x L matrix never exists, only (BLOCK_M x BLOCK_N) tiles per thread.
+Dropout is not supported (``BackendUnavailable`` names "dropout"); statistics carry no
+gradient; a float mask gets no gradient (refused if it requires one).
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import masks as _masks
+from ..stats import AttentionStats
+from .base import Backend, Request
+
+try:
+    import numba
+    import numpy as np
+
+    from ..kernels import cpu_flash as _k
+except ImportError:  # numba missing: the backend stays registered and says why it cannot serve
+    _k = None
+
+_BIG = 1 << 40  # window bound meaning "unbounded"
+_ATOMIC = (_masks.Causal, _masks.Window, _masks.Padding, _masks.Documents, _masks.Dense)
+
+#: tile products computed by the kernels since import (or the last reset); deterministic
+TILE_PRODUCTS = {"forward": 0, "backward_kv": 0, "backward_q": 0}
+
+
+def reset_tile_products() -> None:
+    for name in TILE_PRODUCTS:
+        TILE_PRODUCTS[name] = 0
+
+
+# -- masks: from Mask values to the kernels' parameters ---------------------------------------
+
+
+def _mask_args(mask, Lq: int, Lk: int):
+    """(kv_lens, q_lens, q_ids, kv_ids, allow, bias, win_left, win_right) for the ops."""
+    left = right = _BIG
+    kv_lens = q_lens = allow = bias = None
+    q_ids, kv_ids = [], []
+    parts = () if mask is None else (mask.parts if isinstance(mask, _masks.And) else (mask,))
+    for part in parts:
+        if isinstance(part, _masks.Causal):
+            right = min(right, 0)
+        elif isinstance(part, _masks.Window):
+            left, right = min(left, part.left), min(right, part.right)
+        elif isinstance(part, _masks.Padding):
+            kv_lens = part.kv_lengths if kv_lens is None else torch.minimum(kv_lens, part.kv_lengths)
+            if part.q_lengths is not None:
+                q_lens = part.q_lengths if q_lens is None else torch.minimum(q_lens, part.q_lengths)
+        elif isinstance(part, _masks.Documents):
+            kv_ids.append(part.kv_ids)  # (B|1, Lk)
+            q_ids.append(part.kv_ids[:, Lk - Lq:] if part.q_ids is None else part.q_ids)  # (B|1, Lq)
+        elif isinstance(part, _masks.Dense):
+            t = part.tensor
+            t = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))  # (B|1, H|1, Lq|1, Lk|1)
+            if t.dtype == torch.bool:
+                allow = t if allow is None else allow & t
+            else:
+                bias = t if bias is None else bias + t
+    if q_ids:
+        bd = max(t.shape[0] for t in kv_ids)
+        kv_ids = torch.stack([t.expand(bd, -1) for t in kv_ids]).long()  # (ND, Bd, Lk)
+        q_ids = torch.stack([t.expand(bd, -1) for t in q_ids]).long()  # (ND, Bd, Lq)
+    else:
+        q_ids = kv_ids = None
+    return kv_lens, q_lens, q_ids, kv_ids, allow, bias, left, right
+
+
+def _dense_tiles(a: torch.Tensor, lq: int, lk: int) -> torch.Tensor:
+    # TileKind of every tile of a dense allowed-mask a (B|1, H|1, Lq|1, Lk|1), vectorised
+    any_ = all_ = a.to(torch.uint8)
+    for dim, length, block in ((2, lq, _k.BLOCK_M), (3, lk, _k.BLOCK_N)):
+        if a.shape[dim] == 1:
+            continue
+        n = -(-length // block)
+        pad = [0, 0] * (3 - dim) + [0, n * block - length]
+        shape = any_.shape[:dim] + (n, block) + any_.shape[dim + 1:]
+        any_ = F.pad(any_, pad, value=0).reshape(shape).amax(dim + 1)
+        all_ = F.pad(all_, pad, value=1).reshape(shape).amin(dim + 1)
+    kinds = torch.where(all_ == 1, int(_masks.FULL), torch.where(any_ == 1, int(_masks.PARTIAL), int(_masks.EMPTY)))
+    return kinds.to(torch.int8)
+
+
+def _tile_map(lq, lk, kv_lens, q_lens, q_ids, kv_ids, allow, bias, left, right) -> torch.Tensor:
+    """int8 (B|1, H|1, nQ, nK) TileKind per (query block, key block) for every mask part."""
+    parts = []
+    if left < _BIG or right < _BIG:
+        parts.append(_masks.Window(min(left, _BIG), min(right, _BIG)))
+    if kv_lens is not None:
+        parts.append(_masks.Padding(kv_lens, q_lens))
+    for d in range(0 if q_ids is None else q_ids.shape[0]):
+        parts.append(_masks.Documents(kv_ids[d], q_ids[d]))
+    nq, nk = -(-lq // _k.BLOCK_M), -(-lk // _k.BLOCK_N)
+    if parts:
+        m = parts[0] if len(parts) == 1 else _masks.And(*parts)
+        tiles = m.block_map(lq, lk, _k.BLOCK_M, _k.BLOCK_N)  # (B|1, H|1, nQ, nK)
+    else:
+        tiles = torch.full((1, 1, nq, nk), int(_masks.FULL), dtype=torch.int8)
+    dense = None
+    if allow is not None:
+        dense = allow
+    if bias is not None:
+        finite = bias != float("-inf")  # -inf entries of a float mask rule pairs out
+        dense = finite if dense is None else dense & finite
+    if dense is not None:
+        d = _dense_tiles(dense, lq, lk)
+        empty = (tiles == _masks.EMPTY) | (d == _masks.EMPTY)
+        full = (tiles == _masks.FULL) & (d == _masks.FULL)
+        tiles = torch.where(empty, int(_masks.EMPTY), torch.where(full, int(_masks.FULL), int(_masks.PARTIAL))).to(torch.int8)
+    return tiles.expand(tiles.shape[0], tiles.shape[1], nq, nk).contiguous()
+
+
+def _flat(t: Optional[torch.Tensor], dtype):
+    # a (B|1, H|1, Lq|1, Lk|1) tensor as a flat numpy array plus element strides (0 = broadcast)
+    if t is None:
+        return torch.zeros(0, dtype=dtype).numpy(), np.zeros(4, dtype=np.int64)
+    t = t.detach().to(dtype).contiguous()
+    strides = [t.stride(i) if t.shape[i] > 1 else 0 for i in range(4)]
+    return t.reshape(-1).numpy(), np.array(strides, dtype=np.int64)
+
+
+def _kernel_mask_args(lq, lk, kv_lens, q_lens, q_ids, kv_ids, allow, bias, left, right, acc):
+    tiles = _tile_map(lq, lk, kv_lens, q_lens, q_ids, kv_ids, allow, bias, left, right).numpy()
+    kvl = np.array([lk], np.int64) if kv_lens is None else kv_lens.detach().to(torch.int64).contiguous().numpy()
+    ql = np.array([lq], np.int64) if q_lens is None else q_lens.detach().to(torch.int64).contiguous().numpy()
+    if q_ids is None:
+        qi, ki = np.zeros((0, 1, 1), np.int64), np.zeros((0, 1, 1), np.int64)
+    else:
+        qi, ki = q_ids.detach().contiguous().numpy(), kv_ids.detach().contiguous().numpy()
+    allow_flat, stride_allow = _flat(allow, torch.uint8)
+    bias_flat, stride_bias = _flat(bias, acc)
+    return (tiles, left, right, kvl, ql, qi, ki, allow_flat, stride_allow, bias_flat, stride_bias)
+
+
+# -- launchers --------------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _set_threads():
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def _q_factor(scale, softcap):
+    # q is pre-scaled so that q.k is the logit in base-2 units (or u of c*tanh(u))
+    return scale * _k.LOG2E if softcap <= 0.0 else scale / softcap
+
+
+def _blocks(x, acc, n_blocks):
+    # (B, H, L, d) -> (B, H, nK, BLOCK_N, d), zero-padded past L
+    B, H, L, d = x.shape
+    pad = n_blocks * _k.BLOCK_N - L
+    return F.pad(x.detach().to(acc), (0, 0, 0, pad)).reshape(B, H, n_blocks, _k.BLOCK_N, d)
+
+
+def _launch_forward(q, k, v, mask_args, scale, softcap, want_stats):
+    acc = _acc_dtype(q.dtype)
+    B, Hq, Lq, D = q.shape
+    Lk, Dv = k.shape[2], v.shape[3]
+    nq, nk = -(-Lq // _k.BLOCK_M), -(-Lk // _k.BLOCK_N)
+    margs = _kernel_mask_args(Lq, Lk, *mask_args, acc)
+    qs = (q.detach().to(acc) * _q_factor(scale, softcap)).contiguous()  # (B, Hq, Lq, D)
+    kt = _blocks(k, acc, nk).transpose(-1, -2).contiguous()  # (B, Hkv, nK, D, BLOCK_N)
+    vp = _blocks(v, acc, nk).contiguous()  # (B, Hkv, nK, BLOCK_N, Dv)
+    out = torch.empty(B, Hq, Lq, Dv, dtype=acc)
+    lse, mxl, ent = (torch.empty(B, Hq, Lq, dtype=acc) for _ in range(3))
+    counts = np.zeros(B * Hq * nq, np.int64)
+    _set_threads()
+    _k.flash_fwd(qs.numpy(), kt.numpy(), vp.numpy(), out.numpy(), lse.numpy(), mxl.numpy(), ent.numpy(),
+                 margs[0], counts, *margs[1:], softcap * _k.LOG2E if softcap > 0.0 else 0.0, Lk,
+                 bool(want_stats), _k.make_consts(acc_np(acc)), acc == torch.float32)
+    TILE_PRODUCTS["forward"] += int(counts.sum())
+    return out.to(q.dtype), lse, mxl, ent
+
+
+def _launch_backward(grad_out, q, k, v, out, lse, mask_args, scale, softcap):
+    acc = _acc_dtype(q.dtype)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    nq, nk = -(-Lq // _k.BLOCK_M), -(-Lk // _k.BLOCK_N)
+    margs = _kernel_mask_args(Lq, Lk, *mask_args, acc)
+    do = grad_out.detach().to(acc).contiguous()  # (B, Hq, Lq, Dv)
+    delta = (do * out.detach().to(acc)).sum(-1).contiguous()  # (B, Hq, Lq) rowsum(dO * O)
+    lse2 = (lse.detach().to(acc) * _k.LOG2E).contiguous()  # (B, Hq, Lq) base-2 log-sum-exp
+    qs = (q.detach().to(acc) * _q_factor(scale, softcap)).contiguous()  # (B, Hq, Lq, D)
+    kp = _blocks(k, acc, nk).contiguous()  # (B, Hkv, nK, BLOCK_N, D)
+    kt = kp.transpose(-1, -2).contiguous()  # (B, Hkv, nK, D, BLOCK_N)
+    vt = _blocks(v, acc, nk).transpose(-1, -2).contiguous()  # (B, Hkv, nK, Dv, BLOCK_N)
+    dq = torch.zeros(B, Hq, Lq, D, dtype=acc)
+    dk = torch.zeros(B, Hkv, nk, _k.BLOCK_N, D, dtype=acc)
+    dv = torch.zeros(B, Hkv, nk, _k.BLOCK_N, Dv, dtype=acc)
+    consts = _k.make_consts(acc_np(acc))
+    softcap2 = softcap * _k.LOG2E if softcap > 0.0 else 0.0
+    fast = acc == torch.float32
+    counts_kv = np.zeros(B * Hkv * nk, np.int64)
+    counts_q = np.zeros(B * Hq * nq, np.int64)
+    _set_threads()
+    _k.flash_bwd_kv(qs.numpy(), kt.numpy(), vt.numpy(), do.numpy(), lse2.numpy(), delta.numpy(),
+                    dk.numpy(), dv.numpy(), margs[0], counts_kv, *margs[1:], softcap2, softcap, Lk, consts, fast)
+    _k.flash_bwd_q(qs.numpy(), kt.numpy(), kp.numpy(), vt.numpy(), do.numpy(), lse2.numpy(), delta.numpy(),
+                   dq.numpy(), margs[0], counts_q, *margs[1:], softcap2, softcap, Lk, consts, fast)
+    TILE_PRODUCTS["backward_kv"] += int(counts_kv.sum())
+    TILE_PRODUCTS["backward_q"] += int(counts_q.sum())
+    # undo the pre-scaling: logit = (q * factor) . k / log2(e), or c * tanh(u) with u = (q * factor) . k
+    dq = dq * (scale if softcap <= 0.0 else scale / softcap)
+    dk = dk.reshape(B, Hkv, nk * _k.BLOCK_N, D)[:, :, :Lk] * (_k.LN2 if softcap <= 0.0 else 1.0)
+    dv = dv.reshape(B, Hkv, nk * _k.BLOCK_N, Dv)[:, :, :Lk]
+    return dq.to(q.dtype), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+
+
+def acc_np(acc):
+    return np.float64 if acc == torch.float64 else np.float32
+
+
+# -- torch.library custom ops -------------------------------------------------------------------
+
+
+@torch.library.custom_op("selfattn::cpu_flash_attention", mutates_args=(), device_types="cpu")
+def _flash_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    kv_lens: Optional[torch.Tensor], q_lens: Optional[torch.Tensor],
+    q_ids: Optional[torch.Tensor], kv_ids: Optional[torch.Tensor],
+    allow: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    scale: float, softcap: float, win_left: int, win_right: int, want_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    mask_args = (kv_lens, q_lens, q_ids, kv_ids, allow, bias, win_left, win_right)
+    return _launch_forward(q, k, v, mask_args, scale, softcap, want_stats)
+
+
+@_flash_op.register_fake
+def _flash_op_fake(q, k, v, kv_lens, q_lens, q_ids, kv_ids, allow, bias, scale, softcap, win_left, win_right, want_stats):
+    B, Hq, Lq, _ = q.shape
+    acc = _acc_dtype(q.dtype)
+    out = q.new_empty((B, Hq, Lq, v.shape[3]))
+    return out, q.new_empty((B, Hq, Lq), dtype=acc), q.new_empty((B, Hq, Lq), dtype=acc), q.new_empty((B, Hq, Lq), dtype=acc)
+
+
+@torch.library.custom_op("selfattn::cpu_flash_attention_backward", mutates_args=(), device_types="cpu")
+def _flash_backward_op(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor,
+    kv_lens: Optional[torch.Tensor], q_lens: Optional[torch.Tensor],
+    q_ids: Optional[torch.Tensor], kv_ids: Optional[torch.Tensor],
+    allow: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    scale: float, softcap: float, win_left: int, win_right: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mask_args = (kv_lens, q_lens, q_ids, kv_ids, allow, bias, win_left, win_right)
+    return _launch_backward(grad_out, q, k, v, out, lse, mask_args, scale, softcap)
+
+
+@_flash_backward_op.register_fake
+def _flash_backward_op_fake(grad_out, q, k, v, out, lse, kv_lens, q_lens, q_ids, kv_ids, allow, bias, scale, softcap, win_left, win_right):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_lens, q_lens, q_ids, kv_ids, allow, bias, scale, softcap, win_left, win_right, _ = inputs
+    out, lse, mxl, ent = output
+    ctx.mark_non_differentiable(lse, mxl, ent)
+    ctx.save_for_backward(q, k, v, out, lse, kv_lens, q_lens, q_ids, kv_ids, allow, bias)
+    ctx.options = (scale, softcap, win_left, win_right)
+
+
+def _backward(ctx, grad_out, grad_lse, grad_mxl, grad_ent):
+    q, k, v, out, lse, kv_lens, q_lens, q_ids, kv_ids, allow, bias = ctx.saved_tensors
+    dq, dk, dv = torch.ops.selfattn.cpu_flash_attention_backward(
+        grad_out, q, k, v, out, lse, kv_lens, q_lens, q_ids, kv_ids, allow, bias, *ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("selfattn::cpu_flash_attention", _backward, setup_context=_setup_context)
+
+
+# -- the backend --------------------------------------------------------------------------------
+
+
+class CPUBackend(Backend):
+    name = "cpu"
+    summary = "fused flash-style numba kernel (forward + backward), O(L) memory, skips masked tiles, stats for free"
+    features = {
+        "masks": "all (causal, window, padding, documents natively with tile skipping; dense bool/float element-wise)",
+        "dtypes": "float32, float64; float16/bfloat16 accumulate in float32",
+        "stats": "yes, from the online softmax (no gradient through them)",
+        "softcap": "yes",
+        "dropout": "no (refused)",
+        "backward": "fused, deterministic (no gradient for a float mask)",
+        "device": "cpu only",
+        "memory": "O(L)",
+    }
+
+    def unsupported(self, q, k, v, req: Request):
+        if _k is None:
+            return "numba (not installed)"
+        if req.device.type != "cpu":
+            return f"device {req.device.type!r} (CPU tensors only)"
+        if req.dropout_p > 0:
+            return "dropout (dropout_p > 0; backend 'math' or 'sdpa' supports it)"
+        parts = () if req.mask is None else (req.mask.parts if isinstance(req.mask, _masks.And) else (req.mask,))
+        for part in parts:
+            if not isinstance(part, _ATOMIC):
+                return f"mask {type(part).__name__}"
+            if isinstance(part, _masks.Dense) and part.tensor.requires_grad:
+                return "gradient with respect to a float mask"
+        return None
+
+    def rank(self, req: Request) -> float:
+        # Always below math (50). Below sdpa (10, or 20 with a dense mask tensor) when sdpa would have to
+        # materialise a structured mask densely (window, padding, documents, causal with Lq != Lk); sdpa
+        # cannot serve stats or softcap at all. Plain dense/causal: sdpa is faster here (BENCHMARKS.md,
+        # "CPU backend (issue 5)"), and so is a user-given dense mask, which sdpa takes as is.
+        kinds = req.mask_kinds
+        structured = bool(kinds & {"window", "padding", "documents"}) or ("causal" in kinds and req.q_len != req.kv_len)
+        if structured:
+            return 15.0
+        return 30.0
+
+    def forward(self, q, k, v, req: Request):
+        kv_lens, q_lens, q_ids, kv_ids, allow, bias, left, right = _mask_args(req.mask, req.q_len, req.kv_len)
+        out, lse, mxl, ent = torch.ops.selfattn.cpu_flash_attention(
+            q, k, v, kv_lens, q_lens, q_ids, kv_ids, allow, bias,
+            req.scale, 0.0 if req.softcap is None else req.softcap, left, right, req.return_stats,
+        )
+        return out, (AttentionStats(lse, mxl, ent) if req.return_stats else None)
+
+
+def _register():
+    from . import register
+
+    register(CPUBackend())
+
+
+_register()

@@ -1,0 +1,415 @@
+"""Fused flash-attention kernels for the CPU, written in numba (issue 5).
+
+Layout the launcher (``selfattn.backends.cpu``) prepares, all C-contiguous, float32 or float64:
+
+    q   (B, Hq, Lq, D)            queries, pre-multiplied by scale*log2(e) (or scale/softcap)
+    kt  (B, Hkv, nK, D, BLOCK_N)  keys, one transposed zero-padded block per key tile
+    kp  (B, Hkv, nK, BLOCK_N, D)  keys, zero-padded blocks (backward, for dQ)
+    vp  (B, Hkv, nK, BLOCK_N, Dv) values, zero-padded blocks
+    vt  (B, Hkv, nK, Dv, BLOCK_N) values, transposed blocks (backward, for dP)
+
+Scores are kept in base-2 units (s2 = logit * log2(e)) so every exponential is an exp2,
+computed by a polynomial that LLVM vectorises (float32) or by libm (float64).
+Masks arrive as a tile map (int8 TileKind per (query block, key block)) plus the element-wise
+parameters a PARTIAL tile needs: a window [p - left, p + right] around query position
+p = i + Lk - Lq (causal is right = 0), padding lengths, document ids, a dense bool array and a
+dense float bias (flat, with strides; stride 0 broadcasts).
+
+Every parallel task owns the outputs it writes, so results are bit-identical run to run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+BLOCK_M = 64  # query rows per tile
+BLOCK_N = 64  # keys per tile
+EMPTY, PARTIAL, FULL = 0, 1, 2  # selfattn.masks.TileKind values
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# no "nnan"/"ninf": masked scores are -inf and must stay so
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+# the row max only: NaN rows are garbage either way, and "nnan" lets LLVM vectorise the reduction
+FASTMATH_MAX = {"nnan", "nsz", "arcp", "contract", "afn", "reassoc"}
+
+# 2**f on [-1/2, 1/2], degree 6, least squares on Chebyshev nodes (max rel. error ~3e-9)
+_F = np.cos(np.pi * (np.arange(64) + 0.5) / 64) / 2
+_POLY = np.polynomial.polynomial.polyfit(_F, np.exp2(_F), 6)  # (7,) c0 + c1 f + ... + c6 f^6
+
+
+def make_consts(dtype) -> np.ndarray:
+    """Constants the kernels read in the compute dtype (so float32 math never widens to float64)."""
+    # 0 log2(e), 1 ln 2, 2 lowest exponent -126, 3 one half, 4 zero, 5..11 polynomial c0..c6
+    return np.array([LOG2E, LN2, -126.0, 0.5, 0.0, *_POLY], dtype=dtype)
+
+
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    # reinterpret an int32 as a float32 (builds 2**n from its exponent field)
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+# -- block products (C-contiguous blocks; the innermost loop is the vectorised one) ----------
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _mm_nn(a, b, c, rows):
+    # c[:rows, :BLOCK_N] = a[:rows, :] @ b      a (>=rows, K), b (K, BLOCK_N)
+    kdim = a.shape[1]
+    for i in range(rows):
+        for j in range(BLOCK_N):
+            c[i, j] = 0.0
+        for kk in range(kdim):
+            x = a[i, kk]
+            for j in range(BLOCK_N):
+                c[i, j] += x * b[kk, j]
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _mm_nn_acc(a, b, c, rows, kdim):
+    # c[:rows, :] += a[:rows, :kdim] @ b[:kdim, :]      b (>=kdim, N), c (>=rows, N)
+    n = b.shape[1]
+    for i in range(rows):
+        for kk in range(kdim):
+            x = a[i, kk]
+            for j in range(n):
+                c[i, j] += x * b[kk, j]
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _mm_tn_acc(a, b, c, rows):
+    # c[:BLOCK_N, :] += a[:rows, :BLOCK_N]^T @ b[:rows, :]      c (BLOCK_N, N)
+    n = b.shape[1]
+    for j in range(BLOCK_N):
+        for r in range(rows):
+            x = a[r, j]
+            if x != 0.0:
+                for d in range(n):
+                    c[j, d] += x * b[r, d]
+
+
+# -- pieces of the online softmax ------------------------------------------------------------
+
+
+@njit(fastmath=FASTMATH_MAX, cache=True)
+def _row_max(s, i):
+    m = s[i, 0]
+    for j in range(1, BLOCK_N):
+        v = s[i, j]
+        m = v if v > m else m
+    return m
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _exp2_row(s, p, i, m, consts, fast, want_ps):
+    """p[i, :] = 2 ** (s[i, :] - m); returns (sum_j p, sum_j p * (s - m)) for the row."""
+    lo, half, zero = consts[2], consts[3], consts[4]
+    tot = zero
+    ps = zero
+    if fast:
+        c0, c1, c2, c3, c4, c5, c6 = consts[5], consts[6], consts[7], consts[8], consts[9], consts[10], consts[11]
+        for j in range(BLOCK_N):
+            x = s[i, j] - m  # <= 0, -inf where masked
+            xc = lo if x < lo else x  # keeps NaN
+            n = np.floor(xc + half)
+            f = xc - n  # in [-1/2, 1/2]
+            y = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * c6)))))
+            scale = _f32_from_bits(np.int32((np.int64(n) + 127) << 23))  # 2**n, n in [-126, 0]
+            v = zero if x < lo else y * scale
+            p[i, j] = v
+            tot += v
+            if want_ps:
+                ps += v * xc
+    else:
+        ln2 = consts[1]
+        for j in range(BLOCK_N):
+            x = s[i, j] - m
+            v = zero if x == -np.inf else math.exp(x * ln2)
+            p[i, j] = v
+            tot += v
+            if want_ps and v != zero:
+                ps += v * x
+    return tot, ps
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _scores(q_blk, kt_blk, s, th, rows, b, h, r0, c0, kind, lq, lk,
+            win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
+            allow, stride_allow, bias, stride_bias, softcap2, consts):
+    """Logits of one tile in base-2 units into s[:rows, :BLOCK_N]; masked pairs -inf.
+
+    With a softcap, th[:rows] gets tanh(u) (the backward pass needs 1 - tanh^2).
+    """
+    log2e = consts[0]
+    # -- scores: q_blk @ k_blk^T (q already carries the scale) --
+    _mm_nn(q_blk, kt_blk, s, rows)
+    ncols = min(BLOCK_N, lk - c0)
+    if softcap2 > 0.0:
+        # -- softcap: c * tanh(u), in base-2 units --
+        for i in range(rows):
+            for j in range(BLOCK_N):
+                t = np.tanh(s[i, j])
+                th[i, j] = t
+                s[i, j] = softcap2 * t
+    if bias.size > 0:
+        # -- float mask: add its bias --
+        bb = b * stride_bias[0] + h * stride_bias[1]
+        for i in range(rows):
+            base = bb + (r0 + i) * stride_bias[2] + c0 * stride_bias[3]
+            for j in range(ncols):
+                s[i, j] += bias[base + j * stride_bias[3]] * log2e
+    if kind == PARTIAL:
+        # -- element-wise mask: only partial tiles pay for it --
+        kv_len = kv_lens[b if kv_lens.shape[0] > 1 else 0]
+        q_len = q_lens[b if q_lens.shape[0] > 1 else 0]
+        offset = lk - lq
+        for i in range(rows):
+            gi = r0 + i
+            pos = gi + offset
+            lo = max(pos - win_left, 0) - c0  # allowed key columns of this row: [lo, hi)
+            hi = min(pos + win_right + 1, kv_len) - c0
+            if gi >= q_len:
+                hi = lo
+            for j in range(ncols):
+                if j < lo or j >= hi:
+                    s[i, j] = -np.inf
+            for d in range(q_ids.shape[0]):
+                bd = b if q_ids.shape[1] > 1 else 0
+                qid = q_ids[d, bd, gi]
+                for j in range(ncols):
+                    if kv_ids[d, bd, c0 + j] != qid:
+                        s[i, j] = -np.inf
+            if allow.size > 0:
+                base = b * stride_allow[0] + h * stride_allow[1] + gi * stride_allow[2] + c0 * stride_allow[3]
+                for j in range(ncols):
+                    if allow[base + j * stride_allow[3]] == 0:
+                        s[i, j] = -np.inf
+    if ncols < BLOCK_N:
+        # -- zero-padded keys past Lk --
+        for i in range(rows):
+            for j in range(ncols, BLOCK_N):
+                s[i, j] = -np.inf
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _probs(s, p, rows, lse2, b, h, r0, consts, fast):
+    # -- probabilities from the saved log-sum-exp: p = 2^(s - lse2) --
+    for i in range(rows):
+        m = lse2[b, h, r0 + i]
+        if m == -np.inf:
+            for j in range(BLOCK_N):
+                p[i, j] = 0.0
+        else:
+            _exp2_row(s, p, i, m, consts, fast, False)
+
+
+# -- forward ----------------------------------------------------------------------------------
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def flash_fwd(q, kt, vp, out, lse, mxl, ent, tiles, counts,
+              win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
+              allow, stride_allow, bias, stride_bias, softcap2, lk, want_stats, consts, fast):
+    """One task per (batch, head, query block): online softmax over its non-empty key tiles.
+
+    Writes out (B, Hq, Lq, Dv), lse / mxl (natural units) and ent (B, Hq, Lq); counts[task] =
+    number of tiles it computed.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, nK, Dv = kt.shape[1], kt.shape[2], vp.shape[4]
+    group = Hq // Hkv
+    nQ = (Lq + BLOCK_M - 1) // BLOCK_M
+    ln2 = consts[1]
+    for t in prange(B * Hq * nQ):
+        qb = t % nQ
+        h = (t // nQ) % Hq
+        b = t // (nQ * Hq)
+        hk = h // group
+        r0 = qb * BLOCK_M
+        rows = min(BLOCK_M, Lq - r0)
+        tb = b if tiles.shape[0] > 1 else 0
+        th_ = h if tiles.shape[1] > 1 else 0
+        q_blk = q[b, h, r0:r0 + rows]
+        s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
+        p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
+        tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap2 > 0.0 else (1, 1), q.dtype)
+        acc = np.zeros((BLOCK_M, Dv), q.dtype)
+        m_i = np.full(BLOCK_M, -np.inf, q.dtype)
+        l_i = np.zeros(BLOCK_M, q.dtype)
+        e_i = np.zeros(BLOCK_M, q.dtype)
+        n_tiles = 0
+        for kb in range(nK):
+            kind = tiles[tb, th_, qb, kb]
+            if kind == EMPTY:
+                continue
+            n_tiles += 1
+            c0 = kb * BLOCK_N
+            _scores(q_blk, kt[b, hk, kb], s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
+                    win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
+                    allow, stride_allow, bias, stride_bias, softcap2, consts)
+            for i in range(rows):
+                # -- new running max --
+                m_old = m_i[i]
+                m_new = max(m_old, _row_max(s, i))
+                if m_new == -np.inf:
+                    for j in range(BLOCK_N):
+                        p[i, j] = 0.0
+                    continue
+                # -- p = 2^(s - m_new), its row sum and sum p*(s - m_new) --
+                tot, ps = _exp2_row(s, p, i, m_new, consts, fast, want_stats)
+                # -- rescale the running sums and the accumulator --
+                l_old = l_i[i]
+                alpha = 1.0 if m_old == m_new else math.exp((m_old - m_new) * ln2)
+                l_i[i] = alpha * l_old + tot
+                if want_stats:
+                    e_i[i] = alpha * (e_i[i] + (m_old - m_new) * l_old) + ps if l_old > 0.0 else ps
+                m_i[i] = m_new
+                if alpha != 1.0:
+                    for d in range(Dv):
+                        acc[i, d] *= alpha
+            # -- accumulate p @ v --
+            _mm_nn_acc(p, vp[b, hk, kb], acc, rows, min(BLOCK_N, lk - c0))
+        for i in range(rows):
+            gi = r0 + i
+            li = l_i[i]
+            if li == 0.0:
+                # fully-masked row: out 0, lse -inf, max -inf, entropy 0
+                for d in range(Dv):
+                    out[b, h, gi, d] = 0.0
+                lse[b, h, gi] = -np.inf
+                mxl[b, h, gi] = -np.inf
+                ent[b, h, gi] = 0.0
+            else:
+                inv = 1.0 / li
+                for d in range(Dv):
+                    out[b, h, gi, d] = acc[i, d] * inv
+                lg = math.log2(li)
+                lse[b, h, gi] = (m_i[i] + lg) * ln2
+                mxl[b, h, gi] = m_i[i] * ln2
+                if want_stats:
+                    # -- entropy H = ln2 * (log2 l - sum p (s - m) / l) --
+                    ent[b, h, gi] = max((lg - e_i[i] * inv) * ln2, 0.0)
+        counts[t] = n_tiles
+
+
+# -- backward ---------------------------------------------------------------------------------
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def flash_bwd_kv(q, kt, vt, do, lse2, delta, dk, dv, tiles, counts,
+                 win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
+                 allow, stride_allow, bias, stride_bias, softcap2, softcap, lk, consts, fast):
+    """dK and dV: one task per (batch, kv head, key block), over every query head of its group.
+
+    dk (B, Hkv, nK, BLOCK_N, D) gets dS^T q (q as passed, pre-scaled), dv (.., Dv) gets P^T dO.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, nK, Dv = kt.shape[1], kt.shape[2], vt.shape[3]
+    group = Hq // Hkv
+    nQ = (Lq + BLOCK_M - 1) // BLOCK_M
+    for t in prange(B * Hkv * nK):
+        kb = t % nK
+        hk = (t // nK) % Hkv
+        b = t // (nK * Hkv)
+        c0 = kb * BLOCK_N
+        tb = b if tiles.shape[0] > 1 else 0
+        s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
+        p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
+        dp = np.empty((BLOCK_M, BLOCK_N), q.dtype)
+        tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap > 0.0 else (1, 1), q.dtype)
+        dk_blk = dk[b, hk, kb]
+        dv_blk = dv[b, hk, kb]
+        n_tiles = 0
+        for g in range(group):
+            h = hk * group + g
+            th_ = h if tiles.shape[1] > 1 else 0
+            for qb in range(nQ):
+                kind = tiles[tb, th_, qb, kb]
+                if kind == EMPTY:
+                    continue
+                n_tiles += 1
+                r0 = qb * BLOCK_M
+                rows = min(BLOCK_M, Lq - r0)
+                q_blk = q[b, h, r0:r0 + rows]
+                do_blk = do[b, h, r0:r0 + rows]
+                _scores(q_blk, kt[b, hk, kb], s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
+                        win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
+                        allow, stride_allow, bias, stride_bias, softcap2, consts)
+                _probs(s, p, rows, lse2, b, h, r0, consts, fast)
+                # -- dV += P^T dO --
+                _mm_tn_acc(p, do_blk, dv_blk, rows)
+                # -- dP = dO V^T --
+                _mm_nn(do_blk, vt[b, hk, kb], dp, rows)
+                # -- dS = P * (dP - delta), times the softcap's c (1 - tanh^2) --
+                for i in range(rows):
+                    di = delta[b, h, r0 + i]
+                    for j in range(BLOCK_N):
+                        dp[i, j] = p[i, j] * (dp[i, j] - di)
+                    if softcap > 0.0:
+                        for j in range(BLOCK_N):
+                            dp[i, j] *= softcap * (1.0 - tanh_buf[i, j] * tanh_buf[i, j])
+                # -- dK += dS^T q --
+                _mm_tn_acc(dp, q_blk, dk_blk, rows)
+        counts[t] = n_tiles
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def flash_bwd_q(q, kt, kp, vt, do, lse2, delta, dq, tiles, counts,
+                win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
+                allow, stride_allow, bias, stride_bias, softcap2, softcap, lk, consts, fast):
+    """dQ: one task per (batch, head, query block); dq (B, Hq, Lq, D) gets dS k (unscaled)."""
+    B, Hq, Lq, D = q.shape
+    Hkv, nK = kt.shape[1], kt.shape[2]
+    group = Hq // Hkv
+    nQ = (Lq + BLOCK_M - 1) // BLOCK_M
+    for t in prange(B * Hq * nQ):
+        qb = t % nQ
+        h = (t // nQ) % Hq
+        b = t // (nQ * Hq)
+        hk = h // group
+        r0 = qb * BLOCK_M
+        rows = min(BLOCK_M, Lq - r0)
+        tb = b if tiles.shape[0] > 1 else 0
+        th_ = h if tiles.shape[1] > 1 else 0
+        q_blk = q[b, h, r0:r0 + rows]
+        do_blk = do[b, h, r0:r0 + rows]
+        dq_blk = dq[b, h, r0:r0 + rows]
+        s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
+        p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
+        dp = np.empty((BLOCK_M, BLOCK_N), q.dtype)
+        tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap > 0.0 else (1, 1), q.dtype)
+        n_tiles = 0
+        for kb in range(nK):
+            kind = tiles[tb, th_, qb, kb]
+            if kind == EMPTY:
+                continue
+            n_tiles += 1
+            c0 = kb * BLOCK_N
+            _scores(q_blk, kt[b, hk, kb], s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
+                    win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
+                    allow, stride_allow, bias, stride_bias, softcap2, consts)
+            _probs(s, p, rows, lse2, b, h, r0, consts, fast)
+            # -- dP = dO V^T --
+            _mm_nn(do_blk, vt[b, hk, kb], dp, rows)
+            # -- dS = P * (dP - delta), times the softcap's c (1 - tanh^2) --
+            for i in range(rows):
+                di = delta[b, h, r0 + i]
+                for j in range(BLOCK_N):
+                    dp[i, j] = p[i, j] * (dp[i, j] - di)
+                if softcap > 0.0:
+                    for j in range(BLOCK_N):
+                        dp[i, j] *= softcap * (1.0 - tanh_buf[i, j] * tanh_buf[i, j])
+            # -- dQ += dS k --
+            _mm_nn_acc(dp, kp[b, hk, kb], dq_blk, rows, min(BLOCK_N, lk - c0))
+        counts[t] = n_tiles
