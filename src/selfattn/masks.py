@@ -236,7 +236,8 @@ class Padding(Mask):
             q = q[:, None, None, None]
             empty = empty | (r0 >= q)
             full = full & (r1 <= q)
-        return _kinds(*torch.broadcast_tensors(empty, full))
+        empty, full, _ = torch.broadcast_tensors(empty, full, r0 + c0)  # (B, 1, nQ, nK) even without q_lengths
+        return _kinds(empty, full)
 
     def __repr__(self):
         return f"padding(kv_lengths={self.kv_lengths.tolist()}, q_lengths={None if self.q_lengths is None else self.q_lengths.tolist()})"

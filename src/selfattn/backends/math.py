@@ -34,8 +34,8 @@ def math_attention(q, k, v, req: Request):
     if req.return_stats:
         with torch.no_grad():
             lse = (shift + torch.log(denom)).squeeze(-1)  # (B, Hq, Lq)
-            finite_s = torch.where(p > 0, s, torch.zeros_like(s))
-            ent = lse - (p * finite_s).sum(-1)  # H = lse - sum p*s
+            finite_s = torch.where(p > 0, s - shift, torch.zeros_like(s))  # shifted logits: no cancellation against lse
+            ent = torch.log(denom).squeeze(-1) - (p * finite_s).sum(-1)  # H = lse - sum p*s = log(denom) - sum p*(s - shift)
             ent = torch.where(torch.isfinite(lse), ent, torch.zeros_like(ent)).clamp_min(0)
             stats = AttentionStats(lse, row_max.squeeze(-1), ent)
     if req.dropout_p > 0:
