@@ -1,4 +1,14 @@
-"""ExplainTrace: one single-head self-attention run with every step recorded, labelled by token."""
+"""ExplainTrace: one self-attention head's run with every step recorded, labelled by token.
+
+Two sizes of input, one object:
+
+* up to ``FULL_MATRIX_MAX_TOKENS`` tokens every step is kept, the L x L matrices included
+  (computed by the float64 reference);
+* longer inputs (up to ``MAX_TOKENS``) keep the L x d steps, the per-row statistics of a
+  normal ``selfattn.attention(..., return_stats=True)`` call, and only the rows asked for,
+  recomputed by ``selfattn.attention_probs`` from the saved log-sum-exp -- no L x L matrix.
+  Beyond about 32 tokens a full matrix no longer fits a terminal or a page legibly.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +19,7 @@ import torch
 
 from .. import masks as _masks
 from .. import reference
+from ..functional import _resolve_mask, attention, attention_probs
 from ..stats import AttentionStats
 
 # the worked example of shared/seed/self-attention-notes.md: "The cat sat", embedding size 4
@@ -17,26 +28,54 @@ NOTES_EMBEDDINGS = ((1.0, 0.0, 1.0, 0.0), (0.0, 1.0, 0.0, 1.0), (1.0, 1.0, 1.0, 
 # the notes' stated output for "The" (quoted to compare against; the tool computes its own)
 NOTES_CLAIMED_OUTPUT_THE = (1.2669, 0.9999, 1.2669, 0.9999)
 
+# above this many tokens full L x L matrices are unreadable: show statistics and chosen rows
+FULL_MATRIX_MAX_TOKENS = 32
+# the hard limit on input length for `selfattn explain`
+MAX_TOKENS = 4096
+TOP_KEYS = 8  # how many of the largest weights a long row lists
+
+_LONG_NOTES = {
+    "Q": "queries as passed to attention (one row per token)",
+    "K": "keys as passed to attention",
+    "V": "values as passed to attention",
+    "output": "weights x V: each token's contextual embedding (from the attention() call)",
+}
+
 
 @dataclass
 class ExplainTrace:
-    """Every step of one self-attention run over labelled tokens (single head, batch of one).
+    """Every step of one self-attention head over labelled tokens (batch of one).
 
     ``steps`` maps step names ("embeddings", "W_Q", "Q", "K", "V", "scores", "scaled",
-    "masked", "weights", "output", ...) to 2-D float64 tensors; ``notes`` holds one sentence
-    per step; ``stats`` holds the per-row lse, max_logit and entropy.
+    "masked", "weights", "output", ...) to 2-D tensors; ``notes`` holds one sentence per step;
+    ``stats`` holds the per-row lse, max_logit and entropy, each (L,). ``rows`` are the query
+    rows picked for display and ``row_weights`` (len(rows), L) their attention weights. For
+    input longer than ``FULL_MATRIX_MAX_TOKENS`` the L x L steps are absent (``full`` is False).
+
+    ``to_dict()``, ``to_html()``, ``plot()`` and ``render()`` show it; in a notebook it
+    displays itself as the HTML report.
     """
 
     tokens: list  # one label per row/column
-    steps: dict  # step name -> 2-D float64 tensor
+    steps: dict  # step name -> 2-D tensor (float64 for full traces)
     notes: dict  # step name -> one-sentence explanation
     stats: AttentionStats  # each of shape (L,)
     scale: float  # the factor applied to the scores (1/sqrt(d_k) unless --no-scale)
     d_k: int
     options: dict = field(default_factory=dict)  # causal, window, init, ...
+    rows: list = field(default_factory=list)  # query rows picked for display
+    row_weights: torch.Tensor | None = None  # (len(rows), L) attention weights of those rows
+    label: str = ""  # which layer/head this is, for model traces
+
+    @property
+    def full(self) -> bool:
+        return "weights" in self.steps
 
     @property
     def weights(self) -> torch.Tensor:
+        if not self.full:
+            raise ValueError(f"this trace has {len(self.tokens)} tokens (> {FULL_MATRIX_MAX_TOKENS}): the full "
+                             f"weight matrix was not computed; use trace.row_weights (rows {self.rows})")
         return self.steps["weights"]
 
     @property
@@ -45,21 +84,165 @@ class ExplainTrace:
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of every number in the trace."""
-        def enc(t):
-            return [[_num(x) for x in row] for row in t.tolist()] if t.dim() == 2 else [_num(x) for x in t.tolist()]
         return {
+            "label": self.label,
             "tokens": list(self.tokens),
             "d_k": self.d_k,
             "scale": self.scale,
-            "options": dict(self.options),
-            "steps": [{"name": n, "note": self.notes.get(n, ""), "value": enc(v)} for n, v in self.steps.items()],
-            "stats": {"lse": enc(self.stats.lse), "max_logit": enc(self.stats.max_logit), "entropy": enc(self.stats.entropy)},
+            "full": self.full,
+            "options": _jsonable(self.options),
+            "steps": [{"name": n, "note": self.notes.get(n, ""), "value": _enc(v)} for n, v in self.steps.items()],
+            "stats": {"lse": _enc(self.stats.lse), "max_logit": _enc(self.stats.max_logit), "entropy": _enc(self.stats.entropy)},
+            "rows": list(self.rows),
+            "row_weights": _enc(self.row_weights) if self.row_weights is not None else None,
         }
+
+    def to_html(self, path=None) -> str:
+        """The self-contained HTML report (written to ``path`` if given)."""
+        from .html import report
+
+        return report(self, path)
+
+    def plot(self, path=None):
+        """A matplotlib Figure: heatmap of the attention weights (written as PNG to ``path`` if given)."""
+        from .plot import plot_trace
+
+        return plot_trace(self, path)
+
+    def render(self, console=None) -> None:
+        """Print every step as labelled terminal tables."""
+        from .terminal import render
+
+        render(self, console)
+
+    def _repr_html_(self) -> str:
+        from .html import fragment
+
+        return fragment(self)
+
+
+@dataclass
+class LayerTrace:
+    name: str  # module name of the attention layer in the model
+    kind: str  # its class name
+    heads: list  # one ExplainTrace per query head
+
+
+@dataclass
+class ModelTrace:
+    """Every attention layer and head of a model run on some tokens (``explain(checkpoint=...)``)."""
+
+    tokens: list
+    layers: list  # LayerTrace per attention call, in call order
+    options: dict = field(default_factory=dict)
+
+    @property
+    def heads(self) -> list:
+        return [h for layer in self.layers for h in layer.heads]
+
+    @property
+    def full(self) -> bool:
+        return all(h.full for h in self.heads)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict: tokens, options and every head's trace."""
+        return {"tokens": list(self.tokens), "options": _jsonable(self.options),
+                "layers": [{"name": layer.name, "kind": layer.kind, "heads": [h.to_dict() for h in layer.heads]} for layer in self.layers]}
+
+    def to_html(self, path=None) -> str:
+        from .html import report
+
+        return report(self, path)
+
+    def plot(self, path=None):
+        from .plot import plot_trace
+
+        return plot_trace(self, path)
+
+    def render(self, console=None) -> None:
+        from .terminal import render
+
+        render(self, console)
+
+    def _repr_html_(self) -> str:
+        from .html import fragment
+
+        return fragment(self)
 
 
 def _num(x: float):
     # JSON has no inf/nan literals: write them as strings
     return x if math.isfinite(x) else str(x)
+
+
+def _enc(t: torch.Tensor):
+    return [[_num(x) for x in row] for row in t.tolist()] if t.dim() == 2 else [_num(x) for x in t.tolist()]
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()
+            if v is None or isinstance(v, (bool, int, float, str, list, tuple))}
+
+
+def stats_summary(trace: ExplainTrace) -> dict:
+    """min/mean/max of each statistic over the rows that attend to something, with the argmin/argmax rows."""
+    out = {}
+    for name in ("entropy", "max_logit"):
+        s = getattr(trace.stats, name).to(torch.float64)  # (L,)
+        ok = torch.isfinite(trace.stats.lse)  # (L,) rows with at least one allowed key
+        if not bool(ok.any()):
+            out[name] = None
+            continue
+        vals = torch.where(ok, s, torch.full_like(s, math.nan))
+        lo = int(torch.where(ok, s, torch.full_like(s, math.inf)).argmin())
+        hi = int(torch.where(ok, s, torch.full_like(s, -math.inf)).argmax())
+        out[name] = {"min": float(s[lo]), "argmin": lo, "mean": float(vals.nanmean()), "max": float(s[hi]), "argmax": hi}
+    return out
+
+
+def top_keys(trace: ExplainTrace, i: int, k: int = TOP_KEYS) -> list:
+    """[(key index, weight)] of the ``k`` largest weights in picked row ``i`` (index into trace.rows)."""
+    w = trace.row_weights[i]  # (L,)
+    n = min(k, int((w > 0).sum()))
+    vals, idx = torch.topk(w, n) if n else (w[:0], torch.zeros(0, dtype=torch.long))
+    return [(int(j), float(v)) for v, j in zip(vals, idx)]
+
+
+def parse_rows(rows, n: int) -> list:
+    """Row indices from a list of ints or a string like "0,5,10-12,-1"; negative counts from the end."""
+    if rows is None:
+        return []
+    items = []
+    if isinstance(rows, str):
+        for part in rows.replace(" ", "").split(","):
+            if not part:
+                continue
+            lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
+            try:
+                items.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+            except ValueError:
+                raise ValueError(f"rows must be indices like '0,3,5-7,-1', got {rows!r}") from None
+    else:
+        items = list(rows)
+    out = []
+    for r in items:
+        if isinstance(r, bool) or not isinstance(r, int):
+            raise TypeError(f"rows must be integers, got {r!r}")
+        if not -n <= r < n:
+            raise ValueError(f"row {r} is out of range: the input has {n} tokens (rows 0..{n - 1}, or -1 for the last)")
+        r = r % n
+        if r not in out:
+            out.append(r)
+    return out
+
+
+def default_rows(n: int) -> list:
+    return list(range(n)) if n <= FULL_MATRIX_MAX_TOKENS else sorted({0, n // 2, n - 1})
+
+
+def _mask_of(causal, window):
+    parts = ([_masks.causal()] if causal else []) + ([_masks.window(*window) if isinstance(window, tuple) else _masks.window(window)] if window is not None else [])
+    return None if not parts else (parts[0] if len(parts) == 1 else _masks.And(*parts))
 
 
 def run(
@@ -70,45 +253,109 @@ def run(
     w_v: torch.Tensor,
     *,
     causal: bool = False,
-    window: int | None = None,
+    window=None,
     scale: float | None = None,
     options: dict | None = None,
+    rows=None,
 ) -> ExplainTrace:
-    """Run the reference self-attention on (L, E) embeddings and record every step."""
-    x = embeddings.to(torch.float64)[None]  # (1, L, E)
-    parts = ([_masks.causal()] if causal else []) + ([_masks.window(window)] if window is not None else [])
-    mask = None if not parts else (parts[0] if len(parts) == 1 else _masks.And(*parts))
-    rec = reference.Trace()
-    _, stats = reference.self_attention(x, w_q, w_k, w_v, mask=mask, scale=scale, trace=rec)
+    """Run the reference self-attention on (L, E) embeddings and record every step.
+
+    ``window`` is an int (that many keys back) or a ``(left, right)`` pair. Inputs longer than
+    ``FULL_MATRIX_MAX_TOKENS`` go through ``selfattn.attention`` instead (see the module doc).
+    """
+    L = embeddings.shape[0]
+    mask = _mask_of(causal, window)
     d_k = w_q.shape[1]
     used_scale = 1.0 / math.sqrt(d_k) if scale is None else float(scale)
-    steps = {"embeddings": rec["embeddings"][0]}
-    notes = {"embeddings": _note(rec, "embeddings")}
+    opts = dict(options or {}, causal=causal, window=window)
+    picked = parse_rows(rows, L) or default_rows(L)
+    steps = {"embeddings": embeddings.to(torch.float64)}
+    notes = {"embeddings": "one fixed vector per token, from the embedding layer"}
     for name, w, note in (("W_Q", w_q, "learned matrix that turns embeddings into queries"),
                           ("W_K", w_k, "learned matrix that turns embeddings into keys"),
                           ("W_V", w_v, "learned matrix that turns embeddings into values; its width sets the output width")):
         steps[name] = w.detach().to(torch.float64)
         notes[name] = note
+    if L > FULL_MATRIX_MAX_TOKENS:
+        x = embeddings.to(torch.float32)  # (L, E) the everyday dtype of the fast path
+        q = (x @ w_q.to(torch.float32))[None, None]  # (1, 1, L, d_k)
+        k = (x @ w_k.to(torch.float32))[None, None]  # (1, 1, L, d_k)
+        v = (x @ w_v.to(torch.float32))[None, None]  # (1, 1, L, d_v)
+        out, st = attention(q, k, v, mask=mask, scale=scale, return_stats=True)
+        return long_head(tokens, q, k, v, out, st, 0, dict(mask=mask, scale=scale), picked, steps, notes, used_scale, opts)
+    x = embeddings.to(torch.float64)[None]  # (1, L, E)
+    rec = reference.Trace()
+    _, stats = reference.self_attention(x, w_q, w_k, w_v, mask=mask, scale=scale, trace=rec)
     for s in rec.steps:
         if s.name == "embeddings":
             continue
         steps[s.name] = s.value[0, 0]  # (L, L) or (L, d) for the single head
         notes[s.name] = s.note
-    if not parts:  # nothing masked: the "masked" step equals "scaled", leave it out of the display
+    if mask is None:  # nothing masked: the "masked" step equals "scaled", leave it out of the display
         steps.pop("masked", None)
     st = AttentionStats(stats.lse[0, 0], stats.max_logit[0, 0], stats.entropy[0, 0])
-    return ExplainTrace(list(tokens), steps, notes, st, used_scale, d_k, dict(options or {}, causal=causal, window=window))
+    return ExplainTrace(list(tokens), steps, notes, st, used_scale, d_k, opts, picked, steps["weights"][picked])
 
 
-def _note(rec, name):
-    return next(s.note for s in rec.steps if s.name == name)
+def long_head(tokens, q, k, v, out, stats, h, opts, picked, steps, notes, used_scale, options, label="") -> ExplainTrace:
+    """The trace of query head ``h`` of one attention() call on long input: no L x L matrix."""
+    hk = h // (q.shape[1] // k.shape[1])  # the key/value head this query head reads
+    steps = dict(steps)
+    notes = dict(notes)
+    for name, t in (("Q", q[0, h]), ("K", k[0, hk]), ("V", v[0, hk]), ("output", out[0, h])):
+        steps[name] = t.detach()  # (L, d)
+        notes[name] = _LONG_NOTES[name]
+    p = attention_probs(q, k, stats, heads=[h], rows=picked, **{n: opts.get(n) for n in ("mask", "scale", "softcap")},
+                        causal=bool(opts.get("causal")), window=opts.get("window"))  # (1, 1, r, L)
+    st = AttentionStats(stats.lse[0, h], stats.max_logit[0, h], stats.entropy[0, h])
+    return ExplainTrace(list(tokens), steps, notes, st, used_scale, q.shape[-1], options, picked, p[0, 0], label)
 
 
-def notes_example() -> ExplainTrace:
+def full_heads(tokens, q, k, v, opts, picked, options, labels) -> list:
+    """Full traces (every step, float64 reference) of every query head of one attention() call."""
+    mask = _resolve_mask(opts.get("mask"), bool(opts.get("causal")), opts.get("window"))
+    rec = reference.Trace()
+    _, stats = reference.attention(q, k, v, mask=mask, scale=opts.get("scale"), softcap=opts.get("softcap"), trace=rec)
+    d_k = q.shape[-1]
+    used_scale = 1.0 / math.sqrt(d_k) if opts.get("scale") is None else float(opts["scale"])
+    out = []
+    for h, label in enumerate(labels):
+        steps, notes = {}, {}
+        for s in rec.steps:
+            if s.name == "masked" and mask is None:
+                continue
+            steps[s.name] = s.value[0, h]  # (L, L) or (L, d)
+            notes[s.name] = s.note
+        for name in ("Q", "K", "V"):
+            notes[name] = _LONG_NOTES[name]
+        st = AttentionStats(stats.lse[0, h], stats.max_logit[0, h], stats.entropy[0, h])
+        out.append(ExplainTrace(list(tokens), steps, notes, st, used_scale, d_k, options, picked, steps["weights"][picked], label))
+    return out
+
+
+def heads_of_call(tokens, call, picked, options, prefix="") -> list:
+    """One ExplainTrace per query head of a captured attention() call (full or long by length)."""
+    q, k, v = call.query[:1], call.key[:1], call.value[:1]  # (1, H, L, d) batch of one
+    labels = [f"{prefix}head {h}" for h in range(q.shape[1])]
+    if len(tokens) <= FULL_MATRIX_MAX_TOKENS:
+        return full_heads(tokens, q, k, v, call.options, picked, options, labels)
+    d_k = q.shape[-1]
+    used_scale = 1.0 / math.sqrt(d_k) if call.options.get("scale") is None else float(call.options["scale"])
+    return [long_head(tokens, q, k, v, call.output[:1], call.stats, h, call.options, picked, {}, {}, used_scale, options, labels[h])
+            for h in range(q.shape[1])]
+
+
+def notes_example(*, causal: bool = False, window=None, scale: float | None = None) -> ExplainTrace:
     """The notes' worked example: "The cat sat", embeddings as given, W_Q = W_K = W_V = I, d_k = 4."""
     x = torch.tensor(NOTES_EMBEDDINGS, dtype=torch.float64)  # (3, 4)
     eye = torch.eye(4, dtype=torch.float64)  # (4, 4) the notes initialise every W as I
-    return run(NOTES_TOKENS, x, eye, eye, eye, options={"example": "notes"})
+    opts = {"example": "notes", "init": "identity", "scaled": scale is None}
+    return run(NOTES_TOKENS, x, eye, eye, eye, causal=causal, window=window, scale=scale, options=opts)
+
+
+def is_plain_notes_example(trace: ExplainTrace) -> bool:
+    o = trace.options
+    return o.get("example") == "notes" and not o.get("causal") and o.get("window") is None and o.get("scaled", True)
 
 
 def compare_with_notes(trace: ExplainTrace) -> dict:

@@ -1,0 +1,276 @@
+"""One self-contained HTML report of a trace: no scripts, no network, no external files.
+
+Matrices are HTML tables whose cells are coloured by value (numbers stay text you can search
+and copy); the heatmap PNG is embedded as a base64 data URI; per-row statistics are inline
+SVG charts. Every number is written with ``terminal.fmt``, the same as in the terminal.
+"""
+
+from __future__ import annotations
+
+import base64
+import html as _html
+import math
+from pathlib import Path
+
+import torch
+
+from .terminal import _AXES, _TITLES, describe_options, fmt, token_label
+from .trace import (FULL_MATRIX_MAX_TOKENS, ExplainTrace, ModelTrace, compare_with_notes, is_plain_notes_example,
+                    stats_summary, top_keys)
+
+_CSS = """
+.sa-report { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; color: #1b1b1b; max-width: 1400px; }
+.sa-report h1 { font-size: 1.5em; margin: 0.3em 0; }
+.sa-report h2 { font-size: 1.2em; margin: 1.2em 0 0.3em; border-bottom: 1px solid #ddd; }
+.sa-report h3 { font-size: 1.05em; margin: 1em 0 0.3em; }
+.sa-report .note { color: #555; margin: 0.2em 0 0.5em; }
+.sa-report .meta { color: #333; margin: 0.2em 0; }
+.sa-report table.m { border-collapse: collapse; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; margin: 0.3em 0; }
+.sa-report table.m th, .sa-report table.m td { border: 1px solid #e3e3e3; padding: 2px 6px; text-align: right; }
+.sa-report table.m th { background: #f6f6f6; font-weight: 600; }
+.sa-report table.m td.max { font-weight: 700; outline: 2px solid #e8a400; outline-offset: -2px; }
+.sa-report table.m td.stat { background: #eef6fb; }
+.sa-report .scroll { overflow-x: auto; }
+.sa-report img.heatmap { max-width: 100%; border: 1px solid #eee; }
+.sa-report details { margin: 0.4em 0; }
+.sa-report summary { cursor: pointer; color: #245; }
+.sa-report .check { background: #fff8e6; border-left: 4px solid #e8a400; padding: 0.4em 0.8em; }
+.sa-report svg text { font-family: system-ui, sans-serif; font-size: 10px; fill: #333; }
+"""
+
+
+def _e(s) -> str:
+    return _html.escape(str(s), quote=True)
+
+
+def _colour(x: float, lo: float, hi: float, signed: bool) -> tuple:
+    # background and text colour of a cell: white -> blue for weights, red/white/blue for signed values
+    if not math.isfinite(x):
+        return "#d9d9d9", "#333"
+    if signed:
+        a = max(abs(lo), abs(hi)) or 1.0
+        t = max(-1.0, min(1.0, x / a))
+        if t >= 0:
+            r, g, b = round(255 - 200 * t), round(255 - 130 * t), round(255 - 40 * t)
+        else:
+            r, g, b = round(255 + 40 * t), round(255 + 190 * t), round(255 + 190 * t)
+        dark = abs(t) > 0.7
+    else:
+        t = 0.0 if hi <= lo else max(0.0, min(1.0, (x - lo) / (hi - lo)))
+        r, g, b = round(255 - 225 * t), round(255 - 155 * t), round(255 - 75 * t)
+        dark = t > 0.6
+    return f"#{r:02x}{g:02x}{b:02x}", ("#fff" if dark else "#111")
+
+
+def matrix_table(m: torch.Tensor, row_labels, col_labels, *, mark_max=False, extra=None, weights=False) -> str:
+    """An HTML table of a matrix, cells coloured by value; ``extra`` adds named columns (statistics)."""
+    vals = m.to(torch.float64)
+    finite = vals[torch.isfinite(vals)]
+    lo, hi = (0.0, 1.0) if weights else ((float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0))
+    signed = not weights and lo < 0
+    best = vals.amax(dim=1) if mark_max else None
+    out = ['<div class="scroll"><table class="m"><thead><tr><th></th>']
+    out += [f"<th>{_e(c)}</th>" for c in col_labels]
+    out += [f'<th class="stat">{_e(k)}</th>' for k in (extra or {})]
+    out.append("</tr></thead><tbody>")
+    for i, label in enumerate(row_labels):
+        out.append(f"<tr><th>{_e(label)}</th>")
+        for j in range(vals.shape[1]):
+            x = float(vals[i, j])
+            bg, fg = _colour(x, lo, hi, signed)
+            cls = ' class="max"' if best is not None and x == float(best[i]) > 0 else ""
+            out.append(f'<td{cls} style="background:{bg};color:{fg}">{fmt(x)}</td>')
+        for v in (extra or {}).values():
+            out.append(f'<td class="stat">{fmt(float(v[i]))}</td>')
+        out.append("</tr>")
+    out.append("</tbody></table></div>")
+    return "".join(out)
+
+
+def _labels(trace, kind, n):
+    return [token_label(trace, i) for i in range(n)] if kind == "tok" else [f"d{i}" for i in range(n)]
+
+
+def _step(trace: ExplainTrace, name: str) -> str:
+    m = trace.steps[name]
+    rk, ck = _AXES.get(name, ("tok", "dim"))
+    title = _TITLES.get(name, name)
+    if "W_Q" not in trace.steps and name in ("Q", "K", "V"):
+        title = f"{name} (as passed to attention)"
+    if name == "scaled":
+        title += f" (x {trace.scale:.4g})"
+    extra = {"entropy": trace.stats.entropy, "max logit": trace.stats.max_logit} if name == "weights" else None
+    return (f"<h3>{_e(title)}</h3><p class=\"note\">{_e(trace.notes.get(name, ''))}</p>"
+            + matrix_table(m, _labels(trace, rk, m.shape[0]), _labels(trace, ck, m.shape[1]), mark_max=name == "weights",
+                           extra=extra, weights=name == "weights"))
+
+
+def _png(obj) -> str:
+    from .plot import png_bytes
+
+    data = base64.b64encode(png_bytes(obj)).decode("ascii")
+    return f'<img class="heatmap" alt="heatmap of the attention weights" src="data:image/png;base64,{data}">'
+
+
+def line_chart(values: torch.Tensor, title: str, *, width: int = 900, height: int = 160) -> str:
+    """An inline SVG line chart of one statistic over the query positions (non-finite values skipped)."""
+    v = [float(x) for x in values.to(torch.float64)]
+    fin = [x for x in v if math.isfinite(x)]
+    if not fin:
+        return f"<p>{_e(title)}: no finite values</p>"
+    lo, hi = min(fin), max(fin)
+    span = (hi - lo) or 1.0
+    pad_l, pad_r, pad_t, pad_b = 46, 10, 18, 18
+    n = len(v)
+
+    def xy(i, x):
+        px = pad_l + (width - pad_l - pad_r) * (i / max(1, n - 1))
+        py = pad_t + (height - pad_t - pad_b) * (1 - (x - lo) / span)
+        return f"{px:.1f},{py:.1f}"
+
+    pts = " ".join(xy(i, x) for i, x in enumerate(v) if math.isfinite(x))
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" aria-label="{_e(title)}">'
+            f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fff"/>'
+            f'<text x="{pad_l}" y="12">{_e(title)}</text>'
+            f'<text x="2" y="{pad_t + 8}">{fmt(hi, 3)}</text><text x="2" y="{height - pad_b}">{fmt(lo, 3)}</text>'
+            f'<text x="{pad_l}" y="{height - 4}">position 0</text><text x="{width - pad_r - 70}" y="{height - 4}">position {n - 1}</text>'
+            f'<line x1="{pad_l}" y1="{height - pad_b}" x2="{width - pad_r}" y2="{height - pad_b}" stroke="#bbb"/>'
+            f'<polyline fill="none" stroke="#1f5fa8" stroke-width="1.2" points="{pts}"/></svg>')
+
+
+def strip(weights: torch.Tensor, *, width: int = 900, height: int = 14) -> str:
+    """An inline SVG heat strip: one row of attention weights over every key."""
+    n = weights.shape[0]
+    w = width / n
+    rects = []
+    for j, x in enumerate(weights.tolist()):
+        if x > 0:
+            bg, _ = _colour(x, 0.0, 1.0, False)
+            rects.append(f'<rect x="{j * w:.2f}" y="0" width="{max(w, 0.5):.2f}" height="{height}" fill="{bg}"/>')
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" aria-label="attention weights over all keys">'
+            f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fff" stroke="#ddd"/>{"".join(rects)}</svg>')
+
+
+def _summary(trace: ExplainTrace) -> str:
+    out = ['<table class="m"><thead><tr><th>statistic</th><th>min</th><th>at</th><th>mean</th><th>max</th><th>at</th></tr></thead><tbody>']
+    for name, s in stats_summary(trace).items():
+        if s is None:
+            out.append(f"<tr><th>{name}</th><td colspan=5>no row attends to anything</td></tr>")
+            continue
+        out.append(f"<tr><th>{name}</th><td>{fmt(s['min'])}</td><td>{_e(token_label(trace, s['argmin']))}</td><td>{fmt(s['mean'])}</td>"
+                   f"<td>{fmt(s['max'])}</td><td>{_e(token_label(trace, s['argmax']))}</td></tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _rows(trace: ExplainTrace) -> str:
+    how = "from the full matrix" if trace.full else "recomputed by attention_probs from the saved log-sum-exp"
+    out = [f"<p class=\"note\">Rows {', '.join(map(str, trace.rows))}, {how}: the largest weights, and each row over every key.</p>",
+           '<table class="m"><thead><tr><th>row</th><th>query</th><th>entropy</th><th>max logit</th><th>largest weights (key: weight)</th><th>all keys</th></tr></thead><tbody>']
+    for i, r in enumerate(trace.rows):
+        keys = ", ".join(f"{_e(token_label(trace, j))}: {fmt(w)}" for j, w in top_keys(trace, i))
+        out.append(f"<tr><td>{r}</td><th>{_e(token_label(trace, r))}</th><td>{fmt(float(trace.stats.entropy[r]))}</td>"
+                   f"<td>{fmt(float(trace.stats.max_logit[r]))}</td><td style=\"text-align:left\">{keys or '(no key allowed)'}</td>"
+                   f"<td>{strip(trace.row_weights[i], width=400)}</td></tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _trace_body(trace: ExplainTrace, *, heading=True, png=True) -> str:
+    out = []
+    n = len(trace.tokens)
+    if heading:
+        out.append(f'<p class="meta">tokens ({n}): {_e(" ".join(trace.tokens))}</p>')
+        out.append(f'<p class="meta">d_k = {trace.d_k}, scale = {trace.scale:.6g}. {_e(describe_options(trace.options, "; "))}</p>')
+    if trace.full:
+        if png:
+            out.append("<h2>Attention weights (heatmap)</h2>" + _png(trace))
+        out.append("<h2>Every step</h2>")
+        out += [_step(trace, name) for name in trace.steps]
+        out.append(f'<p class="note">Outlined: the largest weight in each row. Entropy in nats (uniform over {n} tokens: '
+                   f"{fmt(math.log(n))}); max logit = the largest scaled score the softmax sees in the row.</p>")
+        out.append("<h2>Per-row statistics</h2>" + line_chart(trace.stats.entropy, "entropy per query row (nats)")
+                   + line_chart(trace.stats.max_logit, "max logit per query row"))
+        if is_plain_notes_example(trace):
+            out.append(_notes_check(trace))
+    else:
+        out.append(f'<p class="note">{n} tokens: more than {FULL_MATRIX_MAX_TOKENS}, where full L x L matrices stop being '
+                   "readable, so this report shows the statistics of every row and only the rows asked for; "
+                   "no L x L matrix was computed.</p>")
+        out.append("<h2>Per-row statistics</h2>" + _summary(trace) + line_chart(trace.stats.entropy, "entropy per query row (nats)")
+                   + line_chart(trace.stats.max_logit, "max logit per query row"))
+        out.append("<h2>Rows asked for</h2>" + _rows(trace))
+        if png:
+            out.append(_png(trace))
+        out.append("<details><summary>Embeddings, projections and output (L x d)</summary>"
+                   + "".join(_step(trace, name) for name in trace.steps) + "</details>")
+    return "".join(out)
+
+
+def _notes_check(trace) -> str:
+    c = compare_with_notes(trace)
+    vec = lambda t: "[" + ", ".join(fmt(float(x)) for x in t) + "]"  # noqa: E731
+    out = ['<div class="check"><h2>Checked against the notes</h2>',
+           f"<p>The notes state the output for &quot;{_e(trace.tokens[0])}&quot; is {vec(c['claimed'])}. "
+           f"Their own setup gives {vec(c['computed'])}; the difference is {vec(c['difference'])}.</p>"]
+    for j in c["repeated_terms"]:
+        w = float(trace.weights[0, j])
+        out.append(f"<p>That is weight({_e(trace.tokens[j])}) x V({_e(trace.tokens[j])}) = {fmt(w)} x {vec(trace.steps['V'][j])}: "
+                   f"the notes count the &quot;{_e(trace.tokens[j])}&quot; term of the weighted sum twice "
+                   f"(their weights add up to {fmt(float(trace.weights[0].sum()) + w)} instead of 1).</p>")
+    out.append("</div>")
+    return "".join(out)
+
+
+def _overview(mt: ModelTrace) -> str:
+    out = ['<table class="m"><thead><tr><th>layer</th><th>head</th><th>kind</th><th>mean entropy</th><th>min entropy</th><th>at</th>'
+           "<th>mean max logit</th><th>max max logit</th><th>at</th></tr></thead><tbody>"]
+    for layer in mt.layers:
+        for h, tr in enumerate(layer.heads):
+            s = stats_summary(tr)
+            e, m = s["entropy"], s["max_logit"]
+            if e is None:
+                out.append(f"<tr><th>{_e(layer.name)}</th><td>{h}</td><td>{_e(layer.kind)}</td><td colspan=6>no row attends to anything</td></tr>")
+                continue
+            out.append(f"<tr><th>{_e(layer.name)}</th><td>{h}</td><td>{_e(layer.kind)}</td><td>{fmt(e['mean'])}</td><td>{fmt(e['min'])}</td>"
+                       f"<td>{_e(token_label(tr, e['argmin']))}</td><td>{fmt(m['mean'])}</td><td>{fmt(m['max'])}</td>"
+                       f"<td>{_e(token_label(tr, m['argmax']))}</td></tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _model_body(mt: ModelTrace) -> str:
+    n = len(mt.tokens)
+    out = [f'<p class="meta">tokens ({n}): {_e(" ".join(mt.tokens))}</p>', f'<p class="meta">{_e(describe_options(mt.options, "; "))}</p>',
+           "<h2>Per-head overview</h2>", _overview(mt), "<h2>Attention weights of every head (heatmaps)</h2>", _png(mt)]
+    for layer in mt.layers:
+        out.append(f"<h2>{_e(layer.name)} ({_e(layer.kind)}, {len(layer.heads)} head{'s' if len(layer.heads) > 1 else ''})</h2>")
+        for tr in layer.heads:
+            out.append(f"<h3>{_e(tr.label)}</h3>")
+            if tr.full:
+                out.append(_step(tr, "weights"))
+                out.append("<details><summary>every step of this head</summary>"
+                           + "".join(_step(tr, name) for name in tr.steps if name != "weights") + "</details>")
+            else:
+                out.append(_summary(tr) + line_chart(tr.stats.entropy, f"{tr.label}: entropy per query row (nats)") + _rows(tr))
+    return "".join(out)
+
+
+def fragment(obj) -> str:
+    """The report's body as an HTML fragment with its own styles (for notebooks)."""
+    body = _model_body(obj) if isinstance(obj, ModelTrace) else _trace_body(obj)
+    title = "Attention in a model, layer by layer, head by head" if isinstance(obj, ModelTrace) else "Self-attention, step by step"
+    return f'<div class="sa-report"><style>{_CSS}</style><h1>{title}</h1>{body}</div>'
+
+
+def report(obj, path=None) -> str:
+    """The whole self-contained HTML document; written to ``path`` (UTF-8) when given."""
+    if not isinstance(obj, (ExplainTrace, ModelTrace)):
+        raise TypeError(f"expected an ExplainTrace or ModelTrace, got {type(obj).__name__}")
+    doc = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+           "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">"
+           '<link rel="icon" href="data:,"><title>selfattn explain</title></head><body>'
+           + fragment(obj) + "</body></html>\n")
+    if path is not None:
+        Path(path).write_text(doc, encoding="utf-8")
+    return doc
