@@ -159,9 +159,13 @@ def _set_threads():
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
-def _q_factor(scale, softcap):
-    # q is pre-scaled so that q.k is the logit in base-2 units (or u of c*tanh(u))
-    return scale * _k.LOG2E if softcap <= 0.0 else scale / softcap
+def _units(acc, scale, softcap):
+    """(consts, softcap in score units): float32 works in base 2 (exp2), float64 in nats (libm exp)."""
+    base2 = acc == torch.float32
+    per_nat = _k.LOG2E if base2 else 1.0
+    qk_scale = scale * per_nat if softcap <= 0.0 else scale / softcap  # q.k -> score (or u of c tanh u)
+    softcap_u = softcap * per_nat if softcap > 0.0 else 0.0
+    return _k.make_consts(np.float32 if base2 else np.float64, qk_scale, base2), softcap_u
 
 
 def _blocks(x, acc, n_blocks):
@@ -177,16 +181,16 @@ def _launch_forward(q, k, v, mask_args, scale, softcap, want_stats):
     Lk, Dv = k.shape[2], v.shape[3]
     nq, nk = -(-Lq // _k.BLOCK_M), -(-Lk // _k.BLOCK_N)
     margs = _kernel_mask_args(Lq, Lk, *mask_args, acc)
-    qs = (q.detach().to(acc) * _q_factor(scale, softcap)).contiguous()  # (B, Hq, Lq, D)
+    qs = q.detach().to(acc).contiguous()  # (B, Hq, Lq, D)
     kt = _blocks(k, acc, nk).transpose(-1, -2).contiguous()  # (B, Hkv, nK, D, BLOCK_N)
     vp = _blocks(v, acc, nk).contiguous()  # (B, Hkv, nK, BLOCK_N, Dv)
+    consts, softcap_u = _units(acc, scale, softcap)
     out = torch.empty(B, Hq, Lq, Dv, dtype=acc)
     lse, mxl, ent = (torch.empty(B, Hq, Lq, dtype=acc) for _ in range(3))
     counts = np.zeros(B * Hq * nq, np.int64)
     _set_threads()
     _k.flash_fwd(qs.numpy(), kt.numpy(), vp.numpy(), out.numpy(), lse.numpy(), mxl.numpy(), ent.numpy(),
-                 margs[0], counts, *margs[1:], softcap * _k.LOG2E if softcap > 0.0 else 0.0, Lk,
-                 bool(want_stats), _k.make_consts(acc_np(acc)), acc == torch.float32)
+                 margs[0], counts, *margs[1:], softcap_u, Lk, bool(want_stats), consts, acc == torch.float32)
     TILE_PRODUCTS["forward"] += int(counts.sum())
     return out.to(q.dtype), lse, mxl, ent
 
@@ -199,35 +203,31 @@ def _launch_backward(grad_out, q, k, v, out, lse, mask_args, scale, softcap):
     margs = _kernel_mask_args(Lq, Lk, *mask_args, acc)
     do = grad_out.detach().to(acc).contiguous()  # (B, Hq, Lq, Dv)
     delta = (do * out.detach().to(acc)).sum(-1).contiguous()  # (B, Hq, Lq) rowsum(dO * O)
-    lse2 = (lse.detach().to(acc) * _k.LOG2E).contiguous()  # (B, Hq, Lq) base-2 log-sum-exp
-    qs = (q.detach().to(acc) * _q_factor(scale, softcap)).contiguous()  # (B, Hq, Lq, D)
+    consts, softcap_u = _units(acc, scale, softcap)
+    lse_u = (lse.detach().to(acc) * float(consts[0])).contiguous()  # (B, Hq, Lq) log-sum-exp in score units
+    qs = q.detach().to(acc).contiguous()  # (B, Hq, Lq, D)
     kp = _blocks(k, acc, nk).contiguous()  # (B, Hkv, nK, BLOCK_N, D)
     kt = kp.transpose(-1, -2).contiguous()  # (B, Hkv, nK, D, BLOCK_N)
     vt = _blocks(v, acc, nk).transpose(-1, -2).contiguous()  # (B, Hkv, nK, Dv, BLOCK_N)
     dq = torch.zeros(B, Hq, Lq, D, dtype=acc)
     dk = torch.zeros(B, Hkv, nk, _k.BLOCK_N, D, dtype=acc)
     dv = torch.zeros(B, Hkv, nk, _k.BLOCK_N, Dv, dtype=acc)
-    consts = _k.make_consts(acc_np(acc))
-    softcap2 = softcap * _k.LOG2E if softcap > 0.0 else 0.0
     fast = acc == torch.float32
     counts_kv = np.zeros(B * Hkv * nk, np.int64)
     counts_q = np.zeros(B * Hq * nq, np.int64)
     _set_threads()
-    _k.flash_bwd_kv(qs.numpy(), kt.numpy(), vt.numpy(), do.numpy(), lse2.numpy(), delta.numpy(),
-                    dk.numpy(), dv.numpy(), margs[0], counts_kv, *margs[1:], softcap2, softcap, Lk, consts, fast)
-    _k.flash_bwd_q(qs.numpy(), kt.numpy(), kp.numpy(), vt.numpy(), do.numpy(), lse2.numpy(), delta.numpy(),
-                   dq.numpy(), margs[0], counts_q, *margs[1:], softcap2, softcap, Lk, consts, fast)
+    _k.flash_bwd_kv(qs.numpy(), kt.numpy(), vt.numpy(), do.numpy(), lse_u.numpy(), delta.numpy(),
+                    dk.numpy(), dv.numpy(), margs[0], counts_kv, *margs[1:], softcap_u, softcap, Lk, consts, fast)
+    _k.flash_bwd_q(qs.numpy(), kt.numpy(), kp.numpy(), vt.numpy(), do.numpy(), lse_u.numpy(), delta.numpy(),
+                   dq.numpy(), margs[0], counts_q, *margs[1:], softcap_u, softcap, Lk, consts, fast)
     TILE_PRODUCTS["backward_kv"] += int(counts_kv.sum())
     TILE_PRODUCTS["backward_q"] += int(counts_q.sum())
-    # undo the pre-scaling: logit = (q * factor) . k / log2(e), or c * tanh(u) with u = (q * factor) . k
-    dq = dq * (scale if softcap <= 0.0 else scale / softcap)
-    dk = dk.reshape(B, Hkv, nk * _k.BLOCK_N, D)[:, :, :Lk] * (_k.LN2 if softcap <= 0.0 else 1.0)
+    # the kernels leave out d(argument)/d(q.k): scale, or scale / c for the softcap's u
+    dscale = scale if softcap <= 0.0 else scale / softcap
+    dq = dq * dscale
+    dk = dk.reshape(B, Hkv, nk * _k.BLOCK_N, D)[:, :, :Lk] * dscale
     dv = dv.reshape(B, Hkv, nk * _k.BLOCK_N, Dv)[:, :, :Lk]
     return dq.to(q.dtype), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
-
-
-def acc_np(acc):
-    return np.float64 if acc == torch.float64 else np.float32
 
 
 # -- torch.library custom ops -------------------------------------------------------------------

@@ -2,14 +2,15 @@
 
 Layout the launcher (``selfattn.backends.cpu``) prepares, all C-contiguous, float32 or float64:
 
-    q   (B, Hq, Lq, D)            queries, pre-multiplied by scale*log2(e) (or scale/softcap)
+    q   (B, Hq, Lq, D)            queries
     kt  (B, Hkv, nK, D, BLOCK_N)  keys, one transposed zero-padded block per key tile
     kp  (B, Hkv, nK, BLOCK_N, D)  keys, zero-padded blocks (backward, for dQ)
     vp  (B, Hkv, nK, BLOCK_N, Dv) values, zero-padded blocks
     vt  (B, Hkv, nK, Dv, BLOCK_N) values, transposed blocks (backward, for dP)
 
-Scores are kept in base-2 units (s2 = logit * log2(e)) so every exponential is an exp2,
-computed by a polynomial that LLVM vectorises (float32) or by libm (float64).
+In float32, scores are kept in base-2 units (logit * log2(e), folded into the scale) so every
+exponential is an exp2, computed by a polynomial that LLVM vectorises; float64 keeps natural
+units and calls libm. ``make_consts`` says which units a call uses.
 Masks arrive as a tile map (int8 TileKind per (query block, key block)) plus the element-wise
 parameters a PARTIAL tile needs: a window [p - left, p + right] around query position
 p = i + Lk - Lq (causal is right = 0), padding lengths, document ids, a dense bool array and a
@@ -42,10 +43,16 @@ _F = np.cos(np.pi * (np.arange(64) + 0.5) / 64) / 2
 _POLY = np.polynomial.polynomial.polyfit(_F, np.exp2(_F), 6)  # (7,) c0 + c1 f + ... + c6 f^6
 
 
-def make_consts(dtype) -> np.ndarray:
-    """Constants the kernels read in the compute dtype (so float32 math never widens to float64)."""
-    # 0 log2(e), 1 ln 2, 2 lowest exponent -126, 3 one half, 4 zero, 5..11 polynomial c0..c6
-    return np.array([LOG2E, LN2, -126.0, 0.5, 0.0, *_POLY], dtype=dtype)
+def make_consts(dtype, qk_scale: float, base2: bool) -> np.ndarray:
+    """Constants the kernels read in the compute dtype (so float32 math never widens to float64).
+
+    ``qk_scale`` turns q.k into the kernel's score units: scale*log2(e) in base 2, scale in
+    natural units, scale/softcap with a softcap (the units then enter through the cap).
+    """
+    # 0 score units per nat, 1 nats per unit, 2 lowest exponent -126, 3 one half, 4 zero,
+    # 5..11 polynomial c0..c6, 12 qk_scale
+    units = (LOG2E, LN2) if base2 else (1.0, 1.0)
+    return np.array([*units, -126.0, 0.5, 0.0, *_POLY, qk_scale], dtype=dtype)
 
 
 @intrinsic
@@ -113,7 +120,7 @@ def _row_max(s, i):
 
 @njit(fastmath=FASTMATH, cache=True)
 def _exp2_row(s, p, i, m, consts, fast, want_ps):
-    """p[i, :] = 2 ** (s[i, :] - m); returns (sum_j p, sum_j p * (s - m)) for the row."""
+    """p[i, :] = exp(s[i, :] - m) in score units; returns (sum_j p, sum_j p * (s - m))."""
     lo, half, zero = consts[2], consts[3], consts[4]
     tot = zero
     ps = zero
@@ -132,10 +139,10 @@ def _exp2_row(s, p, i, m, consts, fast, want_ps):
             if want_ps:
                 ps += v * xc
     else:
-        ln2 = consts[1]
+        nat = consts[1]
         for j in range(BLOCK_N):
             x = s[i, j] - m
-            v = zero if x == -np.inf else math.exp(x * ln2)
+            v = zero if x == -np.inf else math.exp(x * nat)
             p[i, j] = v
             tot += v
             if want_ps and v != zero:
@@ -146,29 +153,33 @@ def _exp2_row(s, p, i, m, consts, fast, want_ps):
 @njit(fastmath=FASTMATH, cache=True)
 def _scores(q_blk, kt_blk, s, th, rows, b, h, r0, c0, kind, lq, lk,
             win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
-            allow, stride_allow, bias, stride_bias, softcap2, consts):
-    """Logits of one tile in base-2 units into s[:rows, :BLOCK_N]; masked pairs -inf.
+            allow, stride_allow, bias, stride_bias, softcap_u, consts):
+    """Logits of one tile, in score units, into s[:rows, :BLOCK_N]; masked pairs -inf.
 
     With a softcap, th[:rows] gets tanh(u) (the backward pass needs 1 - tanh^2).
     """
-    log2e = consts[0]
-    # -- scores: q_blk @ k_blk^T (q already carries the scale) --
+    units, qk_scale = consts[0], consts[12]
+    # -- scores: q_blk @ k_blk^T, then the scale --
     _mm_nn(q_blk, kt_blk, s, rows)
     ncols = min(BLOCK_N, lk - c0)
-    if softcap2 > 0.0:
-        # -- softcap: c * tanh(u), in base-2 units --
+    if softcap_u > 0.0:
+        # -- softcap: c * tanh(u), c already in score units --
         for i in range(rows):
             for j in range(BLOCK_N):
-                t = np.tanh(s[i, j])
+                t = np.tanh(s[i, j] * qk_scale)
                 th[i, j] = t
-                s[i, j] = softcap2 * t
+                s[i, j] = softcap_u * t
+    else:
+        for i in range(rows):
+            for j in range(BLOCK_N):
+                s[i, j] *= qk_scale
     if bias.size > 0:
         # -- float mask: add its bias --
         bb = b * stride_bias[0] + h * stride_bias[1]
         for i in range(rows):
             base = bb + (r0 + i) * stride_bias[2] + c0 * stride_bias[3]
             for j in range(ncols):
-                s[i, j] += bias[base + j * stride_bias[3]] * log2e
+                s[i, j] += bias[base + j * stride_bias[3]] * units
     if kind == PARTIAL:
         # -- element-wise mask: only partial tiles pay for it --
         kv_len = kv_lens[b if kv_lens.shape[0] > 1 else 0]
@@ -203,10 +214,10 @@ def _scores(q_blk, kt_blk, s, th, rows, b, h, r0, c0, kind, lq, lk,
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _probs(s, p, rows, lse2, b, h, r0, consts, fast):
-    # -- probabilities from the saved log-sum-exp: p = 2^(s - lse2) --
+def _probs(s, p, rows, lse_u, b, h, r0, consts, fast):
+    # -- probabilities from the saved log-sum-exp (in score units): p = exp(s - lse) --
     for i in range(rows):
-        m = lse2[b, h, r0 + i]
+        m = lse_u[b, h, r0 + i]
         if m == -np.inf:
             for j in range(BLOCK_N):
                 p[i, j] = 0.0
@@ -220,7 +231,7 @@ def _probs(s, p, rows, lse2, b, h, r0, consts, fast):
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def flash_fwd(q, kt, vp, out, lse, mxl, ent, tiles, counts,
               win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
-              allow, stride_allow, bias, stride_bias, softcap2, lk, want_stats, consts, fast):
+              allow, stride_allow, bias, stride_bias, softcap_u, lk, want_stats, consts, fast):
     """One task per (batch, head, query block): online softmax over its non-empty key tiles.
 
     Writes out (B, Hq, Lq, Dv), lse / mxl (natural units) and ent (B, Hq, Lq); counts[task] =
@@ -230,7 +241,7 @@ def flash_fwd(q, kt, vp, out, lse, mxl, ent, tiles, counts,
     Hkv, nK, Dv = kt.shape[1], kt.shape[2], vp.shape[4]
     group = Hq // Hkv
     nQ = (Lq + BLOCK_M - 1) // BLOCK_M
-    ln2 = consts[1]
+    nat = consts[1]
     for t in prange(B * Hq * nQ):
         qb = t % nQ
         h = (t // nQ) % Hq
@@ -243,7 +254,7 @@ def flash_fwd(q, kt, vp, out, lse, mxl, ent, tiles, counts,
         q_blk = q[b, h, r0:r0 + rows]
         s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
         p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
-        tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap2 > 0.0 else (1, 1), q.dtype)
+        tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap_u > 0.0 else (1, 1), q.dtype)
         acc = np.zeros((BLOCK_M, Dv), q.dtype)
         m_i = np.full(BLOCK_M, -np.inf, q.dtype)
         l_i = np.zeros(BLOCK_M, q.dtype)
@@ -257,7 +268,7 @@ def flash_fwd(q, kt, vp, out, lse, mxl, ent, tiles, counts,
             c0 = kb * BLOCK_N
             _scores(q_blk, kt[b, hk, kb], s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
                     win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
-                    allow, stride_allow, bias, stride_bias, softcap2, consts)
+                    allow, stride_allow, bias, stride_bias, softcap_u, consts)
             for i in range(rows):
                 # -- new running max --
                 m_old = m_i[i]
@@ -266,11 +277,11 @@ def flash_fwd(q, kt, vp, out, lse, mxl, ent, tiles, counts,
                     for j in range(BLOCK_N):
                         p[i, j] = 0.0
                     continue
-                # -- p = 2^(s - m_new), its row sum and sum p*(s - m_new) --
+                # -- p = exp(s - m_new), its row sum and sum p*(s - m_new) --
                 tot, ps = _exp2_row(s, p, i, m_new, consts, fast, want_stats)
                 # -- rescale the running sums and the accumulator --
                 l_old = l_i[i]
-                alpha = 1.0 if m_old == m_new else math.exp((m_old - m_new) * ln2)
+                alpha = 1.0 if m_old == m_new else math.exp((m_old - m_new) * nat)
                 l_i[i] = alpha * l_old + tot
                 if want_stats:
                     e_i[i] = alpha * (e_i[i] + (m_old - m_new) * l_old) + ps if l_old > 0.0 else ps
@@ -294,12 +305,12 @@ def flash_fwd(q, kt, vp, out, lse, mxl, ent, tiles, counts,
                 inv = 1.0 / li
                 for d in range(Dv):
                     out[b, h, gi, d] = acc[i, d] * inv
-                lg = math.log2(li)
-                lse[b, h, gi] = (m_i[i] + lg) * ln2
-                mxl[b, h, gi] = m_i[i] * ln2
+                lg = math.log(li)
+                lse[b, h, gi] = m_i[i] * nat + lg
+                mxl[b, h, gi] = m_i[i] * nat
                 if want_stats:
-                    # -- entropy H = ln2 * (log2 l - sum p (s - m) / l) --
-                    ent[b, h, gi] = max((lg - e_i[i] * inv) * ln2, 0.0)
+                    # -- entropy H = ln l - sum p (s - m) / l, in nats --
+                    ent[b, h, gi] = max(lg - e_i[i] * inv * nat, 0.0)
         counts[t] = n_tiles
 
 
@@ -307,12 +318,12 @@ def flash_fwd(q, kt, vp, out, lse, mxl, ent, tiles, counts,
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def flash_bwd_kv(q, kt, vt, do, lse2, delta, dk, dv, tiles, counts,
+def flash_bwd_kv(q, kt, vt, do, lse_u, delta, dk, dv, tiles, counts,
                  win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
-                 allow, stride_allow, bias, stride_bias, softcap2, softcap, lk, consts, fast):
+                 allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, consts, fast):
     """dK and dV: one task per (batch, kv head, key block), over every query head of its group.
 
-    dk (B, Hkv, nK, BLOCK_N, D) gets dS^T q (q as passed, pre-scaled), dv (.., Dv) gets P^T dO.
+    dk (B, Hkv, nK, BLOCK_N, D) gets dS^T q (without the scale), dv (.., Dv) gets P^T dO.
     """
     B, Hq, Lq, D = q.shape
     Hkv, nK, Dv = kt.shape[1], kt.shape[2], vt.shape[3]
@@ -345,8 +356,8 @@ def flash_bwd_kv(q, kt, vt, do, lse2, delta, dk, dv, tiles, counts,
                 do_blk = do[b, h, r0:r0 + rows]
                 _scores(q_blk, kt[b, hk, kb], s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
                         win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
-                        allow, stride_allow, bias, stride_bias, softcap2, consts)
-                _probs(s, p, rows, lse2, b, h, r0, consts, fast)
+                        allow, stride_allow, bias, stride_bias, softcap_u, consts)
+                _probs(s, p, rows, lse_u, b, h, r0, consts, fast)
                 # -- dV += P^T dO --
                 _mm_tn_acc(p, do_blk, dv_blk, rows)
                 # -- dP = dO V^T --
@@ -365,10 +376,10 @@ def flash_bwd_kv(q, kt, vt, do, lse2, delta, dk, dv, tiles, counts,
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def flash_bwd_q(q, kt, kp, vt, do, lse2, delta, dq, tiles, counts,
+def flash_bwd_q(q, kt, kp, vt, do, lse_u, delta, dq, tiles, counts,
                 win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
-                allow, stride_allow, bias, stride_bias, softcap2, softcap, lk, consts, fast):
-    """dQ: one task per (batch, head, query block); dq (B, Hq, Lq, D) gets dS k (unscaled)."""
+                allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, consts, fast):
+    """dQ: one task per (batch, head, query block); dq (B, Hq, Lq, D) gets dS k (without the scale)."""
     B, Hq, Lq, D = q.shape
     Hkv, nK = kt.shape[1], kt.shape[2]
     group = Hq // Hkv
@@ -398,8 +409,8 @@ def flash_bwd_q(q, kt, kp, vt, do, lse2, delta, dq, tiles, counts,
             c0 = kb * BLOCK_N
             _scores(q_blk, kt[b, hk, kb], s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
                     win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
-                    allow, stride_allow, bias, stride_bias, softcap2, consts)
-            _probs(s, p, rows, lse2, b, h, r0, consts, fast)
+                    allow, stride_allow, bias, stride_bias, softcap_u, consts)
+            _probs(s, p, rows, lse_u, b, h, r0, consts, fast)
             # -- dP = dO V^T --
             _mm_nn(do_blk, vt[b, hk, kb], dp, rows)
             # -- dS = P * (dP - delta), times the softcap's c (1 - tanh^2) --
