@@ -129,7 +129,7 @@ def line_chart(values: torch.Tensor, title: str, *, width: int = 900, height: in
         return f"{px:.1f},{py:.1f}"
 
     pts = " ".join(xy(i, x) for i, x in enumerate(v) if math.isfinite(x))
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" aria-label="{_e(title)}">'
+    return (f'<svg width="{width}" height="{height}" role="img" aria-label="{_e(title)}">'
             f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fff"/>'
             f'<text x="{pad_l}" y="12">{_e(title)}</text>'
             f'<text x="2" y="{pad_t + 8}">{fmt(hi, 3)}</text><text x="2" y="{height - pad_b}">{fmt(lo, 3)}</text>'
@@ -147,7 +147,7 @@ def strip(weights: torch.Tensor, *, width: int = 900, height: int = 14) -> str:
         if x > 0:
             bg, _ = _colour(x, 0.0, 1.0, False)
             rects.append(f'<rect x="{j * w:.2f}" y="0" width="{max(w, 0.5):.2f}" height="{height}" fill="{bg}"/>')
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" aria-label="attention weights over all keys">'
+    return (f'<svg width="{width}" height="{height}" role="img" aria-label="attention weights over all keys">'
             f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fff" stroke="#ddd"/>{"".join(rects)}</svg>')
 
 

@@ -1,0 +1,174 @@
+"""--png, --html, --json: valid files whose every number comes from the trace (and the CLI writes the same)."""
+
+import json
+import math
+import re
+import struct
+import subprocess
+import sys
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+import torch
+
+from selfattn.checkpoint import AttentionStack, save
+from selfattn.explain import FULL_MATRIX_MAX_TOKENS, explain
+from selfattn.explain.plot import png_size
+from selfattn.explain.terminal import fmt, token_label
+from selfattn.explain.trace import stats_summary
+
+TEXT = "The cat sat on the mat, and the cat slept."
+LONG = " ".join(f"w{(i * 7) % 23}" for i in range(FULL_MATRIX_MAX_TOKENS + 20))
+
+
+class _Page(HTMLParser):
+    # visible text (outside <style>/<script>), and every URL-bearing attribute
+    def __init__(self):
+        super().__init__()
+        self.text, self.urls, self.tags, self._skip = [], [], [], 0
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self._skip += tag in ("style", "script")
+        self.urls += [v for k, v in attrs if k in ("src", "href", "data", "action", "poster") and v is not None]
+
+    def handle_endtag(self, tag):
+        self._skip -= tag in ("style", "script")
+
+    def handle_data(self, data):
+        if not self._skip:
+            self.text.append(data)
+
+
+def _page(doc):
+    p = _Page()
+    p.feed(doc)
+    return p, " ".join(p.text)
+
+
+def _numbers(text):
+    return set(re.findall(r"-?\d+\.\d{4}(?!\d)", text))
+
+
+def _allowed(tr):
+    vals = {fmt(float(x)) for t in tr.steps.values() for x in t.flatten()}
+    vals |= {fmt(float(x)) for f in ("entropy", "max_logit") for x in getattr(tr.stats, f)}
+    vals |= {fmt(math.log(len(tr.tokens))), fmt(tr.scale)}
+    vals |= {fmt(float(x)) for x in tr.row_weights.flatten()}
+    vals |= {fmt(v) for s in stats_summary(tr).values() if s for v in (s["mean"], s["min"], s["max"])}
+    return vals
+
+
+def _check_self_contained(p, doc):
+    assert "script" not in p.tags
+    assert all(u.startswith("data:") for u in p.urls), [u[:40] for u in p.urls if not u.startswith("data:")]
+    assert "http://" not in doc and "https://" not in doc and "url(" not in doc and "@import" not in doc
+
+
+def test_html_report_full_trace(tmp_path):
+    tr = explain(TEXT, causal=True)
+    doc = tr.to_html(tmp_path / "r.html")
+    assert (tmp_path / "r.html").read_text(encoding="utf-8") == doc
+    p, text = _page(doc)
+    _check_self_contained(p, doc)
+    assert doc.count('src="data:image/png;base64,') == 1  # the heatmap
+    for t in set(tr.tokens):
+        assert t in text
+    for name in ("embeddings", "Q", "scores", "scaled", "masked", "weights", "output"):
+        for x in tr.steps[name].flatten():
+            assert fmt(float(x)) in text, (name, float(x))
+    for f in ("entropy", "max_logit"):
+        for x in getattr(tr.stats, f):
+            assert fmt(float(x)) in text
+    shown = _numbers(text)
+    assert shown <= _allowed(tr), sorted(shown - _allowed(tr))[:10]
+    assert "<svg" in doc  # per-row statistics charts
+    assert tr._repr_html_() in doc  # the notebook view is the report's body
+
+
+def test_html_report_long_and_model(tmp_path):
+    tr = explain(LONG, rows="3,-1")
+    doc = tr.to_html()
+    p, text = _page(doc)
+    _check_self_contained(p, doc)
+    assert "no L x L matrix" in text
+    for i, r in enumerate(tr.rows):
+        assert token_label(tr, r) in text and fmt(float(tr.stats.entropy[r])) in text
+        assert fmt(float(tr.row_weights[i].max())) in text
+    assert _numbers(text) <= _allowed(tr)
+
+    torch.manual_seed(3)
+    vocab = sorted(set(TEXT.replace(",", " ,").replace(".", " .").split()))
+    model = AttentionStack(len(vocab), 8, [{"type": "MultiHeadAttention", "num_heads": 2}], causal=True)
+    save(tmp_path / "ck", model, model.config, vocab=vocab)
+    mt = explain(TEXT, checkpoint=tmp_path / "ck")
+    doc = mt.to_html()
+    p, text = _page(doc)
+    _check_self_contained(p, doc)
+    assert "Per-head overview" in text
+    allowed = set().union(*(_allowed(h) for h in mt.heads))
+    for h in mt.heads:
+        assert h.label in text
+        for x in h.weights.flatten():
+            assert fmt(float(x)) in text
+    assert _numbers(text) <= allowed
+
+
+def _png_info(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def _has_colour(img, rgb, tol=2):
+    return bool((np.abs(img[..., :3].astype(int) - np.array(rgb)).max(-1) <= tol).any())
+
+
+@pytest.mark.parametrize("kind", ["full", "long", "model"])
+def test_png_heatmap(tmp_path, kind):
+    import matplotlib.image
+    from matplotlib import colormaps
+
+    if kind == "full":
+        obj = explain(TEXT, causal=True)
+    elif kind == "long":
+        obj = explain(LONG, rows="0,10,-1")
+    else:
+        torch.manual_seed(0)
+        model = AttentionStack(30, 8, [{"type": "SelfAttention"}, {"type": "MultiHeadAttention", "num_heads": 2}])
+        save(tmp_path / "ck", model, model.config, vocab=[f"t{i}" for i in range(30)])
+        obj = explain("t1 t2 t3 t4 t5 t1 t2", checkpoint=tmp_path / "ck")
+    path = tmp_path / "w.png"
+    obj.plot(path)
+    w, h = _png_info(path)
+    assert (w, h) == png_size(obj) and w > 300 and h > 200
+    img = (matplotlib.image.imread(path) * 255).round().astype(np.uint8)  # (H, W, 4)
+    assert img.shape[:2] == (h, w)
+    colours = np.unique(img.reshape(-1, img.shape[-1]), axis=0)
+    assert len(colours) >= 64, f"only {len(colours)} distinct colours"
+    # the cells carry the colour map's colour of their weight
+    head = obj.heads[-1] if kind == "model" else obj
+    m = head.weights if head.full else head.row_weights
+    for x in (float(m.max()), float(m[m > 0].min()), float(m.flatten()[m.numel() // 2])):
+        rgb = [round(255 * c) for c in colormaps["viridis"](x)[:3]]
+        assert _has_colour(img, rgb), f"no pixel of the colour of weight {x:.4f}"
+
+
+def test_cli_writes_the_same_numbers(tmp_path):
+    png, html, js = tmp_path / "w.png", tmp_path / "r.html", tmp_path / "t.json"
+    r = subprocess.run([sys.executable, "-m", "selfattn.cli", "explain", TEXT, "--causal", "--window", "3", "--init", "default",
+                        "--dim", "6", "--seed", "4", "--png", str(png), "--html", str(html), "--json", str(js)],
+                       capture_output=True, text=True, env={"COLUMNS": "200", "PATH": ""}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    tr = explain(TEXT, causal=True, window=3, init="default", dim=6, seed=4)
+    d = json.loads(js.read_text())
+    assert d["tokens"] == tr.tokens
+    for step in d["steps"]:
+        got = torch.tensor([[float(x) for x in row] for row in step["value"]], dtype=torch.float64)
+        assert torch.equal(got, tr.steps[step["name"]]), step["name"]
+    assert _png_info(png) == png_size(tr)
+    _, text = _page(html.read_text(encoding="utf-8"))
+    for x in tr.weights.flatten():
+        assert fmt(float(x)) in text and fmt(float(x)) in r.stdout
+    assert "window = 3 back, 0 ahead" in r.stdout and "causal" in r.stdout
