@@ -1,7 +1,7 @@
 """selfattn: scaled dot-product self-attention you can read, run fast, and look inside."""
 
-from . import backends, masks, reference
-from .explain import ExplainTrace, explain
+from . import backends, checkpoint, masks, reference
+from .explain import ExplainTrace, ModelTrace, explain
 from .backends import BackendUnavailable, use_backend
 from .functional import attention, attention_probs
 from .layers import KVCache, MultiHeadAttention, SelfAttention
@@ -15,7 +15,9 @@ __all__ = [
     "AttentionStats",
     "BackendUnavailable",
     "ExplainTrace",
+    "ModelTrace",
     "explain",
+    "checkpoint",
     "backends",
     "masks",
     "reference",

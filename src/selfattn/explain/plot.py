@@ -40,8 +40,9 @@ def _panel(trace: ExplainTrace) -> tuple:
 
 
 def _grid(obj) -> list:
+    # one row of panels per layer; long-input strips (12 inches wide) are stacked one per row
     if isinstance(obj, ModelTrace):
-        return [layer.heads for layer in obj.layers]
+        return [layer.heads for layer in obj.layers] if obj.full else [[h] for h in obj.heads]
     return [[obj]]
 
 
