@@ -102,7 +102,8 @@ def _add_explain(sub) -> None:
                    help="each token attends only to keys at most N positions away (before it, and after it unless --causal)")
     e.add_argument("--no-scale", action="store_true", help="do not divide the scores by sqrt(d_k) (what the notes warn about)")
     e.add_argument("--checkpoint", metavar="PATH", help="a trained model's checkpoint directory: show every layer and head")
-    e.add_argument("--rows", metavar="ROWS", help="query rows to list, e.g. '0,5-7,-1' (long input: only these are computed)")
+    e.add_argument("--rows", metavar="ROWS", help="query rows to list, e.g. '0,5-7,-1' (write --rows=-1,... when the first is negative); "
+                        "for long input only these rows' weights are computed (default: first, middle, last)")
     e.add_argument("--png", metavar="FILE", help="write a heatmap of the attention weights")
     e.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
     e.add_argument("--json", metavar="FILE", help="write the whole trace as JSON")

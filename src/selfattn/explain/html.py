@@ -91,9 +91,12 @@ def _labels(trace, kind, n):
     return [token_label(trace, i) for i in range(n)] if kind == "tok" else [f"d{i}" for i in range(n)]
 
 
-def _step(trace: ExplainTrace, name: str) -> str:
+def _step(trace: ExplainTrace, name: str, rows=None) -> str:
     m = trace.steps[name]
     rk, ck = _AXES.get(name, ("tok", "dim"))
+    row_labels = _labels(trace, rk, m.shape[0])
+    if rows is not None and rk == "tok":  # long input: only the rows asked for
+        m, row_labels = m[rows], [row_labels[r] for r in rows]
     title = _TITLES.get(name, name)
     if "W_Q" not in trace.steps and name in ("Q", "K", "V"):
         title = f"{name} (as passed to attention)"
@@ -101,7 +104,7 @@ def _step(trace: ExplainTrace, name: str) -> str:
         title += f" (x {trace.scale:.4g})"
     extra = {"entropy": trace.stats.entropy, "max logit": trace.stats.max_logit} if name == "weights" else None
     return (f"<h3>{_e(title)}</h3><p class=\"note\">{_e(trace.notes.get(name, ''))}</p>"
-            + matrix_table(m, _labels(trace, rk, m.shape[0]), _labels(trace, ck, m.shape[1]), mark_max=name == "weights",
+            + matrix_table(m, row_labels, _labels(trace, ck, m.shape[1]), mark_max=name == "weights",
                            extra=extra, weights=name == "weights"))
 
 
@@ -187,8 +190,10 @@ def _trace_body(trace: ExplainTrace, *, heading=True, png=True) -> str:
             out.append("<h2>Attention weights (heatmap)</h2>" + _png(trace))
         out.append("<h2>Every step</h2>")
         out += [_step(trace, name) for name in trace.steps]
-        out.append(f'<p class="note">Outlined: the largest weight in each row. Entropy in nats (uniform over {n} tokens: '
-                   f"{fmt(math.log(n))}); max logit = the largest scaled score the softmax sees in the row.</p>")
+        masked = trace.options.get("causal") or trace.options.get("window") is not None
+        spread = "a row spread evenly over the k keys it may see: log k" if masked else f"uniform over {n} tokens: {fmt(math.log(n))}"
+        out.append(f'<p class="note">Outlined: the largest weight in each row. Entropy in nats ({spread}); '
+                   "max logit = the largest scaled score the softmax sees in the row.</p>")
         out.append("<h2>Per-row statistics</h2>" + line_chart(trace.stats.entropy, "entropy per query row (nats)")
                    + line_chart(trace.stats.max_logit, "max logit per query row"))
         if is_plain_notes_example(trace):
@@ -202,8 +207,8 @@ def _trace_body(trace: ExplainTrace, *, heading=True, png=True) -> str:
         out.append("<h2>Rows asked for</h2>" + _rows(trace))
         if png:
             out.append(_png(trace))
-        out.append("<details><summary>Embeddings, projections and output (L x d)</summary>"
-                   + "".join(_step(trace, name) for name in trace.steps) + "</details>")
+        out.append("<details><summary>Embeddings, projections and output of the rows asked for</summary>"
+                   + "".join(_step(trace, name, trace.rows) for name in trace.steps) + "</details>")
     return "".join(out)
 
 

@@ -180,8 +180,10 @@ def _mask_words(opts: dict) -> str:
 
 def _uniform_note(trace) -> str:
     n = len(trace.tokens)
-    return (f"[bold yellow]*[/bold yellow] marks the largest weight in each row; entropy in nats "
-            f"(uniform over {n} tokens would be {fmt(math.log(n))}).")
+    masked = trace.options.get("causal") or trace.options.get("window") is not None
+    spread = ("a row spread evenly over the k keys it may see has log k" if masked
+              else f"uniform over {n} tokens would be {fmt(math.log(n))}")
+    return f"[bold yellow]*[/bold yellow] marks the largest weight in each row; entropy in nats ({spread})."
 
 
 def render(trace, console: Console | None = None, *, notes_check: bool = False, all_rows_table: bool = False) -> None:
