@@ -176,10 +176,10 @@ def plot(rows: list, path=None, *, n_keys: int = N_KEYS):
               ("entropy", f"mean entropy (nats; uniform = {math.log(n_keys):.2f})", "linear"),
               ("jacobian_norm", "softmax Jacobian norm (gradient size)", "log"))
     for ax, (m, title, yscale) in zip(axes.flat, panels):
-        for name, style in (("unscaled", "o-"), ("scaled", "s-")):
-            ax.plot(d, [max(r[name][m], 1e-300) for r in rows], style, label=f"{name}" + (" (mean)" if m == "jacobian_norm" else ""))
+        for name, style, colour in (("unscaled", "o-", "C0"), ("scaled", "s-", "C1")):
+            ax.plot(d, [max(r[name][m], 1e-300) for r in rows], style, color=colour, label=f"{name}" + (" (mean)" if m == "jacobian_norm" else ""))
             if m == "jacobian_norm":
-                ax.plot(d, [max(r[name]["jacobian_norm_median"], 1e-300) for r in rows], style[0] + "--", label=f"{name} (median)")
+                ax.plot(d, [max(r[name]["jacobian_norm_median"], 1e-300) for r in rows], style[0] + "--", color=colour, label=f"{name} (median)")
         ax.set_xscale("log", base=2)
         ax.set_yscale(yscale)
         ax.set_title(title, fontsize=10)
