@@ -152,3 +152,24 @@ def test_checkpoint_errors(tmp_path, stack_ckpt):
     with pytest.raises(ValueError, match="needs a TEXT"):
         explain(checkpoint=good)
     assert "attention-stack" in ckpt_mod.model_types()
+
+
+def test_cli_and_json_for_a_checkpoint(stack_ckpt, tmp_path, capsys):
+    from selfattn import cli
+    from selfattn.explain.terminal import fmt
+
+    path, _ = stack_ckpt
+    text = "a dog sat on the mat"
+    js = tmp_path / "m.json"
+    assert cli.main(["explain", text, "--checkpoint", str(path), "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    mt = explain(text, checkpoint=path)
+    d = json.loads(js.read_text())
+    assert d["tokens"] == mt.tokens and [layer["name"] for layer in d["layers"]] == ["layers.0", "layers.1"]
+    for layer, lt in zip(d["layers"], mt.layers):
+        for hd, tr in zip(layer["heads"], lt.heads):
+            assert hd["label"] == tr.label and tr.label in out
+            w = next(s for s in hd["steps"] if s["name"] == "weights")["value"]
+            assert torch.equal(torch.tensor(w, dtype=torch.float64), tr.weights)
+            for x in tr.weights[-1]:
+                assert fmt(float(x)) in out
