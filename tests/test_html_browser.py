@@ -7,6 +7,7 @@ If Chromium is not installed the tests are SKIPPED with the reason -- never pass
 """
 
 import base64
+import fcntl
 import json
 import os
 import queue
@@ -48,8 +49,8 @@ class Chromium:
         self.user_data = tempfile.mkdtemp(prefix="selfattn-chromium-")
         to_chrome_r, to_chrome_w = os.pipe()
         from_chrome_r, from_chrome_w = os.pipe()
-        # move the child's ends out of the way of 3 and 4, then let the shell place them there
-        r_hi, w_hi = os.dup2(to_chrome_r, 200), os.dup2(from_chrome_w, 201)
+        # move the child's ends to free descriptors above 9 (out of the way of 3 and 4), then let the shell place them
+        r_hi, w_hi = fcntl.fcntl(to_chrome_r, fcntl.F_DUPFD, 10), fcntl.fcntl(from_chrome_w, fcntl.F_DUPFD, 10)
         os.close(to_chrome_r)
         os.close(from_chrome_w)
         cmd = ["bash", "-c", f'exec "$0" "$@" 3<&{r_hi} 4>&{w_hi} {r_hi}<&- {w_hi}>&-', exe, *FLAGS,
