@@ -7,7 +7,9 @@ Three layers, as flash-attn has them:
   ``selfattn.kernels.cpu_flash``;
 * ``selfattn::cpu_flash_attention`` and ``selfattn::cpu_flash_attention_backward``:
   ``torch.library`` custom ops, so ``torch.compile`` traces a call as one node; the forward
-  op's autograd (``register_autograd``) saves q, k, v, the output and the log-sum-exp only;
+  op's autograd (``register_autograd``) saves q, k, v, the output and the log-sum-exp only (as
+  row max + log of the row sum: one float32 lse would cost p its precision at huge scores). The
+  backward takes delta = rowsum(P dP) from its own P and dP (rowsum(dO O) only as a shift);
 * ``CPUBackend.forward``: turns a validated ``Request`` into the ops' arguments.
 
 Memory is O(L): the L x L matrix never exists, only (BLOCK_M x BLOCK_N) tiles per thread.
@@ -186,40 +188,41 @@ def _launch_forward(q, k, v, mask_args, scale, softcap, want_stats):
     vp = _blocks(v, acc, nk).contiguous()  # (B, Hkv, nK, BLOCK_N, Dv)
     consts, softcap_u = _units(acc, scale, softcap)
     out = torch.empty(B, Hq, Lq, Dv, dtype=acc)
-    lse, mxl, ent = (torch.empty(B, Hq, Lq, dtype=acc) for _ in range(3))
+    row_max, row_log, ent = (torch.empty(B, Hq, Lq, dtype=acc) for _ in range(3))
     counts = np.zeros(B * Hq * nq, np.int64)
     _set_threads()
-    _k.flash_fwd(qs.numpy(), kt.numpy(), vp.numpy(), out.numpy(), lse.numpy(), mxl.numpy(), ent.numpy(),
+    _k.flash_fwd(qs.numpy(), kt.numpy(), vp.numpy(), out.numpy(), row_max.numpy(), row_log.numpy(), ent.numpy(),
                  margs[0], counts, *margs[1:], softcap_u, Lk, bool(want_stats), consts, acc == torch.float32)
     TILE_PRODUCTS["forward"] += int(counts.sum())
-    return out.to(q.dtype), lse, mxl, ent
+    return out.to(q.dtype), row_max, row_log, ent
 
 
-def _launch_backward(grad_out, q, k, v, out, lse, mask_args, scale, softcap):
+def _launch_backward(grad_out, q, k, v, out, row_max, row_log, mask_args, scale, softcap):
     acc = _acc_dtype(q.dtype)
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     nq, nk = -(-Lq // _k.BLOCK_M), -(-Lk // _k.BLOCK_N)
     margs = _kernel_mask_args(Lq, Lk, *mask_args, acc)
     do = grad_out.detach().to(acc).contiguous()  # (B, Hq, Lq, Dv)
-    delta = (do * out.detach().to(acc)).sum(-1).contiguous()  # (B, Hq, Lq) rowsum(dO * O)
+    # (B, Hq, Lq) rowsum(dO * O), which flash_bwd_q replaces by rowsum(P * dP)
+    delta = (do * out.detach().to(acc)).sum(-1).contiguous()
     consts, softcap_u = _units(acc, scale, softcap)
-    lse_u = (lse.detach().to(acc) * float(consts[0])).contiguous()  # (B, Hq, Lq) log-sum-exp in score units
+    row_max, row_log = row_max.detach().contiguous(), row_log.detach().contiguous()
     qs = q.detach().to(acc).contiguous()  # (B, Hq, Lq, D)
     kp = _blocks(k, acc, nk).contiguous()  # (B, Hkv, nK, BLOCK_N, D)
     kt = kp.transpose(-1, -2).contiguous()  # (B, Hkv, nK, D, BLOCK_N)
     vt = _blocks(v, acc, nk).transpose(-1, -2).contiguous()  # (B, Hkv, nK, Dv, BLOCK_N)
-    dq = torch.zeros(B, Hq, Lq, D, dtype=acc)
+    dq = torch.empty(B, Hq, Lq, D, dtype=acc)
     dk = torch.zeros(B, Hkv, nk, _k.BLOCK_N, D, dtype=acc)
     dv = torch.zeros(B, Hkv, nk, _k.BLOCK_N, Dv, dtype=acc)
     fast = acc == torch.float32
     counts_kv = np.zeros(B * Hkv * nk, np.int64)
     counts_q = np.zeros(B * Hq * nq, np.int64)
     _set_threads()
-    _k.flash_bwd_kv(qs.numpy(), kt.numpy(), vt.numpy(), do.numpy(), lse_u.numpy(), delta.numpy(),
-                    dk.numpy(), dv.numpy(), margs[0], counts_kv, *margs[1:], softcap_u, softcap, Lk, consts, fast)
-    _k.flash_bwd_q(qs.numpy(), kt.numpy(), kp.numpy(), vt.numpy(), do.numpy(), lse_u.numpy(), delta.numpy(),
+    _k.flash_bwd_q(qs.numpy(), kt.numpy(), kp.numpy(), vt.numpy(), do.numpy(), row_max.numpy(), row_log.numpy(), delta.numpy(),
                    dq.numpy(), margs[0], counts_q, *margs[1:], softcap_u, softcap, Lk, consts, fast)
+    _k.flash_bwd_kv(qs.numpy(), kt.numpy(), vt.numpy(), do.numpy(), row_max.numpy(), row_log.numpy(), delta.numpy(),
+                    dk.numpy(), dv.numpy(), margs[0], counts_kv, *margs[1:], softcap_u, softcap, Lk, consts, fast)
     TILE_PRODUCTS["backward_kv"] += int(counts_kv.sum())
     TILE_PRODUCTS["backward_q"] += int(counts_q.sum())
     # the kernels leave out d(argument)/d(q.k): scale, or scale / c for the softcap's u
@@ -241,6 +244,8 @@ def _flash_op(
     allow: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     scale: float, softcap: float, win_left: int, win_right: int, want_stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # returns (out, row_max, row_log, entropy): the log-sum-exp is row_max + row_log, in the kernel's
+    # score units (base 2 for float32 inputs, nats for float64); the backward pass reads both halves
     mask_args = (kv_lens, q_lens, q_ids, kv_ids, allow, bias, win_left, win_right)
     return _launch_forward(q, k, v, mask_args, scale, softcap, want_stats)
 
@@ -256,33 +261,33 @@ def _flash_op_fake(q, k, v, kv_lens, q_lens, q_ids, kv_ids, allow, bias, scale, 
 @torch.library.custom_op("selfattn::cpu_flash_attention_backward", mutates_args=(), device_types="cpu")
 def _flash_backward_op(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    out: torch.Tensor, lse: torch.Tensor,
+    out: torch.Tensor, row_max: torch.Tensor, row_log: torch.Tensor,
     kv_lens: Optional[torch.Tensor], q_lens: Optional[torch.Tensor],
     q_ids: Optional[torch.Tensor], kv_ids: Optional[torch.Tensor],
     allow: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     scale: float, softcap: float, win_left: int, win_right: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     mask_args = (kv_lens, q_lens, q_ids, kv_ids, allow, bias, win_left, win_right)
-    return _launch_backward(grad_out, q, k, v, out, lse, mask_args, scale, softcap)
+    return _launch_backward(grad_out, q, k, v, out, row_max, row_log, mask_args, scale, softcap)
 
 
 @_flash_backward_op.register_fake
-def _flash_backward_op_fake(grad_out, q, k, v, out, lse, kv_lens, q_lens, q_ids, kv_ids, allow, bias, scale, softcap, win_left, win_right):
+def _flash_backward_op_fake(grad_out, q, k, v, out, row_max, row_log, kv_lens, q_lens, q_ids, kv_ids, allow, bias, scale, softcap, win_left, win_right):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, kv_lens, q_lens, q_ids, kv_ids, allow, bias, scale, softcap, win_left, win_right, _ = inputs
-    out, lse, mxl, ent = output
-    ctx.mark_non_differentiable(lse, mxl, ent)
-    ctx.save_for_backward(q, k, v, out, lse, kv_lens, q_lens, q_ids, kv_ids, allow, bias)
+    out, row_max, row_log, ent = output
+    ctx.mark_non_differentiable(row_max, row_log, ent)
+    ctx.save_for_backward(q, k, v, out, row_max, row_log, kv_lens, q_lens, q_ids, kv_ids, allow, bias)
     ctx.options = (scale, softcap, win_left, win_right)
 
 
-def _backward(ctx, grad_out, grad_lse, grad_mxl, grad_ent):
-    q, k, v, out, lse, kv_lens, q_lens, q_ids, kv_ids, allow, bias = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_max, grad_log, grad_ent):
+    q, k, v, out, row_max, row_log, kv_lens, q_lens, q_ids, kv_ids, allow, bias = ctx.saved_tensors
     dq, dk, dv = torch.ops.selfattn.cpu_flash_attention_backward(
-        grad_out, q, k, v, out, lse, kv_lens, q_lens, q_ids, kv_ids, allow, bias, *ctx.options)
+        grad_out, q, k, v, out, row_max, row_log, kv_lens, q_lens, q_ids, kv_ids, allow, bias, *ctx.options)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
@@ -334,11 +339,15 @@ class CPUBackend(Backend):
 
     def forward(self, q, k, v, req: Request):
         kv_lens, q_lens, q_ids, kv_ids, allow, bias, left, right = _mask_args(req.mask, req.q_len, req.kv_len)
-        out, lse, mxl, ent = torch.ops.selfattn.cpu_flash_attention(
+        out, row_max, row_log, ent = torch.ops.selfattn.cpu_flash_attention(
             q, k, v, kv_lens, q_lens, q_ids, kv_ids, allow, bias,
             req.scale, 0.0 if req.softcap is None else req.softcap, left, right, req.return_stats,
         )
-        return out, (AttentionStats(lse, mxl, ent) if req.return_stats else None)
+        if not req.return_stats:
+            return out, None
+        nats = _k.LN2 if ent.dtype == torch.float32 else 1.0  # float32 kernels count in base 2
+        lse = ((row_max.double() + row_log.double()) * nats).to(ent.dtype)  # (B, Hq, Lq)
+        return out, AttentionStats(lse, (row_max.double() * nats).to(ent.dtype), ent)
 
 
 def _register():

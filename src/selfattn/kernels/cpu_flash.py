@@ -37,10 +37,14 @@ LN2 = 0.6931471805599453
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # the row max only: NaN rows are garbage either way, and "nnan" lets LLVM vectorise the reduction
 FASTMATH_MAX = {"nnan", "nsz", "arcp", "contract", "afn", "reassoc"}
+# no "reassoc" where the order of operations is the point: (s - max) - log l must not become
+# s - (max + log l)
+FASTMATH_EXACT = {"nsz", "arcp", "contract", "afn"}
 
-# 2**f on [-1/2, 1/2], degree 6, least squares on Chebyshev nodes (max rel. error ~3e-9)
+# 2**f on [-1/2, 1/2], degree 6, least squares on Chebyshev nodes (max rel. error ~3e-9);
+# module-level floats are compile-time float64 constants in numba
 _F = np.cos(np.pi * (np.arange(64) + 0.5) / 64) / 2
-_POLY = np.polynomial.polynomial.polyfit(_F, np.exp2(_F), 6)  # (7,) c0 + c1 f + ... + c6 f^6
+_P0, _P1, _P2, _P3, _P4, _P5, _P6 = (float(c) for c in np.polynomial.polynomial.polyfit(_F, np.exp2(_F), 6))
 
 
 def make_consts(dtype, qk_scale: float, base2: bool) -> np.ndarray:
@@ -49,22 +53,31 @@ def make_consts(dtype, qk_scale: float, base2: bool) -> np.ndarray:
     ``qk_scale`` turns q.k into the kernel's score units: scale*log2(e) in base 2, scale in
     natural units, scale/softcap with a softcap (the units then enter through the cap).
     """
-    # 0 score units per nat, 1 nats per unit, 2 lowest exponent -126, 3 one half, 4 zero,
-    # 5..11 polynomial c0..c6, 12 qk_scale
+    # 0 score units per nat, 1 nats per unit, 2 lowest exponent -126, 3 one half, 4 zero, 5 qk_scale
     units = (LOG2E, LN2) if base2 else (1.0, 1.0)
-    return np.array([*units, -126.0, 0.5, 0.0, *_POLY, qk_scale], dtype=dtype)
+    return np.array([*units, -126.0, 0.5, 0.0, qk_scale], dtype=dtype)
 
 
 @intrinsic
-def _f32_from_bits(typingctx, bits):
-    # reinterpret an int32 as a float32 (builds 2**n from its exponent field)
-    if bits != types.int32:
+def _f64_from_bits(typingctx, bits):
+    # reinterpret an int64 as a float64 (builds 2**n from its exponent field)
+    if bits != types.int64:
         return None
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
+        return builder.bitcast(args[0], ir.DoubleType())
 
-    return types.float32(types.int32), codegen
+    return types.float64(types.int64), codegen
+
+
+@njit(fastmath=FASTMATH_EXACT, cache=True)
+def _exp2(xc, half):
+    # 2**xc for -126 <= xc <= 0: split xc = n + f (both exact), polynomial and 2**n in float64,
+    # so a float32 result is rounded once (within 0.51 ulp)
+    n = np.floor(xc + half)
+    f = np.float64(xc - n)
+    y = _P0 + f * (_P1 + f * (_P2 + f * (_P3 + f * (_P4 + f * (_P5 + f * _P6)))))
+    return y * _f64_from_bits((np.int64(n) + 1023) << 52)
 
 
 # -- block products (C-contiguous blocks; the innermost loop is the vectorised one) ----------
@@ -125,16 +138,11 @@ def _exp2_row(s, p, i, m, consts, fast, want_ps):
     tot = zero
     ps = zero
     if fast:
-        c0, c1, c2, c3, c4, c5, c6 = consts[5], consts[6], consts[7], consts[8], consts[9], consts[10], consts[11]
         for j in range(BLOCK_N):
             x = s[i, j] - m  # <= 0, -inf where masked
             xc = lo if x < lo else x  # keeps NaN
-            n = np.floor(xc + half)
-            f = xc - n  # in [-1/2, 1/2]
-            y = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * c6)))))
-            scale = _f32_from_bits(np.int32((np.int64(n) + 127) << 23))  # 2**n, n in [-126, 0]
-            v = zero if x < lo else y * scale
-            p[i, j] = v
+            p[i, j] = zero if x < lo else _exp2(xc, half)
+            v = p[i, j]
             tot += v
             if want_ps:
                 ps += v * xc
@@ -158,7 +166,7 @@ def _scores(q_blk, kt_blk, s, th, rows, b, h, r0, c0, kind, lq, lk,
 
     With a softcap, th[:rows] gets tanh(u) (the backward pass needs 1 - tanh^2).
     """
-    units, qk_scale = consts[0], consts[12]
+    units, qk_scale = consts[0], consts[5]
     # -- scores: q_blk @ k_blk^T, then the scale --
     _mm_nn(q_blk, kt_blk, s, rows)
     ncols = min(BLOCK_N, lk - c0)
@@ -213,35 +221,46 @@ def _scores(q_blk, kt_blk, s, th, rows, b, h, r0, c0, kind, lq, lk,
                 s[i, j] = -np.inf
 
 
-@njit(fastmath=FASTMATH, cache=True)
-def _probs(s, p, rows, lse_u, b, h, r0, consts, fast):
-    # -- probabilities from the saved log-sum-exp (in score units): p = exp(s - lse) --
+@njit(fastmath=FASTMATH_EXACT, cache=True)
+def _probs(s, p, rows, row_max, row_log, b, h, r0, consts, fast):
+    # -- probabilities from the saved log-sum-exp: p = exp((s - max) - log l), in this order --
+    lo, half, zero, nat = consts[2], consts[3], consts[4], consts[1]
     for i in range(rows):
-        m = lse_u[b, h, r0 + i]
+        m = row_max[b, h, r0 + i]
+        lg = row_log[b, h, r0 + i]
         if m == -np.inf:
             for j in range(BLOCK_N):
-                p[i, j] = 0.0
+                p[i, j] = zero
+        elif fast:
+            for j in range(BLOCK_N):
+                x = (s[i, j] - m) - lg
+                xc = lo if x < lo else x
+                p[i, j] = zero if x < lo else _exp2(xc, half)
         else:
-            _exp2_row(s, p, i, m, consts, fast, False)
+            for j in range(BLOCK_N):
+                x = (s[i, j] - m) - lg
+                p[i, j] = zero if x == -np.inf else math.exp(x * nat)
 
 
 # -- forward ----------------------------------------------------------------------------------
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def flash_fwd(q, kt, vp, out, lse, mxl, ent, tiles, counts,
+def flash_fwd(q, kt, vp, out, row_max, row_log, ent, tiles, counts,
               win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
               allow, stride_allow, bias, stride_bias, softcap_u, lk, want_stats, consts, fast):
     """One task per (batch, head, query block): online softmax over its non-empty key tiles.
 
-    Writes out (B, Hq, Lq, Dv), lse / mxl (natural units) and ent (B, Hq, Lq); counts[task] =
+    Writes out (B, Hq, Lq, Dv) and, each (B, Hq, Lq), the log-sum-exp as row_max + row_log (the
+    row's largest score and the log of its sum of exp(s - max), in score units: kept apart, p is
+    exact to rounding in the backward pass even for huge scores) and ent (nats); counts[task] =
     number of tiles it computed.
     """
     B, Hq, Lq, D = q.shape
     Hkv, nK, Dv = kt.shape[1], kt.shape[2], vp.shape[4]
     group = Hq // Hkv
     nQ = (Lq + BLOCK_M - 1) // BLOCK_M
-    nat = consts[1]
+    nat = consts[1]  # nats per score unit
     for t in prange(B * Hq * nQ):
         qb = t % nQ
         h = (t // nQ) % Hq
@@ -298,19 +317,18 @@ def flash_fwd(q, kt, vp, out, lse, mxl, ent, tiles, counts,
                 # fully-masked row: out 0, lse -inf, max -inf, entropy 0
                 for d in range(Dv):
                     out[b, h, gi, d] = 0.0
-                lse[b, h, gi] = -np.inf
-                mxl[b, h, gi] = -np.inf
+                row_max[b, h, gi] = -np.inf
+                row_log[b, h, gi] = 0.0
                 ent[b, h, gi] = 0.0
             else:
                 inv = 1.0 / li
                 for d in range(Dv):
                     out[b, h, gi, d] = acc[i, d] * inv
-                lg = math.log(li)
-                lse[b, h, gi] = m_i[i] * nat + lg
-                mxl[b, h, gi] = m_i[i] * nat
+                row_max[b, h, gi] = m_i[i]
+                row_log[b, h, gi] = math.log2(li) if fast else math.log(li)
                 if want_stats:
                     # -- entropy H = ln l - sum p (s - m) / l, in nats --
-                    ent[b, h, gi] = max(lg - e_i[i] * inv * nat, 0.0)
+                    ent[b, h, gi] = max(math.log(li) - e_i[i] * inv * nat, 0.0)
         counts[t] = n_tiles
 
 
@@ -318,7 +336,7 @@ def flash_fwd(q, kt, vp, out, lse, mxl, ent, tiles, counts,
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def flash_bwd_kv(q, kt, vt, do, lse_u, delta, dk, dv, tiles, counts,
+def flash_bwd_kv(q, kt, vt, do, row_max, row_log, delta, dk, dv, tiles, counts,
                  win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
                  allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, consts, fast):
     """dK and dV: one task per (batch, kv head, key block), over every query head of its group.
@@ -357,7 +375,7 @@ def flash_bwd_kv(q, kt, vt, do, lse_u, delta, dk, dv, tiles, counts,
                 _scores(q_blk, kt[b, hk, kb], s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
                         win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
                         allow, stride_allow, bias, stride_bias, softcap_u, consts)
-                _probs(s, p, rows, lse_u, b, h, r0, consts, fast)
+                _probs(s, p, rows, row_max, row_log, b, h, r0, consts, fast)
                 # -- dV += P^T dO --
                 _mm_tn_acc(p, do_blk, dv_blk, rows)
                 # -- dP = dO V^T --
@@ -376,10 +394,16 @@ def flash_bwd_kv(q, kt, vt, do, lse_u, delta, dk, dv, tiles, counts,
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def flash_bwd_q(q, kt, kp, vt, do, lse_u, delta, dq, tiles, counts,
+def flash_bwd_q(q, kt, kp, vt, do, row_max, row_log, delta, dq, tiles, counts,
                 win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
                 allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, consts, fast):
-    """dQ: one task per (batch, head, query block); dq (B, Hq, Lq, D) gets dS k (without the scale)."""
+    """dQ and delta: one task per (batch, head, query block), run before ``flash_bwd_kv``.
+
+    dS = P * (dP - delta) with delta = rowsum(P * dP). On entry delta holds c = rowsum(dO * O),
+    which carries the rounding of the output; one sweep over the key tiles computes
+    dQ = (P * (dP - c)) k - (delta - c) * (P k) and the exact delta from the same P and dP that
+    dS uses, and leaves that delta for ``flash_bwd_kv``. Writes dq (B, Hq, Lq, D) without the scale.
+    """
     B, Hq, Lq, D = q.shape
     Hkv, nK = kt.shape[1], kt.shape[2]
     group = Hq // Hkv
@@ -395,11 +419,16 @@ def flash_bwd_q(q, kt, kp, vt, do, lse_u, delta, dq, tiles, counts,
         th_ = h if tiles.shape[1] > 1 else 0
         q_blk = q[b, h, r0:r0 + rows]
         do_blk = do[b, h, r0:r0 + rows]
-        dq_blk = dq[b, h, r0:r0 + rows]
         s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
         p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
         dp = np.empty((BLOCK_M, BLOCK_N), q.dtype)
         tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap > 0.0 else (1, 1), q.dtype)
+        pdk = np.zeros((BLOCK_M, D), q.dtype)  # sum_j p (dP - c) k
+        pk = np.zeros((BLOCK_M, D), q.dtype)  # sum_j p k
+        dl = np.zeros(BLOCK_M, q.dtype)  # sum_j p dP
+        c = np.empty(BLOCK_M, q.dtype)
+        for i in range(rows):
+            c[i] = delta[b, h, r0 + i]
         n_tiles = 0
         for kb in range(nK):
             kind = tiles[tb, th_, qb, kb]
@@ -407,20 +436,34 @@ def flash_bwd_q(q, kt, kp, vt, do, lse_u, delta, dq, tiles, counts,
                 continue
             n_tiles += 1
             c0 = kb * BLOCK_N
+            ncols = min(BLOCK_N, lk - c0)
             _scores(q_blk, kt[b, hk, kb], s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
                     win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
                     allow, stride_allow, bias, stride_bias, softcap_u, consts)
-            _probs(s, p, rows, lse_u, b, h, r0, consts, fast)
+            _probs(s, p, rows, row_max, row_log, b, h, r0, consts, fast)
             # -- dP = dO V^T --
             _mm_nn(do_blk, vt[b, hk, kb], dp, rows)
-            # -- dS = P * (dP - delta), times the softcap's c (1 - tanh^2) --
+            # -- delta += rowsum(P * dP); dP becomes P * (dP - c) --
             for i in range(rows):
-                di = delta[b, h, r0 + i]
+                acc = dl[i]
+                ci = c[i]
                 for j in range(BLOCK_N):
-                    dp[i, j] = p[i, j] * (dp[i, j] - di)
+                    acc += p[i, j] * dp[i, j]
+                    dp[i, j] = p[i, j] * (dp[i, j] - ci)
+                dl[i] = acc
                 if softcap > 0.0:
+                    # -- the softcap's c (1 - tanh^2) multiplies both terms of dS --
                     for j in range(BLOCK_N):
-                        dp[i, j] *= softcap * (1.0 - tanh_buf[i, j] * tanh_buf[i, j])
-            # -- dQ += dS k --
-            _mm_nn_acc(dp, kp[b, hk, kb], dq_blk, rows, min(BLOCK_N, lk - c0))
+                        w = softcap * (1.0 - tanh_buf[i, j] * tanh_buf[i, j])
+                        dp[i, j] *= w
+                        p[i, j] *= w
+            # -- accumulate (P * (dP - c)) k and P k --
+            _mm_nn_acc(dp, kp[b, hk, kb], pdk, rows, ncols)
+            _mm_nn_acc(p, kp[b, hk, kb], pk, rows, ncols)
+        for i in range(rows):
+            gi = r0 + i
+            delta[b, h, gi] = dl[i]
+            shift = dl[i] - c[i]
+            for d in range(D):
+                dq[b, h, gi, d] = pdk[i, d] - shift * pk[i, d]
         counts[t] = n_tiles

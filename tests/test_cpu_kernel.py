@@ -1,0 +1,290 @@
+"""The fused CPU backend (`cpu`, issue 5): forward, statistics and every gradient against the
+float64 reference (STYLE.md rule 6: factor 2 forward, 3 gradients), plus what only a fused
+kernel promises: O(L) memory, bit-identical reruns, skipped tiles, torch.compile without breaks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba
+import pytest
+import torch
+
+import selfattn
+from selfattn import masks, reference
+from selfattn.backends import BackendUnavailable
+from selfattn.backends import cpu as cpu_backend
+from selfattn.kernels import cpu_flash
+
+from tolerance import assert_close
+
+# (B, Hq, Hkv, Lq, Lk, D, Dv)
+SHAPES = [
+    (1, 2, 2, 97, 97, 1, 1),
+    (1, 2, 2, 97, 130, 8, 8),
+    (2, 4, 2, 130, 97, 59, 59),  # GQA, more queries than keys
+    (1, 2, 2, 130, 130, 64, 64),
+    (2, 2, 1, 1, 130, 64, 64),  # one query against a cache, one kv head
+    (1, 3, 3, 2, 2, 8, 8),
+    (1, 2, 2, 2, 97, 59, 16),  # Dv != D
+    (1, 4, 2, 97, 1, 8, 8),  # a single key
+]
+
+
+def _shape_id(s):
+    b, hq, hkv, lq, lk, d, dv = s
+    return f"B{b}-H{hq}/{hkv}-L{lq}x{lk}-D{d}" + (f"-Dv{dv}" if dv != d else "")
+
+
+def _segments(b, length, g):
+    return torch.sort(torch.randint(0, 4, (b, length), generator=g), dim=1).values  # (B, L) packed documents
+
+
+def mask_kwargs(name, b, hq, lq, lk):
+    """attention() keyword arguments for mask case ``name``."""
+    g = torch.Generator().manual_seed(sum(map(ord, name)) + 7 * lq + lk)
+    kv_len = torch.randint(0, lk + 1, (b,), generator=g)
+    kv_len[0] = max(1, lk // 2)
+    q_len = torch.randint(0, lq + 1, (b,), generator=g)
+    docs = masks.documents(_segments(b, lk, g), _segments(b, lq, g))
+    bool_m = torch.rand(b, 1, lq, lk, generator=g) < 0.6  # (B, 1, Lq, Lk)
+    bool_m[0, 0, lq // 2] = False  # a fully-masked row
+    float_m = torch.randn(lq, lk, generator=g).masked_fill(torch.rand(lq, lk, generator=g) < 0.2, float("-inf"))
+    float_m[-1] = float("-inf")  # last row fully masked
+    return {
+        "none": {},
+        "causal": {"causal": True},
+        "window": {"window": (16, 4)},
+        "causal_window": {"causal": True, "window": 7},
+        "padding": {"mask": masks.padding(kv_len, q_len)},
+        "documents_causal": {"mask": docs & masks.causal()},
+        "dense_bool": {"mask": bool_m},
+        "dense_float": {"mask": float_m},
+        "window_padding_documents": {"mask": masks.window(20, 20) & masks.padding(kv_len) & docs},
+        "causal_bool_float": {"mask": masks.causal() & masks.dense(bool_m) & masks.dense(float_m)},
+    }[name]
+
+
+MASKS = ["none", "causal", "window", "causal_window", "padding", "documents_causal", "dense_bool",
+         "dense_float", "window_padding_documents", "causal_bool_float"]
+
+
+def _inputs(shape, dtype, magnitude=1.0, seed=0):
+    b, hq, hkv, lq, lk, d, dv = shape
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, lq, d, generator=g, dtype=torch.float64) * magnitude
+    k = torch.randn(b, hkv, lk, d, generator=g, dtype=torch.float64) * magnitude
+    v = torch.randn(b, hkv, lk, dv, generator=g, dtype=torch.float64)
+    go = torch.randn(b, hq, lq, dv, generator=g, dtype=torch.float64)  # upstream gradient
+    return [t.to(dtype) for t in (q, k, v, go)]
+
+
+def _reference(q, k, v, go, kw, *, low):
+    """(out, stats, (dq, dk, dv)) of the reference: float64, or its low-precision twin.
+
+    For float64 inputs the "low precision" twin is the reference with every reduction in another
+    order (keys and head dims reversed), so that its difference measures float64 rounding.
+    """
+    mask = selfattn.functional._resolve_mask(kw.get("mask"), kw.get("causal", False), kw.get("window"))
+    args = dict(scale=kw.get("scale"), softcap=kw.get("softcap"))
+    dtype = q.dtype if low else torch.float64
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    if low and dtype == torch.float64:
+        lq, lk = q.shape[2], k.shape[2]
+        allowed = torch.ones(1, 1, lq, lk, dtype=torch.bool) if mask is None else mask.allowed(lq, lk)
+        bias = None if mask is None else mask.bias(lq, lk)
+        dense = torch.zeros(allowed.shape, dtype=torch.float64) if bias is None else bias.to(torch.float64)
+        dense = torch.where(allowed, dense, torch.tensor(float("-inf"), dtype=torch.float64))  # (B|1, H|1, Lq, Lk)
+        out, st = reference.attention(q.flip(-1), k.flip(-1).flip(2), v.flip(2).flip(-1),
+                                      mask=masks.dense(dense.flip(-1)), **args)
+        out = out.flip(-1)
+    else:
+        out, st = reference.attention(q, k, v, mask=mask, upcast=not low, **args)
+    grads = torch.autograd.grad(out, (q, k, v), go.to(out.dtype))
+    return out.detach(), st.detach(), grads
+
+
+def check_against_reference(name, q, k, v, go, **kw):
+    """Run the cpu backend forward (with stats) and backward and hold everything to the reference."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, stats = selfattn.attention(q, k, v, backend="cpu", return_stats=True, **kw)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    out64, st64, g64 = _reference(q, k, v, go, kw, low=False)
+    low, st_low, g_low = _reference(q, k, v, go, kw, low=True)
+    assert out.dtype == q.dtype
+    assert_close(f"{name} out", out, out64, low)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    for field in ("lse", "max_logit", "entropy"):
+        got = getattr(stats, field)
+        assert got.dtype == acc, f"{name} {field}: dtype {got.dtype}, expected {acc}"
+        assert_close(f"{name} {field}", got, getattr(st64, field), getattr(st_low, field))
+    for gname, got, ref, ref_low, inp in zip(("dq", "dk", "dv"), grads, g64, g_low, (q, k, v)):
+        assert got.dtype == inp.dtype and got.shape == inp.shape
+        assert_close(f"{name} {gname}", got, ref, ref_low, factor=3.0)
+    # fully-masked rows: exactly 0 out and dq, lse/max_logit -inf, entropy 0
+    dead = st64.lse == float("-inf")  # (B, Hq, Lq)
+    if dead.any():
+        assert torch.equal(out.detach()[dead], torch.zeros_like(out.detach()[dead]))
+        assert torch.equal(grads[0][dead], torch.zeros_like(grads[0][dead]))
+        assert bool((stats.lse[dead] == float("-inf")).all()) and bool((stats.max_logit[dead] == float("-inf")).all())
+        assert bool((stats.entropy[dead] == 0).all())
+    for t in (out, stats.entropy, *grads):
+        assert not torch.isnan(t).any(), f"{name}: NaN"
+    return out, stats, grads
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+def test_float32_grid(shape, mask):
+    b, hq, _, lq, lk, _, _ = shape
+    q, k, v, go = _inputs(shape, torch.float32)
+    check_against_reference(f"{_shape_id(shape)} {mask}", q, k, v, go, **mask_kwargs(mask, b, hq, lq, lk))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=["fp64", "bf16", "fp16"])
+@pytest.mark.parametrize("mask", ["none", "causal", "window_padding_documents", "causal_bool_float"])
+@pytest.mark.parametrize("shape", [SHAPES[i] for i in (1, 2, 4)], ids=_shape_id)
+def test_other_dtypes(shape, mask, dtype):
+    b, hq, _, lq, lk, _, _ = shape
+    q, k, v, go = _inputs(shape, dtype)
+    check_against_reference(f"{_shape_id(shape)} {mask} {dtype}", q, k, v, go, **mask_kwargs(mask, b, hq, lq, lk))
+
+
+@pytest.mark.parametrize("option", [{"softcap": 2.0}, {"softcap": 30.0, "scale": 0.3}, {"scale": 1.7}],
+                         ids=["softcap", "softcap+scale", "scale"])
+@pytest.mark.parametrize("mask", ["none", "causal_window", "dense_float"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_softcap_and_scale(option, mask, dtype):
+    shape = SHAPES[2]
+    b, hq, _, lq, lk, _, _ = shape
+    q, k, v, go = _inputs(shape, dtype, magnitude=2.0)
+    check_against_reference(f"{option} {mask}", q, k, v, go, **option, **mask_kwargs(mask, b, hq, lq, lk))
+
+
+@pytest.mark.parametrize("mask", ["none", "causal", "documents_causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_large_scores(mask, dtype):
+    # raw scores around +-1e4: the online softmax must rescale without overflow or NaN
+    shape = (1, 2, 2, 130, 130, 64, 64)
+    q, k, v, go = _inputs(shape, dtype, magnitude=(1e4 / 8) ** 0.5)
+    check_against_reference(f"large {mask}", q, k, v, go, **mask_kwargs(mask, 1, 2, 130, 130))
+
+
+def test_fully_masked_everything():
+    # padding with zero keys for one batch element, zero real queries for another, and a bool mask
+    # that rules out whole rows: outputs, stats and gradients are exact zeros / -inf, never NaN
+    shape = (3, 2, 2, 70, 90, 16, 16)
+    q, k, v, go = _inputs(shape, torch.float32)
+    m = masks.padding([0, 90, 40], [70, 0, 70]) & masks.causal()
+    out, stats, (dq, dk, dv) = check_against_reference("fully masked", q, k, v, go, mask=m)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.equal(dk[0], torch.zeros_like(dk[0])) and torch.equal(dv[1], torch.zeros_like(dv[1]))
+    assert bool((stats.lse[:2] == float("-inf")).all())
+
+
+# -- what only the fused kernel promises ----------------------------------------------------------
+
+
+def _peak_rss_reset() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets this process's peak resident set (VmHWM)
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to measure peak memory")
+def test_peak_memory_is_linear():
+    # causal forward + backward at L = 8192: one L x L float32 matrix would be 256 MiB
+    L = 8192
+    q, k, v, go = _inputs((1, 1, 1, L, L, 64, 64), torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    selfattn.attention(q[:, :, :200], k[:, :, :200], v[:, :, :200], causal=True, backend="cpu").sum().backward()  # compile
+    q.grad = k.grad = v.grad = None
+    _peak_rss_reset()
+    base = _status_bytes("VmRSS")
+    out = selfattn.attention(q, k, v, causal=True, backend="cpu")
+    out.backward(go)
+    extra = _status_bytes("VmHWM") - base
+    print(f"peak extra memory {extra / 2**20:.1f} MiB (an L x L float32 matrix: {L * L * 4 / 2**20:.0f} MiB)")
+    assert extra < L * L * 4 / 4, f"peak extra memory {extra / 2**20:.1f} MiB: something L x L was allocated"
+    assert torch.isfinite(q.grad).all()
+
+
+def test_deterministic():
+    shape = (2, 4, 2, 200, 230, 32, 24)
+    q, k, v, go = _inputs(shape, torch.float32)
+    m = masks.causal() & masks.padding([230, 150])
+    runs = []
+    for _ in range(2):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        out, st = selfattn.attention(qq, kk, vv, mask=m, softcap=20.0, backend="cpu", return_stats=True)
+        runs.append((out, st.lse, st.max_logit, st.entropy, *torch.autograd.grad(out, (qq, kk, vv), go)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b), "two runs differ"
+    assert numba.get_num_threads() == min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+
+
+def _tiles(fn):
+    cpu_backend.reset_tile_products()
+    fn()
+    return dict(cpu_backend.TILE_PRODUCTS)
+
+
+def test_masked_tiles_are_skipped():
+    L = 1024
+    q, k, v, go = _inputs((1, 1, 1, L, L, 16, 16), torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    n = L // cpu_flash.BLOCK_M
+
+    def run(**kw):
+        return lambda: selfattn.attention(q, k, v, backend="cpu", **kw).backward(go)
+
+    dense = _tiles(run())
+    causal = _tiles(run(causal=True))
+    window = _tiles(run(window=64))
+    docs = _tiles(run(mask=masks.documents(torch.arange(L) // 128) & masks.causal()))
+    print("tile products:", dense, causal, window, docs, sep="\n")
+    assert dense == {"forward": n * n, "backward_kv": n * n, "backward_q": n * n}
+    assert causal["forward"] == n * (n + 1) // 2
+    assert window["forward"] <= 3 * n  # each query block meets at most 3 key blocks of a 64-wide window
+    assert docs["forward"] == (L // 128) * 3  # 2 query blocks per document: 1 + 2 key blocks
+    for counts in (causal, window, docs):
+        assert counts["backward_kv"] == counts["backward_q"] == counts["forward"]
+
+
+def test_torch_compile_fullgraph():
+    q, k, v, go = _inputs((1, 2, 2, 100, 100, 16, 16), torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def f(q, k, v):
+        out, st = selfattn.attention(q, k, v, causal=True, window=30, softcap=10.0, return_stats=True, backend="cpu")
+        return out, st.entropy
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out, ent = compiled(q, k, v)
+    out_e, ent_e = f(q, k, v)
+    assert torch.equal(out, out_e) and torch.equal(ent, ent_e)
+    g = torch.autograd.grad(out, (q, k, v), go)
+    g_e = torch.autograd.grad(out_e, (q, k, v), go)
+    assert all(torch.equal(a, b) for a, b in zip(g, g_e))
+
+
+def test_refusals_and_registry(monkeypatch):
+    q, k, v, _ = _inputs((1, 2, 2, 10, 10, 8, 8), torch.float32)
+    with pytest.raises(BackendUnavailable, match="dropout"):
+        selfattn.attention(q, k, v, dropout_p=0.1, backend="cpu")
+    assert "cpu" in selfattn.backends.names()
+    assert selfattn.backends.available()["cpu"]["dropout"].startswith("no")
+    # auto: cpu wherever sdpa cannot serve or would need a dense structured mask; never math
+    original, seen = selfattn.backends.choose, []
+    monkeypatch.setattr(selfattn.backends, "choose", lambda *a: seen.append(original(*a)) or seen[-1])
+    for kw in ({"window": 4}, {"mask": masks.documents(torch.arange(10) // 5)}, {"return_stats": True}, {"softcap": 5.0}):
+        selfattn.attention(q, k, v, **kw)
+        assert seen[-1].name == "cpu", f"auto chose {seen[-1].name} for {kw}"
