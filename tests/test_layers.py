@@ -100,6 +100,8 @@ def test_self_attention_errors():
         layer(torch.randn(2, 3, 4, dtype=torch.float64))
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         layer([[1.0, 2.0, 3.0, 4.0]])
+    with pytest.raises(TypeError, match="need_weights must be a bool"):
+        layer(torch.randn(2, 3, 4), need_weights=1)
 
 
 # -- MultiHeadAttention against an independent float64 computation --------------------------
@@ -170,6 +172,20 @@ def test_mha_matches_independent_float64(cfg):
     # masked pairs are -inf on both sides, and assert_close requires them to match exactly
     assert_close("log weights", w.log(), p64.log(), p32.log())
     assert st.lse.shape == (2, m.num_heads, 9)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mha_low_precision(dtype):
+    torch.manual_seed(12)
+    m = MultiHeadAttention(16, 4, num_kv_heads=2, qk_norm=True)
+    x = torch.randn(2, 9, 16)
+    allowed = torch.ones(9, 9, dtype=torch.bool).tril()[None, None]
+    o64, _, _ = _mha_by_hand(m, x, x, x, allowed, torch.float64)
+    o_low, _, _ = _mha_by_hand(m, x, x, x, allowed, dtype)
+    m_low = m.to(dtype)
+    out = m_low(x.to(dtype), causal=True)
+    assert out.dtype == dtype
+    assert_close("out", out, o64, o_low)
 
 
 # -- torch.nn.MultiheadAttention parity ------------------------------------------------------
@@ -319,6 +335,14 @@ def test_kv_cache_decoding_equals_one_causal_forward(prefill):
         steps.append(m(x[:, i:i + 1], causal=True, kv_cache=cache))
     assert len(cache) == 9
     assert_close("decoded", torch.cat(steps, dim=1), full64, full32)
+    # the weights of a decoding step are the last row of the full forward's weights
+    cache.reset()
+    m(x[:, :8], causal=True, kv_cache=cache)
+    _, w_step = m(x[:, 8:], causal=True, kv_cache=cache, need_weights=True)
+    _, w_full = m(x, causal=True, need_weights=True)
+    _, w64 = copy.deepcopy(m).double()(x.double(), causal=True, need_weights=True)
+    assert w_step.shape == (2, 1, 9)
+    assert_close("log weights of the last step", w_step.log(), w64[:, 8:].log(), w_full[:, 8:].log())
     # reset() and decode again gives the same result
     cache.reset()
     assert len(cache) == 0

@@ -230,6 +230,9 @@ class SelfAttention(nn.Module):
             leading batch dimension of every returned tensor.
         """
         _check_input("x", x, self.embed_dim, "embed_dim", self.W_Q, ranks=(2, 3))
+        for name, flag in (("need_weights", need_weights), ("return_stats", return_stats)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__} ({flag!r})")
         unbatched = x.dim() == 2
         if unbatched:
             x = x[None]  # (1, L, E)
