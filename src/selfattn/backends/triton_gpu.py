@@ -4,23 +4,24 @@ Serves CUDA tensors in float16, bfloat16 and float32 (float32 multiplies in full
 TF32), head dims up to 256, every mask of :mod:`selfattn.masks` with tile skipping, GQA,
 Lq != Lk, softcap, any scale, ``return_stats`` from the same pass, and a backward.
 
-On CPU tensors it serves only under Triton's interpreter: the environment variable
-``TRITON_INTERPRET=1`` must be set when the call is made. The kernels are decorated when
-:mod:`selfattn.kernels.triton_flash` is first executed, which this module delays until a call
-needs it, and it keeps a compiled and an interpreted copy apart, so it does not matter who
-imported triton first. The interpreter is slow: ``auto`` never prefers this backend on CPU.
+On CPU tensors it serves only under Triton's interpreter: ``TRITON_INTERPRET=1`` must be set
+before triton is first imported in the process (triton decorates its own helpers then) and
+still be set when the call is made; the variable is read at each call. This module does not
+import triton itself: the kernel module :mod:`selfattn.kernels.triton_flash` is executed on
+first use, in the mode triton is in. The interpreter is slow: ``auto`` never prefers this
+backend on CPU.
 
 Layers (flash-attn style): the launchers in ``kernels/triton_flash.py``; two ``torch.library``
 custom ops (``selfattn::triton_fwd``, ``selfattn::triton_bwd``) so ``torch.compile`` sees
 opaque calls with known output shapes; :class:`_FlashAttention`, a ``torch.autograd.Function``
-that saves the log-sum-exp; and the thin public functions :func:`flash_attention` and
+that saves the log-sum-exp (as row max and 1/row sum, so that the recomputed probabilities
+carry no row-wide rounding of a stored lse); and the thin public functions :func:`flash_attention` and
 :func:`flash_attention_varlen`, which add the ``deterministic`` and ``num_splits`` options that
 the generic ``selfattn.attention`` does not have.
 """
 
 from __future__ import annotations
 
-import contextvars
 import importlib
 import importlib.util
 import os
@@ -40,32 +41,50 @@ _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 _KERNEL_MODULE = "selfattn.kernels.triton_flash"
 _KERNELS: dict = {}  # interpret flag -> kernels module executed in that mode
 
-# options only flash_attention() can set; the backend reads them when it runs
-_DETERMINISTIC: contextvars.ContextVar[bool] = contextvars.ContextVar("selfattn_triton_deterministic", default=False)
-_NUM_SPLITS: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("selfattn_triton_num_splits", default=None)
 
 
-def interpreter_active() -> bool:
-    """True if TRITON_INTERPRET is set (as triton reads it: 1/true/on/yes) right now."""
+def _env_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 
+def _triton_interpreted() -> bool:
+    # triton decorates its own jit helpers (tl.sum, tl.max, ...) when it is imported: the whole
+    # process runs interpreted or compiled from then on, whatever TRITON_INTERPRET says later
+    std = sys.modules.get("triton.language.standard")
+    if std is None:
+        return _env_interpret()
+    return type(std.cdiv).__name__ == "InterpretedFunction"
+
+
+def interpreter_active() -> bool:
+    """True if Triton's CPU interpreter can run now: TRITON_INTERPRET is set (1/true/on/yes)
+    and was already set when triton was first imported in this process (or triton is not
+    imported yet)."""
+    return _env_interpret() and _triton_interpreted()
+
+
 def _kernels(interpret: bool):
-    # triton.jit picks interpreted or compiled when the module executes; keep one copy of each
+    # triton.jit picks interpreted or compiled when the kernel module executes: keep one copy per mode
     if interpret not in _KERNELS:
         mod = importlib.import_module(_KERNEL_MODULE)
         if mod.INTERPRET != interpret:
-            if interpret != interpreter_active():
-                raise RuntimeError(f"triton kernels wanted {'interpreted' if interpret else 'compiled'} but TRITON_INTERPRET says otherwise")
             spec = importlib.util.find_spec(_KERNEL_MODULE)
             mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
+            old = os.environ.get("TRITON_INTERPRET")
+            os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+            try:
+                spec.loader.exec_module(mod)
+            finally:
+                if old is None:
+                    del os.environ["TRITON_INTERPRET"]
+                else:
+                    os.environ["TRITON_INTERPRET"] = old
         _KERNELS[interpret] = mod
     return _KERNELS[interpret]
 
 
 def _kernels_for(device: torch.device):
-    return _kernels(device.type != "cuda" or interpreter_active())
+    return _kernels(_triton_interpreted())
 
 
 # -- lowering a Request's mask to what the kernels take --------------------------------------
@@ -142,7 +161,8 @@ def _window_args(window):
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: Optional[torch.Tensor],
             q_lens: Optional[torch.Tensor], doc_rows: Optional[torch.Tensor], mask: Optional[torch.Tensor],
             scale: float, softcap: float, win_left: int, win_right: int, stats: bool,
-            num_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            num_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # (out, lse, row max, 1/row sum, max_logit, entropy); the middle two are saved for the backward
     kern = _kernels_for(q.device)
     return kern.forward(q, k, v, scale=scale, softcap=softcap if softcap > 0 else None,
                         window=None if win_left < 0 else (win_left, win_right), kv_lens=kv_lens,
@@ -155,25 +175,25 @@ def _fwd_fake(q, k, v, kv_lens, q_lens, doc_rows, mask, scale, softcap, win_left
     B, Hq, Lq, _ = q.shape
     stat_shape = (B, Hq, Lq) if stats else (0,)
     f32 = dict(dtype=torch.float32)
-    return (q.new_empty(B, Hq, Lq, v.shape[-1]), q.new_empty(B, Hq, Lq, **f32),
-            q.new_empty(stat_shape, **f32), q.new_empty(stat_shape, **f32))
+    return (q.new_empty(B, Hq, Lq, v.shape[-1]), q.new_empty(B, Hq, Lq, **f32), q.new_empty(B, Hq, Lq, **f32),
+            q.new_empty(B, Hq, Lq, **f32), q.new_empty(stat_shape, **f32), q.new_empty(stat_shape, **f32))
 
 
 @torch.library.custom_op("selfattn::triton_bwd", mutates_args=())
 def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-            lse: torch.Tensor, kv_lens: Optional[torch.Tensor], q_lens: Optional[torch.Tensor],
+            row_m: torch.Tensor, row_l: torch.Tensor, kv_lens: Optional[torch.Tensor], q_lens: Optional[torch.Tensor],
             doc_rows: Optional[torch.Tensor], doc_cols: Optional[torch.Tensor], mask: Optional[torch.Tensor],
             scale: float, softcap: float, win_left: int, win_right: int,
             deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     kern = _kernels_for(q.device)
-    return kern.backward(dout, q, k, v, out, lse, scale=scale, softcap=softcap if softcap > 0 else None,
+    return kern.backward(dout, q, k, v, out, row_m, row_l, scale=scale, softcap=softcap if softcap > 0 else None,
                          window=None if win_left < 0 else (win_left, win_right), kv_lens=kv_lens,
                          q_lens=q_lens, doc_rows=doc_rows, doc_cols=doc_cols, mask=mask,
                          deterministic=deterministic)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(dout, q, k, v, out, lse, kv_lens, q_lens, doc_rows, doc_cols, mask, scale, softcap,
+def _bwd_fake(dout, q, k, v, out, row_m, row_l, kv_lens, q_lens, doc_rows, doc_cols, mask, scale, softcap,
               win_left, win_right, deterministic):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
@@ -182,17 +202,18 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kv_lens, q_lens, doc_rows, doc_cols, mask, scale, softcap, win_left,
                 win_right, stats, deterministic, num_splits):
-        out, lse, maxl, ent = torch.ops.selfattn.triton_fwd(q, k, v, kv_lens, q_lens, doc_rows, mask, scale,
-                                                            softcap, win_left, win_right, stats, num_splits)
-        ctx.save_for_backward(q, k, v, out, lse, kv_lens, q_lens, doc_rows, doc_cols, mask)
+        out, lse, row_m, row_l, maxl, ent = torch.ops.selfattn.triton_fwd(
+            q, k, v, kv_lens, q_lens, doc_rows, mask, scale, softcap, win_left, win_right, stats, num_splits)
+        # the backward recomputes P = exp2(S - row max) / row sum from these, not from lse
+        ctx.save_for_backward(q, k, v, out, row_m, row_l, kv_lens, q_lens, doc_rows, doc_cols, mask)
         ctx.opts = (scale, softcap, win_left, win_right, deterministic)
         ctx.mark_non_differentiable(lse, maxl, ent)
         return out, lse, maxl, ent
 
     @staticmethod
     def backward(ctx, dout, _dlse, _dmax, _dent):
-        q, k, v, out, lse, kv_lens, q_lens, doc_rows, doc_cols, mask = ctx.saved_tensors
-        dq, dk, dv = torch.ops.selfattn.triton_bwd(dout, q, k, v, out, lse, kv_lens, q_lens, doc_rows,
+        q, k, v, out, row_m, row_l, kv_lens, q_lens, doc_rows, doc_cols, mask = ctx.saved_tensors
+        dq, dk, dv = torch.ops.selfattn.triton_bwd(dout, q, k, v, out, row_m, row_l, kv_lens, q_lens, doc_rows,
                                                    doc_cols, mask, *ctx.opts)
         return dq, dk, dv, *([None] * 12)
 
@@ -220,9 +241,12 @@ class TritonBackend(Backend):
         if not _HAVE_TRITON:
             return f"triton is not installed (pip install triton), so device {dev.type} cannot be served"
         if dev.type == "cpu":
-            if not interpreter_active():
+            if not _env_interpret():
                 return (f"device {dev} (the triton backend runs on CUDA GPUs; on CPU only under "
-                        "Triton's interpreter, TRITON_INTERPRET=1)")
+                        "Triton's interpreter, TRITON_INTERPRET=1 set before triton is imported)")
+            if not _triton_interpreted():
+                return (f"device {dev} (TRITON_INTERPRET=1 was set after triton was imported in this "
+                        "process; set it before the first import of triton)")
         elif dev.type != "cuda":
             return f"device {dev} (the triton backend runs on CUDA GPUs)"
         if req.dtype == torch.float64:
@@ -244,14 +268,17 @@ class TritonBackend(Backend):
         return 5.0 if req.device.type == "cuda" else 500.0
 
     def forward(self, q, k, v, req: Request):
-        low = _lower(req, q.device)
-        wl, wr = _window_args(low.window)
-        splits = _NUM_SPLITS.get()
-        out, lse, maxl, ent = _FlashAttention.apply(
-            q, k, v, low.kv_lens, low.q_lens, low.doc_rows, low.doc_cols, low.mask, float(req.scale),
-            float(req.softcap or 0.0), int(wl), int(wr), bool(req.return_stats), _DETERMINISTIC.get(),
-            0 if splits is None else int(splits))
-        return out, (AttentionStats(lse, maxl, ent) if req.return_stats else None)
+        return _run(q, k, v, req)
+
+
+def _run(q, k, v, req: Request, deterministic=False, num_splits=None):
+    low = _lower(req, q.device)
+    wl, wr = _window_args(low.window)
+    out, lse, maxl, ent = _FlashAttention.apply(
+        q, k, v, low.kv_lens, low.q_lens, low.doc_rows, low.doc_cols, low.mask, float(req.scale),
+        float(req.softcap or 0.0), int(wl), int(wr), bool(req.return_stats), bool(deterministic),
+        0 if num_splits is None else int(num_splits))
+    return out, (AttentionStats(lse, maxl, ent) if req.return_stats else None)
 
 
 # -- public functions -------------------------------------------------------------------------
@@ -281,19 +308,32 @@ def flash_attention(query, key, value, *, mask=None, causal=False, window=None, 
     Example:
         >>> out = flash_attention(q, k, v, causal=True, deterministic=True)  # doctest: +SKIP
     """
-    from ..functional import attention  # functional imports the registry, which imports this module
+    # the same validation as selfattn.attention (functional imports the registry, which imports
+    # this module, hence the late import); then this backend with the two extra options
+    from .. import functional as F
 
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
-    t_det, t_split = _DETERMINISTIC.set(deterministic), _NUM_SPLITS.set(num_splits)
-    try:
-        return attention(query, key, value, mask=mask, causal=causal, window=window, scale=scale,
-                         softcap=softcap, return_stats=return_stats, backend="triton")
-    finally:
-        _DETERMINISTIC.reset(t_det)
-        _NUM_SPLITS.reset(t_split)
+    F._check_qkv(query, key, value)
+    F._check_options(softcap, 0.0, None, return_stats, "triton")
+    m = F._resolve_mask(mask, causal, window)
+    B, Hq, Lq, D = query.shape
+    Hkv, Lk, Dv = key.shape[1], key.shape[2], value.shape[3]
+    if m is not None:
+        m.check(B, Hq, Lq, Lk, query.device)
+    req = Request(
+        mask=m, scale=F._resolve_scale(scale, D), softcap=None if softcap is None else float(softcap),
+        dropout_p=0.0, generator=None, return_stats=return_stats, batch=B, q_heads=Hq, kv_heads=Hkv,
+        q_len=Lq, kv_len=Lk, head_dim=D, v_dim=Dv, dtype=query.dtype, device=query.device,
+        requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
+    F._backends.choose("triton", query, key, value, req)  # raises BackendUnavailable naming what is missing
+    if Lk == 0 or Lq == 0:
+        out, stats = F._NoKeys.apply(query, key, value), F._empty_stats(query, torch.float32)
+    else:
+        out, stats = _run(query, key, value, req, deterministic, num_splits)
+    return (out, stats) if return_stats else out
 
 
 def _segment_ids(name, cu, total, device):

@@ -25,6 +25,7 @@ executed (``triton.jit`` reads TRITON_INTERPRET then); ``INTERPRET`` records whi
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -56,9 +57,11 @@ def _tanh(x):
 
 @triton.jit
 def _dot(a, b, F32: tl.constexpr, PRECISION: tl.constexpr):
-    # F32: the interpreter multiplies bfloat16 bit patterns as integers, so upcast there
+    # F32 (interpreter only): it multiplies bfloat16 bit patterns as integers, so upcast; and
+    # numpy's float32 matmul rounds q k^T and k q^T differently, while the GPU's MMA reduces over
+    # the head dim in the same order both ways: accumulate in float64 and round once instead
     if F32:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        r = tl.dot(a.to(tl.float64), b.to(tl.float64), out_dtype=tl.float64).to(tl.float32)
     else:
         r = tl.dot(a, b, input_precision=PRECISION)
     return r
@@ -80,17 +83,18 @@ def _load2(ptrs, mask_r, mask_c, CHECK_R: tl.constexpr, CHECK_C: tl.constexpr):
 
 @triton.jit
 def _logits(qk, m_ptrs, m_mask, scale, scale_log2, softcap,
-            SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr):
-    # scores -> logits in log2 units; also returns tanh(s / softcap) for the backward
+            SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, NATURAL: tl.constexpr):
+    # scores -> logits. Plain: log2 units, log2(e) folded into the scale. NATURAL (softcap or
+    # float mask): natural units, and callers convert (s - max) * log2(e), which rounds at the
+    # size of the difference rather than of the logit. Also returns tanh(s / softcap).
     t = qk
-    if SOFTCAP or MASK_KIND == 2:
+    if NATURAL:
         s = qk * scale
         if SOFTCAP:
             t = _tanh(s / softcap)
             s = softcap * t
         if MASK_KIND == 2:
             s = s + tl.load(m_ptrs, mask=m_mask, other=NEG_INF).to(tl.float32)
-        s = s * LOG2E
     else:
         s = qk * scale_log2
     return s, t
@@ -157,8 +161,8 @@ def _fwd_inner(
     lo, hi, kv_end, seq_k, off, win_left, win_right, scale, scale_log2, softcap,
     IS_FULL: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, DOCS: tl.constexpr,
-    MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, STATS: tl.constexpr, DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, NATURAL: tl.constexpr, STATS: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
@@ -176,7 +180,7 @@ def _fwd_inner(
             m_ptrs = m_row
             m_mask = n_in
         qk = _dot(q, kt, DOT_F32, PRECISION)  # (BLOCK_M, BLOCK_N)
-        s, t = _logits(qk, m_ptrs, m_mask, scale, scale_log2, softcap, SOFTCAP, MASK_KIND)
+        s, t = _logits(qk, m_ptrs, m_mask, scale, scale_log2, softcap, SOFTCAP, MASK_KIND, NATURAL)
         if not IS_FULL:
             ok = _allowed(rows[:, None], offs_n[None, :], kv_end, off, win_left, win_right,
                           dlo[:, None], dhi[:, None], m_ptrs, m_mask, WINDOW, DOCS, MASK_KIND)
@@ -184,14 +188,23 @@ def _fwd_inner(
         # -- new running max; a row with nothing allowed yet keeps -inf and shifts by 0 --
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
-        # -- probabilities of this tile relative to the new max --
-        p = tl.exp2(s - m_use[:, None])
+        # -- exponents (log2 units) of this tile relative to the new max, rounded once: the
+        #    backward recomputes exactly these from the saved max and sum --
+        if NATURAL:
+            z = (s - m_use[:, None]) * LOG2E  # -inf where masked
+            dm = (m_i - m_use) * LOG2E
+        else:
+            z = tl.fma(qk, scale_log2, -m_use[:, None])
+            dm = m_i - m_use
+        p = tl.exp2(z)
+        if not IS_FULL and not NATURAL:
+            p = tl.where(ok, p, 0.0)
         # -- rescale factor for everything accumulated so far --
-        alpha = tl.exp2(m_i - m_use)
+        alpha = tl.exp2(dm)
         if STATS:
             # -- running sum of p * (s - max) for the entropy, moved to the new max --
-            shift = tl.where(m_i == NEG_INF, 0.0, m_i - m_use)
-            e_i = alpha * (e_i + shift * l_i) + tl.sum(p * tl.where(p > 0.0, s - m_use[:, None], 0.0), 1)
+            shift = tl.where(m_i == NEG_INF, 0.0, dm)
+            e_i = alpha * (e_i + shift * l_i) + tl.sum(p * tl.where(p > 0.0, z, 0.0), 1)
         # -- rescale the running sum and add this tile's --
         l_i = l_i * alpha + tl.sum(p, 1)
         # -- rescale the output accumulator and add P V --
@@ -202,7 +215,7 @@ def _fwd_inner(
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _attn_fwd(
-    Q, K, V, Out, Lse, MaxL, Ent, KvLens, QLens, DocRows, Mask,
+    Q, K, V, Out, Lse, RowM, RowL, MaxL, Ent, KvLens, QLens, DocRows, Mask,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -215,7 +228,7 @@ def _attn_fwd(
     D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     PACK: tl.constexpr, NUM_SPLITS: tl.constexpr, WINDOW: tl.constexpr, PADDING: tl.constexpr,
     Q_PADDING: tl.constexpr, DOCS: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
-    STATS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    NATURAL: tl.constexpr, STATS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -284,17 +297,17 @@ def _attn_fwd(
         acc, l_i, m_i, e_i, q, rows, dlo, dhi, m_row, k_base, v_base, stride_kn, stride_kd,
         stride_vn, stride_vd, stride_mn, tl.maximum(start, c0), tl.minimum(fs, c1), kv_end, seq_k, off,
         win_left, win_right, scale, scale_log2, softcap, False, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N,
-        WINDOW, DOCS, MASK_KIND, SOFTCAP, STATS, DOT_F32, PRECISION)
+        WINDOW, DOCS, MASK_KIND, SOFTCAP, NATURAL, STATS, DOT_F32, PRECISION)
     acc, l_i, m_i, e_i = _fwd_inner(
         acc, l_i, m_i, e_i, q, rows, dlo, dhi, m_row, k_base, v_base, stride_kn, stride_kd,
         stride_vn, stride_vd, stride_mn, tl.maximum(fs, c0), tl.minimum(fe, c1), kv_end, seq_k, off,
         win_left, win_right, scale, scale_log2, softcap, True, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N,
-        WINDOW, DOCS, MASK_KIND, SOFTCAP, STATS, DOT_F32, PRECISION)
+        WINDOW, DOCS, MASK_KIND, SOFTCAP, NATURAL, STATS, DOT_F32, PRECISION)
     acc, l_i, m_i, e_i = _fwd_inner(
         acc, l_i, m_i, e_i, q, rows, dlo, dhi, m_row, k_base, v_base, stride_kn, stride_kd,
         stride_vn, stride_vd, stride_mn, tl.maximum(fe, c0), tl.minimum(end, c1), kv_end, seq_k, off,
         win_left, win_right, scale, scale_log2, softcap, False, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N,
-        WINDOW, DOCS, MASK_KIND, SOFTCAP, STATS, DOT_F32, PRECISION)
+        WINDOW, DOCS, MASK_KIND, SOFTCAP, NATURAL, STATS, DOT_F32, PRECISION)
 
     # -- finish: normalise; a row with no allowed key (l = 0) gets 0, lse -inf, entropy 0 --
     empty = (l_i == 0.0) | (row_live == 0)
@@ -304,10 +317,21 @@ def _attn_fwd(
               + rows[:, None] * stride_om + offs_dv[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     s_off = pid_s.to(tl.int64) * stride_ss + (b64 * q_heads + heads) * seq_q + rows
-    lse = tl.where(empty, NEG_INF, (m_i + tl.log2(l_safe)) * LN2)
-    tl.store(Lse + s_off, lse, mask=row_ok)
+    if NATURAL:
+        m_nat = m_i
+    else:
+        m_nat = m_i * LN2
+    if NUM_SPLITS == 1:
+        tl.store(Lse + s_off, tl.where(empty, NEG_INF, m_nat + tl.log2(l_safe) * LN2), mask=row_ok)
+        # for the backward, p = exp2(s - row max) / row sum: a rounded lse would scale a whole
+        # row of p by one error; +inf / 0 make every p of a fully-masked row 0
+        tl.store(RowM + s_off, tl.where(empty, POS_INF, m_i), mask=row_ok)
+        tl.store(RowL + s_off, tl.where(empty, 0.0, 1.0 / l_safe), mask=row_ok)
+    else:  # partial softmax of this split: raw max and sum, merged by the launcher
+        tl.store(RowM + s_off, tl.where(row_live, m_i, NEG_INF), mask=row_ok)
+        tl.store(RowL + s_off, tl.where(row_live, l_i, 0.0), mask=row_ok)
     if STATS:
-        tl.store(MaxL + s_off, tl.where(empty, NEG_INF, m_i * LN2), mask=row_ok)
+        tl.store(MaxL + s_off, tl.where(empty, NEG_INF, m_nat), mask=row_ok)
         ent = (tl.log2(l_safe) - e_i / l_safe) * LN2
         tl.store(Ent + s_off, tl.where(empty, 0.0, tl.maximum(ent, 0.0)), mask=row_ok)
 
@@ -317,13 +341,13 @@ def _attn_fwd(
 
 @triton.jit
 def _attn_bwd_pre(
-    Out, DO, Lse, Delta, Lse2,
+    Out, DO, Delta,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     q_heads, seq_q,
     DV: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    # Delta = rowsum(O * dO); lse in log2 units, +inf for fully-masked rows so exp2(s - lse) = 0
+    # Delta = rowsum(O * dO)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // q_heads).to(tl.int64)
@@ -335,22 +359,20 @@ def _attn_bwd_pre(
                m_in, offs_dv < DV, True, DV != HEAD_DIM_V)
     do = _load2(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
                 m_in, offs_dv < DV, True, DV != HEAD_DIM_V)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    delta = tl.sum(o.to(tl.float64) * do.to(tl.float64), 1).to(tl.float32)
     row = pid_bh.to(tl.int64) * seq_q + offs_m
     tl.store(Delta + row, delta, mask=m_in)
-    lse = tl.load(Lse + row, mask=m_in, other=0.0)
-    tl.store(Lse2 + row, tl.where(lse == NEG_INF, POS_INF, lse * LOG2E), mask=m_in)
 
 
 @triton.jit
 def _bwd_dkdv_inner(
-    dk, dv, k, v, q_base, do_base, lse2_base, delta_base, dq_base, dlo_base, dhi_base, m_base,
+    dk, dv, k, v, q_base, do_base, rowm_base, rowl_base, delta_base, dq_base, dlo_base, dhi_base, m_base,
     offs_n, stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, stride_mm, stride_mn,
     lo, hi, kv_end, seq_q, seq_k, off, win_left, win_right, scale, scale_log2, softcap,
     IS_FULL: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, WINDOW: tl.constexpr, DOCS: tl.constexpr,
-    MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, NATURAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # works transposed: keys along rows, queries along columns
     offs_d = tl.arange(0, HEAD_DIM)
@@ -363,7 +385,8 @@ def _bwd_dkdv_inner(
                    m_in, offs_d < D, not IS_FULL, D != HEAD_DIM)  # (BLOCK_M, HEAD_DIM)
         do = _load2(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
                     m_in, offs_dv < DV, not IS_FULL, DV != HEAD_DIM_V)  # (BLOCK_M, HEAD_DIM_V)
-        lse2 = tl.load(lse2_base + offs_m, mask=m_in, other=POS_INF)
+        row_m = tl.load(rowm_base + offs_m, mask=m_in, other=POS_INF)
+        row_l = tl.load(rowl_base + offs_m, mask=m_in, other=0.0)
         delta = tl.load(delta_base + offs_m, mask=m_in, other=0.0)
         if MASK_KIND != 0:
             m_ptrs = m_base + offs_m[None, :].to(tl.int64) * stride_mm + offs_n[:, None] * stride_mn  # (BLOCK_N, BLOCK_M)
@@ -372,7 +395,7 @@ def _bwd_dkdv_inner(
             m_ptrs = m_base
             m_mask = m_in
         qkt = _dot(k, tl.trans(q), DOT_F32, PRECISION)  # (BLOCK_N, BLOCK_M)
-        st, tt = _logits(qkt, m_ptrs, m_mask, scale, scale_log2, softcap, SOFTCAP, MASK_KIND)
+        st, tt = _logits(qkt, m_ptrs, m_mask, scale, scale_log2, softcap, SOFTCAP, MASK_KIND, NATURAL)
         if not IS_FULL:
             if DOCS:
                 dlo = tl.load(dlo_base + offs_m, mask=m_in, other=0)
@@ -383,7 +406,13 @@ def _bwd_dkdv_inner(
             ok = _allowed(offs_m[None, :], offs_n[:, None], kv_end, off, win_left, win_right,
                           dlo[None, :], dhi[None, :], m_ptrs, m_mask, WINDOW, DOCS, MASK_KIND)
             st = tl.where(ok, st, NEG_INF)
-        pt = tl.exp2(st - lse2[None, :])  # (BLOCK_N, BLOCK_M) probabilities, transposed
+        # (BLOCK_N, BLOCK_M) probabilities, transposed, exactly as the forward rounded them
+        if NATURAL:
+            pt = tl.exp2((st - row_m[None, :]) * LOG2E) * row_l[None, :]
+        else:
+            pt = tl.exp2(tl.fma(qkt, scale_log2, -row_m[None, :])) * row_l[None, :]
+            if not IS_FULL:
+                pt = tl.where(ok, pt, 0.0)
         dv += _dot(pt.to(do.dtype), do, DOT_F32, PRECISION)
         dpt = _dot(v, tl.trans(do), DOT_F32, PRECISION)  # (BLOCK_N, BLOCK_M)
         dst = pt * (dpt - delta[None, :])
@@ -399,7 +428,7 @@ def _bwd_dkdv_inner(
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _attn_bwd_dkdv(
-    Q, K, V, DO, Lse2, Delta, DK, DV_, DQ, KvLens, QLens, DocRows, DocCols, Mask,
+    Q, K, V, DO, RowM, RowL, Delta, DK, DV_, DQ, KvLens, QLens, DocRows, DocCols, Mask,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -414,8 +443,8 @@ def _attn_bwd_dkdv(
     tune_q, tune_k,
     D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     WINDOW: tl.constexpr, PADDING: tl.constexpr, Q_PADDING: tl.constexpr, DOCS: tl.constexpr,
-    MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, NATURAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -477,23 +506,23 @@ def _attn_bwd_dkdv(
         dlo_base = DocRows + b64 * stride_db
         m_base = Mask + b64 * stride_mb + hq * stride_mh
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base, dq_base, dlo_base,
+            dk, dv, k, v, q_base, do_base, RowM + row_base, RowL + row_base, Delta + row_base, dq_base, dlo_base,
             dlo_base + stride_dt, m_base, offs_n, stride_qm, stride_qd, stride_dom, stride_dod,
             stride_dqm, stride_dqd, stride_mm, stride_mn, start, fs, kv_end, seq_q, seq_k, off,
             win_left, win_right, scale, scale_log2, softcap, False, D, DV, HEAD_DIM, HEAD_DIM_V,
-            BLOCK_M, WINDOW, DOCS, MASK_KIND, SOFTCAP, ATOMIC_DQ, DOT_F32, PRECISION)
+            BLOCK_M, WINDOW, DOCS, MASK_KIND, SOFTCAP, NATURAL, ATOMIC_DQ, DOT_F32, PRECISION)
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base, dq_base, dlo_base,
+            dk, dv, k, v, q_base, do_base, RowM + row_base, RowL + row_base, Delta + row_base, dq_base, dlo_base,
             dlo_base + stride_dt, m_base, offs_n, stride_qm, stride_qd, stride_dom, stride_dod,
             stride_dqm, stride_dqd, stride_mm, stride_mn, fs, fe, kv_end, seq_q, seq_k, off,
             win_left, win_right, scale, scale_log2, softcap, True, D, DV, HEAD_DIM, HEAD_DIM_V,
-            BLOCK_M, WINDOW, DOCS, MASK_KIND, SOFTCAP, ATOMIC_DQ, DOT_F32, PRECISION)
+            BLOCK_M, WINDOW, DOCS, MASK_KIND, SOFTCAP, NATURAL, ATOMIC_DQ, DOT_F32, PRECISION)
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base, dq_base, dlo_base,
+            dk, dv, k, v, q_base, do_base, RowM + row_base, RowL + row_base, Delta + row_base, dq_base, dlo_base,
             dlo_base + stride_dt, m_base, offs_n, stride_qm, stride_qd, stride_dom, stride_dod,
             stride_dqm, stride_dqd, stride_mm, stride_mn, fe, end, kv_end, seq_q, seq_k, off,
             win_left, win_right, scale, scale_log2, softcap, False, D, DV, HEAD_DIM, HEAD_DIM_V,
-            BLOCK_M, WINDOW, DOCS, MASK_KIND, SOFTCAP, ATOMIC_DQ, DOT_F32, PRECISION)
+            BLOCK_M, WINDOW, DOCS, MASK_KIND, SOFTCAP, NATURAL, ATOMIC_DQ, DOT_F32, PRECISION)
 
     dk = dk * scale
     dk_ptrs = DK + b64 * stride_dkb + hkv.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
@@ -504,12 +533,13 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _bwd_dq_inner(
-    dq, q, do, lse2, delta, rows, dlo, dhi, m_row,
+    dq, q, do, row_m, row_l, delta, rows, dlo, dhi, m_row,
     k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
     lo, hi, kv_end, seq_k, off, win_left, win_right, scale, scale_log2, softcap,
     IS_FULL: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, DOCS: tl.constexpr,
-    MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, NATURAL: tl.constexpr, DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
@@ -527,12 +557,17 @@ def _bwd_dq_inner(
             m_ptrs = m_row
             m_mask = n_in
         qk = _dot(q, kt, DOT_F32, PRECISION)  # (BLOCK_M, BLOCK_N)
-        s, t = _logits(qk, m_ptrs, m_mask, scale, scale_log2, softcap, SOFTCAP, MASK_KIND)
+        s, t = _logits(qk, m_ptrs, m_mask, scale, scale_log2, softcap, SOFTCAP, MASK_KIND, NATURAL)
         if not IS_FULL:
             ok = _allowed(rows[:, None], offs_n[None, :], kv_end, off, win_left, win_right,
                           dlo[:, None], dhi[:, None], m_ptrs, m_mask, WINDOW, DOCS, MASK_KIND)
             s = tl.where(ok, s, NEG_INF)
-        p = tl.exp2(s - lse2[:, None])
+        if NATURAL:
+            p = tl.exp2((s - row_m[:, None]) * LOG2E) * row_l[:, None]
+        else:
+            p = tl.exp2(tl.fma(qk, scale_log2, -row_m[:, None])) * row_l[:, None]
+            if not IS_FULL:
+                p = tl.where(ok, p, 0.0)
         dp = _dot(do, vt, DOT_F32, PRECISION)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
@@ -543,7 +578,7 @@ def _bwd_dq_inner(
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _attn_bwd_dq(
-    Q, K, V, DO, Lse2, Delta, DQ, KvLens, QLens, DocRows, Mask,
+    Q, K, V, DO, RowM, RowL, Delta, DQ, KvLens, QLens, DocRows, Mask,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -556,8 +591,8 @@ def _attn_bwd_dq(
     tune_q, tune_k,
     D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     WINDOW: tl.constexpr, PADDING: tl.constexpr, Q_PADDING: tl.constexpr, DOCS: tl.constexpr,
-    MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, NATURAL: tl.constexpr, DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -601,24 +636,25 @@ def _attn_bwd_dq(
     do = _load2(DO + b64 * stride_dob + hq64 * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
                 m_in, offs_dv < DV, True, DV != HEAD_DIM_V)
     row_base = (b64 * q_heads + hq64) * seq_q
-    lse2 = tl.load(Lse2 + row_base + offs_m, mask=m_in, other=POS_INF)
+    row_m = tl.load(RowM + row_base + offs_m, mask=m_in, other=POS_INF)
+    row_l = tl.load(RowL + row_base + offs_m, mask=m_in, other=0.0)
     delta = tl.load(Delta + row_base + offs_m, mask=m_in, other=0.0)
     k_base = K + b64 * stride_kb + hkv.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, rows, dlo, dhi, m_row, k_base, v_base, stride_kn, stride_kd,
+    dq = _bwd_dq_inner(dq, q, do, row_m, row_l, delta, rows, dlo, dhi, m_row, k_base, v_base, stride_kn, stride_kd,
                        stride_vn, stride_vd, stride_mn, start, fs, kv_end, seq_k, off, win_left, win_right,
                        scale, scale_log2, softcap, False, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N, WINDOW,
-                       DOCS, MASK_KIND, SOFTCAP, DOT_F32, PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, rows, dlo, dhi, m_row, k_base, v_base, stride_kn, stride_kd,
+                       DOCS, MASK_KIND, SOFTCAP, NATURAL, DOT_F32, PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, row_m, row_l, delta, rows, dlo, dhi, m_row, k_base, v_base, stride_kn, stride_kd,
                        stride_vn, stride_vd, stride_mn, fs, fe, kv_end, seq_k, off, win_left, win_right,
                        scale, scale_log2, softcap, True, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N, WINDOW,
-                       DOCS, MASK_KIND, SOFTCAP, DOT_F32, PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, rows, dlo, dhi, m_row, k_base, v_base, stride_kn, stride_kd,
+                       DOCS, MASK_KIND, SOFTCAP, NATURAL, DOT_F32, PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, row_m, row_l, delta, rows, dlo, dhi, m_row, k_base, v_base, stride_kn, stride_kd,
                        stride_vn, stride_vd, stride_mn, fe, end, kv_end, seq_k, off, win_left, win_right,
                        scale, scale_log2, softcap, False, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N, WINDOW,
-                       DOCS, MASK_KIND, SOFTCAP, DOT_F32, PRECISION)
+                       DOCS, MASK_KIND, SOFTCAP, NATURAL, DOT_F32, PRECISION)
     dq = dq * scale
     dq_ptrs = DQ + b64 * stride_dqb + hq64 * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=m_in[:, None] & (offs_d[None, :] < D))
@@ -638,13 +674,10 @@ def _cfg(bm, bn, warps, stages):
 
 
 # (BLOCK_M, BLOCK_N, warps, stages); pruned per head dim by the shared memory they would need
-_FWD_CONFIGS = [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3),
-                _cfg(128, 32, 4, 3), _cfg(64, 32, 4, 4)]
-_DECODE_CONFIGS = [_cfg(16, 64, 4, 3), _cfg(16, 128, 4, 3), _cfg(32, 64, 4, 3), _cfg(64, 64, 4, 2),
-                   _cfg(16, 32, 4, 4)]
-_DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(32, 64, 4, 3), _cfg(64, 64, 8, 2), _cfg(64, 128, 8, 2),
-                 _cfg(16, 64, 4, 2)]
-_DQ_CONFIGS = [_cfg(128, 32, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 3)]
+_FWD_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 128, 8, 2), _cfg(128, 32, 4, 4)]
+_DECODE_CONFIGS = [_cfg(16, 64, 4, 3), _cfg(16, 128, 4, 3), _cfg(32, 64, 4, 3), _cfg(64, 64, 4, 2)]
+_DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(64, 64, 8, 2), _cfg(32, 64, 8, 3), _cfg(64, 128, 8, 2)]
+_DQ_CONFIGS = [_cfg(128, 32, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 3), _cfg(64, 64, 4, 3)]
 _SMEM_BUDGET = 200 * 1024  # bytes; an H100 has 227 KiB per block
 _TUNE_KEY = ["tune_q", "tune_k", "HEAD_DIM", "HEAD_DIM_V", "WINDOW", "PADDING", "Q_PADDING", "DOCS",
              "MASK_KIND", "SOFTCAP"]
@@ -659,7 +692,7 @@ def _prune(kind):
         for c in configs:
             bm, bn, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], max(c.num_stages, 1)
             if kind in ("fwd", "dq"):  # one query tile resident, key/value tiles streamed
-                smem = elt * (bm * (hd + hdv) + st * bn * (hd + hdv))
+                smem = elt * (bm * hd + st * bn * (hd + hdv))
             else:  # dkdv: one key/value tile resident, query/dO tiles streamed
                 smem = elt * (bn * (hd + hdv) + st * bm * (hd + hdv))
             if smem > _SMEM_BUDGET or (kind == "fwd" and bm > max(16, triton.next_power_of_2(rows))):
@@ -685,12 +718,28 @@ else:
                                 prune_configs_by={"early_config_prune": _prune("dq")})(_attn_bwd_dq)
 
 
+def autotune_enabled() -> bool:
+    """SELFATTN_TRITON_AUTOTUNE=0 (read at each launch) runs the first configuration that fits
+    instead of benchmarking all of them: one compile per kernel variant (tests, quick checks)."""
+    return os.environ.get("SELFATTN_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def first_fitting_config(tuned, args, kwargs):
+    named = dict(zip(tuned.arg_names, args))
+    prune = tuned.early_config_prune
+    configs = prune(tuned.configs, named, **kwargs) if prune else tuned.configs
+    return configs[0]
+
+
 def _launch(kernel, tuned, grid, args, kwargs, fixed=False):
     # every launch goes through here (benchmarks/bench_gpu.py --compile swaps it for an offline compiler)
     if fixed:  # a kernel whose blocks the caller chose
         kernel[grid](*args, **kwargs)
     elif INTERPRET:
         kernel[grid](*args, **kwargs, **_INTERPRET_BLOCKS)
+    elif not autotune_enabled():
+        cfg = first_fitting_config(tuned, args, kwargs)
+        kernel[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         tuned[grid](*args, **kwargs)
 
@@ -743,7 +792,8 @@ def _common(q, k, v, *, scale, softcap, window, kv_lens, q_lens, doc_rows, mask)
                    tune_q=_bucket(Lq), tune_k=_bucket(Lk))
     flags = dict(D=D, DV=Dv, HEAD_DIM=_pad_dim(D), HEAD_DIM_V=_pad_dim(Dv), WINDOW=window is not None,
                  PADDING=kv_lens is not None, Q_PADDING=q_lens is not None, DOCS=doc_rows is not None,
-                 MASK_KIND=mask_kind, SOFTCAP=softcap is not None, DOT_F32=INTERPRET,
+                 MASK_KIND=mask_kind, SOFTCAP=softcap is not None,
+                 NATURAL=softcap is not None or mask_kind == 2, DOT_F32=INTERPRET,
                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     lens = (kv_lens if kv_lens is not None else i32, q_lens if q_lens is not None else i32)
     return dict(B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv, lens=lens, docs=docs, doc_strides=doc_strides,
@@ -778,8 +828,12 @@ def plan_splits(batch, q_heads, kv_heads, seq_q, seq_k, device, num_splits=None)
 
 def forward(q, k, v, *, scale, softcap=None, window=None, kv_lens=None, q_lens=None, doc_rows=None,
             mask=None, stats=False, num_splits=None):
-    """Run the forward kernel. Returns (out, lse, max_logit, entropy); the last two are empty
-    tensors unless ``stats``. lse and the statistics are float32 of shape (B, Hq, Lq)."""
+    """Run the forward kernel. Returns (out, lse, row_max, row_inv_sum, max_logit, entropy).
+
+    lse and the statistics are float32 (B, Hq, Lq); max_logit and entropy are empty tensors
+    unless ``stats``. row_max (log2 units, +inf for fully-masked rows) and row_inv_sum (1/sum,
+    0 there) are what :func:`backward` needs to recompute the probabilities.
+    """
     c = _common(q, k, v, scale=scale, softcap=softcap, window=window, kv_lens=kv_lens, q_lens=q_lens,
                 doc_rows=doc_rows, mask=mask)
     B, Hq, Hkv, Lq, Lk, Dv = c["B"], c["Hq"], c["Hkv"], c["Lq"], c["Lk"], c["Dv"]
@@ -793,53 +847,64 @@ def forward(q, k, v, *, scale, softcap=None, window=None, kv_lens=None, q_lens=N
         out = torch.empty(splits, B, Hq, Lq, Dv, **f32)  # partial outputs, normalised per split
         o_strides = out.stride()
         shape = (splits, B, Hq, Lq)
-    lse = torch.empty(shape, **f32)
+    lse = torch.empty(shape, **f32) if splits == 1 else _dummy(q.device, torch.float32)
+    row_m, row_l = torch.empty(shape, **f32), torch.empty(shape, **f32)
     maxl = torch.empty(shape, **f32) if stats else _dummy(q.device, torch.float32)
     ent = torch.empty(shape, **f32) if stats else _dummy(q.device, torch.float32)
     s_stride = B * Hq * Lq
     grid = lambda meta: (triton.cdiv(pack * Lq, meta["BLOCK_M"]), B * Hq // pack, splits)  # noqa: E731
-    args = (q, k, v, out, lse, maxl, ent, *c["lens"], c["docs"], c["mask"],
+    args = (q, k, v, out, lse, row_m, row_l, maxl, ent, *c["lens"], c["docs"], c["mask"],
             *q.stride(), *k.stride(), *v.stride(), *o_strides, s_stride, *c["doc_strides"], *c["m_strides"],
             Hq, Hq // Hkv, Lq, Lk)
     kw = dict(**c["scalars"], **c["flags"], PACK=pack, NUM_SPLITS=splits, STATS=bool(stats))
     decode = pack * Lq <= 64
     _launch(_attn_fwd, _decode_tuned if decode else _fwd_tuned, grid, args, kw)
-    if splits == 1:
-        if not stats:
-            maxl, ent = lse.new_empty(0), lse.new_empty(0)
-        return out, lse, maxl, ent
-    return _merge_splits(out, lse, maxl if stats else None, ent if stats else None, q.dtype)
+    if splits > 1:
+        return _merge_splits(out, row_m, row_l, maxl if stats else None, ent if stats else None, q.dtype,
+                             kw["NATURAL"])
+    if not stats:
+        maxl, ent = lse.new_empty(0), lse.new_empty(0)  # distinct tensors: custom ops forbid aliased outputs
+    return out, lse, row_m, row_l, maxl, ent
 
 
-def _merge_splits(out_s, lse_s, max_s, ent_s, dtype):
-    # each split is a softmax over its own keys; reweight by exp(lse_s - lse)
-    lse = torch.logsumexp(lse_s, dim=0)  # (B, Hq, Lq); -inf where no split saw a key
-    alive = torch.isfinite(lse)
-    w = torch.where(alive, torch.exp(lse_s - torch.where(alive, lse, torch.zeros_like(lse))), torch.zeros_like(lse_s))  # (S, B, Hq, Lq)
+def _merge_splits(out_s, m_s, l_s, max_s, ent_s, dtype, natural):
+    # each split holds a softmax over its own keys: max m_s, sum l_s, normalised output
+    unit = math.log2(math.e) if natural else 1.0  # the kernel's max is in natural units or log2 units
+    m_s = m_s * unit  # (S, B, Hq, Lq) log2 units
+    m = m_s.amax(0)  # (B, Hq, Lq); -inf where no split saw a key
+    alive = m > float("-inf")
+    m_use = torch.where(alive, m, torch.zeros_like(m))
+    part = l_s * torch.exp2(torch.where(l_s > 0, m_s - m_use, torch.zeros_like(m_s)))  # (S, B, Hq, Lq) each split's share
+    l = part.sum(0)
+    l_safe = torch.where(alive, l, torch.ones_like(l))
+    w = part / l_safe  # (S, B, Hq, Lq) weights summing to 1 over the splits
     out = (w[..., None] * out_s).sum(0).to(dtype)  # (B, Hq, Lq, Dv)
+    ln2 = math.log(2.0)
+    lse = torch.where(alive, (m_use + torch.log2(l_safe)) * ln2, torch.full_like(m, float("-inf")))
+    row_m = torch.where(alive, m / unit, torch.full_like(m, float("inf")))
+    row_l = torch.where(alive, 1.0 / l_safe, torch.zeros_like(l))
     if max_s is None:
-        return out, lse, lse.new_empty(0), lse.new_empty(0)  # distinct tensors: custom ops forbid aliased outputs
+        return out, lse, row_m, row_l, lse.new_empty(0), lse.new_empty(0)
     maxl = max_s.amax(0)
     # H = sum_s w_s (H_s - log w_s)
     wlogw = torch.where(w > 0, w * torch.log(torch.where(w > 0, w, torch.ones_like(w))), torch.zeros_like(w))
     ent = ((w * ent_s).sum(0) - wlogw.sum(0)).clamp_min(0)
     ent = torch.where(alive, ent, torch.zeros_like(ent))
-    return out, lse, maxl, ent
+    return out, lse, row_m, row_l, maxl, ent
 
 
-def backward(do, q, k, v, out, lse, *, scale, softcap=None, window=None, kv_lens=None, q_lens=None,
-             doc_rows=None, doc_cols=None, mask=None, deterministic=False):
+def backward(do, q, k, v, out, row_m, row_l, *, scale, softcap=None, window=None, kv_lens=None,
+             q_lens=None, doc_rows=None, doc_cols=None, mask=None, deterministic=False):
     """Gradients (dq, dk, dv). ``deterministic``: dQ from its own pass instead of atomic adds."""
     c = _common(q, k, v, scale=scale, softcap=softcap, window=window, kv_lens=kv_lens, q_lens=q_lens,
                 doc_rows=doc_rows, mask=mask)
     B, Hq, Hkv, Lq, Lk, D, Dv = c["B"], c["Hq"], c["Hkv"], c["Lq"], c["Lk"], c["D"], c["Dv"]
     f32 = dict(dtype=torch.float32, device=q.device)
     delta = torch.empty(B, Hq, Lq, **f32)
-    lse2 = torch.empty(B, Hq, Lq, **f32)
-    lse = lse.contiguous()
+    row_m, row_l = row_m.contiguous(), row_l.contiguous()
     pre_bm = 16 if INTERPRET else 64
     _launch(_attn_bwd_pre, None, (triton.cdiv(Lq, pre_bm), B * Hq),
-            (out, do, lse, delta, lse2, *out.stride(), *do.stride(), Hq, Lq),
+            (out, do, delta, *out.stride(), *do.stride(), Hq, Lq),
             dict(DV=Dv, HEAD_DIM_V=_pad_dim(Dv), BLOCK_M=pre_bm), fixed=True)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -849,7 +914,7 @@ def backward(do, q, k, v, out, lse, *, scale, softcap=None, window=None, kv_lens
     cols = doc_cols if doc_cols is not None else _dummy(q.device, torch.int32)
     col_strides = _bcast_strides(doc_cols)[:2] if doc_cols is not None else (0, 0)
     grid = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
-    args = (q, k, v, do, lse2, delta, dk, dv, dq_acc, *c["lens"], c["docs"], cols, c["mask"],
+    args = (q, k, v, do, row_m, row_l, delta, dk, dv, dq_acc, *c["lens"], c["docs"], cols, c["mask"],
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *dq_strides,
             *c["doc_strides"], *col_strides, *c["m_strides"], Hq, Hq // Hkv, Lq, Lk)
     _launch(_attn_bwd_dkdv, _dkdv_tuned, grid, args, dict(**c["scalars"], **c["flags"], ATOMIC_DQ=atomic))
@@ -857,7 +922,7 @@ def backward(do, q, k, v, out, lse, *, scale, softcap=None, window=None, kv_lens
         return dq_acc.to(q.dtype), dk, dv
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
-    args = (q, k, v, do, lse2, delta, dq, *c["lens"], c["docs"], c["mask"],
+    args = (q, k, v, do, row_m, row_l, delta, dq, *c["lens"], c["docs"], c["mask"],
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             *c["doc_strides"], *c["m_strides"], Hq, Hq // Hkv, Lq, Lk)
     _launch(_attn_bwd_dq, _dq_tuned, grid, args, dict(**c["scalars"], **c["flags"]))
