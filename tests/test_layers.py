@@ -373,6 +373,11 @@ def test_kv_cache_append_and_errors():
     m(torch.randn(2, 3, 8), kv_cache=small, causal=True)
     with pytest.raises(ValueError, match="capacity=4"):
         m(torch.randn(2, 2, 8), kv_cache=small, causal=True)
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(B, Lk\) = \(2, 4\)"):
+        m(torch.randn(2, 1, 8), kv_cache=small, key_padding_mask=torch.zeros(2, 1, dtype=torch.bool))
+    with pytest.raises(BackendUnavailable):
+        m(torch.randn(2, 1, 8), kv_cache=small, need_weights=True, backend="sdpa")
+    assert len(small) == 3  # failed calls leave the cache as it was
 
 
 # -- bad input ------------------------------------------------------------------------------

@@ -507,18 +507,22 @@ class MultiHeadAttention(nn.Module):
             k_pos = torch.arange(past, past + k.shape[2], device=k.device)
             q = apply_rope(q, *rope_cos_sin(q_pos, self.head_dim, self.rope_base, q.dtype))  # (B, Hq, Lq, Dh)
             k = apply_rope(k, *rope_cos_sin(k_pos, self.head_dim, self.rope_base, k.dtype))  # (B, Hkv, Lk_new, Dh)
-        if kv_cache is not None:
-            k, v = kv_cache.append(k, v)  # (B, Hkv, past + Lk_new, Dh)
-        Lk = k.shape[2]
-
+        Lk = past + k.shape[2]
         m = _combine(
             _key_padding_to_mask(key_padding_mask, B, Lk),
             _attn_mask_to_mask(attn_mask, B, self.num_heads, Lq, Lk),
         )
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)  # (B, Hkv, past + Lk_new, Dh)
         want_stats = need_weights or return_stats
         dropout_p = self.dropout if self.training else 0.0
-        res = attention(q, k, v, mask=m, causal=causal, window=window, dropout_p=dropout_p,
-                        return_stats=want_stats, backend=backend)
+        try:
+            res = attention(q, k, v, mask=m, causal=causal, window=window, dropout_p=dropout_p,
+                            return_stats=want_stats, backend=backend)
+        except Exception:
+            if kv_cache is not None:
+                kv_cache.length = past  # a failed call leaves the cache as it was
+            raise
         o, stats = res if want_stats else (res, None)  # (B, Hq, Lq, Dh)
         out = self.out_proj(o.transpose(1, 2).reshape(B, Lq, self.embed_dim))  # (B, Lq, E)
         if not self.batch_first:
