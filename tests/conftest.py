@@ -52,7 +52,7 @@ def supports(backend: str, q, k, v, **kw) -> str | None:
     return selfattn.backends.get(backend).unsupported(q, k, v, request_for(q, k, v, **kw))
 
 
-def _requested_words(q, kw) -> set:
+def _requested_words(q, k, v, kw) -> set:
     # words a refusal may use to name something this request asks for
     words = {"dtype", str(q.dtype).replace("torch.", ""), "head_dim", "v_dim", "device", q.device.type,
              "backward", "grad", "length", "shape", "layout", "contiguous", "stride"}
@@ -71,8 +71,12 @@ def _requested_words(q, kw) -> set:
     if kw.get("window") is not None:
         words.add("window")
     m = kw.get("mask")
+    if m is not None or kw.get("causal") or kw.get("window") is not None:
+        words.add("mask")
+    if not all(bool(torch.isfinite(t).all()) for t in (q, k, v)):
+        words |= {"nan", "non-finite", "inf"}
     if m is not None:
-        words |= {"mask", "dense"}
+        words.add("dense")
         words |= set(m.kinds) if isinstance(m, selfattn.masks.Mask) else {"dense_bool", "dense_float"}
     words |= {"grouped", "gqa", "heads"}
     return words
@@ -91,7 +95,7 @@ def run_backend(backend: str, q, k, v, **kw):
         selfattn.attention(q, k, v, backend=backend, **kw)
     msg = str(err.value)
     assert backend in msg and missing in msg, f"refusal message does not name the backend/feature: {msg}"
-    words = _requested_words(q, kw)
+    words = _requested_words(q, k, v, kw)
     assert any(w.lower() in missing.lower() for w in words), f"{backend} refused {missing!r}, which this request did not ask for"
     print(f"{backend} refuses: {missing}")
     return None
@@ -127,12 +131,15 @@ def permuted_reference(q, k, v, *, mask, **args):
         q.flip(-1), k.flip(-1).flip(2), v.flip(2).flip(-1),
         mask=selfattn.masks.dense(dense.flip(-1)), **args,
     )
-    return out.flip(-1), st
+    return out.flip(-1), st  # a trace passed in args holds (B, H, Lq, Lk) steps with keys reversed
 
 
-def compare_with_reference(name, got, q, k, v, *, stats=None, **kw):
-    """assert_close of an output (and stats) against the float64 reference and its low-precision twin."""
-    out64, st64, low, st_low = low_dtype_reference(q, k, v, **kw)
+def compare_with_reference(name, got, q, k, v, *, stats=None, refs=None, **kw):
+    """assert_close of an output (and stats) against the float64 reference and its low-precision twin.
+
+    ``refs``: a low_dtype_reference(q, k, v, **kw) result to reuse.
+    """
+    out64, st64, low, st_low = refs if refs is not None else low_dtype_reference(q, k, v, **kw)
     assert got.dtype == q.dtype, f"{name}: output dtype {got.dtype} != input dtype {q.dtype}"
     assert_close(f"{name} out", got, out64, low)
     if stats is not None:
@@ -186,15 +193,16 @@ def check_backend(name, backend, q, k, v, **kw):
     Refusals are checked to raise (see run_backend). Returns the number of requests served.
     """
     served = 0
+    refs = low_dtype_reference(q, k, v, **kw)
     out = run_backend(backend, q, k, v, **kw)
     if out is not None:
-        _, st64 = compare_with_reference(f"{name}[{backend}]", out, q, k, v, **kw)
+        _, st64 = compare_with_reference(f"{name}[{backend}]", out, q, k, v, refs=refs, **kw)
         exact_fully_masked(f"{name}[{backend}]", out, None, st64)
         served += 1
     res = run_backend(backend, q, k, v, return_stats=True, **kw)
     if res is not None:
         out, stats = res
-        _, st64 = compare_with_reference(f"{name}[{backend}] +stats", out, q, k, v, stats=stats, **kw)
+        _, st64 = compare_with_reference(f"{name}[{backend}] +stats", out, q, k, v, stats=stats, refs=refs, **kw)
         exact_fully_masked(f"{name}[{backend}] +stats", out, stats, st64)
         served += 1
     return served

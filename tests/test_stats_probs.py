@@ -11,7 +11,7 @@ import selfattn
 from selfattn import masks, reference
 from selfattn.reference import Trace
 
-from conftest import BACKENDS, run_backend, qkv
+from conftest import BACKENDS, permuted_reference, run_backend, qkv
 from tolerance import assert_close
 
 
@@ -24,8 +24,13 @@ def _ref_weights(q, k, v, *, mask=None, scale=None, softcap=None):
     """
     t64, tlow = Trace(), Trace()
     _, st64 = reference.attention(q, k, v, mask=mask, scale=scale, softcap=softcap, trace=t64)
-    _, stlow = reference.attention(q, k, v, mask=mask, scale=scale, softcap=softcap, upcast=False, trace=tlow)
-    s64, slow = t64["masked"], tlow["masked"].double()  # (B, H, Lq, Lk)
+    if q.dtype == torch.float64:  # float64: the reference's own error, measured with reductions reordered
+        _, stlow = permuted_reference(q, k, v, mask=mask, scale=scale, softcap=softcap, trace=tlow)
+        slow = tlow["masked"].flip(-1)  # (B, H, Lq, Lk) back in key order
+    else:
+        _, stlow = reference.attention(q, k, v, mask=mask, scale=scale, softcap=softcap, upcast=False, trace=tlow)
+        slow = tlow["masked"].double()  # (B, H, Lq, Lk)
+    s64 = t64["masked"]  # (B, H, Lq, Lk)
     ds = torch.where(torch.isfinite(s64), (slow - s64).abs(), torch.zeros_like(s64))  # (B, H, Lq, Lk)
     dl = torch.where(torch.isfinite(st64.lse), (stlow.lse.double() - st64.lse).abs(), torch.zeros_like(st64.lse))  # (B, H, Lq)
     w64 = t64["weights"]  # (B, H, Lq, Lk)

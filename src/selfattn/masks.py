@@ -328,8 +328,7 @@ class Dense(Mask):
     def check(self, batch, heads, lq, lk, device):
         t = self._t4()
         try:
-            torch.broadcast_shapes(t.shape, (batch, heads, lq, lk))
-            ok = t.shape[0] in (1, batch) and t.shape[1] in (1, heads)
+            ok = torch.broadcast_shapes(t.shape, (batch, heads, lq, lk)) == (batch, heads, lq, lk)  # no dim may grow
         except RuntimeError:
             ok = False
         if not ok:

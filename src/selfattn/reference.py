@@ -122,7 +122,7 @@ def attention(
 
     lse = (shift + torch.log(denom)).squeeze(-1)  # (B, Hq, Lq) -inf for a fully-masked row
     max_logit = row_max.squeeze(-1)  # (B, Hq, Lq)
-    plogp = torch.where(weights > 0, weights * torch.log(weights), torch.zeros_like(weights))  # (B, Hq, Lq, Lk)
+    plogp = torch.where(weights != 0, weights * torch.log(weights), torch.zeros_like(weights))  # (B, Hq, Lq, Lk) NaN stays NaN
     entropy = -plogp.sum(dim=-1)  # (B, Hq, Lq) nats; 0 for a one-hot or fully-masked row
 
     if dropout_p > 0.0:

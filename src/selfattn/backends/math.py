@@ -36,7 +36,7 @@ def math_attention(q, k, v, req: Request):
             lse = (shift + torch.log(denom)).squeeze(-1)  # (B, Hq, Lq)
             finite_s = torch.where(p > 0, s - shift, torch.zeros_like(s))  # shifted logits: no cancellation against lse
             ent = torch.log(denom).squeeze(-1) - (p * finite_s).sum(-1)  # H = lse - sum p*s = log(denom) - sum p*(s - shift)
-            ent = torch.where(torch.isfinite(lse), ent, torch.zeros_like(ent)).clamp_min(0)
+            ent = torch.where(lse == float("-inf"), torch.zeros_like(ent), ent).clamp_min(0)  # fully-masked: 0; NaN stays NaN
             stats = AttentionStats(lse, row_max.squeeze(-1), ent)
     if req.dropout_p > 0:
         keep = torch.rand(p.shape, generator=req.generator, device=p.device) >= req.dropout_p

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .base import Backend, Request
 
 # masks torch SDPA takes natively (causal as is_causal, no tensor) vs. as a dense (B, H, Lq, Lk) tensor
 _NATIVE = {"causal"}
+
+
+def _dense(req: Request) -> bool:
+    return req.mask is not None and not (req.mask_kinds == _NATIVE and req.q_len == req.kv_len)
+
+
+def _math_kernel(q, req: Request) -> bool:
+    # torch's fused CPU kernel recomputes float32 probabilities in its backward with up to ~8x the
+    # reference's own float32 error (tests/test_grad.py); its math kernel stays within the contract
+    return req.requires_grad and q.device.type == "cpu" and q.dtype == torch.float32
 
 
 class SDPABackend(Backend):
@@ -20,7 +31,7 @@ class SDPABackend(Backend):
         "stats": "no (refused)",
         "softcap": "no (refused)",
         "dropout": "yes, global RNG only (a generator is refused)",
-        "backward": "autograd",
+        "backward": "autograd (float32 on CPU: torch's math kernel, the fused one is less accurate)",
     }
 
     def unsupported(self, q, k, v, req: Request):
@@ -30,6 +41,12 @@ class SDPABackend(Backend):
             return "softcap"
         if req.dropout_p > 0 and req.generator is not None:
             return "dropout with an explicit generator (torch SDPA draws from the global RNG)"
+        if req.mask is not None and (_dense(req) or _math_kernel(q, req)) and not bool(torch.isfinite(k).all()):
+            # torch adds the mask as -inf: a NaN/Inf key would leak NaN into rows that mask it out
+            return "non-finite values in key together with a mask"
+        if q.device.type == "cpu" and not _math_kernel(q, req) and bool(torch.isnan(q).any()):
+            # torch's fused CPU kernel returns 0 instead of NaN for a query row holding NaN
+            return "NaN values in query (torch's fused CPU kernel turns such a row into 0)"
         return None
 
     def rank(self, req):
@@ -38,6 +55,12 @@ class SDPABackend(Backend):
         return 20.0 if dense else 10.0
 
     def forward(self, q, k, v, req: Request):
+        if _math_kernel(q, req):
+            with sdpa_kernel(SDPBackend.MATH):
+                return self._forward(q, k, v, req)
+        return self._forward(q, k, v, req)
+
+    def _forward(self, q, k, v, req: Request):
         kinds = req.mask_kinds
         kw = dict(scale=req.scale, dropout_p=req.dropout_p, enable_gqa=req.q_heads != req.kv_heads)
         if kinds == {"causal"} and req.q_len == req.kv_len:
