@@ -673,34 +673,47 @@ def _cfg(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-# (BLOCK_M, BLOCK_N, warps, stages); pruned per head dim by the shared memory they would need
-_FWD_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 128, 8, 2), _cfg(128, 32, 4, 4)]
-_DECODE_CONFIGS = [_cfg(16, 64, 4, 3), _cfg(16, 128, 4, 3), _cfg(32, 64, 4, 3), _cfg(64, 64, 4, 2)]
-_DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(64, 64, 8, 2), _cfg(32, 64, 8, 3), _cfg(64, 128, 8, 2)]
-_DQ_CONFIGS = [_cfg(128, 32, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 3), _cfg(64, 64, 4, 3)]
-_SMEM_BUDGET = 200 * 1024  # bytes; an H100 has 227 KiB per block
+# (BLOCK_M, BLOCK_N, warps, stages), best first: the first that fits is also the untuned default.
+# Chosen from offline sm_90 builds (benchmarks/bench_gpu.py --compile) for few register spills at
+# head dim 128; the small ones at the end are for head dim 256 and dense masks. Pruned per call
+# by the shared memory they would need.
+_FWD_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 128, 8, 2), _cfg(128, 32, 4, 4),
+                _cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2)]
+_DECODE_CONFIGS = [_cfg(16, 64, 4, 3), _cfg(16, 128, 4, 3), _cfg(32, 64, 4, 3), _cfg(64, 64, 4, 2),
+                   _cfg(16, 32, 4, 2)]
+_DKDV_CONFIGS = [_cfg(16, 128, 8, 2), _cfg(32, 64, 8, 2), _cfg(32, 128, 8, 2), _cfg(64, 64, 8, 2),
+                 _cfg(16, 64, 4, 2), _cfg(16, 32, 4, 2)]
+_DQ_CONFIGS = [_cfg(128, 32, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 3), _cfg(64, 64, 4, 3),
+               _cfg(32, 32, 4, 2)]
+_SMEM_BUDGET = 200 * 1024  # bytes; an H100 has 227 KiB per block, and the estimate below is rough
 _TUNE_KEY = ["tune_q", "tune_k", "HEAD_DIM", "HEAD_DIM_V", "WINDOW", "PADDING", "Q_PADDING", "DOCS",
              "MASK_KIND", "SOFTCAP"]
 
 
+def _smem_estimate(kind, bm, bn, stages, kw):
+    hd, hdv = kw["HEAD_DIM"], kw["HEAD_DIM_V"]
+    elt = 4 if kw.get("PRECISION") == "ieee" else 2
+    mask = {0: 0, 1: 1, 2: 4}[kw.get("MASK_KIND", 0)] * stages * bm * bn  # dense-mask tiles in flight
+    if kind in ("fwd", "dq"):  # one query tile resident, key/value tiles streamed
+        return elt * (bm * hd + stages * bn * (hd + hdv)) + mask
+    atomic = 3 * bm * hd * 4 if kw.get("ATOMIC_DQ") else 0  # dQ partial tile and its layout conversions
+    return elt * (bn * (hd + hdv) + stages * bm * (hd + hdv)) + mask + atomic
+
+
 def _prune(kind):
     def prune(configs, named_args, **kw):
-        hd, hdv = kw["HEAD_DIM"], kw["HEAD_DIM_V"]
-        elt = 4 if kw.get("PRECISION") == "ieee" else 2
         rows = kw.get("PACK", 1) * named_args.get("seq_q", 1 << 30)
         keep = []
         for c in configs:
             bm, bn, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], max(c.num_stages, 1)
-            if kind in ("fwd", "dq"):  # one query tile resident, key/value tiles streamed
-                smem = elt * (bm * hd + st * bn * (hd + hdv))
-            else:  # dkdv: one key/value tile resident, query/dO tiles streamed
-                smem = elt * (bn * (hd + hdv) + st * bm * (hd + hdv))
-            if smem > _SMEM_BUDGET or (kind == "fwd" and bm > max(16, triton.next_power_of_2(rows))):
+            if _smem_estimate(kind, bm, bn, st, kw) > _SMEM_BUDGET:
+                continue
+            if kind == "fwd" and bm > max(16, triton.next_power_of_2(rows)):
                 continue
             keep.append(c)
         if not keep:  # nothing fits the estimate: the smallest tiles, fewest stages
             c = min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
-            keep = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=2)]
+            keep = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=1)]
         return keep
     return prune
 

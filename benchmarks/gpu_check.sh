@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The prepared GPU check of the `triton` backend (issue 6): one call of a few minutes on a
+# CUDA machine that already has torch, triton and pytest. Installs nothing.
+#
+#   benchmarks/gpu_check.sh            GPU tests, then the benchmark table
+#   benchmarks/gpu_check.sh tests      tests/test_triton_gpu.py only
+#   benchmarks/gpu_check.sh bench      benchmarks/bench_gpu.py only (autotunes: slower first calls)
+#
+# Logs and the benchmark JSON go to $OUT (the device tool's output folder) or /tmp/selfattn_gpu.
+# Record each run (card, date, table) in BENCHMARKS.md, section "GPU backend (issue 6)".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-all}
+PY=${PYTHON:-python3}
+DEST=${OUT:-/tmp/selfattn_gpu}
+mkdir -p "$DEST"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
+"$PY" -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name())" || exit 1
+date -u +"date: %Y-%m-%d %H:%M UTC"
+
+status=0
+if [ "$what" = all ] || [ "$what" = tests ]; then
+    echo "== tests/test_triton_gpu.py"
+    timeout 250 "$PY" -m pytest tests/test_triton_gpu.py -q -x -p no:cacheprovider --durations=8 2>&1 | tee "$DEST/tests.log"
+    status=${PIPESTATUS[0]}
+fi
+if [ "$what" = all ] || [ "$what" = bench ]; then
+    echo "== benchmarks/bench_gpu.py"
+    timeout 250 "$PY" benchmarks/bench_gpu.py --json "$DEST/bench.json" 2>&1 | tee "$DEST/bench.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+exit "$status"
