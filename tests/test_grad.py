@@ -185,3 +185,34 @@ def test_empty_sequences(backend, lq, lk):
             assert t.grad is not None and t.grad.shape == t.shape
             assert torch.equal(t.grad, torch.zeros_like(t))
             t.grad = None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_through_a_float_mask(backend):
+    # a learned additive bias (dense float mask) gets its gradient like q, k and v
+    b, hq, hkv, lq, lk, d = 1, 4, 2, 13, 17, 16
+    q, k, v = qkv(b, hq, hkv, lq, lk, d, requires_grad=True)
+    bias = torch.randn(1, hq, lq, lk)
+    bias[0, 0, 3] = float("-inf")  # one fully-masked row: its bias gradient must be 0, not NaN
+    bias.requires_grad_()
+    kw = {"mask": bias, "causal": True}
+    if supports(backend, q, k, v, **kw) is not None:
+        run_backend(backend, q, k, v, **kw)
+        return
+    do = torch.randn(b, hq, lq, d, dtype=torch.float64)
+
+    def grads(fn, tensors, dtype):
+        ts = [t.detach().to(dtype).requires_grad_() for t in tensors]
+        out = fn(*ts)
+        return torch.autograd.grad(out, ts, do.to(dtype))
+
+    def ref(upcast):
+        return lambda q_, k_, v_, m_: reference.attention(q_, k_, v_, mask=masks.dense(m_) & masks.causal(), upcast=upcast)[0]
+
+    got = grads(lambda q_, k_, v_, m_: selfattn.attention(q_, k_, v_, mask=m_, causal=True, backend=backend), (q, k, v, bias), torch.float32)
+    r64 = grads(ref(True), (q, k, v, bias), torch.float64)
+    low = grads(ref(False), (q, k, v, bias), torch.float32)
+    for name, g, r, lo in zip(("dq", "dk", "dv", "dbias"), got, r64, low):
+        assert not torch.isnan(g).any(), f"{name} has NaN"
+        assert_close(f"{backend} {name}", g, r, lo, factor=3.0)
+    assert torch.equal(got[3][0, 0, 3], torch.zeros(lk))
