@@ -41,6 +41,9 @@ class SDPABackend(Backend):
             return "softcap"
         if req.dropout_p > 0 and req.generator is not None:
             return "dropout with an explicit generator (torch SDPA draws from the global RNG)"
+        if torch.compiler.is_compiling():
+            # the two data checks below cannot be traced; compiled graphs skip them (see README)
+            return None
         if req.mask is not None and (_dense(req) or _math_kernel(q, req)) and not bool(torch.isfinite(k).all()):
             # torch adds the mask as -inf: a NaN/Inf key would leak NaN into rows that mask it out
             return "non-finite values in key together with a mask"
