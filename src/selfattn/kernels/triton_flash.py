@@ -739,7 +739,7 @@ def autotune_enabled() -> bool:
 
 def first_fitting_config(tuned, args, kwargs):
     named = dict(zip(tuned.arg_names, args))
-    prune = tuned.early_config_prune
+    prune = getattr(tuned, "early_config_prune", None)
     configs = prune(tuned.configs, named, **kwargs) if prune else tuned.configs
     return configs[0]
 
@@ -834,9 +834,10 @@ def plan_splits(batch, q_heads, kv_heads, seq_q, seq_k, device, num_splits=None)
         return pack, 1
     programs = batch * (q_heads // pack) * triton.cdiv(pack * seq_q, 64)
     sms = _sm_count(device)
-    if programs >= sms or seq_k < 1024:
+    if programs >= 2 * sms or seq_k < 1024:
         return pack, 1
-    return pack, max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(seq_k, 512), 64))
+    # about four programs per SM keep enough loads in flight for a memory-bound step
+    return pack, max(1, min(triton.cdiv(4 * sms, programs), triton.cdiv(seq_k, 512), 64))
 
 
 def forward(q, k, v, *, scale, softcap=None, window=None, kv_lens=None, q_lens=None, doc_rows=None,
