@@ -170,28 +170,18 @@ def _units(acc, scale, softcap):
     return _k.make_consts(np.float32 if base2 else np.float64, qk_scale, base2), softcap_u
 
 
-def _blocks(x, acc, n_blocks):
-    # (B, H, L, d) -> (B, H, nK, BLOCK_N, d), zero-padded past L
-    B, H, L, d = x.shape
-    pad = n_blocks * _k.BLOCK_N - L
-    return F.pad(x.detach().to(acc), (0, 0, 0, pad)).reshape(B, H, n_blocks, _k.BLOCK_N, d)
-
-
 def _launch_forward(q, k, v, mask_args, scale, softcap, want_stats):
     acc = _acc_dtype(q.dtype)
     B, Hq, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
-    nq, nk = -(-Lq // _k.BLOCK_M), -(-Lk // _k.BLOCK_N)
     margs = _kernel_mask_args(Lq, Lk, *mask_args, acc)
-    qs = q.detach().to(acc).contiguous()  # (B, Hq, Lq, D)
-    kt = _blocks(k, acc, nk).transpose(-1, -2).contiguous()  # (B, Hkv, nK, D, BLOCK_N)
-    vp = _blocks(v, acc, nk).contiguous()  # (B, Hkv, nK, BLOCK_N, Dv)
+    q_, k_, v_ = (t.detach().to(acc).contiguous() for t in (q, k, v))  # no copy for contiguous float32/64
     consts, softcap_u = _units(acc, scale, softcap)
     out = torch.empty(B, Hq, Lq, Dv, dtype=acc)
     row_max, row_log, ent = (torch.empty(B, Hq, Lq, dtype=acc) for _ in range(3))
-    counts = np.zeros(B * Hq * nq, np.int64)
+    counts = np.zeros(B * Hq * (-(-Lq // _k.BLOCK_M)), np.int64)
     _set_threads()
-    _k.flash_fwd(qs.numpy(), kt.numpy(), vp.numpy(), out.numpy(), row_max.numpy(), row_log.numpy(), ent.numpy(),
+    _k.flash_fwd(q_.numpy(), k_.numpy(), v_.numpy(), out.numpy(), row_max.numpy(), row_log.numpy(), ent.numpy(),
                  margs[0], counts, *margs[1:], softcap_u, Lk, bool(want_stats), consts, acc == torch.float32)
     TILE_PRODUCTS["forward"] += int(counts.sum())
     return out.to(q.dtype), row_max, row_log, ent
@@ -201,36 +191,27 @@ def _launch_backward(grad_out, q, k, v, out, row_max, row_log, mask_args, scale,
     acc = _acc_dtype(q.dtype)
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    nq, nk = -(-Lq // _k.BLOCK_M), -(-Lk // _k.BLOCK_N)
     margs = _kernel_mask_args(Lq, Lk, *mask_args, acc)
-    do = grad_out.detach().to(acc).contiguous()  # (B, Hq, Lq, Dv)
-    # (B, Hq, Lq) rowsum(dO * O), which flash_bwd_q replaces by rowsum(P * dP)
-    delta = (do * out.detach().to(acc)).sum(-1).contiguous()
-    consts, softcap_u = _units(acc, scale, softcap)
+    q_, k_, v_, do, out_ = (t.detach().to(acc).contiguous() for t in (q, k, v, grad_out, out))
     row_max, row_log = row_max.detach().contiguous(), row_log.detach().contiguous()
-    qs = q.detach().to(acc).contiguous()  # (B, Hq, Lq, D)
-    kp = _blocks(k, acc, nk).contiguous()  # (B, Hkv, nK, BLOCK_N, D)
-    kt = kp.transpose(-1, -2).contiguous()  # (B, Hkv, nK, D, BLOCK_N)
-    vt = _blocks(v, acc, nk).transpose(-1, -2).contiguous()  # (B, Hkv, nK, Dv, BLOCK_N)
+    consts, softcap_u = _units(acc, scale, softcap)
+    # the kernels owe d(argument)/d(q.k): scale, or scale / c for the softcap's u
+    dscale = scale if softcap <= 0.0 else scale / softcap
+    delta = torch.empty(B, Hq, Lq, dtype=acc)  # (B, Hq, Lq) rowsum(P * dP), from flash_bwd_q
     dq = torch.empty(B, Hq, Lq, D, dtype=acc)
-    dk = torch.zeros(B, Hkv, nk, _k.BLOCK_N, D, dtype=acc)
-    dv = torch.zeros(B, Hkv, nk, _k.BLOCK_N, Dv, dtype=acc)
+    dk = torch.empty(B, Hkv, Lk, D, dtype=acc)
+    dv = torch.empty(B, Hkv, Lk, Dv, dtype=acc)
     fast = acc == torch.float32
-    counts_kv = np.zeros(B * Hkv * nk, np.int64)
-    counts_q = np.zeros(B * Hq * nq, np.int64)
+    counts_q = np.zeros(B * Hq * (-(-Lq // _k.BLOCK_M)), np.int64)
+    counts_kv = np.zeros(B * Hkv * (-(-Lk // _k.BLOCK_N)), np.int64)
     _set_threads()
-    _k.flash_bwd_q(qs.numpy(), kt.numpy(), kp.numpy(), vt.numpy(), do.numpy(), row_max.numpy(), row_log.numpy(), delta.numpy(),
-                   dq.numpy(), margs[0], counts_q, *margs[1:], softcap_u, softcap, Lk, consts, fast)
-    _k.flash_bwd_kv(qs.numpy(), kt.numpy(), vt.numpy(), do.numpy(), row_max.numpy(), row_log.numpy(), delta.numpy(),
-                    dk.numpy(), dv.numpy(), margs[0], counts_kv, *margs[1:], softcap_u, softcap, Lk, consts, fast)
+    _k.flash_bwd_q(q_.numpy(), k_.numpy(), v_.numpy(), do.numpy(), out_.numpy(), row_max.numpy(), row_log.numpy(),
+                   delta.numpy(), dq.numpy(), margs[0], counts_q, *margs[1:], softcap_u, softcap, Lk, dscale, consts, fast)
+    _k.flash_bwd_kv(q_.numpy(), k_.numpy(), v_.numpy(), do.numpy(), row_max.numpy(), row_log.numpy(), delta.numpy(),
+                    dk.numpy(), dv.numpy(), margs[0], counts_kv, *margs[1:], softcap_u, softcap, Lk, dscale, consts, fast)
     TILE_PRODUCTS["backward_kv"] += int(counts_kv.sum())
     TILE_PRODUCTS["backward_q"] += int(counts_q.sum())
-    # the kernels leave out d(argument)/d(q.k): scale, or scale / c for the softcap's u
-    dscale = scale if softcap <= 0.0 else scale / softcap
-    dq = dq * dscale
-    dk = dk.reshape(B, Hkv, nk * _k.BLOCK_N, D)[:, :, :Lk] * dscale
-    dv = dv.reshape(B, Hkv, nk * _k.BLOCK_N, Dv)[:, :, :Lk]
-    return dq.to(q.dtype), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 # -- torch.library custom ops -------------------------------------------------------------------

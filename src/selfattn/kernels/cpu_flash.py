@@ -1,12 +1,9 @@
 """Fused flash-attention kernels for the CPU, written in numba (issue 5).
 
-Layout the launcher (``selfattn.backends.cpu``) prepares, all C-contiguous, float32 or float64:
-
-    q   (B, Hq, Lq, D)            queries
-    kt  (B, Hkv, nK, D, BLOCK_N)  keys, one transposed zero-padded block per key tile
-    kp  (B, Hkv, nK, BLOCK_N, D)  keys, zero-padded blocks (backward, for dQ)
-    vp  (B, Hkv, nK, BLOCK_N, Dv) values, zero-padded blocks
-    vt  (B, Hkv, nK, Dv, BLOCK_N) values, transposed blocks (backward, for dP)
+Inputs are the tensors themselves, C-contiguous, float32 or float64: q (B, Hq, Lq, D),
+k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv). A task copies each key (and, in the backward pass, value)
+block it needs into a small transposed buffer, (D, BLOCK_N), so the block products run along
+contiguous rows; nothing of size L is copied or allocated.
 
 In float32, scores are kept in base-2 units (logit * log2(e), folded into the scale) so every
 exponential is an exp2, computed by a polynomial that LLVM vectorises; float64 keeps natural
@@ -26,6 +23,7 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 BLOCK_M = 64  # query rows per tile
@@ -84,39 +82,227 @@ def _exp2(xc, half):
 
 
 @njit(fastmath=FASTMATH, cache=True)
+def _load_t(x, c0, ncols, buf):
+    # buf[:, :ncols] = x[c0:c0 + ncols, :]^T      x (L, d), buf (d, BLOCK_N)
+    for j in range(ncols):
+        for d in range(x.shape[1]):
+            buf[d, j] = x[c0 + j, d]
+
+
+# A register-blocked micro-kernel, written as LLVM IR: LLVM will not keep a loop's accumulators
+# in registers across the reduction when it cannot prove the output does not alias the inputs,
+# and then every FMA pays a store. Here MR rows x TILE_N columns of C live in vector registers
+# (float32: 4 x 4 x <16 x float>) for the whole reduction; C is loaded/stored once per call.
+TILE_N = 64  # columns of C per micro-kernel call (masked when fewer)
+
+
+def _make_microkernel(MR):
+    @intrinsic
+    def microkernel(typingctx, pa, sa0, sa1, pb, sb, pc, sc, n, kdim, accumulate, like):
+        # c[:MR, :n] (+)= a[:MR, :kdim] @ b[:kdim, :n] at raw addresses; strides in elements;
+        # rows of b and c contiguous; n <= TILE_N; `like` is an array of the element type
+        if not (isinstance(like, types.Array) and isinstance(like.dtype, types.Float)):
+            return None
+        sig = types.void(*([types.intp] * 9), types.boolean, like)
+
+        def codegen(context, builder, signature, args):
+            pa, sa0, sa1, pb, sb, pc, sc, n, kdim, accumulate, _ = args
+            fty = context.get_value_type(signature.args[-1].dtype)
+            width = 16 if fty == ir.FloatType() else 8  # one 512-bit vector
+            nvec = TILE_N // width
+            i32, i64 = ir.IntType(32), ir.IntType(64)
+            vty, mty = ir.VectorType(fty, width), ir.VectorType(ir.IntType(1), width)
+            vptr, sptr = ir.PointerType(vty), ir.PointerType(fty)
+            bits = "v%df%d" % (width, 32 if width == 16 else 64)
+            mod = builder.module
+            mload = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vptr, i32, mty, vty]), f"llvm.masked.load.{bits}.p0")
+            mstore = cgutils.get_or_insert_function(mod, ir.FunctionType(ir.VoidType(), [vty, vptr, i32, mty]), f"llvm.masked.store.{bits}.p0")
+            fma = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vty, vty, vty]), f"llvm.fma.{bits}")
+            align, zero = ir.Constant(i32, 4), ir.Constant(vty, None)
+            esize = ir.Constant(i64, 4 if width == 16 else 8)
+            splat_idx = ir.Constant(ir.VectorType(i32, width), [0] * width)
+
+            def splat(x, ty):
+                v = builder.insert_element(ir.Constant(ir.VectorType(ty, width), None), x, ir.Constant(i32, 0))
+                return builder.shuffle_vector(v, v, splat_idx)
+
+            def at(base, off, ty):  # typed pointer to element `off` after address `base`
+                return builder.inttoptr(builder.add(base, builder.mul(off, esize)), ty)
+
+            lanes = ir.Constant(ir.VectorType(i64, width), list(range(width)))
+            masks = [builder.icmp_signed("<", lanes, splat(builder.sub(n, ir.Constant(i64, v * width)), i64)) for v in range(nvec)]
+
+            def c_ptr(i, v):
+                return at(pc, builder.add(builder.mul(ir.Constant(i64, i), sc), ir.Constant(i64, v * width)), vptr)
+
+            init = [[builder.select(accumulate, builder.call(mload, [c_ptr(i, v), align, masks[v], zero]), zero)
+                     for v in range(nvec)] for i in range(MR)]
+            entry = builder.block
+            loop = builder.append_basic_block("mk.loop")
+            done = builder.append_basic_block("mk.done")
+            builder.cbranch(builder.icmp_signed(">", kdim, ir.Constant(i64, 0)), loop, done)
+            builder.position_at_end(loop)
+            kk = builder.phi(i64)
+            kk.add_incoming(ir.Constant(i64, 0), entry)
+            accs = [[builder.phi(vty) for v in range(nvec)] for i in range(MR)]
+            brow = builder.mul(kk, sb)
+            bvec = [builder.call(mload, [at(pb, builder.add(brow, ir.Constant(i64, v * width)), vptr), align, masks[v], zero])
+                    for v in range(nvec)]
+            new = []
+            for i in range(MR):
+                a = builder.load(at(pa, builder.add(builder.mul(ir.Constant(i64, i), sa0), builder.mul(kk, sa1)), sptr))
+                a = splat(a, fty)
+                new.append([builder.call(fma, [a, bvec[v], accs[i][v]]) for v in range(nvec)])
+            nxt = builder.add(kk, ir.Constant(i64, 1))
+            kk.add_incoming(nxt, loop)
+            for i in range(MR):
+                for v in range(nvec):
+                    accs[i][v].add_incoming(init[i][v], entry)
+                    accs[i][v].add_incoming(new[i][v], loop)
+            builder.cbranch(builder.icmp_signed("<", nxt, kdim), loop, done)
+            builder.position_at_end(done)
+            final = []
+            for i in range(MR):
+                for v in range(nvec):
+                    phi = builder.phi(vty)
+                    phi.add_incoming(init[i][v], entry)
+                    phi.add_incoming(new[i][v], loop)
+                    final.append((i, v, phi))
+            for i, v, phi in final:
+                builder.call(mstore, [phi, c_ptr(i, v), align, masks[v]])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return microkernel
+
+
+_mk4, _mk2, _mk1 = _make_microkernel(4), _make_microkernel(2), _make_microkernel(1)
+
+
+@njit(cache=True)
+def _gemm(pa, sa0, sa1, pb, sb, pc, sc, m, kdim, n, accumulate, like):
+    # c[:m, :n] (+)= a[:m, :kdim] @ b[:kdim, :n] at raw addresses (strides in elements)
+    isz = like.itemsize
+    for j0 in range(0, n, TILE_N):
+        nn = min(TILE_N, n - j0)
+        i = 0
+        if isz == 4:
+            while i + 4 <= m:
+                _mk4(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim, accumulate, like)
+                i += 4
+        while i + 2 <= m:
+            _mk2(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim, accumulate, like)
+            i += 2
+        while i < m:
+            _mk1(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim, accumulate, like)
+            i += 1
+
+
+@njit(cache=True)
+def _addr(x):
+    return np.intp(x.ctypes.data)
+
+
+@njit(cache=True)
 def _mm_nn(a, b, c, rows):
     # c[:rows, :BLOCK_N] = a[:rows, :] @ b      a (>=rows, K), b (K, BLOCK_N)
-    kdim = a.shape[1]
-    for i in range(rows):
-        for j in range(BLOCK_N):
-            c[i, j] = 0.0
-        for kk in range(kdim):
-            x = a[i, kk]
-            for j in range(BLOCK_N):
-                c[i, j] += x * b[kk, j]
+    isz = a.itemsize
+    _gemm(_addr(a), a.strides[0] // isz, a.strides[1] // isz, _addr(b), b.strides[0] // isz,
+          _addr(c), c.strides[0] // isz, rows, a.shape[1], b.shape[1], False, c)
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(cache=True)
 def _mm_nn_acc(a, b, c, rows, kdim):
     # c[:rows, :] += a[:rows, :kdim] @ b[:kdim, :]      b (>=kdim, N), c (>=rows, N)
-    n = b.shape[1]
-    for i in range(rows):
-        for kk in range(kdim):
-            x = a[i, kk]
-            for j in range(n):
-                c[i, j] += x * b[kk, j]
+    isz = a.itemsize
+    _gemm(_addr(a), a.strides[0] // isz, a.strides[1] // isz, _addr(b), b.strides[0] // isz,
+          _addr(c), c.strides[0] // isz, rows, kdim, b.shape[1], True, c)
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(cache=True)
 def _mm_tn_acc(a, b, c, rows):
     # c[:BLOCK_N, :] += a[:rows, :BLOCK_N]^T @ b[:rows, :]      c (BLOCK_N, N)
-    n = b.shape[1]
-    for j in range(BLOCK_N):
-        for r in range(rows):
-            x = a[r, j]
-            if x != 0.0:
-                for d in range(n):
-                    c[j, d] += x * b[r, d]
+    isz = a.itemsize
+    _gemm(_addr(a), a.strides[1] // isz, a.strides[0] // isz, _addr(b), b.strides[0] // isz,
+          _addr(c), c.strides[0] // isz, BLOCK_N, rows, b.shape[1], True, c)
+
+
+@intrinsic
+def _dot(typingctx, pa, pb, kdim, like):
+    # sum_k a[k] * b[k] over contiguous rows at raw addresses, in a fixed order (4 vector partial
+    # sums, then lanes in order) whatever the caller: the same (query, key) pair gets the same
+    # score in the forward and both backward passes
+    if not (isinstance(like, types.Array) and isinstance(like.dtype, types.Float)):
+        return None
+    sig = like.dtype(types.intp, types.intp, types.intp, like)
+
+    def codegen(context, builder, signature, args):
+        pa, pb, kdim, _ = args
+        fty = context.get_value_type(signature.args[-1].dtype)
+        width = 16 if fty == ir.FloatType() else 8
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        vty, mty = ir.VectorType(fty, width), ir.VectorType(ir.IntType(1), width)
+        vptr = ir.PointerType(vty)
+        bits = "v%df%d" % (width, 32 if width == 16 else 64)
+        mod = builder.module
+        mload = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vptr, i32, mty, vty]), f"llvm.masked.load.{bits}.p0")
+        fma = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vty, vty, vty]), f"llvm.fma.{bits}")
+        align, zero = ir.Constant(i32, 4), ir.Constant(vty, None)
+        esize = ir.Constant(i64, 4 if width == 16 else 8)
+        lanes = ir.Constant(ir.VectorType(i64, width), list(range(width)))
+        splat_idx = ir.Constant(ir.VectorType(i32, width), [0] * width)
+        step = 4 * width
+        entry = builder.block
+        loop = builder.append_basic_block("dot.loop")
+        done = builder.append_basic_block("dot.done")
+        builder.cbranch(builder.icmp_signed(">", kdim, ir.Constant(i64, 0)), loop, done)
+        builder.position_at_end(loop)
+        kk = builder.phi(i64)
+        kk.add_incoming(ir.Constant(i64, 0), entry)
+        accs = [builder.phi(vty) for _ in range(4)]
+        new = []
+        for u in range(4):
+            off = builder.add(kk, ir.Constant(i64, u * width))
+            rem = builder.sub(kdim, off)
+            remv = builder.insert_element(ir.Constant(ir.VectorType(i64, width), None), rem, ir.Constant(i32, 0))
+            mask = builder.icmp_signed("<", lanes, builder.shuffle_vector(remv, remv, splat_idx))
+            byte = builder.mul(off, esize)
+            x = builder.call(mload, [builder.inttoptr(builder.add(pa, byte), vptr), align, mask, zero])
+            y = builder.call(mload, [builder.inttoptr(builder.add(pb, byte), vptr), align, mask, zero])
+            new.append(builder.call(fma, [x, y, accs[u]]))
+        nxt = builder.add(kk, ir.Constant(i64, step))
+        kk.add_incoming(nxt, loop)
+        for u in range(4):
+            accs[u].add_incoming(zero, entry)
+            accs[u].add_incoming(new[u], loop)
+        builder.cbranch(builder.icmp_signed("<", nxt, kdim), loop, done)
+        builder.position_at_end(done)
+        fin = []
+        for u in range(4):
+            phi = builder.phi(vty)
+            phi.add_incoming(zero, entry)
+            phi.add_incoming(new[u], loop)
+            fin.append(phi)
+        v = builder.fadd(builder.fadd(fin[0], fin[1]), builder.fadd(fin[2], fin[3]))
+        total = builder.extract_element(v, ir.Constant(i32, 0))
+        for lane in range(1, width):
+            total = builder.fadd(total, builder.extract_element(v, ir.Constant(i32, lane)))
+        return total
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def _qk_dot(q_blk, k, c0, ncols, s, rows):
+    # s[:rows, :ncols] = q_blk @ k[c0:c0 + ncols]^T as dot products (few rows: no transpose)
+    isz = k.itemsize
+    D = k.shape[1]
+    pk = _addr(k) + c0 * D * isz
+    for i in range(rows):
+        pq = _addr(q_blk) + i * (q_blk.strides[0] // isz) * isz
+        for j in range(ncols):
+            s[i, j] = _dot(pq, pk + j * D * isz, D, s)
 
 
 # -- pieces of the online softmax ------------------------------------------------------------
@@ -159,7 +345,7 @@ def _exp2_row(s, p, i, m, consts, fast, want_ps):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _scores(q_blk, kt_blk, s, th, rows, b, h, r0, c0, kind, lq, lk,
+def _scores(q_blk, k_nat, kt_blk, use_dot, s, th, rows, b, h, r0, c0, kind, lq, lk,
             win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
             allow, stride_allow, bias, stride_bias, softcap_u, consts):
     """Logits of one tile, in score units, into s[:rows, :BLOCK_N]; masked pairs -inf.
@@ -167,9 +353,12 @@ def _scores(q_blk, kt_blk, s, th, rows, b, h, r0, c0, kind, lq, lk,
     With a softcap, th[:rows] gets tanh(u) (the backward pass needs 1 - tanh^2).
     """
     units, qk_scale = consts[0], consts[5]
-    # -- scores: q_blk @ k_blk^T, then the scale --
-    _mm_nn(q_blk, kt_blk, s, rows)
+    # -- scores: q_blk @ k_blk^T (kt_blk holds k_blk^T unless use_dot), then the scale --
     ncols = min(BLOCK_N, lk - c0)
+    if use_dot:
+        _qk_dot(q_blk, k_nat, c0, ncols, s, rows)
+    else:
+        _mm_nn(q_blk, kt_blk, s, rows)
     if softcap_u > 0.0:
         # -- softcap: c * tanh(u), c already in score units --
         for i in range(rows):
@@ -246,7 +435,7 @@ def _probs(s, p, rows, row_max, row_log, b, h, r0, consts, fast):
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def flash_fwd(q, kt, vp, out, row_max, row_log, ent, tiles, counts,
+def flash_fwd(q, k, v, out, row_max, row_log, ent, tiles, counts,
               win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
               allow, stride_allow, bias, stride_bias, softcap_u, lk, want_stats, consts, fast):
     """One task per (batch, head, query block): online softmax over its non-empty key tiles.
@@ -257,9 +446,10 @@ def flash_fwd(q, kt, vp, out, row_max, row_log, ent, tiles, counts,
     number of tiles it computed.
     """
     B, Hq, Lq, D = q.shape
-    Hkv, nK, Dv = kt.shape[1], kt.shape[2], vp.shape[4]
+    Hkv, Dv = k.shape[1], v.shape[3]
     group = Hq // Hkv
     nQ = (Lq + BLOCK_M - 1) // BLOCK_M
+    nK = (lk + BLOCK_N - 1) // BLOCK_N
     nat = consts[1]  # nats per score unit
     for t in prange(B * Hq * nQ):
         qb = t % nQ
@@ -275,6 +465,10 @@ def flash_fwd(q, kt, vp, out, row_max, row_log, ent, tiles, counts,
         p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
         tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap_u > 0.0 else (1, 1), q.dtype)
         acc = np.zeros((BLOCK_M, Dv), q.dtype)
+        kt = np.zeros((D, BLOCK_N), q.dtype)
+        # a few query rows (decoding): dot products beat transposing the keys; every pass decides
+        # the same way per query block, so a pair's score is bit-identical in all three
+        use_dot = rows < 4
         m_i = np.full(BLOCK_M, -np.inf, q.dtype)
         l_i = np.zeros(BLOCK_M, q.dtype)
         e_i = np.zeros(BLOCK_M, q.dtype)
@@ -285,7 +479,10 @@ def flash_fwd(q, kt, vp, out, row_max, row_log, ent, tiles, counts,
                 continue
             n_tiles += 1
             c0 = kb * BLOCK_N
-            _scores(q_blk, kt[b, hk, kb], s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
+            ncols = min(BLOCK_N, lk - c0)
+            if not use_dot:
+                _load_t(k[b, hk], c0, ncols, kt)
+            _scores(q_blk, k[b, hk], kt, use_dot, s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
                     win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
                     allow, stride_allow, bias, stride_bias, softcap_u, consts)
             for i in range(rows):
@@ -309,7 +506,7 @@ def flash_fwd(q, kt, vp, out, row_max, row_log, ent, tiles, counts,
                     for d in range(Dv):
                         acc[i, d] *= alpha
             # -- accumulate p @ v --
-            _mm_nn_acc(p, vp[b, hk, kb], acc, rows, min(BLOCK_N, lk - c0))
+            _mm_nn_acc(p, v[b, hk, c0:c0 + ncols], acc, rows, ncols)
         for i in range(rows):
             gi = r0 + i
             li = l_i[i]
@@ -336,17 +533,18 @@ def flash_fwd(q, kt, vp, out, row_max, row_log, ent, tiles, counts,
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def flash_bwd_kv(q, kt, vt, do, row_max, row_log, delta, dk, dv, tiles, counts,
+def flash_bwd_kv(q, k, v, do, row_max, row_log, delta, dk, dv, tiles, counts,
                  win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
-                 allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, consts, fast):
+                 allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast):
     """dK and dV: one task per (batch, kv head, key block), over every query head of its group.
 
-    dk (B, Hkv, nK, BLOCK_N, D) gets dS^T q (without the scale), dv (.., Dv) gets P^T dO.
+    dk (B, Hkv, Lk, D) gets dscale * dS^T q, dv (B, Hkv, Lk, Dv) gets P^T dO.
     """
     B, Hq, Lq, D = q.shape
-    Hkv, nK, Dv = kt.shape[1], kt.shape[2], vt.shape[3]
+    Hkv, Dv = k.shape[1], v.shape[3]
     group = Hq // Hkv
     nQ = (Lq + BLOCK_M - 1) // BLOCK_M
+    nK = (lk + BLOCK_N - 1) // BLOCK_N
     for t in prange(B * Hkv * nK):
         kb = t % nK
         hk = (t // nK) % Hkv
@@ -357,8 +555,13 @@ def flash_bwd_kv(q, kt, vt, do, row_max, row_log, delta, dk, dv, tiles, counts,
         p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
         dp = np.empty((BLOCK_M, BLOCK_N), q.dtype)
         tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap > 0.0 else (1, 1), q.dtype)
-        dk_blk = dk[b, hk, kb]
-        dv_blk = dv[b, hk, kb]
+        ncols = min(BLOCK_N, lk - c0)
+        kt = np.zeros((D, BLOCK_N), q.dtype)
+        vt = np.zeros((Dv, BLOCK_N), q.dtype)
+        _load_t(k[b, hk], c0, ncols, kt)
+        _load_t(v[b, hk], c0, ncols, vt)
+        dk_blk = np.zeros((BLOCK_N, D), q.dtype)
+        dv_blk = np.zeros((BLOCK_N, Dv), q.dtype)
         n_tiles = 0
         for g in range(group):
             h = hk * group + g
@@ -372,14 +575,14 @@ def flash_bwd_kv(q, kt, vt, do, row_max, row_log, delta, dk, dv, tiles, counts,
                 rows = min(BLOCK_M, Lq - r0)
                 q_blk = q[b, h, r0:r0 + rows]
                 do_blk = do[b, h, r0:r0 + rows]
-                _scores(q_blk, kt[b, hk, kb], s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
+                _scores(q_blk, k[b, hk], kt, rows < 4, s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
                         win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
                         allow, stride_allow, bias, stride_bias, softcap_u, consts)
                 _probs(s, p, rows, row_max, row_log, b, h, r0, consts, fast)
                 # -- dV += P^T dO --
                 _mm_tn_acc(p, do_blk, dv_blk, rows)
                 # -- dP = dO V^T --
-                _mm_nn(do_blk, vt[b, hk, kb], dp, rows)
+                _mm_nn(do_blk, vt, dp, rows)
                 # -- dS = P * (dP - delta), times the softcap's c (1 - tanh^2) --
                 for i in range(rows):
                     di = delta[b, h, r0 + i]
@@ -390,24 +593,30 @@ def flash_bwd_kv(q, kt, vt, do, row_max, row_log, delta, dk, dv, tiles, counts,
                             dp[i, j] *= softcap * (1.0 - tanh_buf[i, j] * tanh_buf[i, j])
                 # -- dK += dS^T q --
                 _mm_tn_acc(dp, q_blk, dk_blk, rows)
+        for j in range(ncols):
+            for d in range(D):
+                dk[b, hk, c0 + j, d] = dk_blk[j, d] * dscale
+            for d in range(Dv):
+                dv[b, hk, c0 + j, d] = dv_blk[j, d]
         counts[t] = n_tiles
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def flash_bwd_q(q, kt, kp, vt, do, row_max, row_log, delta, dq, tiles, counts,
+def flash_bwd_q(q, k, v, do, out, row_max, row_log, delta, dq, tiles, counts,
                 win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
-                allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, consts, fast):
+                allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast):
     """dQ and delta: one task per (batch, head, query block), run before ``flash_bwd_kv``.
 
-    dS = P * (dP - delta) with delta = rowsum(P * dP). On entry delta holds c = rowsum(dO * O),
-    which carries the rounding of the output; one sweep over the key tiles computes
+    dS = P * (dP - delta) with delta = rowsum(P * dP). c = rowsum(dO * O) is delta up to the
+    rounding of the output; one sweep over the key tiles computes
     dQ = (P * (dP - c)) k - (delta - c) * (P k) and the exact delta from the same P and dP that
-    dS uses, and leaves that delta for ``flash_bwd_kv``. Writes dq (B, Hq, Lq, D) without the scale.
+    dS uses, and leaves that delta for ``flash_bwd_kv``. Writes dq (B, Hq, Lq, D), times dscale.
     """
     B, Hq, Lq, D = q.shape
-    Hkv, nK = kt.shape[1], kt.shape[2]
+    Hkv, Dv = k.shape[1], v.shape[3]
     group = Hq // Hkv
     nQ = (Lq + BLOCK_M - 1) // BLOCK_M
+    nK = (lk + BLOCK_N - 1) // BLOCK_N
     for t in prange(B * Hq * nQ):
         qb = t % nQ
         h = (t // nQ) % Hq
@@ -423,12 +632,18 @@ def flash_bwd_q(q, kt, kp, vt, do, row_max, row_log, delta, dq, tiles, counts,
         p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
         dp = np.empty((BLOCK_M, BLOCK_N), q.dtype)
         tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap > 0.0 else (1, 1), q.dtype)
+        kt = np.zeros((D, BLOCK_N), q.dtype)
+        vt = np.zeros((Dv, BLOCK_N), q.dtype)
+        use_dot = rows < 4
         pdk = np.zeros((BLOCK_M, D), q.dtype)  # sum_j p (dP - c) k
         pk = np.zeros((BLOCK_M, D), q.dtype)  # sum_j p k
         dl = np.zeros(BLOCK_M, q.dtype)  # sum_j p dP
-        c = np.empty(BLOCK_M, q.dtype)
+        c = np.zeros(BLOCK_M, q.dtype)
         for i in range(rows):
-            c[i] = delta[b, h, r0 + i]
+            ci = c[i]
+            for d in range(Dv):
+                ci += do[b, h, r0 + i, d] * out[b, h, r0 + i, d]
+            c[i] = ci
         n_tiles = 0
         for kb in range(nK):
             kind = tiles[tb, th_, qb, kb]
@@ -437,12 +652,15 @@ def flash_bwd_q(q, kt, kp, vt, do, row_max, row_log, delta, dq, tiles, counts,
             n_tiles += 1
             c0 = kb * BLOCK_N
             ncols = min(BLOCK_N, lk - c0)
-            _scores(q_blk, kt[b, hk, kb], s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
+            if not use_dot:
+                _load_t(k[b, hk], c0, ncols, kt)
+            _load_t(v[b, hk], c0, ncols, vt)
+            _scores(q_blk, k[b, hk], kt, use_dot, s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
                     win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
                     allow, stride_allow, bias, stride_bias, softcap_u, consts)
             _probs(s, p, rows, row_max, row_log, b, h, r0, consts, fast)
             # -- dP = dO V^T --
-            _mm_nn(do_blk, vt[b, hk, kb], dp, rows)
+            _mm_nn(do_blk, vt, dp, rows)
             # -- delta += rowsum(P * dP); dP becomes P * (dP - c) --
             for i in range(rows):
                 acc = dl[i]
@@ -458,12 +676,12 @@ def flash_bwd_q(q, kt, kp, vt, do, row_max, row_log, delta, dq, tiles, counts,
                         dp[i, j] *= w
                         p[i, j] *= w
             # -- accumulate (P * (dP - c)) k and P k --
-            _mm_nn_acc(dp, kp[b, hk, kb], pdk, rows, ncols)
-            _mm_nn_acc(p, kp[b, hk, kb], pk, rows, ncols)
+            _mm_nn_acc(dp, k[b, hk, c0:c0 + ncols], pdk, rows, ncols)
+            _mm_nn_acc(p, k[b, hk, c0:c0 + ncols], pk, rows, ncols)
         for i in range(rows):
             gi = r0 + i
             delta[b, h, gi] = dl[i]
             shift = dl[i] - c[i]
             for d in range(D):
-                dq[b, h, gi, d] = pdk[i, d] - shift * pk[i, d]
+                dq[b, h, gi, d] = (pdk[i, d] - shift * pk[i, d]) * dscale
         counts[t] = n_tiles

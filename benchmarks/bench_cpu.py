@@ -1,0 +1,313 @@
+"""CPU benchmark of the fused `cpu` backend against torch SDPA and the unfused `math` path (issue 5).
+
+    python benchmarks/bench_cpu.py            # the issue-5 table (several minutes on 2 cores)
+    python benchmarks/bench_cpu.py --quick    # the same cases at smaller shapes (about a minute)
+    python benchmarks/bench_cpu.py --compile-time   # numba compile time, first and second process
+
+float32, all the threads torch is set to use, warm-up first, the median of several runs; every
+ratio compares two numbers taken in the same run. FLOPs as DESIGN.md counts them: 4*B*H*Lq*Lk*D
+for a forward, halved for causal, x2.5 more for the backward (forward + backward = 3.5x); for a
+sliding window or packed documents, 4*B*H*D times the allowed (query, key) pairs instead. Decoding
+is memory-bound: it reports the bytes of K and V read divided by the time. The ceiling is this
+machine's float32 matrix-multiply rate (torch.mm, same run).
+
+Results: a table on stdout and the raw numbers as JSON in benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "src"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import selfattn  # noqa: E402
+from selfattn import masks  # noqa: E402
+
+
+@dataclass
+class Case:
+    name: str
+    shape: tuple  # (B, H, Lq, Lk, D)
+    quick: tuple  # the shape under --quick
+    mask: str = "none"  # none | causal | window | documents
+    backward: bool = False
+    baselines: tuple = ("sdpa", "math")
+    target: str = ""
+    window: int = 256
+    doc_len: int = 2048
+    stats_pair: bool = False  # also time ours with return_stats=True
+
+
+CASES = [
+    Case("dense fwd", (1, 16, 2048, 2048, 64), (1, 8, 1024, 1024, 64), target=">= 1.0x SDPA", stats_pair=True),
+    Case("causal fwd+bwd", (1, 16, 4096, 4096, 64), (1, 8, 1024, 1024, 64), mask="causal", backward=True, target=">= 1.0x SDPA"),
+    Case("8x16x128 fwd", (8, 16, 128, 128, 64), (8, 16, 128, 128, 64), target=">= 0.8x SDPA"),
+    Case("decode 1/16384", (1, 32, 1, 16384, 128), (1, 32, 1, 4096, 128), target=">= 1.0x SDPA, GB/s"),
+    Case("window 256 causal fwd+bwd", (1, 16, 16384, 16384, 64), (1, 4, 4096, 4096, 64), mask="window", backward=True,
+         baselines=("sdpa",), target=">= 10x SDPA (dense bool mask)"),
+    Case("8 docs x 2048 causal fwd+bwd", (1, 16, 16384, 16384, 64), (1, 4, 4096, 4096, 64), mask="documents", backward=True,
+         baselines=("sdpa",), target=">= 5x SDPA (block-diagonal dense mask)", doc_len=2048),
+]
+
+
+@dataclass
+class Row:
+    case: str
+    shape: tuple
+    target: str
+    times: dict = field(default_factory=dict)  # impl -> seconds (median)
+    gflops: dict = field(default_factory=dict)  # impl -> GFLOP/s
+    notes: list = field(default_factory=list)
+
+
+def _median_time(fn, reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _allowed_pairs(case: Case, lq: int, lk: int) -> float:
+    if case.mask == "none":
+        return float(lq * lk)
+    if case.mask == "causal":
+        return lq * lk / 2.0  # DESIGN.md: halved for causal
+    if case.mask == "window":
+        w = case.window + 1
+        return float(sum(min(i + 1, w) for i in range(lq)))
+    if case.mask == "documents":
+        n = lk // case.doc_len
+        d = case.doc_len
+        return float(n * d * (d + 1) // 2)
+    raise ValueError(case.mask)
+
+
+def _mask_kwargs(case: Case, lq: int, lk: int, dense: bool):
+    """attention() kwargs for ours (structured) or the dense tensor SDPA gets for the same mask."""
+    if case.mask == "none":
+        return {}
+    if case.mask == "causal":
+        return {"causal": True}
+    if case.mask == "window":
+        m = masks.window(case.window)
+    else:
+        ids = torch.arange(lk) // min(case.doc_len, lk)
+        m = masks.documents(ids) & masks.causal()
+    if not dense:
+        return {"mask": m}
+    return {"attn_mask": m.to_dense(lq, lk)}  # (1, 1, Lq, Lk) bool
+
+
+def _run(impl: str, case: Case, q, k, v, go, **kw):
+    if impl == "sdpa":
+        if case.mask == "causal":
+            def fwd():
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            extra = _mask_kwargs(case, q.shape[2], k.shape[2], dense=True)
+
+            def fwd():
+                return F.scaled_dot_product_attention(q, k, v, **extra)
+    else:
+        extra = _mask_kwargs(case, q.shape[2], k.shape[2], dense=False)
+
+        def fwd():
+            return selfattn.attention(q, k, v, backend=impl, **extra, **kw)
+    if not case.backward:
+        return lambda: torch.no_grad()(fwd)()
+
+    def fwd_bwd():
+        out = fwd()
+        out = out[0] if isinstance(out, tuple) else out
+        torch.autograd.grad(out, (q, k, v), go)
+
+    return fwd_bwd
+
+
+def _math_fits(case: Case, shape) -> bool:
+    B, H, Lq, Lk, D = shape
+    per_matrix = B * H * Lq * Lk * 4
+    return per_matrix * (6 if case.backward else 3) < 8 * 2**30
+
+
+def matmul_rate(n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = _median_time(lambda: torch.mm(a, b), reps, warmup=2)
+    return 2 * n**3 / t / 1e9
+
+
+def bench_case(case: Case, quick: bool, reps: int) -> Row:
+    shape = case.quick if quick else case.shape
+    B, H, Lq, Lk, D = shape
+    torch.manual_seed(0)
+    q = torch.randn(B, H, Lq, D, requires_grad=case.backward)
+    k = torch.randn(B, H, Lk, D, requires_grad=case.backward)
+    v = torch.randn(B, H, Lk, D, requires_grad=case.backward)
+    go = torch.randn(B, H, Lq, D)
+    row = Row(case.name, shape, case.target)
+    flops = 4.0 * B * H * D * _allowed_pairs(case, Lq, Lk) * (3.5 if case.backward else 1.0)
+    impls = ["cpu", *case.baselines]
+    slow = Lq * Lk * B * H > 2**31  # the dense-mask SDPA runs at 16384: one timed run is minutes already
+    for impl in impls:
+        if impl == "math" and not _math_fits(case, shape):
+            row.notes.append("math: does not fit in memory")
+            continue
+        fn = _run(impl, case, q, k, v, go)
+        n = 1 if (slow and impl != "cpu") else reps
+        t = _median_time(fn, n, warmup=0 if (slow and impl != "cpu") else 1)
+        row.times[impl] = t
+        row.gflops[impl] = flops / t / 1e9
+    if case.stats_pair:
+        fn = _run("cpu", case, q, k, v, go, return_stats=True)
+        row.times["cpu+stats"] = _median_time(fn, reps)
+        # the pair again, interleaved, so a load change between them shows up
+        off = _median_time(_run("cpu", case, q, k, v, go), reps)
+        on = _median_time(fn, reps)
+        row.notes.append(f"stats on/off: {row.times['cpu+stats'] / row.times['cpu']:.3f}, again {on / off:.3f}")
+    if case.name.startswith("decode"):
+        kv_bytes = 2 * B * H * Lk * D * 4
+        for impl in list(row.times):
+            row.notes.append(f"{impl}: {kv_bytes / row.times[impl] / 1e9:.1f} GB/s")
+    return row
+
+
+def peak_memory(quick: bool) -> dict:
+    """Peak extra memory of causal fwd+bwd, measured in a fresh process (VmHWM after a reset)."""
+    L = 4096 if quick else 16384
+    code = f"""
+import sys, torch
+sys.path.insert(0, {os.path.join(ROOT, 'src')!r})
+import selfattn
+def status(key):
+    for line in open('/proc/self/status'):
+        if line.startswith(key + ':'):
+            return int(line.split()[1]) * 1024
+B, H, L, D = 1, 16, {L}, 64
+x = torch.randn(1, 1, 256, 64, requires_grad=True)
+selfattn.attention(x, x, x, causal=True, backend='cpu').sum().backward()  # compile / load the cache
+q, k, v = (torch.randn(B, H, L, D, requires_grad=True) for _ in range(3))
+go = torch.randn(B, H, L, D)
+open('/proc/self/clear_refs', 'w').write('5')
+base = status('VmRSS')
+out = selfattn.attention(q, k, v, causal=True, backend='cpu')
+out.backward(go)
+peak = status('VmHWM') - base
+own = 4 * B * H * L * D * 4  # output and three gradients
+print(peak, own)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)
+    if res.returncode != 0:
+        return {"error": res.stderr[-2000:]}
+    peak, own = map(int, res.stdout.split()[-2:])
+    return {"L": L, "peak_extra_bytes": peak, "outputs_and_grads_bytes": own,
+            "beyond_outputs_and_grads_GiB": (peak - own) / 2**30,
+            "one_LxL_float32_matrix_per_head_GiB": L * L * 4 / 2**30}
+
+
+def compile_time() -> dict:
+    """First-call time with an empty numba cache, then in a second process (cache on disk)."""
+    import glob
+
+    cache_dir = os.path.join(ROOT, "src", "selfattn", "kernels", "__pycache__")
+    code = f"""
+import sys, time
+sys.path.insert(0, {os.path.join(ROOT, 'src')!r})
+import torch, selfattn
+x = torch.randn(1, 2, 100, 32, requires_grad=True)
+t0 = time.perf_counter()
+selfattn.attention(x, x, x, causal=True, backend='cpu').sum().backward()
+t1 = time.perf_counter()
+x64 = x.detach().double().requires_grad_()
+selfattn.attention(x64, x64, x64, causal=True, backend='cpu').sum().backward()
+print(t1 - t0, time.perf_counter() - t1)
+"""
+    if os.path.isdir(cache_dir):
+        for f in glob.glob(os.path.join(cache_dir, "cpu_flash.*.nb[ic]")):
+            os.remove(f)
+    out = {}
+    for run in ("first_process", "second_process"):
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
+        f32, f64 = map(float, res.stdout.split()[-2:])
+        out[run] = {"float32_fwd_bwd_s": f32, "float64_fwd_bwd_s": f64}
+    out["cache_files"] = len(glob.glob(os.path.join(cache_dir, "cpu_flash.*.nbc")))
+    return out
+
+
+def _load() -> str:
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller shapes")
+    p.add_argument("--reps", type=int, default=5, help="timed runs per implementation (median)")
+    p.add_argument("--only", default="", help="run only cases whose name contains this")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--compile-time", action="store_true", help="measure numba compile time (clears the kernel cache)")
+    p.add_argument("--json", default="", help="output path (default benchmarks/results/bench_cpu[_quick].json)")
+    args = p.parse_args(argv)
+
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(["python", "benchmarks/bench_cpu.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs".strip(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "loadavg_start": _load(),
+    }
+    result = {"meta": meta}
+    if args.compile_time:
+        result["compile_time"] = compile_time()
+        print(json.dumps(result["compile_time"], indent=1))
+    else:
+        ceiling = matmul_rate()
+        meta["fp32_matmul_GFLOPs"] = ceiling
+        print(f"{meta['date']}  {meta['machine']}  torch {meta['torch']}  threads {meta['threads']}  load {meta['loadavg_start']}")
+        print(f"float32 matmul (torch.mm 2048): {ceiling:.1f} GFLOP/s  <- ceiling")
+        rows = []
+        for case in CASES:
+            if args.only and args.only not in case.name:
+                continue
+            row = bench_case(case, args.quick, args.reps)
+            rows.append(row)
+            t = row.times
+            ratio = {b: t[b] / t["cpu"] for b in t if b != "cpu"}
+            print(f"\n{row.case} {row.shape}  target {row.target}")
+            for impl in t:
+                extra = f"  cpu speedup {ratio[impl]:.2f}x" if impl in ratio else ""
+                gf = f"{row.gflops[impl]:8.1f} GFLOP/s" if impl in row.gflops else ""
+                print(f"  {impl:<10} {t[impl] * 1e3:10.2f} ms {gf}{extra}")
+            for n in row.notes:
+                print(f"  note: {n}")
+        result["rows"] = [asdict(r) for r in rows]
+        if not args.no_memory and not args.only:
+            result["peak_memory"] = peak_memory(args.quick)
+            print("\npeak memory, causal fwd+bwd:", json.dumps(result["peak_memory"]))
+        meta["loadavg_end"] = _load()
+        print(f"\nload average at the end: {meta['loadavg_end']}")
+    path = args.json or os.path.join(ROOT, "benchmarks", "results", "bench_cpu" + ("_quick" if args.quick else "") + ".json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=1, default=str)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
