@@ -1,0 +1,519 @@
+"""The training loop behind ``selfattn train``.
+
+One step: the global batch for this step (a pure function of seed and step) -> this rank's
+rows -> forward (with ``return_stats=True`` every ``stats_every`` steps: per-layer, per-head
+attention entropy and max logit come from the same forward pass) -> cross-entropy over the
+scored positions -> backward -> gradient clipping -> AdamW with warm-up and cosine decay.
+Every ``eval_every`` steps: loss and accuracy on a fixed held-out set; the recall task stops
+as soon as the held-out accuracy reaches ``target_acc``.
+
+Outputs in ``out``: the checkpoint (``model.safetensors``, ``config.json``,
+``training.safetensors``), ``log.csv`` and ``log.jsonl`` (one row per logged step) and, at the
+end, ``training.png``. Ctrl-C (SIGINT, or SIGTERM as torchrun sends it) finishes the current
+step, saves a checkpoint and stops; a second Ctrl-C aborts at once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import backends as _backends
+from ..model import Transformer, TransformerConfig
+from . import distributed as _dist
+from . import state as _state
+from .data import IGNORE, RecallTask, TextDataset
+
+LOG_CSV, LOG_JSONL, PLOT_FILE = "log.csv", "log.jsonl", "training.png"
+
+
+@dataclass
+class TrainConfig:
+    # -- data ---------------------------------------------------------------------------------
+    text: str | None = None  # a UTF-8 text file: train a character-level model on it; None = the recall task
+    keys: int = 16  # recall task: distinct key tokens
+    values: int = 16  # recall task: distinct value tokens
+    pairs: int = 24  # recall task: key/value pairs per sequence (sequence length 2 * pairs)
+    seq_len: int = 128  # text: characters per training window
+    # -- model --------------------------------------------------------------------------------
+    dim: int = 64  # residual stream width
+    layers: int = 2  # transformer blocks
+    heads: int = 4  # attention heads per block
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * dim
+    norm: str = "rms"  # "rms" or "layer"
+    # -- optimisation -------------------------------------------------------------------------
+    seed: int = 0  # model initialisation, batches and held-out set
+    steps: int = 3000  # most optimizer steps
+    batch: int = 32  # sequences per step, over all processes together
+    lr: float = 3e-3  # peak learning rate (AdamW)
+    warmup: int = 50  # steps of linear warm-up
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # clip the gradient norm to this (0 = off)
+    # -- evaluation, logging, checkpoints -----------------------------------------------------
+    target_acc: float | None = 0.99  # stop once held-out accuracy reaches this; None = run every step
+    eval_every: int = 50  # steps between held-out evaluations
+    eval_size: int = 512  # held-out sequences
+    stats_every: int = 25  # steps between log rows (attention statistics come with them)
+    checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
+    # -- where and how ------------------------------------------------------------------------
+    backend: str = "auto"  # attention backend (selfattn.backends.names())
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+    threads: int = 1  # torch CPU threads per process
+    out: str = "selfattn-train"  # output directory (checkpoint, logs, plot)
+
+
+# defaults that differ for --text (a bigger model, longer windows, no accuracy target)
+TEXT_DEFAULTS = {"dim": 128, "layers": 4, "heads": 4, "lr": 2e-3, "steps": 2000, "batch": 32, "warmup": 100,
+                 "target_acc": None, "eval_every": 100, "eval_size": 64, "stats_every": 50}
+
+# options that may change when resuming; every other option must match the checkpoint
+RUN_OPTIONS = {"steps", "target_acc", "eval_every", "stats_every", "checkpoint_every", "backend", "device", "threads", "out"}
+
+
+def make_config(given: dict) -> TrainConfig:
+    """A TrainConfig from the options given (None = default for the task), validated."""
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = set(given) - names
+    if unknown:
+        raise TypeError(f"unknown training options: {sorted(unknown)}")
+    vals = {k: v for k, v in given.items() if v is not None}
+    if vals.get("text") is not None:
+        vals = {**TEXT_DEFAULTS, **vals}
+    cfg = TrainConfig(**vals)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    for name in ("keys", "values", "pairs", "seq_len", "dim", "layers", "heads", "mlp_ratio", "steps", "batch",
+                 "eval_every", "eval_size", "stats_every", "checkpoint_every", "threads"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if not isinstance(cfg.warmup, int) or cfg.warmup < 0:
+        raise ValueError(f"warmup must be a non-negative integer, got {cfg.warmup!r}")
+    if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ValueError(f"lr must be a positive number, got {cfg.lr!r}")
+    if not (isinstance(cfg.weight_decay, (int, float)) and cfg.weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a non-negative number, got {cfg.weight_decay!r}")
+    if not (isinstance(cfg.grad_clip, (int, float)) and cfg.grad_clip >= 0):
+        raise ValueError(f"grad_clip must be a non-negative number (0 = off), got {cfg.grad_clip!r}")
+    if cfg.target_acc is not None and not (0 < cfg.target_acc <= 1):
+        raise ValueError(f"target_acc must be in (0, 1], got {cfg.target_acc!r}")
+    if cfg.backend not in _backends.names():
+        raise ValueError(f"backend: unknown backend {cfg.backend!r}; choose one of {_backends.names()}")
+    if cfg.norm not in ("rms", "layer"):
+        raise ValueError(f"norm must be 'rms' or 'layer', got {cfg.norm!r}")
+    if cfg.dim % cfg.heads or (cfg.dim // cfg.heads) % 2:
+        raise ValueError(f"dim ({cfg.dim}) must be a multiple of heads ({cfg.heads}) with an even head width (RoPE), "
+                         f"got head width {cfg.dim / cfg.heads:g}")
+    RecallTask(cfg.keys, cfg.values, cfg.pairs)  # checks the task's own limits
+
+
+def resume_config(saved: dict, given: dict, where: str) -> TrainConfig:
+    """The saved options, with the run options given now; other options must agree with the checkpoint."""
+    names = {f.name for f in fields(TrainConfig)}
+    base = {k: v for k, v in saved.items() if k in names}
+    conflicts = [f"{k}={v!r} (checkpoint: {base.get(k)!r})" for k, v in given.items()
+                 if v is not None and k not in RUN_OPTIONS and base.get(k) != v]
+    if conflicts:
+        raise ValueError(f"--resume {where}: these options cannot change when resuming: {', '.join(conflicts)}; "
+                         f"only {', '.join(sorted(RUN_OPTIONS))} can")
+    base.update({k: v for k, v in given.items() if v is not None and k in RUN_OPTIONS})
+    cfg = TrainConfig(**base)
+    validate(cfg)
+    return cfg
+
+
+def build_dataset(cfg: TrainConfig, vocab=None):
+    if cfg.text is None:
+        return RecallTask(cfg.keys, cfg.values, cfg.pairs)
+    return TextDataset.from_file(cfg.text, cfg.seq_len, vocab=vocab)
+
+
+def build_model(cfg: TrainConfig, data) -> Transformer:
+    seq = data.seq_len
+    return Transformer(TransformerConfig(vocab_size=len(data.vocab), dim=cfg.dim, n_layers=cfg.layers, n_heads=cfg.heads,
+                                         mlp_ratio=cfg.mlp_ratio, norm=cfg.norm, context=seq))
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to lr / 10 at ``steps``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
+def stats_capable(backend: str, device: torch.device) -> bool:
+    """Whether this backend returns attention statistics (sdpa does not)."""
+    if backend == "auto":
+        return True
+    return backend != "sdpa"
+
+
+def configure_threads(threads: int) -> None:
+    """torch's CPU threads per process, and numba's threading layer for the cpu backend.
+
+    numba's default OpenMP layer keeps its worker threads spinning between kernel calls; next to
+    torch's own threads on a small, busy machine that made whole training steps 25x slower
+    (BENCHMARKS.md, "Training throughput"). The workqueue layer sleeps instead. Only when the user
+    set no layer (NUMBA_THREADING_LAYER) and none has started yet: numba reads this at first launch.
+    """
+    import os
+
+    torch.set_num_threads(threads)
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        try:
+            import numba
+        except ImportError:
+            return
+        numba.config.THREADING_LAYER = "workqueue"
+
+
+class _Interrupt:
+    """SIGINT/SIGTERM -> a flag checked between steps; a second SIGINT raises KeyboardInterrupt."""
+
+    def __init__(self, on_first):
+        self.flag = False
+        self.on_first = on_first
+        self.old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, Ctrl-C behaves as usual
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.flag and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.flag = True
+        self.on_first(signum)
+
+    def __exit__(self, *exc):
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
+        return False
+
+
+@dataclass
+class Result:
+    steps: int  # the step counter at the end (steps done in this and earlier runs)
+    stopped: str  # "target", "steps" or "interrupted"
+    heldout_acc: float | None  # the last held-out accuracy
+    heldout_loss: float | None
+    train_tokens_per_s: float  # training tokens per second in this run (evaluation excluded)
+    seconds: float  # wall time of this run
+    total_seconds: float  # wall time over this run and the runs it resumed
+    losses: list  # (step, training loss) of every step in this run
+    out: Path  # the output directory
+    rows: list  # the log rows (this run and the resumed ones)
+    backend_used: str  # what the backend resolved to for plain steps
+    example: str  # an input to try with `selfattn explain --checkpoint`
+
+
+def _head_stats(stats_list, world) -> list:
+    """Per layer, per head: [mean entropy, mean max logit, largest max logit], reduced over ranks."""
+    ent = torch.stack([s.entropy.double().sum(dim=(0, 2)) for s in stats_list])  # (layers, H)
+    mxl = torch.stack([s.max_logit.double().sum(dim=(0, 2)) for s in stats_list])  # (layers, H)
+    top = torch.stack([s.max_logit.double().amax(dim=(0, 2)) for s in stats_list])  # (layers, H)
+    count = torch.tensor([float(stats_list[0].entropy[:, 0].numel())], dtype=torch.float64)
+    packed = world.sum(torch.cat([ent.flatten(), mxl.flatten(), count]))
+    top = world.max(top.clone())
+    n = packed[-1]
+    ent, mxl = packed[:ent.numel()].view_as(ent) / n, packed[ent.numel():-1].view_as(mxl) / n
+    return [[{"entropy": float(ent[l, h]), "max_logit": float(mxl[l, h]), "max_logit_max": float(top[l, h])}
+             for h in range(ent.shape[1])] for l in range(ent.shape[0])]
+
+
+@torch.no_grad()
+def evaluate(model, data, cfg: TrainConfig, world, heldout) -> tuple:
+    """(held-out loss, held-out accuracy) over the scored positions of the fixed held-out set."""
+    ids, targets = heldout
+    ids, targets = world.split(ids).to(world.device), world.split(targets).to(world.device)
+    was = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64)
+    for i in range(0, ids.shape[0], 128):
+        x, y = ids[i:i + 128], targets[i:i + 128]
+        logits = model(x, backend=cfg.backend)  # (b, L, V)
+        scored = y != IGNORE  # (b, L)
+        sums[0] += float(F.cross_entropy(logits[scored].float(), y[scored], reduction="sum"))
+        sums[1] += float((logits.argmax(-1)[scored] == y[scored]).sum())
+        sums[2] += float(scored.sum())
+    model.train(was)
+    sums = world.sum(sums)
+    n = max(1.0, float(sums[2]))
+    return float(sums[0]) / n, float(sums[1]) / n
+
+
+def _example(data, cfg: TrainConfig) -> str:
+    """A short held-out input for `selfattn explain` / `selfattn sample`."""
+    ids, targets = data.heldout(8, cfg.seed)
+    if isinstance(data, RecallTask):
+        # the shortest prefix of a held-out sequence ending at a key seen before, at least 9 tokens long
+        for row in range(ids.shape[0]):
+            for t in range(8, ids.shape[1]):
+                if targets[row, t] != IGNORE:
+                    return " ".join(data.vocab[i] for i in ids[row, :t + 1].tolist())
+        return " ".join(data.vocab[i] for i in ids[0].tolist())
+    return "".join(data.vocab[i] for i in ids[0, :min(48, ids.shape[1])].tolist())
+
+
+class _Log:
+    """log.csv and log.jsonl, appended as rows come; rows from a resumed run are kept up to its step."""
+
+    def __init__(self, out: Path, resume_from: Path | None, step: int, main: bool):
+        self.out, self.main = out, main
+        self.rows: list = []
+        if resume_from is not None and (resume_from / LOG_JSONL).is_file():
+            for line in (resume_from / LOG_JSONL).read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                    self.rows.append(row)
+        if main:
+            with open(out / LOG_JSONL, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.rows)
+            self._write_csv()
+
+    def _csv_row(self, r: dict) -> dict:
+        flat = {k: r.get(k) for k in ("step", "tokens", "seconds", "lr", "loss", "acc", "heldout_loss", "heldout_acc", "tokens_per_s")}
+        for l, layer in enumerate(r.get("heads") or []):
+            for h, s in enumerate(layer):
+                flat[f"L{l}H{h}_entropy"] = s["entropy"]
+                flat[f"L{l}H{h}_max_logit"] = s["max_logit"]
+        return flat
+
+    def _write_csv(self) -> None:
+        flat = [self._csv_row(r) for r in self.rows]
+        cols = []
+        for r in flat:
+            cols.extend(k for k in r if k not in cols)
+        with open(self.out / LOG_CSV, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=cols or ["step"])
+            w.writeheader()
+            w.writerows(flat)
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if not self.main:
+            return
+        with open(self.out / LOG_JSONL, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        self._write_csv()
+
+
+class Reporter:
+    """The progress bar (rank 0, on a terminal) or one printed line per evaluation."""
+
+    def __init__(self, console, total: int, start: int, show_bar: bool):
+        self.console = console
+        self.bar = None
+        if show_bar:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  held-out {task.fields[heldout]}"
+                                           "  {task.fields[tps]} tok/s"),
+                                TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), console=console)
+            self.task = self.bar.add_task("train", total=total, completed=start, loss="-", acc="-", heldout="-", tps="-")
+            self.bar.start()
+
+    def step(self, step, loss, acc, tps, heldout=None):
+        if self.bar is not None:
+            kw = dict(loss=f"{loss:.3f}", acc=f"{acc:.1%}", tps=f"{tps:,.0f}")
+            if heldout is not None:
+                kw["heldout"] = f"{heldout:.1%}"
+            self.bar.update(self.task, completed=step, **kw)
+
+    def line(self, text: str):
+        if self.bar is not None:
+            self.bar.console.print(text)
+        elif self.console is not None:
+            self.console.print(text, highlight=False)
+
+    def stop(self):
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def train(cfg: TrainConfig, *, resume=None, console=None, progress: bool | None = None, on_step=None) -> Result:
+    """Train (or continue training) a :class:`selfattn.model.Transformer` as ``cfg`` says.
+
+    Args:
+        cfg: the options (:func:`make_config` / :func:`resume_config` build and check them).
+        resume: a checkpoint directory written by a previous run: weights, optimizer and RNG
+            state and the step counter are restored, so the following steps compute exactly
+            what the uninterrupted run would have computed.
+        console: a ``rich.console.Console`` for the progress bar and messages (None: silent).
+        progress: show a live progress bar (default: when the console is a terminal).
+        on_step: called as ``on_step(step, loss)`` after every step (tests use it).
+
+    Returns a :class:`Result`.
+    """
+    world = _dist.setup(cfg.device)
+    try:
+        return _train(cfg, world, resume, console if world.main else None, progress, on_step)
+    finally:
+        _dist.cleanup(world)
+
+
+def _train(cfg, world, resume, console, progress, on_step) -> Result:
+    if cfg.batch % world.size:
+        raise ValueError(f"batch: the global batch ({cfg.batch}) must be divisible by the number of processes ({world.size})")
+    configure_threads(cfg.threads)
+    out = Path(cfg.out)
+    start, prev_seconds, prev_tokens, tensors, training = 0, 0.0, 0, None, None
+    vocab = None
+    if resume is not None:
+        ckpt, training, tensors = _state.load(resume)
+        vocab = ckpt.vocab
+        start = training["step"]
+        prev_seconds, prev_tokens = float(training.get("seconds", 0.0)), int(training.get("tokens", 0))
+    data = build_dataset(cfg, vocab)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, data)
+    if resume is not None:
+        try:
+            model.load_state_dict(ckpt.state_dict)
+        except RuntimeError as e:
+            raise _state._checkpoint.CheckpointError(f"{ckpt.path}: the weights do not fit the model of its options: {e}") from None
+    model.to(world.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    if resume is not None:
+        _state.optimizer_from_safe(opt, tensors, training.get("optimizer"), str(Path(resume)))
+        _state.rng_from_safe(tensors)
+    ddp = _dist.wrap(model, world)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+    world.barrier()
+
+    heldout = data.heldout(cfg.eval_size, cfg.seed)
+    example = _example(data, cfg)
+    tokenizer = "chars" if cfg.text is not None else "words"
+    want_stats = stats_capable(cfg.backend, world.device)
+    log = _Log(out, Path(resume) if resume is not None else None, start, world.main)
+    show_bar = bool(progress if progress is not None else (console is not None and console.is_terminal))
+    rep = Reporter(console, cfg.steps, start, show_bar and console is not None)
+
+    def save(step, seconds, tokens, last_eval):
+        if world.main:
+            training_json = {"step": step, "options": asdict(cfg), "seconds": seconds, "tokens": tokens,
+                             "heldout": last_eval, "example": example, "world_size": world.size}
+            _state.save(out, model, model.checkpoint_config(), vocab=list(data.vocab), tokenizer=tokenizer,
+                        training=training_json, optimizer=opt)
+        world.barrier()
+
+    if console is not None:
+        console.print(f"{data.describe()}", highlight=False)
+        n_params = sum(p.numel() for p in model.parameters())
+        console.print(f"model: {cfg.layers} layers x {cfg.heads} heads, width {cfg.dim}, {n_params:,} parameters; "
+                      f"backend {cfg.backend}, {world.size} process{'es' if world.size > 1 else ''} on {world.device.type}, "
+                      f"{cfg.threads} thread{'s' if cfg.threads > 1 else ''} each" + (f"; resuming at step {start}" if start else ""),
+                      highlight=False)
+        if not want_stats:
+            console.print(f"note: backend {cfg.backend!r} returns no attention statistics; the log has loss and accuracy only",
+                          highlight=False)
+
+    def on_signal(signum):
+        rep.line(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (Ctrl-C again to abort)")
+
+    seq_tokens = data.seq_len
+    losses, step = [], start
+    last_eval = training.get("heldout") if training else None
+    heldout_loss = heldout_acc = None
+    if isinstance(last_eval, dict):
+        heldout_loss, heldout_acc = last_eval.get("loss"), last_eval.get("acc")
+    stopped = "steps"
+    t_run = time.perf_counter()
+    train_time, tokens_run = 0.0, 0
+    tps_recent = 0.0
+    ddp.train()
+    with _Interrupt(on_signal) as intr:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            lr = lr_at(cfg, step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            ids, targets = data.batch(cfg.batch, cfg.seed, step)  # (batch, L) global
+            x, y = world.shard(ids).to(world.device), world.shard(targets).to(world.device)  # (batch / world, L)
+            n_scored = int((targets != IGNORE).sum())  # over the global batch
+            log_now = (step + 1) % cfg.stats_every == 0 or step + 1 == cfg.steps
+            with_stats = log_now and want_stats
+            res = ddp(x, backend=cfg.backend, return_stats=with_stats)
+            logits, stats = res if with_stats else (res, None)  # (b, L, V)
+            scored = y != IGNORE  # (b, L)
+            loss_sum = F.cross_entropy(logits[scored].float(), y[scored], reduction="sum")
+            (loss_sum * (world.size / max(1, n_scored))).backward()  # DDP averages over ranks: this gives the global mean
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                correct = (logits.detach().argmax(-1)[scored] == y[scored]).sum()
+            red = world.sum(torch.tensor([float(loss_sum.detach()), float(correct), float(intr.flag)], dtype=torch.float64))
+            loss, acc = float(red[0]) / max(1, n_scored), float(red[1]) / max(1, n_scored)
+            step += 1
+            dt = time.perf_counter() - t0
+            train_time += dt
+            tokens_run += cfg.batch * seq_tokens
+            tps_recent = cfg.batch * seq_tokens / dt if tps_recent == 0 else 0.9 * tps_recent + 0.1 * cfg.batch * seq_tokens / dt
+            losses.append((step, loss))
+            if on_step is not None:
+                on_step(step, loss)
+
+            evaluated = False
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                heldout_loss, heldout_acc = evaluate(model, data, cfg, world, heldout)
+                last_eval = {"step": step, "loss": heldout_loss, "acc": heldout_acc}
+                evaluated = True
+            if log_now or evaluated:
+                row = {"step": step, "tokens": prev_tokens + tokens_run, "seconds": prev_seconds + time.perf_counter() - t_run,
+                       "lr": lr, "loss": loss, "acc": acc, "tokens_per_s": tokens_run / max(train_time, 1e-9)}
+                if evaluated:
+                    row.update(heldout_loss=heldout_loss, heldout_acc=heldout_acc)
+                if stats is not None:
+                    row["heads"] = _head_stats(stats, world)
+                log.add(row)
+            rep.step(step, loss, acc, tps_recent, heldout_acc if evaluated else None)
+            if evaluated and rep.bar is None:
+                rep.line(f"step {step}/{cfg.steps}  loss {loss:.4f}  acc {acc:.1%}  held-out loss {heldout_loss:.4f} "
+                         f"acc {heldout_acc:.2%}  {tokens_run / max(train_time, 1e-9):,.0f} tok/s  "
+                         f"{time.perf_counter() - t_run:.1f} s")
+            if red[2] > 0:
+                stopped = "interrupted"
+                break
+            if evaluated and cfg.target_acc is not None and heldout_acc >= cfg.target_acc:
+                stopped = "target"
+                break
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                save(step, prev_seconds + time.perf_counter() - t_run, prev_tokens + tokens_run, last_eval)
+        rep.stop()
+        seconds = time.perf_counter() - t_run
+        save(step, prev_seconds + seconds, prev_tokens + tokens_run, last_eval)
+    if world.main:
+        from .plot import plot_log
+
+        try:
+            plot_log(log.rows, out / PLOT_FILE, title=data.describe())
+        except Exception as e:  # a plot must never lose a finished run
+            if console is not None:
+                console.print(f"note: could not draw {out / PLOT_FILE}: {e}", highlight=False)
+    backend_used = cfg.backend
+    return Result(step, stopped, heldout_acc, heldout_loss, tokens_run / max(train_time, 1e-9), seconds,
+                  prev_seconds + seconds, losses, out, log.rows, backend_used, example)

@@ -1,0 +1,52 @@
+"""The end-of-training PNG: loss and accuracy, then each head's attention entropy and max logit."""
+
+from __future__ import annotations
+
+
+def plot_log(rows: list, path, *, title: str = "") -> None:
+    """Draw the log rows of a run (``loop._Log.rows``) to ``path`` (PNG, matplotlib's Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_heads = [r for r in rows if r.get("heads")]
+    n_layers = max((len(r["heads"]) for r in with_heads), default=0)
+    panels = 1 + 2 * (n_layers > 0)
+    fig, axes = plt.subplots(panels, 1, figsize=(9, 3.2 * panels), squeeze=False)
+    ax = axes[0, 0]
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["loss"] for r in rows], label="training loss", color="tab:blue")
+    held = [r for r in rows if r.get("heldout_loss") is not None]
+    if held:
+        ax.plot([r["step"] for r in held], [r["heldout_loss"] for r in held], label="held-out loss", color="tab:orange")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    acc_ax = ax.twinx()
+    acc_ax.plot(steps, [r["acc"] for r in rows], color="tab:green", alpha=0.5, label="training accuracy")
+    if held:
+        acc_ax.plot([r["step"] for r in held], [r["heldout_acc"] for r in held], color="tab:red", label="held-out accuracy")
+    acc_ax.set_ylim(0, 1.02)
+    acc_ax.set_ylabel("accuracy")
+    lines = ax.get_legend_handles_labels()
+    lines2 = acc_ax.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    if n_layers:
+        styles = ["-", "--", ":", "-."]
+        for key, label, a in (("entropy", "attention entropy (nats), mean over queries", axes[1, 0]),
+                              ("max_logit", "max logit, mean over queries", axes[2, 0])):
+            for l in range(n_layers):
+                n_heads = max(len(r["heads"][l]) for r in with_heads if len(r["heads"]) > l)
+                for h in range(n_heads):
+                    pts = [(r["step"], r["heads"][l][h][key]) for r in with_heads if len(r["heads"]) > l and len(r["heads"][l]) > h]
+                    a.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=styles[l % len(styles)],
+                           color=plt.cm.tab10(h % 10), label=f"layer {l} head {h}")
+            a.set_ylabel(label, fontsize=8)
+            a.set_xlabel("step")
+            a.grid(alpha=0.3)
+            a.legend(fontsize=7, ncol=max(1, n_layers), loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,135 @@
+"""Training state on disk without pickle: optimizer tensors and RNG states in safetensors, scalars in JSON.
+
+A training checkpoint is a :mod:`selfattn.checkpoint` directory (``model.safetensors`` +
+``config.json``, readable by ``selfattn explain`` and ``selfattn sample``) plus one more file:
+
+    training.safetensors   "optimizer.<param index>.<name>" -- every tensor of the optimizer's
+                           state (AdamW: step, exp_avg, exp_avg_sq);
+                           "rng.torch" -- torch's CPU generator state (uint8);
+                           "rng.cuda.<i>" -- each CUDA generator's state, when there is CUDA
+
+and, in config.json, a ``"training"`` object: the step reached, the training options, the
+optimizer's non-tensor state and hyper-parameters (``param_groups``), elapsed time and tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint as _checkpoint
+
+TRAINING_FILE = "training.safetensors"
+
+
+def _json_ready(v):
+    if isinstance(v, tuple):
+        return [_json_ready(x) for x in v]
+    if isinstance(v, list):
+        return [_json_ready(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _json_ready(x) for k, x in v.items()}
+    if isinstance(v, torch.Tensor):
+        return v.item()
+    return v
+
+
+def optimizer_to_safe(opt: torch.optim.Optimizer) -> tuple:
+    """(tensors, json) for an optimizer: state tensors by name, everything else JSON-ready."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optimizer.{idx}.{name}"] = v.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = _json_ready(v)
+    return tensors, {"type": type(opt).__name__, "param_groups": _json_ready(sd["param_groups"]), "scalars": scalars}
+
+
+def optimizer_from_safe(opt: torch.optim.Optimizer, tensors: dict, meta: dict, where: str) -> None:
+    """Load what :func:`optimizer_to_safe` wrote into ``opt`` (same parameters, same order)."""
+    if not isinstance(meta, dict) or meta.get("type") != type(opt).__name__:
+        got = meta.get("type") if isinstance(meta, dict) else meta
+        raise _checkpoint.CheckpointError(f"{where}: optimizer state is for {got!r}, this run uses {type(opt).__name__}")
+    state: dict = {}
+    for name, t in tensors.items():
+        if not name.startswith("optimizer."):
+            continue
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = t
+    for idx, st in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(st)
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    try:
+        opt.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise _checkpoint.CheckpointError(f"{where}: optimizer state does not fit this model: {e}") from None
+
+
+def rng_to_safe() -> dict:
+    out = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.cuda.{i}"] = s
+    return out
+
+
+def rng_from_safe(tensors: dict) -> None:
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available():
+        states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+
+
+def save(path, model, model_config: dict, *, vocab, tokenizer: str, training: dict, optimizer) -> Path:
+    """Write a training checkpoint: files go to a scratch directory first, then replace the old ones."""
+    from safetensors.torch import save_file
+
+    d = Path(path)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / ".partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    opt_tensors, opt_meta = optimizer_to_safe(optimizer)
+    training = dict(training, optimizer=opt_meta)
+    _checkpoint.save(tmp, model, model_config, vocab=vocab, tokenizer=tokenizer, extra={"training": training})
+    save_file({**opt_tensors, **rng_to_safe()}, str(tmp / TRAINING_FILE), metadata={"format": _checkpoint.FORMAT})
+    for name in (_checkpoint.WEIGHTS_FILE, TRAINING_FILE, _checkpoint.CONFIG_FILE):  # config last: it names the step
+        os.replace(tmp / name, d / name)
+    tmp.rmdir()
+    return d
+
+
+def load(path) -> tuple:
+    """(Checkpoint, training dict, training tensors) of a training checkpoint; CheckpointError otherwise."""
+    from safetensors.torch import load_file
+
+    ckpt = _checkpoint.load(path)
+    cfg_file = ckpt.path / _checkpoint.CONFIG_FILE
+    if ckpt.model_config.get("type") != "transformer":
+        raise _checkpoint.CheckpointError(f"{cfg_file}: model type {ckpt.model_config.get('type')!r} was not written by "
+                                          "selfattn train (expected 'transformer'); it cannot be resumed")
+    training = ckpt.config.get("training")
+    if not isinstance(training, dict) or not isinstance(training.get("step"), int) or not isinstance(training.get("options"), dict):
+        raise _checkpoint.CheckpointError(f"{cfg_file} has no valid 'training' entry (step and options): it can be "
+                                          "explained or sampled but not resumed")
+    f = ckpt.path / TRAINING_FILE
+    if not f.is_file():
+        raise _checkpoint.CheckpointError(f"checkpoint {str(ckpt.path)!r} has no {TRAINING_FILE} (optimizer and RNG state): "
+                                          "it can be explained or sampled but not resumed")
+    try:
+        tensors = load_file(str(f))
+    except Exception as e:  # safetensors raises its own error type for damaged files
+        raise _checkpoint.CheckpointError(f"{f} is not a readable safetensors file: {e}") from None
+    return ckpt, training, tensors
