@@ -159,6 +159,9 @@ def _acc_dtype(dtype):
 
 def _set_threads():
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    # tasks are whole query (or key) blocks of uneven cost under causal/window masks: hand them out
+    # one at a time rather than in equal static slices (results do not depend on the schedule)
+    numba.set_parallel_chunksize(1)
 
 
 def _units(acc, scale, softcap):
@@ -170,18 +173,27 @@ def _units(acc, scale, softcap):
     return _k.make_consts(np.float32 if base2 else np.float64, qk_scale, base2), softcap_u
 
 
+def _transposed(x, lq):
+    # (B, H, L, d) -> (B, H, d, L) for the block products; queries in blocks of < 4 rows use dot
+    # products on x itself, and with Lq < 4 every block does
+    if lq < 4:
+        return x.new_empty((1, 1, x.shape[3], 0))
+    return x.transpose(-1, -2).contiguous()
+
+
 def _launch_forward(q, k, v, mask_args, scale, softcap, want_stats):
     acc = _acc_dtype(q.dtype)
     B, Hq, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
     margs = _kernel_mask_args(Lq, Lk, *mask_args, acc)
     q_, k_, v_ = (t.detach().to(acc).contiguous() for t in (q, k, v))  # no copy for contiguous float32/64
+    kt = _transposed(k_, Lq)  # (B, Hkv, D, Lk)
     consts, softcap_u = _units(acc, scale, softcap)
     out = torch.empty(B, Hq, Lq, Dv, dtype=acc)
     row_max, row_log, ent = (torch.empty(B, Hq, Lq, dtype=acc) for _ in range(3))
     counts = np.zeros(B * Hq * (-(-Lq // _k.BLOCK_M)), np.int64)
     _set_threads()
-    _k.flash_fwd(q_.numpy(), k_.numpy(), v_.numpy(), out.numpy(), row_max.numpy(), row_log.numpy(), ent.numpy(),
+    _k.flash_fwd(q_.numpy(), k_.numpy(), kt.numpy(), v_.numpy(), out.numpy(), row_max.numpy(), row_log.numpy(), ent.numpy(),
                  margs[0], counts, *margs[1:], softcap_u, Lk, bool(want_stats), consts, acc == torch.float32)
     TILE_PRODUCTS["forward"] += int(counts.sum())
     return out.to(q.dtype), row_max, row_log, ent
@@ -205,7 +217,8 @@ def _launch_backward(grad_out, q, k, v, out, row_max, row_log, mask_args, scale,
     counts_q = np.zeros(B * Hq * (-(-Lq // _k.BLOCK_M)), np.int64)
     counts_kv = np.zeros(B * Hkv * (-(-Lk // _k.BLOCK_N)), np.int64)
     _set_threads()
-    _k.flash_bwd_q(q_.numpy(), k_.numpy(), v_.numpy(), do.numpy(), out_.numpy(), row_max.numpy(), row_log.numpy(),
+    kt, vt = _transposed(k_, Lq), _transposed(v_, 4)  # (B, Hkv, D, Lk), (B, Hkv, Dv, Lk) (dP needs it)
+    _k.flash_bwd_q(q_.numpy(), k_.numpy(), kt.numpy(), v_.numpy(), vt.numpy(), do.numpy(), out_.numpy(), row_max.numpy(), row_log.numpy(),
                    delta.numpy(), dq.numpy(), margs[0], counts_q, *margs[1:], softcap_u, softcap, Lk, dscale, consts, fast)
     _k.flash_bwd_kv(q_.numpy(), k_.numpy(), v_.numpy(), do.numpy(), row_max.numpy(), row_log.numpy(), delta.numpy(),
                     dk.numpy(), dv.numpy(), margs[0], counts_kv, *margs[1:], softcap_u, softcap, Lk, dscale, consts, fast)

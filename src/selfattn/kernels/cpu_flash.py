@@ -1,9 +1,9 @@
 """Fused flash-attention kernels for the CPU, written in numba (issue 5).
 
 Inputs are the tensors themselves, C-contiguous, float32 or float64: q (B, Hq, Lq, D),
-k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv). A task copies each key (and, in the backward pass, value)
-block it needs into a small transposed buffer, (D, BLOCK_N), so the block products run along
-contiguous rows; nothing of size L is copied or allocated.
+k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), plus k^T (B, Hkv, D, Lk) (and v^T for dQ) so that the
+block products run along contiguous rows. The dK/dV pass, which meets each key block once,
+transposes its block into a small buffer instead. Nothing of size L x L exists.
 
 In float32, scores are kept in base-2 units (logit * log2(e), folded into the scale) so every
 exponential is an exp2, computed by a polynomial that LLVM vectorises; float64 keeps natural
@@ -435,7 +435,7 @@ def _probs(s, p, rows, row_max, row_log, b, h, r0, consts, fast):
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def flash_fwd(q, k, v, out, row_max, row_log, ent, tiles, counts,
+def flash_fwd(q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
               win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
               allow, stride_allow, bias, stride_bias, softcap_u, lk, want_stats, consts, fast):
     """One task per (batch, head, query block): online softmax over its non-empty key tiles.
@@ -465,7 +465,6 @@ def flash_fwd(q, k, v, out, row_max, row_log, ent, tiles, counts,
         p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
         tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap_u > 0.0 else (1, 1), q.dtype)
         acc = np.zeros((BLOCK_M, Dv), q.dtype)
-        kt = np.zeros((D, BLOCK_N), q.dtype)
         # a few query rows (decoding): dot products beat transposing the keys; every pass decides
         # the same way per query block, so a pair's score is bit-identical in all three
         use_dot = rows < 4
@@ -480,9 +479,8 @@ def flash_fwd(q, k, v, out, row_max, row_log, ent, tiles, counts,
             n_tiles += 1
             c0 = kb * BLOCK_N
             ncols = min(BLOCK_N, lk - c0)
-            if not use_dot:
-                _load_t(k[b, hk], c0, ncols, kt)
-            _scores(q_blk, k[b, hk], kt, use_dot, s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
+            kt_blk = kt[b, hk, :, c0:c0 + ncols] if not use_dot else kt[0, 0, :, 0:0]
+            _scores(q_blk, k[b, hk], kt_blk, use_dot, s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
                     win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
                     allow, stride_allow, bias, stride_bias, softcap_u, consts)
             for i in range(rows):
@@ -602,7 +600,7 @@ def flash_bwd_kv(q, k, v, do, row_max, row_log, delta, dk, dv, tiles, counts,
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def flash_bwd_q(q, k, v, do, out, row_max, row_log, delta, dq, tiles, counts,
+def flash_bwd_q(q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles, counts,
                 win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
                 allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast):
     """dQ and delta: one task per (batch, head, query block), run before ``flash_bwd_kv``.
@@ -632,8 +630,6 @@ def flash_bwd_q(q, k, v, do, out, row_max, row_log, delta, dq, tiles, counts,
         p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
         dp = np.empty((BLOCK_M, BLOCK_N), q.dtype)
         tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap > 0.0 else (1, 1), q.dtype)
-        kt = np.zeros((D, BLOCK_N), q.dtype)
-        vt = np.zeros((Dv, BLOCK_N), q.dtype)
         use_dot = rows < 4
         pdk = np.zeros((BLOCK_M, D), q.dtype)  # sum_j p (dP - c) k
         pk = np.zeros((BLOCK_M, D), q.dtype)  # sum_j p k
@@ -652,20 +648,18 @@ def flash_bwd_q(q, k, v, do, out, row_max, row_log, delta, dq, tiles, counts,
             n_tiles += 1
             c0 = kb * BLOCK_N
             ncols = min(BLOCK_N, lk - c0)
-            if not use_dot:
-                _load_t(k[b, hk], c0, ncols, kt)
-            _load_t(v[b, hk], c0, ncols, vt)
-            _scores(q_blk, k[b, hk], kt, use_dot, s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
+            kt_blk = kt[b, hk, :, c0:c0 + ncols] if not use_dot else kt[0, 0, :, 0:0]
+            _scores(q_blk, k[b, hk], kt_blk, use_dot, s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
                     win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
                     allow, stride_allow, bias, stride_bias, softcap_u, consts)
             _probs(s, p, rows, row_max, row_log, b, h, r0, consts, fast)
             # -- dP = dO V^T --
-            _mm_nn(do_blk, vt, dp, rows)
-            # -- delta += rowsum(P * dP); dP becomes P * (dP - c) --
+            _mm_nn(do_blk, vt[b, hk, :, c0:c0 + ncols], dp, rows)
+            # -- delta += rowsum(P * dP); dP becomes P * (dP - c) (columns past Lk hold no keys) --
             for i in range(rows):
                 acc = dl[i]
                 ci = c[i]
-                for j in range(BLOCK_N):
+                for j in range(ncols):
                     acc += p[i, j] * dp[i, j]
                     dp[i, j] = p[i, j] * (dp[i, j] - ci)
                 dl[i] = acc
