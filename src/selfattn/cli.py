@@ -168,12 +168,49 @@ def _add_backends(sub) -> None:
     b.set_defaults(func=_cmd_backends)
 
 
+# -- train, sample (issue 7; the work is in selfattn.training) --------------------------------
+
+
+def _cmd_train(args) -> int:
+    from .training.command import run_train
+
+    return run_train(args)
+
+
+def _add_train(sub) -> None:
+    from .training.command import add_train_arguments
+
+    t = sub.add_parser("train", help="train a small transformer (default: the recall task an induction head solves)",
+                       description="Train a small decoder-only transformer built from selfattn's layers. Default: associative "
+                                   "recall (predict the token that followed the previous occurrence of the current token), "
+                                   "generated on the fly, stopping at 99%% held-out accuracy. --text FILE: a character-level "
+                                   "model of any text. Data-parallel: torchrun --standalone --nproc_per_node N -m selfattn.cli train ...")
+    add_train_arguments(t)
+    t.set_defaults(func=_cmd_train)
+
+
+def _cmd_sample(args) -> int:
+    from .training.command import run_sample
+
+    return run_sample(args)
+
+
+def _add_sample(sub) -> None:
+    from .training.command import add_sample_arguments
+
+    s = sub.add_parser("sample", help="generate from a checkpoint of selfattn train, with the KV cache")
+    add_sample_arguments(s)
+    s.set_defaults(func=_cmd_sample)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="selfattn", description="Scaled dot-product self-attention you can read, run fast and look inside.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _add_explain(sub)
     _add_scaling(sub)
     _add_backends(sub)
+    _add_train(sub)
+    _add_sample(sub)
     return p
 
 

@@ -65,6 +65,7 @@ _TRAIN_OPTIONS = [
     ("--backend", "backend", str, "attention backend: auto, math, sdpa, cpu, ... (see `selfattn backends`; default auto)"),
     ("--device", "device", str, "auto, cpu or cuda (default auto)"),
     ("--threads", "threads", _int("--threads"), "torch threads per process (default 1: the model is small)"),
+    ("--dtype", "dtype", str, "float32 (default) or float64 (slow; for checking backends against each other)"),
     ("--out", "out", str, f"output directory: checkpoint, {LOG_CSV}, {LOG_JSONL}, {PLOT_FILE} (default {_D.out}; "
                           "with --resume: the resumed directory)"),
 ]

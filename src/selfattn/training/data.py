@@ -133,6 +133,8 @@ class TextDataset:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(f"--text {path}: not UTF-8 text ({e})") from None
+        except OSError as e:
+            raise ValueError(f"cannot read --text {path}: {e.strerror or e}") from None
         if not text:
             raise ValueError(f"--text {path}: the file is empty")
         return cls(text, seq_len, source=str(path), vocab=vocab)

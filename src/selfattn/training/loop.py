@@ -67,6 +67,7 @@ class TrainConfig:
     backend: str = "auto"  # attention backend (selfattn.backends.names())
     device: str = "auto"  # "auto", "cpu" or "cuda"
     threads: int = 1  # torch CPU threads per process
+    dtype: str = "float32"  # parameters and activations: "float32", or "float64" (slow; to check backends against each other)
     out: str = "selfattn-train"  # output directory (checkpoint, logs, plot)
 
 
@@ -76,6 +77,7 @@ TEXT_DEFAULTS = {"dim": 128, "layers": 4, "heads": 4, "lr": 2e-3, "steps": 2000,
 
 # options that may change when resuming; every other option must match the checkpoint
 RUN_OPTIONS = {"steps", "target_acc", "eval_every", "stats_every", "checkpoint_every", "backend", "device", "threads", "out"}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def make_config(given: dict) -> TrainConfig:
@@ -110,6 +112,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"target_acc must be in (0, 1], got {cfg.target_acc!r}")
     if cfg.backend not in _backends.names():
         raise ValueError(f"backend: unknown backend {cfg.backend!r}; choose one of {_backends.names()}")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
     if cfg.norm not in ("rms", "layer"):
         raise ValueError(f"norm must be 'rms' or 'layer', got {cfg.norm!r}")
     if cfg.dim % cfg.heads or (cfg.dim // cfg.heads) % 2:
@@ -223,11 +227,15 @@ class Result:
     example: str  # an input to try with `selfattn explain --checkpoint`
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))  # float16/bfloat16 -> float32; float64 stays
+
+
 def _head_stats(stats_list, world) -> list:
     """Per layer, per head: [mean entropy, mean max logit, largest max logit], reduced over ranks."""
-    ent = torch.stack([s.entropy.double().sum(dim=(0, 2)) for s in stats_list])  # (layers, H)
-    mxl = torch.stack([s.max_logit.double().sum(dim=(0, 2)) for s in stats_list])  # (layers, H)
-    top = torch.stack([s.max_logit.double().amax(dim=(0, 2)) for s in stats_list])  # (layers, H)
+    ent = torch.stack([s.entropy.detach().double().sum(dim=(0, 2)) for s in stats_list])  # (layers, H)
+    mxl = torch.stack([s.max_logit.detach().double().sum(dim=(0, 2)) for s in stats_list])  # (layers, H)
+    top = torch.stack([s.max_logit.detach().double().amax(dim=(0, 2)) for s in stats_list])  # (layers, H)
     count = torch.tensor([float(stats_list[0].entropy[:, 0].numel())], dtype=torch.float64)
     packed = world.sum(torch.cat([ent.flatten(), mxl.flatten(), count]))
     top = world.max(top.clone())
@@ -249,7 +257,7 @@ def evaluate(model, data, cfg: TrainConfig, world, heldout) -> tuple:
         x, y = ids[i:i + 128], targets[i:i + 128]
         logits = model(x, backend=cfg.backend)  # (b, L, V)
         scored = y != IGNORE  # (b, L)
-        sums[0] += float(F.cross_entropy(logits[scored].float(), y[scored], reduction="sum"))
+        sums[0] += float(F.cross_entropy(_upcast(logits[scored]), y[scored], reduction="sum"))
         sums[1] += float((logits.argmax(-1)[scored] == y[scored]).sum())
         sums[2] += float(scored.sum())
     model.train(was)
@@ -262,12 +270,10 @@ def _example(data, cfg: TrainConfig) -> str:
     """A short held-out input for `selfattn explain` / `selfattn sample`."""
     ids, targets = data.heldout(8, cfg.seed)
     if isinstance(data, RecallTask):
-        # the shortest prefix of a held-out sequence ending at a key seen before, at least 9 tokens long
-        for row in range(ids.shape[0]):
-            for t in range(8, ids.shape[1]):
-                if targets[row, t] != IGNORE:
-                    return " ".join(data.vocab[i] for i in ids[row, :t + 1].tolist())
-        return " ".join(data.vocab[i] for i in ids[0].tolist())
+        # the shortest prefix of a held-out sequence that ends at a key seen before, at least 9 tokens long
+        ends = [(t, row) for row in range(ids.shape[0]) for t in range(8, ids.shape[1]) if targets[row, t] != IGNORE]
+        t, row = min(ends) if ends else (ids.shape[1] - 1, 0)
+        return " ".join(data.vocab[i] for i in ids[row, :t + 1].tolist())
     return "".join(data.vocab[i] for i in ids[0, :min(48, ids.shape[1])].tolist())
 
 
@@ -362,14 +368,17 @@ def train(cfg: TrainConfig, *, resume=None, console=None, progress: bool | None 
             what the uninterrupted run would have computed.
         console: a ``rich.console.Console`` for the progress bar and messages (None: silent).
         progress: show a live progress bar (default: when the console is a terminal).
-        on_step: called as ``on_step(step, loss)`` after every step (tests use it).
+        on_step: called as ``on_step(step, loss)`` after every step; if it returns True the run
+            stops there as after Ctrl-C (checkpoint saved, ``stopped == "interrupted"``).
 
     Returns a :class:`Result`.
     """
     world = _dist.setup(cfg.device)
+    threads = torch.get_num_threads()
     try:
         return _train(cfg, world, resume, console if world.main else None, progress, on_step)
     finally:
+        torch.set_num_threads(threads)
         _dist.cleanup(world)
 
 
@@ -387,13 +396,12 @@ def _train(cfg, world, resume, console, progress, on_step) -> Result:
         prev_seconds, prev_tokens = float(training.get("seconds", 0.0)), int(training.get("tokens", 0))
     data = build_dataset(cfg, vocab)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data)
+    model = build_model(cfg, data).to(device=world.device, dtype=DTYPES[cfg.dtype])
     if resume is not None:
         try:
             model.load_state_dict(ckpt.state_dict)
         except RuntimeError as e:
             raise _state._checkpoint.CheckpointError(f"{ckpt.path}: the weights do not fit the model of its options: {e}") from None
-    model.to(world.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     if resume is not None:
         _state.optimizer_from_safe(opt, tensors, training.get("optimizer"), str(Path(resume)))
@@ -458,7 +466,7 @@ def _train(cfg, world, resume, console, progress, on_step) -> Result:
             res = ddp(x, backend=cfg.backend, return_stats=with_stats)
             logits, stats = res if with_stats else (res, None)  # (b, L, V)
             scored = y != IGNORE  # (b, L)
-            loss_sum = F.cross_entropy(logits[scored].float(), y[scored], reduction="sum")
+            loss_sum = F.cross_entropy(_upcast(logits[scored]), y[scored], reduction="sum")
             (loss_sum * (world.size / max(1, n_scored))).backward()  # DDP averages over ranks: this gives the global mean
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -474,8 +482,8 @@ def _train(cfg, world, resume, console, progress, on_step) -> Result:
             tokens_run += cfg.batch * seq_tokens
             tps_recent = cfg.batch * seq_tokens / dt if tps_recent == 0 else 0.9 * tps_recent + 0.1 * cfg.batch * seq_tokens / dt
             losses.append((step, loss))
-            if on_step is not None:
-                on_step(step, loss)
+            if on_step is not None and on_step(step, loss):
+                intr.flag = True
 
             evaluated = False
             if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -495,7 +503,7 @@ def _train(cfg, world, resume, console, progress, on_step) -> Result:
                 rep.line(f"step {step}/{cfg.steps}  loss {loss:.4f}  acc {acc:.1%}  held-out loss {heldout_loss:.4f} "
                          f"acc {heldout_acc:.2%}  {tokens_run / max(train_time, 1e-9):,.0f} tok/s  "
                          f"{time.perf_counter() - t_run:.1f} s")
-            if red[2] > 0:
+            if red[2] > 0 or intr.flag:
                 stopped = "interrupted"
                 break
             if evaluated and cfg.target_acc is not None and heldout_acc >= cfg.target_acc:
