@@ -223,7 +223,6 @@ class Result:
     losses: list  # (step, training loss) of every step in this run
     out: Path  # the output directory
     rows: list  # the log rows (this run and the resumed ones)
-    backend_used: str  # what the backend resolved to for plain steps
     example: str  # an input to try with `selfattn explain --checkpoint`
 
 
@@ -453,65 +452,67 @@ def _train(cfg, world, resume, console, progress, on_step) -> Result:
     tps_recent = 0.0
     ddp.train()
     with _Interrupt(on_signal) as intr:
-        while step < cfg.steps:
-            t0 = time.perf_counter()
-            lr = lr_at(cfg, step)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            ids, targets = data.batch(cfg.batch, cfg.seed, step)  # (batch, L) global
-            x, y = world.shard(ids).to(world.device), world.shard(targets).to(world.device)  # (batch / world, L)
-            n_scored = int((targets != IGNORE).sum())  # over the global batch
-            log_now = (step + 1) % cfg.stats_every == 0 or step + 1 == cfg.steps
-            with_stats = log_now and want_stats
-            res = ddp(x, backend=cfg.backend, return_stats=with_stats)
-            logits, stats = res if with_stats else (res, None)  # (b, L, V)
-            scored = y != IGNORE  # (b, L)
-            loss_sum = F.cross_entropy(_upcast(logits[scored]), y[scored], reduction="sum")
-            (loss_sum * (world.size / max(1, n_scored))).backward()  # DDP averages over ranks: this gives the global mean
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                correct = (logits.detach().argmax(-1)[scored] == y[scored]).sum()
-            red = world.sum(torch.tensor([float(loss_sum.detach()), float(correct), float(intr.flag)], dtype=torch.float64))
-            loss, acc = float(red[0]) / max(1, n_scored), float(red[1]) / max(1, n_scored)
-            step += 1
-            dt = time.perf_counter() - t0
-            train_time += dt
-            tokens_run += cfg.batch * seq_tokens
-            tps_recent = cfg.batch * seq_tokens / dt if tps_recent == 0 else 0.9 * tps_recent + 0.1 * cfg.batch * seq_tokens / dt
-            losses.append((step, loss))
-            if on_step is not None and on_step(step, loss):
-                intr.flag = True
+        try:
+            while step < cfg.steps:
+                t0 = time.perf_counter()
+                lr = lr_at(cfg, step)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                ids, targets = data.batch(cfg.batch, cfg.seed, step)  # (batch, L) global
+                x, y = world.shard(ids).to(world.device), world.shard(targets).to(world.device)  # (batch / world, L)
+                n_scored = int((targets != IGNORE).sum())  # over the global batch
+                log_now = (step + 1) % cfg.stats_every == 0 or step + 1 == cfg.steps
+                with_stats = log_now and want_stats
+                res = ddp(x, backend=cfg.backend, return_stats=with_stats)
+                logits, stats = res if with_stats else (res, None)  # (b, L, V)
+                scored = y != IGNORE  # (b, L)
+                loss_sum = F.cross_entropy(_upcast(logits[scored]), y[scored], reduction="sum")
+                (loss_sum * (world.size / max(1, n_scored))).backward()  # DDP averages over ranks: this gives the global mean
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    correct = (logits.detach().argmax(-1)[scored] == y[scored]).sum()
+                red = world.sum(torch.tensor([float(loss_sum.detach()), float(correct), float(intr.flag)], dtype=torch.float64))
+                loss, acc = float(red[0]) / max(1, n_scored), float(red[1]) / max(1, n_scored)
+                step += 1
+                dt = time.perf_counter() - t0
+                train_time += dt
+                tokens_run += cfg.batch * seq_tokens
+                tps_recent = cfg.batch * seq_tokens / dt if tps_recent == 0 else 0.9 * tps_recent + 0.1 * cfg.batch * seq_tokens / dt
+                losses.append((step, loss))
+                if on_step is not None and on_step(step, loss):
+                    intr.flag = True
 
-            evaluated = False
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                heldout_loss, heldout_acc = evaluate(model, data, cfg, world, heldout)
-                last_eval = {"step": step, "loss": heldout_loss, "acc": heldout_acc}
-                evaluated = True
-            if log_now or evaluated:
-                row = {"step": step, "tokens": prev_tokens + tokens_run, "seconds": prev_seconds + time.perf_counter() - t_run,
-                       "lr": lr, "loss": loss, "acc": acc, "tokens_per_s": tokens_run / max(train_time, 1e-9)}
-                if evaluated:
-                    row.update(heldout_loss=heldout_loss, heldout_acc=heldout_acc)
-                if stats is not None:
-                    row["heads"] = _head_stats(stats, world)
-                log.add(row)
-            rep.step(step, loss, acc, tps_recent, heldout_acc if evaluated else None)
-            if evaluated and rep.bar is None:
-                rep.line(f"step {step}/{cfg.steps}  loss {loss:.4f}  acc {acc:.1%}  held-out loss {heldout_loss:.4f} "
-                         f"acc {heldout_acc:.2%}  {tokens_run / max(train_time, 1e-9):,.0f} tok/s  "
-                         f"{time.perf_counter() - t_run:.1f} s")
-            if red[2] > 0 or intr.flag:
-                stopped = "interrupted"
-                break
-            if evaluated and cfg.target_acc is not None and heldout_acc >= cfg.target_acc:
-                stopped = "target"
-                break
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                save(step, prev_seconds + time.perf_counter() - t_run, prev_tokens + tokens_run, last_eval)
-        rep.stop()
+                evaluated = False
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    heldout_loss, heldout_acc = evaluate(model, data, cfg, world, heldout)
+                    last_eval = {"step": step, "loss": heldout_loss, "acc": heldout_acc}
+                    evaluated = True
+                if log_now or evaluated:
+                    row = {"step": step, "tokens": prev_tokens + tokens_run, "seconds": prev_seconds + time.perf_counter() - t_run,
+                           "lr": lr, "loss": loss, "acc": acc, "tokens_per_s": tokens_run / max(train_time, 1e-9)}
+                    if evaluated:
+                        row.update(heldout_loss=heldout_loss, heldout_acc=heldout_acc)
+                    if stats is not None:
+                        row["heads"] = _head_stats(stats, world)
+                    log.add(row)
+                rep.step(step, loss, acc, tps_recent, heldout_acc if evaluated else None)
+                if evaluated and rep.bar is None:
+                    rep.line(f"step {step}/{cfg.steps}  loss {loss:.4f}  acc {acc:.1%}  held-out loss {heldout_loss:.4f} "
+                             f"acc {heldout_acc:.2%}  {tokens_run / max(train_time, 1e-9):,.0f} tok/s  "
+                             f"{time.perf_counter() - t_run:.1f} s")
+                if red[2] > 0 or (intr.flag and not world.distributed):  # ranks stop together, on the reduced flag
+                    stopped = "interrupted"
+                    break
+                if evaluated and cfg.target_acc is not None and heldout_acc >= cfg.target_acc:
+                    stopped = "target"
+                    break
+                if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                    save(step, prev_seconds + time.perf_counter() - t_run, prev_tokens + tokens_run, last_eval)
+        finally:
+            rep.stop()
         seconds = time.perf_counter() - t_run
         save(step, prev_seconds + seconds, prev_tokens + tokens_run, last_eval)
     if world.main:
@@ -522,6 +523,5 @@ def _train(cfg, world, resume, console, progress, on_step) -> Result:
         except Exception as e:  # a plot must never lose a finished run
             if console is not None:
                 console.print(f"note: could not draw {out / PLOT_FILE}: {e}", highlight=False)
-    backend_used = cfg.backend
     return Result(step, stopped, heldout_acc, heldout_loss, tokens_run / max(train_time, 1e-9), seconds,
-                  prev_seconds + seconds, losses, out, log.rows, backend_used, example)
+                  prev_seconds + seconds, losses, out, log.rows, example)
