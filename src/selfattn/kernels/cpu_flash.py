@@ -317,6 +317,14 @@ def _row_max(s, i):
     return m
 
 
+@njit(fastmath=FASTMATH_EXACT, cache=True)
+def _row_has_nan(s, i):
+    for j in range(BLOCK_N):
+        if s[i, j] != s[i, j]:
+            return True
+    return False
+
+
 @njit(fastmath=FASTMATH, cache=True)
 def _exp2_row(s, p, i, m, consts, fast, want_ps):
     """p[i, :] = exp(s[i, :] - m) in score units; returns (sum_j p, sum_j p * (s - m))."""
@@ -376,7 +384,8 @@ def _scores(q_blk, k_nat, kt_blk, use_dot, s, th, rows, b, h, r0, c0, kind, lq, 
         for i in range(rows):
             base = bb + (r0 + i) * stride_bias[2] + c0 * stride_bias[3]
             for j in range(ncols):
-                s[i, j] += bias[base + j * stride_bias[3]] * units
+                bv = bias[base + j * stride_bias[3]]
+                s[i, j] = -np.inf if bv == -np.inf else s[i, j] + bv * units
     if kind == PARTIAL:
         # -- element-wise mask: only partial tiles pay for it --
         kv_len = kv_lens[b if kv_lens.shape[0] > 1 else 0]
@@ -486,10 +495,14 @@ def flash_fwd(q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
             for i in range(rows):
                 # -- new running max --
                 m_old = m_i[i]
-                m_new = max(m_old, _row_max(s, i))
+                m_tile = _row_max(s, i)
+                m_new = m_tile if m_tile > m_old else m_old
                 if m_new == -np.inf:
+                    # nothing allowed here so far -- unless the scores are NaN (NaN inputs): poison the row
                     for j in range(BLOCK_N):
                         p[i, j] = 0.0
+                    if _row_has_nan(s, i):
+                        l_i[i] = np.nan
                     continue
                 # -- p = exp(s - m_new), its row sum and sum p*(s - m_new) --
                 tot, ps = _exp2_row(s, p, i, m_new, consts, fast, want_stats)
@@ -519,11 +532,12 @@ def flash_fwd(q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
                 inv = 1.0 / li
                 for d in range(Dv):
                     out[b, h, gi, d] = acc[i, d] * inv
-                row_max[b, h, gi] = m_i[i]
+                row_max[b, h, gi] = m_i[i] if li == li else np.nan  # a NaN row is NaN throughout
                 row_log[b, h, gi] = math.log2(li) if fast else math.log(li)
                 if want_stats:
                     # -- entropy H = ln l - sum p (s - m) / l, in nats --
-                    ent[b, h, gi] = max(math.log(li) - e_i[i] * inv * nat, 0.0)
+                    h_row = math.log(li) - e_i[i] * inv * nat
+                    ent[b, h, gi] = h_row if h_row > 0.0 or h_row != h_row else 0.0
         counts[t] = n_tiles
 
 
