@@ -4,7 +4,7 @@
     python benchmarks/bench_cpu.py --quick    # the same cases at smaller shapes (about a minute)
     python benchmarks/bench_cpu.py --compile-time   # numba compile time, first and second process
 
-float32, all the threads torch is set to use, warm-up first, the median of several runs; every
+float32 (two extra rows in bfloat16), all the threads torch is set to use, warm-up first, the median of several runs; every
 ratio compares two numbers taken in the same run. FLOPs as DESIGN.md counts them: 4*B*H*Lq*Lk*D
 for a forward, halved for causal, x2.5 more for the backward (forward + backward = 3.5x); for a
 sliding window or packed documents, 4*B*H*D times the allowed (query, key) pairs instead. Decoding
@@ -48,6 +48,7 @@ class Case:
     window: int = 256
     doc_len: int = 2048
     stats_pair: bool = False  # also time ours with return_stats=True
+    dtype: str = "float32"
 
 
 CASES = [
@@ -59,6 +60,11 @@ CASES = [
          baselines=("sdpa",), target=">= 10x SDPA (dense bool mask)"),
     Case("8 docs x 2048 causal fwd+bwd", (1, 16, 16384, 16384, 64), (1, 4, 4096, 4096, 64), mask="documents", backward=True,
          baselines=("sdpa",), target=">= 5x SDPA (block-diagonal dense mask)", doc_len=2048),
+    # not in the table: what `auto` needs to rank cpu against sdpa for the rest
+    Case("random dense bool mask fwd", (1, 16, 2048, 2048, 64), (1, 8, 1024, 1024, 64), mask="random", target="(rank)"),
+    Case("dense fwd bfloat16", (1, 16, 2048, 2048, 64), (1, 8, 1024, 1024, 64), target="(rank)", dtype="bfloat16"),
+    Case("causal fwd+bwd bfloat16", (1, 16, 2048, 2048, 64), (1, 8, 1024, 1024, 64), mask="causal", backward=True,
+         target="(rank)", dtype="bfloat16"),
 ]
 
 
@@ -84,7 +90,7 @@ def _median_time(fn, reps: int, warmup: int = 1) -> float:
 
 
 def _allowed_pairs(case: Case, lq: int, lk: int) -> float:
-    if case.mask == "none":
+    if case.mask in ("none", "random"):
         return float(lq * lk)
     if case.mask == "causal":
         return lq * lk / 2.0  # DESIGN.md: halved for causal
@@ -106,6 +112,9 @@ def _mask_kwargs(case: Case, lq: int, lk: int, dense: bool):
         return {"causal": True}
     if case.mask == "window":
         m = masks.window(case.window)
+    elif case.mask == "random":
+        g = torch.Generator().manual_seed(0)
+        m = masks.dense(torch.rand(1, 1, lq, lk, generator=g) < 0.9)  # (1, 1, Lq, Lk) 10% of pairs masked
     else:
         ids = torch.arange(lk) // min(case.doc_len, lk)
         m = masks.documents(ids) & masks.causal()
@@ -156,10 +165,9 @@ def bench_case(case: Case, quick: bool, reps: int) -> Row:
     shape = case.quick if quick else case.shape
     B, H, Lq, Lk, D = shape
     torch.manual_seed(0)
-    q = torch.randn(B, H, Lq, D, requires_grad=case.backward)
-    k = torch.randn(B, H, Lk, D, requires_grad=case.backward)
-    v = torch.randn(B, H, Lk, D, requires_grad=case.backward)
-    go = torch.randn(B, H, Lq, D)
+    dt = getattr(torch, case.dtype)
+    q, k, v = (torch.randn(B, H, L, D).to(dt).requires_grad_(case.backward) for L in (Lq, Lk, Lk))
+    go = torch.randn(B, H, Lq, D).to(dt)
     row = Row(case.name, shape, case.target)
     flops = 4.0 * B * H * D * _allowed_pairs(case, Lq, Lk) * (3.5 if case.backward else 1.0)
     impls = ["cpu", *case.baselines]

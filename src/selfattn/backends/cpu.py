@@ -132,7 +132,8 @@ def _flat(t: Optional[torch.Tensor], dtype):
     # a (B|1, H|1, Lq|1, Lk|1) tensor as a flat numpy array plus element strides (0 = broadcast)
     if t is None:
         return torch.zeros(0, dtype=dtype).numpy(), np.zeros(4, dtype=np.int64)
-    t = t.detach().to(dtype).contiguous()
+    t = t.detach().contiguous()
+    t = t.view(dtype) if t.dtype == torch.bool and dtype == torch.uint8 else t.to(dtype)  # bool: no copy
     strides = [t.stride(i) if t.shape[i] > 1 else 0 for i in range(4)]
     return t.reshape(-1).numpy(), np.array(strides, dtype=np.int64)
 
@@ -321,14 +322,18 @@ class CPUBackend(Backend):
         return None
 
     def rank(self, req: Request) -> float:
-        # Always below math (50). Below sdpa (10, or 20 with a dense mask tensor) when sdpa would have to
-        # materialise a structured mask densely (window, padding, documents, causal with Lq != Lk); sdpa
-        # cannot serve stats or softcap at all. Plain dense/causal: sdpa is faster here (BENCHMARKS.md,
-        # "CPU backend (issue 5)"), and so is a user-given dense mask, which sdpa takes as is.
+        # Always below math (50). sdpa ranks 10, or 20 when it needs a dense Lq x Lk mask tensor, and
+        # cannot serve stats or softcap at all. The rest follows BENCHMARKS.md, "CPU backend (issue 5)":
+        # - window / padding / documents (or causal with Lq != Lk): sdpa would get an L x L mask and do
+        #   all L^2 work; cpu skips the ruled-out tiles (4.6x-22x there): 15, below sdpa's 20;
+        # - float32 without a mask or causal, Lq >= 16: cpu measured 1.08x-1.56x sdpa: 8, below sdpa's 10;
+        # - decoding (Lq < 16), float16/bfloat16 (sdpa's native kernels), float64 (not measured) and
+        #   masks given only as dense tensors (sdpa reads them once, cpu classifies tiles first): 30.
         kinds = req.mask_kinds
-        structured = bool(kinds & {"window", "padding", "documents"}) or ("causal" in kinds and req.q_len != req.kv_len)
-        if structured:
+        if kinds & {"window", "padding", "documents"} or ("causal" in kinds and req.q_len != req.kv_len):
             return 15.0
+        if kinds <= {"causal"} and req.dtype == torch.float32 and req.q_len >= 16:
+            return 8.0
         return 30.0
 
     def forward(self, q, k, v, req: Request):
