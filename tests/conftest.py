@@ -3,16 +3,35 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 from unittest import mock
 
 import pytest
 import torch
 
-import selfattn
-from selfattn import reference
-from selfattn.backends import BackendUnavailable
+# Triton chooses interpreter or compiler when it is first imported. Import it here, in interpreter
+# mode on machines without CUDA, before any test module can import it compiled; the variable is then
+# put back, so the `triton` backend keeps refusing CPU tensors except inside
+# tests/test_triton_interpret.py, which sets it again while its tests run.
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    _previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        if _previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = _previous
 
-from tolerance import assert_close
+import selfattn  # noqa: E402
+from selfattn import reference  # noqa: E402
+from selfattn.backends import BackendUnavailable  # noqa: E402
+
+from tolerance import assert_close  # noqa: E402
 
 SEED = 1234
 
