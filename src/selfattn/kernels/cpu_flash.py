@@ -231,7 +231,7 @@ def _mm_tn_acc(a, b, c, rows):
 @intrinsic
 def _dot(typingctx, pa, pb, kdim, like):
     # sum_k a[k] * b[k] over contiguous rows at raw addresses, in a fixed order (4 vector partial
-    # sums, then lanes in order) whatever the caller: the same (query, key) pair gets the same
+    # sums, then the lanes as a tree) whatever the caller: the same (query, key) pair gets the same
     # score in the forward and both backward passes
     if not (isinstance(like, types.Array) and isinstance(like.dtype, types.Float)):
         return None
@@ -252,43 +252,73 @@ def _dot(typingctx, pa, pb, kdim, like):
         esize = ir.Constant(i64, 4 if width == 16 else 8)
         lanes = ir.Constant(ir.VectorType(i64, width), list(range(width)))
         splat_idx = ir.Constant(ir.VectorType(i32, width), [0] * width)
-        step = 4 * width
+        step = ir.Constant(i64, 4 * width)
+
+        def chunk(kk, accs, masked):
+            # accs[u] += a[kk + u*width : ...] * b[...], u = 0..3 (masked past kdim in the tail)
+            out = []
+            for u in range(4):
+                off = builder.add(kk, ir.Constant(i64, u * width))
+                byte = builder.mul(off, esize)
+                pa_u = builder.inttoptr(builder.add(pa, byte), vptr)
+                pb_u = builder.inttoptr(builder.add(pb, byte), vptr)
+                if masked:
+                    remv = builder.insert_element(ir.Constant(ir.VectorType(i64, width), None), builder.sub(kdim, off), ir.Constant(i32, 0))
+                    mask = builder.icmp_signed("<", lanes, builder.shuffle_vector(remv, remv, splat_idx))
+                    x = builder.call(mload, [pa_u, align, mask, zero])
+                    y = builder.call(mload, [pb_u, align, mask, zero])
+                else:
+                    x, y = builder.load(pa_u, align=4), builder.load(pb_u, align=4)
+                out.append(builder.call(fma, [x, y, accs[u]]))
+            return out
+
         entry = builder.block
-        loop = builder.append_basic_block("dot.loop")
+        main = builder.append_basic_block("dot.main")
+        check = builder.append_basic_block("dot.check")
+        tail = builder.append_basic_block("dot.tail")
         done = builder.append_basic_block("dot.done")
-        builder.cbranch(builder.icmp_signed(">", kdim, ir.Constant(i64, 0)), loop, done)
-        builder.position_at_end(loop)
+        builder.cbranch(builder.icmp_signed(">=", kdim, step), main, check)
+        # -- full chunks of 4 vectors, plain loads --
+        builder.position_at_end(main)
         kk = builder.phi(i64)
-        kk.add_incoming(ir.Constant(i64, 0), entry)
         accs = [builder.phi(vty) for _ in range(4)]
-        new = []
-        for u in range(4):
-            off = builder.add(kk, ir.Constant(i64, u * width))
-            rem = builder.sub(kdim, off)
-            remv = builder.insert_element(ir.Constant(ir.VectorType(i64, width), None), rem, ir.Constant(i32, 0))
-            mask = builder.icmp_signed("<", lanes, builder.shuffle_vector(remv, remv, splat_idx))
-            byte = builder.mul(off, esize)
-            x = builder.call(mload, [builder.inttoptr(builder.add(pa, byte), vptr), align, mask, zero])
-            y = builder.call(mload, [builder.inttoptr(builder.add(pb, byte), vptr), align, mask, zero])
-            new.append(builder.call(fma, [x, y, accs[u]]))
-        nxt = builder.add(kk, ir.Constant(i64, step))
-        kk.add_incoming(nxt, loop)
+        new = chunk(kk, accs, False)
+        nxt = builder.add(kk, step)
+        kk.add_incoming(ir.Constant(i64, 0), entry)
+        kk.add_incoming(nxt, main)
         for u in range(4):
             accs[u].add_incoming(zero, entry)
-            accs[u].add_incoming(new[u], loop)
-        builder.cbranch(builder.icmp_signed("<", nxt, kdim), loop, done)
+            accs[u].add_incoming(new[u], main)
+        builder.cbranch(builder.icmp_signed("<=", builder.add(nxt, step), kdim), main, check)
+        # -- the rest, masked --
+        builder.position_at_end(check)
+        kt = builder.phi(i64)
+        kt.add_incoming(ir.Constant(i64, 0), entry)
+        kt.add_incoming(nxt, main)
+        acct = [builder.phi(vty) for _ in range(4)]
+        for u in range(4):
+            acct[u].add_incoming(zero, entry)
+            acct[u].add_incoming(new[u], main)
+        builder.cbranch(builder.icmp_signed("<", kt, kdim), tail, done)
+        builder.position_at_end(tail)
+        newt = chunk(kt, acct, True)
+        builder.branch(done)
         builder.position_at_end(done)
         fin = []
         for u in range(4):
             phi = builder.phi(vty)
-            phi.add_incoming(zero, entry)
-            phi.add_incoming(new[u], loop)
+            phi.add_incoming(acct[u], check)
+            phi.add_incoming(newt[u], tail)
             fin.append(phi)
         v = builder.fadd(builder.fadd(fin[0], fin[1]), builder.fadd(fin[2], fin[3]))
-        total = builder.extract_element(v, ir.Constant(i32, 0))
-        for lane in range(1, width):
-            total = builder.fadd(total, builder.extract_element(v, ir.Constant(i32, lane)))
-        return total
+        # lanes summed as a fixed tree: halves added until one lane is left
+        half = width
+        while half > 1:
+            half //= 2
+            lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, half), list(range(half))))
+            hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, half), list(range(half, 2 * half))))
+            v = builder.fadd(lo, hi)
+        return builder.extract_element(v, ir.Constant(i32, 0))
 
     return sig, codegen
 
