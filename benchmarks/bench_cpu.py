@@ -310,7 +310,8 @@ def main(argv=None):
             print("\npeak memory, causal fwd+bwd:", json.dumps(result["peak_memory"]))
         meta["loadavg_end"] = _load()
         print(f"\nload average at the end: {meta['loadavg_end']}")
-    path = args.json or os.path.join(ROOT, "benchmarks", "results", "bench_cpu" + ("_quick" if args.quick else "") + ".json")
+    suffix = "_compile" if args.compile_time else ("_quick" if args.quick else "")
+    path = args.json or os.path.join(ROOT, "benchmarks", "results", f"bench_cpu{suffix}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as fh:
         json.dump(result, fh, indent=1, default=str)

@@ -2,9 +2,9 @@
 
 Three layers, as flash-attn has them:
 
-* ``_launch_forward`` / ``_launch_backward``: private launchers that pack K and V into
-  blocks, classify tiles with ``Mask.block_map`` and call the numba kernels in
-  ``selfattn.kernels.cpu_flash``;
+* ``_launch_forward`` / ``_launch_backward``: private launchers that classify tiles with
+  ``Mask.block_map``, turn the mask into the kernels' element-wise parameters and call the
+  numba kernels in ``selfattn.kernels.cpu_flash`` with all the threads torch uses;
 * ``selfattn::cpu_flash_attention`` and ``selfattn::cpu_flash_attention_backward``:
   ``torch.library`` custom ops, so ``torch.compile`` traces a call as one node; the forward
   op's autograd (``register_autograd``) saves q, k, v, the output and the log-sum-exp only (as
@@ -323,16 +323,18 @@ class CPUBackend(Backend):
 
     def rank(self, req: Request) -> float:
         # Always below math (50). sdpa ranks 10, or 20 when it needs a dense Lq x Lk mask tensor, and
-        # cannot serve stats or softcap at all. The rest follows BENCHMARKS.md, "CPU backend (issue 5)":
+        # cannot serve stats or softcap at all. The rest follows BENCHMARKS.md, "CPU backend (issue 5)",
+        # cpu's speed over sdpa's in one run:
         # - window / padding / documents (or causal with Lq != Lk): sdpa would get an L x L mask and do
-        #   all L^2 work; cpu skips the ruled-out tiles (4.6x-22x there): 15, below sdpa's 20;
-        # - float32 without a mask or causal, Lq >= 16: cpu measured 1.08x-1.56x sdpa: 8, below sdpa's 10;
-        # - decoding (Lq < 16), float16/bfloat16 (sdpa's native kernels), float64 (not measured) and
-        #   masks given only as dense tensors (sdpa reads them once, cpu classifies tiles first): 30.
+        #   all L^2 work, cpu skips the ruled-out tiles (window 44x, packed documents 17.5x): 15;
+        # - float32 or bfloat16 with no mask or causal: dense forward 1.22x (bf16 1.23x), causal
+        #   forward + backward 1.51x (bf16 1.05x), decoding 1.43x, 8x16x128 0.97x (parity): 8;
+        # - masks given only as dense tensors (sdpa 1.2x faster: it reads the mask once, cpu classifies
+        #   tiles first), float16 and float64 (not measured): 30, sdpa first.
         kinds = req.mask_kinds
         if kinds & {"window", "padding", "documents"} or ("causal" in kinds and req.q_len != req.kv_len):
             return 15.0
-        if kinds <= {"causal"} and req.dtype == torch.float32 and req.q_len >= 16:
+        if kinds <= {"causal"} and req.dtype in (torch.float32, torch.bfloat16):
             return 8.0
         return 30.0
 

@@ -428,20 +428,23 @@ def _scores(q_blk, k_nat, kt_blk, use_dot, s, th, rows, b, h, r0, c0, kind, lq, 
             hi = min(pos + win_right + 1, kv_len) - c0
             if gi >= q_len:
                 hi = lo
-            for j in range(ncols):
-                if j < lo or j >= hi:
-                    s[i, j] = -np.inf
+            if lo > 0 or hi < ncols:
+                # (selects, not branches: the loops vectorise)
+                for j in range(ncols):
+                    s[i, j] = s[i, j] if (j >= lo) & (j < hi) else -np.inf
             for d in range(q_ids.shape[0]):
                 bd = b if q_ids.shape[1] > 1 else 0
                 qid = q_ids[d, bd, gi]
                 for j in range(ncols):
-                    if kv_ids[d, bd, c0 + j] != qid:
-                        s[i, j] = -np.inf
+                    s[i, j] = s[i, j] if kv_ids[d, bd, c0 + j] == qid else -np.inf
             if allow.size > 0:
                 base = b * stride_allow[0] + h * stride_allow[1] + gi * stride_allow[2] + c0 * stride_allow[3]
-                for j in range(ncols):
-                    if allow[base + j * stride_allow[3]] == 0:
-                        s[i, j] = -np.inf
+                if stride_allow[3] == 1:
+                    for j in range(ncols):
+                        s[i, j] = s[i, j] if allow[base + j] != 0 else -np.inf
+                else:
+                    for j in range(ncols):
+                        s[i, j] = s[i, j] if allow[base + j * stride_allow[3]] != 0 else -np.inf
     if ncols < BLOCK_N:
         # -- zero-padded keys past Lk --
         for i in range(rows):
