@@ -183,7 +183,7 @@ def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train a small transformer (default: the recall task an induction head solves)",
                        description="Train a small decoder-only transformer built from selfattn's layers. Default: associative "
                                    "recall (predict the token that followed the previous occurrence of the current token), "
-                                   "generated on the fly, stopping at 99%% held-out accuracy. --text FILE: a character-level "
+                                   "generated on the fly, stopping at 99% held-out accuracy. --text FILE: a character-level "
                                    "model of any text. Data-parallel: torchrun --standalone --nproc_per_node N -m selfattn.cli train ...")
     add_train_arguments(t)
     t.set_defaults(func=_cmd_train)

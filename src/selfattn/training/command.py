@@ -72,8 +72,10 @@ _TRAIN_OPTIONS = [
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    metavars = {"text": "FILE", "out": "DIR", "backend": "NAME", "device": "DEVICE", "norm": "{rms,layer}",
+                "dtype": "{float32,float64}", "target_acc": "ACC"}
     for flag, dest, typ, help_ in _TRAIN_OPTIONS:
-        p.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
+        p.add_argument(flag, dest=dest, type=typ, default=None, help=help_, metavar=metavars.get(dest, "N"))
     p.add_argument("--resume", metavar="PATH", help="continue from a checkpoint written by selfattn train "
                                                      "(weights, optimizer, RNG state, step)")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar (a line per evaluation instead)")

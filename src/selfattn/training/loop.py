@@ -157,11 +157,11 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
-def stats_capable(backend: str, device: torch.device) -> bool:
-    """Whether this backend returns attention statistics (sdpa does not)."""
+def stats_capable(backend: str) -> bool:
+    """Whether this backend returns attention statistics (its features say so; sdpa does not)."""
     if backend == "auto":
-        return True
-    return backend != "sdpa"
+        return True  # auto picks a backend that can
+    return not str(_backends.get(backend).features.get("stats", "yes")).startswith("no")
 
 
 def configure_threads(threads: int) -> None:
@@ -413,7 +413,7 @@ def _train(cfg, world, resume, console, progress, on_step) -> Result:
     heldout = data.heldout(cfg.eval_size, cfg.seed)
     example = _example(data, cfg)
     tokenizer = "chars" if cfg.text is not None else "words"
-    want_stats = stats_capable(cfg.backend, world.device)
+    want_stats = stats_capable(cfg.backend)
     log = _Log(out, Path(resume) if resume is not None else None, start, world.main)
     show_bar = bool(progress if progress is not None else (console is not None and console.is_terminal))
     rep = Reporter(console, cfg.steps, start, show_bar and console is not None)
