@@ -323,18 +323,19 @@ class CPUBackend(Backend):
 
     def rank(self, req: Request) -> float:
         # Always below math (50). sdpa ranks 10, or 20 when it needs a dense Lq x Lk mask tensor, and
-        # cannot serve stats or softcap at all. The rest follows BENCHMARKS.md, "CPU backend (issue 5)",
-        # cpu's speed over sdpa's in one run:
-        # - window / padding / documents (or causal with Lq != Lk): sdpa would get an L x L mask and do
-        #   all L^2 work, cpu skips the ruled-out tiles (window 44x, packed documents 17.5x): 15;
-        # - float32 or bfloat16 with no mask or causal: dense forward 1.22x (bf16 1.23x), causal
-        #   forward + backward 1.51x (bf16 1.05x), decoding 1.43x, 8x16x128 0.97x (parity): 8;
-        # - masks given only as dense tensors (sdpa 1.2x faster: it reads the mask once, cpu classifies
-        #   tiles first), float16 and float64 (not measured): 30, sdpa first.
+        # cannot serve stats or softcap at all. The rest follows BENCHMARKS.md, "CPU backend (issue 5)":
+        # cpu's speed over sdpa's, in two full runs on the 2-core machine:
+        # - window / padding / documents (or causal with Lq != Lk): sdpa gets an L x L mask and does all
+        #   L^2 work, cpu skips the ruled-out tiles (window 44-61x, packed documents 13.6-17.5x): 15;
+        # - float32, no mask or causal: dense forward 1.22-1.23x, causal forward + backward 1.51-1.85x,
+        #   decoding 1.38-1.43x, 8x16x128 0.97-1.35x: 8, before sdpa;
+        # - bfloat16 (0.85-1.23x: no clear winner), float16 and float64 (not measured), and masks
+        #   given only as dense tensors (0.78-0.83x: sdpa reads the mask once, cpu classifies tiles
+        #   first): 30, sdpa first.
         kinds = req.mask_kinds
         if kinds & {"window", "padding", "documents"} or ("causal" in kinds and req.q_len != req.kv_len):
             return 15.0
-        if kinds <= {"causal"} and req.dtype in (torch.float32, torch.bfloat16):
+        if kinds <= {"causal"} and req.dtype == torch.float32:
             return 8.0
         return 30.0
 
