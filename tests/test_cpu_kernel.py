@@ -61,13 +61,14 @@ def mask_kwargs(name, b, hq, lq, lk):
         "documents_causal": {"mask": docs & masks.causal()},
         "dense_bool": {"mask": bool_m},
         "dense_float": {"mask": float_m},
+        "dense_key_bias": {"mask": torch.where(torch.rand(b, 1, 1, lk, generator=g) < 0.3, float("-inf"), 0.5)},
         "window_padding_documents": {"mask": masks.window(20, 20) & masks.padding(kv_len) & docs},
         "causal_bool_float": {"mask": masks.causal() & masks.dense(bool_m) & masks.dense(float_m)},
     }[name]
 
 
 MASKS = ["none", "causal", "window", "causal_window", "padding", "documents_causal", "dense_bool",
-         "dense_float", "window_padding_documents", "causal_bool_float"]
+         "dense_float", "dense_key_bias", "window_padding_documents", "causal_bool_float"]
 
 
 def _inputs(shape, dtype, magnitude=1.0, seed=0):

@@ -301,7 +301,7 @@ class CPUBackend(Backend):
         "stats": "yes, from the online softmax (no gradient through them)",
         "softcap": "yes",
         "dropout": "no (refused)",
-        "backward": "fused, deterministic (no gradient for a float mask)",
+        "backward": "fused, deterministic; no double backward, no gradient for a float mask",
         "device": "cpu only",
         "memory": "O(L)",
     }
