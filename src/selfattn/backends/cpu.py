@@ -158,8 +158,11 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _set_threads():
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+def _set_threads(tasks: int, flops: float):
+    # all the threads torch uses, but no more than there are tasks, and one for tiny calls: waking a
+    # thread pool costs more than ~4 MFLOP of work (and, on a busy machine, a scheduler time slice)
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, tasks)
+    numba.set_num_threads(max(1, threads if flops >= 4e6 else 1))
     # tasks are whole query (or key) blocks of uneven cost under causal/window masks: hand them out
     # one at a time rather than in equal static slices (results do not depend on the schedule)
     numba.set_parallel_chunksize(1)
@@ -193,7 +196,7 @@ def _launch_forward(q, k, v, mask_args, scale, softcap, want_stats):
     out = torch.empty(B, Hq, Lq, Dv, dtype=acc)
     row_max, row_log, ent = (torch.empty(B, Hq, Lq, dtype=acc) for _ in range(3))
     counts = np.zeros(B * Hq * (-(-Lq // _k.BLOCK_M)), np.int64)
-    _set_threads()
+    _set_threads(len(counts), 4.0 * B * Hq * Lq * Lk * D)
     _k.flash_fwd(q_.numpy(), k_.numpy(), kt.numpy(), v_.numpy(), out.numpy(), row_max.numpy(), row_log.numpy(), ent.numpy(),
                  margs[0], counts, *margs[1:], softcap_u, Lk, bool(want_stats), consts, acc == torch.float32)
     TILE_PRODUCTS["forward"] += int(counts.sum())
@@ -217,7 +220,7 @@ def _launch_backward(grad_out, q, k, v, out, row_max, row_log, mask_args, scale,
     fast = acc == torch.float32
     counts_q = np.zeros(B * Hq * (-(-Lq // _k.BLOCK_M)), np.int64)
     counts_kv = np.zeros(B * Hkv * (-(-Lk // _k.BLOCK_N)), np.int64)
-    _set_threads()
+    _set_threads(max(len(counts_q), len(counts_kv)), 10.0 * B * Hq * Lq * Lk * D)
     kt, vt = _transposed(k_, Lq), _transposed(v_, 4)  # (B, Hkv, D, Lk), (B, Hkv, Dv, Lk) (dP needs it)
     _k.flash_bwd_q(q_.numpy(), k_.numpy(), kt.numpy(), v_.numpy(), vt.numpy(), do.numpy(), out_.numpy(), row_max.numpy(), row_log.numpy(),
                    delta.numpy(), dq.numpy(), margs[0], counts_q, *margs[1:], softcap_u, softcap, Lk, dscale, consts, fast)
