@@ -22,6 +22,7 @@ import math
 
 import numpy as np
 from llvmlite import ir
+from llvmlite.binding import llvm_version_info
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -96,6 +97,11 @@ def _load_t(x, c0, ncols, buf):
 TILE_N = 64  # columns of C per micro-kernel call (masked when fewer)
 
 
+def _ptr(bits):
+    # name mangling of the pointer argument of llvm.masked.*: opaque "p0" since LLVM 15, "p0v16f32" before
+    return "p0" if llvm_version_info[0] >= 15 else "p0" + bits
+
+
 def _make_microkernel(MR):
     @intrinsic
     def microkernel(typingctx, pa, sa0, sa1, pb, sb, pc, sc, n, kdim, accumulate, like):
@@ -115,8 +121,8 @@ def _make_microkernel(MR):
             vptr, sptr = ir.PointerType(vty), ir.PointerType(fty)
             bits = "v%df%d" % (width, 32 if width == 16 else 64)
             mod = builder.module
-            mload = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vptr, i32, mty, vty]), f"llvm.masked.load.{bits}.p0")
-            mstore = cgutils.get_or_insert_function(mod, ir.FunctionType(ir.VoidType(), [vty, vptr, i32, mty]), f"llvm.masked.store.{bits}.p0")
+            mload = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vptr, i32, mty, vty]), f"llvm.masked.load.{bits}.{_ptr(bits)}")
+            mstore = cgutils.get_or_insert_function(mod, ir.FunctionType(ir.VoidType(), [vty, vptr, i32, mty]), f"llvm.masked.store.{bits}.{_ptr(bits)}")
             fma = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vty, vty, vty]), f"llvm.fma.{bits}")
             align, zero = ir.Constant(i32, 4), ir.Constant(vty, None)
             esize = ir.Constant(i64, 4 if width == 16 else 8)
@@ -246,7 +252,7 @@ def _dot(typingctx, pa, pb, kdim, like):
         vptr = ir.PointerType(vty)
         bits = "v%df%d" % (width, 32 if width == 16 else 64)
         mod = builder.module
-        mload = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vptr, i32, mty, vty]), f"llvm.masked.load.{bits}.p0")
+        mload = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vptr, i32, mty, vty]), f"llvm.masked.load.{bits}.{_ptr(bits)}")
         fma = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vty, vty, vty]), f"llvm.fma.{bits}")
         align, zero = ir.Constant(i32, 4), ir.Constant(vty, None)
         esize = ir.Constant(i64, 4 if width == 16 else 8)
