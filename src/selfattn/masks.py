@@ -351,7 +351,13 @@ class Dense(Mask):
         t = t[:, :, rows]
         return torch.where(t == float("-inf"), torch.zeros((), dtype=t.dtype, device=t.device), t)
 
+    def block_map(self, lq, lk, block_q, block_k, *, device=None):
+        t = self._t4().to(device)  # (B|1, H|1, Lq|1, Lk|1) broadcast dims stay size 1
+        kinds = dense_block_kinds(t if t.dtype == torch.bool else t != float("-inf"), lq, lk, block_q, block_k)
+        return kinds.expand(kinds.shape[0], kinds.shape[1], -(-lq // block_q), -(-lk // block_k))
+
     def _tile_kinds(self, lq, lk, r0, r1, c0, c1, device):
+        # arbitrary tile bounds (tile()); block_map above is the vectorised path for block grids
         a = self._allowed(lq, lk, torch.arange(lq, device=device), device)
         rs, re, cs, ce = r0[:, 0].tolist(), r1[:, 0].tolist(), c0[0].tolist(), c1[0].tolist()
         out = torch.empty(a.shape[0], a.shape[1], len(rs), len(cs), dtype=torch.int8, device=a.device)
@@ -369,8 +375,31 @@ class Dense(Mask):
         return f"dense({self.tensor.dtype} tensor of shape {tuple(self.tensor.shape)})"
 
 
+def dense_block_kinds(allowed: torch.Tensor, lq: int, lk: int, block_q: int, block_k: int) -> torch.Tensor:
+    """TileKind per block of a bool mask (B|1, H|1, Lq|1, Lk|1), without expanding size-1 dims.
+
+    Returns int8 (B|1, H|1, nQ|1, nK|1): a size-1 input dim gives a size-1 output dim.
+    """
+    any_ = all_ = allowed.to(torch.uint8)
+    for dim, length, block in ((2, lq, block_q), (3, lk, block_k)):
+        if allowed.shape[dim] == 1:
+            continue
+        n = -(-length // block)
+        pad = [0, 0] * (3 - dim) + [0, n * block - length]
+        shape = any_.shape[:dim] + (n, block) + any_.shape[dim + 1:]
+        any_ = torch.nn.functional.pad(any_, pad, value=0).reshape(shape).amax(dim + 1)  # padding never counts as allowed
+        all_ = torch.nn.functional.pad(all_, pad, value=1).reshape(shape).amin(dim + 1)  # nor as disallowed
+    return _kinds(any_ == 0, all_ == 1)
+
+
 class And(Mask):
     """Pairs allowed by every part; float biases add up."""
+
+    def block_map(self, lq, lk, block_q, block_k, *, device=None):
+        out = self.parts[0].block_map(lq, lk, block_q, block_k, device=device)
+        for p in self.parts[1:]:
+            out = _combine_kinds(out, p.block_map(lq, lk, block_q, block_k, device=device))
+        return out
 
     def __init__(self, *parts: Mask):
         flat: list[Mask] = []

@@ -21,7 +21,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from .. import masks as _masks
 from ..stats import AttentionStats
@@ -84,21 +83,6 @@ def _mask_args(mask, Lq: int, Lk: int):
     return kv_lens, q_lens, q_ids, kv_ids, allow, bias, left, right
 
 
-def _dense_tiles(a: torch.Tensor, lq: int, lk: int) -> torch.Tensor:
-    # TileKind of every tile of a dense allowed-mask a (B|1, H|1, Lq|1, Lk|1), vectorised
-    any_ = all_ = a.to(torch.uint8)
-    for dim, length, block in ((2, lq, _k.BLOCK_M), (3, lk, _k.BLOCK_N)):
-        if a.shape[dim] == 1:
-            continue
-        n = -(-length // block)
-        pad = [0, 0] * (3 - dim) + [0, n * block - length]
-        shape = any_.shape[:dim] + (n, block) + any_.shape[dim + 1:]
-        any_ = F.pad(any_, pad, value=0).reshape(shape).amax(dim + 1)
-        all_ = F.pad(all_, pad, value=1).reshape(shape).amin(dim + 1)
-    kinds = torch.where(all_ == 1, int(_masks.FULL), torch.where(any_ == 1, int(_masks.PARTIAL), int(_masks.EMPTY)))
-    return kinds.to(torch.int8)
-
-
 def _tile_map(lq, lk, kv_lens, q_lens, q_ids, kv_ids, allow, bias, left, right) -> torch.Tensor:
     """int8 (B|1, H|1, nQ, nK) TileKind per (query block, key block) for every mask part."""
     parts = []
@@ -121,7 +105,7 @@ def _tile_map(lq, lk, kv_lens, q_lens, q_ids, kv_ids, allow, bias, left, right) 
         finite = bias != float("-inf")  # -inf entries of a float mask rule pairs out
         dense = finite if dense is None else dense & finite
     if dense is not None:
-        d = _dense_tiles(dense, lq, lk)
+        d = _masks.dense_block_kinds(dense, lq, lk, _k.BLOCK_M, _k.BLOCK_N)
         empty = (tiles == _masks.EMPTY) | (d == _masks.EMPTY)
         full = (tiles == _masks.FULL) & (d == _masks.FULL)
         tiles = torch.where(empty, int(_masks.EMPTY), torch.where(full, int(_masks.FULL), int(_masks.PARTIAL))).to(torch.int8)
