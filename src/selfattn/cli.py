@@ -12,28 +12,24 @@ class UsageError(ValueError):
     """Bad input on the command line: reported as one line, exit status 2."""
 
 
-def _positive(name):
+def _int_at_least(name, minimum, what):
     def parse(s):
         try:
             v = int(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {v}")
+            raise argparse.ArgumentTypeError(f"{name} must be a {what} integer, got {s!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be a {what} integer, got {v}")
         return v
     return parse
+
+
+def _positive(name):
+    return _int_at_least(name, 1, "positive")
 
 
 def _non_negative(name):
-    def parse(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a non-negative integer, got {s!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a non-negative integer, got {v}")
-        return v
-    return parse
+    return _int_at_least(name, 0, "non-negative")
 
 
 # -- explain ---------------------------------------------------------------------------------

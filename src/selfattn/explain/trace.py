@@ -42,8 +42,35 @@ _LONG_NOTES = {
 }
 
 
+class _Views:
+    """The renderings every trace offers: HTML report, matplotlib figure, terminal tables, notebook."""
+
+    def to_html(self, path=None) -> str:
+        """The self-contained HTML report (written to ``path`` if given)."""
+        from .html import report
+
+        return report(self, path)
+
+    def plot(self, path=None):
+        """A matplotlib Figure: heatmap of the attention weights (written as PNG to ``path`` if given)."""
+        from .plot import plot_trace
+
+        return plot_trace(self, path)
+
+    def render(self, console=None) -> None:
+        """Print every step as labelled terminal tables."""
+        from .terminal import render
+
+        render(self, console)
+
+    def _repr_html_(self) -> str:
+        from .html import fragment
+
+        return fragment(self)
+
+
 @dataclass
-class ExplainTrace:
+class ExplainTrace(_Views):
     """Every step of one self-attention head over labelled tokens (batch of one).
 
     ``steps`` maps step names ("embeddings", "W_Q", "Q", "K", "V", "scores", "scaled",
@@ -97,28 +124,6 @@ class ExplainTrace:
             "row_weights": _enc(self.row_weights) if self.row_weights is not None else None,
         }
 
-    def to_html(self, path=None) -> str:
-        """The self-contained HTML report (written to ``path`` if given)."""
-        from .html import report
-
-        return report(self, path)
-
-    def plot(self, path=None):
-        """A matplotlib Figure: heatmap of the attention weights (written as PNG to ``path`` if given)."""
-        from .plot import plot_trace
-
-        return plot_trace(self, path)
-
-    def render(self, console=None) -> None:
-        """Print every step as labelled terminal tables."""
-        from .terminal import render
-
-        render(self, console)
-
-    def _repr_html_(self) -> str:
-        from .html import fragment
-
-        return fragment(self)
 
 
 @dataclass
@@ -129,7 +134,7 @@ class LayerTrace:
 
 
 @dataclass
-class ModelTrace:
+class ModelTrace(_Views):
     """Every attention layer and head of a model run on some tokens (``explain(checkpoint=...)``)."""
 
     tokens: list
@@ -149,25 +154,6 @@ class ModelTrace:
         return {"tokens": list(self.tokens), "options": _jsonable(self.options),
                 "layers": [{"name": layer.name, "kind": layer.kind, "heads": [h.to_dict() for h in layer.heads]} for layer in self.layers]}
 
-    def to_html(self, path=None) -> str:
-        from .html import report
-
-        return report(self, path)
-
-    def plot(self, path=None):
-        from .plot import plot_trace
-
-        return plot_trace(self, path)
-
-    def render(self, console=None) -> None:
-        from .terminal import render
-
-        render(self, console)
-
-    def _repr_html_(self) -> str:
-        from .html import fragment
-
-        return fragment(self)
 
 
 def _num(x: float):
