@@ -51,16 +51,21 @@ class World:
         n = t.shape[0]
         return t[self.rank * n // self.size:(self.rank + 1) * n // self.size]
 
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        """All-reduce (sum) over ranks, in place; returns ``t``. A no-op for one process."""
-        if self.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
+        if not self.distributed:
+            return t
+        d = t.to(self.device) if self.backend == "nccl" else t  # nccl reduces CUDA tensors only
+        dist.all_reduce(d, op=op)
+        if d is not t:
+            t.copy_(d.to(t.device))
         return t
 
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduce (sum) over ranks, in place; returns ``t``. A no-op for one process."""
+        return self._reduce(t, dist.ReduceOp.SUM)
+
     def max(self, t: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t
+        return self._reduce(t, dist.ReduceOp.MAX)
 
     def barrier(self) -> None:
         if self.distributed:
@@ -117,4 +122,7 @@ def wrap(model: torch.nn.Module, world: World) -> torch.nn.Module:
 
 def cleanup(world: World) -> None:
     if world.distributed and dist.is_initialized():
+        # every rank leaves together: a rank tearing its connections down while another still
+        # works (rank 0 draws the plot) was seen to abort in gloo under load
+        dist.barrier()
         dist.destroy_process_group()

@@ -232,9 +232,9 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
 
 def _head_stats(stats_list, world) -> list:
     """Per layer, per head: [mean entropy, mean max logit, largest max logit], reduced over ranks."""
-    ent = torch.stack([s.entropy.detach().double().sum(dim=(0, 2)) for s in stats_list])  # (layers, H)
-    mxl = torch.stack([s.max_logit.detach().double().sum(dim=(0, 2)) for s in stats_list])  # (layers, H)
-    top = torch.stack([s.max_logit.detach().double().amax(dim=(0, 2)) for s in stats_list])  # (layers, H)
+    ent = torch.stack([s.entropy.detach().double().sum(dim=(0, 2)).cpu() for s in stats_list])  # (layers, H)
+    mxl = torch.stack([s.max_logit.detach().double().sum(dim=(0, 2)).cpu() for s in stats_list])  # (layers, H)
+    top = torch.stack([s.max_logit.detach().double().amax(dim=(0, 2)).cpu() for s in stats_list])  # (layers, H)
     count = torch.tensor([float(stats_list[0].entropy[:, 0].numel())], dtype=torch.float64)
     packed = world.sum(torch.cat([ent.flatten(), mxl.flatten(), count]))
     top = world.max(top.clone())
