@@ -323,7 +323,9 @@ class CPUBackend(Backend):
         if kinds & {"window", "padding", "documents"} or ("causal" in kinds and req.q_len != req.kv_len):
             return 15.0
         if kinds <= {"causal"} and req.dtype == torch.float32:
-            return 8.0
+            # short sequences: in training the default model (L = 48, "Training throughput (issue 7)")
+            # cpu ran at 0.87-0.89x sdpa, so sdpa goes first below 128 keys
+            return 8.0 if req.kv_len >= 128 else 30.0
         return 30.0
 
     def forward(self, q, k, v, req: Request):
