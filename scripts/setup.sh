@@ -6,19 +6,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# drop pip's notes about this machine's local package mirrors; pipefail keeps pip's exit status
+quiet() { sed '/^WARNING: Location/d'; }
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 # torch first and pinned exactly: on these machines 2.13.0 is a local CPU build; a looser pin
 # could pull a multi-GB CUDA build.
 if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
-    .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0"
+    .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | quiet
 fi
 extra=""
 if [ "${1:-}" = "--test" ]; then
     extra="[test]"
 fi
-.venv/bin/pip install -q --disable-pip-version-check -e ".${extra}" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/pip install -q --disable-pip-version-check -e ".${extra}" 2>&1 | quiet
 # the HTML-report test drives a real headless Chromium (Debian's package); without it that test is skipped
 if [ -n "$extra" ] && ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     timeout 900 bash -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver' >/dev/null 2>&1 \
