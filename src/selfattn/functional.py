@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
 
@@ -13,6 +15,22 @@ from .backends.base import Request
 from .stats import AttentionStats
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# callbacks that see every attention() call made in this context (selfattn.explain records heads this way)
+_OBSERVERS: contextvars.ContextVar[tuple] = contextvars.ContextVar("selfattn_observers", default=())
+
+
+@contextlib.contextmanager
+def observe(callback):
+    """While active, ``callback(query, key, value, options, output, stats)`` runs after every
+    ``attention()`` call in this context; statistics are computed for it even when the caller
+    did not ask for them. ``options`` holds the call's mask, causal, window, scale and softcap.
+    """
+    token = _OBSERVERS.set(_OBSERVERS.get() + (callback,))
+    try:
+        yield
+    finally:
+        _OBSERVERS.reset(token)
 
 
 def _shape(t) -> tuple:
@@ -174,6 +192,7 @@ def attention(
     """
     _check_qkv(query, key, value)
     _check_options(softcap, dropout_p, generator, return_stats, backend)
+    observers = () if torch.compiler.is_compiling() else _OBSERVERS.get()  # compiled graphs are not observed
     m = _resolve_mask(mask, causal, window)
     B, Hq, Lq, D = query.shape
     Hkv, Lk, Dv = key.shape[1], key.shape[2], value.shape[3]
@@ -181,7 +200,7 @@ def attention(
         m.check(B, Hq, Lq, Lk, query.device)
     req = Request(
         mask=m, scale=_resolve_scale(scale, D), softcap=None if softcap is None else float(softcap),
-        dropout_p=float(dropout_p), generator=generator, return_stats=return_stats,
+        dropout_p=float(dropout_p), generator=generator, return_stats=return_stats or bool(observers),
         batch=B, q_heads=Hq, kv_heads=Hkv, q_len=Lq, kv_len=Lk, head_dim=D, v_dim=Dv,
         dtype=query.dtype, device=query.device,
         requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)),
@@ -192,6 +211,10 @@ def attention(
         out, stats = _NoKeys.apply(query, key, value), _empty_stats(query, acc)
     else:
         out, stats = chosen.forward(query, key, value, req)
+    if observers:
+        opts = {"mask": mask, "causal": causal, "window": window, "scale": scale, "softcap": softcap}
+        for callback in observers:
+            callback(query, key, value, opts, out, stats)
     return (out, stats) if return_stats else out
 
 

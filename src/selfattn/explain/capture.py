@@ -2,14 +2,13 @@
 
 Layers call :func:`selfattn.attention` on the queries, keys and values they built (after
 projections, rotary embeddings, QK-norm); that call is where attention happens, so it is what
-``selfattn explain --checkpoint`` shows. While :func:`capture_attention` is active, the name
-``attention`` in every loaded ``selfattn`` module is replaced by a wrapper that asks for the
-statistics, records the call and returns what the caller asked for, unchanged.
+``selfattn explain --checkpoint`` shows. While :func:`capture_attention` is active, an observer
+registered with ``selfattn.functional.observe`` records each call (the library computes the
+statistics for it); callers get exactly what they asked for.
 """
 
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -46,15 +45,11 @@ def capture_attention(model: nn.Module | None = None):
     """Yield a list that fills with one :class:`AttentionCall` per attention() call made inside."""
     calls: list = []
     stack: list = []
-    original = _functional.attention
 
-    def recording(query, key, value, *, return_stats=False, **kw):
-        out, stats = original(query, key, value, return_stats=True, **kw)
-        opts = {k: kw.get(k) for k in ("mask", "causal", "window", "scale", "softcap")}
-        opts["causal"] = bool(opts["causal"])
+    def record(query, key, value, opts, out, stats):
         layer, kind = stack[-1] if stack else ("", type(model).__name__ if model is not None else "")
+        opts = dict(opts, causal=bool(opts["causal"]))
         calls.append(AttentionCall(layer, kind, query.detach(), key.detach(), value.detach(), opts, out.detach(), stats))
-        return (out, stats) if return_stats else out
 
     hooks = []
     if model is not None:
@@ -62,14 +57,9 @@ def capture_attention(model: nn.Module | None = None):
             if type(mod).__name__ in _ATTENTION_CLASSES:
                 hooks.append(mod.register_forward_pre_hook(lambda m, a, n=name: _push(stack, (n, type(m).__name__))))
                 hooks.append(mod.register_forward_hook(lambda m, a, o: _pop(stack)))
-    patched = [m for name, m in list(sys.modules.items())
-               if name.startswith("selfattn") and not name.startswith("selfattn.explain") and getattr(m, "attention", None) is original]
-    for m in patched:
-        m.attention = recording
     try:
-        yield calls
+        with _functional.observe(record):
+            yield calls
     finally:
-        for m in patched:
-            m.attention = original
         for h in hooks:
             h.remove()
