@@ -6,6 +6,8 @@ kernel promises: O(L) memory, bit-identical reruns, skipped tiles, torch.compile
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numba
 import pytest
@@ -230,6 +232,17 @@ def test_deterministic():
     for a, b in zip(*runs):
         assert torch.equal(a, b), "two runs differ"
     assert numba.get_num_threads() == min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+
+
+def test_keeps_torch_thread_count():
+    # a fresh process: the first launch of numba's OpenMP pool sets the OpenMP thread count that
+    # torch shares; the backend must hand torch back its own setting (selfattn train uses 1)
+    code = ("import torch; torch.set_num_threads(1); import selfattn; q = torch.randn(1, 1, 8, 4); "
+            "selfattn.attention(q, q, q, causal=True, backend='cpu'); print(torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[-1] == "1", f"torch threads after a cpu call: {res.stdout!r}"
 
 
 def _tiles(fn):

@@ -122,7 +122,25 @@ def _flat(t: Optional[torch.Tensor], dtype):
     return t.reshape(-1).numpy(), np.array(strides, dtype=np.int64)
 
 
+#: kernel mask arguments of window-only masks (none, causal, window), by (Lq, Lk, left, right,
+#: dtype): they depend on nothing else, and a training step asks for the same ones every call
+_WINDOW_ARGS: dict = {}
+
+
 def _kernel_mask_args(lq, lk, kv_lens, q_lens, q_ids, kv_ids, allow, bias, left, right, acc):
+    if kv_lens is None and q_lens is None and q_ids is None and allow is None and bias is None:
+        key = (lq, lk, left, right, acc)
+        margs = _WINDOW_ARGS.get(key)
+        if margs is None:
+            if len(_WINDOW_ARGS) >= 64:  # many shapes (e.g. decoding step by step): start afresh
+                _WINDOW_ARGS.clear()
+            margs = _WINDOW_ARGS[key] = _build_kernel_mask_args(lq, lk, None, None, None, None, None, None, left, right, acc)
+        return margs
+    return _build_kernel_mask_args(lq, lk, kv_lens, q_lens, q_ids, kv_ids, allow, bias, left, right, acc)
+
+
+def _build_kernel_mask_args(lq, lk, kv_lens, q_lens, q_ids, kv_ids, allow, bias, left, right, acc):
+    # the kernels only read these arrays, so a cached tuple is safe to hand out again
     tiles = _tile_map(lq, lk, kv_lens, q_lens, q_ids, kv_ids, allow, bias, left, right).numpy()
     kvl = np.array([lk], np.int64) if kv_lens is None else kv_lens.detach().to(torch.int64).contiguous().numpy()
     ql = np.array([lq], np.int64) if q_lens is None else q_lens.detach().to(torch.int64).contiguous().numpy()
@@ -145,8 +163,13 @@ def _acc_dtype(dtype):
 def _set_threads(tasks: int, flops: float):
     # all the threads torch uses, but no more than there are tasks, and one for tiny calls: waking a
     # thread pool costs more than ~4 MFLOP of work (and, on a busy machine, a scheduler time slice)
-    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, tasks)
+    torch_threads = torch.get_num_threads()
+    threads = min(torch_threads, numba.config.NUMBA_NUM_THREADS, tasks)
     numba.set_num_threads(max(1, threads if flops >= 4e6 else 1))
+    if torch.get_num_threads() != torch_threads:
+        # starting numba's OpenMP pool (first call) sets the OpenMP thread count torch shares to
+        # NUMBA_NUM_THREADS: give torch its own setting back
+        torch.set_num_threads(torch_threads)
     # tasks are whole query (or key) blocks of uneven cost under causal/window masks: hand them out
     # one at a time rather than in equal static slices (results do not depend on the schedule)
     numba.set_parallel_chunksize(1)
