@@ -75,22 +75,27 @@ FP32_GRAD_CASES = {
 }
 
 
+def _check_grads(label, backend, q, k, v, kw):
+    # output and dq/dk/dv of one backend against the float64 reference (factor 2 output, 3 gradients)
+    if supports(backend, q, k, v, **kw) is not None:
+        run_backend(backend, q, k, v, **kw)
+        return
+    do = torch.randn(*q.shape[:-1], v.shape[-1], dtype=torch.float64)
+    got = _grads(lambda *a: selfattn.attention(*a, backend=backend, **kw), q, k, v, do)
+    ref64 = _grads(_reference_fn(True, kw), q.double(), k.double(), v.double(), do)
+    low = _grads(_reference_fn(False, kw), q, k, v, do)
+    for name, g, r, lo in zip(("out", "dq", "dk", "dv"), got, ref64, low):
+        assert g.dtype == q.dtype
+        assert_close(f"{label} {name}", g, r, lo, factor=3.0 if name != "out" else 2.0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(FP32_GRAD_CASES))
 def test_gradients_float32_vs_reference(backend, case):
     b, hq, hkv, lq, lk, d, dv, kw = FP32_GRAD_CASES[case]
     torch.manual_seed(zlib.crc32(case.encode()))
     q, k, v = qkv(b, hq, hkv, lq, lk, d, dv, requires_grad=True)
-    if supports(backend, q, k, v, **kw) is not None:
-        run_backend(backend, q, k, v, **kw)
-        return
-    do = torch.randn(b, hq, lq, dv, dtype=torch.float64)
-    got = _grads(lambda *a: selfattn.attention(*a, backend=backend, **kw), q, k, v, do)
-    ref64 = _grads(_reference_fn(True, kw), q.double(), k.double(), v.double(), do)
-    low = _grads(_reference_fn(False, kw), q, k, v, do)
-    for name, g, r, lo in zip(("out", "dq", "dk", "dv"), got, ref64, low):
-        assert g.dtype == q.dtype
-        assert_close(f"{case}[{backend}] {name}", g, r, lo, factor=3.0 if name != "out" else 2.0)
+    _check_grads(f"{case}[{backend}]", backend, q, k, v, kw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -99,16 +104,7 @@ def test_gradients_low_precision_vs_reference(backend, dtype):
     b, hq, hkv, lq, lk, d, dv = 1, 4, 2, 29, 41, 64, 64
     kw = {"mask": masks.padding([30], [25]), "causal": True}
     q, k, v = qkv(b, hq, hkv, lq, lk, d, dv, dtype=dtype, requires_grad=True)
-    if supports(backend, q, k, v, **kw) is not None:
-        run_backend(backend, q, k, v, **kw)
-        return
-    do = torch.randn(b, hq, lq, dv, dtype=torch.float64)
-    got = _grads(lambda *a: selfattn.attention(*a, backend=backend, **kw), q, k, v, do)
-    ref64 = _grads(_reference_fn(True, kw), q.double(), k.double(), v.double(), do)
-    low = _grads(_reference_fn(False, kw), q, k, v, do)
-    for name, g, r, lo in zip(("out", "dq", "dk", "dv"), got, ref64, low):
-        assert g.dtype == dtype
-        assert_close(f"{dtype}[{backend}] {name}", g, r, lo, factor=3.0 if name != "out" else 2.0)
+    _check_grads(f"{dtype}[{backend}]", backend, q, k, v, kw)
 
 
 # -- fully-masked rows, unreachable keys, empty sequences -------------------------------------------
