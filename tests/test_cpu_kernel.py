@@ -31,6 +31,11 @@ SHAPES = [
     (1, 3, 3, 2, 2, 8, 8),
     (1, 2, 2, 2, 97, 59, 16),  # Dv != D
     (1, 4, 2, 97, 1, 8, 8),  # a single key
+    # one key block (Lk <= 64): the backward is one pass (flash_bwd_kv also writes dQ) ...
+    (2, 4, 2, 48, 48, 32, 32),  # the training model's shape, GQA
+    (1, 2, 1, 97, 40, 16, 8),  # two query blocks per kv head
+    # ... unless one task per kv head would leave a thread idle: then dQ gets its own pass
+    (1, 2, 1, 150, 60, 32, 32),
 ]
 
 
@@ -265,12 +270,20 @@ def test_masked_tiles_are_skipped():
     window = _tiles(run(window=64))
     docs = _tiles(run(mask=masks.documents(torch.arange(L) // 128) & masks.causal()))
     print("tile products:", dense, causal, window, docs, sep="\n")
-    assert dense == {"forward": n * n, "backward_kv": n * n, "backward_q": n * n}
+    assert dense == {"forward": n * n, "backward_kv": n * n, "backward_q": n * n, "backward_one_pass": 0}
     assert causal["forward"] == n * (n + 1) // 2
     assert window["forward"] <= 3 * n  # each query block meets at most 3 key blocks of a 64-wide window
     assert docs["forward"] == (L // 128) * 3  # 2 query blocks per document: 1 + 2 key blocks
     for counts in (causal, window, docs):
         assert counts["backward_kv"] == counts["backward_q"] == counts["forward"]
+    # one key block: one backward pass over the same tiles as the forward
+    q, k, v, go = _inputs((2, 4, 2, 200, 64, 16, 16), torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    short = _tiles(run(causal=True))
+    print(short)
+    # bottom-right causal: rows i < Lq - Lk = 136 see no key, so query blocks 0 and 1 are empty
+    assert short["forward"] == 2 * 4 * 2 and short["backward_one_pass"] == short["forward"]
+    assert short["backward_q"] == short["backward_kv"] == 0
 
 
 def test_torch_compile_fullgraph():

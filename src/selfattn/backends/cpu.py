@@ -37,8 +37,9 @@ except ImportError:  # numba missing: the backend stays registered and says why 
 _BIG = 1 << 40  # window bound meaning "unbounded"
 _ATOMIC = (_masks.Causal, _masks.Window, _masks.Padding, _masks.Documents, _masks.Dense)
 
-#: tile products computed by the kernels since import (or the last reset); deterministic
-TILE_PRODUCTS = {"forward": 0, "backward_kv": 0, "backward_q": 0}
+#: tile products computed by the kernels since import (or the last reset); deterministic.
+#: "backward_one_pass": backward passes with one key block, where flash_bwd_kv also computes dQ
+TILE_PRODUCTS = {"forward": 0, "backward_kv": 0, "backward_q": 0, "backward_one_pass": 0}
 
 
 def reset_tile_products() -> None:
@@ -160,19 +161,28 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _set_threads(tasks: int, flops: float):
+def _threads(tasks: int, flops: float) -> int:
     # all the threads torch uses, but no more than there are tasks, and one for tiny calls: waking a
     # thread pool costs more than ~4 MFLOP of work (and, on a busy machine, a scheduler time slice)
+    return min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, tasks) if flops >= 4e6 else 1
+
+
+def _serial(threads: int) -> bool:
+    """Whether a kernel runs in the calling thread (one thread: numba's pool is not woken);
+    otherwise the pool gets ``threads`` threads."""
     torch_threads = torch.get_num_threads()
-    threads = min(torch_threads, numba.config.NUMBA_NUM_THREADS, tasks)
-    numba.set_num_threads(max(1, threads if flops >= 4e6 else 1))
+    if threads > 1:
+        numba.set_num_threads(threads)
+        # tasks are whole query (or key) blocks of uneven cost under causal/window masks: hand them
+        # out one at a time rather than in equal static slices (results do not depend on the schedule)
+        numba.set_parallel_chunksize(1)
+    else:
+        numba.get_num_threads()  # starts the pool now (a parallel kernel would at its call), see below
     if torch.get_num_threads() != torch_threads:
         # starting numba's OpenMP pool (first call) sets the OpenMP thread count torch shares to
         # NUMBA_NUM_THREADS: give torch its own setting back
         torch.set_num_threads(torch_threads)
-    # tasks are whole query (or key) blocks of uneven cost under causal/window masks: hand them out
-    # one at a time rather than in equal static slices (results do not depend on the schedule)
-    numba.set_parallel_chunksize(1)
+    return threads <= 1
 
 
 def _units(acc, scale, softcap):
@@ -202,9 +212,9 @@ def _launch_forward(q, k, v, mask_args, scale, softcap, want_stats):
     consts, softcap_u = _units(acc, scale, softcap)
     out = torch.empty(B, Hq, Lq, Dv, dtype=acc)
     row_max, row_log, ent = (torch.empty(B, Hq, Lq, dtype=acc) for _ in range(3))
-    counts = np.zeros(B * Hq * (-(-Lq // _k.BLOCK_M)), np.int64)
-    _set_threads(len(counts), 4.0 * B * Hq * Lq * Lk * D)
-    _k.flash_fwd(q_.numpy(), k_.numpy(), kt.numpy(), v_.numpy(), out.numpy(), row_max.numpy(), row_log.numpy(), ent.numpy(),
+    counts = np.zeros(B * Hq * (-(-Lq // _k.BLOCK_M)), np.int64)  # one per task
+    serial = _serial(_threads(len(counts), 4.0 * B * Hq * Lq * Lk * D))
+    _k.flash_fwd(serial, q_.numpy(), k_.numpy(), kt.numpy(), v_.numpy(), out.numpy(), row_max.numpy(), row_log.numpy(), ent.numpy(),
                  margs[0], counts, *margs[1:], softcap_u, Lk, bool(want_stats), consts, acc == torch.float32)
     TILE_PRODUCTS["forward"] += int(counts.sum())
     return out.to(q.dtype), row_max, row_log, ent
@@ -220,19 +230,30 @@ def _launch_backward(grad_out, q, k, v, out, row_max, row_log, mask_args, scale,
     consts, softcap_u = _units(acc, scale, softcap)
     # the kernels owe d(argument)/d(q.k): scale, or scale / c for the softcap's u
     dscale = scale if softcap <= 0.0 else scale / softcap
-    delta = torch.empty(B, Hq, Lq, dtype=acc)  # (B, Hq, Lq) rowsum(P * dP), from flash_bwd_q
     dq = torch.empty(B, Hq, Lq, D, dtype=acc)
     dk = torch.empty(B, Hkv, Lk, D, dtype=acc)
     dv = torch.empty(B, Hkv, Lk, Dv, dtype=acc)
     fast = acc == torch.float32
-    counts_q = np.zeros(B * Hq * (-(-Lq // _k.BLOCK_M)), np.int64)
-    counts_kv = np.zeros(B * Hkv * (-(-Lk // _k.BLOCK_N)), np.int64)
-    _set_threads(max(len(counts_q), len(counts_kv)), 10.0 * B * Hq * Lq * Lk * D)
+    counts_q = np.zeros(B * Hq * (-(-Lq // _k.BLOCK_M)), np.int64)  # one per task of flash_bwd_q
+    counts_kv = np.zeros(B * Hkv * (-(-Lk // _k.BLOCK_N)), np.int64)  # ... and of flash_bwd_kv
+    threads = _threads(max(len(counts_q), len(counts_kv)), 10.0 * B * Hq * Lq * Lk * D)
+    serial = _serial(threads)
+    tail = (margs[0], counts_kv, *margs[1:], softcap_u, softcap, Lk, dscale, consts, fast)
+    if Lk <= _k.BLOCK_N and len(counts_kv) >= threads:
+        # one key block (and a task per kv head keeps every thread busy): flash_bwd_kv alone does the
+        # whole backward pass, dQ included, without recomputing P and dP in a second pass
+        no_delta = np.empty((0, 0, 0), consts.dtype)
+        _k.flash_bwd_kv(serial, q_.numpy(), k_.numpy(), v_.numpy(), do.numpy(), row_max.numpy(), row_log.numpy(), no_delta,
+                        dk.numpy(), dv.numpy(), dq.numpy(), *tail)
+        TILE_PRODUCTS["backward_one_pass"] += int(counts_kv.sum())
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    delta = torch.empty(B, Hq, Lq, dtype=acc)  # (B, Hq, Lq) rowsum(P * dP), from flash_bwd_q
     kt, vt = _transposed(k_, Lq), _transposed(v_, 4)  # (B, Hkv, D, Lk), (B, Hkv, Dv, Lk) (dP needs it)
-    _k.flash_bwd_q(q_.numpy(), k_.numpy(), kt.numpy(), v_.numpy(), vt.numpy(), do.numpy(), out_.numpy(), row_max.numpy(), row_log.numpy(),
-                   delta.numpy(), dq.numpy(), margs[0], counts_q, *margs[1:], softcap_u, softcap, Lk, dscale, consts, fast)
-    _k.flash_bwd_kv(q_.numpy(), k_.numpy(), v_.numpy(), do.numpy(), row_max.numpy(), row_log.numpy(), delta.numpy(),
-                    dk.numpy(), dv.numpy(), margs[0], counts_kv, *margs[1:], softcap_u, softcap, Lk, dscale, consts, fast)
+    _k.flash_bwd_q(serial, q_.numpy(), k_.numpy(), kt.numpy(), v_.numpy(), vt.numpy(), do.numpy(), out_.numpy(), row_max.numpy(),
+                   row_log.numpy(), delta.numpy(), dq.numpy(), margs[0], counts_q, *tail[2:])
+    no_dq = np.empty((0, 0, 0, 0), consts.dtype)  # dQ came from flash_bwd_q
+    _k.flash_bwd_kv(serial, q_.numpy(), k_.numpy(), v_.numpy(), do.numpy(), row_max.numpy(), row_log.numpy(), delta.numpy(),
+                    dk.numpy(), dv.numpy(), no_dq, *tail)
     TILE_PRODUCTS["backward_kv"] += int(counts_kv.sum())
     TILE_PRODUCTS["backward_q"] += int(counts_q.sum())
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

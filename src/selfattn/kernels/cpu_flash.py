@@ -94,7 +94,9 @@ def _load_t(x, c0, ncols, buf):
 # in registers across the reduction when it cannot prove the output does not alias the inputs,
 # and then every FMA pays a store. Here MR rows x TILE_N columns of C live in vector registers
 # (float32: 4 x 4 x <16 x float>) for the whole reduction; C is loaded/stored once per call.
-TILE_N = 64  # columns of C per micro-kernel call (masked when fewer)
+# A call with fewer columns runs a copy of the loop with only as many vectors as it needs
+# (head dim 32 = 2 vectors, 48 keys = 3), so short rows cost no FMAs on masked-off lanes.
+TILE_N = 64  # most columns of C per micro-kernel call
 
 
 def _ptr(bits):
@@ -115,7 +117,6 @@ def _make_microkernel(MR):
             pa, sa0, sa1, pb, sb, pc, sc, n, kdim, accumulate, _ = args
             fty = context.get_value_type(signature.args[-1].dtype)
             width = 16 if fty == ir.FloatType() else 8  # one 512-bit vector
-            nvec = TILE_N // width
             i32, i64 = ir.IntType(32), ir.IntType(64)
             vty, mty = ir.VectorType(fty, width), ir.VectorType(ir.IntType(1), width)
             vptr, sptr = ir.PointerType(vty), ir.PointerType(fty)
@@ -136,46 +137,62 @@ def _make_microkernel(MR):
                 return builder.inttoptr(builder.add(base, builder.mul(off, esize)), ty)
 
             lanes = ir.Constant(ir.VectorType(i64, width), list(range(width)))
-            masks = [builder.icmp_signed("<", lanes, splat(builder.sub(n, ir.Constant(i64, v * width)), i64)) for v in range(nvec)]
 
             def c_ptr(i, v):
                 return at(pc, builder.add(builder.mul(ir.Constant(i64, i), sc), ir.Constant(i64, v * width)), vptr)
 
-            init = [[builder.select(accumulate, builder.call(mload, [c_ptr(i, v), align, masks[v], zero]), zero)
-                     for v in range(nvec)] for i in range(MR)]
-            entry = builder.block
-            loop = builder.append_basic_block("mk.loop")
-            done = builder.append_basic_block("mk.done")
-            builder.cbranch(builder.icmp_signed(">", kdim, ir.Constant(i64, 0)), loop, done)
-            builder.position_at_end(loop)
-            kk = builder.phi(i64)
-            kk.add_incoming(ir.Constant(i64, 0), entry)
-            accs = [[builder.phi(vty) for v in range(nvec)] for i in range(MR)]
-            brow = builder.mul(kk, sb)
-            bvec = [builder.call(mload, [at(pb, builder.add(brow, ir.Constant(i64, v * width)), vptr), align, masks[v], zero])
-                    for v in range(nvec)]
-            new = []
-            for i in range(MR):
-                a = builder.load(at(pa, builder.add(builder.mul(ir.Constant(i64, i), sa0), builder.mul(kk, sa1)), sptr))
-                a = splat(a, fty)
-                new.append([builder.call(fma, [a, bvec[v], accs[i][v]]) for v in range(nvec)])
-            nxt = builder.add(kk, ir.Constant(i64, 1))
-            kk.add_incoming(nxt, loop)
-            for i in range(MR):
-                for v in range(nvec):
-                    accs[i][v].add_incoming(init[i][v], entry)
-                    accs[i][v].add_incoming(new[i][v], loop)
-            builder.cbranch(builder.icmp_signed("<", nxt, kdim), loop, done)
-            builder.position_at_end(done)
-            final = []
-            for i in range(MR):
-                for v in range(nvec):
-                    phi = builder.phi(vty)
-                    phi.add_incoming(init[i][v], entry)
-                    phi.add_incoming(new[i][v], loop)
-                    final.append((i, v, phi))
-            for i, v, phi in final:
-                builder.call(mstore, [phi, c_ptr(i, v), align, masks[v]])
+            def product(nvec):
+                # the whole product with nvec vectors per row of C, ending in the current block
+                masks = [builder.icmp_signed("<", lanes, splat(builder.sub(n, ir.Constant(i64, v * width)), i64)) for v in range(nvec)]
+                init = [[builder.select(accumulate, builder.call(mload, [c_ptr(i, v), align, masks[v], zero]), zero)
+                         for v in range(nvec)] for i in range(MR)]
+                entry = builder.block
+                loop = builder.append_basic_block(f"mk{nvec}.loop")
+                done = builder.append_basic_block(f"mk{nvec}.done")
+                builder.cbranch(builder.icmp_signed(">", kdim, ir.Constant(i64, 0)), loop, done)
+                builder.position_at_end(loop)
+                kk = builder.phi(i64)
+                kk.add_incoming(ir.Constant(i64, 0), entry)
+                accs = [[builder.phi(vty) for v in range(nvec)] for i in range(MR)]
+                brow = builder.mul(kk, sb)
+                bvec = [builder.call(mload, [at(pb, builder.add(brow, ir.Constant(i64, v * width)), vptr), align, masks[v], zero])
+                        for v in range(nvec)]
+                new = []
+                for i in range(MR):
+                    a = builder.load(at(pa, builder.add(builder.mul(ir.Constant(i64, i), sa0), builder.mul(kk, sa1)), sptr))
+                    a = splat(a, fty)
+                    new.append([builder.call(fma, [a, bvec[v], accs[i][v]]) for v in range(nvec)])
+                nxt = builder.add(kk, ir.Constant(i64, 1))
+                kk.add_incoming(nxt, loop)
+                for i in range(MR):
+                    for v in range(nvec):
+                        accs[i][v].add_incoming(init[i][v], entry)
+                        accs[i][v].add_incoming(new[i][v], loop)
+                builder.cbranch(builder.icmp_signed("<", nxt, kdim), loop, done)
+                builder.position_at_end(done)
+                final = []
+                for i in range(MR):
+                    for v in range(nvec):
+                        phi = builder.phi(vty)
+                        phi.add_incoming(init[i][v], entry)
+                        phi.add_incoming(new[i][v], loop)
+                        final.append((i, v, phi))
+                for i, v, phi in final:
+                    builder.call(mstore, [phi, c_ptr(i, v), align, masks[v]])
+
+            # -- one copy of the product per vector count, picked by ceil(n / width) --
+            most = TILE_N // width
+            nv = builder.sdiv(builder.add(n, ir.Constant(i64, width - 1)), ir.Constant(i64, width))
+            exit_ = builder.append_basic_block("mk.exit")
+            cases = [builder.append_basic_block(f"mk.nv{v}") for v in range(1, most + 1)]
+            switch = builder.switch(nv, cases[-1])
+            for v in range(1, most):
+                switch.add_case(ir.Constant(i64, v), cases[v - 1])
+            for v, block in enumerate(cases, 1):
+                builder.position_at_end(block)
+                product(v)
+                builder.branch(exit_)
+            builder.position_at_end(exit_)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -211,27 +228,19 @@ def _addr(x):
 
 
 @njit(cache=True)
-def _mm_nn(a, b, c, rows):
-    # c[:rows, :BLOCK_N] = a[:rows, :] @ b      a (>=rows, K), b (K, BLOCK_N)
+def _mm(a, b, c, m, kdim, n, accumulate):
+    # c[:m, :n] (+)= a[:m, :kdim] @ b[:kdim, :n]      rows of b and c contiguous
     isz = a.itemsize
     _gemm(_addr(a), a.strides[0] // isz, a.strides[1] // isz, _addr(b), b.strides[0] // isz,
-          _addr(c), c.strides[0] // isz, rows, a.shape[1], b.shape[1], False, c)
+          _addr(c), c.strides[0] // isz, m, kdim, n, accumulate, c)
 
 
 @njit(cache=True)
-def _mm_nn_acc(a, b, c, rows, kdim):
-    # c[:rows, :] += a[:rows, :kdim] @ b[:kdim, :]      b (>=kdim, N), c (>=rows, N)
-    isz = a.itemsize
-    _gemm(_addr(a), a.strides[0] // isz, a.strides[1] // isz, _addr(b), b.strides[0] // isz,
-          _addr(c), c.strides[0] // isz, rows, kdim, b.shape[1], True, c)
-
-
-@njit(cache=True)
-def _mm_tn_acc(a, b, c, rows):
-    # c[:BLOCK_N, :] += a[:rows, :BLOCK_N]^T @ b[:rows, :]      c (BLOCK_N, N)
+def _mm_tn_acc(a, b, c, m, kdim):
+    # c[:m, :] += a[:kdim, :m]^T @ b[:kdim, :]      c (>=m, N), b (>=kdim, N)
     isz = a.itemsize
     _gemm(_addr(a), a.strides[1] // isz, a.strides[0] // isz, _addr(b), b.strides[0] // isz,
-          _addr(c), c.strides[0] // isz, BLOCK_N, rows, b.shape[1], True, c)
+          _addr(c), c.strides[0] // isz, m, kdim, b.shape[1], True, c)
 
 
 @intrinsic
@@ -342,33 +351,40 @@ def _qk_dot(q_blk, k, c0, ncols, s, rows):
 
 
 # -- pieces of the online softmax ------------------------------------------------------------
+# Row loops run over the first `nc` columns of a tile: the keys it holds rounded up to a whole
+# vector (columns past the keys hold -inf scores and zero probabilities), not all BLOCK_N.
+
+
+@njit(cache=True)
+def _padded(ncols):
+    return min(BLOCK_N, (ncols + 15) // 16 * 16)
 
 
 @njit(fastmath=FASTMATH_MAX, cache=True)
-def _row_max(s, i):
+def _row_max(s, i, nc):
     m = s[i, 0]
-    for j in range(1, BLOCK_N):
+    for j in range(1, nc):
         v = s[i, j]
         m = v if v > m else m
     return m
 
 
 @njit(fastmath=FASTMATH_EXACT, cache=True)
-def _row_has_nan(s, i):
-    for j in range(BLOCK_N):
+def _row_has_nan(s, i, nc):
+    for j in range(nc):
         if s[i, j] != s[i, j]:
             return True
     return False
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _exp2_row(s, p, i, m, consts, fast, want_ps):
-    """p[i, :] = exp(s[i, :] - m) in score units; returns (sum_j p, sum_j p * (s - m))."""
+def _exp2_row(s, p, i, nc, m, consts, fast, want_ps):
+    """p[i, :nc] = exp(s[i, :nc] - m) in score units; returns (sum_j p, sum_j p * (s - m))."""
     lo, half, zero = consts[2], consts[3], consts[4]
     tot = zero
     ps = zero
     if fast:
-        for j in range(BLOCK_N):
+        for j in range(nc):
             x = s[i, j] - m  # <= 0, -inf where masked
             xc = lo if x < lo else x  # keeps NaN
             p[i, j] = zero if x < lo else _exp2(xc, half)
@@ -378,7 +394,7 @@ def _exp2_row(s, p, i, m, consts, fast, want_ps):
                 ps += v * xc
     else:
         nat = consts[1]
-        for j in range(BLOCK_N):
+        for j in range(nc):
             x = s[i, j] - m
             v = zero if x == -np.inf else math.exp(x * nat)
             p[i, j] = v
@@ -392,27 +408,28 @@ def _exp2_row(s, p, i, m, consts, fast, want_ps):
 def _scores(q_blk, k_nat, kt_blk, use_dot, s, th, rows, b, h, r0, c0, kind, lq, lk,
             win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
             allow, stride_allow, bias, stride_bias, softcap_u, consts):
-    """Logits of one tile, in score units, into s[:rows, :BLOCK_N]; masked pairs -inf.
+    """Logits of one tile, in score units, into s[:rows, :nc]; masked pairs -inf. Returns nc.
 
     With a softcap, th[:rows] gets tanh(u) (the backward pass needs 1 - tanh^2).
     """
     units, qk_scale = consts[0], consts[5]
     # -- scores: q_blk @ k_blk^T (kt_blk holds k_blk^T unless use_dot), then the scale --
     ncols = min(BLOCK_N, lk - c0)
+    nc = _padded(ncols)
     if use_dot:
         _qk_dot(q_blk, k_nat, c0, ncols, s, rows)
     else:
-        _mm_nn(q_blk, kt_blk, s, rows)
+        _mm(q_blk, kt_blk, s, rows, q_blk.shape[1], ncols, False)
     if softcap_u > 0.0:
         # -- softcap: c * tanh(u), c already in score units --
         for i in range(rows):
-            for j in range(BLOCK_N):
+            for j in range(nc):
                 t = np.tanh(s[i, j] * qk_scale)
                 th[i, j] = t
                 s[i, j] = softcap_u * t
     else:
         for i in range(rows):
-            for j in range(BLOCK_N):
+            for j in range(nc):
                 s[i, j] *= qk_scale
     if bias.size > 0:
         # -- float mask: add its bias --
@@ -451,209 +468,343 @@ def _scores(q_blk, k_nat, kt_blk, use_dot, s, th, rows, b, h, r0, c0, kind, lq, 
                 else:
                     for j in range(ncols):
                         s[i, j] = s[i, j] if allow[base + j * stride_allow[3]] != 0 else -np.inf
-    if ncols < BLOCK_N:
-        # -- zero-padded keys past Lk --
+    if ncols < nc:
+        # -- padding columns past the last key --
         for i in range(rows):
-            for j in range(ncols, BLOCK_N):
+            for j in range(ncols, nc):
                 s[i, j] = -np.inf
+    return nc
 
 
 @njit(fastmath=FASTMATH_EXACT, cache=True)
-def _probs(s, p, rows, row_max, row_log, b, h, r0, consts, fast):
+def _probs(s, p, rows, nc, row_max, row_log, b, h, r0, consts, fast):
     # -- probabilities from the saved log-sum-exp: p = exp((s - max) - log l), in this order --
     lo, half, zero, nat = consts[2], consts[3], consts[4], consts[1]
     for i in range(rows):
         m = row_max[b, h, r0 + i]
         lg = row_log[b, h, r0 + i]
         if m == -np.inf:
-            for j in range(BLOCK_N):
+            for j in range(nc):
                 p[i, j] = zero
         elif fast:
-            for j in range(BLOCK_N):
+            for j in range(nc):
                 x = (s[i, j] - m) - lg
                 xc = lo if x < lo else x
                 p[i, j] = zero if x < lo else _exp2(xc, half)
         else:
-            for j in range(BLOCK_N):
+            for j in range(nc):
                 x = (s[i, j] - m) - lg
                 p[i, j] = zero if x == -np.inf else math.exp(x * nat)
 
 
-# -- forward ----------------------------------------------------------------------------------
+# -- kernels ------------------------------------------------------------------------------------
+# Each kernel is a loop over independent tasks, run by numba's thread pool (prange) or, when
+# `serial`, in the calling thread: one thread should not pay the pool's start-up per call (about
+# 80 us with the workqueue layer). A task is one `_*_task` call either way.
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def flash_fwd(q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
+@njit(fastmath=FASTMATH, cache=True)
+def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
               win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
               allow, stride_allow, bias, stride_bias, softcap_u, lk, want_stats, consts, fast):
-    """One task per (batch, head, query block): online softmax over its non-empty key tiles.
-
-    Writes out (B, Hq, Lq, Dv) and, each (B, Hq, Lq), the log-sum-exp as row_max + row_log (the
-    row's largest score and the log of its sum of exp(s - max), in score units: kept apart, p is
-    exact to rounding in the backward pass even for huge scores) and ent (nats); counts[task] =
-    number of tiles it computed.
-    """
     B, Hq, Lq, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     group = Hq // Hkv
     nQ = (Lq + BLOCK_M - 1) // BLOCK_M
     nK = (lk + BLOCK_N - 1) // BLOCK_N
     nat = consts[1]  # nats per score unit
-    for t in prange(B * Hq * nQ):
-        qb = t % nQ
-        h = (t // nQ) % Hq
-        b = t // (nQ * Hq)
-        hk = h // group
-        r0 = qb * BLOCK_M
-        rows = min(BLOCK_M, Lq - r0)
-        tb = b if tiles.shape[0] > 1 else 0
-        th_ = h if tiles.shape[1] > 1 else 0
-        q_blk = q[b, h, r0:r0 + rows]
-        s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
-        p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
-        tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap_u > 0.0 else (1, 1), q.dtype)
-        acc = np.zeros((BLOCK_M, Dv), q.dtype)
-        # a few query rows (decoding): dot products beat transposing the keys; every pass decides
-        # the same way per query block, so a pair's score is bit-identical in all three
-        use_dot = rows < 4
-        m_i = np.full(BLOCK_M, -np.inf, q.dtype)
-        l_i = np.zeros(BLOCK_M, q.dtype)
-        e_i = np.zeros(BLOCK_M, q.dtype)
-        n_tiles = 0
-        for kb in range(nK):
-            kind = tiles[tb, th_, qb, kb]
-            if kind == EMPTY:
-                continue
-            n_tiles += 1
-            c0 = kb * BLOCK_N
-            ncols = min(BLOCK_N, lk - c0)
-            kt_blk = kt[b, hk, :, c0:c0 + ncols] if not use_dot else kt[0, 0, :, 0:0]
-            _scores(q_blk, k[b, hk], kt_blk, use_dot, s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
-                    win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
-                    allow, stride_allow, bias, stride_bias, softcap_u, consts)
-            for i in range(rows):
-                # -- new running max --
-                m_old = m_i[i]
-                m_tile = _row_max(s, i)
-                m_new = m_tile if m_tile > m_old else m_old
-                if m_new == -np.inf:
-                    # nothing allowed here so far -- unless the scores are NaN (NaN inputs): poison the row
-                    for j in range(BLOCK_N):
-                        p[i, j] = 0.0
-                    if _row_has_nan(s, i):
-                        l_i[i] = np.nan
-                    continue
-                # -- p = exp(s - m_new), its row sum and sum p*(s - m_new) --
-                tot, ps = _exp2_row(s, p, i, m_new, consts, fast, want_stats)
-                # -- rescale the running sums and the accumulator --
-                l_old = l_i[i]
-                alpha = 1.0 if m_old == m_new else math.exp((m_old - m_new) * nat)
-                l_i[i] = alpha * l_old + tot
-                if want_stats:
-                    e_i[i] = alpha * (e_i[i] + (m_old - m_new) * l_old) + ps if l_old > 0.0 else ps
-                m_i[i] = m_new
-                if alpha != 1.0:
-                    for d in range(Dv):
-                        acc[i, d] *= alpha
-            # -- accumulate p @ v --
-            _mm_nn_acc(p, v[b, hk, c0:c0 + ncols], acc, rows, ncols)
+    qb = t % nQ
+    h = (t // nQ) % Hq
+    b = t // (nQ * Hq)
+    hk = h // group
+    r0 = qb * BLOCK_M
+    rows = min(BLOCK_M, Lq - r0)
+    tb = b if tiles.shape[0] > 1 else 0
+    th_ = h if tiles.shape[1] > 1 else 0
+    q_blk = q[b, h, r0:r0 + rows]
+    s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
+    p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
+    tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap_u > 0.0 else (1, 1), q.dtype)
+    acc = np.zeros((BLOCK_M, Dv), q.dtype)
+    # a few query rows (decoding): dot products beat transposing the keys; every pass decides
+    # the same way per query block, so a pair's score is bit-identical in all of them
+    use_dot = rows < 4
+    m_i = np.full(BLOCK_M, -np.inf, q.dtype)
+    l_i = np.zeros(BLOCK_M, q.dtype)
+    e_i = np.zeros(BLOCK_M, q.dtype)
+    n_tiles = 0
+    for kb in range(nK):
+        kind = tiles[tb, th_, qb, kb]
+        if kind == EMPTY:
+            continue
+        n_tiles += 1
+        c0 = kb * BLOCK_N
+        ncols = min(BLOCK_N, lk - c0)
+        kt_blk = kt[b, hk, :, c0:c0 + ncols] if not use_dot else kt[0, 0, :, 0:0]
+        nc = _scores(q_blk, k[b, hk], kt_blk, use_dot, s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
+                     win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
+                     allow, stride_allow, bias, stride_bias, softcap_u, consts)
         for i in range(rows):
-            gi = r0 + i
-            li = l_i[i]
-            if li == 0.0:
-                # fully-masked row: out 0, lse -inf, max -inf, entropy 0
-                for d in range(Dv):
-                    out[b, h, gi, d] = 0.0
-                row_max[b, h, gi] = -np.inf
-                row_log[b, h, gi] = 0.0
-                ent[b, h, gi] = 0.0
+            # -- new running max --
+            m_old = m_i[i]
+            m_tile = _row_max(s, i, nc)
+            m_new = m_tile if m_tile > m_old else m_old
+            if m_new == -np.inf:
+                # nothing allowed here so far -- unless the scores are NaN (NaN inputs): poison the row
+                for j in range(nc):
+                    p[i, j] = 0.0
+                if _row_has_nan(s, i, nc):
+                    l_i[i] = np.nan
+                continue
+            # -- p = exp(s - m_new), its row sum and sum p*(s - m_new) --
+            tot, ps = _exp2_row(s, p, i, nc, m_new, consts, fast, want_stats)
+            # -- rescale the running sums and the accumulator --
+            l_old = l_i[i]
+            if m_old == m_new:
+                alpha = 1.0
+            elif m_old == -np.inf:
+                alpha = 0.0
             else:
-                inv = 1.0 / li
+                alpha = math.exp((m_old - m_new) * nat)
+            l_i[i] = alpha * l_old + tot
+            if want_stats:
+                e_i[i] = alpha * (e_i[i] + (m_old - m_new) * l_old) + ps if l_old > 0.0 else ps
+            m_i[i] = m_new
+            if alpha != 1.0:
                 for d in range(Dv):
-                    out[b, h, gi, d] = acc[i, d] * inv
-                row_max[b, h, gi] = m_i[i] if li == li else np.nan  # a NaN row is NaN throughout
-                row_log[b, h, gi] = math.log2(li) if fast else math.log(li)
-                if want_stats:
-                    # -- entropy H = ln l - sum p (s - m) / l, in nats --
-                    h_row = math.log(li) - e_i[i] * inv * nat
-                    ent[b, h, gi] = h_row if h_row > 0.0 or h_row != h_row else 0.0
-        counts[t] = n_tiles
+                    acc[i, d] *= alpha
+        # -- accumulate p @ v --
+        _mm(p, v[b, hk, c0:c0 + ncols], acc, rows, ncols, Dv, True)
+    for i in range(rows):
+        gi = r0 + i
+        li = l_i[i]
+        if li == 0.0:
+            # fully-masked row: out 0, lse -inf, max -inf, entropy 0
+            for d in range(Dv):
+                out[b, h, gi, d] = 0.0
+            row_max[b, h, gi] = -np.inf
+            row_log[b, h, gi] = 0.0
+            ent[b, h, gi] = 0.0
+        else:
+            inv = 1.0 / li
+            for d in range(Dv):
+                out[b, h, gi, d] = acc[i, d] * inv
+            row_max[b, h, gi] = m_i[i] if li == li else np.nan  # a NaN row is NaN throughout
+            row_log[b, h, gi] = math.log2(li) if fast else math.log(li)
+            if want_stats:
+                # -- entropy H = ln l - sum p (s - m) / l, in nats --
+                h_row = math.log(li) - e_i[i] * inv * nat
+                ent[b, h, gi] = h_row if h_row > 0.0 or h_row != h_row else 0.0
+    counts[t] = n_tiles
+
+
+@njit(parallel=True, cache=True)
+def flash_fwd(serial, q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
+              win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
+              allow, stride_allow, bias, stride_bias, softcap_u, lk, want_stats, consts, fast):
+    """One task per (batch, head, query block) (``counts`` has one entry each): online softmax
+    over its non-empty key tiles.
+
+    Writes out (B, Hq, Lq, Dv) and, each (B, Hq, Lq), the log-sum-exp as row_max + row_log (the
+    row's largest score and the log of its sum of exp(s - max), in score units: kept apart, p is
+    exact to rounding in the backward pass even for huge scores) and ent (nats); counts[task] =
+    number of tiles it computed.
+    """
+    if serial:
+        for t in range(counts.shape[0]):
+            _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, tiles, counts, win_left, win_right, kv_lens, q_lens,
+                      q_ids, kv_ids, allow, stride_allow, bias, stride_bias, softcap_u, lk, want_stats, consts, fast)
+    else:
+        for t in prange(counts.shape[0]):
+            _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, tiles, counts, win_left, win_right, kv_lens, q_lens,
+                      q_ids, kv_ids, allow, stride_allow, bias, stride_bias, softcap_u, lk, want_stats, consts, fast)
 
 
 # -- backward ---------------------------------------------------------------------------------
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def flash_bwd_kv(q, k, v, do, row_max, row_log, delta, dk, dv, tiles, counts,
+@njit(fastmath=FASTMATH, cache=True)
+def _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, tiles, counts,
                  win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
                  allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast):
-    """dK and dV: one task per (batch, kv head, key block), over every query head of its group.
-
-    dk (B, Hkv, Lk, D) gets dscale * dS^T q, dv (B, Hkv, Lk, Dv) gets P^T dO.
-    """
+    # dK and dV of one (batch, kv head, key block) over every query head of its group, from the
+    # delta that flash_bwd_q left. With one key block in all (Lk <= BLOCK_N) it does the whole
+    # backward pass instead: delta = rowsum(P * dP) is then complete within the tile, and dq has a
+    # size > 0 to say so (each task owns the query rows of its group, so it writes their dQ too).
     B, Hq, Lq, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     group = Hq // Hkv
     nQ = (Lq + BLOCK_M - 1) // BLOCK_M
     nK = (lk + BLOCK_N - 1) // BLOCK_N
-    for t in prange(B * Hkv * nK):
-        kb = t % nK
-        hk = (t // nK) % Hkv
-        b = t // (nK * Hkv)
-        c0 = kb * BLOCK_N
-        tb = b if tiles.shape[0] > 1 else 0
-        s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
-        p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
-        dp = np.empty((BLOCK_M, BLOCK_N), q.dtype)
-        tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap > 0.0 else (1, 1), q.dtype)
-        ncols = min(BLOCK_N, lk - c0)
-        kt = np.zeros((D, BLOCK_N), q.dtype)
-        vt = np.zeros((Dv, BLOCK_N), q.dtype)
-        _load_t(k[b, hk], c0, ncols, kt)
-        _load_t(v[b, hk], c0, ncols, vt)
-        dk_blk = np.zeros((BLOCK_N, D), q.dtype)
-        dv_blk = np.zeros((BLOCK_N, Dv), q.dtype)
-        n_tiles = 0
-        for g in range(group):
-            h = hk * group + g
-            th_ = h if tiles.shape[1] > 1 else 0
-            for qb in range(nQ):
-                kind = tiles[tb, th_, qb, kb]
-                if kind == EMPTY:
-                    continue
-                n_tiles += 1
-                r0 = qb * BLOCK_M
-                rows = min(BLOCK_M, Lq - r0)
-                q_blk = q[b, h, r0:r0 + rows]
-                do_blk = do[b, h, r0:r0 + rows]
-                _scores(q_blk, k[b, hk], kt, rows < 4, s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
-                        win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
-                        allow, stride_allow, bias, stride_bias, softcap_u, consts)
-                _probs(s, p, rows, row_max, row_log, b, h, r0, consts, fast)
-                # -- dV += P^T dO --
-                _mm_tn_acc(p, do_blk, dv_blk, rows)
-                # -- dP = dO V^T --
-                _mm_nn(do_blk, vt, dp, rows)
-                # -- dS = P * (dP - delta), times the softcap's c (1 - tanh^2) --
-                for i in range(rows):
+    one_pass = dq.size > 0
+    kb = t % nK
+    hk = (t // nK) % Hkv
+    b = t // (nK * Hkv)
+    c0 = kb * BLOCK_N
+    tb = b if tiles.shape[0] > 1 else 0
+    s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
+    p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
+    dp = np.empty((BLOCK_M, BLOCK_N), q.dtype)
+    tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap > 0.0 else (1, 1), q.dtype)
+    ncols = min(BLOCK_N, lk - c0)
+    kt = np.zeros((D, BLOCK_N), q.dtype)
+    vt = np.zeros((Dv, BLOCK_N), q.dtype)
+    _load_t(k[b, hk], c0, ncols, kt)
+    _load_t(v[b, hk], c0, ncols, vt)
+    dk_blk = np.zeros((BLOCK_N, D), q.dtype)
+    dv_blk = np.zeros((BLOCK_N, Dv), q.dtype)
+    dq_blk = np.empty((BLOCK_M if one_pass else 0, D), q.dtype)
+    n_tiles = 0
+    for g in range(group):
+        h = hk * group + g
+        th_ = h if tiles.shape[1] > 1 else 0
+        for qb in range(nQ):
+            kind = tiles[tb, th_, qb, kb]
+            r0 = qb * BLOCK_M
+            rows = min(BLOCK_M, Lq - r0)
+            if kind == EMPTY:
+                if one_pass:
+                    # -- rows that meet no key: dQ = 0 --
+                    for i in range(rows):
+                        for d in range(D):
+                            dq[b, h, r0 + i, d] = 0.0
+                continue
+            n_tiles += 1
+            q_blk = q[b, h, r0:r0 + rows]
+            do_blk = do[b, h, r0:r0 + rows]
+            nc = _scores(q_blk, k[b, hk], kt, rows < 4, s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
+                         win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
+                         allow, stride_allow, bias, stride_bias, softcap_u, consts)
+            _probs(s, p, rows, nc, row_max, row_log, b, h, r0, consts, fast)
+            # -- dV += P^T dO --
+            _mm_tn_acc(p, do_blk, dv_blk, ncols, rows)
+            # -- dP = dO V^T --
+            _mm(do_blk, vt, dp, rows, Dv, ncols, False)
+            # -- dS = P * (dP - delta), times the softcap's c (1 - tanh^2) --
+            for i in range(rows):
+                if one_pass:
+                    di = consts[4]
+                    for j in range(ncols):
+                        di += p[i, j] * dp[i, j]
+                else:
                     di = delta[b, h, r0 + i]
-                    for j in range(BLOCK_N):
-                        dp[i, j] = p[i, j] * (dp[i, j] - di)
-                    if softcap > 0.0:
-                        for j in range(BLOCK_N):
-                            dp[i, j] *= softcap * (1.0 - tanh_buf[i, j] * tanh_buf[i, j])
-                # -- dK += dS^T q --
-                _mm_tn_acc(dp, q_blk, dk_blk, rows)
-        for j in range(ncols):
-            for d in range(D):
-                dk[b, hk, c0 + j, d] = dk_blk[j, d] * dscale
-            for d in range(Dv):
-                dv[b, hk, c0 + j, d] = dv_blk[j, d]
-        counts[t] = n_tiles
+                for j in range(ncols):
+                    dp[i, j] = p[i, j] * (dp[i, j] - di)
+                if softcap > 0.0:
+                    for j in range(ncols):
+                        dp[i, j] *= softcap * (1.0 - tanh_buf[i, j] * tanh_buf[i, j])
+            # -- dK += dS^T q --
+            _mm_tn_acc(dp, q_blk, dk_blk, ncols, rows)
+            if one_pass:
+                # -- dQ = dS k --
+                _mm(dp, k[b, hk, c0:c0 + ncols], dq_blk, rows, ncols, D, False)
+                for i in range(rows):
+                    for d in range(D):
+                        dq[b, h, r0 + i, d] = dq_blk[i, d] * dscale
+    for j in range(ncols):
+        for d in range(D):
+            dk[b, hk, c0 + j, d] = dk_blk[j, d] * dscale
+        for d in range(Dv):
+            dv[b, hk, c0 + j, d] = dv_blk[j, d]
+    counts[t] = n_tiles
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def flash_bwd_q(q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles, counts,
+@njit(parallel=True, cache=True)
+def flash_bwd_kv(serial, q, k, v, do, row_max, row_log, delta, dk, dv, dq, tiles, counts,
+                 win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
+                 allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast):
+    """dK and dV: one task per (batch, kv head, key block), over every query head of its group.
+
+    dk (B, Hkv, Lk, D) gets dscale * dS^T q, dv (B, Hkv, Lk, Dv) gets P^T dO. Runs after
+    ``flash_bwd_q`` (it reads its delta) -- unless dq is given (size > 0; then Lk <= BLOCK_N): with
+    one key block it is the whole backward pass, dq (B, Hq, Lq, D) included, and delta is unused.
+    """
+    if serial:
+        for t in range(counts.shape[0]):
+            _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, tiles, counts, win_left, win_right, kv_lens,
+                         q_lens, q_ids, kv_ids, allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast)
+    else:
+        for t in prange(counts.shape[0]):
+            _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, tiles, counts, win_left, win_right, kv_lens,
+                         q_lens, q_ids, kv_ids, allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles, counts,
+                win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
+                allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast):
+    B, Hq, Lq, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[3]
+    group = Hq // Hkv
+    nQ = (Lq + BLOCK_M - 1) // BLOCK_M
+    nK = (lk + BLOCK_N - 1) // BLOCK_N
+    qb = t % nQ
+    h = (t // nQ) % Hq
+    b = t // (nQ * Hq)
+    hk = h // group
+    r0 = qb * BLOCK_M
+    rows = min(BLOCK_M, Lq - r0)
+    tb = b if tiles.shape[0] > 1 else 0
+    th_ = h if tiles.shape[1] > 1 else 0
+    q_blk = q[b, h, r0:r0 + rows]
+    do_blk = do[b, h, r0:r0 + rows]
+    s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
+    p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
+    dp = np.empty((BLOCK_M, BLOCK_N), q.dtype)
+    tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap > 0.0 else (1, 1), q.dtype)
+    use_dot = rows < 4
+    pdk = np.zeros((BLOCK_M, D), q.dtype)  # sum_j p (dP - c) k
+    pk = np.zeros((BLOCK_M, D), q.dtype)  # sum_j p k
+    dl = np.zeros(BLOCK_M, q.dtype)  # sum_j p dP
+    c = np.zeros(BLOCK_M, q.dtype)
+    for i in range(rows):
+        ci = c[i]
+        for d in range(Dv):
+            ci += do[b, h, r0 + i, d] * out[b, h, r0 + i, d]
+        c[i] = ci
+    n_tiles = 0
+    for kb in range(nK):
+        kind = tiles[tb, th_, qb, kb]
+        if kind == EMPTY:
+            continue
+        n_tiles += 1
+        c0 = kb * BLOCK_N
+        ncols = min(BLOCK_N, lk - c0)
+        kt_blk = kt[b, hk, :, c0:c0 + ncols] if not use_dot else kt[0, 0, :, 0:0]
+        nc = _scores(q_blk, k[b, hk], kt_blk, use_dot, s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
+                     win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
+                     allow, stride_allow, bias, stride_bias, softcap_u, consts)
+        _probs(s, p, rows, nc, row_max, row_log, b, h, r0, consts, fast)
+        # -- dP = dO V^T --
+        _mm(do_blk, vt[b, hk, :, c0:c0 + ncols], dp, rows, Dv, ncols, False)
+        # -- delta += rowsum(P * dP); dP becomes P * (dP - c) (columns past Lk hold no keys) --
+        for i in range(rows):
+            acc = dl[i]
+            ci = c[i]
+            for j in range(ncols):
+                acc += p[i, j] * dp[i, j]
+                dp[i, j] = p[i, j] * (dp[i, j] - ci)
+            dl[i] = acc
+            if softcap > 0.0:
+                # -- the softcap's c (1 - tanh^2) multiplies both terms of dS --
+                for j in range(ncols):
+                    w = softcap * (1.0 - tanh_buf[i, j] * tanh_buf[i, j])
+                    dp[i, j] *= w
+                    p[i, j] *= w
+        # -- accumulate (P * (dP - c)) k and P k --
+        _mm(dp, k[b, hk, c0:c0 + ncols], pdk, rows, ncols, D, True)
+        _mm(p, k[b, hk, c0:c0 + ncols], pk, rows, ncols, D, True)
+    for i in range(rows):
+        gi = r0 + i
+        delta[b, h, gi] = dl[i]
+        shift = dl[i] - c[i]
+        for d in range(D):
+            dq[b, h, gi, d] = (pdk[i, d] - shift * pk[i, d]) * dscale
+    counts[t] = n_tiles
+
+
+@njit(parallel=True, cache=True)
+def flash_bwd_q(serial, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles, counts,
                 win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
                 allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast):
     """dQ and delta: one task per (batch, head, query block), run before ``flash_bwd_kv``.
@@ -663,72 +814,11 @@ def flash_bwd_q(q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles, co
     dQ = (P * (dP - c)) k - (delta - c) * (P k) and the exact delta from the same P and dP that
     dS uses, and leaves that delta for ``flash_bwd_kv``. Writes dq (B, Hq, Lq, D), times dscale.
     """
-    B, Hq, Lq, D = q.shape
-    Hkv, Dv = k.shape[1], v.shape[3]
-    group = Hq // Hkv
-    nQ = (Lq + BLOCK_M - 1) // BLOCK_M
-    nK = (lk + BLOCK_N - 1) // BLOCK_N
-    for t in prange(B * Hq * nQ):
-        qb = t % nQ
-        h = (t // nQ) % Hq
-        b = t // (nQ * Hq)
-        hk = h // group
-        r0 = qb * BLOCK_M
-        rows = min(BLOCK_M, Lq - r0)
-        tb = b if tiles.shape[0] > 1 else 0
-        th_ = h if tiles.shape[1] > 1 else 0
-        q_blk = q[b, h, r0:r0 + rows]
-        do_blk = do[b, h, r0:r0 + rows]
-        s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
-        p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
-        dp = np.empty((BLOCK_M, BLOCK_N), q.dtype)
-        tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap > 0.0 else (1, 1), q.dtype)
-        use_dot = rows < 4
-        pdk = np.zeros((BLOCK_M, D), q.dtype)  # sum_j p (dP - c) k
-        pk = np.zeros((BLOCK_M, D), q.dtype)  # sum_j p k
-        dl = np.zeros(BLOCK_M, q.dtype)  # sum_j p dP
-        c = np.zeros(BLOCK_M, q.dtype)
-        for i in range(rows):
-            ci = c[i]
-            for d in range(Dv):
-                ci += do[b, h, r0 + i, d] * out[b, h, r0 + i, d]
-            c[i] = ci
-        n_tiles = 0
-        for kb in range(nK):
-            kind = tiles[tb, th_, qb, kb]
-            if kind == EMPTY:
-                continue
-            n_tiles += 1
-            c0 = kb * BLOCK_N
-            ncols = min(BLOCK_N, lk - c0)
-            kt_blk = kt[b, hk, :, c0:c0 + ncols] if not use_dot else kt[0, 0, :, 0:0]
-            _scores(q_blk, k[b, hk], kt_blk, use_dot, s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
-                    win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
-                    allow, stride_allow, bias, stride_bias, softcap_u, consts)
-            _probs(s, p, rows, row_max, row_log, b, h, r0, consts, fast)
-            # -- dP = dO V^T --
-            _mm_nn(do_blk, vt[b, hk, :, c0:c0 + ncols], dp, rows)
-            # -- delta += rowsum(P * dP); dP becomes P * (dP - c) (columns past Lk hold no keys) --
-            for i in range(rows):
-                acc = dl[i]
-                ci = c[i]
-                for j in range(ncols):
-                    acc += p[i, j] * dp[i, j]
-                    dp[i, j] = p[i, j] * (dp[i, j] - ci)
-                dl[i] = acc
-                if softcap > 0.0:
-                    # -- the softcap's c (1 - tanh^2) multiplies both terms of dS --
-                    for j in range(BLOCK_N):
-                        w = softcap * (1.0 - tanh_buf[i, j] * tanh_buf[i, j])
-                        dp[i, j] *= w
-                        p[i, j] *= w
-            # -- accumulate (P * (dP - c)) k and P k --
-            _mm_nn_acc(dp, k[b, hk, c0:c0 + ncols], pdk, rows, ncols)
-            _mm_nn_acc(p, k[b, hk, c0:c0 + ncols], pk, rows, ncols)
-        for i in range(rows):
-            gi = r0 + i
-            delta[b, h, gi] = dl[i]
-            shift = dl[i] - c[i]
-            for d in range(D):
-                dq[b, h, gi, d] = (pdk[i, d] - shift * pk[i, d]) * dscale
-        counts[t] = n_tiles
+    if serial:
+        for t in range(counts.shape[0]):
+            _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles, counts, win_left, win_right, kv_lens,
+                        q_lens, q_ids, kv_ids, allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast)
+    else:
+        for t in prange(counts.shape[0]):
+            _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles, counts, win_left, win_right, kv_lens,
+                        q_lens, q_ids, kv_ids, allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast)
