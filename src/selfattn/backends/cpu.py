@@ -18,6 +18,7 @@ gradient; a float mask gets no gradient (refused if it requires one).
 """
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -167,9 +168,24 @@ def _threads(tasks: int, flops: float) -> int:
     return min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, tasks) if flops >= 4e6 else 1
 
 
+_POOL_STARTED = False  # numba's thread pool has been started in this process
+
+
+def _forget_pool():
+    global _POOL_STARTED
+    _POOL_STARTED = False
+
+
+os.register_at_fork(after_in_child=_forget_pool)  # a forked child starts its own
+
+
 def _serial(threads: int) -> bool:
     """Whether a kernel runs in the calling thread (one thread: numba's pool is not woken);
     otherwise the pool gets ``threads`` threads."""
+    global _POOL_STARTED
+    if threads <= 1 and _POOL_STARTED:
+        return True
+    _POOL_STARTED = True
     torch_threads = torch.get_num_threads()
     if threads > 1:
         numba.set_num_threads(threads)
@@ -183,6 +199,16 @@ def _serial(threads: int) -> bool:
         # NUMBA_NUM_THREADS: give torch its own setting back
         torch.set_num_threads(torch_threads)
     return threads <= 1
+
+
+def _ready(t, acc):
+    # the tensor as the kernels read it: detached, in the accumulation dtype, contiguous (no copy
+    # when it already is all three)
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype != acc:
+        t = t.to(acc)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _units(acc, scale, softcap):
@@ -207,8 +233,10 @@ def _launch_forward(q, k, v, mask_args, scale, softcap, want_stats):
     B, Hq, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
     margs = _kernel_mask_args(Lq, Lk, *mask_args, acc)
-    q_, k_, v_ = (t.detach().to(acc).contiguous() for t in (q, k, v))  # no copy for contiguous float32/64
-    kt = _transposed(k_, Lq)  # (B, Hkv, D, Lk)
+    q_, k_, v_ = (_ready(t, acc) for t in (q, k, v))
+    # (B, Hkv, D, Lk); none when the kernel transposes each tile's keys itself (one key block) or
+    # takes dot products (fewer than 4 queries)
+    kt = k_.new_empty((1, 1, D, 0)) if Lk <= _k.BLOCK_N else _transposed(k_, Lq)
     consts, softcap_u = _units(acc, scale, softcap)
     out = torch.empty(B, Hq, Lq, Dv, dtype=acc)
     row_max, row_log, ent = (torch.empty(B, Hq, Lq, dtype=acc) for _ in range(3))
@@ -225,7 +253,7 @@ def _launch_backward(grad_out, q, k, v, out, row_max, row_log, mask_args, scale,
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     margs = _kernel_mask_args(Lq, Lk, *mask_args, acc)
-    q_, k_, v_, do, out_ = (t.detach().to(acc).contiguous() for t in (q, k, v, grad_out, out))
+    q_, k_, v_, do, out_ = (_ready(t, acc) for t in (q, k, v, grad_out, out))
     row_max, row_log = row_max.detach().contiguous(), row_log.detach().contiguous()
     consts, softcap_u = _units(acc, scale, softcap)
     # the kernels owe d(argument)/d(q.k): scale, or scale / c for the softcap's u
@@ -262,6 +290,13 @@ def _launch_backward(grad_out, q, k, v, out, row_max, row_log, mask_args, scale,
 # -- torch.library custom ops -------------------------------------------------------------------
 
 
+def _forward_impl(q, k, v, kv_lens, q_lens, q_ids, kv_ids, allow, bias, scale, softcap, win_left, win_right, want_stats):
+    # returns (out, row_max, row_log, entropy): the log-sum-exp is row_max + row_log, in the kernel's
+    # score units (base 2 for float32 inputs, nats for float64); the backward pass reads both halves
+    mask_args = (kv_lens, q_lens, q_ids, kv_ids, allow, bias, win_left, win_right)
+    return _launch_forward(q, k, v, mask_args, scale, softcap, want_stats)
+
+
 @torch.library.custom_op("selfattn::cpu_flash_attention", mutates_args=(), device_types="cpu")
 def _flash_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -270,10 +305,7 @@ def _flash_op(
     allow: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     scale: float, softcap: float, win_left: int, win_right: int, want_stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # returns (out, row_max, row_log, entropy): the log-sum-exp is row_max + row_log, in the kernel's
-    # score units (base 2 for float32 inputs, nats for float64); the backward pass reads both halves
-    mask_args = (kv_lens, q_lens, q_ids, kv_ids, allow, bias, win_left, win_right)
-    return _launch_forward(q, k, v, mask_args, scale, softcap, want_stats)
+    return _forward_impl(q, k, v, kv_lens, q_lens, q_ids, kv_ids, allow, bias, scale, softcap, win_left, win_right, want_stats)
 
 
 @_flash_op.register_fake
@@ -320,6 +352,33 @@ def _backward(ctx, grad_out, grad_max, grad_log, grad_ent):
 torch.library.register_autograd("selfattn::cpu_flash_attention", _backward, setup_context=_setup_context)
 
 
+class _EagerFlash(torch.autograd.Function):
+    """The op and its autograd formula without torch.library's dispatch, for eager calls: the same
+    launchers, so the same numbers, with less overhead per call (which matters for the small heads
+    of ``selfattn train``). Under torch.compile the custom ops are used."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, *rest):
+        acc = _acc_dtype(q.dtype)
+        ready = [_ready(t, acc) for t in (q, k, v)]
+        out, row_max, row_log, ent = _forward_impl(*ready, *rest)
+        ctx.mark_non_differentiable(row_max, row_log, ent)
+        # keep the kernels' copies (strided heads made contiguous) when they have the inputs' dtype:
+        # the backward pass reads them as they are, for the memory the inputs would have taken
+        keep = [r if r.dtype == t.dtype else t for r, t in zip(ready, (q, k, v))]
+        out = out.to(q.dtype)
+        ctx.save_for_backward(*keep, out, row_max, row_log, *rest[:6])
+        ctx.options = rest[6:10]  # scale, softcap, win_left, win_right
+        return out, row_max, row_log, ent
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_max, grad_log, grad_ent):
+        q, k, v, out, row_max, row_log, *mask = ctx.saved_tensors
+        scale, softcap, win_left, win_right = ctx.options
+        dq, dk, dv = _launch_backward(grad_out, q, k, v, out, row_max, row_log, (*mask, win_left, win_right), scale, softcap)
+        return dq, dk, dv, *([None] * 11)
+
+
 # -- the backend --------------------------------------------------------------------------------
 
 
@@ -354,12 +413,14 @@ class CPUBackend(Backend):
 
     def rank(self, req: Request) -> float:
         # Always below math (50). sdpa ranks 10, or 20 when it needs a dense Lq x Lk mask tensor, and
-        # cannot serve stats or softcap at all. The rest follows BENCHMARKS.md, "CPU backend (issue 5)":
-        # cpu's speed over sdpa's, in two full runs on the 2-core machine:
+        # cannot serve stats or softcap at all. The rest follows BENCHMARKS.md, "CPU backend (issue 5)"
+        # and "Short sequences (issue 7)": cpu's speed over sdpa's on the 2-core machine:
         # - window / padding / documents (or causal with Lq != Lk): sdpa gets an L x L mask and does all
         #   L^2 work, cpu skips the ruled-out tiles (window 44-61x, packed documents 13.6-17.5x): 15;
-        # - float32, no mask or causal: dense forward 1.22-1.23x, causal forward + backward 1.51-1.85x,
-        #   decoding 1.38-1.43x, 8x16x128 0.97-1.35x: 8, before sdpa;
+        # - float32, no mask or causal: 8, before sdpa, where cpu was faster -- with gradients from 16
+        #   keys on, without from B*H*Lq*Lk*D = 4e6 on (1 and 2 threads) -- else 30. numba's workqueue
+        #   layer (which `selfattn train` selects) hands tasks to its threads at ~0.1 ms a call: with
+        #   more than one thread there, short sequences go to sdpa;
         # - bfloat16 (0.85-1.23x: no clear winner), float16 and float64 (not measured), and masks
         #   given only as dense tensors (0.78-0.83x: sdpa reads the mask once, cpu classifies tiles
         #   first): 30, sdpa first.
@@ -367,17 +428,22 @@ class CPUBackend(Backend):
         if kinds & {"window", "padding", "documents"} or ("causal" in kinds and req.q_len != req.kv_len):
             return 15.0
         if kinds <= {"causal"} and req.dtype == torch.float32:
-            # short sequences: in training the default model (L = 48, "Training throughput (issue 7)")
-            # cpu ran at 0.87-0.89x sdpa, so sdpa goes first below 128 keys
-            return 8.0 if req.kv_len >= 128 else 30.0
+            work = req.batch * req.q_heads * req.q_len * req.kv_len * req.head_dim
+            if torch.get_num_threads() > 1 and _k is not None and numba.config.THREADING_LAYER == "workqueue":
+                return 8.0 if work >= 5e7 else 30.0
+            return 8.0 if (req.requires_grad and req.kv_len >= 16) or work >= 4e6 else 30.0
         return 30.0
 
     def forward(self, q, k, v, req: Request):
         kv_lens, q_lens, q_ids, kv_ids, allow, bias, left, right = _mask_args(req.mask, req.q_len, req.kv_len)
-        out, row_max, row_log, ent = torch.ops.selfattn.cpu_flash_attention(
-            q, k, v, kv_lens, q_lens, q_ids, kv_ids, allow, bias,
-            req.scale, 0.0 if req.softcap is None else req.softcap, left, right, req.return_stats,
-        )
+        args = (q, k, v, kv_lens, q_lens, q_ids, kv_ids, allow, bias,
+                req.scale, 0.0 if req.softcap is None else req.softcap, left, right, req.return_stats)
+        if torch.compiler.is_compiling():
+            out, row_max, row_log, ent = torch.ops.selfattn.cpu_flash_attention(*args)
+        elif req.requires_grad:
+            out, row_max, row_log, ent = _EagerFlash.apply(*args)
+        else:  # nothing to differentiate: the launcher alone
+            out, row_max, row_log, ent = _forward_impl(*args)
         if not req.return_stats:
             return out, None
         nats = _k.LN2 if ent.dtype == torch.float32 else 1.0  # float32 kernels count in base 2

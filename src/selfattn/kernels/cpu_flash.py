@@ -529,6 +529,10 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
     # a few query rows (decoding): dot products beat transposing the keys; every pass decides
     # the same way per query block, so a pair's score is bit-identical in all of them
     use_dot = rows < 4
+    # keys arrive transposed, kt (B, Hkv, D, Lk), unless kt has no columns: then (one key block,
+    # which every task meets once) each tile transposes its own
+    local_kt = not use_dot and kt.shape[3] < lk
+    kt_buf = np.zeros((D, BLOCK_N) if local_kt else (0, 0), q.dtype)
     m_i = np.full(BLOCK_M, -np.inf, q.dtype)
     l_i = np.zeros(BLOCK_M, q.dtype)
     e_i = np.zeros(BLOCK_M, q.dtype)
@@ -540,7 +544,13 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
         n_tiles += 1
         c0 = kb * BLOCK_N
         ncols = min(BLOCK_N, lk - c0)
-        kt_blk = kt[b, hk, :, c0:c0 + ncols] if not use_dot else kt[0, 0, :, 0:0]
+        if use_dot:
+            kt_blk = kt[0, 0, :, 0:0]
+        elif local_kt:
+            _load_t(k[b, hk], c0, ncols, kt_buf)
+            kt_blk = kt_buf[:, :ncols]
+        else:
+            kt_blk = kt[b, hk, :, c0:c0 + ncols]
         nc = _scores(q_blk, k[b, hk], kt_blk, use_dot, s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
                      win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
                      allow, stride_allow, bias, stride_bias, softcap_u, consts)
