@@ -417,7 +417,7 @@ class CPUBackend(Backend):
         # and "Short sequences (issue 7)": cpu's speed over sdpa's on the 2-core machine:
         # - window / padding / documents (or causal with Lq != Lk): sdpa gets an L x L mask and does all
         #   L^2 work, cpu skips the ruled-out tiles (window 44-61x, packed documents 13.6-17.5x): 15;
-        # - float32, no mask or causal: 8, before sdpa, where cpu was faster -- with gradients from 16
+        # - float32, no mask or causal: 8, before sdpa, where cpu was faster -- with gradients from 32
         #   keys on, without from B*H*Lq*Lk*D = 4e6 on (1 and 2 threads) -- else 30. numba's workqueue
         #   layer (which `selfattn train` selects) hands tasks to its threads at ~0.1 ms a call: with
         #   more than one thread there, short sequences go to sdpa;
@@ -431,7 +431,7 @@ class CPUBackend(Backend):
             work = req.batch * req.q_heads * req.q_len * req.kv_len * req.head_dim
             if torch.get_num_threads() > 1 and _k is not None and numba.config.THREADING_LAYER == "workqueue":
                 return 8.0 if work >= 5e7 else 30.0
-            return 8.0 if (req.requires_grad and req.kv_len >= 16) or work >= 4e6 else 30.0
+            return 8.0 if (req.requires_grad and req.kv_len >= 32) or work >= 4e6 else 30.0
         return 30.0
 
     def forward(self, q, k, v, req: Request):
