@@ -2,9 +2,10 @@
 # The prepared GPU check of the `triton` backend (issue 6): one call of a few minutes on a
 # CUDA machine that already has torch, triton and pytest. Installs nothing.
 #
-#   benchmarks/gpu_check.sh            GPU tests, then the benchmark table
+#   benchmarks/gpu_check.sh            GPU tests, the benchmark table, then a short training run
 #   benchmarks/gpu_check.sh tests      tests/test_triton_gpu.py only
 #   benchmarks/gpu_check.sh bench      benchmarks/bench_gpu.py only (autotunes: slower first calls)
+#   benchmarks/gpu_check.sh train      `selfattn train` on the GPU (issue 7's CUDA path), 200 steps
 #
 # Logs and the benchmark JSON go to $OUT (the device tool's output folder) or /tmp/selfattn_gpu.
 # Record each run (card, date, table) in BENCHMARKS.md, section "GPU backend (issue 6)".
@@ -24,12 +25,18 @@ date -u +"date: %Y-%m-%d %H:%M UTC"
 status=0
 if [ "$what" = all ] || [ "$what" = tests ]; then
     echo "== tests/test_triton_gpu.py"
-    timeout 250 "$PY" -m pytest tests/test_triton_gpu.py -q -x -p no:cacheprovider --durations=8 2>&1 | tee "$DEST/tests.log"
+    timeout 240 "$PY" -m pytest tests/test_triton_gpu.py -q -x -p no:cacheprovider --durations=8 2>&1 | tee "$DEST/tests.log"
     status=${PIPESTATUS[0]}
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
     echo "== benchmarks/bench_gpu.py"
-    timeout 250 "$PY" benchmarks/bench_gpu.py --json "$DEST/bench.json" 2>&1 | tee "$DEST/bench.log"
+    timeout 240 "$PY" benchmarks/bench_gpu.py --json "$DEST/bench.json" 2>&1 | tee "$DEST/bench.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+if [ "$what" = all ] || [ "$what" = train ]; then
+    echo "== selfattn train --device cuda (auto backend: triton), 200 steps"
+    timeout 60 "$PY" -m selfattn.cli train --device cuda --steps 200 --eval-every 100 --no-progress \
+        --out "$DEST/train" 2>&1 | tail -n 15 | tee "$DEST/train.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 exit "$status"
