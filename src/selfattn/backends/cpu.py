@@ -4,12 +4,16 @@ Three layers, as flash-attn has them:
 
 * ``_launch_forward`` / ``_launch_backward``: private launchers that classify tiles with
   ``Mask.block_map``, turn the mask into the kernels' element-wise parameters and call the
-  numba kernels in ``selfattn.kernels.cpu_flash`` with all the threads torch uses;
+  numba kernels in ``selfattn.kernels.cpu_flash`` with all the threads torch uses (or in the
+  calling thread when that is one). The backward is two passes (dQ, then dK/dV), or one when
+  all keys fit one block;
 * ``selfattn::cpu_flash_attention`` and ``selfattn::cpu_flash_attention_backward``:
   ``torch.library`` custom ops, so ``torch.compile`` traces a call as one node; the forward
   op's autograd (``register_autograd``) saves q, k, v, the output and the log-sum-exp only (as
   row max + log of the row sum: one float32 lse would cost p its precision at huge scores). The
-  backward takes delta = rowsum(P dP) from its own P and dP (rowsum(dO O) only as a shift);
+  backward takes delta = rowsum(P dP) from its own P and dP (rowsum(dO O) only as a shift).
+  Eager calls take ``_EagerFlash``, the same two steps as an ``autograd.Function`` without the
+  dispatcher's per-call cost;
 * ``CPUBackend.forward``: turns a validated ``Request`` into the ops' arguments.
 
 Memory is O(L): the L x L matrix never exists, only (BLOCK_M x BLOCK_N) tiles per thread.

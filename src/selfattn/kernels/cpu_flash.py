@@ -3,7 +3,9 @@
 Inputs are the tensors themselves, C-contiguous, float32 or float64: q (B, Hq, Lq, D),
 k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), plus k^T (B, Hkv, D, Lk) (and v^T for dQ) so that the
 block products run along contiguous rows. The dK/dV pass, which meets each key block once,
-transposes its block into a small buffer instead. Nothing of size L x L exists.
+transposes its block into a small buffer instead, and so does the forward when all keys fit
+one block (k^T then has no columns). With one key block the dK/dV pass also computes dQ: the
+backward is then a single pass. Nothing of size L x L exists.
 
 In float32, scores are kept in base-2 units (logit * log2(e), folded into the scale) so every
 exponential is an exp2, computed by a polynomial that LLVM vectorises; float64 keeps natural
