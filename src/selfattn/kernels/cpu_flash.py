@@ -509,24 +509,30 @@ def _probs(s, p, rows, nc, row_max, row_log, b, h, r0, consts, fast):
 # 80 us with the workqueue layer). A task is one `_*_task` call either way.
 
 
+@njit(cache=True)
+def _query_task(t, q, k, tiles):
+    # task t of a kernel with one task per (batch, head, query block): (b, h, its kv head hk,
+    # query block qb, first row r0, rows, and the tile map's batch and head indices)
+    B, Hq, Lq, D = q.shape
+    nQ = (Lq + BLOCK_M - 1) // BLOCK_M
+    qb = t % nQ
+    h = (t // nQ) % Hq
+    b = t // (nQ * Hq)
+    r0 = qb * BLOCK_M
+    tb = b if tiles.shape[0] > 1 else 0
+    th_ = h if tiles.shape[1] > 1 else 0
+    return b, h, h // (Hq // k.shape[1]), qb, r0, min(BLOCK_M, Lq - r0), tb, th_
+
+
 @njit(fastmath=FASTMATH, cache=True)
 def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
               win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
               allow, stride_allow, bias, stride_bias, softcap_u, lk, want_stats, consts, fast):
     B, Hq, Lq, D = q.shape
-    Hkv, Dv = k.shape[1], v.shape[3]
-    group = Hq // Hkv
-    nQ = (Lq + BLOCK_M - 1) // BLOCK_M
+    Dv = v.shape[3]
     nK = (lk + BLOCK_N - 1) // BLOCK_N
     nat = consts[1]  # nats per score unit
-    qb = t % nQ
-    h = (t // nQ) % Hq
-    b = t // (nQ * Hq)
-    hk = h // group
-    r0 = qb * BLOCK_M
-    rows = min(BLOCK_M, Lq - r0)
-    tb = b if tiles.shape[0] > 1 else 0
-    th_ = h if tiles.shape[1] > 1 else 0
+    b, h, hk, qb, r0, rows, tb, th_ = _query_task(t, q, k, tiles)
     q_blk = q[b, h, r0:r0 + rows]
     s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
     p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
@@ -750,18 +756,9 @@ def _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles,
                 win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
                 allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast):
     B, Hq, Lq, D = q.shape
-    Hkv, Dv = k.shape[1], v.shape[3]
-    group = Hq // Hkv
-    nQ = (Lq + BLOCK_M - 1) // BLOCK_M
+    Dv = v.shape[3]
     nK = (lk + BLOCK_N - 1) // BLOCK_N
-    qb = t % nQ
-    h = (t // nQ) % Hq
-    b = t // (nQ * Hq)
-    hk = h // group
-    r0 = qb * BLOCK_M
-    rows = min(BLOCK_M, Lq - r0)
-    tb = b if tiles.shape[0] > 1 else 0
-    th_ = h if tiles.shape[1] > 1 else 0
+    b, h, hk, qb, r0, rows, tb, th_ = _query_task(t, q, k, tiles)
     q_blk = q[b, h, r0:r0 + rows]
     do_blk = do[b, h, r0:r0 + rows]
     s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
