@@ -72,15 +72,21 @@ def requests(draw):
     return dict(shape=(b, hq, hkv, lq, lk, d, dv), dtype=dtype, magnitude=magnitude, seed=seed, kind=kind, kw=kw)
 
 
-@SETTINGS
-@given(r=requests(), backend=st.sampled_from(BACKENDS), return_stats=st.booleans(), data=st.data())
-def test_random_requests_match_reference(r, backend, return_stats, data):
+def inputs(r, data):
+    """(q, k, v, attention keyword arguments) of a drawn request, its mask drawn now."""
     torch.manual_seed(r["seed"])
     b, hq, hkv, lq, lk, d, dv = r["shape"]
     kw = {**r["kw"], **draw_mask(data, r["kind"], b, hq, lq, lk)}
     q = (torch.randn(b, hq, lq, d, dtype=torch.float64) * r["magnitude"]).to(r["dtype"])
     k = (torch.randn(b, hkv, lk, d, dtype=torch.float64) * r["magnitude"]).to(r["dtype"])
     v = torch.randn(b, hkv, lk, dv, dtype=r["dtype"])
+    return q, k, v, kw
+
+
+@SETTINGS
+@given(r=requests(), backend=st.sampled_from(BACKENDS), return_stats=st.booleans(), data=st.data())
+def test_random_requests_match_reference(r, backend, return_stats, data):
+    q, k, v, kw = inputs(r, data)
     res = run_backend(backend, q, k, v, return_stats=return_stats, **kw)
     if res is None:
         return  # refusal checked by run_backend
@@ -93,12 +99,8 @@ def test_random_requests_match_reference(r, backend, return_stats, data):
 @SETTINGS
 @given(r=requests(), backend=st.sampled_from(BACKENDS), data=st.data())
 def test_random_attention_probs_match_reference(r, backend, data):
-    torch.manual_seed(r["seed"])
-    b, hq, hkv, lq, lk, d, dv = r["shape"]
-    kw = {**r["kw"], **draw_mask(data, r["kind"], b, hq, lq, lk)}
-    q = (torch.randn(b, hq, lq, d, dtype=torch.float64) * r["magnitude"]).to(r["dtype"])
-    k = (torch.randn(b, hkv, lk, d, dtype=torch.float64) * r["magnitude"]).to(r["dtype"])
-    v = torch.randn(b, hkv, lk, dv, dtype=r["dtype"])
+    q, k, v, kw = inputs(r, data)
+    hq, lq = q.shape[1], q.shape[2]
     res = run_backend(backend, q, k, v, return_stats=True, **kw)
     if res is None:
         return
