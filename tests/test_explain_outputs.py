@@ -125,7 +125,7 @@ def _has_colour(img, rgb, tol=2):
     return bool((np.abs(img[..., :3].astype(int) - np.array(rgb)).max(-1) <= tol).any())
 
 
-@pytest.mark.parametrize("kind", ["full", "long", "model"])
+@pytest.mark.parametrize("kind", ["full", "long", "model", "many_heads"])
 def test_png_heatmap(tmp_path, kind):
     import matplotlib.image
     from matplotlib import colormaps
@@ -136,19 +136,24 @@ def test_png_heatmap(tmp_path, kind):
         obj = explain(LONG, rows="0,10,-1")
     else:
         torch.manual_seed(0)
-        model = AttentionStack(30, 8, [{"type": "SelfAttention"}, {"type": "MultiHeadAttention", "num_heads": 2}])
+        heads = 2 if kind == "model" else 8
+        model = AttentionStack(30, 16, [{"type": "SelfAttention"}, {"type": "MultiHeadAttention", "num_heads": heads}])
         save(tmp_path / "ck", model, model.config, vocab=[f"t{i}" for i in range(30)])
         obj = explain("t1 t2 t3 t4 t5 t1 t2", checkpoint=tmp_path / "ck")
     path = tmp_path / "w.png"
     obj.plot(path)
     w, h = _png_info(path)
     assert (w, h) == png_size(obj) and w > 300 and h > 200
+    if kind == "many_heads":
+        # 1 + 8 heads: the 8 wrap onto two rows of 4 under the first layer's row, not one wide row
+        one = explain("t1 t2 t3 t4 t5 t1 t2")
+        assert w < 5 * png_size(one)[0] and h > 2.5 * png_size(one)[1]
     img = (matplotlib.image.imread(path) * 255).round().astype(np.uint8)  # (H, W, 4)
     assert img.shape[:2] == (h, w)
     colours = np.unique(img.reshape(-1, img.shape[-1]), axis=0)
     assert len(colours) >= 64, f"only {len(colours)} distinct colours"
     # the cells carry the colour map's colour of their weight
-    head = obj.heads[-1] if kind == "model" else obj
+    head = obj.heads[-1] if kind in ("model", "many_heads") else obj
     m = head.weights if head.full else head.row_weights
     for x in (float(m.max()), float(m[m > 0].min()), float(m.flatten()[m.numel() // 2])):
         rgb = [round(255 * c) for c in colormaps["viridis"](x)[:3]]

@@ -24,6 +24,7 @@ ANNOTATE_MAX = 16  # write values into cells up to this many rows/columns
 LEFT_IN, BOTTOM_IN, TOP_IN, RIGHT_IN, GAP_IN = 1.3, 1.3, 0.6, 1.1, 0.4
 LONG_WIDTH_IN = 12.0  # width of the row-strip heatmap for long input
 LONG_ROW_IN = 0.45
+HEADS_PER_ROW = 4  # heatmaps side by side before a layer's heads wrap onto the next row
 
 
 def _cell(n_rows: int, n_cols: int) -> float:
@@ -40,9 +41,12 @@ def _panel(trace: ExplainTrace) -> tuple:
 
 
 def _grid(obj) -> list:
-    # one row of panels per layer; long-input strips (12 inches wide) are stacked one per row
+    # a row of panels per layer, at most HEADS_PER_ROW wide (a layer with more heads goes on over
+    # several rows); long-input strips (12 inches wide) are stacked one per row
     if isinstance(obj, ModelTrace):
-        return [layer.heads for layer in obj.layers] if obj.full else [[h] for h in obj.heads]
+        if not obj.full:
+            return [[h] for h in obj.heads]
+        return [layer.heads[i:i + HEADS_PER_ROW] for layer in obj.layers for i in range(0, len(layer.heads), HEADS_PER_ROW)]
     return [[obj]]
 
 
