@@ -211,4 +211,4 @@ def test_bad_checkpoints_and_options_fail_clearly(trained, tmp_path):
         print(argv, "->", code, err.getvalue().strip())
         assert code in (1, 2) and msg in err.getvalue(), (argv, code, err.getvalue())
     r = _run(["train", "--steps", "0"])
-    assert r.returncode == 2 and "--steps must be at least 1" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "--steps must be a positive integer" in r.stderr and "Traceback" not in r.stderr

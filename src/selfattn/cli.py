@@ -12,24 +12,28 @@ class UsageError(ValueError):
     """Bad input on the command line: reported as one line, exit status 2."""
 
 
-def _int_at_least(name, minimum, what):
+def int_arg(name: str, minimum: int = 1):
+    """An argparse ``type`` for an integer option of at least ``minimum`` (1: positive, 0:
+    non-negative) whose error names the option and the value seen."""
+    what = {1: "a positive integer", 0: "a non-negative integer"}.get(minimum, f"an integer >= {minimum}")
+
     def parse(s):
         try:
             v = int(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a {what} integer, got {s!r}") from None
+            raise argparse.ArgumentTypeError(f"{name} must be {what}, got {s!r}") from None
         if v < minimum:
-            raise argparse.ArgumentTypeError(f"{name} must be a {what} integer, got {v}")
+            raise argparse.ArgumentTypeError(f"{name} must be {what}, got {v}")
         return v
     return parse
 
 
 def _positive(name):
-    return _int_at_least(name, 1, "positive")
+    return int_arg(name, 1)
 
 
 def _non_negative(name):
-    return _int_at_least(name, 0, "non-negative")
+    return int_arg(name, 0)
 
 
 # -- explain ---------------------------------------------------------------------------------

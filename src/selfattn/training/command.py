@@ -6,21 +6,10 @@ import argparse
 import math
 import shlex
 
+from ..cli import int_arg as _int
 from .loop import LOG_CSV, LOG_JSONL, PLOT_FILE, TEXT_DEFAULTS, TrainConfig
 
 _D = TrainConfig()
-
-
-def _int(name, minimum=1):
-    def parse(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"{name} must be at least {minimum}, got {v}")
-        return v
-    return parse
 
 
 def _float(name, *, positive=False, allow_none=False):
