@@ -34,7 +34,7 @@ SHAPES = [
     # one key block (Lk <= 64): the backward is one pass (flash_bwd_kv also writes dQ) ...
     (2, 4, 2, 48, 48, 32, 32),  # the training model's shape, GQA
     (1, 2, 1, 97, 40, 16, 8),  # two query blocks per kv head
-    # ... unless one task per kv head would leave a thread idle: then dQ gets its own pass
+    # ... unless one task per kv head would leave a thread idle (2+ threads): dQ gets its own pass
     (1, 2, 1, 150, 60, 32, 32),
 ]
 
