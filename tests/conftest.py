@@ -132,15 +132,15 @@ def low_dtype_reference(q, k, v, **kw):
         # can come out luckily small, so every quantity takes the order that differs more
         low, st_low = permuted_reference(q, k, v, **args)
         low2, st_low2 = permuted_reference(q, k, v, order="rolled", **args)
-        low = _farther(out64, low, low2)
-        st_low = AttentionStats(*(_farther(getattr(st64, f), getattr(st_low, f), getattr(st_low2, f))
+        low = farther(out64, low, low2)
+        st_low = AttentionStats(*(farther(getattr(st64, f), getattr(st_low, f), getattr(st_low2, f))
                                   for f in ("lse", "max_logit", "entropy")))
     else:
         low, st_low = reference.attention(q, k, v, upcast=False, **args)
     return out64, st64, low, st_low
 
 
-def _farther(ref, a, b):
+def farther(ref, a, b):
     # whichever of a and b differs more from ref (largest difference over the finite entries)
     def gap(x):
         fin = torch.isfinite(ref) & torch.isfinite(x)
@@ -153,9 +153,11 @@ def permuted_reference(q, k, v, *, mask, order="reversed", **args):
 
     For float64 inputs "the reference in the input dtype" is the reference itself, so its error
     cannot be measured that way. Instead compute the same attention with every reduction in a
-    different order: keys and head dims reversed (``order="reversed"``) or rotated by half their
-    length (``"rolled"``). Mathematically identical, rounded differently: |that - ref64| is the
-    float64 error scale STYLE.md rule 6 asks for.
+    different order: queries, keys and head dims reversed (``order="reversed"``) or rotated by
+    half their length (``"rolled"``); queries too, because the gradients of k and v sum over
+    them. Mathematically identical, rounded differently: |that - ref64| is the float64 error
+    scale STYLE.md rule 6 asks for. Outputs and stats come back in the original order; a trace
+    passed in ``args`` holds (B, H, Lq, Lk) steps with queries and keys in the permuted order.
     """
     lq, lk, d, dv = q.shape[2], k.shape[2], q.shape[3], v.shape[3]
     allowed = torch.ones(1, 1, lq, lk, dtype=torch.bool) if mask is None else mask.allowed(lq, lk)
@@ -163,15 +165,16 @@ def permuted_reference(q, k, v, *, mask, order="reversed", **args):
     dense = torch.zeros(allowed.shape, dtype=torch.float64) if bias is None else bias.to(torch.float64)
     dense = torch.where(allowed, dense, torch.tensor(float("-inf"), dtype=torch.float64))  # (B|1, H|1, Lq, Lk)
     if order == "reversed":
-        pk, pd, pv = (torch.arange(n - 1, -1, -1) for n in (lk, d, dv))
+        pq, pk, pd, pv = (torch.arange(n - 1, -1, -1) for n in (lq, lk, d, dv))
     else:
-        pk, pd, pv = (torch.roll(torch.arange(n), n // 2) for n in (lk, d, dv))
+        pq, pk, pd, pv = (torch.roll(torch.arange(n), n // 2) for n in (lq, lk, d, dv))
     out, st = reference.attention(
-        q[..., pd], k[:, :, pk][..., pd], v[:, :, pk][..., pv],
-        mask=selfattn.masks.dense(dense[..., pk]), **args,
+        q[:, :, pq][..., pd], k[:, :, pk][..., pd], v[:, :, pk][..., pv],
+        mask=selfattn.masks.dense(dense[..., pq, :][..., pk]), **args,
     )
-    # a trace passed in args holds (B, H, Lq, Lk) steps with the keys in the permuted order
-    return out[..., torch.argsort(pv)], st
+    back = torch.argsort(pq)
+    st = AttentionStats(st.lse[..., back], st.max_logit[..., back], st.entropy[..., back])
+    return out[:, :, back][..., torch.argsort(pv)], st
 
 
 def compare_with_reference(name, got, q, k, v, *, stats=None, refs=None, **kw):

@@ -35,9 +35,9 @@ def _ref_weights(q, k, v, *, mask=None, scale=None, softcap=None):
     rel = torch.zeros_like(s64)
     for i, opts in enumerate(twins):
         tlow = Trace()
-        if i == len(twins) - 1:  # reordered: keys (and head dims) reversed
+        if i == len(twins) - 1:  # reordered: queries, keys (and head dims) reversed
             _, stlow = permuted_reference(q, k, v, mask=mask, scale=scale, softcap=softcap, trace=tlow, **opts)
-            slow = tlow["masked"].double().flip(-1)  # (B, H, Lq, Lk) back in key order
+            slow = tlow["masked"].double().flip(-1).flip(-2)  # (B, H, Lq, Lk) back in query and key order
         else:
             _, stlow = reference.attention(q, k, v, mask=mask, scale=scale, softcap=softcap, trace=tlow, **opts)
             slow = tlow["masked"].double()  # (B, H, Lq, Lk)
