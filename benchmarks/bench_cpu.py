@@ -229,7 +229,9 @@ print(peak, own)
 
 
 def compile_time() -> dict:
-    """First-call time with an empty numba cache, then in a second process (cache on disk)."""
+    """First-call time with an empty numba cache, then in a second process (cache on disk): a small
+    float32 and float64 call (one thread: the serial kernels), then a float32 call on two threads
+    (the parallel kernels)."""
     import glob
 
     cache_dir = os.path.join(ROOT, "src", "selfattn", "kernels", "__pycache__")
@@ -243,7 +245,11 @@ selfattn.attention(x, x, x, causal=True, backend='cpu').sum().backward()
 t1 = time.perf_counter()
 x64 = x.detach().double().requires_grad_()
 selfattn.attention(x64, x64, x64, causal=True, backend='cpu').sum().backward()
-print(t1 - t0, time.perf_counter() - t1)
+t2 = time.perf_counter()
+torch.set_num_threads(2)  # big enough for both threads: the parallel kernels
+y = torch.randn(1, 4, 512, 32, requires_grad=True)
+selfattn.attention(y, y, y, causal=True, backend='cpu').sum().backward()
+print(t1 - t0, t2 - t1, time.perf_counter() - t2)
 """
     if os.path.isdir(cache_dir):
         for f in glob.glob(os.path.join(cache_dir, "cpu_flash.*.nb[ic]")):
@@ -251,8 +257,8 @@ print(t1 - t0, time.perf_counter() - t1)
     out = {}
     for run in ("first_process", "second_process"):
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
-        f32, f64 = map(float, res.stdout.split()[-2:])
-        out[run] = {"float32_fwd_bwd_s": f32, "float64_fwd_bwd_s": f64}
+        f32, f64, par = map(float, res.stdout.split()[-3:])
+        out[run] = {"float32_fwd_bwd_s": f32, "float64_fwd_bwd_s": f64, "float32_parallel_fwd_bwd_s": par}
     out["cache_files"] = len(glob.glob(os.path.join(cache_dir, "cpu_flash.*.nbc")))
     return out
 

@@ -22,7 +22,6 @@ gradient; a float mask gets no gradient (refused if it requires one).
 """
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -172,37 +171,21 @@ def _threads(tasks: int, flops: float) -> int:
     return min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, tasks) if flops >= 4e6 else 1
 
 
-_POOL_STARTED = False  # numba's thread pool has been started in this process
-
-
-def _forget_pool():
-    global _POOL_STARTED
-    _POOL_STARTED = False
-
-
-os.register_at_fork(after_in_child=_forget_pool)  # a forked child starts its own
-
-
-def _serial(threads: int) -> bool:
-    """Whether a kernel runs in the calling thread (one thread: numba's pool is not woken);
-    otherwise the pool gets ``threads`` threads."""
-    global _POOL_STARTED
-    if threads <= 1 and _POOL_STARTED:
-        return True
-    _POOL_STARTED = True
+def _kernel(name: str, threads: int):
+    """The numba kernel ``name`` for ``threads`` threads: its ``_serial`` twin for one (numba's
+    pool is not woken, nor even started), else the parallel kernel with the pool set to that."""
+    if threads <= 1:
+        return getattr(_k, name + "_serial")
     torch_threads = torch.get_num_threads()
-    if threads > 1:
-        numba.set_num_threads(threads)
-        # tasks are whole query (or key) blocks of uneven cost under causal/window masks: hand them
-        # out one at a time rather than in equal static slices (results do not depend on the schedule)
-        numba.set_parallel_chunksize(1)
-    else:
-        numba.get_num_threads()  # starts the pool now (a parallel kernel would at its call), see below
+    numba.set_num_threads(threads)
     if torch.get_num_threads() != torch_threads:
         # starting numba's OpenMP pool (first call) sets the OpenMP thread count torch shares to
         # NUMBA_NUM_THREADS: give torch its own setting back
         torch.set_num_threads(torch_threads)
-    return threads <= 1
+    # tasks are whole query (or key) blocks of uneven cost under causal/window masks: hand them out
+    # one at a time rather than in equal static slices (results do not depend on the schedule)
+    numba.set_parallel_chunksize(1)
+    return getattr(_k, name)
 
 
 def _ready(t, acc):
@@ -245,9 +228,9 @@ def _launch_forward(q, k, v, mask_args, scale, softcap, want_stats):
     out = torch.empty(B, Hq, Lq, Dv, dtype=acc)
     row_max, row_log, ent = (torch.empty(B, Hq, Lq, dtype=acc) for _ in range(3))
     counts = np.zeros(B * Hq * (-(-Lq // _k.BLOCK_M)), np.int64)  # one per task
-    serial = _serial(_threads(len(counts), 4.0 * B * Hq * Lq * Lk * D))
-    _k.flash_fwd(serial, q_.numpy(), k_.numpy(), kt.numpy(), v_.numpy(), out.numpy(), row_max.numpy(), row_log.numpy(), ent.numpy(),
-                 margs[0], counts, *margs[1:], softcap_u, Lk, bool(want_stats), consts, acc == torch.float32)
+    flash_fwd = _kernel("flash_fwd", _threads(len(counts), 4.0 * B * Hq * Lq * Lk * D))
+    flash_fwd(q_.numpy(), k_.numpy(), kt.numpy(), v_.numpy(), out.numpy(), row_max.numpy(), row_log.numpy(), ent.numpy(),
+              margs[0], counts, *margs[1:], softcap_u, Lk, bool(want_stats), consts, acc == torch.float32)
     TILE_PRODUCTS["forward"] += int(counts.sum())
     return out.to(q.dtype), row_max, row_log, ent
 
@@ -269,23 +252,24 @@ def _launch_backward(grad_out, q, k, v, out, row_max, row_log, mask_args, scale,
     counts_q = np.zeros(B * Hq * (-(-Lq // _k.BLOCK_M)), np.int64)  # one per task of flash_bwd_q
     counts_kv = np.zeros(B * Hkv * (-(-Lk // _k.BLOCK_N)), np.int64)  # ... and of flash_bwd_kv
     threads = _threads(max(len(counts_q), len(counts_kv)), 10.0 * B * Hq * Lq * Lk * D)
-    serial = _serial(threads)
     tail = (margs[0], counts_kv, *margs[1:], softcap_u, softcap, Lk, dscale, consts, fast)
+    flash_bwd_kv = _kernel("flash_bwd_kv", threads)
     if Lk <= _k.BLOCK_N and len(counts_kv) >= threads:
         # one key block (and a task per kv head keeps every thread busy): flash_bwd_kv alone does the
         # whole backward pass, dQ included, without recomputing P and dP in a second pass
         no_delta = np.empty((0, 0, 0), consts.dtype)
-        _k.flash_bwd_kv(serial, q_.numpy(), k_.numpy(), v_.numpy(), do.numpy(), row_max.numpy(), row_log.numpy(), no_delta,
-                        dk.numpy(), dv.numpy(), dq.numpy(), *tail)
+        flash_bwd_kv(q_.numpy(), k_.numpy(), v_.numpy(), do.numpy(), row_max.numpy(), row_log.numpy(), no_delta,
+                     dk.numpy(), dv.numpy(), dq.numpy(), *tail)
         TILE_PRODUCTS["backward_one_pass"] += int(counts_kv.sum())
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     delta = torch.empty(B, Hq, Lq, dtype=acc)  # (B, Hq, Lq) rowsum(P * dP), from flash_bwd_q
     kt, vt = _transposed(k_, Lq), _transposed(v_, 4)  # (B, Hkv, D, Lk), (B, Hkv, Dv, Lk) (dP needs it)
-    _k.flash_bwd_q(serial, q_.numpy(), k_.numpy(), kt.numpy(), v_.numpy(), vt.numpy(), do.numpy(), out_.numpy(), row_max.numpy(),
-                   row_log.numpy(), delta.numpy(), dq.numpy(), margs[0], counts_q, *tail[2:])
+    flash_bwd_q = _kernel("flash_bwd_q", threads)
+    flash_bwd_q(q_.numpy(), k_.numpy(), kt.numpy(), v_.numpy(), vt.numpy(), do.numpy(), out_.numpy(), row_max.numpy(),
+                row_log.numpy(), delta.numpy(), dq.numpy(), margs[0], counts_q, *tail[2:])
     no_dq = np.empty((0, 0, 0, 0), consts.dtype)  # dQ came from flash_bwd_q
-    _k.flash_bwd_kv(serial, q_.numpy(), k_.numpy(), v_.numpy(), do.numpy(), row_max.numpy(), row_log.numpy(), delta.numpy(),
-                    dk.numpy(), dv.numpy(), no_dq, *tail)
+    flash_bwd_kv(q_.numpy(), k_.numpy(), v_.numpy(), do.numpy(), row_max.numpy(), row_log.numpy(), delta.numpy(),
+                 dk.numpy(), dv.numpy(), no_dq, *tail)
     TILE_PRODUCTS["backward_kv"] += int(counts_kv.sum())
     TILE_PRODUCTS["backward_q"] += int(counts_q.sum())
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

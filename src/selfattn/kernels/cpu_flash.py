@@ -512,9 +512,10 @@ def _probs(s, p, rows, nc, row_max, row_log, b, h, r0, consts, fast):
 
 
 # -- kernels ------------------------------------------------------------------------------------
-# Each kernel is a loop over independent tasks, run by numba's thread pool (prange) or, when
-# `serial`, in the calling thread: one thread should not pay the pool's start-up per call (about
-# 80 us with the workqueue layer). A task is one `_*_task` call either way.
+# Each kernel is a loop over independent tasks, run by numba's thread pool (prange); its
+# ``*_serial`` twin runs the same tasks in the calling thread, so that one thread does not pay
+# the pool's wake-up per call (about 80 us with the workqueue layer). A task is one `_*_task`
+# call either way.
 
 
 @njit(cache=True)
@@ -632,7 +633,7 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
 
 
 @njit(parallel=True, cache=True)
-def flash_fwd(serial, q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
+def flash_fwd(q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
               win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
               allow, stride_allow, bias, stride_bias, softcap_u, lk, want_stats, consts, fast):
     """One task per (batch, head, query block) (``counts`` has one entry each): online softmax
@@ -643,14 +644,19 @@ def flash_fwd(serial, q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
     exact to rounding in the backward pass even for huge scores) and ent (nats); counts[task] =
     number of tiles it computed.
     """
-    if serial:
-        for t in range(counts.shape[0]):
-            _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, tiles, counts, win_left, win_right, kv_lens, q_lens,
-                      q_ids, kv_ids, allow, stride_allow, bias, stride_bias, softcap_u, lk, want_stats, consts, fast)
-    else:
-        for t in prange(counts.shape[0]):
-            _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, tiles, counts, win_left, win_right, kv_lens, q_lens,
-                      q_ids, kv_ids, allow, stride_allow, bias, stride_bias, softcap_u, lk, want_stats, consts, fast)
+    for t in prange(counts.shape[0]):
+        _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, tiles, counts, win_left, win_right, kv_lens, q_lens,
+                  q_ids, kv_ids, allow, stride_allow, bias, stride_bias, softcap_u, lk, want_stats, consts, fast)
+
+
+@njit(cache=True)
+def flash_fwd_serial(q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
+                     win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
+                     allow, stride_allow, bias, stride_bias, softcap_u, lk, want_stats, consts, fast):
+    # flash_fwd's tasks in the calling thread (numba compiles each variant at its first call)
+    for t in range(counts.shape[0]):
+        _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, tiles, counts, win_left, win_right, kv_lens, q_lens,
+                  q_ids, kv_ids, allow, stride_allow, bias, stride_bias, softcap_u, lk, want_stats, consts, fast)
 
 
 # -- backward ---------------------------------------------------------------------------------
@@ -751,7 +757,7 @@ def _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, tiles, cou
 
 
 @njit(parallel=True, cache=True)
-def flash_bwd_kv(serial, q, k, v, do, row_max, row_log, delta, dk, dv, dq, tiles, counts,
+def flash_bwd_kv(q, k, v, do, row_max, row_log, delta, dk, dv, dq, tiles, counts,
                  win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
                  allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast):
     """dK and dV: one task per (batch, kv head, key block), over every query head of its group.
@@ -760,14 +766,19 @@ def flash_bwd_kv(serial, q, k, v, do, row_max, row_log, delta, dk, dv, dq, tiles
     ``flash_bwd_q`` (it reads its delta) -- unless dq is given (size > 0; then Lk <= BLOCK_N): with
     one key block it is the whole backward pass, dq (B, Hq, Lq, D) included, and delta is unused.
     """
-    if serial:
-        for t in range(counts.shape[0]):
-            _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, tiles, counts, win_left, win_right, kv_lens,
-                         q_lens, q_ids, kv_ids, allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast)
-    else:
-        for t in prange(counts.shape[0]):
-            _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, tiles, counts, win_left, win_right, kv_lens,
-                         q_lens, q_ids, kv_ids, allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast)
+    for t in prange(counts.shape[0]):
+        _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, tiles, counts, win_left, win_right, kv_lens,
+                     q_lens, q_ids, kv_ids, allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast)
+
+
+@njit(cache=True)
+def flash_bwd_kv_serial(q, k, v, do, row_max, row_log, delta, dk, dv, dq, tiles, counts,
+                        win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
+                        allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast):
+    # flash_bwd_kv's tasks in the calling thread (numba compiles each variant at its first call)
+    for t in range(counts.shape[0]):
+        _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, tiles, counts, win_left, win_right, kv_lens,
+                     q_lens, q_ids, kv_ids, allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast)
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -839,7 +850,7 @@ def _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles,
 
 
 @njit(parallel=True, cache=True)
-def flash_bwd_q(serial, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles, counts,
+def flash_bwd_q(q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles, counts,
                 win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
                 allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast):
     """dQ and delta: one task per (batch, head, query block), run before ``flash_bwd_kv``.
@@ -849,11 +860,16 @@ def flash_bwd_q(serial, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, t
     dQ = (P * (dP - c)) k - (delta - c) * (P k) and the exact delta from the same P and dP that
     dS uses, and leaves that delta for ``flash_bwd_kv``. Writes dq (B, Hq, Lq, D), times dscale.
     """
-    if serial:
-        for t in range(counts.shape[0]):
-            _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles, counts, win_left, win_right, kv_lens,
-                        q_lens, q_ids, kv_ids, allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast)
-    else:
-        for t in prange(counts.shape[0]):
-            _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles, counts, win_left, win_right, kv_lens,
-                        q_lens, q_ids, kv_ids, allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast)
+    for t in prange(counts.shape[0]):
+        _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles, counts, win_left, win_right, kv_lens,
+                    q_lens, q_ids, kv_ids, allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast)
+
+
+@njit(cache=True)
+def flash_bwd_q_serial(q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles, counts,
+                       win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
+                       allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast):
+    # flash_bwd_q's tasks in the calling thread (numba compiles each variant at its first call)
+    for t in range(counts.shape[0]):
+        _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles, counts, win_left, win_right, kv_lens,
+                    q_lens, q_ids, kv_ids, allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast)
