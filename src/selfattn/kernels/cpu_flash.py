@@ -95,7 +95,7 @@ def _load_t(x, c0, ncols, buf):
 # A register-blocked micro-kernel, written as LLVM IR: LLVM will not keep a loop's accumulators
 # in registers across the reduction when it cannot prove the output does not alias the inputs,
 # and then every FMA pays a store. Here MR rows x TILE_N columns of C live in vector registers
-# (float32: 4 x 4 x <16 x float>) for the whole reduction; C is loaded/stored once per call.
+# (float32: 4 x 4 x <16 x float>) for the whole reduction; C is stored once per call.
 # In float32 a call with fewer columns runs a copy of the loop with only as many vectors as it
 # needs (head dim 32 = 2 vectors, 48 keys = 3), so short rows cost no FMAs on masked-off lanes.
 TILE_N = 64  # most columns of C per micro-kernel call
@@ -108,15 +108,15 @@ def _ptr(bits):
 
 def _make_microkernel(MR):
     @intrinsic
-    def microkernel(typingctx, pa, sa0, sa1, pb, sb, pc, sc, n, kdim, accumulate, like):
-        # c[:MR, :n] (+)= a[:MR, :kdim] @ b[:kdim, :n] at raw addresses; strides in elements;
+    def microkernel(typingctx, pa, sa0, sa1, pb, sb, pc, sc, n, kdim, like):
+        # c[:MR, :n] = a[:MR, :kdim] @ b[:kdim, :n] at raw addresses; strides in elements;
         # rows of b and c contiguous; n <= TILE_N; `like` is an array of the element type
         if not (isinstance(like, types.Array) and isinstance(like.dtype, types.Float)):
             return None
-        sig = types.void(*([types.intp] * 9), types.boolean, like)
+        sig = types.void(*([types.intp] * 9), like)
 
         def codegen(context, builder, signature, args):
-            pa, sa0, sa1, pb, sb, pc, sc, n, kdim, accumulate, _ = args
+            pa, sa0, sa1, pb, sb, pc, sc, n, kdim, _ = args
             fty = context.get_value_type(signature.args[-1].dtype)
             width = 16 if fty == ir.FloatType() else 8  # one 512-bit vector
             i32, i64 = ir.IntType(32), ir.IntType(64)
@@ -146,8 +146,7 @@ def _make_microkernel(MR):
             def product(nvec):
                 # the whole product with nvec vectors per row of C, ending in the current block
                 masks = [builder.icmp_signed("<", lanes, splat(builder.sub(n, ir.Constant(i64, v * width)), i64)) for v in range(nvec)]
-                init = [[builder.select(accumulate, builder.call(mload, [c_ptr(i, v), align, masks[v], zero]), zero)
-                         for v in range(nvec)] for i in range(MR)]
+                init = [[zero] * nvec for _ in range(MR)]
                 entry = builder.block
                 loop = builder.append_basic_block(f"mk{nvec}.loop")
                 done = builder.append_basic_block(f"mk{nvec}.done")
@@ -210,21 +209,21 @@ _mk4, _mk2, _mk1 = _make_microkernel(4), _make_microkernel(2), _make_microkernel
 
 
 @njit(cache=True)
-def _gemm(pa, sa0, sa1, pb, sb, pc, sc, m, kdim, n, accumulate, like):
-    # c[:m, :n] (+)= a[:m, :kdim] @ b[:kdim, :n] at raw addresses (strides in elements)
+def _gemm(pa, sa0, sa1, pb, sb, pc, sc, m, kdim, n, like):
+    # c[:m, :n] = a[:m, :kdim] @ b[:kdim, :n] at raw addresses (strides in elements)
     isz = like.itemsize
     for j0 in range(0, n, TILE_N):
         nn = min(TILE_N, n - j0)
         i = 0
         if isz == 4:
             while i + 4 <= m:
-                _mk4(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim, accumulate, like)
+                _mk4(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim, like)
                 i += 4
         while i + 2 <= m:
-            _mk2(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim, accumulate, like)
+            _mk2(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim, like)
             i += 2
         while i < m:
-            _mk1(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim, accumulate, like)
+            _mk1(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim, like)
             i += 1
 
 
@@ -234,11 +233,11 @@ def _addr(x):
 
 
 @njit(cache=True)
-def _mm(a, b, c, m, kdim, n, accumulate):
-    # c[:m, :n] (+)= a[:m, :kdim] @ b[:kdim, :n]      rows of b and c contiguous
+def _mm(a, b, c, m, kdim, n):
+    # c[:m, :n] = a[:m, :kdim] @ b[:kdim, :n]      rows of b and c contiguous
     isz = a.itemsize
     _gemm(_addr(a), a.strides[0] // isz, a.strides[1] // isz, _addr(b), b.strides[0] // isz,
-          _addr(c), c.strides[0] // isz, m, kdim, n, accumulate, c)
+          _addr(c), c.strides[0] // isz, m, kdim, n, c)
 
 
 @njit(cache=True)
@@ -246,7 +245,7 @@ def _mm_tn(a, b, c, m, kdim):
     # c[:m, :] = a[:kdim, :m]^T @ b[:kdim, :]      c (>=m, N), b (>=kdim, N)
     isz = a.itemsize
     _gemm(_addr(a), a.strides[1] // isz, a.strides[0] // isz, _addr(b), b.strides[0] // isz,
-          _addr(c), c.strides[0] // isz, m, kdim, b.shape[1], False, c)
+          _addr(c), c.strides[0] // isz, m, kdim, b.shape[1], c)
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -433,7 +432,7 @@ def _scores(q_blk, k_nat, kt_blk, use_dot, s, th, rows, b, h, r0, c0, kind, lq, 
     if use_dot:
         _qk_dot(q_blk, k_nat, c0, ncols, s, rows)
     else:
-        _mm(q_blk, kt_blk, s, rows, q_blk.shape[1], ncols, False)
+        _mm(q_blk, kt_blk, s, rows, q_blk.shape[1], ncols)
     if softcap_u > 0.0:
         # -- softcap: c * tanh(u), c already in score units --
         for i in range(rows):
@@ -607,7 +606,7 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
                     acc[i, d] *= alpha
         # -- accumulate p @ v: the tile's share, then added (rounding grows with the number of
         # key blocks, not of keys: one running sum was 5x the float32 reference's error at 4096) --
-        _mm(p, v[b, hk, c0:c0 + ncols], part, rows, ncols, Dv, False)
+        _mm(p, v[b, hk, c0:c0 + ncols], part, rows, ncols, Dv)
         _add_rows(acc, part, rows)
     for i in range(rows):
         gi = r0 + i
@@ -725,7 +724,7 @@ def _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, tiles, cou
             _mm_tn(p, do_blk, dv_part, ncols, rows)
             _add_rows(dv_blk, dv_part, ncols)
             # -- dP = dO V^T --
-            _mm(do_blk, vt, dp, rows, Dv, ncols, False)
+            _mm(do_blk, vt, dp, rows, Dv, ncols)
             # -- dS = P * (dP - delta), times the softcap's c (1 - tanh^2) --
             for i in range(rows):
                 if one_pass:
@@ -744,7 +743,7 @@ def _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, tiles, cou
             _add_rows(dk_blk, dk_part, ncols)
             if one_pass:
                 # -- dQ = dS k --
-                _mm(dp, k[b, hk, c0:c0 + ncols], dq_blk, rows, ncols, D, False)
+                _mm(dp, k[b, hk, c0:c0 + ncols], dq_blk, rows, ncols, D)
                 for i in range(rows):
                     for d in range(D):
                         dq[b, h, r0 + i, d] = dq_blk[i, d] * dscale
@@ -820,7 +819,7 @@ def _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles,
                      allow, stride_allow, bias, stride_bias, softcap_u, consts)
         _probs(s, p, rows, nc, row_max, row_log, b, h, r0, consts, fast)
         # -- dP = dO V^T --
-        _mm(do_blk, vt[b, hk, :, c0:c0 + ncols], dp, rows, Dv, ncols, False)
+        _mm(do_blk, vt[b, hk, :, c0:c0 + ncols], dp, rows, Dv, ncols)
         # -- delta += rowsum(P * dP); dP becomes P * (dP - c) (columns past Lk hold no keys) --
         for i in range(rows):
             acc = dl[i]
@@ -836,9 +835,9 @@ def _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles,
                     dp[i, j] *= w
                     p[i, j] *= w
         # -- accumulate (P * (dP - c)) k and P k, each tile's share added to the total --
-        _mm(dp, k[b, hk, c0:c0 + ncols], part, rows, ncols, D, False)
+        _mm(dp, k[b, hk, c0:c0 + ncols], part, rows, ncols, D)
         _add_rows(pdk, part, rows)
-        _mm(p, k[b, hk, c0:c0 + ncols], part, rows, ncols, D, False)
+        _mm(p, k[b, hk, c0:c0 + ncols], part, rows, ncols, D)
         _add_rows(pk, part, rows)
     for i in range(rows):
         gi = r0 + i
