@@ -30,17 +30,16 @@ def _ref_weights(q, k, v, *, mask=None, scale=None, softcap=None):
     # twins: the reference in the input dtype, and with its reductions reordered (in float64, where
     # the first is the reference itself, only the reordered one); each measures rounding once, and a
     # single one can come out luckily small, so the larger of the two counts
-    twins = [] if q.dtype == torch.float64 else [dict(upcast=False)]
-    twins.append(dict(upcast=q.dtype == torch.float64))
-    rel = torch.zeros_like(s64)
-    for i, opts in enumerate(twins):
+    def twin(reordered):
         tlow = Trace()
-        if i == len(twins) - 1:  # reordered: queries, keys (and head dims) reversed
-            _, stlow = permuted_reference(q, k, v, mask=mask, scale=scale, softcap=softcap, trace=tlow, **opts)
-            slow = tlow["masked"].double().flip(-1).flip(-2)  # (B, H, Lq, Lk) back in query and key order
-        else:
-            _, stlow = reference.attention(q, k, v, mask=mask, scale=scale, softcap=softcap, trace=tlow, **opts)
-            slow = tlow["masked"].double()  # (B, H, Lq, Lk)
+        if reordered:  # queries, keys (and head dims) reversed; the trace comes back in that order
+            _, stlow = permuted_reference(q, k, v, mask=mask, scale=scale, softcap=softcap, trace=tlow, upcast=False)
+            return tlow["masked"].double().flip(-1).flip(-2), stlow  # (B, H, Lq, Lk)
+        _, stlow = reference.attention(q, k, v, mask=mask, scale=scale, softcap=softcap, upcast=False, trace=tlow)
+        return tlow["masked"].double(), stlow
+
+    rel = torch.zeros_like(s64)
+    for slow, stlow in [twin(True)] + ([] if q.dtype == torch.float64 else [twin(False)]):
         ds = torch.where(fin, (slow - s64).abs(), torch.zeros_like(s64))  # (B, H, Lq, Lk)
         dl = torch.where(torch.isfinite(st64.lse), (stlow.lse.double() - st64.lse).abs(), torch.zeros_like(st64.lse))  # (B, H, Lq)
         rel = torch.maximum(rel, ds + dl[..., None])  # relative error of p in the input dtype
