@@ -106,7 +106,7 @@ def _reference(q, k, v, go, kw, *, low):
     def run(dtype, order=None):
         q_, k_, v_ = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
         if order is None:
-            out, st = reference.attention(q_, k_, v_, mask=mask, upcast=not (low and dtype != torch.float64), **args)
+            out, st = reference.attention(q_, k_, v_, mask=mask, upcast=not low, **args)
         else:
             out, st = permuted_reference(q_, k_, v_, mask=mask, order=order, **args)
         grads = torch.autograd.grad(out, (q_, k_, v_), go.to(out.dtype))
