@@ -383,6 +383,8 @@ class CPUBackend(Backend):
         "device": "cpu only",
         "memory": "O(L)",
     }
+    capabilities = Backend.capabilities.replace(devices=frozenset({"cpu"}), dropout=False, generator=False,
+                                                float_mask_grad=False, requires=("numba",))
 
     def unsupported(self, q, k, v, req: Request):
         if _k is None:

@@ -56,6 +56,7 @@ class MathBackend(Backend):
         "backward": "autograd",
         "memory": "O(Lq*Lk)",
     }
+    capabilities = Backend.capabilities  # every feature, dtype and device
 
     def rank(self, req):
         return 50.0

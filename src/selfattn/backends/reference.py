@@ -19,6 +19,7 @@ class ReferenceBackend(Backend):
         "backward": "autograd (float64)",
         "memory": "O(Lq*Lk) in float64",
     }
+    capabilities = Backend.capabilities  # every feature, dtype and device
 
     def rank(self, req: Request) -> float:
         return 1000.0  # never the fastest: auto picks it only if nothing else can serve

@@ -33,6 +33,7 @@ class SDPABackend(Backend):
         "dropout": "yes, global RNG only (a generator is refused)",
         "backward": "autograd (float32 on CPU: torch's math kernel, the fused one is less accurate)",
     }
+    capabilities = Backend.capabilities.replace(stats=False, softcap=False, generator=False, nonfinite_inputs=False)
 
     def unsupported(self, q, k, v, req: Request):
         if req.return_stats:

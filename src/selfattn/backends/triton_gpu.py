@@ -235,6 +235,10 @@ class TritonBackend(Backend):
         "memory": "O(L)",
         "devices": "cuda; cpu under the Triton interpreter",
     }
+    capabilities = Backend.capabilities.replace(
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), devices=frozenset({"cuda"}),
+        interpreted_devices=frozenset({"cpu"}), dropout=False, generator=False, float_mask_grad=False,
+        max_head_dim=256, requires=("triton",))
 
     def unsupported(self, q, k, v, req: Request):
         dev = req.device
