@@ -1,20 +1,24 @@
-"""``attention()`` and ``attention_probs()``: validate, resolve masks, pick a backend."""
+"""``attention()`` and ``attention_probs()``: build the request, pick a backend, run it.
+
+Validation and option resolution live in :mod:`selfattn.request` (below the backends);
+this module adds what sits above them: the choice of backend, the empty cases, and the
+observers of ``observe``.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
-import numbers
 
 import torch
 
 from . import backends as _backends
-from . import masks as _masks
-from .backends.base import Request
+from .masks import Geometry
+from .request import acc_dtype, build_request, check_qkv, resolve_mask, resolve_scale
 from .stats import AttentionStats
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# kept for code that imported the old private names
+_resolve_mask = resolve_mask
 
 # callbacks that see every attention() call made in this context (selfattn.explain records heads this way)
 _OBSERVERS: contextvars.ContextVar[tuple] = contextvars.ContextVar("selfattn_observers", default=())
@@ -33,94 +37,6 @@ def observe(callback):
         _OBSERVERS.reset(token)
 
 
-def _shape(t) -> tuple:
-    return tuple(t.shape)
-
-
-def _check_qkv(query, key, value):
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have 4 dims (batch, heads, seq, head_dim), got shape {_shape(t)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got dtype {t.dtype}")
-    if not (query.dtype == key.dtype == value.dtype):
-        raise TypeError(f"query, key and value must share one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
-    if not (query.device == key.device == value.device):
-        raise ValueError(f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}")
-    B, Hq, Lq, D = query.shape
-    Bk, Hkv, Lk, Dk = key.shape
-    Bv, Hv, Lv, Dv = value.shape
-    shapes = f"query {_shape(query)}, key {_shape(key)}, value {_shape(value)}"
-    if not (B == Bk == Bv):
-        raise ValueError(f"query, key and value must have the same batch size, got {shapes}")
-    if Hkv != Hv:
-        raise ValueError(f"key and value must have the same number of heads, got {shapes}")
-    if Lk != Lv:
-        raise ValueError(f"key and value must have the same sequence length, got {shapes}")
-    if D != Dk:
-        raise ValueError(f"query and key must have the same head_dim, got {shapes}")
-    if D == 0 or Dv == 0:
-        raise ValueError(f"head_dim must be at least 1, got {shapes}")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for grouped-query attention, got {shapes}")
-
-
-def _resolve_mask(mask, causal, window):
-    parts = []
-    if mask is not None:
-        if isinstance(mask, torch.Tensor):
-            mask = _masks.dense(mask)
-        if not isinstance(mask, _masks.Mask):
-            raise TypeError(f"mask must be a selfattn.masks.Mask or a torch.Tensor, got {type(mask).__name__}")
-        parts.append(mask)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__} ({causal!r})")
-    if causal:
-        parts.append(_masks.causal())
-    if window is not None:
-        if isinstance(window, tuple):
-            if len(window) != 2:
-                raise ValueError(f"window must be an int or a (left, right) pair, got {window!r}")
-            parts.append(_masks.window(*window))
-        else:
-            parts.append(_masks.window(window))
-    if not parts:
-        return None
-    return parts[0] if len(parts) == 1 else _masks.And(*parts)
-
-
-def _resolve_scale(scale, head_dim):
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return float(scale)
-
-
-def _check_options(softcap, dropout_p, generator, return_stats, backend):
-    if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-            raise TypeError(f"softcap must be a positive number or None, got {type(softcap).__name__}")
-        if not (softcap > 0 and math.isfinite(softcap)):
-            raise ValueError(f"softcap must be > 0 and finite, got {softcap}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p must be a number in [0, 1), got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if not isinstance(return_stats, bool):
-        raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    if backend != "auto":
-        _backends.get(backend)  # unknown names raise here
-
-
 class _NoKeys(torch.autograd.Function):
     # Lk == 0: every row is fully masked, so the output is 0 and every gradient is 0
     @staticmethod
@@ -134,10 +50,12 @@ class _NoKeys(torch.autograd.Function):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
 
 
-def _empty_stats(q, acc):
+def _empty_stats(q, acc, sinks=None):
+    # no keys: lse -inf (or the sink's logit: the sink is then the whole softmax), max -inf, entropy 0
     shape = q.shape[:-1]
     neg = torch.full(shape, float("-inf"), dtype=acc, device=q.device)
-    return AttentionStats(neg, neg.clone(), torch.zeros(shape, dtype=acc, device=q.device))
+    lse = neg.clone() if sinks is None else sinks.detach().to(acc)[None, :, None].expand(shape).clone()
+    return AttentionStats(lse, neg, torch.zeros(shape, dtype=acc, device=q.device))
 
 
 def attention(
@@ -150,10 +68,15 @@ def attention(
     window=None,
     scale: float | None = None,
     softcap: float | None = None,
+    q_positions: torch.Tensor | None = None,
+    kv_positions: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     generator: torch.Generator | None = None,
     return_stats: bool = False,
     backend: str = "auto",
+    backend_options: dict | None = None,
 ):
     """Scaled dot-product attention: ``softmax(mask(softcap(Q K^T * scale))) V``.
 
@@ -165,12 +88,22 @@ def attention(
         value: (B, Hkv, Lk, Dv).
         mask: a :mod:`selfattn.masks` value, or a tensor broadcastable to (B, Hq, Lq, Lk):
             bool (True = may attend) or float (added to the scores).
-        causal: add ``masks.causal()`` -- bottom-right aligned: query i sees keys up to
-            i + Lk - Lq.
+        causal: add ``masks.causal()``: a query at position p sees keys at positions <= p
+            (with the default positions, query i sees keys up to i + Lk - Lq).
         window: add ``masks.window(window)`` (an int ``left``) or ``masks.window(*window)``
-            (a ``(left, right)`` pair).
+            (a ``(left, right)`` pair; either side may be None = unbounded).
         scale: multiplies Q K^T; default 1/sqrt(D).
         softcap: if set to c, each scaled score s becomes c * tanh(s / c).
+        q_positions, kv_positions: integer positions of the queries and keys, (L,) or (B, L);
+            default ``arange(Lq) + Lk - Lq`` and ``arange(Lk)``. Causal and window masks and
+            ALiBi read them: per-sequence alignment, left padding, cache offsets (see
+            ``masks.varlen``, ``masks.left_padded``, ``masks.packed``).
+        alibi_slopes: (Hq,) or (B, Hq) floats; each logit gets ``-slope * |q_pos - kv_pos|``
+            after the scale and softcap (FlashAttention's convention), in float32. No gradient.
+        sinks: (Hq,) logits of a per-head sink: each row's softmax denominator gains
+            exp(sink) with a zero value vector (gpt-oss). Gets a gradient. With sinks, ``lse``
+            includes the sink (a fully-masked row has lse = sink), ``max_logit`` is over keys
+            only, and ``entropy`` is that of the keys-plus-sink distribution.
         dropout_p: probability of zeroing each attention weight (rest scaled by 1/(1-p)).
         generator: torch.Generator for dropout.
         return_stats: also return :class:`AttentionStats` (lse, max_logit, entropy), each
@@ -178,6 +111,8 @@ def attention(
         backend: "auto" (the fastest capable one, or the one set by ``use_backend``) or a
             name from ``selfattn.backends.names()``. An explicit backend that cannot serve
             the request raises ``BackendUnavailable`` naming the missing feature.
+        backend_options: options only one backend knows, e.g. ``{"deterministic": True,
+            "num_splits": 2}`` for ``triton``; a backend that does not know one refuses.
 
     Returns:
         output (B, Hq, Lq, Dv) in the input dtype, or ``(output, stats)``.
@@ -190,32 +125,31 @@ def attention(
         >>> q = k = v = torch.randn(1, 2, 5, 8)
         >>> out, stats = attention(q, k, v, causal=True, return_stats=True)
     """
-    _check_qkv(query, key, value)
-    _check_options(softcap, dropout_p, generator, return_stats, backend)
     observers = () if torch.compiler.is_compiling() else _OBSERVERS.get()  # compiled graphs are not observed
-    m = _resolve_mask(mask, causal, window)
-    B, Hq, Lq, D = query.shape
-    Hkv, Lk, Dv = key.shape[1], key.shape[2], value.shape[3]
-    if m is not None:
-        m.check(B, Hq, Lq, Lk, query.device)
-    req = Request(
-        mask=m, scale=_resolve_scale(scale, D), softcap=None if softcap is None else float(softcap),
-        dropout_p=float(dropout_p), generator=generator, return_stats=return_stats or bool(observers),
-        batch=B, q_heads=Hq, kv_heads=Hkv, q_len=Lq, kv_len=Lk, head_dim=D, v_dim=Dv,
-        dtype=query.dtype, device=query.device,
-        requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)),
+    req = build_request(
+        query, key, value, mask=mask, causal=causal, window=window, scale=scale, softcap=softcap,
+        q_positions=q_positions, kv_positions=kv_positions, alibi_slopes=alibi_slopes, sinks=sinks,
+        dropout_p=dropout_p, generator=generator, return_stats=return_stats or bool(observers),
+        backend=backend, backend_options=backend_options,
     )
-    chosen = _backends.choose(backend, query, key, value, req)
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
-    if Lk == 0 or Lq == 0:
-        out, stats = _NoKeys.apply(query, key, value), _empty_stats(query, acc)
-    else:
-        out, stats = chosen.forward(query, key, value, req)
+    out, stats = run(query, key, value, req, backend)
     if observers:
-        opts = {"mask": mask, "causal": causal, "window": window, "scale": scale, "softcap": softcap}
+        opts = {"mask": mask, "causal": causal, "window": window, "scale": scale, "softcap": softcap,
+                "q_positions": q_positions, "kv_positions": kv_positions, "alibi_slopes": alibi_slopes, "sinks": sinks}
         for callback in observers:
             callback(query, key, value, opts, out, stats)
     return (out, stats) if return_stats else out
+
+
+def run(query, key, value, req, backend: str = "auto"):
+    """Run a built :class:`~selfattn.request.Request` on ``backend`` (no observers): (out, stats or None)."""
+    chosen = _backends.choose(backend, query, key, value, req)
+    if req.kv_len == 0 or req.q_len == 0:
+        out = _NoKeys.apply(query, key, value)
+        if req.sinks is not None and req.sinks.requires_grad:
+            out = out + 0.0 * req.sinks.sum()  # a zero gradient for the sinks, not None
+        return out, _empty_stats(query, req.acc, req.sinks)
+    return chosen.forward(query, key, value, req)
 
 
 def attention_probs(
@@ -230,11 +164,16 @@ def attention_probs(
     window=None,
     scale: float | None = None,
     softcap: float | None = None,
+    q_positions: torch.Tensor | None = None,
+    kv_positions: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention probabilities for chosen heads and rows, from the saved log-sum-exp.
 
-    Pass the same query, key and mask/scale/softcap arguments as the ``attention`` call
-    that produced ``stats``. Memory is proportional to B x len(heads) x len(rows) x Lk.
+    Pass the same query, key and mask/scale/softcap/positions/alibi/sinks arguments as the
+    ``attention`` call that produced ``stats``. Memory is proportional to
+    B x len(heads) x len(rows) x Lk.
 
     Args:
         query: (B, Hq, Lq, D); key: (B, Hkv, Lk, D).
@@ -243,9 +182,11 @@ def attention_probs(
 
     Returns:
         (B, len(heads), len(rows), Lk) probabilities (float32, float64 for float64 inputs);
-        each row sums to 1, fully-masked rows are all 0.
+        each row sums to 1 (1 - the sink's share with sinks), fully-masked rows are all 0.
     """
-    _check_qkv(query, key, key)
+    req = build_request(query, key, key, mask=mask, causal=causal, window=window, scale=scale, softcap=softcap,
+                        q_positions=q_positions, kv_positions=kv_positions, alibi_slopes=alibi_slopes, sinks=sinks,
+                        requires_grad=False)
     if not isinstance(stats, AttentionStats):
         raise TypeError(f"stats must be the AttentionStats returned by attention(..., return_stats=True), got {type(stats).__name__}")
     B, Hq, Lq, D = query.shape
@@ -254,27 +195,23 @@ def attention_probs(
         raise ValueError(f"stats.lse has shape {tuple(stats.lse.shape)} but query implies (B, Hq, Lq) = ({B}, {Hq}, {Lq})")
     heads_t = _index("heads", heads, Hq, query.device)
     rows_t = _index("rows", rows, Lq, query.device)
-    m = _resolve_mask(mask, causal, window)
-    if m is not None:
-        m.check(B, Hq, Lq, Lk, query.device)
-    scale = _resolve_scale(scale, D)
-    _check_options(softcap, 0.0, None, False, "auto")
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    acc = req.acc
 
     q = query[:, heads_t][:, :, rows_t].to(acc)  # (B, h, r, D)
     k = key[:, heads_t // (Hq // Hkv)].to(acc)  # (B, h, Lk, D) the kv head of each chosen query head
-    s = (q @ k.transpose(-2, -1)) * scale  # (B, h, r, Lk)
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
+    s = (q @ k.transpose(-2, -1)) * req.scale  # (B, h, r, Lk)
+    if req.softcap is not None:
+        s = req.softcap * torch.tanh(s / req.softcap)
+    g = Geometry(B, Hq, Lq, Lk, req.q_positions, req.kv_positions, query.device)
+    if req.alibi_slopes is not None:
+        distance = (g.q_pos()[:, rows_t][:, None, :, None] - g.kv_pos()[:, None, None, :]).abs().to(acc)  # (B|1, 1, r, Lk)
+        s = s - req.alibi_slopes.to(acc)[:, heads_t][:, :, None, None] * distance
     allowed = None
-    if m is not None:
-        allowed = m.allowed(Lq, Lk, rows=rows_t, device=query.device)  # (B|1, H|1, r, Lk)
-        bias = m.bias(Lq, Lk, rows=rows_t, device=query.device)
-        if allowed.shape[1] > 1:
-            allowed = allowed[:, heads_t]
-            bias = None if bias is None else bias[:, heads_t]
+    if req.mask is not None:
+        allowed = _select_heads(req.mask.allowed_in(g, rows_t), heads_t)  # (B|1, h|1, r, Lk)
+        bias = req.mask.bias_in(g, rows_t)
         if bias is not None:
-            s = s + bias.to(acc)
+            s = s + _select_heads(bias, heads_t).to(acc)
     lse = stats.lse[:, heads_t][:, :, rows_t].to(acc)[..., None]  # (B, h, r, 1)
     valid = torch.isfinite(lse)
     p = torch.exp(s - torch.where(valid, lse, torch.zeros_like(lse)))  # (B, h, r, Lk)
@@ -284,11 +221,21 @@ def attention_probs(
     return p
 
 
+def _select_heads(t, heads_t):
+    # a (B|1, H|1, r, Lk) mask tensor at the chosen heads (a size-1 head dim broadcasts as it is)
+    return t[:, heads_t] if t.shape[1] > 1 else t
+
+
 def _index(name, idx, size, device):
     if idx is None:
         return torch.arange(size, device=device)
-    t = torch.as_tensor(idx, device=device).reshape(-1)
-    if t.dtype.is_floating_point or t.dtype == torch.bool:
+    if isinstance(idx, (str, bytes)) or not (isinstance(idx, (int, torch.Tensor)) or hasattr(idx, "__len__")):
+        raise TypeError(f"{name} must be an int, a sequence of ints or an integer tensor, got {type(idx).__name__} ({idx!r})")
+    try:
+        t = torch.as_tensor(idx, device=device).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{name} must be an int, a sequence of ints or an integer tensor, got {idx!r}") from e
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"{name} must be integer indices, got dtype {t.dtype}")
     t = t.long()
     if t.numel() and (int(t.min()) < -size or int(t.max()) >= size):

@@ -7,10 +7,16 @@ the notes is one line here, with the tensor's shape in a comment.
     scores      = Q K^T
     scaled      = scores / sqrt(d_k)            (keeps softmax out of saturation)
     softcapped  = c * tanh(scaled / c)          (optional)
-    logits      = softcapped + float mask       (optional)
+    logits      = softcapped - slope |q_pos - kv_pos| + float mask   (ALiBi and float masks, optional)
     masked      = logits where allowed, else -inf
-    weights     = softmax(masked)               (a fully-masked row gets all zeros)
+    weights     = softmax(masked, with exp(sink) added to the denominator)
+                                                (a fully-masked row gets all zeros)
     output      = weights V                     (the contextual embeddings)
+
+Positions: query i sits at q_positions[i] (default i + Lk - Lq), key j at kv_positions[j]
+(default j); causal and window masks and ALiBi read them (see ``selfattn.masks``).
+A sink is a per-head logit with a zero value vector: it takes its share of the softmax
+and gives nothing back, so a row's weights sum to 1 - p_sink.
 
 This module depends on torch alone. It is the test oracle of every backend, the ``reference``
 backend itself, and what ``selfattn explain`` walks through. It computes in float64 unless
@@ -24,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .masks import Mask
+from .masks import Geometry, Mask
 from .stats import AttentionStats
 
 
@@ -70,6 +76,10 @@ def attention(
     mask: Mask | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    q_positions: torch.Tensor | None = None,
+    kv_positions: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     generator: torch.Generator | None = None,
     upcast: bool = True,
@@ -78,6 +88,7 @@ def attention(
     """Reference attention on (B, H, L, D) tensors; returns (output, stats) in the compute dtype.
 
     Inputs are assumed valid (``selfattn.attention`` validates). Hq must be a multiple of Hkv.
+    Positions are (L,) or (B, L) integers; ``alibi_slopes`` (Hq,) or (B, Hq); ``sinks`` (Hq,).
     """
     dtype = torch.float64 if upcast else query.dtype
     q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)  # (B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv)
@@ -103,27 +114,42 @@ def attention(
         logits = softcap * torch.tanh(logits / softcap)  # (B, Hq, Lq, Lk) smoothly bounded to (-c, c)
         _record(trace, "softcapped", logits, f"{softcap:g} * tanh(scaled / {softcap:g}): bounds every logit")
 
+    g = Geometry(B, Hq, Lq, Lk, _pos(q_positions), _pos(kv_positions), q.device)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(dtype).reshape(-1, Hq, 1, 1)  # (B|1, Hq, 1, 1)
+        distance = (g.q_pos()[:, None, :, None] - g.kv_pos()[:, None, None, :]).abs().to(dtype)  # (B|1, 1, Lq, Lk)
+        logits = logits - slopes * distance  # (B, Hq, Lq, Lk) ALiBi: farther keys score lower
+        _record(trace, "alibi", logits, "ALiBi: minus slope x |query position - key position|")
+
     allowed = torch.ones(1, 1, Lq, Lk, dtype=torch.bool, device=q.device)  # (1, 1, Lq, Lk)
     if mask is not None:
-        allowed = mask.allowed(Lq, Lk, device=q.device)  # (B|1, H|1, Lq, Lk) True = may attend
-        bias = mask.bias(Lq, Lk, device=q.device)  # (B|1, H|1, Lq, Lk) or None
+        allowed = mask.allowed_in(g)  # (B|1, H|1, Lq, Lk) True = may attend
+        bias = mask.bias_in(g)  # (B|1, H|1, Lq, Lk) or None
         if bias is not None:
             logits = logits + bias.to(dtype)  # (B, Hq, Lq, Lk) float masks add to the logits
     masked = logits.masked_fill(~allowed, float("-inf"))  # (B, Hq, Lq, Lk) ruled-out pairs get -inf
     _record(trace, "masked", masked, "pairs the mask rules out set to -inf")
 
-    # softmax, written out so that a fully-masked row gives zeros instead of 0/0 = NaN
-    row_max = masked.amax(dim=-1, keepdim=True) if Lk else masked.sum(-1, keepdim=True) - math.inf  # (B, Hq, Lq, 1)
-    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # (B, Hq, Lq, 1)
-    exp = torch.exp(masked - shift)  # (B, Hq, Lq, Lk) 0 where masked
-    denom = exp.sum(dim=-1, keepdim=True)  # (B, Hq, Lq, 1) 0 for a fully-masked row
-    weights = exp / torch.where(denom > 0, denom, torch.ones_like(denom))  # (B, Hq, Lq, Lk) rows sum to 1 (or 0)
-    _record(trace, "weights", weights, "softmax over keys: attention weights, each row sums to 1")
+    columns = masked
+    if sinks is not None:
+        sink = sinks.to(dtype)[None, :, None, None].expand(masked.shape[0], Hq, Lq, 1)  # (B, Hq, Lq, 1)
+        columns = torch.cat([masked, sink], dim=-1)  # (B, Hq, Lq, Lk + 1) the sink is one more column
 
-    lse = (shift + torch.log(denom)).squeeze(-1)  # (B, Hq, Lq) -inf for a fully-masked row
-    max_logit = row_max.squeeze(-1)  # (B, Hq, Lq)
-    plogp = torch.where(weights != 0, weights * torch.log(weights), torch.zeros_like(weights))  # (B, Hq, Lq, Lk) NaN stays NaN
-    entropy = -plogp.sum(dim=-1)  # (B, Hq, Lq) nats; 0 for a one-hot or fully-masked row
+    # softmax, written out so that a fully-masked row gives zeros instead of 0/0 = NaN
+    width = columns.shape[-1]
+    row_max = columns.amax(dim=-1, keepdim=True) if width else columns.sum(-1, keepdim=True) - math.inf  # (B, Hq, Lq, 1)
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # (B, Hq, Lq, 1)
+    exp = torch.exp(columns - shift)  # (B, Hq, Lq, Lk [+ 1]) 0 where masked
+    denom = exp.sum(dim=-1, keepdim=True)  # (B, Hq, Lq, 1) 0 for a fully-masked row (without a sink)
+    probs = exp / torch.where(denom > 0, denom, torch.ones_like(denom))  # (B, Hq, Lq, Lk [+ 1]) rows sum to 1 (or 0)
+    weights = probs[..., :Lk]  # (B, Hq, Lq, Lk) a sink's share is dropped: its value is 0
+    _record(trace, "weights", weights, "softmax over keys: attention weights, each row sums to 1"
+            + (" minus the sink's share" if sinks is not None else ""))
+
+    lse = (shift + torch.log(denom)).squeeze(-1)  # (B, Hq, Lq) -inf for a fully-masked row without a sink
+    max_logit = masked.amax(dim=-1) if Lk else masked.sum(-1) - math.inf  # (B, Hq, Lq) keys only, never the sink
+    plogp = torch.where(probs != 0, probs * torch.log(probs), torch.zeros_like(probs))  # NaN stays NaN
+    entropy = -plogp.sum(dim=-1)  # (B, Hq, Lq) nats, over keys and sink; 0 for a one-hot or fully-masked row
 
     if dropout_p > 0.0:
         keep = torch.rand(weights.shape, generator=generator, device=weights.device) >= dropout_p  # (B, Hq, Lq, Lk)
@@ -133,6 +159,13 @@ def attention(
     output = weights @ v  # (B, Hq, Lq, Dv) weighted sum of values: the contextual embeddings
     _record(trace, "output", output, "weights x V: each token's contextual embedding")
     return output, AttentionStats(lse, max_logit, entropy)
+
+
+def _pos(p):
+    # (L,) or (B, L) integer positions -> int64 (B|1, L), or None for the defaults
+    if p is None:
+        return None
+    return (p[None] if p.dim() == 1 else p).long()
 
 
 def self_attention(

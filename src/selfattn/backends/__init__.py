@@ -79,15 +79,21 @@ def use_backend(name: str):
         _CURRENT.reset(token)
 
 
+def _missing(b: Backend, q, k, v, req: Request) -> str | None:
+    return b.unknown_options(req) or b.unsupported(q, k, v, req)
+
+
 def choose(name: str, q, k, v, req: Request) -> Backend:
     """Resolve a backend name for a request: explicit names must serve it, "auto" picks the fastest."""
     if name == "auto":
         name = _CURRENT.get()
     if name != "auto":
         b = get(name)
-        missing = b.unsupported(q, k, v, req)
+        missing = _missing(b, q, k, v, req)
         if missing:
             raise BackendUnavailable(f"backend {name!r} cannot serve this request: it does not support {missing}. Use backend='auto' or one of {names()}")
         return b
-    capable = [b for b in _REGISTRY.values() if b.unsupported(q, k, v, req) is None]
+    capable = [b for b in _REGISTRY.values() if _missing(b, q, k, v, req) is None]
+    if not capable:  # only options no backend knows can do this (reference serves everything else)
+        raise BackendUnavailable(f"no backend can serve this request: backend_options {sorted(req.backend_options)} are not known to any backend")
     return min(capable, key=lambda b: b.rank(req))

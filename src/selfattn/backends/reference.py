@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from .. import reference
 from .base import Backend, Request
 
@@ -27,7 +25,8 @@ class ReferenceBackend(Backend):
     def forward(self, q, k, v, req: Request):
         out, stats = reference.attention(
             q, k, v, mask=req.mask, scale=req.scale, softcap=req.softcap,
+            q_positions=req.q_positions, kv_positions=req.kv_positions,
+            alibi_slopes=req.alibi_slopes, sinks=req.sinks,
             dropout_p=req.dropout_p, generator=req.generator,
         )
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return out.to(req.dtype), (stats.to(acc) if req.return_stats else None)
+        return out.to(req.dtype), (stats.to(req.acc) if req.return_stats else None)

@@ -10,44 +10,69 @@ from .base import Backend, Request
 
 # masks torch SDPA takes natively (causal as is_causal, no tensor) vs. as a dense (B, H, Lq, Lk) tensor
 _NATIVE = {"causal"}
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _native_causal(req: Request) -> bool:
+    return (req.mask_kinds == _NATIVE and req.q_len == req.kv_len and req.q_positions is None
+            and req.kv_positions is None and req.alibi_slopes is None)
 
 
 def _dense(req: Request) -> bool:
-    return req.mask is not None and not (req.mask_kinds == _NATIVE and req.q_len == req.kv_len)
+    return (req.mask is not None or req.alibi_slopes is not None) and not _native_causal(req)
+
+
+def _float_bias(req: Request) -> bool:
+    return "dense_float" in req.mask_kinds or req.alibi_slopes is not None
 
 
 def _math_kernel(q, req: Request) -> bool:
     # torch's fused CPU kernel recomputes float32 probabilities in its backward with up to ~8x the
-    # reference's own float32 error (tests/test_grad.py); its math kernel stays within the contract
-    return req.requires_grad and q.device.type == "cpu" and q.dtype == torch.float32
+    # reference's own float32 error, and float64 gradients up to 22x (tests/test_grad.py); its math
+    # kernel stays within the contract
+    return req.requires_grad and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
 
 
 class SDPABackend(Backend):
     name = "sdpa"
     summary = "torch.nn.functional.scaled_dot_product_attention (structured masks passed as dense tensors)"
     features = {
-        "masks": "causal natively (Lq == Lk); others as a dense Lq x Lk tensor",
-        "dtypes": "float16, bfloat16, float32, float64",
+        "masks": "causal natively (Lq == Lk, default positions); others, positions and ALiBi as a dense Lq x Lk tensor",
+        "dtypes": "float16, bfloat16, float32, float64 (a float mask or ALiBi runs in float32: never rounded to 16 bits)",
         "stats": "no (refused)",
         "softcap": "no (refused)",
+        "sinks": "no (refused)",
         "dropout": "yes, global RNG only (a generator is refused)",
-        "backward": "autograd (float32 on CPU: torch's math kernel, the fused one is less accurate)",
+        "backward": "autograd (float32/float64 on CPU: torch's math kernel, the fused one is less accurate; "
+                    "float16/bfloat16 gradients on CPU refused for the same reason)",
     }
-    capabilities = Backend.capabilities.replace(stats=False, softcap=False, generator=False, nonfinite_inputs=False)
+    capabilities = Backend.capabilities.replace(
+        stats=False, softcap=False, sinks=False, generator=False, nonfinite_inputs=False,
+        masked_nonpositive_scale=False, no_backward=frozenset({("cpu", torch.float16), ("cpu", torch.bfloat16)}))
 
     def unsupported(self, q, k, v, req: Request):
         if req.return_stats:
             return "return_stats (torch SDPA does not return lse, max_logit or entropy)"
         if req.softcap is not None:
             return "softcap"
+        if req.sinks is not None:
+            return "sinks"
         if req.dropout_p > 0 and req.generator is not None:
             return "dropout with an explicit generator (torch SDPA draws from the global RNG)"
+        if req.scale <= 0 and (req.mask is not None or req.alibi_slopes is not None):
+            # torch returns NaN for masked rows scaled by zero or a negative number
+            return f"scale <= 0 together with a mask (scale={req.scale:g}: torch SDPA returns NaN)"
+        if req.requires_grad and q.device.type == "cpu" and q.dtype in _HALF:
+            # torch's fused CPU backward in bfloat16 missed FlashAttention's tolerance (dV 4.7x at head
+            # dim 256) and gave non-zero gradients where the exact ones are 0
+            return f"gradients in {str(q.dtype).replace('torch.', '')} on the CPU (torch's fused CPU backward is not accurate enough)"
         if torch.compiler.is_compiling():
             # the two data checks below cannot be traced; compiled graphs skip them (see README)
             return None
-        if req.mask is not None and (_dense(req) or _math_kernel(q, req)) and not bool(torch.isfinite(k).all()):
-            # torch adds the mask as -inf: a NaN/Inf key would leak NaN into rows that mask it out
-            return "non-finite values in key together with a mask"
+        if _dense(req) or (req.mask is not None and _math_kernel(q, req)):
+            if not bool(torch.isfinite(k).all()):
+                # torch adds the mask as -inf: a NaN/Inf key would leak NaN into rows that mask it out
+                return "non-finite values in key together with a mask"
         if q.device.type == "cpu" and not _math_kernel(q, req) and bool(torch.isnan(q).any()):
             # torch's fused CPU kernel returns 0 instead of NaN for a query row holding NaN
             return "NaN values in query (torch's fused CPU kernel turns such a row into 0)"
@@ -55,8 +80,7 @@ class SDPABackend(Backend):
 
     def rank(self, req):
         # a mask SDPA cannot take natively costs an Lq x Lk tensor: still faster than math
-        dense = bool(req.mask_kinds - _NATIVE) or (req.mask is not None and req.q_len != req.kv_len)
-        return 20.0 if dense else 10.0
+        return 20.0 if _dense(req) else 10.0
 
     def forward(self, q, k, v, req: Request):
         if _math_kernel(q, req):
@@ -65,15 +89,25 @@ class SDPABackend(Backend):
         return self._forward(q, k, v, req)
 
     def _forward(self, q, k, v, req: Request):
-        kinds = req.mask_kinds
         kw = dict(scale=req.scale, dropout_p=req.dropout_p, enable_gqa=req.q_heads != req.kv_heads)
-        if kinds == {"causal"} and req.q_len == req.kv_len:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
-        elif req.mask is not None:
-            m = req.mask.to_dense(req.q_len, req.kv_len, device=q.device)
-            if m.dtype != torch.bool:
-                m = m.to(q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, **kw)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, **kw)
-        return out, None
+        if _native_causal(req):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw), None
+        if not _dense(req):
+            return F.scaled_dot_product_attention(q, k, v, **kw), None
+        g = req.geometry
+        m = req.mask.to_dense_in(g) if req.mask is not None else None  # (B|1, H|1, Lq, Lk) bool or float
+        if req.alibi_slopes is not None:
+            distance = (g.q_pos()[:, None, :, None] - g.kv_pos()[:, None, None, :]).abs().to(req.acc)
+            bias = -req.alibi_slopes.to(req.acc)[:, :, None, None] * distance  # (B|1, Hq, Lq, Lk) float32 (float64)
+            if m is not None:
+                m = torch.where(m, bias, float("-inf")) if m.dtype == torch.bool else bias + m.to(req.acc)
+            else:
+                m = bias
+        if m.dtype != torch.bool and q.dtype != m.dtype:
+            if q.dtype in _HALF:
+                # a float mask rounded to 16 bits would move every logit (bias -300 has a bfloat16
+                # spacing of 2): compute this call in float32 instead
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m.float(), **kw)
+                return out.to(q.dtype), None
+            m = m.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m, **kw), None

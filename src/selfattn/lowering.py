@@ -1,0 +1,284 @@
+"""A mask lowered once per call into the record both fused backends read.
+
+In the spirit of FlexAttention's ``BlockMask``: the tile map (which (query block, key block)
+tiles are empty, full or partial) plus the element-wise parameters that a partial tile
+needs. A fused kernel skips EMPTY tiles, runs FULL tiles with no masking, and applies the
+element-wise tests below only inside PARTIAL tiles::
+
+    band       -left <= kv_pos - q_pos <= right      (causal is right = 0; None = unbounded)
+    padding    key index j < kv_lens[b], query index i < q_lens[b]
+    key_keep   kv_keep[b, j]
+    documents  q_ids[d, b, i] == kv_ids[d, b, j] for every d
+    dense      allow[b, h, i, j] and bias[b, h, i, j] != -inf
+    function   fn_bits[fn_index[b, h, qb, kb], i % block_q, j % block_k] (when fn_index >= 0)
+
+Every pair also gets ``bias`` added (float dense masks) and ``-alibi[b, h] * |q_pos - kv_pos|``
+(ALiBi) after the scale and the softcap, in float32 (float64 for float64 inputs).
+
+:func:`lower` caches its records per (mask, sizes, positions, block size): a training step
+or a decoding loop that asks again gets the same record back without recomputing it.
+Attention sinks are not part of the mask; :func:`sink_stats` and :func:`sink_grad` give the
+fused backends the few lines they need around an unchanged kernel.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from . import masks as _masks
+from .masks import EMPTY, FULL, PARTIAL, Geometry
+from .request import Request
+
+__all__ = ["LoweredMask", "lower", "clear_cache", "sink_stats", "sink_grad"]
+
+
+@dataclass(frozen=True, eq=False)
+class LoweredMask:
+    """One call's mask as fused kernels read it (tensors on the inputs' device; None = absent)."""
+
+    block_q: int  # query rows per tile
+    block_k: int  # keys per tile
+    tiles: torch.Tensor  # int8 (B|1, H|1, nQ, nK): TileKind of the whole mask per tile
+    q_pos: torch.Tensor  # int64 (B|1, Lq): position of each query
+    kv_pos: torch.Tensor  # int64 (B|1, Lk): position of each key
+    default_positions: bool  # q_pos = arange(Lq) + Lk - Lq and kv_pos = arange(Lk)
+    win_left: int | None  # band: kv_pos - q_pos >= -win_left (None = unbounded)
+    win_right: int | None  # band: kv_pos - q_pos <= win_right (causal: 0; None = unbounded)
+    kv_lens: torch.Tensor | None  # int64 (B,): keys j < kv_lens[b] are real (padding())
+    q_lens: torch.Tensor | None  # int64 (B,): queries i < q_lens[b] are real
+    kv_keep: torch.Tensor | None  # bool (B, Lk): key_padding() masks AND-ed
+    q_ids: torch.Tensor | None  # int64 (ND, B|1, Lq): documents() query ids
+    kv_ids: torch.Tensor | None  # int64 (ND, B|1, Lk): documents() key ids
+    allow: torch.Tensor | None  # bool (B|1, H|1, Lq|1, Lk|1): dense bool masks AND-ed
+    bias: torch.Tensor | None  # float (B|1, H|1, Lq|1, Lk|1): dense float masks summed (-inf = ruled out)
+    fn_index: torch.Tensor | None  # int32 (B|1, H|1, nQ, nK): index into fn_bits of a partial function tile, else -1
+    fn_bits: torch.Tensor | None  # bool (nP, block_q, block_k): the function's bits in its partial tiles only
+    alibi: torch.Tensor | None  # float32 (B|1, Hq): ALiBi slopes
+
+    @property
+    def banded(self) -> bool:
+        return self.win_left is not None or self.win_right is not None
+
+    @property
+    def elementwise(self) -> frozenset:
+        """Names of the element-wise tests a partial tile needs."""
+        f = set()
+        if self.banded:
+            f.add("band")
+        for name in ("kv_lens", "q_lens", "kv_keep", "q_ids", "allow", "bias", "fn_index"):
+            if getattr(self, name) is not None:
+                f.add(name)
+        return frozenset(f)
+
+    def tile_counts(self) -> dict:
+        """How many tiles (over batch and heads as stored) are empty, partial and full."""
+        return {k.name.lower(): int((self.tiles == int(k)).sum()) for k in (EMPTY, PARTIAL, FULL)}
+
+
+# -- the cache --------------------------------------------------------------------------------
+
+_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_CACHE_SIZE = 32
+
+
+def clear_cache() -> None:
+    """Forget every lowered mask (they are also dropped, oldest first, past 32 entries)."""
+    _CACHE.clear()
+
+
+def _tensor_key(t):
+    return None if t is None else (id(t), t._version, t.data_ptr(), tuple(t.shape))
+
+
+def _mask_tensors(mask):
+    for p in _masks.parts(mask):
+        if isinstance(p, _masks.Padding):
+            yield p.kv_lengths
+            yield p.q_lengths
+        elif isinstance(p, _masks.KeyPadding):
+            yield p.keep
+        elif isinstance(p, _masks.Documents):
+            yield p.kv_ids
+            yield p.q_ids
+        elif isinstance(p, _masks.Dense):
+            yield p.tensor
+
+
+def _cache_key(req: Request, block_q, block_k):
+    mkey = None if req.mask is None else req.mask.cache_key()
+    tensors = tuple(_tensor_key(t) for t in _mask_tensors(req.mask))
+    return (mkey, tensors, req.batch, req.q_heads, req.q_len, req.kv_len, block_q, block_k, str(req.device),
+            _tensor_key(req.q_positions), _tensor_key(req.kv_positions), _tensor_key(req.alibi_slopes))
+
+
+def lower(req: Request, block_q: int, block_k: int) -> LoweredMask:
+    """The request's mask, positions and ALiBi slopes as one :class:`LoweredMask` for tiles of
+    ``block_q`` x ``block_k`` (cached)."""
+    key = _cache_key(req, block_q, block_k)
+    hit = _CACHE.get(key)
+    # identity keys could be reused by a new object after the old one is freed: the entry keeps
+    # the objects it was built from and must still hold the very same ones
+    if hit is not None and hit[1] is req.mask and hit[2] is req.q_positions and hit[3] is req.kv_positions:
+        _CACHE.move_to_end(key)
+        return hit[0]
+    low = _lower(req, block_q, block_k)
+    _CACHE[key] = (low, req.mask, req.q_positions, req.kv_positions, req.alibi_slopes)
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return low
+
+
+def _min_bound(a, b):
+    # the tighter of two window sides; None = unbounded
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
+
+
+def _lower(req: Request, block_q: int, block_k: int) -> LoweredMask:
+    g = req.geometry
+    dev = req.device
+    lq, lk = req.q_len, req.kv_len
+    nq, nk = -(-lq // block_q), -(-lk // block_k)
+    left = right = None
+    banded = False
+    kv_lens = q_lens = keep = allow = bias = None
+    q_ids, kv_ids, functions, structural = [], [], [], []
+    for part in _masks.parts(req.mask):
+        if isinstance(part, _masks.Causal):
+            right, banded = _min_bound(right, 0), True
+        elif isinstance(part, _masks.Window):
+            left, right, banded = _min_bound(left, part.left), _min_bound(right, part.right), True
+        elif isinstance(part, _masks.Padding):
+            kv = part.kv_lengths.to(dev)
+            kv_lens = kv if kv_lens is None else torch.minimum(kv_lens, kv)
+            if part.q_lengths is not None:
+                ql = part.q_lengths.to(dev)
+                q_lens = ql if q_lens is None else torch.minimum(q_lens, ql)
+            structural.append(part)
+        elif isinstance(part, _masks.KeyPadding):
+            keep = part.keep.to(dev) if keep is None else keep & part.keep.to(dev)
+            structural.append(part)
+        elif isinstance(part, _masks.Documents):
+            qi, ki = part.ids(lq, lk, dev)
+            q_ids.append(qi)
+            kv_ids.append(ki)
+            structural.append(part)
+        elif isinstance(part, _masks.Dense):
+            t = part.t4().to(dev)  # (B|1, H|1, Lq|1, Lk|1)
+            if t.dtype == torch.bool:
+                allow = t if allow is None else allow & t
+            else:
+                bias = t if bias is None else bias + t
+        elif isinstance(part, _masks.Function):
+            functions.append(part)
+        else:
+            raise TypeError(f"mask: cannot lower a {type(part).__name__} (a Mask subclass the fused kernels do not know)")
+    if banded:
+        # causal and windows AND-ed are one band; None on both sides happens only for causal & window(None, x)
+        structural.append(_masks.Window(left, right) if (left, right) != (None, None) else _masks.Causal())
+        if left is None and right is None:
+            right = 0
+    tiles = torch.full((1, 1, nq, nk), int(FULL), dtype=torch.int8, device=dev)
+    for part in structural:
+        tiles = _masks._combine_kinds(tiles, part.block_map_in(g, block_q, block_k))
+    dense = allow
+    if bias is not None:
+        finite = bias != float("-inf")  # -inf entries of a float mask rule pairs out
+        dense = finite if dense is None else dense & finite
+    if dense is not None:
+        tiles = _masks._combine_kinds(tiles, _masks.dense_block_kinds(dense, lq, lk, block_q, block_k))
+    fn_index = fn_bits = None
+    if functions:
+        tiles, fn_index, fn_bits = _lower_functions(functions, g, tiles, block_q, block_k)
+    tiles = tiles.expand(tiles.shape[0], tiles.shape[1], nq, nk).contiguous()
+    return LoweredMask(
+        block_q=block_q, block_k=block_k, tiles=tiles, q_pos=g.q_pos(), kv_pos=g.kv_pos(),
+        default_positions=g.default_positions, win_left=left, win_right=right,
+        kv_lens=kv_lens, q_lens=q_lens, kv_keep=keep,
+        q_ids=_stack_ids(q_ids), kv_ids=_stack_ids(kv_ids), allow=allow, bias=bias,
+        fn_index=fn_index, fn_bits=fn_bits, alibi=req.alibi_slopes,
+    )
+
+
+def _stack_ids(ids):
+    if not ids:
+        return None
+    bd = max(t.shape[0] for t in ids)
+    return torch.stack([t.expand(bd, -1) for t in ids]).long()  # (ND, B|1, L)
+
+
+def _lower_functions(functions, g: Geometry, tiles, block_q, block_k):
+    """Evaluate the function masks a block of query rows at a time; keep the bits of partial tiles.
+
+    Returns the combined tile map, fn_index (B|1, H|1, nQ, nK) int32 and fn_bits (nP, bq, bk).
+    """
+    nk = -(-g.lk // block_k)
+    fn = functions[0]
+    kinds_rows, index_rows, bits = [], [], []
+    n_stored = 0
+    for r0, r1, chunk in fn.chunks(g, block_q):
+        for other in functions[1:]:
+            chunk = chunk & other.evaluate(g, torch.arange(r0, r1, device=g.device), torch.arange(g.lk, device=g.device))
+        rows = r1 - r0
+        nqc = -(-rows // block_q)
+        fk = _masks.dense_block_kinds(chunk, rows, g.lk, block_q, block_k)  # (Bf, Hf, nqc, nK)
+        kinds = _masks._combine_kinds(fk, tiles[:, :, r0 // block_q: r0 // block_q + nqc])
+        partial = ((fk == PARTIAL) & (kinds != EMPTY)).expand(kinds.shape)  # tiles others rule out need no bits
+        index = torch.full(partial.shape, -1, dtype=torch.int32, device=g.device)
+        n = int(partial.sum())
+        if n:
+            index[partial] = torch.arange(n_stored, n_stored + n, dtype=torch.int32, device=g.device)
+            bf, hf = chunk.shape[0], chunk.shape[1]
+            padded = torch.nn.functional.pad(chunk, (0, nk * block_k - g.lk, 0, nqc * block_q - rows), value=False)
+            blocks = padded.reshape(bf, hf, nqc, block_q, nk, block_k).permute(0, 1, 2, 4, 3, 5)  # (Bf, Hf, nqc, nK, bq, bk)
+            blocks = blocks.expand(partial.shape[0], partial.shape[1], nqc, nk, block_q, block_k)
+            bits.append(blocks[partial].contiguous())  # (n, bq, bk) in the order of the indices
+            n_stored += n
+        kinds_rows.append(kinds)
+        index_rows.append(index)
+    shape0 = max(k.shape[0] for k in kinds_rows)
+    shape1 = max(k.shape[1] for k in kinds_rows)
+    tiles = torch.cat([k.expand(shape0, shape1, -1, -1) for k in kinds_rows], dim=2)
+    fn_index = torch.cat([i.expand(shape0, shape1, -1, -1) for i in index_rows], dim=2).contiguous()
+    fn_bits = torch.cat(bits) if bits else torch.zeros(0, block_q, block_k, dtype=torch.bool, device=g.device)
+    return tiles, fn_index, fn_bits
+
+
+# -- attention sinks around an unchanged kernel ----------------------------------------------------
+
+
+def sink_stats(lse_k: torch.Tensor, ent_k: torch.Tensor | None, sinks: torch.Tensor):
+    """Fold sinks into a kernel's statistics over keys.
+
+    ``lse_k``/``ent_k`` (B, Hq, Lq) over the keys alone (nats, accumulation dtype), ``sinks`` (Hq,).
+    Returns (lse, entropy or None, keys_mass) with lse = log(exp(lse_k) + exp(sink)), the entropy
+    of the (keys + sink) distribution, and keys_mass = exp(lse_k - lse): multiply the kernel's
+    output by it (its weights were normalised over the keys alone).
+    """
+    s = sinks.detach().to(lse_k.dtype)[None, :, None]  # (1, Hq, 1)
+    lse = torch.logaddexp(lse_k, s.expand_as(lse_k))  # (B, Hq, Lq) finite even for a fully-masked row
+    mass = torch.exp(lse_k - lse)  # (B, Hq, Lq) probability on the keys; 0 for a fully-masked row
+    ent = None
+    if ent_k is not None:
+        p_sink = torch.exp(s - lse)  # (B, Hq, Lq)
+        xlogx = lambda p: torch.where(p > 0, p * torch.log(p), torch.zeros_like(p))  # noqa: E731
+        ent = mass * ent_k - xlogx(mass) - xlogx(p_sink)
+        ent = torch.where(torch.isnan(ent_k), ent_k, ent.clamp_min(0))
+    return lse, ent, mass
+
+
+def sink_grad(sinks: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """d loss / d sinks (Hq,): -sum over batch and rows of p_sink * rowsum(dO * O).
+
+    ``lse`` is the full log-sum-exp (sink included), ``out`` the full output.
+    """
+    acc = lse.dtype
+    p_sink = torch.exp(sinks.detach().to(acc)[None, :, None] - lse)  # (B, Hq, Lq)
+    delta = (grad_out.to(acc) * out.to(acc)).sum(-1)  # (B, Hq, Lq)
+    return -(p_sink * delta).sum(dim=(0, 2)).to(sinks.dtype)  # (Hq,)
