@@ -14,11 +14,11 @@ from torch import nn
 
 from . import masks as _masks
 from .functional import attention, attention_probs
+from .request import FLOAT_DTYPES as _FLOAT_DTYPES
+from .request import acc_dtype as _acc_dtype
 from .stats import AttentionStats
 
 __all__ = ["SelfAttention", "MultiHeadAttention", "KVCache"]
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _shape(t) -> tuple:
@@ -49,10 +49,6 @@ def _check_input(name: str, x, width: int, width_name: str, param: torch.Tensor,
         raise ValueError(f"{name} is on {x.device} but the layer's parameters are on {param.device}")
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # -- helpers: rotary position embeddings and RMS normalisation ------------------------------
 
 
@@ -63,13 +59,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
-    """cos and sin tables (L, head_dim) for the rotate-half convention.
+    """cos and sin tables (L, head_dim), or (B, 1, L, head_dim) for per-batch positions (B, L),
+    for the rotate-half convention.
 
     Pair (i, i + D/2) rotates by the angle ``position * base ** (-2i / D)``.
     """
     acc = _acc_dtype(dtype)
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=acc, device=positions.device) / head_dim)  # (D/2,)
-    angles = positions.to(acc)[:, None] * inv_freq[None, :]  # (L, D/2)
+    angles = positions.to(acc)[..., None] * inv_freq  # (L, D/2) or (B, L, D/2)
+    if angles.dim() == 3:
+        angles = angles[:, None]  # (B, 1, L, D/2): broadcasts over heads
     angles = torch.cat((angles, angles), dim=-1)  # (L, D)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -113,8 +112,9 @@ def _key_padding_to_mask(kpm, batch: int, lk: int):
         raise TypeError(f"key_padding_mask must be bool (True = ignore the key) or floating point (added to the scores), got dtype {kpm.dtype}")
     if _shape(kpm) != (batch, lk):
         raise ValueError(f"key_padding_mask must have shape (B, Lk) = ({batch}, {lk}), got shape {_shape(kpm)}")
-    t = kpm[:, None, None, :]  # (B, 1, 1, Lk)
-    return _masks.dense(~t if kpm.dtype == torch.bool else t)
+    if kpm.dtype == torch.bool:
+        return _masks.key_padding(~kpm)  # (B, Lk) True = a real key: fused kernels skip padded tiles
+    return _masks.dense(kpm[:, None, None, :])  # (B, 1, 1, Lk) added to the scores
 
 
 def _attn_mask_to_mask(attn_mask, batch: int, heads: int, lq: int, lk: int):
@@ -264,13 +264,14 @@ class SelfAttention(nn.Module):
 class KVCache:
     """Preallocated keys and values of one attention layer, for incremental decoding.
 
-    Holds ``k`` (batch_size, num_kv_heads, capacity, head_dim) and ``v`` (..., v_dim); the
-    first ``len(cache)`` positions are valid. :meth:`append` writes new positions and
-    returns the valid keys and values. Pass the cache to ``MultiHeadAttention(...,
-    kv_cache=cache)`` with ``causal=True``: because causal masks align bottom-right, a
-    prompt (prefill) followed by single tokens gives the outputs of one causal forward over
-    the whole sequence. The cache stores values only (no autograd history): it is for
-    inference.
+    Holds ``k`` (batch_size, num_kv_heads, capacity, head_dim) and ``v`` (..., v_dim), plus for
+    every slot its position and whether it holds a real token (``positions``, ``keep``: each
+    (batch_size, capacity)); the first ``len(cache)`` slots are in use. Sequences of a batch may
+    hold different numbers of real tokens (a left-padded prompt): ``lengths`` counts them, and
+    new tokens continue each sequence's positions from there. Pass the cache to
+    ``MultiHeadAttention(..., kv_cache=cache)`` with ``causal=True``: a prompt (prefill) followed
+    by single tokens gives the outputs of one causal forward over the whole sequence. The cache
+    stores values only (no autograd history): it is for inference.
     """
 
     def __init__(self, batch_size: int, num_kv_heads: int, capacity: int, head_dim: int,
@@ -284,6 +285,8 @@ class KVCache:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         self.k = torch.zeros(batch_size, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)  # (B, Hkv, C, D)
         self.v = torch.zeros(batch_size, num_kv_heads, capacity, self.v_dim, dtype=dtype, device=device)  # (B, Hkv, C, Dv)
+        self.pos = torch.zeros(batch_size, capacity, dtype=torch.int64, device=device)  # (B, C) position of each slot
+        self.real = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)  # (B, C) slot holds a real token
         self.length = 0
 
     @property
@@ -313,8 +316,33 @@ class KVCache:
     def values(self) -> torch.Tensor:
         return self.v[:, :, : self.length]  # (B, Hkv, len, Dv)
 
-    def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``key`` (B, Hkv, L, D) and ``value`` (B, Hkv, L, Dv); return all valid keys and values."""
+    @property
+    def positions(self) -> torch.Tensor:
+        """(B, len) position of every slot in use."""
+        return self.pos[:, : self.length]
+
+    @property
+    def keep(self) -> torch.Tensor:
+        """(B, len) True where a slot holds a real token (False: padding)."""
+        return self.real[:, : self.length]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(B,) real tokens per sequence."""
+        return self.keep.sum(dim=1)
+
+    def next_positions(self, n: int) -> torch.Tensor:
+        """(B, n) positions of the next ``n`` tokens of each sequence: after its last real token."""
+        last = torch.where(self.keep, self.positions, torch.full_like(self.positions, -1)).amax(dim=1) if self.length else \
+            torch.full((self.batch_size,), -1, dtype=torch.int64, device=self.device)
+        return last[:, None] + 1 + torch.arange(n, device=self.device)[None]
+
+    def append(self, key: torch.Tensor, value: torch.Tensor, *, positions=None, keep=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``key`` (B, Hkv, L, D) and ``value`` (B, Hkv, L, Dv); return all valid keys and values.
+
+        ``positions`` (B, L) or (L,) default to :meth:`next_positions`; ``keep`` (B, L) bool marks
+        real tokens (default all).
+        """
         for name, t, width in (("key", key, self.head_dim), ("value", value, self.v_dim)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"KVCache.append: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -333,10 +361,30 @@ class KVCache:
         n = key.shape[2]
         if self.length + n > self.capacity:
             raise ValueError(f"kv_cache: appending {n} positions to a cache holding {self.length} exceeds its capacity={self.capacity}; build a larger KVCache or reset() it")
-        self.k[:, :, self.length : self.length + n] = key.detach()
-        self.v[:, :, self.length : self.length + n] = value.detach()
+        pos = self.next_positions(n) if positions is None else _batch_rows("positions", positions, self.batch_size, n, self.device)
+        real = torch.ones(self.batch_size, n, dtype=torch.bool, device=self.device) if keep is None else \
+            _batch_rows("keep", keep, self.batch_size, n, self.device, torch.bool)
+        sl = slice(self.length, self.length + n)
+        self.k[:, :, sl] = key.detach()
+        self.v[:, :, sl] = value.detach()
+        self.pos[:, sl] = pos
+        self.real[:, sl] = real
         self.length += n
         return self.keys, self.values
+
+
+def _batch_rows(name, t, batch, n, device, dtype=None):
+    # (n,) or (B, n) -> (B, n): integer positions, or a bool mask when dtype is bool
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtype == torch.bool and t.dtype != torch.bool:
+        raise TypeError(f"{name} must be bool, got dtype {t.dtype}")
+    if dtype is None and (t.dtype.is_floating_point or t.dtype == torch.bool):
+        raise TypeError(f"{name} must hold integers, got dtype {t.dtype}")
+    t = t[None] if t.dim() == 1 else t
+    if t.dim() != 2 or t.shape[1] != n or t.shape[0] not in (1, batch):
+        raise ValueError(f"{name} must have shape ({n},) or ({batch}, {n}), got {tuple(t.shape)}")
+    return t.to(device).expand(batch, n) if dtype == torch.bool else t.to(device, torch.int64).expand(batch, n)
 
 
 # -- multi-head attention ------------------------------------------------------------------
@@ -430,7 +478,7 @@ class MultiHeadAttention(nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None, *,
                 key_padding_mask: torch.Tensor | None = None, attn_mask=None, causal: bool = False, window=None,
                 need_weights: bool = False, average_attn_weights: bool = True, return_stats: bool = False,
-                kv_cache: KVCache | None = None, backend: str = "auto"):
+                kv_cache: KVCache | None = None, positions: torch.Tensor | None = None, backend: str = "auto"):
         """Attend from ``query`` to ``key``/``value`` (self-attention when ``key`` is None).
 
         Args:
@@ -454,7 +502,14 @@ class MultiHeadAttention(nn.Module):
                 0 on fully-masked rows.
             return_stats: also return :class:`AttentionStats`, each (B, num_heads, Lq).
             kv_cache: a :class:`KVCache`; the new keys/values are appended and the query
-                attends to every cached position. RoPE positions start at the cache length.
+                attends to every cached position. Positions continue each sequence from its
+                last real token; padded slots (key_padding_mask True) stay masked.
+            positions: integer positions of the query tokens, (Lq,) or per sequence (B, Lq)
+                (and of the keys too in self-attention): they drive RoPE and the causal and
+                window masks (see :func:`selfattn.attention`). Default: 0, 1, ... (after the
+                cache's last position with a cache). For a left-padded batch pass
+                ``masks.left_padded(...)``'s positions, or let ``key_padding_mask`` mark the
+                padding and keep the defaults (RoPE and masks depend only on differences).
             backend: as in :func:`selfattn.attention`.
 
         Returns:
@@ -502,23 +557,40 @@ class MultiHeadAttention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)  # per-head RMS normalisation
         past = 0 if kv_cache is None else kv_cache.length
-        if self.rope:
-            q_pos = torch.arange(past, past + Lq, device=q.device)
-            k_pos = torch.arange(past, past + k.shape[2], device=k.device)
-            q = apply_rope(q, *rope_cos_sin(q_pos, self.head_dim, self.rope_base, q.dtype))  # (B, Hq, Lq, Dh)
-            k = apply_rope(k, *rope_cos_sin(k_pos, self.head_dim, self.rope_base, k.dtype))  # (B, Hkv, Lk_new, Dh)
+        self_attn = key is query
         Lk = past + k.shape[2]
+        q_pos = None  # (B, Lq) or None for the defaults
+        if positions is not None:
+            q_pos = _batch_rows("positions", positions, B, Lq, q.device)
+            if not self_attn and kv_cache is None:
+                raise ValueError("positions applies to the query tokens and, in self-attention, to the keys; "
+                                 "with a separate key it needs a kv_cache (which keeps the keys' positions)")
+        elif kv_cache is not None:
+            q_pos = kv_cache.next_positions(Lq)
+        k_new_pos = q_pos if (self_attn and q_pos is not None) else (None if kv_cache is None else kv_cache.next_positions(k.shape[2]))
+        if self.rope:
+            qp = torch.arange(Lq, device=q.device) if q_pos is None else q_pos
+            kp = torch.arange(k.shape[2], device=k.device) if k_new_pos is None else k_new_pos
+            q = apply_rope(q, *rope_cos_sin(qp, self.head_dim, self.rope_base, q.dtype))  # (B, Hq, Lq, Dh)
+            k = apply_rope(k, *rope_cos_sin(kp, self.head_dim, self.rope_base, k.dtype))  # (B, Hkv, Lk_new, Dh)
         m = _combine(
             _key_padding_to_mask(key_padding_mask, B, Lk),
             _attn_mask_to_mask(attn_mask, B, self.num_heads, Lq, Lk),
         )
+        kv_pos = q_pos if (self_attn and kv_cache is None) else None
         if kv_cache is not None:
-            k, v = kv_cache.append(k, v)  # (B, Hkv, past + Lk_new, Dh)
+            new_keep = None
+            if isinstance(key_padding_mask, torch.Tensor) and key_padding_mask.dtype == torch.bool:
+                new_keep = ~key_padding_mask[:, past:]  # (B, Lk_new) the cache remembers its padding
+            k, v = kv_cache.append(k, v, positions=k_new_pos, keep=new_keep)  # (B, Hkv, past + Lk_new, Dh)
+            kv_pos = kv_cache.positions  # (B, Lk)
+            if not bool(kv_cache.keep.all()):
+                m = _combine(m, _masks.key_padding(kv_cache.keep.clone()))
         want_stats = need_weights or return_stats
         dropout_p = self.dropout if self.training else 0.0
+        opts = dict(mask=m, causal=causal, window=window, q_positions=q_pos, kv_positions=kv_pos)
         try:
-            res = attention(q, k, v, mask=m, causal=causal, window=window, dropout_p=dropout_p,
-                            return_stats=want_stats, backend=backend)
+            res = attention(q, k, v, **opts, dropout_p=dropout_p, return_stats=want_stats, backend=backend)
         except Exception:
             if kv_cache is not None:
                 kv_cache.length = past  # a failed call leaves the cache as it was
@@ -529,7 +601,7 @@ class MultiHeadAttention(nn.Module):
             out = out.transpose(0, 1)  # (Lq, B, E)
         extra = []
         if need_weights:
-            extra.append(_weights(q, k, stats, dict(mask=m, causal=causal, window=window), average_attn_weights))
+            extra.append(_weights(q, k, stats, opts, average_attn_weights))
         if return_stats:
             extra.append(stats)
         return (out, *extra) if extra else out

@@ -289,9 +289,9 @@ class Window(Mask):
             if val is None:
                 continue
             if isinstance(val, bool) or not isinstance(val, int):
-                raise TypeError(f"window: {name} must be an int or None, got {type(val).__name__} ({val!r})")
+                raise TypeError(f"window: {name} must be an int, got {type(val).__name__} ({val!r}); None means unbounded")
             if val < 0:
-                raise ValueError(f"window: {name} must be >= 0 or None (unbounded), got {val}")
+                raise ValueError(f"window: {name} must be >= 0, got {val} (None means unbounded)")
         if left is None and right is None:
             raise ValueError("window: left and right cannot both be None (that bounds nothing; use causal() for a causal mask)")
         self.left, self.right = left, right
