@@ -212,10 +212,11 @@ def _positions(name, pos, batch, length, device):
         raise TypeError(f"{name} must be an integer torch.Tensor of shape (L,) or (B, L), got {type(pos).__name__}")
     if pos.dtype.is_floating_point or pos.dtype.is_complex or pos.dtype == torch.bool:
         raise TypeError(f"{name} must hold integers, got dtype {pos.dtype}")
+    shape = tuple(pos.shape)
     if pos.dim() == 1:
         pos = pos[None]
     if pos.dim() != 2 or pos.shape[1] != length or pos.shape[0] not in (1, batch):
-        raise ValueError(f"{name} must have shape ({length},) or ({batch}, {length}), got {tuple(pos.shape)}")
+        raise ValueError(f"{name} must have shape ({length},) or ({batch}, {length}), got {shape}")
     if pos.device != device:
         raise ValueError(f"{name} is on device {pos.device} but query is on {device}")
     return pos.to(torch.int64)
