@@ -1,0 +1,657 @@
+"""Ring (context-parallel) attention on torch.distributed: one sequence split across processes.
+
+Each rank of a process group holds one shard of the sequence: its queries, keys and values
+(B, H, L/W, D). Key/value shards (only the Hkv heads: grouped-query attention never repeats
+them) travel around the ring, rank r sending to r + 1 and receiving from r - 1, while each
+rank runs attention of its own queries against the shard it holds now. The partial results
+merge through the log-sum-exp (float32, float64 for float64 inputs), so the output and the
+statistics are those of the unsharded call, not an approximation:
+
+    lse  = log sum_k exp(lse_k)                       w_k = exp(lse_k - lse)
+    out  = sum_k w_k out_k
+    max  = max_k max_k
+    H    = sum_k w_k (H_k - log w_k)                  (entropy: -sum p log p with p = w_k p^(k))
+
+Global positions make each shard's piece exact: the queries and keys of a piece carry their
+positions in the whole sequence, so causal and window masks read the right distances, and
+``documents`` / ``key_padding`` / ``padding`` masks (given over the whole sequence) are
+sliced to the piece. A piece that a mask rules out entirely is skipped; a piece the mask
+allows entirely runs with no mask at all. Pieces aligned like an unsharded causal call (the
+diagonal) run with default positions, so the fused CPU kernel serves them.
+
+Layouts (W = 4 ranks, sequence in 8 chunks)::
+
+    contiguous  rank 0: 0 1 | rank 1: 2 3 | rank 2: 4 5 | rank 3: 6 7
+    balanced    rank 0: 0 7 | rank 1: 1 6 | rank 2: 2 5 | rank 3: 3 4   (head-tail / zigzag)
+
+With a causal mask the contiguous layout leaves rank 0 almost idle (its queries see only its
+own keys) while rank W-1 sees everything; the balanced layout gives every rank the same work.
+
+The backward is a ``torch.autograd.Function``: the key/value shards travel the ring once
+more, and their gradients travel with them (float32/float64 accumulators) back to their owners.
+Each piece's gradient needs the *global* statistics: P_ij = exp(s_ij - lse_i) with the
+global lse, dS = P * (dP - delta) with delta_i = rowsum(dO_i * O_i) of the merged output.
+It runs in torch ops here, chunked over query rows (memory O(rows x shard length)), because
+the fused CPU kernel's backward takes delta from its own P, which is wrong for one shard of
+the keys. A fused per-shard backward needs a kernel entry point that accepts an external
+delta (and lse); then this module can call it piece by piece.
+
+Errors: every rank checks its own call, then the ranks compare one small summary (shapes,
+dtype, layout, mask, scale, softcap) with one ``all_gather``; a bad call raises the same
+``ValueError`` on every rank instead of leaving some ranks waiting for the others.
+Collectives and transfers are bounded by the group's timeout (``init_process_group(timeout=)``)
+and, for transfers, by ``timeout=`` seconds when given.
+
+Example (under ``torchrun --nproc_per_node 2``)::
+
+    dist.init_process_group("gloo")
+    q, k, v = (shard(t, 2, "balanced") for t in (q_full, k_full, v_full))
+    out, stats = ring_attention(q, k, v, causal=True, return_stats=True, layout="balanced")
+    full = unshard(out, 2, "balanced")
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import backends as _backends
+from . import masks as _masks
+from .functional import run
+from .masks import Geometry
+from .request import FLOAT_DTYPES, acc_dtype, build_request, check_qkv, resolve_mask, resolve_scale
+from .stats import AttentionStats
+
+__all__ = ["ring_attention", "shard", "unshard", "LAYOUTS"]
+
+LAYOUTS = ("contiguous", "balanced")
+
+# elements of one (rows x keys) score block in the backward: ~32 MB in float64 per temporary
+_BWD_BLOCK = 1 << 22
+
+
+# -- the group ----------------------------------------------------------------------------------
+
+
+def _group(group, who):
+    """(group, rank, world); raises on every rank when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"{who}: torch.distributed is not initialised; call torch.distributed.init_process_group "
+            "('gloo' for CPU tensors, 'nccl' for CUDA) first, or start the script under torchrun")
+    g = dist.group.WORLD if group is None else group
+    rank = dist.get_rank(g)
+    if rank < 0:
+        raise ValueError(f"{who}: this process (global rank {dist.get_rank()}) is not a member of the given group")
+    return g, rank, dist.get_world_size(g)
+
+
+def _global_rank(g, r):
+    return r if g is dist.group.WORLD else dist.get_global_rank(g, r)
+
+
+def _check_layout(layout, who):
+    if layout not in LAYOUTS:
+        raise ValueError(f"{who}: layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def _chunks(n: int, layout: str, rank: int, world: int):
+    """[(local start, local end, global start)] of rank's contiguous runs of the sequence."""
+    if layout == "contiguous":
+        return [(0, n, rank * n)]
+    c = n // 2
+    return [(0, c, rank * c), (c, n, (2 * world - 1 - rank) * c)]
+
+
+def _global_index(n: int, layout: str, rank: int, world: int, device=None) -> torch.Tensor:
+    """int64 (n,): the global index (= position) of each of rank's n local rows."""
+    return torch.cat([torch.arange(g0, g0 + (e - s), device=device) for s, e, g0 in _chunks(n, layout, rank, world)])
+
+
+# -- shard / unshard ----------------------------------------------------------------------------
+
+
+def shard(x: torch.Tensor, dim: int, layout: str = "contiguous", group=None) -> torch.Tensor:
+    """This rank's part of ``x`` (the whole sequence along ``dim``, the same on every rank).
+
+    ``contiguous``: rank r takes rows [r L/W, (r+1) L/W). ``balanced``: the sequence is cut into
+    2W chunks and rank r takes chunks r and 2W-1-r, in that order (see the module docstring).
+    L must be divisible by W (by 2W for ``balanced``). Returns a contiguous copy.
+    """
+    _check_layout(layout, "shard")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"shard: x must be a torch.Tensor, got {type(x).__name__}")
+    _, rank, world = _group(group, "shard")
+    dim = dim % x.dim() if x.dim() else dim
+    length = x.shape[dim]
+    parts = world if layout == "contiguous" else 2 * world
+    if length % parts:
+        raise ValueError(f"shard: sequence length {length} (dim {dim} of shape {tuple(x.shape)}) must be divisible by "
+                         f"{'the world size' if layout == 'contiguous' else '2 x the world size'} {parts} for layout {layout!r}")
+    n = length // world
+    return torch.cat([x.narrow(dim, g0, e - s) for s, e, g0 in _chunks(n, layout, rank, world)], dim=dim).contiguous()
+
+
+def unshard(x: torch.Tensor, dim: int, layout: str = "contiguous", group=None) -> torch.Tensor:
+    """The whole sequence from every rank's shard ``x`` (the inverse of :func:`shard`), on every rank.
+
+    Every rank must pass a shard of the same shape; a mismatch raises on every rank.
+    """
+    _check_layout(layout, "unshard")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"unshard: x must be a torch.Tensor, got {type(x).__name__}")
+    g, rank, world = _group(group, "unshard")
+    dim = dim % x.dim()
+    shape = torch.tensor([x.dim(), *x.shape, *([0] * (8 - x.dim()))], dtype=torch.int64, device=x.device)
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape, group=g)
+    if any(not torch.equal(s, shape) for s in shapes):
+        seen = [tuple(s[1:1 + int(s[0])].tolist()) for s in shapes]
+        raise ValueError(f"unshard: every rank must pass a shard of the same shape, got {seen} (rank order)")
+    if layout == "balanced" and x.shape[dim] % 2:
+        raise ValueError(f"unshard: a balanced shard holds two equal chunks, but its length along dim {dim} is {x.shape[dim]}")
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous(), group=g)
+    if layout == "contiguous":
+        return torch.cat(parts, dim=dim)
+    heads = [p.chunk(2, dim=dim)[0] for p in parts]  # chunk r of rank r
+    tails = [p.chunk(2, dim=dim)[1] for p in parts]  # chunk 2W-1-r of rank r
+    return torch.cat(heads + tails[::-1], dim=dim)
+
+
+# -- the plan: one call's options, resolved once ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    rank: int
+    world: int
+    group: object
+    layout: str
+    n: int  # local sequence length
+    batch: int
+    q_heads: int
+    kv_heads: int
+    scale: float
+    softcap: float | None
+    band: tuple | None  # (left, right) of causal/window on positions (None = unbounded side), or None
+    structural: tuple  # ("documents", kv_ids (B|1, L), q_ids (B|1, L)) / ("keep", (B, L)) / ("padding", kv_lens, q_lens)
+    backend: str
+    acc: torch.dtype
+    timeout: datetime.timedelta | None
+
+    @property
+    def length(self) -> int:
+        return self.n * self.world
+
+
+_REFUSED = {
+    _masks.Dense: "a dense mask (bool/float tensor) over the whole sequence",
+    _masks.Function: "a function mask (masks.function)",
+}
+
+
+def _plan_mask(mask, causal, window, batch, length, device):
+    """(band, structural parts) of the combined mask, or ValueError for masks the ring cannot carry."""
+    m = resolve_mask(mask, causal, window)
+    left = right = None
+    band = False
+    structural = []
+    for part in _masks.parts(m):
+        if isinstance(part, _masks.Causal):
+            right, band = (0 if right is None else min(right, 0)), True
+        elif isinstance(part, _masks.Window):
+            band = True
+            if part.left is not None:
+                left = part.left if left is None else min(left, part.left)
+            if part.right is not None:
+                right = part.right if right is None else min(right, part.right)
+        elif isinstance(part, _masks.Documents):
+            kv = part.kv_ids
+            q = kv if part.q_ids is None else part.q_ids
+            for name, ids in (("segment_ids", kv), ("q_segment_ids", q)):
+                if ids.shape[0] not in (1, batch) or ids.shape[1] != length:
+                    raise ValueError(f"ring_attention: documents {name} must cover the whole sequence, shape (L,) or (B, L) = "
+                                     f"({batch}, {length}), got {tuple(ids.shape)}")
+            structural.append(("documents", kv.to(device), q.to(device)))
+        elif isinstance(part, _masks.KeyPadding):
+            if tuple(part.keep.shape) != (batch, length):
+                raise ValueError(f"ring_attention: key_padding keep must cover the whole sequence, (B, L) = ({batch}, {length}), "
+                                 f"got {tuple(part.keep.shape)}")
+            structural.append(("keep", part.keep.to(device)))
+        elif isinstance(part, _masks.Padding):
+            part.check(batch, 1, length, length, None)
+            q = None if part.q_lengths is None else part.q_lengths.to(device)
+            structural.append(("padding", part.kv_lengths.to(device), q))
+        else:
+            what = next((v for k, v in _REFUSED.items() if isinstance(part, k)), f"a {type(part).__name__} mask")
+            raise ValueError(
+                f"ring_attention: cannot carry {what} around the ring: each rank sees only its shard of the keys. "
+                "Supported: causal, window, masks.documents, masks.key_padding and masks.padding, given over the whole "
+                "sequence (positions are the global ones)")
+    if band and left is None and right is None:
+        right = 0
+    return ((left, right) if band else None), tuple(structural)
+
+
+def _fingerprint(t: torch.Tensor) -> int:
+    # a cheap checksum of a small integer/bool tensor, to compare masks across ranks
+    return zlib.crc32(t.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()) & 0x7FFFFFFF
+
+
+def _signature(q, k, v, layout, band, structural, scale, softcap, grad, stats):
+    """int64 summary of one call that every rank must share (decoded by _describe)."""
+    sig = [*q.shape, *k.shape, *v.shape, FLOAT_DTYPES.index(q.dtype), LAYOUTS.index(layout)]
+    sig += [-2, -2] if band is None else [-1 if b is None else b for b in band]
+    fp = 0
+    for part in structural:
+        for t in part[1:]:
+            fp = zlib.crc32(str((part[0], None if t is None else _fingerprint(t))).encode(), fp)
+    sig += [fp, torch.tensor(scale, dtype=torch.float64).view(torch.int64).item(),
+            -1 if softcap is None else torch.tensor(softcap, dtype=torch.float64).view(torch.int64).item(), int(grad), int(stats)]
+    return sig
+
+
+_SIG_FIELDS = [("query shape", 0, 4), ("key shape", 4, 8), ("value shape", 8, 12), ("dtype", 12, 13), ("layout", 13, 14),
+               ("window/causal band", 14, 16), ("mask contents", 16, 17), ("scale", 17, 18), ("softcap", 18, 19),
+               ("requires grad", 19, 20), ("return_stats", 20, 21)]
+_SIG_LEN = 21
+
+
+def _describe(sigs):
+    diffs = []
+    for name, a, b in _SIG_FIELDS:
+        vals = [tuple(s[a:b]) for s in sigs]
+        if len(set(vals)) > 1:
+            if name == "dtype":
+                vals = [str(FLOAT_DTYPES[v[0]]).replace("torch.", "") for v in vals]
+            elif name == "layout":
+                vals = [LAYOUTS[v[0]] for v in vals]
+            elif name in ("scale", "softcap"):
+                vals = [None if v[0] == -1 else torch.tensor(v[0]).view(torch.float64).item() for v in vals]
+            diffs.append(f"{name}: {vals}")
+    return "; ".join(diffs)
+
+
+def _agree(g, world, error, sig, device):
+    """One all_gather: raise the same ValueError on every rank if any rank's call is bad or they differ."""
+    row = torch.tensor([1 if error else 0] + (sig if sig is not None else [0] * _SIG_LEN), dtype=torch.int64, device=device)
+    rows = [torch.empty_like(row) for _ in range(world)]
+    dist.all_gather(rows, row, group=g)
+    rows = [r.tolist() for r in rows]
+    if any(r[0] for r in rows):
+        msgs = [None] * world
+        dist.all_gather_object(msgs, error, group=g)
+        if error:
+            raise ValueError(error)
+        bad = next(i for i, m in enumerate(msgs) if m)
+        raise ValueError(f"ring_attention: rank {bad} refused the call: {msgs[bad]}")
+    sigs = [r[1:] for r in rows]
+    if any(s != sigs[0] for s in sigs):
+        raise ValueError(f"ring_attention: the ranks' shards or options differ (one value per rank, in rank order): {_describe(sigs)}. "
+                         "Every rank must pass shards of one shape and dtype and the same mask, layout, scale and softcap")
+
+
+# -- pieces: one contiguous run of queries against one of keys --------------------------------
+
+
+@dataclass
+class _Piece:
+    mask: object  # Mask for the piece (local indices, global positions) or None: every pair allowed
+    q_positions: torch.Tensor | None  # int64 (1, nq) or None for the default alignment
+    kv_positions: torch.Tensor | None
+    cols: object  # callable (r0, r1) -> (c0, c1): the key range the band allows for query rows r0..r1-1
+
+
+def _slice_structural(part, qidx, kidx):
+    kind = part[0]
+    if kind == "documents":
+        return _masks.documents(part[1][:, kidx], part[2][:, qidx])
+    if kind == "keep":
+        return _masks.key_padding(part[1][:, kidx])
+    kv_lens, q_lens = part[1], part[2]
+    keep = kidx[None, :] < kv_lens[:, None]  # (B, nk) key index j < kv_len[b]
+    m = _masks.key_padding(keep)
+    if q_lens is not None:  # padded query rows see nothing: give them a document id no key has
+        q_ids = torch.where(qidx[None, :] < q_lens[:, None], 0, -1)  # (B, nq)
+        m = m & _masks.documents(torch.zeros_like(keep, dtype=torch.int64), q_ids)
+    return m
+
+
+def _piece(plan: _Plan, qs: int, nq: int, ks: int, nk: int, device):
+    """The piece of queries at global positions qs..qs+nq-1 against keys ks..ks+nk-1, or None to skip it."""
+    parts = []
+    positions = None, None
+    cols = lambda r0, r1: (0, nk)  # noqa: E731
+    if plan.band is not None:
+        left, right = plan.band
+        dmin, dmax = ks - (qs + nq - 1), (ks + nk - 1) - qs  # smallest and largest kv_pos - q_pos
+        if (right is not None and dmin > right) or (left is not None and dmax < -left):
+            return None  # the band rules out every pair
+        if not ((right is None or dmax <= right) and (left is None or dmin >= -left)):
+            parts.append(_masks.causal() if (left, right) == (None, 0) else _masks.window(left, right))
+            if qs - ks != nk - nq:  # not the default bottom-right alignment: say where each token sits
+                positions = (torch.arange(qs, qs + nq, device=device)[None], torch.arange(ks, ks + nk, device=device)[None])
+
+            def cols(r0, r1, left=left, right=right):  # keys a row block [r0, r1) can see, from position bounds
+                c0 = 0 if left is None else max(0, qs + r0 - left - ks)
+                c1 = nk if right is None else min(nk, qs + r1 - 1 + right - ks + 1)
+                return c0, max(c0, c1)
+    if plan.structural:
+        qidx, kidx = torch.arange(qs, qs + nq, device=device), torch.arange(ks, ks + nk, device=device)
+        sliced = [_slice_structural(p, qidx, kidx) for p in plan.structural]
+        m = sliced[0] if len(sliced) == 1 else _masks.And(*sliced)
+        kinds = m.block_map_in(Geometry(plan.batch, plan.q_heads, nq, nk, device=device), nq, nk)  # (B|1, H|1, 1, 1)
+        if bool((kinds == _masks.EMPTY).all()):
+            return None
+        if not bool((kinds == _masks.FULL).all()):
+            parts.append(m)
+    mask = None if not parts else parts[0] if len(parts) == 1 else _masks.And(*parts)
+    return _Piece(mask, positions[0], positions[1], cols)
+
+
+def _pieces(plan: _Plan, src: int, device):
+    """[(q rows slice, kv rows slice, piece)] of this rank's queries against rank src's keys."""
+    out = []
+    for qa, qb, qg in _chunks(plan.n, plan.layout, plan.rank, plan.world):
+        for ka, kb, kg in _chunks(plan.n, plan.layout, src, plan.world):
+            p = _piece(plan, qg, qb - qa, kg, kb - ka, device)
+            if p is not None:
+                out.append((slice(qa, qb), slice(ka, kb), p))
+    return out
+
+
+# -- the forward ---------------------------------------------------------------------------------
+
+
+def _backend_for(plan: _Plan, q, k, v, req):
+    b = _backends.choose(plan.backend, q, k, v, req)
+    if (req.q_positions is not None or req.kv_positions is not None) and not b.capabilities.positions:
+        if plan.backend != "auto":
+            raise _backends.BackendUnavailable(f"ring_attention: backend {plan.backend!r} does not support positions, "
+                                               "which this mask needs for pieces off the diagonal; use backend='auto' or 'math'")
+        b = _backends.get("math")
+    return b.name
+
+
+def _piece_forward(plan: _Plan, q, k, v, piece: _Piece):
+    """(out (B, Hq, nq, Dv), AttentionStats) of one piece, in the accumulation dtype."""
+    req = build_request(q, k, v, mask=piece.mask, scale=plan.scale, softcap=plan.softcap, q_positions=piece.q_positions,
+                        kv_positions=piece.kv_positions, return_stats=True, requires_grad=False)
+    return run(q, k, v, req, _backend_for(plan, q, k, v, req))
+
+
+def _merge(state, rows, out_b, st: AttentionStats):
+    """Fold one piece's (out, stats) into the running (out, lse, max, entropy) of query rows ``rows``."""
+    out, lse, mx, ent = state
+    lse_a = lse[:, :, rows]  # (B, Hq, r)
+    lse_b = st.lse.to(lse.dtype)
+    new = torch.logaddexp(lse_a, lse_b)  # (B, Hq, r); -inf only if both are
+    ref = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
+    wa, wb = torch.exp(lse_a - ref), torch.exp(lse_b - ref)  # each part's share of the row (0 for an empty part)
+    # H = sum_k w_k (H_k - log w_k), log w_k = lse_k - lse; a part with no share adds nothing
+    ha = torch.where(wa > 0, wa * (ent[:, :, rows] - (lse_a - ref)), torch.zeros_like(wa))
+    hb = torch.where(wb > 0, wb * (st.entropy.to(ent.dtype) - (lse_b - ref)), torch.zeros_like(wb))
+    out[:, :, rows] = wa[..., None] * out[:, :, rows] + wb[..., None] * out_b.to(out.dtype)
+    ent[:, :, rows] = (ha + hb).clamp_min(0)
+    mx[:, :, rows] = torch.maximum(mx[:, :, rows], st.max_logit.to(mx.dtype))
+    lse[:, :, rows] = new
+
+
+def _pack(*ts):
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def _unpack(buf, *shapes):
+    out, i = [], 0
+    for s in shapes:
+        n = math.prod(s)
+        out.append(buf[i:i + n].view(s))
+        i += n
+    return out
+
+
+class _Ring:
+    """Point-to-point transfers to the next rank and from the previous one (overlapped with compute)."""
+
+    def __init__(self, plan: _Plan):
+        g = plan.group
+        self.group, self.timeout = g, plan.timeout
+        self.next = _global_rank(g, (plan.rank + 1) % plan.world)
+        self.prev = _global_rank(g, (plan.rank - 1) % plan.world)
+        self.alone = plan.world == 1
+
+    def start(self, send: torch.Tensor, recv: torch.Tensor):
+        if self.alone:  # a ring of one: gloo cannot send to itself
+            recv.copy_(send)
+            return []
+        ops = [dist.P2POp(dist.isend, send, self.next, self.group), dist.P2POp(dist.irecv, recv, self.prev, self.group)]
+        return dist.batch_isend_irecv(ops)
+
+    def wait(self, works):
+        for w in works:
+            if self.timeout is None:
+                w.wait()
+            else:
+                w.wait(self.timeout)
+
+
+def _ring_forward(plan: _Plan, q, k, v):
+    """(out, lse, max_logit, entropy) of this rank's queries against every rank's keys, in plan.acc."""
+    acc = plan.acc
+    B, Hq, n, _ = q.shape
+    qa = q.detach().to(acc)  # (B, Hq, n, D) low precision computes in float32
+    out = torch.zeros(B, Hq, n, v.shape[-1], dtype=acc, device=q.device)  # (B, Hq, n, Dv)
+    lse = torch.full((B, Hq, n), float("-inf"), dtype=acc, device=q.device)  # (B, Hq, n)
+    mx, ent = lse.clone(), torch.zeros_like(lse)
+    state = (out, lse, mx, ent)
+    ring = _Ring(plan)
+    kv = _pack(k.detach(), v.detach())  # (numel,) in the input dtype: Hkv heads only
+    for step in range(plan.world):
+        src = (plan.rank - step) % plan.world
+        works = None
+        if step < plan.world - 1:
+            nxt = torch.empty_like(kv)
+            works = ring.start(kv, nxt)  # the next shard arrives while this one is computed
+        kc, vc = _unpack(kv, k.shape, v.shape)  # (B, Hkv, n, D), (B, Hkv, n, Dv)
+        kc, vc = kc.to(acc), vc.to(acc)
+        for qs, ks, piece in _pieces(plan, src, q.device):
+            o, st = _piece_forward(plan, qa[:, :, qs], kc[:, :, ks], vc[:, :, ks], piece)
+            _merge(state, qs, o, st)
+        if works is not None:
+            ring.wait(works)
+            kv = nxt
+    return out, lse, mx, ent
+
+
+# -- the backward --------------------------------------------------------------------------------
+
+
+def _piece_backward(plan: _Plan, q, do, lse, delta, k, v, piece: _Piece, dq, dk, dv):
+    """Add one piece's share to dq (B, Hq, nq, D), dk (B, Hkv, nk, D), dv (B, Hkv, nk, Dv), in torch ops.
+
+    P_ij = exp(s_ij - lse_i) with the global lse, dS = P * (dP - delta) with the global delta;
+    query rows in chunks so that memory stays O(rows x nk).
+    """
+    B, Hq, nq, D = q.shape
+    Hkv, nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    G = Hq // Hkv
+    geom = None
+    if piece.mask is not None:
+        geom = Geometry(B, Hq, nq, nk, piece.q_positions, piece.kv_positions, q.device)
+    rows_per = max(1, _BWD_BLOCK // max(1, B * Hq * nk))
+    lse_safe = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))  # fully-masked rows: P = 0
+    for r0 in range(0, nq, rows_per):
+        r1 = min(nq, r0 + rows_per)
+        c0, c1 = piece.cols(r0, r1)
+        if c0 >= c1:
+            continue
+        R, C = r1 - r0, c1 - c0
+        qg = q[:, :, r0:r1].reshape(B, Hkv, G * R, D)  # (B, Hkv, G*R, D) query heads of one kv head as rows
+        dog = do[:, :, r0:r1].reshape(B, Hkv, G * R, Dv)  # (B, Hkv, G*R, Dv)
+        kk, vv = k[:, :, c0:c1], v[:, :, c0:c1]  # (B, Hkv, C, D), (B, Hkv, C, Dv)
+        s = (qg @ kk.transpose(-2, -1)) * plan.scale  # (B, Hkv, G*R, C)
+        if plan.softcap is not None:
+            t = torch.tanh(s / plan.softcap)
+            s = plan.softcap * t
+        p = torch.exp(s.view(B, Hq, R, C) - lse_safe[:, :, r0:r1, None])  # (B, Hq, R, C) global probabilities
+        if geom is not None:
+            allowed = piece.mask.allowed_in(geom, torch.arange(r0, r1, device=q.device))[..., c0:c1]  # (B|1, H|1, R, C)
+            p = p.masked_fill(~allowed, 0.0)
+        pg = p.view(B, Hkv, G * R, C)
+        dv[:, :, c0:c1] += pg.transpose(-2, -1) @ dog  # (B, Hkv, C, Dv)
+        dp = dog @ vv.transpose(-2, -1)  # (B, Hkv, G*R, C)
+        ds = pg * (dp - delta[:, :, r0:r1].reshape(B, Hkv, G * R, 1))  # (B, Hkv, G*R, C)
+        if plan.softcap is not None:
+            ds = ds * (1 - t * t)  # d(c tanh(x/c))/dx
+        dq[:, :, r0:r1] += (ds @ kk).view(B, Hq, R, D) * plan.scale  # (B, Hq, R, D)
+        dk[:, :, c0:c1] += (ds.transpose(-2, -1) @ qg) * plan.scale  # (B, Hkv, C, D)
+
+
+def _ring_backward(plan: _Plan, dout, q, k, v, out, lse):
+    acc = plan.acc
+    qa, do = q.detach().to(acc), dout.to(acc)  # (B, Hq, n, D), (B, Hq, n, Dv)
+    delta = (do * out).sum(-1)  # (B, Hq, n) rowsum(dO * O) of the merged output
+    dq = torch.zeros_like(qa)
+    ring = _Ring(plan)
+    kv = _pack(k.detach(), v.detach())
+    dkv_in = None  # accumulated dK/dV of the shard held now, from the ranks before this one
+    dkv_works = None
+    for step in range(plan.world):
+        src = (plan.rank - step) % plan.world
+        works = None
+        if step < plan.world - 1:
+            nxt = torch.empty_like(kv)
+            works = ring.start(kv, nxt)
+        kc, vc = _unpack(kv, k.shape, v.shape)
+        kc, vc = kc.to(acc), vc.to(acc)
+        dkv = torch.zeros(k.numel() + v.numel(), dtype=acc, device=q.device)
+        dk, dv = _unpack(dkv, k.shape, v.shape)
+        for qs, ks, piece in _pieces(plan, src, q.device):
+            dq_p = dq[:, :, qs]
+            _piece_backward(plan, qa[:, :, qs], do[:, :, qs], lse[:, :, qs], delta[:, :, qs],
+                            kc[:, :, ks], vc[:, :, ks], piece, dq_p, dk[:, :, ks], dv[:, :, ks])
+        if dkv_works is not None:
+            ring.wait(dkv_works)
+            dkv += dkv_in
+        # pass the accumulated gradient on; after the last step it reaches the shard's owner
+        dkv_in = torch.empty_like(dkv)
+        dkv_works = ring.start(dkv, dkv_in)
+        if works is not None:
+            ring.wait(works)
+            kv = nxt
+    ring.wait(dkv_works)
+    dk, dv = _unpack(dkv_in, k.shape, v.shape)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan):
+        out, lse, mx, ent = _ring_forward(plan, q, k, v)
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, lse)
+        result = out.to(q.dtype)
+        ctx.mark_non_differentiable(lse, mx, ent)
+        return result, lse, mx, ent
+
+    @staticmethod
+    def backward(ctx, dout, _lse, _mx, _ent):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _ring_backward(ctx.plan, dout, q, k, v, out, lse)
+        return dq, dk, dv, None
+
+
+# -- the public entry point ------------------------------------------------------------------------
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group=None,
+    causal: bool = False,
+    window=None,
+    mask=None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    return_stats: bool = False,
+    layout: str = "contiguous",
+    backend: str = "auto",
+    timeout: float | None = None,
+):
+    """Attention over a sequence split across the ranks of ``group``; each rank passes its shard.
+
+    Equal to ``selfattn.attention`` on the whole sequence (default positions, Lq == Lk), with
+    this rank's rows of the output and statistics returned.
+
+    Args:
+        q: (B, Hq, n, D), this rank's queries: rows ``shard(x, 2, layout)`` of the whole sequence.
+        k: (B, Hkv, n, D) and v: (B, Hkv, n, Dv), this rank's keys and values (same rows).
+            Hq must be a multiple of Hkv; only the Hkv heads travel.
+        group: the process group (default: the world). One rank per shard, in rank order.
+        causal, window: as in ``selfattn.attention``, on global positions.
+        mask: ``masks.documents`` (segment ids over the whole sequence, (L,) or (B, L)),
+            ``masks.key_padding`` ((B, L)), ``masks.padding`` (global lengths), or those combined
+            with ``&``. Dense and function masks are refused (they would need the whole L x L).
+        scale, softcap: as in ``selfattn.attention``.
+        return_stats: also return this rank's :class:`AttentionStats` rows (lse, max_logit,
+            entropy), exactly those of the unsharded call.
+        layout: ``"contiguous"`` or ``"balanced"`` (rank r holds chunks r and 2W-1-r of 2W;
+            even work under a causal mask). Must match how the shards were cut (:func:`shard`).
+        backend: the backend for each shard's forward piece ("auto": the fastest capable one);
+            the backward runs in torch ops (see the module docstring).
+        timeout: seconds to wait for each ring transfer (default: the group's timeout).
+
+    Returns:
+        output (B, Hq, n, Dv) in the input dtype, or ``(output, stats)`` with stats (B, Hq, n)
+        in float32 (float64 for float64 inputs). Fully-masked rows: output 0, lse -inf,
+        max_logit -inf, entropy 0, zero gradients.
+
+    Raises:
+        RuntimeError on every rank when torch.distributed is not initialised; ValueError on
+        every rank when any rank's call is bad or the ranks' shards/options differ.
+    """
+    g, rank, world = _group(group, "ring_attention")
+    error, sig, plan = None, None, None
+    try:
+        check_qkv(q, k, v)
+        _check_layout(layout, "ring_attention")
+        B, Hq, n, D = q.shape
+        if k.shape[2] != n:
+            raise ValueError(f"ring_attention: query and key shards must have the same length (self-attention), "
+                             f"got query {tuple(q.shape)}, key {tuple(k.shape)}")
+        if n == 0 or (layout == "balanced" and n % 2):
+            raise ValueError(f"ring_attention: a {layout} shard must hold {'an even number of' if layout == 'balanced' else 'at least one'} "
+                             f"rows (the sequence length must be divisible by {'2 x ' if layout == 'balanced' else ''}the world size "
+                             f"{world}), got shard length {n}")
+        if not isinstance(return_stats, bool):
+            raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
+        band, structural = _plan_mask(mask, causal, window, B, n * world, q.device)
+        sc = resolve_scale(scale, D)
+        req = build_request(q[:, :, :1], k[:, :, :1], v[:, :, :1], scale=sc, softcap=softcap)  # checks softcap
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        sig = _signature(q, k, v, layout, band, structural, sc, req.softcap, grad, return_stats)
+        plan = _Plan(rank=rank, world=world, group=g, layout=layout, n=n, batch=B, q_heads=Hq, kv_heads=k.shape[1],
+                     scale=sc, softcap=req.softcap, band=band, structural=structural, backend=backend, acc=acc_dtype(q.dtype),
+                     timeout=None if timeout is None else datetime.timedelta(seconds=timeout))
+        _backends.get(backend) if backend != "auto" else None
+    except (TypeError, ValueError) as e:
+        error = str(e) if str(e).startswith("ring_attention") else f"ring_attention: {e}"
+    device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+    _agree(g, world, error, sig, device)
+    if grad:
+        out, lse, mx, ent = _RingAttention.apply(q, k, v, plan)
+    else:
+        with torch.no_grad():
+            out, lse, mx, ent = _ring_forward(plan, q, k, v)
+        out = out.to(q.dtype)
+    if return_stats:
+        return out, AttentionStats(lse, mx, ent)
+    return out

@@ -1,0 +1,222 @@
+"""Ring attention (selfattn.distributed) against the single-process call, on 2 and 4 gloo processes.
+
+Every rank builds the same whole-sequence inputs, runs the unsharded reference itself, and
+compares its own rows: output, lse, max_logit, entropy, dQ, dK, dV. float64 must agree within
+1e-10 relative; float32 within STYLE rule 6 (2x / 3x the float32 reference's own error).
+Each test spawns its processes once and runs all its cases in them (a spawn costs seconds).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import selfattn
+from selfattn import masks
+from selfattn import reference as _reference
+from selfattn.distributed import ring_attention, shard, unshard
+
+L = 40  # divisible by 2 x 4: balanced chunks of 5 rows on 4 ranks, of 10 on 2
+SEGMENTS = [7, 13, 1, 19]  # packed documents crossing chunk boundaries
+
+
+def _case(name):
+    """(shapes (B, Hq, Hkv, D, Dv), attention kwargs) of one named case."""
+    shapes = (2, 2, 2, 11, 7)
+    if name == "causal":
+        return shapes, dict(causal=True)
+    if name == "full":
+        return shapes, dict(scale=0.3)
+    if name == "window":  # a causal sliding window that crosses shard boundaries (pieces need positions)
+        return shapes, dict(window=6)
+    if name == "window2":  # two-sided
+        return shapes, dict(window=(4, 3))
+    if name == "documents":
+        ids = torch.repeat_interleave(torch.arange(len(SEGMENTS)), torch.tensor(SEGMENTS))
+        return shapes, dict(causal=True, mask=masks.documents(ids))
+    if name == "gqa":
+        return (1, 6, 2, 11, 7), dict(causal=True, softcap=2.0)
+    if name == "padding":  # fully-masked query rows in batch 1
+        return shapes, dict(mask=masks.padding(torch.tensor([33, 40]), torch.tensor([37, 20])))
+    if name == "key_padding":
+        keep = torch.ones(2, L, dtype=torch.bool)
+        keep[0, 3:9] = False
+        keep[1, 25:] = False
+        return shapes, dict(causal=True, mask=masks.key_padding(keep))
+    raise KeyError(name)
+
+
+CASES = ["causal", "full", "window", "window2", "documents", "gqa", "padding", "key_padding"]
+
+
+def _inputs(shapes, dtype, seed=0):
+    B, Hq, Hkv, D, Dv = shapes
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, L, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hkv, L, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hkv, L, Dv, generator=g, dtype=torch.float64)
+    do = torch.randn(B, Hq, L, Dv, generator=g, dtype=torch.float64)
+    return [t.to(dtype) for t in (q, k, v, do)]
+
+
+def _single(q, k, v, do, kw, upcast=True):
+    """The unsharded reference: output, stats and gradients (float64 unless upcast=False)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    m = selfattn.request.resolve_mask(kw.get("mask"), kw.get("causal", False), kw.get("window"))
+    out, st = _reference.attention(*leaves, mask=m, scale=kw.get("scale"), softcap=kw.get("softcap"), upcast=upcast)
+    out.backward(do.to(out.dtype))
+    return [out.detach(), st.lse, st.max_logit, st.entropy] + [t.grad for t in leaves]
+
+
+def _ring(q, k, v, do, kw, layout, backend="math"):
+    leaves = [shard(t, 2, layout).requires_grad_() for t in (q, k, v)]
+    out, st = ring_attention(*leaves, **kw, layout=layout, return_stats=True, backend=backend)
+    out.backward(shard(do, 2, layout))
+    return [out.detach(), st.lse, st.max_logit, st.entropy] + [t.grad for t in leaves]
+
+
+NAMES = ["output", "lse", "max_logit", "entropy", "dQ", "dK", "dV"]
+
+
+def _assert_rel(label, got, ref, rel=1e-10):
+    assert got.shape == ref.shape, f"{label}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    fin = torch.isfinite(ref)
+    assert torch.equal(got[~fin], ref[~fin]), f"{label}: non-finite entries differ"
+    err = (got - ref)[fin].abs().max().item() if fin.any() else 0.0
+    scale = max(1.0, ref[fin].abs().max().item()) if fin.any() else 1.0
+    assert err <= rel * scale, f"{label}: max|diff| {err:.3e} > {rel:g} x {scale:.3g}"
+
+
+def _exact(rank, world, backend):
+    for name in CASES:
+        shapes, kw = _case(name)
+        q, k, v, do = _inputs(shapes, torch.float64)
+        ref = _single(q, k, v, do, kw)
+        for layout in ("contiguous", "balanced"):
+            got = _ring(q, k, v, do, kw, layout, backend)
+            for n, a, b in zip(NAMES, got, ref):
+                _assert_rel(f"{name}/{layout}/{n} (rank {rank} of {world})", a.double(), shard(b.double(), 2, layout))
+
+
+def _float32(rank, world, backend):
+    from _oracle import farther, reference_run
+    from tolerance import assert_close
+
+    for name in ("causal", "window", "documents", "gqa"):
+        shapes, kw = _case(name)
+        q, k, v, do = _inputs(shapes, torch.float32, seed=1)
+        runs = [reference_run(q, k, v, kw, dtype=dt, upcast=dt == torch.float64, order=order, do=do)
+                for dt, order in ((torch.float64, None), (torch.float32, None), (torch.float32, "reversed"), (torch.float32, "rolled"))]
+        flat = [[r.out, r.stats.lse, r.stats.max_logit, r.stats.entropy, *r.grads] for r in runs]
+        ref64 = flat[0]
+        # the float32 twin: the reference in float32 with its reductions in three orders, each quantity
+        # taking the order farthest from float64 (one order can round luckily well; the ring sums in its own)
+        low = [farther(r, farther(r, a, b), c) for r, a, b, c in zip(*flat)]
+        for layout in ("contiguous", "balanced"):
+            got = _ring(q, k, v, do, kw, layout, backend)
+            for i, (n, a, r, lo) in enumerate(zip(NAMES, got, ref64, low)):
+                assert a.dtype == torch.float32, f"{n}: dtype {a.dtype}"
+                assert_close(f"{name}/{layout}/{n} (rank {rank})", a, shard(r, 2, layout), shard(lo, 2, layout),
+                             factor=3.0 if i >= 4 else 2.0, dtype=torch.float32)
+
+
+def _exact_and_float32(rank, world, backend):
+    _exact(rank, world, backend)
+    _float32(rank, world, backend)
+
+
+def _expect_error(fn, match):
+    try:
+        fn()
+    except (ValueError, RuntimeError) as e:
+        assert match in str(e), f"expected {match!r} in the error, got: {e}"
+        return str(e)
+    raise AssertionError(f"no error raised (expected {match!r})")
+
+
+def _errors(rank, world, _backend):
+    q = torch.randn(1, 2, 8 * world, 4, dtype=torch.float64)
+    # a length that does not divide: shard refuses on every rank
+    _expect_error(lambda: shard(torch.randn(1, 2, 4 * world + 1, 4), 2), "must be divisible by")
+    _expect_error(lambda: shard(torch.randn(1, 2, 2 * world + 2, 4), 2, "balanced"), "2 x the world size")
+    # shards of different lengths: every rank gets the same error, nobody waits
+    n = 4 + (rank == world - 1)
+    x = torch.randn(1, 2, n, 4, dtype=torch.float64)
+    msg = _expect_error(lambda: ring_attention(x, x, x, causal=True), "shards or options differ")
+    assert "query shape" in msg
+    # the same shapes but different options on one rank
+    xs = shard(q, 2)
+    _expect_error(lambda: ring_attention(xs, xs, xs, causal=(rank == 0)), "window/causal band")
+    _expect_error(lambda: ring_attention(xs, xs, xs, scale=1.0 + rank), "scale")
+    # a balanced shard must hold two equal chunks; only the last rank's is odd: all raise
+    odd = torch.randn(1, 2, 4 + (rank == world - 1), 4)
+    _expect_error(lambda: ring_attention(odd, odd, odd, layout="balanced"), "even number")
+    # masks the ring cannot carry: refused by name on every rank
+    _expect_error(lambda: ring_attention(xs, xs, xs, mask=torch.ones(8 * world, 8 * world, dtype=torch.bool)), "dense mask")
+    _expect_error(lambda: ring_attention(xs, xs, xs, mask=masks.function(lambda b, h, i, j: j <= i)), "function mask")
+    _expect_error(lambda: ring_attention(xs, xs, xs, mask=masks.documents(torch.zeros(8, dtype=torch.long))), "whole sequence")
+    # one rank alone passes a bad mask: the others hear about it
+    bad = masks.documents(torch.zeros(8 * world, dtype=torch.long)) if rank else masks.function(lambda b, h, i, j: j <= i)
+    msg = _expect_error(lambda: ring_attention(xs, xs, xs, mask=bad), "function mask")
+    if rank:
+        assert "rank 0 refused" in msg
+    _expect_error(lambda: ring_attention(xs, xs, xs, layout="zigzag"), "layout must be one of")
+    # unshard reassembles what shard cut, in both layouts
+    for layout in ("contiguous", "balanced"):
+        assert torch.equal(unshard(shard(q, 2, layout), 2, layout), q)
+    # after all that, a good call still works (nothing left in flight)
+    out = ring_attention(xs, xs, xs, causal=True)
+    assert torch.allclose(unshard(out, 2), selfattn.attention(q, q, q, causal=True, backend="math"), rtol=0, atol=1e-12)
+
+
+def _worker(rank, world, init, fn_name, backend, errors):
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+        try:
+            globals()[fn_name](rank, world, backend)
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        errors.put((rank, traceback.format_exc()))
+        raise
+
+
+def _spawn(tmp_path, world, fn_name, backend="math"):
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    init = f"file://{tmp_path}/rendezvous-{fn_name}-{world}"
+    try:
+        mp.spawn(_worker, args=(world, init, fn_name, backend, errors), nprocs=world, join=True)
+    except mp.ProcessRaisedException:
+        msgs = []
+        while not errors.empty():
+            msgs.append("rank %d:\n%s" % errors.get())
+        pytest.fail("\n".join(msgs) or "a rank failed")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_matches_one_process(tmp_path, world):
+    # one spawn for both checks: starting the processes costs more than the cases
+    _spawn(tmp_path, world, "_exact_and_float32")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_bad_input_errors_on_every_rank(tmp_path, world):
+    _spawn(tmp_path, world, "_errors")
+
+
+def test_not_initialised():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    x = torch.randn(1, 1, 4, 4)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        ring_attention(x, x, x)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        shard(x, 2)
