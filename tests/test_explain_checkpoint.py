@@ -7,7 +7,8 @@ import torch
 
 from selfattn import checkpoint as ckpt_mod
 from selfattn import reference
-from selfattn.checkpoint import AttentionStack, CheckpointError, load, save
+from selfattn.checkpoint import CheckpointError, load, save
+from selfattn.model import AttentionStack
 from selfattn.explain import FULL_MATRIX_MAX_TOKENS, ModelTrace, explain
 from selfattn.functional import _resolve_mask
 

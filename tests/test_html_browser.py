@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfattn.checkpoint import AttentionStack, save
+from selfattn.checkpoint import save
+from selfattn.model import AttentionStack
 from selfattn.explain import FULL_MATRIX_MAX_TOKENS, explain
 from selfattn.explain.plot import png_size
 from selfattn.explain.terminal import fmt, token_label

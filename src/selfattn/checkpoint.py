@@ -25,11 +25,13 @@ type, tensors that do not fit the model) raises :class:`CheckpointError` (a ``Va
 naming the file and what is wrong. Version bumps are for incompatible changes only; new
 optional keys keep version 1.
 
-Built in is one model type, ``"attention-stack"`` (:class:`AttentionStack`): an embedding
-followed by ``SelfAttention`` / ``MultiHeadAttention`` layers. Other models (the training
-issue's transformer) register their own type and reuse this format.
+The model classes live in :mod:`selfattn.model`, which registers two types: ``"attention-stack"``
+(:class:`selfattn.model.AttentionStack`: an embedding followed by ``SelfAttention`` /
+``MultiHeadAttention`` layers) and ``"transformer"`` (what ``selfattn train`` writes). Loading
+either imports :mod:`selfattn.model` on demand; other models register their own type.
 
 Example:
+    >>> from selfattn.model import AttentionStack
     >>> model = AttentionStack(vocab_size=3, embed_dim=8, layers=[{"type": "MultiHeadAttention", "num_heads": 2}])
     >>> save("ckpt", model, model.config, vocab=["a", "b", "c"])
     >>> ckpt = load("ckpt"); model = ckpt.build()
@@ -52,6 +54,8 @@ CONFIG_FILE = "config.json"
 TOKENIZERS = ("words", "chars")
 
 _BUILDERS: dict = {}
+# built-in model types and the module that registers each (imported when a checkpoint needs it)
+_BUILTIN_MODULES = {"attention-stack": "selfattn.model", "transformer": "selfattn.model"}
 
 
 class CheckpointError(ValueError):
@@ -67,7 +71,7 @@ def register_model(name: str):
 
 
 def model_types() -> list:
-    return sorted(_BUILDERS)
+    return sorted(set(_BUILDERS) | set(_BUILTIN_MODULES))
 
 
 @dataclass
@@ -180,6 +184,8 @@ def build_model(ckpt: Checkpoint, *, strict: bool = True) -> nn.Module:
     cfg = dict(ckpt.model_config)
     kind = cfg.pop("type")
     module = cfg.pop("module", None)
+    if kind not in _BUILDERS and kind in _BUILTIN_MODULES:
+        importlib.import_module(_BUILTIN_MODULES[kind])
     if kind not in _BUILDERS and module is not None:
         if not (isinstance(module, str) and module.startswith("selfattn.")):
             raise CheckpointError(f"{ckpt.path / CONFIG_FILE}: 'module' must name a selfattn.* module, got {module!r}")
@@ -200,47 +206,10 @@ def build_model(ckpt: Checkpoint, *, strict: bool = True) -> nn.Module:
     return model.eval()
 
 
-# -- the built-in model: an embedding and a stack of attention layers ---------------------
+def __getattr__(name):
+    # AttentionStack lived here before it moved to selfattn.model with the other model classes
+    if name == "AttentionStack":
+        from .model import AttentionStack
 
-
-class AttentionStack(nn.Module):
-    """Token ids -> embedding -> attention layers (each ``SelfAttention`` or ``MultiHeadAttention``).
-
-    Args:
-        vocab_size: number of token ids.
-        embed_dim: embedding width E.
-        layers: one dict per layer: ``{"type": "SelfAttention", ...SelfAttention kwargs}``
-            or ``{"type": "MultiHeadAttention", "num_heads": H, ...kwargs}``.
-        causal: every layer attends causally.
-        residual: ``x = x + layer(x)`` (needs each layer's output width to be E).
-    """
-
-    def __init__(self, vocab_size: int, embed_dim: int, layers: list, *, causal: bool = False, residual: bool = False):
-        super().__init__()
-        from .layers import MultiHeadAttention, SelfAttention
-
-        kinds = {"SelfAttention": SelfAttention, "MultiHeadAttention": MultiHeadAttention}
-        self.embedding = nn.Embedding(vocab_size, embed_dim)
-        self.layers = nn.ModuleList()
-        for i, spec in enumerate(layers):
-            spec = dict(spec)
-            kind = spec.pop("type", None)
-            if kind not in kinds:
-                raise ValueError(f"layers[{i}]['type'] must be one of {sorted(kinds)}, got {kind!r}")
-            if kind == "SelfAttention":
-                self.layers.append(SelfAttention(embed_dim, **spec))
-            else:
-                self.layers.append(MultiHeadAttention(embed_dim, **spec))
-        self.causal, self.residual = bool(causal), bool(residual)
-        self.config = {"type": "attention-stack", "vocab_size": vocab_size, "embed_dim": embed_dim,
-                       "layers": [dict(s) for s in layers], "causal": self.causal, "residual": self.residual}
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embedding(ids)  # (B, L, E)
-        for layer in self.layers:
-            y = layer(x, causal=self.causal)  # (B, L, E or v_dim)
-            x = x + y if self.residual else y
-        return x
-
-
-register_model("attention-stack")(AttentionStack)
+        return AttentionStack
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,8 @@
-"""The `selfattn` command line: one ``_add_<command>`` function per subcommand."""
+"""The `selfattn` command line: one ``_add_<command>`` function per subcommand, one error boundary (:func:`main`).
+
+Shared pieces (the usage error, option parsers, the up-front checks of sizes and output paths)
+live in :mod:`selfattn._cliutil`, which ``selfattn.training`` imports too; nothing imports this module.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +12,11 @@ import os
 import sys
 
 
-class UsageError(ValueError):
-    """Bad input on the command line: reported as one line, exit status 2."""
+from ._cliutil import UsageError, check_memory, check_output_file, human_bytes, int_arg
 
-
-def int_arg(name: str, minimum: int = 1):
-    """An argparse ``type`` for an integer option of at least ``minimum`` (1: positive, 0:
-    non-negative) whose error names the option and the value seen."""
-    what = {1: "a positive integer", 0: "a non-negative integer"}.get(minimum, f"an integer >= {minimum}")
-
-    def parse(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be {what}, got {s!r}") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"{name} must be {what}, got {v}")
-        return v
-    return parse
+# the one place that says how to report a bug (internal errors print a traceback, then this)
+REPORT = ("this is a bug in selfattn, not in what you typed: please report it with the command line above and this "
+          "traceback (SELFATTN_DEBUG=1 shows the traceback of the one-line errors too)")
 
 
 def _positive(name):
@@ -36,15 +27,30 @@ def _non_negative(name):
     return int_arg(name, 0)
 
 
+def _version() -> str:
+    from . import __version__
+
+    return f"selfattn {__version__}"
+
+
+def _add_version(p: argparse.ArgumentParser) -> None:
+    # importing selfattn (torch) only when --version is actually asked for
+    class _Version(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(_version())
+            parser.exit()
+
+    p.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
+
+
 # -- explain ---------------------------------------------------------------------------------
 
 
-def _cmd_explain(args) -> int:
-    from rich.console import Console
+# the most numbers --json writes: more takes minutes and gigabytes (every matrix of every step)
+JSON_MAX_NUMBERS = 20_000_000
 
-    from .explain import explain
-    from .explain.terminal import render
 
+def _read_text(args):
     text = args.text
     if args.file is not None:
         if text is not None:
@@ -53,10 +59,55 @@ def _cmd_explain(args) -> int:
             text = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8").read()
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"cannot read --file {args.file}: {e}") from None
-    trace = explain(text, dim=args.dim, seed=args.seed, init=args.init, qk_dim=args.qk_dim, v_dim=args.v_dim,
-                    causal=args.causal, window=args.window, scale=not args.no_scale, rows=args.rows, checkpoint=args.checkpoint)
+    return text
+
+
+def _check_explain(args, text) -> None:
+    """Everything about an explain run that can be refused before any work: sizes, outputs."""
+    from .explain import tokenize
+    from .explain.terminal import FULL_MAX_CELLS
+    from .explain.trace import FULL_MATRIX_MAX_TOKENS
+
+    for opt, kind in (("png", "png"), ("html", "html"), ("json", "json")):
+        if getattr(args, opt):
+            check_output_file(f"--{opt}", getattr(args, opt), kind)
+    if args.checkpoint is not None:
+        return
+    n = 3 if text is None else len(tokenize(text))
+    dim = 4 if text is None else (args.dim or 8)
+    qk, v = args.qk_dim or dim, args.v_dim or dim
+    wide = max(qk, v, dim)
+    # float64: the three W (and their float64 copies), L x d steps, L x L steps when shown in full
+    full = n <= FULL_MATRIX_MAX_TOKENS
+    need = 8 * (2 * dim * (2 * qk + v) + 6 * n * (dim + 2 * qk + 2 * v) + (8 * n * n if full else 0)) + 8 * dim * wide
+    check_memory(need, f"explain with --dim {dim}" + (f", --qk-dim {qk}" if qk != dim else "") + (f", --v-dim {v}" if v != dim else ""),
+                 "use a smaller --dim")
+    if args.full and dim * wide > FULL_MAX_CELLS:
+        raise UsageError(f"--full with --dim {dim} would print {dim * wide:,} cells for one matrix (W_Q is {dim} x {qk}), which "
+                         f"takes minutes; at most {FULL_MAX_CELLS:,} cells print with --full. Leave out --full to see the "
+                         "matrices trimmed, or use --json for every number")
+    if args.json:
+        numbers = dim * (2 * qk + v) + n * (dim + 2 * qk + 2 * v) + (5 * n * n if full else 0)
+        if numbers > JSON_MAX_NUMBERS:
+            raise UsageError(f"--json with --dim {dim} would write about {numbers:,} numbers (~{human_bytes(numbers * 20)}); "
+                             f"at most {JSON_MAX_NUMBERS:,}: use a smaller --dim")
+
+
+def _cmd_explain(args) -> int:
+    from rich.console import Console
+
+    from ._progress import compile_notice
+    from .explain import explain
+    from .explain.terminal import render
+
+    text = _read_text(args)
+    _check_explain(args, text)
+    with compile_notice(enabled=True):
+        trace = explain(text, dim=args.dim, seed=args.seed, init=args.init, qk_dim=args.qk_dim, v_dim=args.v_dim,
+                        causal=args.causal, window=args.window, scale=not args.no_scale, rows=args.rows,
+                        checkpoint=args.checkpoint)
     console = Console()
-    render(trace, console, notes_check=True, all_rows_table=args.rows is not None)
+    render(trace, console, notes_check=True, all_rows_table=args.rows is not None, full=args.full)
     _write_outputs(trace, args, console)
     return 0
 
@@ -91,7 +142,7 @@ def _add_explain(sub) -> None:
     )
     e.add_argument("text", nargs="?", metavar="TEXT", help="the input text (default: the notes' example)")
     e.add_argument("--file", metavar="PATH", help="read the text from a file ('-' = standard input)")
-    e.add_argument("--dim", type=_positive("--dim"), help="embedding width (default 8)")
+    e.add_argument("--dim", type=_positive("--dim"), help="embedding width (default 8; the notes' example: 4)")
     e.add_argument("--seed", type=int, help="seed of the embeddings and of --init default (default 0)")
     e.add_argument("--init", choices=("identity", "default"),
                    help="W_Q, W_K, W_V: identity as in the notes (default when the widths allow) or SelfAttention's default initialisation")
@@ -104,9 +155,12 @@ def _add_explain(sub) -> None:
     e.add_argument("--checkpoint", metavar="PATH", help="a trained model's checkpoint directory: show every layer and head")
     e.add_argument("--rows", metavar="ROWS", help="query rows to list, e.g. '0,5-7,-1' (write --rows=-1,... when the first is negative); "
                         "for long input only these rows' weights are computed (default: first, middle, last)")
-    e.add_argument("--png", metavar="FILE", help="write a heatmap of the attention weights")
-    e.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
-    e.add_argument("--json", metavar="FILE", help="write the whole trace as JSON")
+    e.add_argument("--full", action="store_true",
+                   help="print every column and row of wide matrices (default: trimmed to the terminal, first and last columns)")
+    e.add_argument("--png", metavar="FILE.png", help="write a heatmap of the attention weights (PNG)")
+    e.add_argument("--html", metavar="FILE.html", help="write a self-contained HTML report")
+    e.add_argument("--json", metavar="FILE.json", help="write the whole trace as JSON")
+    _add_version(e)
     e.set_defaults(func=_cmd_explain)
 
 
@@ -121,6 +175,12 @@ def _cmd_scaling(args) -> int:
 
     if args.max_dk < 4:
         raise UsageError(f"--max-dk must be at least 4, got {args.max_dk}")
+    if args.png:
+        check_output_file("--png", args.png, "png")
+    if args.json:
+        check_output_file("--json", args.json, "json")
+    check_memory(8.0 * 2 * args.queries * args.keys * min(args.max_dk, max(scaling.D_KS)) * 3, "scaling with these --keys and --queries",
+                 "use fewer --keys or --queries")
     d_ks = [d for d in scaling.D_KS if d <= args.max_dk]
     notes = scaling.notes_numbers()
     with Progress(TextColumn("measuring d_k"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn(),
@@ -144,12 +204,13 @@ def _add_scaling(sub) -> None:
     s = sub.add_parser("scaling", help="why scores are divided by sqrt(d_k): the notes' numbers, then a sweep over d_k",
                        description="Recompute the notes' scaling example, then measure, for d_k from 4 to 4096, what happens "
                                    "to the softmax with and without scaling: score spread, largest weight, entropy, gradient size.")
-    s.add_argument("--png", metavar="FILE", help="write a plot of the sweep")
-    s.add_argument("--json", metavar="FILE", help="write every number as JSON")
+    s.add_argument("--png", metavar="FILE.png", help="write a plot of the sweep (PNG)")
+    s.add_argument("--json", metavar="FILE.json", help="write every number as JSON")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--keys", type=_positive("--keys"), default=32, help="keys per query (default 32)")
     s.add_argument("--queries", type=_positive("--queries"), default=512, help="random queries per d_k (default 512)")
     s.add_argument("--max-dk", type=_positive("--max-dk"), default=4096, help="largest d_k of the sweep (default 4096)")
+    _add_version(s)
     s.set_defaults(func=_cmd_scaling)
 
 
@@ -157,14 +218,25 @@ def _add_scaling(sub) -> None:
 
 
 def _cmd_backends(args) -> int:
-    from . import backends
+    from ._backends_cli import availability, which
 
-    print(backends.table())
+    if args.which is not None:
+        print(which(args.which))
+        return 0
+    print(availability(verbose=args.features))
     return 0
 
 
 def _add_backends(sub) -> None:
-    b = sub.add_parser("backends", help="list the attention backends and what each supports")
+    b = sub.add_parser("backends", help="the attention backends: which are available here and why not; which one auto takes",
+                       description="List the attention backends, whether each can run on this machine (and why not), and "
+                                   "with --which, which backend backend='auto' picks for a described call and why.")
+    b.add_argument("--which", metavar="CALL",
+                   help="describe a call as space-separated key=value pairs and flags, e.g. "
+                        "'B=1 H=8 L=1024 D=64 dtype=float32 causal grad' (also: Hkv=, Lq=, Lk=, Dv=, device=, window=N, "
+                        "stats, softcap=C, dropout=P); prints auto's choice and why each other backend is or is not used")
+    b.add_argument("--features", action="store_true", help="also list what each backend supports, feature by feature")
+    _add_version(b)
     b.set_defaults(func=_cmd_backends)
 
 
@@ -186,6 +258,7 @@ def _add_train(sub) -> None:
                                    "generated on the fly, stopping at 99% held-out accuracy. --text FILE: a character-level "
                                    "model of any text. Data-parallel: torchrun --standalone --nproc_per_node N -m selfattn.cli train ...")
     add_train_arguments(t)
+    _add_version(t)
     t.set_defaults(func=_cmd_train)
 
 
@@ -198,13 +271,19 @@ def _cmd_sample(args) -> int:
 def _add_sample(sub) -> None:
     from .training.command import add_sample_arguments
 
-    s = sub.add_parser("sample", help="generate from a checkpoint of selfattn train, with the KV cache")
+    s = sub.add_parser("sample", help="generate from a checkpoint of selfattn train, with the KV cache",
+                       description="Continue a prompt with a model trained by selfattn train: the prompt goes through the model "
+                                   "once, then one token at a time with the KV cache, each printed as soon as it is drawn. "
+                                   "The prompt is shown dimmed, then a marker, then the generated continuation.")
     add_sample_arguments(s)
+    _add_version(s)
     s.set_defaults(func=_cmd_sample)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="selfattn", description="Scaled dot-product self-attention you can read, run fast and look inside.")
+    p = argparse.ArgumentParser(prog="selfattn", description="Scaled dot-product self-attention you can read, run fast and look inside.",
+                                epilog="Each command has its own --help. Bad input is reported in one line with exit status 2.")
+    _add_version(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _add_explain(sub)
     _add_scaling(sub)
@@ -214,27 +293,72 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return " ".join(text.split())  # one line, whatever the message held
+
+
 def main(argv=None) -> int:
+    """The single error boundary of the command line.
+
+    Bad input and environment problems (``UsageError`` and the library's ``ValueError`` /
+    ``TypeError``, an unavailable backend, a file that cannot be read or written, a size the
+    machine cannot hold): one line on stderr, exit status 2. Ctrl-C: 130. Anything else is a bug:
+    its traceback, a request to report it, exit status 1. ``SELFATTN_DEBUG=1`` re-raises everything.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    debug = bool(os.environ.get("SELFATTN_DEBUG"))
+    prefix = f"selfattn {args.command}: error:"
     try:
         return args.func(args)
-    except (ValueError, TypeError) as e:  # bad input: one clear line, no traceback (SELFATTN_DEBUG=1 shows it)
-        if os.environ.get("SELFATTN_DEBUG"):
-            raise
-        print(f"selfattn {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        if os.environ.get("SELFATTN_DEBUG"):
-            raise
-        print(f"selfattn {args.command}: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"selfattn {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if debug:
+            raise
+        user = _user_error(e)
+        if user is None:
+            import traceback
+
+            traceback.print_exc()
+            print(f"{prefix} {_one_line(e)}\n{REPORT}", file=sys.stderr)
+            return 1
+        print(f"{prefix} {user}", file=sys.stderr)
+        return 2
+
+
+def _user_error(e: BaseException) -> str | None:
+    """The one-line message for an error that is the input's or the machine's, not a bug (else None)."""
+    if isinstance(e, (ValueError, TypeError)):
+        return _one_line(e)
+    if isinstance(e, OSError):  # a file that cannot be read or written, a full disk
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        return f"{e.strerror or _one_line(e)}{':' if where else ''}{where}"
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)):
+        return "out of memory: use smaller sizes"
+    if isinstance(e, ModuleNotFoundError) and e.name in ("rich", "matplotlib", "safetensors"):
+        # the [cli] extra (pyproject.toml): the library itself needs none of these
+        return f"this needs {e.name}, part of the command line's extra: pip install 'selfattn[cli]'"
+    try:
+        import torch
+
+        if isinstance(e, torch.OutOfMemoryError):
+            return f"out of memory on the device: use smaller sizes ({_one_line(e)[:200]})"
+    except (ImportError, AttributeError):
+        pass
+    try:
+        from .backends import BackendUnavailable
+
+        if isinstance(e, BackendUnavailable):
+            return _one_line(e)
+    except ImportError:
+        pass
+    return None
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ forward pass.
 
 The model registers itself with :mod:`selfattn.checkpoint` as ``"transformer"``: a checkpoint
 written by ``selfattn train`` rebuilds it with ``selfattn.checkpoint.load(path).build()``.
+:class:`AttentionStack` (type ``"attention-stack"``) is the plainer model: an embedding and a
+stack of attention layers, nothing else.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ import torch
 from torch import nn
 
 from . import checkpoint as _checkpoint
-from .layers import KVCache, MultiHeadAttention, RMSNorm
+from .layers import KVCache, MultiHeadAttention, RMSNorm, SelfAttention
 
-__all__ = ["TransformerConfig", "Transformer", "Block", "MLP"]
+__all__ = ["TransformerConfig", "Transformer", "Block", "MLP", "AttentionStack"]
 
 NORMS = ("rms", "layer")
 
@@ -159,3 +161,47 @@ class Transformer(nn.Module):
 @_checkpoint.register_model("transformer")
 def _build(**config) -> Transformer:
     return Transformer(TransformerConfig(**config))
+
+
+# -- a plain stack of attention layers (checkpoint type "attention-stack") -------------------
+
+
+class AttentionStack(nn.Module):
+    """Token ids -> embedding -> attention layers (each ``SelfAttention`` or ``MultiHeadAttention``).
+
+    Args:
+        vocab_size: number of token ids.
+        embed_dim: embedding width E.
+        layers: one dict per layer: ``{"type": "SelfAttention", ...SelfAttention kwargs}``
+            or ``{"type": "MultiHeadAttention", "num_heads": H, ...kwargs}``.
+        causal: every layer attends causally.
+        residual: ``x = x + layer(x)`` (needs each layer's output width to be E).
+    """
+
+    def __init__(self, vocab_size: int, embed_dim: int, layers: list, *, causal: bool = False, residual: bool = False):
+        super().__init__()
+        kinds = {"SelfAttention": SelfAttention, "MultiHeadAttention": MultiHeadAttention}
+        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        self.layers = nn.ModuleList()
+        for i, spec in enumerate(layers):
+            spec = dict(spec)
+            kind = spec.pop("type", None)
+            if kind not in kinds:
+                raise ValueError(f"layers[{i}]['type'] must be one of {sorted(kinds)}, got {kind!r}")
+            if kind == "SelfAttention":
+                self.layers.append(SelfAttention(embed_dim, **spec))
+            else:
+                self.layers.append(MultiHeadAttention(embed_dim, **spec))
+        self.causal, self.residual = bool(causal), bool(residual)
+        self.config = {"type": "attention-stack", "vocab_size": vocab_size, "embed_dim": embed_dim,
+                       "layers": [dict(s) for s in layers], "causal": self.causal, "residual": self.residual}
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(ids)  # (B, L, E)
+        for layer in self.layers:
+            y = layer(x, causal=self.causal)  # (B, L, E or v_dim)
+            x = x + y if self.residual else y
+        return x
+
+
+_checkpoint.register_model("attention-stack")(AttentionStack)

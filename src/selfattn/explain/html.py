@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .terminal import _AXES, _TITLES, describe_options, fmt, token_label
+from .labels import AXES, axis_labels, describe_options, fmt, mask_words, per_row_colour, show_token, step_title, token_label
 from .trace import (FULL_MATRIX_MAX_TOKENS, ExplainTrace, ModelTrace, compare_with_notes, is_plain_notes_example,
                     stats_summary, top_keys)
 
@@ -35,7 +35,11 @@ _CSS = """
 .sa-report details { margin: 0.4em 0; }
 .sa-report summary { cursor: pointer; color: #245; }
 .sa-report .check { background: #fff8e6; border-left: 4px solid #e8a400; padding: 0.4em 0.8em; }
+.sa-report table.m td.masked { background: repeating-linear-gradient(45deg, #e4e4e4 0 3px, #f7f7f7 3px 6px); color: #888; }
+.sa-report table.m td.gap, .sa-report table.m th.gap { color: #888; background: #fafafa; text-align: center; }
+.sa-report .tok { font-family: ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace; }
 .sa-report svg text { font-family: system-ui, sans-serif; font-size: 10px; fill: #333; }
+.sa-report svg text.tok { font-family: ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace; }
 """
 
 
@@ -62,21 +66,49 @@ def _colour(x: float, lo: float, hi: float, signed: bool) -> tuple:
     return f"#{r:02x}{g:02x}{b:02x}", ("#fff" if dark else "#111")
 
 
-def matrix_table(m: torch.Tensor, row_labels, col_labels, *, mark_max=False, extra=None, weights=False) -> str:
-    """An HTML table of a matrix, cells coloured by value; ``extra`` adds named columns (statistics)."""
+# matrices larger than this are shown trimmed (first and last rows/columns); --json has every number
+MAX_SHOWN = 64
+_TAIL = 4
+
+
+def _keep(n: int) -> list:
+    # indices shown of n, with None where the elided ones would be
+    return list(range(n)) if n <= MAX_SHOWN else list(range(MAX_SHOWN - _TAIL)) + [None] + list(range(n - _TAIL, n))
+
+
+def matrix_table(m: torch.Tensor, row_labels, col_labels, *, mark_max=False, extra=None, weights=False, masked=None) -> str:
+    """An HTML table of a matrix, cells coloured by value; ``extra`` adds named columns (statistics).
+
+    ``masked`` (bool, same shape) marks pairs a mask rules out: drawn hatched grey with "masked"
+    instead of a number. Matrices over ``MAX_SHOWN`` rows or columns show their first and last ones.
+    """
     vals = m.to(torch.float64)
     finite = vals[torch.isfinite(vals)]
     lo, hi = (0.0, 1.0) if weights else ((float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0))
     signed = not weights and lo < 0
     best = vals.amax(dim=1) if mark_max else None
-    out = ['<div class="scroll"><table class="m"><thead><tr><th></th>']
-    out += [f"<th>{_e(c)}</th>" for c in col_labels]
+    rows, cols = _keep(vals.shape[0]), _keep(vals.shape[1])
+    out = []
+    if None in rows or None in cols:
+        out.append(f'<p class="note">A {vals.shape[0]} x {vals.shape[1]} matrix: the first and last rows and columns are shown '
+                   "(--json writes every number).</p>")
+    out.append('<div class="scroll"><table class="m"><thead><tr><th></th>')
+    out += ['<th class="gap">&hellip;</th>' if j is None else f'<th class="tok">{_e(col_labels[j])}</th>' for j in cols]
     out += [f'<th class="stat">{_e(k)}</th>' for k in (extra or {})]
     out.append("</tr></thead><tbody>")
-    for i, label in enumerate(row_labels):
-        out.append(f"<tr><th>{_e(label)}</th>")
-        for j in range(vals.shape[1]):
+    for i in rows:
+        if i is None:
+            out.append('<tr><th class="gap">&#8942;</th>' + '<td class="gap">&#8942;</td>' * (len(cols) + len(extra or {})) + "</tr>")
+            continue
+        out.append(f'<tr><th class="tok">{_e(row_labels[i])}</th>')
+        for j in cols:
+            if j is None:
+                out.append('<td class="gap">&hellip;</td>')
+                continue
             x = float(vals[i, j])
+            if masked is not None and bool(masked[i, j]):
+                out.append('<td class="masked" title="ruled out by the mask">masked</td>')
+                continue
             bg, fg = _colour(x, lo, hi, signed)
             cls = ' class="max"' if best is not None and x == float(best[i]) > 0 else ""
             out.append(f'<td{cls} style="background:{bg};color:{fg}">{fmt(x)}</td>')
@@ -87,25 +119,19 @@ def matrix_table(m: torch.Tensor, row_labels, col_labels, *, mark_max=False, ext
     return "".join(out)
 
 
-def _labels(trace, kind, n):
-    return [token_label(trace, i) for i in range(n)] if kind == "tok" else [f"d{i}" for i in range(n)]
-
-
 def _step(trace: ExplainTrace, name: str, rows=None) -> str:
     m = trace.steps[name]
-    rk, ck = _AXES.get(name, ("tok", "dim"))
-    row_labels = _labels(trace, rk, m.shape[0])
+    rk, ck = AXES.get(name, ("tok", "dim"))
+    row_labels = axis_labels(trace, rk, m.shape[0])
     if rows is not None and rk == "tok":  # long input: only the rows asked for
         m, row_labels = m[rows], [row_labels[r] for r in rows]
-    title = _TITLES.get(name, name)
-    if "W_Q" not in trace.steps and name in ("Q", "K", "V"):
-        title = f"{name} (as passed to attention)"
-    if name == "scaled":
-        title += f" (x {trace.scale:.4g})"
+    title = step_title(trace, name)
     extra = {"entropy": trace.stats.entropy, "max logit": trace.stats.max_logit} if name == "weights" else None
+    masked = trace.steps.get("masked")
+    masked = torch.isneginf(masked) if name == "weights" and masked is not None else None
     return (f"<h3>{_e(title)}</h3><p class=\"note\">{_e(trace.notes.get(name, ''))}</p>"
-            + matrix_table(m, row_labels, _labels(trace, ck, m.shape[1]), mark_max=name == "weights",
-                           extra=extra, weights=name == "weights"))
+            + matrix_table(m, row_labels, axis_labels(trace, ck, m.shape[1]), mark_max=name == "weights",
+                           extra=extra, weights=name == "weights", masked=masked))
 
 
 def _png(obj) -> str:

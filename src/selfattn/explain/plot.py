@@ -4,6 +4,14 @@ Layout is fixed in inches so the PNG's pixel size is known in advance (``png_siz
 cell is ``CELL_IN`` inches (``CELL_SMALL_IN`` beyond ``ANNOTATE_MAX`` tokens, where the values
 no longer fit and are left out of the cells), plus fixed margins for the token labels, the
 title and the colour bar, at ``DPI`` dots per inch.
+
+What the colours mean is stated on the colour bar. Up to ``FULL_MATRIX_MAX_TOKENS`` keys a
+cell's colour is its weight on a fixed 0-1 scale. Over more keys a typical weight is about
+1/L, which a fixed scale paints as one flat colour, so each row is coloured relative to its own
+largest weight (written beside the row); rows wider than ``STRIP_COLUMNS`` keys show the largest
+weight of each group of neighbouring keys, so a single sharp peak never falls between pixels.
+Pairs the mask rules out are hatched grey, never drawn as a weight of 0. Token labels use a
+monospaced font (so "I" and "l" differ) and show whitespace tokens as visible marks.
 """
 
 from __future__ import annotations
@@ -15,6 +23,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+import matplotlib.patches as mpatches  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .labels import mask_words, per_row_colour, show_token, weight_scale_note  # noqa: E402
 from .trace import ExplainTrace, ModelTrace  # noqa: E402
 
 DPI = 100
@@ -25,6 +37,9 @@ LEFT_IN, BOTTOM_IN, TOP_IN, RIGHT_IN, GAP_IN = 1.3, 1.3, 0.6, 1.1, 0.4
 LONG_WIDTH_IN = 12.0  # width of the row-strip heatmap for long input
 LONG_ROW_IN = 0.45
 HEADS_PER_ROW = 4  # heatmaps side by side before a layer's heads wrap onto the next row
+STRIP_COLUMNS = 1000  # long rows with more keys than this are pooled (max of neighbouring keys) to this many columns
+MONO = "DejaVu Sans Mono"  # ships with matplotlib; tells "I" from "l" and "0" from "O"
+MASKED_FACE, MASKED_HATCH = "#d9d9d9", "#9a9a9a"
 
 
 def _cell(n_rows: int, n_cols: int) -> float:
@@ -66,31 +81,77 @@ def png_size(obj) -> tuple:
     return round(w * DPI), round(h * DPI)
 
 
-def _heatmap(ax, trace: ExplainTrace, vmax: float):
+def _pool(m: np.ndarray, columns: int) -> tuple:
+    # (r, L) -> (r, ceil(L / f)) with the max over each group of f neighbouring keys; NaN (masked)
+    # only where the whole group is masked
+    f = -(-m.shape[1] // columns)
+    if f <= 1:
+        return m, 1
+    pad = (-m.shape[1]) % f
+    x = np.pad(m, ((0, 0), (0, pad)), constant_values=np.nan)
+    x = x.reshape(m.shape[0], -1, f)
+    with np.errstate(all="ignore"):
+        out = np.where(np.isnan(x).all(-1), np.nan, np.nanmax(np.where(np.isnan(x), -np.inf, x), axis=-1))
+    return out, f
+
+
+def _heatmap(ax, trace: ExplainTrace):
     if trace.full:
-        m = trace.weights.to(torch.float64).numpy()  # (L, L)
-        row_labels = list(trace.tokens)
-        col_labels = list(trace.tokens)
+        m = trace.weights.to(torch.float64).numpy().copy()  # (L, L)
+        masked = trace.row_masked if trace.rows == list(range(len(trace.tokens))) else None
+        if "masked" in trace.steps:
+            masked = torch.isneginf(trace.steps["masked"]).numpy()
+        row_labels = [show_token(t) for t in trace.tokens]
+        col_labels = list(row_labels)
     else:
-        m = trace.row_weights.to(torch.float64).numpy()  # (r, L)
-        row_labels = [f"{trace.tokens[r]}@{r}" for r in trace.rows]
+        m = trace.row_weights.to(torch.float64).numpy().copy()  # (r, L)
+        masked = trace.row_masked.numpy() if trace.row_masked is not None else None
+        row_labels = [f"{show_token(trace.tokens[r])}@{r}" for r in trace.rows]
         col_labels = None
-    im = ax.imshow(m, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
-    ax.set_yticks(range(m.shape[0]), row_labels, fontsize=8)
+    n_keys = m.shape[1]
+    relative = per_row_colour(n_keys)
+    if relative:
+        top = m.max(axis=1, keepdims=True)  # (r, 1) each row's largest weight
+        row_labels = [f"{lab}\nmax {float(t):.3g}" for lab, t in zip(row_labels, top[:, 0])]
+        m = m / np.where(top > 0, top, 1.0)
+    if masked is not None:
+        m[np.asarray(masked, dtype=bool)] = np.nan  # drawn as the hatched background
+    shown, pooled = (_pool(m, STRIP_COLUMNS) if not trace.full else (m, 1))
+    ax.set_facecolor(MASKED_FACE)
+    ax.patch.set_hatch("////")
+    ax.patch.set_edgecolor(MASKED_HATCH)
+    extent = (-0.5, n_keys - 0.5, shown.shape[0] - 0.5, -0.5)
+    im = ax.imshow(np.ma.masked_invalid(shown), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest",
+                   extent=extent)
+    ax.set_yticks(range(m.shape[0]), row_labels, fontsize=8, fontfamily=MONO)
     if col_labels is not None:
-        ax.set_xticks(range(m.shape[1]), col_labels, rotation=90, fontsize=8)
+        ax.set_xticks(range(n_keys), col_labels, rotation=90, fontsize=8, fontfamily=MONO)
     else:
-        step = max(1, m.shape[1] // 16)
-        ticks = list(range(0, m.shape[1], step))
-        ax.set_xticks(ticks, [f"{trace.tokens[j]}@{j}" for j in ticks], rotation=90, fontsize=7)
-    ax.set_xlabel("key (attended to)")
-    ax.set_ylabel("query")
+        step = max(1, n_keys // 16)
+        ticks = list(range(0, n_keys, step))
+        ax.set_xticks(ticks, [f"{show_token(trace.tokens[j])}@{j}" for j in ticks], rotation=90, fontsize=7, fontfamily=MONO)
+    ax.set_xlabel("key (attended to)" + (f"; each column: largest of {pooled} neighbouring keys" if pooled > 1 else ""),
+                  fontsize=8)
+    ax.set_ylabel("query", fontsize=8)
     if trace.full and max(m.shape) <= ANNOTATE_MAX:
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
-                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="black" if m[i, j] > 0.6 * vmax else "white")
+                if not np.isnan(m[i, j]):
+                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="black" if m[i, j] > 0.6 else "white")
     return im
+
+
+def _title(tr: ExplainTrace, n_heads: int) -> str:
+    title = tr.label or "attention weights"
+    if tr.label and n_heads > 1 and "head" in tr.label:
+        title += f" of {n_heads}"
+    words = mask_words(tr.options)
+    if words:
+        title += f" ({words})"
+    if not tr.full:
+        title += f"\nrows {', '.join(map(str, tr.rows))} of {len(tr.tokens)} tokens"
+    return title
 
 
 def plot_trace(obj, path=None):
@@ -99,23 +160,32 @@ def plot_trace(obj, path=None):
     width, height = figure_size(obj)
     fig = plt.figure(figsize=(width, height), dpi=DPI)
     pw, ph = _panel(grid[0][0])
+    heads_of = {}
+    if isinstance(obj, ModelTrace):
+        heads_of = {id(h): len(layer.heads) for layer in obj.layers for h in layer.heads}
     im = None
+    first = grid[0][0]
     for r, heads in enumerate(grid):
         for c, tr in enumerate(heads):
             x0 = c * (LEFT_IN + pw + GAP_IN) + LEFT_IN
             y0 = height - (r + 1) * (TOP_IN + ph + BOTTOM_IN) + BOTTOM_IN
             ax = fig.add_axes((x0 / width, y0 / height, pw / width, ph / height))
-            im = _heatmap(ax, tr, 1.0)
-            title = tr.label or "attention weights"
-            if not tr.full:
-                title += f" (rows {', '.join(map(str, tr.rows))} of {len(tr.tokens)})"
-            ax.set_title(title, fontsize=9)
+            im = _heatmap(ax, tr)
+            ax.set_title(_title(tr, heads_of.get(id(tr), 1)), fontsize=9)
     cax = fig.add_axes(((width - RIGHT_IN + 0.25) / width, BOTTOM_IN / height, 0.18 / width, (height - BOTTOM_IN - TOP_IN) / height))
-    fig.colorbar(im, cax=cax, label="weight")
+    n_keys = len(first.tokens)
+    bar = fig.colorbar(im, cax=cax)
+    bar.set_label(weight_scale_note(n_keys).replace("colour: ", "") + ("; hatched = masked" if _any_masked(grid) else ""),
+                  fontsize=8)
     if path is not None:
         fig.savefig(path, dpi=DPI, format="png")
         plt.close(fig)
     return fig
+
+
+def _any_masked(grid) -> bool:
+    return any(tr.row_masked is not None and bool(tr.row_masked.any()) or
+               ("masked" in tr.steps and bool(torch.isneginf(tr.steps["masked"]).any())) for row in grid for tr in row)
 
 
 def png_bytes(obj) -> bytes:

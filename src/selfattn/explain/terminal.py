@@ -6,122 +6,130 @@ import math
 
 from rich.console import Console, Group
 from rich.table import Table
+from rich.markup import escape
 from rich.text import Text
 
+import torch
+
+from .labels import AXES, axis_labels, describe_options, fmt, mask_words, show_token, step_title, token_label
 from .trace import (FULL_MATRIX_MAX_TOKENS, ExplainTrace, ModelTrace, compare_with_notes, is_plain_notes_example,
                     stats_summary, top_keys)
 
-# row labels and column labels of each step's matrix: "tok" = the tokens, "dim" = feature index
-_AXES = {
-    "embeddings": ("tok", "dim"), "W_Q": ("dim", "dim"), "W_K": ("dim", "dim"), "W_V": ("dim", "dim"),
-    "Q": ("tok", "dim"), "K": ("tok", "dim"), "V": ("tok", "dim"),
-    "scores": ("tok", "tok"), "scaled": ("tok", "tok"), "softcapped": ("tok", "tok"),
-    "masked": ("tok", "tok"), "weights": ("tok", "tok"), "dropped": ("tok", "tok"), "output": ("tok", "dim"),
-}
-_TITLES = {
-    "embeddings": "1. Token embeddings", "W_Q": "2. W_Q", "W_K": "2. W_K", "W_V": "2. W_V",
-    "Q": "2. Q = E W_Q", "K": "2. K = E W_K", "V": "2. V = E W_V", "scores": "3. Scores Q K^T",
-    "scaled": "4. Scaled scores", "softcapped": "4b. Soft-capped scores", "masked": "4c. Masked scores",
-    "weights": "5. Softmax: attention weights", "output": "6. Weighted sum of values: contextual embeddings",
-}
+__all__ = ["render", "step_table", "rows_table", "summary_table", "heads_overview", "fmt", "token_label",
+           "describe_options", "show_token"]
+
+# shown in full up to these sizes; beyond, the first and last rows/columns with an ellipsis between
+# (``full=True`` -- `selfattn explain --full` -- shows every row and column)
+MAX_ROWS = 24  # rows of a feature-indexed matrix (W_Q is dim x qk_dim)
+TAIL = 2  # columns (and rows) kept at the end of a trimmed matrix
+FULL_MAX_CELLS = 200_000  # --full refuses tables larger than this: printing them takes minutes
+MASKED = "\u00b7"  # a masked pair in a weights table (weight exactly 0 because the mask rules it out)
 
 
-def fmt(x: float, digits: int = 4, *, sig: int | None = None) -> str:
-    """How every number is written in tables, JSON checks and the HTML report.
+def _masked(trace: ExplainTrace):
+    """(L, L) bool: pairs the mask rules out, from the "masked" step (None when nothing is masked)."""
+    m = trace.steps.get("masked")
+    return None if m is None else torch.isneginf(m)
 
-    ``digits`` decimals by default; ``sig`` significant digits instead (for values that span
-    many orders of magnitude, like the softmax Jacobian norms of ``selfattn scaling``).
+
+def _keep(n: int, head: int, tail: int) -> list:
+    # indices shown of n, with None where the elided ones would be
+    if n <= head + tail + 1:
+        return list(range(n))
+    return list(range(head)) + [None] + list(range(n - tail, n))
+
+
+def step_table(trace: ExplainTrace, name: str, digits: int = 4, width: int | None = None, *, full: bool = False) -> Group:
+    """One step as a labelled table.
+
+    Feature columns (d0, d1, ...) wider than ``width`` characters: the first columns that fit and
+    the last ``TAIL``, with "…" between. Token columns (at most ``FULL_MATRIX_MAX_TOKENS``) and,
+    with ``full=True``, every column are split into several tables like numpy's wide-array printing.
+    Feature-indexed rows beyond ``MAX_ROWS`` are trimmed the same way unless ``full``.
     """
-    if x == float("-inf"):
-        return "-inf"
-    if x == float("inf"):
-        return "inf"
-    if x != x:
-        return "nan"
-    s = f"{x:.{sig}g}" if sig is not None else f"{x:.{digits}f}"
-    return s[1:] if s.startswith("-") and not s.strip("-0.") else s  # no "-0.0000"
-
-
-def token_label(trace, j: int) -> str:
-    """A key's label: the token, with its position when tokens repeat or the input is long."""
-    t = trace.tokens[j]
-    return f"{t}@{j}" if len(trace.tokens) > FULL_MATRIX_MAX_TOKENS or trace.tokens.count(t) > 1 else t
-
-
-def _row_labels(trace, kind, n):
-    return [token_label(trace, i) for i in range(n)] if kind == "tok" else [f"d{i}" for i in range(n)]
-
-
-def step_table(trace: ExplainTrace, name: str, digits: int = 4, width: int | None = None) -> Group:
-    """One step as a labelled table; split into column groups when wider than ``width`` characters."""
     m = trace.steps[name]
-    rows_kind, cols_kind = _AXES.get(name, ("tok", "dim"))
-    title = _TITLES.get(name, name)
-    if trace.options.get("example") != "notes" and name in ("Q", "K", "V") and "W_Q" not in trace.steps:
-        title = f"{name} (as passed to attention)"
-    if name == "scaled":
-        title += f" (x {trace.scale:.4g}{' = 1/sqrt(d_k)' if trace.options.get('scaled', True) and abs(trace.scale * math.sqrt(trace.d_k) - 1) < 1e-12 else ''})"
+    rows_kind, cols_kind = AXES.get(name, ("tok", "dim"))
+    n_rows, n_cols = m.shape
+    if full and n_rows * n_cols > FULL_MAX_CELLS:
+        raise ValueError(f"--full: step {name!r} is a {n_rows} x {n_cols} matrix ({n_rows * n_cols:,} cells), too many to print "
+                         f"(at most {FULL_MAX_CELLS:,}); leave out --full to see it trimmed, or write every number with --json")
+    title = step_title(trace, name)
     heading = Text.from_markup(f"\n[bold]{title}[/bold]  [dim]{trace.notes.get(name, '')}[/dim]")
+    rows = list(range(n_rows)) if full or rows_kind == "tok" else _keep(n_rows, MAX_ROWS - TAIL - 1, TAIL)
+    shown_rows = [i for i in rows if i is not None]
     best = m.amax(dim=1) if name == "weights" else None  # (L,) ties are all marked
-    col_labels = _row_labels(trace, cols_kind, m.shape[1])
-    row_labels = _row_labels(trace, rows_kind, m.shape[0])
-    cells = [[fmt(float(m[i, j]), digits) for j in range(m.shape[1])] for i in range(m.shape[0])]
-    marked = [[best is not None and float(m[i, j]) == float(best[i]) > 0 for j in range(m.shape[1])] for i in range(m.shape[0])]
+    masked = _masked(trace) if name == "weights" else None
+    col_labels = axis_labels(trace, cols_kind, n_cols)
+    row_labels = [escape(x) for x in axis_labels(trace, rows_kind, n_rows)]
+
+    def cell(i, j):
+        if masked is not None and bool(masked[i, j]):
+            return f"[dim]{MASKED}[/dim]", 1
+        s = fmt(float(m[i, j]), digits)
+        if best is not None and float(m[i, j]) == float(best[i]) > 0:
+            return f"[bold yellow]*{s}[/bold yellow]", len(s) + 1  # the largest weight in each row
+        return s, len(s)
+
+    def col_width(j):
+        return max(len(col_labels[j]), *(cell(i, j)[1] for i in shown_rows)) + 3
+
     extra = {}
     if name == "weights":
         extra = {"entropy": [fmt(float(x), digits) for x in trace.stats.entropy],
                  "max logit": [fmt(float(x), digits) for x in trace.stats.max_logit]}
-    # split the columns into groups that fit the console, like numpy's wide-array printing
-    col_w = [max(len(col_labels[j]), *(len(cells[i][j]) + marked[i][j] for i in range(m.shape[0]))) + 3 for j in range(m.shape[1])]
-    label_w = max(len(x) for x in row_labels) + 4
+    label_w = max(len(row_labels[i]) for i in shown_rows) + 4
     extra_w = sum(max(len(k), *(len(v) for v in vals)) + 3 for k, vals in extra.items())
-    groups, cur, used = [], [], label_w
-    for j, w in enumerate(col_w):
-        if cur and width is not None and used + w + (extra_w if j == len(col_w) - 1 else 0) > width:
-            groups.append(cur)
-            cur, used = [], label_w
-        cur.append(j)
-        used += w
-    groups.append(cur)
-    parts = [heading]
+    note = ""
+    if full or width is None or cols_kind == "tok":
+        # every column, in as many tables as the width needs (token columns: at most
+        # FULL_MATRIX_MAX_TOKENS of them, so this stays short)
+        groups, cur, used = [], [], label_w
+        for j in range(n_cols):
+            w = col_width(j)
+            if cur and width is not None and used + w + (extra_w if j == n_cols - 1 else 0) > width:
+                groups.append(cur)
+                cur, used = [], label_w
+            cur.append(j)
+            used += w
+        groups.append(cur)
+    else:
+        # the first columns that fit, "…", the last TAIL columns
+        tail = [j for j in range(max(0, n_cols - TAIL), n_cols)]
+        used = label_w + extra_w + sum(col_width(j) for j in tail) + 4
+        head = []
+        for j in range(n_cols - len(tail)):
+            w = col_width(j)
+            if head and used + w > width:
+                break
+            head.append(j)
+            used += w
+        cols = head + ([None] if len(head) + len(tail) < n_cols else []) + tail
+        groups = [cols]
+        if None in cols or None in rows:
+            shown = f"columns {head[0]}-{head[-1]} and {tail[0]}-{tail[-1]} of {n_cols}" if None in cols else f"all {n_cols} columns"
+            if None in rows:
+                shown += f", rows {rows[0]}-{rows[MAX_ROWS - TAIL - 2]} and {rows[-TAIL]}-{rows[-1]} of {n_rows}"
+            note = f"{shown} shown; --full prints every one, --json writes every number"
+    parts = [heading] + ([Text(note, style="dim")] if note else [])
     for g, cols in enumerate(groups):
         last = g == len(groups) - 1
-        t = Table(title=None if len(groups) == 1 else f"columns {cols[0]}..{cols[-1]} of {m.shape[1]}", title_justify="left")
+        t = Table(title=None if len(groups) == 1 else f"columns {cols[0]}..{cols[-1]} of {n_cols}", title_justify="left")
         t.add_column("", style="bold", no_wrap=True)
         for j in cols:
-            t.add_column(col_labels[j], justify="right", no_wrap=True)
+            t.add_column("\u2026" if j is None else escape(col_labels[j]), justify="right", no_wrap=True)
         if last:
             for k in extra:
                 t.add_column(k, justify="right", style="cyan", no_wrap=True)
-        for i, label in enumerate(row_labels):
-            # mark the largest weight in each row
-            row = [f"[bold yellow]*{cells[i][j]}[/bold yellow]" if marked[i][j] else cells[i][j] for j in cols]
+        for i in rows:
+            if i is None:
+                t.add_row("\u22ee", *["\u22ee"] * (len(cols) + (len(extra) if last else 0)))
+                continue
+            row = ["\u2026" if j is None else cell(i, j)[0] for j in cols]
             if last:
                 row += [vals[i] for vals in extra.values()]
-            t.add_row(label, *row)
+            t.add_row(row_labels[i], *row)
         parts.append(t)
     return Group(*parts)
-
-
-def describe_options(opts: dict, sep: str = "   ") -> str:
-    parts = []
-    if opts.get("example") == "notes":
-        parts.append("the notes' example")
-    if opts.get("init"):
-        parts.append(f"init = {opts['init']}")
-    if opts.get("dim") is not None:
-        parts.append(f"dim = {opts['dim']}, seed = {opts.get('seed', 0)}")
-    if opts.get("causal"):
-        parts.append("causal")
-    w = opts.get("window")
-    if w is not None:
-        left, right = w if isinstance(w, (tuple, list)) else (w, 0)
-        parts.append(f"window = {left} back, {right} ahead")
-    if opts.get("scaled") is False:
-        parts.append("NOT scaled (--no-scale)")
-    if opts.get("checkpoint"):
-        parts.append(f"checkpoint {opts['checkpoint']} ({opts.get('model')}, {opts.get('tokenizer')} tokenizer)")
-    return sep.join(parts)
 
 
 def summary_table(trace: ExplainTrace, digits: int = 4) -> Table:
@@ -133,8 +141,8 @@ def summary_table(trace: ExplainTrace, digits: int = 4) -> Table:
         if s is None:
             t.add_row(name, "-", "", "-", "-", "")
             continue
-        t.add_row(name, fmt(s["min"], digits), token_label(trace, s["argmin"]), fmt(s["mean"], digits),
-                  fmt(s["max"], digits), token_label(trace, s["argmax"]))
+        t.add_row(name, fmt(s["min"], digits), escape(token_label(trace, s["argmin"])), fmt(s["mean"], digits),
+                  fmt(s["max"], digits), escape(token_label(trace, s["argmax"])))
     return t
 
 
@@ -149,10 +157,10 @@ def rows_table(trace: ExplainTrace, digits: int = 4) -> Table:
     t.add_column("largest weights (key: weight)")
     for i, r in enumerate(trace.rows):
         keys = top_keys(trace, i)
-        cells = [f"{token_label(trace, j)}: {fmt(w, digits)}" for j, w in keys]
+        cells = [f"{escape(token_label(trace, j))}: {fmt(w, digits)}" for j, w in keys]
         if cells:
             cells[0] = f"[bold yellow]*{cells[0]}[/bold yellow]"
-        t.add_row(str(r), token_label(trace, r), fmt(float(trace.stats.entropy[r]), digits),
+        t.add_row(str(r), escape(token_label(trace, r)), fmt(float(trace.stats.entropy[r]), digits),
                   fmt(float(trace.stats.max_logit[r]), digits), "  ".join(cells) or "(no key allowed)")
     return t
 
@@ -167,14 +175,9 @@ def heads_overview(mt: ModelTrace, digits: int = 4) -> Table:
         if e is None:
             t.add_row(tr.label, "-", "-", "", "-", "-", "")
             continue
-        t.add_row(tr.label, fmt(e["mean"], digits), fmt(e["min"], digits), token_label(tr, e["argmin"]),
-                  fmt(m["mean"], digits), fmt(m["max"], digits), token_label(tr, m["argmax"]))
+        t.add_row(tr.label, fmt(e["mean"], digits), fmt(e["min"], digits), escape(token_label(tr, e["argmin"])),
+                  fmt(m["mean"], digits), fmt(m["max"], digits), escape(token_label(tr, m["argmax"])))
     return t
-
-
-def _mask_words(opts: dict) -> str:
-    w = opts.get("window")
-    return ", ".join(x for x in ("causal" if opts.get("causal") else "", f"window {w}" if w is not None else "") if x)
 
 
 def _uniform_note(trace) -> str:
@@ -182,20 +185,31 @@ def _uniform_note(trace) -> str:
     masked = trace.options.get("causal") or trace.options.get("window") is not None
     spread = ("a row spread evenly over the k keys it may see has log k" if masked
               else f"uniform over {n} tokens would be {fmt(math.log(n))}")
-    return f"[bold yellow]*[/bold yellow] marks the largest weight in each row; entropy in nats ({spread})."
+    marks = f"; [dim]{MASKED}[/dim] marks a pair the mask rules out (weight exactly 0)" if masked else ""
+    return f"[bold yellow]*[/bold yellow] marks the largest weight in each row{marks}; entropy in nats ({spread})."
 
 
-def render(trace, console: Console | None = None, *, notes_check: bool = False, all_rows_table: bool = False) -> None:
-    """Print a trace: every step for short input; statistics and the picked rows for long input."""
+def _tokens_line(tokens, limit: int) -> str:
+    shown = " ".join(escape(show_token(t)) for t in tokens[:limit])
+    return f"tokens ({len(tokens)}): {shown}" + (f" ... ({len(tokens) - limit} more)" if len(tokens) > limit else "")
+
+
+def render(trace, console: Console | None = None, *, notes_check: bool = False, all_rows_table: bool = False,
+           full: bool = False) -> None:
+    """Print a trace: every step for short input; statistics and the picked rows for long input.
+
+    Wide matrices are trimmed to the console's width (first and last columns); ``full`` prints
+    every column and row instead.
+    """
     console = console or Console()
     if isinstance(trace, ModelTrace):
-        return _render_model(trace, console)
+        return _render_model(trace, console, full=full)
     console.rule("[bold]Self-attention, step by step")
-    console.print(f"tokens ({len(trace.tokens)}): {' '.join(trace.tokens) if trace.full else ' '.join(trace.tokens[:24]) + ' ...'}")
-    console.print(f"d_k = {trace.d_k}   scale = {trace.scale:.6g}   {describe_options(trace.options)}")
+    console.print(_tokens_line(trace.tokens, len(trace.tokens) if trace.full else 24))
+    console.print(escape(f"d_k = {trace.d_k}   scale = {trace.scale:.6g}   {describe_options(trace.options)}"))
     if trace.full:
         for name in trace.steps:
-            console.print(step_table(trace, name, width=console.width))
+            console.print(step_table(trace, name, width=console.width, full=full))
         console.print(_uniform_note(trace))
         if all_rows_table or trace.rows != list(range(len(trace.tokens))):
             console.print(rows_table(trace))
@@ -225,17 +239,16 @@ def _render_notes_check(trace, console):
         console.print("The difference is not one repeated term of the weighted sum.")
 
 
-def _render_model(mt: ModelTrace, console: Console) -> None:
+def _render_model(mt: ModelTrace, console: Console, *, full: bool = False) -> None:
     console.rule("[bold]Attention in a trained model, layer by layer, head by head")
-    n = len(mt.tokens)
-    console.print(f"tokens ({n}): {' '.join(map(repr, mt.tokens[:48]))}{' ...' if n > 48 else ''}")
-    console.print(describe_options(mt.options))
+    console.print(_tokens_line(mt.tokens, 48))
+    console.print(escape(describe_options(mt.options)))
     console.print(heads_overview(mt))
     for layer in mt.layers:
         for tr in layer.heads:
-            console.rule(f"[bold]{tr.label}[/bold] ({', '.join(x for x in (layer.kind, _mask_words(tr.options)) if x)})")
+            console.rule(f"[bold]{tr.label}[/bold] ({', '.join(x for x in (layer.kind, mask_words(tr.options)) if x)})")
             if tr.full:
-                console.print(step_table(tr, "weights", width=console.width))
+                console.print(step_table(tr, "weights", width=console.width, full=full))
             else:
                 console.print(rows_table(tr))
     console.print(_uniform_note(mt.heads[0]))

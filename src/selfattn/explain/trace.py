@@ -19,8 +19,13 @@ import torch
 
 from .. import masks as _masks
 from .. import reference
-from ..functional import _resolve_mask, attention, attention_probs
+from ..functional import attention, attention_probs
 from ..stats import AttentionStats
+
+try:  # the request builder (issue 11) gives mask resolution its public name
+    from ..request import resolve_mask
+except ImportError:  # pragma: no cover - before selfattn.request exists
+    from ..functional import _resolve_mask as resolve_mask
 
 # the worked example of shared/seed/self-attention-notes.md: "The cat sat", embedding size 4
 NOTES_TOKENS = ("The", "cat", "sat")
@@ -93,6 +98,7 @@ class ExplainTrace(_Views):
     rows: list = field(default_factory=list)  # query rows picked for display
     row_weights: torch.Tensor | None = None  # (len(rows), L) attention weights of those rows
     label: str = ""  # which layer/head this is, for model traces
+    row_masked: torch.Tensor | None = None  # (len(rows), L) bool: pairs the mask rules out (None: no mask)
 
     @property
     def full(self) -> bool:
@@ -122,6 +128,7 @@ class ExplainTrace(_Views):
             "stats": {"lse": _enc(self.stats.lse), "max_logit": _enc(self.stats.max_logit), "entropy": _enc(self.stats.entropy)},
             "rows": list(self.rows),
             "row_weights": _enc(self.row_weights) if self.row_weights is not None else None,
+            "row_masked": self.row_masked.tolist() if self.row_masked is not None else None,
         }
 
 
@@ -280,7 +287,8 @@ def run(
     if mask is None:  # nothing masked: the "masked" step equals "scaled", leave it out of the display
         steps.pop("masked", None)
     st = AttentionStats(stats.lse[0, 0], stats.max_logit[0, 0], stats.entropy[0, 0])
-    return ExplainTrace(list(tokens), steps, notes, st, used_scale, d_k, opts, picked, steps["weights"][picked])
+    return ExplainTrace(list(tokens), steps, notes, st, used_scale, d_k, opts, picked, steps["weights"][picked],
+                        row_masked=_masked_rows(steps, picked))
 
 
 def long_head(tokens, q, k, v, out, stats, h, opts, picked, steps, notes, used_scale, options, label="") -> ExplainTrace:
@@ -294,12 +302,17 @@ def long_head(tokens, q, k, v, out, stats, h, opts, picked, steps, notes, used_s
     p = attention_probs(q, k, stats, heads=[h], rows=picked, **{n: opts.get(n) for n in ("mask", "scale", "softcap")},
                         causal=bool(opts.get("causal")), window=opts.get("window"))  # (1, 1, r, L)
     st = AttentionStats(stats.lse[0, h], stats.max_logit[0, h], stats.entropy[0, h])
-    return ExplainTrace(list(tokens), steps, notes, st, used_scale, q.shape[-1], options, picked, p[0, 0], label)
+    mask = resolve_mask(opts.get("mask"), bool(opts.get("causal")), opts.get("window"))
+    masked = None
+    if mask is not None:
+        allowed = mask.allowed(q.shape[2], k.shape[2], rows=torch.tensor(picked), device=q.device)  # (B|1, H|1, r, L)
+        masked = ~allowed[0, min(h, allowed.shape[1] - 1)].cpu()  # (r, L)
+    return ExplainTrace(list(tokens), steps, notes, st, used_scale, q.shape[-1], options, picked, p[0, 0], label, masked)
 
 
 def full_heads(tokens, q, k, v, opts, picked, options, labels) -> list:
     """Full traces (every step, float64 reference) of every query head of one attention() call."""
-    mask = _resolve_mask(opts.get("mask"), bool(opts.get("causal")), opts.get("window"))
+    mask = resolve_mask(opts.get("mask"), bool(opts.get("causal")), opts.get("window"))
     rec = reference.Trace()
     _, stats = reference.attention(q, k, v, mask=mask, scale=opts.get("scale"), softcap=opts.get("softcap"), trace=rec)
     d_k = q.shape[-1]
@@ -315,8 +328,14 @@ def full_heads(tokens, q, k, v, opts, picked, options, labels) -> list:
         for name in ("Q", "K", "V"):
             notes[name] = _LONG_NOTES[name]
         st = AttentionStats(stats.lse[0, h], stats.max_logit[0, h], stats.entropy[0, h])
-        out.append(ExplainTrace(list(tokens), steps, notes, st, used_scale, d_k, options, picked, steps["weights"][picked], label))
+        out.append(ExplainTrace(list(tokens), steps, notes, st, used_scale, d_k, options, picked, steps["weights"][picked], label,
+                                _masked_rows(steps, picked)))
     return out
+
+
+def _masked_rows(steps: dict, picked) -> torch.Tensor | None:
+    m = steps.get("masked")  # (L, L) -inf where the mask rules a pair out
+    return None if m is None else torch.isneginf(m[picked])
 
 
 def heads_of_call(tokens, call, picked, options, prefix="") -> list:

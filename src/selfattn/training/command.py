@@ -3,27 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
+import sys
 
-from ..cli import int_arg as _int
+from .._cliutil import UsageError, check_memory, check_output_dir
+from .._cliutil import float_arg as _float
+from .._cliutil import int_arg as _int
 from .loop import LOG_CSV, LOG_JSONL, PLOT_FILE, TEXT_DEFAULTS, TrainConfig
 
 _D = TrainConfig()
 
 
-def _float(name, *, positive=False, allow_none=False):
-    def parse(s):
-        if allow_none and s.lower() in ("none", "off"):
-            return -1.0  # sentinel: no target
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
-        if not math.isfinite(v) or v < 0 or (positive and v == 0):
-            raise argparse.ArgumentTypeError(f"{name} must be a {'positive' if positive else 'non-negative'} number, got {s!r}")
-        return v
-    return parse
+def _default(field: str, fmt: str = "{}") -> str:
+    """'default X' for the recall task, and '; Y with --text' where a --text run uses another value."""
+    base = getattr(_D, field)
+    text = TEXT_DEFAULTS.get(field, base)
+    say = (lambda v: "none" if v is None else fmt.format(v))  # noqa: E731
+    return f"default {say(base)}" + (f"; {say(text)} with --text" if text != base else "")
 
 
 # (flag, TrainConfig field, type, help)
@@ -33,23 +29,23 @@ _TRAIN_OPTIONS = [
     ("--values", "values", _int("--values"), f"recall task: distinct values (default {_D.values})"),
     ("--pairs", "pairs", _int("--pairs"), f"recall task: key/value pairs per sequence (default {_D.pairs})"),
     ("--seq-len", "seq_len", _int("--seq-len"), f"--text: characters per training window (default {_D.seq_len})"),
-    ("--dim", "dim", _int("--dim"), f"model width (default {_D.dim}; {TEXT_DEFAULTS['dim']} with --text)"),
-    ("--layers", "layers", _int("--layers"), f"transformer blocks (default {_D.layers}; {TEXT_DEFAULTS['layers']} with --text)"),
-    ("--heads", "heads", _int("--heads"), f"attention heads per block (default {_D.heads})"),
+    ("--dim", "dim", _int("--dim"), f"model width ({_default('dim')})"),
+    ("--layers", "layers", _int("--layers"), f"transformer blocks ({_default('layers')})"),
+    ("--heads", "heads", _int("--heads"), f"attention heads per block ({_default('heads')})"),
     ("--mlp-ratio", "mlp_ratio", _int("--mlp-ratio"), f"MLP width / model width (default {_D.mlp_ratio})"),
     ("--norm", "norm", str, "normalisation: rms or layer (default rms)"),
     ("--seed", "seed", _int("--seed", 0), "seed of the initialisation, the batches and the held-out set (default 0)"),
-    ("--steps", "steps", _int("--steps"), f"most optimizer steps (default {_D.steps}; {TEXT_DEFAULTS['steps']} with --text)"),
-    ("--batch", "batch", _int("--batch"), f"sequences per step, over all processes (default {_D.batch})"),
-    ("--lr", "lr", _float("--lr", positive=True), f"peak learning rate (default {_D.lr:g}; {TEXT_DEFAULTS['lr']:g} with --text)"),
-    ("--warmup", "warmup", _int("--warmup", 0), f"warm-up steps (default {_D.warmup})"),
+    ("--steps", "steps", _int("--steps"), f"most optimizer steps ({_default('steps')})"),
+    ("--batch", "batch", _int("--batch"), f"sequences per step, over all processes ({_default('batch')})"),
+    ("--lr", "lr", _float("--lr", positive=True), f"peak learning rate ({_default('lr', '{:g}')})"),
+    ("--warmup", "warmup", _int("--warmup", 0), f"warm-up steps ({_default('warmup')})"),
     ("--weight-decay", "weight_decay", _float("--weight-decay"), "AdamW weight decay (default 0)"),
     ("--grad-clip", "grad_clip", _float("--grad-clip"), f"gradient-norm clipping, 0 = off (default {_D.grad_clip:g})"),
     ("--target-acc", "target_acc", _float("--target-acc", positive=True, allow_none=True),
-     f"stop when held-out accuracy reaches this; 'none' = run every step (default {_D.target_acc:g}; none with --text)"),
-    ("--eval-every", "eval_every", _int("--eval-every"), f"steps between held-out evaluations (default {_D.eval_every})"),
-    ("--eval-size", "eval_size", _int("--eval-size"), f"held-out sequences (default {_D.eval_size})"),
-    ("--stats-every", "stats_every", _int("--stats-every"), f"steps between log rows with attention statistics (default {_D.stats_every})"),
+     f"stop when held-out accuracy reaches this; 'none' = run every step ({_default('target_acc', '{:g}')})"),
+    ("--eval-every", "eval_every", _int("--eval-every"), f"steps between held-out evaluations ({_default('eval_every')})"),
+    ("--eval-size", "eval_size", _int("--eval-size"), f"held-out sequences ({_default('eval_size')})"),
+    ("--stats-every", "stats_every", _int("--stats-every"), f"steps between log rows with attention statistics ({_default('stats_every')})"),
     ("--checkpoint-every", "checkpoint_every", _int("--checkpoint-every"), f"steps between checkpoints (default {_D.checkpoint_every})"),
     ("--backend", "backend", str, "attention backend: auto, math, sdpa, cpu, ... (see `selfattn backends`; default auto)"),
     ("--device", "device", str, "auto, cpu or cuda (default auto)"),
@@ -68,6 +64,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="PATH", help="continue from a checkpoint written by selfattn train "
                                                      "(weights, optimizer, RNG state, step)")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar (a line per evaluation instead)")
+    p.add_argument("--force", action="store_true", help="overwrite --out when it already holds another run's checkpoint or logs")
 
 
 def _given(args) -> dict:
@@ -100,6 +97,7 @@ def _run_train(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from .._progress import compile_notice
     from .distributed import _env_int
     from .loop import make_config, resume_config, train
     from .state import load as load_state
@@ -115,8 +113,10 @@ def _run_train(args) -> int:
         cfg = make_config(given)
     if no_target:
         cfg.target_acc = None
+    _check_run(cfg, args)
     console = Console(highlight=False, soft_wrap=True)
-    res = train(cfg, resume=args.resume, console=console, progress=False if args.no_progress else None)
+    with compile_notice(enabled=(_env_int("RANK") or 0) == 0):
+        res = train(cfg, resume=args.resume, console=console, progress=False if args.no_progress else None)
     if (_env_int("RANK") or 0) != 0:
         return 130 if res.stopped == "interrupted" else 0
     c = console
@@ -152,6 +152,58 @@ def _run_train(args) -> int:
     return 130 if res.stopped == "interrupted" else 0
 
 
+# files that mark a directory as holding a run (checkpoint or logs)
+_RUN_FILES = ("config.json", "model.safetensors", LOG_JSONL, LOG_CSV)
+
+
+def _check_run(cfg, args) -> None:
+    """Refuse, before any work or output folder, what would fail later or destroy a run."""
+    from pathlib import Path
+
+    import torch
+
+    check_output_dir("--out", cfg.out)
+    out = Path(cfg.out)
+    same = False
+    if args.resume is not None:  # resuming into the run's own folder continues it
+        r = Path(args.resume)
+        same = out.resolve() == (r.parent if r.is_file() else r).resolve()
+    held = [f for f in _RUN_FILES if (out / f).exists()]
+    if held and not same and not args.force:
+        step = ""
+        try:
+            import json
+
+            step = f" (trained to step {json.loads((out / 'config.json').read_text())['training']['step']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        raise UsageError(f"--out {cfg.out} already holds another run{step}: {', '.join(held)}; continue it with --resume {cfg.out}, "
+                         "choose another --out, or pass --force to overwrite it")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no CUDA device on this machine (use --device cpu or auto)")
+    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    if cfg.backend != "auto":
+        from .. import backends
+        from .._backends_cli import build, parse_call
+
+        head_dim = cfg.dim // cfg.heads
+        call = parse_call(f"B=1 H={cfg.heads} L=16 D={head_dim} dtype={cfg.dtype} device={device} causal grad")
+        q, k, v, req = build(call)
+        missing = backends.get(cfg.backend).unsupported(q, k, v, req)
+        if missing:
+            raise UsageError(f"--backend {cfg.backend} cannot train here: {missing}. `selfattn backends` lists what runs on "
+                             "this machine; --backend auto picks one that does")
+    seq = cfg.seq_len if cfg.text is not None else 2 * cfg.pairs
+    vocab = 256 if cfg.text is not None else cfg.keys + cfg.values + 2
+    params = 2 * vocab * cfg.dim + cfg.layers * (4 + 2 * cfg.mlp_ratio) * cfg.dim * cfg.dim
+    width = 8 if cfg.dtype == "float64" else 4
+    # weights, gradients, two AdamW moments; per layer activations (the MLP's are mlp_ratio wider) and
+    # an L x L matrix per head for the unfused backends; logits and their gradient
+    acts = cfg.batch * seq * (cfg.layers * (12 + 3 * cfg.mlp_ratio) * cfg.dim + cfg.layers * cfg.heads * seq * 2 + 3 * vocab)
+    check_memory(width * (4 * params + acts), f"train with --dim {cfg.dim}, --layers {cfg.layers}, --batch {cfg.batch}",
+                 "use a smaller --dim, --layers or --batch")
+
+
 # -- sample ------------------------------------------------------------------------------------
 
 
@@ -165,16 +217,52 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="attention backend (default auto)")
 
 
+def _marker(stream) -> str:
+    # between the prompt and what the model wrote: an arrow where the terminal can show one
+    try:
+        "\u2192".encode(getattr(stream, "encoding", None) or "ascii")
+        return " \u2192 "
+    except (UnicodeEncodeError, LookupError):
+        return " -> "
+
+
 def run_sample(args) -> int:
-    from rich.console import Console
-    from rich.text import Text
+    from .._progress import compile_notice
+    from .sample import prepare
 
-    from .sample import sample_text
+    out = sys.stdout
+    tty = out.isatty()
+    dim, colour, reset = ("\x1b[2m", "\x1b[1;36m", "\x1b[0m") if tty else ("", "", "")
+    job = prepare(args.checkpoint, args.prompt, backend=args.backend)  # every check before the first token
+    if args.backend != "auto":
+        _check_sample_backend(job, args.backend)
+    out.write(f"{dim}{job.prompt}{reset}{_marker(out)}{colour}")
+    out.flush()
 
-    prompt, new = sample_text(args.checkpoint, args.prompt, max_new_tokens=args.tokens, temperature=args.temperature,
-                              top_k=args.top_k, seed=args.seed, backend=args.backend)
-    console = Console(highlight=False, soft_wrap=True)
-    t = Text(prompt)
-    t.append(new, style="bold cyan")
-    console.print(t)
+    def show(piece: str) -> None:
+        out.write(piece)
+        out.flush()
+
+    try:
+        with compile_notice(enabled=True):
+            job.run(args.tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed, on_text=show)
+    finally:
+        out.write(f"{reset}\n")
+        out.flush()
     return 0
+
+
+def _check_sample_backend(job, name: str) -> None:
+    from .. import backends
+    from .._backends_cli import build, parse_call
+
+    p = job.model.head.weight
+    attn = job.model.blocks[0].attn
+    dtype = {"torch.float32": "float32", "torch.float64": "float64"}.get(str(p.dtype), "float32")
+    call = parse_call(f"B=1 H={attn.num_heads} Hkv={attn.num_kv_heads} L=16 D={attn.head_dim} dtype={dtype} "
+                      f"device={p.device.type} causal")
+    q, k, v, req = build(call)
+    missing = backends.get(name).unsupported(q, k, v, req)
+    if missing:
+        raise UsageError(f"--backend {name} cannot run here: {missing}. `selfattn backends` lists what runs on this machine; "
+                         "--backend auto picks one that does")

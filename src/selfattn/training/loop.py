@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from rich.progress import Progress
+
 from .. import backends as _backends
 from ..model import Transformer, TransformerConfig
 from . import distributed as _dist
@@ -323,20 +325,34 @@ class _Log:
 
 
 class Reporter:
-    """The progress bar (rank 0, on a terminal) or one printed line per evaluation."""
+    """The progress bar (rank 0, on a terminal) or one printed line per evaluation.
+
+    The bar fits the terminal: below ``WIDE`` columns it drops the throughput (printed at the
+    end instead) and shortens its labels, so step count and times are never cut off at 80.
+    """
+
+    WIDE = 110
 
     def __init__(self, console, total: int, start: int, show_bar: bool):
         self.console = console
         self.bar = None
         if show_bar:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  held-out {task.fields[heldout]}"
-                                           "  {task.fields[tps]} tok/s"),
-                                TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), console=console)
+            self.bar = Progress(*self.columns(console.width), console=console)
             self.task = self.bar.add_task("train", total=total, completed=start, loss="-", acc="-", heldout="-", tps="-")
             self.bar.start()
+
+    @classmethod
+    def columns(cls, width: int) -> list:
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        if width >= cls.WIDE:
+            return [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  held-out {task.fields[heldout]}"
+                               "  {task.fields[tps]} tok/s"),
+                    TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn()]
+        return [TextColumn("[bold]train"), BarColumn(bar_width=max(4, min(20, width - 74))), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]} acc {task.fields[acc]} ho {task.fields[heldout]}"),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(compact=True)]
 
     def step(self, step, loss, acc, tps, heldout=None):
         if self.bar is not None:

@@ -7,6 +7,8 @@ continue after the cached ones, so each step costs one token's work instead of a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .. import checkpoint as _checkpoint
@@ -15,11 +17,12 @@ from ..explain.tokenize import TOKENIZERS
 
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-             seed: int = 0, backend: str = "auto") -> list:
+             seed: int = 0, backend: str = "auto", on_token=None) -> list:
     """Continue ``prompt_ids`` (a list of ints, at least one) by ``max_new_tokens`` tokens; returns the new ids.
 
     ``temperature`` 0 picks the most likely token (greedy); otherwise tokens are drawn from
     softmax(logits / temperature), restricted to the ``top_k`` most likely when given.
+    ``on_token(id)`` is called with each new id as soon as it is drawn (to stream the output).
     """
     if not prompt_ids:
         raise ValueError("prompt: at least one token is needed to start generating")
@@ -47,13 +50,44 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
         new.append(nxt)
+        if on_token is not None:
+            on_token(nxt)
         x = torch.tensor([[nxt]], dtype=torch.int64, device=device)  # (1, 1) one new token per step
     return new
 
 
-def sample_text(path, prompt: str | None, *, max_new_tokens: int = 40, temperature: float = 1.0, top_k=None,
-                seed: int = 0, backend: str = "auto") -> tuple:
-    """(prompt, continuation) as text, from a checkpoint written by ``selfattn train``."""
+@dataclass
+class SampleJob:
+    """A checked sampling request: the model, the prompt as tokens and ids, ready to :meth:`run`."""
+
+    model: torch.nn.Module
+    vocab: list  # token strings, index = id
+    tokenizer: str  # "words" or "chars"
+    prompt: str  # the prompt as the model sees it (tokens joined back)
+    ids: list  # the prompt's token ids
+    backend: str = "auto"
+
+    @property
+    def sep(self) -> str:
+        return " " if self.tokenizer == "words" else ""
+
+    def run(self, max_new_tokens: int, *, temperature: float = 1.0, top_k=None, seed: int = 0, on_text=None) -> str:
+        """Generate; returns the continuation as text. ``on_text(piece)`` gets each token's text as it comes."""
+        first = [True]
+
+        def emit(i: int) -> None:
+            piece = self.vocab[i] if first[0] else self.sep + self.vocab[i]  # the caller puts a marker before the first
+            first[0] = False
+            on_text(piece)
+
+        new = generate(self.model, self.ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                       backend=self.backend, on_token=emit if on_text is not None else None)
+        words = [self.vocab[i] for i in new]
+        return (self.sep + self.sep.join(words)) if words and self.sep else "".join(words)
+
+
+def prepare(path, prompt: str | None, *, backend: str = "auto") -> SampleJob:
+    """Load a checkpoint written by ``selfattn train`` and check the prompt against its vocabulary."""
     ckpt = _checkpoint.load(path)
     if ckpt.vocab is None:
         raise _checkpoint.CheckpointError(f"{ckpt.path / _checkpoint.CONFIG_FILE} has no 'vocab': cannot turn text into token ids")
@@ -72,8 +106,13 @@ def sample_text(path, prompt: str | None, *, max_new_tokens: int = 40, temperatu
                          f"tokenizer): {unknown[:20]}; known tokens include {ckpt.vocab[:20]}")
     if not tokens:
         raise ValueError(f"prompt: {prompt!r} has no tokens")
-    new = generate(model, [index[t] for t in tokens], max_new_tokens, temperature=temperature, top_k=top_k,
-                   seed=seed, backend=backend)
     sep = " " if ckpt.tokenizer == "words" else ""
-    words = [ckpt.vocab[i] for i in new]
-    return sep.join(tokens), (sep + sep.join(words)) if words and sep else "".join(words)
+    return SampleJob(model, list(ckpt.vocab), ckpt.tokenizer, sep.join(tokens), [index[t] for t in tokens], backend)
+
+
+def sample_text(path, prompt: str | None, *, max_new_tokens: int = 40, temperature: float = 1.0, top_k=None,
+                seed: int = 0, backend: str = "auto", on_text=None) -> tuple:
+    """(prompt, continuation) as text, from a checkpoint written by ``selfattn train``."""
+    job = prepare(path, prompt, backend=backend)
+    new = job.run(max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, on_text=on_text)
+    return job.prompt, new
