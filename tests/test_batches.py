@@ -158,7 +158,7 @@ def test_mask_functions_flex_examples(backend, name):
 
 def test_function_mask_bad_results_are_named():
     q, k, v = _qkv()
-    with pytest.raises(TypeError, match="must return a bool tensor, got dtype torch.int64"):
+    with pytest.raises(TypeError, match="must return a bool tensor, got dtype torch.int32"):
         selfattn.attention(q, k, v, mask=masks.function(lambda b, h, q_, kv: kv - q_), backend="math")
 
     def wrong_shape(b, h, q_, kv):

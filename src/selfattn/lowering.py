@@ -121,7 +121,7 @@ def lower(req: Request, block_q: int, block_k: int) -> LoweredMask:
     hit = _CACHE.get(key)
     # identity keys could be reused by a new object after the old one is freed: the entry keeps
     # the objects it was built from and must still hold the very same ones
-    if hit is not None and hit[1] is req.mask and hit[2] is req.q_positions and hit[3] is req.kv_positions:
+    if hit is not None and (hit[1] is req.mask or _by_value(req.mask)) and hit[2] is req.q_positions and hit[3] is req.kv_positions:
         _CACHE.move_to_end(key)
         return hit[0]
     low = _lower(req, block_q, block_k)
@@ -129,6 +129,12 @@ def lower(req: Request, block_q: int, block_k: int) -> LoweredMask:
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return low
+
+
+def _by_value(mask) -> bool:
+    # masks without tensors whose cache keys are their values (causal, windows): a new object equal to
+    # the cached one is the same mask (`causal=True` builds a new Causal every call)
+    return all(p.cache_key()[0] != "id" and next(_mask_tensors(p), None) is None for p in _masks.parts(mask))
 
 
 def _min_bound(a, b):
@@ -216,29 +222,46 @@ def _stack_ids(ids):
 def _lower_functions(functions, g: Geometry, tiles, block_q, block_k):
     """Evaluate the function masks a block of query rows at a time; keep the bits of partial tiles.
 
-    Returns the combined tile map, fn_index (B|1, H|1, nQ, nK) int32 and fn_bits (nP, bq, bk).
+    Only the key blocks that the other parts leave open in those rows are evaluated (a function
+    AND-ed with ``causal()`` costs half). Returns the combined tile map, fn_index
+    (B|1, H|1, nQ, nK) int32 and fn_bits (nP, block_q, block_k).
     """
+    dev = g.device
     nk = -(-g.lk // block_k)
-    fn = functions[0]
     kinds_rows, index_rows, bits = [], [], []
     n_stored = 0
-    for r0, r1, chunk in fn.chunks(g, block_q):
-        for other in functions[1:]:
-            chunk = chunk & other.evaluate(g, torch.arange(r0, r1, device=g.device), torch.arange(g.lk, device=g.device))
-        rows = r1 - r0
+    for r0, r1 in functions[0].chunks_bounds(g, block_q):
+        rows, qb0 = r1 - r0, r0 // block_q
         nqc = -(-rows // block_q)
-        fk = _masks.dense_block_kinds(chunk, rows, g.lk, block_q, block_k)  # (Bf, Hf, nqc, nK)
-        kinds = _masks._combine_kinds(fk, tiles[:, :, r0 // block_q: r0 // block_q + nqc])
+        other = tiles[:, :, qb0:qb0 + nqc]  # (Bt, Ht, nqc, nK) what the other parts allow here
+        live = torch.nonzero((other != EMPTY).reshape(-1, nk).any(0)).flatten()
+        if live.numel() == 0:
+            kinds_rows.append(torch.full((1, 1, nqc, nk), int(EMPTY), dtype=torch.int8, device=dev))
+            index_rows.append(torch.full((1, 1, nqc, nk), -1, dtype=torch.int32, device=dev))
+            continue
+        kb0, kb1 = int(live[0]), int(live[-1]) + 1
+        c0, c1 = kb0 * block_k, min(kb1 * block_k, g.lk)
+        row_idx, col_idx = torch.arange(r0, r1, device=dev), torch.arange(c0, c1, device=dev)
+        chunk = functions[0].evaluate(g, row_idx, col_idx)  # (Bf, Hf, rows, c1 - c0) bool
+        for fn in functions[1:]:
+            chunk = chunk & fn.evaluate(g, row_idx, col_idx)
+        bf, hf, ncb = chunk.shape[0], chunk.shape[1], kb1 - kb0
+        padded = torch.nn.functional.pad(chunk, (0, ncb * block_k - (c1 - c0), 0, nqc * block_q - rows), value=False)
+        blocks = padded.reshape(bf, hf, nqc, block_q, ncb, block_k)  # tile (qb, kb) = blocks[:, :, qb, :, kb, :]
+        count = blocks.sum(dim=(3, 5), dtype=torch.int32)  # (Bf, Hf, nqc, ncb) allowed pairs per tile
+        size = (torch.clamp(rows - torch.arange(nqc, device=dev) * block_q, max=block_q)[:, None]
+                * torch.clamp((c1 - c0) - torch.arange(ncb, device=dev) * block_k, max=block_k)[None, :])  # (nqc, ncb)
+        fk = torch.full((bf, hf, nqc, nk), int(EMPTY), dtype=torch.int8, device=dev)
+        fk[..., kb0:kb1] = _masks._kinds(count == 0, count == size)
+        kinds = _masks._combine_kinds(fk, other)
         partial = ((fk == PARTIAL) & (kinds != EMPTY)).expand(kinds.shape)  # tiles others rule out need no bits
-        index = torch.full(partial.shape, -1, dtype=torch.int32, device=g.device)
+        index = torch.full(partial.shape, -1, dtype=torch.int32, device=dev)
         n = int(partial.sum())
         if n:
-            index[partial] = torch.arange(n_stored, n_stored + n, dtype=torch.int32, device=g.device)
-            bf, hf = chunk.shape[0], chunk.shape[1]
-            padded = torch.nn.functional.pad(chunk, (0, nk * block_k - g.lk, 0, nqc * block_q - rows), value=False)
-            blocks = padded.reshape(bf, hf, nqc, block_q, nk, block_k).permute(0, 1, 2, 4, 3, 5)  # (Bf, Hf, nqc, nK, bq, bk)
-            blocks = blocks.expand(partial.shape[0], partial.shape[1], nqc, nk, block_q, block_k)
-            bits.append(blocks[partial].contiguous())  # (n, bq, bk) in the order of the indices
+            index[partial] = torch.arange(n_stored, n_stored + n, dtype=torch.int32, device=dev)
+            sel = partial[..., kb0:kb1]  # (B', H', nqc, ncb)
+            tiles_bits = blocks.permute(0, 1, 2, 4, 3, 5).expand(sel.shape[0], sel.shape[1], nqc, ncb, block_q, block_k)
+            bits.append(tiles_bits[sel].contiguous())  # (n, bq, bk) in the order of the indices
             n_stored += n
         kinds_rows.append(kinds)
         index_rows.append(index)
@@ -246,7 +269,7 @@ def _lower_functions(functions, g: Geometry, tiles, block_q, block_k):
     shape1 = max(k.shape[1] for k in kinds_rows)
     tiles = torch.cat([k.expand(shape0, shape1, -1, -1) for k in kinds_rows], dim=2)
     fn_index = torch.cat([i.expand(shape0, shape1, -1, -1) for i in index_rows], dim=2).contiguous()
-    fn_bits = torch.cat(bits) if bits else torch.zeros(0, block_q, block_k, dtype=torch.bool, device=g.device)
+    fn_bits = torch.cat(bits) if bits else torch.zeros(0, block_q, block_k, dtype=torch.bool, device=dev)
     return tiles, fn_index, fn_bits
 
 

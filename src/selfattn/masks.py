@@ -560,9 +560,9 @@ def dense_block_kinds(allowed: torch.Tensor, lq: int, lk: int, block_q: int, blo
 
 
 class Function(Mask):
-    """FlexAttention's ``mask_mod``: ``fn(b, h, q_idx, kv_idx) -> bool`` on broadcast index tensors.
+    """FlexAttention's ``mask_mod``: ``fn(b, h, q_idx, kv_idx) -> bool`` on broadcast int32 index tensors.
 
-    ``fn`` is called with int64 tensors b (B, 1, 1, 1), h (1, H, 1, 1), q_idx (1, 1, R, 1) and
+    ``fn`` is called with int32 tensors b (B, 1, 1, 1), h (1, H, 1, 1), q_idx (1, 1, R, 1) and
     kv_idx (1, 1, 1, C) and must return a bool tensor that broadcasts to (B, H, R, C) (True =
     may attend). Fused kernels evaluate it once per call, a block of rows at a time, and keep
     only the bits of partial tiles.
@@ -581,11 +581,11 @@ class Function(Mask):
 
     def evaluate(self, g: Geometry, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """bool (B|1, H|1, R, C): fn on the given query rows and key columns."""
-        dev = g.device
-        b = torch.arange(g.batch, device=dev).view(-1, 1, 1, 1)
-        h = torch.arange(g.heads, device=dev).view(1, -1, 1, 1)
-        qi = rows.to(dev).view(1, 1, -1, 1)
-        ki = cols.to(dev).view(1, 1, 1, -1)
+        dev, i32 = g.device, torch.int32  # int32 indices (as FlexAttention passes them): half the memory traffic
+        b = torch.arange(g.batch, device=dev, dtype=i32).view(-1, 1, 1, 1)
+        h = torch.arange(g.heads, device=dev, dtype=i32).view(1, -1, 1, 1)
+        qi = rows.to(dev, i32).view(1, 1, -1, 1)
+        ki = cols.to(dev, i32).view(1, 1, 1, -1)
         try:
             out = self.fn(b, h, qi, ki)
         except Exception as e:  # a user's function: say whose error it is
@@ -614,8 +614,8 @@ class Function(Mask):
         return torch.cat([dense_block_kinds(bits, r1 - r0, g.lk, block_q, block_k) for r0, r1, bits in self.chunks(g, block_q)], dim=2)
 
     def chunks_bounds(self, g, block_q):
-        # row ranges of about 2**22 evaluated pairs each, whole query blocks
-        rows = max(block_q, (1 << 22) // max(1, g.lk * g.batch * g.heads) // block_q * block_q)
+        # row ranges of about 2**24 evaluated pairs each (16 MiB of bits), whole query blocks
+        rows = max(block_q, (1 << 24) // max(1, g.lk * g.batch * g.heads) // block_q * block_q)
         return [(r0, min(r0 + rows, g.lq)) for r0 in range(0, g.lq, rows)]
 
     def chunks(self, g, block_q):
