@@ -110,8 +110,14 @@ def _mask_tensors(mask):
 def _cache_key(req: Request, block_q, block_k):
     mkey = None if req.mask is None else req.mask.cache_key()
     tensors = tuple(_tensor_key(t) for t in _mask_tensors(req.mask))
+    # positions are compared by value on a hit (a per-call positions tensor is a new object each time)
+    shapes = tuple(None if t is None else tuple(t.shape) for t in (req.q_positions, req.kv_positions))
     return (mkey, tensors, req.batch, req.q_heads, req.q_len, req.kv_len, block_q, block_k, str(req.device),
-            _tensor_key(req.q_positions), _tensor_key(req.kv_positions), _tensor_key(req.alibi_slopes))
+            shapes, _tensor_key(req.alibi_slopes))
+
+
+def _same(a, b) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and a.shape == b.shape and bool(torch.equal(a, b)))
 
 
 def lower(req: Request, block_q: int, block_k: int) -> LoweredMask:
@@ -120,12 +126,14 @@ def lower(req: Request, block_q: int, block_k: int) -> LoweredMask:
     key = _cache_key(req, block_q, block_k)
     hit = _CACHE.get(key)
     # identity keys could be reused by a new object after the old one is freed: the entry keeps
-    # the objects it was built from and must still hold the very same ones
-    if hit is not None and (hit[1] is req.mask or _by_value(req.mask)) and hit[2] is req.q_positions and hit[3] is req.kv_positions:
+    # the objects it was built from and must still hold the very same mask, and equal positions
+    if hit is not None and (hit[1] is req.mask or _by_value(req.mask)) \
+            and _same(hit[2], req.q_positions) and _same(hit[3], req.kv_positions):
         _CACHE.move_to_end(key)
         return hit[0]
     low = _lower(req, block_q, block_k)
-    _CACHE[key] = (low, req.mask, req.q_positions, req.kv_positions, req.alibi_slopes)
+    kept = [None if t is None else t.clone() for t in (req.q_positions, req.kv_positions)]
+    _CACHE[key] = (low, req.mask, *kept, req.alibi_slopes)
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return low
