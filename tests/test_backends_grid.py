@@ -1,7 +1,9 @@
 """Every backend against the float64 reference over a wide, odd grid (STYLE.md rules 6 and 7).
 
-A backend that cannot serve a request must raise BackendUnavailable naming the feature
-(conftest.run_backend checks it); it is never silently skipped.
+Each backend serves exactly what its feature table (``Backend.capabilities``) and the environment
+say it serves: a refusal of anything else fails, and so does serving what the table rules out
+(conftest.run_backend; check_backend also checks the count of served requests per case). A
+refusal must raise BackendUnavailable naming the missing feature; nothing is silently skipped.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import pytest
 import torch
 
 import selfattn
-from selfattn import masks, reference
+from selfattn import masks
 from selfattn.backends import BackendUnavailable
 
-from conftest import BACKENDS, check_backend, large_score_magnitude, low_dtype_reference, qkv, run_backend
+from _oracle import compare, expectation, reference_pair, resolve_mask
+from conftest import BACKENDS, check_backend, large_score_magnitude, qkv, run_backend
 from tolerance import assert_close
 
 # (B, Hq, Hkv, Lq, Lk, D, Dv)
@@ -197,15 +200,28 @@ def test_low_precision(backend, dtype, case):
 
 
 def test_reference_and_math_serve_everything():
-    # the two backends that must support every feature never refuse anything in the grid
+    # the two backends that must support every feature: their tables say so, and they never refuse
     from conftest import supports
 
     q, k, v = qkv(2, 4, 2, 9, 11, 8, 6, dtype=torch.float16)
     for backend in ("reference", "math"):
+        assert selfattn.backends.get(backend).capabilities == selfattn.backends.Backend.capabilities
         for case in MASK_CASES:
             for extra in ({}, {"return_stats": True, "softcap": 2.0}, {"dropout_p": 0.1, "generator": torch.Generator()}):
                 kw = {**mask_case(case, 2, 4, 9, 11), **extra}
+                assert expectation(backend, q, k, v, **kw).serves is True
                 assert supports(backend, q, k, v, **kw) is None, f"{backend} refuses {case} {extra}"
+
+
+def test_tables_name_what_each_backend_lacks():
+    # the feature tables themselves, against the backends' documented limits
+    caps = {n: selfattn.backends.get(n).capabilities for n in BACKENDS}
+    assert not caps["sdpa"].stats and not caps["sdpa"].softcap and not caps["sdpa"].generator and caps["sdpa"].dropout
+    if "cpu" in caps:
+        assert caps["cpu"].devices == {"cpu"} and not caps["cpu"].dropout and "numba" in caps["cpu"].requires
+    if "triton" in caps:
+        assert torch.float64 not in caps["triton"].dtypes and caps["triton"].max_head_dim == 256
+        assert caps["triton"].devices == {"cuda"} and caps["triton"].interpreted_devices == {"cpu"}
 
 
 # -- NaN / Inf inputs stay in the rows they touch ------------------------------------------------
@@ -229,7 +245,7 @@ def test_nonfinite_inputs_stay_in_their_rows(backend, poison, mask):
     b, hq, hkv, lq, lk, d = 2, 4, 2, 9, 9, 8
     q, k, v = qkv(b, hq, hkv, lq, lk, d)
     kw = _nonfinite_mask(mask, b, lq, lk)
-    m = selfattn.functional._resolve_mask(kw.get("mask"), kw.get("causal", False), kw.get("window"))
+    m = resolve_mask(kw.get("mask"), kw.get("causal", False), kw.get("window"))
     allowed = (torch.ones(1, 1, lq, lk, dtype=torch.bool) if m is None else m.allowed(lq, lk)).expand(b, hq, lq, lk)
     row, key = 4, lk - 2  # key lk - 2 is masked for some rows by every mask but "none"
     if poison.endswith("query_row"):
@@ -249,10 +265,10 @@ def test_nonfinite_inputs_stay_in_their_rows(backend, poison, mask):
         assert torch.equal(bad, touched), "every row that sees a NaN input must be NaN"
     # which rows are non-finite matches the reference (NaN vs Inf is not part of the contract); the rest is close
     res = run_backend(backend, q, k, v, return_stats=True, **kw)
-    out64, st64, low, st_low = low_dtype_reference(q, k, v, **kw)
-    pairs = [("out", out, out64, low)]
+    ref64, low = reference_pair(q, k, v, **kw)
+    pairs = [("out", out, ref64.out, low.out)]
     if res is not None:
-        pairs += [(f, getattr(res[1], f), getattr(st64, f), getattr(st_low, f)) for f in ("lse", "max_logit", "entropy")]
+        pairs += [(f, getattr(res[1], f), getattr(ref64.stats, f), getattr(low.stats, f)) for f in ("lse", "max_logit", "entropy")]
     for name, got, r64, rlow in pairs:
         fin = torch.isfinite(r64)
         assert torch.equal(torch.isfinite(got), fin), f"{name}: non-finite entries differ from the reference's"
@@ -270,11 +286,9 @@ def test_dropout_reference_and_math_agree_with_same_generator(kw):
     for backend in ("reference", "math"):
         g = torch.Generator().manual_seed(99)
         outs[backend] = selfattn.attention(q, k, v, dropout_p=p, generator=g, backend=backend, **kw)
-    m = selfattn.functional._resolve_mask(kw.get("mask"), kw.get("causal", False), None)
-    ref64 = reference.attention(q, k, v, mask=m, dropout_p=p, generator=torch.Generator().manual_seed(99))[0]
-    low = reference.attention(q, k, v, mask=m, dropout_p=p, generator=torch.Generator().manual_seed(99), upcast=False)[0]
-    assert_close("dropout math", outs["math"], ref64, low)
-    assert_close("dropout reference", outs["reference"], ref64, low)
+    pair = reference_pair(q, k, v, dropout_p=p, generator=torch.Generator().manual_seed(99), **kw)
+    compare("dropout math", pair, outs["math"], dtype=q.dtype)
+    compare("dropout reference", pair, outs["reference"], dtype=q.dtype)
     plain = selfattn.attention(q, k, v, backend="math", **kw)
     assert not torch.allclose(plain, outs["math"]), "dropout changed nothing"
     # the same seed twice gives the same output; another seed gives another
@@ -292,6 +306,4 @@ def test_dropout_sdpa_refuses_a_generator_and_auto_avoids_it():
     assert out.shape == q.shape and torch.isfinite(out).all()
     # auto with a generator picks a backend that honours it: same output as math with that seed
     a = selfattn.attention(q, k, v, dropout_p=0.2, generator=torch.Generator().manual_seed(5))
-    mth = selfattn.attention(q, k, v, dropout_p=0.2, generator=torch.Generator().manual_seed(5), backend="math")
-    ref64 = reference.attention(q, k, v, dropout_p=0.2, generator=torch.Generator().manual_seed(5))[0]
-    assert_close("auto dropout", a, ref64, mth)
+    compare("auto dropout", reference_pair(q, k, v, dropout_p=0.2, generator=torch.Generator().manual_seed(5)), a)

@@ -1,4 +1,9 @@
-"""Property-based tests: random shapes, masks, options and backends against the float64 reference."""
+"""Property-based tests: random shapes, masks, options and backends against the float64 reference.
+
+Each example runs every backend whose feature table says it serves the drawn request (the reference
+and math always do) against one reference pair; the backends whose table rules the request out are
+checked to refuse it by name (conftest.run_backend). No example ends early on a refusal.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,9 @@ from hypothesis import strategies as st
 import selfattn
 from selfattn import masks
 
-from conftest import BACKENDS, compare_with_reference, exact_fully_masked, low_dtype_reference, run_backend
+from _oracle import probs_reference, reference_pair
+from conftest import BACKENDS, compare_with_reference, exact_fully_masked, run_backend, table_serves
 from test_masks import _check_tiles
-from test_stats_probs import _ref_weights
 from tolerance import assert_close
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None,
@@ -83,35 +88,46 @@ def inputs(r, data):
     return q, k, v, kw
 
 
+def serving_backends(q, k, v, kw):
+    """The backends whose feature table says they serve the request; every other one is checked to
+    refuse it by name (conftest.run_backend), so no example passes on a refusal alone."""
+    serving = [b for b in BACKENDS if table_serves(b, q, k, v, **kw)]
+    for b in BACKENDS:
+        if b not in serving:
+            assert run_backend(b, q, k, v, **kw) is None
+    assert "reference" in serving and "math" in serving
+    return serving
+
+
 @SETTINGS
-@given(r=requests(), backend=st.sampled_from(BACKENDS), return_stats=st.booleans(), data=st.data())
-def test_random_requests_match_reference(r, backend, return_stats, data):
+@given(r=requests(), return_stats=st.booleans(), data=st.data())
+def test_random_requests_match_reference(r, return_stats, data):
+    # every backend that serves the drawn request, against one reference pair
     q, k, v, kw = inputs(r, data)
-    res = run_backend(backend, q, k, v, return_stats=return_stats, **kw)
-    if res is None:
-        return  # refusal checked by run_backend
-    out, stats = res if return_stats else (res, None)
-    name = f"{backend} {r['shape']} {r['kind']} {r['kw']}"
-    _, st64 = compare_with_reference(name, out, q, k, v, stats=stats, **kw)
-    exact_fully_masked(name, out, stats, st64)
+    pair = reference_pair(q, k, v, **kw)
+    for backend in serving_backends(q, k, v, {**kw, "return_stats": return_stats}):
+        res = run_backend(backend, q, k, v, return_stats=return_stats, **kw)
+        out, stats = res if return_stats else (res, None)
+        name = f"{backend} {r['shape']} {r['kind']} {r['kw']}"
+        _, st64 = compare_with_reference(name, out, q, k, v, stats=stats, refs=pair, **kw)
+        exact_fully_masked(name, out, stats, st64)
 
 
 @SETTINGS
-@given(r=requests(), backend=st.sampled_from(BACKENDS), data=st.data())
-def test_random_attention_probs_match_reference(r, backend, data):
+@given(r=requests(), data=st.data())
+def test_random_attention_probs_match_reference(r, data):
+    # probabilities from each serving backend's saved statistics
     q, k, v, kw = inputs(r, data)
     hq, lq = q.shape[1], q.shape[2]
-    res = run_backend(backend, q, k, v, return_stats=True, **kw)
-    if res is None:
-        return
     heads = data.draw(st.none() | st.lists(st.integers(0, hq - 1), min_size=1, max_size=3), label="heads")
     rows = data.draw(st.none() | st.lists(st.integers(-lq, lq - 1), min_size=1, max_size=3), label="rows")
-    p = selfattn.attention_probs(q, k, res[1], heads=heads, rows=rows, **kw)
-    m = selfattn.functional._resolve_mask(kw.get("mask"), False, None)
-    w64, wlow = _ref_weights(q, k, v, mask=m, scale=kw.get("scale"), softcap=kw.get("softcap"))
+    w64, wlow = probs_reference(q, k, v, **kw)
     hi = list(range(hq)) if heads is None else heads
     ri = list(range(lq)) if rows is None else [x % lq for x in rows]
-    assert_close(f"probs {backend}", p, w64[:, hi][:, :, ri], wlow[:, hi][:, :, ri])
+    for backend in serving_backends(q, k, v, {**kw, "return_stats": True}):
+        _, stats = run_backend(backend, q, k, v, return_stats=True, **kw)
+        p = selfattn.attention_probs(q, k, stats, heads=heads, rows=rows, **kw)
+        assert_close(f"probs {backend}", p, w64[:, hi][:, :, ri], wlow[:, hi][:, :, ri])
 
 
 @SETTINGS

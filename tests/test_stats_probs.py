@@ -11,58 +11,9 @@ import selfattn
 from selfattn import masks, reference
 from selfattn.reference import Trace
 
-from conftest import BACKENDS, permuted_reference, run_backend, qkv
+from _oracle import probs_reference
+from conftest import BACKENDS, run_backend, qkv
 from tolerance import assert_close
-
-
-def _ref_weights(q, k, v, *, mask=None, scale=None, softcap=None):
-    """(float64 weights, their low-precision twin) for probabilities recomputed from a saved lse.
-
-    attention_probs computes p = exp(logit - lse) from logits it recomputes and an lse saved by
-    the backend, so its error is p * (logit error + lse error). The twin is p64 plus exactly that,
-    with both errors measured on the reference run in the input dtype (STYLE.md rule 6), and at
-    least the rounding no backend avoids (below).
-    """
-    t64 = Trace()
-    _, st64 = reference.attention(q, k, v, mask=mask, scale=scale, softcap=softcap, trace=t64)
-    s64 = t64["masked"]  # (B, H, Lq, Lk)
-    fin = torch.isfinite(s64)
-    # twins: the reference in the input dtype, and with its reductions reordered (in float64, where
-    # the first is the reference itself, only the reordered one); each measures rounding once, and a
-    # single one can come out luckily small, so the larger of the two counts
-    def twin(reordered):
-        tlow = Trace()
-        if reordered:  # queries, keys (and head dims) reversed; the trace comes back in that order
-            _, stlow = permuted_reference(q, k, v, mask=mask, scale=scale, softcap=softcap, trace=tlow, upcast=False)
-            return tlow["masked"].double().flip(-1).flip(-2), stlow  # (B, H, Lq, Lk)
-        _, stlow = reference.attention(q, k, v, mask=mask, scale=scale, softcap=softcap, upcast=False, trace=tlow)
-        return tlow["masked"].double(), stlow
-
-    rel = torch.zeros_like(s64)
-    for slow, stlow in [twin(True)] + ([] if q.dtype == torch.float64 else [twin(False)]):
-        ds = torch.where(fin, (slow - s64).abs(), torch.zeros_like(s64))  # (B, H, Lq, Lk)
-        dl = torch.where(torch.isfinite(st64.lse), (stlow.lse.double() - st64.lse).abs(), torch.zeros_like(st64.lse))  # (B, H, Lq)
-        rel = torch.maximum(rel, ds + dl[..., None])  # relative error of p in the input dtype
-    # The twin can round luckily well (one allowed key, a head dim of 1...), but no backend can
-    # avoid the last steps: the lse stored in the stats dtype (float32, or float64 for float64
-    # inputs), logit - lse and the exp, one rounding each at the stats dtype's eps. Take at least that.
-    eps = torch.finfo(torch.float64 if q.dtype == torch.float64 else torch.float32).eps
-    lse = torch.where(torch.isfinite(st64.lse), st64.lse.abs(), torch.zeros_like(st64.lse))  # (B, H, Lq)
-    floor = torch.where(fin, eps * (1.0 + s64.abs() + lse[..., None]), torch.zeros_like(s64))
-    if q.dtype == torch.float64:
-        # In float64 the twin is the reference with its reductions reordered, which never shows the
-        # rounding of steps it shares with the backend: add the classical bound for each logit (a
-        # D-term dot product, D * eps * |scale| * sum_d |q_d k_d|, and the bias added), and the row's
-        # largest logit bound for the lse.
-        d = q.shape[-1]
-        kk = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, Hq, Lk, D)
-        sc = abs(scale) if scale is not None else d ** -0.5
-        bound = d * eps * sc * torch.einsum("bhqd,bhkd->bhqk", q.abs(), kk.abs())  # (B, H, Lq, Lk)
-        bound = torch.where(fin, bound + eps * s64.abs(), torch.zeros_like(s64))
-        floor = floor + bound + bound.amax(-1, keepdim=True)
-    rel = torch.maximum(rel, floor)
-    w64 = t64["weights"]  # (B, H, Lq, Lk)
-    return w64, w64 + w64 * rel
 
 
 PROB_CASES = {
@@ -84,10 +35,9 @@ def test_attention_probs_match_reference(backend, case, dtype):
     kw = PROB_CASES[case](b, hq, lq, lk)
     res = run_backend(backend, q, k, v, return_stats=True, **kw)
     if res is None:
-        return  # refusal checked by run_backend
+        return  # a refusal its feature table predicts (checked by run_backend)
     _, stats = res
-    m = selfattn.functional._resolve_mask(kw.get("mask"), kw.get("causal", False), kw.get("window"))
-    w64, wlow = _ref_weights(q, k, v, mask=m, scale=kw.get("scale"), softcap=kw.get("softcap"))  # (B, Hq, Lq, Lk)
+    w64, wlow = probs_reference(q, k, v, **kw)  # (B, Hq, Lq, Lk)
     pkw = {key: val for key, val in kw.items()}
     acc = torch.float32
     for heads, rows in [(None, None), ([5, 0, 3], [lq - 1, 0, 4]), ([1], None), (None, [-1, 2]), ([4, 4], [3])]:

@@ -383,8 +383,9 @@ class CPUBackend(Backend):
         "device": "cpu only",
         "memory": "O(L)",
     }
-    capabilities = Backend.capabilities.replace(devices=frozenset({"cpu"}), dropout=False, generator=False,
-                                                float_mask_grad=False, requires=("numba",))
+    capabilities = Backend.capabilities.replace(
+        devices=frozenset({"cpu"}), mask_kinds=frozenset({"causal", "window", "padding", "documents", "dense_bool", "dense_float"}),
+        dropout=False, generator=False, positions=False, alibi=False, sinks=False, float_mask_grad=False, requires=("numba",))
 
     def unsupported(self, q, k, v, req: Request):
         if _k is None:
