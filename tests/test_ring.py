@@ -201,15 +201,38 @@ def _spawn(tmp_path, world, fn_name, backend="math"):
         pytest.fail("\n".join(msgs) or "a rank failed")
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_ring_matches_one_process(tmp_path, world):
-    # one spawn for both checks: starting the processes costs more than the cases
-    _spawn(tmp_path, world, "_exact_and_float32")
+@pytest.mark.parametrize("world, backend", [(2, "auto"), (4, "math")])
+def test_ring_matches_one_process(tmp_path, world, backend):
+    # one spawn for both checks: starting the processes costs more than the cases. "auto" runs the
+    # fused cpu kernel on the pieces it serves (diagonal and unmasked ones) and math on the others
+    _spawn(tmp_path, world, "_exact_and_float32", backend)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_bad_input_errors_on_every_rank(tmp_path, world):
     _spawn(tmp_path, world, "_errors")
+
+
+@pytest.mark.parametrize("layout, computed", [
+    # pieces (query chunk x key chunk) rank r computes against each source rank, causal, 4 ranks:
+    ("contiguous", {r: [1] * (r + 1) for r in range(4)}),  # its own shard and those before: rank 3 does 4x rank 0's work
+    ("balanced", {r: [3, 2, 2, 2] for r in range(4)}),  # own: 2 diagonals + tail x head; others: 2 full chunks; all equal
+])
+def test_causal_pieces_are_skipped(layout, computed):
+    from selfattn.distributed import _pieces, _Plan
+
+    for rank in range(4):
+        plan = _Plan(rank=rank, world=4, group=None, layout=layout, n=8, batch=1, q_heads=1, kv_heads=1, scale=1.0,
+                     softcap=None, band=(None, 0), structural=(), backend="math", acc=torch.float64, timeout=None)
+        steps = [_pieces(plan, (rank - step) % 4, "cpu") for step in range(4)]
+        assert [len(p) for p in steps if p] == computed[rank], (layout, rank, [len(p) for p in steps])
+        for step, pieces in enumerate(steps):
+            for qs, ks, piece in pieces:
+                # diagonal pieces keep the causal mask with default positions (the fused kernel serves them),
+                # every other computed piece is entirely allowed and runs with no mask at all
+                diagonal = step == 0 and qs == ks
+                assert piece.q_positions is None and piece.kv_positions is None
+                assert (piece.mask is not None) == diagonal, (layout, rank, step, qs, ks, piece.mask)
 
 
 def test_not_initialised():

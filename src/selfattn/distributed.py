@@ -71,8 +71,8 @@ __all__ = ["ring_attention", "shard", "unshard", "LAYOUTS"]
 
 LAYOUTS = ("contiguous", "balanced")
 
-# elements of one (rows x keys) score block in the backward: ~32 MB in float64 per temporary
-_BWD_BLOCK = 1 << 22
+# elements of one (rows x keys) score block in the backward: 4 MB per temporary in float32 (8 in float64)
+_BWD_BLOCK = 1 << 20
 
 
 # -- the group ----------------------------------------------------------------------------------
