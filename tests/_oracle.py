@@ -109,7 +109,8 @@ def expectation(backend: str, q, k, v, **kw) -> Expectation:
     scale = kw.get("scale")
     if scale is not None and scale <= 0 and not caps.masked_nonpositive_scale and (mask is not None or kw.get("alibi_slopes") is not None):
         e.missing.append(("scale <= 0 with a mask", ("scale",)))
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    sinks = kw.get("sinks")
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *([sinks] if sinks is not None else [])))
     if grad and (not caps.backward or (dev, q.dtype) in caps.no_backward):
         e.missing.append(("backward", ("backward", "grad")))
     if not caps.float_mask_grad and torch.is_grad_enabled() and any(p.tensor.requires_grad for p in _dense_parts(mask)):

@@ -171,6 +171,43 @@ def test_large_scores(backend, extra, dtype):
     check_backend("large", backend, q, k, v, **kw)
 
 
+# -- issue 12's features: positions, ALiBi, sinks, key padding, mask functions ----------------------
+# Each backend serves them exactly as far as its table says: one that ignored an option it does not
+# declare (and so returned plain attention) fails here as "served a request its table rules out".
+
+
+def _feature_case(name, b, hq, lq, lk):
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    keep = torch.rand(b, lk, generator=g) < 0.7
+    keep[0] = False  # batch element 0 has no key at all
+    return {
+        "positions": {"q_positions": torch.randint(0, 3 * lk, (b, lq), generator=g),
+                      "kv_positions": torch.randint(0, 3 * lk, (b, lk), generator=g), "causal": True},
+        "alibi": {"alibi_slopes": torch.rand(hq, generator=g), "causal": True},
+        "alibi_batch_positions": {"alibi_slopes": torch.rand(b, hq, generator=g),
+                                  "kv_positions": torch.arange(lk) * 2, "window": (7, 3)},
+        "sinks": {"sinks": torch.randn(hq, generator=g)},
+        "sinks_padding_dead_rows": {"sinks": torch.randn(hq, generator=g), "mask": masks.padding([lk, 0], [lq, 3])},
+        "key_padding": {"mask": masks.key_padding(keep)},
+        "function": {"mask": masks.function(lambda b_, h, q, kv: ((kv + h) % 3 != 0) & (kv <= q + 2))},
+        "function_causal_softcap": {"mask": masks.function(lambda b_, h, q, kv: (kv >= q - 4) | (kv < 2)), "causal": True,
+                                    "softcap": 3.0},
+    }[name]
+
+
+FEATURES = ["positions", "alibi", "alibi_batch_positions", "sinks", "sinks_padding_dead_rows", "key_padding",
+            "function", "function_causal_softcap"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 4, 2, 37, 45, 16, 16), (2, 2, 2, 45, 13, 24, 8)], ids=_id)
+@pytest.mark.parametrize("feature", FEATURES)
+def test_features(backend, shape, feature):
+    b, hq, hkv, lq, lk, d, dv = shape
+    q, k, v = qkv(b, hq, hkv, lq, lk, d, dv)
+    check_backend(f"{feature} {_id(shape)}", backend, q, k, v, **_feature_case(feature, b, hq, lq, lk))
+
+
 # -- float16 / bfloat16 ---------------------------------------------------------------------------
 
 
