@@ -8,22 +8,29 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # drop pip's notes about this machine's local package mirrors; pipefail keeps pip's exit status
 quiet() { sed '/^WARNING: Location/d'; }
+say() { echo "setup: $*" >&2; }
 if [ ! -x .venv/bin/python ]; then
+    say "creating the virtual environment .venv"
     "$PY" -m venv .venv
 fi
 # torch first and pinned exactly: on these machines 2.13.0 is a local CPU build; a looser pin
 # could pull a multi-GB CUDA build.
 if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
+    say "installing torch 2.13.0 (CPU build; the largest download, a minute or more the first time) ..."
     .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | quiet
 fi
-extra=""
+# [cli]: the command line's terminal tables, pictures and checkpoints (rich, matplotlib, safetensors)
+extra="[cli]"
 if [ "${1:-}" = "--test" ]; then
-    extra="[test]"
+    extra="[cli,test]"
 fi
+say "installing selfattn${extra} and its dependencies (pip, quiet; about a minute the first time) ..."
 .venv/bin/pip install -q --disable-pip-version-check -e ".${extra}" 2>&1 | quiet
 # the HTML-report test drives a real headless Chromium (Debian's package); without it that test is skipped
-if [ -n "$extra" ] && ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+if [ "$extra" = "[cli,test]" ] && ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing chromium from Debian's packages for the HTML-report browser test ..."
     timeout 900 bash -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver' >/dev/null 2>&1 \
         || echo "setup: could not install chromium; the browser test will be skipped" >&2
 fi
 .venv/bin/python -c "import selfattn" 
+say "ready: run .venv/bin/selfattn explain (or first: source .venv/bin/activate, then selfattn explain)"

@@ -1,0 +1,418 @@
+"""selfattn inside Hugging Face transformers models: ``attn_implementation="selfattn"``.
+
+    import selfattn.integrations.transformers as sa_hf
+    sa_hf.register()                                   # once per process
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="selfattn")
+    model.set_attn_implementation("selfattn")          # or switch a loaded model
+
+:func:`register` puts two functions into transformers' registries under one name:
+
+* a **mask builder** (``AttentionMaskInterface``). transformers calls it once per forward and
+  mask kind with the query positions, the key count and offset, its index-based mask
+  function and the 2-D padding mask. It returns a :class:`HFMask`: the mask as selfattn's
+  structured values (positions, causal, a window, ``key_padding``, ``documents`` for packed
+  sequences), shared by every layer. Registering an attention function alone is not enough:
+  transformers then builds no mask at all, and left-padded batches come out wrong.
+* an **attention function** (``AttentionInterface``) that calls :func:`selfattn.attention`
+  with that mask, the module's scaling, softcap (Gemma 2) and sinks (``s_aux``, gpt-oss), key
+  and value heads as they are (grouped-query attention without repeating them), and returns
+  exact weights from :func:`selfattn.attention_probs` when ``output_attentions`` is asked for.
+
+How a mask is recognised, without reading transformers' private closures: transformers'
+``causal_mask_function`` and ``bidirectional_mask_function`` (public names) are taken as they
+are; any other mask function is compared, exactly, with a few structured candidates (causal,
+causal with the ``local_size`` window, bidirectional window, packed sequences whose boundaries
+are read off the function along the diagonal) by evaluating both on every (query, key) pair a
+block of rows at a time (never the whole L x L at once). What matches none of them goes to
+selfattn as ``masks.function`` (tiles evaluated once, only partial tiles' bits kept), and a
+function that only works under ``torch.vmap`` as a dense mask. :func:`mask_counts` reports how
+many masks took each route; ``"dense"`` counts every L x L mask built or received.
+
+Not served, and refused by name: ``position_bias`` (T5-style relative bias tensors) and
+``head_mask``.
+
+Positions follow transformers: query i sits at ``cache_position[i]`` (``q_offset + i``), key j
+at ``kv_offset + j``. With a static cache the key count is the cache size; unused slots lie
+after every query position, so the causal test rules them out.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from .. import masks as _masks
+from ..functional import attention, attention_probs
+
+# what the attention function accepts and ignores (transformers passes them to every
+# implementation; the mask and positions already carry what they mean)
+_IGNORED = frozenset({
+    "sliding_window", "position_ids", "cache_position", "past_key_values", "past_key_value", "use_cache",
+    "output_attentions", "output_hidden_states", "return_dict", "layer_idx", "cu_seq_lens_q", "cu_seq_lens_k",
+    "max_length_q", "max_length_k", "is_causal", "token_type_ids", "position_embeddings", "attention_mask_2d",
+})
+# refused by name: selfattn has no such input
+_UNSUPPORTED = ("position_bias", "head_mask", "layer_head_mask", "alibi")
+
+_counts = collections.Counter()
+_lock = threading.Lock()
+
+
+def mask_counts() -> dict:
+    """How many masks took each route since the last :func:`reset_mask_counts`.
+
+    Keys: ``causal``, ``sliding_window``, ``bidirectional``, ``packed`` (structured: no L x L
+    tensor), ``function`` (selfattn's tile-wise function mask), ``dense`` (an L x L tensor:
+    built here for a function that needs ``torch.vmap``, or handed to the attention function
+    by a model that builds its own masks; counted per call).
+    """
+    with _lock:
+        return dict(_counts)
+
+
+def reset_mask_counts() -> None:
+    with _lock:
+        _counts.clear()
+
+
+def _count(kind: str) -> None:
+    with _lock:
+        _counts[kind] += 1
+
+
+@dataclass(eq=False)
+class HFMask:
+    """The mask transformers hands to the attention function when ``attn_implementation="selfattn"``.
+
+    It says which (query, key) pairs may attend for the whole batch, as selfattn's arguments:
+    ``selfattn.attention(q, k, v, **hf_mask.kwargs())``. ``shape`` is that of the equivalent
+    dense mask, (B, 1, Lq, Lk), for code that only looks at sizes.
+    """
+
+    kind: str  # causal | sliding_window | bidirectional | packed | function | dense
+    batch: int
+    q_positions: torch.Tensor  # int64 (Lq,): position of each query (cache_position)
+    kv_positions: torch.Tensor  # int64 (Lk,): kv_offset + arange(Lk)
+    causal: bool = False
+    window: tuple | None = None  # (left, right), None = unbounded on that side
+    mask: _masks.Mask | None = None  # key padding, documents, function or dense parts, AND-ed
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.batch, 1, self.q_positions.numel(), self.kv_positions.numel()))
+
+    @property
+    def ndim(self) -> int:
+        return 4
+
+    def dim(self) -> int:
+        return 4
+
+    @property
+    def device(self) -> torch.device:
+        return self.q_positions.device
+
+    def kwargs(self) -> dict:
+        return dict(mask=self.mask, causal=self.causal, window=self.window,
+                    q_positions=self.q_positions, kv_positions=self.kv_positions)
+
+    def __repr__(self):
+        return (f"HFMask({self.kind}, B={self.batch}, Lq={self.q_positions.numel()}, Lk={self.kv_positions.numel()}, "
+                f"causal={self.causal}, window={self.window}, mask={self.mask!r})")
+
+
+# -- the mask builder ---------------------------------------------------------------------------
+
+def _positions(kwargs, device):
+    """(q_positions (Lq,), kv_positions (Lk,)) from either transformers signature."""
+    kv_length, kv_offset = int(kwargs["kv_length"]), kwargs.get("kv_offset", 0) or 0
+    cache_position = kwargs.get("cache_position")
+    if cache_position is not None:  # transformers 4.x: the query positions themselves
+        q_pos = cache_position.to(device=device, dtype=torch.long).reshape(-1)
+    else:  # 5.x: q_length and q_offset (an int, or a 0-d tensor for static caches)
+        q_off = kwargs.get("q_offset", 0)
+        q_off = q_off.to(device) if isinstance(q_off, torch.Tensor) else int(q_off)
+        q_pos = torch.arange(int(kwargs["q_length"]), device=device, dtype=torch.long) + q_off
+    if isinstance(kv_offset, torch.Tensor):
+        kv_offset = kv_offset.to(device)
+    kv_pos = torch.arange(kv_length, device=device, dtype=torch.long) + kv_offset
+    return q_pos, kv_pos
+
+
+def _keep(attention_mask, kv_pos, batch):
+    """(B, Lk) bool key padding, or None when every key is real. Keys past the 2-D mask are padding."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(f"selfattn mask builder: expected a 2-D padding mask (B, keys), got shape {tuple(attention_mask.shape)}")
+    am = attention_mask.to(device=kv_pos.device, dtype=torch.bool)
+    idx = kv_pos.clamp(min=0)
+    inside = kv_pos < am.shape[1]
+    keep = am[:, idx.clamp(max=max(am.shape[1] - 1, 0))] & inside  # (B, Lk)
+    if keep.shape[0] != batch:
+        keep = keep.expand(batch, -1)
+    if bool(keep.all()):
+        return None
+    return keep
+
+
+def _candidate(q_pos, kv_pos, causal, window, seg_q, seg_k, b_rows, r0, r1):
+    """bool (B|1, 1, r1 - r0, Lk): a structured candidate on rows r0:r1, in transformers' index terms."""
+    q = q_pos[r0:r1].view(1, 1, -1, 1)
+    k = kv_pos.view(1, 1, 1, -1)
+    ok = torch.ones((1, 1, r1 - r0, kv_pos.numel()), dtype=torch.bool, device=q_pos.device)
+    if causal:
+        ok = ok & (k <= q)
+    if window is not None:
+        left, right = window
+        if left is not None:
+            ok = ok & (k >= q - left)
+        if right is not None:
+            ok = ok & (k <= q + right)
+    if seg_q is not None:
+        ok = ok & (seg_q[:, r0:r1].view(b_rows, 1, -1, 1) == seg_k.view(b_rows, 1, 1, -1))
+    return ok
+
+
+def _evaluate(fn, batch, q_pos, kv_pos, r0, r1):
+    b = torch.arange(batch, device=q_pos.device).view(-1, 1, 1, 1)
+    h = torch.zeros((1, 1, 1, 1), dtype=torch.long, device=q_pos.device)
+    out = fn(b, h, q_pos[r0:r1].view(1, 1, -1, 1), kv_pos.view(1, 1, 1, -1))
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
+        raise TypeError("not a bool tensor")
+    return out
+
+
+def _matches(fn, batch, q_pos, kv_pos, causal, window, seg_q=None, seg_k=None) -> bool:
+    """True when ``fn`` equals the candidate on every (batch, query, key), checked a block of rows at a time."""
+    lq, lk = q_pos.numel(), kv_pos.numel()
+    step = max(1, (1 << 22) // max(1, lk * batch))
+    b_rows = batch if seg_q is not None else 1
+    for r0 in range(0, lq, step):
+        r1 = min(lq, r0 + step)
+        got = _evaluate(fn, batch, q_pos, kv_pos, r0, r1)
+        want = _candidate(q_pos, kv_pos, causal, window, seg_q, seg_k, b_rows, r0, r1)
+        try:
+            same = torch.equal(*torch.broadcast_tensors(got, want))
+        except RuntimeError:
+            return False
+        if not same:
+            return False
+    return True
+
+
+def _packed_segments(fn, batch, q_pos, kv_pos):
+    """Segment ids (B, L) read off a causal mask function: a new segment starts at query i when
+    it may not see key i - 1. Only for square masks without a cache (how packing arrives)."""
+    if q_pos.numel() != kv_pos.numel() or q_pos.numel() < 2 or not torch.equal(q_pos, kv_pos):
+        return None
+    dev = q_pos.device
+    b = torch.arange(batch, device=dev).view(-1, 1, 1, 1)
+    h = torch.zeros((1, 1, 1, 1), dtype=torch.long, device=dev)
+    sees_prev = fn(b, h, q_pos[1:].view(1, 1, 1, -1), kv_pos[:-1].view(1, 1, 1, -1))  # (B|1, 1, 1, L-1)
+    sees_prev = sees_prev.expand(batch, 1, 1, -1).reshape(batch, -1)
+    if bool(sees_prev.all()):
+        return None  # one segment: plain causal, tried already
+    starts = torch.cat([torch.zeros((batch, 1), dtype=torch.long, device=dev), (~sees_prev).long()], dim=1)
+    return starts.cumsum(dim=1)  # (B, L)
+
+
+def _recognise(fn, batch, q_pos, kv_pos, local_size, transformers_masks):
+    """(kind, causal, window, segments) for a mask function, or None when no candidate matches."""
+    if fn is transformers_masks.causal_mask_function:
+        return "causal", True, None, None
+    if fn is transformers_masks.bidirectional_mask_function:
+        return "bidirectional", False, None, None
+    candidates = []
+    if local_size is not None:
+        # transformers' sliding window: kv > q - local_size (causal), |q - kv| <= local_size (bidirectional)
+        candidates.append(("sliding_window", True, (int(local_size) - 1, 0)))
+        candidates.append(("sliding_window", False, (int(local_size), int(local_size))))
+    candidates += [("causal", True, None), ("bidirectional", False, None)]
+    try:
+        for kind, causal, window in candidates:
+            if _matches(fn, batch, q_pos, kv_pos, causal, window):
+                return kind, causal, window, None
+        seg = _packed_segments(fn, batch, q_pos, kv_pos)
+        if seg is not None:
+            for _, causal, window in candidates:
+                if causal and _matches(fn, batch, q_pos, kv_pos, causal, window, seg, seg):
+                    return "packed", causal, window, seg
+    except Exception:  # a function written for torch.vmap only: no candidate can be checked
+        return None
+    return None
+
+
+def _fn_by_index(fn, q_pos, kv_pos):
+    """transformers' mask function (positions) as selfattn's masks.function (indices)."""
+
+    def by_index(b, h, q_idx, kv_idx):
+        return fn(b, torch.zeros_like(h), q_pos[q_idx], kv_pos[kv_idx])
+
+    by_index.__name__ = f"transformers:{getattr(fn, '__name__', 'mask_function')}"
+    return by_index
+
+
+def _index_based(fn, batch, q_pos, kv_pos) -> bool:
+    try:
+        r = min(q_pos.numel(), 4)
+        _evaluate(fn, batch, q_pos, kv_pos, 0, r)
+        return True
+    except Exception:
+        return False
+
+
+def build_mask(batch_size: int, **kwargs) -> HFMask | None:
+    """transformers' mask-interface entry point (``AttentionMaskInterface``): see the module docstring."""
+    import transformers.masking_utils as tm
+
+    attention_mask = kwargs.get("attention_mask")
+    if isinstance(attention_mask, HFMask):
+        # built already (generate prepares the mask of a static cache before the forward): as
+        # transformers returns a ready 4-D mask unchanged
+        return attention_mask
+    device = kwargs.get("device")
+    if device is None:
+        cp = kwargs.get("cache_position")
+        device = attention_mask.device if attention_mask is not None else (cp.device if cp is not None else "cpu")
+    q_pos, kv_pos = _positions(kwargs, torch.device(device))
+    fn = kwargs.get("mask_function", tm.causal_mask_function)
+    keep = _keep(attention_mask, kv_pos, batch_size)
+    found = None
+    if not kwargs.get("use_vmap", False):
+        found = _recognise(fn, batch_size, q_pos, kv_pos, kwargs.get("local_size"), tm)
+    parts = [] if keep is None else [_masks.key_padding(keep)]
+    if found is not None:
+        kind, causal, window, seg = found
+        if seg is not None:
+            parts.append(_masks.documents(seg))
+        _count(kind)
+        return HFMask(kind, batch_size, q_pos, kv_pos, causal=causal, window=window, mask=_and(parts))
+    if not kwargs.get("use_vmap", False) and _index_based(fn, batch_size, q_pos, kv_pos):
+        _count("function")
+        parts.append(_masks.function(_fn_by_index(fn, q_pos, kv_pos)))
+        return HFMask("function", batch_size, q_pos, kv_pos, mask=_and(parts))
+    # only transformers can evaluate it (vmap): its own dense boolean mask, counted
+    dense = tm.sdpa_mask(batch_size=batch_size, **{**kwargs, "allow_is_causal_skip": False,
+                                                    "allow_is_bidirectional_skip": False})
+    _count("dense")
+    return HFMask("dense", batch_size, q_pos, kv_pos, mask=_masks.dense(dense.to(torch.bool)))
+
+
+def _and(parts):
+    if not parts:
+        return None
+    m = parts[0]
+    for p in parts[1:]:
+        m = m & p
+    return m
+
+
+# -- the attention function ---------------------------------------------------------------------
+
+def _wants_weights(module, kwargs) -> bool:
+    """Whether the caller asked for attention weights (they cost Lq x Lk memory, so only then)."""
+    if kwargs.get("output_attentions"):
+        return True
+    config = getattr(module, "config", None)
+    if getattr(config, "output_attentions", False):
+        return True
+    # models that keep output_attentions to themselves (GPT-2) still record weights through
+    # transformers' output collector, whose active keys say what this forward collects
+    try:
+        from transformers.utils.output_capturing import _active_collector
+
+        active = _active_collector.get()
+    except (ImportError, LookupError):  # older transformers, or no collector in this forward
+        return False
+    return isinstance(active, dict) and "attentions" in active
+
+
+def make_attention_function(backend: str = "auto"):
+    """The ``AttentionInterface`` function for one backend (``register`` calls this)."""
+
+    def selfattn_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                           softcap=None, s_aux=None, **kwargs):
+        for name in _UNSUPPORTED:
+            if kwargs.get(name) is not None:
+                raise NotImplementedError(
+                    f"attn_implementation='selfattn' cannot serve the argument {name!r} that "
+                    f"{type(module).__name__} passes (selfattn has no {name}); use attn_implementation='eager' for this model")
+        if isinstance(attention_mask, HFMask):
+            call = attention_mask.kwargs()
+        elif attention_mask is None:
+            # as transformers' sdpa: causal only for more than one query and a causal module
+            is_causal = kwargs.get("is_causal")
+            is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+            lq = query.shape[2]
+            call = dict(causal=bool(is_causal and lq > 1))
+            if call["causal"] and lq != key.shape[2]:
+                call["q_positions"] = torch.arange(lq, device=query.device)  # top-left, as torch's is_causal
+        elif isinstance(attention_mask, torch.Tensor):
+            # a model that builds its own (B|1, 1|H, Lq, Lk) mask: bool = may attend, float = added
+            _count("dense")
+            m = attention_mask
+            if m.dtype != torch.bool:
+                m = m.to(query.dtype if query.dtype != torch.float64 else torch.float64)
+            call = dict(mask=_masks.dense(m))
+        else:
+            raise TypeError(f"attn_implementation='selfattn': unexpected attention_mask of type {type(attention_mask).__name__} "
+                            "(register() installs the mask builder that makes HFMask values; was it replaced?)")
+        sinks = None
+        if s_aux is not None:
+            sinks = s_aux.reshape(-1)
+        want_weights = _wants_weights(module, kwargs)
+        out, stats = attention(
+            query, key, value, scale=scaling, softcap=softcap, sinks=sinks,
+            dropout_p=float(dropout or 0.0), return_stats=True, backend=backend, **call)
+        weights = None
+        if want_weights:
+            weights = attention_probs(query, key, stats, scale=scaling, softcap=softcap, sinks=sinks, **call).to(value.dtype)
+        return out.transpose(1, 2).contiguous(), weights  # (B, Lq, Hq, Dv), (B, Hq, Lq, Lk) or None
+
+    selfattn_attention.__name__ = f"selfattn_attention_{backend}"
+    return selfattn_attention
+
+
+# -- registration -------------------------------------------------------------------------------
+
+MIN_TRANSFORMERS = "4.56"
+
+
+def register(name: str = "selfattn", backend: str = "auto") -> str:
+    """Register selfattn with transformers as ``attn_implementation=name``, running ``backend``.
+
+    Registers both the attention function and the mask builder (transformers builds no mask
+    for an implementation that has only the former). Returns ``name``. Call it again with
+    another name to have several backends side by side (``register("selfattn-cpu", "cpu")``).
+
+    Raises:
+        ImportError: transformers is not installed (``pip install 'selfattn[hf]'``) or is older
+            than 4.56 (no mask interface).
+        ValueError: ``backend`` is not a selfattn backend name.
+    """
+    from .. import backends as _backends
+
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register: name must be a non-empty string, got {name!r}")
+    known = list(_backends.names())
+    if backend not in known:
+        raise ValueError(f"register: unknown backend {backend!r}; selfattn has {', '.join(known)}")
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError("selfattn.integrations.transformers needs transformers: pip install 'selfattn[hf]'") from e
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError as e:
+        raise ImportError(f"selfattn.integrations.transformers needs transformers>={MIN_TRANSFORMERS} (its attention "
+                          f"and mask interfaces); found {transformers.__version__}: pip install 'selfattn[hf]'") from e
+    if name in ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"):
+        raise ValueError(f"register: {name!r} is one of transformers' own implementations; choose another name")
+    AttentionInterface.register(name, make_attention_function(backend))
+    AttentionMaskInterface.register(name, build_mask)
+    return name
