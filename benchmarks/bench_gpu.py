@@ -139,7 +139,7 @@ def _fwd_bwd(fn, q, k, v, backward):
 
 
 def _ours(case, stats=False):
-    from selfattn.backends.triton_gpu import flash_attention
+    from selfattn.gpu import flash_attention
 
     kw = {}
     if case.causal:
@@ -278,9 +278,10 @@ def run_compile(args) -> int:
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     results = []
 
-    def compile_launch(kernel, tuned, grid, a, kwargs, fixed=False):
-        configs = [None] if fixed else ([tf.first_fitting_config(tuned, a, kwargs)] if args.quick else
-                                        tuned.early_config_prune(tuned.configs, dict(zip(tuned.arg_names, a)), **kwargs))
+    def compile_launch(kernel, tuned, grid, kwargs, fixed=False):
+        a = ()
+        configs = [None] if fixed else ([tf.first_fitting_config(tuned, kwargs)] if args.quick else
+                                        tuned.early_config_prune(tuned.configs, {}, **kwargs))
         for cfg in configs:
             kw = dict(kwargs, debug=False, instrumentation_mode=knobs.compilation.instrumentation_mode,
                       fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts)
@@ -298,44 +299,54 @@ def run_compile(args) -> int:
                 out = subprocess.run([cuobjdump, "--dump-resource-usage", fh.name], capture_output=True, text=True).stdout
                 os.unlink(fh.name)
                 usage = " ".join(w for w in out.split() if w.startswith(("REG:", "STACK:")))
-            desc = "fixed" if cfg is None else f"M{cfg.kwargs['BLOCK_M']} N{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
+            blocks = f"M{kwargs['BLOCK_M']}" + (f" N{kwargs['BLOCK_N']}" if "BLOCK_N" in kwargs else "")
+            desc = blocks + ("" if cfg is None else f" w{cfg.num_warps} s{cfg.num_stages}")
             results.append((kernel.fn.__name__, variant, desc, ck.metadata.shared, usage, time.time() - t))
             print(f"compiled {kernel.fn.__name__:<16} {variant:<28} {desc:<18} smem {ck.metadata.shared:>6} {usage} ({time.time() - t:.1f}s)", flush=True)
 
     tf._launch = compile_launch
-    i32 = lambda *xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
-    for variant, dtype, shape, kw in _compile_variants(args.quick, i32):
+    from selfattn.backends.triton_gpu import kernel_mask
+    from selfattn.request import build_request
+
+    for variant, dtype, shape, kw in _compile_variants(args.quick):
         b, hq, hkv, lq, lk, d = shape
         q = torch.zeros(b, hq, lq, d, dtype=dtype)
         k = torch.zeros(b, hkv, lk, d, dtype=dtype)
         v = torch.zeros(b, hkv, lk, d, dtype=dtype)
-        fwd_kw = {x: y for x, y in kw.items() if x not in ("doc_cols", "deterministic")}
-        tf.forward(q, k, v, scale=0.125, **fwd_kw)
-        if kw.get("stats") is not None or kw.get("num_splits"):
+        opts = {x: y for x, y in kw.items() if x not in ("stats", "num_splits", "deterministic")}
+        req = build_request(q, k, v, requires_grad=False, **opts)
+        pack = tf.plan_pack(hq, hkv, lq)
+        km = kernel_mask(req, *tf.fwd_blocks(pack * lq, d, d, dtype))
+        tf.forward(q, k, v, km, scale=0.125, softcap=kw.get("softcap"), stats=kw.get("stats", False), pack=pack,
+                   num_splits=kw.get("num_splits", 1), f32_out=True)
+        if kw.get("stats") or kw.get("num_splits"):
             continue  # forward-only variants
-        bwd_kw = {x: y for x, y in kw.items() if x not in ("stats", "num_splits")}
+        kb = kernel_mask(req, *tf.bwd_blocks(d, d, dtype))
+        kq = kernel_mask(req, *tf.dq_blocks(d, d, dtype)) if kw.get("deterministic") else None
         rows = torch.zeros(b, hq, lq)
-        tf.backward(q, q, k, v, q, rows, rows, scale=0.125, **bwd_kw)
+        tf.backward(q, q, k, v, q.float(), rows, rows, kb, kq, scale=0.125, softcap=kw.get("softcap"))
     spills = [r for r in results if "STACK:0" not in r[4] and r[4]]
     print(f"compiled {len(results)} kernels; {len(spills)} with a stack frame (register spills)")
     return 0
 
 
-def _compile_variants(quick, i32):
-    docs_rows = torch.zeros(2, 1, 128, dtype=torch.int32)
-    docs_cols = torch.zeros(2, 1, 128, dtype=torch.int32)
-    dense_b = torch.zeros(1, 1, 128, 128, dtype=torch.bool)
-    dense_f = torch.zeros(128, 128).expand(2, 4, 128, 128)
-    every = dict(window=(8, 0), kv_lens=i32(50, 128), q_lens=i32(128, 3), doc_rows=docs_rows, doc_cols=docs_cols,
-                 softcap=30.0)
+def _compile_variants(quick):
+    from selfattn import masks
+
+    g = torch.Generator().manual_seed(0)
+    every = dict(mask=masks.padding([50, 128], [128, 3]) & masks.documents(torch.zeros(128, dtype=torch.long))
+                 & masks.key_padding(torch.rand(2, 128, generator=g) < 0.9)
+                 & masks.function(lambda b, h, q, kv: (q + kv) % 5 != 0)
+                 & masks.dense(torch.rand(1, 1, 128, 128, generator=g) < 0.9),
+                 window=(8, 0), softcap=30.0, alibi_slopes=torch.rand(4), q_positions=torch.arange(128) + 3)
     variants = [
         ("plain bf16 d128", torch.bfloat16, (2, 4, 4, 128, 128, 128), {}),
-        ("causal fp16 d64 +stats", torch.float16, (2, 4, 4, 128, 128, 64), dict(window=(10 ** 6, 0), stats=True)),
-        ("every mask bf16 d24", torch.bfloat16, (2, 4, 2, 128, 128, 24), dict(every, mask=dense_b)),
-        ("dense float fp16 d256", torch.float16, (2, 4, 4, 128, 128, 256), dict(mask=dense_f)),
+        ("causal fp16 d64 +stats", torch.float16, (2, 4, 4, 128, 128, 64), dict(causal=True, stats=True)),
+        ("every mask bf16 d24", torch.bfloat16, (2, 4, 2, 128, 128, 24), every),
+        ("dense float fp16 d256", torch.float16, (2, 4, 4, 128, 128, 256), dict(mask=torch.zeros(128, 128))),
         ("decode gqa split bf16", torch.bfloat16, (2, 8, 2, 1, 128, 128), dict(num_splits=4, stats=True)),
-        ("deterministic bf16 d128", torch.bfloat16, (2, 4, 2, 128, 128, 128), dict(window=(10 ** 6, 0), deterministic=True)),
-        ("float32 ieee d64", torch.float32, (2, 4, 4, 128, 128, 64), dict(window=(10 ** 6, 0))),
+        ("deterministic bf16 d128", torch.bfloat16, (2, 4, 2, 128, 128, 128), dict(causal=True, deterministic=True)),
+        ("float32 ieee d64", torch.float32, (2, 4, 4, 128, 128, 64), dict(causal=True)),
     ]
     return variants[:3] + variants[5:6] if quick else variants
 

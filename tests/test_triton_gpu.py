@@ -21,6 +21,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 import selfattn  # noqa: E402
 from selfattn import masks, reference  # noqa: E402
 from selfattn.backends import triton_gpu  # noqa: E402
+from selfattn.gpu import flash_attention, flash_attention_varlen  # noqa: E402
 
 from test_triton_interpret import check_case, make_qkv, mask_kwargs  # noqa: E402
 from tolerance import assert_close  # noqa: E402
@@ -46,10 +47,16 @@ def _on_device(kw):
             return m.to(DEV)
         if isinstance(m, masks.Dense):
             return masks.dense(m.tensor.to(DEV))
+        if isinstance(m, masks.KeyPadding):
+            return masks.key_padding(m.keep.to(DEV))
+        if isinstance(m, masks.Padding):
+            return masks.padding(m.kv_lengths.to(DEV), None if m.q_lengths is None else m.q_lengths.to(DEV))
+        if isinstance(m, masks.Documents):
+            return masks.documents(m.kv_ids.to(DEV), None if m.q_ids is None else m.q_ids.to(DEV))
         if isinstance(m, masks.And):
             return masks.And(*(move(p) for p in m.parts))
         return m
-    return {k: move(v) if k == "mask" else v for k, v in kw.items()}
+    return {k: move(v) if k == "mask" else (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
 
 
 def test_compiled_kernels_are_used():
@@ -88,7 +95,9 @@ def test_dense_no_mask(dtype):
 
 
 GPU_MASKS = ["window_left_right", "padding_kv_q", "documents", "documents_causal", "documents_unsorted",
-             "dense_bool", "dense_float", "float_causal_padding", "window_documents"]
+             "dense_bool", "dense_float", "float_causal_padding", "window_documents", "key_padding_causal",
+             "left_padded", "varlen_window", "positions_unsorted_window", "window_unbounded_left",
+             "function_prefix_lm", "function_heads_causal", "function_sliding_global"]
 
 
 @pytest.mark.parametrize("case", GPU_MASKS)
@@ -120,7 +129,7 @@ def test_decode_split_kv(splits):
     q, k, v = make_qkv(4, 32, 8, 1, 8192, 128, 128, torch.bfloat16, device=DEV)
     kern = triton_gpu._kernels_for(torch.device(DEV))
     if splits is None:
-        assert kern.plan_splits(4, 32, 8, 1, 8192, torch.device(DEV))[1] > 1  # the heuristic does split here
+        assert kern.plan_splits(4, 32, kern.plan_pack(32, 8, 1), 1, 8192, torch.device(DEV)) > 1  # the heuristic does split here
     check_case("decode", q, k, v, grads=False, num_splits=splits)
     check_case("decode padded", q, k, v, grads=False, num_splits=splits, mask=masks.padding([8192, 5000, 17, 0]))
 
@@ -131,7 +140,7 @@ def test_deterministic_backward_is_reproducible():
     grads = []
     for _ in range(2):
         leafs = [t.clone().requires_grad_() for t in (q, k, v)]
-        triton_gpu.flash_attention(*leafs, causal=True, deterministic=True).float().sum().backward()
+        flash_attention(*leafs, causal=True, deterministic=True).float().sum().backward()
         grads.append([t.grad for t in leafs])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
@@ -142,7 +151,7 @@ def test_varlen():
     t = int(cu[-1])
     g = torch.Generator(device=DEV).manual_seed(0)
     q, k, v = (torch.randn(t, 8, 64, device=DEV, dtype=torch.bfloat16, generator=g) for _ in range(3))
-    out = triton_gpu.flash_attention_varlen(q, k, v, cu, cu, causal=True)
+    out = flash_attention_varlen(q, k, v, cu, cu, causal=True)
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
         if e > s:
             sl = [x[s:e].permute(1, 0, 2)[None] for x in (q, k, v)]  # (1, H, L, D)
@@ -155,17 +164,37 @@ def test_memory_is_linear_in_length():
     # fused forward + backward allocate O(L): outputs, gradients and per-row statistics only
     b, h, L, d = 1, 8, 16384, 64
     q, k, v = (t.requires_grad_() for t in make_qkv(b, h, h, L, L, d, d, torch.bfloat16, device=DEV))
-    out = triton_gpu.flash_attention(q, k, v, causal=True)  # compile outside the measured region
+    out = flash_attention(q, k, v, causal=True)  # compile outside the measured region
     out.sum().backward()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    out = triton_gpu.flash_attention(q, k, v, causal=True)
+    out = flash_attention(q, k, v, causal=True)
     out.backward(torch.ones_like(out))
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     per_row = b * h * L
-    linear = per_row * (d * 2 * 8 + 4 * 8)  # a few (L, D) tensors and float32 row vectors
+    # a few (L, D) tensors (the float32 output the backward reads for Delta among them) and float32 row vectors
+    linear = per_row * (d * 2 * 10 + 4 * 8)
     quadratic = per_row * L * 2  # one bf16 L x L score matrix per head
     print(f"extra {extra / 2**20:.1f} MiB, linear budget {linear / 2**20:.1f} MiB, L^2 would be {quadratic / 2**20:.0f} MiB")
     assert extra <= linear
+
+
+def test_alibi_sinks_positions():
+    b, h, L, d = 2, 8, 700, 64
+    q, k, v = make_qkv(b, h, 2, L, L, d, d, torch.bfloat16, device=DEV)
+    g = torch.Generator().manual_seed(0)
+    layout = masks.left_padded(torch.tensor([L, 333]), L)
+    kw = dict(alibi_slopes=torch.rand(h, generator=g).to(DEV), sinks=torch.randn(h, generator=g).to(DEV), causal=True,
+              mask=masks.key_padding(layout.mask.keep.to(DEV)), q_positions=layout.q_positions.to(DEV),
+              kv_positions=layout.kv_positions.to(DEV))
+    check_case("alibi sinks left-padded", q, k, v, **kw)
+
+
+def test_bf16_gradients_exactly_zero():
+    # one key per row: dQ = dK = 0 exactly (issue 12's interpreter defect, here on the GPU's rounding)
+    q, k, v = make_qkv(1, 1, 1, 6, 1, 1, 60, torch.bfloat16, device=DEV, magnitude=3.0, seed=1)
+    leafs = [t.clone().requires_grad_() for t in (q, k, v)]
+    flash_attention(*leafs).float().pow(2).sum().backward()
+    assert torch.equal(leafs[0].grad, torch.zeros_like(q)) and torch.equal(leafs[1].grad, torch.zeros_like(k))

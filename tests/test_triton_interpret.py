@@ -11,8 +11,8 @@ or a GPU is present), these tests cannot run in this process: they are skipped h
 instead, failing if anything in it fails.
 
 Shapes are small: the interpreter runs each program in numpy. Tolerances follow STYLE.md
-rule 6 (tests/tolerance.py): factor 2 forward and statistics, factor 3 gradients, against the
-float64 reference and its low-precision twin.
+rule 6 (tests/_oracle.py: reference_pair and compare): factor 2 forward and statistics,
+factor 3 gradients, against the float64 reference and its low-precision twin.
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ import selfattn  # noqa: E402
 from selfattn import masks, reference  # noqa: E402
 from selfattn.backends import BackendUnavailable  # noqa: E402
 from selfattn.backends import triton_gpu  # noqa: E402
-from selfattn.functional import _resolve_mask  # noqa: E402
+from selfattn.gpu import flash_attention, flash_attention_varlen  # noqa: E402
+from selfattn.request import resolve_mask  # noqa: E402
 
+from _oracle import compare, reference_pair  # noqa: E402
 from tolerance import assert_close  # noqa: E402
 
 IN_PROCESS = triton_gpu._triton_interpreted()
@@ -81,47 +83,49 @@ def make_qkv(b, hq, hkv, lq, lk, d, dv, dtype, device="cpu", magnitude=1.0, seed
     return [t.to(device=device, dtype=dtype) for t in (q, k, v)]
 
 
-def _reference(q, k, v, g, *, mask, scale, softcap, upcast, grads):
-    leafs = [t.detach().clone().requires_grad_(grads) for t in (q, k, v)]
-    if upcast:
-        leafs = [t.detach().double().requires_grad_(grads) for t in (q, k, v)]
-    out, st = reference.attention(*leafs, mask=mask, scale=scale, softcap=softcap, upcast=upcast)
-    if not grads:
-        return out.detach(), st, None
-    out.backward(g.to(out.dtype))
-    return out.detach(), st, [t.grad for t in leafs]
+def _sink_grads(q, k, v, do, kw):
+    """d loss / d sinks of the float64 reference and of its low-precision twin."""
+    out = []
+    for dtype, upcast in ((torch.float64, True), (q.dtype, False)):
+        sinks = kw["sinks"].detach().to(dtype).requires_grad_()
+        args = {n: kw.get(n) for n in ("scale", "softcap", "q_positions", "kv_positions", "alibi_slopes")}
+        o, _ = reference.attention(*(t.detach().to(dtype) for t in (q, k, v)), sinks=sinks, upcast=upcast,
+                                   mask=resolve_mask(kw.get("mask"), kw.get("causal", False), kw.get("window")), **args)
+        out.append(torch.autograd.grad(o, sinks, do.to(o.dtype))[0])
+    return out
 
 
 def check_case(name, q, k, v, *, grads=True, deterministic=False, num_splits=None, **kw):
     """Run flash_attention (with stats and, if ``grads``, a backward) and hold every output to
-    the reference: out and stats factor 2, gradients factor 3, fully-masked rows exact."""
+    the reference pair: out and stats factor 2, gradients factor 3 (the sinks' too), fully-masked
+    rows exact."""
     leafs = [t.detach().clone().requires_grad_(grads) for t in (q, k, v)]
-    out, st = triton_gpu.flash_attention(*leafs, return_stats=True, deterministic=deterministic,
-                                         num_splits=num_splits, **kw)
-    assert out.dtype == q.dtype and out.shape == q.shape[:-1] + (v.shape[-1],)
-    mask = _resolve_mask(kw.get("mask"), kw.get("causal", False), kw.get("window"))
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(out)
-    args = dict(mask=mask, scale=kw.get("scale"), softcap=kw.get("softcap"), grads=grads)
-    out64, st64, gr64 = _reference(q, k, v, g, upcast=True, **args)
-    low, st_low, gr_low = _reference(q, k, v, g, upcast=False, **args)
-    assert_close(f"{name} out", out, out64, low)
-    for field in ("lse", "max_logit", "entropy"):
-        got = getattr(st, field)
-        assert got.dtype == torch.float32, f"{name} {field}: dtype {got.dtype}"
-        assert_close(f"{name} {field}", got, getattr(st64, field), getattr(st_low, field))
-    dead = st64.lse == float("-inf")  # (B, Hq, Lq) fully-masked rows
+    call = dict(kw)
+    if kw.get("sinks") is not None:
+        call["sinks"] = kw["sinks"].detach().clone().requires_grad_(grads)
+    out, st = flash_attention(*leafs, return_stats=True, deterministic=deterministic, num_splits=num_splits, **call)
+    assert out.shape == q.shape[:-1] + (v.shape[-1],)
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(out)
+    pair = reference_pair(q, k, v, do=do if grads else None, **kw)
+    compare(name, pair, out, stats=st, dtype=q.dtype)
+    ref64 = pair[0]
+    dead = ref64.stats.lse == float("-inf")  # (B, Hq, Lq) fully-masked rows (no sinks)
+    if kw.get("sinks") is not None:
+        dead = ref64.stats.max_logit == float("-inf")
     if dead.any():
         assert torch.equal(out.detach()[dead], torch.zeros_like(out.detach()[dead])), f"{name}: fully-masked rows not 0"
-        assert bool((st.lse[dead] == float("-inf")).all()) and bool((st.max_logit[dead] == float("-inf")).all())
-        assert bool((st.entropy[dead] == 0).all()), f"{name}: entropy of fully-masked rows not 0"
+        assert bool((st.max_logit[dead] == float("-inf")).all()), f"{name}: max_logit of fully-masked rows"
+        if kw.get("sinks") is None:
+            assert bool((st.lse[dead] == float("-inf")).all()) and bool((st.entropy[dead] == 0).all())
     if grads:
-        out.backward(g)
-        for t, r64, rlow, nm in zip(leafs, gr64, gr_low, ("dq", "dk", "dv")):
-            assert not torch.isnan(t.grad).any(), f"{name} {nm}: NaN"
-            assert_close(f"{name} {nm}", t.grad, r64, rlow, factor=3.0)
+        out.backward(do)
+        compare(name, pair, grads=[t.grad for t in leafs], dtype=q.dtype)
         if dead.any():
             dq = leafs[0].grad[dead]
             assert torch.equal(dq, torch.zeros_like(dq)), f"{name}: dq of fully-masked rows not 0"
+        if kw.get("sinks") is not None:
+            s64, slow = _sink_grads(q, k, v, do, kw)
+            assert_close(f"{name} dsinks", call["sinks"].grad, s64, slow, factor=3.0)
     return out, st
 
 
@@ -138,6 +142,11 @@ def mask_kwargs(case, b, hq, lq, lk, seed=3):
     bool_m[0, 0, lq // 2] = False  # a fully-masked row
     float_m = torch.randn(lq, lk, generator=g).masked_fill(torch.rand(lq, lk, generator=g) < 0.2, float("-inf"))
     float_m[-1] = float("-inf")
+    keep = torch.rand(b, lk, generator=g) < 0.6
+    keep[0, 3:] = False  # batch 0: only keys 0..2 (a key tile with holes, then empty tiles)
+    lens = torch.tensor([lk, max(1, lk // 3)] + [lk] * (b - 2))[:b]
+    shuffled_q = torch.randperm(lq + 5, generator=g)[:lq]  # positions in no particular order
+    shuffled_kv = torch.randperm(lk + 5, generator=g)[:lk]
     return {
         "causal": {"causal": True},
         "window_left": {"window": 5},
@@ -159,13 +168,27 @@ def mask_kwargs(case, b, hq, lq, lk, seed=3):
         "float_causal_padding": {"mask": masks.dense(float_m) & masks.causal() & masks.padding(kv_len)},
         "bool_window_causal": {"mask": bool_m, "window": (3, 3), "causal": True},
         "two_windows_two_paddings": {"mask": masks.window(9, 4) & masks.window(6, 6) & masks.padding(kv_len) & masks.padding(kv_len.clamp(max=lk - 3), q_len)},
+        # issue 12: positions, key padding, mask functions
+        "key_padding_causal": {"mask": masks.key_padding(keep), "causal": True},
+        "left_padded": dict(masks.left_padded(lens, lk, lq) if lq <= lk else {"mask": masks.key_padding(keep)}, causal=True),
+        "varlen_window": dict(masks.varlen(q_len.clamp(min=1), kv_len, lq, lk), window=(6, 0)),
+        "positions_unsorted_window": {"q_positions": shuffled_q, "kv_positions": shuffled_kv, "window": (7, 2)},
+        "window_unbounded_left": {"window": (None, 3)},
+        "window_unbounded_right": {"window": (4, None)},
+        "function_prefix_lm": {"mask": masks.function(lambda b_, h, qi, ki: (ki <= qi + lk - lq) | (ki < 7))},
+        "function_heads_causal": {"mask": masks.function(lambda b_, h, qi, ki: ((qi + ki + h) % 3 != 0) & (b_ >= 0)), "causal": True},
+        "function_sliding_global": {"mask": masks.function(lambda b_, h, qi, ki: ((qi + lk - lq - ki).abs() <= 4) | (ki < 2))},
+        "function_nothing": {"mask": masks.function(lambda b_, h, qi, ki: ki < 0)},
     }[case]
 
 
 MASK_CASES = ["causal", "window_left", "window_left_right", "window_zero", "padding_kv", "padding_kv_q",
               "padding_zero", "documents", "documents_q_ids", "documents_causal", "documents_unsorted",
               "dense_bool", "dense_bool_heads", "dense_float", "dense_float_row", "causal_padding",
-              "window_documents", "float_causal_padding", "bool_window_causal", "two_windows_two_paddings"]
+              "window_documents", "float_causal_padding", "bool_window_causal", "two_windows_two_paddings",
+              "key_padding_causal", "left_padded", "varlen_window", "positions_unsorted_window",
+              "window_unbounded_left", "window_unbounded_right", "function_prefix_lm", "function_heads_causal",
+              "function_sliding_global", "function_nothing"]
 
 
 # -- the interpreter itself -----------------------------------------------------------------------
@@ -268,12 +291,96 @@ def test_masked_tiles_are_never_read(case):
     kw = {"causal": {"causal": True}, "window_left": {"window": 3},
           "padding_kv": {"mask": masks.padding([30])},
           "documents": {"mask": masks.documents(torch.tensor([0] * 16 + [1] * 48))}}[case]
-    clean = triton_gpu.flash_attention(q, k, v, **kw)
+    clean = flash_attention(q, k, v, **kw)
     k2, v2 = k.clone(), v.clone()
     k2[..., 32:, :] = float("nan")
     v2[..., 32:, :] = float("nan")
-    dirty = triton_gpu.flash_attention(q, k2, v2, **kw)
+    dirty = flash_attention(q, k2, v2, **kw)
     assert torch.equal(dirty[..., :16, :], clean[..., :16, :])
+
+
+# -- issue 12: ALiBi, sinks, positions -----------------------------------------------------------
+
+
+@in_process
+@pytest.mark.parametrize("case", ["alibi", "alibi_batch_positions", "sinks", "sinks_padding_empty_rows",
+                                  "alibi_sinks_softcap_window", "sinks_function_nothing"])
+def test_alibi_and_sinks(case):
+    b, hq, hkv, lq, lk, d = 2, 4, 2, 21, 27, 16
+    q, k, v = make_qkv(b, hq, hkv, lq, lk, d, 24, torch.float32, seed=11)
+    g = torch.Generator().manual_seed(5)
+    slopes = torch.rand(hq, generator=g) * 0.5
+    sinks = torch.randn(hq, generator=g)
+    kw = {
+        "alibi": dict(alibi_slopes=slopes, causal=True),
+        "alibi_batch_positions": dict(alibi_slopes=torch.rand(b, hq, generator=g), **masks.left_padded(torch.tensor([lk, 9]), lk, lq)),
+        "sinks": dict(sinks=sinks),
+        "sinks_padding_empty_rows": dict(sinks=sinks, mask=masks.padding([lk, 5], [lq, 8]), causal=True),
+        "alibi_sinks_softcap_window": dict(alibi_slopes=slopes, sinks=sinks, softcap=3.0, window=(5, None)),
+        "sinks_function_nothing": dict(sinks=sinks, mask=masks.function(lambda b_, h, qi, ki: (ki < 0) | (h == 0))),
+    }[case]
+    check_case(case, q, k, v, **kw)
+
+
+@in_process
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_alibi_sinks_low_precision(dtype):
+    q, k, v = make_qkv(1, 2, 2, 19, 23, 16, 16, dtype, seed=4)
+    g = torch.Generator().manual_seed(6)
+    check_case(f"alibi sinks {dtype}", q, k, v, alibi_slopes=torch.rand(2, generator=g), sinks=torch.randn(2, generator=g),
+               causal=True)
+
+
+@in_process
+def test_alibi_is_not_rounded_to_low_precision():
+    # a large distance times a slope: bfloat16 has a spacing of 2 at 300; the kernel adds ALiBi
+    # in float32, so two keys 1 apart still get logits 1 * slope apart
+    q, k, v = make_qkv(1, 1, 1, 1, 2, 16, 16, torch.bfloat16)
+    q.zero_()  # all scores 0: the logits are ALiBi alone
+    kv_pos = torch.tensor([0, 1])
+    out, st = flash_attention(q, k, v, alibi_slopes=torch.tensor([1.0]), q_positions=torch.tensor([300]),
+                              kv_positions=kv_pos, return_stats=True)
+    assert float(st.max_logit) == -299.0
+    p = torch.softmax(torch.tensor([-300.0, -299.0], dtype=torch.float64), 0)
+    assert_close("alibi out", out, (p[:, None] * v[0, 0].double()).sum(0)[None, None, None], out.float().double(), factor=0.0)
+
+
+@in_process
+def test_positions_drive_tile_skipping():
+    # per-batch positions: batch 1's queries sit 40 positions later, so its causal band covers
+    # every key while batch 0's covers the first tile only. NaN in keys/values batch 0 may not see
+    # must not reach batch 0's rows (the tiles holding them are skipped)
+    lq = lk = 48
+    q, k, v = make_qkv(2, 1, 1, lq, lk, 16, 16, torch.float32)
+    qp = torch.stack([torch.arange(lq) - 40, torch.arange(lq)])  # (B, Lq)
+    clean = flash_attention(q, k, v, causal=True, q_positions=qp)
+    k2, v2 = k.clone(), v.clone()
+    k2[0, :, 16:] = float("nan")
+    v2[0, :, 16:] = float("nan")
+    dirty = flash_attention(q, k2, v2, causal=True, q_positions=qp)
+    assert torch.equal(dirty[0], clean[0])
+    check_case("per-batch positions", q, k, v, causal=True, q_positions=qp)
+
+
+@in_process
+@pytest.mark.parametrize("case", ["one_key", "window_0_1"])
+def test_bf16_gradients_exactly_zero(case):
+    # issue 12's defect: one allowed key per row makes the softmax gradient exactly 0 (dQ = dK = 0).
+    # The interpreter truncates float32 to bfloat16; P rounded to 0.996 inside P V and Delta taken
+    # from the truncated bfloat16 output gave dQ and dK up to 4.7. Fails on the old kernel.
+    if case == "one_key":
+        q, k, v = make_qkv(1, 1, 1, 6, 1, 1, 60, torch.bfloat16, magnitude=3.0, seed=1)
+        kw = {}
+    else:
+        q, k, v = make_qkv(1, 1, 1, 2, 4, 1, 44, torch.bfloat16, magnitude=3.0, seed=2)
+        kw = {"window": (0, 1)}
+    leafs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = flash_attention(*leafs, **kw)
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.dtype) * 4
+    out.backward(do)
+    if case == "one_key":
+        assert torch.equal(leafs[0].grad, torch.zeros_like(q)) and torch.equal(leafs[1].grad, torch.zeros_like(k))
+    check_case(case, q, k, v, **kw)
 
 
 # -- options -----------------------------------------------------------------------------------------
@@ -312,7 +419,7 @@ def test_large_scores(extra):
 def test_nan_stays_in_its_row():
     q, k, v = make_qkv(1, 2, 2, 20, 20, 16, 16, torch.float32)
     q[0, 1, 7, 3] = float("nan")
-    out, st = triton_gpu.flash_attention(q, k, v, return_stats=True)
+    out, st = flash_attention(q, k, v, return_stats=True)
     bad = torch.isnan(out).any(-1)  # (B, H, Lq)
     expect = torch.zeros_like(bad)
     expect[0, 1, 7] = True
@@ -333,7 +440,7 @@ def test_deterministic_backward(case):
     grads = []
     for _ in range(2):
         leafs = [t.clone().requires_grad_() for t in (q, k, v)]
-        triton_gpu.flash_attention(*leafs, deterministic=True, **kw).sum().backward()
+        flash_attention(*leafs, deterministic=True, **kw).sum().backward()
         grads.append([t.grad for t in leafs])
     assert all(torch.equal(a, b) for a, b in zip(*grads)), "deterministic gradients differ between runs"
 
@@ -354,7 +461,9 @@ def test_split_kv(shape, splits, extra):
 
 @in_process
 def test_split_kv_plan_on_cpu_is_one_pass():
-    assert triton_gpu._kernels_for(torch.device("cpu")).plan_splits(1, 32, 8, 1, 32768, torch.device("cpu")) == (4, 1)
+    kern = triton_gpu._kernels_for(torch.device("cpu"))
+    assert kern.plan_pack(32, 8, 1) == 4
+    assert kern.plan_splits(1, 32, 4, 1, 32768, torch.device("cpu")) == 1
 
 
 @in_process
@@ -365,7 +474,7 @@ def test_varlen_matches_per_sequence_attention():
     total = int(cu[-1])
     q, k, v = (torch.randn(total, 4, 16) for _ in range(3))
     k, v = k[:, :2], v[:, :2]  # GQA
-    out, st = triton_gpu.flash_attention_varlen(q, k, v, cu, cu, causal=True, return_stats=True)
+    out, st = flash_attention_varlen(q, k, v, cu, cu, causal=True, return_stats=True)
     assert out.shape == (total, 4, 16) and st.lse.shape == (4, total)
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
         if s == e:
@@ -378,12 +487,33 @@ def test_varlen_matches_per_sequence_attention():
 
 
 @in_process
+def test_varlen_kv_cache_alignment_per_sequence():
+    # cu_seqlens_q != cu_seqlens_k (a chunk of new queries against each sequence's cache):
+    # FlashAttention aligns causal bottom-right on each sequence's own lengths
+    q_lens, k_lens = [3, 1, 0, 6], [7, 1, 4, 6]
+    cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()])
+    cu_k = torch.tensor([0, *torch.tensor(k_lens).cumsum(0).tolist()])
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(int(cu_q[-1]), 2, 16, generator=g)
+    k, v = (torch.randn(int(cu_k[-1]), 1, 16, generator=g) for _ in range(2))
+    out = flash_attention_varlen(q, k, v, cu_q, cu_k, causal=True)
+    for n in range(len(q_lens)):
+        if q_lens[n] == 0:
+            continue
+        sq = q[cu_q[n]:cu_q[n + 1]].permute(1, 0, 2)[None]  # (1, H, Lq_n, D)
+        sk, sv = (t[cu_k[n]:cu_k[n + 1]].permute(1, 0, 2)[None] for t in (k, v))
+        r64, _ = reference.attention(sq, sk, sv, mask=masks.causal())  # default positions: bottom-right
+        low, _ = reference.attention(sq, sk, sv, mask=masks.causal(), upcast=False)
+        assert_close(f"varlen seq {n}", out[cu_q[n]:cu_q[n + 1]].permute(1, 0, 2)[None], r64, low)
+
+
+@in_process
 def test_varlen_bad_offsets():
     q = torch.randn(10, 2, 16)
     with pytest.raises(ValueError, match="cu_seqlens_q"):
-        triton_gpu.flash_attention_varlen(q, q, q, torch.tensor([0, 4, 9]), torch.tensor([0, 10]))
-    with pytest.raises(ValueError, match="cu_seqlens_q == cu_seqlens_k"):
-        triton_gpu.flash_attention_varlen(q, q, q, torch.tensor([0, 4, 10]), torch.tensor([0, 6, 10]), causal=True)
+        flash_attention_varlen(q, q, q, torch.tensor([0, 4, 9]), torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="same number of sequences"):
+        flash_attention_varlen(q, q, q, torch.tensor([0, 4, 10]), torch.tensor([0, 10]), causal=True)
 
 
 # -- refusals, options, auto ------------------------------------------------------------------------
@@ -414,9 +544,34 @@ def test_float_mask_gradient_refused():
 def test_option_validation():
     q, k, v = make_qkv(1, 2, 2, 5, 5, 16, 16, torch.float32)
     with pytest.raises(TypeError, match="deterministic"):
-        triton_gpu.flash_attention(q, k, v, deterministic=1)
+        flash_attention(q, k, v, deterministic=1)
     with pytest.raises(ValueError, match="num_splits"):
-        triton_gpu.flash_attention(q, k, v, num_splits=0)
+        flash_attention(q, k, v, num_splits=0)
+    with pytest.raises(ValueError, match="num_splits"):  # the same check through attention()
+        selfattn.attention(q, k, v, backend="triton", backend_options={"num_splits": 0})
+    with pytest.raises(BackendUnavailable, match="block_size"):  # an option this backend does not know
+        selfattn.attention(q, k, v, backend="triton", backend_options={"block_size": 64})
+
+
+@in_process
+def test_backend_options_reach_the_kernel():
+    # attention(backend_options=...) is the same call as flash_attention(...): bit for bit
+    q, k, v = make_qkv(1, 2, 2, 3, 40, 16, 16, torch.float32)
+    a = selfattn.attention(q, k, v, backend="triton", backend_options={"num_splits": 3})
+    b = flash_attention(q, k, v, num_splits=3)
+    c = flash_attention(q, k, v, num_splits=1)
+    assert torch.equal(a, b) and not torch.equal(a, c)  # three slices merged round differently from one pass
+
+
+@in_process
+def test_observers_see_flash_attention_calls():
+    seen = []
+    q, k, v = make_qkv(1, 2, 2, 5, 5, 16, 16, torch.float32)
+    with selfattn.functional.observe(lambda *a: seen.append(a[3])):
+        flash_attention(q, k, v, causal=True)
+        flash_attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                               torch.tensor([0, 5]), torch.tensor([0, 5]))
+    assert len(seen) == 2 and seen[0]["causal"] is True
 
 
 @in_process
@@ -431,26 +586,27 @@ def test_auto_never_prefers_the_interpreter():
 def test_custom_ops_fake_tensors():
     # torch.library: schema and fake (meta) implementations agree with the real kernels
     q, k, v = make_qkv(1, 2, 1, 9, 12, 16, 8, torch.float32)
-    fwd_args = (q, k, v, torch.tensor([7], dtype=torch.int32), None, None, None, 0.25, 0.0, 4, 0, True, 0)
+    req = _request(q, k, v, mask=masks.padding([7]), window=(4, 0))
+    t, i = triton_gpu.kernel_mask(req, 16, 16).to_lists()
+    fwd_args = (q, k, v, t, i, 0.25, 0.0, True, 1, 1, True)
     torch.library.opcheck(torch.ops.selfattn.triton_fwd.default, fwd_args, test_utils=("test_schema", "test_faketensor"))
-    out, lse, row_m, row_l, _, _ = torch.ops.selfattn.triton_fwd(*fwd_args)
-    bwd_args = (torch.randn_like(out), q, k, v, out, row_m, row_l, torch.tensor([7], dtype=torch.int32), None, None, None, None,
-                0.25, 0.0, 4, 0, True)
+    out, rs = torch.ops.selfattn.triton_fwd(*fwd_args)
+    bwd_args = (torch.randn_like(out), q, k, v, out, rs[1], rs[2], t, i, t, i, 0.25, 0.0)
     torch.library.opcheck(torch.ops.selfattn.triton_bwd.default, bwd_args, test_utils=("test_schema", "test_faketensor"))
 
 
 @in_process
 def test_torch_compile_traces_without_graph_breaks():
     q, k, v = make_qkv(1, 2, 2, 20, 20, 16, 16, torch.float32)
-    fn = torch.compile(lambda a, b, c: triton_gpu.flash_attention(a, b, c, causal=True), backend="aot_eager", fullgraph=True)
+    fn = torch.compile(lambda a, b, c: flash_attention(a, b, c, causal=True), backend="aot_eager", fullgraph=True)
     got = fn(q, k, v)
-    assert torch.equal(got, triton_gpu.flash_attention(q, k, v, causal=True))
+    assert torch.equal(got, flash_attention(q, k, v, causal=True))
 
 
 @in_process
 def test_empty_sequences_handled_before_the_kernel():
     q, k, v = make_qkv(1, 2, 2, 5, 0, 16, 16, torch.float32)
-    out, st = triton_gpu.flash_attention(q, k, v, return_stats=True)
+    out, st = flash_attention(q, k, v, return_stats=True)
     assert torch.equal(out, torch.zeros_like(out)) and bool((st.lse == float("-inf")).all())
 
 
