@@ -14,16 +14,13 @@ import pytest
 import torch
 
 import selfattn
-from selfattn import masks, reference
+from selfattn import masks
 from selfattn.backends import BackendUnavailable
 from selfattn.backends import cpu as cpu_backend
 from selfattn.kernels import cpu_flash
-from selfattn.stats import AttentionStats
 
-from conftest import farther, permuted_reference
+from _oracle import reference_pair
 from tolerance import assert_close
-
-STAT_FIELDS = ("lse", "max_logit", "entropy")
 
 # (B, Hq, Hkv, Lq, Lk, D, Dv)
 SHAPES = [
@@ -92,43 +89,13 @@ def _inputs(shape, dtype, magnitude=1.0, seed=0):
     return [t.to(dtype) for t in (q, k, v, go)]
 
 
-def _reference(q, k, v, go, kw, *, low):
-    """(out, stats, (dq, dk, dv)) of the reference: float64, or its low-precision twin.
-
-    For float64 inputs the "low precision" twin is the reference with every reduction in another
-    order (conftest.permuted_reference), so that its difference measures float64 rounding; two
-    orders, and each quantity takes the one that differs more from the float64 reference (one
-    order alone can round luckily well, e.g. with two keys).
-    """
-    mask = selfattn.functional._resolve_mask(kw.get("mask"), kw.get("causal", False), kw.get("window"))
-    args = dict(scale=kw.get("scale"), softcap=kw.get("softcap"))
-
-    def run(dtype, order=None):
-        q_, k_, v_ = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
-        if order is None:
-            out, st = reference.attention(q_, k_, v_, mask=mask, upcast=not low, **args)
-        else:
-            out, st = permuted_reference(q_, k_, v_, mask=mask, order=order, **args)
-        grads = torch.autograd.grad(out, (q_, k_, v_), go.to(out.dtype))
-        return [out.detach(), *(getattr(st.detach(), f) for f in STAT_FIELDS), *grads]
-
-    if not low:
-        got = run(torch.float64)
-    elif q.dtype != torch.float64:
-        got = run(q.dtype)
-    else:
-        ref, one, two = run(torch.float64), run(torch.float64, "reversed"), run(torch.float64, "rolled")
-        got = [farther(r, a, b) for r, a, b in zip(ref, one, two)]
-    return got[0], AttentionStats(*got[1:4]), tuple(got[4:])
-
-
 def check_against_reference(name, q, k, v, go, **kw):
     """Run the cpu backend forward (with stats) and backward and hold everything to the reference."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
     out, stats = selfattn.attention(q, k, v, backend="cpu", return_stats=True, **kw)
     grads = torch.autograd.grad(out, (q, k, v), go)
-    out64, st64, g64 = _reference(q, k, v, go, kw, low=False)
-    low, st_low, g_low = _reference(q, k, v, go, kw, low=True)
+    ref64, ref_low = reference_pair(q, k, v, do=go, **kw)  # float64, and its low-precision twin
+    (out64, st64, g64), (low, st_low, g_low) = ((r.out, r.stats, r.grads) for r in (ref64, ref_low))
     assert out.dtype == q.dtype
     assert_close(f"{name} out", out, out64, low)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
