@@ -131,7 +131,7 @@ class RefRun:
 
     out: torch.Tensor  # (B, Hq, Lq, Dv)
     stats: AttentionStats  # each (B, Hq, Lq)
-    grads: tuple | None = None  # (dq, dk, dv[, dmask]) for the upstream gradient
+    grads: tuple | None = None  # (dq, dk, dv[, dmask][, dsinks]) for the upstream gradient
     masked: torch.Tensor | None = None  # (B, Hq, Lq, Lk) logits after masking, -inf where ruled out
 
 
@@ -157,17 +157,20 @@ def reference_run(q, k, v, kw, *, dtype, upcast=True, order=None, do=None, maske
     """The reference on (q, k, v) taken to ``dtype``; ``upcast=False`` computes in that dtype.
 
     ``order`` "reversed" or "rolled" reorders every reduction (see :func:`_permuted`). ``do``: an
-    upstream gradient, for dq, dk, dv (and d mask when ``kw["mask"]`` is a float tensor that requires
-    grad). ``masked``: also return the masked logits.
+    upstream gradient, for dq, dk, dv, then d mask when ``kw["mask"]`` is a float tensor that requires
+    grad and d sinks when ``kw["sinks"]`` requires grad. ``masked``: also return the masked logits.
     """
     leafs = [t.detach().to(dtype).requires_grad_(do is not None) for t in (q, k, v)]
-    m = kw.get("mask")
-    mask_leaf = None
+    m, sinks = kw.get("mask"), kw.get("sinks")
+    extra = []  # further leaves to differentiate: a float mask, the sinks
     if do is not None and isinstance(m, torch.Tensor) and m.requires_grad:
-        mask_leaf = m.detach().to(dtype).requires_grad_()
-        m = mask_leaf
+        m = m.detach().to(dtype).requires_grad_()
+        extra.append(m)
     mask = resolve_mask(m, kw.get("causal", False), kw.get("window"))
     args = dict(mask=mask, generator=_fresh(kw.get("generator")), upcast=upcast, **_reference_args(kw))
+    if do is not None and sinks is not None and sinks.requires_grad:
+        args["sinks"] = sinks.detach().to(torch.float64 if upcast else dtype).requires_grad_()
+        extra.append(args["sinks"])
     trace = reference.Trace() if masked else None
     if order is None:
         out, st = reference.attention(*leafs, trace=trace, **args)
@@ -176,8 +179,7 @@ def reference_run(q, k, v, kw, *, dtype, upcast=True, order=None, do=None, maske
         out, st, logits = _permuted(*leafs, order=order, trace=trace, **args)
     grads = None
     if do is not None:
-        wrt = leafs + ([mask_leaf] if mask_leaf is not None else [])
-        grads = torch.autograd.grad(out, wrt, do.to(out.dtype))
+        grads = torch.autograd.grad(out, leafs + extra, do.to(out.dtype))
     return RefRun(out.detach(), AttentionStats(*(getattr(st, f).detach() for f in STAT_FIELDS)), grads, logits)
 
 
@@ -263,8 +265,10 @@ def compare(name, pair, out=None, *, stats=None, grads=None, dtype=None):
             assert acc is None or s.dtype == acc, f"{name} {f}: dtype {s.dtype}, expected {acc}"
             assert_close(f"{name} {f}", s, getattr(ref64.stats, f), getattr(low.stats, f))
     if grads is not None:
-        for gname, g, r, lo in zip(("dq", "dk", "dv", "dmask"), grads, ref64.grads, low.grads):
-            assert dtype is None or gname == "dmask" or g.dtype == dtype, f"{name} {gname}: dtype {g.dtype}"
+        assert len(grads) == len(ref64.grads), f"{name}: {len(grads)} gradients, the reference has {len(ref64.grads)}"
+        names = ("dq", "dk", "dv", *(f"d{i}" for i in range(3, len(grads))))  # then d mask / d sinks, as given
+        for gname, g, r, lo in zip(names, grads, ref64.grads, low.grads):
+            assert dtype is None or gname not in ("dq", "dk", "dv") or g.dtype == dtype, f"{name} {gname}: dtype {g.dtype}"
             assert not torch.isnan(g).any() or torch.isnan(r).any(), f"{name} {gname}: NaN"
             assert_close(f"{name} {gname}", g, r, lo, factor=3.0)
 

@@ -36,11 +36,10 @@ finally:
         os.environ["TRITON_INTERPRET"] = _PREVIOUS
 
 import selfattn  # noqa: E402
-from selfattn import masks, reference  # noqa: E402
+from selfattn import masks  # noqa: E402
 from selfattn.backends import BackendUnavailable  # noqa: E402
 from selfattn.backends import triton_gpu  # noqa: E402
 from selfattn.gpu import flash_attention, flash_attention_varlen  # noqa: E402
-from selfattn.request import resolve_mask  # noqa: E402
 
 from _oracle import compare, reference_pair  # noqa: E402
 from tolerance import assert_close  # noqa: E402
@@ -83,18 +82,6 @@ def make_qkv(b, hq, hkv, lq, lk, d, dv, dtype, device="cpu", magnitude=1.0, seed
     return [t.to(device=device, dtype=dtype) for t in (q, k, v)]
 
 
-def _sink_grads(q, k, v, do, kw):
-    """d loss / d sinks of the float64 reference and of its low-precision twin."""
-    out = []
-    for dtype, upcast in ((torch.float64, True), (q.dtype, False)):
-        sinks = kw["sinks"].detach().to(dtype).requires_grad_()
-        args = {n: kw.get(n) for n in ("scale", "softcap", "q_positions", "kv_positions", "alibi_slopes")}
-        o, _ = reference.attention(*(t.detach().to(dtype) for t in (q, k, v)), sinks=sinks, upcast=upcast,
-                                   mask=resolve_mask(kw.get("mask"), kw.get("causal", False), kw.get("window")), **args)
-        out.append(torch.autograd.grad(o, sinks, do.to(o.dtype))[0])
-    return out
-
-
 def check_case(name, q, k, v, *, grads=True, deterministic=False, num_splits=None, **kw):
     """Run flash_attention (with stats and, if ``grads``, a backward) and hold every output to
     the reference pair: out and stats factor 2, gradients factor 3 (the sinks' too), fully-masked
@@ -106,7 +93,7 @@ def check_case(name, q, k, v, *, grads=True, deterministic=False, num_splits=Non
     out, st = flash_attention(*leafs, return_stats=True, deterministic=deterministic, num_splits=num_splits, **call)
     assert out.shape == q.shape[:-1] + (v.shape[-1],)
     do = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(out)
-    pair = reference_pair(q, k, v, do=do if grads else None, **kw)
+    pair = reference_pair(q, k, v, do=do if grads else None, **call)  # with d sinks when they require grad
     compare(name, pair, out, stats=st, dtype=q.dtype)
     ref64 = pair[0]
     dead = ref64.stats.lse == float("-inf")  # (B, Hq, Lq) fully-masked rows (no sinks)
@@ -119,13 +106,11 @@ def check_case(name, q, k, v, *, grads=True, deterministic=False, num_splits=Non
             assert bool((st.lse[dead] == float("-inf")).all()) and bool((st.entropy[dead] == 0).all())
     if grads:
         out.backward(do)
-        compare(name, pair, grads=[t.grad for t in leafs], dtype=q.dtype)
+        sink_grad = [call["sinks"].grad] if kw.get("sinks") is not None else []
+        compare(name, pair, grads=[t.grad for t in leafs] + sink_grad, dtype=q.dtype)
         if dead.any():
             dq = leafs[0].grad[dead]
             assert torch.equal(dq, torch.zeros_like(dq)), f"{name}: dq of fully-masked rows not 0"
-        if kw.get("sinks") is not None:
-            s64, slow = _sink_grads(q, k, v, do, kw)
-            assert_close(f"{name} dsinks", call["sinks"].grad, s64, slow, factor=3.0)
     return out, st
 
 
@@ -480,10 +465,9 @@ def test_varlen_matches_per_sequence_attention():
         if s == e:
             continue
         sl = [t[s:e].permute(1, 0, 2)[None] for t in (q, k, v)]  # (1, H, L, D)
-        r64, st64 = reference.attention(*sl, mask=masks.causal())
-        low, st_low = reference.attention(*sl, mask=masks.causal(), upcast=False)
-        assert_close("varlen out", out[s:e].permute(1, 0, 2)[None], r64, low)
-        assert_close("varlen lse", st.lse[:, s:e][None], st64.lse, st_low.lse)
+        r64, low = reference_pair(*sl, causal=True)
+        assert_close("varlen out", out[s:e].permute(1, 0, 2)[None], r64.out, low.out)
+        assert_close("varlen lse", st.lse[:, s:e][None], r64.stats.lse, low.stats.lse)
 
 
 @in_process
@@ -502,9 +486,8 @@ def test_varlen_kv_cache_alignment_per_sequence():
             continue
         sq = q[cu_q[n]:cu_q[n + 1]].permute(1, 0, 2)[None]  # (1, H, Lq_n, D)
         sk, sv = (t[cu_k[n]:cu_k[n + 1]].permute(1, 0, 2)[None] for t in (k, v))
-        r64, _ = reference.attention(sq, sk, sv, mask=masks.causal())  # default positions: bottom-right
-        low, _ = reference.attention(sq, sk, sv, mask=masks.causal(), upcast=False)
-        assert_close(f"varlen seq {n}", out[cu_q[n]:cu_q[n + 1]].permute(1, 0, 2)[None], r64, low)
+        r64, low = reference_pair(sq, sk, sv, causal=True)  # default positions: bottom-right
+        assert_close(f"varlen seq {n}", out[cu_q[n]:cu_q[n + 1]].permute(1, 0, 2)[None], r64.out, low.out)
 
 
 @in_process
