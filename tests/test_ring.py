@@ -141,7 +141,7 @@ def _expect_error(fn, match):
 
 
 def _errors(rank, world, _backend):
-    q = torch.randn(1, 2, 8 * world, 4, dtype=torch.float64)
+    q = torch.randn(1, 2, 8 * world, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))  # the same on every rank
     # a length that does not divide: shard refuses on every rank
     _expect_error(lambda: shard(torch.randn(1, 2, 4 * world + 1, 4), 2), "must be divisible by")
     _expect_error(lambda: shard(torch.randn(1, 2, 2 * world + 2, 4), 2, "balanced"), "2 x the world size")
@@ -167,11 +167,18 @@ def _errors(rank, world, _backend):
     if rank:
         assert "rank 0 refused" in msg
     _expect_error(lambda: ring_attention(xs, xs, xs, layout="zigzag"), "layout must be one of")
+    _expect_error(lambda: ring_attention(xs, xs, xs, timeout=0), "timeout must be a positive number")
+    _expect_error(lambda: ring_attention(xs, xs, xs, backend="nope"), "unknown backend")
+    # an explicit backend that cannot serve the pieces: found before any transfer, on every rank. With a
+    # window on the contiguous layout only ranks 1.. have a piece that needs positions (cpu has none)
+    msg = _expect_error(lambda: ring_attention(xs, xs, xs, window=3, backend="cpu"), "positions")
+    assert ("rank 1 refused" in msg) == (rank == 0), msg
+    _expect_error(lambda: ring_attention(xs, xs, xs, causal=True, backend="sdpa"), "return_stats")
     # unshard reassembles what shard cut, in both layouts
     for layout in ("contiguous", "balanced"):
         assert torch.equal(unshard(shard(q, 2, layout), 2, layout), q)
     # after all that, a good call still works (nothing left in flight)
-    out = ring_attention(xs, xs, xs, causal=True)
+    out = ring_attention(xs, xs, xs, causal=True, backend="math")
     assert torch.allclose(unshard(out, 2), selfattn.attention(q, q, q, causal=True, backend="math"), rtol=0, atol=1e-12)
 
 

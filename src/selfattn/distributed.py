@@ -278,8 +278,11 @@ def _describe(sigs):
     return "; ".join(diffs)
 
 
-def _agree(g, world, error, sig, device):
-    """One all_gather: raise the same ValueError on every rank if any rank's call is bad or they differ."""
+def _agree(g, world, error, error_type, sig, device):
+    """One all_gather: raise on every rank if any rank's call is bad or the ranks' calls differ.
+
+    The rank that found the problem raises its own error (its type); the others a ValueError naming it.
+    """
     row = torch.tensor([1 if error else 0] + (sig if sig is not None else [0] * _SIG_LEN), dtype=torch.int64, device=device)
     rows = [torch.empty_like(row) for _ in range(world)]
     dist.all_gather(rows, row, group=g)
@@ -288,7 +291,7 @@ def _agree(g, world, error, sig, device):
         msgs = [None] * world
         dist.all_gather_object(msgs, error, group=g)
         if error:
-            raise ValueError(error)
+            raise error_type(error)
         bad = next(i for i, m in enumerate(msgs) if m)
         raise ValueError(f"ring_attention: rank {bad} refused the call: {msgs[bad]}")
     sigs = [r[1:] for r in rows]
@@ -377,6 +380,21 @@ def _backend_for(plan: _Plan, q, k, v, req):
                                                "which this mask needs for pieces off the diagonal; use backend='auto' or 'math'")
         b = _backends.get("math")
     return b.name
+
+
+def _preflight(plan: _Plan, q, k, v):
+    """Resolve the backend of every piece this rank will compute, before any transfer starts.
+
+    A backend that refuses a piece would otherwise fail on one rank in the middle of the ring
+    while the others wait for it. The keys of other ranks are stood in for by this rank's.
+    """
+    acc = plan.acc
+    qa, ka, va = q.detach().to(acc), k.detach().to(acc), v.detach().to(acc)
+    for src in range(plan.world):
+        for qs, ks, piece in _pieces(plan, src, q.device):
+            req = build_request(qa[:, :, qs], ka[:, :, ks], va[:, :, ks], mask=piece.mask, scale=plan.scale, softcap=plan.softcap,
+                                q_positions=piece.q_positions, kv_positions=piece.kv_positions, return_stats=True, requires_grad=False)
+            _backend_for(plan, qa[:, :, qs], ka[:, :, ks], va[:, :, ks], req)
 
 
 def _piece_forward(plan: _Plan, q, k, v, piece: _Piece):
@@ -619,7 +637,7 @@ def ring_attention(
         every rank when any rank's call is bad or the ranks' shards/options differ.
     """
     g, rank, world = _group(group, "ring_attention")
-    error, sig, plan = None, None, None
+    error, error_type, sig, plan = None, None, None, None
     try:
         check_qkv(q, k, v)
         _check_layout(layout, "ring_attention")
@@ -641,11 +659,13 @@ def ring_attention(
         plan = _Plan(rank=rank, world=world, group=g, layout=layout, n=n, batch=B, q_heads=Hq, kv_heads=k.shape[1],
                      scale=sc, softcap=req.softcap, band=band, structural=structural, backend=backend, acc=acc_dtype(q.dtype),
                      timeout=None if timeout is None else datetime.timedelta(seconds=timeout))
-        _backends.get(backend) if backend != "auto" else None
-    except (TypeError, ValueError) as e:
-        error = str(e) if str(e).startswith("ring_attention") else f"ring_attention: {e}"
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
+            raise ValueError(f"ring_attention: timeout must be a positive number of seconds or None, got {timeout!r}")
+        _preflight(plan, q, k, v)
+    except (TypeError, ValueError, _backends.BackendUnavailable) as e:
+        error, error_type = (str(e) if str(e).startswith("ring_attention") else f"ring_attention: {e}"), type(e)
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
-    _agree(g, world, error, sig, device)
+    _agree(g, world, error, error_type, sig, device)
     if grad:
         out, lse, mx, ent = _RingAttention.apply(q, k, v, plan)
     else:
