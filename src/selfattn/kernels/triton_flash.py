@@ -209,14 +209,81 @@ def _allowed(code, rows, cols, q_pos, kv_pos, row_live, row_meta, r_str, col_met
     return ok
 
 
+@triton.jit
+def _row_tile(q, kb, code, K, k_str, row, meta, coef,
+              MASKED: tl.constexpr, D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BAND: tl.constexpr, POS: tl.constexpr, LIVE_ROWS: tl.constexpr,
+              LIVE_COLS: tl.constexpr, N_IDS: tl.constexpr, ALLOW: tl.constexpr, BIAS: tl.constexpr,
+              FN: tl.constexpr, ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, NATURAL: tl.constexpr,
+              DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    # One key tile kb against a block of query rows (forward and dQ): load K^T, compute the
+    # scores and logits, and in a MASKED tile apply the element-wise mask (-inf where ruled out).
+    # row = (rows, q_pos, live, slope, row_meta, allow_row, bias_row): per-row state and pointers;
+    # meta = (Cols at this batch, c_str, r_str, a_str, bias_str, FnBits, fn_str);
+    # coef = (scale, scale_log2, softcap, win_left, win_right, seq_q, seq_k).
+    rows, q_pos, row_live, slope, row_meta, allow_row, bias_row = row
+    cols_b, c_str, r_str, a_str, bias_str, FnBits, fn_str = meta
+    scale, scale_log2, softcap, win_left, win_right, seq_q, seq_k = coef
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_in = offs_n < seq_k
+    kt = _load2(K + offs_d[:, None] * k_str[3] + offs_n[None, :] * k_str[2],
+                offs_d < D, n_in, D != HEAD_DIM, MASKED)  # (HEAD_DIM, BLOCK_N)
+    col_meta = cols_b + offs_n * c_str[2]
+    kv_pos = offs_n * 0
+    if POS:
+        kv_pos = tl.load(col_meta, mask=n_in, other=0)
+    qk = _dot(q, kt, DOT_F32, PRECISION)  # (BLOCK_M, BLOCK_N)
+    s, t = _logits(qk, q_pos[:, None], kv_pos[None, :], slope[:, None],
+                   bias_row[:, None] + offs_n[None, :].to(tl.int64) * bias_str[3], n_in[None, :],
+                   scale, scale_log2, softcap, SOFTCAP, ALIBI, BIAS, NATURAL)
+    ok = n_in[None, :]  # unused unless MASKED
+    if MASKED:
+        ok = _allowed(code, rows[:, None], offs_n[None, :], q_pos[:, None], kv_pos[None, :], row_live[:, None],
+                      row_meta[:, None], r_str, col_meta[None, :], c_str,
+                      allow_row[:, None] + offs_n[None, :].to(tl.int64) * a_str[3], FnBits, fn_str,
+                      seq_q, seq_k, win_left, win_right, BAND, LIVE_ROWS, LIVE_COLS, N_IDS, ALLOW, FN,
+                      BLOCK_M, BLOCK_N)
+        s = tl.where(ok, s, NEG_INF)
+    return offs_n, n_in, kt, qk, s, t, ok
+
+
+@triton.jit
+def _row_state(b64, rows, heads, q_pos, row_live, slope, Rows, r_str, Allow, a_str, Bias, bias_str):
+    # the per-row tuple _row_tile takes
+    row_meta = Rows + b64 * r_str[1] + rows * r_str[2]
+    allow_row = Allow + b64 * a_str[0] + heads.to(tl.int64) * a_str[1] + rows.to(tl.int64) * a_str[2]
+    bias_row = Bias + b64 * bias_str[0] + heads.to(tl.int64) * bias_str[1] + rows.to(tl.int64) * bias_str[2]
+    return rows, q_pos, row_live, slope, row_meta, allow_row, bias_row
+
+
+@triton.jit
+def _span(ptr, stride):
+    # a block's [start, fs, fe, end) from a span table (see the module docstring)
+    return tl.load(ptr), tl.load(ptr + stride), tl.load(ptr + 2 * stride), tl.load(ptr + 3 * stride)
+
+
+@triton.jit
+def _phase(phase: tl.constexpr, start, fs, fe, end, c0, c1):
+    # tile range of one of the three loops, inside this program's slice [c0, c1)
+    if phase == 0:
+        lo = tl.maximum(start, c0)
+        hi = tl.minimum(fs, c1)
+    elif phase == 1:
+        lo = tl.maximum(fs, c0)
+        hi = tl.minimum(fe, c1)
+    else:
+        lo = tl.maximum(fe, c0)
+        hi = tl.minimum(end, c1)
+    return lo, hi
+
+
 # -- forward ----------------------------------------------------------------------------------
 
 
 @triton.jit
 def _fwd_tiles(
-    acc, l_i, m_i, e_i, q, rows, heads, q_pos, row_live, slope, t_lo, t_hi,
-    K, V, k_str, v_str, tile_row, t_str, Rows, r_str, Cols, c_str, Allow, a_str, Bias, bias_str,
-    FnBits, fn_str, b, seq_q, seq_k, scale, scale_log2, softcap, win_left, win_right,
+    acc, l_i, m_i, e_i, q, row, meta, coef, t_lo, t_hi, K, V, k_str, v_str, tile_row, t_str,
     MASKED: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr, POS: tl.constexpr,
     LIVE_ROWS: tl.constexpr, LIVE_COLS: tl.constexpr, N_IDS: tl.constexpr, ALLOW: tl.constexpr,
@@ -225,38 +292,17 @@ def _fwd_tiles(
 ):
     # key tiles [t_lo, t_hi) of one query block. MASKED: read each tile's kind, skip EMPTY ones and
     # apply the element-wise mask; otherwise every tile is FULL and whole (no test at all).
-    b64 = b.to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
-    row_meta = Rows + b64 * r_str[1] + rows * r_str[2]
-    allow_row = Allow + b64 * a_str[0] + heads.to(tl.int64) * a_str[1] + rows.to(tl.int64) * a_str[2]
-    bias_row = Bias + b64 * bias_str[0] + heads.to(tl.int64) * bias_str[1] + rows.to(tl.int64) * bias_str[2]
     for kb in range(t_lo, t_hi):
         code = 2
         if MASKED:
             code = tl.load(tile_row + kb * t_str[3])
         if (code & 3) != EMPTY:
-            offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_in = offs_n < seq_k
-            kt = _load2(K + offs_d[:, None] * k_str[3] + offs_n[None, :] * k_str[2],
-                        offs_d < D, n_in, D != HEAD_DIM, MASKED)  # (HEAD_DIM, BLOCK_N)
+            offs_n, n_in, kt, qk, s, t, ok = _row_tile(
+                q, kb, code, K, k_str, row, meta, coef, MASKED, D, HEAD_DIM, BLOCK_M, BLOCK_N, BAND, POS,
+                LIVE_ROWS, LIVE_COLS, N_IDS, ALLOW, BIAS, FN, ALIBI, SOFTCAP, NATURAL, DOT_F32, PRECISION)
             v = _load2(V + offs_n[:, None] * v_str[2] + offs_dv[None, :] * v_str[3],
                        n_in, offs_dv < DV, MASKED, DV != HEAD_DIM_V)  # (BLOCK_N, HEAD_DIM_V)
-            col_meta = Cols + b64 * c_str[1] + offs_n * c_str[2]
-            kv_pos = offs_n * 0
-            if POS:
-                kv_pos = tl.load(col_meta, mask=n_in, other=0)
-            qk = _dot(q, kt, DOT_F32, PRECISION)  # (BLOCK_M, BLOCK_N)
-            s, t = _logits(qk, q_pos[:, None], kv_pos[None, :], slope[:, None],
-                           bias_row[:, None] + offs_n[None, :].to(tl.int64) * bias_str[3], n_in[None, :],
-                           scale, scale_log2, softcap, SOFTCAP, ALIBI, BIAS, NATURAL)
-            if MASKED:
-                ok = _allowed(code, rows[:, None], offs_n[None, :], q_pos[:, None], kv_pos[None, :], row_live[:, None],
-                              row_meta[:, None], r_str, col_meta[None, :], c_str,
-                              allow_row[:, None] + offs_n[None, :].to(tl.int64) * a_str[3], FnBits, fn_str,
-                              seq_q, seq_k, win_left, win_right, BAND, LIVE_ROWS, LIVE_COLS, N_IDS, ALLOW, FN,
-                              BLOCK_M, BLOCK_N)
-                s = tl.where(ok, s, NEG_INF)
             # -- new running max; a row with nothing allowed yet keeps -inf and shifts by 0 --
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
@@ -266,7 +312,7 @@ def _fwd_tiles(
                 z = (s - m_use[:, None]) * LOG2E  # -inf where masked
                 dm = (m_i - m_use) * LOG2E
             else:
-                z = tl.fma(qk, scale_log2, -m_use[:, None])
+                z = tl.fma(qk, coef[1], -m_use[:, None])
                 dm = m_i - m_use
             p = tl.exp2(z)
             if MASKED and not NATURAL:
@@ -315,11 +361,7 @@ def _attn_fwd(
         pid_m, b, hq0, Rows, r_str, Slopes, sl_str, seq_q, PACK, POS, LIVE_ROWS, ALIBI, BLOCK_M)
 
     # the key tiles this query block visits (see the module docstring), cut to this split's slice
-    span = Span + b64 * sp_str[0] + hq0.to(tl.int64) * sp_str[1] + pid_m * sp_str[2]
-    start = tl.load(span)
-    fs = tl.load(span + sp_str[3])
-    fe = tl.load(span + 2 * sp_str[3])
-    end = tl.load(span + 3 * sp_str[3])
+    start, fs, fe, end = _span(Span + b64 * sp_str[0] + hq0.to(tl.int64) * sp_str[1] + pid_m * sp_str[2], sp_str[3])
     c0 = start
     c1 = end
     if NUM_SPLITS > 1:
@@ -334,25 +376,18 @@ def _attn_fwd(
     q = _load2(q_ptrs, row_ok, offs_d < D, True, D != HEAD_DIM)  # (BLOCK_M, HEAD_DIM)
     k_base = K + b64 * k_str[0] + hkv.to(tl.int64) * k_str[1]
     v_base = V + b64 * v_str[0] + hkv.to(tl.int64) * v_str[1]
+    row = _row_state(b64, rows, heads, q_pos, row_live, slope, Rows, r_str, Allow, a_str, Bias, bias_str)
+    meta = (Cols + b64 * c_str[1], c_str, r_str, a_str, bias_str, FnBits, fn_str)
+    coef = (scale, scale_log2, softcap, win_left, win_right, seq_q, seq_k)
 
     m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)  # running max of the logits (log2 units unless NATURAL)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(logit - max)
     e_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(logit - max) * (logit - max)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
     for phase in tl.static_range(3):  # partial-or-empty tiles, the run of full tiles, partial-or-empty tiles
-        if phase == 0:
-            lo = tl.maximum(start, c0)
-            hi = tl.minimum(fs, c1)
-        elif phase == 1:
-            lo = tl.maximum(fs, c0)
-            hi = tl.minimum(fe, c1)
-        else:
-            lo = tl.maximum(fe, c0)
-            hi = tl.minimum(end, c1)
+        lo, hi = _phase(phase, start, fs, fe, end, c0, c1)
         acc, l_i, m_i, e_i = _fwd_tiles(
-            acc, l_i, m_i, e_i, q, rows, heads, q_pos, row_live, slope, lo, hi,
-            k_base, v_base, k_str, v_str, tile_row, t_str, Rows, r_str, Cols, c_str, Allow, a_str, Bias, bias_str,
-            FnBits, fn_str, b, seq_q, seq_k, scale, scale_log2, softcap, win_left, win_right,
+            acc, l_i, m_i, e_i, q, row, meta, coef, lo, hi, k_base, v_base, k_str, v_str, tile_row, t_str,
             phase != 1, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BAND, POS, LIVE_ROWS, LIVE_COLS,
             N_IDS, ALLOW, BIAS, FN, ALIBI, SOFTCAP, NATURAL, STATS, DOT_F32, PRECISION)
 
@@ -512,11 +547,7 @@ def _attn_bwd_dkdv(
     dv = tl.zeros([BLOCK_N, HEAD_DIM_V], dtype=tl.float32)
     for g in range(0, kv_group):
         hq = (hkv * kv_group + g).to(tl.int64)
-        span = Span + b64 * sp_str[0] + hq * sp_str[1] + pid_n * sp_str[2]  # query tiles that see this key block
-        start = tl.load(span)
-        fs = tl.load(span + sp_str[3])
-        fe = tl.load(span + 2 * sp_str[3])
-        end = tl.load(span + 3 * sp_str[3])
+        start, fs, fe, end = _span(Span + b64 * sp_str[0] + hq * sp_str[1] + pid_n * sp_str[2], sp_str[3])  # query tiles that see this key block
         tile_col = Tiles + b64 * t_str[0] + hq * t_str[1] + pid_n * t_str[3]
         slope = 0.0
         if ALIBI:
@@ -528,15 +559,7 @@ def _attn_bwd_dkdv(
         allow_col = Allow + b64 * a_str[0] + hq * a_str[1] + offs_n.to(tl.int64) * a_str[3]
         bias_col = Bias + b64 * bias_str[0] + hq * bias_str[1] + offs_n.to(tl.int64) * bias_str[3]
         for phase in tl.static_range(3):
-            if phase == 0:
-                lo = start
-                hi = fs
-            elif phase == 1:
-                lo = fs
-                hi = fe
-            else:
-                lo = fe
-                hi = end
+            lo, hi = _phase(phase, start, fs, fe, end, start, end)
             dk, dv = _dkdv_tiles(
                 dk, dv, k, v, offs_n, kv_pos, slope, lo, hi,
                 q_base, do_base, dq_base, row_stats, q_str, do_str, dq_str, tile_col, t_str, Rows, r_str, Cols, c_str,
@@ -554,9 +577,7 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _dq_tiles(
-    dq, q, do, row_m, row_l, delta, rows, heads, q_pos, row_live, slope, t_lo, t_hi,
-    K, V, k_str, v_str, tile_row, t_str, Rows, r_str, Cols, c_str, Allow, a_str, Bias, bias_str,
-    FnBits, fn_str, b, seq_q, seq_k, scale, scale_log2, softcap, win_left, win_right,
+    dq, q, do, row_m, row_l, delta, row, meta, coef, t_lo, t_hi, K, V, k_str, v_str, tile_row, t_str,
     MASKED: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr, POS: tl.constexpr,
     LIVE_ROWS: tl.constexpr, LIVE_COLS: tl.constexpr, N_IDS: tl.constexpr, ALLOW: tl.constexpr,
@@ -564,42 +585,21 @@ def _dq_tiles(
     NATURAL: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # key tiles [t_lo, t_hi) of one query block: dQ += dS K
-    b64 = b.to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
-    row_meta = Rows + b64 * r_str[1] + rows * r_str[2]
-    allow_row = Allow + b64 * a_str[0] + heads.to(tl.int64) * a_str[1] + rows.to(tl.int64) * a_str[2]
-    bias_row = Bias + b64 * bias_str[0] + heads.to(tl.int64) * bias_str[1] + rows.to(tl.int64) * bias_str[2]
     for kb in range(t_lo, t_hi):
         code = 2
         if MASKED:
             code = tl.load(tile_row + kb * t_str[3])
         if (code & 3) != EMPTY:
-            offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_in = offs_n < seq_k
-            kt = _load2(K + offs_d[:, None] * k_str[3] + offs_n[None, :] * k_str[2],
-                        offs_d < D, n_in, D != HEAD_DIM, MASKED)  # (HEAD_DIM, BLOCK_N)
+            offs_n, n_in, kt, qk, s, t, ok = _row_tile(
+                q, kb, code, K, k_str, row, meta, coef, MASKED, D, HEAD_DIM, BLOCK_M, BLOCK_N, BAND, POS,
+                LIVE_ROWS, LIVE_COLS, N_IDS, ALLOW, BIAS, FN, ALIBI, SOFTCAP, NATURAL, DOT_F32, PRECISION)
             vt = _load2(V + offs_dv[:, None] * v_str[3] + offs_n[None, :] * v_str[2],
                         offs_dv < DV, n_in, DV != HEAD_DIM_V, MASKED)  # (HEAD_DIM_V, BLOCK_N)
-            col_meta = Cols + b64 * c_str[1] + offs_n * c_str[2]
-            kv_pos = offs_n * 0
-            if POS:
-                kv_pos = tl.load(col_meta, mask=n_in, other=0)
-            qk = _dot(q, kt, DOT_F32, PRECISION)  # (BLOCK_M, BLOCK_N)
-            s, t = _logits(qk, q_pos[:, None], kv_pos[None, :], slope[:, None],
-                           bias_row[:, None] + offs_n[None, :].to(tl.int64) * bias_str[3], n_in[None, :],
-                           scale, scale_log2, softcap, SOFTCAP, ALIBI, BIAS, NATURAL)
-            if MASKED:
-                ok = _allowed(code, rows[:, None], offs_n[None, :], q_pos[:, None], kv_pos[None, :], row_live[:, None],
-                              row_meta[:, None], r_str, col_meta[None, :], c_str,
-                              allow_row[:, None] + offs_n[None, :].to(tl.int64) * a_str[3], FnBits, fn_str,
-                              seq_q, seq_k, win_left, win_right, BAND, LIVE_ROWS, LIVE_COLS, N_IDS, ALLOW, FN,
-                              BLOCK_M, BLOCK_N)
-                s = tl.where(ok, s, NEG_INF)
             if NATURAL:
                 p = tl.exp2((s - row_m[:, None]) * LOG2E) * row_l[:, None]
             else:
-                p = tl.exp2(tl.fma(qk, scale_log2, -row_m[:, None])) * row_l[:, None]
+                p = tl.exp2(tl.fma(qk, coef[1], -row_m[:, None])) * row_l[:, None]
                 if MASKED:
                     p = tl.where(ok, p, 0.0)
             dp = _dot(do, vt, DOT_F32, PRECISION)  # (BLOCK_M, BLOCK_N)
@@ -632,11 +632,7 @@ def _attn_bwd_dq(
     hq64 = hq.to(tl.int64)
     offs_m, m_in, rows, heads, q_pos, row_live, slope = _row_setup(
         pid_m, b, hq, Rows, r_str, Slopes, sl_str, seq_q, 1, POS, LIVE_ROWS, ALIBI, BLOCK_M)
-    span = Span + b64 * sp_str[0] + hq64 * sp_str[1] + pid_m * sp_str[2]
-    start = tl.load(span)
-    fs = tl.load(span + sp_str[3])
-    fe = tl.load(span + 2 * sp_str[3])
-    end = tl.load(span + 3 * sp_str[3])
+    start, fs, fe, end = _span(Span + b64 * sp_str[0] + hq64 * sp_str[1] + pid_m * sp_str[2], sp_str[3])
     tile_row = Tiles + b64 * t_str[0] + hq64 * t_str[1] + pid_m * t_str[2]
 
     offs_d = tl.arange(0, HEAD_DIM)
@@ -652,21 +648,15 @@ def _attn_bwd_dq(
     k_base = K + b64 * k_str[0] + hkv.to(tl.int64) * k_str[1]
     v_base = V + b64 * v_str[0] + hkv.to(tl.int64) * v_str[1]
 
+    row = _row_state(b64, rows, heads, q_pos, row_live, slope, Rows, r_str, Allow, a_str, Bias, bias_str)
+    meta = (Cols + b64 * c_str[1], c_str, r_str, a_str, bias_str, FnBits, fn_str)
+    coef = (scale, scale_log2, softcap, win_left, win_right, seq_q, seq_k)
+
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for phase in tl.static_range(3):
-        if phase == 0:
-            lo = start
-            hi = fs
-        elif phase == 1:
-            lo = fs
-            hi = fe
-        else:
-            lo = fe
-            hi = end
+        lo, hi = _phase(phase, start, fs, fe, end, start, end)
         dq = _dq_tiles(
-            dq, q, do, row_m, row_l, delta, rows, heads, q_pos, row_live, slope, lo, hi,
-            k_base, v_base, k_str, v_str, tile_row, t_str, Rows, r_str, Cols, c_str, Allow, a_str, Bias, bias_str,
-            FnBits, fn_str, b, seq_q, seq_k, scale, scale_log2, softcap, win_left, win_right,
+            dq, q, do, row_m, row_l, delta, row, meta, coef, lo, hi, k_base, v_base, k_str, v_str, tile_row, t_str,
             phase != 1, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BAND, POS, LIVE_ROWS, LIVE_COLS,
             N_IDS, ALLOW, BIAS, FN, ALIBI, SOFTCAP, NATURAL, DOT_F32, PRECISION)
     dq = dq * scale
