@@ -149,3 +149,37 @@ def test_wheel_in_clean_venv(tmp_path):
     r = run([_venv_bin(env_dir, "selfattn"), "explain"])
     assert r.returncode == 0, r.stderr
     assert "0.8446" in r.stdout  # the corrected contextual embedding of "The"
+
+
+_CACHE_PROBE = """
+import os, tempfile, sys
+real = tempfile.TemporaryFile
+def unwritable_package(*a, dir=None, **k):  # the package's own __pycache__ cannot be written (read-only install)
+    if READONLY and dir and os.path.normpath(dir).endswith(os.path.join("selfattn", "kernels", "__pycache__")):
+        raise PermissionError(13, "read-only", dir)
+    return real(*a, dir=dir, **k)
+tempfile.TemporaryFile = unwritable_package
+import selfattn.kernels as k, numba.core.config as config
+print(k.cpu_flash._exp2._cache._cache_path)
+print(repr(config.CACHE_DIR))
+"""
+
+
+@pytest.mark.parametrize("case", ["writable", "read-only", "read-only+NUMBA_CACHE_DIR"])
+def test_numba_cache_place(tmp_path, case):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+               XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    env.pop("NUMBA_CACHE_DIR", None)
+    if case.endswith("NUMBA_CACHE_DIR"):
+        env["NUMBA_CACHE_DIR"] = str(tmp_path / "mine")
+    code = f"READONLY = {case != 'writable'}\n" + _CACHE_PROBE
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    where, numba_setting = r.stdout.split("\n")[:2]
+    print(case, where, numba_setting)
+    expected = {"writable": str(ROOT / "src" / "selfattn" / "kernels" / "__pycache__"),
+                "read-only": str(tmp_path / "xdg" / "selfattn" / "numba"),
+                "read-only+NUMBA_CACHE_DIR": str(tmp_path / "mine")}[case]
+    assert where.startswith(expected), (where, expected)
+    # numba's own setting is left as the environment made it (only selfattn's kernels moved)
+    assert numba_setting == repr(env.get("NUMBA_CACHE_DIR", "")), numba_setting
