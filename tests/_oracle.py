@@ -53,8 +53,9 @@ class Expectation:
         return None if self.maybe else True
 
     def names(self, message: str, reasons=None) -> bool:
-        """True if the refusal ``message`` names one of the expected missing features."""
-        msg = message.lower()
+        """True if the refusal ``message`` names one of the expected missing features (in its
+        "does not support ..." part, not in the list of backend names that follows)."""
+        msg = message.lower().split("does not support", 1)[-1].split("use backend=", 1)[0]
         return any(any(w.lower() in msg for w in words) for _, words in (reasons or self.missing))
 
 

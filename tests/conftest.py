@@ -30,8 +30,7 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
 import selfattn  # noqa: E402
 from selfattn.backends import BackendUnavailable  # noqa: E402
 
-import _oracle  # noqa: E402
-from _oracle import compare, expectation, farther, reference_pair  # noqa: E402,F401
+from _oracle import compare, expectation, reference_pair  # noqa: E402
 
 SEED = 1234
 
@@ -104,19 +103,6 @@ def run_backend(backend: str, q, k, v, **kw):
     assert exp.serves is not False, f"{backend} served a request its feature table rules out ({[r for r, _ in exp.missing]})"
     counts["served"] += 1
     return res
-
-
-def low_dtype_reference(q, k, v, **kw):
-    """(ref64 out, ref64 stats, ref_low out, ref_low stats) for a request given as attention() kwargs."""
-    ref64, low = reference_pair(q, k, v, **kw)
-    return ref64.out, ref64.stats, low.out, low.stats
-
-
-def permuted_reference(q, k, v, *, mask, order="reversed", **args):
-    """(out, stats) of the reference with every reduction reordered (see _oracle._permuted).
-    Kept for tests/test_cpu_kernel.py until it takes _oracle.reference_pair."""
-    out, st, _ = _oracle._permuted(q, k, v, mask=mask, order=order, trace=None, **args)
-    return out, st
 
 
 def compare_with_reference(name, got, q, k, v, *, stats=None, refs=None, **kw):
