@@ -174,3 +174,64 @@ def test_cli_and_json_for_a_checkpoint(stack_ckpt, tmp_path, capsys):
             assert torch.equal(torch.tensor(w, dtype=torch.float64), tr.weights)
             for x in tr.weights[-1]:
                 assert fmt(float(x)) in out
+
+
+# -- issue 16: head patterns, whitespace labels, AttentionStack moved to selfattn.model --------------
+
+
+def test_head_patterns_are_the_weight_on_the_pattern_keys():
+    from selfattn.explain.trace import head_patterns, pattern_keys, recognised
+
+    toks = list("abcabcabx")
+    L = len(toks)
+    torch.manual_seed(0)
+    w = torch.softmax(torch.randn(L, L, dtype=torch.float64).masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf")), -1)
+    keys = pattern_keys(toks)
+    assert keys["induction"][4] == [2] and keys["induction"][7] == [2, 5] and keys["induction"][8] is None
+    assert keys["earlier copy"][6] == [0, 3] and keys["previous token"][0] is None and keys["same token"][0] is None
+    got = head_patterns(toks, [(list(range(4)), w[:4]), (list(range(4, L)), w[4:])])
+    for name, per in keys.items():  # one row at a time, by hand
+        ms = [float(w[i, per[i]].sum()) for i in range(L) if per[i] is not None]
+        want = (sum(ms) / len(ms), len(ms), sum(m >= 0.5 for m in ms))
+        assert got[name][1:] == want[1:] and abs(got[name][0] - want[0]) < 1e-12, name
+    # a head that looks one token back in every row is recognised as that, and only that
+    prev = torch.zeros(L, L, dtype=torch.float64)
+    prev[0, 0] = 1.0
+    prev[torch.arange(1, L), torch.arange(0, L - 1)] = 1.0
+    found = recognised(head_patterns(toks, [(list(range(L)), prev)]))
+    assert [f[0] for f in found] == ["previous token"] and found[0][2] == found[0][3] == L - 1
+
+
+def test_whitespace_tokens_get_visible_labels(tmp_path):
+    from selfattn.explain.labels import show_token, token_label
+
+    assert show_token(" ") == "\u2423" and show_token("\n") == "\u21b5" and show_token("a") == "a"
+    torch.manual_seed(1)
+    chars = sorted(set("a b\nc"))
+    model = AttentionStack(len(chars), 4, [{"type": "MultiHeadAttention", "num_heads": 2}])
+    save(tmp_path, model, model.config, vocab=chars, tokenizer="chars")
+    mt = explain("a b\nc", checkpoint=tmp_path)
+    labels = [token_label(mt.heads[0], j) for j in range(len(mt.tokens))]
+    assert labels == ["a", "\u2423", "b", "\u21b5", "c"]
+    doc = mt.to_html()
+    assert "\u2423" in doc and "\u21b5" in doc
+    assert mt.predictions == []  # an attention stack's output is not next-token logits
+
+
+def test_attention_stack_lives_in_model_and_old_checkpoints_load(tmp_path):
+    import importlib
+    import subprocess
+    import sys
+
+    from selfattn import model as model_mod
+
+    assert ckpt_mod.AttentionStack is model_mod.AttentionStack  # the old import path still works
+    m = model_mod.AttentionStack(3, 4, [{"type": "SelfAttention"}])
+    save(tmp_path, m, m.config, vocab=["a", "b", "c"])
+    # a fresh interpreter that imports only the checkpoint module can still build it
+    code = (f"from selfattn import checkpoint; m = checkpoint.load({str(tmp_path)!r}).build(); "
+            "print(type(m).__module__, type(m).__name__)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["selfattn.model", "AttentionStack"]
+    assert importlib.import_module("selfattn.checkpoint").__dict__.get("AttentionStack") is None  # not defined there

@@ -156,9 +156,35 @@ def test_png_heatmap(tmp_path, kind):
     # the cells carry the colour map's colour of their weight
     head = obj.heads[-1] if kind in ("model", "many_heads") else obj
     m = head.weights if head.full else head.row_weights
+    if not head.full:  # long rows: each coloured relative to its own largest weight (issue 16)
+        m = m / m.amax(dim=1, keepdim=True)
     for x in (float(m.max()), float(m[m > 0].min()), float(m.flatten()[m.numel() // 2])):
         rgb = [round(255 * c) for c in colormaps["viridis"](x)[:3]]
         assert _has_colour(img, rgb), f"no pixel of the colour of weight {x:.4f}"
+    # masked pairs (causal: above the diagonal) are drawn in the hatch colours, not as a weight of 0
+    from selfattn.explain.plot import MASKED_FACE
+
+    face = np.array([int(MASKED_FACE[i:i + 2], 16) for i in (1, 3, 5)])
+    hatched = int((np.abs(img[..., :3].astype(int) - face).max(-1) <= 2).sum())  # pixels of the hatch background
+    assert (hatched > 2000) == (kind == "full"), (kind, hatched)  # (a few stray grey pixels come from anti-aliasing)
+
+
+def test_long_rows_are_not_one_flat_colour(tmp_path):
+    """300 tokens: every weight is small, yet the heatmap's row strip shows its structure."""
+    import matplotlib.image
+
+    tr = explain(" ".join(f"w{(i * 7) % 23}" for i in range(300)), rows="150")
+    path = tmp_path / "long.png"
+    tr.plot(path)
+    img = (matplotlib.image.imread(path) * 255).round().astype(np.uint8)
+    assert float(tr.row_weights.max()) < 0.2  # on a fixed 0-1 scale this row would be one colour
+    w, h = png_size(tr)
+    from selfattn.explain.plot import BOTTOM_IN, DPI, LEFT_IN, LONG_ROW_IN, LONG_WIDTH_IN
+
+    y = round(h - (BOTTOM_IN + LONG_ROW_IN / 2) * DPI)  # the middle of the (only) row
+    x0, x1 = round(LEFT_IN * DPI) + 3, round((LEFT_IN + LONG_WIDTH_IN) * DPI) - 3
+    row = img[y, x0:x1, :3]
+    assert len(np.unique(row, axis=0)) >= 8, "the row strip is (nearly) one colour"
 
 
 def test_cli_writes_the_same_numbers(tmp_path):

@@ -113,6 +113,27 @@ def test_sample_from_trained_recalls_the_value(trained):
     assert cont.strip() == expected, f"{prompt!r} -> {cont!r}, expected {expected!r}"
 
 
+def test_explain_names_the_induction_head_and_shows_predictions(trained):
+    """`selfattn explain --checkpoint` on the trained model: the recall answer among the top guesses at the
+    last position, and a layer-1 head named as an induction head (issue 16)."""
+    cfg, res = trained
+    from selfattn.explain import explain
+    from selfattn.explain.trace import recognised
+
+    task = RecallTask(cfg.keys, cfg.values, cfg.pairs)
+    ids, targets = task.heldout(4, cfg.seed)
+    text = " ".join(task.vocab[i] for i in ids[0].tolist())  # a whole held-out sequence: many repeated keys
+    mt = explain(text, checkpoint=res.out)
+    tokens = mt.tokens
+    assert len(mt.predictions) == len(tokens) and all(len(p) == 3 for p in mt.predictions)
+    scored = [t for t in range(len(tokens)) if targets[0, t] != IGNORE]
+    right = [mt.predictions[t][0][0] == task.vocab[int(targets[0, t])] for t in scored]
+    assert sum(right) >= 0.9 * len(right), f"top guess right at {sum(right)} of {len(right)} scored positions"
+    named = {h.label: [f[0] for f in recognised(h.patterns)] for h in mt.heads}
+    print(named)
+    assert any("induction" in pats for label, pats in named.items() if label.startswith("blocks.1")), named
+
+
 TINY = dict(pairs=8, keys=8, values=8, dim=32, heads=2, batch=8, steps=24, target_acc=None, eval_every=8,
             stats_every=4, checkpoint_every=1000, seed=3)
 

@@ -154,7 +154,7 @@ def _explain_checkpoint(text, path, rows) -> ModelTrace:
     ids = torch.tensor([[index[t] for t in tokens]])  # (1, L)
     with capture_attention(model) as calls, torch.no_grad():
         try:
-            model(ids)
+            result = model(ids)
         except (RuntimeError, ValueError, IndexError) as e:
             raise ValueError(f"the checkpoint's model failed on this input of {len(tokens)} tokens: {e}") from None
     if not calls:
@@ -166,4 +166,18 @@ def _explain_checkpoint(text, path, rows) -> ModelTrace:
         name = c.layer or f"call {i}"
         opts = dict(options, causal=bool(c.options.get("causal")), window=c.options.get("window"))
         layers.append(LayerTrace(name, c.kind, heads_of_call(tokens, c, picked, opts, prefix=f"{name} ")))
-    return ModelTrace(tokens, layers, options)
+    lm = ckpt.model_config.get("type") == "transformer"  # its output is next-token logits
+    return ModelTrace(tokens, layers, options, _predictions(result, ckpt.vocab) if lm else [])
+
+
+def _predictions(result, vocab) -> list:
+    """Per position, the TOP_PREDICTIONS most likely next tokens and their probabilities -- when the
+    model's output is next-token logits over the checkpoint's vocabulary (else [])."""
+    from .trace import TOP_PREDICTIONS
+
+    logits = result[0] if isinstance(result, tuple) else result
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[-1] != len(vocab) or logits.shape[0] != 1:
+        return []
+    probs = torch.softmax(logits[0].to(torch.float64), dim=-1)  # (L, V)
+    top = torch.topk(probs, min(TOP_PREDICTIONS, len(vocab)), dim=-1)
+    return [[(vocab[int(j)], float(p)) for p, j in zip(ps, js)] for ps, js in zip(top.values, top.indices)]

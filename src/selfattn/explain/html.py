@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .labels import AXES, axis_labels, describe_options, fmt, mask_words, per_row_colour, show_token, step_title, token_label
+from .labels import (AXES, axis_labels, describe_options, fmt, mask_words, pattern_words, patterns_lines, per_row_colour,
+                     prediction_rows, show_token, step_title, token_label)
 from .trace import (FULL_MATRIX_MAX_TOKENS, ExplainTrace, ModelTrace, compare_with_notes, is_plain_notes_example,
                     stats_summary, top_keys)
 
@@ -28,7 +29,7 @@ _CSS = """
 .sa-report table.m { border-collapse: collapse; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; margin: 0.3em 0; }
 .sa-report table.m th, .sa-report table.m td { border: 1px solid #e3e3e3; padding: 2px 6px; text-align: right; }
 .sa-report table.m th { background: #f6f6f6; font-weight: 600; }
-.sa-report table.m td.max { font-weight: 700; outline: 2px solid #e8a400; outline-offset: -2px; }
+.sa-report table.m td.max, .sa-report table.m span.max { font-weight: 700; outline: 2px solid #e8a400; outline-offset: -2px; }
 .sa-report table.m td.stat { background: #eef6fb; }
 .sa-report .scroll { overflow-x: auto; }
 .sa-report img.heatmap { max-width: 100%; border: 1px solid #eee; }
@@ -141,42 +142,113 @@ def _png(obj) -> str:
     return f'<img class="heatmap" alt="heatmap of the attention weights" src="data:image/png;base64,{data}">'
 
 
-def line_chart(values: torch.Tensor, title: str, *, width: int = 900, height: int = 160) -> str:
-    """An inline SVG line chart of one statistic over the query positions (non-finite values skipped)."""
+def _ticks(lo: float, hi: float, n: int = 4) -> list:
+    # a few round values between lo and hi for a y axis
+    span = hi - lo
+    raw = span / n
+    mag = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1.0
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def line_chart(values: torch.Tensor, title: str, *, tokens=None, lo: float | None = None, hi: float | None = None,
+               width: int = 900, height: int = 190) -> str:
+    """An inline SVG line chart of one statistic over the query positions (non-finite values skipped).
+
+    The y axis spans ``lo``..``hi`` when given (callers pass the statistic's natural range, e.g.
+    0..log L for entropy, so a flat line looks flat) and always includes the data; it has labelled
+    ticks. With ``tokens`` the x axis is labelled with the tokens at evenly spaced positions.
+    """
     v = [float(x) for x in values.to(torch.float64)]
     fin = [x for x in v if math.isfinite(x)]
     if not fin:
         return f"<p>{_e(title)}: no finite values</p>"
-    lo, hi = min(fin), max(fin)
-    span = (hi - lo) or 1.0
-    pad_l, pad_r, pad_t, pad_b = 46, 10, 18, 18
+    lo = min(fin) if lo is None else min(lo, min(fin))
+    hi = max(fin) if hi is None else max(hi, max(fin))
+    if hi - lo < 1e-9:  # a constant: show it in the middle of a unit-wide axis, not as a zoomed wiggle
+        lo, hi = lo - 0.5, hi + 0.5
+    span = hi - lo
+    pad_l, pad_r, pad_t, pad_b = 52, 12, 20, 48 if tokens is not None else 22
     n = len(v)
+    plot_w, plot_h = width - pad_l - pad_r, height - pad_t - pad_b
 
-    def xy(i, x):
-        px = pad_l + (width - pad_l - pad_r) * (i / max(1, n - 1))
-        py = pad_t + (height - pad_t - pad_b) * (1 - (x - lo) / span)
-        return f"{px:.1f},{py:.1f}"
+    def px(i):
+        return pad_l + plot_w * (i / max(1, n - 1))
 
-    pts = " ".join(xy(i, x) for i, x in enumerate(v) if math.isfinite(x))
-    return (f'<svg width="{width}" height="{height}" role="img" aria-label="{_e(title)}">'
-            f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fff"/>'
-            f'<text x="{pad_l}" y="12">{_e(title)}</text>'
-            f'<text x="2" y="{pad_t + 8}">{fmt(hi, 3)}</text><text x="2" y="{height - pad_b}">{fmt(lo, 3)}</text>'
-            f'<text x="{pad_l}" y="{height - 4}">position 0</text><text x="{width - pad_r - 70}" y="{height - 4}">position {n - 1}</text>'
-            f'<line x1="{pad_l}" y1="{height - pad_b}" x2="{width - pad_r}" y2="{height - pad_b}" stroke="#bbb"/>'
-            f'<polyline fill="none" stroke="#1f5fa8" stroke-width="1.2" points="{pts}"/></svg>')
+    def py(x):
+        return pad_t + plot_h * (1 - (x - lo) / span)
+
+    out = [f'<svg width="{width}" height="{height}" role="img" aria-label="{_e(title)}">',
+           f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fff"/>',
+           f'<text x="{pad_l}" y="13">{_e(title)}</text>']
+    for t in _ticks(lo, hi):
+        y = py(t)
+        out.append(f'<line x1="{pad_l}" y1="{y:.1f}" x2="{width - pad_r}" y2="{y:.1f}" stroke="#eee"/>'
+                   f'<text x="{pad_l - 4}" y="{y + 3:.1f}" text-anchor="end">{_e(fmt(t, sig=4))}</text>')
+    out.append(f'<line x1="{pad_l}" y1="{pad_t + plot_h}" x2="{width - pad_r}" y2="{pad_t + plot_h}" stroke="#bbb"/>')
+    n_labels = min(n, max(2, plot_w // 70))
+    for k in range(n_labels):
+        i = round(k * (n - 1) / max(1, n_labels - 1))
+        x = px(i)
+        label = f"{show_token(tokens[i])}@{i}" if tokens is not None else str(i)
+        if len(label) > 14:
+            label = label[:13] + "\u2026"
+        if tokens is not None:
+            out.append(f'<text class="tok" transform="translate({x:.1f},{pad_t + plot_h + 10}) rotate(35)">{_e(label)}</text>')
+        else:
+            out.append(f'<text x="{x:.1f}" y="{height - 6}" text-anchor="middle">{_e(label)}</text>')
+        out.append(f'<line x1="{x:.1f}" y1="{pad_t + plot_h}" x2="{x:.1f}" y2="{pad_t + plot_h + 4}" stroke="#bbb"/>')
+    pts = " ".join(f"{px(i):.1f},{py(x):.1f}" for i, x in enumerate(v) if math.isfinite(x))
+    out.append(f'<polyline fill="none" stroke="#1f5fa8" stroke-width="1.2" points="{pts}"/>')
+    if n <= 64:  # few points: mark each, with its token and value on hover
+        for i, x in enumerate(v):
+            if math.isfinite(x):
+                tip = f"{show_token(tokens[i])}@{i}: {fmt(x)}" if tokens is not None else f"{i}: {fmt(x)}"
+                out.append(f'<circle cx="{px(i):.1f}" cy="{py(x):.1f}" r="2.2" fill="#1f5fa8"><title>{_e(tip)}</title></circle>')
+    out.append("</svg>")
+    return "".join(out)
 
 
-def strip(weights: torch.Tensor, *, width: int = 900, height: int = 14) -> str:
-    """An inline SVG heat strip: one row of attention weights over every key."""
+def stat_charts(trace: ExplainTrace, label: str = "") -> str:
+    """Entropy and max logit per query row, each on its natural axis: entropy from 0 to log L."""
+    n = len(trace.tokens)
+    prefix = f"{label}: " if label else ""
+    ent = line_chart(trace.stats.entropy, f"{prefix}entropy per query row (nats; 0 = all on one key, "
+                                          f"{fmt(math.log(n), 2)} = log L = spread evenly over all {n})",
+                     tokens=trace.tokens, lo=0.0, hi=math.log(max(n, 2)))
+    mx = line_chart(trace.stats.max_logit, f"{prefix}max logit per query row", tokens=trace.tokens, lo=0.0, hi=0.0)
+    return ent + mx
+
+
+def strip(weights: torch.Tensor, *, masked=None, relative: bool = False, width: int = 900, height: int = 14) -> str:
+    """An inline SVG heat strip: one row of attention weights over every key.
+
+    ``relative``: colour each weight relative to the row's largest (the choice for long rows,
+    where every weight is small). Keys in ``masked`` (bool) are drawn grey, not as weight 0.
+    """
     n = weights.shape[0]
     w = width / n
+    top = float(weights.max()) if n else 0.0
     rects = []
-    for j, x in enumerate(weights.tolist()):
+    vals = weights.tolist()
+    gone = masked.tolist() if masked is not None else [False] * n
+    j = 0
+    while j < n:  # a run of masked keys is one grey rectangle
+        if gone[j]:
+            k = j
+            while k < n and gone[k]:
+                k += 1
+            rects.append(f'<rect x="{j * w:.2f}" y="0" width="{(k - j) * w:.2f}" height="{height}" fill="#d9d9d9"/>')
+            j = k
+            continue
+        x = vals[j]
         if x > 0:
-            bg, _ = _colour(x, 0.0, 1.0, False)
-            rects.append(f'<rect x="{j * w:.2f}" y="0" width="{max(w, 0.5):.2f}" height="{height}" fill="{bg}"/>')
-    return (f'<svg width="{width}" height="{height}" role="img" aria-label="attention weights over all keys">'
+            bg, _ = _colour(x / top if relative and top > 0 else x, 0.0, 1.0, False)
+            rects.append(f'<rect x="{j * w:.2f}" y="0" width="{max(w, 0.6):.2f}" height="{height}" fill="{bg}"/>')
+        j += 1
+    what = "weight / largest in the row" if relative else "weight 0-1"
+    return (f'<svg width="{width}" height="{height}" role="img" aria-label="attention weights over all keys ({what}; grey = masked)">'
             f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fff" stroke="#ddd"/>{"".join(rects)}</svg>')
 
 
@@ -194,13 +266,17 @@ def _summary(trace: ExplainTrace) -> str:
 
 def _rows(trace: ExplainTrace) -> str:
     how = "from the full matrix" if trace.full else "recomputed by attention_probs from the saved log-sum-exp"
-    out = [f"<p class=\"note\">Rows {', '.join(map(str, trace.rows))}, {how}: the largest weights, and each row over every key.</p>",
+    relative = per_row_colour(len(trace.tokens))
+    scale = ("each strip is coloured relative to its row's largest weight (weights over many keys are all small)" if relative
+             else "strip colour: weight from 0 (white) to 1 (dark blue)")
+    out = [f"<p class=\"note\">Rows {', '.join(map(str, trace.rows))}, {how}: the largest weights, and each row over every "
+           f"key; {scale}; grey = keys the mask rules out.</p>",
            '<table class="m"><thead><tr><th>row</th><th>query</th><th>entropy</th><th>max logit</th><th>largest weights (key: weight)</th><th>all keys</th></tr></thead><tbody>']
     for i, r in enumerate(trace.rows):
         keys = ", ".join(f"{_e(token_label(trace, j))}: {fmt(w)}" for j, w in top_keys(trace, i))
         out.append(f"<tr><td>{r}</td><th>{_e(token_label(trace, r))}</th><td>{fmt(float(trace.stats.entropy[r]))}</td>"
                    f"<td>{fmt(float(trace.stats.max_logit[r]))}</td><td style=\"text-align:left\">{keys or '(no key allowed)'}</td>"
-                   f"<td>{strip(trace.row_weights[i], width=400)}</td></tr>")
+                   f"<td>{strip(trace.row_weights[i], masked=None if trace.row_masked is None else trace.row_masked[i], relative=relative, width=400)}</td></tr>")
     out.append("</tbody></table>")
     return "".join(out)
 
@@ -209,7 +285,7 @@ def _trace_body(trace: ExplainTrace, *, heading=True, png=True) -> str:
     out = []
     n = len(trace.tokens)
     if heading:
-        out.append(f'<p class="meta">tokens ({n}): {_e(" ".join(trace.tokens))}</p>')
+        out.append(_tokens_meta(trace.tokens))
         out.append(f'<p class="meta">d_k = {trace.d_k}, scale = {trace.scale:.6g}. {_e(describe_options(trace.options, "; "))}</p>')
     if trace.full:
         if png:
@@ -220,22 +296,31 @@ def _trace_body(trace: ExplainTrace, *, heading=True, png=True) -> str:
         spread = "a row spread evenly over the k keys it may see: log k" if masked else f"uniform over {n} tokens: {fmt(math.log(n))}"
         out.append(f'<p class="note">Outlined: the largest weight in each row. Entropy in nats ({spread}); '
                    "max logit = the largest scaled score the softmax sees in the row.</p>")
-        out.append("<h2>Per-row statistics</h2>" + line_chart(trace.stats.entropy, "entropy per query row (nats)")
-                   + line_chart(trace.stats.max_logit, "max logit per query row"))
+        out.append("<h2>Per-row statistics</h2>" + stat_charts(trace))
         if is_plain_notes_example(trace):
             out.append(_notes_check(trace))
     else:
         out.append(f'<p class="note">{n} tokens: more than {FULL_MATRIX_MAX_TOKENS}, where full L x L matrices stop being '
                    "readable, so this report shows the statistics of every row and only the rows asked for; "
                    "no L x L matrix was computed.</p>")
-        out.append("<h2>Per-row statistics</h2>" + _summary(trace) + line_chart(trace.stats.entropy, "entropy per query row (nats)")
-                   + line_chart(trace.stats.max_logit, "max logit per query row"))
+        out.append("<h2>Per-row statistics</h2>" + _summary(trace) + stat_charts(trace))
         out.append("<h2>Rows asked for</h2>" + _rows(trace))
         if png:
             out.append(_png(trace))
         out.append("<details><summary>Embeddings, projections and output of the rows asked for</summary>"
                    + "".join(_step(trace, name, trace.rows) for name in trace.steps) + "</details>")
     return "".join(out)
+
+
+FOLD_TOKENS = 60  # longer input is folded: its first tokens, then the whole text on request
+
+
+def _tokens_meta(tokens) -> str:
+    shown = " ".join(show_token(t) for t in tokens[:FOLD_TOKENS])
+    if len(tokens) <= FOLD_TOKENS:
+        return f'<p class="meta">tokens ({len(tokens)}): <span class="tok">{_e(shown)}</span></p>'
+    return (f'<details class="meta"><summary>tokens ({len(tokens)}): <span class="tok">{_e(shown)}</span> &hellip; '
+            f"(show all {len(tokens)})</summary><p class=\"tok\">{_e(' '.join(show_token(t) for t in tokens))}</p></details>")
 
 
 def _notes_check(trace) -> str:
@@ -255,25 +340,48 @@ def _notes_check(trace) -> str:
 
 def _overview(mt: ModelTrace) -> str:
     out = ['<table class="m"><thead><tr><th>layer</th><th>head</th><th>kind</th><th>mean entropy</th><th>min entropy</th><th>at</th>'
-           "<th>mean max logit</th><th>max max logit</th><th>at</th></tr></thead><tbody>"]
+           "<th>mean max logit</th><th>max max logit</th><th>at</th><th>pattern (rows putting half their weight on it / rows where it applies)</th></tr></thead><tbody>"]
     for layer in mt.layers:
         for h, tr in enumerate(layer.heads):
             s = stats_summary(tr)
             e, m = s["entropy"], s["max_logit"]
             if e is None:
-                out.append(f"<tr><th>{_e(layer.name)}</th><td>{h}</td><td>{_e(layer.kind)}</td><td colspan=6>no row attends to anything</td></tr>")
+                out.append(f"<tr><th>{_e(layer.name)}</th><td>{h}</td><td>{_e(layer.kind)}</td><td colspan=7>no row attends to anything</td></tr>")
                 continue
             out.append(f"<tr><th>{_e(layer.name)}</th><td>{h}</td><td>{_e(layer.kind)}</td><td>{fmt(e['mean'])}</td><td>{fmt(e['min'])}</td>"
                        f"<td>{_e(token_label(tr, e['argmin']))}</td><td>{fmt(m['mean'])}</td><td>{fmt(m['max'])}</td>"
-                       f"<td>{_e(token_label(tr, m['argmax']))}</td></tr>")
+                       f"<td>{_e(token_label(tr, m['argmax']))}</td><td style=\"text-align:left\">{_e(pattern_words(tr))}</td></tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _predictions(mt: ModelTrace) -> str:
+    out = ['<p class="note">At each position, the token the model predicts comes next: its three most likely tokens with '
+           "their probabilities; outlined: the token that actually follows.</p>",
+           '<table class="m"><thead><tr><th>pos</th><th>token</th><th>actual next</th><th>top guesses</th></tr></thead><tbody>']
+    for i in prediction_rows(mt):
+        actual = mt.tokens[i + 1] if i + 1 < len(mt.tokens) else None
+        cells = []
+        for tok, p in mt.predictions[i]:
+            cls = ' class="max"' if tok == actual else ""
+            cells.append(f'<span{cls}><span class="tok">{_e(show_token(tok))}</span>: {p:.3f}</span>')
+        nxt = "(end)" if actual is None else f'<span class="tok">{_e(show_token(actual))}</span>'
+        out.append(f'<tr><td>{i}</td><th class="tok">{_e(show_token(mt.tokens[i]))}</th><td style="text-align:left">{nxt}</td>'
+                   f'<td style="text-align:left">{"&nbsp;&nbsp; ".join(cells)}</td></tr>')
     out.append("</tbody></table>")
     return "".join(out)
 
 
 def _model_body(mt: ModelTrace) -> str:
-    n = len(mt.tokens)
-    out = [f'<p class="meta">tokens ({n}): {_e(" ".join(mt.tokens))}</p>', f'<p class="meta">{_e(describe_options(mt.options, "; "))}</p>',
-           "<h2>Per-head overview</h2>", _overview(mt), "<h2>Attention weights of every head (heatmaps)</h2>", _png(mt)]
+    lines = patterns_lines(mt)
+    found = ("<ul>" + "".join(f"<li>{_e(x)}</li>" for x in lines) + "</ul>" if lines else
+             '<p class="note">No head puts half its weight on a simple pattern (previous token, itself, first token, '
+             "earlier copy, induction) in most of the rows where it applies.</p>")
+    out = [_tokens_meta(mt.tokens), f'<p class="meta">{_e(describe_options(mt.options, "; "))}</p>',
+           "<h2>Per-head overview</h2>", _overview(mt), "<h3>Recognisable heads</h3>", found]
+    if mt.predictions:
+        out += ["<h2>The model's predictions</h2>", _predictions(mt)]
+    out += ["<h2>Attention weights of every head (heatmaps)</h2>", _png(mt)]
     for layer in mt.layers:
         out.append(f"<h2>{_e(layer.name)} ({_e(layer.kind)}, {len(layer.heads)} head{'s' if len(layer.heads) > 1 else ''})</h2>")
         for tr in layer.heads:
@@ -283,7 +391,7 @@ def _model_body(mt: ModelTrace) -> str:
                 out.append("<details><summary>every step of this head</summary>"
                            + "".join(_step(tr, name) for name in tr.steps if name != "weights") + "</details>")
             else:
-                out.append(_summary(tr) + line_chart(tr.stats.entropy, f"{tr.label}: entropy per query row (nats)") + _rows(tr))
+                out.append(_summary(tr) + stat_charts(tr, tr.label) + _rows(tr))
     return "".join(out)
 
 

@@ -5,14 +5,15 @@
   positions added where tokens repeat or the input is long);
 * :data:`AXES` and :func:`step_title` -- what a step's rows and columns are, and its numbered title;
 * :func:`describe_options` / :func:`mask_words` -- the run's options in words;
-* :func:`weight_scale_note` -- what the colour of a weight cell means.
+* :func:`weight_scale_note` -- what the colour of a weight cell means;
+* :func:`pattern_words` / :func:`patterns_lines` / :func:`prediction_rows` -- a model's heads and predictions in words.
 """
 
 from __future__ import annotations
 
 import math
 
-from .trace import FULL_MATRIX_MAX_TOKENS
+from .trace import FULL_MATRIX_MAX_TOKENS, PATTERNS, recognised
 
 # row labels and column labels of each step's matrix: "tok" = the tokens, "dim" = feature index
 AXES = {
@@ -133,3 +134,24 @@ def weight_scale_note(n_keys: int) -> str:
     if per_row_colour(n_keys):
         return "colour: weight / largest weight in its row (each row scaled on its own)"
     return "colour: weight, 0 to 1"
+
+
+def pattern_words(tr) -> str:
+    """'induction 5/6, previous token 8/8' -- the patterns a head follows, in how many of the rows where they apply."""
+    return ", ".join(f"{name} {f}/{n}" for name, _, n, f in recognised(tr.patterns))
+
+
+def prediction_rows(mt: ModelTrace) -> list:
+    """The positions whose next-token guesses are shown: all for short input, the picked rows for long."""
+    n = len(mt.tokens)
+    return list(range(n)) if n <= FULL_MATRIX_MAX_TOKENS else list(mt.heads[0].rows)
+
+
+def patterns_lines(mt: ModelTrace) -> list:
+    """One sentence per head with a recognisable pattern."""
+    out = []
+    for tr in mt.heads:
+        for name, w, n, f in recognised(tr.patterns):
+            out.append(f"{tr.label}: {PATTERNS[name]} -- in {f} of the {n} rows where that applies at least half its "
+                       f"weight goes there (mean weight {w:.2f})")
+    return out

@@ -175,8 +175,14 @@ def plot_trace(obj, path=None):
     cax = fig.add_axes(((width - RIGHT_IN + 0.25) / width, BOTTOM_IN / height, 0.18 / width, (height - BOTTOM_IN - TOP_IN) / height))
     n_keys = len(first.tokens)
     bar = fig.colorbar(im, cax=cax)
-    bar.set_label(weight_scale_note(n_keys).replace("colour: ", "") + ("; hatched = masked" if _any_masked(grid) else ""),
-                  fontsize=8)
+    masked = _any_masked(grid)
+    if per_row_colour(n_keys):
+        # the strip is short: a two-line label on the bar, the full sentence under the figure
+        bar.set_label("weight / row's largest", fontsize=8)
+        fig.text(LEFT_IN / width, 0.08 / height, weight_scale_note(n_keys) + "; the largest is written under each row label"
+                 + ("; hatched grey = keys the mask rules out" if masked else ""), fontsize=8, color="#333")
+    else:
+        bar.set_label("weight, 0 to 1" + ("; hatched = masked" if masked else ""), fontsize=8)
     if path is not None:
         fig.savefig(path, dpi=DPI, format="png")
         plt.close(fig)

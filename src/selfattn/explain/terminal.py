@@ -11,7 +11,8 @@ from rich.text import Text
 
 import torch
 
-from .labels import AXES, axis_labels, describe_options, fmt, mask_words, show_token, step_title, token_label
+from .labels import (AXES, axis_labels, describe_options, fmt, mask_words, patterns_lines, prediction_rows, show_token,
+                     step_title, token_label)
 from .trace import (FULL_MATRIX_MAX_TOKENS, ExplainTrace, ModelTrace, compare_with_notes, is_plain_notes_example,
                     stats_summary, top_keys)
 
@@ -167,16 +168,33 @@ def rows_table(trace: ExplainTrace, digits: int = 4) -> Table:
 
 def heads_overview(mt: ModelTrace, digits: int = 4) -> Table:
     t = Table(title="Per-head overview (statistics over every row)")
-    for c in ("head", "entropy\nmean", "entropy\nmin", "at", "max logit\nmean", "max logit\nmax", "at"):
-        t.add_column(c, justify="left" if c in ("head", "at") else "right")
+    for c in ("head", "entropy\nmean", "entropy min\n(at)", "max logit\nmean", "max logit\nmax (at)"):
+        t.add_column(c, justify="left" if c == "head" else "right", no_wrap=True)
     for tr in mt.heads:
         s = stats_summary(tr)
         e, m = s["entropy"], s["max_logit"]
         if e is None:
-            t.add_row(tr.label, "-", "-", "", "-", "-", "")
+            t.add_row(tr.label, "-", "-", "-", "-")
             continue
-        t.add_row(tr.label, fmt(e["mean"], digits), fmt(e["min"], digits), escape(token_label(tr, e["argmin"])),
-                  fmt(m["mean"], digits), fmt(m["max"], digits), escape(token_label(tr, m["argmax"])))
+        t.add_row(tr.label, fmt(e["mean"], digits), f"{fmt(e['min'], digits)} ({escape(token_label(tr, e['argmin']))})",
+                  fmt(m["mean"], digits), f"{fmt(m['max'], digits)} ({escape(token_label(tr, m['argmax']))})")
+    return t
+
+
+def predictions_table(mt: ModelTrace) -> Table:
+    """At each position: the token, the token that actually follows, and the model's top guesses."""
+    t = Table(title="The model's prediction at each position (the next token; probabilities from its output)")
+    for c in ("pos", "token", "actual next", "top guesses (token: probability)"):
+        t.add_column(c, justify="right" if c == "pos" else "left")
+    for i in prediction_rows(mt):
+        guesses = mt.predictions[i]
+        actual = mt.tokens[i + 1] if i + 1 < len(mt.tokens) else None
+        cells = []
+        for tok, p in guesses:
+            c = f"{escape(show_token(tok))}: {p:.3f}"
+            cells.append(f"[bold green]{c}[/bold green]" if tok == actual else c)
+        t.add_row(str(i), escape(show_token(mt.tokens[i])), "(end)" if actual is None else escape(show_token(actual)),
+                  "  ".join(cells))
     return t
 
 
@@ -244,6 +262,14 @@ def _render_model(mt: ModelTrace, console: Console, *, full: bool = False) -> No
     console.print(_tokens_line(mt.tokens, 48))
     console.print(escape(describe_options(mt.options)))
     console.print(heads_overview(mt))
+    lines = patterns_lines(mt)
+    console.print("[bold]Recognisable heads[/bold]" if lines else
+                  "[dim]No head puts half its weight on a simple pattern (previous token, itself, first token, earlier "
+                  "copy, induction) in most of the rows where it applies.[/dim]")
+    for line in lines:
+        console.print("  " + escape(line))
+    if mt.predictions:
+        console.print(predictions_table(mt))
     for layer in mt.layers:
         for tr in layer.heads:
             console.rule(f"[bold]{tr.label}[/bold] ({', '.join(x for x in (layer.kind, mask_words(tr.options)) if x)})")

@@ -99,6 +99,7 @@ class ExplainTrace(_Views):
     row_weights: torch.Tensor | None = None  # (len(rows), L) attention weights of those rows
     label: str = ""  # which layer/head this is, for model traces
     row_masked: torch.Tensor | None = None  # (len(rows), L) bool: pairs the mask rules out (None: no mask)
+    patterns: dict = field(default_factory=dict)  # model heads: pattern name -> (mean weight on its keys, rows it applies to, rows that follow it)
 
     @property
     def full(self) -> bool:
@@ -129,6 +130,7 @@ class ExplainTrace(_Views):
             "rows": list(self.rows),
             "row_weights": _enc(self.row_weights) if self.row_weights is not None else None,
             "row_masked": self.row_masked.tolist() if self.row_masked is not None else None,
+            "patterns": {k: {"weight": w, "rows": n, "following": f} for k, (w, n, f) in self.patterns.items()},
         }
 
 
@@ -142,11 +144,16 @@ class LayerTrace:
 
 @dataclass
 class ModelTrace(_Views):
-    """Every attention layer and head of a model run on some tokens (``explain(checkpoint=...)``)."""
+    """Every attention layer and head of a model run on some tokens (``explain(checkpoint=...)``).
+
+    ``predictions[i]`` is the model's guess for the token after position ``i``: the ``TOP_PREDICTIONS``
+    most likely tokens with their probabilities (empty when the model's output is not next-token logits).
+    """
 
     tokens: list
     layers: list  # LayerTrace per attention call, in call order
     options: dict = field(default_factory=dict)
+    predictions: list = field(default_factory=list)  # per position: [(token, probability), ...], most likely first
 
     @property
     def heads(self) -> list:
@@ -159,8 +166,84 @@ class ModelTrace(_Views):
     def to_dict(self) -> dict:
         """A JSON-ready dict: tokens, options and every head's trace."""
         return {"tokens": list(self.tokens), "options": _jsonable(self.options),
+                "predictions": [[[t, p] for t, p in row] for row in self.predictions],
                 "layers": [{"name": layer.name, "kind": layer.kind, "heads": [h.to_dict() for h in layer.heads]} for layer in self.layers]}
 
+
+
+# -- recognisable head patterns ---------------------------------------------------------------
+
+TOP_PREDICTIONS = 3  # next-token guesses shown per position
+PATTERN_MIN = 0.5  # a row follows a pattern when it puts at least this much weight on the pattern's keys
+PATTERN_SHARE = 0.5  # a head has a pattern when at least this share of the rows where it applies follow it
+PATTERN_ROWS_MIN = 2  # ... and at least this many
+_PATTERN_CHUNK = 256  # long input: rows of weights recomputed per attention_probs call (never L x L at once)
+
+# name -> what it means, in the words a report uses
+PATTERNS = {
+    "previous token": "attends to the token just before",
+    "same token": "attends to itself",
+    "first token": "attends to the first token",
+    "earlier copy": "attends to earlier occurrences of the same token",
+    "induction": "attends to the token after the previous occurrence of the current token (an induction head)",
+}
+
+
+def pattern_keys(tokens) -> dict:
+    """Pattern name -> per query row, the key positions the pattern points at (None where it does not apply).
+
+    Only keys at or before the query count (what a causal model may see); "induction" needs an
+    earlier occurrence of the query's token whose successor is not the query itself.
+    """
+    n = len(tokens)
+    seen: dict = {}
+    earlier, induction = [], []
+    for i, t in enumerate(tokens):
+        prev = seen.get(t, [])
+        earlier.append(list(prev) or None)
+        nxt = [j + 1 for j in prev if j + 1 < i]
+        induction.append(nxt or None)
+        seen.setdefault(t, []).append(i)
+    # row 0 sees only itself (causal): no pattern can be told apart there
+    return {"previous token": [None] + [[i - 1] for i in range(1, n)], "same token": [None] + [[i] for i in range(1, n)],
+            "first token": [None] + [[0] for _ in range(1, n)], "earlier copy": earlier, "induction": induction}
+
+
+def head_patterns(tokens, row_chunks, _cache: dict | None = None) -> dict:
+    """How much weight each pattern's keys get, over the rows where the pattern applies.
+
+    ``row_chunks`` yields (row indices, weights (len(rows), L)); returns name -> (mean weight,
+    rows where it applies, rows putting at least ``PATTERN_MIN`` on its keys). ``_cache`` (a dict
+    shared across the heads of one input) keeps each chunk's (row, key) index pairs.
+    """
+    keys = pattern_keys(tokens) if _cache is None or "keys" not in _cache else _cache["keys"]
+    cache = {} if _cache is None else _cache
+    cache["keys"] = keys
+    sums = {k: [0.0, 0, 0] for k in keys}
+    for rows, w in row_chunks:
+        w = w.to(torch.float64)  # (r, L)
+        span = (rows[0], rows[-1], len(rows))
+        if span not in cache:
+            pairs = {}
+            for name, per_row in keys.items():
+                rr = [r for r, i in enumerate(rows) if per_row[i] is not None for _ in per_row[i]]
+                kk = [j for i in rows if per_row[i] is not None for j in per_row[i]]
+                applies = torch.tensor([per_row[i] is not None for i in rows], dtype=torch.bool)  # (r,)
+                pairs[name] = (torch.tensor(rr, dtype=torch.long), torch.tensor(kk, dtype=torch.long), applies)
+            cache[span] = pairs
+        for name, (rr, kk, applies) in cache[span].items():
+            mass = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, rr, w[rr, kk])  # (r,) weight on its keys
+            sums[name][0] += float(mass[applies].sum())
+            sums[name][1] += int(applies.sum())
+            sums[name][2] += int((mass[applies] >= PATTERN_MIN).sum())
+    return {k: (s / c, c, f) for k, (s, c, f) in sums.items() if c}
+
+
+def recognised(patterns: dict) -> list:
+    """[(name, mean weight, rows where it applies, rows following it)] of the patterns a head follows in
+    at least ``PATTERN_SHARE`` of the rows where they apply, most consistently followed first."""
+    hits = [(k, w, n, f) for k, (w, n, f) in patterns.items() if f >= PATTERN_ROWS_MIN and f >= PATTERN_SHARE * n]
+    return sorted(hits, key=lambda x: (-x[3] / x[2], -x[1]))
 
 
 def _num(x: float):
@@ -342,12 +425,28 @@ def heads_of_call(tokens, call, picked, options, prefix="") -> list:
     """One ExplainTrace per query head of a captured attention() call (full or long by length)."""
     q, k, v = call.query[:1], call.key[:1], call.value[:1]  # (1, H, L, d) batch of one
     labels = [f"{prefix}head {h}" for h in range(q.shape[1])]
-    if len(tokens) <= FULL_MATRIX_MAX_TOKENS:
-        return full_heads(tokens, q, k, v, call.options, picked, options, labels)
+    n = len(tokens)
+    if n <= FULL_MATRIX_MAX_TOKENS:
+        heads = full_heads(tokens, q, k, v, call.options, picked, options, labels)
+        cache: dict = {}
+        for tr in heads:
+            tr.patterns = head_patterns(tokens, [(list(range(n)), tr.weights)], cache)
+        return heads
     d_k = q.shape[-1]
     used_scale = 1.0 / math.sqrt(d_k) if call.options.get("scale") is None else float(call.options["scale"])
-    return [long_head(tokens, q, k, v, call.output[:1], call.stats, h, call.options, picked, {}, {}, used_scale, options, labels[h])
-            for h in range(q.shape[1])]
+    heads = [long_head(tokens, q, k, v, call.output[:1], call.stats, h, call.options, picked, {}, {}, used_scale, options, labels[h])
+             for h in range(q.shape[1])]
+    opts = call.options
+    cache = {}
+    for h, tr in enumerate(heads):
+        def chunks(h=h):
+            for r0 in range(0, n, _PATTERN_CHUNK):
+                rows = list(range(r0, min(n, r0 + _PATTERN_CHUNK)))
+                p = attention_probs(q, k, call.stats, heads=[h], rows=rows, mask=opts.get("mask"), scale=opts.get("scale"),
+                                    softcap=opts.get("softcap"), causal=bool(opts.get("causal")), window=opts.get("window"))
+                yield rows, p[0, 0]  # (r, L)
+        tr.patterns = head_patterns(tokens, chunks(), cache)
+    return heads
 
 
 def notes_example(*, causal: bool = False, window=None, scale: float | None = None) -> ExplainTrace:

@@ -26,8 +26,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rich.progress import Progress
-
 from .. import backends as _backends
 from ..model import Transformer, TransformerConfig
 from . import distributed as _dist
@@ -337,6 +335,8 @@ class Reporter:
         self.console = console
         self.bar = None
         if show_bar:
+            from rich.progress import Progress
+
             self.bar = Progress(*self.columns(console.width), console=console)
             self.task = self.bar.add_task("train", total=total, completed=start, loss="-", acc="-", heldout="-", tps="-")
             self.bar.start()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+LEGEND_MAX = 8  # more head lines than this: one legend entry per layer (its mean), heads as thin lines
+
 
 def plot_log(rows: list, path, *, title: str = "") -> None:
     """Draw the log rows of a run (``loop._Log.rows``) to ``path`` (PNG, matplotlib's Agg backend)."""
@@ -35,18 +37,31 @@ def plot_log(rows: list, path, *, title: str = "") -> None:
     ax.set_title(title, fontsize=9)
     if n_layers:
         styles = ["-", "--", ":", "-."]
+        n_heads = max(len(layer) for r in with_heads for layer in r["heads"])
+        many = n_layers * n_heads > LEGEND_MAX  # one legend entry per layer instead of per head
         for key, label, a in (("entropy", "attention entropy (nats), mean over queries", axes[1, 0]),
                               ("max_logit", "max logit, mean over queries", axes[2, 0])):
             for l in range(n_layers):
-                n_heads = max(len(r["heads"][l]) for r in with_heads if len(r["heads"]) > l)
-                for h in range(n_heads):
+                heads_l = max(len(r["heads"][l]) for r in with_heads if len(r["heads"]) > l)
+                series = []
+                for h in range(heads_l):
                     pts = [(r["step"], r["heads"][l][h][key]) for r in with_heads if len(r["heads"]) > l and len(r["heads"][l]) > h]
-                    a.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=styles[l % len(styles)],
-                           color=plt.cm.tab10(h % 10), label=f"layer {l} head {h}")
+                    series.append(pts)
+                    if many:
+                        a.plot([p[0] for p in pts], [p[1] for p in pts], color=plt.cm.tab10(l % 10), linewidth=0.6, alpha=0.45)
+                    else:
+                        a.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=styles[l % len(styles)],
+                               color=plt.cm.tab10(h % 10), label=f"layer {l} head {h}")
+                if many:  # the layer's mean over its heads, drawn thick, is the legend entry
+                    steps_l = [p[0] for p in series[0]]
+                    mean = [sum(s[i][1] for s in series if i < len(s)) / sum(1 for s in series if i < len(s))
+                            for i in range(len(steps_l))]
+                    a.plot(steps_l, mean, color=plt.cm.tab10(l % 10), linewidth=2.2,
+                           label=f"layer {l}: mean of {heads_l} heads (thin lines: each head)")
             a.set_ylabel(label, fontsize=8)
             a.set_xlabel("step")
             a.grid(alpha=0.3)
-            a.legend(fontsize=7, ncol=max(1, n_layers), loc="best")
+            a.legend(fontsize=7, ncol=1 if many else max(1, n_layers), loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
