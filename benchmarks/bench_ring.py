@@ -13,7 +13,10 @@ Three runs of the same causal forward + backward, float32, (B, H, L, D) = (1, --
 Each run is a fresh process (group) that warms up on a short sequence first (numba loads its
 kernels), then times one call (the median of --repeat). The ring's time is the slowest rank's.
 Peak extra memory: the largest resident set seen (sampled every millisecond from /proc) during
-the timed call, minus the resident set just before it, per process. FLOPs as DESIGN.md counts
+the timed call, minus the resident set just before it, per process; every process runs with
+MALLOC_MMAP_THRESHOLD_=65536, so that glibc maps each tensor of 64 KiB or more on its own and
+returns it on free (by default it raises that threshold after the first free and keeps freed
+tensors in its heap, and the resident set then says more about the allocator than the code). FLOPs as DESIGN.md counts
 them: 4*B*H*L*L*D, halved for causal, x3.5 for forward + backward.
 
 Targets (issue 15): ring >= 0.8x the single process's throughput, each rank's peak extra memory
@@ -161,6 +164,7 @@ def main():
     args = p.parse_args()
     if args.quick:
         args.length = 4096
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by glibc when each spawned process starts
     flops = 3.5 * 4 * args.heads * args.length * args.length * args.dim / 2
     results = []
     for run in args.runs.split(","):

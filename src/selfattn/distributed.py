@@ -71,8 +71,8 @@ __all__ = ["ring_attention", "shard", "unshard", "LAYOUTS"]
 
 LAYOUTS = ("contiguous", "balanced")
 
-# elements of one (rows x keys) score block in the backward: 4 MB per temporary in float32 (8 in float64)
-_BWD_BLOCK = 1 << 20
+# the backward's score blocks: _BWD_ROWS x _BWD_COLS scores (1 MiB in float32) over all batches and heads
+_BWD_ROWS, _BWD_COLS = 256, 1024
 
 
 # -- the group ----------------------------------------------------------------------------------
@@ -493,8 +493,9 @@ def _ring_forward(plan: _Plan, q, k, v):
 def _piece_backward(plan: _Plan, q, do, lse, delta, k, v, piece: _Piece, dq, dk, dv):
     """Add one piece's share to dq (B, Hq, nq, D), dk (B, Hkv, nk, D), dv (B, Hkv, nk, Dv), in torch ops.
 
-    P_ij = exp(s_ij - lse_i) with the global lse, dS = P * (dP - delta) with the global delta;
-    query rows in chunks so that memory stays O(rows x nk).
+    P_ij = exp(s_ij - lse_i) with the global lse, dS = P * (dP - delta) with the global delta.
+    Blocks of query rows x keys (``_BWD_ROWS`` x ``_BWD_COLS`` scores per query head), so memory
+    stays two such blocks; keys the band rules out for a row block are never touched.
     """
     B, Hq, nq, D = q.shape
     Hkv, nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -502,33 +503,42 @@ def _piece_backward(plan: _Plan, q, do, lse, delta, k, v, piece: _Piece, dq, dk,
     geom = None
     if piece.mask is not None:
         geom = Geometry(B, Hq, nq, nk, piece.q_positions, piece.kv_positions, q.device)
-    rows_per = max(1, _BWD_BLOCK // max(1, B * Hq * nk))
+    cols_per = _BWD_COLS
+    rows_per = max(1, _BWD_ROWS * _BWD_COLS // (B * Hq * cols_per))
     lse_safe = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))  # fully-masked rows: P = 0
     for r0 in range(0, nq, rows_per):
         r1 = min(nq, r0 + rows_per)
-        c0, c1 = piece.cols(r0, r1)
-        if c0 >= c1:
-            continue
-        R, C = r1 - r0, c1 - c0
+        R = r1 - r0
         qg = q[:, :, r0:r1].reshape(B, Hkv, G * R, D)  # (B, Hkv, G*R, D) query heads of one kv head as rows
         dog = do[:, :, r0:r1].reshape(B, Hkv, G * R, Dv)  # (B, Hkv, G*R, Dv)
-        kk, vv = k[:, :, c0:c1], v[:, :, c0:c1]  # (B, Hkv, C, D), (B, Hkv, C, Dv)
-        s = (qg @ kk.transpose(-2, -1)) * plan.scale  # (B, Hkv, G*R, C)
-        if plan.softcap is not None:
-            t = torch.tanh(s / plan.softcap)
-            s = plan.softcap * t
-        p = torch.exp(s.view(B, Hq, R, C) - lse_safe[:, :, r0:r1, None])  # (B, Hq, R, C) global probabilities
+        lse_r = lse_safe[:, :, r0:r1, None]  # (B, Hq, R, 1)
+        delta_r = delta[:, :, r0:r1].reshape(B, Hkv, G * R, 1)  # (B, Hkv, G*R, 1)
+        allowed = None
         if geom is not None:
-            allowed = piece.mask.allowed_in(geom, torch.arange(r0, r1, device=q.device))[..., c0:c1]  # (B|1, H|1, R, C)
-            p = p.masked_fill(~allowed, 0.0)
-        pg = p.view(B, Hkv, G * R, C)
-        dv[:, :, c0:c1] += pg.transpose(-2, -1) @ dog  # (B, Hkv, C, Dv)
-        dp = dog @ vv.transpose(-2, -1)  # (B, Hkv, G*R, C)
-        ds = pg * (dp - delta[:, :, r0:r1].reshape(B, Hkv, G * R, 1))  # (B, Hkv, G*R, C)
-        if plan.softcap is not None:
-            ds = ds * (1 - t * t)  # d(c tanh(x/c))/dx
-        dq[:, :, r0:r1] += (ds @ kk).view(B, Hq, R, D) * plan.scale  # (B, Hq, R, D)
-        dk[:, :, c0:c1] += (ds.transpose(-2, -1) @ qg) * plan.scale  # (B, Hkv, C, D)
+            allowed = piece.mask.allowed_in(geom, torch.arange(r0, r1, device=q.device))  # (B|1, H|1, R, nk)
+        dq_r = None
+        lo, hi = piece.cols(r0, r1)
+        for c0 in range(lo, hi, cols_per):
+            c1 = min(hi, c0 + cols_per)
+            C = c1 - c0
+            kk, vv = k[:, :, c0:c1], v[:, :, c0:c1]  # (B, Hkv, C, D), (B, Hkv, C, Dv)
+            p = (qg @ kk.transpose(-2, -1)).mul_(plan.scale)  # (B, Hkv, G*R, C) scaled scores
+            t = None
+            if plan.softcap is not None:
+                t = p.div_(plan.softcap).tanh_()  # p is t now
+                p = t * plan.softcap
+            p = p.view(B, Hq, R, C).sub_(lse_r).exp_()  # (B, Hq, R, C) global probabilities
+            if allowed is not None:
+                p.masked_fill_(~allowed[..., c0:c1], 0.0)
+            pg = p.view(B, Hkv, G * R, C)
+            dv[:, :, c0:c1] += pg.transpose(-2, -1) @ dog  # (B, Hkv, C, Dv)
+            ds = (dog @ vv.transpose(-2, -1)).sub_(delta_r).mul_(pg)  # (B, Hkv, G*R, C) P * (dP - delta)
+            if t is not None:
+                ds.mul_(1 - t * t)  # d(c tanh(x/c))/dx
+            dq_r = ds @ kk if dq_r is None else dq_r.add_(ds @ kk)  # (B, Hkv, G*R, D)
+            dk[:, :, c0:c1] += (ds.transpose(-2, -1) @ qg).mul_(plan.scale)  # (B, Hkv, C, D)
+        if dq_r is not None:
+            dq[:, :, r0:r1] += dq_r.view(B, Hq, R, D) * plan.scale  # (B, Hq, R, D)
 
 
 def _ring_backward(plan: _Plan, dout, q, k, v, out, lse):
