@@ -1,34 +1,43 @@
-"""Backend `cpu`: fused flash-style CPU kernel (issue 5).
+"""Backend `cpu`: fused flash-style CPU kernel (issues 5, 11, 12).
 
 Three layers, as flash-attn has them:
 
-* ``_launch_forward`` / ``_launch_backward``: private launchers that classify tiles with
-  ``Mask.block_map``, turn the mask into the kernels' element-wise parameters and call the
-  numba kernels in ``selfattn.kernels.cpu_flash`` with all the threads torch uses (or in the
-  calling thread when that is one). The backward is two passes (dQ, then dK/dV), or one when
-  all keys fit one block;
+* ``_launch_forward`` / ``_launch_backward``: private launchers. The request's mask, positions
+  and ALiBi slopes arrive lowered once (``selfattn.lowering.lower``: tile map + element-wise
+  parameters, cached), are converted once into the kernels' :class:`~selfattn.kernels.cpu_flash.KernelMask`
+  record (numpy arrays), and the numba kernels in ``selfattn.kernels.cpu_flash`` run with all
+  the threads torch uses (or in the calling thread when that is one). The backward is two
+  passes (dQ, then dK/dV), or one when all keys fit one block. Attention sinks need no kernel
+  change: the forward folds exp(sink) into the kernel's log-sum-exp and rescales its output,
+  the backward runs on that full log-sum-exp, and d sink = -sum p_sink rowsum(dO O)
+  (``lowering.sink_grad``);
 * ``selfattn::cpu_flash_attention`` and ``selfattn::cpu_flash_attention_backward``:
-  ``torch.library`` custom ops, so ``torch.compile`` traces a call as one node; the forward
-  op's autograd (``register_autograd``) saves q, k, v, the output and the log-sum-exp only (as
-  row max + log of the row sum: one float32 lse would cost p its precision at huge scores). The
-  backward takes delta = rowsum(P dP) from its own P and dP (rowsum(dO O) only as a shift).
-  Eager calls take ``_EagerFlash``, the same two steps as an ``autograd.Function`` without the
-  dispatcher's per-call cost;
-* ``CPUBackend.forward``: turns a validated ``Request`` into the ops' arguments.
+  ``torch.library`` custom ops, so ``torch.compile`` traces a call as one node. Lowering runs
+  torch code that cannot be traced, so the ops take the request's mask as a layout string and
+  its tensors (``_op_args``) and lower inside. The forward op's autograd saves q, k, v, the
+  output and the log-sum-exp only (as row max + log of the row sum: one float32 lse would cost
+  p its precision at huge scores). Eager calls take ``_EagerFlash``, the same two steps as an
+  ``autograd.Function`` without the dispatcher's per-call cost;
+* ``CPUBackend.forward``: a validated ``Request`` to the ops' arguments.
 
 Memory is O(L): the L x L matrix never exists, only (BLOCK_M x BLOCK_N) tiles per thread.
 Dropout is not supported (``BackendUnavailable`` names "dropout"); statistics carry no
 gradient; a float mask gets no gradient (refused if it requires one).
 """
 
-import math
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from .. import lowering
 from .. import masks as _masks
+from ..request import Request, acc_dtype
 from ..stats import AttentionStats
-from .base import Backend, Request
+from .base import Backend
 
 try:
     import numba
@@ -37,9 +46,6 @@ try:
     from ..kernels import cpu_flash as _k
 except ImportError:  # numba missing: the backend stays registered and says why it cannot serve
     _k = None
-
-_BIG = 1 << 40  # window bound meaning "unbounded"
-_ATOMIC = (_masks.Causal, _masks.Window, _masks.Padding, _masks.Documents, _masks.Dense)
 
 #: tile products computed by the kernels since import (or the last reset); deterministic.
 #: "backward_one_pass": backward passes with one key block, where flash_bwd_kv also computes dQ
@@ -51,118 +57,86 @@ def reset_tile_products() -> None:
         TILE_PRODUCTS[name] = 0
 
 
-# -- masks: from Mask values to the kernels' parameters ---------------------------------------
+# -- the lowered mask as the kernels read it ---------------------------------------------------
 
 
-def _mask_args(mask, Lq: int, Lk: int):
-    """(kv_lens, q_lens, q_ids, kv_ids, allow, bias, win_left, win_right) for the ops."""
-    left = right = _BIG
-    kv_lens = q_lens = allow = bias = None
-    q_ids, kv_ids = [], []
-    parts = () if mask is None else (mask.parts if isinstance(mask, _masks.And) else (mask,))
-    for part in parts:
-        if isinstance(part, _masks.Causal):
-            right = min(right, 0)
-        elif isinstance(part, _masks.Window):
-            left, right = min(left, part.left), min(right, part.right)
-        elif isinstance(part, _masks.Padding):
-            kv_lens = part.kv_lengths if kv_lens is None else torch.minimum(kv_lens, part.kv_lengths)
-            if part.q_lengths is not None:
-                q_lens = part.q_lengths if q_lens is None else torch.minimum(q_lens, part.q_lengths)
-        elif isinstance(part, _masks.Documents):
-            kv_ids.append(part.kv_ids)  # (B|1, Lk)
-            q_ids.append(part.kv_ids[:, Lk - Lq:] if part.q_ids is None else part.q_ids)  # (B|1, Lq)
-        elif isinstance(part, _masks.Dense):
-            t = part.tensor
-            t = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))  # (B|1, H|1, Lq|1, Lk|1)
-            if t.dtype == torch.bool:
-                allow = t if allow is None else allow & t
-            else:
-                bias = t if bias is None else bias + t
-    if q_ids:
-        bd = max(t.shape[0] for t in kv_ids)
-        kv_ids = torch.stack([t.expand(bd, -1) for t in kv_ids]).long()  # (ND, Bd, Lk)
-        q_ids = torch.stack([t.expand(bd, -1) for t in q_ids]).long()  # (ND, Bd, Lq)
-    else:
-        q_ids = kv_ids = None
-    return kv_lens, q_lens, q_ids, kv_ids, allow, bias, left, right
-
-
-def _tile_map(lq, lk, kv_lens, q_lens, q_ids, kv_ids, allow, bias, left, right) -> torch.Tensor:
-    """int8 (B|1, H|1, nQ, nK) TileKind per (query block, key block) for every mask part."""
-    parts = []
-    if left < _BIG or right < _BIG:
-        parts.append(_masks.Window(min(left, _BIG), min(right, _BIG)))
-    if kv_lens is not None:
-        parts.append(_masks.Padding(kv_lens, q_lens))
-    for d in range(0 if q_ids is None else q_ids.shape[0]):
-        parts.append(_masks.Documents(kv_ids[d], q_ids[d]))
-    nq, nk = -(-lq // _k.BLOCK_M), -(-lk // _k.BLOCK_N)
-    if parts:
-        m = parts[0] if len(parts) == 1 else _masks.And(*parts)
-        tiles = m.block_map(lq, lk, _k.BLOCK_M, _k.BLOCK_N)  # (B|1, H|1, nQ, nK)
-    else:
-        tiles = torch.full((1, 1, nq, nk), int(_masks.FULL), dtype=torch.int8)
-    dense = None
-    if allow is not None:
-        dense = allow
-    if bias is not None:
-        finite = bias != float("-inf")  # -inf entries of a float mask rule pairs out
-        dense = finite if dense is None else dense & finite
-    if dense is not None:
-        d = _masks.dense_block_kinds(dense, lq, lk, _k.BLOCK_M, _k.BLOCK_N)
-        empty = (tiles == _masks.EMPTY) | (d == _masks.EMPTY)
-        full = (tiles == _masks.FULL) & (d == _masks.FULL)
-        tiles = torch.where(empty, int(_masks.EMPTY), torch.where(full, int(_masks.FULL), int(_masks.PARTIAL))).to(torch.int8)
-    return tiles.expand(tiles.shape[0], tiles.shape[1], nq, nk).contiguous()
-
-
-def _flat(t: Optional[torch.Tensor], dtype):
-    # a (B|1, H|1, Lq|1, Lk|1) tensor as a flat numpy array plus element strides (0 = broadcast)
+def _np(t: Optional[torch.Tensor], dtype, empty_shape):
+    # a tensor as a contiguous numpy array of `dtype` (bool read as uint8 without a copy), or an
+    # empty array of the same rank when absent
     if t is None:
-        return torch.zeros(0, dtype=dtype).numpy(), np.zeros(4, dtype=np.int64)
+        return torch.zeros(empty_shape, dtype=dtype).numpy()
+    t = t.detach()
+    t = t.view(torch.uint8) if t.dtype == torch.bool and dtype == torch.uint8 else t.to(dtype)
+    return t.contiguous().numpy()
+
+
+def _flat(t: Optional[torch.Tensor], dtype, per_unit=1.0):
+    # a (B|1, H|1, Lq|1, Lk|1) tensor as a flat numpy array and its element strides (0 broadcasts)
+    if t is None:
+        return _np(None, dtype, (0,)), np.zeros(4, dtype=np.int64)
     t = t.detach().contiguous()
-    t = t.view(dtype) if t.dtype == torch.bool and dtype == torch.uint8 else t.to(dtype)  # bool: no copy
+    t = t.view(dtype) if t.dtype == torch.bool else t.to(dtype) * per_unit
     strides = [t.stride(i) if t.shape[i] > 1 else 0 for i in range(4)]
     return t.reshape(-1).numpy(), np.array(strides, dtype=np.int64)
 
 
-#: kernel mask arguments of window-only masks (none, causal, window), by (Lq, Lk, left, right,
-#: dtype): they depend on nothing else, and a training step asks for the same ones every call
-_WINDOW_ARGS: dict = {}
+def _bound(side) -> int:
+    return _k.UNBOUNDED if side is None else int(side)
 
 
-def _kernel_mask_args(lq, lk, kv_lens, q_lens, q_ids, kv_ids, allow, bias, left, right, acc):
-    if kv_lens is None and q_lens is None and q_ids is None and allow is None and bias is None:
-        key = (lq, lk, left, right, acc)
-        margs = _WINDOW_ARGS.get(key)
-        if margs is None:
-            if len(_WINDOW_ARGS) >= 64:  # many shapes (e.g. decoding step by step): start afresh
-                _WINDOW_ARGS.clear()
-            margs = _WINDOW_ARGS[key] = _build_kernel_mask_args(lq, lk, None, None, None, None, None, None, left, right, acc)
-        return margs
-    return _build_kernel_mask_args(lq, lk, kv_lens, q_lens, q_ids, kv_ids, allow, bias, left, right, acc)
+def _build_kernel_mask(low: lowering.LoweredMask, acc: torch.dtype):
+    """A :class:`~selfattn.lowering.LoweredMask` as the kernels' ``KernelMask`` (numpy, compute dtype
+    ``acc``; the bias and the ALiBi slopes in score units)."""
+    per_nat = _k.LOG2E if acc == torch.float32 else 1.0
+    allow, allow_strides = _flat(low.allow, torch.uint8)
+    bias, bias_strides = _flat(low.bias, acc, per_nat)
+    alibi = None if low.alibi is None else low.alibi.to(acc) * per_nat  # (B|1, Hq) score units
+    with_alibi = alibi is not None
+    return _k.KernelMask(
+        tiles=low.tiles.contiguous().numpy(), q_pos=_np(low.q_pos, torch.int64, None),
+        kv_pos=_np(low.kv_pos, torch.int64, None), banded=low.banded,
+        win_left=_bound(low.win_left), win_right=_bound(low.win_right),
+        kv_lens=_np(low.kv_lens, torch.int64, (0,)), q_lens=_np(low.q_lens, torch.int64, (0,)),
+        kv_keep=_np(low.kv_keep, torch.uint8, (0, 0)),
+        q_ids=_np(low.q_ids, torch.int64, (0, 1, 1)), kv_ids=_np(low.kv_ids, torch.int64, (0, 1, 1)),
+        allow=allow, allow_strides=allow_strides, bias=bias, bias_strides=bias_strides,
+        fn_index=_np(low.fn_index, torch.int32, (0, 1, 1, 1)),
+        fn_bits=_np(low.fn_bits, torch.uint8, (0, _k.BLOCK_M, _k.BLOCK_N)),
+        alibi=_np(alibi, acc, (0, 0)),
+        q_pos_f=_np(low.q_pos if with_alibi else None, acc, (0, 0)),
+        kv_pos_f=_np(low.kv_pos if with_alibi else None, acc, (0, 0)),
+    )
 
 
-def _build_kernel_mask_args(lq, lk, kv_lens, q_lens, q_ids, kv_ids, allow, bias, left, right, acc):
-    # the kernels only read these arrays, so a cached tuple is safe to hand out again
-    tiles = _tile_map(lq, lk, kv_lens, q_lens, q_ids, kv_ids, allow, bias, left, right).numpy()
-    kvl = np.array([lk], np.int64) if kv_lens is None else kv_lens.detach().to(torch.int64).contiguous().numpy()
-    ql = np.array([lq], np.int64) if q_lens is None else q_lens.detach().to(torch.int64).contiguous().numpy()
-    if q_ids is None:
-        qi, ki = np.zeros((0, 1, 1), np.int64), np.zeros((0, 1, 1), np.int64)
-    else:
-        qi, ki = q_ids.detach().contiguous().numpy(), kv_ids.detach().contiguous().numpy()
-    allow_flat, stride_allow = _flat(allow, torch.uint8)
-    bias_flat, stride_bias = _flat(bias, acc)
-    return (tiles, left, right, kvl, ql, qi, ki, allow_flat, stride_allow, bias_flat, stride_bias)
+#: KernelMask records by (LoweredMask, dtype): lowering caches its records, so a training step or a
+#: decoding loop that meets the same mask again converts nothing
+_KERNEL_MASKS: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+
+def _kernel_mask(low: lowering.LoweredMask, acc: torch.dtype):
+    key = (id(low), acc)
+    hit = _KERNEL_MASKS.get(key)
+    if hit is not None and hit[0] is low:
+        _KERNEL_MASKS.move_to_end(key)
+        return hit[1]
+    km = _build_kernel_mask(low, acc)
+    _KERNEL_MASKS[key] = (low, km)  # the entry keeps `low` alive, so its id is not reused meanwhile
+    while len(_KERNEL_MASKS) > 32:
+        _KERNEL_MASKS.popitem(last=False)
+    return km
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What a launcher needs besides the tensors: the lowered mask and the scalar options."""
+
+    low: "lowering.LoweredMask"
+    scale: float
+    softcap: float  # 0.0: none
+    want_stats: bool
 
 
 # -- launchers --------------------------------------------------------------------------------
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _threads(tasks: int, flops: float) -> int:
@@ -198,13 +172,8 @@ def _ready(t, acc):
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _units(acc, scale, softcap):
-    """(consts, softcap in score units): float32 works in base 2 (exp2), float64 in nats (libm exp)."""
-    base2 = acc == torch.float32
-    per_nat = _k.LOG2E if base2 else 1.0
-    qk_scale = scale * per_nat if softcap <= 0.0 else scale / softcap  # q.k -> score (or u of c tanh u)
-    softcap_u = softcap * per_nat if softcap > 0.0 else 0.0
-    return _k.make_consts(np.float32 if base2 else np.float64, qk_scale, base2), softcap_u
+def _opts(acc, call: _Call):
+    return _k.make_opts(np.float32 if acc == torch.float32 else np.float64, call.scale, call.softcap, call.want_stats)
 
 
 def _transposed(x, lq):
@@ -215,126 +184,205 @@ def _transposed(x, lq):
     return x.transpose(-1, -2).contiguous()
 
 
-def _launch_forward(q, k, v, mask_args, scale, softcap, want_stats):
-    acc = _acc_dtype(q.dtype)
+def _fold_sinks(out, row_max, row_log, ent, sinks, opts):
+    """Add exp(sink_h) to every row's softmax denominator after a kernel that saw only the keys.
+
+    The output is rescaled by the keys' share exp(lse_k - lse); the lse halves become those of the
+    full denominator (the backward reads them: its P then sums to 1 - p_sink, as it should); the
+    entropy becomes that of the keys-plus-sink distribution (``lowering.sink_stats``). In float64,
+    so the halves keep their precision.
+    """
+    per_nat, nat = float(opts.units), float(opts.nat)
+    lse_k = (row_max.double() + row_log.double()) * nat  # (B, Hq, Lq) nats, -inf for a fully-masked row
+    lse, ent64, mass = lowering.sink_stats(lse_k, ent.double() if opts.want_stats else None, sinks)
+    sink_u = sinks.detach().double()[None, :, None] * per_nat  # (1, Hq, 1) score units
+    new_max = torch.maximum(row_max.double(), sink_u)  # (B, Hq, Lq)
+    new_log = lse * per_nat - new_max  # (B, Hq, Lq) small: the larger half is in new_max
+    acc = row_max.dtype
+    out = out * mass.to(acc)[..., None]  # (B, Hq, Lq, Dv)
+    ent = ent64.to(acc) if ent64 is not None else ent
+    return out, new_max.to(acc), new_log.to(acc), ent
+
+
+def _launch_forward(q, k, v, sinks, call: _Call):
+    """(out, row_max, row_log, max_logit, entropy): out in q's dtype; the lse (sink included) as
+    row_max + row_log in score units; max_logit over the keys and the entropy in nats (both
+    meaningful only with call.want_stats)."""
+    acc = acc_dtype(q.dtype)
     B, Hq, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
-    margs = _kernel_mask_args(Lq, Lk, *mask_args, acc)
+    mask = _kernel_mask(call.low, acc)
+    opts = _opts(acc, call)
     q_, k_, v_ = (_ready(t, acc) for t in (q, k, v))
     # (B, Hkv, D, Lk); none when the kernel transposes each tile's keys itself (one key block) or
     # takes dot products (fewer than 4 queries)
     kt = k_.new_empty((1, 1, D, 0)) if Lk <= _k.BLOCK_N else _transposed(k_, Lq)
-    consts, softcap_u = _units(acc, scale, softcap)
     out = torch.empty(B, Hq, Lq, Dv, dtype=acc)
     row_max, row_log, ent = (torch.empty(B, Hq, Lq, dtype=acc) for _ in range(3))
     counts = np.zeros(B * Hq * (-(-Lq // _k.BLOCK_M)), np.int64)  # one per task
     flash_fwd = _kernel("flash_fwd", _threads(len(counts), 4.0 * B * Hq * Lq * Lk * D))
     flash_fwd(q_.numpy(), k_.numpy(), kt.numpy(), v_.numpy(), out.numpy(), row_max.numpy(), row_log.numpy(), ent.numpy(),
-              margs[0], counts, *margs[1:], softcap_u, Lk, bool(want_stats), consts, acc == torch.float32)
+              counts, mask, opts)
     TILE_PRODUCTS["forward"] += int(counts.sum())
-    return out.to(q.dtype), row_max, row_log, ent
+    max_logit = row_max * float(opts.nat)  # (B, Hq, Lq) nats, keys only
+    if sinks is not None:
+        out, row_max, row_log, ent = _fold_sinks(out, row_max, row_log, ent, sinks, opts)
+    return out.to(q.dtype), row_max, row_log, max_logit, ent
 
 
-def _launch_backward(grad_out, q, k, v, out, row_max, row_log, mask_args, scale, softcap):
-    acc = _acc_dtype(q.dtype)
+def _launch_backward(grad_out, q, k, v, out, row_max, row_log, call: _Call):
+    """(dq, dk, dv) from the saved output and lse halves (sink included, when there is one)."""
+    acc = acc_dtype(q.dtype)
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    margs = _kernel_mask_args(Lq, Lk, *mask_args, acc)
+    mask = _kernel_mask(call.low, acc)
+    opts = _opts(acc, call)
     q_, k_, v_, do, out_ = (_ready(t, acc) for t in (q, k, v, grad_out, out))
     row_max, row_log = row_max.detach().contiguous(), row_log.detach().contiguous()
-    consts, softcap_u = _units(acc, scale, softcap)
-    # the kernels owe d(argument)/d(q.k): scale, or scale / c for the softcap's u
-    dscale = scale if softcap <= 0.0 else scale / softcap
     dq = torch.empty(B, Hq, Lq, D, dtype=acc)
     dk = torch.empty(B, Hkv, Lk, D, dtype=acc)
     dv = torch.empty(B, Hkv, Lk, Dv, dtype=acc)
-    fast = acc == torch.float32
     counts_q = np.zeros(B * Hq * (-(-Lq // _k.BLOCK_M)), np.int64)  # one per task of flash_bwd_q
     counts_kv = np.zeros(B * Hkv * (-(-Lk // _k.BLOCK_N)), np.int64)  # ... and of flash_bwd_kv
     threads = _threads(max(len(counts_q), len(counts_kv)), 10.0 * B * Hq * Lq * Lk * D)
-    tail = (margs[0], counts_kv, *margs[1:], softcap_u, softcap, Lk, dscale, consts, fast)
     flash_bwd_kv = _kernel("flash_bwd_kv", threads)
     if Lk <= _k.BLOCK_N and len(counts_kv) >= threads:
         # one key block (and a task per kv head keeps every thread busy): flash_bwd_kv alone does the
         # whole backward pass, dQ included, without recomputing P and dP in a second pass
-        no_delta = np.empty((0, 0, 0), consts.dtype)
+        no_delta = np.empty((0, 0, 0), row_max.numpy().dtype)
         flash_bwd_kv(q_.numpy(), k_.numpy(), v_.numpy(), do.numpy(), row_max.numpy(), row_log.numpy(), no_delta,
-                     dk.numpy(), dv.numpy(), dq.numpy(), *tail)
+                     dk.numpy(), dv.numpy(), dq.numpy(), counts_kv, mask, opts)
         TILE_PRODUCTS["backward_one_pass"] += int(counts_kv.sum())
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     delta = torch.empty(B, Hq, Lq, dtype=acc)  # (B, Hq, Lq) rowsum(P * dP), from flash_bwd_q
     kt, vt = _transposed(k_, Lq), _transposed(v_, 4)  # (B, Hkv, D, Lk), (B, Hkv, Dv, Lk) (dP needs it)
     flash_bwd_q = _kernel("flash_bwd_q", threads)
     flash_bwd_q(q_.numpy(), k_.numpy(), kt.numpy(), v_.numpy(), vt.numpy(), do.numpy(), out_.numpy(), row_max.numpy(),
-                row_log.numpy(), delta.numpy(), dq.numpy(), margs[0], counts_q, *tail[2:])
-    no_dq = np.empty((0, 0, 0, 0), consts.dtype)  # dQ came from flash_bwd_q
+                row_log.numpy(), delta.numpy(), dq.numpy(), counts_q, mask, opts)
+    no_dq = np.empty((0, 0, 0, 0), row_max.numpy().dtype)  # dQ came from flash_bwd_q
     flash_bwd_kv(q_.numpy(), k_.numpy(), v_.numpy(), do.numpy(), row_max.numpy(), row_log.numpy(), delta.numpy(),
-                 dk.numpy(), dv.numpy(), no_dq, *tail)
+                 dk.numpy(), dv.numpy(), no_dq, counts_kv, mask, opts)
     TILE_PRODUCTS["backward_kv"] += int(counts_kv.sum())
     TILE_PRODUCTS["backward_q"] += int(counts_q.sum())
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _lse(row_max, row_log):
+    # the log-sum-exp in nats from the kernels' halves in score units (base 2 for float32)
+    nat = _k.LN2 if row_max.dtype == torch.float32 else 1.0
+    return ((row_max.double() + row_log.double()) * nat).to(row_max.dtype)  # (B, Hq, Lq)
+
+
+def _sinks_grad(sinks, grad_out, out, row_max, row_log):
+    return lowering.sink_grad(sinks, _lse(row_max, row_log), grad_out, out)  # (Hq,)
+
+
 # -- torch.library custom ops -------------------------------------------------------------------
+# An op takes tensors, numbers and strings, not Mask objects: the request's mask, positions and
+# ALiBi slopes travel as a layout string (one entry per part, ";"-separated) and the list of their
+# tensors, and the op rebuilds the request and lowers it. Mask functions (Python callables) cannot
+# travel so: under torch.compile the backend refuses them.
+
+#: layout name -> (mask class, the part's tensors in the order its constructor takes them)
+_OP_PARTS = {
+    "causal": (_masks.Causal, lambda p: []),
+    "padding": (_masks.Padding, lambda p: [p.kv_lengths, p.q_lengths]),
+    "key_padding": (_masks.KeyPadding, lambda p: [p.keep]),
+    "documents": (_masks.Documents, lambda p: [p.kv_ids, p.q_ids]),
+    "dense": (_masks.Dense, lambda p: [p.tensor]),
+}
+_OP_REQUEST_TENSORS = ("q_positions", "kv_positions", "alibi_slopes")  # Request fields that travel too
 
 
-def _forward_impl(q, k, v, kv_lens, q_lens, q_ids, kv_ids, allow, bias, scale, softcap, win_left, win_right, want_stats):
-    # returns (out, row_max, row_log, entropy): the log-sum-exp is row_max + row_log, in the kernel's
-    # score units (base 2 for float32 inputs, nats for float64); the backward pass reads both halves
-    mask_args = (kv_lens, q_lens, q_ids, kv_ids, allow, bias, win_left, win_right)
-    return _launch_forward(q, k, v, mask_args, scale, softcap, want_stats)
+def _op_args(req: Request):
+    """(layout, tensors) of the request's mask parts, positions and ALiBi slopes, for the ops.
+
+    Layout entries: ``window:<left>:<right>``, ``<part name>:<number of tensors>``, or a Request
+    field name (one tensor)."""
+    layout, tensors = [], []
+    for part in _masks.parts(req.mask):
+        if isinstance(part, _masks.Window):
+            layout.append(f"window:{part.left}:{part.right}")
+            continue
+        name = next((n for n, (cls, _) in _OP_PARTS.items() if type(part) is cls), None)
+        if name is None:
+            raise TypeError(f"cpu backend: a {type(part).__name__} mask cannot be passed to the custom op")
+        ts = _OP_PARTS[name][1](part)
+        layout.append(f"{name}:{len(ts)}")
+        tensors += ts
+    for field in _OP_REQUEST_TENSORS:
+        if getattr(req, field) is not None:
+            layout.append(field)
+            tensors.append(getattr(req, field))
+    return ";".join(layout), tensors
+
+
+def _op_call(q, k, v, layout: str, tensors, scale, softcap, want_stats) -> _Call:
+    """The :class:`_Call` of an op call: the request rebuilt from ``_op_args`` and lowered."""
+    parts, fields, it = [], {}, iter(tensors)
+    for entry in filter(None, layout.split(";")):
+        name, *args = entry.split(":")
+        if name == "window":
+            left, right = (None if a == "None" else int(a) for a in args)
+            parts.append(_masks.Window(left, right))
+        elif name in _OP_PARTS:
+            parts.append(_OP_PARTS[name][0](*(next(it) for _ in range(int(args[0])))))
+        else:
+            fields[name] = next(it)
+    mask = None if not parts else parts[0] if len(parts) == 1 else _masks.And(*parts)
+    B, Hq, Lq, D = q.shape
+    req = Request(mask=mask, scale=scale, softcap=softcap or None, dropout_p=0.0, generator=None,
+                  return_stats=want_stats, batch=B, q_heads=Hq, kv_heads=k.shape[1], q_len=Lq,
+                  kv_len=k.shape[2], head_dim=D, v_dim=v.shape[3], dtype=q.dtype, device=q.device,
+                  requires_grad=False, **fields)
+    return _Call(lowering.lower(req, _k.BLOCK_M, _k.BLOCK_N), scale, softcap, want_stats)
 
 
 @torch.library.custom_op("selfattn::cpu_flash_attention", mutates_args=(), device_types="cpu")
 def _flash_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    kv_lens: Optional[torch.Tensor], q_lens: Optional[torch.Tensor],
-    q_ids: Optional[torch.Tensor], kv_ids: Optional[torch.Tensor],
-    allow: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-    scale: float, softcap: float, win_left: int, win_right: int, want_stats: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward_impl(q, k, v, kv_lens, q_lens, q_ids, kv_ids, allow, bias, scale, softcap, win_left, win_right, want_stats)
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: Optional[torch.Tensor],
+    layout: str, mask_tensors: list[Optional[torch.Tensor]], scale: float, softcap: float, want_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    call = _op_call(q, k, v, layout, mask_tensors, scale, softcap, want_stats)
+    return _launch_forward(q, k, v, sinks, call)
 
 
 @_flash_op.register_fake
-def _flash_op_fake(q, k, v, kv_lens, q_lens, q_ids, kv_ids, allow, bias, scale, softcap, win_left, win_right, want_stats):
+def _flash_op_fake(q, k, v, sinks, layout, mask_tensors, scale, softcap, want_stats):
     B, Hq, Lq, _ = q.shape
-    acc = _acc_dtype(q.dtype)
-    out = q.new_empty((B, Hq, Lq, v.shape[3]))
-    return out, q.new_empty((B, Hq, Lq), dtype=acc), q.new_empty((B, Hq, Lq), dtype=acc), q.new_empty((B, Hq, Lq), dtype=acc)
+    rows = [q.new_empty((B, Hq, Lq), dtype=acc_dtype(q.dtype)) for _ in range(4)]  # row_max, row_log, max_logit, entropy
+    return (q.new_empty((B, Hq, Lq, v.shape[3])), *rows)
 
 
 @torch.library.custom_op("selfattn::cpu_flash_attention_backward", mutates_args=(), device_types="cpu")
 def _flash_backward_op(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, row_max: torch.Tensor, row_log: torch.Tensor,
-    kv_lens: Optional[torch.Tensor], q_lens: Optional[torch.Tensor],
-    q_ids: Optional[torch.Tensor], kv_ids: Optional[torch.Tensor],
-    allow: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-    scale: float, softcap: float, win_left: int, win_right: int,
+    layout: str, mask_tensors: list[Optional[torch.Tensor]], scale: float, softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    mask_args = (kv_lens, q_lens, q_ids, kv_ids, allow, bias, win_left, win_right)
-    return _launch_backward(grad_out, q, k, v, out, row_max, row_log, mask_args, scale, softcap)
+    call = _op_call(q, k, v, layout, mask_tensors, scale, softcap, False)
+    return _launch_backward(grad_out, q, k, v, out, row_max, row_log, call)
 
 
 @_flash_backward_op.register_fake
-def _flash_backward_op_fake(grad_out, q, k, v, out, row_max, row_log, kv_lens, q_lens, q_ids, kv_ids, allow, bias, scale, softcap, win_left, win_right):
+def _flash_backward_op_fake(grad_out, q, k, v, out, row_max, row_log, layout, mask_tensors, scale, softcap):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_lens, q_lens, q_ids, kv_ids, allow, bias, scale, softcap, win_left, win_right, _ = inputs
-    out, row_max, row_log, ent = output
-    ctx.mark_non_differentiable(row_max, row_log, ent)
-    ctx.save_for_backward(q, k, v, out, row_max, row_log, kv_lens, q_lens, q_ids, kv_ids, allow, bias)
-    ctx.options = (scale, softcap, win_left, win_right)
+    q, k, v, sinks, layout, mask_tensors, scale, softcap, _ = inputs
+    out, row_max, row_log, max_logit, ent = output
+    ctx.mark_non_differentiable(row_max, row_log, max_logit, ent)
+    ctx.save_for_backward(q, k, v, out, row_max, row_log, sinks, *mask_tensors)
+    ctx.layout, ctx.scale, ctx.softcap = layout, scale, softcap
 
 
-def _backward(ctx, grad_out, grad_max, grad_log, grad_ent):
-    q, k, v, out, row_max, row_log, kv_lens, q_lens, q_ids, kv_ids, allow, bias = ctx.saved_tensors
+def _backward(ctx, grad_out, *_stats_grads):
+    q, k, v, out, row_max, row_log, sinks, *mask_tensors = ctx.saved_tensors
     dq, dk, dv = torch.ops.selfattn.cpu_flash_attention_backward(
-        grad_out, q, k, v, out, row_max, row_log, kv_lens, q_lens, q_ids, kv_ids, allow, bias, *ctx.options)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
+        grad_out, q, k, v, out, row_max, row_log, ctx.layout, mask_tensors, ctx.scale, ctx.softcap)
+    dsinks = None if sinks is None else _sinks_grad(sinks, grad_out, out, row_max, row_log)
+    return dq, dk, dv, dsinks, None, [None] * len(mask_tensors), None, None, None  # one entry per input
 
 
 torch.library.register_autograd("selfattn::cpu_flash_attention", _backward, setup_context=_setup_context)
@@ -346,35 +394,38 @@ class _EagerFlash(torch.autograd.Function):
     of ``selfattn train``). Under torch.compile the custom ops are used."""
 
     @staticmethod
-    def forward(ctx, q, k, v, *rest):
-        acc = _acc_dtype(q.dtype)
+    def forward(ctx, q, k, v, sinks, call: _Call):
+        acc = acc_dtype(q.dtype)
         ready = [_ready(t, acc) for t in (q, k, v)]
-        out, row_max, row_log, ent = _forward_impl(*ready, *rest)
-        ctx.mark_non_differentiable(row_max, row_log, ent)
+        out, row_max, row_log, max_logit, ent = _launch_forward(*ready, sinks, call)
+        ctx.mark_non_differentiable(row_max, row_log, max_logit, ent)
         # keep the kernels' copies (strided heads made contiguous) when they have the inputs' dtype:
         # the backward pass reads them as they are, for the memory the inputs would have taken
         keep = [r if r.dtype == t.dtype else t for r, t in zip(ready, (q, k, v))]
         out = out.to(q.dtype)
-        ctx.save_for_backward(*keep, out, row_max, row_log, *rest[:6])
-        ctx.options = rest[6:10]  # scale, softcap, win_left, win_right
-        return out, row_max, row_log, ent
+        ctx.save_for_backward(*keep, out, row_max, row_log, sinks)
+        ctx.call = call
+        return out, row_max, row_log, max_logit, ent
 
     @staticmethod
-    def backward(ctx, grad_out, grad_max, grad_log, grad_ent):
-        q, k, v, out, row_max, row_log, *mask = ctx.saved_tensors
-        scale, softcap, win_left, win_right = ctx.options
-        dq, dk, dv = _launch_backward(grad_out, q, k, v, out, row_max, row_log, (*mask, win_left, win_right), scale, softcap)
-        return dq, dk, dv, *([None] * 11)
+    def backward(ctx, grad_out, *_stats_grads):
+        q, k, v, out, row_max, row_log, sinks = ctx.saved_tensors
+        dq, dk, dv = _launch_backward(grad_out, q, k, v, out, row_max, row_log, ctx.call)
+        dsinks = _sinks_grad(sinks, grad_out, out, row_max, row_log) if ctx.needs_input_grad[3] else None
+        return dq, dk, dv, dsinks, None
 
 
 # -- the backend --------------------------------------------------------------------------------
+
+_LOWERED = (_masks.Causal, _masks.Window, _masks.Padding, _masks.KeyPadding, _masks.Documents, _masks.Dense, _masks.Function)
 
 
 class CPUBackend(Backend):
     name = "cpu"
     summary = "fused flash-style numba kernel (forward + backward), O(L) memory, skips masked tiles, stats for free"
     features = {
-        "masks": "all (causal, window, padding, documents natively with tile skipping; dense bool/float element-wise)",
+        "masks": "all: causal, window, padding, key_padding, documents and mask functions with tile skipping; dense bool/float element-wise",
+        "positions": "yes; ALiBi in the kernel, sinks (with gradients) around it",
         "dtypes": "float32, float64; float16/bfloat16 accumulate in float32",
         "stats": "yes, from the online softmax (no gradient through them)",
         "softcap": "yes",
@@ -394,12 +445,16 @@ class CPUBackend(Backend):
             return f"device {req.device.type!r} (CPU tensors only)"
         if req.dropout_p > 0:
             return "dropout (dropout_p > 0; backend 'math' or 'sdpa' supports it)"
-        parts = () if req.mask is None else (req.mask.parts if isinstance(req.mask, _masks.And) else (req.mask,))
-        for part in parts:
-            if not isinstance(part, _ATOMIC):
+        for feature in ("positions", "alibi", "sinks", "key_padding", "function"):
+            if feature in req.features:
+                return f"{feature} (not yet served by the cpu backend)"
+        for part in _masks.parts(req.mask):
+            if not isinstance(part, _LOWERED):
                 return f"mask {type(part).__name__}"
             if isinstance(part, _masks.Dense) and part.tensor.requires_grad:
                 return "gradient with respect to a float mask"
+            if isinstance(part, _masks.Function) and torch.compiler.is_compiling():
+                return "mask function under torch.compile (its Python function runs eagerly only; use backend 'math')"
         return None
 
     def rank(self, req: Request) -> float:
@@ -426,20 +481,20 @@ class CPUBackend(Backend):
         return 30.0
 
     def forward(self, q, k, v, req: Request):
-        kv_lens, q_lens, q_ids, kv_ids, allow, bias, left, right = _mask_args(req.mask, req.q_len, req.kv_len)
-        args = (q, k, v, kv_lens, q_lens, q_ids, kv_ids, allow, bias,
-                req.scale, 0.0 if req.softcap is None else req.softcap, left, right, req.return_stats)
+        softcap = 0.0 if req.softcap is None else req.softcap
         if torch.compiler.is_compiling():
-            out, row_max, row_log, ent = torch.ops.selfattn.cpu_flash_attention(*args)
-        elif req.requires_grad:
-            out, row_max, row_log, ent = _EagerFlash.apply(*args)
-        else:  # nothing to differentiate: the launcher alone
-            out, row_max, row_log, ent = _forward_impl(*args)
+            layout, tensors = _op_args(req)
+            out, row_max, row_log, max_logit, ent = torch.ops.selfattn.cpu_flash_attention(
+                q, k, v, req.sinks, layout, tensors, req.scale, softcap, req.return_stats)
+        else:
+            call = _Call(lowering.lower(req, _k.BLOCK_M, _k.BLOCK_N), req.scale, softcap, req.return_stats)
+            if req.requires_grad:
+                out, row_max, row_log, max_logit, ent = _EagerFlash.apply(q, k, v, req.sinks, call)
+            else:  # nothing to differentiate: the launcher alone
+                out, row_max, row_log, max_logit, ent = _launch_forward(q, k, v, req.sinks, call)
         if not req.return_stats:
             return out, None
-        nats = _k.LN2 if ent.dtype == torch.float32 else 1.0  # float32 kernels count in base 2
-        lse = ((row_max.double() + row_log.double()) * nats).to(ent.dtype)  # (B, Hq, Lq)
-        return out, AttentionStats(lse, (row_max.double() * nats).to(ent.dtype), ent)
+        return out, AttentionStats(_lse(row_max, row_log), max_logit, ent)
 
 
 def _register():

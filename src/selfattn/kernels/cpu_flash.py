@@ -1,19 +1,72 @@
-"""Fused flash-attention kernels for the CPU, written in numba (issue 5).
+"""Fused flash-attention kernels for the CPU, written in numba (issues 5, 11, 12).
 
-Inputs are the tensors themselves, C-contiguous, float32 or float64: q (B, Hq, Lq, D),
-k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), plus k^T (B, Hkv, D, Lk) (and v^T for dQ) so that the
-block products run along contiguous rows. The dK/dV pass, which meets each key block once,
-transposes its block into a small buffer instead, and so does the forward when all keys fit
-one block (k^T then has no columns). With one key block the dK/dV pass also computes dQ: the
-backward is then a single pass. Nothing of size L x L exists.
+The algorithm
+-------------
+Queries are cut into blocks of BLOCK_M rows and keys into blocks of BLOCK_N; a *tile* is one
+(query block, key block) pair, a BLOCK_M x BLOCK_N block of the score matrix that exists only
+in a per-thread buffer. Nothing of size Lq x Lk is ever stored.
 
-In float32, scores are kept in base-2 units (logit * log2(e), folded into the scale) so every
-exponential is an exp2, computed by a polynomial that LLVM vectorises; float64 keeps natural
-units and calls libm. ``make_consts`` says which units a call uses.
-Masks arrive as a tile map (int8 TileKind per (query block, key block)) plus the element-wise
-parameters a PARTIAL tile needs: a window [p - left, p + right] around query position
-p = i + Lk - Lq (causal is right = 0), padding lengths, document ids, a dense bool array and a
-dense float bias (flat, with strides; stride 0 broadcasts).
+A tile holds, for query rows i and keys j of its blocks, the logit in *score units*::
+
+    s[i, j] = softcap(q_i . k_j * scale) - slope_h * |q_pos[i] - kv_pos[j]| + bias[i, j]
+              (-inf where the mask rules the pair out)
+
+In float32 a score unit is log2(e) nats (the factor is folded into the scale, the softcap, the
+ALiBi slope and the bias), so every exponential is an exp2, computed by a polynomial that LLVM
+vectorises; float64 keeps nats and calls libm. ``make_opts`` fixes the units of a call.
+
+The mask arrives lowered (``selfattn.lowering.lower``, converted by the backend into a
+:class:`KernelMask`): a tile map says whether each tile is EMPTY (skipped: never loaded, never
+multiplied), FULL (computed with no masking at all) or PARTIAL (the element-wise tests run:
+the band -left <= kv_pos - q_pos <= right, padding lengths, key_padding's keep bits, document
+ids, dense bool bits, and the bits of a mask function's partial tile). ALiBi and a float bias
+are added in every computed tile.
+
+**Forward (online softmax)**, one task per (batch, head, query block), over its non-empty key
+tiles in order, with a running max m, sum l and accumulator acc per row::
+
+    s      = the tile's logits                       (BLOCK_M x BLOCK_N)
+    m_new  = max(m, rowmax(s))
+    p      = exp2(s - m_new)
+    alpha  = exp2(m - m_new)                         -- rescale what was summed before
+    l      = alpha * l + rowsum(p)
+    acc    = alpha * acc + p @ v_tile                (the tile's share computed apart, then added)
+    ...
+    out    = acc / l;  lse = m + log2(l)   (kept as the two halves row_max = m, row_log = log2 l)
+
+With statistics the same sweep keeps sum p * (s - m) for the entropy (H = ln l - sum p (s-m) / l).
+
+**Backward**, from the saved halves of the lse: P = exp2((s - row_max) - row_log) is recomputed
+exactly per tile, dP = dO V^T, and dS = P * (dP - delta) with delta = rowsum(P * dP). Two passes:
+
+1. ``flash_bwd_q``, one task per (batch, head, query block) over key tiles: with the shift
+   c = rowsum(dO * O) (delta up to the output's rounding) it sums (P * (dP - c)) K, P K and
+   rowsum(P * dP) in one sweep; then dQ = (P(dP - c)) K - (delta - c) P K, exact, and delta
+   is left for pass 2.
+2. ``flash_bwd_kv``, one task per (batch, kv head, key block) over every query tile of the
+   head group: dV += P^T dO, dK += dS^T Q.
+
+When all keys fit one block (Lk <= BLOCK_N) ``flash_bwd_kv`` alone is the whole backward: delta
+is complete within its tile, and it writes dQ = dS K too.
+
+Working set and accounting
+--------------------------
+Per thread, in the compute dtype: the tile buffers s, p (and dP in the backward, tanh(u) with a
+softcap) of BLOCK_M x BLOCK_N each, the accumulators (BLOCK_M x Dv for the output, BLOCK_N x D and
+BLOCK_N x Dv for dK/dV, 2 x BLOCK_M x D for dQ) and a transposed key (value) block of D x BLOCK_N:
+in float32 with D = 64 about 80 KiB (forward) to 130 KiB (backward), inside the L2 cache.
+
+FLOPs per computed tile (r rows, c keys): forward 2rcD (Q K^T) + 2rcDv (P V) + ~10rc (exp2 and
+rescaling); ``flash_bwd_q`` 2rcD + 2rcDv + 4rcD (Q K^T, dO V^T, two products with K);
+``flash_bwd_kv`` 2rcD + 4rcDv + 2rcD (Q K^T, P^T dO, dO V^T, dS^T Q), + 2rcD for dQ in one-pass
+mode. DESIGN.md's count (4 BHLqLkD forward, x2.5 for the backward) is the textbook flash
+backward; this two-pass one does 8/5 of its backward products to avoid atomics. Costs follow
+the number of non-empty tiles, not Lq x Lk.
+
+Memory: K and V are read once per query block (BLOCK_M / 2 = 32 flops per float32 byte in the
+forward), Q once per key block in ``flash_bwd_kv``. Extra memory is O(L): the output, the two
+lse halves and the entropy per row, K^T (and V^T) copies, delta; the lowered mask adds one byte
+per tile (plus, for a mask function, BLOCK_M x BLOCK_N bytes per partial tile).
 
 Every parallel task owns the outputs it writes, so results are bit-identical run to run.
 """
@@ -21,6 +74,7 @@ Every parallel task owns the outputs it writes, so results are bit-identical run
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from llvmlite import ir
@@ -34,6 +88,7 @@ BLOCK_N = 64  # keys per tile
 EMPTY, PARTIAL, FULL = 0, 1, 2  # selfattn.masks.TileKind values
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+UNBOUNDED = 1 << 40  # a window side with no bound (KernelMask.win_left / win_right)
 # no "nnan"/"ninf": masked scores are -inf and must stay so
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # the row max only: NaN rows are garbage either way, and "nnan" lets LLVM vectorise the reduction
@@ -48,15 +103,63 @@ _F = np.cos(np.pi * (np.arange(64) + 0.5) / 64) / 2
 _P0, _P1, _P2, _P3, _P4, _P5, _P6 = (float(c) for c in np.polynomial.polynomial.polyfit(_F, np.exp2(_F), 6))
 
 
-def make_consts(dtype, qk_scale: float, base2: bool) -> np.ndarray:
-    """Constants the kernels read in the compute dtype (so float32 math never widens to float64).
+# -- the two records every kernel takes ------------------------------------------------------------
 
-    ``qk_scale`` turns q.k into the kernel's score units: scale*log2(e) in base 2, scale in
-    natural units, scale/softcap with a softcap (the units then enter through the cap).
-    """
-    # 0 score units per nat, 1 nats per unit, 2 lowest exponent -126, 3 one half, 4 zero, 5 qk_scale
-    units = (LOG2E, LN2) if base2 else (1.0, 1.0)
-    return np.array([*units, -126.0, 0.5, 0.0, qk_scale], dtype=dtype)
+
+class KernelMask(NamedTuple):
+    """One call's lowered mask as numpy arrays (``selfattn.lowering.LoweredMask``, converted by the
+    backend). An absent part is an empty array of the same rank, so every call compiles alike."""
+
+    tiles: np.ndarray  # int8 (B|1, H|1, nQ, nK): TileKind per (query block, key block)
+    q_pos: np.ndarray  # int64 (B|1, Lq): query positions
+    kv_pos: np.ndarray  # int64 (B|1, Lk): key positions
+    banded: bool  # the band test below applies (causal or a window)
+    win_left: int  # band: kv_pos - q_pos >= -win_left (UNBOUNDED: no bound)
+    win_right: int  # band: kv_pos - q_pos <= win_right (causal: 0)
+    kv_lens: np.ndarray  # int64 (B|1,): key j is real when j < kv_lens[b]; (0,) = none
+    q_lens: np.ndarray  # int64 (B|1,): query i is real when i < q_lens[b]; (0,) = none
+    kv_keep: np.ndarray  # uint8 (B|1, Lk): key_padding's keep bits; (0, 0) = none
+    q_ids: np.ndarray  # int64 (ND, B|1, Lq): document ids of the queries; ND = 0: none
+    kv_ids: np.ndarray  # int64 (ND, B|1, Lk): ... and of the keys (equal ids attend)
+    allow: np.ndarray  # uint8 flat: dense bool masks AND-ed; (0,) = none
+    allow_strides: np.ndarray  # int64 (4,): element strides of allow over (b, h, i, j); 0 broadcasts
+    bias: np.ndarray  # compute dtype, flat: dense float masks summed, in score units; (0,) = none
+    bias_strides: np.ndarray  # int64 (4,)
+    fn_index: np.ndarray  # int32 (B|1, H|1, nQ, nK): index into fn_bits of a partial function tile, -1: allows all
+    fn_bits: np.ndarray  # uint8 (nP, BLOCK_M, BLOCK_N): the mask function's bits in its partial tiles
+    alibi: np.ndarray  # compute dtype (B|1, Hq): ALiBi slopes in score units; (0, 0) = none
+    q_pos_f: np.ndarray  # compute dtype (B|1, Lq): q_pos as floats, for ALiBi (exact below 2**24)
+    kv_pos_f: np.ndarray  # compute dtype (B|1, Lk)
+
+
+class KernelOpts(NamedTuple):
+    """The scalar options of a call, each in the compute dtype (so float32 math never widens)."""
+
+    qk_scale: float  # q.k -> score units: scale*log2(e) in base 2, scale in nats; scale/c with a softcap (u)
+    softcap_u: float  # the softcap c in score units; 0: none
+    softcap: float  # c in nats (the backward's dS factor c (1 - tanh(u)^2)); 0: none
+    dscale: float  # d(nat logit)/d(q.k) apart from that factor: scale, or scale / c with a softcap
+    units: float  # score units per nat: log2(e) in base 2, else 1
+    nat: float  # nats per score unit: ln 2 in base 2, else 1
+    exp_lo: float  # -126: exp2 of anything lower is flushed to 0 (float32's smallest normal)
+    half: float  # 0.5
+    zero: float  # 0.0
+    base2: bool  # float32: base-2 scores, polynomial exp2; float64: nats and libm exp
+    want_stats: bool  # also keep sum p (s - m) for the entropy
+
+
+def make_opts(dtype, scale: float, softcap: float, want_stats: bool) -> KernelOpts:
+    """The :class:`KernelOpts` of a call in ``dtype`` (np.float32: base 2; np.float64: nats).
+    ``softcap`` 0 means none."""
+    base2 = dtype == np.float32
+    per_nat = LOG2E if base2 else 1.0
+    qk_scale = scale * per_nat if softcap <= 0.0 else scale / softcap
+    f = dtype
+    return KernelOpts(
+        qk_scale=f(qk_scale), softcap_u=f(softcap * per_nat if softcap > 0.0 else 0.0), softcap=f(max(softcap, 0.0)),
+        dscale=f(scale if softcap <= 0.0 else scale / softcap), units=f(per_nat), nat=f(LN2 if base2 else 1.0),
+        exp_lo=f(-126.0), half=f(0.5), zero=f(0.0), base2=bool(base2), want_stats=bool(want_stats),
+    )
 
 
 @intrinsic
@@ -92,6 +195,57 @@ def _load_t(x, c0, ncols, buf):
             buf[d, j] = x[c0 + j, d]
 
 
+def _ptr(bits):
+    # name mangling of the pointer argument of llvm.masked.*: opaque "p0" since LLVM 15, "p0v16f32" before
+    return "p0" if llvm_version_info[0] >= 15 else "p0" + bits
+
+
+class _Vectors:
+    """What both IR generators below share: one 512-bit vector of the element type (16 float32 or
+    8 float64 lanes), its masked load/store and FMA intrinsics, and address arithmetic on raw
+    element addresses."""
+
+    def __init__(self, context, builder, elem):
+        self.builder = builder
+        self.fty = context.get_value_type(elem)
+        self.width = 16 if self.fty == ir.FloatType() else 8
+        self.i32, self.i64 = ir.IntType(32), ir.IntType(64)
+        self.vty = ir.VectorType(self.fty, self.width)
+        self.vptr, self.sptr = ir.PointerType(self.vty), ir.PointerType(self.fty)
+        bits = "v%df%d" % (self.width, 32 if self.width == 16 else 64)
+        mty = ir.VectorType(ir.IntType(1), self.width)
+        mod = builder.module
+        self.mload = cgutils.get_or_insert_function(
+            mod, ir.FunctionType(self.vty, [self.vptr, self.i32, mty, self.vty]), f"llvm.masked.load.{bits}.{_ptr(bits)}")
+        self.mstore = cgutils.get_or_insert_function(
+            mod, ir.FunctionType(ir.VoidType(), [self.vty, self.vptr, self.i32, mty]), f"llvm.masked.store.{bits}.{_ptr(bits)}")
+        self.fma = cgutils.get_or_insert_function(mod, ir.FunctionType(self.vty, [self.vty] * 3), f"llvm.fma.{bits}")
+        self.align, self.zero = ir.Constant(self.i32, 4), ir.Constant(self.vty, None)
+        self.esize = ir.Constant(self.i64, 4 if self.width == 16 else 8)
+        self.lanes = ir.Constant(ir.VectorType(self.i64, self.width), list(range(self.width)))
+
+    def const(self, n):
+        return ir.Constant(self.i64, n)
+
+    def splat(self, x, ty):
+        # a vector with x in every lane
+        b = self.builder
+        v = b.insert_element(ir.Constant(ir.VectorType(ty, self.width), None), x, ir.Constant(self.i32, 0))
+        return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(self.i32, self.width), [0] * self.width))
+
+    def lanes_below(self, n):
+        # the lane mask "lane < n" (n an i64): masks the loads and stores past a row's end
+        return self.builder.icmp_signed("<", self.lanes, self.splat(n, self.i64))
+
+    def at(self, base, off, ty):
+        # typed pointer to element `off` after raw address `base`
+        b = self.builder
+        return b.inttoptr(b.add(base, b.mul(off, self.esize)), ty)
+
+    def load(self, base, off, mask):
+        return self.builder.call(self.mload, [self.at(base, off, self.vptr), self.align, mask, self.zero])
+
+
 # A register-blocked micro-kernel, written as LLVM IR: LLVM will not keep a loop's accumulators
 # in registers across the reduction when it cannot prove the output does not alias the inputs,
 # and then every FMA pays a store. Here MR rows x TILE_N columns of C live in vector registers
@@ -99,11 +253,6 @@ def _load_t(x, c0, ncols, buf):
 # In float32 a call with fewer columns runs a copy of the loop with only as many vectors as it
 # needs (head dim 32 = 2 vectors, 48 keys = 3), so short rows cost no FMAs on masked-off lanes.
 TILE_N = 64  # most columns of C per micro-kernel call
-
-
-def _ptr(bits):
-    # name mangling of the pointer argument of llvm.masked.*: opaque "p0" since LLVM 15, "p0v16f32" before
-    return "p0" if llvm_version_info[0] >= 15 else "p0" + bits
 
 
 def _make_microkernel(MR):
@@ -117,53 +266,29 @@ def _make_microkernel(MR):
 
         def codegen(context, builder, signature, args):
             pa, sa0, sa1, pb, sb, pc, sc, n, kdim, _ = args
-            fty = context.get_value_type(signature.args[-1].dtype)
-            width = 16 if fty == ir.FloatType() else 8  # one 512-bit vector
-            i32, i64 = ir.IntType(32), ir.IntType(64)
-            vty, mty = ir.VectorType(fty, width), ir.VectorType(ir.IntType(1), width)
-            vptr, sptr = ir.PointerType(vty), ir.PointerType(fty)
-            bits = "v%df%d" % (width, 32 if width == 16 else 64)
-            mod = builder.module
-            mload = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vptr, i32, mty, vty]), f"llvm.masked.load.{bits}.{_ptr(bits)}")
-            mstore = cgutils.get_or_insert_function(mod, ir.FunctionType(ir.VoidType(), [vty, vptr, i32, mty]), f"llvm.masked.store.{bits}.{_ptr(bits)}")
-            fma = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vty, vty, vty]), f"llvm.fma.{bits}")
-            align, zero = ir.Constant(i32, 4), ir.Constant(vty, None)
-            esize = ir.Constant(i64, 4 if width == 16 else 8)
-            splat_idx = ir.Constant(ir.VectorType(i32, width), [0] * width)
-
-            def splat(x, ty):
-                v = builder.insert_element(ir.Constant(ir.VectorType(ty, width), None), x, ir.Constant(i32, 0))
-                return builder.shuffle_vector(v, v, splat_idx)
-
-            def at(base, off, ty):  # typed pointer to element `off` after address `base`
-                return builder.inttoptr(builder.add(base, builder.mul(off, esize)), ty)
-
-            lanes = ir.Constant(ir.VectorType(i64, width), list(range(width)))
-
-            def c_ptr(i, v):
-                return at(pc, builder.add(builder.mul(ir.Constant(i64, i), sc), ir.Constant(i64, v * width)), vptr)
+            vec = _Vectors(context, builder, signature.args[-1].dtype)
+            width, i64, c = vec.width, vec.i64, vec.const
 
             def product(nvec):
                 # the whole product with nvec vectors per row of C, ending in the current block
-                masks = [builder.icmp_signed("<", lanes, splat(builder.sub(n, ir.Constant(i64, v * width)), i64)) for v in range(nvec)]
-                init = [[zero] * nvec for _ in range(MR)]
+                masks = [vec.lanes_below(builder.sub(n, c(v * width))) for v in range(nvec)]
+                init = [[vec.zero] * nvec for _ in range(MR)]
                 entry = builder.block
                 loop = builder.append_basic_block(f"mk{nvec}.loop")
                 done = builder.append_basic_block(f"mk{nvec}.done")
-                builder.cbranch(builder.icmp_signed(">", kdim, ir.Constant(i64, 0)), loop, done)
+                builder.cbranch(builder.icmp_signed(">", kdim, c(0)), loop, done)
                 builder.position_at_end(loop)
                 kk = builder.phi(i64)
-                kk.add_incoming(ir.Constant(i64, 0), entry)
-                accs = [[builder.phi(vty) for v in range(nvec)] for i in range(MR)]
+                kk.add_incoming(c(0), entry)
+                accs = [[builder.phi(vec.vty) for v in range(nvec)] for i in range(MR)]
                 brow = builder.mul(kk, sb)
-                bvec = [builder.call(mload, [at(pb, builder.add(brow, ir.Constant(i64, v * width)), vptr), align, masks[v], zero])
-                        for v in range(nvec)]
+                bvec = [vec.load(pb, builder.add(brow, c(v * width)), masks[v]) for v in range(nvec)]
                 new = []
                 for i in range(MR):
-                    a = builder.load(at(pa, builder.add(builder.mul(ir.Constant(i64, i), sa0), builder.mul(kk, sa1)), sptr))
-                    a = splat(a, fty)
-                    new.append([builder.call(fma, [a, bvec[v], accs[i][v]]) for v in range(nvec)])
-                nxt = builder.add(kk, ir.Constant(i64, 1))
+                    a = builder.load(vec.at(pa, builder.add(builder.mul(c(i), sa0), builder.mul(kk, sa1)), vec.sptr))
+                    a = vec.splat(a, vec.fty)
+                    new.append([builder.call(vec.fma, [a, bvec[v], accs[i][v]]) for v in range(nvec)])
+                nxt = builder.add(kk, c(1))
                 kk.add_incoming(nxt, loop)
                 for i in range(MR):
                     for v in range(nvec):
@@ -174,12 +299,13 @@ def _make_microkernel(MR):
                 final = []
                 for i in range(MR):
                     for v in range(nvec):
-                        phi = builder.phi(vty)
+                        phi = builder.phi(vec.vty)
                         phi.add_incoming(init[i][v], entry)
                         phi.add_incoming(new[i][v], loop)
                         final.append((i, v, phi))
                 for i, v, phi in final:
-                    builder.call(mstore, [phi, c_ptr(i, v), align, masks[v]])
+                    ptr = vec.at(pc, builder.add(builder.mul(c(i), sc), c(v * width)), vec.vptr)
+                    builder.call(vec.mstore, [phi, ptr, vec.align, masks[v]])
 
             # -- float32 (the fast path): one copy of the product per vector count, picked by
             # ceil(n / width); float64 (for checking) keeps a single copy, which compiles faster --
@@ -187,12 +313,12 @@ def _make_microkernel(MR):
                 product(TILE_N // width)
                 return context.get_dummy_value()
             most = TILE_N // width
-            nv = builder.sdiv(builder.add(n, ir.Constant(i64, width - 1)), ir.Constant(i64, width))
+            nv = builder.sdiv(builder.add(n, c(width - 1)), c(width))
             exit_ = builder.append_basic_block("mk.exit")
             cases = [builder.append_basic_block(f"mk.nv{v}") for v in range(1, most + 1)]
             switch = builder.switch(nv, cases[-1])
             for v in range(1, most):
-                switch.add_case(ir.Constant(i64, v), cases[v - 1])
+                switch.add_case(c(v), cases[v - 1])
             for v, block in enumerate(cases, 1):
                 builder.position_at_end(block)
                 product(v)
@@ -267,37 +393,22 @@ def _dot(typingctx, pa, pb, kdim, like):
 
     def codegen(context, builder, signature, args):
         pa, pb, kdim, _ = args
-        fty = context.get_value_type(signature.args[-1].dtype)
-        width = 16 if fty == ir.FloatType() else 8
-        i32, i64 = ir.IntType(32), ir.IntType(64)
-        vty, mty = ir.VectorType(fty, width), ir.VectorType(ir.IntType(1), width)
-        vptr = ir.PointerType(vty)
-        bits = "v%df%d" % (width, 32 if width == 16 else 64)
-        mod = builder.module
-        mload = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vptr, i32, mty, vty]), f"llvm.masked.load.{bits}.{_ptr(bits)}")
-        fma = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vty, vty, vty]), f"llvm.fma.{bits}")
-        align, zero = ir.Constant(i32, 4), ir.Constant(vty, None)
-        esize = ir.Constant(i64, 4 if width == 16 else 8)
-        lanes = ir.Constant(ir.VectorType(i64, width), list(range(width)))
-        splat_idx = ir.Constant(ir.VectorType(i32, width), [0] * width)
-        step = ir.Constant(i64, 4 * width)
+        vec = _Vectors(context, builder, signature.args[-1].dtype)
+        width, i32, i64, c = vec.width, vec.i32, vec.i64, vec.const
+        step = c(4 * width)
 
         def chunk(kk, accs, masked):
             # accs[u] += a[kk + u*width : ...] * b[...], u = 0..3 (masked past kdim in the tail)
             out = []
             for u in range(4):
-                off = builder.add(kk, ir.Constant(i64, u * width))
-                byte = builder.mul(off, esize)
-                pa_u = builder.inttoptr(builder.add(pa, byte), vptr)
-                pb_u = builder.inttoptr(builder.add(pb, byte), vptr)
+                off = builder.add(kk, c(u * width))
                 if masked:
-                    remv = builder.insert_element(ir.Constant(ir.VectorType(i64, width), None), builder.sub(kdim, off), ir.Constant(i32, 0))
-                    mask = builder.icmp_signed("<", lanes, builder.shuffle_vector(remv, remv, splat_idx))
-                    x = builder.call(mload, [pa_u, align, mask, zero])
-                    y = builder.call(mload, [pb_u, align, mask, zero])
+                    mask = vec.lanes_below(builder.sub(kdim, off))
+                    x, y = vec.load(pa, off, mask), vec.load(pb, off, mask)
                 else:
-                    x, y = builder.load(pa_u, align=4), builder.load(pb_u, align=4)
-                out.append(builder.call(fma, [x, y, accs[u]]))
+                    x = builder.load(vec.at(pa, off, vec.vptr), align=4)
+                    y = builder.load(vec.at(pb, off, vec.vptr), align=4)
+                out.append(builder.call(vec.fma, [x, y, accs[u]]))
             return out
 
         entry = builder.block
@@ -309,23 +420,23 @@ def _dot(typingctx, pa, pb, kdim, like):
         # -- full chunks of 4 vectors, plain loads --
         builder.position_at_end(main)
         kk = builder.phi(i64)
-        accs = [builder.phi(vty) for _ in range(4)]
+        accs = [builder.phi(vec.vty) for _ in range(4)]
         new = chunk(kk, accs, False)
         nxt = builder.add(kk, step)
-        kk.add_incoming(ir.Constant(i64, 0), entry)
+        kk.add_incoming(c(0), entry)
         kk.add_incoming(nxt, main)
         for u in range(4):
-            accs[u].add_incoming(zero, entry)
+            accs[u].add_incoming(vec.zero, entry)
             accs[u].add_incoming(new[u], main)
         builder.cbranch(builder.icmp_signed("<=", builder.add(nxt, step), kdim), main, check)
         # -- the rest, masked --
         builder.position_at_end(check)
         kt = builder.phi(i64)
-        kt.add_incoming(ir.Constant(i64, 0), entry)
+        kt.add_incoming(c(0), entry)
         kt.add_incoming(nxt, main)
-        acct = [builder.phi(vty) for _ in range(4)]
+        acct = [builder.phi(vec.vty) for _ in range(4)]
         for u in range(4):
-            acct[u].add_incoming(zero, entry)
+            acct[u].add_incoming(vec.zero, entry)
             acct[u].add_incoming(new[u], main)
         builder.cbranch(builder.icmp_signed("<", kt, kdim), tail, done)
         builder.position_at_end(tail)
@@ -334,7 +445,7 @@ def _dot(typingctx, pa, pb, kdim, like):
         builder.position_at_end(done)
         fin = []
         for u in range(4):
-            phi = builder.phi(vty)
+            phi = builder.phi(vec.vty)
             phi.add_incoming(acct[u], check)
             phi.add_incoming(newt[u], tail)
             fin.append(phi)
@@ -391,96 +502,139 @@ def _row_has_nan(s, i, nc):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _exp2_row(s, p, i, nc, m, consts, fast, want_ps):
+def _exp2_row(s, p, i, nc, m, opts):
     """p[i, :nc] = exp(s[i, :nc] - m) in score units; returns (sum_j p, sum_j p * (s - m))."""
-    lo, half, zero = consts[2], consts[3], consts[4]
+    lo, half, zero = opts.exp_lo, opts.half, opts.zero
     tot = zero
     ps = zero
-    if fast:
+    if opts.base2:
         for j in range(nc):
             x = s[i, j] - m  # <= 0, -inf where masked
             xc = lo if x < lo else x  # keeps NaN
             p[i, j] = zero if x < lo else _exp2(xc, half)
             v = p[i, j]
             tot += v
-            if want_ps:
+            if opts.want_stats:
                 ps += v * xc
     else:
-        nat = consts[1]
         for j in range(nc):
             x = s[i, j] - m
-            v = zero if x == -np.inf else math.exp(x * nat)
+            v = zero if x == -np.inf else math.exp(x * opts.nat)
             p[i, j] = v
             tot += v
-            if want_ps and v != zero:
+            if opts.want_stats and v != zero:
                 ps += v * x
     return tot, ps
 
 
+@njit(cache=True)
+def _bx(a, b):
+    # index of batch (or head) b into an array dimension that is b's or broadcast (size 1)
+    return b if a > 1 else 0
+
+
 @njit(fastmath=FASTMATH, cache=True)
-def _scores(q_blk, k_nat, kt_blk, use_dot, s, th, rows, b, h, r0, c0, kind, lq, lk,
-            win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
-            allow, stride_allow, bias, stride_bias, softcap_u, consts):
+def _mask_tile(s, rows, ncols, b, h, qb, kb, mask):
+    """-inf into s[:rows, :ncols] wherever the element-wise tests rule a pair out (PARTIAL tiles).
+
+    Selects, not branches, so the column loops vectorise."""
+    r0, c0 = qb * BLOCK_M, kb * BLOCK_N
+    qpos = mask.q_pos[_bx(mask.q_pos.shape[0], b)]
+    kvpos = mask.kv_pos[_bx(mask.kv_pos.shape[0], b)]
+    kv_len = mask.kv_lens[_bx(mask.kv_lens.shape[0], b)] if mask.kv_lens.size > 0 else c0 + ncols
+    q_len = mask.q_lens[_bx(mask.q_lens.shape[0], b)] if mask.q_lens.size > 0 else r0 + rows
+    fn = -1
+    if mask.fn_index.size > 0:
+        fn = mask.fn_index[_bx(mask.fn_index.shape[0], b), _bx(mask.fn_index.shape[1], h), qb, kb]
+    for i in range(rows):
+        gi = r0 + i
+        if gi >= q_len:
+            # -- a padded query row: nothing --
+            for j in range(ncols):
+                s[i, j] = -np.inf
+            continue
+        if mask.banded:
+            # -- band: kv_pos in [q_pos - left, q_pos + right] --
+            lo, hi = qpos[gi] - mask.win_left, qpos[gi] + mask.win_right
+            for j in range(ncols):
+                kp = kvpos[c0 + j]
+                s[i, j] = s[i, j] if (kp >= lo) & (kp <= hi) else -np.inf
+        if c0 + ncols > kv_len:
+            # -- padding: keys j < kv_len --
+            for j in range(ncols):
+                s[i, j] = s[i, j] if c0 + j < kv_len else -np.inf
+        if mask.kv_keep.size > 0:
+            keep = mask.kv_keep[_bx(mask.kv_keep.shape[0], b)]
+            for j in range(ncols):
+                s[i, j] = s[i, j] if keep[c0 + j] != 0 else -np.inf
+        for d in range(mask.q_ids.shape[0]):
+            # -- documents: equal ids attend --
+            bd = _bx(mask.q_ids.shape[1], b)
+            qid = mask.q_ids[d, bd, gi]
+            for j in range(ncols):
+                s[i, j] = s[i, j] if mask.kv_ids[d, bd, c0 + j] == qid else -np.inf
+        if mask.allow.size > 0:
+            st = mask.allow_strides
+            base = b * st[0] + h * st[1] + gi * st[2] + c0 * st[3]
+            if st[3] == 1:  # (contiguous rows vectorise)
+                for j in range(ncols):
+                    s[i, j] = s[i, j] if mask.allow[base + j] != 0 else -np.inf
+            else:
+                for j in range(ncols):
+                    s[i, j] = s[i, j] if mask.allow[base + j * st[3]] != 0 else -np.inf
+        if fn >= 0:
+            # -- a mask function's bits, stored for its partial tiles only --
+            for j in range(ncols):
+                s[i, j] = s[i, j] if mask.fn_bits[fn, i, j] != 0 else -np.inf
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _scores(q_blk, k_nat, kt_blk, use_dot, s, th, rows, b, h, qb, kb, kind, mask, opts):
     """Logits of one tile, in score units, into s[:rows, :nc]; masked pairs -inf. Returns nc.
 
     With a softcap, th[:rows] gets tanh(u) (the backward pass needs 1 - tanh^2).
     """
-    units, qk_scale = consts[0], consts[5]
-    # -- scores: q_blk @ k_blk^T (kt_blk holds k_blk^T unless use_dot), then the scale --
-    ncols = min(BLOCK_N, lk - c0)
+    r0, c0 = qb * BLOCK_M, kb * BLOCK_N
+    ncols = min(BLOCK_N, k_nat.shape[0] - c0)
     nc = _padded(ncols)
+    # -- scores: q_blk @ k_blk^T (kt_blk holds k_blk^T unless use_dot), then the scale --
     if use_dot:
         _qk_dot(q_blk, k_nat, c0, ncols, s, rows)
     else:
         _mm(q_blk, kt_blk, s, rows, q_blk.shape[1], ncols)
-    if softcap_u > 0.0:
+    qk_scale = opts.qk_scale
+    if opts.softcap_u > 0.0:
         # -- softcap: c * tanh(u), c already in score units --
         for i in range(rows):
             for j in range(nc):
                 t = np.tanh(s[i, j] * qk_scale)
                 th[i, j] = t
-                s[i, j] = softcap_u * t
+                s[i, j] = opts.softcap_u * t
     else:
         for i in range(rows):
             for j in range(nc):
                 s[i, j] *= qk_scale
-    if bias.size > 0:
-        # -- float mask: add its bias --
-        bb = b * stride_bias[0] + h * stride_bias[1]
+    if mask.alibi.size > 0:
+        # -- ALiBi: - slope * |q_pos - kv_pos|, slope in score units --
+        pb = _bx(mask.q_pos_f.shape[0], b)
+        slope = mask.alibi[_bx(mask.alibi.shape[0], b), h]
+        kvpos = mask.kv_pos_f[_bx(mask.kv_pos_f.shape[0], b)]
         for i in range(rows):
-            base = bb + (r0 + i) * stride_bias[2] + c0 * stride_bias[3]
+            qp = mask.q_pos_f[pb, r0 + i]
             for j in range(ncols):
-                bv = bias[base + j * stride_bias[3]]
-                s[i, j] = -np.inf if bv == -np.inf else s[i, j] + bv * units
+                s[i, j] -= slope * abs(qp - kvpos[c0 + j])
+    if mask.bias.size > 0:
+        # -- float mask: add its bias (already in score units) --
+        st = mask.bias_strides
+        bb = b * st[0] + h * st[1]
+        for i in range(rows):
+            base = bb + (r0 + i) * st[2] + c0 * st[3]
+            for j in range(ncols):
+                bv = mask.bias[base + j * st[3]]
+                s[i, j] = -np.inf if bv == -np.inf else s[i, j] + bv
     if kind == PARTIAL:
         # -- element-wise mask: only partial tiles pay for it --
-        kv_len = kv_lens[b if kv_lens.shape[0] > 1 else 0]
-        q_len = q_lens[b if q_lens.shape[0] > 1 else 0]
-        offset = lk - lq
-        for i in range(rows):
-            gi = r0 + i
-            pos = gi + offset
-            lo = max(pos - win_left, 0) - c0  # allowed key columns of this row: [lo, hi)
-            hi = min(pos + win_right + 1, kv_len) - c0
-            if gi >= q_len:
-                hi = lo
-            if lo > 0 or hi < ncols:
-                # (selects, not branches: the loops vectorise)
-                for j in range(ncols):
-                    s[i, j] = s[i, j] if (j >= lo) & (j < hi) else -np.inf
-            for d in range(q_ids.shape[0]):
-                bd = b if q_ids.shape[1] > 1 else 0
-                qid = q_ids[d, bd, gi]
-                for j in range(ncols):
-                    s[i, j] = s[i, j] if kv_ids[d, bd, c0 + j] == qid else -np.inf
-            if allow.size > 0:
-                base = b * stride_allow[0] + h * stride_allow[1] + gi * stride_allow[2] + c0 * stride_allow[3]
-                if stride_allow[3] == 1:
-                    for j in range(ncols):
-                        s[i, j] = s[i, j] if allow[base + j] != 0 else -np.inf
-                else:
-                    for j in range(ncols):
-                        s[i, j] = s[i, j] if allow[base + j * stride_allow[3]] != 0 else -np.inf
+        _mask_tile(s, rows, ncols, b, h, qb, kb, mask)
     if ncols < nc:
         # -- padding columns past the last key --
         for i in range(rows):
@@ -490,16 +644,16 @@ def _scores(q_blk, k_nat, kt_blk, use_dot, s, th, rows, b, h, r0, c0, kind, lq, 
 
 
 @njit(fastmath=FASTMATH_EXACT, cache=True)
-def _probs(s, p, rows, nc, row_max, row_log, b, h, r0, consts, fast):
+def _probs(s, p, rows, nc, row_max, row_log, b, h, r0, opts):
     # -- probabilities from the saved log-sum-exp: p = exp((s - max) - log l), in this order --
-    lo, half, zero, nat = consts[2], consts[3], consts[4], consts[1]
+    lo, half, zero = opts.exp_lo, opts.half, opts.zero
     for i in range(rows):
         m = row_max[b, h, r0 + i]
         lg = row_log[b, h, r0 + i]
         if m == -np.inf:
             for j in range(nc):
                 p[i, j] = zero
-        elif fast:
+        elif opts.base2:
             for j in range(nc):
                 x = (s[i, j] - m) - lg
                 xc = lo if x < lo else x
@@ -507,14 +661,15 @@ def _probs(s, p, rows, nc, row_max, row_log, b, h, r0, consts, fast):
         else:
             for j in range(nc):
                 x = (s[i, j] - m) - lg
-                p[i, j] = zero if x == -np.inf else math.exp(x * nat)
+                p[i, j] = zero if x == -np.inf else math.exp(x * opts.nat)
 
 
 # -- kernels ------------------------------------------------------------------------------------
 # Each kernel is a loop over independent tasks, run by numba's thread pool (prange); its
 # ``*_serial`` twin runs the same tasks in the calling thread, so that one thread does not pay
 # the pool's wake-up per call (about 80 us with the workqueue layer). A task is one `_*_task`
-# call either way.
+# call either way. The twins repeat their three-line loop on purpose: numba caches compiled code
+# per Python function, so one function cannot be compiled both ways.
 
 
 @njit(cache=True)
@@ -527,24 +682,21 @@ def _query_task(t, q, k, tiles):
     h = (t // nQ) % Hq
     b = t // (nQ * Hq)
     r0 = qb * BLOCK_M
-    tb = b if tiles.shape[0] > 1 else 0
-    th_ = h if tiles.shape[1] > 1 else 0
-    return b, h, h // (Hq // k.shape[1]), qb, r0, min(BLOCK_M, Lq - r0), tb, th_
+    return b, h, h // (Hq // k.shape[1]), qb, r0, min(BLOCK_M, Lq - r0), _bx(tiles.shape[0], b), _bx(tiles.shape[1], h)
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
-              win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
-              allow, stride_allow, bias, stride_bias, softcap_u, lk, want_stats, consts, fast):
+def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts):
     B, Hq, Lq, D = q.shape
-    Dv = v.shape[3]
-    nK = (lk + BLOCK_N - 1) // BLOCK_N
-    nat = consts[1]  # nats per score unit
+    Lk, Dv = k.shape[2], v.shape[3]
+    nK = (Lk + BLOCK_N - 1) // BLOCK_N
+    nat = opts.nat  # nats per score unit
+    tiles = mask.tiles
     b, h, hk, qb, r0, rows, tb, th_ = _query_task(t, q, k, tiles)
     q_blk = q[b, h, r0:r0 + rows]
     s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
     p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
-    tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap_u > 0.0 else (1, 1), q.dtype)
+    tanh_buf = np.empty((BLOCK_M, BLOCK_N) if opts.softcap_u > 0.0 else (1, 1), q.dtype)
     acc = np.zeros((BLOCK_M, Dv), q.dtype)
     part = np.empty((BLOCK_M, Dv), q.dtype)
     # a few query rows (decoding): dot products beat transposing the keys; every pass decides
@@ -552,7 +704,7 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
     use_dot = rows < 4
     # keys arrive transposed, kt (B, Hkv, D, Lk), unless kt has no columns: then (one key block,
     # which every task meets once) each tile transposes its own
-    local_kt = not use_dot and kt.shape[3] < lk
+    local_kt = not use_dot and kt.shape[3] < Lk
     kt_buf = np.zeros((D, BLOCK_N) if local_kt else (0, 0), q.dtype)
     m_i = np.full(BLOCK_M, -np.inf, q.dtype)
     l_i = np.zeros(BLOCK_M, q.dtype)
@@ -564,7 +716,7 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
             continue
         n_tiles += 1
         c0 = kb * BLOCK_N
-        ncols = min(BLOCK_N, lk - c0)
+        ncols = min(BLOCK_N, Lk - c0)
         if use_dot:
             kt_blk = kt[0, 0, :, 0:0]
         elif local_kt:
@@ -572,9 +724,7 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
             kt_blk = kt_buf[:, :ncols]
         else:
             kt_blk = kt[b, hk, :, c0:c0 + ncols]
-        nc = _scores(q_blk, k[b, hk], kt_blk, use_dot, s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
-                     win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
-                     allow, stride_allow, bias, stride_bias, softcap_u, consts)
+        nc = _scores(q_blk, k[b, hk], kt_blk, use_dot, s, tanh_buf, rows, b, h, qb, kb, kind, mask, opts)
         for i in range(rows):
             # -- new running max --
             m_old = m_i[i]
@@ -588,7 +738,7 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
                     l_i[i] = np.nan
                 continue
             # -- p = exp(s - m_new), its row sum and sum p*(s - m_new) --
-            tot, ps = _exp2_row(s, p, i, nc, m_new, consts, fast, want_stats)
+            tot, ps = _exp2_row(s, p, i, nc, m_new, opts)
             # -- rescale the running sums and the accumulator --
             l_old = l_i[i]
             if m_old == m_new:
@@ -598,7 +748,7 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
             else:
                 alpha = math.exp((m_old - m_new) * nat)
             l_i[i] = alpha * l_old + tot
-            if want_stats:
+            if opts.want_stats:
                 e_i[i] = alpha * (e_i[i] + (m_old - m_new) * l_old) + ps if l_old > 0.0 else ps
             m_i[i] = m_new
             if alpha != 1.0:
@@ -623,8 +773,8 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
             for d in range(Dv):
                 out[b, h, gi, d] = acc[i, d] * inv
             row_max[b, h, gi] = m_i[i] if li == li else np.nan  # a NaN row is NaN throughout
-            row_log[b, h, gi] = math.log2(li) if fast else math.log(li)
-            if want_stats:
+            row_log[b, h, gi] = math.log2(li) if opts.base2 else math.log(li)
+            if opts.want_stats:
                 # -- entropy H = ln l - sum p (s - m) / l, in nats --
                 h_row = math.log(li) - e_i[i] * inv * nat
                 ent[b, h, gi] = h_row if h_row > 0.0 or h_row != h_row else 0.0
@@ -632,9 +782,7 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
 
 
 @njit(parallel=True, cache=True)
-def flash_fwd(q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
-              win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
-              allow, stride_allow, bias, stride_bias, softcap_u, lk, want_stats, consts, fast):
+def flash_fwd(q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts):
     """One task per (batch, head, query block) (``counts`` has one entry each): online softmax
     over its non-empty key tiles.
 
@@ -644,47 +792,42 @@ def flash_fwd(q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
     number of tiles it computed.
     """
     for t in prange(counts.shape[0]):
-        _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, tiles, counts, win_left, win_right, kv_lens, q_lens,
-                  q_ids, kv_ids, allow, stride_allow, bias, stride_bias, softcap_u, lk, want_stats, consts, fast)
+        _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts)
 
 
 @njit(cache=True)
-def flash_fwd_serial(q, k, kt, v, out, row_max, row_log, ent, tiles, counts,
-                     win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
-                     allow, stride_allow, bias, stride_bias, softcap_u, lk, want_stats, consts, fast):
-    # flash_fwd's tasks in the calling thread (numba compiles each variant at its first call)
+def flash_fwd_serial(q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts):
     for t in range(counts.shape[0]):
-        _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, tiles, counts, win_left, win_right, kv_lens, q_lens,
-                  q_ids, kv_ids, allow, stride_allow, bias, stride_bias, softcap_u, lk, want_stats, consts, fast)
+        _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts)
 
 
 # -- backward ---------------------------------------------------------------------------------
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, tiles, counts,
-                 win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
-                 allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast):
+def _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, counts, mask, opts):
     # dK and dV of one (batch, kv head, key block) over every query head of its group, from the
     # delta that flash_bwd_q left. With one key block in all (Lk <= BLOCK_N) it does the whole
     # backward pass instead: delta = rowsum(P * dP) is then complete within the tile, and dq has a
     # size > 0 to say so (each task owns the query rows of its group, so it writes their dQ too).
     B, Hq, Lq, D = q.shape
-    Hkv, Dv = k.shape[1], v.shape[3]
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     group = Hq // Hkv
     nQ = (Lq + BLOCK_M - 1) // BLOCK_M
-    nK = (lk + BLOCK_N - 1) // BLOCK_N
+    nK = (Lk + BLOCK_N - 1) // BLOCK_N
     one_pass = dq.size > 0
+    softcap, dscale = opts.softcap, opts.dscale
+    tiles = mask.tiles
     kb = t % nK
     hk = (t // nK) % Hkv
     b = t // (nK * Hkv)
     c0 = kb * BLOCK_N
-    tb = b if tiles.shape[0] > 1 else 0
+    tb = _bx(tiles.shape[0], b)
     s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
     p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
     dp = np.empty((BLOCK_M, BLOCK_N), q.dtype)
     tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap > 0.0 else (1, 1), q.dtype)
-    ncols = min(BLOCK_N, lk - c0)
+    ncols = min(BLOCK_N, Lk - c0)
     kt = np.zeros((D, BLOCK_N), q.dtype)
     vt = np.zeros((Dv, BLOCK_N), q.dtype)
     _load_t(k[b, hk], c0, ncols, kt)
@@ -701,7 +844,7 @@ def _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, tiles, cou
     n_tiles = 0
     for g in range(group):
         h = hk * group + g
-        th_ = h if tiles.shape[1] > 1 else 0
+        th_ = _bx(tiles.shape[1], h)
         for qb in range(nQ):
             kind = tiles[tb, th_, qb, kb]
             r0 = qb * BLOCK_M
@@ -716,10 +859,8 @@ def _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, tiles, cou
             n_tiles += 1
             q_blk = q[b, h, r0:r0 + rows]
             do_blk = do[b, h, r0:r0 + rows]
-            nc = _scores(q_blk, k[b, hk], kt, rows < 4, s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
-                         win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
-                         allow, stride_allow, bias, stride_bias, softcap_u, consts)
-            _probs(s, p, rows, nc, row_max, row_log, b, h, r0, consts, fast)
+            nc = _scores(q_blk, k[b, hk], kt, rows < 4, s, tanh_buf, rows, b, h, qb, kb, kind, mask, opts)
+            _probs(s, p, rows, nc, row_max, row_log, b, h, r0, opts)
             # -- dV += P^T dO --
             _mm_tn(p, do_blk, dv_part, ncols, rows)
             _add_rows(dv_blk, dv_part, ncols)
@@ -728,7 +869,7 @@ def _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, tiles, cou
             # -- dS = P * (dP - delta), times the softcap's c (1 - tanh^2) --
             for i in range(rows):
                 if one_pass:
-                    di = consts[4]
+                    di = opts.zero
                     for j in range(ncols):
                         di += p[i, j] * dp[i, j]
                 else:
@@ -756,9 +897,7 @@ def _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, tiles, cou
 
 
 @njit(parallel=True, cache=True)
-def flash_bwd_kv(q, k, v, do, row_max, row_log, delta, dk, dv, dq, tiles, counts,
-                 win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
-                 allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast):
+def flash_bwd_kv(q, k, v, do, row_max, row_log, delta, dk, dv, dq, counts, mask, opts):
     """dK and dV: one task per (batch, kv head, key block), over every query head of its group.
 
     dk (B, Hkv, Lk, D) gets dscale * dS^T q, dv (B, Hkv, Lk, Dv) gets P^T dO. Runs after
@@ -766,27 +905,22 @@ def flash_bwd_kv(q, k, v, do, row_max, row_log, delta, dk, dv, dq, tiles, counts
     one key block it is the whole backward pass, dq (B, Hq, Lq, D) included, and delta is unused.
     """
     for t in prange(counts.shape[0]):
-        _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, tiles, counts, win_left, win_right, kv_lens,
-                     q_lens, q_ids, kv_ids, allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast)
+        _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, counts, mask, opts)
 
 
 @njit(cache=True)
-def flash_bwd_kv_serial(q, k, v, do, row_max, row_log, delta, dk, dv, dq, tiles, counts,
-                        win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
-                        allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast):
-    # flash_bwd_kv's tasks in the calling thread (numba compiles each variant at its first call)
+def flash_bwd_kv_serial(q, k, v, do, row_max, row_log, delta, dk, dv, dq, counts, mask, opts):
     for t in range(counts.shape[0]):
-        _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, tiles, counts, win_left, win_right, kv_lens,
-                     q_lens, q_ids, kv_ids, allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast)
+        _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, counts, mask, opts)
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles, counts,
-                win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
-                allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast):
+def _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, counts, mask, opts):
     B, Hq, Lq, D = q.shape
-    Dv = v.shape[3]
-    nK = (lk + BLOCK_N - 1) // BLOCK_N
+    Lk, Dv = k.shape[2], v.shape[3]
+    nK = (Lk + BLOCK_N - 1) // BLOCK_N
+    softcap = opts.softcap
+    tiles = mask.tiles
     b, h, hk, qb, r0, rows, tb, th_ = _query_task(t, q, k, tiles)
     q_blk = q[b, h, r0:r0 + rows]
     do_blk = do[b, h, r0:r0 + rows]
@@ -806,18 +940,18 @@ def _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles,
             ci += do[b, h, r0 + i, d] * out[b, h, r0 + i, d]
         c[i] = ci
     n_tiles = 0
+    # the forward's walk over the block's non-empty key tiles (_fwd_task), repeated on purpose:
+    # each pass keeps its whole loop body in view
     for kb in range(nK):
         kind = tiles[tb, th_, qb, kb]
         if kind == EMPTY:
             continue
         n_tiles += 1
         c0 = kb * BLOCK_N
-        ncols = min(BLOCK_N, lk - c0)
+        ncols = min(BLOCK_N, Lk - c0)
         kt_blk = kt[b, hk, :, c0:c0 + ncols] if not use_dot else kt[0, 0, :, 0:0]
-        nc = _scores(q_blk, k[b, hk], kt_blk, use_dot, s, tanh_buf, rows, b, h, r0, c0, kind, Lq, lk,
-                     win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
-                     allow, stride_allow, bias, stride_bias, softcap_u, consts)
-        _probs(s, p, rows, nc, row_max, row_log, b, h, r0, consts, fast)
+        nc = _scores(q_blk, k[b, hk], kt_blk, use_dot, s, tanh_buf, rows, b, h, qb, kb, kind, mask, opts)
+        _probs(s, p, rows, nc, row_max, row_log, b, h, r0, opts)
         # -- dP = dO V^T --
         _mm(do_blk, vt[b, hk, :, c0:c0 + ncols], dp, rows, Dv, ncols)
         # -- delta += rowsum(P * dP); dP becomes P * (dP - c) (columns past Lk hold no keys) --
@@ -844,14 +978,12 @@ def _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles,
         delta[b, h, gi] = dl[i]
         shift = dl[i] - c[i]
         for d in range(D):
-            dq[b, h, gi, d] = (pdk[i, d] - shift * pk[i, d]) * dscale
+            dq[b, h, gi, d] = (pdk[i, d] - shift * pk[i, d]) * opts.dscale
     counts[t] = n_tiles
 
 
 @njit(parallel=True, cache=True)
-def flash_bwd_q(q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles, counts,
-                win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
-                allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast):
+def flash_bwd_q(q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, counts, mask, opts):
     """dQ and delta: one task per (batch, head, query block), run before ``flash_bwd_kv``.
 
     dS = P * (dP - delta) with delta = rowsum(P * dP). c = rowsum(dO * O) is delta up to the
@@ -860,15 +992,10 @@ def flash_bwd_q(q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles, co
     dS uses, and leaves that delta for ``flash_bwd_kv``. Writes dq (B, Hq, Lq, D), times dscale.
     """
     for t in prange(counts.shape[0]):
-        _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles, counts, win_left, win_right, kv_lens,
-                    q_lens, q_ids, kv_ids, allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast)
+        _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, counts, mask, opts)
 
 
 @njit(cache=True)
-def flash_bwd_q_serial(q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles, counts,
-                       win_left, win_right, kv_lens, q_lens, q_ids, kv_ids,
-                       allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast):
-    # flash_bwd_q's tasks in the calling thread (numba compiles each variant at its first call)
+def flash_bwd_q_serial(q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, counts, mask, opts):
     for t in range(counts.shape[0]):
-        _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, tiles, counts, win_left, win_right, kv_lens,
-                    q_lens, q_ids, kv_ids, allow, stride_allow, bias, stride_bias, softcap_u, softcap, lk, dscale, consts, fast)
+        _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, counts, mask, opts)
