@@ -40,21 +40,15 @@ from __future__ import annotations
 
 import collections
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .. import masks as _masks
 from ..functional import attention, attention_probs
 
-# what the attention function accepts and ignores (transformers passes them to every
-# implementation; the mask and positions already carry what they mean)
-_IGNORED = frozenset({
-    "sliding_window", "position_ids", "cache_position", "past_key_values", "past_key_value", "use_cache",
-    "output_attentions", "output_hidden_states", "return_dict", "layer_idx", "cu_seq_lens_q", "cu_seq_lens_k",
-    "max_length_q", "max_length_k", "is_causal", "token_type_ids", "position_embeddings", "attention_mask_2d",
-})
-# refused by name: selfattn has no such input
+# refused by name: selfattn has no such input (other keyword arguments transformers passes to every
+# implementation, such as position_ids or cache_position, are carried by the mask and positions)
 _UNSUPPORTED = ("position_bias", "head_mask", "layer_head_mask", "alibi")
 
 _counts = collections.Counter()
@@ -99,6 +93,7 @@ class HFMask:
     causal: bool = False
     window: tuple | None = None  # (left, right), None = unbounded on that side
     mask: _masks.Mask | None = None  # key padding, documents, function or dense parts, AND-ed
+    _kwargs: dict | None = field(default=None, repr=False)  # selfattn.attention's arguments, made once
 
     @property
     def shape(self) -> torch.Size:
@@ -116,8 +111,19 @@ class HFMask:
         return self.q_positions.device
 
     def kwargs(self) -> dict:
-        return dict(mask=self.mask, causal=self.causal, window=self.window,
-                    q_positions=self.q_positions, kv_positions=self.kv_positions)
+        """selfattn.attention's mask arguments. Every part of the mask depends on position
+        differences or on indices only, so positions are counted from the first key; they are
+        left out where they equal selfattn's defaults (queries at the end of the keys: no cache,
+        or a dynamic one), which keeps every backend, and the fastest, able to serve the call."""
+        if self._kwargs is None:
+            lq, lk = self.q_positions.numel(), self.kv_positions.numel()
+            call = dict(mask=self.mask, causal=self.causal, window=self.window)
+            if lk:
+                q = self.q_positions - self.kv_positions[0]  # (Lq,): keys then sit at arange(Lk)
+                if not torch.equal(q, torch.arange(lk - lq, lk, device=q.device)):
+                    call["q_positions"] = q
+            self._kwargs = call
+        return dict(self._kwargs)
 
     def __repr__(self):
         return (f"HFMask({self.kind}, B={self.batch}, Lq={self.q_positions.numel()}, Lk={self.kv_positions.numel()}, "
@@ -157,6 +163,16 @@ def _keep(attention_mask, kv_pos, batch):
     if bool(keep.all()):
         return None
     return keep
+
+
+def _padding_mask(keep):
+    """Right padding (every row a run of real keys, then padding) as ``masks.padding(lengths)``,
+    which every backend lowers; any other pattern as ``masks.key_padding(keep)``."""
+    lengths = keep.sum(dim=1)  # (B,)
+    prefix = torch.arange(keep.shape[1], device=keep.device)[None, :] < lengths[:, None]  # (B, Lk)
+    if torch.equal(prefix, keep):
+        return _masks.padding(lengths)
+    return _masks.key_padding(keep)
 
 
 def _candidate(q_pos, kv_pos, causal, window, seg_q, seg_k, b_rows, r0, r1):
@@ -284,7 +300,7 @@ def build_mask(batch_size: int, **kwargs) -> HFMask | None:
     found = None
     if not kwargs.get("use_vmap", False):
         found = _recognise(fn, batch_size, q_pos, kv_pos, kwargs.get("local_size"), tm)
-    parts = [] if keep is None else [_masks.key_padding(keep)]
+    parts = [] if keep is None else [_padding_mask(keep)]
     if found is not None:
         kind, causal, window, seg = found
         if seg is not None:
