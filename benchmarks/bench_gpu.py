@@ -316,7 +316,7 @@ def run_compile(args) -> int:
         opts = {x: y for x, y in kw.items() if x not in ("stats", "num_splits", "deterministic")}
         req = build_request(q, k, v, requires_grad=False, **opts)
         pack = tf.plan_pack(hq, hkv, lq)
-        km = kernel_mask(req, *tf.fwd_blocks(pack * lq, d, d, dtype))
+        km = kernel_mask(req, *tf.fwd_blocks(pack, lq, d, d, dtype))
         tf.forward(q, k, v, km, scale=0.125, softcap=kw.get("softcap"), stats=kw.get("stats", False), pack=pack,
                    num_splits=kw.get("num_splits", 1), f32_out=True)
         if kw.get("stats") or kw.get("num_splits"):

@@ -73,7 +73,12 @@ def flash_attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, cau
             ``cu_seqlens_k[n]:cu_seqlens_k[n+1]``.
         causal, window: per sequence, aligned bottom-right on each sequence's own lengths (query i
             of a sequence with q_len queries and k_len keys sits at position i + k_len - q_len), as
-            FlashAttention does.
+            FlashAttention does. A sequence with 2 queries and 4 keys, causal::
+
+                key   0 1 2 3
+                q@2   1 1 1 0
+                q@3   1 1 1 1
+
         scale, softcap, alibi_slopes, sinks, return_stats, deterministic: as in :func:`flash_attention`.
 
     Returns (total_q, Hq, Dv), or with ``return_stats`` also AttentionStats of shape (Hq, total_q).

@@ -192,8 +192,12 @@ def _bound(x):
 _KM_CACHE: dict = {}  # id(LoweredMask) -> (LoweredMask, KernelMask); lower() caches the records
 
 
+@torch.compiler.disable
 def kernel_mask(req: Request, block_q: int, block_k: int) -> KernelMask:
-    """The request's lowered mask at ``block_q`` x ``block_k`` tiles, in the kernels' form."""
+    """The request's lowered mask at ``block_q`` x ``block_k`` tiles, in the kernels' form.
+
+    Runs outside ``torch.compile`` graphs (a graph break): lowering is Python work with caches
+    keyed on tensor identities, done once per call like FlexAttention's ``create_block_mask``."""
     low = lower(req, block_q, block_k)
     hit = _KM_CACHE.get(id(low))
     if hit is not None and hit[0] is low:
@@ -391,10 +395,10 @@ class TritonBackend(Backend):
         B, Hq, Lq, D = q.shape
         Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
         pack = kern.plan_pack(Hq, Hkv, Lq)
-        km = kernel_mask(req, *kern.fwd_blocks(pack * Lq, D, Dv, q.dtype))
+        km = kernel_mask(req, *kern.fwd_blocks(pack, Lq, D, Dv, q.dtype))
         if pack > 1 and km.tiles.shape[1] > 1:  # heads of one program must share the tile map
             pack = 1
-            km = kernel_mask(req, *kern.fwd_blocks(Lq, D, Dv, q.dtype))
+            km = kernel_mask(req, *kern.fwd_blocks(pack, Lq, D, Dv, q.dtype))
         plan = _Plan(
             fwd_mask=km, bwd_blocks=kern.bwd_blocks(D, Dv, q.dtype), dq_blocks=kern.dq_blocks(D, Dv, q.dtype), req=req, scale=float(req.scale),
             softcap=float(req.softcap or 0.0), stats=bool(req.return_stats), pack=pack,

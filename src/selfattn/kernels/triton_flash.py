@@ -231,7 +231,7 @@ def _row_tile(q, kb, code, K, k_str, row, meta, coef,
                 offs_d < D, n_in, D != HEAD_DIM, MASKED)  # (HEAD_DIM, BLOCK_N)
     col_meta = cols_b + offs_n * c_str[2]
     kv_pos = offs_n * 0
-    if POS:
+    if ALIBI or (BAND and MASKED):  # positions: ALiBi in every tile, the band in partial ones
         kv_pos = tl.load(col_meta, mask=n_in, other=0)
     qk = _dot(q, kt, DOT_F32, PRECISION)  # (BLOCK_M, BLOCK_N)
     s, t = _logits(qk, q_pos[:, None], kv_pos[None, :], slope[:, None],
@@ -476,10 +476,10 @@ def _dkdv_tiles(
             rows = tl.where(m_in, offs_m, 0)
             row_meta = Rows + b64 * r_str[1] + rows * r_str[2]
             q_pos = rows * 0
-            if POS:
+            if ALIBI or (BAND and MASKED):
                 q_pos = tl.load(row_meta)
             live = m_in
-            if LIVE_ROWS:
+            if LIVE_ROWS and MASKED:
                 live = live & (tl.load(row_meta + r_str[0]) != 0)
             qkt = _dot(k, tl.trans(q), DOT_F32, PRECISION)  # (BLOCK_N, BLOCK_M)
             st, tt = _logits(qkt, q_pos[None, :], kv_pos[:, None], slope,
@@ -675,12 +675,15 @@ INTERPRET = type(_attn_fwd).__name__ == "InterpretedFunction"
 # and launches with them. Autotuning picks warps and pipeline stages only.
 
 
-def fwd_blocks(rows: int, head_dim: int, v_dim: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of the forward for ``rows`` query rows per head group (PACK x Lq)."""
-    if rows <= 64:  # decoding: a short query tile, long key tiles
-        return max(16, triton.next_power_of_2(rows)), (16 if INTERPRET else 64)
+def fwd_blocks(pack: int, seq_q: int, head_dim: int, v_dim: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the forward. With PACK > 1 query heads per program, one tile holds
+    all PACK x seq_q rows (the tile map's query block 0 then covers every query)."""
+    if pack > 1:
+        return max(16, triton.next_power_of_2(pack * seq_q)), (16 if INTERPRET else 64)
     if INTERPRET:  # the interpreter runs one small configuration (larger tiles are only slower there)
         return 16, 16
+    if seq_q <= 64:  # decoding: a short query tile, long key tiles
+        return max(16, triton.next_power_of_2(seq_q)), 64
     hd = max(_pad_dim(head_dim), _pad_dim(v_dim))
     if dtype == torch.float32:
         return (64, 32) if hd > 128 else (64, 64)
