@@ -100,6 +100,16 @@ def test_train_out_refuses_to_overwrite_another_run(tmp_path, lm_checkpoint):
     assert (out / "config.json").read_bytes() == before
 
 
+def test_explain_that_would_take_minutes_is_refused():
+    from selfattn.explain import MAX_TOKENS
+
+    text = " ".join(["w"] * MAX_TOKENS)
+    r = subprocess.run([sys.executable, "-m", "selfattn.cli", "explain", "--file", "-", "--qk-dim", "3072", "--v-dim", "3072"],
+                       input=text, capture_output=True, text=True, env={"PATH": ""}, timeout=TIME_BOUND)
+    r.seconds = 0.0
+    _refused(r, "GFLOP")
+
+
 def test_explain_full_of_a_huge_matrix_is_refused():
     _refused(_run("explain", "a b c", "--dim", "2048", "--full"), "--full")
 
@@ -277,3 +287,37 @@ def test_compile_notice_is_printed_once_when_numba_compiles():
     with compile_notice("compiling!", module="some.other.module", stream=buf, enabled=True):
         g(2.5)
     assert buf.getvalue() == ""
+
+
+# -- pictures and reports that show something -------------------------------------------------------
+
+
+def test_step_numbers_have_no_gaps():
+    from selfattn.explain import explain
+    from selfattn.explain.labels import step_title
+
+    for kw in ({}, {"causal": True}):
+        tr = explain("the cat sat", **kw)
+        numbers = sorted({int(step_title(tr, name).split(".")[0]) for name in tr.steps})
+        assert numbers == list(range(1, len(numbers) + 1)), numbers
+        assert ("masked" in tr.steps) == bool(kw)
+
+
+def test_long_html_report_folds_the_text_and_labels_its_charts():
+    from selfattn.explain import explain
+    from selfattn.explain.html import FOLD_TOKENS
+
+    text = " ".join(f"w{(i * 7) % 23}" for i in range(300))
+    tr = explain(text, causal=True, rows="0,150,-1")
+    doc = tr.to_html()
+    head = doc.split("<details", 1)[0]
+    assert text not in head and f"tokens (300)" in doc and "show all 300" in doc  # the whole text only on request
+    assert len(tr.tokens) > FOLD_TOKENS
+    # the entropy chart runs from 0 to log L, and its x axis names tokens
+    chart = doc[doc.index("entropy per query row"):]
+    chart = chart[:chart.index("</svg>")]
+    ticks = [float(t) for t in re.findall(r'text-anchor="end">([0-9.]+)<', chart)]
+    assert min(ticks) == 0.0 and max(ticks) >= 4.0 and "5.70 = log L" in chart, ticks  # 0 .. log 300: not a zoom on the data
+    assert re.search(r'class="tok"[^>]*>w\d+@\d+<', chart)
+    # strips over 300 keys are coloured relative to their row, masked keys grey
+    assert "coloured relative to its row's largest weight" in doc and 'fill="#d9d9d9"' in doc

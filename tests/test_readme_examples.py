@@ -11,6 +11,14 @@ import pytest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
+# blocks that are fragments today (they use a model, a data loader or torchrun that the block does not
+# create): expected to fail, strictly -- once a block is made runnable this list must shrink
+FRAGMENTS = {
+    "import selfattn.integrations.transformers as sa_hf": "uses AutoModelForCausalLM, cfg, ids and mask without defining them",
+    "monitor = selfattn.monitor.Monitor(model)": "uses model and loader without defining them",
+    "import torch.distributed as dist": "needs torchrun (a process group) and q_full, k_full, v_full",
+}
+
 
 def _blocks() -> list:
     text = README.read_text(encoding="utf-8")
@@ -21,7 +29,17 @@ def test_the_readme_has_python_examples():
     assert len(_blocks()) >= 2
 
 
-@pytest.mark.parametrize("index", range(len(_blocks())))
+def _params():
+    out = []
+    for i, code in enumerate(_blocks()):
+        first = code.strip().splitlines()[0]
+        why = next((r for k, r in FRAGMENTS.items() if first.startswith(k)), None)
+        marks = [pytest.mark.xfail(strict=True, reason=f"README fragment: {why}")] if why else []
+        out.append(pytest.param(i, id=f"block{i}", marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("index", _params())
 def test_readme_python_block_runs(index, tmp_path):
     code = _blocks()[index]
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600)

@@ -48,6 +48,8 @@ def _add_version(p: argparse.ArgumentParser) -> None:
 
 # the most numbers --json writes: more takes minutes and gigabytes (every matrix of every step)
 JSON_MAX_NUMBERS = 20_000_000
+# the most work explain takes on (floating-point operations): about half a minute on one core
+EXPLAIN_MAX_FLOP = 2e11
 
 
 def _read_text(args):
@@ -79,9 +81,15 @@ def _check_explain(args, text) -> None:
     wide = max(qk, v, dim)
     # float64: the three W (and their float64 copies), L x d steps, L x L steps when shown in full
     full = n <= FULL_MATRIX_MAX_TOKENS
-    need = 8 * (2 * dim * (2 * qk + v) + 6 * n * (dim + 2 * qk + 2 * v) + (8 * n * n if full else 0)) + 8 * dim * wide
+    need = 8 * (2 * dim * (2 * qk + v) + 4 * n * (dim + 2 * qk + 2 * v) + (8 * n * n if full else 0)) + 8 * dim * wide
     check_memory(need, f"explain with --dim {dim}" + (f", --qk-dim {qk}" if qk != dim else "") + (f", --v-dim {v}" if v != dim else ""),
                  "use a smaller --dim")
+    # long input runs a real attention call: L x L x d multiply-adds for the scores and the weighted sum,
+    # plus the projections; beyond EXPLAIN_MAX_FLOP that takes minutes on a laptop core
+    flop = 2 * n * n * (qk + v) + 2 * n * dim * (2 * qk + v)
+    if flop > EXPLAIN_MAX_FLOP:
+        raise UsageError(f"explain with {n} tokens and --dim {dim} would take about {flop / 1e9:,.0f} GFLOP, minutes here; "
+                         f"at most {EXPLAIN_MAX_FLOP / 1e9:,.0f} GFLOP: use a smaller --dim (or --qk-dim / --v-dim) or less text")
     if args.full and dim * wide > FULL_MAX_CELLS:
         raise UsageError(f"--full with --dim {dim} would print {dim * wide:,} cells for one matrix (W_Q is {dim} x {qk}), which "
                          f"takes minutes; at most {FULL_MAX_CELLS:,} cells print with --full. Leave out --full to see the "
@@ -293,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# packages of the [cli] extra and what the command line uses each for
+_EXTRAS = {"rich": "terminal tables and progress bars", "matplotlib": "heatmaps and plots",
+           "safetensors": "checkpoints"}
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return " ".join(text.split())  # one line, whatever the message held
@@ -336,6 +349,9 @@ def _user_error(e: BaseException) -> str | None:
     """The one-line message for an error that is the input's or the machine's, not a bug (else None)."""
     if isinstance(e, (ValueError, TypeError)):
         return _one_line(e)
+    if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in _EXTRAS:
+        return (f"this command needs {e.name} ({_EXTRAS[e.name.split('.')[0]]}), which is not installed: "
+                "pip install 'selfattn[cli]' (or scripts/setup.sh)")
     if isinstance(e, OSError):  # a file that cannot be read or written, a full disk
         where = f" {e.filename}" if getattr(e, "filename", None) else ""
         return f"{e.strerror or _one_line(e)}{':' if where else ''}{where}"

@@ -29,7 +29,8 @@ _CSS = """
 .sa-report table.m { border-collapse: collapse; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; margin: 0.3em 0; }
 .sa-report table.m th, .sa-report table.m td { border: 1px solid #e3e3e3; padding: 2px 6px; text-align: right; }
 .sa-report table.m th { background: #f6f6f6; font-weight: 600; }
-.sa-report table.m td.max, .sa-report table.m span.max { font-weight: 700; outline: 2px solid #e8a400; outline-offset: -2px; }
+.sa-report table.m td.max { font-weight: 700; outline: 2px solid #e8a400; outline-offset: -2px; }
+.sa-report table.m span.max { font-weight: 700; outline: 2px solid #e8a400; outline-offset: 1px; padding: 0 2px; }
 .sa-report table.m td.stat { background: #eef6fb; }
 .sa-report .scroll { overflow-x: auto; }
 .sa-report img.heatmap { max-width: 100%; border: 1px solid #eee; }
@@ -169,7 +170,8 @@ def line_chart(values: torch.Tensor, title: str, *, tokens=None, lo: float | Non
     if hi - lo < 1e-9:  # a constant: show it in the middle of a unit-wide axis, not as a zoomed wiggle
         lo, hi = lo - 0.5, hi + 0.5
     span = hi - lo
-    pad_l, pad_r, pad_t, pad_b = 52, 12, 20, 48 if tokens is not None else 22
+    # token labels are rotated and run to the right of their tick: room for the last one
+    pad_l, pad_r, pad_t, pad_b = (52, 80, 20, 48) if tokens is not None else (52, 12, 20, 22)
     n = len(v)
     plot_w, plot_h = width - pad_l - pad_r, height - pad_t - pad_b
 
