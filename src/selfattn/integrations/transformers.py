@@ -31,6 +31,11 @@ many masks took each route; ``"dense"`` counts every L x L mask built or receive
 Not served, and refused by name: ``position_bias`` (T5-style relative bias tensors) and
 ``head_mask``.
 
+Versions: transformers 4.56 (the first with both interfaces) to 5.x. On 4.x, models that build
+their own attention classes instead of calling ``AttentionInterface`` (BERT) cannot use any
+registered implementation, and GPT-2 keeps ``output_attentions`` from the attention function:
+set ``model.config.output_attentions = True`` there to get weights.
+
 Positions follow transformers: query i sits at ``cache_position[i]`` (``q_offset + i``), key j
 at ``kv_offset + j``. With a static cache the key count is the cache size; unused slots lie
 after every query position, so the causal test rules them out.
@@ -240,7 +245,7 @@ def _recognise(fn, batch, q_pos, kv_pos, local_size, transformers_masks):
     """(kind, causal, window, segments) for a mask function, or None when no candidate matches."""
     if fn is transformers_masks.causal_mask_function:
         return "causal", True, None, None
-    if fn is transformers_masks.bidirectional_mask_function:
+    if fn is getattr(transformers_masks, "bidirectional_mask_function", None):  # transformers 5 only
         return "bidirectional", False, None, None
     candidates = []
     if local_size is not None:
