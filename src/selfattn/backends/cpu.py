@@ -435,8 +435,7 @@ class CPUBackend(Backend):
         "memory": "O(L)",
     }
     capabilities = Backend.capabilities.replace(
-        devices=frozenset({"cpu"}), mask_kinds=frozenset({"causal", "window", "padding", "documents", "dense_bool", "dense_float"}),
-        dropout=False, generator=False, positions=False, alibi=False, sinks=False, float_mask_grad=False, requires=("numba",))
+        devices=frozenset({"cpu"}), dropout=False, generator=False, float_mask_grad=False, requires=("numba",))
 
     def unsupported(self, q, k, v, req: Request):
         if _k is None:
@@ -445,9 +444,6 @@ class CPUBackend(Backend):
             return f"device {req.device.type!r} (CPU tensors only)"
         if req.dropout_p > 0:
             return "dropout (dropout_p > 0; backend 'math' or 'sdpa' supports it)"
-        for feature in ("positions", "alibi", "sinks", "key_padding", "function"):
-            if feature in req.features:
-                return f"{feature} (not yet served by the cpu backend)"
         for part in _masks.parts(req.mask):
             if not isinstance(part, _LOWERED):
                 return f"mask {type(part).__name__}"
@@ -459,20 +455,28 @@ class CPUBackend(Backend):
 
     def rank(self, req: Request) -> float:
         # Always below math (50). sdpa ranks 10, or 20 when it needs a dense Lq x Lk mask tensor, and
-        # cannot serve stats or softcap at all. The rest follows BENCHMARKS.md, "CPU backend (issue 5)"
-        # and "Short sequences (issue 7)": cpu's speed over sdpa's on the 2-core machine:
-        # - window / padding / documents (or causal with Lq != Lk): sdpa gets an L x L mask and does all
-        #   L^2 work, cpu skips the ruled-out tiles (window 44-61x, packed documents 13.6-17.5x): 15;
+        # cannot serve stats, softcap or sinks at all. The rest follows BENCHMARKS.md, "CPU backend
+        # (issue 5)", "Short sequences (issue 7)" and "Dense masks and issue 12's arguments on the CPU":
+        # cpu's speed over sdpa's on the 2-core machine:
+        # - anything sdpa could take only as an L x L tensor -- window, padding, key_padding, documents,
+        #   a mask function, ALiBi, or causal with Lq != Lk or explicit positions: sdpa does all L^2
+        #   work, cpu skips the ruled-out tiles (window 44-61x, packed documents 13.6-17.5x): 15;
+        # - masks given only as dense tensors, float32 with gradients: 15 (sdpa's gradients run
+        #   torch's math kernel: 155 ms against cpu's 40 ms at (1, 8, 1024, 64), issue 12; 1.07-1.13x
+        #   in our own, overloaded run); without gradients 30 (0.78-0.83x: sdpa reads the mask once,
+        #   cpu classifies its tiles first);
         # - float32, no mask or causal: 8, before sdpa, where cpu was faster -- with gradients from 32
         #   keys on, without from B*H*Lq*Lk*D = 4e6 on (1 and 2 threads) -- else 30. numba's workqueue
         #   layer (which `selfattn train` selects) hands tasks to its threads at ~0.1 ms a call: with
         #   more than one thread there, short sequences go to sdpa;
-        # - bfloat16 (0.85-1.23x: no clear winner), float16 and float64 (not measured), and masks
-        #   given only as dense tensors (0.78-0.83x: sdpa reads the mask once, cpu classifies tiles
-        #   first): 30, sdpa first.
+        # - bfloat16 (0.85-1.23x: no clear winner), float16 and float64 (not measured): 30, sdpa first.
         kinds = req.mask_kinds
-        if kinds & {"window", "padding", "documents"} or ("causal" in kinds and req.q_len != req.kv_len):
+        positions = req.q_positions is not None or req.kv_positions is not None
+        if (kinds & {"window", "padding", "key_padding", "documents", "function"} or req.alibi_slopes is not None
+                or ("causal" in kinds and (req.q_len != req.kv_len or positions))):
             return 15.0
+        if kinds & {"dense_bool", "dense_float"}:
+            return 15.0 if req.requires_grad and req.dtype == torch.float32 else 30.0
         if kinds <= {"causal"} and req.dtype == torch.float32:
             work = req.batch * req.q_heads * req.q_len * req.kv_len * req.head_dim
             if torch.get_num_threads() > 1 and _k is not None and numba.config.THREADING_LAYER == "workqueue":
