@@ -14,7 +14,7 @@ backend on CPU.
 
 How a request reaches the kernels. The mask, positions and ALiBi slopes are lowered once by
 :func:`selfattn.lowering.lower` at exactly the block sizes the kernels run with
-(``kernels.triton_flash.fwd_blocks`` / ``bwd_blocks``): block sizes are fixed per head dim and
+(``kernels.triton_flash.fwd_blocks`` / ``bwd_blocks`` / ``dq_blocks``): block sizes are fixed per head dim and
 dtype instead of autotuned, because the tile map and a mask function's partial-tile bits are
 per tile, and tiles of another size would need another lowering (``lower`` caches each). The
 record is then put in the form the kernels read (:class:`KernelMask`): the tile map as int32

@@ -33,7 +33,12 @@ float32 output kept by the forward, see "bfloat16 and the interpreter" below). T
   ``dS K`` to dQ with float32 atomics.
 * **dQ pass** (``deterministic=True`` only): one program per query block loops over the key
   tiles, ``dQ = sum_j dS K_j``, so dQ is reproducible bit for bit. It shares the row setup of
-  the forward (:func:`_row_setup`).
+  the forward (:func:`_row_setup`) and its per-tile front half (:func:`_row_tile`: K load,
+  logits, mask); the two loops around it stay separate on purpose, as their bodies differ
+  (online softmax and P V there, dS K here).
+
+Each pass has its own block sizes and so its own lowering of the mask (``lower`` caches them):
+forward :func:`fwd_blocks`, dK/dV :func:`bwd_blocks`, dQ :func:`dq_blocks`.
 
 Working set per program (registers / shared memory, head dims padded to a power of two HD, HDv):
 forward ``Q`` tile BLOCK_M x HD, ``acc`` BLOCK_M x HDv float32, one K and V tile BLOCK_N x
