@@ -13,10 +13,13 @@ Three runs of the same causal forward + backward, float32, (B, H, L, D) = (1, --
 Each run is a fresh process (group) that warms up on a short sequence first (numba loads its
 kernels), then times one call (the median of --repeat). The ring's time is the slowest rank's.
 Peak extra memory: the largest resident set seen (sampled every millisecond from /proc) during
-the timed call, minus the resident set just before it, per process; every process runs with
-MALLOC_MMAP_THRESHOLD_=65536, so that glibc maps each tensor of 64 KiB or more on its own and
-returns it on free (by default it raises that threshold after the first free and keeps freed
-tensors in its heap, and the resident set then says more about the allocator than the code). FLOPs as DESIGN.md counts
+the timed call, minus the resident set just before it, per process, measured in a second pass
+of each run under MALLOC_MMAP_THRESHOLD_=65536: glibc then maps each tensor of 64 KiB or more on
+its own and returns it on free (by default it raises that threshold after the first free and
+keeps freed tensors in its heap, and the resident set says more about the allocator than the
+code), which costs page faults, so times come from the first pass. CPU seconds per process
+(``time.process_time``) show each rank's own work apart from its waiting, which on a shared,
+loaded machine is the steadier number. FLOPs as DESIGN.md counts
 them: 4*B*H*L*L*D, halved for causal, x3.5 for forward + backward.
 
 Targets (issue 15): ring >= 0.8x the single process's throughput, each rank's peak extra memory
@@ -83,15 +86,17 @@ def _inputs(shape, seed=0):
 
 
 def _time_call(fn, repeat):
-    times, extras = [], []
+    """(median wall seconds, median CPU seconds of this process, largest peak extra bytes)."""
+    times, cpus, extras = [], [], []
     for _ in range(repeat):
         with _PeakRSS() as mem:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
         times.append(dt)
+        cpus.append(dc)
         extras.append(mem.extra)
-    return statistics.median(times), max(extras)
+    return statistics.median(times), statistics.median(cpus), max(extras)
 
 
 def _single(args, out):
@@ -108,8 +113,8 @@ def _single(args, out):
         o.backward(do)
         q.grad = k.grad = v.grad = None
 
-    t, extra = _time_call(step, args.repeat)
-    out.put({"run": "single", "procs": 1, "threads": 2, "seconds": t, "peak_extra_bytes": [extra]})
+    t, cpu, extra = _time_call(step, args.repeat)
+    out.put({"run": "single", "procs": 1, "threads": 2, "seconds": t, "cpu_seconds": [cpu], "peak_extra_bytes": [extra]})
 
 
 def _ring_rank(rank, world, init, args, layout, out):
@@ -130,14 +135,15 @@ def _ring_rank(rank, world, init, args, layout, out):
             o.backward(do)
             q.grad = k.grad = v.grad = None
 
-        times, extras = [], []
+        times, cpus, extras = [], [], []
         for _ in range(args.repeat):
             dist.barrier()
-            t, extra = _time_call(step, 1)
+            t, cpu, extra = _time_call(step, 1)
             dist.barrier()
             times.append(t)
+            cpus.append(cpu)
             extras.append(extra)
-        out.put({"rank": rank, "seconds": statistics.median(times), "peak_extra_bytes": max(extras)})
+        out.put({"rank": rank, "seconds": statistics.median(times), "cpu_seconds": statistics.median(cpus), "peak_extra_bytes": max(extras)})
     finally:
         dist.destroy_process_group()
 
@@ -149,7 +155,21 @@ def _ring(args, layout):
         mp.spawn(_ring_rank, args=(2, f"file://{tmp}/rdv", args, layout, q), nprocs=2, join=True)
     rows = sorted((q.get() for _ in range(2)), key=lambda r: r["rank"])
     return {"run": layout, "procs": 2, "threads": 1, "seconds": max(r["seconds"] for r in rows),
-            "rank_seconds": [r["seconds"] for r in rows], "peak_extra_bytes": [r["peak_extra_bytes"] for r in rows]}
+            "rank_seconds": [r["seconds"] for r in rows], "cpu_seconds": [r["cpu_seconds"] for r in rows],
+            "peak_extra_bytes": [r["peak_extra_bytes"] for r in rows]}
+
+
+def _one(args, run):
+    if run != "single":
+        return _ring(args, run)
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    proc = ctx.Process(target=_single, args=(args, q))
+    proc.start()
+    proc.join()
+    if proc.exitcode:
+        raise SystemExit(f"single run failed (exit code {proc.exitcode})")
+    return q.get()
 
 
 def main():
@@ -164,26 +184,23 @@ def main():
     args = p.parse_args()
     if args.quick:
         args.length = 4096
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by glibc when each spawned process starts
     flops = 3.5 * 4 * args.heads * args.length * args.length * args.dim / 2
     results = []
     for run in args.runs.split(","):
-        if run == "single":
-            ctx = mp.get_context("spawn")
-            q = ctx.SimpleQueue()
-            proc = ctx.Process(target=_single, args=(args, q))
-            proc.start()
-            proc.join()
-            if proc.exitcode:
-                raise SystemExit(f"single run failed (exit code {proc.exitcode})")
-            r = q.get()
-        else:
-            r = _ring(args, run)
+        r = _one(args, run)  # timing: glibc as it comes
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # memory: read by glibc when each spawned process starts
+        try:
+            mem = _one(args, run)
+        finally:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        r["peak_extra_bytes"] = mem["peak_extra_bytes"]
+        r["memory_pass_seconds"] = mem["seconds"]
         r["gflops"] = flops / r["seconds"] / 1e9
         results.append(r)
         mib = ", ".join(f"{b / 2**20:.0f}" for b in r["peak_extra_bytes"])
+        cpu = ", ".join(f"{c:.1f}" for c in r["cpu_seconds"])
         print(f"{run:>10}: {r['procs']} proc x {r['threads']} thr  {r['seconds']:8.2f} s  {r['gflops']:6.1f} GFLOP/s  "
-              f"peak extra MiB per process: {mib}", flush=True)
+              f"CPU s per process: {cpu}  peak extra MiB per process: {mib}", flush=True)
     by = {r["run"]: r for r in results}
     summary = {}
     if "single" in by:
@@ -193,6 +210,8 @@ def main():
                 summary[f"{lay} peak extra memory vs single (worst rank)"] = max(by[lay]["peak_extra_bytes"]) / max(1, by["single"]["peak_extra_bytes"][0])
     if "contiguous" in by and "balanced" in by:
         summary["balanced speed-up over contiguous"] = by["contiguous"]["seconds"] / by["balanced"]["seconds"]
+        # the same from CPU seconds: the ring is as slow as its busiest rank
+        summary["balanced speed-up over contiguous (busiest rank's CPU seconds)"] = max(by["contiguous"]["cpu_seconds"]) / max(by["balanced"]["cpu_seconds"])
     for name, val in summary.items():
         print(f"{name}: {val:.2f}x")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -2,7 +2,8 @@
 
 Every rank builds the same whole-sequence inputs, runs the unsharded reference itself, and
 compares its own rows: output, lse, max_logit, entropy, dQ, dK, dV. float64 must agree within
-1e-10 relative; float32 within STYLE rule 6 (2x / 3x the float32 reference's own error).
+1e-10 relative; float32 and bfloat16 within STYLE rule 6 (2x / 3x the reference's own error in
+that dtype).
 Each test spawns its processes once and runs all its cases in them (a spawn costs seconds).
 """
 
@@ -108,11 +109,12 @@ def _float32(rank, world, backend):
     from _oracle import farther, reference_run
     from tolerance import assert_close
 
-    for name in ("causal", "window", "documents", "gqa"):
+    for name, low_dtype in (("causal", torch.float32), ("window", torch.float32), ("documents", torch.float32),
+                            ("gqa", torch.float32), ("causal", torch.bfloat16)):
         shapes, kw = _case(name)
-        q, k, v, do = _inputs(shapes, torch.float32, seed=1)
+        q, k, v, do = _inputs(shapes, low_dtype, seed=1)
         runs = [reference_run(q, k, v, kw, dtype=dt, upcast=dt == torch.float64, order=order, do=do)
-                for dt, order in ((torch.float64, None), (torch.float32, None), (torch.float32, "reversed"), (torch.float32, "rolled"))]
+                for dt, order in ((torch.float64, None), (low_dtype, None), (low_dtype, "reversed"), (low_dtype, "rolled"))]
         flat = [[r.out, r.stats.lse, r.stats.max_logit, r.stats.entropy, *r.grads] for r in runs]
         ref64 = flat[0]
         # the float32 twin: the reference in float32 with its reductions in three orders, each quantity
@@ -121,9 +123,10 @@ def _float32(rank, world, backend):
         for layout in ("contiguous", "balanced"):
             got = _ring(q, k, v, do, kw, layout, backend)
             for i, (n, a, r, lo) in enumerate(zip(NAMES, got, ref64, low)):
-                assert a.dtype == torch.float32, f"{n}: dtype {a.dtype}"
-                assert_close(f"{name}/{layout}/{n} (rank {rank})", a, shard(r, 2, layout), shard(lo, 2, layout),
-                             factor=3.0 if i >= 4 else 2.0, dtype=torch.float32)
+                want = torch.float32 if n in ("lse", "max_logit", "entropy") else low_dtype  # stats accumulate in float32
+                assert a.dtype == want, f"{name}/{n}: dtype {a.dtype}, expected {want}"
+                assert_close(f"{name}/{layout}/{n} {low_dtype} (rank {rank})", a, shard(r, 2, layout), shard(lo, 2, layout),
+                             factor=3.0 if i >= 4 else 2.0, dtype=low_dtype)
 
 
 def _exact_and_float32(rank, world, backend):
@@ -138,6 +141,19 @@ def _expect_error(fn, match):
         assert match in str(e), f"expected {match!r} in the error, got: {e}"
         return str(e)
     raise AssertionError(f"no error raised (expected {match!r})")
+
+
+class _NoPositions(selfattn.backends.Backend):
+    """The math backend without positions (a backend that serves only some of a ring's pieces)."""
+
+    name = "nopositions"
+    capabilities = selfattn.backends.Backend.capabilities.replace(positions=False)
+
+    def unsupported(self, q, k, v, req):
+        return "positions" if req.q_positions is not None or req.kv_positions is not None else None
+
+    def forward(self, q, k, v, req):
+        return selfattn.backends.get("math").forward(q, k, v, req)
 
 
 def _errors(rank, world, _backend):
@@ -169,9 +185,10 @@ def _errors(rank, world, _backend):
     _expect_error(lambda: ring_attention(xs, xs, xs, layout="zigzag"), "layout must be one of")
     _expect_error(lambda: ring_attention(xs, xs, xs, timeout=0), "timeout must be a positive number")
     _expect_error(lambda: ring_attention(xs, xs, xs, backend="nope"), "unknown backend")
-    # an explicit backend that cannot serve the pieces: found before any transfer, on every rank. With a
-    # window on the contiguous layout only ranks 1.. have a piece that needs positions (cpu has none)
-    msg = _expect_error(lambda: ring_attention(xs, xs, xs, window=3, backend="cpu"), "positions")
+    # an explicit backend that cannot serve some pieces: found before any transfer, on every rank. With a
+    # window on the contiguous layout only ranks 1.. have a piece that needs positions; rank 0 does not
+    selfattn.backends.register(_NoPositions())
+    msg = _expect_error(lambda: ring_attention(xs, xs, xs, window=3, backend="nopositions"), "positions")
     assert ("rank 1 refused" in msg) == (rank == 0), msg
     _expect_error(lambda: ring_attention(xs, xs, xs, causal=True, backend="sdpa"), "return_stats")
     # unshard reassembles what shard cut, in both layouts
