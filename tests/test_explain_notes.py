@@ -10,7 +10,7 @@ import torch
 import selfattn
 from selfattn import reference
 from selfattn.explain import compare_with_notes, notes_example
-from selfattn.explain.terminal import fmt
+from selfattn.explain.labels import fmt
 
 
 def _by_hand():

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from selfattn.checkpoint import save
-from selfattn.model import AttentionStack
 from selfattn.explain import FULL_MATRIX_MAX_TOKENS, explain
+from selfattn.explain.labels import fmt, token_label
 from selfattn.explain.plot import png_size
-from selfattn.explain.terminal import fmt, token_label
 from selfattn.explain.trace import stats_summary
+from selfattn.model import AttentionStack
 
 TEXT = "The cat sat on the mat, and the cat slept."
 LONG = " ".join(f"w{(i * 7) % 23}" for i in range(FULL_MATRIX_MAX_TOKENS + 20))

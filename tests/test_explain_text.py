@@ -14,8 +14,14 @@ import selfattn
 from selfattn import reference
 from selfattn.explain import FULL_MATRIX_MAX_TOKENS, MAX_TOKENS, embed, explain, tokenize
 from selfattn.explain import trace as trace_mod
-from selfattn.explain.terminal import fmt, render
+from selfattn.explain.labels import fmt
+from selfattn.explain.terminal import render
 from selfattn.layers import SelfAttention
+
+try:  # issue 11 gives mask resolution its public name
+    from selfattn.request import resolve_mask as _resolve_mask
+except ImportError:
+    from selfattn.functional import _resolve_mask
 
 from tolerance import assert_close
 
@@ -32,7 +38,7 @@ def _reference(tr, causal=False, window=None, scale=None):
     # the float64 reference on the trace's own embeddings and weights, step by step
     x = tr.steps["embeddings"]  # (L, E)
     q, k, v = (x @ tr.steps[w] for w in ("W_Q", "W_K", "W_V"))  # (L, d)
-    mask = selfattn.functional._resolve_mask(None, causal, window)
+    mask = _resolve_mask(None, causal, window)
     rec = reference.Trace()
     out, stats = reference.attention(q[None, None], k[None, None], v[None, None], mask=mask, scale=scale, trace=rec)
     return rec, out[0, 0], stats

@@ -23,10 +23,10 @@ import pytest
 import torch
 
 from selfattn.checkpoint import save
-from selfattn.model import AttentionStack
 from selfattn.explain import FULL_MATRIX_MAX_TOKENS, explain
+from selfattn.explain.labels import fmt, token_label
 from selfattn.explain.plot import png_size
-from selfattn.explain.terminal import fmt, token_label
+from selfattn.model import AttentionStack
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -248,3 +248,34 @@ def test_model_report_in_chromium(browser, tmp_path):
             assert token_label(tr, r) in text and fmt(float(tr.stats.entropy[r])) in text
             assert fmt(float(tr.row_weights[i].max())) in text
     assert evaluate("document.querySelector('img.heatmap').naturalWidth") == png_size(mt)[0]
+
+
+def test_long_and_language_model_reports_in_chromium(browser, tmp_path):
+    """Issue 16 in the browser: a long input's text is folded (the page opens short), its row charts
+    carry token labels; a language model's report shows its predictions; masked cells are hatched."""
+    from selfattn.model import Transformer, TransformerConfig
+
+    text = " ".join(f"w{(i * 7) % 23}" for i in range(400))
+    tr = explain(text, causal=True)
+    path = tmp_path / "long.html"
+    tr.to_html(path)
+    page, evaluate = _check_report(browser, path, "explain_long_report")
+    assert "show all 400" in page and "w0@0" in page  # folded text; token-labelled chart axes
+    assert evaluate("document.querySelector('details.meta').open") is False
+    assert evaluate("document.querySelector('details.meta').getBoundingClientRect().height") < 120
+
+    torch.manual_seed(0)
+    vocab = [f"t{i}" for i in range(10)]
+    lm = Transformer(TransformerConfig(vocab_size=len(vocab), dim=16, n_layers=1, n_heads=2, context=32))
+    save(tmp_path / "lm", lm, lm.checkpoint_config(), vocab=vocab)
+    mt = explain("t1 t2 t3 t1 t2", checkpoint=tmp_path / "lm")
+    path = tmp_path / "lm.html"
+    mt.to_html(path)
+    page, evaluate = _check_report(browser, path, "explain_lm_report")
+    assert "The model's predictions" in page and "actual next" in page
+    for i, guesses in enumerate(mt.predictions):
+        assert f"{guesses[0][0]}: {guesses[0][1]:.3f}" in page
+    # causal: the weights tables draw masked pairs hatched, with the word "masked"
+    assert evaluate("document.querySelectorAll('td.masked').length") > 0
+    bg = evaluate("getComputedStyle(document.querySelector('td.masked')).backgroundImage")
+    assert "repeating-linear-gradient" in bg

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from selfattn.explain import scaling
-from selfattn.explain.terminal import fmt
+from selfattn.explain.labels import fmt
 
 
 def test_notes_numbers_are_computed():

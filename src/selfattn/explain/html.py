@@ -385,7 +385,9 @@ def _model_body(mt: ModelTrace) -> str:
         out += ["<h2>The model's predictions</h2>", _predictions(mt)]
     out += ["<h2>Attention weights of every head (heatmaps)</h2>", _png(mt)]
     for layer in mt.layers:
-        out.append(f"<h2>{_e(layer.name)} ({_e(layer.kind)}, {len(layer.heads)} head{'s' if len(layer.heads) > 1 else ''})</h2>")
+        masks = mask_words(layer.heads[0].options) if layer.heads else ""
+        out.append(f"<h2>{_e(layer.name)} ({_e(layer.kind)}, {len(layer.heads)} head{'s' if len(layer.heads) > 1 else ''}"
+                   f"{', ' + _e(masks) if masks else ''})</h2>")
         for tr in layer.heads:
             out.append(f"<h3>{_e(tr.label)}</h3>")
             if tr.full:

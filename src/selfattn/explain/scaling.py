@@ -132,7 +132,7 @@ def render(notes: dict, rows: list, console=None, *, n_keys: int = N_KEYS) -> No
     from rich.console import Console
     from rich.table import Table
 
-    from .terminal import fmt
+    from .labels import fmt
 
     console = console or Console()
     console.rule("[bold]Why divide by sqrt(d_k)? The notes' example")

@@ -162,6 +162,12 @@ def _check_run(cfg, args) -> None:
 
     import torch
 
+    from .distributed import _env_int
+
+    if cfg.text is not None and args.resume is None:
+        from .data import TextDataset
+
+        TextDataset.from_file(cfg.text, cfg.seq_len)  # unreadable, not UTF-8, empty or too short: said now
     check_output_dir("--out", cfg.out)
     out = Path(cfg.out)
     same = False
@@ -169,7 +175,9 @@ def _check_run(cfg, args) -> None:
         r = Path(args.resume)
         same = out.resolve() == (r.parent if r.is_file() else r).resolve()
     held = [f for f in _RUN_FILES if (out / f).exists()]
-    if held and not same and not args.force:
+    # under torchrun only rank 0 writes, and only it judges --out (the others could see its first files);
+    # if it refuses, torchrun stops the other workers
+    if held and not same and not args.force and (_env_int("RANK") or 0) == 0:
         step = ""
         try:
             import json
