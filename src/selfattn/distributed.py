@@ -548,8 +548,8 @@ def _ring_backward(plan: _Plan, dout, q, k, v, out, lse):
     dq = torch.zeros_like(qa)
     ring = _Ring(plan)
     kv = _pack(k.detach(), v.detach())
-    dkv_in = None  # accumulated dK/dV of the shard held now, from the ranks before this one
-    dkv_works = None
+    numel = k.numel() + v.numel()
+    dkv_in, dkv_works = None, None  # the dK/dV accumulator of the shard held next, on its way from the previous rank
     for step in range(plan.world):
         src = (plan.rank - step) % plan.world
         works = None
@@ -558,15 +558,15 @@ def _ring_backward(plan: _Plan, dout, q, k, v, out, lse):
             works = ring.start(kv, nxt)
         kc, vc = _unpack(kv, k.shape, v.shape)
         kc, vc = kc.to(acc), vc.to(acc)
-        dkv = torch.zeros(k.numel() + v.numel(), dtype=acc, device=q.device)
+        if dkv_works is None:
+            dkv = torch.zeros(numel, dtype=acc, device=q.device)  # this rank's own shard: nobody has added yet
+        else:  # add to what the ranks before this one accumulated (two buffers live, not three)
+            ring.wait(dkv_works)
+            dkv = dkv_in
         dk, dv = _unpack(dkv, k.shape, v.shape)
         for qs, ks, piece in _pieces(plan, src, q.device):
-            dq_p = dq[:, :, qs]
             _piece_backward(plan, qa[:, :, qs], do[:, :, qs], lse[:, :, qs], delta[:, :, qs],
-                            kc[:, :, ks], vc[:, :, ks], piece, dq_p, dk[:, :, ks], dv[:, :, ks])
-        if dkv_works is not None:
-            ring.wait(dkv_works)
-            dkv += dkv_in
+                            kc[:, :, ks], vc[:, :, ks], piece, dq[:, :, qs], dk[:, :, ks], dv[:, :, ks])
         # pass the accumulated gradient on; after the last step it reaches the shard's owner
         dkv_in = torch.empty_like(dkv)
         dkv_works = ring.start(dkv, dkv_in)
