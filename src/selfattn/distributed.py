@@ -17,7 +17,8 @@ positions in the whole sequence, so causal and window masks read the right dista
 ``documents`` / ``key_padding`` / ``padding`` masks (given over the whole sequence) are
 sliced to the piece. A piece that a mask rules out entirely is skipped; a piece the mask
 allows entirely runs with no mask at all. Pieces aligned like an unsharded causal call (the
-diagonal) run with default positions, so the fused CPU kernel serves them.
+diagonal) run with default positions; only the others pass positions (a backend without
+positions then hands them to ``math`` under ``backend="auto"``).
 
 Layouts (W = 4 ranks, sequence in 8 chunks)::
 
@@ -31,16 +32,16 @@ The backward is a ``torch.autograd.Function``: the key/value shards travel the r
 more, and their gradients travel with them (float32/float64 accumulators) back to their owners.
 Each piece's gradient needs the *global* statistics: P_ij = exp(s_ij - lse_i) with the
 global lse, dS = P * (dP - delta) with delta_i = rowsum(dO_i * O_i) of the merged output.
-It runs in torch ops here, chunked over query rows (memory O(rows x shard length)), because
-the fused CPU kernel's backward takes delta from its own P, which is wrong for one shard of
-the keys. A fused per-shard backward needs a kernel entry point that accepts an external
-delta (and lse); then this module can call it piece by piece.
+It runs in torch ops here, in blocks of 256 query rows x 1024 keys (memory O(block), never
+O(shard length^2)), because the fused CPU kernel's backward takes delta from its own P, which
+is wrong for one shard of the keys. A fused per-shard backward needs a kernel entry point that
+accepts an external delta and lse; then this module can call it piece by piece.
 
-Errors: every rank checks its own call, then the ranks compare one small summary (shapes,
-dtype, layout, mask, scale, softcap) with one ``all_gather``; a bad call raises the same
-``ValueError`` on every rank instead of leaving some ranks waiting for the others.
-Collectives and transfers are bounded by the group's timeout (``init_process_group(timeout=)``)
-and, for transfers, by ``timeout=`` seconds when given.
+Errors: every rank checks its own call (and resolves the backend of every piece it will run),
+then the ranks compare one small summary (shapes, dtype, layout, mask, scale, softcap, grad)
+with one ``all_gather``; a bad call raises on every rank instead of leaving some ranks waiting
+for the others. Collectives and transfers are bounded by the group's timeout
+(``init_process_group(timeout=)``) and, for transfers, by ``timeout=`` seconds when given.
 
 Example (under ``torchrun --nproc_per_node 2``)::
 
