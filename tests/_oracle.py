@@ -70,8 +70,7 @@ def interpreter_ready() -> bool:
 
 
 def _dense_parts(mask):
-    parts = () if mask is None else (mask.parts if isinstance(mask, masks.And) else (mask,))
-    return [p for p in parts if isinstance(p, masks.Dense)]
+    return [p for p in masks.parts(mask) if isinstance(p, masks.Dense)]
 
 
 def expectation(backend: str, q, k, v, **kw) -> Expectation:
