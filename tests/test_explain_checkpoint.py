@@ -196,8 +196,10 @@ def test_head_patterns_are_the_weight_on_the_pattern_keys():
     got = head_patterns(toks, [(list(range(4)), w[:4]), (list(range(4, L)), w[4:])])
     for name, per in keys.items():  # one row at a time, by hand
         ms = [float(w[i, per[i]].sum()) for i in range(L) if per[i] is not None]
-        want = (sum(ms) / len(ms), len(ms), sum(m >= 0.5 for m in ms))
-        assert got[name][1:] == want[1:] and abs(got[name][0] - want[0]) < 1e-12, name
+        even = [len(per[i]) / (i + 1) for i in range(L) if per[i] is not None]  # causal: row i sees i + 1 keys
+        want = (sum(ms) / len(ms), len(ms), sum(m >= 0.5 for m in ms), sum(even) / len(even))
+        assert got[name][1:3] == want[1:3], name
+        assert abs(got[name][0] - want[0]) < 1e-12 and abs(got[name][3] - want[3]) < 1e-12, name
     # a head that looks one token back in every row is recognised as that, and only that
     prev = torch.zeros(L, L, dtype=torch.float64)
     prev[0, 0] = 1.0

@@ -138,7 +138,7 @@ def weight_scale_note(n_keys: int) -> str:
 
 def pattern_words(tr) -> str:
     """'induction 5/6, previous token 8/8' -- the patterns a head follows, in how many of the rows where they apply."""
-    return ", ".join(f"{name} {f}/{n}" for name, _, n, f in recognised(tr.patterns))
+    return ", ".join(f"{name} {f}/{n}" for name, _, n, f, _ in recognised(tr.patterns))
 
 
 def prediction_rows(mt: ModelTrace) -> list:
@@ -151,7 +151,7 @@ def patterns_lines(mt: ModelTrace) -> list:
     """One sentence per head with a recognisable pattern."""
     out = []
     for tr in mt.heads:
-        for name, w, n, f in recognised(tr.patterns):
+        for name, w, n, f, u in recognised(tr.patterns):
             out.append(f"{tr.label}: {PATTERNS[name]} -- in {f} of the {n} rows where that applies at least half its "
-                       f"weight goes there (mean weight {w:.2f})")
+                       f"weight goes there (mean weight {w:.2f}; {w / u:.1f}x an even spread)")
     return out

@@ -99,7 +99,7 @@ class ExplainTrace(_Views):
     row_weights: torch.Tensor | None = None  # (len(rows), L) attention weights of those rows
     label: str = ""  # which layer/head this is, for model traces
     row_masked: torch.Tensor | None = None  # (len(rows), L) bool: pairs the mask rules out (None: no mask)
-    patterns: dict = field(default_factory=dict)  # model heads: pattern name -> (mean weight on its keys, rows it applies to, rows that follow it)
+    patterns: dict = field(default_factory=dict)  # model heads: name -> (mean weight on its keys, rows it applies to, rows following it, mean weight if uniform)
 
     @property
     def full(self) -> bool:
@@ -130,7 +130,7 @@ class ExplainTrace(_Views):
             "rows": list(self.rows),
             "row_weights": _enc(self.row_weights) if self.row_weights is not None else None,
             "row_masked": self.row_masked.tolist() if self.row_masked is not None else None,
-            "patterns": {k: {"weight": w, "rows": n, "following": f} for k, (w, n, f) in self.patterns.items()},
+            "patterns": {k: {"weight": w, "rows": n, "following": f, "uniform": u} for k, (w, n, f, u) in self.patterns.items()},
         }
 
 
@@ -177,6 +177,7 @@ TOP_PREDICTIONS = 3  # next-token guesses shown per position
 PATTERN_MIN = 0.5  # a row follows a pattern when it puts at least this much weight on the pattern's keys
 PATTERN_SHARE = 0.5  # a head has a pattern when at least this share of the rows where it applies follow it
 PATTERN_ROWS_MIN = 2  # ... and at least this many
+PATTERN_LIFT = 3.0  # ... or a third of them do, and its keys get this many times an even spread's weight
 _PATTERN_CHUNK = 256  # long input: rows of weights recomputed per attention_probs call (never L x L at once)
 
 # name -> what it means, in the words a report uses
@@ -213,15 +214,17 @@ def head_patterns(tokens, row_chunks, _cache: dict | None = None) -> dict:
     """How much weight each pattern's keys get, over the rows where the pattern applies.
 
     ``row_chunks`` yields (row indices, weights (len(rows), L)); returns name -> (mean weight,
-    rows where it applies, rows putting at least ``PATTERN_MIN`` on its keys). ``_cache`` (a dict
-    shared across the heads of one input) keeps each chunk's (row, key) index pairs.
+    rows where it applies, rows putting at least ``PATTERN_MIN`` on its keys, mean weight the keys
+    would get from a row spread evenly over the keys it sees). ``_cache`` (a dict shared across
+    the heads of one input) keeps each chunk's (row, key) index pairs.
     """
     keys = pattern_keys(tokens) if _cache is None or "keys" not in _cache else _cache["keys"]
     cache = {} if _cache is None else _cache
     cache["keys"] = keys
-    sums = {k: [0.0, 0, 0] for k in keys}
+    sums = {k: [0.0, 0, 0, 0.0] for k in keys}
     for rows, w in row_chunks:
         w = w.to(torch.float64)  # (r, L)
+        seen = (w > 0).sum(1).clamp(min=1).to(torch.float64)  # (r,) keys each row can see
         span = (rows[0], rows[-1], len(rows))
         if span not in cache:
             pairs = {}
@@ -229,20 +232,29 @@ def head_patterns(tokens, row_chunks, _cache: dict | None = None) -> dict:
                 rr = [r for r, i in enumerate(rows) if per_row[i] is not None for _ in per_row[i]]
                 kk = [j for i in rows if per_row[i] is not None for j in per_row[i]]
                 applies = torch.tensor([per_row[i] is not None for i in rows], dtype=torch.bool)  # (r,)
-                pairs[name] = (torch.tensor(rr, dtype=torch.long), torch.tensor(kk, dtype=torch.long), applies)
+                count = torch.tensor([len(per_row[i] or ()) for i in rows], dtype=torch.float64)  # (r,) keys it points at
+                pairs[name] = (torch.tensor(rr, dtype=torch.long), torch.tensor(kk, dtype=torch.long), applies, count)
             cache[span] = pairs
-        for name, (rr, kk, applies) in cache[span].items():
+        for name, (rr, kk, applies, count) in cache[span].items():
             mass = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, rr, w[rr, kk])  # (r,) weight on its keys
             sums[name][0] += float(mass[applies].sum())
             sums[name][1] += int(applies.sum())
             sums[name][2] += int((mass[applies] >= PATTERN_MIN).sum())
-    return {k: (s / c, c, f) for k, (s, c, f) in sums.items() if c}
+            sums[name][3] += float((count / seen).clamp(max=1.0)[applies].sum())
+    return {k: (s / c, c, f, u / c) for k, (s, c, f, u) in sums.items() if c}
 
 
 def recognised(patterns: dict) -> list:
-    """[(name, mean weight, rows where it applies, rows following it)] of the patterns a head follows in
-    at least ``PATTERN_SHARE`` of the rows where they apply, most consistently followed first."""
-    hits = [(k, w, n, f) for k, (w, n, f) in patterns.items() if f >= PATTERN_ROWS_MIN and f >= PATTERN_SHARE * n]
+    """[(name, mean weight, rows where it applies, rows following it, mean weight if uniform)] of the patterns
+    a head follows, most consistently followed first.
+
+    A head follows a pattern when at least ``PATTERN_SHARE`` of the rows where it applies put half
+    their weight on its keys -- or a third of them do and the keys get ``PATTERN_LIFT`` times what
+    an even spread would give them (a head can serve a pattern in only some rows: an induction head
+    of the recall task looks ahead from keys, not from values).
+    """
+    hits = [(k, w, n, f, u) for k, (w, n, f, u) in patterns.items()
+            if f >= PATTERN_ROWS_MIN and (f >= PATTERN_SHARE * n or (3 * f >= n and w >= PATTERN_LIFT * u))]
     return sorted(hits, key=lambda x: (-x[3] / x[2], -x[1]))
 
 
