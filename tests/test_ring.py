@@ -10,7 +10,6 @@ Each test spawns its processes once and runs all its cases in them (a spawn cost
 from __future__ import annotations
 
 import datetime
-import os
 import traceback
 
 import pytest
