@@ -140,9 +140,11 @@ def lower(req: Request, block_q: int, block_k: int) -> LoweredMask:
 
 
 def _by_value(mask) -> bool:
-    # masks without tensors whose cache keys are their values (causal, windows): a new object equal to
-    # the cached one is the same mask (`causal=True` builds a new Causal every call)
-    return all(p.cache_key()[0] != "id" and next(_mask_tensors(p), None) is None for p in _masks.parts(mask))
+    # masks whose cache keys are their values (causal, windows) or the identity of their tensors
+    # (dense, padding, key_padding, documents): a new object with the same key is the same mask.
+    # Tensor identities are safe: the cached entry keeps the old mask, so its tensors, alive, and
+    # the key holds each tensor's version (an in-place change misses). Functions compare by identity.
+    return all(p.cache_key()[0] != "id" for p in _masks.parts(mask))
 
 
 def _min_bound(a, b):

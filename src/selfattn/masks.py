@@ -376,6 +376,9 @@ class Padding(Mask):
         empty, full, _ = torch.broadcast_tensors(empty, full, r0 + c0)  # (B, 1, nQ, nK) even without q_lengths
         return _kinds(empty, full)
 
+    def cache_key(self):
+        return ("padding", id(self.kv_lengths), id(self.q_lengths))
+
     def __repr__(self):
         return f"padding(kv_lengths={self.kv_lengths.tolist()}, q_lengths={None if self.q_lengths is None else self.q_lengths.tolist()})"
 
@@ -412,6 +415,9 @@ class KeyPadding(Mask):
         full = count == (c1 - c0)[None, None]
         empty, full, _ = torch.broadcast_tensors(empty, full, (r0 + c0)[None, None])
         return _kinds(empty, full)
+
+    def cache_key(self):
+        return ("key_padding", id(self.keep))
 
     def __repr__(self):
         return f"key_padding(keep of shape {tuple(self.keep.shape)})"
@@ -466,6 +472,9 @@ class Documents(Mask):
         empty = (qmax < kmin) | (kmax < qmin)  # id ranges disjoint: no equal pair
         full = (qmin == qmax) & (kmin == kmax) & (qmin == kmin)
         return _kinds(empty, full)
+
+    def cache_key(self):
+        return ("documents", id(self.kv_ids), id(self.q_ids))
 
     def __repr__(self):
         return f"documents(segment_ids of shape {tuple(self.kv_ids.shape)})"
@@ -526,6 +535,9 @@ class Dense(Mask):
     def _tile_kinds(self, g, r0, r1, c0, c1):
         # arbitrary tile bounds (tile()); block_map_in above is the vectorised path for block grids
         return _tiles_by_loop(self._allowed(g, torch.arange(g.lq, device=g.device)), r0, r1, c0, c1)
+
+    def cache_key(self):
+        return ("dense", id(self.tensor))
 
     def __repr__(self):
         return f"dense({self.tensor.dtype} tensor of shape {tuple(self.tensor.shape)})"
@@ -614,8 +626,9 @@ class Function(Mask):
         return torch.cat([dense_block_kinds(bits, r1 - r0, g.lk, block_q, block_k) for r0, r1, bits in self.chunks(g, block_q)], dim=2)
 
     def chunks_bounds(self, g, block_q):
-        # row ranges of about 2**24 evaluated pairs each (16 MiB of bits), whole query blocks
-        rows = max(block_q, (1 << 24) // max(1, g.lk * g.batch * g.heads) // block_q * block_q)
+        # row ranges of about 2**20 evaluated pairs each, whole query blocks: a function's int temporaries
+        # (8 bytes a pair) stay near 8 MiB, so its extra memory stays near the structured masks'
+        rows = max(block_q, (1 << 20) // max(1, g.lk * g.batch * g.heads) // block_q * block_q)
         return [(r0, min(r0 + rows, g.lq)) for r0 in range(0, g.lq, rows)]
 
     def chunks(self, g, block_q):
