@@ -137,6 +137,8 @@ class KernelOpts(NamedTuple):
 
     qk_scale: float  # q.k -> score units: scale*log2(e) in base 2, scale in nats; scale/c with a softcap (u)
     softcap_u: float  # the softcap c in score units; 0: none
+    softcap_u64: float  # the same in float64: c tanh(u) is rounded once from the exact product (a float32
+    #                     c*log2(e) would scale every logit by one shared rounding, up to 4e-6 at c = 25)
     softcap: float  # c in nats (the backward's dS factor c (1 - tanh(u)^2)); 0: none
     dscale: float  # d(nat logit)/d(q.k) apart from that factor: scale, or scale / c with a softcap
     units: float  # score units per nat: log2(e) in base 2, else 1
@@ -156,7 +158,8 @@ def make_opts(dtype, scale: float, softcap: float, want_stats: bool) -> KernelOp
     qk_scale = scale * per_nat if softcap <= 0.0 else scale / softcap
     f = dtype
     return KernelOpts(
-        qk_scale=f(qk_scale), softcap_u=f(softcap * per_nat if softcap > 0.0 else 0.0), softcap=f(max(softcap, 0.0)),
+        qk_scale=f(qk_scale), softcap_u=f(softcap * per_nat if softcap > 0.0 else 0.0),
+        softcap_u64=np.float64(softcap * per_nat if softcap > 0.0 else 0.0), softcap=f(max(softcap, 0.0)),
         dscale=f(scale if softcap <= 0.0 else scale / softcap), units=f(per_nat), nat=f(LN2 if base2 else 1.0),
         exp_lo=f(-126.0), half=f(0.5), zero=f(0.0), base2=bool(base2), want_stats=bool(want_stats),
     )
@@ -604,12 +607,13 @@ def _scores(q_blk, k_nat, kt_blk, use_dot, s, th, rows, b, h, qb, kb, kind, mask
         _mm(q_blk, kt_blk, s, rows, q_blk.shape[1], ncols)
     qk_scale = opts.qk_scale
     if opts.softcap_u > 0.0:
-        # -- softcap: c * tanh(u), c already in score units --
+        # -- softcap: c * tanh(u), c already in score units (the product in float64, rounded once) --
+        cu = opts.softcap_u64
         for i in range(rows):
             for j in range(nc):
                 t = np.tanh(s[i, j] * qk_scale)
                 th[i, j] = t
-                s[i, j] = opts.softcap_u * t
+                s[i, j] = cu * t
     else:
         for i in range(rows):
             for j in range(nc):
