@@ -32,23 +32,13 @@ import torch  # noqa: E402
 
 import selfattn  # noqa: E402
 from selfattn import masks  # noqa: E402
+from bench_cpu import _median_time  # noqa: E402  (the benchmarks' one timing rule)
 
 WINDOW, GLOBAL = 512, 64
 
 
 def sliding_global(b, h, q, kv):
     return (kv <= q) & ((q - kv <= WINDOW) | (kv < GLOBAL))
-
-
-def _median(fn, reps, warmup=1):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def _fwd_bwd(q, k, v, go, **kw):
@@ -68,10 +58,10 @@ def mask_function_case(L, H, D, reps):
     t0 = time.perf_counter()
     selfattn.attention(q.detach(), k.detach(), v.detach(), mask=fn, backend="cpu")  # lowers (and caches) the mask
     row["first_call_s"] = time.perf_counter() - t0
-    row["cpu_function_s"] = _median(_fwd_bwd(q, k, v, go, mask=fn, backend="cpu"), reps)
-    row["cpu_window_s"] = _median(_fwd_bwd(q, k, v, go, causal=True, window=WINDOW, backend="cpu"), reps)
+    row["cpu_function_s"] = _median_time(_fwd_bwd(q, k, v, go, mask=fn, backend="cpu"), reps)
+    row["cpu_window_s"] = _median_time(_fwd_bwd(q, k, v, go, causal=True, window=WINDOW, backend="cpu"), reps)
     dense = fn.allowed(L, L)  # (1, 1, L, L) bool, built once outside the timing
-    row["sdpa_dense_s"] = _median(_fwd_bwd(q, k, v, go, mask=dense, backend="sdpa"), max(1, reps // 2))
+    row["sdpa_dense_s"] = _median_time(_fwd_bwd(q, k, v, go, mask=dense, backend="sdpa"), max(1, reps // 2))
     row["speedup_vs_sdpa"] = row["sdpa_dense_s"] / row["cpu_function_s"]
     return row
 

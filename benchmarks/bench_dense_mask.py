@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -26,18 +25,9 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 import torch  # noqa: E402
 
 import selfattn  # noqa: E402
+from bench_cpu import _median_time  # noqa: E402  (the benchmarks' one timing rule)
 
 SHAPES = [(1, 8, 256, 64), (1, 8, 1024, 64), (1, 8, 2048, 64), (4, 8, 512, 64)]  # (B, H, L, D)
-
-
-def _median_time(fn, reps: int) -> float:
-    fn()  # warm-up (and numba's first compile)
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def _case(backend, q, k, v, go, mask, backward):
