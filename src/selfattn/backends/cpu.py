@@ -35,7 +35,7 @@ import torch
 
 from .. import lowering
 from .. import masks as _masks
-from ..request import Request, acc_dtype
+from ..request import Request, acc_dtype, build_request
 from ..stats import AttentionStats
 from .base import Backend
 
@@ -230,14 +230,19 @@ def _launch_forward(q, k, v, sinks, call: _Call):
     return out.to(q.dtype), row_max, row_log, max_logit, ent
 
 
-def _launch_backward(grad_out, q, k, v, out, row_max, row_log, call: _Call):
-    """(dq, dk, dv) from the saved output and lse halves (sink included, when there is one)."""
+def _launch_backward(grad_out, q, k, v, out, row_max, row_log, call: _Call, delta=None):
+    """(dq, dk, dv) from the saved output and lse halves (sink included, when there is one).
+
+    With ``delta`` (B, Hq, Lq) given, ``out`` is ignored (None) and the kernels use that delta
+    instead of computing rowsum(P * dP) themselves (``shard_backward``)."""
     acc = acc_dtype(q.dtype)
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     mask = _kernel_mask(call.low, acc)
     opts = _opts(acc, call)
-    q_, k_, v_, do, out_ = (_ready(t, acc) for t in (q, k, v, grad_out, out))
+    q_, k_, v_, do = (_ready(t, acc) for t in (q, k, v, grad_out))
+    external = delta is not None
+    out_ = q_.new_empty((0, 1, 1, 1)) if external else _ready(out, acc)  # empty: flash_bwd_q reads delta
     row_max, row_log = row_max.detach().contiguous(), row_log.detach().contiguous()
     dq = torch.empty(B, Hq, Lq, D, dtype=acc)
     dk = torch.empty(B, Hkv, Lk, D, dtype=acc)
@@ -249,12 +254,13 @@ def _launch_backward(grad_out, q, k, v, out, row_max, row_log, call: _Call):
     if Lk <= _k.BLOCK_N and len(counts_kv) >= threads:
         # one key block (and a task per kv head keeps every thread busy): flash_bwd_kv alone does the
         # whole backward pass, dQ included, without recomputing P and dP in a second pass
-        no_delta = np.empty((0, 0, 0), row_max.numpy().dtype)
+        no_delta = _ready(delta, acc).numpy() if external else np.empty((0, 0, 0), row_max.numpy().dtype)
         flash_bwd_kv(q_.numpy(), k_.numpy(), v_.numpy(), do.numpy(), row_max.numpy(), row_log.numpy(), no_delta,
                      dk.numpy(), dv.numpy(), dq.numpy(), counts_kv, mask, opts)
         TILE_PRODUCTS["backward_one_pass"] += int(counts_kv.sum())
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-    delta = torch.empty(B, Hq, Lq, dtype=acc)  # (B, Hq, Lq) rowsum(P * dP), from flash_bwd_q
+    # (B, Hq, Lq) rowsum(P * dP), from flash_bwd_q, or the caller's
+    delta = _ready(delta, acc) if external else torch.empty(B, Hq, Lq, dtype=acc)
     kt, vt = _transposed(k_, Lq), _transposed(v_, 4)  # (B, Hkv, D, Lk), (B, Hkv, Dv, Lk) (dP needs it)
     flash_bwd_q = _kernel("flash_bwd_q", threads)
     flash_bwd_q(q_.numpy(), k_.numpy(), kt.numpy(), v_.numpy(), vt.numpy(), do.numpy(), out_.numpy(), row_max.numpy(),
@@ -265,6 +271,66 @@ def _launch_backward(grad_out, q, k, v, out, row_max, row_log, call: _Call):
     TILE_PRODUCTS["backward_kv"] += int(counts_kv.sum())
     TILE_PRODUCTS["backward_q"] += int(counts_q.sum())
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def shard_backward(q, k, v, grad_out, lse, delta, *, mask=None, causal=False, window=None, q_positions=None,
+                   kv_positions=None, scale=None, softcap=None, alibi_slopes=None):
+    """Gradients of one (query shard, key shard) pair of a larger attention, from *global* statistics.
+
+    For ring (context-parallel) attention: the queries ``q`` see many key shards, and the softmax
+    of a row runs over all of them. Given the row's log-sum-exp over every key (``lse``, nats,
+    as ``AttentionStats.lse`` or a merge of shards' lse) and delta = rowsum(dO * O) of the merged
+    output O, this computes the pair's share with the fused kernels::
+
+        P  = exp(s - lse)                      (B, Hq, Lq, Lk) never stored, per tile
+        dS = P * (dO V^T - delta)
+        dq = dS K * scale,  dk = dS^T Q * scale,  dv = P^T dO      (times the softcap's factor)
+
+    Summing ``dq`` over the key shards gives the full dQ; ``dk``/``dv`` are the shard's keys'
+    gradients from these queries (sum them over the query shards).
+
+    Args:
+        q: (B, Hq, Lq, D) queries of the shard. k, v: (B, Hkv, Lk, D), (B, Hkv, Lk, Dv) keys and
+            values of the shard (Hq a multiple of Hkv). grad_out: (B, Hq, Lq, Dv) dO.
+        lse: (B, Hq, Lq) global log-sum-exp in nats; -inf for a row that sees no key anywhere
+            (its gradients are 0). A float64 lse keeps more than float32 precision for the kernel.
+        delta: (B, Hq, Lq) rowsum(grad_out * out) of the whole merged output.
+        mask, causal, window, q_positions, kv_positions, scale, softcap, alibi_slopes: as in
+            ``selfattn.attention``; positions place the shard in the global sequence (a causal
+            mask compares them), scale defaults to 1/sqrt(D) of this D.
+
+    Returns:
+        (dq, dk, dv) in the dtypes of q, k, v. float32 and float64 compute as they are;
+        float16/bfloat16 in float32.
+
+    Example:
+        >>> dq, dk, dv = shard_backward(q_i, k_j, v_j, do_i, lse_i, delta_i, causal=True,
+        ...                             q_positions=pos_i, kv_positions=pos_j)
+    """
+    if _k is None:
+        raise RuntimeError("shard_backward needs numba (not installed)")
+    req = build_request(q, k, v, mask=mask, causal=causal, window=window, scale=scale, softcap=softcap,
+                        q_positions=q_positions, kv_positions=kv_positions, alibi_slopes=alibi_slopes,
+                        requires_grad=False)
+    problem = CPUBackend().unsupported(q, k, v, req)
+    if problem is not None:
+        raise ValueError(f"shard_backward: the cpu kernels do not support {problem}")
+    B, Hq, Lq, _ = q.shape
+    for name, t in (("lse", lse), ("delta", delta)):
+        if tuple(t.shape) != (B, Hq, Lq):
+            raise ValueError(f"shard_backward: {name} must have shape {(B, Hq, Lq)} (B, Hq, Lq), got {tuple(t.shape)}")
+    if tuple(grad_out.shape) != (B, Hq, Lq, v.shape[3]):
+        raise ValueError(f"shard_backward: grad_out must have shape {(B, Hq, Lq, v.shape[3])}, got {tuple(grad_out.shape)}")
+    acc = acc_dtype(q.dtype)
+    call = _Call(lowering.lower(req, _k.BLOCK_M, _k.BLOCK_N), req.scale, 0.0 if req.softcap is None else req.softcap, False)
+    # the lse as the kernels' two halves in score units: row_max the rounded value, row_log what
+    # rounding left (0 in float64); -inf rows stay -inf with a zero remainder
+    lse_u = lse.detach().double() * (_k.LOG2E if acc == torch.float32 else 1.0)  # (B, Hq, Lq)
+    row_max = lse_u.to(acc)
+    rest = lse_u - row_max.double()
+    row_log = torch.where(torch.isfinite(lse_u), rest, torch.zeros_like(rest)).to(acc)
+    return _launch_backward(grad_out, q, k, v, None, row_max.contiguous(), row_log.contiguous(), call,
+                            delta=delta.detach().to(acc))
 
 
 def _lse(row_max, row_log):

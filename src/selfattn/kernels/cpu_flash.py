@@ -872,7 +872,7 @@ def _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, counts, ma
             _mm(do_blk, vt, dp, rows, Dv, ncols)
             # -- dS = P * (dP - delta), times the softcap's c (1 - tanh^2) --
             for i in range(rows):
-                if one_pass:
+                if one_pass and delta.size == 0:
                     di = opts.zero
                     for j in range(ncols):
                         di += p[i, j] * dp[i, j]
@@ -906,7 +906,8 @@ def flash_bwd_kv(q, k, v, do, row_max, row_log, delta, dk, dv, dq, counts, mask,
 
     dk (B, Hkv, Lk, D) gets dscale * dS^T q, dv (B, Hkv, Lk, Dv) gets P^T dO. Runs after
     ``flash_bwd_q`` (it reads its delta) -- unless dq is given (size > 0; then Lk <= BLOCK_N): with
-    one key block it is the whole backward pass, dq (B, Hq, Lq, D) included, and delta is unused.
+    one key block it is the whole backward pass, dq (B, Hq, Lq, D) included, and an empty delta
+    is computed within the tile (a given one is used as it is).
     """
     for t in prange(counts.shape[0]):
         _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, counts, mask, opts)
@@ -938,7 +939,12 @@ def _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, counts
     part = np.empty((BLOCK_M, D), q.dtype)  # one key block's share of either
     dl = np.zeros(BLOCK_M, q.dtype)  # sum_j p dP
     c = np.zeros(BLOCK_M, q.dtype)
+    # an empty `out` means delta is given (a shard of the keys: only the whole row's delta is right)
+    external = out.shape[0] == 0
     for i in range(rows):
+        if external:
+            c[i] = delta[b, h, r0 + i]
+            continue
         ci = c[i]
         for d in range(Dv):
             ci += do[b, h, r0 + i, d] * out[b, h, r0 + i, d]
@@ -975,10 +981,15 @@ def _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, counts
         # -- accumulate (P * (dP - c)) k and P k, each tile's share added to the total --
         _mm(dp, k[b, hk, c0:c0 + ncols], part, rows, ncols, D)
         _add_rows(pdk, part, rows)
-        _mm(p, k[b, hk, c0:c0 + ncols], part, rows, ncols, D)
-        _add_rows(pk, part, rows)
+        if not external:
+            _mm(p, k[b, hk, c0:c0 + ncols], part, rows, ncols, D)
+            _add_rows(pk, part, rows)
     for i in range(rows):
         gi = r0 + i
+        if external:
+            for d in range(D):
+                dq[b, h, gi, d] = pdk[i, d] * opts.dscale
+            continue
         delta[b, h, gi] = dl[i]
         shift = dl[i] - c[i]
         for d in range(D):
@@ -994,6 +1005,10 @@ def flash_bwd_q(q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, counts, m
     rounding of the output; one sweep over the key tiles computes
     dQ = (P * (dP - c)) k - (delta - c) * (P k) and the exact delta from the same P and dP that
     dS uses, and leaves that delta for ``flash_bwd_kv``. Writes dq (B, Hq, Lq, D), times dscale.
+
+    With an empty ``out`` (shape (0, ...)) delta is an input instead (a shard of the keys, whose
+    P does not sum to the row's: the caller passes the whole row's rowsum(dO * O)), and
+    dQ = (P * (dP - delta)) k.
     """
     for t in prange(counts.shape[0]):
         _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, counts, mask, opts)
