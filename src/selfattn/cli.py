@@ -73,8 +73,10 @@ def _check_explain(args, text) -> None:
     for opt, kind in (("png", "png"), ("html", "html"), ("json", "json")):
         if getattr(args, opt):
             check_output_file(f"--{opt}", getattr(args, opt), kind)
-    if args.checkpoint is not None:
+    if args.checkpoint is not None or args.hf is not None:
         return
+    if args.ids is not None:
+        raise UsageError("--ids needs --hf (token ids of a transformers model)")
     n = 3 if text is None else len(tokenize(text))
     dim = 4 if text is None else (args.dim or 8)
     qk, v = args.qk_dim or dim, args.v_dim or dim
@@ -110,12 +112,51 @@ def _cmd_explain(args) -> int:
 
     text = _read_text(args)
     _check_explain(args, text)
+    if args.hf is not None:
+        return _cmd_explain_hf(args, text)
     with compile_notice(enabled=True):
         trace = explain(text, dim=args.dim, seed=args.seed, init=args.init, qk_dim=args.qk_dim, v_dim=args.v_dim,
                         causal=args.causal, window=args.window, scale=not args.no_scale, rows=args.rows,
                         checkpoint=args.checkpoint)
     console = Console()
     render(trace, console, notes_check=True, all_rows_table=args.rows is not None, full=args.full)
+    _write_outputs(trace, args, console)
+    return 0
+
+
+def _cmd_explain_hf(args, text) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from ._progress import compile_notice
+    from .explain.hf import explain_hf, json_numbers
+    from .explain.terminal import render
+
+    given = [f"--{n.replace('_', '-')}" for n in ("checkpoint", "dim", "seed", "init", "qk_dim", "v_dim", "window")
+             if getattr(args, n) is not None] + [f for f, on in (("--causal", args.causal), ("--no-scale", args.no_scale)) if on]
+    if given:
+        raise UsageError(f"{', '.join(given)} cannot be combined with --hf: the model decides its own embeddings, widths and masks")
+
+    def check(md, n, rows):
+        if args.json:
+            numbers = json_numbers(md, n, len(rows))
+            if numbers > JSON_MAX_NUMBERS:
+                raise UsageError(f"--json for {md.architecture} on {n} tokens would write about {numbers:,} numbers "
+                                 f"(~{human_bytes(numbers * 20)}); at most {JSON_MAX_NUMBERS:,}: give fewer tokens")
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  console=Console(stderr=True), transient=True) as bar:
+        tasks: dict = {}
+
+        def progress(stage, done, total):
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        with compile_notice(enabled=True):
+            trace = explain_hf(args.hf, text, ids=args.ids, rows=args.rows, progress=progress, check=check)
+    console = Console()
+    render(trace, console, full=args.full)
     _write_outputs(trace, args, console)
     return 0
 
@@ -161,6 +202,10 @@ def _add_explain(sub) -> None:
                    help="each token attends only to keys at most N positions away (before it, and after it unless --causal)")
     e.add_argument("--no-scale", action="store_true", help="do not divide the scores by sqrt(d_k) (what the notes warn about)")
     e.add_argument("--checkpoint", metavar="PATH", help="a trained model's checkpoint directory: show every layer and head")
+    e.add_argument("--hf", metavar="DIR", help="a transformers model saved with save_pretrained (config.json + *.safetensors, "
+                                              "its tokenizer if saved): show every layer and head; nothing is downloaded")
+    e.add_argument("--ids", metavar="IDS", help="with --hf: token ids instead of TEXT, e.g. '1,5,9' (for a model saved without "
+                                                "a tokenizer)")
     e.add_argument("--rows", metavar="ROWS", help="query rows to list, e.g. '0,5-7,-1' (write --rows=-1,... when the first is negative); "
                         "for long input only these rows' weights are computed (default: first, middle, last)")
     e.add_argument("--full", action="store_true",
