@@ -14,8 +14,6 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 # blocks that are fragments today (they use a model, a data loader or torchrun that the block does not
 # create): expected to fail, strictly -- once a block is made runnable this list must shrink
 FRAGMENTS = {
-    "import selfattn.integrations.transformers as sa_hf": "uses AutoModelForCausalLM, cfg, ids and mask without defining them",
-    "monitor = selfattn.monitor.Monitor(model)": "uses model and loader without defining them",
     "import torch.distributed as dist": "needs torchrun (a process group) and q_full, k_full, v_full",
 }
 
