@@ -1,0 +1,191 @@
+"""The bfloat16 tile product (cpu_bf16.mm_bf16) against the float32 one (cpu_flash._mm), one thread (issue 14).
+
+    python benchmarks/bench_bf16_mk.py [--json benchmarks/results/bench_bf16_mk.json]
+
+Flash-attention tile shapes (m x k x n): 64x64x64 (Q K^T and P V at head dim 64), 64x128x64 (Q K^T
+at head dim 128) and 64x64x128 (P V at head dim 128), each looped in cache. Alongside, in the same
+run: the float32 FMA ceiling (benchmarks/peak.py's loop of independent FMAs) and the vdpbf16ps
+ceiling (the same kind of loop of independent vdpbf16ps, 64 FLOPs each), and what the flash loop
+pays per tile around the bfloat16 product: converting a 64x64 float32 P and packing a 64x64 block.
+
+All times are CPU time of this thread (time.thread_time: the machine is shared), best of 5;
+ratios compare numbers of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "src"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+SHAPES = [(64, 64, 64), (64, 128, 64), (64, 64, 128)]
+CHAINS = 24  # independent vdpbf16ps accumulators in the ceiling loop (any count >= 8 gave the same rate)
+
+
+def _cpu_time(fn, repeats: int = 5) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        fn()
+        best = min(best, time.thread_time() - t0)
+    return best
+
+
+def _dot_ceiling():
+    # a numba loop of CHAINS independent vdpbf16ps on registers: no loads, no stores
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.extending import intrinsic
+
+    from selfattn.kernels.cpu_bf16 import _BFloat
+
+    @intrinsic
+    def _loop(typingctx, n_iter):
+        sig = types.float32(types.int64)
+
+        def codegen(context, builder, signature, args):
+            (n,) = args
+            f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+            fv, iv, pv = ir.VectorType(f32, 16), ir.VectorType(i32, 16), ir.VectorType(_BFloat(), 32)
+            fn = builder.module.globals.get("llvm.x86.avx512bf16.dpbf16ps.512") or ir.Function(
+                builder.module, ir.FunctionType(fv, [fv, pv, pv]), name="llvm.x86.avx512bf16.dpbf16ps.512")
+            a = builder.bitcast(ir.Constant(iv, [0x3F803F80] * 16), pv)  # (1, 1)
+            b = builder.bitcast(ir.Constant(iv, [0x3F7F3F7F] * 16), pv)  # (~1, ~1): acc grows slowly
+            entry = builder.block
+            loop, done = builder.append_basic_block("loop"), builder.append_basic_block("done")
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            i = builder.phi(i64)
+            i.add_incoming(ir.Constant(i64, 0), entry)
+            accs = []
+            for c in range(CHAINS):
+                phi = builder.phi(fv)
+                phi.add_incoming(ir.Constant(fv, [float(c)] * 16), entry)
+                accs.append(phi)
+            new = [builder.call(fn, [acc, a, b]) for acc in accs]
+            for phi, val in zip(accs, new):
+                phi.add_incoming(val, loop)
+            nxt = builder.add(i, ir.Constant(i64, 1))
+            i.add_incoming(nxt, loop)
+            builder.cbranch(builder.icmp_signed("<", nxt, n), loop, done)
+            builder.position_at_end(done)
+            total = new[0]
+            for val in new[1:]:
+                total = builder.fadd(total, val)
+            return builder.extract_element(total, ir.Constant(i32, 0))
+
+        return sig, codegen
+
+    @njit(nogil=True)
+    def dot_loop(n):
+        return _loop(n)
+
+    return dot_loop
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--seconds", type=float, default=0.3, help="CPU time per measurement (about)")
+    args = p.parse_args(argv)
+    import numba
+    import torch
+    from numba import njit
+
+    import peak
+    from selfattn.kernels import cpu_bf16, cpu_flash
+
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    print(f"machine: {platform.processor() or platform.machine()}, numba {numba.__version__}, "
+          f"AVX512-BF16: {cpu_bf16.host_has_bf16_dot()} (has_bf16_dot: {cpu_bf16.has_bf16_dot()})")
+    if not cpu_bf16.host_has_bf16_dot():
+        print("this CPU has no AVX512-BF16: nothing to measure")
+        return 0
+
+    # -- the two ceilings --
+    n_iter = 2_000_000
+    peak.fma_loop(1000, np.float32(1.0))
+    fma = n_iter * peak.flops_per_iter() / _cpu_time(lambda: peak.fma_loop(n_iter, np.float32(1.0))) / 1e9
+    dot_loop = _dot_ceiling()
+    dot_loop(1000)
+    dot = n_iter * CHAINS * 64 / _cpu_time(lambda: dot_loop(n_iter)) / 1e9
+    print(f"ceilings, 1 thread, CPU time: float32 FMA {fma:6.1f} GFLOP/s, vdpbf16ps {dot:6.1f} GFLOP/s "
+          f"({dot / fma:.2f}x the FMA ceiling); peak.measure(1) (wall time) {peak.measure(1, seconds=0.2, repeats=3):6.1f}")
+
+    @njit
+    def loop_bf16(a, bp, c, m, k, n, it):
+        for _ in range(it):
+            cpu_bf16.mm_bf16(a, bp, c, m, k, n)
+
+    @njit
+    def loop_f32(a, b, c, m, k, n, it):
+        for _ in range(it):
+            cpu_flash._mm(a, b, c, m, k, n)
+
+    rng = np.random.default_rng(0)
+    rows = []
+    print(f"{'m x k x n':>12} {'bf16 GF/s':>10} {'f32 GF/s':>10} {'bf16/f32':>9} {'bf16/dot':>9} {'bf16/FMA':>9} {'f32/FMA':>8}")
+    for m, k, n in SHAPES:
+        af = rng.standard_normal((m, k)).astype(np.float32)
+        bf = rng.standard_normal((k, n)).astype(np.float32)
+        a = np.empty((m, k), np.uint16)
+        cpu_bf16.to_bf16(af, a)
+        bp = np.empty(((k + 1) // 2, n, 2), np.uint16)
+        cpu_bf16.pack_pairs(bf, bp)
+        c = np.empty((m, n), np.float32)
+        loop_bf16(a, bp, c, m, k, n, 1)
+        loop_f32(af, bf, c, m, k, n, 1)
+        flops = 2 * m * k * n
+        it = max(100, int(args.seconds * 60e9 / flops))
+        g_bf16 = flops * it / _cpu_time(lambda: loop_bf16(a, bp, c, m, k, n, it)) / 1e9
+        g_f32 = flops * it / _cpu_time(lambda: loop_f32(af, bf, c, m, k, n, it)) / 1e9
+        rows.append({"m": m, "k": k, "n": n, "bf16_gflops": g_bf16, "f32_gflops": g_f32})
+        print(f"{m:>4}x{k}x{n:<4} {g_bf16:10.1f} {g_f32:10.1f} {g_bf16 / g_f32:9.2f} {g_bf16 / dot:9.2f} {g_bf16 / fma:9.2f} {g_f32 / fma:8.2f}")
+
+    # -- what a flash tile pays around the product --
+    @njit
+    def loop_cvt(x, out, it):
+        for _ in range(it):
+            cpu_bf16.to_bf16(x, out)
+
+    @njit
+    def loop_pack(x, out, it):
+        for _ in range(it):
+            cpu_bf16.pack_pairs(x, out)
+
+    @njit
+    def loop_pack_t(x, out, it):
+        for _ in range(it):
+            cpu_bf16.pack_pairs_t(x, out)
+
+    x = rng.random((64, 64)).astype(np.float32)
+    xb = np.empty((64, 64), np.uint16)
+    cpu_bf16.to_bf16(x, xb)
+    packed = np.empty((32, 64, 2), np.uint16)
+    it = 20_000
+    extra = {}
+    for name, fn, src in (("to_bf16 64x64 float32", loop_cvt, (x, xb)), ("pack_pairs 64x64 bf16", loop_pack, (xb, packed)),
+                          ("pack_pairs_t 64x64 bf16", loop_pack_t, (xb, packed))):
+        fn(*src, 1)
+        us = _cpu_time(lambda: fn(*src, it)) / it * 1e6
+        extra[name] = us
+        print(f"{name:>24}: {us:6.3f} us per tile (the 64x64x64 product: {2 * 64 ** 3 / rows[0]['bf16_gflops'] / 1e3:.3f} us)")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"date": time.strftime("%Y-%m-%d"), "numba": numba.__version__, "fma_gflops": fma,
+                       "vdpbf16ps_gflops": dot, "tiles": rows, "per_tile_us": extra}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

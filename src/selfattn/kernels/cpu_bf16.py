@@ -1,0 +1,392 @@
+"""bfloat16 block products for the CPU flash kernels, on AVX512-BF16's ``vdpbf16ps`` (issue 14).
+
+``vdpbf16ps`` multiplies *pairs* of bfloat16 numbers and adds both products to one float32
+lane: ``acc[l] += a[2l] * b[2l] + a[2l + 1] * b[2l + 1]`` over 16 lanes. A product
+C = A @ B therefore reads A two reduction steps at a time (the pair a[i, 2p], a[i, 2p + 1] is one
+32-bit word, broadcast to every lane) and wants B in *pair* ("VNNI") layout, where one 32-bit
+element holds the two B entries that meet that word::
+
+    B (K x N)   ->   Bp (ceil(K/2), N, 2)      Bp[p, n, 0] = B[2p, n],  Bp[p, n, 1] = B[2p + 1, n]
+
+    B = [[b00 b01 b02]        Bp[0] = [[b00 b10] [b01 b11] [b02 b12]]
+         [b10 b11 b12]        Bp[1] = [[b20  0 ] [b21  0 ] [b22  0 ]]    (odd K: zero pad)
+         [b20 b21 b22]]
+
+bfloat16 arrays are numpy ``uint16`` (or ``int16``) views of the bits, e.g.
+``t.view(torch.int16).numpy().view(np.uint16)`` for a torch.bfloat16 tensor ``t``. Sums are float32.
+
+Public pieces (all njit-callable from other numba code; none allocates):
+
+- ``to_bf16(x, out)``: float32 -> bfloat16 bits, round to nearest even, bit for bit as torch's
+  ``x.to(torch.bfloat16)`` (subnormals kept, NaN -> 0xFFFF as torch's vectorised CPU conversion).
+- ``pack_pairs(x, out)``: x (K x N), bfloat16 bits or float32 (converted) -> out (ceil(K/2), N, 2),
+  pairs along x's rows. B of a product, or A^T of one whose A is given transposed (``mm_bf16_tn``).
+- ``pack_pairs_t(x, out)``: x (N x K) -> out (ceil(K/2), N, 2): the pairs of x^T (e.g. K^T from K).
+- ``mm_bf16(a, bp, c, m, kdim, n)``: c[:m, :n] = a[:m, :kdim] @ B, a row-major bfloat16 bits,
+  ``bp`` = pack_pairs(B); the contract of ``cpu_flash._mm``. ``mm_bf16_add``: c += the same.
+- ``mm_bf16_tn(ap, bp, c, m, kdim, n)``: c[:m, :n] = A @ B with ``ap`` = pack_pairs(A^T) (the
+  backward's products reduced over query rows: dV += P^T dO, dK += dS^T Q); ``mm_bf16_tn_add``.
+
+Forward tiles: S = Q_blk @ K^T is ``mm_bf16(q, pack_pairs_t(k_blk), s, ...)`` and the P @ V share
+``mm_bf16(to_bf16(p), pack_pairs(v_blk), part, ...)``; backward dP = dO V^T with pack_pairs_t(V),
+dQ = dS K with pack_pairs(K_blk), dV += P^T dO as ``mm_bf16_tn_add(pack_pairs(P), pack_pairs(dO))``.
+
+Run-time detection
+------------------
+``has_bf16_dot()`` is True when LLVM's host features have ``+avx512f`` and ``+avx512bf16`` and the
+environment variable ``SELFATTN_CPU_BF16`` is not ``0``. Set ``SELFATTN_CPU_BF16=0`` to force the
+float32 fallback on a host that has the instructions (to test the fallback, or to compare).
+On a host without them the products refuse to compile (a numba typing error naming this module),
+so no ``vdpbf16ps`` ever reaches LLVM there; packing and conversion work everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from llvmlite import ir
+from llvmlite.binding import llvm_version_info
+from numba import njit, types
+from numba.core import cgutils, errors
+from numba.extending import intrinsic, overload
+
+from selfattn.kernels.cpu_flash import _ptr
+
+ENV_FLAG = "SELFATTN_CPU_BF16"  # "0": has_bf16_dot() is False whatever the CPU
+MR = 6  # rows of C per micro-kernel call: 6 x 4 accumulators + 4 B vectors of the 32 zmm registers
+TILE_N = 64  # most columns of C per micro-kernel call (4 vectors of 16 float32)
+NAN_BITS = 0xFFFF  # what torch's vectorised CPU conversion writes for every NaN
+
+
+def _host_features() -> set[str]:
+    import llvmlite.binding as ll
+
+    return set(ll.get_host_cpu_features().flatten().split(","))
+
+
+def host_has_bf16_dot() -> bool:
+    """The CPU has AVX-512 and AVX512-BF16 (LLVM's host features), whatever the environment says."""
+    f = _host_features()
+    return "+avx512f" in f and "+avx512bf16" in f
+
+
+_HOST_BF16 = host_has_bf16_dot()
+
+
+def has_bf16_dot() -> bool:
+    """Whether the bfloat16 products may be used: the CPU has them and ``SELFATTN_CPU_BF16`` != ``0``."""
+    return _HOST_BF16 and os.environ.get(ENV_FLAG, "1").strip() != "0"
+
+
+# -- conversion and packing (portable numba) --------------------------------------------------------
+
+
+@intrinsic
+def _f32_bits(typingctx, x):
+    # the bits of a float32 as a uint32
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@njit(cache=True)
+def _rne(x):
+    # float32 -> bfloat16 bits, round to nearest even (ties to the even 16-bit pattern); NaN -> 0xFFFF
+    u = _f32_bits(x)
+    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return np.uint16(NAN_BITS)
+    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+def _bits(x):
+    """The bfloat16 bits of one element: rounded from float32, as is from uint16/int16 bits."""
+
+
+@overload(_bits)
+def _bits_impl(x):
+    if x == types.float32:
+        return lambda x: _rne(x)
+    if x in (types.uint16, types.int16):
+        return lambda x: np.uint16(x)
+    return None
+
+
+@njit(cache=True)
+def to_bf16(x, out):
+    """out[i, j] = bfloat16 bits of float32 x[i, j] (round to nearest even), over x's shape."""
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            out[i, j] = _rne(x[i, j])
+
+
+@njit(cache=True)
+def pack_pairs(x, out):
+    """out[p, n, h] = x[2p + h, n] as bfloat16 bits (0 past x's last row): x (K, N) -> (ceil(K/2), N, 2)."""
+    kdim, n = x.shape
+    for p in range(kdim // 2):
+        for j in range(n):
+            out[p, j, 0] = _bits(x[2 * p, j])
+            out[p, j, 1] = _bits(x[2 * p + 1, j])
+    if kdim % 2:
+        p = kdim // 2
+        for j in range(n):
+            out[p, j, 0] = _bits(x[kdim - 1, j])
+            out[p, j, 1] = 0
+
+
+@njit(cache=True)
+def pack_pairs_t(x, out):
+    """out[p, n, h] = x[n, 2p + h] as bfloat16 bits (0 past x's last column): x (N, K) -> (ceil(K/2), N, 2)."""
+    n, kdim = x.shape
+    half = kdim // 2
+    for j in range(n):
+        for p in range(half):
+            out[p, j, 0] = _bits(x[j, 2 * p])
+            out[p, j, 1] = _bits(x[j, 2 * p + 1])
+        if kdim % 2:
+            out[half, j, 0] = _bits(x[j, kdim - 1])
+            out[half, j, 1] = 0
+
+
+def unpack_pairs(packed: np.ndarray, kdim: int) -> np.ndarray:
+    """The (kdim, N) bits that ``pack_pairs`` packed (for tests and debugging)."""
+    p, n, _ = packed.shape
+    return packed.transpose(0, 2, 1).reshape(2 * p, n)[:kdim]
+
+
+# -- the micro-kernel: LLVM IR through a numba intrinsic ---------------------------------------------
+
+
+class _BFloat(ir.Type):
+    # LLVM's bfloat scalar type, which llvmlite's IR builder lacks
+    intrinsic_name = "bf16"
+
+    def __str__(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloat)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
+def _make_microkernel(rows):
+    @intrinsic
+    def microkernel(typingctx, pa, sa0, sa1, pb, sb, pc, sc, n, kdim, accumulate):
+        # c[:rows, :n] (+)= a[:rows, :kdim] @ b at raw addresses, strides in BYTES:
+        #   pair p of A's row i: the 32-bit word at pa + i*sa0 + p*sa1 (its low half a[i, 2p]);
+        #   B packed: pair row p at pb + p*sb, n words; C row i at pc + i*sc, n float32
+        # n <= TILE_N; an odd kdim's last pair reads only a[i, kdim - 1] (B's padding is zero)
+        if not _HOST_BF16:
+            raise errors.TypingError("selfattn.kernels.cpu_bf16: this CPU has no AVX512-BF16 (check has_bf16_dot() first)")
+        sig = types.void(*([types.intp] * 9), types.boolean)
+
+        def codegen(context, builder, signature, args):
+            pa, sa0, sa1, pb, sb, pc, sc, n, kdim, accumulate = args
+            mod = builder.module
+            i1, i16, i32, i64, f32 = ir.IntType(1), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+            fv, iv = ir.VectorType(f32, 16), ir.VectorType(i32, 16)
+            mty = ir.VectorType(i1, 16)
+            # the dot's pair operands: <32 x bfloat> since LLVM 17, <16 x i32> before
+            pty = ir.VectorType(_BFloat(), 32) if llvm_version_info[0] >= 17 else iv
+            dot = cgutils.get_or_insert_function(mod, ir.FunctionType(fv, [fv, pty, pty]), "llvm.x86.avx512bf16.dpbf16ps.512")
+            mload_i = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(iv, [ir.PointerType(iv), i32, mty, iv]), f"llvm.masked.load.v16i32.{_ptr('v16i32')}")
+            mload_f = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(fv, [ir.PointerType(fv), i32, mty, fv]), f"llvm.masked.load.v16f32.{_ptr('v16f32')}")
+            mstore_f = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(ir.VoidType(), [fv, ir.PointerType(fv), i32, mty]), f"llvm.masked.store.v16f32.{_ptr('v16f32')}")
+            c = lambda x: ir.Constant(i64, x)  # noqa: E731
+            align4, fzero, izero = ir.Constant(i32, 4), ir.Constant(fv, None), ir.Constant(iv, None)
+
+            def splat(x, ty):
+                v = builder.insert_element(ir.Constant(ir.VectorType(ty, 16), None), x, ir.Constant(i32, 0))
+                return builder.shuffle_vector(v, v, ir.Constant(iv, [0] * 16))
+
+            def ptr(base, off, ty):
+                return builder.inttoptr(builder.add(base, off), ir.PointerType(ty))
+
+            def a_word(i, p, tail):
+                # A's pair (row i, pair p) as an i32 in every lane; the odd tail reads one bfloat16
+                off = builder.add(builder.mul(c(i), sa0), builder.mul(p, sa1))
+                if tail:
+                    w = builder.zext(builder.load(ptr(pa, off, i16), align=2), i32)
+                else:
+                    w = builder.load(ptr(pa, off, i32), align=2)
+                return builder.bitcast(splat(w, i32), pty)
+
+            def step(p, accs, masks, nvec, tail):
+                brow = builder.mul(p, sb)
+                bvec = [builder.bitcast(builder.call(mload_i, [ptr(pb, builder.add(brow, c(64 * v)), iv), align4, masks[v], izero]), pty)
+                        for v in range(nvec)]
+                out = []
+                for i in range(rows):
+                    a = a_word(i, p, tail)
+                    out.append([builder.call(dot, [accs[i][v], a, bvec[v]]) for v in range(nvec)])
+                return out
+
+            def product(nvec):
+                # the whole product with nvec vectors per row of C, ending in the current block
+                # every vector but the last is whole; the last one's lanes below n - 16 (nvec - 1), as
+                # a 16-bit mask computed once (a vector compare would be redone every iteration)
+                left = builder.trunc(builder.sub(n, c(16 * (nvec - 1))), i16)
+                bits = builder.sub(builder.shl(ir.Constant(i16, 1), left), ir.Constant(i16, 1))
+                bits = builder.select(builder.icmp_signed(">=", left, ir.Constant(i16, 16)), ir.Constant(i16, 0xFFFF), bits)
+                masks = [ir.Constant(mty, [1] * 16)] * (nvec - 1) + [builder.bitcast(bits, mty)]
+                half = builder.sdiv(kdim, c(2))
+                # -- C's start: zero, or C itself when accumulating --
+                entry0 = builder.block
+                load_c = builder.append_basic_block(f"mk{rows}x{nvec}.loadc")
+                start = builder.append_basic_block(f"mk{rows}x{nvec}.start")
+                builder.cbranch(accumulate, load_c, start)
+                builder.position_at_end(load_c)
+                loaded = [[builder.call(mload_f, [ptr(pc, builder.add(builder.mul(c(i), sc), c(64 * v)), fv), align4, masks[v], fzero])
+                           for v in range(nvec)] for i in range(rows)]
+                builder.branch(start)
+                builder.position_at_end(start)
+                init = []
+                for i in range(rows):
+                    row = []
+                    for v in range(nvec):
+                        phi = builder.phi(fv)
+                        phi.add_incoming(fzero, entry0)
+                        phi.add_incoming(loaded[i][v], load_c)
+                        row.append(phi)
+                    init.append(row)
+                # -- full pairs --
+                entry = builder.block
+                loop = builder.append_basic_block(f"mk{rows}x{nvec}.loop")
+                after = builder.append_basic_block(f"mk{rows}x{nvec}.after")
+                builder.cbranch(builder.icmp_signed(">", half, c(0)), loop, after)
+                builder.position_at_end(loop)
+                p = builder.phi(i64)
+                p.add_incoming(c(0), entry)
+                accs = [[builder.phi(fv) for _ in range(nvec)] for _ in range(rows)]
+                new = step(p, accs, masks, nvec, False)
+                nxt = builder.add(p, c(1))
+                p.add_incoming(nxt, loop)
+                for i in range(rows):
+                    for v in range(nvec):
+                        accs[i][v].add_incoming(init[i][v], entry)
+                        accs[i][v].add_incoming(new[i][v], loop)
+                builder.cbranch(builder.icmp_signed("<", nxt, half), loop, after)
+                builder.position_at_end(after)
+                got = []
+                for i in range(rows):
+                    row = []
+                    for v in range(nvec):
+                        phi = builder.phi(fv)
+                        phi.add_incoming(init[i][v], entry)
+                        phi.add_incoming(new[i][v], loop)
+                        row.append(phi)
+                    got.append(row)
+                # -- odd kdim: the last pair holds one element --
+                here = builder.block
+                odd = builder.append_basic_block(f"mk{rows}x{nvec}.odd")
+                store = builder.append_basic_block(f"mk{rows}x{nvec}.store")
+                builder.cbranch(builder.icmp_signed("!=", builder.srem(kdim, c(2)), c(0)), odd, store)
+                builder.position_at_end(odd)
+                last = step(half, got, masks, nvec, True)
+                builder.branch(store)
+                builder.position_at_end(store)
+                final = []
+                for i in range(rows):
+                    for v in range(nvec):
+                        phi = builder.phi(fv)
+                        phi.add_incoming(got[i][v], here)
+                        phi.add_incoming(last[i][v], odd)
+                        final.append((i, v, phi))
+                for i, v, phi in final:
+                    dst = ptr(pc, builder.add(builder.mul(c(i), sc), c(64 * v)), fv)
+                    builder.call(mstore_f, [phi, dst, align4, masks[v]])
+
+            # one copy of the product per vector count ceil(n / 16): short rows cost no dots on
+            # masked-off lanes
+            most = TILE_N // 16
+            nv = builder.sdiv(builder.add(n, c(15)), c(16))
+            exit_ = builder.append_basic_block("mk.exit")
+            cases = [builder.append_basic_block(f"mk.nv{v}") for v in range(1, most + 1)]
+            switch = builder.switch(nv, cases[-1])
+            for v in range(1, most):
+                switch.add_case(c(v), cases[v - 1])
+            for v, block in enumerate(cases, 1):
+                builder.position_at_end(block)
+                product(v)
+                builder.branch(exit_)
+            builder.position_at_end(exit_)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return microkernel
+
+
+_mk6, _mk4, _mk2, _mk1 = (_make_microkernel(r) for r in (MR, 4, 2, 1))
+
+
+@njit(cache=True)
+def _gemm(pa, sa0, sa1, pb, sb, pc, sc, m, kdim, n, accumulate):
+    # c[:m, :n] (+)= A @ B at raw addresses, strides in bytes (see the micro-kernel)
+    for j0 in range(0, n, TILE_N):
+        nn = min(TILE_N, n - j0)
+        pbj, pcj = pb + j0 * 4, pc + j0 * 4
+        i = 0
+        while i + MR <= m:
+            _mk6(pa + i * sa0, sa0, sa1, pbj, sb, pcj + i * sc, sc, nn, kdim, accumulate)
+            i += MR
+        if i + 4 <= m:
+            _mk4(pa + i * sa0, sa0, sa1, pbj, sb, pcj + i * sc, sc, nn, kdim, accumulate)
+            i += 4
+        if i + 2 <= m:
+            _mk2(pa + i * sa0, sa0, sa1, pbj, sb, pcj + i * sc, sc, nn, kdim, accumulate)
+            i += 2
+        if i < m:
+            _mk1(pa + i * sa0, sa0, sa1, pbj, sb, pcj + i * sc, sc, nn, kdim, accumulate)
+
+
+@njit(cache=True)
+def _addr(x):
+    return np.intp(x.ctypes.data)
+
+
+@njit(cache=True)
+def _mm_nn(a, bp, c, m, kdim, n, accumulate):
+    # a (>=m, >=kdim) bfloat16 bits, pairs contiguous; bp (>=ceil(kdim/2), >=n, 2); c (>=m, >=n) float32
+    _gemm(_addr(a), a.strides[0], 4, _addr(bp), bp.strides[0], _addr(c), c.strides[0], m, kdim, n, accumulate)
+
+
+@njit(cache=True)
+def _mm_tn(ap, bp, c, m, kdim, n, accumulate):
+    # ap (>=ceil(kdim/2), >=m, 2) = pack_pairs(A^T): the pair (i, p) at ap[p, i]
+    _gemm(_addr(ap), ap.strides[1], ap.strides[0], _addr(bp), bp.strides[0], _addr(c), c.strides[0], m, kdim, n, accumulate)
+
+
+@njit(cache=True)
+def mm_bf16(a, bp, c, m, kdim, n):
+    """c[:m, :n] = a[:m, :kdim] @ B (float32 sums). a: bfloat16 bits, row-major (rows may be strided,
+    elements contiguous); bp = pack_pairs(B) (ceil(kdim/2), >=n, 2); c: float32, rows contiguous."""
+    _mm_nn(a, bp, c, m, kdim, n, False)
+
+
+@njit(cache=True)
+def mm_bf16_add(a, bp, c, m, kdim, n):
+    """c[:m, :n] += a[:m, :kdim] @ B, as :func:`mm_bf16`."""
+    _mm_nn(a, bp, c, m, kdim, n, True)
+
+
+@njit(cache=True)
+def mm_bf16_tn(ap, bp, c, m, kdim, n):
+    """c[:m, :n] = A @ B with A (m x kdim) given as ap = pack_pairs(A^T) (ceil(kdim/2), >=m, 2)."""
+    _mm_tn(ap, bp, c, m, kdim, n, False)
+
+
+@njit(cache=True)
+def mm_bf16_tn_add(ap, bp, c, m, kdim, n):
+    """c[:m, :n] += A @ B, as :func:`mm_bf16_tn`."""
+    _mm_tn(ap, bp, c, m, kdim, n, True)

@@ -1,0 +1,201 @@
+"""The bfloat16 block products of selfattn.kernels.cpu_bf16 (issue 14): conversion bit for bit as
+torch, pair packing, and every product shape against float64 on the same bfloat16 inputs.
+
+The products need AVX512-BF16 and are skipped (with the reason) on other hosts; conversion,
+packing, the environment switch and the refusal to compile without the instructions run everywhere.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+numba = pytest.importorskip("numba")
+
+from selfattn.kernels import cpu_bf16  # noqa: E402
+
+needs_bf16 = pytest.mark.skipif(
+    not cpu_bf16.host_has_bf16_dot(),
+    reason="this CPU has no AVX512-BF16 (vdpbf16ps): the bfloat16 products cannot run; the float32 path is used",
+)
+
+
+NAN_BITS = 0x7FC0  # a bfloat16 NaN
+SENTINEL = np.float32(-1234.5)  # what C holds outside the block a product writes
+
+
+def _torch_bits(x: np.ndarray) -> np.ndarray:
+    # torch's float32 -> bfloat16 rounding, as uint16 bits
+    return torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def _value(bits: np.ndarray) -> np.ndarray:
+    # bfloat16 bits -> their exact float64 value
+    return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def _random_bits(rng, shape) -> np.ndarray:
+    # bfloat16 inputs of mixed sign and magnitude (normal numbers: the instruction flushes subnormals)
+    x = rng.standard_normal(shape) * np.exp2(rng.integers(-8, 8, shape))
+    return _torch_bits(x.astype(np.float32))
+
+
+# -- run-time detection --------------------------------------------------------------------------
+
+
+def test_env_var_forces_the_fallback(monkeypatch):
+    monkeypatch.setenv(cpu_bf16.ENV_FLAG, "0")
+    assert cpu_bf16.has_bf16_dot() is False
+    monkeypatch.setenv(cpu_bf16.ENV_FLAG, "1")
+    assert cpu_bf16.has_bf16_dot() is cpu_bf16.host_has_bf16_dot()
+    monkeypatch.delenv(cpu_bf16.ENV_FLAG)
+    assert cpu_bf16.has_bf16_dot() is cpu_bf16.host_has_bf16_dot()
+
+
+def test_products_refuse_to_compile_without_the_instructions(monkeypatch):
+    # as on a host without AVX512-BF16: a typing error that names the module, no vdpbf16ps for LLVM
+    monkeypatch.setattr(cpu_bf16, "_HOST_BF16", False)
+    mk = cpu_bf16._make_microkernel(1)
+
+    @numba.njit(cache=False)
+    def call():
+        mk(0, 0, 0, 0, 0, 0, 0, 1, 1, False)
+
+    with pytest.raises(numba.core.errors.TypingError, match="no AVX512-BF16"):
+        call()
+
+
+# -- conversion ----------------------------------------------------------------------------------
+
+
+def test_to_bf16_matches_torch_bit_for_bit():
+    rng = np.random.default_rng(0)
+    special = np.array([
+        0x00000000, 0x80000000, 0x3F800000, 0xBF800000,  # +-0, +-1
+        0x7F800000, 0xFF800000,  # +-inf
+        0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF812345, 0x7FFFFFFF,  # quiet and signalling NaNs
+        0x00000001, 0x00008000, 0x00018000, 0x00007FFF, 0x807FFFFF, 0x007F8000,  # subnormals, ties
+        0x3F808000, 0x3F818000, 0x3F808001, 0x3F807FFF,  # ties to even (down, up), just above, just below
+        0x7F7F8000, 0x7F7FFFFF, 0xFF7F8000,  # ties at the top round to inf
+        0x00800000, 0x00FF8000,  # smallest normal, a tie just above it
+    ], dtype=np.uint32)
+    rand = rng.integers(0, 1 << 32, 200_000, dtype=np.uint64).astype(np.uint32)
+    ties = (rand & np.uint32(0xFFFF0000)) | np.uint32(0x8000)  # every exponent, both parities
+    bits = np.concatenate([special, rand, ties])
+    x = bits.view(np.float32)[None, :]
+    out = np.empty(x.shape, np.uint16)
+    cpu_bf16.to_bf16(x, out)
+    want = _torch_bits(x)
+    bad = np.flatnonzero(out != want)
+    print(f"to_bf16: {bad.size} of {out.size} differ from torch")
+    assert bad.size == 0, f"first differences: x bits {[hex(b) for b in bits[bad[:5]]]} got {[hex(v) for v in out.ravel()[bad[:5]]]} torch {[hex(v) for v in want.ravel()[bad[:5]]]}"
+
+
+# -- packing ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kdim,n", [(1, 1), (2, 3), (7, 5), (64, 64), (65, 17)])
+def test_pack_pairs_round_trips(kdim, n):
+    rng = np.random.default_rng(kdim * 100 + n)
+    x = _random_bits(rng, (kdim, n))
+    packed = np.full(((kdim + 1) // 2, n, 2), 0xABCD, np.uint16)
+    cpu_bf16.pack_pairs(x, packed)
+    assert np.array_equal(cpu_bf16.unpack_pairs(packed, kdim), x)
+    assert np.array_equal(packed[:kdim // 2, :, 0], x[0:2 * (kdim // 2):2]) and np.array_equal(packed[:kdim // 2, :, 1], x[1::2][:kdim // 2])
+    if kdim % 2:
+        assert (packed[-1, :, 1] == 0).all(), "an odd K's last pair must be padded with +0"
+    # the same from the transpose, from int16 bits, and from float32 (rounded on the way)
+    packed_t = np.zeros_like(packed)
+    cpu_bf16.pack_pairs_t(np.ascontiguousarray(x.T), packed_t)
+    assert np.array_equal(packed_t, packed)
+    packed_i16 = np.zeros_like(packed)
+    cpu_bf16.pack_pairs(x.view(np.int16), packed_i16)
+    assert np.array_equal(packed_i16, packed)
+    f = rng.standard_normal((kdim, n)).astype(np.float32)
+    cpu_bf16.pack_pairs(f, packed)
+    assert np.array_equal(cpu_bf16.unpack_pairs(packed, kdim), _torch_bits(f))
+    cpu_bf16.pack_pairs_t(np.ascontiguousarray(f.T), packed_t)
+    assert np.array_equal(packed_t, packed)
+
+
+# -- products -------------------------------------------------------------------------------------
+
+
+def _check(name, got, a_bits, b_bits, c0=None):
+    # |got - exact| <= (k + 2) u sum_k |a||b| (+ u |c0|): the float32 accumulation bound, two roundings
+    # per pair (vdpbf16ps adds its two products one at a time), u = 2^-24; the bfloat16 products are exact
+    a, b = _value(a_bits), _value(b_bits)
+    exact = a @ b + (0.0 if c0 is None else c0.astype(np.float64))
+    kdim = a.shape[1]
+    u = 2.0 ** -24
+    bound = (kdim + 2) * u * (np.abs(a) @ np.abs(b) + (0.0 if c0 is None else np.abs(c0.astype(np.float64)))) + 1e-38
+    err = np.abs(got.astype(np.float64) - exact)
+    ratio = float((err / bound).max()) if err.size else 0.0
+    print(f"{name}: max|diff| {err.max():.3e}, mean {err.mean():.3e}, max diff / bound {ratio:.3f}")
+    assert ratio <= 1.0, f"{name}: {ratio:.2f}x the float32 accumulation bound"
+
+
+@needs_bf16
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 7, 11, 64, 70])
+def test_mm_bf16_every_shape(m):
+    # k odd and even, n across the vector tails and past one 64-column block; strided A with an odd
+    # row stride (unaligned pairs); NaN around A and B (an element read past the block spoils the
+    # result), the bytes around C's block untouched
+    rng = np.random.default_rng(m)
+    for kdim in (1, 2, 3, 17, 64, 65, 130):
+        for n in (1, 15, 16, 17, 40, 63, 64, 100):
+            big = np.full((m + 2, kdim + 3), NAN_BITS, np.uint16)
+            a = big[1:m + 1, 1:kdim + 1]  # row stride kdim + 3 elements
+            a[...] = _random_bits(rng, (m, kdim))
+            b = _random_bits(rng, (kdim, n))
+            bp = np.full(((kdim + 1) // 2 + 1, n + 16, 2), NAN_BITS, np.uint16)[:-1, :n]
+            cpu_bf16.pack_pairs(b, bp)
+            c = np.full((m + 2, n + 5), SENTINEL, np.float32)
+            cpu_bf16.mm_bf16(a, bp, c, m, kdim, n)
+            _check(f"mm_bf16 m={m} k={kdim} n={n}", c[:m, :n], a, b)
+            assert (c[m:] == SENTINEL).all() and (c[:, n:] == SENTINEL).all(), "wrote outside c[:m, :n]"
+
+
+@needs_bf16
+@pytest.mark.parametrize("m,kdim,n", [(64, 64, 64), (13, 7, 33), (70, 130, 64), (1, 1, 1), (64, 63, 17)])
+def test_mm_bf16_add_and_transposed_a(m, kdim, n):
+    rng = np.random.default_rng(m + kdim + n)
+    a = _random_bits(rng, (m, kdim))
+    b = _random_bits(rng, (kdim, n))
+    bp = np.empty(((kdim + 1) // 2, n, 2), np.uint16)
+    cpu_bf16.pack_pairs(b, bp)
+    ap = np.empty(((kdim + 1) // 2, m, 2), np.uint16)
+    cpu_bf16.pack_pairs(np.ascontiguousarray(a.T), ap)  # A^T (kdim x m), packed along kdim
+    c0 = rng.standard_normal((m, n)).astype(np.float32)
+    c = c0.copy()
+    cpu_bf16.mm_bf16_add(a, bp, c, m, kdim, n)
+    _check("mm_bf16_add", c, a, b, c0)
+    c = np.full((m, n), np.nan, np.float32)
+    cpu_bf16.mm_bf16_tn(ap, bp, c, m, kdim, n)
+    _check("mm_bf16_tn", c, a, b)
+    c = c0.copy()
+    cpu_bf16.mm_bf16_tn_add(ap, bp, c, m, kdim, n)
+    _check("mm_bf16_tn_add", c, a, b, c0)
+
+
+@needs_bf16
+def test_mm_bf16_flash_tiles_from_float32():
+    # the forward's two tile products as the flash loop will call them: S = Q K^T with K packed from
+    # its rows (pack_pairs_t), then P (float32, converted) @ V; the whole blocks sliced from bigger arrays
+    rng = np.random.default_rng(7)
+    D, rows, ncols = 59, 64, 48
+    q = _random_bits(rng, (100, D))
+    k = _random_bits(rng, (100, D))
+    kt = np.empty(((D + 1) // 2, ncols, 2), np.uint16)
+    cpu_bf16.pack_pairs_t(k[10:10 + ncols], kt)
+    s = np.empty((64, 64), np.float32)
+    cpu_bf16.mm_bf16(q[5:5 + rows], kt, s, rows, D, ncols)
+    _check("S = Q K^T", s[:rows, :ncols], q[5:5 + rows], np.ascontiguousarray(k[10:10 + ncols].T))
+    p = np.exp(s[:rows, :ncols] - s[:rows, :ncols].max(axis=1, keepdims=True)).astype(np.float32)
+    pb = np.empty((64, 64), np.uint16)
+    cpu_bf16.to_bf16(p, pb[:rows, :ncols])
+    v = rng.standard_normal((ncols, D)).astype(np.float32)
+    vp = np.empty(((ncols + 1) // 2, D, 2), np.uint16)
+    cpu_bf16.pack_pairs(v, vp)
+    o = np.empty((64, D), np.float32)
+    cpu_bf16.mm_bf16(pb, vp, o, rows, ncols, D)
+    _check("P V", o[:rows], pb[:rows, :ncols], _torch_bits(v))
