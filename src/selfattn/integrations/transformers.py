@@ -23,7 +23,14 @@ How a mask is recognised, without reading transformers' private closures: transf
 are; any other mask function is compared, exactly, with a few structured candidates (causal,
 causal with the ``local_size`` window, bidirectional window, packed sequences whose boundaries
 are read off the function along the diagonal) by evaluating both on every (query, key) pair a
-block of rows at a time (never the whole L x L at once). What matches none of them goes to
+block of rows at a time (never the whole L x L at once; the function once per block, whatever
+the number of candidates). That is L x L work, ~1-3 s at 16k tokens, so the answer is
+remembered: transformers makes a new function object every forward, so the memory keys on what
+a function computes -- its code and the values it captured (numbers, strings, tensors by value,
+nested functions), with the batch size, query and key positions and ``local_size`` -- and a
+later forward's function with the same key costs a hash of those values
+(:func:`recognition_counts`). A function capturing anything else (a dict, an object) is
+evaluated every time; masks under 65,536 pairs are not remembered. What matches none goes to
 selfattn as ``masks.function`` (tiles evaluated once, only partial tiles' bits kept), and a
 function that only works under ``torch.vmap`` as a dense mask. :func:`mask_counts` reports how
 many masks took each route; ``"dense"`` counts every L x L mask built or received.
@@ -73,8 +80,11 @@ def mask_counts() -> dict:
 
 
 def reset_mask_counts() -> None:
+    """Zero :func:`mask_counts` and :func:`recognition_counts`, and forget every remembered mask function."""
     with _lock:
         _counts.clear()
+        _recognition.clear()
+        _recognised.clear()
 
 
 def _count(kind: str) -> None:
@@ -207,22 +217,29 @@ def _evaluate(fn, batch, q_pos, kv_pos, r0, r1):
     return out
 
 
-def _matches(fn, batch, q_pos, kv_pos, causal, window, seg_q=None, seg_k=None) -> bool:
-    """True when ``fn`` equals the candidate on every (batch, query, key), checked a block of rows at a time."""
+def _first_match(fn, batch, q_pos, kv_pos, candidates, seg=None):
+    """The first of ``candidates`` [(kind, causal, window)] that ``fn`` equals on every (batch, query,
+    key), or None. One pass over the rows, a block at a time (never L x L at once): ``fn`` is
+    evaluated once per block and candidates drop out at their first difference."""
     lq, lk = q_pos.numel(), kv_pos.numel()
     step = max(1, (1 << 22) // max(1, lk * batch))
-    b_rows = batch if seg_q is not None else 1
+    b_rows = batch if seg is not None else 1
+    alive = list(candidates)
     for r0 in range(0, lq, step):
         r1 = min(lq, r0 + step)
-        got = _evaluate(fn, batch, q_pos, kv_pos, r0, r1)
-        want = _candidate(q_pos, kv_pos, causal, window, seg_q, seg_k, b_rows, r0, r1)
-        try:
-            same = torch.equal(*torch.broadcast_tensors(got, want))
-        except RuntimeError:
-            return False
-        if not same:
-            return False
-    return True
+        got = _evaluate(fn, batch, q_pos, kv_pos, r0, r1)  # (B|1, 1, r, Lk)
+        still = []
+        for c in alive:
+            want = _candidate(q_pos, kv_pos, c[1], c[2], seg, seg, b_rows, r0, r1)
+            try:
+                if torch.equal(*torch.broadcast_tensors(got, want)):
+                    still.append(c)
+            except RuntimeError:  # shapes that do not broadcast: not this candidate
+                pass
+        alive = still
+        if not alive:
+            return None
+    return alive[0] if alive else None
 
 
 def _packed_segments(fn, batch, q_pos, kv_pos):
@@ -254,17 +271,111 @@ def _recognise(fn, batch, q_pos, kv_pos, local_size, transformers_masks):
         candidates.append(("sliding_window", False, (int(local_size), int(local_size))))
     candidates += [("causal", True, None), ("bidirectional", False, None)]
     try:
-        for kind, causal, window in candidates:
-            if _matches(fn, batch, q_pos, kv_pos, causal, window):
-                return kind, causal, window, None
+        found = _first_match(fn, batch, q_pos, kv_pos, candidates)
+        if found is not None:
+            return found[0], found[1], found[2], None
         seg = _packed_segments(fn, batch, q_pos, kv_pos)
         if seg is not None:
-            for _, causal, window in candidates:
-                if causal and _matches(fn, batch, q_pos, kv_pos, causal, window, seg, seg):
-                    return "packed", causal, window, seg
+            found = _first_match(fn, batch, q_pos, kv_pos, [c for c in candidates if c[1]], seg)
+            if found is not None:
+                return "packed", found[1], found[2], seg
     except Exception:  # a function written for torch.vmap only: no candidate can be checked
         return None
     return None
+
+
+# -- remembering what a mask function was ---------------------------------------------------------
+#
+# Recognising a function exactly evaluates it on every (query, key) pair: ~1-3 s per forward at
+# 16k tokens. transformers builds a new mask function object every forward (and_masks, the
+# sliding-window closure), so the cache below keys on what the function computes instead of its
+# identity: its code and the values it captured (closure cells, defaults), recursively -- two
+# functions with the same code and the same captured numbers, strings and tensors (by value)
+# give the same mask. A function capturing anything else is not cached (recognised every call).
+# The key also holds the batch size, the query and key positions and local_size.
+
+_CACHE_MIN_PAIRS = 1 << 16  # below this many (query, key) pairs recognising costs less than remembering
+_CACHE_SIZE = 32
+_TENSOR_FINGERPRINT_MAX = 1 << 20  # captured tensors larger than this (elements) are not hashed: no caching
+_recognised: collections.OrderedDict = collections.OrderedDict()  # key -> route, least recently used first
+_recognition = collections.Counter()  # "evaluated" (the function ran on every pair), "remembered" (cache hit)
+
+
+def _tensor_digest(t: torch.Tensor):
+    import hashlib
+
+    flat = t.detach().reshape(-1).contiguous().cpu()
+    raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return ("tensor", str(t.dtype), tuple(t.shape), t.device.type, hashlib.blake2b(raw, digest_size=16).hexdigest())
+
+
+def _fingerprint(value, depth: int = 0):
+    """A hashable stand-in for what ``value`` computes or holds, or None when it cannot be told."""
+    import types
+
+    if depth > 12:
+        return None
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return (type(value).__name__, value)
+    if isinstance(value, (tuple, list)):
+        parts = tuple(_fingerprint(v, depth + 1) for v in value)
+        return None if any(p is None for p in parts) else (type(value).__name__, parts)
+    if isinstance(value, torch.Tensor):
+        return _tensor_digest(value) if value.numel() <= _TENSOR_FINGERPRINT_MAX else None
+    if isinstance(value, types.FunctionType):
+        cells = []
+        for cell in value.__closure__ or ():
+            try:
+                contents = cell.cell_contents
+            except ValueError:  # an empty cell
+                return None
+            cells.append(contents)
+        parts = _fingerprint((tuple(cells), value.__defaults__, tuple(sorted((value.__kwdefaults__ or {}).items()))), depth + 1)
+        return None if parts is None else ("function", value.__code__, parts)
+    return None
+
+
+def _positions_key(pos: torch.Tensor):
+    n = pos.numel()
+    if n and bool((pos == pos[0] + torch.arange(n, device=pos.device)).all()):
+        return ("arange", n, int(pos[0]))
+    return _tensor_digest(pos)
+
+
+def _route(fn, batch, q_pos, kv_pos, local_size, use_vmap, tm):
+    """("structured", (kind, causal, window, segments)) | ("function", None) | ("dense", None), remembered
+    per (what the function computes, batch, positions, local_size) for large masks."""
+    key = None
+    if q_pos.numel() * kv_pos.numel() >= _CACHE_MIN_PAIRS and fn is not tm.causal_mask_function:
+        fp = _fingerprint(fn)
+        if fp is not None:
+            key = (fp, batch, _positions_key(q_pos), _positions_key(kv_pos), local_size, bool(use_vmap))
+            with _lock:
+                if key in _recognised:
+                    _recognised.move_to_end(key)
+                    _recognition["remembered"] += 1
+                    return _recognised[key]
+    found = None if use_vmap else _recognise(fn, batch, q_pos, kv_pos, local_size, tm)
+    if found is not None:
+        route = ("structured", found)
+    elif not use_vmap and _index_based(fn, batch, q_pos, kv_pos):
+        route = ("function", None)
+    else:
+        route = ("dense", None)
+    with _lock:
+        _recognition["evaluated"] += 1
+        if key is not None:
+            _recognised[key] = route
+            while len(_recognised) > _CACHE_SIZE:
+                _recognised.popitem(last=False)
+    return route
+
+
+def recognition_counts() -> dict:
+    """How often a mask function was recognised by evaluating it (``"evaluated"``) and how often a
+    function computing the same mask at the same positions was recognised before (``"remembered"``)."""
+    with _lock:
+        return dict(_recognition)
 
 
 def _fn_by_index(fn, q_pos, kv_pos):
@@ -302,17 +413,15 @@ def build_mask(batch_size: int, **kwargs) -> HFMask | None:
     q_pos, kv_pos = _positions(kwargs, torch.device(device))
     fn = kwargs.get("mask_function", tm.causal_mask_function)
     keep = _keep(attention_mask, kv_pos, batch_size)
-    found = None
-    if not kwargs.get("use_vmap", False):
-        found = _recognise(fn, batch_size, q_pos, kv_pos, kwargs.get("local_size"), tm)
+    route, found = _route(fn, batch_size, q_pos, kv_pos, kwargs.get("local_size"), kwargs.get("use_vmap", False), tm)
     parts = [] if keep is None else [_padding_mask(keep)]
-    if found is not None:
+    if route == "structured":
         kind, causal, window, seg = found
         if seg is not None:
             parts.append(_masks.documents(seg))
         _count(kind)
         return HFMask(kind, batch_size, q_pos, kv_pos, causal=causal, window=window, mask=_and(parts))
-    if not kwargs.get("use_vmap", False) and _index_based(fn, batch_size, q_pos, kv_pos):
+    if route == "function":
         _count("function")
         parts.append(_masks.function(_fn_by_index(fn, q_pos, kv_pos)))
         return HFMask("function", batch_size, q_pos, kv_pos, mask=_and(parts))
