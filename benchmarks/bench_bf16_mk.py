@@ -1,12 +1,14 @@
-"""The bfloat16 tile product (cpu_bf16.mm_bf16) against the float32 one (cpu_flash._mm), one thread (issue 14).
+"""The bfloat16 tile products (cpu_bf16.mm_bf16, mm_amx) against the float32 one (cpu_flash._mm), one thread (issue 14).
 
     python benchmarks/bench_bf16_mk.py [--json benchmarks/results/bench_bf16_mk.json]
 
 Flash-attention tile shapes (m x k x n): 64x64x64 (Q K^T and P V at head dim 64), 64x128x64 (Q K^T
 at head dim 128) and 64x64x128 (P V at head dim 128), each looped in cache. Alongside, in the same
 run: the float32 FMA ceiling (benchmarks/peak.py's loop of independent FMAs) and the vdpbf16ps
-ceiling (the same kind of loop of independent vdpbf16ps, 64 FLOPs each), and what the flash loop
-pays per tile around the bfloat16 product: converting a 64x64 float32 P and packing a 64x64 block.
+ceiling (the same kind of loop of independent vdpbf16ps, 64 FLOPs each), the AMX product where the
+CPU has AMX-BF16 (tile configuration loaded once for the loop, and again around every call: AMX+cfg),
+and what the flash loop pays per tile around the bfloat16 product: converting a 64x64 float32 P and
+packing a 64x64 block.
 
 All times are CPU time of this thread (time.thread_time: the machine is shared), best of 5;
 ratios compare numbers of one run.
@@ -128,13 +130,32 @@ def main(argv=None) -> int:
             cpu_bf16.mm_bf16(a, bp, c, m, k, n)
 
     @njit
+    def loop_amx_each(a, bp, c, m, k, n, it):
+        # tile configuration loaded and released around every product
+        for _ in range(it):
+            cpu_bf16.amx_begin()
+            cpu_bf16.mm_amx(a, bp, c, m, k, n)
+            cpu_bf16.amx_end()
+
+    @njit
+    def loop_amx(a, bp, c, m, k, n, it):
+        # once around the whole sequence, as a flash task would
+        cpu_bf16.amx_begin()
+        for _ in range(it):
+            cpu_bf16.mm_amx(a, bp, c, m, k, n)
+        cpu_bf16.amx_end()
+
+    amx = cpu_bf16.host_has_amx_bf16()
+
+    @njit
     def loop_f32(a, b, c, m, k, n, it):
         for _ in range(it):
             cpu_flash._mm(a, b, c, m, k, n)
 
     rng = np.random.default_rng(0)
     rows = []
-    print(f"{'m x k x n':>12} {'bf16 GF/s':>10} {'f32 GF/s':>10} {'bf16/f32':>9} {'bf16/dot':>9} {'bf16/FMA':>9} {'f32/FMA':>8}")
+    print(f"{'m x k x n':>12} {'bf16 GF/s':>10} {'f32 GF/s':>10} {'bf16/f32':>9} {'bf16/dot':>9} {'bf16/FMA':>9} {'f32/FMA':>8}"
+          f" {'AMX GF/s':>9} {'AMX/f32':>8} {'AMX+cfg':>8}")
     for m, k, n in SHAPES:
         af = rng.standard_normal((m, k)).astype(np.float32)
         bf = rng.standard_normal((k, n)).astype(np.float32)
@@ -149,8 +170,16 @@ def main(argv=None) -> int:
         it = max(100, int(args.seconds * 60e9 / flops))
         g_bf16 = flops * it / _cpu_time(lambda: loop_bf16(a, bp, c, m, k, n, it)) / 1e9
         g_f32 = flops * it / _cpu_time(lambda: loop_f32(af, bf, c, m, k, n, it)) / 1e9
-        rows.append({"m": m, "k": k, "n": n, "bf16_gflops": g_bf16, "f32_gflops": g_f32})
-        print(f"{m:>4}x{k}x{n:<4} {g_bf16:10.1f} {g_f32:10.1f} {g_bf16 / g_f32:9.2f} {g_bf16 / dot:9.2f} {g_bf16 / fma:9.2f} {g_f32 / fma:8.2f}")
+        row = {"m": m, "k": k, "n": n, "bf16_gflops": g_bf16, "f32_gflops": g_f32}
+        line = f"{m:>4}x{k}x{n:<4} {g_bf16:10.1f} {g_f32:10.1f} {g_bf16 / g_f32:9.2f} {g_bf16 / dot:9.2f} {g_bf16 / fma:9.2f} {g_f32 / fma:8.2f}"
+        if amx:  # the shapes are whole tiles: no padding needed
+            loop_amx(a, bp, c, m, k, n, 1)
+            loop_amx_each(a, bp, c, m, k, n, 1)
+            row["amx_gflops"] = flops * it / _cpu_time(lambda: loop_amx(a, bp, c, m, k, n, it)) / 1e9
+            row["amx_cfg_each_gflops"] = flops * it / _cpu_time(lambda: loop_amx_each(a, bp, c, m, k, n, it)) / 1e9
+            line += f" {row['amx_gflops']:9.1f} {row['amx_gflops'] / g_f32:8.2f} {row['amx_cfg_each_gflops']:8.1f}"
+        rows.append(row)
+        print(line)
 
     # -- what a flash tile pays around the product --
     @njit
@@ -183,7 +212,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"date": time.strftime("%Y-%m-%d"), "numba": numba.__version__, "fma_gflops": fma,
-                       "vdpbf16ps_gflops": dot, "tiles": rows, "per_tile_us": extra}, f, indent=1)
+                       "vdpbf16ps_gflops": dot, "amx": amx, "tiles": rows, "per_tile_us": extra}, f, indent=1)
     return 0
 
 

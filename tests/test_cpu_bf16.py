@@ -199,3 +199,77 @@ def test_mm_bf16_flash_tiles_from_float32():
     o = np.empty((64, D), np.float32)
     cpu_bf16.mm_bf16(pb, vp, o, rows, ncols, D)
     _check("P V", o[:rows], pb[:rows, :ncols], _torch_bits(v))
+
+
+# -- AMX tile products -----------------------------------------------------------------------------
+
+needs_amx = pytest.mark.skipif(
+    not cpu_bf16.host_has_amx_bf16(),
+    reason="no AMX-BF16 here (the CPU lacks it or the OS did not grant the tile state): the AMX products cannot run",
+)
+
+
+def test_amx_env_vars_force_the_fallback(monkeypatch):
+    monkeypatch.setenv(cpu_bf16.AMX_ENV_FLAG, "0")
+    assert cpu_bf16.has_amx_bf16() is False
+    monkeypatch.setenv(cpu_bf16.AMX_ENV_FLAG, "1")
+    monkeypatch.setenv(cpu_bf16.ENV_FLAG, "0")
+    assert cpu_bf16.has_amx_bf16() is False
+    monkeypatch.delenv(cpu_bf16.ENV_FLAG)
+    monkeypatch.delenv(cpu_bf16.AMX_ENV_FLAG)
+    assert cpu_bf16.has_amx_bf16() is cpu_bf16.host_has_amx_bf16()
+
+
+def test_amx_refuses_to_compile_without_the_tile_state(monkeypatch):
+    monkeypatch.setattr(cpu_bf16, "_AMX_OK", False)
+    block = cpu_bf16._make_amx_block(1, 1)
+
+    @numba.njit(cache=False)
+    def call():
+        block(0, 0, 0, 0, 0, 0, 32, False)
+
+    with pytest.raises(numba.core.errors.TypingError, match="no AMX-BF16"):
+        call()
+
+
+@numba.njit(cache=False)
+def _amx_call(a, bp, c, m, kdim, n, accumulate):
+    cpu_bf16.amx_begin()
+    if accumulate:
+        cpu_bf16.mm_amx_add(a, bp, c, m, kdim, n)
+    else:
+        cpu_bf16.mm_amx(a, bp, c, m, kdim, n)
+    cpu_bf16.amx_end()
+
+
+@needs_amx
+@pytest.mark.parametrize("m", [1, 16, 17, 33, 64, 70])
+def test_mm_amx_every_shape(m):
+    # whole tiles on zero-padded inputs (the padding contract); the padding of C is written, nothing past it
+    rng = np.random.default_rng(100 + m)
+    m16 = -(-m // 16) * 16
+    for kdim in (1, 2, 31, 32, 33, 64, 65, 130):
+        k32 = -(-kdim // 32) * 32
+        for n in (1, 16, 17, 40, 64, 100):
+            n16 = -(-n // 16) * 16
+            a = np.zeros((m16, k32 + 3), np.uint16)  # row stride past K32
+            a[:m, :kdim] = _random_bits(rng, (m, kdim))
+            b = _random_bits(rng, (kdim, n))
+            bp = np.zeros((k32 // 2, n16 + 16, 2), np.uint16)[:, :n16]
+            cpu_bf16.pack_pairs(b, bp[:(kdim + 1) // 2, :n])
+            c = np.full((m16 + 2, n16 + 5), SENTINEL, np.float32)
+            accumulate = kdim % 2 == 1
+            c0 = rng.standard_normal((m16, n16)).astype(np.float32)
+            if accumulate:
+                c[:m16, :n16] = c0
+            _amx_call(a, bp, c, m, kdim, n, accumulate)
+            _check(f"mm_amx{'_add' if accumulate else ''} m={m} k={kdim} n={n}", c[:m, :n], a[:m, :kdim], b,
+                   c0[:m, :n] if accumulate else None)
+            assert (c[m16:] == SENTINEL).all() and (c[:, n16:] == SENTINEL).all(), "wrote outside c[:M16, :N16]"
+
+
+def test_to_bf16_t_is_the_transposed_conversion():
+    x = np.random.default_rng(3).standard_normal((37, 20)).astype(np.float32)
+    out = np.empty((20, 37), np.uint16)
+    cpu_bf16.to_bf16_t(x, out)
+    assert np.array_equal(out, _torch_bits(x).T)

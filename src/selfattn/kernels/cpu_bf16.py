@@ -390,3 +390,196 @@ def mm_bf16_tn(ap, bp, c, m, kdim, n):
 def mm_bf16_tn_add(ap, bp, c, m, kdim, n):
     """c[:m, :n] += A @ B, as :func:`mm_bf16_tn`."""
     _mm_tn(ap, bp, c, m, kdim, n, True)
+
+
+# -- AMX: tile products (tdpbf16ps) --------------------------------------------------------------------
+# One tdpbf16ps multiplies a 16 x 32 bfloat16 tile of A (row-major, 64 bytes a row) by a 16-pair x 16
+# tile of B in the same pair layout as above (64 bytes a pair row) into a 16 x 16 float32 tile of C:
+# 16384 FLOPs an instruction. Eight tile registers: C blocks of up to 2 x 2 tiles (tmm0-3), two A
+# tiles (tmm4-5) and two B tiles (tmm6-7). The instructions are inline assembly (LLVM's AMX
+# intrinsics want its x86_amx type); the tile registers are named in the assembly and hold nothing
+# LLVM knows of, so they keep their contents from one statement to the next.
+#
+# Padding contract (no masked tiles): the products run on whole tiles, so with M16 = ceil(m/16)*16,
+# N16 = ceil(n/16)*16, K32 = ceil(kdim/32)*32:
+#   a   (>= M16, >= K32) bfloat16 bits, row-major, ZERO in columns kdim..K32 (rows m..M16: anything)
+#   bp  (>= K32/2, >= N16, 2) pairs, ZERO past kdim (rows K32/2 - ceil(kdim/2) and the odd half-pair)
+#   c   (>= M16, >= N16) float32, rows contiguous: all of c[:M16, :N16] is written
+# and the calls run between amx_begin() and amx_end() on the same thread.
+
+AMX_ENV_FLAG = "SELFATTN_CPU_AMX"  # "0": has_amx_bf16() is False (SELFATTN_CPU_BF16=0 turns it off too)
+_ARCH_REQ_XCOMP_PERM, _ARCH_GET_XCOMP_PERM, _XFEATURE_XTILEDATA = 0x1023, 0x1022, 18
+
+
+def _request_amx() -> bool:
+    # Linux hands out the AMX tile state only on request (arch_prctl, once per process); without it
+    # the first AMX instruction is SIGILL
+    import ctypes
+    import platform
+    import sys
+
+    f = _host_features()
+    if not ("+amx-tile" in f and "+amx-bf16" in f) or sys.platform != "linux" or platform.machine() != "x86_64":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syscall(158, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) != 0:  # 158: SYS_arch_prctl
+            return False
+        granted = ctypes.c_uint64(0)
+        if libc.syscall(158, _ARCH_GET_XCOMP_PERM, ctypes.byref(granted)) != 0:
+            return False
+        if not granted.value >> _XFEATURE_XTILEDATA & 1:
+            return False
+        import llvmlite.binding as ll
+
+        ll.initialize_native_asmparser()  # inline assembly needs LLVM's x86 assembly parser
+        return True
+    except Exception:  # noqa: BLE001 -- any failure means: no AMX
+        return False
+
+
+_AMX_OK = _request_amx()
+
+
+def host_has_amx_bf16() -> bool:
+    """The CPU has AMX-BF16 and the OS granted this process the tile state, whatever the environment says."""
+    return _AMX_OK
+
+
+def has_amx_bf16() -> bool:
+    """Whether the AMX products may be used: :func:`host_has_amx_bf16`, and neither ``SELFATTN_CPU_BF16``
+    nor ``SELFATTN_CPU_AMX`` is ``0``."""
+    env = os.environ
+    return _AMX_OK and env.get(ENV_FLAG, "1").strip() != "0" and env.get(AMX_ENV_FLAG, "1").strip() != "0"
+
+
+def _asm(builder, text, constraints, args=()):
+    fty = ir.FunctionType(ir.VoidType(), [a.type for a in args])
+    builder.call(ir.InlineAsm(fty, text, constraints, side_effect=True), list(args))
+
+
+def _refuse_without_amx():
+    if not _AMX_OK:
+        raise errors.TypingError("selfattn.kernels.cpu_bf16: no AMX-BF16 here (check has_amx_bf16() first)")
+
+
+@intrinsic
+def amx_begin(typingctx):
+    """Load the tile configuration (8 tiles of 16 rows x 64 bytes) on this thread; before mm_amx*."""
+    _refuse_without_amx()
+
+    def codegen(context, builder, signature, args):
+        i8 = ir.IntType(8)
+        cfg = cgutils.alloca_once(builder, ir.ArrayType(i8, 64))
+        cfg_bytes = [0] * 64
+        cfg_bytes[0] = 1  # palette 1
+        for t in range(8):
+            cfg_bytes[16 + 2 * t] = 64  # bytes per row (little-endian u16)
+            cfg_bytes[48 + t] = 16  # rows
+        builder.store(ir.Constant(ir.ArrayType(i8, 64), cfg_bytes), cfg)
+        _asm(builder, "ldtilecfg ($0)", "r,~{memory}", (builder.ptrtoint(cfg, ir.IntType(64)),))
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@intrinsic
+def amx_end(typingctx):
+    """Release the tile state of this thread (after the last mm_amx* of a sequence)."""
+    _refuse_without_amx()
+
+    def codegen(context, builder, signature, args):
+        _asm(builder, "tilerelease", "~{memory}")
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+def _make_amx_block(MT, NT):
+    @intrinsic
+    def block(typingctx, pa, sa, pb, sb, pc, sc, kdim, accumulate):
+        # c[:16MT, :16NT] (+)= a[:16MT, :kdim] @ b, kdim a multiple of 32; addresses and strides in bytes
+        _refuse_without_amx()
+        sig = types.void(*([types.intp] * 7), types.boolean)
+
+        def codegen(context, builder, signature, args):
+            pa, sa, pb, sb, pc, sc, kdim, accumulate = args
+            i64 = ir.IntType(64)
+            c = lambda x: ir.Constant(i64, x)  # noqa: E731
+            add, mul = builder.add, builder.mul
+            c_at = [[add(pc, add(mul(sc, c(16 * r)), c(64 * j))) for j in range(NT)] for r in range(MT)]
+            with builder.if_else(accumulate) as (then, otherwise):
+                with then:
+                    for r in range(MT):
+                        for j in range(NT):
+                            _asm(builder, f"tileloadd ($0,$1,1), %tmm{r * NT + j}", "r,r", (c_at[r][j], sc))
+                with otherwise:
+                    _asm(builder, "\n\t".join(f"tilezero %tmm{t}" for t in range(MT * NT)), "")
+            entry = builder.block
+            loop = builder.append_basic_block("amx.loop")
+            done = builder.append_basic_block("amx.done")
+            builder.cbranch(builder.icmp_signed(">", kdim, c(0)), loop, done)
+            builder.position_at_end(loop)
+            k = builder.phi(i64)
+            k.add_incoming(c(0), entry)
+            a0 = add(pa, mul(k, c(2)))  # 32 columns of A a step
+            b0 = add(pb, mul(builder.sdiv(k, c(2)), sb))  # 16 pair rows of B a step
+            for r in range(MT):
+                _asm(builder, f"tileloadd ($0,$1,1), %tmm{4 + r}", "r,r", (add(a0, mul(sa, c(16 * r))), sa))
+            for j in range(NT):
+                _asm(builder, f"tileloadd ($0,$1,1), %tmm{6 + j}", "r,r", (add(b0, c(64 * j)), sb))
+            _asm(builder, "\n\t".join(f"tdpbf16ps %tmm{6 + j}, %tmm{4 + r}, %tmm{r * NT + j}"
+                                      for r in range(MT) for j in range(NT)), "")
+            nk = add(k, c(32))
+            k.add_incoming(nk, loop)
+            builder.cbranch(builder.icmp_signed("<", nk, kdim), loop, done)
+            builder.position_at_end(done)
+            for r in range(MT):
+                for j in range(NT):
+                    _asm(builder, f"tilestored %tmm{r * NT + j}, ($0,$1,1)", "r,r,~{memory}", (c_at[r][j], sc))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return block
+
+
+_amx22, _amx21, _amx12, _amx11 = (_make_amx_block(mt, nt) for mt, nt in ((2, 2), (2, 1), (1, 2), (1, 1)))
+
+
+@njit(cache=True)
+def _amx_gemm(pa, sa, pb, sb, pc, sc, m, kdim, n, accumulate):
+    # whole tiles: ceil(m/16) x ceil(n/16) of C over ceil(kdim/32) steps, in blocks of up to 2 x 2
+    mt, nt, k32 = (m + 15) // 16, (n + 15) // 16, (kdim + 31) // 32 * 32
+    for i in range(0, mt, 2):
+        pai, pci = pa + 16 * i * sa, pc + 16 * i * sc
+        for j in range(0, nt, 2):
+            pbj, pcj = pb + 64 * j, pci + 64 * j
+            if i + 1 < mt and j + 1 < nt:
+                _amx22(pai, sa, pbj, sb, pcj, sc, k32, accumulate)
+            elif i + 1 < mt:
+                _amx21(pai, sa, pbj, sb, pcj, sc, k32, accumulate)
+            elif j + 1 < nt:
+                _amx12(pai, sa, pbj, sb, pcj, sc, k32, accumulate)
+            else:
+                _amx11(pai, sa, pbj, sb, pcj, sc, k32, accumulate)
+
+
+@njit(cache=True)
+def mm_amx(a, bp, c, m, kdim, n):
+    """c[:M16, :N16] = a @ B on AMX tiles (see the padding contract above), between amx_begin/amx_end."""
+    _amx_gemm(_addr(a), a.strides[0], _addr(bp), bp.strides[0], _addr(c), c.strides[0], m, kdim, n, False)
+
+
+@njit(cache=True)
+def mm_amx_add(a, bp, c, m, kdim, n):
+    """c[:M16, :N16] += a @ B, as :func:`mm_amx`."""
+    _amx_gemm(_addr(a), a.strides[0], _addr(bp), bp.strides[0], _addr(c), c.strides[0], m, kdim, n, True)
+
+
+@njit(cache=True)
+def to_bf16_t(x, out):
+    """out[j, i] = bfloat16 bits of float32 x[i, j] (the transposed A of P^T dO and dS^T Q on AMX)."""
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            out[j, i] = _rne(x[i, j])
