@@ -51,6 +51,12 @@ _TRAIN_OPTIONS = [
     ("--device", "device", str, "auto, cpu or cuda (default auto)"),
     ("--threads", "threads", _int("--threads"), "torch threads per process (default 1: the model is small)"),
     ("--dtype", "dtype", str, "float32 (default) or float64 (slow; for checking backends against each other)"),
+    ("--context-parallel", "context_parallel", _int("--context-parallel"),
+     "split each sequence over N processes (ring attention, balanced layout). Under torchrun N must divide the "
+     "number of processes (the rest is data parallel); otherwise selfattn starts N processes itself (default 1)"),
+    ("--qk-clip", "qk_clip", _float("--qk-clip", positive=True),
+     "QK-clip (MuonClip): after each step scale the query and key projections of every head whose max logit "
+     "exceeded TAU back to TAU (default off)"),
     ("--out", "out", str, f"output directory: checkpoint, {LOG_CSV}, {LOG_JSONL}, {PLOT_FILE} (default {_D.out}; "
                           "with --resume: the resumed directory)"),
 ]
@@ -58,7 +64,10 @@ _TRAIN_OPTIONS = [
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     metavars = {"text": "FILE", "out": "DIR", "backend": "NAME", "device": "DEVICE", "norm": "{rms,layer}",
-                "dtype": "{float32,float64}", "target_acc": "ACC"}
+                "dtype": "{float32,float64}", "target_acc": "ACC", "qk_clip": "TAU"}
+    p.add_argument("--long", dest="long", action="store_true", default=None,
+                   help="the recall task's long variant: 4096-token sequences (2048 pairs, 8 keys, 8 values, batch 2); "
+                        "made for --context-parallel")
     for flag, dest, typ, help_ in _TRAIN_OPTIONS:
         p.add_argument(flag, dest=dest, type=typ, default=None, help=help_, metavar=metavars.get(dest, "N"))
     p.add_argument("--resume", metavar="PATH", help="continue from a checkpoint written by selfattn train "
@@ -69,6 +78,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def _given(args) -> dict:
     given = {dest: getattr(args, dest) for _, dest, _, _ in _TRAIN_OPTIONS}
+    given["long"] = getattr(args, "long", None)
     if given.get("target_acc") == -1.0:
         given["target_acc"] = None
         given["_no_target"] = True
@@ -81,6 +91,12 @@ def run_train(args) -> int:
 
     from .distributed import _env_int
 
+    if (_env_int("WORLD_SIZE") or 1) == 1:
+        cfg = _config(args)  # every check before any process starts
+        if cfg.context_parallel > 1:  # not under torchrun: start the processes here (training/launch.py)
+            from .launch import spawn
+
+            return spawn(cfg.context_parallel, run_train, args)
     code = _run_train(args)
     if (_env_int("WORLD_SIZE") or 1) > 1:
         # under torchrun: leave without native teardown. A worker that ran the numba `cpu` kernels
@@ -99,21 +115,9 @@ def _run_train(args) -> int:
 
     from .._progress import compile_notice
     from .distributed import _env_int
-    from .loop import make_config, resume_config, train
-    from .state import load as load_state
+    from .loop import train
 
-    given = _given(args)
-    no_target = given.pop("_no_target", False)
-    if args.resume is not None:
-        _, training, _ = load_state(args.resume)
-        if given.get("out") is None:
-            given["out"] = args.resume
-        cfg = resume_config(training["options"], given, args.resume)
-    else:
-        cfg = make_config(given)
-    if no_target:
-        cfg.target_acc = None
-    _check_run(cfg, args)
+    cfg = _config(args)
     console = Console(highlight=False, soft_wrap=True)
     with compile_notice(enabled=(_env_int("RANK") or 0) == 0):
         res = train(cfg, resume=args.resume, console=console, progress=False if args.no_progress else None)
@@ -150,6 +154,26 @@ def _run_train(args) -> int:
     c.print(f"look at the heads:  selfattn explain --checkpoint {out} {shlex.quote(res.example)}")
     c.print(f"generate:           selfattn sample --checkpoint {out}")
     return 130 if res.stopped == "interrupted" else 0
+
+
+def _config(args):
+    """The run's TrainConfig from the arguments (and the resumed checkpoint), checked before any work."""
+    from .loop import make_config, resume_config
+    from .state import load as load_state
+
+    given = _given(args)
+    no_target = given.pop("_no_target", False)
+    if args.resume is not None:
+        _, training, _ = load_state(args.resume)
+        if given.get("out") is None:
+            given["out"] = args.resume
+        cfg = resume_config(training["options"], given, args.resume)
+    else:
+        cfg = make_config(given)
+    if no_target:
+        cfg.target_acc = None
+    _check_run(cfg, args)
+    return cfg
 
 
 # files that mark a directory as holding a run (checkpoint or logs)

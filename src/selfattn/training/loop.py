@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 from .. import backends as _backends
 from ..model import Transformer, TransformerConfig
+from . import context as _context
+from . import qkclip as _qkclip
 from . import distributed as _dist
 from . import state as _state
 from .data import IGNORE, RecallTask, TextDataset
@@ -39,6 +41,7 @@ LOG_CSV, LOG_JSONL, PLOT_FILE = "log.csv", "log.jsonl", "training.png"
 class TrainConfig:
     # -- data ---------------------------------------------------------------------------------
     text: str | None = None  # a UTF-8 text file: train a character-level model on it; None = the recall task
+    long: bool = False  # the recall task's long variant: 4096 tokens and the other LONG_DEFAULTS
     keys: int = 16  # recall task: distinct key tokens
     values: int = 16  # recall task: distinct value tokens
     pairs: int = 24  # recall task: key/value pairs per sequence (sequence length 2 * pairs)
@@ -68,6 +71,8 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu" or "cuda"
     threads: int = 1  # torch CPU threads per process
     dtype: str = "float32"  # parameters and activations: "float32", or "float64" (slow; to check backends against each other)
+    context_parallel: int = 1  # processes per sequence (ring attention, balanced layout); more processes: data parallel too
+    qk_clip: float | None = None  # QK-clip threshold tau on each head's max logit (MuonClip); None = off
     out: str = "selfattn-train"  # output directory (checkpoint, logs, plot)
 
 
@@ -75,8 +80,13 @@ class TrainConfig:
 TEXT_DEFAULTS = {"dim": 128, "layers": 4, "heads": 4, "lr": 2e-3, "steps": 2000, "batch": 32, "warmup": 100,
                  "target_acc": None, "eval_every": 100, "eval_size": 64, "stats_every": 50}
 
+# --long: the recall task at 4096 tokens, sized to train on a small CPU machine in minutes
+LONG_DEFAULTS = {"pairs": 2048, "keys": 8, "values": 8, "batch": 2, "steps": 400, "warmup": 20, "lr": 3e-3,
+                 "eval_every": 25, "eval_size": 8, "stats_every": 5, "target_acc": 0.99}
+
 # options that may change when resuming; every other option must match the checkpoint
-RUN_OPTIONS = {"steps", "target_acc", "eval_every", "stats_every", "checkpoint_every", "backend", "device", "threads", "out"}
+RUN_OPTIONS = {"steps", "target_acc", "eval_every", "stats_every", "checkpoint_every", "backend", "device", "threads", "out",
+               "context_parallel", "qk_clip"}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -89,6 +99,8 @@ def make_config(given: dict) -> TrainConfig:
     vals = {k: v for k, v in given.items() if v is not None}
     if vals.get("text") is not None:
         vals = {**TEXT_DEFAULTS, **vals}
+    elif vals.get("long"):
+        vals = {**LONG_DEFAULTS, **vals}
     cfg = TrainConfig(**vals)
     validate(cfg)
     return cfg
@@ -120,6 +132,22 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"dim ({cfg.dim}) must be a multiple of heads ({cfg.heads}) with an even head width (RoPE), "
                          f"got head width {cfg.dim / cfg.heads:g}")
     RecallTask(cfg.keys, cfg.values, cfg.pairs)  # checks the task's own limits
+    if cfg.long and cfg.text is not None:
+        raise ValueError("long is a variant of the recall task; it cannot be combined with text")
+    cp = cfg.context_parallel
+    if isinstance(cp, bool) or not isinstance(cp, int) or cp < 1:
+        raise ValueError(f"context_parallel must be a positive integer (processes per sequence), got {cp!r}")
+    seq = cfg.seq_len if cfg.text is not None else 2 * cfg.pairs
+    if cp > 1 and seq % (2 * cp):
+        what = f"seq_len ({seq})" if cfg.text is not None else f"the sequence length 2 x pairs = {seq}"
+        raise ValueError(f"context_parallel {cp}: {what} must be divisible by 2 x {cp} = {2 * cp} (the balanced layout "
+                         f"gives each process two equal chunks of every sequence)")
+    if cfg.qk_clip is not None and not (isinstance(cfg.qk_clip, (int, float)) and not isinstance(cfg.qk_clip, bool)
+                                        and math.isfinite(cfg.qk_clip) and cfg.qk_clip > 0):
+        raise ValueError(f"qk_clip must be a positive number (the max-logit threshold tau) or None, got {cfg.qk_clip!r}")
+    if cfg.qk_clip is not None and not stats_capable(cfg.backend):
+        raise ValueError(f"qk_clip needs each head's max logit from the attention kernels, and backend {cfg.backend!r} "
+                         "returns no statistics; use --backend auto, cpu or math")
 
 
 def resume_config(saved: dict, given: dict, where: str) -> TrainConfig:
@@ -230,14 +258,17 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))  # float16/bfloat16 -> float32; float64 stays
 
 
-def _head_stats(stats_list, world) -> list:
-    """Per layer, per head: [mean entropy, mean max logit, largest max logit], reduced over ranks."""
+def _head_stats(stats_list, world, top=None) -> list:
+    """Per layer, per head: [mean entropy, mean max logit, largest max logit], reduced over ranks.
+
+    ``top``: the largest max logits (layers, H) when already reduced (:func:`qkclip.head_max_logits`).
+    """
     ent = torch.stack([s.entropy.detach().double().sum(dim=(0, 2)).cpu() for s in stats_list])  # (layers, H)
     mxl = torch.stack([s.max_logit.detach().double().sum(dim=(0, 2)).cpu() for s in stats_list])  # (layers, H)
-    top = torch.stack([s.max_logit.detach().double().amax(dim=(0, 2)).cpu() for s in stats_list])  # (layers, H)
     count = torch.tensor([float(stats_list[0].entropy[:, 0].numel())], dtype=torch.float64)
     packed = world.sum(torch.cat([ent.flatten(), mxl.flatten(), count]))
-    top = world.max(top.clone())
+    if top is None:
+        top = _qkclip.head_max_logits(stats_list, world)
     n = packed[-1]
     ent, mxl = packed[:ent.numel()].view_as(ent) / n, packed[ent.numel():-1].view_as(mxl) / n
     return [[{"entropy": float(ent[l, h]), "max_logit": float(mxl[l, h]), "max_logit_max": float(top[l, h])}
@@ -245,16 +276,26 @@ def _head_stats(stats_list, world) -> list:
 
 
 @torch.no_grad()
-def evaluate(model, data, cfg: TrainConfig, world, heldout) -> tuple:
+def evaluate(model, data, cfg: TrainConfig, world, heldout, cp=None) -> tuple:
     """(held-out loss, held-out accuracy) over the scored positions of the fixed held-out set."""
     ids, targets = heldout
-    ids, targets = world.split(ids).to(world.device), world.split(targets).to(world.device)
+    positions = None
+    if cp is None:
+        ids, targets = world.split(ids).to(world.device), world.split(targets).to(world.device)
+    else:  # each cp group takes a share of the sequences, each of its ranks a shard of every one
+        positions = cp.index(ids.shape[1], world.device)
+        ids, targets = cp.split_rows(ids).to(world.device), cp.split_rows(targets).to(world.device)
+        ids, targets = cp.shard(ids, positions), cp.shard(targets, positions)
     was = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)
-    for i in range(0, ids.shape[0], 128):
-        x, y = ids[i:i + 128], targets[i:i + 128]
-        logits = model(x, backend=cfg.backend)  # (b, L, V)
+    rows = 128 if cp is None and data.seq_len <= 1024 else 4
+    for i in range(0, ids.shape[0], rows):
+        x, y = ids[i:i + rows], targets[i:i + rows]
+        if cp is None:
+            logits = model(x, backend=cfg.backend)  # (b, L, V)
+        else:
+            logits = _context.forward(model, x, positions, cp, backend=cfg.backend)  # (b, L / cp, V)
         scored = y != IGNORE  # (b, L)
         sums[0] += float(F.cross_entropy(_upcast(logits[scored]), y[scored], reduction="sum"))
         sums[1] += float((logits.argmax(-1)[scored] == y[scored]).sum())
@@ -263,6 +304,39 @@ def evaluate(model, data, cfg: TrainConfig, world, heldout) -> tuple:
     sums = world.sum(sums)
     n = max(1.0, float(sums[2]))
     return float(sums[0]) / n, float(sums[1]) / n
+
+
+def data_seq_len(cfg: TrainConfig) -> int:
+    return cfg.seq_len if cfg.text is not None else 2 * cfg.pairs
+
+
+def step_gradients(model, ddp, ids, targets, cfg: TrainConfig, world, cp=None, with_stats: bool = False) -> tuple:
+    """Forward and backward of this rank's part of one global batch (ids, targets (batch, L)).
+
+    Leaves in every parameter's ``.grad`` the gradient of the global batch's mean loss over its
+    scored positions, the same on every rank. Returns (this rank's loss sum (float64 scalar),
+    its correct predictions, per-layer stats or None).
+    """
+    n_scored = int((targets != IGNORE).sum())  # over the global batch
+    if cp is None:
+        x, y = world.shard(ids).to(world.device), world.shard(targets).to(world.device)  # (batch / world, L)
+        res = ddp(x, backend=cfg.backend, return_stats=with_stats)
+        mult = world.size  # DDP averages over ranks: this gives the global mean
+    else:
+        positions = cp.index(ids.shape[1], world.device)  # (L / cp,) global positions of this rank's tokens
+        x, y = cp.rows(ids).to(world.device), cp.rows(targets).to(world.device)  # (batch / dp, L)
+        x, y = cp.shard(x, positions), cp.shard(y, positions)  # (batch / dp, L / cp)
+        res = _context.forward(model, x, positions, cp, backend=cfg.backend, return_stats=with_stats)
+        mult = 1  # summed over all ranks below
+    logits, stats = res if with_stats else (res, None)  # (b, n, V)
+    scored = y != IGNORE  # (b, n)
+    loss_sum = F.cross_entropy(_upcast(logits[scored]), y[scored], reduction="sum")
+    (loss_sum * (mult / max(1, n_scored))).backward()
+    if cp is not None:
+        _context.all_reduce_grads(list(model.parameters()), world.size)
+    with torch.no_grad():
+        correct = (logits.detach().argmax(-1)[scored] == y[scored]).sum()
+    return loss_sum.detach().double(), correct, stats
 
 
 def _example(data, cfg: TrainConfig) -> str:
@@ -301,6 +375,7 @@ class _Log:
             for h, s in enumerate(layer):
                 flat[f"L{l}H{h}_entropy"] = s["entropy"]
                 flat[f"L{l}H{h}_max_logit"] = s["max_logit"]
+                flat[f"L{l}H{h}_max_logit_max"] = s["max_logit_max"]
         return flat
 
     def _write_csv(self) -> None:
@@ -398,7 +473,15 @@ def train(cfg: TrainConfig, *, resume=None, console=None, progress: bool | None 
 
 
 def _train(cfg, world, resume, console, progress, on_step) -> Result:
-    if cfg.batch % world.size:
+    cp = None
+    if cfg.context_parallel > 1:
+        cp = _context.ContextParallel(cfg.context_parallel, world.rank, world.size)  # raises on every rank alike
+        if cfg.batch % cp.dp_size:
+            raise ValueError(f"batch: the global batch ({cfg.batch}) must be divisible by the number of data-parallel groups "
+                             f"({world.size} processes / context_parallel {cfg.context_parallel} = {cp.dp_size})")
+        cp.index(data_seq_len(cfg))  # the sequence splits into 2 chunks per process (validate() said so too)
+        cp.join()
+    elif cfg.batch % world.size:
         raise ValueError(f"batch: the global batch ({cfg.batch}) must be divisible by the number of processes ({world.size})")
     configure_threads(cfg.threads)
     out = Path(cfg.out)
@@ -421,7 +504,7 @@ def _train(cfg, world, resume, console, progress, on_step) -> Result:
     if resume is not None:
         _state.optimizer_from_safe(opt, tensors, training.get("optimizer"), str(Path(resume)))
         _state.rng_from_safe(tensors)
-    ddp = _dist.wrap(model, world)
+    ddp = _dist.wrap(model, world) if cp is None else model  # context parallel: gradients summed by step_gradients
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
     world.barrier()
@@ -449,6 +532,13 @@ def _train(cfg, world, resume, console, progress, on_step) -> Result:
                       f"backend {cfg.backend}, {world.size} process{'es' if world.size > 1 else ''} on {world.device.type}, "
                       f"{cfg.threads} thread{'s' if cfg.threads > 1 else ''} each" + (f"; resuming at step {start}" if start else ""),
                       highlight=False)
+        if cp is not None:
+            console.print(f"context parallel: each sequence split over {cp.size} processes ({data.seq_len // cp.size} tokens each, "
+                          f"ring attention, balanced layout) x {cp.dp_size} data-parallel group{'s' if cp.dp_size > 1 else ''}",
+                          highlight=False)
+        if cfg.qk_clip is not None:
+            console.print(f"QK-clip: after each step, heads whose max logit exceeded {cfg.qk_clip:g} have their query and key "
+                          "projections scaled back to it", highlight=False)
         if not want_stats:
             console.print(f"note: backend {cfg.backend!r} returns no attention statistics; the log has loss and accuracy only",
                           highlight=False)
@@ -466,6 +556,7 @@ def _train(cfg, world, resume, console, progress, on_step) -> Result:
     t_run = time.perf_counter()
     train_time, tokens_run = 0.0, 0
     tps_recent = 0.0
+    clipped = 0  # heads clipped since the last log row
     ddp.train()
     with _Interrupt(on_signal) as intr:
         try:
@@ -475,22 +566,18 @@ def _train(cfg, world, resume, console, progress, on_step) -> Result:
                 for g in opt.param_groups:
                     g["lr"] = lr
                 ids, targets = data.batch(cfg.batch, cfg.seed, step)  # (batch, L) global
-                x, y = world.shard(ids).to(world.device), world.shard(targets).to(world.device)  # (batch / world, L)
                 n_scored = int((targets != IGNORE).sum())  # over the global batch
                 log_now = (step + 1) % cfg.stats_every == 0 or step + 1 == cfg.steps
-                with_stats = log_now and want_stats
-                res = ddp(x, backend=cfg.backend, return_stats=with_stats)
-                logits, stats = res if with_stats else (res, None)  # (b, L, V)
-                scored = y != IGNORE  # (b, L)
-                loss_sum = F.cross_entropy(_upcast(logits[scored]), y[scored], reduction="sum")
-                (loss_sum * (world.size / max(1, n_scored))).backward()  # DDP averages over ranks: this gives the global mean
+                with_stats = want_stats and (log_now or cfg.qk_clip is not None)
+                loss_sum, correct, stats = step_gradients(model, ddp, ids, targets, cfg, world, cp, with_stats)
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    correct = (logits.detach().argmax(-1)[scored] == y[scored]).sum()
-                red = world.sum(torch.tensor([float(loss_sum.detach()), float(correct), float(intr.flag)], dtype=torch.float64))
+                top = _qkclip.head_max_logits(stats, world) if stats is not None else None  # (layers, H) over all ranks
+                if cfg.qk_clip is not None:
+                    clipped += _qkclip.clip(model, top, cfg.qk_clip)
+                red = world.sum(torch.tensor([float(loss_sum), float(correct), float(intr.flag)], dtype=torch.float64))
                 loss, acc = float(red[0]) / max(1, n_scored), float(red[1]) / max(1, n_scored)
                 step += 1
                 dt = time.perf_counter() - t0
@@ -503,7 +590,7 @@ def _train(cfg, world, resume, console, progress, on_step) -> Result:
 
                 evaluated = False
                 if step % cfg.eval_every == 0 or step == cfg.steps:
-                    heldout_loss, heldout_acc = evaluate(model, data, cfg, world, heldout)
+                    heldout_loss, heldout_acc = evaluate(model, data, cfg, world, heldout, cp)
                     last_eval = {"step": step, "loss": heldout_loss, "acc": heldout_acc}
                     evaluated = True
                 if log_now or evaluated:
@@ -511,8 +598,11 @@ def _train(cfg, world, resume, console, progress, on_step) -> Result:
                            "lr": lr, "loss": loss, "acc": acc, "tokens_per_s": tokens_run / max(train_time, 1e-9)}
                     if evaluated:
                         row.update(heldout_loss=heldout_loss, heldout_acc=heldout_acc)
-                    if stats is not None:
-                        row["heads"] = _head_stats(stats, world)
+                    if stats is not None and log_now:
+                        row["heads"] = _head_stats(stats, world, top)
+                    if cfg.qk_clip is not None:
+                        row.update(qk_clip=cfg.qk_clip, heads_clipped=clipped)
+                        clipped = 0
                     log.add(row)
                 rep.step(step, loss, acc, tps_recent, heldout_acc if evaluated else None)
                 if evaluated and rep.bar is None:
@@ -535,7 +625,7 @@ def _train(cfg, world, resume, console, progress, on_step) -> Result:
         from .plot import plot_log
 
         try:
-            plot_log(log.rows, out / PLOT_FILE, title=data.describe())
+            plot_log(log.rows, out / PLOT_FILE, title=data.describe(), qk_clip=cfg.qk_clip)
         except Exception as e:  # a plot must never lose a finished run
             if console is not None:
                 console.print(f"note: could not draw {out / PLOT_FILE}: {e}", highlight=False)
