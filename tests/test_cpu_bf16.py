@@ -273,3 +273,24 @@ def test_to_bf16_t_is_the_transposed_conversion():
     out = np.empty((20, 37), np.uint16)
     cpu_bf16.to_bf16_t(x, out)
     assert np.array_equal(out, _torch_bits(x).T)
+
+
+@needs_bf16
+def test_to_bf16_rows_is_the_hardware_conversion():
+    # as to_bf16 (torch) on normal numbers, zeros, infinities and ties; subnormal inputs become
+    # signed zero, NaNs stay NaNs; the tail of a row (n % 16) masked, nothing written past n
+    rng = np.random.default_rng(5)
+    rows, n = 7, 37
+    x = (rng.standard_normal((rows, n + 3)) * np.exp2(rng.integers(-120, 120, (rows, n + 3)))).astype(np.float32)
+    x[0, :6] = np.array([0.0, -0.0, np.inf, -np.inf, 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8], np.float32)  # ties both ways
+    x[1, :4] = np.array([0x00000001, 0x807FFFFF, 0x7FC00000, 0xFF812345], np.uint32).view(np.float32)
+    out = np.full((rows, n + 3), 0xABCD, np.uint16)
+    cpu_bf16.to_bf16_rows(x, out, rows, n)
+    want = _torch_bits(x)[:, :n]
+    sub = (np.abs(x[:, :n]) < np.finfo(np.float32).tiny) & (x[:, :n] != 0)
+    nan = np.isnan(x[:, :n])
+    got = out[:, :n]
+    assert np.array_equal(got[~sub & ~nan], want[~sub & ~nan])
+    assert np.array_equal(got[sub], (x[:, :n].view(np.uint32)[sub] >> 16).astype(np.uint16) & np.uint16(0x8000))
+    assert np.isnan(_value(got[nan])).all()
+    assert (out[:, n:] == 0xABCD).all()

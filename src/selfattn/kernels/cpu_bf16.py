@@ -26,6 +26,12 @@ Public pieces (all njit-callable from other numba code; none allocates):
   ``bp`` = pack_pairs(B); the contract of ``cpu_flash._mm``. ``mm_bf16_add``: c += the same.
 - ``mm_bf16_tn(ap, bp, c, m, kdim, n)``: c[:m, :n] = A @ B with ``ap`` = pack_pairs(A^T) (the
   backward's products reduced over query rows: dV += P^T dO, dK += dS^T Q); ``mm_bf16_tn_add``.
+- ``to_bf16_rows(x, out, m, n)``: the CPU's own conversion (vcvtneps2bf16, ~3x ``to_bf16``): the same
+  bits except that subnormal inputs become zero; exact for P (0 or >= 2**-126). Needs AVX512-BF16.
+- AMX (``has_amx_bf16()``): ``amx_begin()``, ``mm_amx(a, bp, c, m, kdim, n)`` / ``mm_amx_add``,
+  ``amx_end()``: the same product on the tile unit (tdpbf16ps), whole 16 x 16 tiles on zero-padded
+  operands (the contract is above ``mm_amx``); ``to_bf16_t(x, out)`` makes the row-major A of
+  P^T dO and dS^T Q, which AMX needs (it has no transposed-A form).
 
 Forward tiles: S = Q_blk @ K^T is ``mm_bf16(q, pack_pairs_t(k_blk), s, ...)`` and the P @ V share
 ``mm_bf16(to_bf16(p), pack_pairs(v_blk), part, ...)``; backward dP = dO V^T with pack_pairs_t(V),
@@ -38,6 +44,17 @@ environment variable ``SELFATTN_CPU_BF16`` is not ``0``. Set ``SELFATTN_CPU_BF16
 float32 fallback on a host that has the instructions (to test the fallback, or to compare).
 On a host without them the products refuse to compile (a numba typing error naming this module),
 so no ``vdpbf16ps`` ever reaches LLVM there; packing and conversion work everywhere.
+``has_amx_bf16()`` is True when the CPU has AMX-TILE and AMX-BF16 and Linux granted this process the
+tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM)``, asked once at import), unless ``SELFATTN_CPU_AMX=0``
+or ``SELFATTN_CPU_BF16=0``.
+
+Which one is faster depends on the CPU (benchmarks/bench_bf16_mk.py, one thread): on the Intel Xeon
+of issue 14's second session (AVX512-BF16 and AMX) vdpbf16ps issues once per two cycles, so its
+ceiling is half the float32 FMA ceiling (~76 vs ~150 GFLOP/s) and ``mm_bf16`` runs at 0.5-0.8x the
+float32 ``_mm``; ``mm_amx`` ran 3-10x ``_mm`` on 64-row tiles (noisy: the tile unit is shared). Where
+vdpbf16ps runs at the FMA rate (AMD Zen 4/5) ``mm_bf16`` should approach 2x float32.
+Both ``vdpbf16ps`` and ``tdpbf16ps`` treat subnormal bfloat16 inputs as zero and flush subnormal
+results (DAZ/FTZ), whatever MXCSR says.
 """
 
 from __future__ import annotations
@@ -583,3 +600,65 @@ def to_bf16_t(x, out):
     for i in range(x.shape[0]):
         for j in range(x.shape[1]):
             out[j, i] = _rne(x[i, j])
+
+
+@intrinsic
+def _cvt_row(typingctx, px, pout, n):
+    # out[:n] = bfloat16(x[:n]) at raw addresses with vcvtneps2bf16, 16 at a time (the last masked)
+    if not _HOST_BF16:
+        raise errors.TypingError("selfattn.kernels.cpu_bf16: this CPU has no AVX512-BF16 (check has_bf16_dot() first)")
+    sig = types.void(types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        px, pout, n = args
+        mod = builder.module
+        i1, i16, i32, i64, f32 = ir.IntType(1), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+        fv, hv, mty = ir.VectorType(f32, 16), ir.VectorType(i16, 16), ir.VectorType(i1, 16)
+        bv = ir.VectorType(_BFloat(), 16)
+        mload = cgutils.get_or_insert_function(
+            mod, ir.FunctionType(fv, [ir.PointerType(fv), i32, mty, fv]), f"llvm.masked.load.v16f32.{_ptr('v16f32')}")
+        mstore = cgutils.get_or_insert_function(
+            mod, ir.FunctionType(ir.VoidType(), [hv, ir.PointerType(hv), i32, mty]), f"llvm.masked.store.v16i16.{_ptr('v16i16')}")
+        c = lambda x: ir.Constant(i64, x)  # noqa: E731
+
+        def convert(v):
+            # round to nearest even; the instruction treats subnormal inputs as zero
+            return builder.bitcast(builder.fptrunc(v, bv), hv)
+
+        entry = builder.block
+        loop = builder.append_basic_block("cvt.loop")
+        tail = builder.append_basic_block("cvt.tail")
+        done = builder.append_basic_block("cvt.done")
+        full = builder.sdiv(n, c(16))
+        builder.cbranch(builder.icmp_signed(">", full, c(0)), loop, tail)
+        builder.position_at_end(loop)
+        i = builder.phi(i64)
+        i.add_incoming(c(0), entry)
+        v = builder.load(builder.inttoptr(builder.add(px, builder.mul(i, c(64))), ir.PointerType(fv)), align=4)
+        builder.store(convert(v), builder.inttoptr(builder.add(pout, builder.mul(i, c(32))), ir.PointerType(hv)), align=2)
+        nxt = builder.add(i, c(1))
+        i.add_incoming(nxt, loop)
+        builder.cbranch(builder.icmp_signed("<", nxt, full), loop, tail)
+        builder.position_at_end(tail)
+        left = builder.trunc(builder.srem(n, c(16)), i16)  # 0..15: an empty mask when n is whole vectors
+        bits = builder.sub(builder.shl(ir.Constant(i16, 1), left), ir.Constant(i16, 1))
+        mask = builder.bitcast(bits, mty)
+        off = builder.mul(full, c(16))
+        v = builder.call(mload, [builder.inttoptr(builder.add(px, builder.mul(off, c(4))), ir.PointerType(fv)),
+                                 ir.Constant(i32, 4), mask, ir.Constant(fv, None)])
+        builder.call(mstore, [convert(v), builder.inttoptr(builder.add(pout, builder.mul(off, c(2))), ir.PointerType(hv)),
+                              ir.Constant(i32, 2), mask])
+        builder.branch(done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def to_bf16_rows(x, out, m, n):
+    """out[:m, :n] = bfloat16 bits of float32 x[:m, :n] with the CPU's conversion (needs AVX512-BF16;
+    rows contiguous): round to nearest even as :func:`to_bf16`, except that subnormal inputs become
+    zero and NaNs stay NaNs of their own sign. Exact for the P of flash attention (0 or >= 2**-126)."""
+    for i in range(m):
+        _cvt_row(_addr(x) + i * x.strides[0], _addr(out) + i * out.strides[0], n)
