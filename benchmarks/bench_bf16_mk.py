@@ -5,7 +5,7 @@
 Flash-attention tile shapes (m x k x n): 64x64x64 (Q K^T and P V at head dim 64), 64x128x64 (Q K^T
 at head dim 128) and 64x64x128 (P V at head dim 128), each looped in cache. Alongside, in the same
 run: the float32 FMA ceiling (benchmarks/peak.py's loop of independent FMAs) and the vdpbf16ps
-ceiling (the same kind of loop of independent vdpbf16ps, 64 FLOPs each), the AMX product where the
+ceiling (cpu_bf16.dot_ceiling_loop: the same kind of loop of independent vdpbf16ps, 64 FLOPs each), the AMX product where the
 CPU has AMX-BF16 (tile configuration loaded once for the loop, and again around every call: AMX+cfg),
 and what the flash loop pays per tile around the bfloat16 product: converting a 64x64 float32 P and
 packing a 64x64 block.
@@ -30,7 +30,6 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 SHAPES = [(64, 64, 64), (64, 128, 64), (64, 64, 128)]
-CHAINS = 24  # independent vdpbf16ps accumulators in the ceiling loop (any count >= 8 gave the same rate)
 
 
 def _cpu_time(fn, repeats: int = 5) -> float:
@@ -40,58 +39,6 @@ def _cpu_time(fn, repeats: int = 5) -> float:
         fn()
         best = min(best, time.thread_time() - t0)
     return best
-
-
-def _dot_ceiling():
-    # a numba loop of CHAINS independent vdpbf16ps on registers: no loads, no stores
-    from llvmlite import ir
-    from numba import njit, types
-    from numba.extending import intrinsic
-
-    from selfattn.kernels.cpu_bf16 import _BFloat
-
-    @intrinsic
-    def _loop(typingctx, n_iter):
-        sig = types.float32(types.int64)
-
-        def codegen(context, builder, signature, args):
-            (n,) = args
-            f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
-            fv, iv, pv = ir.VectorType(f32, 16), ir.VectorType(i32, 16), ir.VectorType(_BFloat(), 32)
-            fn = builder.module.globals.get("llvm.x86.avx512bf16.dpbf16ps.512") or ir.Function(
-                builder.module, ir.FunctionType(fv, [fv, pv, pv]), name="llvm.x86.avx512bf16.dpbf16ps.512")
-            a = builder.bitcast(ir.Constant(iv, [0x3F803F80] * 16), pv)  # (1, 1)
-            b = builder.bitcast(ir.Constant(iv, [0x3F7F3F7F] * 16), pv)  # (~1, ~1): acc grows slowly
-            entry = builder.block
-            loop, done = builder.append_basic_block("loop"), builder.append_basic_block("done")
-            builder.branch(loop)
-            builder.position_at_end(loop)
-            i = builder.phi(i64)
-            i.add_incoming(ir.Constant(i64, 0), entry)
-            accs = []
-            for c in range(CHAINS):
-                phi = builder.phi(fv)
-                phi.add_incoming(ir.Constant(fv, [float(c)] * 16), entry)
-                accs.append(phi)
-            new = [builder.call(fn, [acc, a, b]) for acc in accs]
-            for phi, val in zip(accs, new):
-                phi.add_incoming(val, loop)
-            nxt = builder.add(i, ir.Constant(i64, 1))
-            i.add_incoming(nxt, loop)
-            builder.cbranch(builder.icmp_signed("<", nxt, n), loop, done)
-            builder.position_at_end(done)
-            total = new[0]
-            for val in new[1:]:
-                total = builder.fadd(total, val)
-            return builder.extract_element(total, ir.Constant(i32, 0))
-
-        return sig, codegen
-
-    @njit(nogil=True)
-    def dot_loop(n):
-        return _loop(n)
-
-    return dot_loop
 
 
 def main(argv=None) -> int:
@@ -118,11 +65,12 @@ def main(argv=None) -> int:
     n_iter = 2_000_000
     peak.fma_loop(1000, np.float32(1.0))
     fma = n_iter * peak.flops_per_iter() / _cpu_time(lambda: peak.fma_loop(n_iter, np.float32(1.0))) / 1e9
-    dot_loop = _dot_ceiling()
-    dot_loop(1000)
-    dot = n_iter * CHAINS * 64 / _cpu_time(lambda: dot_loop(n_iter)) / 1e9
+    cpu_bf16.dot_ceiling_loop(1000)
+    dot = n_iter * cpu_bf16.CEILING_CHAINS * 64 / _cpu_time(lambda: cpu_bf16.dot_ceiling_loop(n_iter)) / 1e9
     print(f"ceilings, 1 thread, CPU time: float32 FMA {fma:6.1f} GFLOP/s, vdpbf16ps {dot:6.1f} GFLOP/s "
           f"({dot / fma:.2f}x the FMA ceiling); peak.measure(1) (wall time) {peak.measure(1, seconds=0.2, repeats=3):6.1f}")
+    print(f"cpu_bf16.bf16_dot_speedup() = {cpu_bf16.bf16_dot_speedup():.2f} -> bf16_dot_pays() = {cpu_bf16.bf16_dot_pays()}; "
+          f"has_amx_bf16() = {cpu_bf16.has_amx_bf16()}")
 
     @njit
     def loop_bf16(a, bp, c, m, k, n, it):
@@ -197,18 +145,26 @@ def main(argv=None) -> int:
         for _ in range(it):
             cpu_bf16.pack_pairs_t(x, out)
 
+    @njit
+    def loop_cvt_rows(x, out, it):
+        for _ in range(it):
+            cpu_bf16.to_bf16_rows(x, out, 64, 64)
+
     x = rng.random((64, 64)).astype(np.float32)
     xb = np.empty((64, 64), np.uint16)
     cpu_bf16.to_bf16(x, xb)
     packed = np.empty((32, 64, 2), np.uint16)
     it = 20_000
     extra = {}
-    for name, fn, src in (("to_bf16 64x64 float32", loop_cvt, (x, xb)), ("pack_pairs 64x64 bf16", loop_pack, (xb, packed)),
-                          ("pack_pairs_t 64x64 bf16", loop_pack_t, (xb, packed))):
+    product = f"64x64x64 product: mm_bf16 {2 * 64 ** 3 / rows[0]['bf16_gflops'] / 1e3:.3f} us"
+    if amx:
+        product += f", mm_amx {2 * 64 ** 3 / rows[0]['amx_gflops'] / 1e3:.3f} us"
+    for name, fn, src in (("to_bf16 64x64 float32", loop_cvt, (x, xb)), ("to_bf16_rows 64x64 float32", loop_cvt_rows, (x, xb)),
+                          ("pack_pairs 64x64 bf16", loop_pack, (xb, packed)), ("pack_pairs_t 64x64 bf16", loop_pack_t, (xb, packed))):
         fn(*src, 1)
         us = _cpu_time(lambda: fn(*src, it)) / it * 1e6
         extra[name] = us
-        print(f"{name:>24}: {us:6.3f} us per tile (the 64x64x64 product: {2 * 64 ** 3 / rows[0]['bf16_gflops'] / 1e3:.3f} us)")
+        print(f"{name:>27}: {us:6.3f} us per tile ({product})")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"date": time.strftime("%Y-%m-%d"), "numba": numba.__version__, "fma_gflops": fma,

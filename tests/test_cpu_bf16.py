@@ -294,3 +294,19 @@ def test_to_bf16_rows_is_the_hardware_conversion():
     assert np.array_equal(got[sub], (x[:, :n].view(np.uint32)[sub] >> 16).astype(np.uint16) & np.uint16(0x8000))
     assert np.isnan(_value(got[nan])).all()
     assert (out[:, n:] == 0xABCD).all()
+
+
+def test_bf16_dot_pays_follows_the_switch_and_the_measurement(monkeypatch):
+    monkeypatch.setenv(cpu_bf16.ENV_FLAG, "0")
+    assert cpu_bf16.bf16_dot_pays() is False
+    monkeypatch.delenv(cpu_bf16.ENV_FLAG)
+    if not cpu_bf16.host_has_bf16_dot():
+        assert cpu_bf16.bf16_dot_speedup() == 0.0 and cpu_bf16.bf16_dot_pays() is False
+        return
+    speedup = cpu_bf16.bf16_dot_speedup()
+    print(f"vdpbf16ps / float32 FMA FLOP rate here: {speedup:.2f}")
+    assert 0.1 < speedup < 10.0
+    monkeypatch.setattr(cpu_bf16, "_SPEEDUP", [0.5])
+    assert cpu_bf16.bf16_dot_pays() is False
+    monkeypatch.setattr(cpu_bf16, "_SPEEDUP", [2.0])
+    assert cpu_bf16.bf16_dot_pays() is True

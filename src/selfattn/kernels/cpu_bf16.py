@@ -662,3 +662,109 @@ def to_bf16_rows(x, out, m, n):
     zero and NaNs stay NaNs of their own sign. Exact for the P of flash attention (0 or >= 2**-126)."""
     for i in range(m):
         _cvt_row(_addr(x) + i * x.strides[0], _addr(out) + i * out.strides[0], n)
+
+
+# -- does vdpbf16ps pay here? -------------------------------------------------------------------------
+# Its rate is the CPU's business: on AMD Zen 4/5 one vdpbf16ps (64 FLOPs) issues as often as one float32
+# FMA (32 FLOPs); on the Intel Xeon of issue 14's second session it issues half as often, so the
+# bfloat16 product is slower than the float32 one. Two register-only loops measure both ceilings.
+
+CEILING_CHAINS = 24  # independent accumulators: covers the latency of either instruction on both pipes
+
+
+def _make_ceiling_loop(use_dot):
+    @intrinsic
+    def _loop(typingctx, n_iter):
+        # CEILING_CHAINS independent vdpbf16ps (or float32 FMAs) a trip, on registers only
+        if use_dot and not _HOST_BF16:
+            raise errors.TypingError("selfattn.kernels.cpu_bf16: this CPU has no AVX512-BF16")
+        sig = types.float32(types.int64)
+
+        def codegen(context, builder, signature, args):
+            (n,) = args
+            mod = builder.module
+            f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+            fv, iv = ir.VectorType(f32, 16), ir.VectorType(i32, 16)
+            if use_dot:
+                pty = ir.VectorType(_BFloat(), 32) if llvm_version_info[0] >= 17 else iv
+                fn = cgutils.get_or_insert_function(mod, ir.FunctionType(fv, [fv, pty, pty]), "llvm.x86.avx512bf16.dpbf16ps.512")
+                a = builder.bitcast(ir.Constant(iv, [0x3F803F80] * 16), pty)  # (1, 1)
+                b = builder.bitcast(ir.Constant(iv, [0x3F7F3F7F] * 16), pty)  # (~1, ~1)
+                step = lambda acc: builder.call(fn, [acc, a, b])  # noqa: E731
+            else:
+                fn = cgutils.get_or_insert_function(mod, ir.FunctionType(fv, [fv] * 3), "llvm.fma.v16f32")
+                a, b = ir.Constant(fv, [0.999999] * 16), ir.Constant(fv, [1e-6] * 16)
+                step = lambda acc: builder.call(fn, [acc, a, b])  # noqa: E731
+            entry = builder.block
+            loop, done = builder.append_basic_block("ceil.loop"), builder.append_basic_block("ceil.done")
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            i = builder.phi(i64)
+            i.add_incoming(ir.Constant(i64, 0), entry)
+            accs = []
+            for c in range(CEILING_CHAINS):
+                phi = builder.phi(fv)
+                phi.add_incoming(ir.Constant(fv, [float(c)] * 16), entry)
+                accs.append(phi)
+            new = [step(acc) for acc in accs]
+            for phi, val in zip(accs, new):
+                phi.add_incoming(val, loop)
+            nxt = builder.add(i, ir.Constant(i64, 1))
+            i.add_incoming(nxt, loop)
+            builder.cbranch(builder.icmp_signed("<", nxt, n), loop, done)
+            builder.position_at_end(done)
+            total = new[0]
+            for val in new[1:]:
+                total = builder.fadd(total, val)
+            return builder.extract_element(total, ir.Constant(i32, 0))
+
+        return sig, codegen
+
+    return _loop
+
+
+_dot_ceiling, _fma_ceiling = _make_ceiling_loop(True), _make_ceiling_loop(False)
+
+
+@njit(nogil=True, cache=True)
+def dot_ceiling_loop(n_iter):
+    """n_iter trips of CEILING_CHAINS independent vdpbf16ps (64 FLOPs each); a result that needs them all."""
+    return _dot_ceiling(n_iter)
+
+
+@njit(nogil=True, cache=True)
+def fma_ceiling_loop(n_iter):
+    """n_iter trips of CEILING_CHAINS independent float32 <16 x float> FMAs (32 FLOPs each)."""
+    return _fma_ceiling(n_iter)
+
+
+_SPEEDUP = []
+
+
+def bf16_dot_speedup() -> float:
+    """FLOP rate of vdpbf16ps over float32 FMA on this CPU (0.0 without AVX512-BF16): measured once per
+    process, alternating the two loops and keeping each one's best (about 40 ms after compiling)."""
+    if not _HOST_BF16:
+        return 0.0
+    if not _SPEEDUP:
+        import time
+
+        n = 20_000
+        dot_ceiling_loop(10)
+        fma_ceiling_loop(10)
+        best_dot = best_fma = float("inf")
+        for _ in range(5):
+            t0 = time.thread_time()
+            dot_ceiling_loop(n)
+            t1 = time.thread_time()
+            fma_ceiling_loop(n)
+            t2 = time.thread_time()
+            best_dot, best_fma = min(best_dot, t1 - t0), min(best_fma, t2 - t1)
+        _SPEEDUP.append((64 / max(best_dot, 1e-9)) / (32 / max(best_fma, 1e-9)))
+    return _SPEEDUP[0]
+
+
+def bf16_dot_pays() -> bool:
+    """Use ``mm_bf16`` rather than float32 products: :func:`has_bf16_dot` and vdpbf16ps measured at
+    least 1.25x the float32 FMA's FLOP rate (so not on CPUs that issue it at half the FMA rate)."""
+    return has_bf16_dot() and bf16_dot_speedup() >= 1.25
