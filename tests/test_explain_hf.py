@@ -309,3 +309,41 @@ def test_json_too_large_is_refused_before_loading(saved, capsys, monkeypatch, no
     monkeypatch.setattr(cli, "JSON_MAX_NUMBERS", 100)
     line = _error(capsys, "explain", "--hf", saved[0], TEXT, "--json", "/tmp/x.json")
     assert "--json" in line and "numbers" in line
+
+
+# -- other families: sliding windows, softcap, GPT-2's and BERT's module names, bidirectional masks --
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gpt2", "bert"])
+def test_other_families_equal_eager(family, tmp_path):
+    from selfattn.explain.hf import explain_hf
+    from test_hf import _config
+
+    cfg = _config(family)
+    torch.manual_seed(0)
+    cls = transformers.BertForMaskedLM if family == "bert" else transformers.AutoModelForCausalLM
+    model = cls(cfg) if family == "bert" else cls.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)
+    model.save_pretrained(tmp_path / family)
+    ids = list(range(1, 12))  # 11 tokens: longer than the sliding windows (5)
+    mt = explain_hf(tmp_path / family, ids=ids)
+    eager = cls.from_pretrained(tmp_path / family, attn_implementation="eager", local_files_only=True).eval()
+    with torch.no_grad():
+        att = eager(torch.tensor([ids]), output_attentions=True).attentions
+    assert len(mt.layers) == len(att) == cfg.num_hidden_layers
+    for layer, want in zip(mt.layers, att, strict=True):
+        assert len(layer.heads) == want.shape[1]
+        for h, tr in enumerate(layer.heads):
+            assert (tr.weights - want[0, h].double()).abs().max().item() <= TOL, (layer.name, h)
+
+
+def test_attention_sinks_are_refused_by_name(tmp_path, capsys):
+    from test_hf import FAMILIES, _config
+
+    if "gpt_oss" not in FAMILIES:
+        pytest.skip("this transformers has no gpt-oss")
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(_config("gpt_oss")).save_pretrained(tmp_path / "oss")
+    line = _error(capsys, "explain", "--hf", tmp_path / "oss", "--ids", "1,2,3")
+    assert "sinks" in line and "model.layers.0.self_attn" in line
