@@ -171,3 +171,26 @@ def test_grid_of_ranks():
         ContextParallel(4, 0, 6)
     with pytest.raises(ValueError, match="divisible by 2 x 2 = 4"):
         ContextParallel(2, 0, 2).index(10)
+
+
+def test_init_continues_a_short_model_and_refuses_one_that_does_not_fit(tmp_path):
+    from selfattn.training import train
+    from selfattn.training.loop import init_weights
+
+    short = make_config(dict(pairs=8, keys=8, values=8, dim=32, steps=2, eval_every=1000, eval_size=4, target_acc=None,
+                             out=str(tmp_path / "short")))
+    train(short)
+    # the --long task at 8 keys and values (4096 tokens) starts from the short model's weights, unchanged
+    longer = make_config(dict(long=True, dim=32, init=str(tmp_path / "short")))
+    assert longer.pairs == 2048 and longer.lr == 1e-3
+    w = init_weights(longer, build_dataset(longer))
+    from selfattn import checkpoint
+
+    ref = checkpoint.load(tmp_path / "short").state_dict
+    assert all(torch.equal(w[n], ref[n]) for n in ref)
+    with pytest.raises(ValueError, match="vocabulary"):
+        other = make_config(dict(long=True, keys=6, dim=32, init=str(tmp_path / "short")))
+        init_weights(other, build_dataset(other))
+    with pytest.raises(ValueError, match="does not match --dim 64"):
+        wide = make_config(dict(long=True, init=str(tmp_path / "short")))
+        init_weights(wide, build_dataset(wide))

@@ -309,7 +309,9 @@ def _add_train(sub) -> None:
                        description="Train a small decoder-only transformer built from selfattn's layers. Default: associative "
                                    "recall (predict the token that followed the previous occurrence of the current token), "
                                    "generated on the fly, stopping at 99% held-out accuracy. --text FILE: a character-level "
-                                   "model of any text. Data-parallel: torchrun --standalone --nproc_per_node N -m selfattn.cli train ...")
+                                   "model of any text. Data-parallel: torchrun --standalone --nproc_per_node N -m selfattn.cli train ... "
+                                   "Long context: --long --context-parallel N splits each 4096-token sequence over N "
+                                   "processes (started here, or by torchrun); --qk-clip TAU caps each head's max logit.")
     add_train_arguments(t)
     _add_version(t)
     t.set_defaults(func=_cmd_train)

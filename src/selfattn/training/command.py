@@ -51,6 +51,8 @@ _TRAIN_OPTIONS = [
     ("--device", "device", str, "auto, cpu or cuda (default auto)"),
     ("--threads", "threads", _int("--threads"), "torch threads per process (default 1: the model is small)"),
     ("--dtype", "dtype", str, "float32 (default) or float64 (slow; for checking backends against each other)"),
+    ("--init", "init", str, "start from the weights of this checkpoint (step 0, a fresh optimizer): e.g. continue a "
+                            "short-context model at --long's 4096 tokens; the model options must match"),
     ("--context-parallel", "context_parallel", _int("--context-parallel"),
      "split each sequence over N processes (ring attention, balanced layout). Under torchrun N must divide the "
      "number of processes (the rest is data parallel); otherwise selfattn starts N processes itself (default 1)"),
@@ -64,7 +66,7 @@ _TRAIN_OPTIONS = [
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     metavars = {"text": "FILE", "out": "DIR", "backend": "NAME", "device": "DEVICE", "norm": "{rms,layer}",
-                "dtype": "{float32,float64}", "target_acc": "ACC", "qk_clip": "TAU"}
+                "dtype": "{float32,float64}", "target_acc": "ACC", "qk_clip": "TAU", "init": "DIR"}
     p.add_argument("--long", dest="long", action="store_true", default=None,
                    help="the recall task's long variant: 4096-token sequences (2048 pairs, 8 keys, 8 values, batch 2); "
                         "made for --context-parallel")
@@ -192,6 +194,12 @@ def _check_run(cfg, args) -> None:
         from .data import TextDataset
 
         TextDataset.from_file(cfg.text, cfg.seq_len)  # unreadable, not UTF-8, empty or too short: said now
+    if cfg.init is not None:
+        if args.resume is not None:
+            raise UsageError("--init starts a new run from a checkpoint's weights; --resume continues one: give one of them")
+        from .loop import build_dataset, init_weights
+
+        init_weights(cfg, build_dataset(cfg))  # a checkpoint that cannot start this model: said now
     check_output_dir("--out", cfg.out)
     out = Path(cfg.out)
     same = False
