@@ -7,8 +7,9 @@ at head dim 128) and 64x64x128 (P V at head dim 128), each looped in cache. Alon
 run: the float32 FMA ceiling (benchmarks/peak.py's loop of independent FMAs) and the vdpbf16ps
 ceiling (cpu_bf16.dot_ceiling_loop: the same kind of loop of independent vdpbf16ps, 64 FLOPs each), the AMX product where the
 CPU has AMX-BF16 (tile configuration loaded once for the loop, and again around every call: AMX+cfg),
-and what the flash loop pays per tile around the bfloat16 product: converting a 64x64 float32 P and
-packing a 64x64 block.
+what the flash loop pays per tile around the bfloat16 product (converting a 64x64 float32 P, packing a
+64x64 block), and an Amdahl estimate of the dense forward: the `cpu` backend's float32 forward
+(1, 1, L, L, 64) less its float32 tile products plus the bfloat16 ones (with P's conversion).
 
 All times are CPU time of this thread (time.thread_time: the machine is shared), best of 5;
 ratios compare numbers of one run.
@@ -41,10 +42,70 @@ def _cpu_time(fn, repeats: int = 5) -> float:
     return best
 
 
+def _forward_estimate(L: int, amx: bool) -> dict:
+    # Amdahl: the float32 `cpu` dense forward (1, 1, L, L, 64) on one thread, less its 2 x 64x64x64
+    # float32 products per tile, plus what the bfloat16 products (and P's conversion) would take instead
+    import torch
+    from numba import njit
+
+    import selfattn
+    from selfattn.kernels import cpu_bf16, cpu_flash
+
+    D, T = 64, 64
+    q, k, v = (torch.randn(1, 1, L, D) for _ in range(3))
+    selfattn.attention(q, k, v, backend="cpu")
+    total = _cpu_time(lambda: selfattn.attention(q, k, v, backend="cpu"))
+    tiles = (L // T) ** 2
+
+    @njit
+    def f32_products(a, b, c, it):
+        for _ in range(it):
+            cpu_flash._mm(a, b, c, T, D, T)
+            cpu_flash._mm(a, b, c, T, T, D)
+
+    @njit
+    def dot_products(ab, bp, c, x, xb, it):
+        for _ in range(it):
+            cpu_bf16.mm_bf16(ab, bp, c, T, D, T)
+            cpu_bf16.to_bf16_rows(x, xb, T, T)
+            cpu_bf16.mm_bf16(xb, bp, c, T, T, D)
+
+    @njit
+    def amx_products(ab, bp, c, x, xb, it):
+        cpu_bf16.amx_begin()
+        for _ in range(it):
+            cpu_bf16.mm_amx(ab, bp, c, T, D, T)
+            cpu_bf16.to_bf16_rows(x, xb, T, T)
+            cpu_bf16.mm_amx_add(xb, bp, c, T, T, D)  # P V added into the rescaled accumulator
+        cpu_bf16.amx_end()
+
+    a = np.random.default_rng(1).random((T, T)).astype(np.float32)
+    c = np.zeros((T, T), np.float32)
+    ab, xb = np.zeros((T, T), np.uint16), np.zeros((T, T), np.uint16)
+    cpu_bf16.to_bf16(a, ab)
+    bp = np.zeros((T // 2, T, 2), np.uint16)
+    cpu_bf16.pack_pairs(a, bp)
+    f32_products(a, a, c, 1)
+    dot_products(ab, bp, c, a, xb, 1)
+    t_f32 = _cpu_time(lambda: f32_products(a, a, c, tiles))
+    t_dot = _cpu_time(lambda: dot_products(ab, bp, c, a, xb, tiles))
+    out = {"L": L, "forward_ms": total * 1e3, "f32_products_ms": t_f32 * 1e3, "dot_products_ms": t_dot * 1e3}
+    line = (f"dense forward (1, 1, {L}, {L}, 64), 1 thread: float32 {total * 1e3:.1f} ms, of which its products {t_f32 * 1e3:.1f} ms"
+            f" ({t_f32 / total:.0%}); with mm_bf16: {(total - t_f32 + t_dot) * 1e3:.1f} ms ({total / (total - t_f32 + t_dot):.2f}x)")
+    if amx:
+        amx_products(ab, bp, c, a, xb, 1)
+        t_amx = _cpu_time(lambda: amx_products(ab, bp, c, a, xb, tiles))
+        out["amx_products_ms"] = t_amx * 1e3
+        line += f"; with mm_amx: {(total - t_f32 + t_amx) * 1e3:.1f} ms ({total / (total - t_f32 + t_amx):.2f}x)"
+    print("Amdahl estimate, " + line)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--seconds", type=float, default=0.3, help="CPU time per measurement (about)")
+    p.add_argument("--length", type=int, default=2048, help="sequence length of the forward estimate (0: skip it)")
     args = p.parse_args(argv)
     import numba
     import torch
@@ -165,10 +226,12 @@ def main(argv=None) -> int:
         us = _cpu_time(lambda: fn(*src, it)) / it * 1e6
         extra[name] = us
         print(f"{name:>27}: {us:6.3f} us per tile ({product})")
+    estimate = _forward_estimate(args.length, amx) if args.length else None
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"date": time.strftime("%Y-%m-%d"), "numba": numba.__version__, "fma_gflops": fma,
-                       "vdpbf16ps_gflops": dot, "amx": amx, "tiles": rows, "per_tile_us": extra}, f, indent=1)
+                       "vdpbf16ps_gflops": dot, "amx": amx, "tiles": rows, "per_tile_us": extra,
+                       "forward_estimate": estimate}, f, indent=1)
     return 0
 
 
