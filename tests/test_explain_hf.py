@@ -147,6 +147,24 @@ def test_without_a_tokenizer_text_is_refused_with_what_to_do(saved, capsys):
     assert err.strip().splitlines()[-1].startswith("selfattn explain: error:") and "Traceback" not in err
 
 
+def test_nothing_is_downloaded(saved, capsys, monkeypatch):
+    import socket
+
+    def refuse(*a, **k):
+        raise AssertionError(f"explain --hf opened a network connection: {a[1:]}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    from selfattn.explain.hf import explain_hf
+
+    mt = explain_hf(saved[0], TEXT)  # the library: local_files_only alone
+    assert len(mt.layers) == 2 and mt.tokens == TEXT.split()
+    code, out, err = _main(capsys, "explain", "--hf", saved[0], TEXT)
+    assert code == 0, err
+    assert "model.layers.1.self_attn head 3" in out
+
+
 def test_terminal_report_from_ids(saved, capsys):
     _, bare = saved
     code, out, err = _main(capsys, "explain", "--hf", bare, "--ids", "1 2 3 4")

@@ -128,6 +128,7 @@ def _cmd_explain_hf(args, text) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn
 
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: nothing is downloaded
     from ._progress import compile_notice
     from .explain.hf import explain_hf, json_numbers
     from .explain.terminal import render

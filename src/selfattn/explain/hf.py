@@ -11,8 +11,8 @@ whose float32 parameters and activations would not fit the memory this machine h
 (parameter counts come from the safetensors headers, read with ``struct`` and ``json``).
 
 The model then runs once in float32 with ``attn_implementation="selfattn"``
-(:mod:`selfattn.integrations.transformers`), nothing downloaded (``local_files_only``,
-``HF_HUB_OFFLINE=1``); every ``selfattn.attention`` call it makes is recorded with the module
+(:mod:`selfattn.integrations.transformers`), nothing downloaded (both loaders are given
+``local_files_only``; the command line also sets ``HF_HUB_OFFLINE=1``); every ``selfattn.attention`` call it makes is recorded with the module
 that made it and becomes one layer of a :class:`~selfattn.explain.ModelTrace`, one trace per
 query head -- the same object ``explain --checkpoint`` returns, with the same terminal, PNG,
 HTML and JSON views.
@@ -21,7 +21,6 @@ HTML and JSON views.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,7 +334,6 @@ def explain_hf(path, text: str | None = None, *, ids=None, rows=None, what: str 
     from .._cliutil import check_memory
 
     report = progress or (lambda stage, done, total: None)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the loaders below also pass local_files_only
     md = check_model_dir(path, what)
     x, tokens, tok = _token_ids(md, text, ids, what)
     L = x.shape[1]
