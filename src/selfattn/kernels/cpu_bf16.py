@@ -356,7 +356,7 @@ def _make_microkernel(rows):
     return microkernel
 
 
-_mk6, _mk4, _mk2, _mk1 = (_make_microkernel(r) for r in (MR, 4, 2, 1))
+_mk6, _mk2, _mk1 = (_make_microkernel(r) for r in (MR, 2, 1))
 
 
 @njit(cache=True)
@@ -369,10 +369,7 @@ def _gemm(pa, sa0, sa1, pb, sb, pc, sc, m, kdim, n, accumulate):
         while i + MR <= m:
             _mk6(pa + i * sa0, sa0, sa1, pbj, sb, pcj + i * sc, sc, nn, kdim, accumulate)
             i += MR
-        if i + 4 <= m:
-            _mk4(pa + i * sa0, sa0, sa1, pbj, sb, pcj + i * sc, sc, nn, kdim, accumulate)
-            i += 4
-        if i + 2 <= m:
+        while i + 2 <= m:  # the last m % 6 rows: pairs, then one
             _mk2(pa + i * sa0, sa0, sa1, pbj, sb, pcj + i * sc, sc, nn, kdim, accumulate)
             i += 2
         if i < m:
