@@ -44,6 +44,10 @@ def _case(name):
         return (1, 6, 2, 11, 7), dict(causal=True, softcap=2.0)
     if name == "padding":  # fully-masked query rows in batch 1
         return shapes, dict(mask=masks.padding(torch.tensor([33, 40]), torch.tensor([37, 20])))
+    if name == "long_causal":  # shards of several 64-key tiles: the fused backward's two-pass kernels
+        return (1, 4, 2, 11, 7), dict(causal=True)
+    if name == "long_window":  # a window across tiles and shards, pieces off the diagonal with positions
+        return (1, 2, 2, 11, 7), dict(window=150, softcap=3.0)
     if name == "key_padding":
         keep = torch.ones(2, L, dtype=torch.bool)
         keep[0, 3:9] = False
@@ -52,10 +56,11 @@ def _case(name):
     raise KeyError(name)
 
 
-CASES = ["causal", "full", "window", "window2", "documents", "gqa", "padding", "key_padding"]
+CASES = ["causal", "full", "window", "window2", "documents", "gqa", "padding", "key_padding", "long_causal", "long_window"]
+LENGTHS = {"long_causal": 576, "long_window": 576}  # 576 = 8 x 72: balanced chunks of 72 on 4 ranks, 144 on 2
 
 
-def _inputs(shapes, dtype, seed=0):
+def _inputs(shapes, dtype, seed=0, L=L):
     B, Hq, Hkv, D, Dv = shapes
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hq, L, D, generator=g, dtype=torch.float64)
@@ -96,7 +101,7 @@ def _assert_rel(label, got, ref, rel=1e-10):
 def _exact(rank, world, backend):
     for name in CASES:
         shapes, kw = _case(name)
-        q, k, v, do = _inputs(shapes, torch.float64)
+        q, k, v, do = _inputs(shapes, torch.float64, L=LENGTHS.get(name, L))
         ref = _single(q, k, v, do, kw)
         for layout in ("contiguous", "balanced"):
             got = _ring(q, k, v, do, kw, layout, backend)
@@ -224,10 +229,11 @@ def _spawn(tmp_path, world, fn_name, backend="math"):
         pytest.fail("\n".join(msgs) or "a rank failed")
 
 
-@pytest.mark.parametrize("world, backend", [(2, "auto"), (4, "math")])
+@pytest.mark.parametrize("world, backend", [(2, "auto"), (4, "auto"), (4, "math")])
 def test_ring_matches_one_process(tmp_path, world, backend):
     # one spawn for both checks: starting the processes costs more than the cases. "auto" runs the
-    # fused cpu kernel on the pieces it serves (diagonal and unmasked ones) and math on the others
+    # fused cpu kernels forward and backward (shard_backward: one-pass for short pieces, two passes for
+    # the long cases); "math" the forward in math and the backward in torch ops
     _spawn(tmp_path, world, "_exact_and_float32", backend)
 
 

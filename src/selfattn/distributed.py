@@ -32,10 +32,10 @@ The backward is a ``torch.autograd.Function``: the key/value shards travel the r
 more, and their gradients travel with them (float32/float64 accumulators) back to their owners.
 Each piece's gradient needs the *global* statistics: P_ij = exp(s_ij - lse_i) with the
 global lse, dS = P * (dP - delta) with delta_i = rowsum(dO_i * O_i) of the merged output.
-It runs in torch ops here, in blocks of 256 query rows x 1024 keys (memory O(block), never
-O(shard length^2)), because the fused CPU kernel's backward takes delta from its own P, which
-is wrong for one shard of the keys. A fused per-shard backward needs a kernel entry point that
-accepts an external delta and lse; then this module can call it piece by piece.
+With the cpu backend (``backend="auto"`` or ``"cpu"`` on CPU tensors) each piece's share comes from
+the fused kernels (``selfattn.backends.cpu.shard_backward``, which takes that global lse and
+delta); otherwise from torch ops in blocks of 256 query rows x 1024 keys (memory O(block), never
+O(shard length^2)).
 
 Errors: every rank checks its own call (and resolves the backend of every piece it will run),
 then the ranks compare one small summary (shapes, dtype, layout, mask, scale, softcap, grad)
@@ -542,6 +542,22 @@ def _piece_backward(plan: _Plan, q, do, lse, delta, k, v, piece: _Piece, dq, dk,
             dq[:, :, r0:r1] += dq_r.view(B, Hq, R, D) * plan.scale  # (B, Hq, R, D)
 
 
+def _fused_backward(plan: _Plan, q, k, v, piece: _Piece):
+    """The cpu backend's ``shard_backward`` when it serves this piece's gradient, else None (torch ops)."""
+    name = _backends.current() if plan.backend == "auto" else plan.backend
+    if name not in ("auto", "cpu") or q.device.type != "cpu" or "cpu" not in _backends.names():
+        return None
+    from .backends import cpu as _cpu
+
+    if getattr(_cpu, "_k", None) is None:  # numba missing
+        return None
+    req = build_request(q, k, v, mask=piece.mask, scale=plan.scale, softcap=plan.softcap, q_positions=piece.q_positions,
+                        kv_positions=piece.kv_positions, requires_grad=True)
+    if _backends.get("cpu").unsupported(q, k, v, req) is not None:
+        return None
+    return _cpu.shard_backward
+
+
 def _ring_backward(plan: _Plan, dout, q, k, v, out, lse):
     acc = plan.acc
     qa, do = q.detach().to(acc), dout.to(acc)  # (B, Hq, n, D), (B, Hq, n, Dv)
@@ -566,8 +582,19 @@ def _ring_backward(plan: _Plan, dout, q, k, v, out, lse):
             dkv = dkv_in
         dk, dv = _unpack(dkv, k.shape, v.shape)
         for qs, ks, piece in _pieces(plan, src, q.device):
-            _piece_backward(plan, qa[:, :, qs], do[:, :, qs], lse[:, :, qs], delta[:, :, qs],
-                            kc[:, :, ks], vc[:, :, ks], piece, dq[:, :, qs], dk[:, :, ks], dv[:, :, ks])
+            args = (qa[:, :, qs], kc[:, :, ks], vc[:, :, ks])
+            fused = _fused_backward(plan, *args, piece)
+            if fused is None:
+                _piece_backward(plan, qa[:, :, qs], do[:, :, qs], lse[:, :, qs], delta[:, :, qs],
+                                kc[:, :, ks], vc[:, :, ks], piece, dq[:, :, qs], dk[:, :, ks], dv[:, :, ks])
+                continue
+            # the fused kernels, from the global lse and delta: this piece's share of dQ, dK, dV
+            dq_p, dk_p, dv_p = fused(*args, do[:, :, qs], lse[:, :, qs], delta[:, :, qs], mask=piece.mask,
+                                     q_positions=piece.q_positions, kv_positions=piece.kv_positions,
+                                     scale=plan.scale, softcap=plan.softcap)
+            dq[:, :, qs] += dq_p  # (B, Hq, nq, D)
+            dk[:, :, ks] += dk_p  # (B, Hkv, nk, D)
+            dv[:, :, ks] += dv_p  # (B, Hkv, nk, Dv)
         # pass the accumulated gradient on; after the last step it reaches the shard's owner
         dkv_in = torch.empty_like(dkv)
         dkv_works = ring.start(dkv, dkv_in)
@@ -635,7 +662,8 @@ def ring_attention(
         layout: ``"contiguous"`` or ``"balanced"`` (rank r holds chunks r and 2W-1-r of 2W;
             even work under a causal mask). Must match how the shards were cut (:func:`shard`).
         backend: the backend for each shard's forward piece ("auto": the fastest capable one);
-            the backward runs in torch ops (see the module docstring).
+            the backward runs in the cpu backend's fused kernels when it is "auto" or "cpu" and
+            the cpu backend serves the piece, else in torch ops (see the module docstring).
         timeout: seconds to wait for each ring transfer (default: the group's timeout).
 
     Returns:
