@@ -194,17 +194,23 @@ def _candidate(q_pos, kv_pos, causal, window, seg_q, seg_k, b_rows, r0, r1):
     """bool (B|1, 1, r1 - r0, Lk): a structured candidate on rows r0:r1, in transformers' index terms."""
     q = q_pos[r0:r1].view(1, 1, -1, 1)
     k = kv_pos.view(1, 1, 1, -1)
-    ok = torch.ones((1, 1, r1 - r0, kv_pos.numel()), dtype=torch.bool, device=q_pos.device)
+    conds = []  # each (1|B, 1, r, Lk); AND-ed in place into the first (no all-True tensor to start from)
     if causal:
-        ok = ok & (k <= q)
+        conds.append(lambda: k <= q)
     if window is not None:
         left, right = window
         if left is not None:
-            ok = ok & (k >= q - left)
+            conds.append(lambda: k >= q - left)
         if right is not None:
-            ok = ok & (k <= q + right)
+            conds.append(lambda: k <= q + right)
     if seg_q is not None:
-        ok = ok & (seg_q[:, r0:r1].view(b_rows, 1, -1, 1) == seg_k.view(b_rows, 1, 1, -1))
+        conds.append(lambda: seg_q[:, r0:r1].view(b_rows, 1, -1, 1) == seg_k.view(b_rows, 1, 1, -1))
+    if not conds:
+        return torch.ones((1, 1, 1, 1), dtype=torch.bool, device=q_pos.device).expand(1, 1, r1 - r0, kv_pos.numel())
+    ok = conds[0]()
+    for c in conds[1:]:
+        part = c()
+        ok = ok.logical_and_(part) if ok.shape == torch.broadcast_shapes(ok.shape, part.shape) else ok & part
     return ok
 
 
@@ -232,10 +238,11 @@ def _first_match(fn, batch, q_pos, kv_pos, candidates, seg=None):
         for c in alive:
             want = _candidate(q_pos, kv_pos, c[1], c[2], seg, seg, b_rows, r0, r1)
             try:
-                if torch.equal(*torch.broadcast_tensors(got, want)):
-                    still.append(c)
+                same = torch.equal(got, want) if got.shape == want.shape else torch.equal(*torch.broadcast_tensors(got, want))
             except RuntimeError:  # shapes that do not broadcast: not this candidate
-                pass
+                same = False
+            if same:
+                still.append(c)
         alive = still
         if not alive:
             return None
