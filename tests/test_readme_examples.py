@@ -14,7 +14,6 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 # blocks that are fragments today (they use a model, a data loader or torchrun that the block does not
 # create): expected to fail, strictly -- once a block is made runnable this list must shrink
 FRAGMENTS = {
-    "import torch.distributed as dist": "needs torchrun (a process group) and q_full, k_full, v_full",
 }
 
 
