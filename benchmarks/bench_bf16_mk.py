@@ -207,6 +207,16 @@ def main(argv=None) -> int:
             cpu_bf16.pack_pairs_t(x, out)
 
     @njit
+    def loop_pack_rows(x, out, it):
+        for _ in range(it):
+            cpu_bf16.pack_pairs_rows(x, out, 64, 64)
+
+    @njit
+    def loop_cvt_t(x, out, it):
+        for _ in range(it):
+            cpu_bf16.to_bf16_t(x, out)
+
+    @njit
     def loop_cvt_rows(x, out, it):
         for _ in range(it):
             cpu_bf16.to_bf16_rows(x, out, 64, 64)
@@ -221,11 +231,13 @@ def main(argv=None) -> int:
     if amx:
         product += f", mm_amx {2 * 64 ** 3 / rows[0]['amx_gflops'] / 1e3:.3f} us"
     for name, fn, src in (("to_bf16 64x64 float32", loop_cvt, (x, xb)), ("to_bf16_rows 64x64 float32", loop_cvt_rows, (x, xb)),
+                          ("to_bf16_t 64x64 float32", loop_cvt_t, (x, xb)),
+                          ("pack_pairs_rows 64x64 float32", loop_pack_rows, (x, packed)),
                           ("pack_pairs 64x64 bf16", loop_pack, (xb, packed)), ("pack_pairs_t 64x64 bf16", loop_pack_t, (xb, packed))):
         fn(*src, 1)
         us = _cpu_time(lambda: fn(*src, it)) / it * 1e6
         extra[name] = us
-        print(f"{name:>27}: {us:6.3f} us per tile ({product})")
+        print(f"{name:>30}: {us:6.3f} us per tile ({product})")
     estimate = _forward_estimate(args.length, amx) if args.length else None
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -310,3 +310,75 @@ def test_bf16_dot_pays_follows_the_switch_and_the_measurement(monkeypatch):
     assert cpu_bf16.bf16_dot_pays() is False
     monkeypatch.setattr(cpu_bf16, "_SPEEDUP", [2.0])
     assert cpu_bf16.bf16_dot_pays() is True
+
+
+@needs_amx
+def test_amx_backward_tile_products():
+    # the backward's recipes on AMX, with a last key block of 40 keys (padding): dV += P^T dO
+    # (A = P^T from to_bf16_t, B = dO packed along query rows), dQ = dS K (A = dS from
+    # to_bf16_rows, B = K packed along keys) and dP = dO V^T (B = V's rows packed: pack_pairs_t)
+    rng = np.random.default_rng(11)
+    rows, keys, D = 64, 40, 48  # D: 1.5 x 32, padded to 64 in the reduction
+    p = rng.random((rows, keys)).astype(np.float32)
+    do = _random_bits(rng, (rows, D))
+    k = _random_bits(rng, (keys, D))
+    v = _random_bits(rng, (keys, D))
+    # -- dV (keys x D) += P^T (keys x rows) @ dO (rows x D) --
+    pt = np.zeros((48, 64), np.uint16)  # keys padded to 48 = 3 tiles, rows 64 = 2 x 32
+    cpu_bf16.to_bf16_t(p, pt[:keys, :rows])
+    dop = np.zeros((32, 48, 2), np.uint16)
+    cpu_bf16.pack_pairs(do, dop)
+    dv0 = rng.standard_normal((48, 48)).astype(np.float32)
+    dv = dv0.copy()
+    _amx_call(pt, dop, dv, keys, rows, D, True)
+    _check("dV += P^T dO", dv[:keys, :D], pt[:keys, :rows], do, dv0[:keys, :D])
+    # -- dQ (rows x D) = dS (rows x keys) @ K (keys x D) --
+    ds = np.zeros((64, 64), np.uint16)  # keys padded to 64 (two reduction steps of 32), zeros
+    cpu_bf16.to_bf16_rows(p - 0.5, ds, rows, keys)
+    kp = np.zeros((32, 48, 2), np.uint16)
+    cpu_bf16.pack_pairs(k, kp[:keys // 2])
+    dq = np.empty((64, 48), np.float32)
+    _amx_call(ds, kp, dq, rows, keys, D, False)
+    _check("dQ = dS K", dq[:rows, :D], ds[:rows, :keys], k)
+    # -- dP (rows x keys) = dO (rows x D) @ V^T (D x keys) --
+    do_pad = np.zeros((64, 64), np.uint16)
+    do_pad[:, :D] = do
+    vt = np.zeros((32, 48, 2), np.uint16)
+    cpu_bf16.pack_pairs_t(v, vt[:D // 2, :keys])
+    dp = np.empty((64, 48), np.float32)
+    _amx_call(do_pad, vt, dp, rows, D, keys, False)
+    _check("dP = dO V^T", dp[:rows, :keys], do, np.ascontiguousarray(v.T))
+
+
+@needs_bf16
+def test_pack_pairs_rows_is_pack_pairs_with_the_hardware_conversion():
+    rng = np.random.default_rng(12)
+    for kdim, n in ((1, 1), (2, 16), (7, 33), (64, 64), (65, 40)):
+        x = (rng.standard_normal((kdim + 1, n + 3)) * 3).astype(np.float32)
+        x[0, 0] = np.float32(1.0 + 2.0 ** -8)  # a tie
+        out = np.full(((kdim + 1) // 2 + 1, n + 3, 2), 0xABCD, np.uint16)
+        cpu_bf16.pack_pairs_rows(x, out, kdim, n)
+        want = np.empty(((kdim + 1) // 2, n, 2), np.uint16)
+        cpu_bf16.pack_pairs(x[:kdim, :n], want)
+        assert np.array_equal(out[:(kdim + 1) // 2, :n], want), (kdim, n)
+        assert (out[:, n:] == 0xABCD).all() and (out[(kdim + 1) // 2:] == 0xABCD).all()
+
+
+@needs_amx
+def test_amx_backward_transposed_products():
+    # dV and dK reduced over query rows without a transposed A: dV^T (D x keys) += dO^T (D x rows) @ P,
+    # dO^T made once per head, P packed along its rows with pack_pairs_rows
+    rng = np.random.default_rng(13)
+    rows, keys, D = 64, 40, 48
+    p = rng.random((rows, keys)).astype(np.float32)
+    do = _random_bits(rng, (rows, D))
+    dot = np.zeros((48, 64), np.uint16)
+    dot[:D, :rows] = do.T
+    pp = np.zeros((32, 48, 2), np.uint16)
+    cpu_bf16.pack_pairs_rows(p, pp, rows, keys)
+    dvt0 = rng.standard_normal((48, 48)).astype(np.float32)
+    dvt = dvt0.copy()
+    _amx_call(dot, pp, dvt, D, rows, keys, True)
+    p_bits = np.empty((rows, keys), np.uint16)
+    cpu_bf16.to_bf16(p, p_bits)
+    _check("dV^T += dO^T P", dvt[:D, :keys], np.ascontiguousarray(do.T), p_bits, dvt0[:D, :keys])

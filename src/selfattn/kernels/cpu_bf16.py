@@ -28,10 +28,23 @@ Public pieces (all njit-callable from other numba code; none allocates):
   backward's products reduced over query rows: dV += P^T dO, dK += dS^T Q); ``mm_bf16_tn_add``.
 - ``to_bf16_rows(x, out, m, n)``: the CPU's own conversion (vcvtneps2bf16, ~3x ``to_bf16``): the same
   bits except that subnormal inputs become zero; exact for P (0 or >= 2**-126). Needs AVX512-BF16.
+- ``pack_pairs_rows(x, out, kdim, n)``: ``pack_pairs`` of float32 rows with the CPU's conversion
+  (0.37 us per 64x64 against 0.65): P and dS as the B of a product reduced over query rows.
 - AMX (``has_amx_bf16()``): ``amx_begin()``, ``mm_amx(a, bp, c, m, kdim, n)`` / ``mm_amx_add``,
   ``amx_end()``: the same product on the tile unit (tdpbf16ps), whole 16 x 16 tiles on zero-padded
-  operands (the contract is above ``mm_amx``); ``to_bf16_t(x, out)`` makes the row-major A of
-  P^T dO and dS^T Q, which AMX needs (it has no transposed-A form).
+  operands (the contract is above ``mm_amx``). AMX has no transposed-A form, so the backward's
+  dV += P^T dO and dK += dS^T Q are best computed transposed: dV^T (Dv x keys) += dO^T @ P with
+  dO^T (bf16, Dv x Lq) made once per head and B = pack_pairs_rows(P); ``to_bf16_t(x, out)`` (P^T
+  itself) is a scalar transpose, ~6 us per 64x64 tile: for tests and small cases.
+
+Recipes per tile (bf16 inputs; K^T, V, K packed once per head: the packing costs 0.3-1 us a block):
+
+    S     = Q_blk @ K^T      mm_bf16 / mm_amx(q_blk, pack_pairs_t(K), s)
+    P V   (into acc)         to_bf16_rows(p) -> mm_bf16_add / mm_amx_add(p16, pack_pairs(V), acc)
+    dP    = dO_blk @ V^T     mm_*(do_blk, pack_pairs_t(V), dp)
+    dQ    = dS @ K           to_bf16_rows(ds) -> mm_*(ds16, pack_pairs(K), dq)
+    dV^T += dO^T @ P         mm_amx_add(dO^T, pack_pairs_rows(p), dvt)   (vdpbf16ps: mm_bf16_tn_add
+    dK^T += Q^T @ dS         mm_amx_add(Q^T, pack_pairs_rows(ds), dkt)    with A = pack_pairs(P), ...)
 
 Forward tiles: S = Q_blk @ K^T is ``mm_bf16(q, pack_pairs_t(k_blk), s, ...)`` and the P @ V share
 ``mm_bf16(to_bf16(p), pack_pairs(v_blk), part, ...)``; backward dP = dO V^T with pack_pairs_t(V),
@@ -777,3 +790,73 @@ def bf16_dot_pays() -> bool:
     """Use ``mm_bf16`` rather than float32 products: :func:`has_bf16_dot` and vdpbf16ps measured at
     least 1.25x the float32 FMA's FLOP rate (so not on CPUs that issue it at half the FMA rate)."""
     return has_bf16_dot() and bf16_dot_speedup() >= 1.25
+
+
+@intrinsic
+def _pack_row_pair(typingctx, plo, phi, pout, n, has_hi):
+    # out word j = bf16(lo[j]) | bf16(hi[j]) << 16 for j < n (hi taken as 0 when not has_hi), 16 words a
+    # step with the CPU's conversion; the last step masked
+    if not _HOST_BF16:
+        raise errors.TypingError("selfattn.kernels.cpu_bf16: this CPU has no AVX512-BF16 (check has_bf16_dot() first)")
+    sig = types.void(types.intp, types.intp, types.intp, types.intp, types.boolean)
+
+    def codegen(context, builder, signature, args):
+        plo, phi_, pout, n, has_hi = args
+        mod = builder.module
+        i1, i16, i32, i64, f32 = ir.IntType(1), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+        fv, hv, iv, mty = ir.VectorType(f32, 16), ir.VectorType(i16, 16), ir.VectorType(i32, 16), ir.VectorType(i1, 16)
+        bv = ir.VectorType(_BFloat(), 16)
+        mload = cgutils.get_or_insert_function(
+            mod, ir.FunctionType(fv, [ir.PointerType(fv), i32, mty, fv]), f"llvm.masked.load.v16f32.{_ptr('v16f32')}")
+        mstore = cgutils.get_or_insert_function(
+            mod, ir.FunctionType(ir.VoidType(), [iv, ir.PointerType(iv), i32, mty]), f"llvm.masked.store.v16i32.{_ptr('v16i32')}")
+        c = lambda x: ir.Constant(i64, x)  # noqa: E731
+        fzero = ir.Constant(fv, None)
+
+        def words(off, mask):
+            # 16 pairs at element `off`: bf16(lo) in the low halves, bf16(hi) (or 0) in the high ones
+            lo = builder.call(mload, [builder.inttoptr(builder.add(plo, builder.mul(off, c(4))), ir.PointerType(fv)),
+                                      ir.Constant(i32, 4), mask, fzero])
+            hi_mask = builder.select(has_hi, mask, ir.Constant(mty, [0] * 16))
+            hi = builder.call(mload, [builder.inttoptr(builder.add(phi_, builder.mul(off, c(4))), ir.PointerType(fv)),
+                                      ir.Constant(i32, 4), hi_mask, fzero])
+            lo16 = builder.zext(builder.bitcast(builder.fptrunc(lo, bv), hv), iv)
+            hi16 = builder.zext(builder.bitcast(builder.fptrunc(hi, bv), hv), iv)
+            return builder.or_(lo16, builder.shl(hi16, ir.Constant(iv, [16] * 16)))
+
+        def store(off, w, mask):
+            ptr = builder.inttoptr(builder.add(pout, builder.mul(off, c(4))), ir.PointerType(iv))
+            builder.call(mstore, [w, ptr, ir.Constant(i32, 4), mask])
+
+        ones = ir.Constant(mty, [1] * 16)
+        entry = builder.block
+        loop = builder.append_basic_block("pk.loop")
+        tail = builder.append_basic_block("pk.tail")
+        full = builder.sdiv(n, c(16))
+        builder.cbranch(builder.icmp_signed(">", full, c(0)), loop, tail)
+        builder.position_at_end(loop)
+        i = builder.phi(i64)
+        i.add_incoming(c(0), entry)
+        off = builder.mul(i, c(16))
+        store(off, words(off, ones), ones)
+        nxt = builder.add(i, c(1))
+        i.add_incoming(nxt, loop)
+        builder.cbranch(builder.icmp_signed("<", nxt, full), loop, tail)
+        builder.position_at_end(tail)
+        left = builder.trunc(builder.srem(n, c(16)), i16)  # 0..15: an empty mask when n is whole vectors
+        mask = builder.bitcast(builder.sub(builder.shl(ir.Constant(i16, 1), left), ir.Constant(i16, 1)), mty)
+        off = builder.mul(full, c(16))
+        store(off, words(off, mask), mask)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def pack_pairs_rows(x, out, kdim, n):
+    """out[p, j] = the pair (x[2p, j], x[2p + 1, j]) of float32 x[:kdim, :n] as bfloat16 (0 past kdim),
+    with the CPU's conversion (as :func:`to_bf16_rows`: subnormals to zero); rows of x and out's
+    pair rows contiguous. P and dS of the backward as the B of dV^T += dO^T P and dK^T += Q^T dS."""
+    for p in range((kdim + 1) // 2):
+        lo = _addr(x) + 2 * p * x.strides[0]
+        _pack_row_pair(lo, lo + x.strides[0], _addr(out) + p * out.strides[0], n, 2 * p + 1 < kdim)
