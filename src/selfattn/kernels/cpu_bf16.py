@@ -46,14 +46,10 @@ Recipes per tile (bf16 inputs; K^T, V, K packed once per head: the packing costs
     dV^T += dO^T @ P         mm_amx_add(dO^T, pack_pairs_rows(p), dvt)   (vdpbf16ps: mm_bf16_tn_add
     dK^T += Q^T @ dS         mm_amx_add(Q^T, pack_pairs_rows(ds), dkt)    with A = pack_pairs(P), ...)
 
-Forward tiles: S = Q_blk @ K^T is ``mm_bf16(q, pack_pairs_t(k_blk), s, ...)`` and the P @ V share
-``mm_bf16(to_bf16(p), pack_pairs(v_blk), part, ...)``; backward dP = dO V^T with pack_pairs_t(V),
-dQ = dS K with pack_pairs(K_blk), dV += P^T dO as ``mm_bf16_tn_add(pack_pairs(P), pack_pairs(dO))``.
-
 Run-time detection
 ------------------
-``has_bf16_dot()`` is True when LLVM's host features have ``+avx512f`` and ``+avx512bf16`` and the
-environment variable ``SELFATTN_CPU_BF16`` is not ``0``. Set ``SELFATTN_CPU_BF16=0`` to force the
+``has_bf16_dot()`` is True when LLVM's host features have ``+avx512f`` and ``+avx512bf16`` (and
+numba's LLVM is 17 or newer, for its bfloat type) and the environment variable ``SELFATTN_CPU_BF16`` is not ``0``. Set ``SELFATTN_CPU_BF16=0`` to force the
 float32 fallback on a host that has the instructions (to test the fallback, or to compare).
 On a host without them the products refuse to compile (a numba typing error naming this module),
 so no ``vdpbf16ps`` ever reaches LLVM there; packing and conversion work everywhere.
@@ -96,9 +92,10 @@ def _host_features() -> set[str]:
 
 
 def host_has_bf16_dot() -> bool:
-    """The CPU has AVX-512 and AVX512-BF16 (LLVM's host features), whatever the environment says."""
+    """The CPU has AVX-512 and AVX512-BF16 (LLVM's host features) and numba's LLVM is 17 or newer (its
+    bfloat IR type and intrinsic signatures), whatever the environment says."""
     f = _host_features()
-    return "+avx512f" in f and "+avx512bf16" in f
+    return "+avx512f" in f and "+avx512bf16" in f and llvm_version_info[0] >= 17
 
 
 _HOST_BF16 = host_has_bf16_dot()
@@ -235,8 +232,7 @@ def _make_microkernel(rows):
             i1, i16, i32, i64, f32 = ir.IntType(1), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
             fv, iv = ir.VectorType(f32, 16), ir.VectorType(i32, 16)
             mty = ir.VectorType(i1, 16)
-            # the dot's pair operands: <32 x bfloat> since LLVM 17, <16 x i32> before
-            pty = ir.VectorType(_BFloat(), 32) if llvm_version_info[0] >= 17 else iv
+            pty = ir.VectorType(_BFloat(), 32)  # the dot's pair operands (LLVM >= 17: host_has_bf16_dot)
             dot = cgutils.get_or_insert_function(mod, ir.FunctionType(fv, [fv, pty, pty]), "llvm.x86.avx512bf16.dpbf16ps.512")
             mload_i = cgutils.get_or_insert_function(
                 mod, ir.FunctionType(iv, [ir.PointerType(iv), i32, mty, iv]), f"llvm.masked.load.v16i32.{_ptr('v16i32')}")
@@ -458,8 +454,8 @@ def _request_amx() -> bool:
     import sys
 
     f = _host_features()
-    if not ("+amx-tile" in f and "+amx-bf16" in f) or sys.platform != "linux" or platform.machine() != "x86_64":
-        return False
+    if not ("+amx-tile" in f and "+amx-bf16" in f and _HOST_BF16) or sys.platform != "linux" or platform.machine() != "x86_64":
+        return False  # (the conversions around the AMX products need AVX512-BF16)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.syscall(158, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) != 0:  # 158: SYS_arch_prctl
@@ -708,7 +704,7 @@ def _make_ceiling_loop(use_dot):
             f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
             fv, iv = ir.VectorType(f32, 16), ir.VectorType(i32, 16)
             if use_dot:
-                pty = ir.VectorType(_BFloat(), 32) if llvm_version_info[0] >= 17 else iv
+                pty = ir.VectorType(_BFloat(), 32)
                 fn = cgutils.get_or_insert_function(mod, ir.FunctionType(fv, [fv, pty, pty]), "llvm.x86.avx512bf16.dpbf16ps.512")
                 a = builder.bitcast(ir.Constant(iv, [0x3F803F80] * 16), pty)  # (1, 1)
                 b = builder.bitcast(ir.Constant(iv, [0x3F7F3F7F] * 16), pty)  # (~1, ~1)
