@@ -382,3 +382,23 @@ def test_amx_backward_transposed_products():
     p_bits = np.empty((rows, keys), np.uint16)
     cpu_bf16.to_bf16(p, p_bits)
     _check("dV^T += dO^T P", dvt[:D, :keys], np.ascontiguousarray(do.T), p_bits, dvt0[:D, :keys])
+
+
+def test_cached_where_the_kernels_are(tmp_path):
+    # a read-only install: numba_cache_dir() names a per-user directory, and cpu_bf16's functions
+    # cache there too (numba fixes the place at decoration); numba's own setting is put back
+    import subprocess
+    import sys
+
+    code = f"""
+import selfattn.kernels as k
+k.numba_cache_dir = lambda: {str(tmp_path)!r}
+import numba.core.config as config
+before = config.CACHE_DIR
+from selfattn.kernels import cpu_bf16
+assert cpu_bf16.mm_bf16._cache._cache_path.startswith({str(tmp_path)!r}), cpu_bf16.mm_bf16._cache._cache_path
+assert cpu_bf16.pack_pairs._cache._cache_path.startswith({str(tmp_path)!r})
+assert config.CACHE_DIR == before, config.CACHE_DIR
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]

@@ -75,9 +75,18 @@ from llvmlite import ir
 from llvmlite.binding import llvm_version_info
 from numba import njit, types
 from numba.core import cgutils, errors
+from numba.core import config as numba_config
 from numba.extending import intrinsic, overload
 
+from selfattn.kernels import numba_cache_dir
 from selfattn.kernels.cpu_flash import _ptr
+
+# numba fixes a function's cache place when it is decorated: the kernels' place (selfattn.kernels:
+# next to this file when writable, else a per-user directory) for every function below, numba's
+# own setting restored at the end of this module
+_CACHE_DIR, _NUMBA_CACHE_DIR = numba_cache_dir(), numba_config.CACHE_DIR
+if _CACHE_DIR is not None:
+    numba_config.CACHE_DIR = _CACHE_DIR
 
 ENV_FLAG = "SELFATTN_CPU_BF16"  # "0": has_bf16_dot() is False whatever the CPU
 MR = 6  # rows of C per micro-kernel call: 6 x 4 accumulators + 4 B vectors of the 32 zmm registers
@@ -856,3 +865,6 @@ def pack_pairs_rows(x, out, kdim, n):
     for p in range((kdim + 1) // 2):
         lo = _addr(x) + 2 * p * x.strides[0]
         _pack_row_pair(lo, lo + x.strides[0], _addr(out) + p * out.strides[0], n, 2 * p + 1 < kdim)
+
+
+numba_config.CACHE_DIR = _NUMBA_CACHE_DIR
