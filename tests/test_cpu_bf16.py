@@ -402,3 +402,24 @@ assert config.CACHE_DIR == before, config.CACHE_DIR
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+@needs_bf16
+def test_products_flush_subnormals():
+    # the instructions' DAZ/FTZ (documented in the module): a subnormal input counts as 0 and a
+    # subnormal result is 0, unlike the float64 product of the same numbers
+    a = np.zeros((16, 32), np.uint16)
+    b = np.zeros((32, 16), np.uint16)
+    bp = np.zeros((16, 16, 2), np.uint16)
+    c = np.zeros((16, 16), np.float32)
+    products = [("mm_bf16", lambda: cpu_bf16.mm_bf16(a, bp, c, 16, 32, 16))]
+    if cpu_bf16.host_has_amx_bf16():
+        products.append(("mm_amx", lambda: _amx_call(a, bp, c, 16, 32, 16, False)))
+    for a00, b00 in ((0x0001, 0x7180), (0x1C80, 0x1C80)):  # 2^-133 * 2^100, 2^-70 * 2^-70
+        a[0, 0], b[0, 0] = a00, b00
+        cpu_bf16.pack_pairs(b, bp)
+        assert _value(a)[0, 0] * _value(b)[0, 0] != 0.0
+        for name, run in products:
+            c[...] = 1.0
+            run()
+            assert c[0, 0] == 0.0, (name, hex(a00), hex(b00), c[0, 0])
