@@ -107,6 +107,11 @@ def test_pack_pairs_round_trips(kdim, n):
     packed_t = np.zeros_like(packed)
     cpu_bf16.pack_pairs_t(np.ascontiguousarray(x.T), packed_t)
     assert np.array_equal(packed_t, packed)
+    big = np.full((n + 2, kdim + 3), NAN_BITS, np.uint16)  # x^T as a slice with an odd row stride
+    big[1:n + 1, 1:kdim + 1] = x.T
+    packed_t[...] = 0
+    cpu_bf16.pack_pairs_t(big[1:n + 1, 1:kdim + 1], packed_t)
+    assert np.array_equal(packed_t, packed)
     packed_i16 = np.zeros_like(packed)
     cpu_bf16.pack_pairs(x.view(np.int16), packed_i16)
     assert np.array_equal(packed_i16, packed)

@@ -1,4 +1,4 @@
-"""bfloat16 block products for the CPU flash kernels, on AVX512-BF16's ``vdpbf16ps`` (issue 14).
+"""bfloat16 block products for the CPU flash kernels: AVX512-BF16's ``vdpbf16ps`` and AMX (issue 14).
 
 ``vdpbf16ps`` multiplies *pairs* of bfloat16 numbers and adds both products to one float32
 lane: ``acc[l] += a[2l] * b[2l] + a[2l + 1] * b[2l + 1]`` over 16 lanes. A product
@@ -49,8 +49,10 @@ Recipes per tile (bf16 inputs; K^T, V, K packed once per head: the packing costs
 Run-time detection
 ------------------
 ``has_bf16_dot()`` is True when LLVM's host features have ``+avx512f`` and ``+avx512bf16`` (and
-numba's LLVM is 17 or newer, for its bfloat type) and the environment variable ``SELFATTN_CPU_BF16`` is not ``0``. Set ``SELFATTN_CPU_BF16=0`` to force the
-float32 fallback on a host that has the instructions (to test the fallback, or to compare).
+numba's LLVM is 17 or newer, for its bfloat type) and the environment variable
+``SELFATTN_CPU_BF16`` is not ``0``. Set ``SELFATTN_CPU_BF16=0`` to force the float32 fallback on a
+host that has the instructions (to test the fallback, or to compare). ``bf16_dot_pays()`` adds a
+measurement: vdpbf16ps's FLOP rate at least 1.25x the float32 FMA's (once per process, ~7 ms).
 On a host without them the products refuse to compile (a numba typing error naming this module),
 so no ``vdpbf16ps`` ever reaches LLVM there; packing and conversion work everywhere.
 ``has_amx_bf16()`` is True when the CPU has AMX-TILE and AMX-BF16 and Linux granted this process the
