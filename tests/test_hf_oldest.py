@@ -1,10 +1,11 @@
-"""tests/test_hf.py against the oldest transformers that pyproject.toml declares (slow: a few minutes).
+"""tests/test_hf.py, test_hf_masks.py and test_explain_hf.py against the oldest transformers that
+pyproject.toml declares (slow: a few minutes).
 
     .venv/bin/python -m pytest -m slow tests/test_hf_oldest.py
 
 It installs that transformers (and the huggingface-hub/tokenizers it needs) into a folder of
 its own under pytest's temporary directory, puts that folder first on PYTHONPATH and runs
-tests/test_hf.py in a child pytest; numpy, torch and the rest come from the test environment.
+those files in a child pytest; numpy, torch and the rest come from the test environment.
 CI runs tests/test_hf.py against the newest transformers that the test extra installs.
 """
 
@@ -46,7 +47,8 @@ def test_hf_suite_on_oldest_transformers(tmp_path):
     assert probe.returncode == 0 and probe.stdout.strip().startswith(version), probe.stdout + probe.stderr[-2000:]
     print("transformers", probe.stdout.strip())
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
-                        str(ROOT / "tests" / "test_hf.py")], capture_output=True, text=True, env=env, cwd=ROOT,
+                        *(str(ROOT / "tests" / f) for f in ("test_hf.py", "test_hf_masks.py", "test_explain_hf.py"))],
+                       capture_output=True, text=True, env=env, cwd=ROOT,
                        timeout=3000)
     print(r.stdout[-6000:], r.stderr[-3000:])
     assert r.returncode == 0
