@@ -1,8 +1,10 @@
 """The bfloat16 block products of selfattn.kernels.cpu_bf16 (issue 14): conversion bit for bit as
-torch, pair packing, and every product shape against float64 on the same bfloat16 inputs.
+torch, pair packing, and every product shape (vdpbf16ps and AMX) against float64 on the same
+bfloat16 inputs, within the float32 accumulation bound.
 
-The products need AVX512-BF16 and are skipped (with the reason) on other hosts; conversion,
-packing, the environment switch and the refusal to compile without the instructions run everywhere.
+The vdpbf16ps products and the hardware conversions need AVX512-BF16, the AMX ones AMX-BF16 and the
+OS's tile state; each is skipped (with the reason) where missing. Conversion, packing, the
+environment switches and the refusal to compile without the instructions run everywhere.
 """
 
 import numpy as np
