@@ -4,12 +4,13 @@
 
 Flash-attention tile shapes (m x k x n): 64x64x64 (Q K^T and P V at head dim 64), 64x128x64 (Q K^T
 at head dim 128) and 64x64x128 (P V at head dim 128), each looped in cache. Alongside, in the same
-run: the float32 FMA ceiling (benchmarks/peak.py's loop of independent FMAs) and the vdpbf16ps
-ceiling (cpu_bf16.dot_ceiling_loop: the same kind of loop of independent vdpbf16ps, 64 FLOPs each), the AMX product where the
-CPU has AMX-BF16 (tile configuration loaded once for the loop, and again around every call: AMX+cfg),
-what the flash loop pays per tile around the bfloat16 product (converting a 64x64 float32 P, packing a
-64x64 block), and an Amdahl estimate of the dense forward: the `cpu` backend's float32 forward
-(1, 1, L, L, 64) less its float32 tile products plus the bfloat16 ones (with P's conversion).
+run: the float32 FMA ceiling (benchmarks/peak.py's loop of independent FMAs), the vdpbf16ps ceiling
+(cpu_bf16.dot_ceiling_loop: the same kind of loop of independent vdpbf16ps, 64 FLOPs each), the AMX
+product where the CPU has AMX-BF16 (tile configuration loaded once for the loop, and again around
+every call: AMX+cfg), what the flash loop pays per tile around the bfloat16 product (converting a
+64x64 float32 P, packing a 64x64 block), and an Amdahl estimate of the dense forward: the `cpu`
+backend's float32 forward (1, 1, L, L, 64) less its float32 tile products plus the bfloat16 ones
+(with P's conversion).
 
 All times are CPU time of this thread (time.thread_time: the machine is shared), best of 5;
 ratios compare numbers of one run.
