@@ -91,17 +91,9 @@ LN2 = 0.6931471805599453
 UNBOUNDED = 1 << 40  # a window side with no bound (KernelMask.win_left / win_right)
 # no "nnan"/"ninf": masked scores are -inf and must stay so
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
-# the row max only: NaN rows are garbage either way, and "nnan" lets LLVM vectorise the reduction
-FASTMATH_MAX = {"nnan", "nsz", "arcp", "contract", "afn", "reassoc"}
 # no "reassoc" where the order of operations is the point: (s - max) - log l must not become
 # s - (max + log l)
 FASTMATH_EXACT = {"nsz", "arcp", "contract", "afn"}
-
-# 2**f on [-1/2, 1/2], degree 6, least squares on Chebyshev nodes (max rel. error ~3e-9);
-# module-level floats are compile-time float64 constants in numba
-_F = np.cos(np.pi * (np.arange(64) + 0.5) / 64) / 2
-_P0, _P1, _P2, _P3, _P4, _P5, _P6 = (float(c) for c in np.polynomial.polynomial.polyfit(_F, np.exp2(_F), 6))
-
 
 # -- the two records every kernel takes ------------------------------------------------------------
 
@@ -165,28 +157,6 @@ def make_opts(dtype, scale: float, softcap: float, want_stats: bool) -> KernelOp
     )
 
 
-@intrinsic
-def _f64_from_bits(typingctx, bits):
-    # reinterpret an int64 as a float64 (builds 2**n from its exponent field)
-    if bits != types.int64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-
-    return types.float64(types.int64), codegen
-
-
-@njit(fastmath=FASTMATH_EXACT, cache=True)
-def _exp2(xc, half):
-    # 2**xc for -126 <= xc <= 0: split xc = n + f (both exact), polynomial and 2**n in float64,
-    # so a float32 result is rounded once (within 0.51 ulp)
-    n = np.floor(xc + half)
-    f = np.float64(xc - n)
-    y = _P0 + f * (_P1 + f * (_P2 + f * (_P3 + f * (_P4 + f * (_P5 + f * _P6)))))
-    return y * _f64_from_bits((np.int64(n) + 1023) << 52)
-
-
 # -- block products (C-contiguous blocks; the innermost loop is the vectorised one) ----------
 
 
@@ -203,19 +173,66 @@ def _ptr(bits):
     return "p0" if llvm_version_info[0] >= 15 else "p0" + bits
 
 
+def _host_vector_bytes() -> int:
+    # the widest vectors the host computes with: 64 bytes with AVX-512F, else 32 (AVX2). numba
+    # compiles for the host (and its cache is keyed by the host CPU), so this is decided per machine
+    try:
+        from llvmlite import binding as llvm
+
+        features = llvm.get_host_cpu_features()
+    except Exception:  # a CPU llvmlite cannot describe: the narrower choice is correct everywhere
+        return 32
+    return 64 if features.get("avx512f") else 32
+
+
+VEC_BYTES = _host_vector_bytes()  # 64: 32 zmm registers; 32: 16 ymm registers
+
+
+class _Exact:
+    """An IRBuilder whose float operations carry an explicit "nsz" flag. numba's fastmath pass
+    flags every float operation that has none with the function's fastmath set -- also the IR an
+    intrinsic emits into a fastmath function -- and with "reassoc" LLVM rewrote (s - m) - lg as
+    s - (m + lg), which loses lg next to a large m. A flagged operation is left as written."""
+
+    def __init__(self, builder):
+        self._builder = builder
+
+    def __getattr__(self, name):
+        return getattr(self._builder, name)
+
+    @staticmethod
+    def _flag(instr):
+        instr.flags.append("nsz")
+        return instr
+
+    def fadd(self, *args, **kw):
+        return self._flag(self._builder.fadd(*args, **kw))
+
+    def fsub(self, *args, **kw):
+        return self._flag(self._builder.fsub(*args, **kw))
+
+    def fmul(self, *args, **kw):
+        return self._flag(self._builder.fmul(*args, **kw))
+
+    def fcmp_ordered(self, *args, **kw):
+        return self._flag(self._builder.fcmp_ordered(*args, **kw))
+
+
 class _Vectors:
-    """What both IR generators below share: one 512-bit vector of the element type (16 float32 or
-    8 float64 lanes), its masked load/store and FMA intrinsics, and address arithmetic on raw
-    element addresses."""
+    """What the IR generators below share: one host vector of the element type (AVX-512: 16
+    float32 or 8 float64 lanes; AVX2: 8 or 4), its masked load/store, FMA, floor and max
+    intrinsics, and address arithmetic on raw element addresses."""
 
     def __init__(self, context, builder, elem):
         self.builder = builder
         self.fty = context.get_value_type(elem)
-        self.width = 16 if self.fty == ir.FloatType() else 8
+        self.f32 = self.fty == ir.FloatType()
+        esize = 4 if self.f32 else 8
+        self.width = VEC_BYTES // esize
         self.i32, self.i64 = ir.IntType(32), ir.IntType(64)
         self.vty = ir.VectorType(self.fty, self.width)
         self.vptr, self.sptr = ir.PointerType(self.vty), ir.PointerType(self.fty)
-        bits = "v%df%d" % (self.width, 32 if self.width == 16 else 64)
+        bits = "v%df%d" % (self.width, 8 * esize)
         mty = ir.VectorType(ir.IntType(1), self.width)
         mod = builder.module
         self.mload = cgutils.get_or_insert_function(
@@ -224,57 +241,250 @@ class _Vectors:
             mod, ir.FunctionType(ir.VoidType(), [self.vty, self.vptr, self.i32, mty]), f"llvm.masked.store.{bits}.{_ptr(bits)}")
         self.fma = cgutils.get_or_insert_function(mod, ir.FunctionType(self.vty, [self.vty] * 3), f"llvm.fma.{bits}")
         self.align, self.zero = ir.Constant(self.i32, 4), ir.Constant(self.vty, None)
-        self.esize = ir.Constant(self.i64, 4 if self.width == 16 else 8)
-        self.lanes = ir.Constant(ir.VectorType(self.i64, self.width), list(range(self.width)))
+        self.esize = ir.Constant(self.i64, esize)
+        self.lanes = ir.Constant(ir.VectorType(self.i32, self.width), list(range(self.width)))
 
     def const(self, n):
         return ir.Constant(self.i64, n)
 
-    def splat(self, x, ty):
+    def splat(self, x, ty=None):
         # a vector with x in every lane
         b = self.builder
+        ty = self.fty if ty is None else ty
         v = b.insert_element(ir.Constant(ir.VectorType(ty, self.width), None), x, ir.Constant(self.i32, 0))
         return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(self.i32, self.width), [0] * self.width))
 
     def lanes_below(self, n):
-        # the lane mask "lane < n" (n an i64): masks the loads and stores past a row's end
-        return self.builder.icmp_signed("<", self.lanes, self.splat(n, self.i64))
+        # the lane mask "lane < n" (n an i64, clamped to [0, width]): masks the loads and stores
+        # past a row's end (i32 lanes: one compare per mask)
+        b = self.builder
+        n = b.select(b.icmp_signed("<", n, self.const(0)), self.const(0), n)
+        n = b.select(b.icmp_signed(">", n, self.const(self.width)), self.const(self.width), n)
+        return b.icmp_signed("<", self.lanes, self.splat(b.trunc(n, self.i32), self.i32))
 
     def at(self, base, off, ty):
         # typed pointer to element `off` after raw address `base`
         b = self.builder
         return b.inttoptr(b.add(base, b.mul(off, self.esize)), ty)
 
-    def load(self, base, off, mask):
+    def load(self, base, off, mask=None):
+        # one vector at element `off` (masked lanes read as 0 and touch no memory)
+        if mask is None:
+            return self.builder.load(self.at(base, off, self.vptr), align=4)
         return self.builder.call(self.mload, [self.at(base, off, self.vptr), self.align, mask, self.zero])
+
+    def store(self, x, base, off, mask=None):
+        if mask is None:
+            self.builder.store(x, self.at(base, off, self.vptr), align=4)
+        else:
+            self.builder.call(self.mstore, [x, self.at(base, off, self.vptr), self.align, mask])
+
+    def hsum(self, v):
+        # the lanes of v summed as a fixed tree (halves added until one lane is left)
+        b = self.builder
+        half = self.width
+        while half > 1:
+            half //= 2
+            lo = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(self.i32, half), list(range(half))))
+            hi = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(self.i32, half), list(range(half, 2 * half))))
+            v = b.fadd(lo, hi)
+        return b.extract_element(v, ir.Constant(self.i32, 0))
+
+    def hmax(self, v):
+        # the largest lane of v (an ordered compare: NaN lanes lose, as in the scalar loop)
+        b = self.builder
+        half = self.width
+        while half > 1:
+            half //= 2
+            lo = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(self.i32, half), list(range(half))))
+            hi = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(self.i32, half), list(range(half, 2 * half))))
+            v = b.select(b.fcmp_ordered(">", hi, lo), hi, lo)
+        return b.extract_element(v, ir.Constant(self.i32, 0))
+
+
+# -- exp2 in float32 ----------------------------------------------------------------------------
+# 2**x for -126 <= x <= 0 (the softmax's range; below it the kernels flush to 0), all in float32:
+# x = n + f with n = floor(x + 1/2) and f in [-1/2, 1/2] (both exact), a degree-6 polynomial in f
+# (Horner, FMAs) and 2**n from its exponent bits. Within 1 ulp (tests/test_exp2.py measures it).
+# Least squares on Chebyshev nodes, weighted to the relative error, rounded to float32.
+_F = np.cos(np.pi * (np.arange(256) + 0.5) / 256) / 2
+_EXP2_COEFFS = [float(np.float32(c)) for c in np.polynomial.polynomial.polyfit(_F, np.exp2(_F), 6, w=1.0 / np.exp2(_F))]
+
+
+def _exp2_ir(builder, x, width):
+    # 2**x of a float32 value (width 0) or of a <width x float> vector, as IR
+    mod = builder.module
+    fty = ir.FloatType() if width == 0 else ir.VectorType(ir.FloatType(), width)
+    ity = ir.IntType(32) if width == 0 else ir.VectorType(ir.IntType(32), width)
+    name = "f32" if width == 0 else f"v{width}f32"
+
+    def const(value, ty):
+        return ir.Constant(ty, value) if width == 0 else ir.Constant(ty, [value] * width)
+
+    floor = cgutils.get_or_insert_function(mod, ir.FunctionType(fty, [fty]), f"llvm.floor.{name}")
+    fma = cgutils.get_or_insert_function(mod, ir.FunctionType(fty, [fty] * 3), f"llvm.fma.{name}")
+    n = builder.call(floor, [builder.fadd(x, const(0.5, fty))])
+    f = builder.fsub(x, n)
+    y = const(_EXP2_COEFFS[6], fty)
+    for c in reversed(_EXP2_COEFFS[:6]):
+        y = builder.call(fma, [y, f, const(c, fty)])
+    e = builder.shl(builder.add(builder.fptosi(n, ity), const(127, ity)), const(23, ity))
+    return builder.fmul(y, builder.bitcast(e, fty))
+
+
+@intrinsic
+def _exp2f(typingctx, x):
+    # 2**x of one float32 (the same IR as the row loops' vectors; tests/test_exp2.py)
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        builder = _Exact(builder)
+        return _exp2_ir(builder, args[0], 0)
+
+    return types.float32(types.float32), codegen
+
+
+@njit(cache=True)
+def _exp2(xc, half):
+    # 2**xc for a float32 -126 <= xc <= 0 (`half` unused: kept for the callers' signature)
+    return _exp2f(np.float32(xc))
+
+
+@intrinsic
+def _vec_row_max(typingctx, ps, nc, like):
+    # the largest of the nc elements at raw address ps (nc a multiple of 16, > 0): one vector compare
+    # per vector, then the lanes; NaN elements never win (the caller checks for them apart)
+    if not (isinstance(like, types.Array) and isinstance(like.dtype, types.Float)):
+        return None
+    sig = like.dtype(types.intp, types.intp, like)
+
+    def codegen(context, builder, signature, args):
+        builder = _Exact(builder)
+        ps, nc, _ = args
+        vec = _Vectors(context, builder, signature.args[-1].dtype)
+        c = vec.const
+        entry = builder.block
+        loop = builder.append_basic_block("rmax.loop")
+        done = builder.append_basic_block("rmax.done")
+        first = vec.load(ps, c(0))
+        builder.cbranch(builder.icmp_signed(">", nc, c(vec.width)), loop, done)
+        builder.position_at_end(loop)
+        j = builder.phi(vec.i64)
+        m = builder.phi(vec.vty)
+        x = vec.load(ps, j)
+        new = builder.select(builder.fcmp_ordered(">", x, m), x, m)
+        nxt = builder.add(j, c(vec.width))
+        j.add_incoming(c(vec.width), entry)
+        j.add_incoming(nxt, loop)
+        m.add_incoming(first, entry)
+        m.add_incoming(new, loop)
+        builder.cbranch(builder.icmp_signed("<", nxt, nc), loop, done)
+        builder.position_at_end(done)
+        fin = builder.phi(vec.vty)
+        fin.add_incoming(first, entry)
+        fin.add_incoming(new, loop)
+        return vec.hmax(fin)
+
+    return sig, codegen
+
+
+@intrinsic
+def _vec_exp2_row(typingctx, ps, pp, nc, m, lg, lo, pstat, like):
+    # p = 2**((s - m) - lg) for the nc elements at ps into pp (nc a multiple of 16), 0 where the
+    # exponent is below lo (NaN stays NaN); returns sum p, and stores sum p * (s - m - lg) (the
+    # exponent, clamped at lo) at raw address pstat unless it is 0. Sums in a fixed order.
+    # float64 (nats, for checking): p = exp((s - m) - lg) by libm, 0 at -inf only (lo unused)
+    if not (isinstance(like, types.Array) and isinstance(like.dtype, types.Float)):
+        return None
+    f = like.dtype
+    sig = f(types.intp, types.intp, types.intp, f, f, f, types.intp, like)
+
+    def codegen(context, builder, signature, args):
+        builder = _Exact(builder)
+        ps, pp, nc, m, lg, lo, pstat, _ = args
+        vec = _Vectors(context, builder, signature.args[-1].dtype)
+        c = vec.const
+        if not vec.f32:
+            exp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec.vty, [vec.vty]),
+                                                 f"llvm.exp.v{vec.width}f64")
+            lo = ir.Constant(vec.fty, float("-inf"))
+        mv, lgv, lov = vec.splat(m), vec.splat(lg), vec.splat(lo)
+        want = builder.icmp_signed("!=", pstat, c(0))
+        entry = builder.block
+        loop = builder.append_basic_block("exp2.loop")
+        done = builder.append_basic_block("exp2.done")
+        builder.position_at_end(loop)
+        j = builder.phi(vec.i64)
+        tot = builder.phi(vec.vty)
+        st = builder.phi(vec.vty)
+        x = builder.fsub(builder.fsub(vec.load(ps, j), mv), lgv)
+        if vec.f32:
+            below = builder.fcmp_ordered("<", x, lov)
+            xc = builder.select(below, lov, x)
+            p = builder.select(below, vec.zero, _exp2_ir(builder, xc, vec.width))
+        else:
+            below = builder.fcmp_ordered("==", x, lov)
+            xc = builder.select(below, vec.zero, x)
+            p = builder.select(below, vec.zero, builder.call(exp, [xc]))
+        vec.store(p, pp, j)
+        new_tot = builder.fadd(tot, p)
+        new_st = builder.select(want, builder.call(vec.fma, [p, xc, st]), st)
+        nxt = builder.add(j, c(vec.width))
+        j.add_incoming(c(0), entry)
+        j.add_incoming(nxt, loop)
+        tot.add_incoming(vec.zero, entry)
+        tot.add_incoming(new_tot, loop)
+        st.add_incoming(vec.zero, entry)
+        st.add_incoming(new_st, loop)
+        builder.cbranch(builder.icmp_signed("<", nxt, nc), loop, done)
+        builder.position_at_end(entry)
+        builder.branch(loop)
+        builder.position_at_end(done)
+        with builder.if_then(want):
+            builder.store(vec.hsum(new_st), builder.inttoptr(pstat, vec.sptr))
+        return vec.hsum(new_tot)
+
+    return sig, codegen
 
 
 # A register-blocked micro-kernel, written as LLVM IR: LLVM will not keep a loop's accumulators
 # in registers across the reduction when it cannot prove the output does not alias the inputs,
-# and then every FMA pays a store. Here MR rows x TILE_N columns of C live in vector registers
-# (float32: 4 x 4 x <16 x float>) for the whole reduction; C is stored once per call.
-# In float32 a call with fewer columns runs a copy of the loop with only as many vectors as it
-# needs (head dim 32 = 2 vectors, 48 keys = 3), so short rows cost no FMAs on masked-off lanes.
-TILE_N = 64  # most columns of C per micro-kernel call
+# and then every FMA pays a store. Here MR rows x TILE_N columns of C live in vector registers for
+# the whole reduction (AVX-512, float32: 6 x 4 x <16 x float> = 24 of the 32 registers; AVX2:
+# 6 x 2 x <8 x float> = 12 of 16); C is written once per call, in one of three modes:
+#   STORE: c = scale * (a @ b)     ADD: c += a @ b     RESCALE: c = alpha[row] * c + a @ b
+# (each tile's share is summed apart and then added: rounding grows with the number of tiles, not
+# of keys). In float32 a call with fewer columns runs a copy of the loop with only as many vectors
+# as it needs (head dim 32 = 2 vectors, 48 keys = 3); only the last vector of a row is masked.
+NV_MAX = 4 if VEC_BYTES == 64 else 2  # float32 vectors per row of C
+TILE_N = NV_MAX * VEC_BYTES // 4  # most columns of C per micro-kernel call: 64 (AVX-512), 16 (AVX2)
+MR_MAX = 6  # rows of C per micro-kernel call
+STORE, ADD, RESCALE = 0, 1, 2  # what a micro-kernel does with C
 
 
 def _make_microkernel(MR):
     @intrinsic
-    def microkernel(typingctx, pa, sa0, sa1, pb, sb, pc, sc, n, kdim, like):
-        # c[:MR, :n] = a[:MR, :kdim] @ b[:kdim, :n] at raw addresses; strides in elements;
-        # rows of b and c contiguous; n <= TILE_N; `like` is an array of the element type
+    def microkernel(typingctx, pa, sa0, sa1, pb, sb, pc, sc, n, kdim, scale, mode, palpha, like):
+        # c[:MR, :n] (op)= a[:MR, :kdim] @ b[:kdim, :n] at raw addresses; strides in elements;
+        # rows of b and c contiguous; n <= TILE_N; `mode` STORE/ADD/RESCALE (see above), palpha the
+        # raw address of MR row factors (RESCALE); `like` is an array of the element type
         if not (isinstance(like, types.Array) and isinstance(like.dtype, types.Float)):
             return None
-        sig = types.void(*([types.intp] * 9), like)
+        sig = types.void(*([types.intp] * 9), types.float64, types.intp, types.intp, like)
 
         def codegen(context, builder, signature, args):
-            pa, sa0, sa1, pb, sb, pc, sc, n, kdim, _ = args
+            builder = _Exact(builder)
+            pa, sa0, sa1, pb, sb, pc, sc, n, kdim, scale, mode, palpha, _ = args
             vec = _Vectors(context, builder, signature.args[-1].dtype)
             width, i64, c = vec.width, vec.i64, vec.const
+            if vec.f32:
+                scale = builder.fptrunc(scale, vec.fty)
+            scale_v = vec.splat(scale)
 
-            def product(nvec):
-                # the whole product with nvec vectors per row of C, ending in the current block
-                masks = [vec.lanes_below(builder.sub(n, c(v * width))) for v in range(nvec)]
+            def product(nvec, masked_from):
+                # the whole product with nvec vectors per row of C, vectors from `masked_from` on masked
+                masks = [vec.lanes_below(builder.sub(n, c(v * width))) if v >= masked_from else None for v in range(nvec)]
                 init = [[vec.zero] * nvec for _ in range(MR)]
                 entry = builder.block
                 loop = builder.append_basic_block(f"mk{nvec}.loop")
@@ -289,7 +499,7 @@ def _make_microkernel(MR):
                 new = []
                 for i in range(MR):
                     a = builder.load(vec.at(pa, builder.add(builder.mul(c(i), sa0), builder.mul(kk, sa1)), vec.sptr))
-                    a = vec.splat(a, vec.fty)
+                    a = vec.splat(a)
                     new.append([builder.call(vec.fma, [a, bvec[v], accs[i][v]]) for v in range(nvec)])
                 nxt = builder.add(kk, c(1))
                 kk.add_incoming(nxt, loop)
@@ -301,30 +511,51 @@ def _make_microkernel(MR):
                 builder.position_at_end(done)
                 final = []
                 for i in range(MR):
+                    row = []
                     for v in range(nvec):
                         phi = builder.phi(vec.vty)
                         phi.add_incoming(init[i][v], entry)
                         phi.add_incoming(new[i][v], loop)
-                        final.append((i, v, phi))
-                for i, v, phi in final:
-                    ptr = vec.at(pc, builder.add(builder.mul(c(i), sc), c(v * width)), vec.vptr)
-                    builder.call(vec.mstore, [phi, ptr, vec.align, masks[v]])
+                        row.append(phi)
+                    final.append(row)
+                # -- write C in the call's mode --
+                exit_ = builder.append_basic_block(f"mk{nvec}.exit")
+                blocks = [builder.append_basic_block(f"mk{nvec}.{name}") for name in ("store", "add", "rescale")]
+                switch = builder.switch(mode, blocks[STORE])
+                switch.add_case(c(ADD), blocks[ADD])
+                switch.add_case(c(RESCALE), blocks[RESCALE])
+                for which, block in enumerate(blocks):
+                    builder.position_at_end(block)
+                    for i in range(MR):
+                        off_row = builder.mul(c(i), sc)
+                        if which == RESCALE:
+                            al = vec.splat(builder.load(vec.at(palpha, c(i), vec.sptr)))
+                        for v in range(nvec):
+                            off = builder.add(off_row, c(v * width))
+                            if which == STORE:
+                                x = builder.fmul(final[i][v], scale_v)
+                            elif which == ADD:
+                                x = builder.fadd(vec.load(pc, off, masks[v]), final[i][v])
+                            else:
+                                x = builder.call(vec.fma, [vec.load(pc, off, masks[v]), al, final[i][v]])
+                            vec.store(x, pc, off, masks[v])
+                    builder.branch(exit_)
+                builder.position_at_end(exit_)
 
             # -- float32 (the fast path): one copy of the product per vector count, picked by
             # ceil(n / width); float64 (for checking) keeps a single copy, which compiles faster --
-            if width == 8:
-                product(TILE_N // width)
+            if not vec.f32:
+                product(TILE_N // width, 0)
                 return context.get_dummy_value()
-            most = TILE_N // width
             nv = builder.sdiv(builder.add(n, c(width - 1)), c(width))
             exit_ = builder.append_basic_block("mk.exit")
-            cases = [builder.append_basic_block(f"mk.nv{v}") for v in range(1, most + 1)]
+            cases = [builder.append_basic_block(f"mk.nv{v}") for v in range(1, NV_MAX + 1)]
             switch = builder.switch(nv, cases[-1])
-            for v in range(1, most):
+            for v in range(1, NV_MAX):
                 switch.add_case(c(v), cases[v - 1])
             for v, block in enumerate(cases, 1):
                 builder.position_at_end(block)
-                product(v)
+                product(v, v - 1)
                 builder.branch(exit_)
             builder.position_at_end(exit_)
             return context.get_dummy_value()
@@ -334,25 +565,33 @@ def _make_microkernel(MR):
     return microkernel
 
 
-_mk4, _mk2, _mk1 = _make_microkernel(4), _make_microkernel(2), _make_microkernel(1)
+_mk6, _mk4, _mk2, _mk1 = _make_microkernel(6), _make_microkernel(4), _make_microkernel(2), _make_microkernel(1)
 
 
 @njit(cache=True)
-def _gemm(pa, sa0, sa1, pb, sb, pc, sc, m, kdim, n, like):
-    # c[:m, :n] = a[:m, :kdim] @ b[:kdim, :n] at raw addresses (strides in elements)
+def _gemm(pa, sa0, sa1, pb, sb, pc, sc, m, kdim, n, scale, mode, palpha, like):
+    # c[:m, :n] (op)= a[:m, :kdim] @ b[:kdim, :n] at raw addresses (strides in elements), `mode` as
+    # the micro-kernels take it (palpha: m row factors for RESCALE)
     isz = like.itemsize
     for j0 in range(0, n, TILE_N):
         nn = min(TILE_N, n - j0)
         i = 0
         if isz == 4:
+            while i + 6 <= m:
+                _mk6(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim,
+                     scale, mode, palpha + i * isz, like)
+                i += 6
             while i + 4 <= m:
-                _mk4(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim, like)
+                _mk4(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim,
+                     scale, mode, palpha + i * isz, like)
                 i += 4
         while i + 2 <= m:
-            _mk2(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim, like)
+            _mk2(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim,
+                 scale, mode, palpha + i * isz, like)
             i += 2
         while i < m:
-            _mk1(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim, like)
+            _mk1(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim,
+                 scale, mode, palpha + i * isz, like)
             i += 1
 
 
@@ -362,27 +601,21 @@ def _addr(x):
 
 
 @njit(cache=True)
-def _mm(a, b, c, m, kdim, n):
-    # c[:m, :n] = a[:m, :kdim] @ b[:kdim, :n]      rows of b and c contiguous
+def _mm(a, b, c, m, kdim, n, scale=1.0, mode=STORE, alpha=None):
+    # c[:m, :n] (op)= a[:m, :kdim] @ b[:kdim, :n]      rows of b and c contiguous; STORE scales by
+    # `scale`, RESCALE multiplies row i of c by alpha[i] first
     isz = a.itemsize
+    pal = np.intp(0) if alpha is None else _addr(alpha)
     _gemm(_addr(a), a.strides[0] // isz, a.strides[1] // isz, _addr(b), b.strides[0] // isz,
-          _addr(c), c.strides[0] // isz, m, kdim, n, c)
+          _addr(c), c.strides[0] // isz, m, kdim, n, scale, mode, pal, c)
 
 
 @njit(cache=True)
-def _mm_tn(a, b, c, m, kdim):
-    # c[:m, :] = a[:kdim, :m]^T @ b[:kdim, :]      c (>=m, N), b (>=kdim, N)
+def _mm_tn(a, b, c, m, kdim, mode=STORE):
+    # c[:m, :] (op)= a[:kdim, :m]^T @ b[:kdim, :]      c (>=m, N), b (>=kdim, N)
     isz = a.itemsize
     _gemm(_addr(a), a.strides[1] // isz, a.strides[0] // isz, _addr(b), b.strides[0] // isz,
-          _addr(c), c.strides[0] // isz, m, kdim, b.shape[1], c)
-
-
-@njit(fastmath=FASTMATH, cache=True)
-def _add_rows(total, part, m):
-    # total[:m] += part[:m]
-    for j in range(m):
-        for d in range(total.shape[1]):
-            total[j, d] += part[j, d]
+          _addr(c), c.strides[0] // isz, m, kdim, b.shape[1], 1.0, mode, np.intp(0), c)
 
 
 @intrinsic
@@ -395,6 +628,7 @@ def _dot(typingctx, pa, pb, kdim, like):
     sig = like.dtype(types.intp, types.intp, types.intp, like)
 
     def codegen(context, builder, signature, args):
+        builder = _Exact(builder)
         pa, pb, kdim, _ = args
         vec = _Vectors(context, builder, signature.args[-1].dtype)
         width, i32, i64, c = vec.width, vec.i32, vec.i64, vec.const
@@ -487,15 +721,6 @@ def _padded(ncols):
     return min(BLOCK_N, (ncols + 15) // 16 * 16)
 
 
-@njit(fastmath=FASTMATH_MAX, cache=True)
-def _row_max(s, i, nc):
-    m = s[i, 0]
-    for j in range(1, nc):
-        v = s[i, j]
-        m = v if v > m else m
-    return m
-
-
 @njit(fastmath=FASTMATH_EXACT, cache=True)
 def _row_has_nan(s, i, nc):
     for j in range(nc):
@@ -504,30 +729,20 @@ def _row_has_nan(s, i, nc):
     return False
 
 
-@njit(fastmath=FASTMATH, cache=True)
-def _exp2_row(s, p, i, nc, m, opts):
-    """p[i, :nc] = exp(s[i, :nc] - m) in score units; returns (sum_j p, sum_j p * (s - m))."""
-    lo, half, zero = opts.exp_lo, opts.half, opts.zero
-    tot = zero
-    ps = zero
-    if opts.base2:
-        for j in range(nc):
-            x = s[i, j] - m  # <= 0, -inf where masked
-            xc = lo if x < lo else x  # keeps NaN
-            p[i, j] = zero if x < lo else _exp2(xc, half)
-            v = p[i, j]
-            tot += v
-            if opts.want_stats:
-                ps += v * xc
-    else:
-        for j in range(nc):
-            x = s[i, j] - m
-            v = zero if x == -np.inf else math.exp(x * opts.nat)
-            p[i, j] = v
-            tot += v
-            if opts.want_stats and v != zero:
-                ps += v * x
-    return tot, ps
+@njit(cache=True)
+def _exp2_row(s, p, i, nc, m, stat):
+    """p[i, :nc] = exp(s[i, :nc] - m) in score units; returns sum_j p, and (stat[0] given, size 1)
+    stores sum_j p * (s - m) there."""
+    isz = s.itemsize
+    row = i * (s.strides[0] // isz)
+    zero = s.dtype.type(0.0)
+    pstat = _addr(stat) if stat.size > 0 else np.intp(0)
+    return _vec_exp2_row(_addr(s) + row * isz, _addr(p) + i * p.strides[0], nc, m, zero, s.dtype.type(-126.0), pstat, s)
+
+
+@njit(cache=True)
+def _row_max(s, i, nc):
+    return _vec_row_max(_addr(s) + i * s.strides[0], nc, s)
 
 
 @njit(cache=True)
@@ -600,24 +815,23 @@ def _scores(q_blk, k_nat, kt_blk, use_dot, s, th, rows, b, h, qb, kb, kind, mask
     r0, c0 = qb * BLOCK_M, kb * BLOCK_N
     ncols = min(BLOCK_N, k_nat.shape[0] - c0)
     nc = _padded(ncols)
-    # -- scores: q_blk @ k_blk^T (kt_blk holds k_blk^T unless use_dot), then the scale --
+    # -- scores: q_blk @ k_blk^T (kt_blk holds k_blk^T unless use_dot), times the scale --
+    qk_scale = opts.qk_scale
     if use_dot:
         _qk_dot(q_blk, k_nat, c0, ncols, s, rows)
+        for i in range(rows):
+            for j in range(ncols):
+                s[i, j] *= qk_scale
     else:
-        _mm(q_blk, kt_blk, s, rows, q_blk.shape[1], ncols)
-    qk_scale = opts.qk_scale
+        _mm(q_blk, kt_blk, s, rows, q_blk.shape[1], ncols, qk_scale)
     if opts.softcap_u > 0.0:
         # -- softcap: c * tanh(u), c already in score units (the product in float64, rounded once) --
         cu = opts.softcap_u64
         for i in range(rows):
-            for j in range(nc):
-                t = np.tanh(s[i, j] * qk_scale)
+            for j in range(ncols):
+                t = np.tanh(s[i, j])
                 th[i, j] = t
                 s[i, j] = cu * t
-    else:
-        for i in range(rows):
-            for j in range(nc):
-                s[i, j] *= qk_scale
     if mask.alibi.size > 0:
         # -- ALiBi: - slope * |q_pos - kv_pos|, slope in score units --
         pb = _bx(mask.q_pos_f.shape[0], b)
@@ -647,25 +861,18 @@ def _scores(q_blk, k_nat, kt_blk, use_dot, s, th, rows, b, h, qb, kb, kind, mask
     return nc
 
 
-@njit(fastmath=FASTMATH_EXACT, cache=True)
+@njit(cache=True)
 def _probs(s, p, rows, nc, row_max, row_log, b, h, r0, opts):
     # -- probabilities from the saved log-sum-exp: p = exp((s - max) - log l), in this order --
-    lo, half, zero = opts.exp_lo, opts.half, opts.zero
+    no_stat = np.empty(0, s.dtype)
     for i in range(rows):
         m = row_max[b, h, r0 + i]
-        lg = row_log[b, h, r0 + i]
         if m == -np.inf:
             for j in range(nc):
-                p[i, j] = zero
-        elif opts.base2:
-            for j in range(nc):
-                x = (s[i, j] - m) - lg
-                xc = lo if x < lo else x
-                p[i, j] = zero if x < lo else _exp2(xc, half)
+                p[i, j] = opts.zero
         else:
-            for j in range(nc):
-                x = (s[i, j] - m) - lg
-                p[i, j] = zero if x == -np.inf else math.exp(x * opts.nat)
+            _vec_exp2_row(_addr(s) + i * s.strides[0], _addr(p) + i * p.strides[0], nc, m, row_log[b, h, r0 + i],
+                          opts.exp_lo, np.intp(0), s)
 
 
 # -- kernels ------------------------------------------------------------------------------------
@@ -702,7 +909,8 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts):
     p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
     tanh_buf = np.empty((BLOCK_M, BLOCK_N) if opts.softcap_u > 0.0 else (1, 1), q.dtype)
     acc = np.zeros((BLOCK_M, Dv), q.dtype)
-    part = np.empty((BLOCK_M, Dv), q.dtype)
+    alpha_i = np.ones(BLOCK_M, q.dtype)  # per row: the factor of acc before this tile's share
+    stat = np.zeros(1 if opts.want_stats else 0, q.dtype)
     # a few query rows (decoding): dot products beat transposing the keys; every pass decides
     # the same way per query block, so a pair's score is bit-identical in all of them
     use_dot = rows < 4
@@ -734,6 +942,7 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts):
             m_old = m_i[i]
             m_tile = _row_max(s, i, nc)
             m_new = m_tile if m_tile > m_old else m_old
+            alpha_i[i] = 1.0
             if m_new == -np.inf:
                 # nothing allowed here so far -- unless the scores are NaN (NaN inputs): poison the row
                 for j in range(nc):
@@ -742,8 +951,8 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts):
                     l_i[i] = np.nan
                 continue
             # -- p = exp(s - m_new), its row sum and sum p*(s - m_new) --
-            tot, ps = _exp2_row(s, p, i, nc, m_new, opts)
-            # -- rescale the running sums and the accumulator --
+            tot = _exp2_row(s, p, i, nc, m_new, stat)
+            # -- rescale the running sums; the accumulator's factor goes to the P V product --
             l_old = l_i[i]
             if m_old == m_new:
                 alpha = 1.0
@@ -753,15 +962,14 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts):
                 alpha = math.exp((m_old - m_new) * nat)
             l_i[i] = alpha * l_old + tot
             if opts.want_stats:
+                ps = stat[0]
                 e_i[i] = alpha * (e_i[i] + (m_old - m_new) * l_old) + ps if l_old > 0.0 else ps
             m_i[i] = m_new
-            if alpha != 1.0:
-                for d in range(Dv):
-                    acc[i, d] *= alpha
-        # -- accumulate p @ v: the tile's share, then added (rounding grows with the number of
-        # key blocks, not of keys: one running sum was 5x the float32 reference's error at 4096) --
-        _mm(p, v[b, hk, c0:c0 + ncols], part, rows, ncols, Dv)
-        _add_rows(acc, part, rows)
+            alpha_i[i] = alpha
+        # -- acc = alpha * acc + p @ v: the tile's share summed apart, then added in one FMA
+        # (rounding grows with the number of key blocks, not of keys: one running sum was 5x the
+        # float32 reference's error at 4096) --
+        _mm(p, v[b, hk, c0:c0 + ncols], acc, rows, ncols, Dv, 1.0, RESCALE, alpha_i)
     for i in range(rows):
         gi = r0 + i
         li = l_i[i]
@@ -842,8 +1050,6 @@ def _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, counts, ma
     # causal queries)
     dk_blk = np.zeros((BLOCK_N, D), q.dtype)
     dv_blk = np.zeros((BLOCK_N, Dv), q.dtype)
-    dk_part = np.empty((BLOCK_N, D), q.dtype)
-    dv_part = np.empty((BLOCK_N, Dv), q.dtype)
     dq_blk = np.empty((BLOCK_M if one_pass else 0, D), q.dtype)
     n_tiles = 0
     for g in range(group):
@@ -866,8 +1072,7 @@ def _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, counts, ma
             nc = _scores(q_blk, k[b, hk], kt, rows < 4, s, tanh_buf, rows, b, h, qb, kb, kind, mask, opts)
             _probs(s, p, rows, nc, row_max, row_log, b, h, r0, opts)
             # -- dV += P^T dO --
-            _mm_tn(p, do_blk, dv_part, ncols, rows)
-            _add_rows(dv_blk, dv_part, ncols)
+            _mm_tn(p, do_blk, dv_blk, ncols, rows, ADD)
             # -- dP = dO V^T --
             _mm(do_blk, vt, dp, rows, Dv, ncols)
             # -- dS = P * (dP - delta), times the softcap's c (1 - tanh^2) --
@@ -884,8 +1089,7 @@ def _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, counts, ma
                     for j in range(ncols):
                         dp[i, j] *= softcap * (1.0 - tanh_buf[i, j] * tanh_buf[i, j])
             # -- dK += dS^T q --
-            _mm_tn(dp, q_blk, dk_part, ncols, rows)
-            _add_rows(dk_blk, dk_part, ncols)
+            _mm_tn(dp, q_blk, dk_blk, ncols, rows, ADD)
             if one_pass:
                 # -- dQ = dS k --
                 _mm(dp, k[b, hk, c0:c0 + ncols], dq_blk, rows, ncols, D)
@@ -936,7 +1140,6 @@ def _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, counts
     use_dot = rows < 4
     pdk = np.zeros((BLOCK_M, D), q.dtype)  # sum_j p (dP - c) k
     pk = np.zeros((BLOCK_M, D), q.dtype)  # sum_j p k
-    part = np.empty((BLOCK_M, D), q.dtype)  # one key block's share of either
     dl = np.zeros(BLOCK_M, q.dtype)  # sum_j p dP
     c = np.zeros(BLOCK_M, q.dtype)
     # an empty `out` means delta is given (a shard of the keys: only the whole row's delta is right)
@@ -979,11 +1182,9 @@ def _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, counts
                     dp[i, j] *= w
                     p[i, j] *= w
         # -- accumulate (P * (dP - c)) k and P k, each tile's share added to the total --
-        _mm(dp, k[b, hk, c0:c0 + ncols], part, rows, ncols, D)
-        _add_rows(pdk, part, rows)
+        _mm(dp, k[b, hk, c0:c0 + ncols], pdk, rows, ncols, D, 1.0, ADD)
         if not external:
-            _mm(p, k[b, hk, c0:c0 + ncols], part, rows, ncols, D)
-            _add_rows(pk, part, rows)
+            _mm(p, k[b, hk, c0:c0 + ncols], pk, rows, ncols, D, 1.0, ADD)
     for i in range(rows):
         gi = r0 + i
         if external:
