@@ -114,11 +114,18 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--numba-layer", choices=("default", "omp", "workqueue", "tbb"), default="default",
+                   help="numba's threading layer for the cpu kernels (default: numba's choice, as a user gets it; "
+                        "its OpenMP layer spins between calls, next to torch's own threads; selfattn train uses workqueue)")
     p.add_argument("--json", metavar="PATH", default=RESULTS, help=f"where the results go (default {RESULTS})")
     p.add_argument("--attention-rounds", type=int, default=20, help="rounds of the attention-alone timings")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.numba_layer != "default":
+        import numba
+
+        numba.config.THREADING_LAYER = args.numba_layer  # read when numba first starts its threads
     sa_hf.register()
     model = build(args)
     ids = torch.randint(0, args.vocab, (args.batch, args.tokens), generator=torch.Generator().manual_seed(1))
@@ -165,6 +172,13 @@ def main(argv=None) -> int:
     alone = attention_alone(args, args.attention_rounds)
 
     load = os.getloadavg()
+    try:
+        import numba
+
+        layer = numba.threading_layer()
+    except (ImportError, ValueError):  # ValueError: numba never started its threads (one-thread kernels)
+        layer = "not started"
+    print(f"# numba threading layer: {layer}")
     print(f"# Llama hidden {args.hidden}, {args.layers} layers, {args.heads} q / {args.kv_heads} kv heads, "
           f"{args.tokens} tokens, batch {args.batch}, float32; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cores, load {load[0]:.1f}; median of {args.rounds} rounds (speed: per-round ratio to sdpa, median)")
@@ -209,6 +223,7 @@ def main(argv=None) -> int:
     if args.json:
         meta = dict(vars(args), torch=torch.__version__, threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
                     load=load, machine=platform.machine(), processor=platform.processor(), masks=masks_seen,
+                    numba_threading_layer=layer,
                     date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), selfattn=selfattn.__version__)
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
