@@ -376,3 +376,15 @@ def test_attention_sinks_are_refused_by_name(tmp_path, capsys):
     transformers.AutoModelForCausalLM.from_config(_config("gpt_oss")).save_pretrained(tmp_path / "oss")
     line = _error(capsys, "explain", "--hf", tmp_path / "oss", "--ids", "1,2,3")
     assert "sinks" in line and "model.layers.0.self_attn" in line
+
+
+def test_progress_reports_each_stage(saved):
+    from selfattn.explain.hf import explain_hf
+
+    seen = []
+    explain_hf(saved[1], ids=[1, 2, 3], progress=lambda stage, done, total: seen.append((stage, done, total)))
+    stages = list(dict.fromkeys(s for s, _, _ in seen))
+    assert stages == ["loading the model", "running the model (attention calls)", "tracing every head"]
+    running = [(d, t) for s, d, t in seen if s.startswith("running")]
+    assert running == [(0, 2), (1, 2), (2, 2)]  # one attention call per layer, 2 layers
+    assert seen[-1] == ("tracing every head", 2, 2)

@@ -206,7 +206,7 @@ def memory_needed(md: ModelDir, n_tokens: int) -> int:
     c = md.config
     text = c.get("text_config") if isinstance(c.get("text_config"), dict) else c
     hidden = int(text.get("hidden_size") or text.get("n_embd") or text.get("d_model") or 1024)
-    layers = int(text.get("num_hidden_layers") or text.get("n_layer") or text.get("num_layers") or 1)
+    layers = _layer_count(c)
     heads = int(text.get("num_attention_heads") or text.get("n_head") or 1)
     vocab = int(text.get("vocab_size") or 0)
     inner = int(text.get("intermediate_size") or 4 * hidden)
@@ -257,6 +257,12 @@ def _token_ids(md: ModelDir, text, ids, what: str):
         raise HFModelError(f"the input has {len(ids)} tokens but the model takes at most {limit} (max_position_embeddings)")
     labels = [tok.decode([i]) for i in ids] if tok is not None else [str(i) for i in ids]
     return torch.tensor([ids], dtype=torch.long), labels, tok
+
+
+def _layer_count(config: dict) -> int:
+    c = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    n = c.get("num_hidden_layers") or c.get("n_layer") or c.get("num_layers")
+    return n if isinstance(n, int) and n > 0 else 1
 
 
 def _vocab_size(config: dict) -> int:
@@ -349,13 +355,18 @@ def explain_hf(path, text: str | None = None, *, ids=None, rows=None, what: str 
     kwargs = {"input_ids": x}
     if getattr(model.config, "is_encoder_decoder", False):
         kwargs["decoder_input_ids"] = x
-    report("running the model", 0, 1)
-    with monitor.observe(calls.append, model), torch.no_grad():
+    expected = _layer_count(md.config)
+
+    def record(call):  # one attention call per layer: the forward's progress
+        calls.append(call)
+        report("running the model (attention calls)", len(calls), max(expected, len(calls)))
+
+    report("running the model (attention calls)", 0, expected)
+    with monitor.observe(record, model), torch.no_grad():
         try:
             result = model(**kwargs)
         except NotImplementedError as e:  # the integration refuses an argument by name
             raise HFModelError(f"{what} {md.path}: {' '.join(str(e).split())}") from None
-    report("running the model", 1, 1)
     if not calls:
         raise HFModelError(f"{what} {md.path}: the model ({md.architecture}) made no attention calls through selfattn: "
                            "nothing to show")
@@ -391,7 +402,7 @@ def _predictions(result, tok, vocab: int) -> list:
 def json_numbers(md: ModelDir, n_tokens: int, n_rows: int = 3) -> int:
     """About how many numbers ``--json`` writes for this model and input (every head's steps)."""
     c = md.config.get("text_config") if isinstance(md.config.get("text_config"), dict) else md.config
-    layers = int(c.get("num_hidden_layers") or c.get("n_layer") or 1)
+    layers = _layer_count(md.config)
     heads = int(c.get("num_attention_heads") or c.get("n_head") or 1)
     hidden = int(c.get("hidden_size") or c.get("n_embd") or 64)
     d = int(c.get("head_dim") or max(1, hidden // heads))
