@@ -388,3 +388,19 @@ def test_progress_reports_each_stage(saved):
     running = [(d, t) for s, d, t in seen if s.startswith("running")]
     assert running == [(0, 2), (1, 2), (2, 2)]  # one attention call per layer, 2 layers
     assert seen[-1] == ("tracing every head", 2, 2)
+
+
+def test_a_model_larger_than_memory_is_refused_from_its_headers(saved, capsys, tmp_path, no_loading):
+    """No monkeypatching: a 1 TiB float32 tensor declared in the header (a sparse file on disk)."""
+    import selfattn._cliutil as cu
+
+    have = cu.available_memory()
+    assert have is not None and have < 4 * 2 ** 40, "this machine has more memory than the test model needs (4 TiB)"
+    d = _copy(saved[0], tmp_path / "big", skip=("model.safetensors",))
+    header = json.dumps({"model.embed_tokens.weight": {"dtype": "F32", "shape": [2 ** 38], "data_offsets": [0, 2 ** 40]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(d / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + 2 ** 40)  # sparse: no disk space used
+    line = _error(capsys, "explain", "--hf", d, TEXT)
+    assert f"{2 ** 38:,} parameters" in line and "needs about" in line and "TB" in line
