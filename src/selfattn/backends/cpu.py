@@ -46,6 +46,10 @@ try:
     from ..kernels import cpu_flash as _k
 except ImportError:  # numba missing: the backend stays registered and says why it cannot serve
     _k = None
+try:  # bfloat16 forward on the AMX tile unit (issue 14); without it bfloat16 runs the float32 kernels
+    from ..kernels import cpu_amx as _amx
+except Exception:  # noqa: BLE001 -- numba, its LLVM or the CPU lacking anything: the float32 fallback
+    _amx = None
 
 #: tile products computed by the kernels since import (or the last reset); deterministic.
 #: "backward_one_pass": backward passes with one key block, where flash_bwd_kv also computes dQ
@@ -208,6 +212,8 @@ def _launch_forward(q, k, v, sinks, call: _Call):
     """(out, row_max, row_log, max_logit, entropy): out in q's dtype; the lse (sink included) as
     row_max + row_log in score units; max_logit over the keys and the entropy in nats (both
     meaningful only with call.want_stats)."""
+    if q.dtype == torch.bfloat16 and _amx is not None and _amx.available():
+        return _amx.launch_forward(q, k, v, sinks, call)  # same outputs; products on AMX
     acc = acc_dtype(q.dtype)
     B, Hq, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
@@ -462,7 +468,8 @@ class _EagerFlash(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, call: _Call):
         acc = acc_dtype(q.dtype)
-        ready = [_ready(t, acc) for t in (q, k, v)]
+        # bfloat16 reaches the launcher as it is (it may take the AMX forward); the backward converts
+        ready = [t.detach() if q.dtype == torch.bfloat16 else _ready(t, acc) for t in (q, k, v)]
         out, row_max, row_log, max_logit, ent = _launch_forward(*ready, sinks, call)
         ctx.mark_non_differentiable(row_max, row_log, max_logit, ent)
         # keep the kernels' copies (strided heads made contiguous) when they have the inputs' dtype:
@@ -493,6 +500,7 @@ class CPUBackend(Backend):
         "masks": "all: causal, window, padding, key_padding, documents and mask functions with tile skipping; dense bool/float element-wise",
         "positions": "yes; ALiBi in the kernel, sinks (with gradients) around it",
         "dtypes": "float32, float64; float16/bfloat16 accumulate in float32",
+        "bfloat16": _amx.describe() if _amx is not None else "products: float32 fallback (inputs converted)",
         "stats": "yes, from the online softmax (no gradient through them)",
         "softcap": "yes",
         "dropout": "no (refused)",

@@ -1,0 +1,189 @@
+"""The ``cpu`` backend's bfloat16 forward on AMX (selfattn.kernels.cpu_amx, issue 14).
+
+bfloat16 inputs, every mask kind, GQA, head dims 8-256 (odd ones too), lengths up to ~700, the
+statistics, against the float64 reference on the same bfloat16 inputs with STYLE.md rule 6's
+bfloat16 yardstick (tests/_oracle.py: the reference computed in bfloat16 itself, factor 2; 3 for
+the gradients of a training call, whose backward runs the float32 kernels on the AMX forward's lse).
+The statistics are also held to the float32 reference's error on the same values (they come from
+float32 scores of exact bfloat16 products): the bfloat16 yardstick alone let an lse 1e-3 off pass.
+Each test checks that the AMX path really served the call (``cpu_amx.AMX_CALLS``). Skipped where
+``has_amx_bf16()`` is False; the fallback test (SELFATTN_CPU_AMX=0 / SELFATTN_CPU_BF16=0, in a
+subprocess since detection happens at import) runs everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import selfattn
+from selfattn import masks
+from selfattn.kernels import cpu_amx, cpu_bf16
+
+from _oracle import compare, reference_pair
+from conftest import exact_fully_masked
+
+amx = pytest.mark.skipif(not cpu_bf16.has_amx_bf16(),
+                         reason="no AMX-BF16 on this CPU (or the OS refused the tile state, or SELFATTN_CPU_AMX=0)")
+
+
+def _inputs(b, hq, hkv, lq, lk, d, dv=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dv = d if dv is None else dv
+    q = torch.randn(b, hq, lq, d, generator=g, dtype=torch.float64)  # (B, Hq, Lq, D)
+    k = torch.randn(b, hkv, lk, d, generator=g, dtype=torch.float64)  # (B, Hkv, Lk, D)
+    v = torch.randn(b, hkv, lk, dv, generator=g, dtype=torch.float64)  # (B, Hkv, Lk, Dv)
+    do = torch.randn(b, hq, lq, dv, generator=g, dtype=torch.float64)  # (B, Hq, Lq, Dv)
+    return [t.to(torch.bfloat16) for t in (q, k, v, do)]
+
+
+def _doc_causal(b, h, q_idx, kv_idx):
+    # three documents of 100 positions, causal inside each
+    return (q_idx // 100 == kv_idx // 100) & (kv_idx <= q_idx)
+
+
+def _mask(kind, b, hq, lq, lk):
+    g = torch.Generator().manual_seed(7)
+    if kind == "none":
+        return {}
+    if kind == "causal":
+        return {"causal": True}
+    if kind == "window":
+        return {"window": (37, 5)}
+    if kind == "documents":
+        ids = torch.sort(torch.randint(0, 4, (b, lk), generator=g), dim=1).values  # (B, Lk)
+        return {"mask": masks.documents(ids)}
+    if kind == "padding":
+        return {"mask": masks.padding([lk, max(1, lk - 70)][:b], [lq, max(1, lq - 50)][:b])}
+    if kind == "key_padding":
+        keep = torch.rand(b, lk, generator=g) < 0.7  # (B, Lk)
+        keep[0, 64:128] = False  # a whole key block of holes: an EMPTY tile for every query block
+        if b > 1:
+            keep[1] = False  # a batch element with no key at all: fully-masked rows
+        return {"mask": masks.key_padding(keep), "causal": True}
+    if kind == "dense_bool":
+        allow = torch.rand(b, 1, lq, lk, generator=g) < 0.5  # (B, 1, Lq, Lk)
+        allow[:, :, 3] = False  # a fully-masked row
+        return {"mask": masks.dense(allow)}
+    if kind == "dense_float":
+        bias = torch.randn(1, hq, lq, lk, generator=g, dtype=torch.float32)  # (1, Hq, Lq, Lk)
+        return {"mask": masks.dense(bias)}
+    if kind == "function":
+        return {"mask": masks.function(_doc_causal)}
+    raise KeyError(kind)
+
+
+def check_amx(name, q, k, v, **kw):
+    """AMX forward (with stats) against the float64 reference pair; fully-masked rows exact."""
+    calls = cpu_amx.AMX_CALLS["calls"]
+    out, stats = selfattn.attention(q, k, v, backend="cpu", return_stats=True, **kw)
+    assert cpu_amx.AMX_CALLS["calls"] == calls + 1, f"{name}: the AMX forward did not serve the call"
+    pair = reference_pair(q, k, v, **kw)
+    compare(name, pair, out, stats=stats, dtype=torch.bfloat16)
+    exact_fully_masked(name, out, stats, pair[0].stats)
+    # the statistics come from float32 scores of bfloat16 inputs (exact products, float32 sums): hold
+    # them also to the float32 reference's error on the same values, ~1e5 times tighter than bfloat16's
+    compare(f"{name} [float32 yardstick]", reference_pair(*(t.float() for t in (q, k, v)), **kw), stats=stats)
+    return out, stats
+
+
+MASK_KINDS = ["none", "causal", "window", "documents", "padding", "key_padding", "dense_bool", "dense_float", "function"]
+
+
+@amx
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_mask_kinds(kind):
+    b, hq, hkv, lq, lk, d = 2, 4, 2, 300, 300, 40
+    q, k, v, _ = _inputs(b, hq, hkv, lq, lk, d, seed=1)
+    check_amx(kind, q, k, v, **_mask(kind, b, hq, lq, lk))
+
+
+# head dims from 8 to 256, odd ones too; Lq != Lk and rows that are not whole tiles
+@amx
+@pytest.mark.parametrize("d, lq, lk, kind", [
+    (8, 97, 130, "causal"), (40, 257, 190, "none"), (59, 129, 700, "window"), (64, 700, 700, "causal"),
+    (100, 65, 333, "key_padding"), (111, 200, 64, "none"), (128, 333, 450, "dense_bool"), (256, 150, 260, "causal"),
+])
+def test_head_dims(d, lq, lk, kind):
+    q, k, v, _ = _inputs(2, 2, 1, lq, lk, d, seed=d)
+    check_amx(f"d{d}", q, k, v, **_mask(kind, 2, 2, lq, lk))
+
+
+@amx
+@pytest.mark.parametrize("lq", [1, 3, 17])
+def test_decoding_rows_gqa(lq):
+    # a few query rows (the float32 kernel takes dot products there; AMX pads to a 16-row tile), GQA 6:2
+    q, k, v, _ = _inputs(1, 6, 2, lq, 200, 64, dv=48, seed=lq)
+    check_amx(f"lq{lq}", q, k, v, causal=True)
+
+
+@amx
+def test_arguments():
+    # softcap, ALiBi with positions, sinks, a non-default scale: the score terms after the product
+    b, hq, hkv, lq, lk, d = 1, 4, 2, 190, 250, 72
+    q, k, v, _ = _inputs(b, hq, hkv, lq, lk, d, seed=3)
+    g = torch.Generator().manual_seed(3)
+    check_amx("softcap", q, k, v, softcap=8.0, scale=0.3, causal=True)
+    check_amx("alibi", q, k, v, alibi_slopes=torch.tensor([0.5, 0.25, 0.125, 0.0625]),
+              q_positions=torch.arange(lq) + 100, kv_positions=torch.arange(lk) + 40, causal=True)
+    check_amx("sinks", q, k, v, sinks=torch.randn(hq, generator=g), window=(50, 0))
+
+
+@amx
+def test_training_call():
+    # forward on AMX, backward on the float32 kernels from the AMX forward's lse
+    q, k, v, do = _inputs(1, 4, 2, 200, 200, 64, seed=4)
+    leafs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    calls = cpu_amx.AMX_CALLS["calls"]
+    out, stats = selfattn.attention(*leafs, backend="cpu", return_stats=True, causal=True)
+    assert cpu_amx.AMX_CALLS["calls"] == calls + 1
+    grads = torch.autograd.grad(out, leafs, do)
+    pair = reference_pair(q, k, v, do=do, causal=True)
+    compare("train", pair, out, stats=stats, grads=grads, dtype=torch.bfloat16)
+
+
+@amx
+def test_float16_keeps_the_float32_kernels():
+    # float16 has more mantissa than bfloat16: it is not rounded to bfloat16 for AMX
+    q, k, v, _ = (t.to(torch.float16) for t in _inputs(1, 2, 2, 100, 100, 32, seed=5))
+    calls = cpu_amx.AMX_CALLS["calls"]
+    out, stats = selfattn.attention(q, k, v, backend="cpu", return_stats=True, causal=True)
+    assert cpu_amx.AMX_CALLS["calls"] == calls
+    compare("fp16", reference_pair(q, k, v, causal=True), out, stats=stats, dtype=torch.float16)
+
+
+_FALLBACK = textwrap.dedent("""
+    import torch, selfattn
+    from selfattn.kernels import cpu_amx, cpu_bf16
+    from selfattn.backends import get
+    from _oracle import compare, reference_pair
+    assert not cpu_bf16.has_amx_bf16()
+    assert "float32 fallback" in get("cpu").features["bfloat16"], get("cpu").features["bfloat16"]
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 150, 40, generator=g).to(torch.bfloat16) for _ in range(3))
+    out, stats = selfattn.attention(q, k, v, backend="cpu", return_stats=True, causal=True)
+    assert cpu_amx.AMX_CALLS["calls"] == 0
+    compare("fallback", reference_pair(q, k, v, causal=True), out, stats=stats, dtype=torch.bfloat16)
+    print("FALLBACK OK")
+""")
+
+
+@pytest.mark.parametrize("flag", ["SELFATTN_CPU_AMX", "SELFATTN_CPU_BF16"])
+def test_fallback_forced(flag):
+    env = dict(os.environ, **{flag: "0"})
+    here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = here + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", _FALLBACK], env=env, capture_output=True, text=True, timeout=600, cwd=here)
+    assert res.returncode == 0 and "FALLBACK OK" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]
+
+
+@amx
+def test_features_line():
+    from selfattn.backends import get
+
+    assert get("cpu").features["bfloat16"].startswith("products: AMX")
