@@ -99,11 +99,17 @@ def _time_call(fn, repeat):
     return statistics.median(times), statistics.median(cpus), max(extras)
 
 
+def _warm_length(args) -> int:
+    # long enough that the warm-up calls every kernel the timed call will (numba loads each on first use, and
+    # that memory would count as the call's): the ring's backward pieces then span several 64-key tiles
+    return min(args.length, 4096)
+
+
 def _single(args, out):
     import selfattn
 
     torch.set_num_threads(2)
-    warm = [t.requires_grad_() for t in _inputs((1, args.heads, 256, args.dim))[:3]]
+    warm = [t.requires_grad_() for t in _inputs((1, args.heads, _warm_length(args), args.dim))[:3]]
     selfattn.attention(*warm, causal=True).sum().backward()  # numba loads its kernels here
     q, k, v, do = _inputs((1, args.heads, args.length, args.dim))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
@@ -123,7 +129,7 @@ def _ring_rank(rank, world, init, args, layout, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=20))
     try:
-        warm = [shard(t, 2, layout).requires_grad_() for t in _inputs((1, args.heads, 512, args.dim))[:3]]
+        warm = [shard(t, 2, layout).requires_grad_() for t in _inputs((1, args.heads, _warm_length(args), args.dim))[:3]]
         ring_attention(*warm, causal=True, layout=layout).sum().backward()
         full = _inputs((1, args.heads, args.length, args.dim))
         q, k, v, do = (shard(t, 2, layout) for t in full)

@@ -44,7 +44,7 @@ def _case(name):
         return (1, 6, 2, 11, 7), dict(causal=True, softcap=2.0)
     if name == "padding":  # fully-masked query rows in batch 1
         return shapes, dict(mask=masks.padding(torch.tensor([33, 40]), torch.tensor([37, 20])))
-    if name == "long_causal":  # shards of several 64-key tiles: the fused backward's two-pass kernels
+    if name == "long_causal":  # shards of several 64-key tiles (the fused backward's two-pass kernels), cut in pieces
         return (1, 4, 2, 11, 7), dict(causal=True)
     if name == "long_window":  # a window across tiles and shards, pieces off the diagonal with positions
         return (1, 2, 2, 11, 7), dict(window=150, softcap=3.0)
@@ -57,7 +57,9 @@ def _case(name):
 
 
 CASES = ["causal", "full", "window", "window2", "documents", "gqa", "padding", "key_padding", "long_causal", "long_window"]
-LENGTHS = {"long_causal": 576, "long_window": 576}  # 576 = 8 x 72: balanced chunks of 72 on 4 ranks, 144 on 2
+# 576 = 8 x 72: balanced chunks of 72 on 4 ranks, 144 on 2 (several key tiles); 1152: chunks of 288 on 2 ranks and
+# shards of 576, which the backward cuts into smaller pieces (distributed._BWD_SPLIT)
+LENGTHS = {"long_causal": 1152, "long_window": 576}
 
 
 def _inputs(shapes, dtype, seed=0, L=L):

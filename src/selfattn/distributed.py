@@ -74,6 +74,9 @@ LAYOUTS = ("contiguous", "balanced")
 
 # the backward's score blocks: _BWD_ROWS x _BWD_COLS scores (1 MiB in float32) over all batches and heads
 _BWD_ROWS, _BWD_COLS = 256, 1024
+# the backward cuts each run of queries and of keys into _BWD_SPLIT pieces (of at least _SPLIT_MIN rows): the
+# fused kernels allocate their dQ/dK/dV and transposed K/V per call, so smaller pieces keep that a fraction of a shard
+_BWD_SPLIT, _SPLIT_MIN = 4, 256
 
 
 # -- the group ----------------------------------------------------------------------------------
@@ -359,11 +362,27 @@ def _piece(plan: _Plan, qs: int, nq: int, ks: int, nk: int, device):
     return _Piece(mask, positions[0], positions[1], cols)
 
 
-def _pieces(plan: _Plan, src: int, device):
-    """[(q rows slice, kv rows slice, piece)] of this rank's queries against rank src's keys."""
+def _split(runs, parts: int):
+    """Each (local start, local end, global start) run cut into ``parts`` runs of at least _SPLIT_MIN rows."""
     out = []
-    for qa, qb, qg in _chunks(plan.n, plan.layout, plan.rank, plan.world):
-        for ka, kb, kg in _chunks(plan.n, plan.layout, src, plan.world):
+    for a, b, g in runs:
+        step = max(_SPLIT_MIN, -(-(b - a) // parts))
+        out.extend((s, min(b, s + step), g + s - a) for s in range(a, b, step))
+    return out
+
+
+def _pieces(plan: _Plan, src: int, device, split: int = 1):
+    """[(q rows slice, kv rows slice, piece)] of this rank's queries against rank src's keys.
+
+    ``split``: cut each contiguous run of queries and of keys into that many (the backward's
+    pieces: the fused kernels' per-call buffers grow with a piece's size, not the ring's)."""
+    out = []
+    q_runs = _chunks(plan.n, plan.layout, plan.rank, plan.world)
+    k_runs = _chunks(plan.n, plan.layout, src, plan.world)
+    if split > 1:
+        q_runs, k_runs = _split(q_runs, split), _split(k_runs, split)
+    for qa, qb, qg in q_runs:
+        for ka, kb, kg in k_runs:
             p = _piece(plan, qg, qb - qa, kg, kb - ka, device)
             if p is not None:
                 out.append((slice(qa, qb), slice(ka, kb), p))
@@ -422,19 +441,6 @@ def _merge(state, rows, out_b, st: AttentionStats):
     lse[:, :, rows] = new
 
 
-def _pack(*ts):
-    return torch.cat([t.reshape(-1) for t in ts])
-
-
-def _unpack(buf, *shapes):
-    out, i = [], 0
-    for s in shapes:
-        n = math.prod(s)
-        out.append(buf[i:i + n].view(s))
-        i += n
-    return out
-
-
 class _Ring:
     """Point-to-point transfers to the next rank and from the previous one (overlapped with compute)."""
 
@@ -445,12 +451,29 @@ class _Ring:
         self.prev = _global_rank(g, (plan.rank - 1) % plan.world)
         self.alone = plan.world == 1
 
-    def start(self, send: torch.Tensor, recv: torch.Tensor):
+    def start(self, sends, recvs):
+        """Send each tensor of ``sends`` on and receive into ``recvs`` (same shapes); returns the works."""
         if self.alone:  # a ring of one: gloo cannot send to itself
-            recv.copy_(send)
+            for r, t in zip(recvs, sends):
+                r.copy_(t)
             return []
-        ops = [dist.P2POp(dist.isend, send, self.next, self.group), dist.P2POp(dist.irecv, recv, self.prev, self.group)]
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in sends]
+        ops += [dist.P2POp(dist.irecv, r, self.prev, self.group) for r in recvs]
         return dist.batch_isend_irecv(ops)
+
+    def exchange_(self, tensors, pieces: int = 8):
+        """Replace each tensor by the previous rank's, sending it to the next rank: in ``pieces`` slices
+        through one slice-sized buffer (two whole buffers would be live otherwise). Blocks."""
+        if self.alone:
+            return
+        flat = [t.view(-1) for t in tensors]  # contiguous
+        step = max(1, -(-max(f.numel() for f in flat) // pieces))
+        tmp = torch.empty(step, dtype=flat[0].dtype, device=flat[0].device)
+        for f in flat:
+            for a in range(0, f.numel(), step):
+                part, into = f[a:a + step], tmp[:min(step, f.numel() - a)]
+                self.wait(self.start([part], [into]))
+                part.copy_(into)
 
     def wait(self, works):
         for w in works:
@@ -470,27 +493,27 @@ def _ring_forward(plan: _Plan, q, k, v):
     mx, ent = lse.clone(), torch.zeros_like(lse)
     state = (out, lse, mx, ent)
     ring = _Ring(plan)
-    kv = _pack(k.detach(), v.detach())  # (numel,) in the input dtype: Hkv heads only
+    # the shard held now, in the input dtype (Hkv heads only); this rank's own first: sent as it is, not copied
+    kv = (k.detach().contiguous(), v.detach().contiguous())  # (B, Hkv, n, D), (B, Hkv, n, Dv)
     for step in range(plan.world):
         src = (plan.rank - step) % plan.world
         works = None
         if step < plan.world - 1:
-            nxt = torch.empty_like(kv)
+            nxt = tuple(torch.empty_like(t) for t in kv)
             works = ring.start(kv, nxt)  # the next shard arrives while this one is computed
-        kc, vc = _unpack(kv, k.shape, v.shape)  # (B, Hkv, n, D), (B, Hkv, n, Dv)
-        kc, vc = kc.to(acc), vc.to(acc)
+        kc, vc = (t.to(acc) for t in kv)  # (B, Hkv, n, D), (B, Hkv, n, Dv)
         for qs, ks, piece in _pieces(plan, src, q.device):
             o, st = _piece_forward(plan, qa[:, :, qs], kc[:, :, ks], vc[:, :, ks], piece)
             _merge(state, qs, o, st)
+        del kc, vc
         if works is not None:
             ring.wait(works)
             kv = nxt
+            del nxt
     return out, lse, mx, ent
 
 
 # -- the backward --------------------------------------------------------------------------------
-
-
 def _piece_backward(plan: _Plan, q, do, lse, delta, k, v, piece: _Piece, dq, dk, dv):
     """Add one piece's share to dq (B, Hq, nq, D), dk (B, Hkv, nk, D), dv (B, Hkv, nk, Dv), in torch ops.
 
@@ -564,24 +587,18 @@ def _ring_backward(plan: _Plan, dout, q, k, v, out, lse):
     delta = (do * out).sum(-1)  # (B, Hq, n) rowsum(dO * O) of the merged output
     dq = torch.zeros_like(qa)
     ring = _Ring(plan)
-    kv = _pack(k.detach(), v.detach())
-    numel = k.numel() + v.numel()
-    dkv_in, dkv_works = None, None  # the dK/dV accumulator of the shard held next, on its way from the previous rank
+    kv = (k.detach().contiguous(), v.detach().contiguous())  # the shard held now; this rank's own first
+    # the dK/dV accumulator of the shard held now. After each step it moves one rank on, in place (the
+    # previous rank's arrives in its buffer): it reaches the shard's owner after the last step
+    dk, dv = torch.zeros(k.shape, dtype=acc, device=q.device), torch.zeros(v.shape, dtype=acc, device=q.device)
     for step in range(plan.world):
         src = (plan.rank - step) % plan.world
         works = None
         if step < plan.world - 1:
-            nxt = torch.empty_like(kv)
+            nxt = tuple(torch.empty_like(t) for t in kv)
             works = ring.start(kv, nxt)
-        kc, vc = _unpack(kv, k.shape, v.shape)
-        kc, vc = kc.to(acc), vc.to(acc)
-        if dkv_works is None:
-            dkv = torch.zeros(numel, dtype=acc, device=q.device)  # this rank's own shard: nobody has added yet
-        else:  # add to what the ranks before this one accumulated (two buffers live, not three)
-            ring.wait(dkv_works)
-            dkv = dkv_in
-        dk, dv = _unpack(dkv, k.shape, v.shape)
-        for qs, ks, piece in _pieces(plan, src, q.device):
+        kc, vc = (t.to(acc) for t in kv)
+        for qs, ks, piece in _pieces(plan, src, q.device, split=_BWD_SPLIT):
             args = (qa[:, :, qs], kc[:, :, ks], vc[:, :, ks])
             fused = _fused_backward(plan, *args, piece)
             if fused is None:
@@ -595,14 +612,16 @@ def _ring_backward(plan: _Plan, dout, q, k, v, out, lse):
             dq[:, :, qs] += dq_p  # (B, Hq, nq, D)
             dk[:, :, ks] += dk_p  # (B, Hkv, nk, D)
             dv[:, :, ks] += dv_p  # (B, Hkv, nk, Dv)
-        # pass the accumulated gradient on; after the last step it reaches the shard's owner
-        dkv_in = torch.empty_like(dkv)
-        dkv_works = ring.start(dkv, dkv_in)
+            del dq_p, dk_p, dv_p
+        del kc, vc
         if works is not None:
             ring.wait(works)
             kv = nxt
-    ring.wait(dkv_works)
-    dk, dv = _unpack(dkv_in, k.shape, v.shape)
+            del nxt
+        else:
+            del kv  # the last shard: not needed while the gradients travel
+        # pass the accumulated gradient on; after the last step it reaches the shard's owner
+        ring.exchange_((dk, dv))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
