@@ -266,6 +266,103 @@ print(t1 - t0, t2 - t1, time.perf_counter() - t2)
     return out
 
 
+def profile_forward(d: int = 64, heads: int = 2, length: int = 2048, reps: int = 3) -> dict:
+    """Where the float32 forward's time goes, on one thread (CPU time, best of ``reps``): the whole
+    kernel (``flash_fwd_serial``, dense (1, heads, length, length, d)) against its pieces looped
+    over the same number of 64 x 64 tiles with data in cache -- the Q K^T product (scaled), the
+    online softmax rows (max, exp2 and sums of 64 rows), the P V product with the rescale -- and
+    what is left (mask and tile bookkeeping, loads from L2, calls)."""
+    import math
+
+    import numba
+    import numpy as np
+    from numba import njit
+
+    from selfattn import lowering
+    from selfattn.backends import cpu as cpu_backend
+    from selfattn.kernels import cpu_flash as K
+    from selfattn.request import build_request
+
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, heads, length, d)).astype(np.float32) for _ in range(3))
+    kt = np.ascontiguousarray(k.transpose(0, 1, 3, 2))
+    nb = length // K.BLOCK_M
+    tiles = heads * nb * nb
+
+    @njit
+    def qk(q, kt, s, scale):
+        for h in range(q.shape[1]):
+            for qb in range(nb):
+                for kb in range(nb):
+                    K._mm(q[0, h, qb * 64:qb * 64 + 64], kt[0, h, :, kb * 64:kb * 64 + 64], s, 64, q.shape[3], 64, scale)
+
+    @njit
+    def pv(p, v, acc, alpha):
+        for h in range(v.shape[1]):
+            for qb in range(nb):
+                for kb in range(nb):
+                    K._mm(p, v[0, h, kb * 64:kb * 64 + 64], acc, 64, 64, v.shape[3], 1.0, K.RESCALE, alpha)
+
+    @njit
+    def softmax(s, p, m_i, l_i, n, stat):
+        for t in range(n):
+            for i in range(64):
+                m_old = m_i[i]
+                m_tile = K._row_max(s, i, 64)
+                m_new = m_tile if m_tile > m_old else m_old
+                tot = K._exp2_row(s, p, i, 64, m_new, stat)
+                alpha = 1.0 if m_old == m_new else math.exp((m_old - m_new) * 0.6931471805599453)
+                l_i[i] = alpha * l_i[i] + tot
+                m_i[i] = m_new
+
+    def cpu(fn, *a):
+        fn(*a)
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.thread_time()
+            fn(*a)
+            best = min(best, time.thread_time() - t0)
+        return best
+
+    s = (rng.standard_normal((64, 64)) * 8).astype(np.float32)
+    p = rng.random((64, 64)).astype(np.float32)
+    acc = np.zeros((64, d), np.float32)
+    alpha = np.ones(64, np.float32)
+    qt, ktt, vt = (torch.from_numpy(x) for x in (q, k, v))
+    req = build_request(qt, ktt, vt)
+    call = cpu_backend._Call(lowering.lower(req, K.BLOCK_M, K.BLOCK_N), req.scale, 0.0, False)
+    mask = cpu_backend._kernel_mask(call.low, torch.float32)
+    opts = cpu_backend._opts(torch.float32, call)
+    out = np.empty_like(q)
+    rm, rl, ent = (np.empty((1, heads, length), np.float32) for _ in range(3))
+    counts = np.zeros(heads * nb, np.int64)
+    t_full = cpu(K.flash_fwd_serial, q, k, kt, v, out, rm, rl, ent, counts, mask, opts)
+    parts = {
+        "Q K^T (micro-kernel, scaled)": cpu(qk, q, kt, np.empty((64, 64), np.float32), 0.125),
+        "softmax rows (max, exp2, sums)": cpu(softmax, s, p, np.full(64, -np.inf, np.float32), np.zeros(64, np.float32),
+                                              tiles, np.zeros(0, np.float32)),
+        "P V + rescale (micro-kernel)": cpu(pv, p, v, acc, alpha),
+    }
+    parts["rest (masks, bookkeeping, L2 loads)"] = max(0.0, t_full - sum(parts.values()))
+    flops = 4.0 * heads * length * length * d
+    fma1 = None
+    try:
+        import peak
+
+        fma1 = peak.measure(1)
+    except Exception:  # noqa: BLE001 -- the profile stands without the peak
+        pass
+    res = {"shape": (1, heads, length, length, d), "full_ms": t_full * 1e3, "gflops": flops / t_full / 1e9,
+           "fma_peak_1thread": fma1, "parts_ms": {n: t * 1e3 for n, t in parts.items()}}
+    share = f" = {100 * flops / t_full / 1e9 / fma1:.0f} % of the 1-thread FMA peak {fma1:.0f}" if fma1 else ""
+    print(f"forward profile {res['shape']} on 1 thread: {t_full * 1e3:.1f} ms, {res['gflops']:.1f} GFLOP/s{share}")
+    for n, t in parts.items():
+        print(f"  {n:<38} {t * 1e3:7.1f} ms  {100 * t / t_full:5.1f} %")
+    return res
+
+
 def _load() -> str:
     try:
         return " ".join(open("/proc/loadavg").read().split()[:3])
@@ -281,7 +378,15 @@ def main(argv=None):
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--compile-time", action="store_true", help="measure numba compile time (clears the kernel cache)")
     p.add_argument("--json", default="", help="output path (default benchmarks/results/bench_cpu[_quick].json)")
+    p.add_argument("--profile", action="store_true", help="only the one-thread forward profile (D 64 and 128)")
     args = p.parse_args(argv)
+    if args.profile:
+        result = {"profile": [profile_forward(64), profile_forward(128)], "loadavg": _load()}
+        path = args.json or os.path.join(ROOT, "benchmarks", "results", "bench_cpu_profile.json")
+        with open(path, "w") as fh:
+            json.dump(result, fh, indent=1, default=str)
+        print(f"wrote {path}")
+        return
 
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),

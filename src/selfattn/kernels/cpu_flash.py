@@ -129,6 +129,7 @@ class KernelOpts(NamedTuple):
 
     qk_scale: float  # q.k -> score units: scale*log2(e) in base 2, scale in nats; scale/c with a softcap (u)
     softcap_u: float  # the softcap c in score units; 0: none
+    qk_scale64: float  # qk_scale in float64: with a softcap u and tanh(u) are computed in float64
     softcap_u64: float  # the same in float64: c tanh(u) is rounded once from the exact product (a float32
     #                     c*log2(e) would scale every logit by one shared rounding, up to 4e-6 at c = 25)
     softcap: float  # c in nats (the backward's dS factor c (1 - tanh(u)^2)); 0: none
@@ -150,7 +151,7 @@ def make_opts(dtype, scale: float, softcap: float, want_stats: bool) -> KernelOp
     qk_scale = scale * per_nat if softcap <= 0.0 else scale / softcap
     f = dtype
     return KernelOpts(
-        qk_scale=f(qk_scale), softcap_u=f(softcap * per_nat if softcap > 0.0 else 0.0),
+        qk_scale=f(qk_scale), qk_scale64=np.float64(qk_scale), softcap_u=f(softcap * per_nat if softcap > 0.0 else 0.0),
         softcap_u64=np.float64(softcap * per_nat if softcap > 0.0 else 0.0), softcap=f(max(softcap, 0.0)),
         dscale=f(scale if softcap <= 0.0 else scale / softcap), units=f(per_nat), nat=f(LN2 if base2 else 1.0),
         exp_lo=f(-126.0), half=f(0.5), zero=f(0.0), base2=bool(base2), want_stats=bool(want_stats),
@@ -817,19 +818,23 @@ def _scores(q_blk, k_nat, kt_blk, use_dot, s, th, rows, b, h, qb, kb, kind, mask
     nc = _padded(ncols)
     # -- scores: q_blk @ k_blk^T (kt_blk holds k_blk^T unless use_dot), times the scale --
     qk_scale = opts.qk_scale
+    softcap = opts.softcap_u > 0.0
     if use_dot:
         _qk_dot(q_blk, k_nat, c0, ncols, s, rows)
-        for i in range(rows):
-            for j in range(ncols):
-                s[i, j] *= qk_scale
+        if not softcap:
+            for i in range(rows):
+                for j in range(ncols):
+                    s[i, j] *= qk_scale
     else:
-        _mm(q_blk, kt_blk, s, rows, q_blk.shape[1], ncols, qk_scale)
-    if opts.softcap_u > 0.0:
-        # -- softcap: c * tanh(u), c already in score units (the product in float64, rounded once) --
-        cu = opts.softcap_u64
+        _mm(q_blk, kt_blk, s, rows, q_blk.shape[1], ncols, 1.0 if softcap else qk_scale)
+    if softcap:
+        # -- softcap: c * tanh(u), c already in score units; u, tanh(u) and the product in float64,
+        # rounded once (in float32 the rounding of u and of tanh(u), times c log2(e) ~ 32, cost
+        # up to 2.8x the reference's own error on rows with a few keys) --
+        cu, us = opts.softcap_u64, opts.qk_scale64
         for i in range(rows):
             for j in range(ncols):
-                t = np.tanh(s[i, j])
+                t = np.tanh(np.float64(s[i, j]) * us)
                 th[i, j] = t
                 s[i, j] = cu * t
     if mask.alibi.size > 0:
