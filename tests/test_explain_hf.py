@@ -326,6 +326,24 @@ def test_bad_arguments_with_hf(saved, capsys, args, want):
     assert want in line
 
 
+def test_layers_pick_what_is_traced(saved, capsys, tmp_path):
+    out_json = tmp_path / "l.json"
+    code, out, err = _main(capsys, "explain", "--hf", saved[1], "--ids", "1,2,3", "--layers=-1", "--json", out_json)
+    assert code == 0, err
+    tr = json.loads(out_json.read_text())
+    assert [layer["name"] for layer in tr["layers"]] == ["model.layers.1.self_attn"]
+    eager, _ = _eager_attentions(saved[1], [1, 2, 3])
+    for h, head in enumerate(tr["layers"][0]["heads"]):
+        got = _tensor(next(s["value"] for s in head["steps"] if s["name"] == "weights"))
+        assert (got - eager[1][h]).abs().max().item() <= TOL
+    assert "model.layers.0.self_attn head" not in out
+
+
+@pytest.mark.parametrize("spec,want", [("5", "layer 5 is out of range: the model has 2"), ("0-x", "--layers must be indices")])
+def test_bad_layers_are_refused_before_loading(saved, capsys, no_loading, spec, want):
+    assert want in _error(capsys, "explain", "--hf", saved[0], TEXT, f"--layers={spec}")
+
+
 def test_ids_without_hf(capsys):
     assert "--ids needs --hf" in _error(capsys, "explain", "--ids", "1,2")
 

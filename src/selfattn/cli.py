@@ -75,8 +75,9 @@ def _check_explain(args, text) -> None:
             check_output_file(f"--{opt}", getattr(args, opt), kind)
     if args.checkpoint is not None or args.hf is not None:
         return
-    if args.ids is not None:
-        raise UsageError("--ids needs --hf (token ids of a transformers model)")
+    for opt in ("ids", "layers"):
+        if getattr(args, opt) is not None:
+            raise UsageError(f"--{opt} needs --hf (it picks from a transformers model)")
     n = 3 if text is None else len(tokenize(text))
     dim = 4 if text is None else (args.dim or 8)
     qk, v = args.qk_dim or dim, args.v_dim or dim
@@ -140,7 +141,7 @@ def _cmd_explain_hf(args, text) -> int:
 
     def check(md, n, rows):
         if args.json:
-            numbers = json_numbers(md, n, len(rows))
+            numbers = json_numbers(md, n, len(rows), args.layers)
             if numbers > JSON_MAX_NUMBERS:
                 raise UsageError(f"--json for {md.architecture} on {n} tokens would write about {numbers:,} numbers "
                                  f"(~{human_bytes(numbers * 20)}); at most {JSON_MAX_NUMBERS:,}: give fewer tokens")
@@ -155,7 +156,7 @@ def _cmd_explain_hf(args, text) -> int:
             bar.update(tasks[stage], completed=done, total=total)
 
         with compile_notice(enabled=True):
-            trace = explain_hf(args.hf, text, ids=args.ids, rows=args.rows, progress=progress, check=check)
+            trace = explain_hf(args.hf, text, ids=args.ids, rows=args.rows, layers=args.layers, progress=progress, check=check)
     console = Console()
     render(trace, console, full=args.full)
     _write_outputs(trace, args, console)
@@ -207,6 +208,8 @@ def _add_explain(sub) -> None:
                                               "its tokenizer if saved): show every layer and head; nothing is downloaded")
     e.add_argument("--ids", metavar="IDS", help="with --hf: token ids instead of TEXT, e.g. '1,5,9' (for a model saved without "
                                                 "a tokenizer)")
+    e.add_argument("--layers", metavar="LAYERS", help="with --hf: the attention layers to show, e.g. '0,3-5,-1' (default: "
+                                                      "every layer; write --layers=-1 when the first is negative)")
     e.add_argument("--rows", metavar="ROWS", help="query rows to list, e.g. '0,5-7,-1' (write --rows=-1,... when the first is negative); "
                         "for long input only these rows' weights are computed (default: first, middle, last)")
     e.add_argument("--full", action="store_true",

@@ -309,7 +309,34 @@ def _load_model(md: ModelDir, what: str):
     return model.eval()
 
 
-def explain_hf(path, text: str | None = None, *, ids=None, rows=None, what: str = "--hf", progress=None,
+def parse_layers(spec, n: int) -> list:
+    """Layer indices from a list of ints or a string like "0,3-5,-1" (negative counts from the end)."""
+    if isinstance(spec, str):
+        items = []
+        for part in spec.replace(" ", "").split(","):
+            if not part:
+                continue
+            lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
+            try:
+                items.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+            except ValueError:
+                raise HFModelError(f"--layers must be indices like '0,3-5,-1', got {spec!r}") from None
+    else:
+        items = list(spec)
+    out = []
+    for i in items:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise HFModelError(f"--layers must be integers, got {i!r}")
+        if not -n <= i < n:
+            raise HFModelError(f"--layers: layer {i} is out of range: the model has {n} attention layers (0..{n - 1}, or -1 for the last)")
+        if i % n not in out:
+            out.append(i % n)
+    if not out:
+        raise HFModelError(f"--layers {spec!r} names no layer")
+    return sorted(out)
+
+
+def explain_hf(path, text: str | None = None, *, ids=None, rows=None, layers=None, what: str = "--hf", progress=None,
                check=None) -> ModelTrace:
     """Every attention layer and head of the transformers model saved in ``path``, run on ``text`` or ``ids``.
 
@@ -322,6 +349,8 @@ def explain_hf(path, text: str | None = None, *, ids=None, rows=None, what: str 
             without a tokenizer.
         rows: query rows to pick out, as for :func:`selfattn.explain.explain`; beyond
             ``FULL_MATRIX_MAX_TOKENS`` tokens only these rows' weights are computed.
+        layers: which attention layers to trace and show (indices in call order, or a string
+            like "0,3-5,-1"; default all): a model with many heads makes long reports.
         what: how errors name the directory argument ("--hf" on the command line).
         progress: optional ``progress(stage, done, total)`` callback for a progress display.
         check: optional ``check(model_dir, n_tokens, rows)``, called before the model is loaded
@@ -346,6 +375,9 @@ def explain_hf(path, text: str | None = None, *, ids=None, rows=None, what: str 
     picked = parse_rows(rows, L) or default_rows(L)
     check_memory(memory_needed(md, L), f"{what} {md.path} ({md.parameters:,} parameters, {L} tokens)",
                  "explain a smaller model, or fewer tokens, on this machine")
+    expected = _layer_count(md.config)
+    if layers is not None:
+        parse_layers(layers, expected)  # refused before loading when the config already rules it out
     if check is not None:
         check(md, L, picked)
     report("loading the model", 0, 1)
@@ -355,7 +387,6 @@ def explain_hf(path, text: str | None = None, *, ids=None, rows=None, what: str 
     kwargs = {"input_ids": x}
     if getattr(model.config, "is_encoder_decoder", False):
         kwargs["decoder_input_ids"] = x
-    expected = _layer_count(md.config)
 
     def record(call):  # one attention call per layer: the forward's progress
         calls.append(call)
@@ -371,9 +402,11 @@ def explain_hf(path, text: str | None = None, *, ids=None, rows=None, what: str 
         raise HFModelError(f"{what} {md.path}: the model ({md.architecture}) made no attention calls through selfattn: "
                            "nothing to show")
     options = {"checkpoint": str(md.path), "model": md.architecture, "tokenizer": "its own" if tok is not None else "no"}
-    layers = []
-    for i, c in enumerate(calls):
-        report("tracing every head", i, len(calls))
+    chosen = parse_layers(layers, len(calls)) if layers is not None else list(range(len(calls)))
+    traced = []
+    for n, i in enumerate(chosen):
+        c = calls[i]
+        report("tracing every head", n, len(chosen))
         extra = [n for n, v in c.options.items() if n not in _TRACED_OPTIONS and v is not None]
         if extra:
             raise HFModelError(f"{what} {md.path}: {c.name} calls attention with {', '.join(extra)}, which the per-head "
@@ -381,9 +414,9 @@ def explain_hf(path, text: str | None = None, *, ids=None, rows=None, what: str 
         kind = type(c.module).__name__ if c.module is not None else md.architecture
         call = AttentionCall(c.name, kind, c.query, c.key, c.value, c.options, c.output, c.stats)
         opts = dict(options, causal=bool(c.options.get("causal")), window=c.options.get("window"))
-        layers.append(LayerTrace(c.name or f"call {i}", kind, heads_of_call(tokens, call, picked, opts, prefix=f"{c.name} ")))
-    report("tracing every head", len(calls), len(calls))
-    return ModelTrace(tokens, layers, options, _predictions(result, tok, _vocab_size(md.config)))
+        traced.append(LayerTrace(c.name or f"call {i}", kind, heads_of_call(tokens, call, picked, opts, prefix=f"{c.name} ")))
+    report("tracing every head", len(chosen), len(chosen))
+    return ModelTrace(tokens, traced, options, _predictions(result, tok, _vocab_size(md.config)))
 
 
 def _predictions(result, tok, vocab: int) -> list:
@@ -399,10 +432,10 @@ def _predictions(result, tok, vocab: int) -> list:
     return [[(name(int(j)), float(p)) for p, j in zip(ps, js)] for ps, js in zip(top.values, top.indices)]
 
 
-def json_numbers(md: ModelDir, n_tokens: int, n_rows: int = 3) -> int:
-    """About how many numbers ``--json`` writes for this model and input (every head's steps)."""
+def json_numbers(md: ModelDir, n_tokens: int, n_rows: int = 3, layers=None) -> int:
+    """About how many numbers ``--json`` writes for this model and input (every head's steps of the chosen layers)."""
     c = md.config.get("text_config") if isinstance(md.config.get("text_config"), dict) else md.config
-    layers = _layer_count(md.config)
+    layers = _layer_count(md.config) if layers is None else len(parse_layers(layers, _layer_count(md.config)))
     heads = int(c.get("num_attention_heads") or c.get("n_head") or 1)
     hidden = int(c.get("hidden_size") or c.get("n_embd") or 64)
     d = int(c.get("head_dim") or max(1, hidden // heads))
