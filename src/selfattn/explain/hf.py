@@ -376,7 +376,7 @@ def explain_hf(path, text: str | None = None, *, ids=None, rows=None, layers=Non
     check_memory(memory_needed(md, L), f"{what} {md.path} ({md.parameters:,} parameters, {L} tokens)",
                  "explain a smaller model, or fewer tokens, on this machine")
     expected = _layer_count(md.config)
-    if layers is not None:
+    if layers is not None and not md.config.get("is_encoder_decoder"):  # (encoder-decoders make more calls than layers)
         parse_layers(layers, expected)  # refused before loading when the config already rules it out
     if check is not None:
         check(md, L, picked)
