@@ -435,7 +435,11 @@ def _predictions(result, tok, vocab: int) -> list:
 def json_numbers(md: ModelDir, n_tokens: int, n_rows: int = 3, layers=None) -> int:
     """About how many numbers ``--json`` writes for this model and input (every head's steps of the chosen layers)."""
     c = md.config.get("text_config") if isinstance(md.config.get("text_config"), dict) else md.config
-    layers = _layer_count(md.config) if layers is None else len(parse_layers(layers, _layer_count(md.config)))
+    n = _layer_count(md.config)
+    try:
+        layers = n if layers is None else len(parse_layers(layers, n))
+    except HFModelError:  # an encoder-decoder's calls outnumber its layers: judged after the forward
+        layers = n
     heads = int(c.get("num_attention_heads") or c.get("n_head") or 1)
     hidden = int(c.get("hidden_size") or c.get("n_embd") or 64)
     d = int(c.get("head_dim") or max(1, hidden // heads))
