@@ -12,8 +12,10 @@ A tile holds, for query rows i and keys j of its blocks, the logit in *score uni
               (-inf where the mask rules the pair out)
 
 In float32 a score unit is log2(e) nats (the factor is folded into the scale, the softcap, the
-ALiBi slope and the bias), so every exponential is an exp2, computed by a polynomial that LLVM
-vectorises; float64 keeps nats and calls libm. ``make_opts`` fixes the units of a call.
+ALiBi slope and the bias), so every exponential is an exp2, computed in float32 by a polynomial
+written as vector IR (``_exp2_ir``, within 1 ulp); float64 keeps nats and calls libm. ``make_opts``
+fixes the units of a call. The tile products, the row max and the exp2 row loop are LLVM IR of the
+host's vector width (AVX-512 or AVX2, ``VEC_BYTES``), not left to LLVM's auto-vectoriser.
 
 The mask arrives lowered (``selfattn.lowering.lower``, converted by the backend into a
 :class:`KernelMask`): a tile map says whether each tile is EMPTY (skipped: never loaded, never
