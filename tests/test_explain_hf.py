@@ -344,6 +344,14 @@ def test_bad_layers_are_refused_before_loading(saved, capsys, no_loading, spec, 
     assert want in _error(capsys, "explain", "--hf", saved[0], TEXT, f"--layers={spec}")
 
 
+def test_without_transformers_installed(saved, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    line = _error(capsys, "explain", "--hf", saved[0], TEXT)
+    assert "needs transformers" in line and "selfattn[hf]" in line
+
+
 def test_ids_without_hf(capsys):
     assert "--ids needs --hf" in _error(capsys, "explain", "--ids", "1,2")
 

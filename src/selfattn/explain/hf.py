@@ -115,8 +115,16 @@ def _tensor_sizes(header: dict) -> tuple:
     return numel, nbytes
 
 
+def _transformers(what: str):
+    try:
+        import transformers
+    except ImportError:
+        raise HFModelError(f"{what} needs transformers, which is not installed: pip install 'selfattn[hf]'") from None
+    return transformers
+
+
 def _model_class(model_type: str, config: dict, what: str):
-    import transformers
+    transformers = _transformers(what)
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     if model_type not in CONFIG_MAPPING_NAMES:
