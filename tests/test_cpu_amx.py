@@ -3,7 +3,7 @@
 bfloat16 inputs, every mask kind, GQA, head dims 8-256 (odd ones too), lengths up to ~700, the
 statistics, against the float64 reference on the same bfloat16 inputs with STYLE.md rule 6's
 bfloat16 yardstick (tests/_oracle.py: the reference computed in bfloat16 itself, factor 2; 3 for
-the gradients of a training call, whose backward runs the float32 kernels on the AMX forward's lse).
+the gradients, whose backward runs on AMX too from the forward's lse).
 The statistics are also held to the float32 reference's error on the same values (they come from
 float32 scores of exact bfloat16 products): the bfloat16 yardstick alone let an lse 1e-3 off pass.
 Each test checks that the AMX path really served the call (``cpu_amx.AMX_CALLS``). Skipped where
@@ -78,13 +78,20 @@ def _mask(kind, b, hq, lq, lk):
     raise KeyError(kind)
 
 
-def check_amx(name, q, k, v, **kw):
-    """AMX forward (with stats) against the float64 reference pair; fully-masked rows exact."""
-    calls = cpu_amx.AMX_CALLS["calls"]
-    out, stats = selfattn.attention(q, k, v, backend="cpu", return_stats=True, **kw)
+def check_amx(name, q, k, v, do=None, **kw):
+    """AMX forward (with stats) and, given the output's gradient ``do``, backward, against the float64
+    reference pair; fully-masked rows exact."""
+    calls, backs = cpu_amx.AMX_CALLS["calls"], cpu_amx.AMX_CALLS["backward"]
+    leafs = [t.detach().clone().requires_grad_(do is not None) for t in (q, k, v)]
+    out, stats = selfattn.attention(*leafs, backend="cpu", return_stats=True, **kw)
     assert cpu_amx.AMX_CALLS["calls"] == calls + 1, f"{name}: the AMX forward did not serve the call"
-    pair = reference_pair(q, k, v, **kw)
-    compare(name, pair, out, stats=stats, dtype=torch.bfloat16)
+    grads = None
+    if do is not None:
+        grads = torch.autograd.grad(out, leafs, do)
+        assert cpu_amx.AMX_CALLS["backward"] == backs + 1, f"{name}: the AMX backward did not serve the call"
+        out = out.detach()
+    pair = reference_pair(q, k, v, do=do, **kw)
+    compare(name, pair, out, stats=stats, grads=grads, dtype=torch.bfloat16)
     exact_fully_masked(name, out, stats, pair[0].stats)
     # the statistics come from float32 scores of bfloat16 inputs (exact products, float32 sums): hold
     # them also to the float32 reference's error on the same values, ~1e5 times tighter than bfloat16's
@@ -99,8 +106,8 @@ MASK_KINDS = ["none", "causal", "window", "documents", "padding", "key_padding",
 @pytest.mark.parametrize("kind", MASK_KINDS)
 def test_mask_kinds(kind):
     b, hq, hkv, lq, lk, d = 2, 4, 2, 300, 300, 40
-    q, k, v, _ = _inputs(b, hq, hkv, lq, lk, d, seed=1)
-    check_amx(kind, q, k, v, **_mask(kind, b, hq, lq, lk))
+    q, k, v, do = _inputs(b, hq, hkv, lq, lk, d, seed=1)
+    check_amx(kind, q, k, v, do, **_mask(kind, b, hq, lq, lk))
 
 
 # head dims from 8 to 256, odd ones too; Lq != Lk and rows that are not whole tiles
@@ -110,41 +117,42 @@ def test_mask_kinds(kind):
     (100, 65, 333, "key_padding"), (111, 200, 64, "none"), (128, 333, 450, "dense_bool"), (256, 150, 260, "causal"),
 ])
 def test_head_dims(d, lq, lk, kind):
-    q, k, v, _ = _inputs(2, 2, 1, lq, lk, d, seed=d)
-    check_amx(f"d{d}", q, k, v, **_mask(kind, 2, 2, lq, lk))
+    q, k, v, do = _inputs(2, 2, 1, lq, lk, d, seed=d)
+    check_amx(f"d{d}", q, k, v, do, **_mask(kind, 2, 2, lq, lk))
 
 
 @amx
 @pytest.mark.parametrize("lq", [1, 3, 17])
 def test_decoding_rows_gqa(lq):
     # a few query rows (the float32 kernel takes dot products there; AMX pads to a 16-row tile), GQA 6:2
-    q, k, v, _ = _inputs(1, 6, 2, lq, 200, 64, dv=48, seed=lq)
-    check_amx(f"lq{lq}", q, k, v, causal=True)
+    q, k, v, do = _inputs(1, 6, 2, lq, 200, 64, dv=48, seed=lq)
+    check_amx(f"lq{lq}", q, k, v, do, causal=True)
 
 
 @amx
 def test_arguments():
     # softcap, ALiBi with positions, sinks, a non-default scale: the score terms after the product
     b, hq, hkv, lq, lk, d = 1, 4, 2, 190, 250, 72
-    q, k, v, _ = _inputs(b, hq, hkv, lq, lk, d, seed=3)
+    q, k, v, do = _inputs(b, hq, hkv, lq, lk, d, seed=3)
     g = torch.Generator().manual_seed(3)
-    check_amx("softcap", q, k, v, softcap=8.0, scale=0.3, causal=True)
-    check_amx("alibi", q, k, v, alibi_slopes=torch.tensor([0.5, 0.25, 0.125, 0.0625]),
+    check_amx("softcap", q, k, v, do, softcap=8.0, scale=0.3, causal=True)
+    check_amx("alibi", q, k, v, do, alibi_slopes=torch.tensor([0.5, 0.25, 0.125, 0.0625]),
               q_positions=torch.arange(lq) + 100, kv_positions=torch.arange(lk) + 40, causal=True)
     check_amx("sinks", q, k, v, sinks=torch.randn(hq, generator=g), window=(50, 0))
 
 
 @amx
-def test_training_call():
-    # forward on AMX, backward on the float32 kernels from the AMX forward's lse
-    q, k, v, do = _inputs(1, 4, 2, 200, 200, 64, seed=4)
-    leafs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    calls = cpu_amx.AMX_CALLS["calls"]
-    out, stats = selfattn.attention(*leafs, backend="cpu", return_stats=True, causal=True)
-    assert cpu_amx.AMX_CALLS["calls"] == calls + 1
-    grads = torch.autograd.grad(out, leafs, do)
-    pair = reference_pair(q, k, v, do=do, causal=True)
-    compare("train", pair, out, stats=stats, grads=grads, dtype=torch.bfloat16)
+def test_shard_backward_keeps_float32():
+    # shard_backward (ring attention) brings its own global delta: the float32 kernels serve it
+    from selfattn.backends.cpu import shard_backward
+
+    q, k, v, do = _inputs(1, 2, 2, 100, 100, 32, seed=4)
+    out, stats = selfattn.attention(q, k, v, backend="cpu", return_stats=True)
+    backs = cpu_amx.AMX_CALLS["backward"]
+    delta = (do.double() * out.double()).sum(-1)  # (B, Hq, Lq)
+    grads = shard_backward(q, k, v, do, stats.lse, delta)
+    assert cpu_amx.AMX_CALLS["backward"] == backs
+    compare("shard", reference_pair(q, k, v, do=do), grads=grads, dtype=torch.bfloat16)
 
 
 @amx

@@ -241,6 +241,8 @@ def _launch_backward(grad_out, q, k, v, out, row_max, row_log, call: _Call, delt
 
     With ``delta`` (B, Hq, Lq) given, ``out`` is ignored (None) and the kernels use that delta
     instead of computing rowsum(P * dP) themselves (``shard_backward``)."""
+    if q.dtype == torch.bfloat16 and delta is None and _amx is not None and _amx.available():
+        return _amx.launch_backward(grad_out, q, k, v, out, row_max, row_log, call)  # products on AMX
     acc = acc_dtype(q.dtype)
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]

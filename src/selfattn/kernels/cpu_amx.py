@@ -44,6 +44,7 @@ from selfattn.kernels.cpu_flash import (
     _exp2_row,
     _mask_tile,
     _padded,
+    _probs,
     _query_task,
     _row_has_nan,
     _row_max,
@@ -64,7 +65,7 @@ def available() -> bool:
 def describe() -> str:
     """What the ``cpu`` backend does with bfloat16 inputs here (its ``features`` line)."""
     if available():
-        return "products: AMX (forward: bfloat16 tiles, float32 softmax; backward: float32 kernels)"
+        return "products: AMX (bfloat16 tiles, float32 softmax and sums; forward and backward)"
     if _bf.host_has_amx_bf16():
         why = f"AMX turned off ({_bf.AMX_ENV_FLAG}=0 or {_bf.ENV_FLAG}=0)"
     else:
@@ -266,10 +267,227 @@ def pack_kv_serial(k16, v16, kt, vp):
         _pack_task(t, k16, v16, kt, vp)
 
 
+# -- backward on AMX ------------------------------------------------------------------------------
+# cpu_flash's two passes (flash_bwd_q, then flash_bwd_kv), with every product on the tile unit. AMX
+# has no transposed-A form, so the kv pass computes dV^T += dO^T P and dK^T += Q^T dS with dO^T and
+# Q^T made once per head and P, dS packed as pairs of query rows (cpu_bf16.pack_pairs_rows); P and
+# dS are rounded to bfloat16 for their products (as P is in the forward).
+
+
+class AmxGradInputs(NamedTuple):
+    """The backward's operands (bfloat16 bits as uint16, zero-padded to whole tiles)."""
+
+    q: np.ndarray  # (B, Hq, Lq16, D32): queries, row-major
+    qt: np.ndarray  # (B, Hq, D16, LqM): Q^T, LqM = Lq rounded up to BLOCK_M
+    do: np.ndarray  # (B, Hq, Lq16, Dv32): the output's gradient, row-major
+    dot: np.ndarray  # (B, Hq, Dv16, LqM): dO^T
+    kt: np.ndarray  # (B, Hkv, nK, D32 // 2, BLOCK_N, 2): K^T pairs per key block (S = Q K^T)
+    vt: np.ndarray  # (B, Hkv, nK, Dv32 // 2, BLOCK_N, 2): V^T pairs per key block (dP = dO V^T)
+    k: np.ndarray  # (B, Hkv, nK * PAIRS_N, D16, 2): K pairs along keys (dQ = dS K)
+    c: np.ndarray  # float32 (B, Hq, Lq): rowsum(dO * O), delta up to the output's rounding
+    head_dim: int
+    v_dim: int
+    kv_len: int
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _bf16_block(x, x16, rows, nc, k32):
+    # x16[:rows, :k32] = bfloat16(x[:rows, :nc]), zero in columns nc..k32 (the product's padding)
+    _bf.to_bf16_rows(x, x16, rows, nc)
+    if nc < k32:
+        for i in range(rows):
+            for j in range(nc, k32):
+                x16[i, j] = 0
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _bwd_q_task_amx(t, g, row_max, row_log, delta, dq, counts, mask, opts):
+    B, Hq, Lq, D = dq.shape
+    Lk = g.kv_len
+    nK = g.kt.shape[2]
+    D16 = g.k.shape[3]
+    softcap = opts.softcap
+    tiles = mask.tiles
+    b, h, hk, qb, r0, rows, tb, th_ = _query_task(t, dq, g.kt, tiles)
+    q_blk = g.q[b, h, r0:r0 + BLOCK_M]
+    do_blk = g.do[b, h, r0:r0 + BLOCK_M]
+    s = np.empty((BLOCK_M, BLOCK_N), np.float32)
+    p = np.zeros((BLOCK_M, BLOCK_N), np.float32)
+    dp = np.empty((BLOCK_M, BLOCK_N), np.float32)
+    p16 = np.zeros((BLOCK_M, BLOCK_N), np.uint16)
+    ds16 = np.zeros((BLOCK_M, BLOCK_N), np.uint16)
+    tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap > 0.0 else (1, 1), np.float32)
+    pdk = np.zeros((BLOCK_M, D16), np.float32)  # sum_j p (dP - c) k
+    pk = np.zeros((BLOCK_M, D16), np.float32)  # sum_j p k
+    dl = np.zeros(BLOCK_M, np.float32)  # sum_j p dP
+    n_tiles = 0
+    _bf.amx_begin()
+    for kb in range(nK):
+        kind = tiles[tb, th_, qb, kb]
+        if kind == EMPTY:
+            continue
+        n_tiles += 1
+        c0 = kb * BLOCK_N
+        ncols = min(BLOCK_N, Lk - c0)
+        k32 = (ncols + 31) // 32 * 32
+        _bf.mm_amx(q_blk, g.kt[b, hk, kb], s, rows, D, ncols)
+        nc = _score_terms(s, tanh_buf, rows, ncols, b, h, qb, kb, kind, mask, opts)
+        _probs(s, p, rows, nc, row_max, row_log, b, h, r0, opts)
+        # -- dP = dO V^T --
+        _bf.mm_amx(do_blk, g.vt[b, hk, kb], dp, rows, g.v_dim, ncols)
+        # -- delta += rowsum(P * dP); dP becomes P * (dP - c) (columns past Lk: p = 0) --
+        for i in range(rows):
+            acc = dl[i]
+            ci = g.c[b, h, r0 + i]
+            for j in range(nc):
+                acc += p[i, j] * dp[i, j]
+                dp[i, j] = p[i, j] * (dp[i, j] - ci)
+            dl[i] = acc
+            if softcap > 0.0:
+                # -- the softcap's c (1 - tanh^2) multiplies both terms of dS --
+                for j in range(ncols):
+                    w = softcap * (1.0 - tanh_buf[i, j] * tanh_buf[i, j])
+                    dp[i, j] *= w
+                    p[i, j] *= w
+        # -- (P * (dP - c)) k and P k on the tile unit --
+        _bf16_block(dp, ds16, rows, nc, k32)
+        _bf16_block(p, p16, rows, nc, k32)
+        kp = g.k[b, hk, c0 // 2:c0 // 2 + PAIRS_N]
+        _bf.mm_amx_add(ds16, kp, pdk, rows, ncols, D)
+        _bf.mm_amx_add(p16, kp, pk, rows, ncols, D)
+    _bf.amx_end()
+    for i in range(rows):
+        gi = r0 + i
+        delta[b, h, gi] = dl[i]
+        shift = dl[i] - g.c[b, h, gi]
+        for d in range(D):
+            dq[b, h, gi, d] = (pdk[i, d] - shift * pk[i, d]) * opts.dscale
+    counts[t] = n_tiles
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _bwd_kv_task_amx(t, g, row_max, row_log, delta, dk, dv, counts, mask, opts):
+    B, Hkv, Lk, D = dk.shape
+    Hq, Lq = g.c.shape[1], g.c.shape[2]
+    Dv = g.v_dim
+    group = Hq // Hkv
+    nQ = (Lq + BLOCK_M - 1) // BLOCK_M
+    nK = g.kt.shape[2]
+    softcap, dscale = opts.softcap, opts.dscale
+    tiles = mask.tiles
+    kb = t % nK
+    hk = (t // nK) % Hkv
+    b = t // (nK * Hkv)
+    c0 = kb * BLOCK_N
+    tb = _bx(tiles.shape[0], b)
+    ncols = min(BLOCK_N, Lk - c0)
+    s = np.empty((BLOCK_M, BLOCK_N), np.float32)
+    p = np.zeros((BLOCK_M, BLOCK_N), np.float32)
+    dp = np.empty((BLOCK_M, BLOCK_N), np.float32)
+    pairs = np.zeros((PAIRS_N, BLOCK_N, 2), np.uint16)  # P or dS as pairs of query rows
+    tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap > 0.0 else (1, 1), np.float32)
+    dvt = np.zeros((g.dot.shape[2], BLOCK_N), np.float32)  # dV^T (Dv16 x keys)
+    dkt = np.zeros((g.qt.shape[2], BLOCK_N), np.float32)  # dK^T (D16 x keys)
+    n_tiles = 0
+    _bf.amx_begin()
+    for gh in range(group):
+        h = hk * group + gh
+        th_ = _bx(tiles.shape[1], h)
+        for qb in range(nQ):
+            kind = tiles[tb, th_, qb, kb]
+            if kind == EMPTY:
+                continue
+            n_tiles += 1
+            r0 = qb * BLOCK_M
+            rows = min(BLOCK_M, Lq - r0)
+            half = (rows + 1) // 2
+            r32 = (rows + 31) // 32 * 32
+            _bf.mm_amx(g.q[b, h, r0:r0 + BLOCK_M], g.kt[b, hk, kb], s, rows, D, ncols)
+            nc = _score_terms(s, tanh_buf, rows, ncols, b, h, qb, kb, kind, mask, opts)
+            _probs(s, p, rows, nc, row_max, row_log, b, h, r0, opts)
+            # -- dV^T += dO^T P --
+            _bf.pack_pairs_rows(p, pairs, rows, nc)
+            for pr in range(half, r32 // 2):
+                for j in range(nc):
+                    pairs[pr, j, 0] = 0
+                    pairs[pr, j, 1] = 0
+            _bf.mm_amx_add(g.dot[b, h, :, r0:r0 + BLOCK_M], pairs, dvt, Dv, rows, ncols)
+            # -- dP = dO V^T; dS = P * (dP - delta), times the softcap's c (1 - tanh^2) --
+            _bf.mm_amx(g.do[b, h, r0:r0 + BLOCK_M], g.vt[b, hk, kb], dp, rows, Dv, ncols)
+            for i in range(rows):
+                di = delta[b, h, r0 + i]
+                for j in range(nc):
+                    dp[i, j] = p[i, j] * (dp[i, j] - di)
+                if softcap > 0.0:
+                    for j in range(ncols):
+                        dp[i, j] *= softcap * (1.0 - tanh_buf[i, j] * tanh_buf[i, j])
+            # -- dK^T += Q^T dS --
+            _bf.pack_pairs_rows(dp, pairs, rows, nc)
+            for pr in range(half, r32 // 2):
+                for j in range(nc):
+                    pairs[pr, j, 0] = 0
+                    pairs[pr, j, 1] = 0
+            _bf.mm_amx_add(g.qt[b, h, :, r0:r0 + BLOCK_M], pairs, dkt, D, rows, ncols)
+    _bf.amx_end()
+    for j in range(ncols):
+        for d in range(D):
+            dk[b, hk, c0 + j, d] = dkt[d, j] * dscale
+        for d in range(Dv):
+            dv[b, hk, c0 + j, d] = dvt[d, j]
+    counts[t] = n_tiles
+
+
+@njit(parallel=True, cache=True)
+def flash_bwd_amx(g, row_max, row_log, delta, dq, dk, dv, counts_q, counts_kv, mask, opts):
+    """cpu_flash's backward (flash_bwd_q, then flash_bwd_kv) with its products on AMX: dq (B, Hq, Lq, D),
+    delta (B, Hq, Lq) = rowsum(P * dP), then dk (B, Hkv, Lk, D), dv (B, Hkv, Lk, Dv); float32."""
+    for t in prange(counts_q.shape[0]):
+        _bwd_q_task_amx(t, g, row_max, row_log, delta, dq, counts_q, mask, opts)
+    for t in prange(counts_kv.shape[0]):
+        _bwd_kv_task_amx(t, g, row_max, row_log, delta, dk, dv, counts_kv, mask, opts)
+
+
+@njit(cache=True)
+def flash_bwd_amx_serial(g, row_max, row_log, delta, dq, dk, dv, counts_q, counts_kv, mask, opts):
+    for t in range(counts_q.shape[0]):
+        _bwd_q_task_amx(t, g, row_max, row_log, delta, dq, counts_q, mask, opts)
+    for t in range(counts_kv.shape[0]):
+        _bwd_kv_task_amx(t, g, row_max, row_log, delta, dk, dv, counts_kv, mask, opts)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _pack_bwd_task(t, k16, v16, kt, vt, kp):
+    # task t = (batch, kv head, key block): its K^T and V^T panels and its K pair rows (buffers zeroed before)
+    B, Hkv, Lk, D = k16.shape
+    nK = vt.shape[2]
+    kb = t % nK
+    hk = (t // nK) % Hkv
+    b = t // (nK * Hkv)
+    c0 = kb * BLOCK_N
+    ncols = min(BLOCK_N, Lk - c0)
+    _bf.pack_pairs_t(k16[b, hk, c0:c0 + ncols], kt[b, hk, kb])
+    _bf.pack_pairs_t(v16[b, hk, c0:c0 + ncols], vt[b, hk, kb])
+    pv = c0 // 2
+    _bf.pack_pairs(k16[b, hk, c0:c0 + ncols], kp[b, hk, pv:pv + (ncols + 1) // 2])
+
+
+@njit(parallel=True, cache=True)
+def pack_bwd(k16, v16, kt, vt, kp):
+    """K^T and V^T panels and K pairs of every (batch, kv head, key block) into zeroed kt, vt, kp (AmxGradInputs)."""
+    for t in prange(vt.shape[0] * vt.shape[1] * vt.shape[2]):
+        _pack_bwd_task(t, k16, v16, kt, vt, kp)
+
+
+@njit(cache=True)
+def pack_bwd_serial(k16, v16, kt, vt, kp):
+    for t in range(vt.shape[0] * vt.shape[1] * vt.shape[2]):
+        _pack_bwd_task(t, k16, v16, kt, vt, kp)
+
+
 numba_config.CACHE_DIR = _NUMBA_CACHE_DIR
 
 #: calls and tile products served by the AMX forward since import (tests check the path was taken)
-AMX_CALLS = {"calls": 0, "tiles": 0}
+AMX_CALLS = {"calls": 0, "tiles": 0, "backward": 0}
 
 
 def _bits(t):
@@ -316,3 +534,54 @@ def launch_forward(q, k, v, sinks, call):
     if sinks is not None:
         out, row_max, row_log, ent = _cpu._fold_sinks(out, row_max, row_log, ent, sinks, opts)
     return out.to(q.dtype), row_max, row_log, max_logit, ent
+
+
+def prepare_backward(q, k, v, do, out, threads: int = 1) -> AmxGradInputs:
+    """The :class:`AmxGradInputs` of bfloat16 q, k, v, the output's gradient do and the output."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    F = torch.nn.functional
+    r16 = lambda n, m: -(-n // m) * m  # noqa: E731
+    lqm = r16(Lq, BLOCK_M)
+    nK = -(-Lk // BLOCK_N)
+    q, k, v, do = (t.detach() for t in (q, k, v, do))
+    qp = F.pad(q, (0, r16(D, 32) - D, 0, r16(Lq, 16) - Lq))  # (B, Hq, Lq16, D32)
+    qt = F.pad(q.transpose(-1, -2), (0, lqm - Lq, 0, r16(D, 16) - D))  # (B, Hq, D16, LqM)
+    dop = F.pad(do, (0, r16(Dv, 32) - Dv, 0, r16(Lq, 16) - Lq))  # (B, Hq, Lq16, Dv32)
+    dot = F.pad(do.transpose(-1, -2), (0, lqm - Lq, 0, r16(Dv, 16) - Dv))  # (B, Hq, Dv16, LqM)
+    kt = np.zeros((B, Hkv, nK, r16(D, 32) // 2, BLOCK_N, 2), np.uint16)
+    vt = np.zeros((B, Hkv, nK, r16(Dv, 32) // 2, BLOCK_N, 2), np.uint16)
+    kp = np.zeros((B, Hkv, nK * PAIRS_N, r16(D, 16), 2), np.uint16)
+    k16, v16 = _bits(k), _bits(v)
+    (pack_bwd if threads > 1 else pack_bwd_serial)(k16, v16, kt, vt, kp)
+    c = (do.float() * out.detach().float()).sum(-1)  # (B, Hq, Lq)
+    return AmxGradInputs(q=_bits(qp), qt=_bits(qt), do=_bits(dop), dot=_bits(dot), kt=kt, vt=vt, k=kp,
+                         c=c.contiguous().numpy(), head_dim=D, v_dim=Dv, kv_len=Lk)
+
+
+def launch_backward(grad_out, q, k, v, out, row_max, row_log, call):
+    """``backends.cpu._launch_backward`` for bfloat16 q, k, v (and out, grad_out) on AMX: (dq, dk, dv)
+    in bfloat16, from the forward's lse halves (score units, float32)."""
+    from selfattn.backends import cpu as _cpu
+
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    mask = _cpu._kernel_mask(call.low, torch.float32)
+    opts = _cpu._opts(torch.float32, call)
+    counts_q = np.zeros(B * Hq * (-(-Lq // BLOCK_M)), np.int64)
+    counts_kv = np.zeros(B * Hkv * (-(-Lk // BLOCK_N)), np.int64)
+    threads = _cpu._threads(max(len(counts_q), len(counts_kv)), 10.0 * B * Hq * Lq * Lk * D)
+    if threads > 1:
+        _cpu._kernel("flash_fwd", threads)
+    g = prepare_backward(q, k, v, grad_out.to(torch.bfloat16), out, threads)
+    dq = torch.empty(B, Hq, Lq, D, dtype=torch.float32)
+    dk = torch.empty(B, Hkv, Lk, D, dtype=torch.float32)
+    dv = torch.empty(B, Hkv, Lk, Dv, dtype=torch.float32)
+    delta = torch.empty(B, Hq, Lq, dtype=torch.float32)
+    kernel = flash_bwd_amx if threads > 1 else flash_bwd_amx_serial
+    kernel(g, row_max.detach().contiguous().numpy(), row_log.detach().contiguous().numpy(), delta.numpy(),
+           dq.numpy(), dk.numpy(), dv.numpy(), counts_q, counts_kv, mask, opts)
+    _cpu.TILE_PRODUCTS["backward_q"] += int(counts_q.sum())
+    _cpu.TILE_PRODUCTS["backward_kv"] += int(counts_kv.sum())
+    AMX_CALLS["backward"] += 1
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
