@@ -2,7 +2,8 @@
 
 One thread, CPU time (time.thread_time: the machine is shared, wall time is not meaningful), every
 variant timed in turn within one run, best of N rounds. Dense (no mask) and causal forward at
-(B, H, L, L, D); the issue 14 target is bf16 dense forward >= 1.6x the float32 kernel.
+(B, H, L, L, D), and causal forward + backward; the issue 14 targets are bf16 dense forward >= 1.6x
+the float32 kernel and bf16 causal forward + backward >= 1.3x.
 
 Writes benchmarks/results/bench_amx.json. Run: .venv/bin/python benchmarks/bench_amx.py [--rounds 5]
 """
@@ -31,6 +32,12 @@ def _cpu_time(fn, rounds):
     return best
 
 
+def _fwd_bwd(fn, q, k, v, do):
+    leafs = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = fn(*leafs)
+    out.backward(do.to(out.dtype))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
@@ -56,19 +63,27 @@ def main():
             }
             if cpu_amx.available():
                 variants["AMX packing only"] = lambda: cpu_amx.prepare(qb, kb, vb)
+            if causal:  # forward + backward (issue 14: bf16 causal fwd+bwd >= 1.3x float32)
+                do = torch.randn(b, h, L, d, generator=g)
+                variants["cpu bf16 fwd+bwd"] = lambda: _fwd_bwd(lambda *t: selfattn.attention(*t, backend="cpu", causal=True), qb, kb, vb, do)
+                variants["cpu float32 fwd+bwd"] = lambda: _fwd_bwd(lambda *t: selfattn.attention(*t, backend="cpu", causal=True), q, k, v, do)
+                variants["sdpa bf16 fwd+bwd"] = lambda: _fwd_bwd(lambda *t: sdpa(*t, is_causal=True), qb, kb, vb, do)
+                variants["sdpa float32 fwd+bwd"] = lambda: _fwd_bwd(lambda *t: sdpa(*t, is_causal=True), q, k, v, do)
             for fn in variants.values():
                 fn()  # compile / warm up
             best = {name: float("inf") for name in variants}
             for _ in range(args.rounds):  # interleaved: load changes hit every variant alike
                 for name, fn in variants.items():
                     best[name] = min(best[name], _cpu_time(fn, 1))
-            base = best["cpu float32"]
             for name, t in best.items():
+                fb = "fwd+bwd" in name
+                base = best["cpu float32 fwd+bwd" if fb else "cpu float32"]
+                fl = flops * (3.5 if fb else 1.0)  # backward: 2.5x the forward's FLOPs (DESIGN.md's count)
                 row = dict(shape=[b, h, L, L, d], causal=causal, variant=name, ms=t * 1e3,
-                           gflops=flops / t / 1e9, vs_cpu_float32=base / t)
+                           gflops=fl / t / 1e9, vs_cpu_float32=base / t)
                 rows.append(row)
                 print(f"({b},{h},{L},{L},{d}) {'causal' if causal else 'dense '} {name:<18} {t * 1e3:8.2f} ms "
-                      f"{flops / t / 1e9:7.1f} GFLOP/s  {base / t:5.2f}x cpu float32")
+                      f"{fl / t / 1e9:7.1f} GFLOP/s  {base / t:5.2f}x cpu float32{' fwd+bwd' if fb else ''}")
     out = dict(machine=platform.processor() or platform.machine(), threads=1, timing="thread_time, best of rounds",
                rounds=args.rounds, amx=cpu_amx.available(), amx_host=cpu_bf16.host_has_amx_bf16(), rows=rows)
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_amx.json")
