@@ -1,4 +1,4 @@
-"""bfloat16 forward of the ``cpu`` backend on the AMX tile unit (issue 14).
+"""bfloat16 forward and backward of the ``cpu`` backend on the AMX tile unit (issue 14).
 
 The same algorithm, tile map and outputs as ``cpu_flash.flash_fwd`` (its module docstring), with the
 two block products on AMX (``cpu_bf16.mm_amx``, bfloat16 operands, float32 sums) and everything else
@@ -17,6 +17,13 @@ Operands are zero-padded to whole AMX tiles (``cpu_bf16``'s padding contract): Q
 (B, Hq, Lq rounded up to 16, D rounded up to 32); K^T as one panel of (D32/2, BLOCK_N, 2) pairs per
 (batch, kv head, key block), keys past Lk zero; V as pairs (nK * BLOCK_N / 2, Dv rounded up to 16, 2)
 per (batch, kv head). Grouped-query heads read their kv head's panels: nothing is repeated.
+
+**Backward** (``flash_bwd_amx``): cpu_flash's two passes with the same recomputation from the lse
+halves, every product on AMX. Per query block: S, P, dP = dO V^T (V^T panels), then
+dQ = bf16(P (dP - c)) K - (delta - c) bf16(P) K with K as pairs along keys and delta = rowsum(P dP).
+Per key block, over its group's query tiles: dV^T += dO^T bf16(P) and dK^T += Q^T bf16(dS) (AMX has
+no transposed-A form: dO^T and Q^T are made once per head, P and dS packed as pairs of query rows).
+The backward of a ring shard (``shard_backward``, with a given delta) stays on the float32 kernels.
 
 float16 inputs do not come here: float16 has 3 more mantissa bits than bfloat16, so rounding them to
 bfloat16 would lose accuracy float16 callers are owed; they keep the float32 kernels.
