@@ -169,7 +169,8 @@ def rows_table(trace: ExplainTrace, digits: int = 4) -> Table:
 def heads_overview(mt: ModelTrace, digits: int = 4) -> Table:
     t = Table(title="Per-head overview (statistics over every row)")
     for c in ("head", "entropy\nmean", "entropy min\n(at)", "max logit\nmean", "max logit\nmax (at)"):
-        t.add_column(c, justify="left" if c == "head" else "right", no_wrap=True)
+        # fold, never truncate: a long module name must not hide the head number or the token
+        t.add_column(c, justify="left" if c == "head" else "right", overflow="fold")
     for tr in mt.heads:
         s = stats_summary(tr)
         e, m = s["entropy"], s["max_logit"]
