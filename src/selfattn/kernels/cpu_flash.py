@@ -178,7 +178,13 @@ def _ptr(bits):
 
 def _host_vector_bytes() -> int:
     # the widest vectors the host computes with: 64 bytes with AVX-512F, else 32 (AVX2). numba
-    # compiles for the host (and its cache is keyed by the host CPU), so this is decided per machine
+    # compiles for the host (and its cache is keyed by the host CPU), so this is decided per machine.
+    # SELFATTN_CPU_VECTOR_BYTES=32 forces the AVX2 layout (for testing it on an AVX-512 host; use a
+    # separate NUMBA_CACHE_DIR then: numba's cache does not key on this choice)
+    import os
+
+    if os.environ.get("SELFATTN_CPU_VECTOR_BYTES") == "32":
+        return 32
     try:
         from llvmlite import binding as llvm
 
