@@ -58,7 +58,7 @@ def _case(name):
 
 CASES = ["causal", "full", "window", "window2", "documents", "gqa", "padding", "key_padding", "long_causal", "long_window"]
 # 576 = 8 x 72: balanced chunks of 72 on 4 ranks, 144 on 2 (several key tiles); 1152: chunks of 288 on 2 ranks and
-# shards of 576, which the backward cuts into smaller pieces (distributed._BWD_SPLIT)
+# shards of 576, which the backward cuts into smaller pieces (distributed._SPLIT)
 LENGTHS = {"long_causal": 1152, "long_window": 576}
 
 

@@ -74,9 +74,9 @@ LAYOUTS = ("contiguous", "balanced")
 
 # the backward's score blocks: _BWD_ROWS x _BWD_COLS scores (1 MiB in float32) over all batches and heads
 _BWD_ROWS, _BWD_COLS = 256, 1024
-# the backward cuts each run of queries and of keys into _BWD_SPLIT pieces (of at least _SPLIT_MIN rows): the
-# fused kernels allocate their dQ/dK/dV and transposed K/V per call, so smaller pieces keep that a fraction of a shard
-_BWD_SPLIT, _SPLIT_MIN = 4, 256
+# each run of queries and of keys is cut into _SPLIT pieces (of at least _SPLIT_MIN rows): the kernels allocate
+# their outputs (forward: O; backward: dQ/dK/dV) and transposed K/V per call, so pieces keep that a fraction of a shard
+_SPLIT, _SPLIT_MIN = 4, 256
 
 
 # -- the group ----------------------------------------------------------------------------------
@@ -411,7 +411,7 @@ def _preflight(plan: _Plan, q, k, v):
     acc = plan.acc
     qa, ka, va = q.detach().to(acc), k.detach().to(acc), v.detach().to(acc)
     for src in range(plan.world):
-        for qs, ks, piece in _pieces(plan, src, q.device):
+        for qs, ks, piece in _pieces(plan, src, q.device, split=_SPLIT):  # the pieces the ring will run
             req = build_request(qa[:, :, qs], ka[:, :, ks], va[:, :, ks], mask=piece.mask, scale=plan.scale, softcap=plan.softcap,
                                 q_positions=piece.q_positions, kv_positions=piece.kv_positions, return_stats=True, requires_grad=False)
             _backend_for(plan, qa[:, :, qs], ka[:, :, ks], va[:, :, ks], req)
@@ -435,7 +435,8 @@ def _merge(state, rows, out_b, st: AttentionStats):
     # H = sum_k w_k (H_k - log w_k), log w_k = lse_k - lse; a part with no share adds nothing
     ha = torch.where(wa > 0, wa * (ent[:, :, rows] - (lse_a - ref)), torch.zeros_like(wa))
     hb = torch.where(wb > 0, wb * (st.entropy.to(ent.dtype) - (lse_b - ref)), torch.zeros_like(wb))
-    out[:, :, rows] = wa[..., None] * out[:, :, rows] + wb[..., None] * out_b.to(out.dtype)
+    o = out[:, :, rows]  # (B, Hq, r, Dv) a view: rescaled and added to in place (no whole-piece temporaries)
+    o.mul_(wa[..., None]).add_(out_b.to(out.dtype).mul_(wb[..., None]))  # out_b is this call's own: scaled in place
     ent[:, :, rows] = (ha + hb).clamp_min(0)
     mx[:, :, rows] = torch.maximum(mx[:, :, rows], st.max_logit.to(mx.dtype))
     lse[:, :, rows] = new
@@ -502,9 +503,10 @@ def _ring_forward(plan: _Plan, q, k, v):
             nxt = tuple(torch.empty_like(t) for t in kv)
             works = ring.start(kv, nxt)  # the next shard arrives while this one is computed
         kc, vc = (t.to(acc) for t in kv)  # (B, Hkv, n, D), (B, Hkv, n, Dv)
-        for qs, ks, piece in _pieces(plan, src, q.device):
+        for qs, ks, piece in _pieces(plan, src, q.device, split=_SPLIT):
             o, st = _piece_forward(plan, qa[:, :, qs], kc[:, :, ks], vc[:, :, ks], piece)
             _merge(state, qs, o, st)
+            del o, st
         del kc, vc
         if works is not None:
             ring.wait(works)
@@ -598,7 +600,7 @@ def _ring_backward(plan: _Plan, dout, q, k, v, out, lse):
             nxt = tuple(torch.empty_like(t) for t in kv)
             works = ring.start(kv, nxt)
         kc, vc = (t.to(acc) for t in kv)
-        for qs, ks, piece in _pieces(plan, src, q.device, split=_BWD_SPLIT):
+        for qs, ks, piece in _pieces(plan, src, q.device, split=_SPLIT):
             args = (qa[:, :, qs], kc[:, :, ks], vc[:, :, ks])
             fused = _fused_backward(plan, *args, piece)
             if fused is None:
