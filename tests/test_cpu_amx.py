@@ -138,7 +138,7 @@ def test_arguments():
     check_amx("softcap", q, k, v, do, softcap=8.0, scale=0.3, causal=True)
     check_amx("alibi", q, k, v, do, alibi_slopes=torch.tensor([0.5, 0.25, 0.125, 0.0625]),
               q_positions=torch.arange(lq) + 100, kv_positions=torch.arange(lk) + 40, causal=True)
-    check_amx("sinks", q, k, v, sinks=torch.randn(hq, generator=g), window=(50, 0))
+    check_amx("sinks", q, k, v, do, sinks=torch.randn(hq, generator=g), window=(50, 0))
 
 
 @amx

@@ -97,17 +97,19 @@ def _score_terms(s, th, rows, ncols, b, h, qb, kb, kind, mask, opts):
     r0, c0 = qb * BLOCK_M, kb * BLOCK_N
     nc = _padded(ncols)
     qk_scale = opts.qk_scale
-    for i in range(rows):
-        for j in range(ncols):
-            s[i, j] *= qk_scale
     if opts.softcap_u > 0.0:
-        # -- softcap: c * tanh(u), c already in score units (the product in float64, rounded once) --
-        cu = opts.softcap_u64
+        # -- softcap: c * tanh(u), c already in score units; u, tanh(u) and the product in float64,
+        # rounded once (as cpu_flash._scores) --
+        cu, us = opts.softcap_u64, opts.qk_scale64
         for i in range(rows):
             for j in range(ncols):
-                t = np.tanh(s[i, j])
+                t = np.tanh(np.float64(s[i, j]) * us)
                 th[i, j] = t
                 s[i, j] = cu * t
+    else:
+        for i in range(rows):
+            for j in range(ncols):
+                s[i, j] *= qk_scale
     if mask.alibi.size > 0:
         # -- ALiBi: - slope * |q_pos - kv_pos|, slope in score units --
         pb = _bx(mask.q_pos_f.shape[0], b)
