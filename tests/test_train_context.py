@@ -145,6 +145,8 @@ def test_bad_context_parallel_is_refused_before_any_process_starts(tmp_path):
     assert r.stderr.count("\n") == 1 and "divisible by 2 x 2 = 4" in r.stderr and "2 x pairs = 18" in r.stderr, r.stderr
     r = subprocess.run(CLI + ["train", "--context-parallel", "0"], capture_output=True, text=True, timeout=60, env=_env())
     assert r.returncode == 2 and "--context-parallel must be a positive integer, got 0" in r.stderr, r.stderr
+    with pytest.raises(ValueError, match="log-sum-exp, which backend 'sdpa' does not return"):
+        make_config(dict(pairs=8, context_parallel=2, backend="sdpa"))
     assert not (tmp_path / "x").exists()
 
 

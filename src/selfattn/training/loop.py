@@ -145,6 +145,9 @@ def validate(cfg: TrainConfig) -> None:
         what = f"seq_len ({seq})" if cfg.text is not None else f"the sequence length 2 x pairs = {seq}"
         raise ValueError(f"context_parallel {cp}: {what} must be divisible by 2 x {cp} = {2 * cp} (the balanced layout "
                          f"gives each process two equal chunks of every sequence)")
+    if cp > 1 and not stats_capable(cfg.backend):
+        raise ValueError(f"context_parallel {cp}: ring attention merges the shards' partial results through their "
+                         f"log-sum-exp, which backend {cfg.backend!r} does not return; use --backend auto, cpu or math")
     if cfg.qk_clip is not None and not (isinstance(cfg.qk_clip, (int, float)) and not isinstance(cfg.qk_clip, bool)
                                         and math.isfinite(cfg.qk_clip) and cfg.qk_clip > 0):
         raise ValueError(f"qk_clip must be a positive number (the max-logit threshold tau) or None, got {cfg.qk_clip!r}")
