@@ -6,6 +6,7 @@
 #   benchmarks/gpu_check.sh tests      tests/test_triton_gpu.py only
 #   benchmarks/gpu_check.sh bench      benchmarks/bench_gpu.py only (autotunes: slower first calls)
 #   benchmarks/gpu_check.sh train      `selfattn train` on the GPU (issue 7's CUDA path), 200 steps
+#   benchmarks/gpu_check.sh ring       ring attention over nccl, one process per GPU (issue 15)
 #
 # Logs and the benchmark JSON go to $OUT (the device tool's output folder) or /tmp/selfattn_gpu.
 # Record each run (card, date, table) in BENCHMARKS.md, section "GPU backend (issue 6)".
@@ -38,6 +39,14 @@ if [ "$what" = all ] || [ "$what" = train ]; then
     echo "== selfattn train --device cuda (auto backend: triton), 200 steps"
     timeout 60 "$PY" -m selfattn.cli train --device cuda --steps 200 --eval-every 100 --no-progress \
         --out "$DEST/train" 2>&1 | tail -n 15 | tee "$DEST/train.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+if [ "$what" = all ] || [ "$what" = ring ]; then
+    # issue 15: ring attention over nccl, one rank per GPU (one GPU: a one-rank ring, set-up only)
+    ngpu=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$ngpu" -ge 1 ] || ngpu=1
+    echo "== ring attention over nccl, $ngpu process(es)"
+    timeout 120 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$ngpu" benchmarks/ring_nccl_check.py \
+        2>&1 | tee "$DEST/ring.log" | grep -E "^ring |Error|error" | head -n 20
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 echo "== summary"
