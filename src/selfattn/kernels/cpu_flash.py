@@ -552,9 +552,11 @@ def _make_microkernel(MR):
                 builder.position_at_end(exit_)
 
             # -- float32 (the fast path): one copy of the product per vector count, picked by
-            # ceil(n / width); float64 (for checking) keeps a single copy, which compiles faster --
+            # ceil(n / width); float64 (for checking) keeps a single copy, which compiles faster,
+            # and only in the 1- and 2-row kernels (_gemm calls no other in float64) --
             if not vec.f32:
-                product(TILE_N // width, 0)
+                if MR <= 2:
+                    product(TILE_N // width, 0)
                 return context.get_dummy_value()
             nv = builder.sdiv(builder.add(n, c(width - 1)), c(width))
             exit_ = builder.append_basic_block("mk.exit")
@@ -574,7 +576,7 @@ def _make_microkernel(MR):
     return microkernel
 
 
-_mk6, _mk4, _mk2, _mk1 = _make_microkernel(6), _make_microkernel(4), _make_microkernel(2), _make_microkernel(1)
+_mk6, _mk2, _mk1 = _make_microkernel(6), _make_microkernel(2), _make_microkernel(1)
 
 
 @njit(cache=True)
@@ -590,10 +592,6 @@ def _gemm(pa, sa0, sa1, pb, sb, pc, sc, m, kdim, n, scale, mode, palpha, like):
                 _mk6(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim,
                      scale, mode, palpha + i * isz, like)
                 i += 6
-            while i + 4 <= m:
-                _mk4(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim,
-                     scale, mode, palpha + i * isz, like)
-                i += 4
         while i + 2 <= m:
             _mk2(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim,
                  scale, mode, palpha + i * isz, like)
