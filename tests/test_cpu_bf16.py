@@ -392,22 +392,34 @@ def test_amx_backward_transposed_products():
 
 
 def test_cached_where_the_kernels_are(tmp_path):
-    # a read-only install: numba_cache_dir() names a per-user directory, and cpu_bf16's functions
-    # cache there too (numba fixes the place at decoration); numba's own setting is put back
+    # a read-only install (simulated in a copy of the package whose kernels/__pycache__ cannot be a
+    # directory: a file stands there, which even root cannot write into): the kernels, cpu_bf16's
+    # included, cache in the per-user directory under XDG_CACHE_HOME; numba's own setting is put back
+    import os
+    import shutil
     import subprocess
     import sys
 
+    import selfattn
+
+    pkg = tmp_path / "site" / "selfattn"
+    shutil.copytree(os.path.dirname(selfattn.__file__), pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (pkg / "kernels" / "__pycache__").write_text("not a directory")
+    cache = tmp_path / "cache"
     code = f"""
-import selfattn.kernels as k
-k.numba_cache_dir = lambda: {str(tmp_path)!r}
 import numba.core.config as config
 before = config.CACHE_DIR
-from selfattn.kernels import cpu_bf16
-assert cpu_bf16.mm_bf16._cache._cache_path.startswith({str(tmp_path)!r}), cpu_bf16.mm_bf16._cache._cache_path
-assert cpu_bf16.pack_pairs._cache._cache_path.startswith({str(tmp_path)!r})
+import selfattn
+from selfattn.kernels import cpu_bf16, cpu_flash
+assert selfattn.__file__.startswith({str(pkg)!r}), selfattn.__file__
+want = {str(cache / "selfattn" / "numba")!r}
+for f in (cpu_bf16.mm_bf16, cpu_bf16.pack_pairs, cpu_flash.flash_fwd):
+    assert f._cache._cache_path.startswith(want), f._cache._cache_path
 assert config.CACHE_DIR == before, config.CACHE_DIR
 """
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(PYTHONPATH=str(tmp_path / "site"), XDG_CACHE_HOME=str(cache), PYTHONDONTWRITEBYTECODE="1")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
 
 
