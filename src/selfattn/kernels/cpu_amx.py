@@ -46,15 +46,13 @@ from selfattn.kernels.cpu_flash import (
     BLOCK_N,
     EMPTY,
     FASTMATH,
-    PARTIAL,
     _bx,
     _exp2_row,
-    _mask_tile,
-    _padded,
     _probs,
     _query_task,
     _row_has_nan,
     _row_max,
+    _score_terms,
 )
 
 _CACHE_DIR, _NUMBA_CACHE_DIR = numba_cache_dir(), numba_config.CACHE_DIR
@@ -91,53 +89,6 @@ class AmxInputs(NamedTuple):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _score_terms(s, th, rows, ncols, b, h, qb, kb, kind, mask, opts):
-    # s[:rows, :ncols] holds q.k: the rest of cpu_flash._scores after its product, in its order;
-    # returns nc (ncols rounded up to a vector), columns ncols..nc set to -inf
-    r0, c0 = qb * BLOCK_M, kb * BLOCK_N
-    nc = _padded(ncols)
-    qk_scale = opts.qk_scale
-    if opts.softcap_u > 0.0:
-        # -- softcap: c * tanh(u), c already in score units; u, tanh(u) and the product in float64,
-        # rounded once (as cpu_flash._scores) --
-        cu, us = opts.softcap_u64, opts.qk_scale64
-        for i in range(rows):
-            for j in range(ncols):
-                t = np.tanh(np.float64(s[i, j]) * us)
-                th[i, j] = t
-                s[i, j] = cu * t
-    else:
-        for i in range(rows):
-            for j in range(ncols):
-                s[i, j] *= qk_scale
-    if mask.alibi.size > 0:
-        # -- ALiBi: - slope * |q_pos - kv_pos|, slope in score units --
-        pb = _bx(mask.q_pos_f.shape[0], b)
-        slope = mask.alibi[_bx(mask.alibi.shape[0], b), h]
-        kvpos = mask.kv_pos_f[_bx(mask.kv_pos_f.shape[0], b)]
-        for i in range(rows):
-            qp = mask.q_pos_f[pb, r0 + i]
-            for j in range(ncols):
-                s[i, j] -= slope * abs(qp - kvpos[c0 + j])
-    if mask.bias.size > 0:
-        # -- float mask: add its bias (already in score units) --
-        st = mask.bias_strides
-        bb = b * st[0] + h * st[1]
-        for i in range(rows):
-            base = bb + (r0 + i) * st[2] + c0 * st[3]
-            for j in range(ncols):
-                bv = mask.bias[base + j * st[3]]
-                s[i, j] = -np.inf if bv == -np.inf else s[i, j] + bv
-    if kind == PARTIAL:
-        _mask_tile(s, rows, ncols, b, h, qb, kb, mask)
-    if ncols < nc:
-        for i in range(rows):
-            for j in range(ncols, nc):
-                s[i, j] = -np.inf
-    return nc
-
-
-@njit(fastmath=FASTMATH, cache=True)
 def _fwd_task(t, inp, out, row_max, row_log, ent, counts, mask, opts):
     B, Hq, Lq, Dv = out.shape
     D = inp.head_dim
@@ -168,7 +119,7 @@ def _fwd_task(t, inp, out, row_max, row_log, ent, counts, mask, opts):
         ncols = min(BLOCK_N, Lk - c0)
         # -- s = Q_blk K^T on the tile unit, then cpu_flash's score terms --
         _bf.mm_amx(q_blk, inp.kt[b, hk, kb], s, rows, D, ncols)
-        nc = _score_terms(s, tanh_buf, rows, ncols, b, h, qb, kb, kind, mask, opts)
+        nc = _score_terms(s, tanh_buf, rows, ncols, False, b, h, qb, kb, kind, mask, opts)
         for i in range(rows):
             # -- new running max --
             m_old = m_i[i]
@@ -340,7 +291,7 @@ def _bwd_q_task_amx(t, g, row_max, row_log, delta, dq, counts, mask, opts):
         ncols = min(BLOCK_N, Lk - c0)
         k32 = (ncols + 31) // 32 * 32
         _bf.mm_amx(q_blk, g.kt[b, hk, kb], s, rows, D, ncols)
-        nc = _score_terms(s, tanh_buf, rows, ncols, b, h, qb, kb, kind, mask, opts)
+        nc = _score_terms(s, tanh_buf, rows, ncols, False, b, h, qb, kb, kind, mask, opts)
         _probs(s, p, rows, nc, row_max, row_log, b, h, r0, opts)
         # -- dP = dO V^T --
         _bf.mm_amx(do_blk, g.vt[b, hk, kb], dp, rows, g.v_dim, ncols)
@@ -412,7 +363,7 @@ def _bwd_kv_task_amx(t, g, row_max, row_log, delta, dk, dv, counts, mask, opts):
             half = (rows + 1) // 2
             r32 = (rows + 31) // 32 * 32
             _bf.mm_amx(g.q[b, h, r0:r0 + BLOCK_M], g.kt[b, hk, kb], s, rows, D, ncols)
-            nc = _score_terms(s, tanh_buf, rows, ncols, b, h, qb, kb, kind, mask, opts)
+            nc = _score_terms(s, tanh_buf, rows, ncols, False, b, h, qb, kb, kind, mask, opts)
             _probs(s, p, rows, nc, row_max, row_log, b, h, r0, opts)
             # -- dV^T += dO^T P --
             _bf.pack_pairs_rows(p, pairs, rows, nc)

@@ -819,20 +819,31 @@ def _scores(q_blk, k_nat, kt_blk, use_dot, s, th, rows, b, h, qb, kb, kind, mask
 
     With a softcap, th[:rows] gets tanh(u) (the backward pass needs 1 - tanh^2).
     """
-    r0, c0 = qb * BLOCK_M, kb * BLOCK_N
+    c0 = kb * BLOCK_N
     ncols = min(BLOCK_N, k_nat.shape[0] - c0)
-    nc = _padded(ncols)
     # -- scores: q_blk @ k_blk^T (kt_blk holds k_blk^T unless use_dot), times the scale --
     qk_scale = opts.qk_scale
     softcap = opts.softcap_u > 0.0
     if use_dot:
         _qk_dot(q_blk, k_nat, c0, ncols, s, rows)
-        if not softcap:
-            for i in range(rows):
-                for j in range(ncols):
-                    s[i, j] *= qk_scale
     else:
         _mm(q_blk, kt_blk, s, rows, q_blk.shape[1], ncols, 1.0 if softcap else qk_scale)
+    return _score_terms(s, th, rows, ncols, not use_dot and not softcap, b, h, qb, kb, kind, mask, opts)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _score_terms(s, th, rows, ncols, scaled, b, h, qb, kb, kind, mask, opts):
+    # s[:rows, :ncols] holds q.k, times the scale when `scaled` (never with a softcap): the softcap or
+    # the scale, ALiBi, the float bias and the element-wise mask, in that order (cpu_amx's tiles
+    # too); columns ncols..nc get -inf. Returns nc (ncols rounded up to a whole vector).
+    r0, c0 = qb * BLOCK_M, kb * BLOCK_N
+    nc = _padded(ncols)
+    softcap = opts.softcap_u > 0.0
+    if not softcap and not scaled:
+        qk_scale = opts.qk_scale
+        for i in range(rows):
+            for j in range(ncols):
+                s[i, j] *= qk_scale
     if softcap:
         # -- softcap: c * tanh(u), c already in score units; u, tanh(u) and the product in float64,
         # rounded once (in float32 the rounding of u and of tanh(u), times c log2(e) ~ 32, cost
