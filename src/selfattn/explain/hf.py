@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .capture import AttentionCall
-from .trace import FULL_MATRIX_MAX_TOKENS, MAX_TOKENS, LayerTrace, ModelTrace, default_rows, heads_of_call, parse_rows
+from .trace import FULL_MATRIX_MAX_TOKENS, MAX_TOKENS, LayerTrace, ModelTrace, default_rows, heads_of_call, parse_rows, split_indices
 
 CONFIG_FILE = "config.json"
 # bytes per element of each safetensors dtype (the format's own names)
@@ -320,15 +320,7 @@ def _load_model(md: ModelDir, what: str):
 def parse_layers(spec, n: int) -> list:
     """Layer indices from a list of ints or a string like "0,3-5,-1" (negative counts from the end)."""
     if isinstance(spec, str):
-        items = []
-        for part in spec.replace(" ", "").split(","):
-            if not part:
-                continue
-            lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
-            try:
-                items.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
-            except ValueError:
-                raise HFModelError(f"--layers must be indices like '0,3-5,-1', got {spec!r}") from None
+        items = split_indices(spec, "--layers must be indices like '0,3-5,-1'", HFModelError)
     else:
         items = list(spec)
     out = []

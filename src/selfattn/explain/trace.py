@@ -296,20 +296,26 @@ def top_keys(trace: ExplainTrace, i: int, k: int = TOP_KEYS) -> list:
     return [(int(j), float(v)) for v, j in zip(vals, idx)]
 
 
+def split_indices(text: str, what: str, error=ValueError) -> list:
+    # "0,5,10-12,-1" -> [0, 5, 10, 11, 12, -1] (a leading "-" is a negative index, not a range)
+    items = []
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
+        try:
+            items.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+        except ValueError:
+            raise error(f"{what}, got {text!r}") from None
+    return items
+
+
 def parse_rows(rows, n: int) -> list:
     """Row indices from a list of ints or a string like "0,5,10-12,-1"; negative counts from the end."""
     if rows is None:
         return []
-    items = []
     if isinstance(rows, str):
-        for part in rows.replace(" ", "").split(","):
-            if not part:
-                continue
-            lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
-            try:
-                items.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
-            except ValueError:
-                raise ValueError(f"rows must be indices like '0,3,5-7,-1', got {rows!r}") from None
+        items = split_indices(rows, "rows must be indices like '0,3,5-7,-1'")
     else:
         items = list(rows)
     out = []
