@@ -288,27 +288,25 @@ class _Vectors:
         else:
             self.builder.call(self.mstore, [x, self.at(base, off, self.vptr), self.align, mask])
 
-    def hsum(self, v):
-        # the lanes of v summed as a fixed tree (halves added until one lane is left)
+    def _tree(self, v, combine):
+        # the lanes of v folded as a fixed tree: halves combined until one lane is left
         b = self.builder
         half = self.width
         while half > 1:
             half //= 2
             lo = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(self.i32, half), list(range(half))))
             hi = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(self.i32, half), list(range(half, 2 * half))))
-            v = b.fadd(lo, hi)
+            v = combine(lo, hi)
         return b.extract_element(v, ir.Constant(self.i32, 0))
+
+    def hsum(self, v):
+        # the lanes of v summed in a fixed order
+        return self._tree(v, self.builder.fadd)
 
     def hmax(self, v):
         # the largest lane of v (an ordered compare: NaN lanes lose, as in the scalar loop)
         b = self.builder
-        half = self.width
-        while half > 1:
-            half //= 2
-            lo = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(self.i32, half), list(range(half))))
-            hi = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(self.i32, half), list(range(half, 2 * half))))
-            v = b.select(b.fcmp_ordered(">", hi, lo), hi, lo)
-        return b.extract_element(v, ir.Constant(self.i32, 0))
+        return self._tree(v, lambda lo, hi: b.select(b.fcmp_ordered(">", hi, lo), hi, lo))
 
 
 # -- exp2 in float32 ----------------------------------------------------------------------------
