@@ -1,0 +1,408 @@
+"""The float32 forward kernel of the `cpu` backend in the transposed layout (issue 14).
+
+The algorithm is ``cpu_flash``'s online softmax (read its docstring first); only the layout of a
+tile differs. A task (batch, head, query block of BLOCK_M rows) packs its queries once as
+Q^T (D x BLOCK_M, contiguous) and computes each key tile *transposed*::
+
+    s^T    = k_blk @ Q^T                              (keys x queries: A = the keys as stored)
+
+so that the lanes of a vector are 16 (AVX2: 8) query rows. Every per-row step of the online
+softmax is then a vertical vector operation over those rows -- column max, the running max m,
+alpha = exp2(m_old - m_new), p^T = exp2(s^T - m), the column sums into l, the entropy term --
+with no horizontal reduction and no scalar per-row code (``_vsoftmax``, LLVM IR at the host's
+vector width). The output product reads P = (P^T)^T through the micro-kernel's A strides::
+
+    acc    = alpha * acc + P @ v_blk                  (_gemm RESCALE, A strides (1, BLOCK_M))
+
+The keys are read in their natural (B, Hkv, Lk, D) layout: no transposed copy of K, and no 8 KB
+row stride between the rows a micro-kernel reads (L1 set conflicts at D = 128 in ``cpu_flash``).
+
+Scores are bit-identical to ``cpu_flash``'s: the same FMA order over the head dim, the scale
+applied at the store. The terms after the product (softcap, ALiBi, float bias, element-wise
+mask) are ``cpu_flash._score_terms`` written for the transposed tile.
+
+Served here: float32 (and bfloat16/float16 computed in float32) with at least 4 query rows;
+float64 and decoding calls (fewer than 4 queries: dot products) stay on ``cpu_flash.flash_fwd``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from selfattn.kernels.cpu_flash import (
+    BLOCK_M,
+    BLOCK_N,
+    EMPTY,
+    FASTMATH,
+    PARTIAL,
+    RESCALE,
+    STORE,
+    VEC_BYTES,
+    _addr,
+    _bx,
+    _Exact,
+    _exp2_ir,
+    _gemm,
+    _query_task,
+    _Vectors,
+)
+
+LANES = VEC_BYTES // 4  # float32 query rows per vector: 16 (AVX-512) or 8 (AVX2)
+UNROLL = 4  # independent accumulators in the column loops (max, sums)
+
+
+# -- the vertical online-softmax step --------------------------------------------------------------
+
+
+def _loop(builder, vec, lo, hi, step, inits, body, name):
+    # for j in range(lo, hi, step) ((hi - lo) a multiple of step): vals = body(j, vals) as IR, with
+    # the loop-carried values as phis; returns the values after the loop (inits if it ran 0 times)
+    entry = builder.block
+    loop = builder.append_basic_block(name + ".loop")
+    done = builder.append_basic_block(name + ".done")
+    builder.cbranch(builder.icmp_signed("<", lo, hi), loop, done)
+    builder.position_at_end(loop)
+    j = builder.phi(vec.i64)
+    phis = [builder.phi(x.type) for x in inits]
+    new = body(j, phis)
+    end = builder.block
+    nxt = builder.add(j, vec.const(step))
+    j.add_incoming(lo, entry)
+    j.add_incoming(nxt, end)
+    for phi, x, n in zip(phis, inits, new):
+        phi.add_incoming(x, entry)
+        phi.add_incoming(n, end)
+    builder.cbranch(builder.icmp_signed("<", nxt, hi), loop, done)
+    builder.position_at_end(done)
+    outs = []
+    for x, n in zip(inits, new):
+        phi = builder.phi(x.type)
+        phi.add_incoming(x, entry)
+        phi.add_incoming(n, end)
+        outs.append(phi)
+    return outs
+
+
+@intrinsic
+def _vsoftmax(typingctx, ps, ss, nk, pm, pl, pe, palpha, want, like):
+    """One online-softmax step for LANES query rows of a transposed tile, in place.
+
+    ps: raw address of s^T[0, lane 0] (nk key rows, row stride ss elements); pm, pl, pe, palpha:
+    raw addresses of the LANES rows' running max, sum, entropy sum and (output) alpha. s^T becomes
+    p^T = exp2(s^T - m_new) (0 below -126 and where a row has seen no allowed key); NaN scores
+    poison their row (l = NaN). ``want``: also update the entropy sum e (else pe is not touched).
+    """
+    if not (isinstance(like, types.Array) and like.dtype == types.float32):
+        return None
+    sig = types.void(*([types.intp] * 8), like)
+
+    def codegen(context, builder, signature, args):
+        builder = _Exact(builder)
+        ps, ss, nk, pm, pl, pe, palpha, want, _ = args
+        vec = _Vectors(context, builder, types.float32)
+        c, w = vec.const, vec.width
+        fconst = lambda x: ir.Constant(vec.vty, [x] * w)  # noqa: E731
+        ninf, lo = fconst(float("-inf")), fconst(-126.0)
+        nk4 = builder.and_(nk, c(-UNROLL))
+        row = lambda j: builder.mul(j, ss)  # noqa: E731
+
+        def vmax(a, x):
+            # ordered: a NaN element never wins
+            return builder.select(builder.fcmp_ordered(">", x, a), x, a)
+
+        # -- column max over the tile's keys (UNROLL chains) --
+        def max4(j, accs):
+            return [vmax(accs[u], vec.load(ps, row(builder.add(j, c(u))))) for u in range(UNROLL)]
+
+        accs = _loop(builder, vec, c(0), nk4, UNROLL, [ninf] * UNROLL, max4, "cmax4")
+        accs = _loop(builder, vec, nk4, nk, 1, [accs[0]] + accs[1:],
+                     lambda j, a: [vmax(a[0], vec.load(ps, row(j)))] + a[1:], "cmax1")
+        cmax = vmax(vmax(accs[0], accs[1]), vmax(accs[2], accs[3]))
+        # -- new running max; rows still without any allowed key are "dead" --
+        m_old = vec.load(pm, c(0))
+        l_old = vec.load(pl, c(0))
+        m_new = vmax(m_old, cmax)
+        dead = builder.fcmp_ordered("==", m_new, ninf)
+        # -- alpha = exp2(m_old - m_new): 1 when the max stays (dead rows too), 0 from -inf --
+        dm = builder.fsub(m_old, m_new)
+        dm_low = builder.fcmp_ordered("<", dm, lo)
+        alpha = builder.select(dm_low, vec.zero, _exp2_ir(builder, builder.select(dm_low, lo, dm), w))
+        alpha = builder.select(builder.fcmp_ordered("==", m_old, m_new), fconst(1.0), alpha)
+
+        def exp_pass(stats):
+            # p = exp2(s - m_new) into the tile, its column sums (and sum p * (s - m_new))
+            def one(j, tot, st):
+                x = builder.fsub(vec.load(ps, row(j)), m_new)
+                below = builder.or_(builder.fcmp_ordered("<", x, lo), dead)
+                xc = builder.select(below, lo, x)
+                p = builder.select(below, vec.zero, _exp2_ir(builder, xc, w))
+                vec.store(p, ps, row(j))
+                return builder.fadd(tot, p), (builder.call(vec.fma, [p, xc, st]) if stats else st)
+
+            def four(j, vals):
+                out = []
+                for u in range(UNROLL):
+                    out += one(builder.add(j, c(u)), vals[2 * u], vals[2 * u + 1])
+                return out
+
+            vals = _loop(builder, vec, c(0), nk4, UNROLL, [vec.zero] * (2 * UNROLL), four, "exp4")
+            vals = _loop(builder, vec, nk4, nk, 1, vals, lambda j, v: list(one(j, v[0], v[1])) + v[2:], "exp1")
+            tot = builder.fadd(builder.fadd(vals[0], vals[2]), builder.fadd(vals[4], vals[6]))
+            st = builder.fadd(builder.fadd(vals[1], vals[3]), builder.fadd(vals[5], vals[7]))
+            return tot, st
+
+        with builder.if_else(builder.icmp_signed("!=", want, c(0))) as (then, otherwise):
+            with then:
+                tot_s, st_s = exp_pass(True)
+                blk_s = builder.block
+            with otherwise:
+                tot_n, _ = exp_pass(False)
+                blk_n = builder.block
+        tot = builder.phi(vec.vty)
+        tot.add_incoming(tot_s, blk_s)
+        tot.add_incoming(tot_n, blk_n)
+        st = builder.phi(vec.vty)
+        st.add_incoming(st_s, blk_s)
+        st.add_incoming(vec.zero, blk_n)
+        # -- a dead row stays as it was, unless its scores hold a NaN (NaN inputs): poison it --
+        dead_bits = builder.bitcast(dead, ir.IntType(w))
+        nan = ir.Constant(vec.vty, [float("nan")] * w)
+        before = builder.block
+        with builder.if_then(builder.icmp_unsigned("!=", dead_bits, ir.Constant(ir.IntType(w), 0))):
+            (has_nan,) = _loop(builder, vec, c(0), nk, 1, [ir.Constant(ir.VectorType(ir.IntType(1), w), None)],
+                               lambda j, a: [builder.or_(a[0], builder.fcmp_unordered("uno", (x := vec.load(ps, row(j))), x))],
+                               "nan")
+            l_nan = builder.select(has_nan, nan, l_old)
+            after = builder.block
+        l_dead = builder.phi(vec.vty)
+        l_dead.add_incoming(l_old, before)
+        l_dead.add_incoming(l_nan, after)
+        # -- rescale the running sums: l = alpha * l + sum p --
+        l_new = builder.select(dead, l_dead, builder.call(vec.fma, [alpha, l_old, tot]))
+        vec.store(l_new, pl, c(0))
+        vec.store(m_new, pm, c(0))
+        vec.store(alpha, palpha, c(0))
+        with builder.if_then(builder.icmp_signed("!=", want, c(0))):
+            # -- entropy sum: e = alpha * (e + (m_old - m_new) * l_old) + sum p (s - m_new) --
+            e_old = vec.load(pe, c(0))
+            e_new = builder.call(vec.fma, [alpha, builder.call(vec.fma, [dm, l_old, e_old]), st])
+            e_new = builder.select(builder.fcmp_ordered(">", l_old, vec.zero), e_new, st)
+            vec.store(builder.select(dead, e_old, e_new), pe, c(0))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# -- the score terms of a transposed tile (cpu_flash._score_terms, _mask_tile with s^T[key, query]) --
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _mask_tile_t(st, rows, ncols, b, h, qb, kb, mask):
+    """-inf into s^T[:ncols, :rows] wherever the element-wise tests rule a pair out (PARTIAL tiles):
+    ``cpu_flash._mask_tile`` with the loops turned round (query rows innermost, contiguous)."""
+    r0, c0 = qb * BLOCK_M, kb * BLOCK_N
+    qpos = mask.q_pos[_bx(mask.q_pos.shape[0], b)]
+    kvpos = mask.kv_pos[_bx(mask.kv_pos.shape[0], b)]
+    kv_len = mask.kv_lens[_bx(mask.kv_lens.shape[0], b)] if mask.kv_lens.size > 0 else c0 + ncols
+    q_len = mask.q_lens[_bx(mask.q_lens.shape[0], b)] if mask.q_lens.size > 0 else r0 + rows
+    real = min(rows, max(q_len - r0, 0))  # query rows i < real are not padding
+    fn = -1
+    if mask.fn_index.size > 0:
+        fn = mask.fn_index[_bx(mask.fn_index.shape[0], b), _bx(mask.fn_index.shape[1], h), qb, kb]
+    has_keep = mask.kv_keep.size > 0
+    kb_ = _bx(mask.kv_keep.shape[0], b)
+    left, right = mask.win_left, mask.win_right
+    for j in range(ncols):
+        gj = c0 + j
+        # -- padded query rows see nothing; padding keys (j >= kv_len, key_padding) are seen by none --
+        for i in range(real, rows):
+            st[j, i] = -np.inf
+        if gj >= kv_len or (has_keep and mask.kv_keep[kb_, gj] == 0):
+            for i in range(real):
+                st[j, i] = -np.inf
+            continue
+        if mask.banded:
+            # -- band: kv_pos in [q_pos - left, q_pos + right] --
+            kp = kvpos[gj]
+            for i in range(real):
+                qp = qpos[r0 + i]
+                st[j, i] = st[j, i] if (kp >= qp - left) & (kp <= qp + right) else -np.inf
+        for d in range(mask.q_ids.shape[0]):
+            # -- documents: equal ids attend --
+            bd = _bx(mask.q_ids.shape[1], b)
+            kid = mask.kv_ids[d, bd, gj]
+            for i in range(real):
+                st[j, i] = st[j, i] if mask.q_ids[d, bd, r0 + i] == kid else -np.inf
+        if mask.allow.size > 0:
+            sa = mask.allow_strides
+            base = b * sa[0] + h * sa[1] + r0 * sa[2] + gj * sa[3]
+            for i in range(real):
+                st[j, i] = st[j, i] if mask.allow[base + i * sa[2]] != 0 else -np.inf
+        if fn >= 0:
+            # -- a mask function's bits, stored for its partial tiles only --
+            for i in range(real):
+                st[j, i] = st[j, i] if mask.fn_bits[fn, i, j] != 0 else -np.inf
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _score_terms_t(st, rows, ncols, b, h, qb, kb, kind, mask, opts):
+    # s^T[:ncols, :rows] holds q.k times the scale, or (softcap) q.k alone: the softcap, ALiBi, the
+    # float bias and the element-wise mask, in cpu_flash._score_terms' order
+    r0, c0 = qb * BLOCK_M, kb * BLOCK_N
+    if opts.softcap_u > 0.0:
+        # -- softcap: c * tanh(u), u, tanh(u) and the product in float64, rounded once --
+        cu, us = opts.softcap_u64, opts.qk_scale64
+        for j in range(ncols):
+            for i in range(rows):
+                st[j, i] = cu * np.tanh(np.float64(st[j, i]) * us)
+    if mask.alibi.size > 0:
+        # -- ALiBi: - slope * |q_pos - kv_pos|, slope in score units --
+        pb = _bx(mask.q_pos_f.shape[0], b)
+        slope = mask.alibi[_bx(mask.alibi.shape[0], b), h]
+        qpos = mask.q_pos_f[pb, r0:r0 + rows]
+        kvpos = mask.kv_pos_f[_bx(mask.kv_pos_f.shape[0], b)]
+        for j in range(ncols):
+            kp = kvpos[c0 + j]
+            for i in range(rows):
+                st[j, i] -= slope * abs(qpos[i] - kp)
+    if mask.bias.size > 0:
+        # -- float mask: add its bias (already in score units) --
+        sb = mask.bias_strides
+        bb = b * sb[0] + h * sb[1] + r0 * sb[2]
+        for j in range(ncols):
+            base = bb + (c0 + j) * sb[3]
+            for i in range(rows):
+                bv = mask.bias[base + i * sb[2]]
+                st[j, i] = -np.inf if bv == -np.inf else st[j, i] + bv
+    if kind == PARTIAL:
+        # -- element-wise mask: only partial tiles pay for it --
+        _mask_tile_t(st, rows, ncols, b, h, qb, kb, mask)
+
+
+# -- the kernel ------------------------------------------------------------------------------------
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
+    B, Hq, Lq, D = q.shape
+    Lk, Dv = k.shape[2], v.shape[3]
+    nK = (Lk + BLOCK_N - 1) // BLOCK_N
+    nat = opts.nat  # nats per score unit
+    tiles = mask.tiles
+    b, h, hk, qb, r0, rows, tb, th_ = _query_task(t, q, k, tiles)
+    isz = q.itemsize
+    groups = (rows + LANES - 1) // LANES  # vectors of query rows
+    # -- Q^T of the block, packed once (columns past `rows` zero: their scores stay finite) --
+    qt = np.zeros((D, BLOCK_M), q.dtype)
+    for i in range(rows):
+        for d in range(D):
+            qt[d, i] = q[b, h, r0 + i, d]
+    st = np.zeros((BLOCK_N, BLOCK_M), q.dtype)  # s^T, then p^T, of the current tile
+    acc = np.zeros((BLOCK_M, Dv), q.dtype)
+    m_i = np.full(BLOCK_M, -np.inf, q.dtype)  # per query row: running max, sum, entropy sum
+    l_i = np.zeros(BLOCK_M, q.dtype)
+    e_i = np.zeros(BLOCK_M, q.dtype)
+    alpha_i = np.ones(BLOCK_M, q.dtype)  # the factor of acc before this tile's share
+    scale = 1.0 if opts.softcap_u > 0.0 else np.float64(opts.qk_scale)  # a softcap scales in float64
+    want = 1 if opts.want_stats else 0
+    pq, pst = _addr(qt), _addr(st)
+    pm, pl, pe, pal = _addr(m_i), _addr(l_i), _addr(e_i), _addr(alpha_i)
+    pk0 = _addr(k) + (b * k.shape[1] + hk) * Lk * D * isz
+    pv0 = _addr(v) + (b * v.shape[1] + hk) * Lk * Dv * isz
+    n_tiles = 0
+    for kb in range(nK):
+        kind = tiles[tb, th_, qb, kb]
+        if kind == EMPTY:
+            continue
+        n_tiles += 1
+        c0 = kb * BLOCK_N
+        ncols = min(BLOCK_N, Lk - c0)
+        # -- s^T = k_blk @ Q^T, times the scale --
+        _gemm(pk0 + c0 * D * isz, D, 1, pq, BLOCK_M, pst, BLOCK_M, ncols, D, rows, scale, STORE, np.intp(0), st)
+        _score_terms_t(st, rows, ncols, b, h, qb, kb, kind, mask, opts)
+        # -- online softmax, LANES query rows at a time: m, alpha, l (and e); s^T becomes p^T --
+        for g in range(groups):
+            o = g * LANES * isz
+            _vsoftmax(pst + o, BLOCK_M, ncols, pm + o, pl + o, pe + o, pal + o, want, st)
+        # -- acc = alpha * acc + p @ v: P read as (P^T)^T, the tile's share added in one FMA --
+        _gemm(pst, 1, BLOCK_M, pv0 + c0 * Dv * isz, Dv, _addr(acc), Dv, rows, ncols, Dv, 1.0, RESCALE, pal, st)
+    for i in range(rows):
+        gi = r0 + i
+        li = l_i[i]
+        if li == 0.0:
+            # fully-masked row: out 0, lse -inf, max -inf, entropy 0
+            for d in range(Dv):
+                out[b, h, gi, d] = 0.0
+            row_max[b, h, gi] = -np.inf
+            row_log[b, h, gi] = 0.0
+            ent[b, h, gi] = 0.0
+        else:
+            inv = 1.0 / li
+            for d in range(Dv):
+                out[b, h, gi, d] = acc[i, d] * inv
+            row_max[b, h, gi] = m_i[i] if li == li else np.nan  # a NaN row is NaN throughout
+            row_log[b, h, gi] = math.log2(li)
+            if opts.want_stats:
+                # -- entropy H = ln l - sum p (s - m) / l, in nats --
+                h_row = math.log(li) - e_i[i] * inv * nat
+                ent[b, h, gi] = h_row if h_row > 0.0 or h_row != h_row else 0.0
+    counts[t] = n_tiles
+
+
+@njit(parallel=True, cache=True)
+def flash_fwd_t(q, k, v, out, row_max, row_log, ent, counts, mask, opts):
+    """``cpu_flash.flash_fwd`` in the transposed layout (float32, base 2): one task per (batch, head,
+    query block), the same outputs; needs no transposed copy of the keys."""
+    for t in prange(counts.shape[0]):
+        _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts)
+
+
+@njit(cache=True)
+def flash_fwd_t_serial(q, k, v, out, row_max, row_log, ent, counts, mask, opts):
+    for t in range(counts.shape[0]):
+        _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts)
+
+
+# -- launcher --------------------------------------------------------------------------------------
+
+
+def serves(q) -> bool:
+    """Whether :func:`launch_forward` takes this call: float32 compute (float64 and the few-row
+    decoding calls keep ``cpu_flash.flash_fwd``)."""
+    import torch
+
+    return q.dtype != torch.float64 and q.shape[2] >= 4
+
+
+def launch_forward(q, k, v, sinks, call):
+    """``backends.cpu._launch_forward`` on this kernel: (out in q's dtype, row_max, row_log, max_logit,
+    entropy), float32, exactly as the old kernel gives them."""
+    import torch
+
+    from selfattn.backends import cpu as _cpu
+
+    B, Hq, Lq, D = q.shape
+    Lk, Dv = k.shape[2], v.shape[3]
+    acc = torch.float32
+    mask = _cpu._kernel_mask(call.low, acc)
+    opts = _cpu._opts(acc, call)
+    q_, k_, v_ = (_cpu._ready(t, acc) for t in (q, k, v))
+    out = torch.empty(B, Hq, Lq, Dv, dtype=acc)
+    row_max, row_log, ent = (torch.empty(B, Hq, Lq, dtype=acc) for _ in range(3))
+    counts = np.zeros(B * Hq * (-(-Lq // BLOCK_M)), np.int64)  # one per task
+    threads = _cpu._threads(len(counts), 4.0 * B * Hq * Lq * Lk * D)
+    if threads > 1:
+        _cpu._kernel("flash_fwd", threads)  # numba's pool set to `threads` (and torch's count kept)
+    kernel = flash_fwd_t if threads > 1 else flash_fwd_t_serial
+    kernel(q_.numpy(), k_.numpy(), v_.numpy(), out.numpy(), row_max.numpy(), row_log.numpy(), ent.numpy(),
+           counts, mask, opts)
+    _cpu.TILE_PRODUCTS["forward"] += int(counts.sum())
+    max_logit = row_max * float(opts.nat)  # (B, Hq, Lq) nats, keys only
+    if sinks is not None:
+        out, row_max, row_log, ent = _cpu._fold_sinks(out, row_max, row_log, ent, sinks, opts)
+    return out.to(q.dtype), row_max, row_log, max_logit, ent
