@@ -187,6 +187,28 @@ def test_long_rows_are_not_one_flat_colour(tmp_path):
     assert len(np.unique(row, axis=0)) >= 8, "the row strip is (nearly) one colour"
 
 
+def test_long_causal_first_row_is_visible(tmp_path):
+    """2000 tokens, causal: query 0 may see one key (under a pixel wide); its strip still shows a
+    coloured cell at least NARROW_PX wide at the left edge instead of looking wholly masked."""
+    import matplotlib.image
+
+    from selfattn.explain.plot import BOTTOM_IN, DPI, LEFT_IN, LONG_ROW_IN, LONG_WIDTH_IN, NARROW_PX
+
+    tr = explain(" ".join(f"w{(i * 7) % 23}" for i in range(2000)), causal=True, rows="0,1999")
+    path = tmp_path / "long.png"
+    tr.plot(path)
+    img = (matplotlib.image.imread(path) * 255).round().astype(np.uint8)
+    w, h = png_size(tr)
+    grey = lambda px: (np.ptp(px.astype(int), axis=-1) <= 6) & (px.mean(-1) >= 140) & (px.mean(-1) <= 225)  # noqa: E731
+    hatch_like = grey  # the masked face (MASKED_FACE) and its hatch lines; viridis has no greys
+    y0 = round(h - (BOTTOM_IN + 1.5 * LONG_ROW_IN) * DPI)  # the middle of the first row (query 0)
+    x0 = round(LEFT_IN * DPI)
+    left = img[y0, x0 + 1:x0 + NARROW_PX - 1, :3]
+    assert not hatch_like(left).any(), left  # the allowed key is drawn, not grey
+    rest = img[y0, x0 + 3 * NARROW_PX:round((LEFT_IN + LONG_WIDTH_IN) * DPI) - 3, :3]
+    assert hatch_like(rest).mean() > 0.95  # and the 1999 masked keys stay hatched
+
+
 def test_cli_writes_the_same_numbers(tmp_path):
     png, html, js = tmp_path / "w.png", tmp_path / "r.html", tmp_path / "t.json"
     r = subprocess.run([sys.executable, "-m", "selfattn.cli", "explain", TEXT, "--causal", "--window", "3", "--init", "default",

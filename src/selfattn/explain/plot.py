@@ -40,6 +40,7 @@ HEADS_PER_ROW = 4  # heatmaps side by side before a layer's heads wrap onto the 
 STRIP_COLUMNS = 1000  # long rows with more keys than this are pooled (max of neighbouring keys) to this many columns
 MONO = "DejaVu Sans Mono"  # ships with matplotlib; tells "I" from "l" and "0" from "O"
 MASKED_FACE, MASKED_HATCH = "#d9d9d9", "#9a9a9a"
+NARROW_PX = 6  # a long strip's row with fewer allowed keys than this many pixels still shows them this wide
 
 
 def _cell(n_rows: int, n_cols: int) -> float:
@@ -123,6 +124,8 @@ def _heatmap(ax, trace: ExplainTrace):
     extent = (-0.5, n_keys - 0.5, shown.shape[0] - 0.5, -0.5)
     im = ax.imshow(np.ma.masked_invalid(shown), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest",
                    extent=extent)
+    if not trace.full:
+        _mark_narrow_rows(ax, shown, pooled, n_keys, im.cmap)
     ax.set_yticks(range(m.shape[0]), row_labels, fontsize=8, fontfamily=MONO)
     if col_labels is not None:
         ax.set_xticks(range(n_keys), col_labels, rotation=90, fontsize=8, fontfamily=MONO)
@@ -140,6 +143,24 @@ def _heatmap(ax, trace: ExplainTrace):
                     ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
                             color="black" if m[i, j] > 0.6 else "white")
     return im
+
+
+def _mark_narrow_rows(ax, shown, pooled: int, n_keys: int, cmap) -> None:
+    # a row that may see only a few keys (query 0 under a causal mask: one) would be a cell under a
+    # pixel wide in a long strip, and the row would look wholly masked: draw its allowed keys at
+    # least NARROW_PX wide, outlined, in the colour of their largest weight
+    key_per_px = n_keys / (LONG_WIDTH_IN * DPI)
+    for i, row in enumerate(shown):
+        cols = np.flatnonzero(~np.isnan(row))
+        if len(cols) == 0:
+            continue
+        lo, hi = cols[0] * pooled - 0.5, min((cols[-1] + 1) * pooled, n_keys) - 0.5
+        if (hi - lo) / key_per_px >= NARROW_PX:
+            continue
+        w = NARROW_PX * key_per_px
+        x = min(max(lo - (w - (hi - lo)) / 2, -0.5), n_keys - 0.5 - w)
+        ax.add_patch(mpatches.Rectangle((x, i - 0.42), w, 0.84, facecolor=cmap(float(np.nanmax(row))),
+                                        edgecolor="white", linewidth=0.8, zorder=3))
 
 
 def _title(tr: ExplainTrace, n_heads: int) -> str:
