@@ -1,0 +1,446 @@
+"""The float32 backward of the `cpu` backend in the transposed layout (issue 14).
+
+One pass over the key blocks, FlashAttention-2 style: one task per (batch, kv head, key block),
+over every query block of its head group that the tile map does not rule out. A tile is held
+*transposed*, keys x queries, so that the per-query-row quantities (the lse halves, delta) are
+vectors across the query lanes and every step between the products is a vertical vector op::
+
+    S^T  = K_blk Q_blk^T                      (64 keys x 64 queries; Q^T packed per query block)
+    P^T  = exp2((S^T - row_max[q]) - row_log[q])
+    dP^T = V_blk dO_blk^T                     (dO^T packed like Q^T)
+    dS^T = P^T * (dP^T - delta[q])            (times the softcap's c (1 - tanh^2))
+    dV  += P^T dO          dK += dS^T Q       (plain A operands, each tile's share added apart)
+    dQ  += dS K                               (dS^T read through _gemm's A strides)
+
+Five tile products instead of cpu_flash's eight, one exp2 sweep instead of three. dQ rows are
+written by every key block's task: each worker owns a dQ accumulator (tasks are dealt to
+workers statically, round robin, which also evens out causal's unequal key blocks), summed in a
+fixed order at the end -- bit-identical run to run for a given thread count, never a race.
+
+delta = rowsum(dO * O), computed in float64 from the saved output before the pass (FlashAttention's
+choice; the exact rowsum(P * dP) would need the whole row before any dS): see ``launch_backward``.
+``shard_backward`` passes the whole row's delta instead.
+
+Masks arrive lowered as for every cpu kernel (EMPTY tiles skipped, PARTIAL tiles masked
+element-wise); the score terms here are cpu_flash._score_terms / _mask_tile transposed.
+float64 stays on cpu_flash's kernels (``supported``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from .cpu_flash import (ADD, BLOCK_M, BLOCK_N, EMPTY, FASTMATH, PARTIAL, STORE, _addr, _bx, _dot, _Exact,
+                        _exp2_ir, _gemm, _Vectors)
+
+LANES = 16  # query lanes rounded up to this (a whole AVX-512 vector of float32; two AVX2 ones)
+
+# -- vertical vector ops over the query lanes ---------------------------------------------------
+
+
+def _lane_loop(builder, vec, n, body, name):
+    # for i in range(0, n, width): body(i)  (n a multiple of the width; nothing when n <= 0)
+    c = vec.const
+    entry = builder.block
+    loop = builder.append_basic_block(name + ".loop")
+    done = builder.append_basic_block(name + ".done")
+    builder.cbranch(builder.icmp_signed(">", n, c(0)), loop, done)
+    builder.position_at_end(loop)
+    i = builder.phi(vec.i64)
+    body(i)
+    nxt = builder.add(i, c(vec.width))
+    i.add_incoming(c(0), entry)
+    i.add_incoming(nxt, builder.block)
+    builder.cbranch(builder.icmp_signed("<", nxt, n), loop, done)
+    builder.position_at_end(done)
+
+
+@intrinsic
+def _probs_lanes(typingctx, ps, pdp, pm, plg, pdl, n, lo, like):
+    # One key row of a transposed tile, over its n query lanes (n a multiple of 16), raw addresses:
+    #   p = 2**((s - m) - lg), 0 where that exponent is below lo      -> written over s
+    #   dl += p * dp                                                  (the tile's share of delta)
+    # m, lg, dl per lane. float32 only: the same IR as cpu_flash's _vec_exp2_row, so P is the same.
+    if not (isinstance(like, types.Array) and like.dtype == types.float32):
+        return None
+    sig = types.void(types.intp, types.intp, types.intp, types.intp, types.intp, types.intp, types.float32, like)
+
+    def codegen(context, builder, signature, args):
+        builder = _Exact(builder)
+        ps, pdp, pm, plg, pdl, n, lo, _ = args
+        vec = _Vectors(context, builder, types.float32)
+        lov = vec.splat(lo)
+
+        def body(i):
+            # -- p = exp2((s - m) - lg), in this order --
+            x = builder.fsub(builder.fsub(vec.load(ps, i), vec.load(pm, i)), vec.load(plg, i))
+            below = builder.fcmp_ordered("<", x, lov)
+            xc = builder.select(below, lov, x)
+            p = builder.select(below, vec.zero, _exp2_ir(builder, xc, vec.width))
+            vec.store(p, ps, i)
+            # -- delta's share: dl += p * dp --
+            vec.store(builder.call(vec.fma, [p, vec.load(pdp, i), vec.load(pdl, i)]), pdl, i)
+
+        _lane_loop(builder, vec, n, body, "probs")
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _ds_lanes(typingctx, pp, pdp, pdl, n, like):
+    # dp = p * (dp - delta) over n query lanes (a multiple of 16) at raw addresses; delta per lane
+    if not (isinstance(like, types.Array) and like.dtype == types.float32):
+        return None
+    sig = types.void(types.intp, types.intp, types.intp, types.intp, like)
+
+    def codegen(context, builder, signature, args):
+        builder = _Exact(builder)
+        pp, pdp, pdl, n, _ = args
+        vec = _Vectors(context, builder, types.float32)
+
+        def body(i):
+            ds = builder.fmul(vec.load(pp, i), builder.fsub(vec.load(pdp, i), vec.load(pdl, i)))
+            vec.store(ds, pdp, i)
+
+        _lane_loop(builder, vec, n, body, "ds")
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _add_lanes(typingctx, px, py, n, like):
+    # x += y over n lanes (a multiple of 16) at raw addresses
+    if not (isinstance(like, types.Array) and like.dtype == types.float32):
+        return None
+    sig = types.void(types.intp, types.intp, types.intp, like)
+
+    def codegen(context, builder, signature, args):
+        builder = _Exact(builder)
+        px, py, n, _ = args
+        vec = _Vectors(context, builder, types.float32)
+
+        def body(i):
+            vec.store(builder.fadd(vec.load(px, i), vec.load(py, i)), px, i)
+
+        _lane_loop(builder, vec, n, body, "add")
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# -- score terms of a transposed tile (cpu_flash._score_terms and _mask_tile with s[key, query]) --
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _mask_tile_t(st, rows, ncols, b, h, qb, kb, mask):
+    """-inf into st[:ncols, :rows] (keys x queries) wherever the element-wise tests rule a pair out."""
+    r0, c0 = qb * BLOCK_M, kb * BLOCK_N
+    qpos = mask.q_pos[_bx(mask.q_pos.shape[0], b)]
+    kvpos = mask.kv_pos[_bx(mask.kv_pos.shape[0], b)]
+    kv_len = mask.kv_lens[_bx(mask.kv_lens.shape[0], b)] if mask.kv_lens.size > 0 else c0 + ncols
+    q_len = mask.q_lens[_bx(mask.q_lens.shape[0], b)] if mask.q_lens.size > 0 else r0 + rows
+    q_real = max(0, min(rows, q_len - r0))  # query lanes below q_len
+    has_keep = mask.kv_keep.size > 0
+    bk = _bx(mask.kv_keep.shape[0], b)
+    fn = -1
+    if mask.fn_index.size > 0:
+        fn = mask.fn_index[_bx(mask.fn_index.shape[0], b), _bx(mask.fn_index.shape[1], h), qb, kb]
+    for j in range(ncols):
+        gj = c0 + j
+        # -- a key past kv_len or dropped by key_padding: its whole row --
+        if gj >= kv_len or (has_keep and mask.kv_keep[bk, gj] == 0):
+            for i in range(rows):
+                st[j, i] = -np.inf
+            continue
+        # -- padded query lanes --
+        for i in range(q_real, rows):
+            st[j, i] = -np.inf
+        if mask.banded:
+            # -- band: q_pos - left <= kv_pos <= q_pos + right --
+            kp = kvpos[gj]
+            for i in range(q_real):
+                d = kp - qpos[r0 + i]
+                st[j, i] = st[j, i] if (d >= -mask.win_left) & (d <= mask.win_right) else -np.inf
+        for dd in range(mask.q_ids.shape[0]):
+            # -- documents: equal ids attend --
+            bd = _bx(mask.q_ids.shape[1], b)
+            kid = mask.kv_ids[dd, bd, gj]
+            for i in range(q_real):
+                st[j, i] = st[j, i] if mask.q_ids[dd, bd, r0 + i] == kid else -np.inf
+        if mask.allow.size > 0:
+            sa = mask.allow_strides
+            base = b * sa[0] + h * sa[1] + r0 * sa[2] + gj * sa[3]
+            for i in range(q_real):
+                st[j, i] = st[j, i] if mask.allow[base + i * sa[2]] != 0 else -np.inf
+        if fn >= 0:
+            # -- a mask function's bits, stored for its partial tiles only --
+            for i in range(q_real):
+                st[j, i] = st[j, i] if mask.fn_bits[fn, i, j] != 0 else -np.inf
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _score_terms_t(st, th, rows, ncols, scaled, b, h, qb, kb, kind, mask, opts):
+    # st[:ncols, :rows] holds k.q, times the scale when `scaled` (never with a softcap): the softcap or
+    # the scale, ALiBi, the float bias and the element-wise mask, in cpu_flash._score_terms's order
+    r0, c0 = qb * BLOCK_M, kb * BLOCK_N
+    softcap = opts.softcap_u > 0.0
+    if not softcap and not scaled:
+        qk_scale = opts.qk_scale
+        for j in range(ncols):
+            for i in range(rows):
+                st[j, i] *= qk_scale
+    if softcap:
+        # -- softcap: c * tanh(u), u and tanh(u) in float64, rounded once (as the forward does) --
+        cu, us = opts.softcap_u64, opts.qk_scale64
+        for j in range(ncols):
+            for i in range(rows):
+                t = np.tanh(np.float64(st[j, i]) * us)
+                th[j, i] = t
+                st[j, i] = cu * t
+    if mask.alibi.size > 0:
+        # -- ALiBi: - slope * |q_pos - kv_pos|, slope in score units; vertical over the query lanes --
+        pb = _bx(mask.q_pos_f.shape[0], b)
+        slope = mask.alibi[_bx(mask.alibi.shape[0], b), h]
+        qpos = mask.q_pos_f[pb, r0:r0 + rows]
+        kvpos = mask.kv_pos_f[_bx(mask.kv_pos_f.shape[0], b)]
+        for j in range(ncols):
+            kp = kvpos[c0 + j]
+            for i in range(rows):
+                st[j, i] -= slope * abs(qpos[i] - kp)
+    if mask.bias.size > 0:
+        # -- float mask: add its bias (already in score units) --
+        sb = mask.bias_strides
+        bb = b * sb[0] + h * sb[1] + r0 * sb[2]
+        for j in range(ncols):
+            base = bb + (c0 + j) * sb[3]
+            for i in range(rows):
+                bv = mask.bias[base + i * sb[2]]
+                st[j, i] = -np.inf if bv == -np.inf else st[j, i] + bv
+    if kind == PARTIAL:
+        # -- element-wise mask: only partial tiles pay for it --
+        _mask_tile_t(st, rows, ncols, b, h, qb, kb, mask)
+
+
+# -- the kernel ----------------------------------------------------------------------------------
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _bwd_task(t, q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk_w, dv_w, dq, pbuf, dpbuf, kbs, counts, mask,
+              opts):
+    # One (batch, head, query block): its dQ, and its shares of dK and dV added to this worker's
+    # accumulators dk_w, dv_w. pbuf/dpbuf (nK, BLOCK_N, BLOCK_M): the worker's P^T and dP^T tiles,
+    # kept from the first sweep to the second; kbs (nK,): the key block of each kept tile.
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    nQ = (Lq + BLOCK_M - 1) // BLOCK_M
+    nK = (Lk + BLOCK_N - 1) // BLOCK_N
+    softcap = opts.softcap
+    tiles = mask.tiles
+    qb = t % nQ
+    h = (t // nQ) % Hq
+    b = t // (nQ * Hq)
+    hk = h // (Hq // Hkv)
+    r0 = qb * BLOCK_M
+    rows = min(BLOCK_M, Lq - r0)
+    nr = (rows + LANES - 1) // LANES * LANES  # lanes computed: padded queries get p = 0
+    tb, th_ = _bx(tiles.shape[0], b), _bx(tiles.shape[1], h)
+    isz = 4
+    f = q.dtype
+    th = np.empty((BLOCK_N, BLOCK_M) if softcap > 0.0 else (1, 1), f)
+    dl_tile = np.zeros(BLOCK_M, f)  # one tile's share of delta per query lane
+    dl = np.zeros(BLOCK_M, f)  # delta per query lane: rowsum(P * dP), or the caller's
+    dq_acc = np.zeros((BLOCK_M, D), f)
+    scaled = rows >= 4
+    pq = _addr(q) + ((b * Hq + h) * Lq + r0) * D * isz  # Q_blk rows (rows x D)
+    pdo = _addr(do) + ((b * Hq + h) * Lq + r0) * Dv * isz  # dO_blk rows (rows x Dv)
+    pqt, pdot = _addr(qt[b, h, qb]), _addr(dot[b, h, qb])  # Q_blk^T, dO_blk^T (D|Dv x BLOCK_M)
+    po = (b * Hq + h) * (nQ * BLOCK_M) + r0
+    pm, plg = _addr(m_l) + po * isz, _addr(lg_l) + po * isz
+    n = 0
+    # -- sweep 1: P^T, dP^T and delta over the non-empty key tiles; dV += P^T dO --
+    for kb in range(nK):
+        kind = tiles[tb, th_, qb, kb]
+        if kind == EMPTY:
+            continue
+        c0 = kb * BLOCK_N
+        ncols = min(BLOCK_N, Lk - c0)
+        st, dpt = pbuf[n], dpbuf[n]
+        kbs[n] = kb
+        n += 1
+        pk = _addr(k) + ((b * Hkv + hk) * Lk + c0) * D * isz  # K_blk rows (ncols x D)
+        pv = _addr(v) + ((b * Hkv + hk) * Lk + c0) * Dv * isz  # V_blk rows (ncols x Dv)
+        # -- S^T = K_blk Q_blk^T (keys x queries), times the scale unless a softcap follows --
+        if scaled:
+            _gemm(pk, D, 1, pqt, BLOCK_M, _addr(st), BLOCK_M, ncols, D, nr, 1.0 if softcap > 0.0 else opts.qk_scale,
+                  STORE, np.intp(0), st)
+        else:
+            # a few query rows (decoding): the forward's dot products, so that every pass computes a
+            # pair's score bit for bit alike
+            for j in range(ncols):
+                for i in range(nr):
+                    st[j, i] = _dot(pq + i * D * isz, pk + j * D * isz, D, st) if i < rows else 0.0
+        _score_terms_t(st, th, rows, ncols, scaled and softcap <= 0.0, b, h, qb, kb, kind, mask, opts)
+        # -- dP^T = V_blk dO_blk^T --
+        _gemm(pv, Dv, 1, pdot, BLOCK_M, _addr(dpt), BLOCK_M, ncols, Dv, nr, 1.0, STORE, np.intp(0), dpt)
+        # -- P^T = exp2((S^T - max) - log l); delta's share rowsum(P * dP), summed per tile --
+        for i in range(nr):
+            dl_tile[i] = 0.0
+        for j in range(ncols):
+            _probs_lanes(_addr(st) + j * BLOCK_M * isz, _addr(dpt) + j * BLOCK_M * isz, pm, plg, _addr(dl_tile), nr,
+                         opts.exp_lo, st)
+        _add_lanes(_addr(dl), _addr(dl_tile), nr, st)
+        # -- dV += P^T dO --
+        _gemm(_addr(st), BLOCK_M, 1, pdo, Dv, _addr(dv_w) + ((b * Hkv + hk) * Lk + c0) * Dv * isz, Dv, ncols, rows, Dv,
+              1.0, ADD, np.intp(0), st)
+        if softcap > 0.0:
+            # -- the softcap's c (1 - tanh^2) multiplies dS: folded into the kept P^T --
+            for j in range(ncols):
+                for i in range(rows):
+                    st[j, i] *= softcap * (1.0 - th[j, i] * th[j, i])
+    if external:
+        # a shard of the keys: only the whole row's delta (the caller's) is right
+        for i in range(rows):
+            dl[i] = dl_l[b, h, r0 + i]
+    # -- sweep 2: dS^T = P^T (dP^T - delta); dK += dS^T Q, dQ += dS K --
+    for u in range(n):
+        c0 = kbs[u] * BLOCK_N
+        ncols = min(BLOCK_N, Lk - c0)
+        st, dpt = pbuf[u], dpbuf[u]
+        for j in range(ncols):
+            _ds_lanes(_addr(st) + j * BLOCK_M * isz, _addr(dpt) + j * BLOCK_M * isz, _addr(dl), nr, st)
+        pk = _addr(k) + ((b * Hkv + hk) * Lk + c0) * D * isz
+        _gemm(_addr(dpt), BLOCK_M, 1, pq, D, _addr(dk_w) + ((b * Hkv + hk) * Lk + c0) * D * isz, D, ncols, rows, D,
+              1.0, ADD, np.intp(0), st)
+        # (dS^T read through the A strides)
+        _gemm(_addr(dpt), 1, BLOCK_M, pk, D, _addr(dq_acc), D, rows, ncols, D, 1.0, ADD, np.intp(0), st)
+    dscale = opts.dscale
+    for i in range(rows):
+        for d in range(D):
+            dq[b, h, r0 + i, d] = dq_acc[i, d] * dscale
+    counts[t] = n
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _finish_kv(dk_w, dv_w, dk, dv, dscale, lo, hi):
+    # rows lo:hi of the flattened (B*Hkv*Lk, D|Dv): dk = dscale * sum over workers, dv = sum, in
+    # worker order
+    W = dk_w.shape[0]
+    for r in range(lo, hi):
+        for d in range(dk.shape[1]):
+            acc = dk_w[0, r, d]
+            for w in range(1, W):
+                acc += dk_w[w, r, d]
+            dk[r, d] = acc * dscale
+        for d in range(dv.shape[1]):
+            acc = dv_w[0, r, d]
+            for w in range(1, W):
+                acc += dv_w[w, r, d]
+            dv[r, d] = acc
+
+
+@njit(parallel=True, cache=True)
+def flash_bwd_t(q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk_w, dv_w, dk, dv, dq, counts, mask, opts):
+    """The whole backward pass: one task per (batch, head, query block) (``counts`` has one entry
+    each), dealt round robin to W = dk_w.shape[0] workers, each adding its dK/dV shares to its own
+    accumulators dk_w[w] (B, Hkv, Lk, D) and dv_w[w] (B, Hkv, Lk, Dv) (zeroed by the caller); then
+    dk = dscale * sum_w dk_w[w], dv = sum_w dv_w[w], in worker order.
+
+    qt, dot (B, Hq, nQ, D|Dv, BLOCK_M): Q^T and dO^T per query block, zero past Lq. m_l, lg_l, dl_l
+    (B, Hq, nQ * BLOCK_M): row_max, row_log and delta per query row (a fully-masked row and those
+    past Lq: +inf, 0, 0); dl_l is read only when ``external``. Writes dq (B, Hq, Lq, D).
+    """
+    W = dk_w.shape[0]
+    T = counts.shape[0]
+    nK = (k.shape[2] + BLOCK_N - 1) // BLOCK_N
+    for w in prange(W):
+        pbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
+        dpbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
+        kbs = np.empty(nK, np.int64)
+        for t in range(w, T, W):
+            _bwd_task(t, q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk_w[w], dv_w[w], dq, pbuf, dpbuf, kbs,
+                      counts, mask, opts)
+    R = dk.shape[0] * dk.shape[1] * dk.shape[2]
+    dk2, dv2 = dk.reshape(R, dk.shape[3]), dv.reshape(R, dv.shape[3])
+    dkw2, dvw2 = dk_w.reshape(W, R, dk.shape[3]), dv_w.reshape(W, R, dv.shape[3])
+    chunk = (R + W - 1) // W
+    for w in prange(W):
+        _finish_kv(dkw2, dvw2, dk2, dv2, opts.dscale, w * chunk, min(R, (w + 1) * chunk))
+
+
+@njit(cache=True)
+def flash_bwd_t_serial(q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk, dv, dq, counts, mask, opts):
+    # one worker, in the calling thread: its accumulators are dk and dv themselves (zeroed by the caller)
+    nK = (k.shape[2] + BLOCK_N - 1) // BLOCK_N
+    pbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
+    dpbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
+    kbs = np.empty(nK, np.int64)
+    for t in range(counts.shape[0]):
+        _bwd_task(t, q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk, dv, dq, pbuf, dpbuf, kbs, counts, mask, opts)
+    dscale = opts.dscale
+    R = dk.shape[0] * dk.shape[1] * dk.shape[2]
+    dk2 = dk.reshape(R, dk.shape[3])
+    for r in range(R):
+        for d in range(dk.shape[3]):
+            dk2[r, d] *= dscale
+
+
+# -- launcher ------------------------------------------------------------------------------------
+
+
+def _blocks_t(x, nq):
+    # (B, H, L, d) -> (B, H, nQ, d, BLOCK_M): each query block transposed, zero past L
+    B, H, L, d = x.shape
+    pad = nq * BLOCK_M - L
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    return x.reshape(B, H, nq, BLOCK_M, d).transpose(-1, -2).contiguous()
+
+
+def _lanes(x, nq, fill):
+    # (B, H, L) -> (B, H, nQ * BLOCK_M), `fill` past L
+    pad = nq * BLOCK_M - x.shape[2]
+    return torch.nn.functional.pad(x, (0, pad), value=fill).contiguous() if pad else x.contiguous()
+
+
+def launch_backward(grad_out, q, k, v, out, row_max, row_log, call, delta=None):
+    """``backends.cpu._launch_backward`` for float32 compute (float32, float16 and bfloat16 inputs):
+    (dq, dk, dv) in the inputs' dtypes. delta = rowsum(P * dP) is computed exactly within each
+    query block's first sweep, unless given (``shard_backward``: the whole row's); ``out`` is unused."""
+    from selfattn.backends import cpu as _cpu
+
+    acc = torch.float32
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    nq = -(-Lq // BLOCK_M)
+    mask = _cpu._kernel_mask(call.low, acc)
+    opts = _cpu._opts(acc, call)
+    q_, k_, v_, do = (_cpu._ready(t, acc) for t in (q, k, v, grad_out))
+    rm = row_max.detach().to(acc)
+    dead = rm == float("-inf")  # fully-masked rows: p = exp2(s - inf) = 0
+    m_l = _lanes(torch.where(dead, torch.full_like(rm, float("inf")), rm), nq, float("inf"))  # (B, Hq, nQ*64)
+    lg_l = _lanes(torch.where(dead, torch.zeros_like(rm), row_log.detach().to(acc)), nq, 0.0)
+    external = delta is not None
+    dl_l = _lanes(delta.detach().to(acc), nq, 0.0) if external else m_l.new_empty((B, Hq, 0))
+    qt, dot = _blocks_t(q_, nq), _blocks_t(do, nq)  # (B, Hq, nQ, D, 64), (B, Hq, nQ, Dv, 64)
+    dq = torch.empty(B, Hq, Lq, D, dtype=acc)
+    dk = torch.zeros(B, Hkv, Lk, D, dtype=acc)
+    dv = torch.zeros(B, Hkv, Lk, Dv, dtype=acc)
+    counts = np.zeros(B * Hq * nq, np.int64)  # one per task
+    threads = _cpu._threads(len(counts), 10.0 * B * Hq * Lq * Lk * D)
+    args = (q_.numpy(), k_.numpy(), v_.numpy(), do.numpy(), qt.numpy(), dot.numpy(), m_l.numpy(), lg_l.numpy(),
+            dl_l.numpy(), external)
+    if threads <= 1:
+        flash_bwd_t_serial(*args, dk.numpy(), dv.numpy(), dq.numpy(), counts, mask, opts)
+    else:
+        _cpu._kernel("flash_fwd", threads)  # sets numba's pool to `threads` (torch's count kept)
+        dk_w = torch.zeros(threads, B, Hkv, Lk, D, dtype=acc)
+        dv_w = torch.zeros(threads, B, Hkv, Lk, Dv, dtype=acc)
+        flash_bwd_t(*args, dk_w.numpy(), dv_w.numpy(), dk.numpy(), dv.numpy(), dq.numpy(), counts, mask, opts)
+    _cpu.TILE_PRODUCTS["backward_one_pass"] += int(counts.sum())
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
