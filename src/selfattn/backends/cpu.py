@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -44,6 +44,7 @@ try:
     import numpy as np
 
     from ..kernels import cpu_flash as _k
+    from ..kernels import cpu_fwd as _fwd  # the float32 forward in the transposed layout (issue 14)
 except ImportError:  # numba missing: the backend stays registered and says why it cannot serve
     _k = None
 try:  # bfloat16 forward on the AMX tile unit (issue 14); without it bfloat16 runs the float32 kernels
@@ -176,8 +177,88 @@ def _ready(t, acc):
     return t if t.is_contiguous() else t.contiguous()
 
 
+#: KernelOpts by (dtype, scale, softcap, want_stats): building the record costs microseconds a call
+_OPTS: dict = {}
+
+
 def _opts(acc, call: _Call):
-    return _k.make_opts(np.float32 if acc == torch.float32 else np.float64, call.scale, call.softcap, call.want_stats)
+    key = (acc, call.scale, call.softcap, call.want_stats)
+    opts = _OPTS.get(key)
+    if opts is None:
+        if len(_OPTS) >= 256:
+            _OPTS.clear()
+        opts = _OPTS[key] = _k.make_opts(np.float32 if acc == torch.float32 else np.float64, call.scale,
+                                         call.softcap, call.want_stats)
+    return opts
+
+
+#: compiled entry points by (numba dispatcher, compute dtype): see _run
+_ENTRIES: dict = {}
+
+
+def _run(kernel, *args):
+    """``kernel(*args)`` for a numba kernel whose first argument is a (B, H, L, D) numpy array.
+
+    numba's dispatcher finds the compiled version for each call by typing every argument, and the
+    two records (KernelMask, KernelOpts: ~35 fields) cost ~4 us a call that way. The launchers pass
+    every array C-contiguous, writable and of one dtype per compute dtype (the records' absent parts
+    are empty arrays of the same rank), so the types of a call follow from the dispatcher and
+    ``args[0].dtype``: after the first call the compiled entry point is called directly (it unboxes
+    the arguments without typing them). tests/test_cpu_features.py holds the launchers to this.
+    """
+    key = (kernel, args[0].dtype)
+    entry = _ENTRIES.get(key)
+    if entry is not None:
+        return entry(*args)
+    result = kernel(*args)  # compiles or loads from the cache, and runs
+    compiled = kernel.overloads.get(tuple(kernel.typeof_pyval(a) for a in args))
+    if compiled is not None:
+        _ENTRIES[key] = compiled.entry_point
+    return result
+
+
+def _tiles(counts) -> int:
+    # sum of a kernel's per-task tile counts (numpy's sum costs ~1 us more on a handful)
+    return sum(counts.tolist()) if len(counts) <= 512 else int(counts.sum())
+
+
+#: empty (1, 1, D, 0) arrays standing for "no transposed keys" by (D, numpy dtype)
+_NO_KT: dict = {}
+
+
+def _no_kt(d: int, dtype):
+    a = _NO_KT.get((d, dtype))
+    if a is None:
+        a = _NO_KT[(d, dtype)] = np.empty((1, 1, d, 0), dtype)
+    return a
+
+
+class _FwdBuffers(NamedTuple):
+    """A forward's outputs, allocated at once: ``out`` (B, Hq, Lq, Dv) and ``rows`` (4, B, Hq, Lq) =
+    row_max, row_log, max_logit, entropy; ``arrays`` the kernels' numpy views (out, row_max,
+    row_log, ent), in their argument order."""
+
+    out: torch.Tensor
+    rows: torch.Tensor
+    arrays: tuple
+
+
+def _forward_buffers(B: int, Hq: int, Lq: int, Dv: int, acc) -> _FwdBuffers:
+    out = torch.empty(B, Hq, Lq, Dv, dtype=acc)
+    rows = torch.empty(4, B, Hq, Lq, dtype=acc)
+    r = rows.numpy()
+    return _FwdBuffers(out, rows, (out.numpy(), r[0], r[1], r[3]))
+
+
+def _forward_result(q, bufs: _FwdBuffers, sinks, opts):
+    """The launchers' 5-tuple from filled buffers: max_logit in nats, sinks folded, out in q's dtype."""
+    r = bufs.arrays
+    np.multiply(r[1], opts.nat, out=bufs.rows.numpy()[2])  # max_logit: (B, Hq, Lq) nats, keys only
+    out, rows = bufs.out, bufs.rows
+    row_max, row_log, max_logit, ent = rows[0], rows[1], rows[2], rows[3]
+    if sinks is not None:
+        out, row_max, row_log, ent = _fold_sinks(out, row_max, row_log, ent, sinks, opts)
+    return (out if out.dtype == q.dtype else out.to(q.dtype)), row_max, row_log, max_logit, ent
 
 
 def _transposed(x, lq):
@@ -214,6 +295,8 @@ def _launch_forward(q, k, v, sinks, call: _Call):
     meaningful only with call.want_stats)."""
     if q.dtype == torch.bfloat16 and _amx is not None and _amx.available():
         return _amx.launch_forward(q, k, v, sinks, call)  # same outputs; products on AMX
+    if _fwd.serves(q):
+        return _fwd.launch_forward(q, k, v, sinks, call)  # same outputs; float32, >= 4 query rows
     acc = acc_dtype(q.dtype)
     B, Hq, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
@@ -222,18 +305,13 @@ def _launch_forward(q, k, v, sinks, call: _Call):
     q_, k_, v_ = (_ready(t, acc) for t in (q, k, v))
     # (B, Hkv, D, Lk); none when the kernel transposes each tile's keys itself (one key block) or
     # takes dot products (fewer than 4 queries)
-    kt = k_.new_empty((1, 1, D, 0)) if Lk <= _k.BLOCK_N else _transposed(k_, Lq)
-    out = torch.empty(B, Hq, Lq, Dv, dtype=acc)
-    row_max, row_log, ent = (torch.empty(B, Hq, Lq, dtype=acc) for _ in range(3))
+    kt = _no_kt(D, opts.zero.dtype) if Lk <= _k.BLOCK_N or Lq < 4 else _transposed(k_, Lq).numpy()
+    bufs = _forward_buffers(B, Hq, Lq, Dv, acc)
     counts = np.zeros(B * Hq * (-(-Lq // _k.BLOCK_M)), np.int64)  # one per task
     flash_fwd = _kernel("flash_fwd", _threads(len(counts), 4.0 * B * Hq * Lq * Lk * D))
-    flash_fwd(q_.numpy(), k_.numpy(), kt.numpy(), v_.numpy(), out.numpy(), row_max.numpy(), row_log.numpy(), ent.numpy(),
-              counts, mask, opts)
-    TILE_PRODUCTS["forward"] += int(counts.sum())
-    max_logit = row_max * float(opts.nat)  # (B, Hq, Lq) nats, keys only
-    if sinks is not None:
-        out, row_max, row_log, ent = _fold_sinks(out, row_max, row_log, ent, sinks, opts)
-    return out.to(q.dtype), row_max, row_log, max_logit, ent
+    _run(flash_fwd, q_.numpy(), k_.numpy(), kt, v_.numpy(), *bufs.arrays, counts, mask, opts)
+    TILE_PRODUCTS["forward"] += _tiles(counts)
+    return _forward_result(q, bufs, sinks, opts)
 
 
 def _launch_backward(grad_out, q, k, v, out, row_max, row_log, call: _Call, delta=None):
@@ -249,9 +327,11 @@ def _launch_backward(grad_out, q, k, v, out, row_max, row_log, call: _Call, delt
     mask = _kernel_mask(call.low, acc)
     opts = _opts(acc, call)
     q_, k_, v_, do = (_ready(t, acc) for t in (q, k, v, grad_out))
+    qn, kn, vn, don = q_.numpy(), k_.numpy(), v_.numpy(), do.numpy()
     external = delta is not None
-    out_ = q_.new_empty((0, 1, 1, 1)) if external else _ready(out, acc)  # empty: flash_bwd_q reads delta
-    row_max, row_log = row_max.detach().contiguous(), row_log.detach().contiguous()
+    # empty: flash_bwd_q reads delta
+    out_ = np.empty((0, 1, 1, 1), qn.dtype) if external else _ready(out, acc).numpy()
+    row_max, row_log = row_max.detach().contiguous().numpy(), row_log.detach().contiguous().numpy()
     dq = torch.empty(B, Hq, Lq, D, dtype=acc)
     dk = torch.empty(B, Hkv, Lk, D, dtype=acc)
     dv = torch.empty(B, Hkv, Lk, Dv, dtype=acc)
@@ -262,23 +342,26 @@ def _launch_backward(grad_out, q, k, v, out, row_max, row_log, call: _Call, delt
     if Lk <= _k.BLOCK_N and len(counts_kv) >= threads:
         # one key block (and a task per kv head keeps every thread busy): flash_bwd_kv alone does the
         # whole backward pass, dQ included, without recomputing P and dP in a second pass
-        no_delta = _ready(delta, acc).numpy() if external else np.empty((0, 0, 0), row_max.numpy().dtype)
-        flash_bwd_kv(q_.numpy(), k_.numpy(), v_.numpy(), do.numpy(), row_max.numpy(), row_log.numpy(), no_delta,
-                     dk.numpy(), dv.numpy(), dq.numpy(), counts_kv, mask, opts)
-        TILE_PRODUCTS["backward_one_pass"] += int(counts_kv.sum())
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        no_delta = _ready(delta, acc).numpy() if external else np.empty((0, 0, 0), row_max.dtype)
+        _run(flash_bwd_kv, qn, kn, vn, don, row_max, row_log, no_delta, dk.numpy(), dv.numpy(), dq.numpy(),
+             counts_kv, mask, opts)
+        TILE_PRODUCTS["backward_one_pass"] += _tiles(counts_kv)
+        return _as(dq, q.dtype), _as(dk, k.dtype), _as(dv, v.dtype)
     # (B, Hq, Lq) rowsum(P * dP), from flash_bwd_q, or the caller's
-    delta = _ready(delta, acc) if external else torch.empty(B, Hq, Lq, dtype=acc)
+    delta = (_ready(delta, acc) if external else torch.empty(B, Hq, Lq, dtype=acc)).numpy()
     kt, vt = _transposed(k_, Lq), _transposed(v_, 4)  # (B, Hkv, D, Lk), (B, Hkv, Dv, Lk) (dP needs it)
     flash_bwd_q = _kernel("flash_bwd_q", threads)
-    flash_bwd_q(q_.numpy(), k_.numpy(), kt.numpy(), v_.numpy(), vt.numpy(), do.numpy(), out_.numpy(), row_max.numpy(),
-                row_log.numpy(), delta.numpy(), dq.numpy(), counts_q, mask, opts)
-    no_dq = np.empty((0, 0, 0, 0), row_max.numpy().dtype)  # dQ came from flash_bwd_q
-    flash_bwd_kv(q_.numpy(), k_.numpy(), v_.numpy(), do.numpy(), row_max.numpy(), row_log.numpy(), delta.numpy(),
-                 dk.numpy(), dv.numpy(), no_dq, counts_kv, mask, opts)
-    TILE_PRODUCTS["backward_kv"] += int(counts_kv.sum())
-    TILE_PRODUCTS["backward_q"] += int(counts_q.sum())
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    _run(flash_bwd_q, qn, kn, kt.numpy(), vn, vt.numpy(), don, out_, row_max, row_log, delta, dq.numpy(), counts_q,
+         mask, opts)
+    no_dq = np.empty((0, 0, 0, 0), row_max.dtype)  # dQ came from flash_bwd_q
+    _run(flash_bwd_kv, qn, kn, vn, don, row_max, row_log, delta, dk.numpy(), dv.numpy(), no_dq, counts_kv, mask, opts)
+    TILE_PRODUCTS["backward_kv"] += _tiles(counts_kv)
+    TILE_PRODUCTS["backward_q"] += _tiles(counts_q)
+    return _as(dq, q.dtype), _as(dk, k.dtype), _as(dv, v.dtype)
+
+
+def _as(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def shard_backward(q, k, v, grad_out, lse, delta, *, mask=None, causal=False, window=None, q_positions=None,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
@@ -54,6 +55,8 @@ from selfattn.kernels.cpu_flash import (
 
 LANES = VEC_BYTES // 4  # float32 query rows per vector: 16 (AVX-512) or 8 (AVX2)
 UNROLL = 4  # independent accumulators in the column loops (max, sums)
+#: calls and tile products served by this kernel since import (tests check the path was taken)
+CALLS = {"calls": 0, "tiles": 0}
 
 
 # -- the vertical online-softmax step --------------------------------------------------------------
@@ -134,6 +137,21 @@ def _vsoftmax(typingctx, ps, ss, nk, pm, pl, pe, palpha, want, like):
         alpha = builder.select(dm_low, vec.zero, _exp2_ir(builder, builder.select(dm_low, lo, dm), w))
         alpha = builder.select(builder.fcmp_ordered("==", m_old, m_new), fconst(1.0), alpha)
 
+        # -- a dead row stays as it was, unless its scores hold a NaN (NaN inputs): poison it (read before
+        # the exp2 pass overwrites the scores) --
+        dead_bits = builder.bitcast(dead, ir.IntType(w))
+        nan = ir.Constant(vec.vty, [float("nan")] * w)
+        before = builder.block
+        with builder.if_then(builder.icmp_unsigned("!=", dead_bits, ir.Constant(ir.IntType(w), 0))):
+            (has_nan,) = _loop(builder, vec, c(0), nk, 1, [ir.Constant(ir.VectorType(ir.IntType(1), w), None)],
+                               lambda j, a: [builder.or_(a[0], builder.fcmp_unordered("uno", (x := vec.load(ps, row(j))), x))],
+                               "nan")
+            l_nan = builder.select(has_nan, nan, l_old)
+            after = builder.block
+        l_dead = builder.phi(vec.vty)
+        l_dead.add_incoming(l_old, before)
+        l_dead.add_incoming(l_nan, after)
+
         def exp_pass(stats):
             # p = exp2(s - m_new) into the tile, its column sums (and sum p * (s - m_new))
             def one(j, tot, st):
@@ -169,19 +187,6 @@ def _vsoftmax(typingctx, ps, ss, nk, pm, pl, pe, palpha, want, like):
         st = builder.phi(vec.vty)
         st.add_incoming(st_s, blk_s)
         st.add_incoming(vec.zero, blk_n)
-        # -- a dead row stays as it was, unless its scores hold a NaN (NaN inputs): poison it --
-        dead_bits = builder.bitcast(dead, ir.IntType(w))
-        nan = ir.Constant(vec.vty, [float("nan")] * w)
-        before = builder.block
-        with builder.if_then(builder.icmp_unsigned("!=", dead_bits, ir.Constant(ir.IntType(w), 0))):
-            (has_nan,) = _loop(builder, vec, c(0), nk, 1, [ir.Constant(ir.VectorType(ir.IntType(1), w), None)],
-                               lambda j, a: [builder.or_(a[0], builder.fcmp_unordered("uno", (x := vec.load(ps, row(j))), x))],
-                               "nan")
-            l_nan = builder.select(has_nan, nan, l_old)
-            after = builder.block
-        l_dead = builder.phi(vec.vty)
-        l_dead.add_incoming(l_old, before)
-        l_dead.add_incoming(l_nan, after)
         # -- rescale the running sums: l = alpha * l + sum p --
         l_new = builder.select(dead, l_dead, builder.call(vec.fma, [alpha, l_old, tot]))
         vec.store(l_new, pl, c(0))
@@ -374,16 +379,12 @@ def flash_fwd_t_serial(q, k, v, out, row_max, row_log, ent, counts, mask, opts):
 def serves(q) -> bool:
     """Whether :func:`launch_forward` takes this call: float32 compute (float64 and the few-row
     decoding calls keep ``cpu_flash.flash_fwd``)."""
-    import torch
-
     return q.dtype != torch.float64 and q.shape[2] >= 4
 
 
 def launch_forward(q, k, v, sinks, call):
     """``backends.cpu._launch_forward`` on this kernel: (out in q's dtype, row_max, row_log, max_logit,
     entropy), float32, exactly as the old kernel gives them."""
-    import torch
-
     from selfattn.backends import cpu as _cpu
 
     B, Hq, Lq, D = q.shape
@@ -401,7 +402,10 @@ def launch_forward(q, k, v, sinks, call):
     kernel = flash_fwd_t if threads > 1 else flash_fwd_t_serial
     kernel(q_.numpy(), k_.numpy(), v_.numpy(), out.numpy(), row_max.numpy(), row_log.numpy(), ent.numpy(),
            counts, mask, opts)
-    _cpu.TILE_PRODUCTS["forward"] += int(counts.sum())
+    tiles = int(counts.sum())
+    _cpu.TILE_PRODUCTS["forward"] += tiles
+    CALLS["calls"] += 1
+    CALLS["tiles"] += tiles
     max_logit = row_max * float(opts.nat)  # (B, Hq, Lq) nats, keys only
     if sinks is not None:
         out, row_max, row_log, ent = _cpu._fold_sinks(out, row_max, row_log, ent, sinks, opts)
