@@ -87,6 +87,7 @@ _CACHE_SIZE = 32
 def clear_cache() -> None:
     """Forget every lowered mask (they are also dropped, oldest first, past 32 entries)."""
     _CACHE.clear()
+    _PLAIN.clear()
 
 
 def _tensor_key(t):
@@ -120,9 +121,24 @@ def _same(a, b) -> bool:
     return (a is None and b is None) or (a is not None and b is not None and a.shape == b.shape and bool(torch.equal(a, b)))
 
 
+#: the plain calls' records (no mask, or causal alone; default positions, no ALiBi) by their sizes:
+#: their lowering depends on nothing else, so the general key (a few microseconds) is not needed
+_PLAIN: "OrderedDict[tuple, LoweredMask]" = OrderedDict()
+
+
 def lower(req: Request, block_q: int, block_k: int) -> LoweredMask:
     """The request's mask, positions and ALiBi slopes as one :class:`LoweredMask` for tiles of
     ``block_q`` x ``block_k`` (cached)."""
+    mask = req.mask
+    if (mask is None or type(mask) is _masks.Causal) and req.q_positions is None and req.kv_positions is None \
+            and req.alibi_slopes is None:
+        key = (mask is None, req.batch, req.q_heads, req.q_len, req.kv_len, block_q, block_k, req.device)
+        low = _PLAIN.get(key)
+        if low is None:
+            low = _PLAIN[key] = _lower(req, block_q, block_k)
+            while len(_PLAIN) > _CACHE_SIZE:
+                _PLAIN.popitem(last=False)
+        return low
     key = _cache_key(req, block_q, block_k)
     hit = _CACHE.get(key)
     # identity keys could be reused by a new object after the old one is freed: the entry keeps

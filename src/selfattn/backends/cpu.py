@@ -28,7 +28,6 @@ gradient; a float mask gets no gradient (refused if it requires one).
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -131,14 +130,14 @@ def _kernel_mask(low: lowering.LoweredMask, acc: torch.dtype):
     return km
 
 
-@dataclass(frozen=True)
-class _Call:
+class _Call(NamedTuple):
     """What a launcher needs besides the tensors: the lowered mask and the scalar options."""
 
     low: "lowering.LoweredMask"
     scale: float
     softcap: float  # 0.0: none
     want_stats: bool
+    rows: bool = True  # return row_max, row_log, max_logit, entropy; False: only out is read (may be None)
 
 
 # -- launchers --------------------------------------------------------------------------------
@@ -192,8 +191,10 @@ def _opts(acc, call: _Call):
     return opts
 
 
-#: compiled entry points by (numba dispatcher, compute dtype): see _run
+#: compiled entry points by (numba dispatcher, compute dtype), and the argument types each was
+#: compiled for (tests compare them with every call's): see _run
 _ENTRIES: dict = {}
+_SIGNATURES: dict = {}
 
 
 def _run(kernel, *args):
@@ -211,9 +212,10 @@ def _run(kernel, *args):
     if entry is not None:
         return entry(*args)
     result = kernel(*args)  # compiles or loads from the cache, and runs
-    compiled = kernel.overloads.get(tuple(kernel.typeof_pyval(a) for a in args))
+    signature = tuple(kernel.typeof_pyval(a) for a in args)
+    compiled = kernel.overloads.get(signature)
     if compiled is not None:
-        _ENTRIES[key] = compiled.entry_point
+        _ENTRIES[key], _SIGNATURES[key] = compiled.entry_point, signature
     return result
 
 
@@ -250,14 +252,18 @@ def _forward_buffers(B: int, Hq: int, Lq: int, Dv: int, acc) -> _FwdBuffers:
     return _FwdBuffers(out, rows, (out.numpy(), r[0], r[1], r[3]))
 
 
-def _forward_result(q, bufs: _FwdBuffers, sinks, opts):
-    """The launchers' 5-tuple from filled buffers: max_logit in nats, sinks folded, out in q's dtype."""
-    r = bufs.arrays
-    np.multiply(r[1], opts.nat, out=bufs.rows.numpy()[2])  # max_logit: (B, Hq, Lq) nats, keys only
-    out, rows = bufs.out, bufs.rows
-    row_max, row_log, max_logit, ent = rows[0], rows[1], rows[2], rows[3]
-    if sinks is not None:
-        out, row_max, row_log, ent = _fold_sinks(out, row_max, row_log, ent, sinks, opts)
+def _forward_result(q, bufs: _FwdBuffers, sinks, call: _Call, opts):
+    """The launchers' 5-tuple from filled buffers: max_logit in nats, sinks folded, out in q's dtype;
+    without ``call.rows`` (and sinks) the four row tensors are None (a no-grad call without stats)."""
+    out = bufs.out
+    if call.rows or sinks is not None:
+        rows = bufs.rows
+        np.multiply(bufs.arrays[1], opts.nat, out=rows.numpy()[2])  # max_logit: (B, Hq, Lq) nats, keys only
+        row_max, row_log, max_logit, ent = rows[0], rows[1], rows[2], rows[3]
+        if sinks is not None:
+            out, row_max, row_log, ent = _fold_sinks(out, row_max, row_log, ent, sinks, opts)
+    else:
+        row_max = row_log = max_logit = ent = None
     return (out if out.dtype == q.dtype else out.to(q.dtype)), row_max, row_log, max_logit, ent
 
 
@@ -311,7 +317,7 @@ def _launch_forward(q, k, v, sinks, call: _Call):
     flash_fwd = _kernel("flash_fwd", _threads(len(counts), 4.0 * B * Hq * Lq * Lk * D))
     _run(flash_fwd, q_.numpy(), k_.numpy(), kt, v_.numpy(), *bufs.arrays, counts, mask, opts)
     TILE_PRODUCTS["forward"] += _tiles(counts)
-    return _forward_result(q, bufs, sinks, opts)
+    return _forward_result(q, bufs, sinks, call, opts)
 
 
 def _launch_backward(grad_out, q, k, v, out, row_max, row_log, call: _Call, delta=None):
@@ -650,10 +656,12 @@ class CPUBackend(Backend):
             out, row_max, row_log, max_logit, ent = torch.ops.selfattn.cpu_flash_attention(
                 q, k, v, req.sinks, layout, tensors, req.scale, softcap, req.return_stats)
         else:
-            call = _Call(lowering.lower(req, _k.BLOCK_M, _k.BLOCK_N), req.scale, softcap, req.return_stats)
+            low = lowering.lower(req, _k.BLOCK_M, _k.BLOCK_N)
             if req.requires_grad:
+                call = _Call(low, req.scale, softcap, req.return_stats)
                 out, row_max, row_log, max_logit, ent = _EagerFlash.apply(q, k, v, req.sinks, call)
-            else:  # nothing to differentiate: the launcher alone
+            else:  # nothing to differentiate: the launcher alone, and the rows only for stats
+                call = _Call(low, req.scale, softcap, req.return_stats, req.return_stats)
                 out, row_max, row_log, max_logit, ent = _launch_forward(q, k, v, req.sinks, call)
         if not req.return_stats:
             return out, None
