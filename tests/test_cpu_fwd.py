@@ -206,3 +206,17 @@ def test_avx2_layout(tmp_path):
     res = subprocess.run([sys.executable, "-c", _AVX2_SCRIPT, here], env=env, capture_output=True, text=True,
                          timeout=900)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-2000:] + res.stderr[-4000:]
+
+
+@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"softcap": 30.0, "scale": 0.3}, {"scale": 1.7},
+                                {"alibi_slopes": torch.tensor([0.5, 0.25, 0.125, 0.0625])}, "dense_float",
+                                "window_padding_documents"], ids=str)
+def test_scores_bit_identical_to_old_kernel(kw, monkeypatch):
+    # the backward (cpu_flash) recomputes every score and reads the forward's row max: both kernels
+    # must produce the same scores bit for bit -- ragged blocks of < 4 rows (dot products) included
+    q, k, v = _inputs(2, 4, 2, 130, 97, 59, magnitude=2.0)
+    kw = mask_kwargs(kw, 2, 4, 130, 97) if isinstance(kw, str) else kw
+    _, new = selfattn.attention(q, k, v, backend="cpu", return_stats=True, **kw)
+    monkeypatch.setattr(cpu_fwd, "serves", lambda q: False)
+    _, old = selfattn.attention(q, k, v, backend="cpu", return_stats=True, **kw)
+    assert torch.equal(new.max_logit, old.max_logit)

@@ -46,6 +46,7 @@ from selfattn.kernels.cpu_flash import (
     VEC_BYTES,
     _addr,
     _bx,
+    _dot,
     _Exact,
     _exp2_ir,
     _gemm,
@@ -289,6 +290,23 @@ def _score_terms_t(st, rows, ncols, b, h, qb, kb, kind, mask, opts):
         _mask_tile_t(st, rows, ncols, b, h, qb, kb, mask)
 
 
+@njit(fastmath=FASTMATH, cache=True)
+def _qk_dot_t(q, b, h, r0, rows, pk, ncols, st, opts):
+    # s^T[:ncols, :rows] = k_blk @ q[b, h, r0:r0 + rows]^T as cpu_flash._qk_dot's dot products (keys at
+    # raw address pk), times the scale unless there is a softcap (cpu_flash._score_terms' order)
+    D = q.shape[3]
+    isz = q.itemsize
+    pq = _addr(q) + ((b * q.shape[1] + h) * q.shape[2] + r0) * D * isz
+    for j in range(ncols):
+        for i in range(rows):
+            st[j, i] = _dot(pq + i * D * isz, pk + j * D * isz, D, st)
+    if opts.softcap_u <= 0.0:
+        qk_scale = opts.qk_scale
+        for j in range(ncols):
+            for i in range(rows):
+                st[j, i] *= qk_scale
+
+
 # -- the kernel ------------------------------------------------------------------------------------
 
 
@@ -315,6 +333,9 @@ def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
     alpha_i = np.ones(BLOCK_M, q.dtype)  # the factor of acc before this tile's share
     scale = 1.0 if opts.softcap_u > 0.0 else np.float64(opts.qk_scale)  # a softcap scales in float64
     want = 1 if opts.want_stats else 0
+    # fewer than 4 rows (a ragged last block): dot products, as every pass of cpu_flash computes such
+    # a block, so that the backward recomputes bit-identical scores
+    use_dot = rows < 4
     pq, pst = _addr(qt), _addr(st)
     pm, pl, pe, pal = _addr(m_i), _addr(l_i), _addr(e_i), _addr(alpha_i)
     pk0 = _addr(k) + (b * k.shape[1] + hk) * Lk * D * isz
@@ -327,8 +348,11 @@ def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
         n_tiles += 1
         c0 = kb * BLOCK_N
         ncols = min(BLOCK_N, Lk - c0)
-        # -- s^T = k_blk @ Q^T, times the scale --
-        _gemm(pk0 + c0 * D * isz, D, 1, pq, BLOCK_M, pst, BLOCK_M, ncols, D, rows, scale, STORE, np.intp(0), st)
+        if use_dot:
+            _qk_dot_t(q, b, h, r0, rows, pk0 + c0 * D * isz, ncols, st, opts)
+        else:
+            # -- s^T = k_blk @ Q^T, times the scale --
+            _gemm(pk0 + c0 * D * isz, D, 1, pq, BLOCK_M, pst, BLOCK_M, ncols, D, rows, scale, STORE, np.intp(0), st)
         _score_terms_t(st, rows, ncols, b, h, qb, kb, kind, mask, opts)
         # -- online softmax, LANES query rows at a time: m, alpha, l (and e); s^T becomes p^T --
         for g in range(groups):
