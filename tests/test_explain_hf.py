@@ -393,15 +393,84 @@ def test_other_families_equal_eager(family, tmp_path):
             assert (tr.weights - want[0, h].double()).abs().max().item() <= TOL, (layer.name, h)
 
 
-def test_attention_sinks_are_refused_by_name(tmp_path, capsys):
+SINKS = (-2.0, 0.0, 1.5, 3.0)  # one sink logit per head: from a small share to most of a row
+
+
+@pytest.fixture(scope="module")
+def oss(tmp_path_factory):
+    """A tiny random gpt-oss (layer 0 sliding window, layer 1 full), sinks set to SINKS: its directory and eager twin."""
     from test_hf import FAMILIES, _config
 
     if "gpt_oss" not in FAMILIES:
         pytest.skip("this transformers has no gpt-oss")
     torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(_config("gpt_oss")).save_pretrained(tmp_path / "oss")
-    line = _error(capsys, "explain", "--hf", tmp_path / "oss", "--ids", "1,2,3")
-    assert "sinks" in line and "model.layers.0.self_attn" in line
+    model = transformers.AutoModelForCausalLM.from_config(_config("gpt_oss"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.mul_(4.0)
+        for layer in model.model.layers:
+            layer.self_attn.sinks.copy_(torch.tensor(SINKS))
+    path = tmp_path_factory.mktemp("oss") / "oss"
+    model.save_pretrained(path)
+    eager = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", local_files_only=True,
+                                                              dtype=torch.float32).eval()
+    return path, eager
+
+
+def _eager_of(eager, ids):
+    with torch.no_grad():
+        att = eager(input_ids=torch.tensor([ids]), output_attentions=True).attentions  # keys only: gpt-oss drops the sink column
+    return [a[0].to(torch.float64) for a in att]
+
+
+def test_gpt_oss_sinks_every_head_and_its_sink_share_equal_eager(oss, capsys, tmp_path):
+    """Attention sinks: each head's weights and each row's sink share (1 - the row's sum in eager) within 1e-5."""
+    path, eager = oss
+    ids = list(range(1, 12))  # 11 tokens: longer than layer 0's window (5)
+    out_json, out_png, out_html = tmp_path / "s.json", tmp_path / "s.png", tmp_path / "s.html"
+    code, out, err = _main(capsys, "explain", "--hf", path, "--ids", ",".join(map(str, ids)), "--json", out_json,
+                           "--png", out_png, "--html", out_html)
+    assert code == 0, err
+    tr = json.loads(out_json.read_text())
+    want = _eager_of(eager, ids)
+    worst, shares = 0.0, []
+    for layer, w in zip(tr["layers"], want, strict=True):
+        assert len(layer["heads"]) == 4
+        for h, head in enumerate(layer["heads"]):
+            got = _tensor(next(s["value"] for s in head["steps"] if s["name"] == "weights"))  # (L, L) keys only
+            share = _tensor(head["sink_share"])  # (L,)
+            assert head["sink_logit"] == SINKS[h]
+            worst = max(worst, (got - w[h]).abs().max().item(), (share - (1 - w[h].sum(-1))).abs().max().item())
+            assert (got.sum(-1) + share - 1).abs().max().item() < 1e-9  # rows sum to 1 - p_sink, no more
+            shares.append(share)
+    print(f"max |weights or sink share - eager| = {worst:.3g}")
+    assert worst <= TOL
+    assert max(float(s.max()) for s in shares) > 0.5 and min(float(s.min()) for s in shares) < 0.01  # the sink matters here
+    words = " ".join(out.split())  # the terminal wraps at 80 columns
+    assert "sink (logit 3, a column with no value)" in words and "so a row's weights on the keys sum to 1 minus that share" in words
+    assert all(f"{s:.4f}" in out for s in shares[-1].tolist())  # the last head's sink column
+    html = out_html.read_text()
+    assert "sink logit" in html and "sink share" in html
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpt_oss_sinks_on_long_input(oss):
+    """Beyond FULL_MATRIX_MAX_TOKENS: the rows asked for and every row's sink share, from the saved log-sum-exp."""
+    from selfattn.explain.hf import explain_hf
+
+    path, eager = oss
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 100, (FULL_MATRIX_MAX_TOKENS + 7,), generator=g).tolist()
+    mt = explain_hf(path, ids=ids, rows=[0, 20, -1])
+    L = len(ids)
+    want = _eager_of(eager, ids)
+    for layer, w in zip(mt.layers, want, strict=True):
+        for h, tr in enumerate(layer.heads):
+            assert not tr.full and tr.sink == SINKS[h]
+            assert (tr.row_weights.double() - w[h][[0, 20, L - 1]]).abs().max().item() <= TOL
+            assert (tr.sink_share - (1 - w[h].sum(-1))).abs().max().item() <= TOL  # every row, not only those asked for
+    d = mt.to_dict()["layers"][1]["heads"][3]
+    assert d["sink_logit"] == SINKS[3] and len(d["sink_share"]) == L
 
 
 def test_progress_reports_each_stage(saved):

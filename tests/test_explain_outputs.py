@@ -146,9 +146,17 @@ def test_png_heatmap(tmp_path, kind):
     w, h = _png_info(path)
     assert (w, h) == png_size(obj) and w > 300 and h > 200
     if kind == "many_heads":
-        # 1 + 8 heads: the 8 wrap onto two rows of 4 under the first layer's row, not one wide row
+        # 1 + 8 heads: the 8 wrap onto two rows of 4 under the first layer's row, not one wide row (with more
+        # than HEADS_PER_ROW heads in a layer the cells shrink and the heads share token labels: no longer
+        # 2.5 single pictures tall)
+        from selfattn.explain.plot import HEADS_PER_ROW, _layout
+
         one = explain("t1 t2 t3 t4 t5 t1 t2")
-        assert w < 5 * png_size(one)[0] and h > 2.5 * png_size(one)[1]
+        lay = _layout(obj)
+        tops = sorted({round(p.box[1] + p.box[3], 6) for p in lay.panels}, reverse=True)  # one per row of panels
+        per_row = [sum(round(p.box[1] + p.box[3], 6) == t for p in lay.panels) for t in tops]
+        assert per_row == [1, HEADS_PER_ROW, HEADS_PER_ROW] and not lay.left_out
+        assert w < 5 * png_size(one)[0] and h > 1.5 * png_size(one)[1]
     img = (matplotlib.image.imread(path) * 255).round().astype(np.uint8)  # (H, W, 4)
     assert img.shape[:2] == (h, w)
     colours = np.unique(img.reshape(-1, img.shape[-1]), axis=0)

@@ -165,7 +165,7 @@ def _explain_checkpoint(text, path, rows) -> ModelTrace:
     for i, c in enumerate(calls):
         name = c.layer or f"call {i}"
         opts = dict(options, causal=bool(c.options.get("causal")), window=c.options.get("window"))
-        layers.append(LayerTrace(name, c.kind, heads_of_call(tokens, c, picked, opts, prefix=f"{name} ")))
+        layers.append(LayerTrace(name, c.kind, heads_of_call(tokens, c, picked, opts, prefix=f"{name} "), i))
     lm = ckpt.model_config.get("type") == "transformer"  # its output is next-token logits
     return ModelTrace(tokens, layers, options, _predictions(result, ckpt.vocab) if lm else [])
 

@@ -39,7 +39,7 @@ MAX_HEADER_BYTES = 100_000_000
 # files that mean a tokenizer was saved with the model
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 # the options of the attention calls the per-head traces reproduce (others would be shown wrongly)
-_TRACED_OPTIONS = ("mask", "causal", "window", "scale", "softcap")
+_TRACED_OPTIONS = ("mask", "causal", "window", "scale", "softcap", "sinks")
 _REGISTERED_NAME = "selfattn"
 
 
@@ -414,7 +414,7 @@ def explain_hf(path, text: str | None = None, *, ids=None, rows=None, layers=Non
         kind = type(c.module).__name__ if c.module is not None else md.architecture
         call = AttentionCall(c.name, kind, c.query, c.key, c.value, c.options, c.output, c.stats)
         opts = dict(options, causal=bool(c.options.get("causal")), window=c.options.get("window"))
-        traced.append(LayerTrace(c.name or f"call {i}", kind, heads_of_call(tokens, call, picked, opts, prefix=f"{c.name} ")))
+        traced.append(LayerTrace(c.name or f"call {i}", kind, heads_of_call(tokens, call, picked, opts, prefix=f"{c.name} "), i))
     report("tracing every head", len(chosen), len(chosen))
     return ModelTrace(tokens, traced, options, _predictions(result, tok, _vocab_size(md.config)))
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .labels import (AXES, axis_labels, describe_options, fmt, mask_words, pattern_words, patterns_lines, per_row_colour,
-                     prediction_rows, show_token, step_title, token_label)
+from .labels import (AXES, SINK_WORDS, axis_labels, describe_options, fmt, mask_words, pattern_words, patterns_lines, per_row_colour,
+                     prediction_rows, show_token, sink_words, step_title, token_label)
 from .trace import (FULL_MATRIX_MAX_TOKENS, ExplainTrace, ModelTrace, compare_with_notes, is_plain_notes_example,
                     stats_summary, top_keys)
 
@@ -128,7 +128,10 @@ def _step(trace: ExplainTrace, name: str, rows=None) -> str:
     if rows is not None and rk == "tok":  # long input: only the rows asked for
         m, row_labels = m[rows], [row_labels[r] for r in rows]
     title = step_title(trace, name)
-    extra = {"entropy": trace.stats.entropy, "max logit": trace.stats.max_logit} if name == "weights" else None
+    extra = None
+    if name == "weights":
+        extra = ({"sink": trace.sink_share} if trace.sink is not None else {}) | {"entropy": trace.stats.entropy,
+                                                                                  "max logit": trace.stats.max_logit}
     masked = trace.steps.get("masked")
     masked = torch.isneginf(masked) if name == "weights" and masked is not None else None
     return (f"<h3>{_e(title)}</h3><p class=\"note\">{_e(trace.notes.get(name, ''))}</p>"
@@ -271,13 +274,16 @@ def _rows(trace: ExplainTrace) -> str:
     relative = per_row_colour(len(trace.tokens))
     scale = ("each strip is coloured relative to its row's largest weight (weights over many keys are all small)" if relative
              else "strip colour: weight from 0 (white) to 1 (dark blue)")
+    sink = trace.sink_share
     out = [f"<p class=\"note\">Rows {', '.join(map(str, trace.rows))}, {how}: the largest weights, and each row over every "
-           f"key; {scale}; grey = keys the mask rules out.</p>",
-           '<table class="m"><thead><tr><th>row</th><th>query</th><th>entropy</th><th>max logit</th><th>largest weights (key: weight)</th><th>all keys</th></tr></thead><tbody>']
+           f"key; {scale}; grey = keys the mask rules out.{' ' + _e(SINK_WORDS) if sink is not None else ''}</p>",
+           '<table class="m"><thead><tr><th>row</th><th>query</th><th>entropy</th><th>max logit</th>'
+           + ("<th>sink</th>" if sink is not None else "") + '<th>largest weights (key: weight)</th><th>all keys</th></tr></thead><tbody>']
     for i, r in enumerate(trace.rows):
         keys = ", ".join(f"{_e(token_label(trace, j))}: {fmt(w)}" for j, w in top_keys(trace, i))
         out.append(f"<tr><td>{r}</td><th>{_e(token_label(trace, r))}</th><td>{fmt(float(trace.stats.entropy[r]))}</td>"
-                   f"<td>{fmt(float(trace.stats.max_logit[r]))}</td><td style=\"text-align:left\">{keys or '(no key allowed)'}</td>"
+                   f"<td>{fmt(float(trace.stats.max_logit[r]))}</td>" + (f"<td>{fmt(float(sink[r]))}</td>" if sink is not None else "")
+                   + f"<td style=\"text-align:left\">{keys or '(no key allowed)'}</td>"
                    f"<td>{strip(trace.row_weights[i], masked=None if trace.row_masked is None else trace.row_masked[i], relative=relative, width=400)}</td></tr>")
     out.append("</tbody></table>")
     return "".join(out)
@@ -297,7 +303,8 @@ def _trace_body(trace: ExplainTrace, *, heading=True, png=True) -> str:
         masked = trace.options.get("causal") or trace.options.get("window") is not None
         spread = "a row spread evenly over the k keys it may see: log k" if masked else f"uniform over {n} tokens: {fmt(math.log(n))}"
         out.append(f'<p class="note">Outlined: the largest weight in each row. Entropy in nats ({spread}); '
-                   "max logit = the largest scaled score the softmax sees in the row.</p>")
+                   "max logit = the largest scaled score the softmax sees in the row."
+                   + (f" {_e(SINK_WORDS)}" if trace.sink is not None else "") + "</p>")
         out.append("<h2>Per-row statistics</h2>" + stat_charts(trace))
         if is_plain_notes_example(trace):
             out.append(_notes_check(trace))
@@ -341,18 +348,22 @@ def _notes_check(trace) -> str:
 
 
 def _overview(mt: ModelTrace) -> str:
+    sinks = any(tr.sink is not None for tr in mt.heads)
     out = ['<table class="m"><thead><tr><th>layer</th><th>head</th><th>kind</th><th>mean entropy</th><th>min entropy</th><th>at</th>'
-           "<th>mean max logit</th><th>max max logit</th><th>at</th><th>pattern (rows putting half their weight on it / rows where it applies)</th></tr></thead><tbody>"]
+           "<th>mean max logit</th><th>max max logit</th><th>at</th>" + ("<th>sink logit</th><th>sink share mean (max)</th>" if sinks else "")
+           + "<th>pattern (rows putting half their weight on it / rows where it applies)</th></tr></thead><tbody>"]
     for layer in mt.layers:
         for h, tr in enumerate(layer.heads):
             s = stats_summary(tr)
             e, m = s["entropy"], s["max_logit"]
+            sink = "" if not sinks else "<td>-</td><td>-</td>" if tr.sink is None else f"<td>{fmt(tr.sink)}</td><td>{sink_words(tr)}</td>"
             if e is None:
-                out.append(f"<tr><th>{_e(layer.name)}</th><td>{h}</td><td>{_e(layer.kind)}</td><td colspan=7>no row attends to anything</td></tr>")
+                out.append(f"<tr><th>{_e(layer.name)}</th><td>{h}</td><td>{_e(layer.kind)}</td><td colspan=6>no row attends to anything</td>"
+                           f"{sink}<td></td></tr>")
                 continue
             out.append(f"<tr><th>{_e(layer.name)}</th><td>{h}</td><td>{_e(layer.kind)}</td><td>{fmt(e['mean'])}</td><td>{fmt(e['min'])}</td>"
                        f"<td>{_e(token_label(tr, e['argmin']))}</td><td>{fmt(m['mean'])}</td><td>{fmt(m['max'])}</td>"
-                       f"<td>{_e(token_label(tr, m['argmax']))}</td><td style=\"text-align:left\">{_e(pattern_words(tr))}</td></tr>")
+                       f"<td>{_e(token_label(tr, m['argmax']))}</td>{sink}<td style=\"text-align:left\">{_e(pattern_words(tr))}</td></tr>")
     out.append("</tbody></table>")
     return "".join(out)
 
@@ -389,7 +400,7 @@ def _model_body(mt: ModelTrace) -> str:
         out.append(f"<h2>{_e(layer.name)} ({_e(layer.kind)}, {len(layer.heads)} head{'s' if len(layer.heads) > 1 else ''}"
                    f"{', ' + _e(masks) if masks else ''})</h2>")
         for tr in layer.heads:
-            out.append(f"<h3>{_e(tr.label)}</h3>")
+            out.append(f"<h3>{_e(tr.label)}{f', sink logit {fmt(tr.sink)}' if tr.sink is not None else ''}</h3>")
             if tr.full:
                 out.append(_step(tr, "weights"))
                 out.append("<details><summary>every step of this head</summary>"

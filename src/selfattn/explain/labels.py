@@ -136,6 +136,41 @@ def weight_scale_note(n_keys: int) -> str:
     return "colour: weight, 0 to 1"
 
 
+# what the "sink" column means, wherever it is shown
+SINK_WORDS = ("sink: the share of a row's softmax taken by the head's sink (a learned logit with no value, as in gpt-oss); "
+              "the row's weights on the keys sum to 1 minus it, and entropy counts the sink as one more outcome.")
+
+
+def sink_words(tr, digits: int = 4) -> str:
+    """'0.4123 (0.9876)' -- a head's mean sink share over the rows, and the largest."""
+    share = tr.sink_share  # (L,)
+    return f"{fmt(float(share.mean()), digits)} ({fmt(float(share.max()), digits)})"
+
+
+def layer_names(names) -> tuple:
+    """(short names, pattern): what tells the layers apart, and the rest of their names.
+
+    ["model.layers.0.self_attn", "model.layers.1.self_attn"] -> (["0", "1"], "model.layers.<n>.self_attn");
+    names with nothing in common beyond dots, or a single layer, stay whole (pattern "").
+    """
+    names = list(names)
+    if len(names) < 2:
+        return names, ""
+    p = 0
+    while all(len(n) > p for n in names) and len({n[p] for n in names}) == 1:
+        p += 1
+    p = max((names[0].rfind(".", 0, p) + 1) if "." in names[0][:p] else 0, 0)  # back to a dot
+    s = 0
+    while all(len(n) - s > p for n in names) and len({n[len(n) - 1 - s] for n in names}) == 1:
+        s += 1
+    tail = names[0][len(names[0]) - s:] if s else ""
+    s = len(tail) - tail.find(".") if "." in tail else 0  # forward to a dot
+    shorts = [n[p:len(n) - s] for n in names]
+    if not p and not s or any(not x for x in shorts) or len(set(shorts)) < len(names):
+        return names, ""
+    return shorts, f"{names[0][:p]}<n>{names[0][len(names[0]) - s:]}"
+
+
 def pattern_words(tr) -> str:
     """'induction 5/6, previous token 8/8' -- the patterns a head follows, in how many of the rows where they apply."""
     return ", ".join(f"{name} {f}/{n}" for name, _, n, f, _ in recognised(tr.patterns))

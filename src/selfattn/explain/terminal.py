@@ -11,8 +11,8 @@ from rich.text import Text
 
 import torch
 
-from .labels import (AXES, axis_labels, describe_options, fmt, mask_words, patterns_lines, prediction_rows, show_token,
-                     step_title, token_label)
+from .labels import (AXES, SINK_WORDS, axis_labels, describe_options, fmt, layer_names, mask_words, patterns_lines, prediction_rows, show_token,
+                     sink_words, step_title, token_label)
 from .trace import (FULL_MATRIX_MAX_TOKENS, ExplainTrace, ModelTrace, compare_with_notes, is_plain_notes_example,
                     stats_summary, top_keys)
 
@@ -76,7 +76,8 @@ def step_table(trace: ExplainTrace, name: str, digits: int = 4, width: int | Non
 
     extra = {}
     if name == "weights":
-        extra = {"entropy": [fmt(float(x), digits) for x in trace.stats.entropy],
+        extra = {"sink": [fmt(float(x), digits) for x in trace.sink_share]} if trace.sink is not None else {}
+        extra |= {"entropy": [fmt(float(x), digits) for x in trace.stats.entropy],
                  "max logit": [fmt(float(x), digits) for x in trace.stats.max_logit]}
     label_w = max(len(row_labels[i]) for i in shown_rows) + 4
     extra_w = sum(max(len(k), *(len(v) for v in vals)) + 3 for k, vals in extra.items())
@@ -155,6 +156,9 @@ def rows_table(trace: ExplainTrace, digits: int = 4) -> Table:
     t.add_column("query", style="bold")
     t.add_column("entropy", justify="right", style="cyan")
     t.add_column("max logit", justify="right", style="cyan")
+    sink = trace.sink_share
+    if sink is not None:
+        t.add_column("sink", justify="right", style="magenta")
     t.add_column("largest weights (key: weight)")
     for i, r in enumerate(trace.rows):
         keys = top_keys(trace, i)
@@ -162,23 +166,34 @@ def rows_table(trace: ExplainTrace, digits: int = 4) -> Table:
         if cells:
             cells[0] = f"[bold yellow]*{cells[0]}[/bold yellow]"
         t.add_row(str(r), escape(token_label(trace, r)), fmt(float(trace.stats.entropy[r]), digits),
-                  fmt(float(trace.stats.max_logit[r]), digits), "  ".join(cells) or "(no key allowed)")
+                  fmt(float(trace.stats.max_logit[r]), digits), *([fmt(float(sink[r]), digits)] if sink is not None else []),
+                  "  ".join(cells) or "(no key allowed)")
     return t
 
 
 def heads_overview(mt: ModelTrace, digits: int = 4) -> Table:
-    t = Table(title="Per-head overview (statistics over every row)")
-    for c in ("head", "entropy\nmean", "entropy min\n(at)", "max logit\nmean", "max logit\nmax (at)"):
+    shorts, pattern = layer_names(layer.name for layer in mt.layers)
+    one = len(mt.layers) == 1
+    where = f"; {mt.layers[0].name}" if one else f"; layer n is {pattern}" if pattern else ""
+    t = Table(title=f"Per-head overview (statistics over every row{escape(where)})")
+    sinks = any(tr.sink is not None for tr in mt.heads)
+    cols = ([] if one else ["layer"]) + ["head", "entropy\nmean", "entropy min\n(at)", "max logit\nmean", "max logit\nmax (at)"] \
+        + (["sink\nlogit", "sink share\nmean (max)"] if sinks else [])
+    for c in cols:
         # fold, never truncate: a long module name must not hide the head number or the token
-        t.add_column(c, justify="left" if c == "head" else "right", overflow="fold")
-    for tr in mt.heads:
-        s = stats_summary(tr)
-        e, m = s["entropy"], s["max_logit"]
-        if e is None:
-            t.add_row(tr.label, "-", "-", "-", "-")
-            continue
-        t.add_row(tr.label, fmt(e["mean"], digits), f"{fmt(e['min'], digits)} ({escape(token_label(tr, e['argmin']))})",
-                  fmt(m["mean"], digits), f"{fmt(m['max'], digits)} ({escape(token_label(tr, m['argmax']))})")
+        t.add_column(c, justify="left" if c in ("layer", "head") else "right", overflow="fold")
+    for short, layer in zip(shorts, mt.layers):
+        for h, tr in enumerate(layer.heads):
+            s = stats_summary(tr)
+            e, m = s["entropy"], s["max_logit"]
+            who = ([] if one else [escape(short) if h == 0 else ""]) + [str(h)]
+            sink = [] if not sinks else ["-", "-"] if tr.sink is None else [fmt(tr.sink, digits), sink_words(tr, digits)]
+            if e is None:
+                t.add_row(*who, "-", "-", "-", "-", *sink)
+                continue
+            t.add_row(*who, fmt(e["mean"], digits), f"{fmt(e['min'], digits)} ({escape(token_label(tr, e['argmin']))})",
+                      fmt(m["mean"], digits), f"{fmt(m['max'], digits)} ({escape(token_label(tr, m['argmax']))})", *sink,
+                      end_section=h == len(layer.heads) - 1)
     return t
 
 
@@ -205,7 +220,8 @@ def _uniform_note(trace) -> str:
     spread = ("a row spread evenly over the k keys it may see has log k" if masked
               else f"uniform over {n} tokens would be {fmt(math.log(n))}")
     marks = f"; [dim]{MASKED}[/dim] marks a pair the mask rules out (weight exactly 0)" if masked else ""
-    return f"[bold yellow]*[/bold yellow] marks the largest weight in each row{marks}; entropy in nats ({spread})."
+    return f"[bold yellow]*[/bold yellow] marks the largest weight in each row{marks}; entropy in nats ({spread})." + (
+        f" {SINK_WORDS}" if trace.sink is not None else "")
 
 
 def _tokens_line(tokens, limit: int) -> str:
@@ -259,7 +275,9 @@ def _render_notes_check(trace, console):
 
 
 def _render_model(mt: ModelTrace, console: Console, *, full: bool = False) -> None:
-    console.rule("[bold]Attention in a trained model, layer by layer, head by head")
+    # nothing here knows whether the weights were trained (an HF directory may hold a random init)
+    name = mt.options.get("model") or "the model"
+    console.rule(f"[bold]Attention in {escape(str(name))}, layer by layer, head by head")
     console.print(_tokens_line(mt.tokens, 48))
     console.print(escape(describe_options(mt.options)))
     console.print(heads_overview(mt))

@@ -100,10 +100,23 @@ class ExplainTrace(_Views):
     label: str = ""  # which layer/head this is, for model traces
     row_masked: torch.Tensor | None = None  # (len(rows), L) bool: pairs the mask rules out (None: no mask)
     patterns: dict = field(default_factory=dict)  # model heads: name -> (mean weight on its keys, rows it applies to, rows following it, mean weight if uniform)
+    sink: float | None = None  # the head's sink logit (gpt-oss): one more softmax column with no value (None: no sink)
 
     @property
     def full(self) -> bool:
         return "weights" in self.steps
+
+    @property
+    def sink_share(self) -> torch.Tensor | None:
+        """(L,) each row's probability on the sink, exp(sink - lse) (None without a sink).
+
+        The sink takes this share of the row's softmax and gives nothing back: the row's weights on
+        the keys sum to 1 minus it.
+        """
+        if self.sink is None:
+            return None
+        lse = self.stats.lse.detach().to(torch.float64)  # (L,) includes the sink
+        return torch.exp(self.sink - lse)  # (L,)
 
     @property
     def weights(self) -> torch.Tensor:
@@ -131,6 +144,8 @@ class ExplainTrace(_Views):
             "row_weights": _enc(self.row_weights) if self.row_weights is not None else None,
             "row_masked": self.row_masked.tolist() if self.row_masked is not None else None,
             "patterns": {k: {"weight": w, "rows": n, "following": f, "uniform": u} for k, (w, n, f, u) in self.patterns.items()},
+            "sink_logit": _num(self.sink) if self.sink is not None else None,
+            "sink_share": _enc(self.sink_share) if self.sink is not None else None,
         }
 
 
@@ -140,6 +155,7 @@ class LayerTrace:
     name: str  # module name of the attention layer in the model
     kind: str  # its class name
     heads: list  # one ExplainTrace per query head
+    index: int | None = None  # the call's place among the model's attention calls (what --layers counts)
 
 
 @dataclass
@@ -167,7 +183,8 @@ class ModelTrace(_Views):
         """A JSON-ready dict: tokens, options and every head's trace."""
         return {"tokens": list(self.tokens), "options": _jsonable(self.options),
                 "predictions": [[[t, p] for t, p in row] for row in self.predictions],
-                "layers": [{"name": layer.name, "kind": layer.kind, "heads": [h.to_dict() for h in layer.heads]} for layer in self.layers]}
+                "layers": [{"name": layer.name, "kind": layer.kind, "index": layer.index, "heads": [h.to_dict() for h in layer.heads]}
+                           for layer in self.layers]}
 
 
 
@@ -392,6 +409,16 @@ def run(
                         row_masked=_masked_rows(steps, picked))
 
 
+def _sink_of(opts, h):
+    # the sink logit of query head h, or None (opts["sinks"]: (Hq,) as passed to attention())
+    s = opts.get("sinks")
+    return None if s is None else float(s.detach().reshape(-1)[h])
+
+
+SINK_NOTE = ("softmax over the keys and the head's sink (logit {:.4g}, a column with no value): the sink takes its share "
+             "of each row (column 'sink'), so a row's weights on the keys sum to 1 minus that share")
+
+
 def long_head(tokens, q, k, v, out, stats, h, opts, picked, steps, notes, used_scale, options, label="") -> ExplainTrace:
     """The trace of query head ``h`` of one attention() call on long input: no L x L matrix."""
     hk = h // (q.shape[1] // k.shape[1])  # the key/value head this query head reads
@@ -400,22 +427,25 @@ def long_head(tokens, q, k, v, out, stats, h, opts, picked, steps, notes, used_s
     for name, t in (("Q", q[0, h]), ("K", k[0, hk]), ("V", v[0, hk]), ("output", out[0, h])):
         steps[name] = t.detach()  # (L, d)
         notes[name] = _LONG_NOTES[name]
-    p = attention_probs(q, k, stats, heads=[h], rows=picked, **{n: opts.get(n) for n in ("mask", "scale", "softcap")},
-                        causal=bool(opts.get("causal")), window=opts.get("window"))  # (1, 1, r, L)
-    st = AttentionStats(stats.lse[0, h], stats.max_logit[0, h], stats.entropy[0, h])
+    p = attention_probs(q, k, stats, heads=[h], rows=picked, **{n: opts.get(n) for n in ("mask", "scale", "softcap", "sinks")},
+                        causal=bool(opts.get("causal")), window=opts.get("window"))  # (1, 1, r, L) rows sum to 1 - p_sink
+    st = AttentionStats(stats.lse[0, h].detach(), stats.max_logit[0, h].detach(), stats.entropy[0, h].detach())
     mask = resolve_mask(opts.get("mask"), bool(opts.get("causal")), opts.get("window"))
     masked = None
     if mask is not None:
         allowed = mask.allowed(q.shape[2], k.shape[2], rows=torch.tensor(picked), device=q.device)  # (B|1, H|1, r, L)
         masked = ~allowed[0, min(h, allowed.shape[1] - 1)].cpu()  # (r, L)
-    return ExplainTrace(list(tokens), steps, notes, st, used_scale, q.shape[-1], options, picked, p[0, 0], label, masked)
+    return ExplainTrace(list(tokens), steps, notes, st, used_scale, q.shape[-1], options, picked, p[0, 0], label, masked,
+                        sink=_sink_of(opts, h))
 
 
 def full_heads(tokens, q, k, v, opts, picked, options, labels) -> list:
     """Full traces (every step, float64 reference) of every query head of one attention() call."""
     mask = resolve_mask(opts.get("mask"), bool(opts.get("causal")), opts.get("window"))
     rec = reference.Trace()
-    _, stats = reference.attention(q, k, v, mask=mask, scale=opts.get("scale"), softcap=opts.get("softcap"), trace=rec)
+    sinks = opts.get("sinks")  # (Hq,) a model's parameter: no graph for the report
+    _, stats = reference.attention(q, k, v, mask=mask, scale=opts.get("scale"), softcap=opts.get("softcap"),
+                                   sinks=None if sinks is None else sinks.detach(), trace=rec)
     d_k = q.shape[-1]
     used_scale = 1.0 / math.sqrt(d_k) if opts.get("scale") is None else float(opts["scale"])
     out = []
@@ -428,9 +458,12 @@ def full_heads(tokens, q, k, v, opts, picked, options, labels) -> list:
             notes[s.name] = s.note
         for name in ("Q", "K", "V"):
             notes[name] = _LONG_NOTES[name]
+        sink = _sink_of(opts, h)
+        if sink is not None:
+            notes["weights"] = SINK_NOTE.format(sink)
         st = AttentionStats(stats.lse[0, h], stats.max_logit[0, h], stats.entropy[0, h])
         out.append(ExplainTrace(list(tokens), steps, notes, st, used_scale, d_k, options, picked, steps["weights"][picked], label,
-                                _masked_rows(steps, picked)))
+                                _masked_rows(steps, picked), sink=sink))
     return out
 
 
@@ -461,7 +494,8 @@ def heads_of_call(tokens, call, picked, options, prefix="") -> list:
             for r0 in range(0, n, _PATTERN_CHUNK):
                 rows = list(range(r0, min(n, r0 + _PATTERN_CHUNK)))
                 p = attention_probs(q, k, call.stats, heads=[h], rows=rows, mask=opts.get("mask"), scale=opts.get("scale"),
-                                    softcap=opts.get("softcap"), causal=bool(opts.get("causal")), window=opts.get("window"))
+                                    softcap=opts.get("softcap"), sinks=opts.get("sinks"), causal=bool(opts.get("causal")),
+                                    window=opts.get("window"))
                 yield rows, p[0, 0]  # (r, L)
         tr.patterns = head_patterns(tokens, chunks(), cache)
     return heads
