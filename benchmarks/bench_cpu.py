@@ -346,6 +346,7 @@ def profile_forward(d: int = 64, heads: int = 2, length: int = 2048, reps: int =
         "P V + rescale (micro-kernel)": cpu(pv, p, v, acc, alpha),
     }
     parts["rest (masks, bookkeeping, L2 loads)"] = max(0.0, t_full - sum(parts.values()))
+    t_new, parts_new = _profile_transposed(q, k, v, mask, opts, cpu)
     flops = 4.0 * heads * length * length * d
     fma1 = None
     try:
@@ -355,12 +356,74 @@ def profile_forward(d: int = 64, heads: int = 2, length: int = 2048, reps: int =
     except Exception:  # noqa: BLE001 -- the profile stands without the peak
         pass
     res = {"shape": (1, heads, length, length, d), "full_ms": t_full * 1e3, "gflops": flops / t_full / 1e9,
-           "fma_peak_1thread": fma1, "parts_ms": {n: t * 1e3 for n, t in parts.items()}}
-    share = f" = {100 * flops / t_full / 1e9 / fma1:.0f} % of the 1-thread FMA peak {fma1:.0f}" if fma1 else ""
-    print(f"forward profile {res['shape']} on 1 thread: {t_full * 1e3:.1f} ms, {res['gflops']:.1f} GFLOP/s{share}")
-    for n, t in parts.items():
-        print(f"  {n:<38} {t * 1e3:7.1f} ms  {100 * t / t_full:5.1f} %")
+           "fma_peak_1thread": fma1, "parts_ms": {n: t * 1e3 for n, t in parts.items()},
+           "transposed": {"full_ms": t_new * 1e3, "gflops": flops / t_new / 1e9,
+                          "parts_ms": {n: t * 1e3 for n, t in parts_new.items()}}}
+    for title, t_all, split in (("cpu_flash.flash_fwd", t_full, parts), ("cpu_fwd.flash_fwd_t (transposed)", t_new, parts_new)):
+        share = f" = {100 * flops / t_all / 1e9 / fma1:.0f} % of the 1-thread FMA peak {fma1:.0f}" if fma1 else ""
+        print(f"forward profile {res['shape']} on 1 thread, {title}: {t_all * 1e3:.1f} ms, "
+              f"{flops / t_all / 1e9:.1f} GFLOP/s{share}")
+        for n, t in split.items():
+            print(f"  {n:<38} {t * 1e3:7.1f} ms  {100 * t / t_all:5.1f} %")
     return res
+
+
+def _profile_transposed(q, k, v, mask, opts, cpu):
+    """profile_forward's split for the transposed kernel (kernels/cpu_fwd.py): the whole kernel against
+    s^T = K Q^T (keys as stored, Q^T packed), the vertical softmax (column max, exp2, sums, over
+    16-query vectors) and P V with P read through strides, looped over as many tiles in cache."""
+    import numpy as np
+    from numba import njit
+
+    from selfattn.kernels import cpu_flash as K
+    from selfattn.kernels import cpu_fwd as F
+
+    heads, length, d = q.shape[1], q.shape[2], q.shape[3]
+    nb = length // K.BLOCK_M
+    isz = 4
+
+    @njit
+    def qk(k, qt, st, scale):
+        for h in range(k.shape[1]):
+            for qb in range(nb):
+                for kb in range(nb):
+                    K._gemm(K._addr(k[0, h, kb * 64:]), d, 1, K._addr(qt), 64, K._addr(st), 64, 64, d, 64, scale,
+                            K.STORE, np.intp(0), st)
+
+    @njit
+    def softmax(st, m, l, e, alpha, n):
+        for t in range(n):
+            for g in range(64 // F.LANES):
+                o = g * F.LANES * isz
+                F._vsoftmax(K._addr(st) + o, 64, 64, K._addr(m) + o, K._addr(l) + o, K._addr(e) + o,
+                            K._addr(alpha) + o, 0, st)
+
+    @njit
+    def pv(pt, v, acc, alpha):
+        for h in range(v.shape[1]):
+            for qb in range(nb):
+                for kb in range(nb):
+                    K._gemm(K._addr(pt), 1, 64, K._addr(v[0, h, kb * 64:]), d, K._addr(acc), d, 64, 64, d, 1.0,
+                            K.RESCALE, K._addr(alpha), acc)
+
+    rng = np.random.default_rng(1)
+    out = np.empty_like(q)
+    rm, rl, ent = (np.empty((1, heads, length), np.float32) for _ in range(3))
+    counts = np.zeros(heads * nb, np.int64)
+    t_full = cpu(F.flash_fwd_t_serial, q, k, v, out, rm, rl, ent, counts, mask, opts)
+    qt = np.ascontiguousarray(q[0, 0, :64].T)
+    # scores of a softmax step that keeps its max (the common case once a row has seen a few tiles)
+    st = (rng.standard_normal((64, 64)) * 8).astype(np.float32)
+    big = np.full(64, 40.0, np.float32)
+    parts = {
+        "s^T = K Q^T (micro-kernel, scaled)": cpu(qk, k, qt, np.empty((64, 64), np.float32), 0.125),
+        "vertical softmax (max, exp2, sums)": cpu(softmax, st, big, np.zeros(64, np.float32), np.zeros(64, np.float32),
+                                                  np.ones(64, np.float32), heads * nb * nb),
+        "P V + rescale (A = P^T strided)": cpu(pv, rng.random((64, 64)).astype(np.float32), v,
+                                               np.zeros((64, d), np.float32), np.ones(64, np.float32)),
+    }
+    parts["rest (Q^T pack, bookkeeping, L2 loads)"] = max(0.0, t_full - sum(parts.values()))
+    return t_full, parts
 
 
 def _load() -> str:
