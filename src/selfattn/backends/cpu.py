@@ -44,6 +44,7 @@ try:
 
     from ..kernels import cpu_flash as _k
     from ..kernels import cpu_fwd as _fwd  # the float32 forward in the transposed layout (issue 14)
+    from ..kernels import cpu_bwd as _bwd  # the float32 backward in the transposed layout (issue 14)
 except ImportError:  # numba missing: the backend stays registered and says why it cannot serve
     _k = None
 try:  # bfloat16 forward on the AMX tile unit (issue 14); without it bfloat16 runs the float32 kernels
@@ -327,6 +328,8 @@ def _launch_backward(grad_out, q, k, v, out, row_max, row_log, call: _Call, delt
     instead of computing rowsum(P * dP) themselves (``shard_backward``)."""
     if q.dtype == torch.bfloat16 and delta is None and _amx is not None and _amx.available():
         return _amx.launch_backward(grad_out, q, k, v, out, row_max, row_log, call)  # products on AMX
+    if _bwd.serves(q):
+        return _bwd.launch_backward(grad_out, q, k, v, out, row_max, row_log, call, delta)  # float32: one kernel
     acc = acc_dtype(q.dtype)
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]

@@ -256,7 +256,7 @@ def _bwd_task(t, q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk_w, dv_w, dq
     dl_tile = np.zeros(BLOCK_M, f)  # one tile's share of delta per query lane
     dl = np.zeros(BLOCK_M, f)  # delta per query lane: rowsum(P * dP), or the caller's
     dq_acc = np.zeros((BLOCK_M, D), f)
-    scaled = rows >= 4
+    scaled = rows >= 4  # else dot products, as every forward takes them (cpu_flash, cpu_fwd)
     pq = _addr(q) + ((b * Hq + h) * Lq + r0) * D * isz  # Q_blk rows (rows x D)
     pdo = _addr(do) + ((b * Hq + h) * Lq + r0) * Dv * isz  # dO_blk rows (rows x Dv)
     pqt, pdot = _addr(qt[b, h, qb]), _addr(dot[b, h, qb])  # Q_blk^T, dO_blk^T (D|Dv x BLOCK_M)
@@ -280,8 +280,8 @@ def _bwd_task(t, q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk_w, dv_w, dq
             _gemm(pk, D, 1, pqt, BLOCK_M, _addr(st), BLOCK_M, ncols, D, nr, 1.0 if softcap > 0.0 else opts.qk_scale,
                   STORE, np.intp(0), st)
         else:
-            # a few query rows (decoding): the forward's dot products, so that every pass computes a
-            # pair's score bit for bit alike
+            # fewer than 4 query rows (decoding, a ragged last block): dot products, as the forward
+            # computes such a block, so that a pair's score is bit for bit the forward's
             for j in range(ncols):
                 for i in range(nr):
                     st[j, i] = _dot(pq + i * D * isz, pk + j * D * isz, D, st) if i < rows else 0.0
@@ -391,6 +391,12 @@ def flash_bwd_t_serial(q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk, dv, 
 
 
 # -- launcher ------------------------------------------------------------------------------------
+
+
+def serves(q) -> bool:
+    """Whether :func:`launch_backward` takes this call: float32 compute (float64 keeps cpu_flash's
+    two passes)."""
+    return q.dtype != torch.float64
 
 
 def _blocks_t(x, nq):
