@@ -9,6 +9,8 @@ bottom-right alignment, not against the positions machinery they are built from.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -426,3 +428,229 @@ def test_shard_backward_one_pair_and_unseen_rows():
     zero = cpu_backend.shard_backward(q, k, v, do, lse, delta, causal=True, q_positions=torch.arange(70),
                                       kv_positions=torch.arange(100, 230))
     assert all(bool((t == 0).all()) for t in zero)
+
+
+# -- short calls (issue 14): the plain fast path, the launchers' numba entry, errors by name ----------
+
+_PLAIN_SHAPES = [(1, 1, 1, 8, 8, 16), (1, 4, 4, 1, 128, 64), (1, 4, 2, 3, 200, 8), (2, 4, 2, 70, 130, 32),
+                 (1, 2, 2, 64, 64, 59)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
+@pytest.mark.parametrize("shape", _PLAIN_SHAPES, ids=["tiny", "decode", "lq3_gqa", "gqa", "d59"])
+def test_plain_fast_path_matches_the_general_path(shape, causal, dtype):
+    # a no-grad call without stats takes the plain lowering cache and skips the row tensors; the same
+    # call with its default positions spelled out (the general lowering) and stats must give the same
+    # output bit for bit, and both must hold to the float64 reference
+    b, hq, hkv, lq, lk, d = shape
+    if causal and lq > lk:
+        pytest.skip("causal with Lq > Lk leaves rows with no key; covered elsewhere")
+    q, k, v, _ = _inputs(b, hq, hkv, lq, lk, d, dtype, seed=3)
+    with torch.no_grad():
+        fast = selfattn.attention(q, k, v, causal=causal, backend="cpu")
+        general, stats = selfattn.attention(q, k, v, causal=causal, backend="cpu", return_stats=True,
+                                            q_positions=torch.arange(lq) + lk - lq, kv_positions=torch.arange(lk))
+    assert torch.equal(fast, general)
+    pair = reference_pair(q, k, v, causal=causal)
+    compare("fast path", pair, fast, dtype=dtype)
+    compare("general path", pair, general, stats=stats, dtype=dtype)
+
+
+def test_no_grad_sinks_call_still_folds_the_sinks():
+    # the rows are skipped for a no-grad call without stats, except that sinks need them
+    q, k, v, _ = _inputs(1, 2, 2, 8, 8, 16, torch.float32, seed=4)
+    sinks = torch.tensor([0.7, -1.5])
+    with torch.no_grad():
+        out = selfattn.attention(q, k, v, causal=True, sinks=sinks, backend="cpu")
+    compare("sinks, no grad", reference_pair(q, k, v, causal=True, sinks=sinks), out, dtype=q.dtype)
+
+
+def _entry_case(case, lq, lk):
+    g = torch.Generator().manual_seed(14)
+    return {
+        "plain": {}, "causal": {"causal": True}, "window": {"window": (5, 2)},
+        "padding": {"mask": masks.padding([lk - 7, lk // 2])},
+        "key_padding": {"mask": masks.key_padding(torch.rand(2, lk, generator=g) < 0.8)},
+        "documents": {"mask": masks.documents(torch.arange(lk)[None].expand(2, -1) // 30,
+                                              torch.arange(lq)[None].expand(2, -1) // 30)},
+        "dense_bool": {"mask": torch.rand(lq, lk, generator=g) < 0.7},
+        "dense_float": {"mask": torch.randn(2, 1, lq, lk, generator=g)},
+        "function": {"mask": masks.function(_prefix_lm(16))},
+        "alibi": {"alibi_slopes": torch.tensor([0.5, 0.25, 0.1, 0.05]), "causal": True},
+        "sinks_stats_softcap": {"sinks": torch.zeros(4), "return_stats": True, "softcap": 5.0},
+    }[case]
+
+
+_ENTRY_CASES = ["plain", "causal", "window", "padding", "key_padding", "documents", "dense_bool", "dense_float",
+                "function", "alibi", "sinks_stats_softcap"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("case", _ENTRY_CASES)
+def test_launchers_call_numba_entry_points_with_the_types_they_were_compiled_for(case, dtype, monkeypatch):
+    # _run calls a kernel's compiled entry point without typing its arguments, keyed only by the kernel
+    # and the first array's dtype: every call of every launcher must pass exactly the types of the
+    # first (a mask kind whose record differed in a dtype, rank or layout would be read as garbage)
+    seen = []
+    real = cpu_backend._run
+
+    def spy(kernel, *args):
+        result = real(kernel, *args)
+        seen.append((kernel, tuple(kernel.typeof_pyval(a) for a in args), cpu_backend._SIGNATURES[(kernel, args[0].dtype)]))
+        return result
+
+    monkeypatch.setattr(cpu_backend, "_run", spy)
+    for lq, lk in ((97, 97), (2, 97), (40, 40)):  # two-pass backward, decoding rows, one key block (one pass)
+        q, k, v, do = _inputs(2, 4, 2, lq, lk, 24, dtype, seed=5)
+        leafs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = selfattn.attention(*leafs, backend="cpu", **_entry_case(case, lq, lk))
+        out = out[0] if isinstance(out, tuple) else out
+        torch.autograd.grad(out, leafs, do)
+    if dtype == torch.float64:  # float32 may be served wholly by launchers of their own (cpu_fwd, cpu_bwd)
+        assert seen, "no launcher went through _run"
+    for kernel, got, compiled in seen:
+        assert got == compiled, f"{kernel.__name__}: called with {got}, entry point compiled for {compiled}"
+
+
+def test_shard_backward_goes_through_the_same_entry_points(monkeypatch):
+    # shard_backward passes a given delta (and an empty out): the same types as a training call
+    seen = []
+    real = cpu_backend._run
+
+    def spy(kernel, *args):
+        result = real(kernel, *args)
+        seen.append((tuple(kernel.typeof_pyval(a) for a in args), cpu_backend._SIGNATURES[(kernel, args[0].dtype)]))
+        return result
+
+    monkeypatch.setattr(cpu_backend, "_run", spy)
+    q, k, v, do = _inputs(1, 2, 2, 70, 90, 16, torch.float64, seed=6)  # float64: float32 may take cpu_bwd's launcher
+    lse = torch.randn(1, 2, 70, dtype=torch.float64).abs() + 3
+    for lk in (90, 40):
+        cpu_backend.shard_backward(q, k[:, :, :lk], v[:, :, :lk], do, lse, torch.randn(1, 2, 70, dtype=torch.float64), causal=True,
+                                   q_positions=torch.arange(70) + 100, kv_positions=torch.arange(lk) + 50)
+    assert seen and all(got == compiled for got, compiled in seen)
+
+
+@pytest.mark.parametrize("bad, words", [
+    (lambda q, k, v: (q, k[:1], v), ["batch size", "query (2, 4, 8, 16)", "key (1, 2, 8, 16)"]),
+    (lambda q, k, v: (q, k, v[:, :1]), ["same number of heads"]),
+    (lambda q, k, v: (q, k, v[:, :, :5]), ["same sequence length"]),
+    (lambda q, k, v: (q, k[..., :8], v), ["same head_dim"]),
+    (lambda q, k, v: (q[..., :0], k[..., :0], v), ["head_dim must be at least 1"]),
+    (lambda q, k, v: (q[:, :3], k, v), ["query heads (3)", "multiple of key/value heads (2)"]),
+    (lambda q, k, v: (q[0], k, v), ["query must have 4 dims"]),
+    (lambda q, k, v: (q, k.double(), v), ["share one dtype"]),
+    (lambda q, k, v: (q, k, v.long()), ["value must be float16, bfloat16, float32 or float64"]),
+    (lambda q, k, v: (q, k.tolist(), v), ["key must be a torch.Tensor"]),
+])
+def test_short_call_checks_still_name_the_argument(bad, words):
+    q, k, v, _ = _inputs(2, 4, 2, 8, 8, 16, torch.float32)
+    with pytest.raises((TypeError, ValueError)) as e:
+        selfattn.attention(*bad(q, k, v), backend="cpu")
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_fast_request_is_the_dataclass_request():
+    # build_request fills the frozen Request without its __init__: the object must be the same value
+    import dataclasses
+
+    from selfattn.request import Request, build_request
+
+    q, k, v, _ = _inputs(1, 4, 2, 8, 8, 16, torch.float32)
+    sinks = torch.zeros(4, requires_grad=True)
+    req = build_request(q, k, v, causal=True, sinks=sinks, backend_options={"x": 1})
+    fields = {f.name: getattr(req, f.name) for f in dataclasses.fields(Request)}
+    assert set(vars(req)) == set(fields)
+    assert req == Request(**fields)
+    assert req.requires_grad  # the sinks alone require a gradient
+    with torch.no_grad():
+        assert not build_request(q, k, v, sinks=sinks).requires_grad
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        req.scale = 2.0
+
+
+# -- auto's rank: cpu against sdpa from this host's calibration ----------------------------------------
+
+
+@pytest.fixture
+def calibrations(monkeypatch):
+    """A fresh calibration table, with calibration allowed (the suite may turn it off)."""
+    monkeypatch.setattr(cpu_backend, "_CALIBRATIONS", {})
+    monkeypatch.setenv(cpu_backend.CALIBRATE_ENV, "1")
+    return cpu_backend._CALIBRATIONS
+
+
+def _plain_request(b, h, l, d, dtype=torch.float32, grad=False, **kw):
+    from selfattn.request import build_request
+
+    q = torch.randn(b, h, l, d, dtype=dtype, requires_grad=grad)
+    return q, build_request(q, q, q, causal=True, **kw)
+
+
+def _auto(q, req):
+    return selfattn.backends.choose("auto", q, q, q, req).name
+
+
+def test_auto_follows_the_recorded_calibration(calibrations, monkeypatch):
+    # a given calibration decides the contested calls: cpu with a high fixed cost and a low cost per
+    # unit of work loses short calls to sdpa and wins long ones, crossing where the two lines meet
+    Cal, Fit = cpu_backend.Calibration, cpu_backend.Fit
+    monkeypatch.setattr(cpu_backend, "_measure", lambda *a: pytest.fail("a recorded calibration was measured again"))
+    cpu_backend.set_calibration(Cal((), Fit(100e-6, 1e-10), Fit(20e-6, 2e-10), (), "test"))  # crossing at work 8e5
+    q, short = _plain_request(1, 1, 16, 8)  # work 16*16*8/2 = 1024
+    assert _auto(q, short) == "sdpa"
+    q, long = _plain_request(1, 8, 1024, 64)  # work 2.7e8
+    assert _auto(q, long) == "cpu"
+    assert "calibrated on this host" in selfattn.backends.get("cpu").rank_reason(long)
+    cpu_backend.set_calibration(Cal((), Fit(10e-6, 3e-10), Fit(20e-6, 2e-10), (), "test"))  # crossing at 1e5
+    assert (_auto(*_plain_request(1, 1, 16, 8)), _auto(*_plain_request(1, 8, 1024, 64))) == ("cpu", "sdpa")
+    # gradients are their own calibration: none recorded for them, so measured (here: refused)
+    assert calibrations.keys() == {cpu_backend._calibration_key(torch.float32, False)}
+    # structural reasons stay: a window is never the calibration's business
+    q, win = _plain_request(1, 1, 16, 8, window=4)
+    assert _auto(q, win) == "cpu" and selfattn.backends.get("cpu").rank(win) == 15.0
+
+
+def test_calibration_is_measured_once_and_leaves_no_trace(calibrations, monkeypatch):
+    monkeypatch.setattr(cpu_backend, "PROBES", ((1, 2, 16, 16), (1, 2, 96, 16)))  # small: a quick measurement
+    calls = []
+    real = cpu_backend._measure
+    monkeypatch.setattr(cpu_backend, "_measure", lambda *a: calls.append(a) or real(*a))
+    cpu_backend.reset_tile_products()
+    q, req = _plain_request(1, 2, 40, 16)
+    rng = torch.get_rng_state()
+    first = _auto(q, req)
+    cal = cpu_backend.calibration(torch.float32, False, measure=False)
+    assert cal is not None and cal.source.startswith("measured") and len(calls) == 1
+    assert all(w > 0 and t_cpu > 0 and t_sdpa > 0 for w, t_cpu, t_sdpa in cal.probes)
+    assert torch.equal(torch.get_rng_state(), rng), "the probes drew from the global random stream"
+    assert sum(cpu_backend.TILE_PRODUCTS.values()) == 0, "the probes' tiles were counted"
+    for _ in range(3):  # recorded: the same choice, no new measurement
+        assert _auto(q, req) == first
+    assert len(calls) == 1 and cpu_backend.calibration(torch.float32, False) is cal
+    w = cpu_backend._work(req)
+    assert first == ("cpu" if cal.cpu.time(w) < cal.sdpa.time(w) else "sdpa")
+
+
+def test_calibration_off_or_not_applicable_uses_the_table(calibrations, monkeypatch):
+    monkeypatch.setattr(cpu_backend, "_measure", lambda *a: pytest.fail("measured although turned off"))
+    monkeypatch.setenv(cpu_backend.CALIBRATE_ENV, "0")
+    q, tiny = _plain_request(1, 1, 16, 8)
+    assert cpu_backend.calibration() is None and _auto(q, tiny) == "sdpa"  # the table: cpu 30 below 4e6
+    q, long_grad = _plain_request(1, 8, 1024, 64, grad=True)
+    assert _auto(q, long_grad) == "cpu"
+    assert "recorded table" in selfattn.backends.get("cpu").rank_reason(long_grad)
+    monkeypatch.setenv(cpu_backend.CALIBRATE_ENV, "1")
+    q, f64 = _plain_request(1, 1, 16, 8, dtype=torch.float64)
+    assert cpu_backend.calibration(torch.float64) is None and _auto(q, f64) == "sdpa"
+
+
+def test_backends_which_prints_the_calibration(calibrations):
+    from selfattn import _backends_cli
+
+    Cal, Fit = cpu_backend.Calibration, cpu_backend.Fit
+    cpu_backend.set_calibration(Cal((), Fit(5e-6, 1e-10), Fit(20e-6, 2e-10), (), "given by a test"), grad=True)
+    text = _backends_cli.which("B=1 H=8 L=1024 D=64 causal grad")
+    assert re.search(r"^auto picks: cpu", text, re.M), text
+    assert "cpu rank because: cpu against sdpa calibrated on this host" in text and "given by a test" in text, text

@@ -147,8 +147,11 @@ def which(text: str) -> str:
     for name, _, why in rows:
         if why:
             lines.append(f"  {name:<10} {why}")
-    lines.append("(rank: lower is faster for this call, from the measurements in BENCHMARKS.md; "
-                 "an explicit backend= must serve the call or it raises BackendUnavailable)")
+    for name, b in _registry():  # a backend that explains its rank (cpu: this host's calibration or the table)
+        if hasattr(b, "rank_reason") and any(r[0] == name and r[1] is not None for r in rows):
+            lines.append(f"  {name} rank because: {b.rank_reason(req)}")
+    lines.append("(rank: lower is faster for this call, from the measurements in BENCHMARKS.md or, cpu against "
+                 "sdpa, this host's calibration; an explicit backend= must serve the call or it raises BackendUnavailable)")
     return "\n".join(lines)
 
 

@@ -27,6 +27,9 @@ gradient; a float mask gets no gradient (refused if it requires one).
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from collections import OrderedDict
 from typing import NamedTuple, Optional
 
@@ -582,6 +585,188 @@ class _EagerFlash(torch.autograd.Function):
         return dq, dk, dv, dsinks, None
 
 
+# -- auto's rank: cpu against sdpa, from this host ------------------------------------------------
+# Where sdpa serves a call natively (no mask, or causal alone with default positions) in float32,
+# bfloat16 or float16, which of the two is faster depends on the host (vector width, AMX, clock,
+# torch's build) and on the kernels of the day: an AMD Zen machine had the float32 kernel ahead of
+# sdpa, an Intel Xeon with AMX behind it in float32 and ahead in bfloat16. So it is measured, once
+# per process and (dtype, gradients, threads), the first time auto meets such a call: both backends
+# run two causal probes -- a short call (the fixed cost) and a longer one (the throughput) -- each
+# backend's time is fitted as fixed + per_work * work, and a call goes to the one predicted faster.
+# Elsewhere the reasons are structural and the recorded table stands (_table_rank).
+
+CALIBRATE_ENV = "SELFATTN_AUTO_CALIBRATE"  # "0": measure nothing, the recorded table decides
+PROBES = ((1, 4, 32, 64), (1, 4, 256, 64))  # (B, H, L, D), causal: the fixed-cost end, the throughput end
+_CALIBRATED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class Fit(NamedTuple):
+    """One backend's time for one kind of call: ``fixed + per_work * work`` seconds."""
+
+    fixed: float  # seconds per call at no work
+    per_work: float  # seconds per unit of work (_work)
+
+    def time(self, work: float) -> float:
+        return self.fixed + self.per_work * work
+
+
+class Calibration(NamedTuple):
+    """cpu against sdpa on this host for one (dtype, gradients, threads), measured or given."""
+
+    key: tuple  # (dtype, gradients, torch threads, numba threading layer)
+    cpu: Fit
+    sdpa: Fit
+    probes: tuple  # ((work, cpu seconds, sdpa seconds), ...) one per probe
+    source: str  # "measured in N ms", or who set it
+
+
+#: calibrations by key; None where none applies (sdpa or cpu refuses the probes: bfloat16 gradients)
+_CALIBRATIONS: dict = {}
+
+
+def _work(req) -> float:
+    # B * Hq * Lq * Lk * (D + Dv) / 2, halved under a causal mask (both backends skip the masked half)
+    work = req.batch * req.q_heads * req.q_len * req.kv_len * (req.head_dim + req.v_dim) / 2
+    return work / 2 if "causal" in req.mask_kinds else work
+
+
+def _calibration_key(dtype, grad) -> tuple:
+    return (dtype, bool(grad), torch.get_num_threads(), numba.config.THREADING_LAYER if _k is not None else None)
+
+
+def set_calibration(cal: Optional[Calibration], dtype=torch.float32, grad: bool = False) -> None:
+    """Record ``cal`` as this process's calibration for (dtype, grad) at the current thread count;
+    None forgets it (the next auto call of that kind measures again)."""
+    key = _calibration_key(dtype, grad)
+    if cal is None:
+        _CALIBRATIONS.pop(key, None)
+    else:
+        _CALIBRATIONS[key] = cal._replace(key=key)
+
+
+def calibration(dtype=torch.float32, grad: bool = False, measure: bool = True) -> Optional[Calibration]:
+    """This process's cpu-vs-sdpa calibration for (dtype, grad) at the current thread count: measured
+    on first use (when ``measure``), the same record ever after. None where there is none: a dtype
+    not calibrated (float64), SELFATTN_AUTO_CALIBRATE=0, under torch.compile, numba missing, or a
+    kind of call one of the two refuses (bfloat16/float16 gradients: sdpa)."""
+    key = _calibration_key(dtype, grad)
+    if key in _CALIBRATIONS or not measure:
+        return _CALIBRATIONS.get(key)
+    if (_k is None or dtype not in _CALIBRATED_DTYPES or os.environ.get(CALIBRATE_ENV, "1").strip() == "0"
+            or torch.compiler.is_compiling()):
+        return None
+    _CALIBRATIONS[key] = cal = _measure(dtype, grad, key)
+    return cal
+
+
+def _counters() -> list:
+    # the kernels' call and tile counters (TILE_PRODUCTS, cpu_fwd.CALLS, cpu_amx.AMX_CALLS, ...):
+    # a calibration's probes must not show in them
+    found = [TILE_PRODUCTS]
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("selfattn.kernels.") and mod is not None:
+            found += [d for n, d in vars(mod).items() if n.endswith("CALLS") and isinstance(d, dict)]
+    return found
+
+
+def _measure(dtype, grad: bool, key: tuple) -> Optional[Calibration]:
+    """Time cpu and sdpa on PROBES (interleaved, best of 5 rounds of ~2 ms each) and fit both."""
+    from . import get
+
+    cpu, sdpa = get("cpu"), get("sdpa")
+    counters = _counters()
+    saved = [dict(c) for c in counters]
+    gen = torch.Generator().manual_seed(0)  # the caller's random stream is not touched
+    # one thread: CPU time of this thread (steadier on a busy machine); more: wall time
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    start = time.perf_counter()
+    points = []
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+            for B, H, L, D in PROBES:
+                q, k, v, do = (torch.randn(B, H, L, D, generator=gen).to(dtype) for _ in range(4))
+                leafs = [t.requires_grad_(grad) for t in (q, k, v)]
+                req = build_request(q, k, v, causal=True, requires_grad=grad)
+                if cpu.unsupported(q, k, v, req) or sdpa.unsupported(q, k, v, req):
+                    return None
+
+                def run(b, n):
+                    t0 = clock()
+                    for _ in range(n):
+                        if grad:
+                            torch.autograd.grad(b.forward(*leafs, req)[0], leafs, do)
+                        else:
+                            with torch.no_grad():
+                                b.forward(q, k, v, req)
+                    return (clock() - t0) / n
+
+                n = max(1, min(200, int(2e-3 / max(run(cpu, 1), run(sdpa, 1), 1e-6))))  # warm-up, and sizing
+                best = [float("inf"), float("inf")]
+                for _ in range(5):  # interleaved: both see the machine of the same moment
+                    best = [min(t, run(b, n)) for t, b in zip(best, (cpu, sdpa))]
+                points.append((_work(req), *best))
+    finally:
+        for c, old in zip(counters, saved):
+            c.clear()
+            c.update(old)
+    fits = []
+    (w1, *t1), (w2, *t2) = points
+    for a, b in zip(t1, t2):
+        per_work = max(0.0, (b - a) / (w2 - w1))
+        fits.append(Fit(max(0.0, a - per_work * w1), per_work))
+    return Calibration(key, fits[0], fits[1], tuple(points), f"measured in {(time.perf_counter() - start) * 1e3:.0f} ms")
+
+
+_STRUCTURAL = frozenset({"window", "padding", "key_padding", "documents", "function"})
+
+
+def _rank(req: Request) -> tuple:
+    """(rank, reason) of the cpu backend for ``req``. math ranks 50; sdpa 10, or 20 when it needs a
+    dense Lq x Lk mask tensor, and it cannot serve stats, softcap or sinks at all."""
+    kinds = req.mask_kinds
+    positions = req.q_positions is not None or req.kv_positions is not None
+    if (kinds & _STRUCTURAL or req.alibi_slopes is not None
+            or ("causal" in kinds and (req.q_len != req.kv_len or positions))):
+        return 15.0, ("sdpa would take this mask as a dense Lq x Lk tensor and do all the work; cpu skips the "
+                      "tiles it rules out (window 44-61x, packed documents 13.6-17.5x; BENCHMARKS.md)")
+    if kinds & {"dense_bool", "dense_float"}:
+        if req.requires_grad and req.dtype == torch.float32:
+            return 15.0, "a dense mask with float32 gradients: sdpa's backward runs torch's math kernel (3.9x slower, BENCHMARKS.md)"
+        return 30.0, "a dense mask: sdpa reads it once, cpu classifies its tiles first (0.78-0.83x, BENCHMARKS.md)"
+    if req.return_stats or req.softcap is not None or req.sinks is not None:
+        return 30.0, "sdpa cannot serve stats, softcap or sinks: cpu, before math"
+    cal = calibration(req.dtype, req.requires_grad) if req.dtype in _CALIBRATED_DTYPES else None
+    if cal is not None:
+        work = _work(req)
+        t_cpu, t_sdpa = cal.cpu.time(work), cal.sdpa.time(work)
+        rank = min(45.0, 10.0 * t_cpu / t_sdpa)  # sdpa ranks 10 here: cpu goes first exactly when predicted faster
+        threads, layer = cal.key[2], cal.key[3]
+        return rank, (f"cpu against sdpa calibrated on this host ({str(req.dtype).replace('torch.', '')}, "
+                      f"{'forward + backward' if req.requires_grad else 'forward'}, {threads} thread"
+                      f"{'s' if threads > 1 else ''}, numba layer {layer or 'default'}; {cal.source}): "
+                      f"cpu {cal.cpu.fixed * 1e6:.0f} us + {cal.cpu.per_work * 1e9:.3g} ns/work, "
+                      f"sdpa {cal.sdpa.fixed * 1e6:.0f} us + {cal.sdpa.per_work * 1e9:.3g} ns/work; this call "
+                      f"(work {work:.3g}): cpu {t_cpu * 1e6:.0f} us, sdpa {t_sdpa * 1e6:.0f} us -> rank 10 x "
+                      f"{t_cpu / t_sdpa:.2f}")
+    return _table_rank(req)
+
+
+def _table_rank(req: Request) -> tuple:
+    # the recorded table (BENCHMARKS.md, "CPU backend (issue 5)" and "Short sequences (issue 7)": the
+    # AMD Zen machine), for calls the calibration does not cover (float64; SELFATTN_AUTO_CALIBRATE=0;
+    # torch.compile before any measurement): float32, no mask or causal: 8, before sdpa, where cpu was
+    # faster there -- with gradients from 32 keys on, without from B*H*Lq*Lk*D = 4e6 on -- else 30.
+    # numba's workqueue layer (which `selfattn train` selects) hands tasks to its threads at ~0.1 ms a
+    # call: with more than one thread there, short sequences go to sdpa. Other dtypes: 30, sdpa first.
+    why = "the recorded table (BENCHMARKS.md, measured on an AMD Zen 3 machine; no calibration for this call)"
+    if req.dtype == torch.float32:
+        work = req.batch * req.q_heads * req.q_len * req.kv_len * req.head_dim
+        if torch.get_num_threads() > 1 and _k is not None and numba.config.THREADING_LAYER == "workqueue":
+            return (8.0 if work >= 5e7 else 30.0), why
+        return (8.0 if (req.requires_grad and req.kv_len >= 32) or work >= 4e6 else 30.0), why
+    return 30.0, why
+
+
 # -- the backend --------------------------------------------------------------------------------
 
 _LOWERED = (_masks.Causal, _masks.Window, _masks.Padding, _masks.KeyPadding, _masks.Documents, _masks.Dense, _masks.Function)
@@ -622,35 +807,11 @@ class CPUBackend(Backend):
         return None
 
     def rank(self, req: Request) -> float:
-        # Always below math (50). sdpa ranks 10, or 20 when it needs a dense Lq x Lk mask tensor, and
-        # cannot serve stats, softcap or sinks at all. The rest follows BENCHMARKS.md, "CPU backend
-        # (issue 5)", "Short sequences (issue 7)" and "Dense masks and issue 12's arguments on the CPU":
-        # cpu's speed over sdpa's on the 2-core machine:
-        # - anything sdpa could take only as an L x L tensor -- window, padding, key_padding, documents,
-        #   a mask function, ALiBi, or causal with Lq != Lk or explicit positions: sdpa does all L^2
-        #   work, cpu skips the ruled-out tiles (window 44-61x, packed documents 13.6-17.5x): 15;
-        # - masks given only as dense tensors, float32 with gradients: 15 (sdpa's gradients run
-        #   torch's math kernel: 155 ms against cpu's 40 ms at (1, 8, 1024, 64), issue 12; 1.07-1.13x
-        #   in our own, overloaded run); without gradients 30 (0.78-0.83x: sdpa reads the mask once,
-        #   cpu classifies its tiles first);
-        # - float32, no mask or causal: 8, before sdpa, where cpu was faster -- with gradients from 32
-        #   keys on, without from B*H*Lq*Lk*D = 4e6 on (1 and 2 threads) -- else 30. numba's workqueue
-        #   layer (which `selfattn train` selects) hands tasks to its threads at ~0.1 ms a call: with
-        #   more than one thread there, short sequences go to sdpa;
-        # - bfloat16 (0.85-1.23x: no clear winner), float16 and float64 (not measured): 30, sdpa first.
-        kinds = req.mask_kinds
-        positions = req.q_positions is not None or req.kv_positions is not None
-        if (kinds & {"window", "padding", "key_padding", "documents", "function"} or req.alibi_slopes is not None
-                or ("causal" in kinds and (req.q_len != req.kv_len or positions))):
-            return 15.0
-        if kinds & {"dense_bool", "dense_float"}:
-            return 15.0 if req.requires_grad and req.dtype == torch.float32 else 30.0
-        if kinds <= {"causal"} and req.dtype == torch.float32:
-            work = req.batch * req.q_heads * req.q_len * req.kv_len * req.head_dim
-            if torch.get_num_threads() > 1 and _k is not None and numba.config.THREADING_LAYER == "workqueue":
-                return 8.0 if work >= 5e7 else 30.0
-            return 8.0 if (req.requires_grad and req.kv_len >= 32) or work >= 4e6 else 30.0
-        return 30.0
+        return _rank(req)[0]
+
+    def rank_reason(self, req: Request) -> str:
+        """Why :meth:`rank` says what it says for ``req`` (``selfattn backends --which`` prints it)."""
+        return _rank(req)[1]
 
     def forward(self, q, k, v, req: Request):
         softcap = 0.0 if req.softcap is None else req.softcap
