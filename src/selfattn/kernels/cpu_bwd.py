@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .cpu_flash import (ADD, BLOCK_M, BLOCK_N, EMPTY, FASTMATH, PARTIAL, STORE, _addr, _bx, _dot, _Exact,
@@ -63,8 +64,10 @@ def _lane_loop(builder, vec, n, body, name):
 def _probs_lanes(typingctx, ps, pdp, pm, plg, pdl, n, lo, like):
     # One key row of a transposed tile, over its n query lanes (n a multiple of 16), raw addresses:
     #   p = 2**((s - m) - lg), 0 where that exponent is below lo      -> written over s
-    #   dl += p * dp                                                  (the tile's share of delta)
-    # m, lg, dl per lane. float32 only: the same IR as cpu_flash's _vec_exp2_row, so P is the same.
+    #   dl += p * dp, in float64                                      (delta, summed over the keys)
+    # m, lg (float32) and dl (float64) per lane. The same exp2 IR as cpu_flash's _vec_exp2_row, so P
+    # is the same; delta in float64 because dS = P (dP - delta) cancels: a float32 sum over the keys
+    # doubled the error of dK against the reference's at head dim 1.
     if not (isinstance(like, types.Array) and like.dtype == types.float32):
         return None
     sig = types.void(types.intp, types.intp, types.intp, types.intp, types.intp, types.intp, types.float32, like)
@@ -73,6 +76,9 @@ def _probs_lanes(typingctx, ps, pdp, pm, plg, pdl, n, lo, like):
         builder = _Exact(builder)
         ps, pdp, pm, plg, pdl, n, lo, _ = args
         vec = _Vectors(context, builder, types.float32)
+        dty = ir.VectorType(ir.DoubleType(), vec.width)
+        dptr = ir.PointerType(dty)
+        fma64 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(dty, [dty] * 3), f"llvm.fma.v{vec.width}f64")
         lov = vec.splat(lo)
 
         def body(i):
@@ -82,8 +88,10 @@ def _probs_lanes(typingctx, ps, pdp, pm, plg, pdl, n, lo, like):
             xc = builder.select(below, lov, x)
             p = builder.select(below, vec.zero, _exp2_ir(builder, xc, vec.width))
             vec.store(p, ps, i)
-            # -- delta's share: dl += p * dp --
-            vec.store(builder.call(vec.fma, [p, vec.load(pdp, i), vec.load(pdl, i)]), pdl, i)
+            # -- delta: dl += p * dp in float64 (the product is exact) --
+            at = builder.inttoptr(builder.add(pdl, builder.mul(i, vec.const(8))), dptr)
+            pd, dpd = builder.fpext(p, dty), builder.fpext(vec.load(pdp, i), dty)
+            builder.store(builder.call(fma64, [pd, dpd, builder.load(at, align=8)]), at, align=8)
 
         _lane_loop(builder, vec, n, body, "probs")
         return context.get_dummy_value()
@@ -108,27 +116,6 @@ def _ds_lanes(typingctx, pp, pdp, pdl, n, like):
             vec.store(ds, pdp, i)
 
         _lane_loop(builder, vec, n, body, "ds")
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def _add_lanes(typingctx, px, py, n, like):
-    # x += y over n lanes (a multiple of 16) at raw addresses
-    if not (isinstance(like, types.Array) and like.dtype == types.float32):
-        return None
-    sig = types.void(types.intp, types.intp, types.intp, like)
-
-    def codegen(context, builder, signature, args):
-        builder = _Exact(builder)
-        px, py, n, _ = args
-        vec = _Vectors(context, builder, types.float32)
-
-        def body(i):
-            vec.store(builder.fadd(vec.load(px, i), vec.load(py, i)), px, i)
-
-        _lane_loop(builder, vec, n, body, "add")
         return context.get_dummy_value()
 
     return sig, codegen
@@ -253,8 +240,8 @@ def _bwd_task(t, q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk_w, dv_w, dq
     isz = 4
     f = q.dtype
     th = np.empty((BLOCK_N, BLOCK_M) if softcap > 0.0 else (1, 1), f)
-    dl_tile = np.zeros(BLOCK_M, f)  # one tile's share of delta per query lane
-    dl = np.zeros(BLOCK_M, f)  # delta per query lane: rowsum(P * dP), or the caller's
+    dl64 = np.zeros(BLOCK_M, np.float64)  # rowsum(P * dP) per query lane, summed in float64
+    dl = np.zeros(BLOCK_M, f)  # delta per query lane: dl64 rounded, or the caller's
     dq_acc = np.zeros((BLOCK_M, D), f)
     scaled = rows >= 4  # else dot products, as every forward takes them (cpu_flash, cpu_fwd)
     pq = _addr(q) + ((b * Hq + h) * Lq + r0) * D * isz  # Q_blk rows (rows x D)
@@ -288,13 +275,10 @@ def _bwd_task(t, q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk_w, dv_w, dq
         _score_terms_t(st, th, rows, ncols, scaled and softcap <= 0.0, b, h, qb, kb, kind, mask, opts)
         # -- dP^T = V_blk dO_blk^T --
         _gemm(pv, Dv, 1, pdot, BLOCK_M, _addr(dpt), BLOCK_M, ncols, Dv, nr, 1.0, STORE, np.intp(0), dpt)
-        # -- P^T = exp2((S^T - max) - log l); delta's share rowsum(P * dP), summed per tile --
-        for i in range(nr):
-            dl_tile[i] = 0.0
+        # -- P^T = exp2((S^T - max) - log l); delta += rowsum(P * dP) --
         for j in range(ncols):
-            _probs_lanes(_addr(st) + j * BLOCK_M * isz, _addr(dpt) + j * BLOCK_M * isz, pm, plg, _addr(dl_tile), nr,
+            _probs_lanes(_addr(st) + j * BLOCK_M * isz, _addr(dpt) + j * BLOCK_M * isz, pm, plg, _addr(dl64), nr,
                          opts.exp_lo, st)
-        _add_lanes(_addr(dl), _addr(dl_tile), nr, st)
         # -- dV += P^T dO --
         _gemm(_addr(st), BLOCK_M, 1, pdo, Dv, _addr(dv_w) + ((b * Hkv + hk) * Lk + c0) * Dv * isz, Dv, ncols, rows, Dv,
               1.0, ADD, np.intp(0), st)
@@ -303,10 +287,9 @@ def _bwd_task(t, q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk_w, dv_w, dq
             for j in range(ncols):
                 for i in range(rows):
                     st[j, i] *= softcap * (1.0 - th[j, i] * th[j, i])
-    if external:
-        # a shard of the keys: only the whole row's delta (the caller's) is right
-        for i in range(rows):
-            dl[i] = dl_l[b, h, r0 + i]
+    for i in range(nr):
+        # a shard of the keys (external): only the whole row's delta, the caller's, is right
+        dl[i] = dl_l[b, h, r0 + i] if external and i < rows else dl64[i]
     # -- sweep 2: dS^T = P^T (dP^T - delta); dK += dS^T Q, dQ += dS K --
     for u in range(n):
         c0 = kbs[u] * BLOCK_N
