@@ -408,7 +408,8 @@ def serves(q) -> bool:
 
 def launch_forward(q, k, v, sinks, call):
     """``backends.cpu._launch_forward`` on this kernel: (out in q's dtype, row_max, row_log, max_logit,
-    entropy), float32, exactly as the old kernel gives them."""
+    entropy), float32, exactly as the old kernel gives them (the rows None for a call that reads only
+    the output, ``_Call.rows``)."""
     from selfattn.backends import cpu as _cpu
 
     B, Hq, Lq, D = q.shape
@@ -417,20 +418,15 @@ def launch_forward(q, k, v, sinks, call):
     mask = _cpu._kernel_mask(call.low, acc)
     opts = _cpu._opts(acc, call)
     q_, k_, v_ = (_cpu._ready(t, acc) for t in (q, k, v))
-    out = torch.empty(B, Hq, Lq, Dv, dtype=acc)
-    row_max, row_log, ent = (torch.empty(B, Hq, Lq, dtype=acc) for _ in range(3))
+    bufs = _cpu._forward_buffers(B, Hq, Lq, Dv, acc)  # out and the row tensors
     counts = np.zeros(B * Hq * (-(-Lq // BLOCK_M)), np.int64)  # one per task
     threads = _cpu._threads(len(counts), 4.0 * B * Hq * Lq * Lk * D)
     if threads > 1:
         _cpu._kernel("flash_fwd", threads)  # numba's pool set to `threads` (and torch's count kept)
     kernel = flash_fwd_t if threads > 1 else flash_fwd_t_serial
-    kernel(q_.numpy(), k_.numpy(), v_.numpy(), out.numpy(), row_max.numpy(), row_log.numpy(), ent.numpy(),
-           counts, mask, opts)
-    tiles = int(counts.sum())
+    _cpu._run(kernel, q_.numpy(), k_.numpy(), v_.numpy(), *bufs.arrays, counts, mask, opts)
+    tiles = _cpu._tiles(counts)
     _cpu.TILE_PRODUCTS["forward"] += tiles
     CALLS["calls"] += 1
     CALLS["tiles"] += tiles
-    max_logit = row_max * float(opts.nat)  # (B, Hq, Lq) nats, keys only
-    if sinks is not None:
-        out, row_max, row_log, ent = _cpu._fold_sinks(out, row_max, row_log, ent, sinks, opts)
-    return out.to(q.dtype), row_max, row_log, max_logit, ent
+    return _cpu._forward_result(q, bufs, sinks, call, opts)
