@@ -39,6 +39,7 @@ from .cpu_flash import (ADD, BLOCK_M, BLOCK_N, EMPTY, FASTMATH, PARTIAL, STORE, 
                         _exp2_ir, _gemm, _Vectors)
 
 LANES = 16  # query lanes rounded up to this (a whole AVX-512 vector of float32; two AVX2 ones)
+CALLS = {"calls": 0, "tiles": 0}  # launches of this kernel and the tiles they computed (tests read it)
 
 # -- vertical vector ops over the query lanes ---------------------------------------------------
 
@@ -431,5 +432,8 @@ def launch_backward(grad_out, q, k, v, out, row_max, row_log, call, delta=None):
         dk_w = torch.zeros(threads, B, Hkv, Lk, D, dtype=acc)
         dv_w = torch.zeros(threads, B, Hkv, Lk, Dv, dtype=acc)
         flash_bwd_t(*args, dk_w.numpy(), dv_w.numpy(), dk.numpy(), dv.numpy(), dq.numpy(), counts, mask, opts)
-    _cpu.TILE_PRODUCTS["backward_one_pass"] += int(counts.sum())
+    tiles = int(counts.sum())
+    _cpu.TILE_PRODUCTS["backward_one_pass"] += tiles
+    CALLS["calls"] += 1
+    CALLS["tiles"] += tiles
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
