@@ -27,6 +27,11 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
         else:
             os.environ["TRITON_INTERPRET"] = _previous
 
+# auto ranks cpu against sdpa from a per-process timing of this host; tests that pin auto's choice
+# need the same answer in every process (and in the CLI subprocesses they start), so they use the
+# recorded table. tests/test_cpu_features.py switches the calibration on where it is the subject.
+os.environ.setdefault("SELFATTN_AUTO_CALIBRATE", "0")
+
 import selfattn  # noqa: E402
 from selfattn.backends import BackendUnavailable  # noqa: E402
 

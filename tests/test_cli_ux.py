@@ -26,7 +26,7 @@ TIME_BOUND = 90.0  # seconds for one refused command: the checks come before any
 def _run(*args, timeout=TIME_BOUND, cwd=None, columns=100):
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "selfattn.cli", *map(str, args)], capture_output=True, text=True,
-                       env={"COLUMNS": str(columns), "PATH": "", "PYTHONIOENCODING": "utf-8"}, timeout=timeout, cwd=cwd)
+                       env={"COLUMNS": str(columns), "PATH": "", "PYTHONIOENCODING": "utf-8", "SELFATTN_AUTO_CALIBRATE": "0"}, timeout=timeout, cwd=cwd)
     r.seconds = time.perf_counter() - t0
     return r
 
