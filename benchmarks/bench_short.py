@@ -7,7 +7,15 @@ The shapes of small models (the default `selfattn train` model is B*H = 64 heads
 B*H in {1, 8, 64}, L in {8, 16, 32, 48, 96, 128}, head dim 32 and 64, causal, float32; a forward
 without gradients and a forward + backward. Each number is the best of 5 repeats of a timed loop;
 cpu and sdpa are timed back to back for every shape, so each ratio compares two numbers of the same
-moment. These ratios set `auto`'s choice between the two (backends/cpu.py, CPUBackend.rank).
+moment. `auto`'s choice between the two is calibrated at run time (backends/cpu.py, calibration()):
+the run prints the calibration it made.
+
+    python benchmarks/bench_short.py --fixed --threads 1      # the per-call fixed cost alone (issue 14)
+
+``--fixed``: the fixed cost of one call on tiny shapes -- (1, 1, 8, 8, 16), a decoding step
+(1, 4, 1, 128, 64) and (1, 8, 64, 64, 64) -- forward and forward + backward, for selfattn's `cpu`
+and `sdpa` backends and torch's scaled_dot_product_attention called directly; best of 9 repeats of
+a timed loop, in this thread's CPU time with one thread (steady on a busy machine), wall time with more.
 """
 
 from __future__ import annotations
@@ -23,14 +31,80 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
 
 
-def best_time(fn, n: int) -> float:
+def best_time(fn, n: int, repeats: int = 5, clock=time.perf_counter) -> float:
     times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
+    for _ in range(repeats):
+        t0 = clock()
         for _ in range(n):
             fn()
-        times.append((time.perf_counter() - t0) / n)
+        times.append((clock() - t0) / n)
     return min(times)
+
+
+FIXED_SHAPES = [(1, 1, 8, 8, 16), (1, 4, 1, 128, 64), (1, 8, 64, 64, 64)]  # (B, H, Lq, Lk, D)
+
+
+def fixed_cost(threads: int, rows: list) -> None:
+    """Per-call cost on tiny shapes: cpu and sdpa through selfattn, and torch's SDPA directly."""
+    import torch
+    import torch.nn.functional as F
+
+    from selfattn import attention
+
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    print(f"\nfixed cost per call, {threads} thread(s), {'thread CPU' if threads == 1 else 'wall'} time, best of 9\n")
+    print("| pass | (B, H, Lq, Lk, D) | cpu (us) | sdpa (us) | torch SDPA direct (us) | sdpa / cpu |")
+    print("|---|---|---|---|---|---|")
+    for grad in (False, True):
+        for B, H, Lq, Lk, D in FIXED_SHAPES:
+            g = torch.Generator().manual_seed(0)
+            q = torch.randn(B, H, Lq, D, generator=g, requires_grad=grad)
+            k, v = (torch.randn(B, H, Lk, D, generator=g, requires_grad=grad) for _ in range(2))
+            do = torch.randn(B, H, Lq, D, generator=g)
+            causal = Lq == Lk  # a decoding step (one query) sees every key
+
+            def run(backend):
+                if backend == "torch":
+                    call = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
+                else:
+                    call = lambda: attention(q, k, v, causal=causal, backend=backend)  # noqa: E731
+                if grad:
+                    torch.autograd.grad(call(), (q, k, v), do)
+                else:
+                    with torch.no_grad():
+                        call()
+
+            for b in ("cpu", "sdpa", "torch"):
+                run(b), run(b)  # warm-up
+            n = max(20, int(2e6 / (B * H * Lq * Lk * D * (3 if grad else 1) + 1e4)))
+            t = {}
+            for _ in range(9):  # interleaved rounds: every backend sees the machine of the same moment
+                for b in ("cpu", "sdpa", "torch"):
+                    t[b] = min(t.get(b, float("inf")), best_time(lambda: run(b), n, repeats=1, clock=clock))
+            name = "fwd+bwd" if grad else "fwd"
+            print(f"| {name} | {(B, H, Lq, Lk, D)} | {t['cpu'] * 1e6:.1f} | {t['sdpa'] * 1e6:.1f} | {t['torch'] * 1e6:.1f} "
+                  f"| {t['sdpa'] / t['cpu']:.2f} |", flush=True)
+            rows.append({"threads": threads, "pass": name, "shape": [B, H, Lq, Lk, D], "cpu_s": t["cpu"],
+                         "sdpa_s": t["sdpa"], "torch_sdpa_s": t["torch"], "clock": "thread" if threads == 1 else "wall"})
+
+
+def print_calibration() -> None:
+    import torch
+
+    from selfattn.backends import cpu
+
+    if not hasattr(cpu, "calibration"):  # a tree from before the calibration (the same script on an old commit)
+        return
+    print("\nauto's calibration in this process (backends/cpu.py; cpu ranks 10 x predicted cpu/sdpa time, sdpa 10):")
+    for dtype in (torch.float32, torch.bfloat16):
+        for grad in (False, True):
+            cal = cpu.calibration(dtype, grad)
+            name = f"{str(dtype).replace('torch.', '')} {'fwd+bwd' if grad else 'fwd'}"
+            if cal is None:
+                print(f"  {name}: none (not measured here)")
+                continue
+            print(f"  {name}: cpu {cal.cpu.fixed * 1e6:.0f} us + {cal.cpu.per_work * 1e9:.3g} ns/work, sdpa "
+                  f"{cal.sdpa.fixed * 1e6:.0f} us + {cal.sdpa.per_work * 1e9:.3g} ns/work ({cal.source})")
 
 
 def main(argv=None) -> int:
@@ -38,6 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", default="1,2", help="torch thread counts to run (comma-separated)")
     p.add_argument("--layer", default=None, help="numba threading layer (default: numba's own choice)")
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--fixed", action="store_true", help="only the per-call fixed cost on tiny shapes (issue 14)")
     args = p.parse_args(argv)
     if args.layer:
         os.environ["NUMBA_THREADING_LAYER"] = args.layer
@@ -49,6 +124,12 @@ def main(argv=None) -> int:
     rows = []
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, numba {numba.__version__}, "
           f"threading layer {args.layer or 'default'}\n")
+    if args.fixed:
+        for threads in (int(t) for t in args.threads.split(",")):
+            torch.set_num_threads(threads)
+            fixed_cost(threads, rows)
+            print_calibration()
+        return _write(args, rows)
     print("| threads | pass | B*H | L | D | cpu (us) | sdpa (us) | sdpa / cpu |")
     print("|---|---|---|---|---|---|---|---|")
     for threads in (int(t) for t in args.threads.split(",")):
@@ -74,6 +155,13 @@ def main(argv=None) -> int:
                               flush=True)
                         rows.append({"threads": threads, "pass": name, "bh": bh, "L": L, "D": D,
                                      "cpu_s": t_cpu, "sdpa_s": t_sdpa})
+    print_calibration()
+    return _write(args, rows)
+
+
+def _write(args, rows) -> int:
+    import torch
+
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "layer": args.layer,

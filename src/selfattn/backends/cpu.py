@@ -249,11 +249,15 @@ class _FwdBuffers(NamedTuple):
     arrays: tuple
 
 
-def _forward_buffers(B: int, Hq: int, Lq: int, Dv: int, acc) -> _FwdBuffers:
+def _forward_buffers(B: int, Hq: int, Lq: int, Dv: int, acc, rows: bool = True) -> _FwdBuffers:
+    """``rows`` False (``call.rows`` False and no sinks): the rows are scratch numpy, no tensor."""
     out = torch.empty(B, Hq, Lq, Dv, dtype=acc)
-    rows = torch.empty(4, B, Hq, Lq, dtype=acc)
-    r = rows.numpy()
-    return _FwdBuffers(out, rows, (out.numpy(), r[0], r[1], r[3]))
+    if rows:
+        t = torch.empty(4, B, Hq, Lq, dtype=acc)
+        r = t.numpy()
+    else:
+        t, r = None, np.empty((4, B, Hq, Lq), np.float32 if acc == torch.float32 else np.float64)
+    return _FwdBuffers(out, t, (out.numpy(), r[0], r[1], r[3]))
 
 
 def _forward_result(q, bufs: _FwdBuffers, sinks, call: _Call, opts):
@@ -316,7 +320,7 @@ def _launch_forward(q, k, v, sinks, call: _Call):
     # (B, Hkv, D, Lk); none when the kernel transposes each tile's keys itself (one key block) or
     # takes dot products (fewer than 4 queries)
     kt = _no_kt(D, opts.zero.dtype) if Lk <= _k.BLOCK_N or Lq < 4 else _transposed(k_, Lq).numpy()
-    bufs = _forward_buffers(B, Hq, Lq, Dv, acc)
+    bufs = _forward_buffers(B, Hq, Lq, Dv, acc, call.rows or sinks is not None)
     counts = np.zeros(B * Hq * (-(-Lq // _k.BLOCK_M)), np.int64)  # one per task
     flash_fwd = _kernel("flash_fwd", _threads(len(counts), 4.0 * B * Hq * Lq * Lk * D))
     _run(flash_fwd, q_.numpy(), k_.numpy(), kt, v_.numpy(), *bufs.arrays, counts, mask, opts)
@@ -670,7 +674,7 @@ def _counters() -> list:
 
 
 def _measure(dtype, grad: bool, key: tuple) -> Optional[Calibration]:
-    """Time cpu and sdpa on PROBES (interleaved, best of 5 rounds of ~2 ms each) and fit both."""
+    """Time cpu and sdpa on PROBES (interleaved, best of 7 rounds of ~2 ms each) and fit both."""
     from . import get
 
     cpu, sdpa = get("cpu"), get("sdpa")
@@ -702,7 +706,7 @@ def _measure(dtype, grad: bool, key: tuple) -> Optional[Calibration]:
 
                 n = max(1, min(200, int(2e-3 / max(run(cpu, 1), run(sdpa, 1), 1e-6))))  # warm-up, and sizing
                 best = [float("inf"), float("inf")]
-                for _ in range(5):  # interleaved: both see the machine of the same moment
+                for _ in range(7):  # interleaved: both see the machine of the same moment
                     best = [min(t, run(b, n)) for t, b in zip(best, (cpu, sdpa))]
                 points.append((_work(req), *best))
     finally:
