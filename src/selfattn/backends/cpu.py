@@ -20,6 +20,11 @@ Three layers, as flash-attn has them:
   ``autograd.Function`` without the dispatcher's per-call cost;
 * ``CPUBackend.forward``: a validated ``Request`` to the ops' arguments.
 
+``auto`` ranks this backend against sdpa from measurements of this host where sdpa serves a call
+natively (``calibration``: both timed once per process on two probes, fitted as fixed cost + cost
+per unit of work; ``SELFATTN_AUTO_CALIBRATE=0`` keeps the recorded table), and by structural
+reasons elsewhere (tiles a mask rules out, features sdpa lacks); ``CPUBackend.rank_reason`` says which.
+
 Memory is O(L): the L x L matrix never exists, only (BLOCK_M x BLOCK_N) tiles per thread.
 Dropout is not supported (``BackendUnavailable`` names "dropout"); statistics carry no
 gradient; a float mask gets no gradient (refused if it requires one).
@@ -596,12 +601,14 @@ class _EagerFlash(torch.autograd.Function):
 # sdpa, an Intel Xeon with AMX behind it in float32 and ahead in bfloat16. So it is measured, once
 # per process and (dtype, gradients, threads), the first time auto meets such a call: both backends
 # run two causal probes -- a short call (the fixed cost) and a longer one (the throughput) -- each
-# backend's time is fitted as fixed + per_work * work, and a call goes to the one predicted faster.
+# backend's time is fitted as fixed + per_work * work, and a call goes to the one predicted faster
+# (within TIE_MARGIN of each other, the recorded table keeps the choice the same across processes).
 # Elsewhere the reasons are structural and the recorded table stands (_table_rank).
 
 CALIBRATE_ENV = "SELFATTN_AUTO_CALIBRATE"  # "0": measure nothing, the recorded table decides
 PROBES = ((1, 4, 32, 64), (1, 4, 256, 64))  # (B, H, L, D), causal: the fixed-cost end, the throughput end
 _CALIBRATED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TIE_MARGIN = 1.1  # predicted times closer than this factor: a tie, the recorded table decides
 
 
 class Fit(NamedTuple):
@@ -740,19 +747,23 @@ def _rank(req: Request) -> tuple:
     if req.return_stats or req.softcap is not None or req.sinks is not None:
         return 30.0, "sdpa cannot serve stats, softcap or sinks: cpu, before math"
     cal = calibration(req.dtype, req.requires_grad) if req.dtype in _CALIBRATED_DTYPES else None
-    if cal is not None:
-        work = _work(req)
-        t_cpu, t_sdpa = cal.cpu.time(work), cal.sdpa.time(work)
-        rank = min(45.0, 10.0 * t_cpu / t_sdpa)  # sdpa ranks 10 here: cpu goes first exactly when predicted faster
-        threads, layer = cal.key[2], cal.key[3]
-        return rank, (f"cpu against sdpa calibrated on this host ({str(req.dtype).replace('torch.', '')}, "
-                      f"{'forward + backward' if req.requires_grad else 'forward'}, {threads} thread"
-                      f"{'s' if threads > 1 else ''}, numba layer {layer or 'default'}; {cal.source}): "
-                      f"cpu {cal.cpu.fixed * 1e6:.0f} us + {cal.cpu.per_work * 1e9:.3g} ns/work, "
-                      f"sdpa {cal.sdpa.fixed * 1e6:.0f} us + {cal.sdpa.per_work * 1e9:.3g} ns/work; this call "
-                      f"(work {work:.3g}): cpu {t_cpu * 1e6:.0f} us, sdpa {t_sdpa * 1e6:.0f} us -> rank 10 x "
-                      f"{t_cpu / t_sdpa:.2f}")
-    return _table_rank(req)
+    if cal is None:
+        return _table_rank(req)
+    work = _work(req)
+    t_cpu, t_sdpa = cal.cpu.time(work), cal.sdpa.time(work)
+    threads, layer = cal.key[2], cal.key[3]
+    why = (f"cpu against sdpa calibrated on this host ({str(req.dtype).replace('torch.', '')}, "
+           f"{'forward + backward' if req.requires_grad else 'forward'}, {threads} thread{'s' if threads > 1 else ''}, "
+           f"numba layer {layer or 'default'}; {cal.source}): cpu {cal.cpu.fixed * 1e6:.0f} us + "
+           f"{cal.cpu.per_work * 1e9:.3g} ns/work, sdpa {cal.sdpa.fixed * 1e6:.0f} us + {cal.sdpa.per_work * 1e9:.3g} "
+           f"ns/work; this call (work {work:.3g}): cpu {t_cpu * 1e6:.0f} us, sdpa {t_sdpa * 1e6:.0f} us")
+    if 1.0 / TIE_MARGIN < t_cpu / t_sdpa < TIE_MARGIN:
+        # a near tie: either is fine for speed, and the recorded table keeps the choice the same in
+        # every process (a measurement this close can fall either way)
+        rank, _ = _table_rank(req)
+        return rank, f"{why}: within {TIE_MARGIN - 1:.0%} of each other, so the recorded table decides (rank {rank:g})"
+    # sdpa ranks 10 here: cpu goes first exactly when predicted faster
+    return min(45.0, 10.0 * t_cpu / t_sdpa), f"{why} -> rank 10 x {t_cpu / t_sdpa:.2f}"
 
 
 def _table_rank(req: Request) -> tuple:
