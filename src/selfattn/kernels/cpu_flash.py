@@ -468,6 +468,10 @@ NV_MAX = 4 if VEC_BYTES == 64 else 2  # float32 vectors per row of C
 TILE_N = NV_MAX * VEC_BYTES // 4  # most columns of C per micro-kernel call: 64 (AVX-512), 16 (AVX2)
 MR_MAX = 6  # rows of C per micro-kernel call
 STORE, ADD, RESCALE = 0, 1, 2  # what a micro-kernel does with C
+# The forward's softcap anchor (``_softcap_tile``): row_log then holds log2(l) + lo_m, which every
+# backward that reads this forward's lse must take the same way (cpu_bwd: not yet). Off: the
+# forward rounds each softcapped logit once and ignores lo, as before.
+FOLD_LO = False
 
 
 def _make_microkernel(MR):
@@ -812,10 +816,11 @@ def _mask_tile(s, rows, ncols, b, h, qb, kb, mask):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _scores(q_blk, k_nat, kt_blk, use_dot, s, th, rows, b, h, qb, kb, kind, mask, opts):
+def _scores(q_blk, k_nat, kt_blk, use_dot, s, lo, w, rows, b, h, qb, kb, kind, mask, opts):
     """Logits of one tile, in score units, into s[:rows, :nc]; masked pairs -inf. Returns nc.
 
-    With a softcap, th[:rows] gets tanh(u) (the backward pass needs 1 - tanh^2).
+    With a softcap, lo and w get the rest of each logit and the dS factor (``_softcap_tile``; w
+    unless it has size 0).
     """
     c0 = kb * BLOCK_N
     ncols = min(BLOCK_N, k_nat.shape[0] - c0)
@@ -826,7 +831,88 @@ def _scores(q_blk, k_nat, kt_blk, use_dot, s, th, rows, b, h, qb, kb, kind, mask
         _qk_dot(q_blk, k_nat, c0, ncols, s, rows)
     else:
         _mm(q_blk, kt_blk, s, rows, q_blk.shape[1], ncols, 1.0 if softcap else qk_scale)
-    return _score_terms(s, th, rows, ncols, not use_dot and not softcap, b, h, qb, kb, kind, mask, opts)
+    if softcap:
+        _softcap_tile(s, lo, w, rows, ncols, opts)
+    elif use_dot:
+        for i in range(rows):
+            for j in range(ncols):
+                s[i, j] *= qk_scale
+    return _score_rest(s, rows, ncols, b, h, qb, kb, kind, mask, opts)
+
+
+@njit(fastmath=FASTMATH_EXACT, cache=True)
+def _softcap_tile(s, lo, w, n0, n1, opts):
+    """The softcap of s[:n0, :n1] in place, element by element (any 2-D views, either layout).
+
+    On entry s holds q.k (unscaled); with u = q.k * scale / c and y = c tanh(u) in score units,
+    computed in float64, it leaves::
+
+        s  = y rounded to the compute dtype              (the "hi" part)
+        lo = y - s, rounded                              (lo.size 0: not kept)
+        w  = c (1 - tanh(u)^2) in nats, the dS factor    (w.size 0: not kept)
+
+    A softcapped logit near +-c rounds in float32 to ulp(c log2 e) ~ 2e-6, and a row whose logits
+    all saturate has true differences far below that: s - max alone missed STYLE rule 6 by up to
+    5x there (the reference's float32 twin, whose logits become exactly +-c, is exact). So every
+    exponent of such a tile is taken against an anchor A = m + lo_m, the row's largest s and that
+    element's own lo (``_fold_lo``)::
+
+        x = (s - m) + (lo - lo_m)     exact for logits near the max; 0 exactly at the max itself
+
+    and the anchor's rest goes into the saved log: row_max = m, row_log = log2(l) + lo_m, so the
+    backward's ((s - row_max) + lo) - row_log is the same exponent (lo_m = 0 there: ``_probs``).
+    w comes from an expm1 of -2|u| (1 - t^2 of a rounded t loses every digit when tanh saturates).
+    """
+    cu, us, c = opts.softcap_u64, opts.qk_scale64, np.float64(opts.softcap)
+    keep_lo, keep_w = lo.size > 0, w.size > 0
+    for i in range(n0):
+        for j in range(n1):
+            u = np.float64(s[i, j]) * us
+            y = cu * np.tanh(u)
+            hi = s.dtype.type(y)
+            s[i, j] = hi
+            if keep_lo:
+                lo[i, j] = y - np.float64(hi)
+            if keep_w:
+                # -- e = exp(-2|u|) - 1: 1 - tanh^2 = 4 (1 + e) / (2 + e)^2 --
+                e = math.expm1(-2.0 * abs(u))
+                w[i, j] = c * (4.0 * (1.0 + e) / ((2.0 + e) * (2.0 + e)))
+
+
+@njit(fastmath=FASTMATH_EXACT, cache=True)
+def _anchor_lo(s, lo, n0, n1, m, lo_m, per_row):
+    """lo_m[i] = lo[i, j] of the first j with s[i, j] == m[i], over s[:n0, :n1] (per_row; else the
+    same down column j: lo_m[j], m[j]); rows (columns) with no such element keep their lo_m. Run it
+    with m = this tile's maxima where they beat the running ones: the new anchors' rests."""
+    if per_row:
+        for i in range(n0):
+            for j in range(n1):
+                if s[i, j] == m[i]:
+                    lo_m[i] = lo[i, j]
+                    break
+    else:
+        found = np.zeros(n1, np.bool_)
+        for i in range(n0):
+            for j in range(n1):
+                if not found[j] and s[i, j] == m[j]:
+                    lo_m[j] = lo[i, j]
+                    found[j] = True
+
+
+@njit(fastmath=FASTMATH_EXACT, cache=True)
+def _fold_lo(s, lo, n0, n1, m, lo_m, per_row):
+    """s[i, j] = (s[i, j] - m[i]) + (lo[i, j] - lo_m[i]) over s[:n0, :n1] (per_row; else m[j],
+    lo_m[j]), in float64 and rounded once: the exponent of a softcapped tile against its anchor
+    (``_softcap_tile``), taken as exp2(s - 0) afterwards. A row (column) whose m is -inf (nothing
+    allowed yet) gets -inf."""
+    for i in range(n0):
+        for j in range(n1):
+            mi = m[i] if per_row else m[j]
+            li = lo_m[i] if per_row else lo_m[j]
+            if mi == -np.inf:
+                mi, li = 0.0, 0.0
+            # -- in float64, rounded once --
+            s[i, j] = (np.float64(s[i, j]) - np.float64(mi)) + (np.float64(lo[i, j]) - np.float64(li))
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -834,8 +920,8 @@ def _score_terms(s, th, rows, ncols, scaled, b, h, qb, kb, kind, mask, opts):
     # s[:rows, :ncols] holds q.k, times the scale when `scaled` (never with a softcap): the softcap or
     # the scale, ALiBi, the float bias and the element-wise mask, in that order (cpu_amx's tiles
     # too); columns ncols..nc get -inf. Returns nc (ncols rounded up to a whole vector).
-    r0, c0 = qb * BLOCK_M, kb * BLOCK_N
-    nc = _padded(ncols)
+    # cpu_amx's bfloat16 tiles keep tanh(u) itself in th (their backward takes c (1 - th^2)); the
+    # float32 kernels here use _softcap_tile's hi/lo split instead
     softcap = opts.softcap_u > 0.0
     if not softcap and not scaled:
         qk_scale = opts.qk_scale
@@ -844,14 +930,22 @@ def _score_terms(s, th, rows, ncols, scaled, b, h, qb, kb, kind, mask, opts):
                 s[i, j] *= qk_scale
     if softcap:
         # -- softcap: c * tanh(u), c already in score units; u, tanh(u) and the product in float64,
-        # rounded once (in float32 the rounding of u and of tanh(u), times c log2(e) ~ 32, cost
-        # up to 2.8x the reference's own error on rows with a few keys) --
+        # rounded once --
         cu, us = opts.softcap_u64, opts.qk_scale64
         for i in range(rows):
             for j in range(ncols):
                 t = np.tanh(np.float64(s[i, j]) * us)
                 th[i, j] = t
                 s[i, j] = cu * t
+    return _score_rest(s, rows, ncols, b, h, qb, kb, kind, mask, opts)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _score_rest(s, rows, ncols, b, h, qb, kb, kind, mask, opts):
+    # the terms after the scale or softcap: ALiBi, the float bias, the element-wise mask, -inf in
+    # the padding columns ncols..nc. Returns nc (ncols rounded up to a whole vector).
+    r0, c0 = qb * BLOCK_M, kb * BLOCK_N
+    nc = _padded(ncols)
     if mask.alibi.size > 0:
         # -- ALiBi: - slope * |q_pos - kv_pos|, slope in score units --
         pb = _bx(mask.q_pos_f.shape[0], b)
@@ -882,15 +976,20 @@ def _score_terms(s, th, rows, ncols, scaled, b, h, qb, kb, kind, mask, opts):
 
 
 @njit(cache=True)
-def _probs(s, p, rows, nc, row_max, row_log, b, h, r0, opts):
-    # -- probabilities from the saved log-sum-exp: p = exp((s - max) - log l), in this order --
-    no_stat = np.empty(0, s.dtype)
+def _probs(s, p, rows, nc, row_max, row_log, b, h, r0, opts, lo=None):
+    # -- probabilities from the saved log-sum-exp: p = exp((s - max) - log l), in this order; with a
+    # softcap's lo (size > 0) p = exp(((s - max) + lo) - log l), as the forward took them --
+    folded = lo is not None and lo.size > 0
     for i in range(rows):
         m = row_max[b, h, r0 + i]
         if m == -np.inf:
             for j in range(nc):
                 p[i, j] = opts.zero
         else:
+            if folded:
+                for j in range(nc):
+                    s[i, j] = (np.float64(s[i, j]) - np.float64(m)) + np.float64(lo[i, j])  # rounded once
+                m = opts.zero
             _vec_exp2_row(_addr(s) + i * s.strides[0], _addr(p) + i * p.strides[0], nc, m, row_log[b, h, r0 + i],
                           opts.exp_lo, np.intp(0), s)
 
@@ -927,7 +1026,12 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts):
     q_blk = q[b, h, r0:r0 + rows]
     s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
     p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
-    tanh_buf = np.empty((BLOCK_M, BLOCK_N) if opts.softcap_u > 0.0 else (1, 1), q.dtype)
+    softcap = opts.softcap_u > 0.0 and FOLD_LO
+    lo = np.zeros((BLOCK_M, BLOCK_N) if softcap else (0, 0), q.dtype)  # the softcap's rest of each logit
+    no_w = np.empty((0, 0), q.dtype)
+    m_fold = np.empty(BLOCK_M, q.dtype)  # a softcap's running maxima after this tile ...
+    lo_fold = np.zeros(BLOCK_M, q.dtype)  # ... and the rests of their anchors (_softcap_tile)
+    lo_i = np.zeros(BLOCK_M, q.dtype)  # the anchors' rests before this tile
     acc = np.zeros((BLOCK_M, Dv), q.dtype)
     alpha_i = np.ones(BLOCK_M, q.dtype)  # per row: the factor of acc before this tile's share
     stat = np.zeros(1 if opts.want_stats else 0, q.dtype)
@@ -956,12 +1060,26 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts):
             kt_blk = kt_buf[:, :ncols]
         else:
             kt_blk = kt[b, hk, :, c0:c0 + ncols]
-        nc = _scores(q_blk, k[b, hk], kt_blk, use_dot, s, tanh_buf, rows, b, h, qb, kb, kind, mask, opts)
+        nc = _scores(q_blk, k[b, hk], kt_blk, use_dot, s, lo, no_w, rows, b, h, qb, kb, kind, mask, opts)
+        if softcap:
+            # -- a softcap: the new running maxima and their anchors' rests first, then s becomes
+            # the exponent (s - max) + (lo - lo_max) --
+            for i in range(rows):
+                m_tile = _row_max(s, i, nc)
+                m_fold[i] = m_tile if m_tile > m_i[i] else np.inf  # inf: no element matches
+                lo_fold[i] = lo_i[i]
+            _anchor_lo(s, lo, rows, nc, m_fold, lo_fold, True)
+            for i in range(rows):
+                m_fold[i] = m_fold[i] if m_fold[i] != np.inf else m_i[i]
+            _fold_lo(s, lo, rows, nc, m_fold, lo_fold, True)
         for i in range(rows):
             # -- new running max --
             m_old = m_i[i]
-            m_tile = _row_max(s, i, nc)
-            m_new = m_tile if m_tile > m_old else m_old
+            if softcap:
+                m_new = m_fold[i]
+            else:
+                m_tile = _row_max(s, i, nc)
+                m_new = m_tile if m_tile > m_old else m_old
             alpha_i[i] = 1.0
             if m_new == -np.inf:
                 # nothing allowed here so far -- unless the scores are NaN (NaN inputs): poison the row
@@ -971,20 +1089,24 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts):
                     l_i[i] = np.nan
                 continue
             # -- p = exp(s - m_new), its row sum and sum p*(s - m_new) --
-            tot = _exp2_row(s, p, i, nc, m_new, stat)
+            tot = _exp2_row(s, p, i, nc, opts.zero if softcap else m_new, stat)
             # -- rescale the running sums; the accumulator's factor goes to the P V product --
             l_old = l_i[i]
+            # (a softcap's anchor moves by its rest too: lo_i, lo_fold)
+            shift = (m_old - m_new) + (lo_i[i] - lo_fold[i]) if softcap else m_old - m_new
             if m_old == m_new:
                 alpha = 1.0
             elif m_old == -np.inf:
                 alpha = 0.0
             else:
-                alpha = math.exp((m_old - m_new) * nat)
+                alpha = math.exp(shift * nat)
             l_i[i] = alpha * l_old + tot
             if opts.want_stats:
                 ps = stat[0]
-                e_i[i] = alpha * (e_i[i] + (m_old - m_new) * l_old) + ps if l_old > 0.0 else ps
+                e_i[i] = alpha * (e_i[i] + shift * l_old) + ps if l_old > 0.0 else ps
             m_i[i] = m_new
+            if softcap:
+                lo_i[i] = lo_fold[i]
             alpha_i[i] = alpha
         # -- acc = alpha * acc + p @ v: the tile's share summed apart, then added in one FMA
         # (rounding grows with the number of key blocks, not of keys: one running sum was 5x the
@@ -1005,7 +1127,7 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts):
             for d in range(Dv):
                 out[b, h, gi, d] = acc[i, d] * inv
             row_max[b, h, gi] = m_i[i] if li == li else np.nan  # a NaN row is NaN throughout
-            row_log[b, h, gi] = math.log2(li) if opts.base2 else math.log(li)
+            row_log[b, h, gi] = (math.log2(li) if opts.base2 else math.log(li)) + lo_i[i]
             if opts.want_stats:
                 # -- entropy H = ln l - sum p (s - m) / l, in nats --
                 h_row = math.log(li) - e_i[i] * inv * nat
@@ -1058,7 +1180,8 @@ def _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, counts, ma
     s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
     p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
     dp = np.empty((BLOCK_M, BLOCK_N), q.dtype)
-    tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap > 0.0 else (1, 1), q.dtype)
+    lo = np.zeros((BLOCK_M, BLOCK_N) if softcap > 0.0 else (0, 0), q.dtype)  # _softcap_tile's rest
+    w = np.empty((BLOCK_M, BLOCK_N) if softcap > 0.0 else (0, 0), q.dtype)  # ... and dS factor
     ncols = min(BLOCK_N, Lk - c0)
     kt = np.zeros((D, BLOCK_N), q.dtype)
     vt = np.zeros((Dv, BLOCK_N), q.dtype)
@@ -1089,8 +1212,8 @@ def _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, counts, ma
             n_tiles += 1
             q_blk = q[b, h, r0:r0 + rows]
             do_blk = do[b, h, r0:r0 + rows]
-            nc = _scores(q_blk, k[b, hk], kt, rows < 4, s, tanh_buf, rows, b, h, qb, kb, kind, mask, opts)
-            _probs(s, p, rows, nc, row_max, row_log, b, h, r0, opts)
+            nc = _scores(q_blk, k[b, hk], kt, rows < 4, s, lo, w, rows, b, h, qb, kb, kind, mask, opts)
+            _probs(s, p, rows, nc, row_max, row_log, b, h, r0, opts, lo)
             # -- dV += P^T dO --
             _mm_tn(p, do_blk, dv_blk, ncols, rows, ADD)
             # -- dP = dO V^T --
@@ -1098,16 +1221,21 @@ def _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, counts, ma
             # -- dS = P * (dP - delta), times the softcap's c (1 - tanh^2) --
             for i in range(rows):
                 if one_pass and delta.size == 0:
-                    di = opts.zero
+                    # -- delta = rowsum(P * dP) / rowsum(P): P's rounding leaves its sum 1 + a few
+                    # ulp, and without the division that error times dP stays in every dP - delta
+                    # (rows of a few keys: dP - delta cancels, up to 100x the reference's error) --
+                    d64, ps = 0.0, 0.0
                     for j in range(ncols):
-                        di += p[i, j] * dp[i, j]
+                        d64 += np.float64(p[i, j]) * np.float64(dp[i, j])
+                        ps += np.float64(p[i, j])
+                    di = d64 / ps if ps > 0.0 else d64  # kept in float64: dP - delta cancels
                 else:
-                    di = delta[b, h, r0 + i]
+                    di = np.float64(delta[b, h, r0 + i])
                 for j in range(ncols):
                     dp[i, j] = p[i, j] * (dp[i, j] - di)
                 if softcap > 0.0:
                     for j in range(ncols):
-                        dp[i, j] *= softcap * (1.0 - tanh_buf[i, j] * tanh_buf[i, j])
+                        dp[i, j] *= w[i, j]
             # -- dK += dS^T q --
             _mm_tn(dp, q_blk, dk_blk, ncols, rows, ADD)
             if one_pass:
@@ -1156,11 +1284,13 @@ def _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, counts
     s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
     p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
     dp = np.empty((BLOCK_M, BLOCK_N), q.dtype)
-    tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap > 0.0 else (1, 1), q.dtype)
+    lo = np.zeros((BLOCK_M, BLOCK_N) if softcap > 0.0 else (0, 0), q.dtype)  # _softcap_tile's rest
+    w = np.empty((BLOCK_M, BLOCK_N) if softcap > 0.0 else (0, 0), q.dtype)  # ... and dS factor
     use_dot = rows < 4
     pdk = np.zeros((BLOCK_M, D), q.dtype)  # sum_j p (dP - c) k
     pk = np.zeros((BLOCK_M, D), q.dtype)  # sum_j p k
-    dl = np.zeros(BLOCK_M, q.dtype)  # sum_j p dP
+    dl = np.zeros(BLOCK_M, np.float64)  # sum_j p dP
+    pl = np.zeros(BLOCK_M, np.float64)  # sum_j p (1 up to P's rounding: delta = dl / pl)
     c = np.zeros(BLOCK_M, q.dtype)
     # an empty `out` means delta is given (a shard of the keys: only the whole row's delta is right)
     external = out.shape[0] == 0
@@ -1183,24 +1313,26 @@ def _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, counts
         c0 = kb * BLOCK_N
         ncols = min(BLOCK_N, Lk - c0)
         kt_blk = kt[b, hk, :, c0:c0 + ncols] if not use_dot else kt[0, 0, :, 0:0]
-        nc = _scores(q_blk, k[b, hk], kt_blk, use_dot, s, tanh_buf, rows, b, h, qb, kb, kind, mask, opts)
-        _probs(s, p, rows, nc, row_max, row_log, b, h, r0, opts)
+        nc = _scores(q_blk, k[b, hk], kt_blk, use_dot, s, lo, w, rows, b, h, qb, kb, kind, mask, opts)
+        _probs(s, p, rows, nc, row_max, row_log, b, h, r0, opts, lo)
         # -- dP = dO V^T --
         _mm(do_blk, vt[b, hk, :, c0:c0 + ncols], dp, rows, Dv, ncols)
         # -- delta += rowsum(P * dP); dP becomes P * (dP - c) (columns past Lk hold no keys) --
         for i in range(rows):
             acc = dl[i]
+            acc_p = pl[i]
             ci = c[i]
             for j in range(ncols):
-                acc += p[i, j] * dp[i, j]
+                acc += np.float64(p[i, j]) * np.float64(dp[i, j])
+                acc_p += np.float64(p[i, j])
                 dp[i, j] = p[i, j] * (dp[i, j] - ci)
             dl[i] = acc
+            pl[i] = acc_p
             if softcap > 0.0:
                 # -- the softcap's c (1 - tanh^2) multiplies both terms of dS --
                 for j in range(ncols):
-                    w = softcap * (1.0 - tanh_buf[i, j] * tanh_buf[i, j])
-                    dp[i, j] *= w
-                    p[i, j] *= w
+                    dp[i, j] *= w[i, j]
+                    p[i, j] *= w[i, j]
         # -- accumulate (P * (dP - c)) k and P k, each tile's share added to the total --
         _mm(dp, k[b, hk, c0:c0 + ncols], pdk, rows, ncols, D, 1.0, ADD)
         if not external:
@@ -1211,8 +1343,10 @@ def _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, counts
             for d in range(D):
                 dq[b, h, gi, d] = pdk[i, d] * opts.dscale
             continue
-        delta[b, h, gi] = dl[i]
-        shift = dl[i] - c[i]
+        # -- delta = rowsum(P * dP) / rowsum(P) (see _bwd_kv_task) --
+        di = dl[i] / pl[i] if pl[i] > 0.0 else dl[i]
+        delta[b, h, gi] = di
+        shift = di - c[i]
         for d in range(D):
             dq[b, h, gi, d] = (pdk[i, d] - shift * pk[i, d]) * opts.dscale
     counts[t] = n_tiles
