@@ -608,7 +608,7 @@ class _EagerFlash(torch.autograd.Function):
 CALIBRATE_ENV = "SELFATTN_AUTO_CALIBRATE"  # "0": measure nothing, the recorded table decides
 PROBES = ((1, 4, 32, 64), (1, 4, 256, 64))  # (B, H, L, D), causal: the fixed-cost end, the throughput end
 _CALIBRATED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-TIE_MARGIN = 1.1  # predicted times closer than this factor: a tie, the recorded table decides
+TIE_MARGIN = 1.3  # predicted times closer than this factor: a tie, the recorded table decides
 
 
 class Fit(NamedTuple):
