@@ -234,3 +234,79 @@ def test_cli_writes_the_same_numbers(tmp_path):
     for x in tr.weights.flatten():
         assert fmt(float(x)) in text and fmt(float(x)) in r.stdout
     assert "window = 3 back, 0 ahead" in r.stdout and "causal" in r.stdout
+
+
+# -- proportionate pictures for models with many heads -----------------------------------------------
+
+def _many_heads(tmp_path, heads=8, layers=3):
+    torch.manual_seed(0)
+    model = AttentionStack(30, 16, [{"type": "MultiHeadAttention", "num_heads": heads}] * layers)
+    save(tmp_path / "ck", model, model.config, vocab=[f"t{i}" for i in range(30)])
+    return tmp_path / "ck"
+
+
+def test_model_png_leaves_out_layers_past_its_height_cap_and_says_which(tmp_path, monkeypatch, capsys):
+    """A picture taller than MAX_HEIGHT_PX stops before a layer; the picture, the CLI and the HTML
+    name what was left out and the --layers that draws it, and --layers does."""
+    from selfattn.explain import plot
+    from selfattn import cli
+
+    ck = _many_heads(tmp_path)
+    mt = explain("t1 t2 t3 t4 t5 t1 t2", checkpoint=ck)
+    full_h = png_size(mt)[1]
+    monkeypatch.setattr(plot, "MAX_HEIGHT_PX", full_h - 100)  # one layer too many
+    w, h = png_size(mt)
+    assert h <= full_h - 100 and [(layer.name, hs) for layer, hs in plot.left_out(mt)] == [(mt.layers[2].name, list(range(8)))]
+    note = plot.left_out_note(mt, plot.left_out(mt))
+    assert f"layer 2 ({mt.layers[2].name})" in note and "--layers 2" in note, note
+    png = tmp_path / "m.png"
+    code = cli.main(["explain", "t1 t2 t3 t4 t5 t1 t2", "--checkpoint", str(ck), "--png", str(png), "--html", str(tmp_path / "m.html")])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 0 and _png_info(png) == (w, h)
+    assert "Left out to keep this picture under" in out and "--layers 2" in out
+    assert "--layers 2" in (tmp_path / "m.html").read_text()
+    # what the note says to do draws the layer left out
+    two = explain("t1 t2 t3 t4 t5 t1 t2", checkpoint=ck, layers="2")
+    assert [layer.name for layer in two.layers] == [mt.layers[2].name] and not plot.left_out(two)
+
+
+def test_model_png_with_many_heads_is_proportionate(tmp_path):
+    """16 heads a layer at 10 tokens: heads share token labels and cells shrink (it was ~5200 px tall for 2 layers)."""
+    from selfattn.explain.plot import MAX_HEIGHT_PX
+
+    ck = _many_heads(tmp_path, heads=16, layers=2)
+    mt = explain(" ".join(f"t{i}" for i in range(10)), checkpoint=ck)
+    w, h = png_size(mt)
+    assert h <= 2000 and w <= 2700 and h <= MAX_HEIGHT_PX, (w, h)
+
+
+def test_long_model_html_is_proportionate(tmp_path):
+    """2000 tokens, 2 x 8 heads: row strips are pooled to their pixels and charts to two points a pixel
+    column (the page was ~165 KB a head before, most of it invisible detail)."""
+    import base64
+
+    ck = _many_heads(tmp_path, heads=8, layers=2)
+    mt = explain(" ".join(f"t{(i * 7) % 29}" for i in range(2000)), checkpoint=ck, rows="0,1000,-1")
+    doc = mt.to_html()
+    png = re.search(r'src="data:image/png;base64,([^"]+)"', doc).group(1)
+    rest = len(doc) - len(png)
+    assert rest < 45_000 * len(mt.heads), rest / len(mt.heads)
+    assert len(base64.b64decode(png)) < 1_000_000
+    from selfattn.explain.html import STRIP_LEVELS
+
+    for svg in re.findall(r"<svg[^>]*attention weights over all keys.*?</svg>", doc):
+        assert svg.count("<path") <= STRIP_LEVELS + 2 and svg.count("z") <= 400  # a path a colour, a run a pixel column at most
+
+
+def test_html_strip_pools_keys_to_pixels_and_keeps_a_peak():
+    from selfattn.explain.html import _colour, strip
+
+    w = torch.full((2000,), 1e-4, dtype=torch.float64)
+    w[1234] = 0.5  # one sharp peak among 2000 keys
+    masked = torch.zeros(2000, dtype=torch.bool)
+    masked[1500:] = True
+    svg = strip(w, masked=masked, relative=True, width=400)
+    peak = _colour(1.0, 0.0, 1.0, False)[0]
+    assert svg.count("z") == 4 and 'fill="#d9d9d9"' in svg  # low run, peak, low run, masked run
+    x = float(re.search(r'fill="' + peak + r'" d="M([0-9.]+) ', svg).group(1))
+    assert abs(x - 1234 / 5) <= 1  # the peak's pixel column

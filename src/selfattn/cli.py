@@ -73,11 +73,12 @@ def _check_explain(args, text) -> None:
     for opt, kind in (("png", "png"), ("html", "html"), ("json", "json")):
         if getattr(args, opt):
             check_output_file(f"--{opt}", getattr(args, opt), kind)
+    if args.ids is not None and args.hf is None:
+        raise UsageError("--ids needs --hf (token ids of a transformers model's vocabulary)")
     if args.checkpoint is not None or args.hf is not None:
         return
-    for opt in ("ids", "layers"):
-        if getattr(args, opt) is not None:
-            raise UsageError(f"--{opt} needs --hf (it picks from a transformers model)")
+    if args.layers is not None:
+        raise UsageError("--layers needs --hf or --checkpoint (it picks from a model's attention layers)")
     n = 3 if text is None else len(tokenize(text))
     dim = 4 if text is None else (args.dim or 8)
     qk, v = args.qk_dim or dim, args.v_dim or dim
@@ -118,7 +119,7 @@ def _cmd_explain(args) -> int:
     with compile_notice(enabled=True):
         trace = explain(text, dim=args.dim, seed=args.seed, init=args.init, qk_dim=args.qk_dim, v_dim=args.v_dim,
                         causal=args.causal, window=args.window, scale=not args.no_scale, rows=args.rows,
-                        checkpoint=args.checkpoint)
+                        checkpoint=args.checkpoint, layers=args.layers)
     console = Console()
     render(trace, console, notes_check=True, all_rows_table=args.rows is not None, full=args.full)
     _write_outputs(trace, args, console)
@@ -165,11 +166,15 @@ def _cmd_explain_hf(args, text) -> int:
 
 def _write_outputs(trace, args, console) -> None:
     if args.png:
-        from .explain.plot import png_size
+        from rich.markup import escape
+
+        from .explain.plot import left_out, left_out_note, png_size
 
         trace.plot(args.png)
         w, h = png_size(trace)
         console.print(f"wrote the heatmap to {args.png} ({w} x {h} px)")
+        if left_out(trace):
+            console.print(f"[yellow]{escape(left_out_note(trace, left_out(trace)))}[/yellow]")
     if args.html:
         trace.to_html(args.html)
         console.print(f"wrote the HTML report to {args.html}")
@@ -208,7 +213,7 @@ def _add_explain(sub) -> None:
                                               "its tokenizer if saved): show every layer and head; nothing is downloaded")
     e.add_argument("--ids", metavar="IDS", help="with --hf: token ids instead of TEXT, e.g. '1,5,9' (for a model saved without "
                                                 "a tokenizer)")
-    e.add_argument("--layers", metavar="LAYERS", help="with --hf: the attention layers to show, e.g. '0,3-5,-1' (default: "
+    e.add_argument("--layers", metavar="LAYERS", help="with --hf or --checkpoint: the attention layers to show, e.g. '0,3-5,-1' (default: "
                                                       "every layer; write --layers=-1 when the first is negative)")
     e.add_argument("--rows", metavar="ROWS", help="query rows to list, e.g. '0,5-7,-1' (write --rows=-1,... when the first is negative); "
                         "for long input only these rows' weights are computed (default: first, middle, last)")

@@ -33,6 +33,7 @@ def explain(
     scale: bool = True,
     rows=None,
     checkpoint=None,
+    layers=None,
 ):
     """Run self-attention on some text and record every step.
 
@@ -57,6 +58,8 @@ def explain(
             first, middle and last).
         checkpoint: a checkpoint directory (:mod:`selfattn.checkpoint`); the model runs on
             ``text`` and every attention layer and head is traced.
+        layers: with a checkpoint, the attention layers to trace (indices in call order, or a
+            string like "0,3-5,-1"; default all).
 
     Returns:
         :class:`ExplainTrace` (one head), or :class:`ModelTrace` (every layer and head) for a
@@ -80,7 +83,9 @@ def explain(
         if given:
             raise ValueError(f"{', '.join(given)} cannot be combined with a checkpoint: the checkpoint's model decides its own "
                              "embeddings, widths and masks")
-        return _explain_checkpoint(text, checkpoint, rows)
+        return _explain_checkpoint(text, checkpoint, rows, layers)
+    if layers is not None:
+        raise ValueError("layers picks from a model's attention layers: give a checkpoint")
     if text is None:
         given = [n for n, v in (("dim", dim), ("seed", seed), ("init", init), ("qk_dim", qk_dim), ("v_dim", v_dim)) if v is not None]
         if given:
@@ -135,7 +140,7 @@ def _layer(dim, qk_dim, v_dim, init, seed):
         return SelfAttention(dim, qk_dim, v_dim, init=init)
 
 
-def _explain_checkpoint(text, path, rows) -> ModelTrace:
+def _explain_checkpoint(text, path, rows, pick=None) -> ModelTrace:
     from .. import checkpoint as _ckpt
     from .tokenize import TOKENIZERS
 
@@ -162,7 +167,14 @@ def _explain_checkpoint(text, path, rows) -> ModelTrace:
     picked = parse_rows(rows, len(tokens)) or default_rows(len(tokens))
     options = {"checkpoint": str(ckpt.path), "model": ckpt.model_config.get("type"), "tokenizer": ckpt.tokenizer}
     layers = []
+    chosen = set(range(len(calls)))
+    if pick is not None:
+        from .hf import parse_layers
+
+        chosen = set(parse_layers(pick, len(calls)))
     for i, c in enumerate(calls):
+        if i not in chosen:
+            continue
         name = c.layer or f"call {i}"
         opts = dict(options, causal=bool(c.options.get("causal")), window=c.options.get("window"))
         layers.append(LayerTrace(name, c.kind, heads_of_call(tokens, c, picked, opts, prefix=f"{name} "), i))

@@ -204,7 +204,8 @@ def line_chart(values: torch.Tensor, title: str, *, tokens=None, lo: float | Non
         else:
             out.append(f'<text x="{x:.1f}" y="{height - 6}" text-anchor="middle">{_e(label)}</text>')
         out.append(f'<line x1="{x:.1f}" y1="{pad_t + plot_h}" x2="{x:.1f}" y2="{pad_t + plot_h + 4}" stroke="#bbb"/>')
-    pts = " ".join(f"{px(i):.1f},{py(x):.1f}" for i, x in enumerate(v) if math.isfinite(x))
+    digits = 1 if n <= plot_w else 0  # a point per pixel or more: whole pixels are precise enough
+    pts = " ".join(f"{px(i):.{digits}f},{py(x):.{digits}f}" for i, x in _envelope(v, plot_w))
     out.append(f'<polyline fill="none" stroke="#1f5fa8" stroke-width="1.2" points="{pts}"/>')
     if n <= 64:  # few points: mark each, with its token and value on hover
         for i, x in enumerate(v):
@@ -213,6 +214,23 @@ def line_chart(values: torch.Tensor, title: str, *, tokens=None, lo: float | Non
                 out.append(f'<circle cx="{px(i):.1f}" cy="{py(x):.1f}" r="2.2" fill="#1f5fa8"><title>{_e(tip)}</title></circle>')
     out.append("</svg>")
     return "".join(out)
+
+
+def _envelope(v: list, n_px: int) -> list:
+    """[(index, value)] of the finite values; more than two per pixel column: each column's smallest and
+    largest, in order (a spike survives, the page does not carry thousands of invisible points)."""
+    pts = [(i, x) for i, x in enumerate(v) if math.isfinite(x)]
+    if len(v) <= 2 * n_px:
+        return pts
+    columns: dict = {}
+    for i, x in pts:
+        columns.setdefault(i * n_px // len(v), []).append((i, x))
+    out = []
+    for c in sorted(columns):
+        group = columns[c]
+        lo, hi = min(group, key=lambda p: p[1]), max(group, key=lambda p: p[1])
+        out += sorted({lo, hi}) if abs(hi[1] - lo[1]) > 1e-3 * (abs(hi[1]) + 1e-12) else [lo]  # one point where they agree
+    return out
 
 
 def stat_charts(trace: ExplainTrace, label: str = "") -> str:
@@ -226,34 +244,50 @@ def stat_charts(trace: ExplainTrace, label: str = "") -> str:
     return ent + mx
 
 
+STRIP_LEVELS = 32  # colours a strip uses (its numbers are in the table beside it)
+
+
 def strip(weights: torch.Tensor, *, masked=None, relative: bool = False, width: int = 900, height: int = 14) -> str:
     """An inline SVG heat strip: one row of attention weights over every key.
 
     ``relative``: colour each weight relative to the row's largest (the choice for long rows,
     where every weight is small). Keys in ``masked`` (bool) are drawn grey, not as weight 0.
+    More keys than ``width`` pixels: each pixel shows the largest weight of its keys (grey only
+    when all of them are masked), as the PNG's strips do. Colours come in ``STRIP_LEVELS`` steps,
+    one path each, so a strip stays a few kilobytes over thousands of keys.
     """
     n = weights.shape[0]
-    w = width / n
     top = float(weights.max()) if n else 0.0
-    rects = []
     vals = weights.tolist()
     gone = masked.tolist() if masked is not None else [False] * n
+    f = max(1, -(-n // width))  # keys per drawn column
+    cols = []  # per drawn column: None (all masked), or its largest weight
+    for j in range(0, n, f):
+        seen = [x for x, g in zip(vals[j:j + f], gone[j:j + f]) if not g]
+        cols.append(max(seen) if seen else None)
+    w = width / max(1, len(cols))
+    fills = []
+    for x in cols:
+        if x is None:
+            fills.append("#d9d9d9")
+        elif x > 0:
+            t = x / top if relative and top > 0 else x
+            fills.append(_colour(round(t * STRIP_LEVELS) / STRIP_LEVELS, 0.0, 1.0, False)[0])
+        else:
+            fills.append(None)  # weight 0: the white background
+    runs: dict = {}  # fill -> path segments of its runs of neighbouring columns
     j = 0
-    while j < n:  # a run of masked keys is one grey rectangle
-        if gone[j]:
-            k = j
-            while k < n and gone[k]:
-                k += 1
-            rects.append(f'<rect x="{j * w:.2f}" y="0" width="{(k - j) * w:.2f}" height="{height}" fill="#d9d9d9"/>')
-            j = k
-            continue
-        x = vals[j]
-        if x > 0:
-            bg, _ = _colour(x / top if relative and top > 0 else x, 0.0, 1.0, False)
-            rects.append(f'<rect x="{j * w:.2f}" y="0" width="{max(w, 0.6):.2f}" height="{height}" fill="{bg}"/>')
-        j += 1
+    while j < len(fills):
+        k = j
+        while k < len(fills) and fills[k] == fills[j]:
+            k += 1
+        if fills[j] is not None:
+            runs.setdefault(fills[j], []).append(f"M{j * w:.4g} 0h{max((k - j) * w, 0.6):.4g}v{height}h-{max((k - j) * w, 0.6):.4g}z")
+        j = k
+    rects = [f'<path fill="{fill}" d="{"".join(d)}"/>' for fill, d in runs.items()]
     what = "weight / largest in the row" if relative else "weight 0-1"
-    return (f'<svg width="{width}" height="{height}" role="img" aria-label="attention weights over all keys ({what}; grey = masked)">'
+    pooled = f"; each pixel the largest of {f} keys" if f > 1 else ""
+    return (f'<svg width="{width}" height="{height}" role="img" aria-label="attention weights over all keys ({what}; grey = masked{pooled})">'
             f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fff" stroke="#ddd"/>{"".join(rects)}</svg>')
 
 
@@ -395,6 +429,10 @@ def _model_body(mt: ModelTrace) -> str:
     if mt.predictions:
         out += ["<h2>The model's predictions</h2>", _predictions(mt)]
     out += ["<h2>Attention weights of every head (heatmaps)</h2>", _png(mt)]
+    from .plot import left_out, left_out_note
+
+    if left_out(mt):
+        out.append(f'<p class="note">{_e(left_out_note(mt, left_out(mt)))}</p>')
     for layer in mt.layers:
         masks = mask_words(layer.heads[0].options) if layer.heads else ""
         out.append(f"<h2>{_e(layer.name)} ({_e(layer.kind)}, {len(layer.heads)} head{'s' if len(layer.heads) > 1 else ''}"

@@ -94,7 +94,7 @@ def _layout(obj) -> _Layout:
     else:
         pw, ph, cell = LONG_WIDTH_IN, max(1, len(tr.rows)) * LONG_ROW_IN, None
     width, height = LEFT_IN + pw + GAP_IN + RIGHT_IN, TOP_IN + ph + BOTTOM_IN
-    notes = _notes([tr], [])
+    notes = _notes([tr])
     texts = [(LEFT_IN, 0.08 + NOTE_IN * (len(notes) - 1 - i), line, 8, "normal") for i, line in enumerate(notes)]
     bar = (width - RIGHT_IN + 0.25, BOTTOM_IN, 0.18, height - BOTTOM_IN - TOP_IN)
     return _Layout(width, height, cell, [_Panel(tr, (LEFT_IN, BOTTOM_IN, pw, ph), _title(tr, 1))], texts, bar)
@@ -138,9 +138,11 @@ def _model_layout(mt: ModelTrace) -> _Layout:
         used += band(k)
         if k < len(layer.heads):
             left_out.append((layer, list(range(k, len(layer.heads)))))
-    notes = _notes(mt.heads, left_out, mt)
+    notes = _notes(mt.heads)
     height = TOP_IN + used + NOTE_IN * len(notes) + (0.1 if notes else 0.0)
     panels, texts = [], []
+    if left_out:  # said at the top, where a reader starts, and in colour
+        texts.append((LEFT_IN, height - TOP_IN + 0.2, left_out_note(mt, left_out), 10, "bold"))
     y = height - TOP_IN  # top of the next layer, inches from the bottom
     for layer, k in shown:
         heads = layer.heads[:k]
@@ -177,8 +179,8 @@ def _head_title(tr: ExplainTrace, layer) -> str:
     return title + (f", sink logit {tr.sink:.3g}" if tr.sink is not None else "")
 
 
-def _notes(heads, left_out, mt=None) -> list:
-    """The lines under a picture: what the colours mean (long rows), the sink, what was left out."""
+def _notes(heads) -> list:
+    """The lines under a picture: what the colours mean (long rows) and the sink."""
     lines = []
     first = heads[0]
     n_keys = len(first.tokens)
@@ -190,24 +192,27 @@ def _notes(heads, left_out, mt=None) -> list:
         where = "the 'sink' column" if first.full else "'sink' under each row label"
         lines.append(f"{where}: the share of the row's softmax taken by the head's sink (a learned logit with no value); "
                      "the row's weights on the keys sum to 1 minus it")
-    if left_out:
-        whole = [layer for layer, hs in left_out if len(hs) == len(layer.heads)]
-        part = [(layer, hs) for layer, hs in left_out if len(hs) < len(layer.heads)]
-        said = []
-        for layer, hs in part:
-            said.append(f"heads {hs[0]}-{hs[-1]} of {layer.name}")
-        if whole:
-            idx = [layer.index for layer in whole]
-            named = _span(idx) if None not in idx else f"{len(whole)} layers"
-            said.append(f"layers {named} ({whole[0].name}{' ... ' + whole[-1].name if len(whole) > 1 else ''})")
-        shown = (len(mt.layers) - len(whole)) if mt is not None else 0
-        ask = ""
-        if whole and None not in [layer.index for layer in whole]:
-            nxt = [layer.index for layer in whole][:max(1, shown)]
-            ask = f"; draw them with --layers {_span(nxt)} (and so on)"
-        lines.append(f"left out to keep this picture under {MAX_HEIGHT_PX} px: {'; '.join(said)}{ask}; "
-                     "the terminal, HTML tables and --json hold every head")
     return lines
+
+
+def left_out_note(mt: ModelTrace, left_out: list) -> str:
+    """One sentence naming what a model's picture left out and how to draw it ('' when nothing was)."""
+    if not left_out:
+        return ""
+    said = [f"heads {hs[0]}-{hs[-1]} of {layer.name}" for layer, hs in left_out if len(hs) < len(layer.heads)]
+    whole = [layer for layer, hs in left_out if len(hs) == len(layer.heads)]
+    ask = ""
+    if whole:
+        idx = [layer.index for layer in whole]
+        known = None not in idx
+        one = len(whole) == 1
+        names = whole[0].name if one else f"{whole[0].name} ... {whole[-1].name}"
+        said.append(f"{'layer' if one else f'{len(whole)} layers'} {_span(idx) if known else ''} ({names})".replace("  ", " "))
+        if known:
+            fit = max(1, len(mt.layers) - len(whole))  # as many layers as this picture holds
+            ask = f"; draw {'it' if one else 'them'} with --layers {_span(idx[:fit])}" + ("" if fit >= len(idx) else ", then the next ones")
+    return (f"Left out to keep this picture under {MAX_HEIGHT_PX} px tall: {'; '.join(said)}{ask}. "
+            "The terminal, the HTML tables and --json have every head.")
 
 
 def _span(idx: list) -> str:
@@ -369,7 +374,8 @@ def plot_trace(obj, path=None):
         im = _heatmap(ax, p.trace, lay.cell, xlabels=p.xlabels, ylabels=p.ylabels)
         ax.set_title(p.title, fontsize=9)
     for x, y, text, size, weight in lay.texts:
-        fig.text(x / width, y / height, text, fontsize=size, fontweight=weight, color="#222" if weight == "bold" else "#333")
+        colour = "#a02020" if text.startswith("Left out") else "#222" if weight == "bold" else "#333"
+        fig.text(x / width, y / height, text, fontsize=size, fontweight=weight, color=colour)
     bx, by, bw, bh = lay.bar
     cax = fig.add_axes((bx / width, by / height, bw / width, bh / height))
     n_keys = len(lay.panels[0].trace.tokens)
