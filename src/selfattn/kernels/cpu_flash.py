@@ -1180,7 +1180,7 @@ def _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, counts, ma
     s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
     p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
     dp = np.empty((BLOCK_M, BLOCK_N), q.dtype)
-    lo = np.zeros((BLOCK_M, BLOCK_N) if softcap > 0.0 else (0, 0), q.dtype)  # _softcap_tile's rest
+    lo = np.zeros((BLOCK_M, BLOCK_N) if softcap > 0.0 and FOLD_LO else (0, 0), q.dtype)  # _softcap_tile's rest
     w = np.empty((BLOCK_M, BLOCK_N) if softcap > 0.0 else (0, 0), q.dtype)  # ... and dS factor
     ncols = min(BLOCK_N, Lk - c0)
     kt = np.zeros((D, BLOCK_N), q.dtype)
@@ -1284,7 +1284,7 @@ def _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, counts
     s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
     p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
     dp = np.empty((BLOCK_M, BLOCK_N), q.dtype)
-    lo = np.zeros((BLOCK_M, BLOCK_N) if softcap > 0.0 else (0, 0), q.dtype)  # _softcap_tile's rest
+    lo = np.zeros((BLOCK_M, BLOCK_N) if softcap > 0.0 and FOLD_LO else (0, 0), q.dtype)  # _softcap_tile's rest
     w = np.empty((BLOCK_M, BLOCK_N) if softcap > 0.0 else (0, 0), q.dtype)  # ... and dS factor
     use_dot = rows < 4
     pdk = np.zeros((BLOCK_M, D), q.dtype)  # sum_j p (dP - c) k
