@@ -142,20 +142,25 @@ def test_bfloat16_without_amx_runs_here(monkeypatch):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_deterministic(threads):
-    # per-worker dK/dV accumulators, summed in worker order: the same bits on every run
+@pytest.mark.parametrize("heads", [(4, 2), (2, 1)], ids=["kv-heads-per-worker", "worker-copies"])
+def test_deterministic(threads, heads):
+    # two threads deal whole kv heads to the workers when they divide evenly (2 x 2 kv heads), else
+    # every worker adds into its own dK/dV copy (1 x 1), summed in worker order: the same bits on
+    # every run either way, and the gradients of the reference
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        q, k, v, do = _inputs(2, 4, 2, 200, 230, 32, dv=24)
-        m = masks.causal() & masks.padding([230, 150])
+        b = 2 if heads[1] == 2 else 1
+        q, k, v, do = _inputs(b, *heads, 200, 230, 32, dv=24)
+        m = masks.causal() & masks.padding([230, 150][:b])
         runs = []
         for _ in range(2):
             qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
             out = selfattn.attention(qq, kk, vv, mask=m, softcap=20.0, backend="cpu")
             runs.append(torch.autograd.grad(out, (qq, kk, vv), do))
-        for a, b in zip(*runs):
-            assert torch.equal(a, b), "two runs differ"
+        for a, bb in zip(*runs):
+            assert torch.equal(a, bb), "two runs differ"
+        check_backward(f"{threads} threads {heads}", q, k, v, do, mask=m, softcap=20.0)
     finally:
         torch.set_num_threads(old)
 

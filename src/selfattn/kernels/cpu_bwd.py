@@ -35,88 +35,113 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .cpu_flash import (ADD, BLOCK_M, BLOCK_N, EMPTY, FASTMATH, PARTIAL, STORE, _addr, _bx, _dot, _Exact,
+from .cpu_flash import (ADD, VEC_BYTES, BLOCK_M, BLOCK_N, EMPTY, FASTMATH, PARTIAL, STORE, _addr, _bx, _dot, _Exact,
                         _exp2_ir, _gemm, _Vectors)
 
+VW = VEC_BYTES // 4  # float32 lanes of one host vector
 LANES = 16  # query lanes rounded up to this (a whole AVX-512 vector of float32; two AVX2 ones)
 CALLS = {"calls": 0, "tiles": 0}  # launches of this kernel and the tiles they computed (tests read it)
 
 # -- vertical vector ops over the query lanes ---------------------------------------------------
 
 
-def _lane_loop(builder, vec, n, body, name):
-    # for i in range(0, n, width): body(i)  (n a multiple of the width; nothing when n <= 0)
+def _row_loop(builder, vec, n, body, name):
+    # for j in range(n): carried = body(j, carried), over a list of loop-carried values; returns the
+    # final values (the initial ones when n <= 0)
     c = vec.const
-    entry = builder.block
-    loop = builder.append_basic_block(name + ".loop")
-    done = builder.append_basic_block(name + ".done")
-    builder.cbranch(builder.icmp_signed(">", n, c(0)), loop, done)
-    builder.position_at_end(loop)
-    i = builder.phi(vec.i64)
-    body(i)
-    nxt = builder.add(i, c(vec.width))
-    i.add_incoming(c(0), entry)
-    i.add_incoming(nxt, builder.block)
-    builder.cbranch(builder.icmp_signed("<", nxt, n), loop, done)
-    builder.position_at_end(done)
+
+    def run(inits):
+        entry = builder.block
+        loop = builder.append_basic_block(name + ".loop")
+        done = builder.append_basic_block(name + ".done")
+        builder.cbranch(builder.icmp_signed(">", n, c(0)), loop, done)
+        builder.position_at_end(loop)
+        j = builder.phi(vec.i64)
+        phis = [builder.phi(x.type) for x in inits]
+        new = body(j, phis)
+        nxt = builder.add(j, c(1))
+        j.add_incoming(c(0), entry)
+        j.add_incoming(nxt, builder.block)
+        for phi, x0, x1 in zip(phis, inits, new):
+            phi.add_incoming(x0, entry)
+            phi.add_incoming(x1, builder.block)
+        end = builder.block
+        builder.cbranch(builder.icmp_signed("<", nxt, n), loop, done)
+        builder.position_at_end(done)
+        outs = []
+        for x0, x1 in zip(inits, new):
+            phi = builder.phi(x0.type)
+            phi.add_incoming(x0, entry)
+            phi.add_incoming(x1, end)
+            outs.append(phi)
+        return outs
+
+    return run
 
 
 @intrinsic
-def _probs_lanes(typingctx, ps, pdp, pm, plg, pdl, n, lo, like):
-    # One key row of a transposed tile, over its n query lanes (n a multiple of 16), raw addresses:
+def _probs_lanes(typingctx, ps, pdp, stride, pm, plg, pdl, ncols, lo, like):
+    # One vector of query lanes (the host's width) down the ncols key rows of a transposed tile (raw
+    # addresses, rows `stride` elements apart):
     #   p = 2**((s - m) - lg), 0 where that exponent is below lo      -> written over s
-    #   dl += p * dp, in float64                                      (delta, summed over the keys)
+    #   dl += sum over the rows of p * dp, in float64                 (delta)
     # m, lg (float32) and dl (float64) per lane. The same exp2 IR as cpu_flash's _vec_exp2_row, so P
     # is the same; delta in float64 because dS = P (dP - delta) cancels: a float32 sum over the keys
     # doubled the error of dK against the reference's at head dim 1.
     if not (isinstance(like, types.Array) and like.dtype == types.float32):
         return None
-    sig = types.void(types.intp, types.intp, types.intp, types.intp, types.intp, types.intp, types.float32, like)
+    sig = types.void(types.intp, types.intp, types.intp, types.intp, types.intp, types.intp, types.intp, types.float32,
+                     like)
 
     def codegen(context, builder, signature, args):
         builder = _Exact(builder)
-        ps, pdp, pm, plg, pdl, n, lo, _ = args
+        ps, pdp, stride, pm, plg, pdl, ncols, lo, _ = args
         vec = _Vectors(context, builder, types.float32)
         dty = ir.VectorType(ir.DoubleType(), vec.width)
         dptr = ir.PointerType(dty)
         fma64 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(dty, [dty] * 3), f"llvm.fma.v{vec.width}f64")
         lov = vec.splat(lo)
+        m, lg = vec.load(pm, vec.const(0)), vec.load(plg, vec.const(0))
+        at = builder.inttoptr(pdl, dptr)
 
-        def body(i):
+        def body(j, carried):
+            off = builder.mul(j, stride)
             # -- p = exp2((s - m) - lg), in this order --
-            x = builder.fsub(builder.fsub(vec.load(ps, i), vec.load(pm, i)), vec.load(plg, i))
+            x = builder.fsub(builder.fsub(vec.load(ps, off), m), lg)
             below = builder.fcmp_ordered("<", x, lov)
             xc = builder.select(below, lov, x)
             p = builder.select(below, vec.zero, _exp2_ir(builder, xc, vec.width))
-            vec.store(p, ps, i)
+            vec.store(p, ps, off)
             # -- delta: dl += p * dp in float64 (the product is exact) --
-            at = builder.inttoptr(builder.add(pdl, builder.mul(i, vec.const(8))), dptr)
-            pd, dpd = builder.fpext(p, dty), builder.fpext(vec.load(pdp, i), dty)
-            builder.store(builder.call(fma64, [pd, dpd, builder.load(at, align=8)]), at, align=8)
+            pd, dpd = builder.fpext(p, dty), builder.fpext(vec.load(pdp, off), dty)
+            return [builder.call(fma64, [pd, dpd, carried[0]])]
 
-        _lane_loop(builder, vec, n, body, "probs")
+        (dl,) = _row_loop(builder, vec, ncols, body, "probs")([builder.load(at, align=8)])
+        builder.store(dl, at, align=8)
         return context.get_dummy_value()
 
     return sig, codegen
 
 
 @intrinsic
-def _ds_lanes(typingctx, pp, pdp, pdl, n, like):
-    # dp = p * (dp - delta) over n query lanes (a multiple of 16) at raw addresses; delta per lane
+def _ds_lanes(typingctx, pp, pdp, stride, pdl, ncols, like):
+    # dp = p * (dp - delta) for one vector of query lanes down ncols key rows (`stride` apart)
     if not (isinstance(like, types.Array) and like.dtype == types.float32):
         return None
-    sig = types.void(types.intp, types.intp, types.intp, types.intp, like)
+    sig = types.void(types.intp, types.intp, types.intp, types.intp, types.intp, like)
 
     def codegen(context, builder, signature, args):
         builder = _Exact(builder)
-        pp, pdp, pdl, n, _ = args
+        pp, pdp, stride, pdl, ncols, _ = args
         vec = _Vectors(context, builder, types.float32)
+        dl = vec.load(pdl, vec.const(0))
 
-        def body(i):
-            ds = builder.fmul(vec.load(pp, i), builder.fsub(vec.load(pdp, i), vec.load(pdl, i)))
-            vec.store(ds, pdp, i)
+        def body(j, carried):
+            off = builder.mul(j, stride)
+            vec.store(builder.fmul(vec.load(pp, off), builder.fsub(vec.load(pdp, off), dl)), pdp, off)
+            return []
 
-        _lane_loop(builder, vec, n, body, "ds")
+        _row_loop(builder, vec, ncols, body, "ds")([])
         return context.get_dummy_value()
 
     return sig, codegen
@@ -277,9 +302,9 @@ def _bwd_task(t, q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk_w, dv_w, dq
         # -- dP^T = V_blk dO_blk^T --
         _gemm(pv, Dv, 1, pdot, BLOCK_M, _addr(dpt), BLOCK_M, ncols, Dv, nr, 1.0, STORE, np.intp(0), dpt)
         # -- P^T = exp2((S^T - max) - log l); delta += rowsum(P * dP) --
-        for j in range(ncols):
-            _probs_lanes(_addr(st) + j * BLOCK_M * isz, _addr(dpt) + j * BLOCK_M * isz, pm, plg, _addr(dl64), nr,
-                         opts.exp_lo, st)
+        for g in range(0, nr, VW):
+            _probs_lanes(_addr(st) + g * isz, _addr(dpt) + g * isz, BLOCK_M, pm + g * isz, plg + g * isz,
+                         _addr(dl64) + g * 8, ncols, opts.exp_lo, st)
         # -- dV += P^T dO --
         _gemm(_addr(st), BLOCK_M, 1, pdo, Dv, _addr(dv_w) + ((b * Hkv + hk) * Lk + c0) * Dv * isz, Dv, ncols, rows, Dv,
               1.0, ADD, np.intp(0), st)
@@ -296,8 +321,8 @@ def _bwd_task(t, q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk_w, dv_w, dq
         c0 = kbs[u] * BLOCK_N
         ncols = min(BLOCK_N, Lk - c0)
         st, dpt = pbuf[u], dpbuf[u]
-        for j in range(ncols):
-            _ds_lanes(_addr(st) + j * BLOCK_M * isz, _addr(dpt) + j * BLOCK_M * isz, _addr(dl), nr, st)
+        for g in range(0, nr, VW):
+            _ds_lanes(_addr(st) + g * isz, _addr(dpt) + g * isz, BLOCK_M, _addr(dl) + g * isz, ncols, st)
         pk = _addr(k) + ((b * Hkv + hk) * Lk + c0) * D * isz
         _gemm(_addr(dpt), BLOCK_M, 1, pq, D, _addr(dk_w) + ((b * Hkv + hk) * Lk + c0) * D * isz, D, ncols, rows, D,
               1.0, ADD, np.intp(0), st)
@@ -329,31 +354,48 @@ def _finish_kv(dk_w, dv_w, dk, dv, dscale, lo, hi):
 
 
 @njit(parallel=True, cache=True)
-def flash_bwd_t(q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk_w, dv_w, dk, dv, dq, counts, mask, opts):
-    """The whole backward pass: one task per (batch, head, query block) (``counts`` has one entry
-    each), dealt round robin to W = dk_w.shape[0] workers, each adding its dK/dV shares to its own
-    accumulators dk_w[w] (B, Hkv, Lk, D) and dv_w[w] (B, Hkv, Lk, Dv) (zeroed by the caller); then
-    dk = dscale * sum_w dk_w[w], dv = sum_w dv_w[w], in worker order.
+def flash_bwd_t(q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, workers, dk_w, dv_w, dk, dv, dq, counts, mask, opts):
+    """The whole backward pass on ``workers`` threads: one task per (batch, head, query block)
+    (``counts`` has one entry each). Two ways to deal them, both bit-identical run to run:
 
-    qt, dot (B, Hq, nQ, D|Dv, BLOCK_M): Q^T and dO^T per query block, zero past Lq. m_l, lg_l, dl_l
-    (B, Hq, nQ * BLOCK_M): row_max, row_log and delta per query row (a fully-masked row and those
-    past Lq: +inf, 0, 0); dl_l is read only when ``external``. Writes dq (B, Hq, Lq, D).
+    * dk_w has one slot (a view of dk, zeroed; dv_w likewise): whole kv heads -- the tasks of every
+      query head of a group -- go round robin to the workers, so each dK/dV row has one writer
+      (the caller chooses this when the kv heads divide evenly among the workers);
+    * dk_w has one slot per worker (W, B, Hkv, Lk, D), zeroed (dv_w likewise): tasks go round
+      robin to the workers, each adding its dK/dV shares to its own slot; then dk = sum_w dk_w[w],
+      dv = sum_w dv_w[w], in worker order.
+
+    dk ends up times dscale. qt, dot (B, Hq, nQ, D|Dv, BLOCK_M): Q^T and dO^T per query block, zero
+    past Lq. m_l, lg_l, dl_l (B, Hq, nQ * BLOCK_M): row_max, row_log and delta per query row (a
+    fully-masked row and those past Lq: +inf, 0, 0); dl_l is read only when ``external``. Writes dq
+    (B, Hq, Lq, D).
     """
     W = dk_w.shape[0]
     T = counts.shape[0]
     nK = (k.shape[2] + BLOCK_N - 1) // BLOCK_N
-    for w in prange(W):
-        pbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
-        dpbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
-        kbs = np.empty(nK, np.int64)
-        for t in range(w, T, W):
-            _bwd_task(t, q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk_w[w], dv_w[w], dq, pbuf, dpbuf, kbs,
-                      counts, mask, opts)
+    if W == 1:
+        per = (q.shape[1] // k.shape[1]) * ((q.shape[2] + BLOCK_M - 1) // BLOCK_M)  # tasks per kv head
+        for w in prange(workers):
+            pbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
+            dpbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
+            kbs = np.empty(nK, np.int64)
+            for kh in range(w, T // per, workers):
+                for t in range(kh * per, (kh + 1) * per):
+                    _bwd_task(t, q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk_w[0], dv_w[0], dq, pbuf, dpbuf,
+                              kbs, counts, mask, opts)
+    else:
+        for w in prange(W):
+            pbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
+            dpbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
+            kbs = np.empty(nK, np.int64)
+            for t in range(w, T, W):
+                _bwd_task(t, q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk_w[w], dv_w[w], dq, pbuf, dpbuf, kbs,
+                          counts, mask, opts)
     R = dk.shape[0] * dk.shape[1] * dk.shape[2]
     dk2, dv2 = dk.reshape(R, dk.shape[3]), dv.reshape(R, dv.shape[3])
     dkw2, dvw2 = dk_w.reshape(W, R, dk.shape[3]), dv_w.reshape(W, R, dv.shape[3])
-    chunk = (R + W - 1) // W
-    for w in prange(W):
+    chunk = (R + workers - 1) // workers
+    for w in prange(workers):
         _finish_kv(dkw2, dvw2, dk2, dv2, opts.dscale, w * chunk, min(R, (w + 1) * chunk))
 
 
@@ -429,9 +471,13 @@ def launch_backward(grad_out, q, k, v, out, row_max, row_log, call, delta=None):
         flash_bwd_t_serial(*args, dk.numpy(), dv.numpy(), dq.numpy(), counts, mask, opts)
     else:
         _cpu._kernel("flash_fwd", threads)  # sets numba's pool to `threads` (torch's count kept)
-        dk_w = torch.zeros(threads, B, Hkv, Lk, D, dtype=acc)
-        dv_w = torch.zeros(threads, B, Hkv, Lk, Dv, dtype=acc)
-        flash_bwd_t(*args, dk_w.numpy(), dv_w.numpy(), dk.numpy(), dv.numpy(), dq.numpy(), counts, mask, opts)
+        if (B * Hkv) % threads == 0:
+            # whole kv heads per worker: dK/dV rows have one writer each, no copies to sum
+            dk_w, dv_w = dk[None], dv[None]
+        else:
+            dk_w = torch.zeros(threads, B, Hkv, Lk, D, dtype=acc)
+            dv_w = torch.zeros(threads, B, Hkv, Lk, Dv, dtype=acc)
+        flash_bwd_t(*args, threads, dk_w.numpy(), dv_w.numpy(), dk.numpy(), dv.numpy(), dq.numpy(), counts, mask, opts)
     tiles = int(counts.sum())
     _cpu.TILE_PRODUCTS["backward_one_pass"] += tiles
     CALLS["calls"] += 1
