@@ -401,7 +401,8 @@ def explain_hf(path, text: str | None = None, *, ids=None, rows=None, layers=Non
     if not calls:
         raise HFModelError(f"{what} {md.path}: the model ({md.architecture}) made no attention calls through selfattn: "
                            "nothing to show")
-    options = {"checkpoint": str(md.path), "model": md.architecture, "tokenizer": "its own" if tok is not None else "no"}
+    options = {"checkpoint": str(md.path), "model": md.architecture, "tokenizer": "its own" if tok is not None else "no",
+               "source": "transformers"}
     chosen = parse_layers(layers, len(calls)) if layers is not None else list(range(len(calls)))
     traced = []
     for n, i in enumerate(chosen):

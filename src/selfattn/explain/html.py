@@ -312,7 +312,7 @@ def _rows(trace: ExplainTrace) -> str:
     out = [f"<p class=\"note\">Rows {', '.join(map(str, trace.rows))}, {how}: the largest weights, and each row over every "
            f"key; {scale}; grey = keys the mask rules out.{' ' + _e(SINK_WORDS) if sink is not None else ''}</p>",
            '<table class="m"><thead><tr><th>row</th><th>query</th><th>entropy</th><th>max logit</th>'
-           + ("<th>sink</th>" if sink is not None else "") + '<th>largest weights (key: weight)</th><th>all keys</th></tr></thead><tbody>']
+           + ("<th>sink</th>" if sink is not None else "") + '<th>largest weights (key: weight; near-zero ones not listed)</th><th>all keys</th></tr></thead><tbody>']
     for i, r in enumerate(trace.rows):
         keys = ", ".join(f"{_e(token_label(trace, j))}: {fmt(w)}" for j, w in top_keys(trace, i))
         out.append(f"<tr><td>{r}</td><th>{_e(token_label(trace, r))}</th><td>{fmt(float(trace.stats.entropy[r]))}</td>"

@@ -116,7 +116,8 @@ def describe_options(opts: dict, sep: str = "   ") -> str:
     if opts.get("scaled") is False:
         parts.append("NOT scaled (--no-scale)")
     if opts.get("checkpoint"):
-        parts.append(f"checkpoint {opts['checkpoint']} ({opts.get('model')}, {opts.get('tokenizer')} tokenizer)")
+        what = "transformers model" if opts.get("source") == "transformers" else "checkpoint"
+        parts.append(f"{what} {opts['checkpoint']} ({opts.get('model')}, {opts.get('tokenizer')} tokenizer)")
     return sep.join(parts)
 
 

@@ -40,7 +40,8 @@ def _keep(n: int, head: int, tail: int) -> list:
     return list(range(head)) + [None] + list(range(n - tail, n))
 
 
-def step_table(trace: ExplainTrace, name: str, digits: int = 4, width: int | None = None, *, full: bool = False) -> Group:
+def step_table(trace: ExplainTrace, name: str, digits: int = 4, width: int | None = None, *, full: bool = False,
+               numbered: bool = True) -> Group:
     """One step as a labelled table.
 
     Feature columns (d0, d1, ...) wider than ``width`` characters: the first columns that fit and
@@ -55,6 +56,8 @@ def step_table(trace: ExplainTrace, name: str, digits: int = 4, width: int | Non
         raise ValueError(f"--full: step {name!r} is a {n_rows} x {n_cols} matrix ({n_rows * n_cols:,} cells), too many to print "
                          f"(at most {FULL_MAX_CELLS:,}); leave out --full to see it trimmed, or write every number with --json")
     title = step_title(trace, name)
+    if not numbered:  # shown alone (a model's heads): a step number would ask where the others went
+        title = title.split(". ", 1)[-1]
     heading = Text.from_markup(f"\n[bold]{title}[/bold]  [dim]{trace.notes.get(name, '')}[/dim]")
     rows = list(range(n_rows)) if full or rows_kind == "tok" else _keep(n_rows, MAX_ROWS - TAIL - 1, TAIL)
     shown_rows = [i for i in rows if i is not None]
@@ -159,7 +162,7 @@ def rows_table(trace: ExplainTrace, digits: int = 4) -> Table:
     sink = trace.sink_share
     if sink is not None:
         t.add_column("sink", justify="right", style="magenta")
-    t.add_column("largest weights (key: weight)")
+    t.add_column("largest weights (key: weight; near-zero ones not listed)")
     for i, r in enumerate(trace.rows):
         keys = top_keys(trace, i)
         cells = [f"{escape(token_label(trace, j))}: {fmt(w, digits)}" for j, w in keys]
@@ -293,7 +296,7 @@ def _render_model(mt: ModelTrace, console: Console, *, full: bool = False) -> No
         for tr in layer.heads:
             console.rule(f"[bold]{tr.label}[/bold] ({', '.join(x for x in (layer.kind, mask_words(tr.options)) if x)})")
             if tr.full:
-                console.print(step_table(tr, "weights", width=console.width, full=full))
+                console.print(step_table(tr, "weights", width=console.width, full=full, numbered=False))
             else:
                 console.print(rows_table(tr))
     console.print(_uniform_note(mt.heads[0]))

@@ -38,6 +38,7 @@ FULL_MATRIX_MAX_TOKENS = 32
 # the hard limit on input length for `selfattn explain`
 MAX_TOKENS = 4096
 TOP_KEYS = 8  # how many of the largest weights a long row lists
+TOP_MIN = 5e-5  # ... of those at least this large (smaller ones print as 0.0000)
 
 _LONG_NOTES = {
     "Q": "queries as passed to attention (one row per token)",
@@ -306,9 +307,10 @@ def stats_summary(trace: ExplainTrace) -> dict:
 
 
 def top_keys(trace: ExplainTrace, i: int, k: int = TOP_KEYS) -> list:
-    """[(key index, weight)] of the ``k`` largest weights in picked row ``i`` (index into trace.rows)."""
+    """[(key index, weight)] of the ``k`` largest weights in picked row ``i`` (index into trace.rows), leaving
+    out weights that would print as 0.0000 (below ``TOP_MIN``) after the largest: a list of zeros tells nothing."""
     w = trace.row_weights[i]  # (L,)
-    n = min(k, int((w > 0).sum()))
+    n = min(k, max(int((w >= TOP_MIN).sum()), min(1, int((w > 0).sum()))))
     vals, idx = torch.topk(w, n) if n else (w[:0], torch.zeros(0, dtype=torch.long))
     return [(int(j), float(v)) for v, j in zip(vals, idx)]
 
