@@ -12,6 +12,14 @@ largest weight (written beside the row); rows wider than ``STRIP_COLUMNS`` keys 
 weight of each group of neighbouring keys, so a single sharp peak never falls between pixels.
 Pairs the mask rules out are hatched grey, never drawn as a weight of 0. Token labels use a
 monospaced font (so "I" and "l" differ) and show whitespace tokens as visible marks.
+
+A model's picture is drawn layer by layer under a heading per layer; a layer's heads share their
+token labels (rows on the left column, keys under the bottom panels). Beyond ``HEADS_PER_ROW``
+heads a layer the cells shrink (at most ``PANEL_MAX_IN`` a heatmap) and eight go in a row; long
+input's strips go two a row. Layers that would make the picture taller than ``MAX_HEIGHT_PX``
+are left out, and a note at its top names them and the ``--layers`` that draws them.
+A head with an attention sink shows the sink's share of each row as a first column labelled
+"sink" (full matrices), or under each row label (long strips): the keys' weights sum to 1 minus it.
 """
 
 from __future__ import annotations
