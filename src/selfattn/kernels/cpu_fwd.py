@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from selfattn.kernels.cpu_flash import (
@@ -204,6 +205,47 @@ def _vsoftmax(typingctx, ps, ss, nk, pm, pl, pe, palpha, want, like):
     return sig, codegen
 
 
+@intrinsic
+def _alibi_t(typingctx, ps, ss, nk, pqpos, nq, pkv, slope, like):
+    """s^T[j, :] -= slope * |q_pos - kv_pos[j]| for the nk key rows of LANES query lanes at raw address
+    ps (row stride ss elements); q_pos: nq (<= LANES) floats at pqpos, the lanes past nq get 0;
+    kv_pos: nk floats at pkv. One FMA a vector, as cpu_flash's contracted loop rounds it."""
+    if not (isinstance(like, types.Array) and like.dtype == types.float32):
+        return None
+    sig = types.void(*([types.intp] * 6), types.float32, like)
+
+    def codegen(context, builder, signature, args):
+        builder = _Exact(builder)
+        ps, ss, nk, pqpos, nq, pkv, slope, _ = args
+        vec = _Vectors(context, builder, types.float32)
+        fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec.vty, [vec.vty]),
+                                              f"llvm.fabs.v{vec.width}f32")
+        qp = vec.load(pqpos, vec.const(0), vec.lanes_below(nq))
+        neg = vec.splat(builder.fsub(ir.Constant(vec.fty, 0.0), slope))
+
+        def body(j, _):
+            kp = vec.splat(builder.load(vec.at(pkv, j, vec.sptr)))
+            off = builder.mul(j, ss)
+            d = builder.call(fabs, [builder.fsub(qp, kp)])
+            vec.store(builder.call(vec.fma, [neg, d, vec.load(ps, off)]), ps, off)
+            return []
+
+        _loop(builder, vec, vec.const(0), nk, 1, [], body, "alibi")
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def _alibi_tile(st, rows, ncols, b, h, r0, c0, slopes, q_pos_f, kv_pos_f):
+    # s^T[:ncols, :rows] -= slope_h * |q_pos - kv_pos|, LANES query rows a vector
+    slope = slopes[_bx(slopes.shape[0], b), h]
+    pq = _addr(q_pos_f) + (_bx(q_pos_f.shape[0], b) * q_pos_f.shape[1] + r0) * 4
+    pkv = _addr(kv_pos_f) + (_bx(kv_pos_f.shape[0], b) * kv_pos_f.shape[1] + c0) * 4
+    for g in range((rows + LANES - 1) // LANES):
+        _alibi_t(_addr(st) + g * LANES * 4, st.shape[1], ncols, pq + g * LANES * 4, rows - g * LANES, pkv, slope, st)
+
+
 # -- the score terms of a transposed tile (cpu_flash._score_terms, _mask_tile with s^T[key, query]) --
 
 
@@ -256,9 +298,10 @@ def _mask_tile_t(st, rows, ncols, b, h, qb, kb, mask):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _score_terms_t(st, rows, ncols, b, h, qb, kb, kind, mask, opts):
-    # s^T[:ncols, :rows] holds q.k times the scale, or (softcap) q.k alone: the softcap, ALiBi, the
-    # float bias and the element-wise mask, in cpu_flash._score_terms' order
+def _score_terms_t(st, rows, ncols, b, h, qb, kb, kind, mask, opts, alibi):
+    # s^T[:ncols, :rows] holds q.k times the scale, or (softcap) q.k alone: the softcap, ALiBi (unless
+    # `alibi` is False: the caller added it), the float bias and the element-wise mask, in
+    # cpu_flash._score_terms' order
     r0, c0 = qb * BLOCK_M, kb * BLOCK_N
     if opts.softcap_u > 0.0:
         # -- softcap: c * tanh(u), u, tanh(u) and the product in float64, rounded once --
@@ -266,16 +309,9 @@ def _score_terms_t(st, rows, ncols, b, h, qb, kb, kind, mask, opts):
         for j in range(ncols):
             for i in range(rows):
                 st[j, i] = cu * np.tanh(np.float64(st[j, i]) * us)
-    if mask.alibi.size > 0:
+    if alibi and mask.alibi.size > 0:
         # -- ALiBi: - slope * |q_pos - kv_pos|, slope in score units --
-        pb = _bx(mask.q_pos_f.shape[0], b)
-        slope = mask.alibi[_bx(mask.alibi.shape[0], b), h]
-        qpos = mask.q_pos_f[pb, r0:r0 + rows]
-        kvpos = mask.kv_pos_f[_bx(mask.kv_pos_f.shape[0], b)]
-        for j in range(ncols):
-            kp = kvpos[c0 + j]
-            for i in range(rows):
-                st[j, i] -= slope * abs(qpos[i] - kp)
+        _alibi_tile(st, rows, ncols, b, h, r0, c0, mask.alibi, mask.q_pos_f, mask.kv_pos_f)
     if mask.bias.size > 0:
         # -- float mask: add its bias (already in score units) --
         sb = mask.bias_strides
@@ -336,6 +372,13 @@ def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
     # fewer than 4 rows (a ragged last block): dot products, as every pass of cpu_flash computes such
     # a block, so that the backward recomputes bit-identical scores
     use_dot = rows < 4
+    # score terms after the product in every tile; ALiBi without a softcap (which comes first) is
+    # added here: a call that takes the mask record costs ~0.4 us a tile (its ~20 arrays are
+    # reference-counted on the way in and out)
+    softcap = opts.softcap_u > 0.0
+    own_alibi = mask.alibi.size > 0 and not softcap
+    terms = softcap or mask.alibi.size > 0 and not own_alibi or mask.bias.size > 0
+    slopes, q_pos_f, kv_pos_f = mask.alibi, mask.q_pos_f, mask.kv_pos_f
     pq, pst = _addr(qt), _addr(st)
     pm, pl, pe, pal = _addr(m_i), _addr(l_i), _addr(e_i), _addr(alpha_i)
     pk0 = _addr(k) + (b * k.shape[1] + hk) * Lk * D * isz
@@ -353,7 +396,10 @@ def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
         else:
             # -- s^T = k_blk @ Q^T, times the scale --
             _gemm(pk0 + c0 * D * isz, D, 1, pq, BLOCK_M, pst, BLOCK_M, ncols, D, rows, scale, STORE, np.intp(0), st)
-        _score_terms_t(st, rows, ncols, b, h, qb, kb, kind, mask, opts)
+        if own_alibi:
+            _alibi_tile(st, rows, ncols, b, h, r0, c0, slopes, q_pos_f, kv_pos_f)
+        if terms or kind == PARTIAL:
+            _score_terms_t(st, rows, ncols, b, h, qb, kb, kind, mask, opts, not own_alibi)
         # -- online softmax, LANES query rows at a time: m, alpha, l (and e); s^T becomes p^T --
         for g in range(groups):
             o = g * LANES * isz
