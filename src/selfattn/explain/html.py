@@ -27,7 +27,7 @@ _CSS = """
 .sa-report .note { color: #555; margin: 0.2em 0 0.5em; }
 .sa-report .meta { color: #333; margin: 0.2em 0; }
 .sa-report table.m { border-collapse: collapse; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; margin: 0.3em 0; }
-.sa-report table.m th, .sa-report table.m td { border: 1px solid #e3e3e3; padding: 2px 6px; text-align: right; }
+.sa-report table.m th, .sa-report table.m td { border: 1px solid #e3e3e3; padding: 2px 6px; text-align: right; color: #111; }
 .sa-report table.m th { background: #f6f6f6; font-weight: 600; }
 .sa-report table.m td.max { font-weight: 700; outline: 2px solid #e8a400; outline-offset: -2px; }
 .sa-report table.m span.max { font-weight: 700; outline: 2px solid #e8a400; outline-offset: 1px; padding: 0 2px; }
@@ -113,7 +113,8 @@ def matrix_table(m: torch.Tensor, row_labels, col_labels, *, mark_max=False, ext
                 continue
             bg, fg = _colour(x, lo, hi, signed)
             cls = ' class="max"' if best is not None and x == float(best[i]) > 0 else ""
-            out.append(f'<td{cls} style="background:{bg};color:{fg}">{fmt(x)}</td>')
+            light = "" if fg == "#111" else f";color:{fg}"  # dark text is the table's own (a page of many heads is smaller)
+            out.append(f'<td{cls} style="background:{bg}{light}">{fmt(x)}</td>')
         for v in (extra or {}).values():
             out.append(f'<td class="stat">{fmt(float(v[i]))}</td>')
         out.append("</tr>")
