@@ -122,13 +122,15 @@ def matrix_table(m: torch.Tensor, row_labels, col_labels, *, mark_max=False, ext
     return "".join(out)
 
 
-def _step(trace: ExplainTrace, name: str, rows=None) -> str:
+def _step(trace: ExplainTrace, name: str, rows=None, numbered: bool = True) -> str:
     m = trace.steps[name]
     rk, ck = AXES.get(name, ("tok", "dim"))
     row_labels = axis_labels(trace, rk, m.shape[0])
     if rows is not None and rk == "tok":  # long input: only the rows asked for
         m, row_labels = m[rows], [row_labels[r] for r in rows]
     title = step_title(trace, name)
+    if not numbered:  # shown alone (a model's head): a step number would ask where the others went
+        title = title.split(". ", 1)[-1]
     extra = None
     if name == "weights":
         extra = ({"sink": trace.sink_share} if trace.sink is not None else {}) | {"entropy": trace.stats.entropy,
@@ -441,7 +443,7 @@ def _model_body(mt: ModelTrace) -> str:
         for tr in layer.heads:
             out.append(f"<h3>{_e(tr.label)}{f', sink logit {fmt(tr.sink)}' if tr.sink is not None else ''}</h3>")
             if tr.full:
-                out.append(_step(tr, "weights"))
+                out.append(_step(tr, "weights", numbered=False))
                 out.append("<details><summary>every step of this head</summary>"
                            + "".join(_step(tr, name) for name in tr.steps if name != "weights") + "</details>")
             else:
