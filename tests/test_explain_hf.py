@@ -454,6 +454,28 @@ def test_gpt_oss_sinks_every_head_and_its_sink_share_equal_eager(oss, capsys, tm
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_gpt_oss_heatmap_draws_the_sink_as_a_labelled_first_column(oss):
+    """What the PNG draws: each head's first column is its sink share, labelled 'sink', then the keys' weights."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from selfattn.explain.hf import explain_hf
+
+    path, _ = oss
+    mt = explain_hf(path, ids=list(range(1, 8)))
+    fig = mt.plot()
+    axes = [ax for ax in fig.axes if ax.get_title().startswith("head")]  # (not the colour bar)
+    assert len(axes) == len(mt.heads)
+    firsts = {ax.get_xticklabels()[0].get_text() for ax in axes}
+    assert "sink" in firsts and firsts <= {"sink", ""}  # labelled under the bottom panels of each layer
+    for ax, tr in zip(axes, mt.heads):
+        drawn = np.ma.filled(ax.images[0].get_array(), np.nan)  # (L, 1 + L)
+        assert np.allclose(drawn[:, 0], tr.sink_share.numpy())
+        keys = np.nan_to_num(drawn[:, 1:], nan=0.0)
+        assert np.allclose(keys, tr.weights.numpy()) and f"sink logit {tr.sink:.3g}" in ax.get_title()
+    plt.close(fig)
+
+
 def test_gpt_oss_sinks_on_long_input(oss):
     """Beyond FULL_MATRIX_MAX_TOKENS: the rows asked for and every row's sink share, from the saved log-sum-exp."""
     from selfattn.explain.hf import explain_hf
