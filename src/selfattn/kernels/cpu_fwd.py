@@ -18,8 +18,14 @@ The keys are read in their natural (B, Hkv, Lk, D) layout: no transposed copy of
 row stride between the rows a micro-kernel reads (L1 set conflicts at D = 128 in ``cpu_flash``).
 
 Scores are bit-identical to ``cpu_flash``'s: the same FMA order over the head dim, the scale
-applied at the store. The terms after the product (softcap, ALiBi, float bias, element-wise
-mask) are ``cpu_flash._score_terms`` written for the transposed tile.
+applied at the store (query blocks of fewer than 4 rows take cpu_flash's dot products, as all of
+its passes do): the backward recomputes the same scores. The terms after the product (softcap,
+ALiBi, float bias, element-wise mask) are ``cpu_flash._score_terms`` written for the transposed
+tile; ALiBi is vector IR too (``_alibi_t``: one FMA a vector of query rows).
+
+Where the time goes (one thread, dense D = 64, ``bench_cpu.py --profile``): the two tile products
+~75 %, the vertical softmax ~11-18 % (the exp2 polynomial: ~20 vector operations per 16 scores),
+the rest bookkeeping.
 
 Served here: float32 (and bfloat16/float16 computed in float32) with at least 4 query rows;
 float64 and decoding calls (fewer than 4 queries: dot products) stay on ``cpu_flash.flash_fwd``.
