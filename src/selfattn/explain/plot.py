@@ -214,8 +214,8 @@ def left_out_note(mt: ModelTrace, left_out: list) -> str:
         idx = [layer.index for layer in whole]
         known = None not in idx
         one = len(whole) == 1
-        names = whole[0].name if one else f"{whole[0].name} ... {whole[-1].name}"
-        said.append(f"{'layer' if one else f'{len(whole)} layers'} {_span(idx) if known else ''} ({names})".replace("  ", " "))
+        names = whole[0].name if one else f"{len(whole)} layers, {whole[0].name} ... {whole[-1].name}"
+        said.append(f"{'layer' if one else 'layers'} {_span(idx) if known else ''} ({names})".replace("  ", " "))
         if known:
             fit = max(1, len(mt.layers) - len(whole))  # as many layers as this picture holds
             ask = f"; draw {'it' if one else 'them'} with --layers {_span(idx[:fit])}" + ("" if fit >= len(idx) else ", then the next ones")
