@@ -160,12 +160,17 @@ def _vsoftmax(typingctx, ps, ss, nk, pm, pl, pe, palpha, want, like):
         l_dead.add_incoming(l_old, before)
         l_dead.add_incoming(l_nan, after)
 
+        # a dead row subtracts +inf: its -inf scores give p = 0 with no extra test per score (a NaN
+        # gives NaN, and the row is NaN anyway)
+        m_sub = builder.select(dead, fconst(float("inf")), m_new)
+
         def exp_pass(stats):
             # p = exp2(s - m_new) into the tile, its column sums (and sum p * (s - m_new))
             def one(j, tot, st):
-                x = builder.fsub(vec.load(ps, row(j)), m_new)
-                below = builder.or_(builder.fcmp_ordered("<", x, lo), dead)
-                xc = builder.select(below, lo, x)
+                x = builder.fsub(vec.load(ps, row(j)), m_sub)
+                below = builder.fcmp_ordered("<", x, lo)
+                # exp2 of an x below -126 is garbage, but not selected; the entropy term needs it clamped
+                xc = builder.select(below, lo, x) if stats else x
                 p = builder.select(below, vec.zero, _exp2_ir(builder, xc, w))
                 vec.store(p, ps, row(j))
                 return builder.fadd(tot, p), (builder.call(vec.fma, [p, xc, st]) if stats else st)
