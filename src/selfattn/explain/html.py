@@ -68,6 +68,30 @@ def _colour(x: float, lo: float, hi: float, signed: bool) -> tuple:
     return f"#{r:02x}{g:02x}{b:02x}", ("#fff" if dark else "#111")
 
 
+TONES = 32  # a table cell's colour is one of this many steps (each side of 0 for signed values): one CSS class each
+
+
+def _tone(x: float, lo: float, hi: float, signed: bool) -> str:
+    """The CSS class of a cell's colour (``_colour`` in ``TONES`` steps): a class a cell, not a style."""
+    if not math.isfinite(x):
+        return "nf"
+    if signed:
+        a = max(abs(lo), abs(hi)) or 1.0
+        return f"s{round(max(-1.0, min(1.0, x / a)) * TONES)}"
+    t = 0.0 if hi <= lo else max(0.0, min(1.0, (x - lo) / (hi - lo)))
+    return f"u{round(t * TONES)}"
+
+
+def _tone_css() -> str:
+    rules = [".sa-report table.m td.nf { background: #d9d9d9; color: #333; }"]
+    for k in range(-TONES, TONES + 1):
+        for cls, (bg, fg) in ((f"s{k}", _colour(k / TONES, -1.0, 1.0, True)),) + (((f"u{k}", _colour(k / TONES, 0.0, 1.0, False)),) if k >= 0 else ()):
+            rules.append(f".sa-report table.m td.{cls} {{ background: {bg};{' color: #fff;' if fg == '#fff' else ''} }}")
+    return "\n".join(rules)
+
+
+_TONE_CSS = _tone_css()
+
 # matrices larger than this are shown trimmed (first and last rows/columns); --json has every number
 MAX_SHOWN = 64
 _TAIL = 4
@@ -111,10 +135,8 @@ def matrix_table(m: torch.Tensor, row_labels, col_labels, *, mark_max=False, ext
             if masked is not None and bool(masked[i, j]):
                 out.append('<td class="masked" title="ruled out by the mask">masked</td>')
                 continue
-            bg, fg = _colour(x, lo, hi, signed)
-            cls = ' class="max"' if best is not None and x == float(best[i]) > 0 else ""
-            light = "" if fg == "#111" else f";color:{fg}"  # dark text is the table's own (a page of many heads is smaller)
-            out.append(f'<td{cls} style="background:{bg}{light}">{fmt(x)}</td>')
+            cls = _tone(x, lo, hi, signed) + (" max" if best is not None and x == float(best[i]) > 0 else "")
+            out.append(f'<td class="{cls}">{fmt(x)}</td>')
         for v in (extra or {}).values():
             out.append(f'<td class="stat">{fmt(float(v[i]))}</td>')
         out.append("</tr>")
@@ -444,8 +466,13 @@ def _model_body(mt: ModelTrace) -> str:
             out.append(f"<h3>{_e(tr.label)}{f', sink logit {fmt(tr.sink)}' if tr.sink is not None else ''}</h3>")
             if tr.full:
                 out.append(_step(tr, "weights", numbered=False))
-                out.append("<details><summary>every step of this head</summary>"
-                           + "".join(_step(tr, name) for name in tr.steps if name != "weights") + "</details>")
+                # scores (= scaled / scale) and masked (= scaled, -inf where the weights are hatched) would
+                # double the page for nothing a reader cannot see already; --json has them
+                skip = {"weights"} | ({"scores", "masked"} if "scaled" in tr.steps else set())
+                gone = [n for n in ("scores", "masked") if n in skip and n in tr.steps]
+                out.append("<details><summary>the other steps of this head"
+                           + (f" ({' and '.join(gone)}: in --json)" if gone else "") + "</summary>"
+                           + "".join(_step(tr, name, numbered=False) for name in tr.steps if name not in skip) + "</details>")
             else:
                 out.append(_summary(tr) + stat_charts(tr, tr.label) + _rows(tr))
     return "".join(out)
@@ -455,7 +482,7 @@ def fragment(obj) -> str:
     """The report's body as an HTML fragment with its own styles (for notebooks)."""
     body = _model_body(obj) if isinstance(obj, ModelTrace) else _trace_body(obj)
     title = "Attention in a model, layer by layer, head by head" if isinstance(obj, ModelTrace) else "Self-attention, step by step"
-    return f'<div class="sa-report"><style>{_CSS}</style><h1>{title}</h1>{body}</div>'
+    return f'<div class="sa-report"><style>{_CSS}{_TONE_CSS}</style><h1>{title}</h1>{body}</div>'
 
 
 def report(obj, path=None) -> str:

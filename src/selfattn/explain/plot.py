@@ -58,6 +58,7 @@ PANEL_MAX_IN = 2.8  # with more than HEADS_PER_ROW heads in a layer, a head's he
 LAYER_IN, TITLE_IN, ROW_GAP_IN, COL_GAP_IN = 0.45, 0.3, 0.1, 0.15  # layer heading, head title, gaps between panels
 NOTE_IN = 0.22  # one line of notes under a model's picture
 BAR_MAX_IN = 4.0  # the colour bar's largest height
+MAX_WIDTH_IN = 27.0  # eight heatmaps a row only while they fit this width
 MAX_HEIGHT_PX = 5000  # a model's picture stops before a layer that would make it taller (the note says which)
 SINK_LABEL = "sink"
 
@@ -118,6 +119,8 @@ def _model_layout(mt: ModelTrace) -> _Layout:
         cell = _cell(n, cols) if most <= HEADS_PER_ROW else min(CELL_SMALL_IN, max(CELL_MIN_IN, PANEL_MAX_IN / cols))
         pw, ph = cols * cell, n * cell
         per_row = min(most, HEADS_PER_ROW if most <= 2 * HEADS_PER_ROW else 2 * HEADS_PER_ROW)
+        if per_row > HEADS_PER_ROW and LEFT_IN + per_row * (pw + COL_GAP_IN) + GAP_IN + RIGHT_IN > MAX_WIDTH_IN:
+            per_row = HEADS_PER_ROW  # wide heatmaps (many tokens at the smallest cell): four a row
         step, left = pw + COL_GAP_IN, LEFT_IN  # one column of row labels at the left
         width = LEFT_IN + per_row * pw + (per_row - 1) * COL_GAP_IN + GAP_IN + RIGHT_IN
     else:  # strips 12 inches wide, each with its own row labels (the largest weight differs per head)
