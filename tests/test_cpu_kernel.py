@@ -5,6 +5,7 @@ kernel promises: O(L) memory, bit-identical reruns, skipped tiles, torch.compile
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -176,6 +177,24 @@ def test_softcap_and_scale(option, mask, dtype):
     check_against_reference(f"{option} {mask}", q, k, v, go, **option, **mask_kwargs(mask, b, hq, lq, lk))
 
 
+@pytest.mark.xfail(strict=True, reason="cpu_fwd/cpu_bwd do not take cpu_flash._softcap_tile's hi/lo convention "
+                   "(and cpu_bwd not delta = rowsum(P dP) / rowsum(P) in float64) yet; with cpu_flash's kernels and "
+                   "FOLD_LO = True it passes. Remove this mark (and test_properties' exclusion) when they do")
+def test_softcap_saturated_few_keys():
+    # a softcap of 16 or more in float32: logits near +-c log2(e) round to ~2e-6, and rows that see a
+    # few keys which all saturate differ by far less (the reference's float32 twin, whose logits become
+    # exactly +-c, is exact there). s - max alone missed STYLE rule 6 by up to 5x in the forward
+    # (test_properties found (1,1,1,6,5,1,5) window (1,1) softcap 22); the kernels carry the rounding's
+    # rest (cpu_flash._softcap_tile). Gradients: dP - delta cancels in such rows, so delta must be
+    # rowsum(P dP) / rowsum(P) in float64. Head dim 1: no dot-product order to tell the kernels apart.
+    # (one test, not a grid: a few of these cases pass by luck without the fix)
+    for cap, magnitude, seed in itertools.product((16.0, 22.0, 31.0, 45.0, 60.0), (6.0, 30.0), range(4)):
+        q, k, v, go = _inputs((1, 2, 1, 12, 12, 1, 4), torch.float32, magnitude=magnitude, seed=seed)
+        for w in (0, 1, 3):
+            check_against_reference(f"softcap {cap} |q|,|k| ~{magnitude} window {w} seed {seed}", q, k, v, go,
+                                    softcap=cap, window=(w, w))
+
+
 @pytest.mark.parametrize("mask", ["none", "causal", "documents_causal"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_large_scores(mask, dtype):
@@ -280,12 +299,13 @@ def test_masked_tiles_are_skipped():
     window = _tiles(run(window=64))
     docs = _tiles(run(mask=masks.documents(torch.arange(L) // 128) & masks.causal()))
     print("tile products:", dense, causal, window, docs, sep="\n")
-    assert dense == {"forward": n * n, "backward_kv": n * n, "backward_q": n * n, "backward_one_pass": 0}
+    # the float32 backward is one kernel (cpu_bwd): each computed tile counts once, as backward_one_pass
+    assert dense == {"forward": n * n, "backward_kv": 0, "backward_q": 0, "backward_one_pass": n * n}
     assert causal["forward"] == n * (n + 1) // 2
     assert window["forward"] <= 3 * n  # each query block meets at most 3 key blocks of a 64-wide window
     assert docs["forward"] == (L // 128) * 3  # 2 query blocks per document: 1 + 2 key blocks
     for counts in (causal, window, docs):
-        assert counts["backward_kv"] == counts["backward_q"] == counts["forward"]
+        assert counts["backward_one_pass"] == counts["forward"] and counts["backward_kv"] == counts["backward_q"] == 0
     # one key block: one backward pass over the same tiles as the forward
     q, k, v, go = _inputs((2, 4, 2, 200, 64, 16, 16), torch.float32)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
