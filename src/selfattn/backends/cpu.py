@@ -581,7 +581,7 @@ class _EagerFlash(torch.autograd.Function):
         # keep the kernels' copies (strided heads made contiguous) when they have the inputs' dtype:
         # the backward pass reads them as they are, for the memory the inputs would have taken
         keep = [r if r.dtype == t.dtype else t for r, t in zip(ready, (q, k, v))]
-        out = out.to(q.dtype)
+        out = _as(out, q.dtype)
         ctx.save_for_backward(*keep, out, row_max, row_log, sinks)
         ctx.call = call
         return out, row_max, row_log, max_logit, ent
