@@ -165,6 +165,44 @@ def test_deterministic(threads, heads):
         torch.set_num_threads(old)
 
 
+_FRESH_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+torch.set_num_threads(2)
+import test_cpu_bwd as t
+# the first 2-thread call of a process: every allocation is new (a raw address into an array numba
+# had already freed gave garbage here, in the second worker only)
+t.check_backward("fresh", *t._inputs(1, 2, 2, 66, 66, 51, magnitude=1.3), causal=True, window=1)
+print("ok")
+"""
+
+
+def test_first_two_thread_call_of_a_process():
+    here = os.path.dirname(os.path.abspath(__file__))
+    res = subprocess.run([sys.executable, "-c", _FRESH_SCRIPT, here], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-2000:] + res.stderr[-4000:]
+
+
+def test_delta_normalised_with_and_without_sinks():
+    # launch_backward(sinks=None | the sink logits): delta = rowsum(P dP) / (rowsum(P) + p_sink); rows of
+    # one or two keys (window 1) are where the division matters
+    from selfattn import lowering
+    from selfattn.request import build_request
+    from selfattn.kernels import cpu_flash
+
+    b, hq, lq, d = 1, 4, 97, 40
+    q, k, v, do = _inputs(b, hq, hq, lq, lq, d, magnitude=1.5, seed=4)
+    for sinks in (None, torch.linspace(-1.0, 2.0, hq)):
+        kw = {"causal": True, "window": 1} | ({} if sinks is None else {"sinks": sinks})
+        req = build_request(q, k, v, requires_grad=False, **kw)
+        call = cpu_backend._Call(lowering.lower(req, cpu_flash.BLOCK_M, cpu_flash.BLOCK_N), req.scale, 0.0, False)
+        out, row_max, row_log, _, _ = cpu_backend._launch_forward(q, k, v, sinks, call)
+        grads = cpu_bwd.launch_backward(do, q, k, v, out, row_max, row_log, call, sinks=sinks)
+        ref64, low = reference_pair(q, k, v, do=do, **kw)
+        for name, got, r, lo_ in zip(("dq", "dk", "dv"), grads, ref64.grads, low.grads):
+            assert_close(f"sinks={sinks is not None} {name}", got, r, lo_, factor=3.0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("mask", ["none", "causal"])

@@ -35,7 +35,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .cpu_flash import (ADD, VEC_BYTES, BLOCK_M, BLOCK_N, EMPTY, FASTMATH, PARTIAL, STORE, _addr, _bx, _dot, _Exact,
+from .cpu_flash import (ADD, VEC_BYTES, _fold_lo, _softcap_tile, BLOCK_M, BLOCK_N, EMPTY, FASTMATH, PARTIAL, STORE, _addr, _bx, _dot, _Exact,
                         _exp2_ir, _gemm, _Vectors)
 
 VW = VEC_BYTES // 4  # float32 lanes of one host vector
@@ -80,29 +80,27 @@ def _row_loop(builder, vec, n, body, name):
 
 
 @intrinsic
-def _probs_lanes(typingctx, ps, pdp, stride, pm, plg, pdl, ncols, lo, like):
+def _probs_lanes(typingctx, ps, pdp, stride, pm, plg, pdl, psum, ncols, lo, like):
     # One vector of query lanes (the host's width) down the ncols key rows of a transposed tile (raw
     # addresses, rows `stride` elements apart):
     #   p = 2**((s - m) - lg), 0 where that exponent is below lo      -> written over s
-    #   dl += sum over the rows of p * dp, in float64                 (delta)
-    # m, lg (float32) and dl (float64) per lane. The same exp2 IR as cpu_flash's _vec_exp2_row, so P
-    # is the same; delta in float64 because dS = P (dP - delta) cancels: a float32 sum over the keys
-    # doubled the error of dK against the reference's at head dim 1.
+    #   dl += sum over the rows of p * dp, psum += sum of p, in float64   (delta's two sums)
+    # m, lg (float32), dl and psum (float64) per lane. The same exp2 IR as cpu_flash's _vec_exp2_row,
+    # so P is the same. float64 sums: dS = P (dP - delta) cancels in rows of a few keys.
     if not (isinstance(like, types.Array) and like.dtype == types.float32):
         return None
-    sig = types.void(types.intp, types.intp, types.intp, types.intp, types.intp, types.intp, types.intp, types.float32,
-                     like)
+    sig = types.void(*([types.intp] * 8), types.float32, like)
 
     def codegen(context, builder, signature, args):
         builder = _Exact(builder)
-        ps, pdp, stride, pm, plg, pdl, ncols, lo, _ = args
+        ps, pdp, stride, pm, plg, pdl, psum, ncols, lo, _ = args
         vec = _Vectors(context, builder, types.float32)
         dty = ir.VectorType(ir.DoubleType(), vec.width)
         dptr = ir.PointerType(dty)
         fma64 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(dty, [dty] * 3), f"llvm.fma.v{vec.width}f64")
         lov = vec.splat(lo)
         m, lg = vec.load(pm, vec.const(0)), vec.load(plg, vec.const(0))
-        at = builder.inttoptr(pdl, dptr)
+        at_dl, at_ps = builder.inttoptr(pdl, dptr), builder.inttoptr(psum, dptr)
 
         def body(j, carried):
             off = builder.mul(j, stride)
@@ -112,12 +110,13 @@ def _probs_lanes(typingctx, ps, pdp, stride, pm, plg, pdl, ncols, lo, like):
             xc = builder.select(below, lov, x)
             p = builder.select(below, vec.zero, _exp2_ir(builder, xc, vec.width))
             vec.store(p, ps, off)
-            # -- delta: dl += p * dp in float64 (the product is exact) --
+            # -- delta's sums in float64: dl += p * dp (exact products), psum += p --
             pd, dpd = builder.fpext(p, dty), builder.fpext(vec.load(pdp, off), dty)
-            return [builder.call(fma64, [pd, dpd, carried[0]])]
+            return [builder.call(fma64, [pd, dpd, carried[0]]), builder.fadd(carried[1], pd)]
 
-        (dl,) = _row_loop(builder, vec, ncols, body, "probs")([builder.load(at, align=8)])
-        builder.store(dl, at, align=8)
+        dl, sp = _row_loop(builder, vec, ncols, body, "probs")([builder.load(at_dl, align=8), builder.load(at_ps, align=8)])
+        builder.store(dl, at_dl, align=8)
+        builder.store(sp, at_ps, align=8)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -125,7 +124,8 @@ def _probs_lanes(typingctx, ps, pdp, stride, pm, plg, pdl, ncols, lo, like):
 
 @intrinsic
 def _ds_lanes(typingctx, pp, pdp, stride, pdl, ncols, like):
-    # dp = p * (dp - delta) for one vector of query lanes down ncols key rows (`stride` apart)
+    # dp = p * (dp - delta) for one vector of query lanes down ncols key rows (`stride` apart);
+    # delta per lane in float64 (raw address pdl), dp - delta taken in float64 and rounded once
     if not (isinstance(like, types.Array) and like.dtype == types.float32):
         return None
     sig = types.void(types.intp, types.intp, types.intp, types.intp, types.intp, like)
@@ -134,11 +134,13 @@ def _ds_lanes(typingctx, pp, pdp, stride, pdl, ncols, like):
         builder = _Exact(builder)
         pp, pdp, stride, pdl, ncols, _ = args
         vec = _Vectors(context, builder, types.float32)
-        dl = vec.load(pdl, vec.const(0))
+        dty = ir.VectorType(ir.DoubleType(), vec.width)
+        dl = builder.load(builder.inttoptr(pdl, ir.PointerType(dty)), align=8)
 
         def body(j, carried):
             off = builder.mul(j, stride)
-            vec.store(builder.fmul(vec.load(pp, off), builder.fsub(vec.load(pdp, off), dl)), pdp, off)
+            diff = builder.fptrunc(builder.fsub(builder.fpext(vec.load(pdp, off), dty), dl), vec.vty)
+            vec.store(builder.fmul(vec.load(pp, off), diff), pdp, off)
             return []
 
         _row_loop(builder, vec, ncols, body, "ds")([])
@@ -198,9 +200,11 @@ def _mask_tile_t(st, rows, ncols, b, h, qb, kb, mask):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _score_terms_t(st, th, rows, ncols, scaled, b, h, qb, kb, kind, mask, opts):
+def _score_terms_t(st, lo, w, rows, ncols, scaled, b, h, qb, kb, kind, mask, opts):
     # st[:ncols, :rows] holds k.q, times the scale when `scaled` (never with a softcap): the softcap or
-    # the scale, ALiBi, the float bias and the element-wise mask, in cpu_flash._score_terms's order
+    # the scale, ALiBi, the float bias and the element-wise mask, in cpu_flash._score_terms's order.
+    # With a softcap, w gets the dS factor c (1 - tanh^2) and lo (unless empty) the rest of c tanh(u)
+    # past its float32 rounding (cpu_flash._softcap_tile)
     r0, c0 = qb * BLOCK_M, kb * BLOCK_N
     softcap = opts.softcap_u > 0.0
     if not softcap and not scaled:
@@ -209,13 +213,8 @@ def _score_terms_t(st, th, rows, ncols, scaled, b, h, qb, kb, kind, mask, opts):
             for i in range(rows):
                 st[j, i] *= qk_scale
     if softcap:
-        # -- softcap: c * tanh(u), u and tanh(u) in float64, rounded once (as the forward does) --
-        cu, us = opts.softcap_u64, opts.qk_scale64
-        for j in range(ncols):
-            for i in range(rows):
-                t = np.tanh(np.float64(st[j, i]) * us)
-                th[j, i] = t
-                st[j, i] = cu * t
+        # -- softcap: c * tanh(u) in float64, rounded once (as the forward does), its rest and w --
+        _softcap_tile(st, lo, w, ncols, rows, opts)
     if mask.alibi.size > 0:
         # -- ALiBi: - slope * |q_pos - kv_pos|, slope in score units; vertical over the query lanes --
         pb = _bx(mask.q_pos_f.shape[0], b)
@@ -244,7 +243,7 @@ def _score_terms_t(st, th, rows, ncols, scaled, b, h, qb, kb, kind, mask, opts):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _bwd_task(t, q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk_w, dv_w, dq, pbuf, dpbuf, kbs, counts, mask,
+def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk_w, dv_w, dq, pbuf, dpbuf, kbs, counts, mask,
               opts):
     # One (batch, head, query block): its dQ, and its shares of dK and dV added to this worker's
     # accumulators dk_w, dv_w. pbuf/dpbuf (nK, BLOCK_N, BLOCK_M): the worker's P^T and dP^T tiles,
@@ -265,16 +264,35 @@ def _bwd_task(t, q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk_w, dv_w, dq
     tb, th_ = _bx(tiles.shape[0], b), _bx(tiles.shape[1], h)
     isz = 4
     f = q.dtype
-    th = np.empty((BLOCK_N, BLOCK_M) if softcap > 0.0 else (1, 1), f)
-    dl64 = np.zeros(BLOCK_M, np.float64)  # rowsum(P * dP) per query lane, summed in float64
-    dl = np.zeros(BLOCK_M, f)  # delta per query lane: dl64 rounded, or the caller's
+    w = np.empty((BLOCK_N, BLOCK_M) if softcap > 0.0 else (0, 0), f)  # the softcap's dS factor
+    lo = np.empty((BLOCK_N, BLOCK_M) if softcap > 0.0 and fold_lo else (0, 0), f)  # the softcap's rest
+    m0 = np.zeros(BLOCK_M, f)  # the max once folded into the exponent: 0, +inf past the rows
+    for i in range(rows, BLOCK_M):
+        m0[i] = np.inf
+    dl64 = np.zeros(BLOCK_M, np.float64)  # rowsum(P * dP) per query lane, in float64
+    ps64 = np.zeros(BLOCK_M, np.float64)  # rowsum(P) per query lane, in float64
     dq_acc = np.zeros((BLOCK_M, D), f)
     scaled = rows >= 4  # else dot products, as every forward takes them (cpu_flash, cpu_fwd)
     pq = _addr(q) + ((b * Hq + h) * Lq + r0) * D * isz  # Q_blk rows (rows x D)
     pdo = _addr(do) + ((b * Hq + h) * Lq + r0) * Dv * isz  # dO_blk rows (rows x Dv)
-    pqt, pdot = _addr(qt[b, h, qb]), _addr(dot[b, h, qb])  # Q_blk^T, dO_blk^T (D|Dv x BLOCK_M)
-    po = (b * Hq + h) * (nQ * BLOCK_M) + r0
-    pm, plg = _addr(m_l) + po * isz, _addr(lg_l) + po * isz
+    # -- Q_blk^T and dO_blk^T (D|Dv x BLOCK_M), packed once per task, zero past the rows --
+    qt = np.zeros((D, BLOCK_M), f)
+    dot = np.zeros((Dv, BLOCK_M), f)
+    for i in range(rows):
+        for d in range(D):
+            qt[d, i] = q[b, h, r0 + i, d]
+        for d in range(Dv):
+            dot[d, i] = do[b, h, r0 + i, d]
+    # -- the lse halves per query lane: a fully-masked row (max -inf) and lanes past the rows get
+    # max +inf, log 0, so that p = exp2(s - inf) = 0 --
+    m_blk = np.full(BLOCK_M, np.inf, f)
+    lg_blk = np.zeros(BLOCK_M, f)
+    for i in range(rows):
+        mi = row_max[b, h, r0 + i]
+        if mi != -np.inf:
+            m_blk[i] = mi
+            lg_blk[i] = row_log[b, h, r0 + i]
+    external = delta.shape[2] > 0
     n = 0
     # -- sweep 1: P^T, dP^T and delta over the non-empty key tiles; dV += P^T dO --
     for kb in range(nK):
@@ -290,7 +308,7 @@ def _bwd_task(t, q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk_w, dv_w, dq
         pv = _addr(v) + ((b * Hkv + hk) * Lk + c0) * Dv * isz  # V_blk rows (ncols x Dv)
         # -- S^T = K_blk Q_blk^T (keys x queries), times the scale unless a softcap follows --
         if scaled:
-            _gemm(pk, D, 1, pqt, BLOCK_M, _addr(st), BLOCK_M, ncols, D, nr, 1.0 if softcap > 0.0 else opts.qk_scale,
+            _gemm(pk, D, 1, _addr(qt), BLOCK_M, _addr(st), BLOCK_M, ncols, D, nr, 1.0 if softcap > 0.0 else opts.qk_scale,
                   STORE, np.intp(0), st)
         else:
             # fewer than 4 query rows (decoding, a ragged last block): dot products, as the forward
@@ -298,13 +316,20 @@ def _bwd_task(t, q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk_w, dv_w, dq
             for j in range(ncols):
                 for i in range(nr):
                     st[j, i] = _dot(pq + i * D * isz, pk + j * D * isz, D, st) if i < rows else 0.0
-        _score_terms_t(st, th, rows, ncols, scaled and softcap <= 0.0, b, h, qb, kb, kind, mask, opts)
+        _score_terms_t(st, lo, w, rows, ncols, scaled and softcap <= 0.0, b, h, qb, kb, kind, mask, opts)
+        # (addresses taken where they are used: numba frees an array after the last use of its name,
+        # and a raw address kept from earlier would point into freed memory)
+        if lo.size > 0:
+            # -- the softcap's exponent ((s - max) + lo) in float64, rounded once (cpu_flash's convention),
+            # then taken against a max of 0 (m0) --
+            _fold_lo(st, lo, ncols, rows, m_blk, m0, False)
         # -- dP^T = V_blk dO_blk^T --
-        _gemm(pv, Dv, 1, pdot, BLOCK_M, _addr(dpt), BLOCK_M, ncols, Dv, nr, 1.0, STORE, np.intp(0), dpt)
+        _gemm(pv, Dv, 1, _addr(dot), BLOCK_M, _addr(dpt), BLOCK_M, ncols, Dv, nr, 1.0, STORE, np.intp(0), dpt)
         # -- P^T = exp2((S^T - max) - log l); delta += rowsum(P * dP) --
         for g in range(0, nr, VW):
-            _probs_lanes(_addr(st) + g * isz, _addr(dpt) + g * isz, BLOCK_M, pm + g * isz, plg + g * isz,
-                         _addr(dl64) + g * 8, ncols, opts.exp_lo, st)
+            pmg = (_addr(m0) if lo.size > 0 else _addr(m_blk)) + g * isz
+            _probs_lanes(_addr(st) + g * isz, _addr(dpt) + g * isz, BLOCK_M, pmg, _addr(lg_blk) + g * isz,
+                         _addr(dl64) + g * 8, _addr(ps64) + g * 8, ncols, opts.exp_lo, st)
         # -- dV += P^T dO --
         _gemm(_addr(st), BLOCK_M, 1, pdo, Dv, _addr(dv_w) + ((b * Hkv + hk) * Lk + c0) * Dv * isz, Dv, ncols, rows, Dv,
               1.0, ADD, np.intp(0), st)
@@ -312,17 +337,25 @@ def _bwd_task(t, q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk_w, dv_w, dq
             # -- the softcap's c (1 - tanh^2) multiplies dS: folded into the kept P^T --
             for j in range(ncols):
                 for i in range(rows):
-                    st[j, i] *= softcap * (1.0 - th[j, i] * th[j, i])
-    for i in range(nr):
-        # a shard of the keys (external): only the whole row's delta, the caller's, is right
-        dl[i] = dl_l[b, h, r0 + i] if external and i < rows else dl64[i]
+                    st[j, i] *= w[j, i]
+    for i in range(rows):
+        if external:
+            # a shard of the keys: only the whole row's delta, the caller's, is right
+            dl64[i] = delta[b, h, r0 + i]
+        elif normalize:
+            # -- delta = rowsum(P dP) / rowsum(P) (with a sink: + its p): P's rounding leaves the sum
+            # 1 + a few ulp, which would stay in every dP - delta (rows of a few keys: dP - delta
+            # cancels, up to 100x the reference's error) --
+            den = ps64[i] + (sink_p[b, h, r0 + i] if sink_p.shape[2] > 0 else 0.0)
+            if den > 0.0:
+                dl64[i] = dl64[i] / den
     # -- sweep 2: dS^T = P^T (dP^T - delta); dK += dS^T Q, dQ += dS K --
     for u in range(n):
         c0 = kbs[u] * BLOCK_N
         ncols = min(BLOCK_N, Lk - c0)
         st, dpt = pbuf[u], dpbuf[u]
         for g in range(0, nr, VW):
-            _ds_lanes(_addr(st) + g * isz, _addr(dpt) + g * isz, BLOCK_M, _addr(dl) + g * isz, ncols, st)
+            _ds_lanes(_addr(st) + g * isz, _addr(dpt) + g * isz, BLOCK_M, _addr(dl64) + g * 8, ncols, st)
         pk = _addr(k) + ((b * Hkv + hk) * Lk + c0) * D * isz
         _gemm(_addr(dpt), BLOCK_M, 1, pq, D, _addr(dk_w) + ((b * Hkv + hk) * Lk + c0) * D * isz, D, ncols, rows, D,
               1.0, ADD, np.intp(0), st)
@@ -353,8 +386,22 @@ def _finish_kv(dk_w, dv_w, dk, dv, dscale, lo, hi):
             dv[r, d] = acc
 
 
+@njit(cache=True, nogil=True)
+def _tasks(t0, t1, step, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk_w, dv_w, dq, counts, mask,
+           opts):
+    # tasks t0, t0 + step, ... below t1 in order, with their P^T/dP^T buffers (allocated here, in
+    # the thread that runs them)
+    nK = (k.shape[2] + BLOCK_N - 1) // BLOCK_N
+    pbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
+    dpbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
+    kbs = np.empty(nK, np.int64)
+    for t in range(t0, t1, step):
+        _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk_w, dv_w, dq, pbuf, dpbuf, kbs,
+                  counts, mask, opts)
+
+
 @njit(parallel=True, cache=True)
-def flash_bwd_t(q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, workers, dk_w, dv_w, dk, dv, dq, counts, mask, opts):
+def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, workers, dk_w, dv_w, dk, dv, dq, counts, mask, opts):
     """The whole backward pass on ``workers`` threads: one task per (batch, head, query block)
     (``counts`` has one entry each). Two ways to deal them, both bit-identical run to run:
 
@@ -365,32 +412,24 @@ def flash_bwd_t(q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, workers, dk_w, 
       robin to the workers, each adding its dK/dV shares to its own slot; then dk = sum_w dk_w[w],
       dv = sum_w dv_w[w], in worker order.
 
-    dk ends up times dscale. qt, dot (B, Hq, nQ, D|Dv, BLOCK_M): Q^T and dO^T per query block, zero
-    past Lq. m_l, lg_l, dl_l (B, Hq, nQ * BLOCK_M): row_max, row_log and delta per query row (a
-    fully-masked row and those past Lq: +inf, 0, 0); dl_l is read only when ``external``. Writes dq
-    (B, Hq, Lq, D).
+    dk ends up times dscale. row_max, row_log (B, Hq, Lq): the lse halves (sink included); delta
+    (B, Hq, Lq) the caller's (shard_backward) or (B, Hq, 0): computed here, divided by rowsum(P) +
+    sink_p (B, Hq, Lq|0) when ``normalize``; ``fold_lo``: cpu_flash.FOLD_LO's softcap exponent.
+    Writes dq (B, Hq, Lq, D).
     """
     W = dk_w.shape[0]
     T = counts.shape[0]
-    nK = (k.shape[2] + BLOCK_N - 1) // BLOCK_N
+    per = (q.shape[1] // k.shape[1]) * ((q.shape[2] + BLOCK_M - 1) // BLOCK_M)  # tasks per kv head
     if W == 1:
-        per = (q.shape[1] // k.shape[1]) * ((q.shape[2] + BLOCK_M - 1) // BLOCK_M)  # tasks per kv head
-        for w in prange(workers):
-            pbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
-            dpbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
-            kbs = np.empty(nK, np.int64)
-            for kh in range(w, T // per, workers):
-                for t in range(kh * per, (kh + 1) * per):
-                    _bwd_task(t, q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk_w[0], dv_w[0], dq, pbuf, dpbuf,
-                              kbs, counts, mask, opts)
+        # -- one task per kv head, all its query tasks in order: each dK/dV row has one writer --
+        for kh in prange(counts.shape[0] // per):
+            _tasks(kh * per, (kh + 1) * per, 1, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo,
+                   dk_w[0], dv_w[0], dq, counts, mask, opts)
     else:
+        # -- worker w: tasks w, w + W, ... into its own dK/dV copy --
         for w in prange(W):
-            pbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
-            dpbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
-            kbs = np.empty(nK, np.int64)
-            for t in range(w, T, W):
-                _bwd_task(t, q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk_w[w], dv_w[w], dq, pbuf, dpbuf, kbs,
-                          counts, mask, opts)
+            _tasks(w, T, W, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk_w[w], dv_w[w], dq,
+                   counts, mask, opts)
     R = dk.shape[0] * dk.shape[1] * dk.shape[2]
     dk2, dv2 = dk.reshape(R, dk.shape[3]), dv.reshape(R, dv.shape[3])
     dkw2, dvw2 = dk_w.reshape(W, R, dk.shape[3]), dv_w.reshape(W, R, dv.shape[3])
@@ -400,14 +439,14 @@ def flash_bwd_t(q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, workers, dk_w, 
 
 
 @njit(cache=True)
-def flash_bwd_t_serial(q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk, dv, dq, counts, mask, opts):
+def flash_bwd_t_serial(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk, dv, dq, counts, mask, opts):
     # one worker, in the calling thread: its accumulators are dk and dv themselves (zeroed by the caller)
     nK = (k.shape[2] + BLOCK_N - 1) // BLOCK_N
     pbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
     dpbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
     kbs = np.empty(nK, np.int64)
     for t in range(counts.shape[0]):
-        _bwd_task(t, q, k, v, do, qt, dot, m_l, lg_l, dl_l, external, dk, dv, dq, pbuf, dpbuf, kbs, counts, mask, opts)
+        _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk, dv, dq, pbuf, dpbuf, kbs, counts, mask, opts)
     dscale = opts.dscale
     R = dk.shape[0] * dk.shape[1] * dk.shape[2]
     dk2 = dk.reshape(R, dk.shape[3])
@@ -425,50 +464,52 @@ def serves(q) -> bool:
     return q.dtype != torch.float64
 
 
-def _blocks_t(x, nq):
-    # (B, H, L, d) -> (B, H, nQ, d, BLOCK_M): each query block transposed, zero past L
-    B, H, L, d = x.shape
-    pad = nq * BLOCK_M - L
-    if pad:
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-    return x.reshape(B, H, nq, BLOCK_M, d).transpose(-1, -2).contiguous()
+#: launch_backward's ``sinks`` when the caller does not say whether the forward had sinks: delta is
+#: then rowsum(P dP) as it is (not divided by the row's total probability, which a sink changes)
+SINKS_UNKNOWN = object()
 
 
-def _lanes(x, nq, fill):
-    # (B, H, L) -> (B, H, nQ * BLOCK_M), `fill` past L
-    pad = nq * BLOCK_M - x.shape[2]
-    return torch.nn.functional.pad(x, (0, pad), value=fill).contiguous() if pad else x.contiguous()
-
-
-def launch_backward(grad_out, q, k, v, out, row_max, row_log, call, delta=None):
+def launch_backward(grad_out, q, k, v, out, row_max, row_log, call, delta=None, sinks=SINKS_UNKNOWN):
     """``backends.cpu._launch_backward`` for float32 compute (float32, float16 and bfloat16 inputs):
-    (dq, dk, dv) in the inputs' dtypes. delta = rowsum(P * dP) is computed exactly within each
-    query block's first sweep, unless given (``shard_backward``: the whole row's); ``out`` is unused."""
+    (dq, dk, dv) in the inputs' dtypes, from the lse halves (sink included, when there is one).
+
+    delta = rowsum(P * dP) / (rowsum(P) + p_sink) in float64 within each query block's first sweep
+    (``sinks``: the forward's (Hq,) sink logits, or None; ``SINKS_UNKNOWN``: no division), unless
+    given (``shard_backward``: the whole row's, used as it is). ``out`` is unused."""
     from selfattn.backends import cpu as _cpu
+    from selfattn.kernels import cpu_flash as _k
 
     acc = torch.float32
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    nq = -(-Lq // BLOCK_M)
     mask = _cpu._kernel_mask(call.low, acc)
     opts = _cpu._opts(acc, call)
     q_, k_, v_, do = (_cpu._ready(t, acc) for t in (q, k, v, grad_out))
-    rm = row_max.detach().to(acc)
-    dead = rm == float("-inf")  # fully-masked rows: p = exp2(s - inf) = 0
-    m_l = _lanes(torch.where(dead, torch.full_like(rm, float("inf")), rm), nq, float("inf"))  # (B, Hq, nQ*64)
-    lg_l = _lanes(torch.where(dead, torch.zeros_like(rm), row_log.detach().to(acc)), nq, 0.0)
-    external = delta is not None
-    dl_l = _lanes(delta.detach().to(acc), nq, 0.0) if external else m_l.new_empty((B, Hq, 0))
-    qt, dot = _blocks_t(q_, nq), _blocks_t(do, nq)  # (B, Hq, nQ, D, 64), (B, Hq, nQ, Dv, 64)
+    row_max, row_log = _cpu._ready(row_max, acc), _cpu._ready(row_log, acc)
+    if delta is not None:
+        delta = _cpu._ready(delta, acc).numpy()
+    else:
+        delta = _NO_DELTA.get((B, Hq))
+        if delta is None:
+            delta = _NO_DELTA[(B, Hq)] = np.empty((B, Hq, 0), np.float32)
+    normalize = sinks is not SINKS_UNKNOWN
+    if normalize and sinks is not None:
+        # p of the sink per row, from the full lse halves: exp2(sink_u - row_max - row_log)
+        sink_u = sinks.detach().double()[None, :, None] * float(opts.units)  # (1, Hq, 1) score units
+        sink_p = torch.exp2(sink_u - row_max.double() - row_log.double()).numpy()  # (B, Hq, Lq)
+    else:
+        sink_p = _NO_SINK.get((B, Hq))
+        if sink_p is None:
+            sink_p = _NO_SINK[(B, Hq)] = np.empty((B, Hq, 0), np.float64)
     dq = torch.empty(B, Hq, Lq, D, dtype=acc)
     dk = torch.zeros(B, Hkv, Lk, D, dtype=acc)
     dv = torch.zeros(B, Hkv, Lk, Dv, dtype=acc)
-    counts = np.zeros(B * Hq * nq, np.int64)  # one per task
+    counts = np.zeros(B * Hq * (-(-Lq // BLOCK_M)), np.int64)  # one per task
     threads = _cpu._threads(len(counts), 10.0 * B * Hq * Lq * Lk * D)
-    args = (q_.numpy(), k_.numpy(), v_.numpy(), do.numpy(), qt.numpy(), dot.numpy(), m_l.numpy(), lg_l.numpy(),
-            dl_l.numpy(), external)
+    args = (q_.numpy(), k_.numpy(), v_.numpy(), do.numpy(), row_max.numpy(), row_log.numpy(), delta, sink_p, normalize,
+            bool(getattr(_k, "FOLD_LO", False)))
     if threads <= 1:
-        flash_bwd_t_serial(*args, dk.numpy(), dv.numpy(), dq.numpy(), counts, mask, opts)
+        _cpu._run(flash_bwd_t_serial, *args, dk.numpy(), dv.numpy(), dq.numpy(), counts, mask, opts)
     else:
         _cpu._kernel("flash_fwd", threads)  # sets numba's pool to `threads` (torch's count kept)
         if (B * Hkv) % threads == 0:
@@ -477,9 +518,14 @@ def launch_backward(grad_out, q, k, v, out, row_max, row_log, call, delta=None):
         else:
             dk_w = torch.zeros(threads, B, Hkv, Lk, D, dtype=acc)
             dv_w = torch.zeros(threads, B, Hkv, Lk, Dv, dtype=acc)
-        flash_bwd_t(*args, threads, dk_w.numpy(), dv_w.numpy(), dk.numpy(), dv.numpy(), dq.numpy(), counts, mask, opts)
-    tiles = int(counts.sum())
+        _cpu._run(flash_bwd_t, *args, threads, dk_w.numpy(), dv_w.numpy(), dk.numpy(), dv.numpy(), dq.numpy(), counts,
+                  mask, opts)
+    tiles = _cpu._tiles(counts)
     _cpu.TILE_PRODUCTS["backward_one_pass"] += tiles
     CALLS["calls"] += 1
     CALLS["tiles"] += tiles
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return _cpu._as(dq, q.dtype), _cpu._as(dk, k.dtype), _cpu._as(dv, v.dtype)
+
+
+_NO_DELTA: dict = {}  # empty (B, Hq, 0) arrays: "no delta given"
+_NO_SINK: dict = {}  # empty (B, Hq, 0) arrays: "no sink"
