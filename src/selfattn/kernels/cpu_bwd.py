@@ -1,29 +1,34 @@
 """The float32 backward of the `cpu` backend in the transposed layout (issue 14).
 
-One pass over the key blocks, FlashAttention-2 style: one task per (batch, kv head, key block),
-over every query block of its head group that the tile map does not rule out. A tile is held
-*transposed*, keys x queries, so that the per-query-row quantities (the lse halves, delta) are
-vectors across the query lanes and every step between the products is a vertical vector op::
+One kernel, one task per (batch, head, query block of BLOCK_M rows). A tile is held *transposed*,
+keys x queries, so that the per-query-row quantities (the lse halves, delta) are vectors across
+the query lanes and every step between the products is a vertical vector op (LLVM IR at the
+host's width, like cpu_flash's). A task sweeps its non-empty key tiles twice::
 
-    S^T  = K_blk Q_blk^T                      (64 keys x 64 queries; Q^T packed per query block)
-    P^T  = exp2((S^T - row_max[q]) - row_log[q])
-    dP^T = V_blk dO_blk^T                     (dO^T packed like Q^T)
-    dS^T = P^T * (dP^T - delta[q])            (times the softcap's c (1 - tanh^2))
-    dV  += P^T dO          dK += dS^T Q       (plain A operands, each tile's share added apart)
-    dQ  += dS K                               (dS^T read through _gemm's A strides)
+    sweep 1, per tile:  S^T  = K_blk Q_blk^T           (keys x queries; Q^T packed once per task)
+                        P^T  = exp2((S^T - row_max[q]) - row_log[q])
+                        dP^T = V_blk dO_blk^T          (dO^T packed like Q^T)
+                        delta[q] += sum_keys P^T dP^T   (and sum_keys P^T; float64)
+                        dV  += P^T dO                  (P^T as a plain A operand)
+                        P^T and dP^T kept in the worker's buffers (2 x nK tiles: O(L) per worker)
+    sweep 2, per tile:  dS^T = P^T (dP^T - delta[q])    (times the softcap's c (1 - tanh^2))
+                        dK  += dS^T Q,  dQ += dS K      (dS^T read through _gemm's A strides)
 
-Five tile products instead of cpu_flash's eight, one exp2 sweep instead of three. dQ rows are
-written by every key block's task: each worker owns a dQ accumulator (tasks are dealt to
-workers statically, round robin, which also evens out causal's unequal key blocks), summed in a
-fixed order at the end -- bit-identical run to run for a given thread count, never a race.
+Five tile products, as FlashAttention-2's backward (cpu_flash's two passes do eight), and one
+exp2 per score. delta is the exact rowsum(P * dP) of the same P and dP that dS uses, which a
+one-pass kv-outer kernel cannot have (it needs the whole row before any dS): FlashAttention's
+rowsum(dO * O) instead missed STYLE rule 6 in 11 of test_cpu_kernel's cases (rows of one or two
+keys, where the twin's dS is exactly 0). Keeping the tiles costs memory traffic, not products.
+With ``sinks`` known (launch_backward) delta is divided by rowsum(P) + p_sink, in float64.
 
-delta = rowsum(dO * O), computed in float64 from the saved output before the pass (FlashAttention's
-choice; the exact rowsum(P * dP) would need the whole row before any dS): see ``launch_backward``.
-``shard_backward`` passes the whole row's delta instead.
+Each dK/dV share is added to its rows by one writer: on 2+ threads whole kv heads are dealt to
+the workers when they divide evenly, else every worker adds into its own copy and the copies
+are summed in worker order. Results are bit-identical run to run.
 
 Masks arrive lowered as for every cpu kernel (EMPTY tiles skipped, PARTIAL tiles masked
-element-wise); the score terms here are cpu_flash._score_terms / _mask_tile transposed.
-float64 stays on cpu_flash's kernels (``supported``).
+element-wise); the score terms are cpu_flash._score_terms / _mask_tile transposed. Query
+blocks of fewer than 4 rows take dot products, as the forwards do (scores bit-identical).
+float64 stays on cpu_flash's kernels (``serves``); ``shard_backward`` passes its delta.
 """
 
 from __future__ import annotations
