@@ -626,6 +626,8 @@ def test_a_near_tie_in_the_calibration_leaves_the_choice_to_the_table(calibratio
     assert "the recorded table decides" in selfattn.backends.get("cpu").rank_reason(long_grad)
     cpu_backend.set_calibration(near._replace(cpu=Fit(30e-6, 3e-10)), grad=True)  # 1.5x slower: measured wins
     assert _auto(q, long_grad) == "sdpa"
+    for req in (tiny, long_grad):  # auto's rank (no reason written) is the one the reason explains
+        assert cpu_backend._rank(req, explain=True)[0] == selfattn.backends.get("cpu").rank(req)
 
 
 def test_calibration_is_measured_once_and_leaves_no_trace(calibrations, monkeypatch):

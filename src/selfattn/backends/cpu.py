@@ -731,9 +731,10 @@ def _measure(dtype, grad: bool, key: tuple) -> Optional[Calibration]:
 _STRUCTURAL = frozenset({"window", "padding", "key_padding", "documents", "function"})
 
 
-def _rank(req: Request) -> tuple:
-    """(rank, reason) of the cpu backend for ``req``. math ranks 50; sdpa 10, or 20 when it needs a
-    dense Lq x Lk mask tensor, and it cannot serve stats, softcap or sinks at all."""
+def _rank(req: Request, explain: bool = True) -> tuple:
+    """(rank, reason) of the cpu backend for ``req``; the calibrated reason is written only when
+    ``explain`` (auto asks for the rank on every call). math ranks 50; sdpa 10, or 20 when it needs
+    a dense Lq x Lk mask tensor, and it cannot serve stats, softcap or sinks at all."""
     kinds = req.mask_kinds
     positions = req.q_positions is not None or req.kv_positions is not None
     if (kinds & _STRUCTURAL or req.alibi_slopes is not None
@@ -751,13 +752,16 @@ def _rank(req: Request) -> tuple:
         return _table_rank(req)
     work = _work(req)
     t_cpu, t_sdpa = cal.cpu.time(work), cal.sdpa.time(work)
+    tie = 1.0 / TIE_MARGIN < t_cpu / t_sdpa < TIE_MARGIN
+    if not explain:
+        return (_table_rank(req)[0] if tie else min(45.0, 10.0 * t_cpu / t_sdpa)), ""
     threads, layer = cal.key[2], cal.key[3]
     why = (f"cpu against sdpa calibrated on this host ({str(req.dtype).replace('torch.', '')}, "
            f"{'forward + backward' if req.requires_grad else 'forward'}, {threads} thread{'s' if threads > 1 else ''}, "
            f"numba layer {layer or 'default'}; {cal.source}): cpu {cal.cpu.fixed * 1e6:.0f} us + "
            f"{cal.cpu.per_work * 1e9:.3g} ns/work, sdpa {cal.sdpa.fixed * 1e6:.0f} us + {cal.sdpa.per_work * 1e9:.3g} "
            f"ns/work; this call (work {work:.3g}): cpu {t_cpu * 1e6:.0f} us, sdpa {t_sdpa * 1e6:.0f} us")
-    if 1.0 / TIE_MARGIN < t_cpu / t_sdpa < TIE_MARGIN:
+    if tie:
         # a near tie: either is fine for speed, and the recorded table keeps the choice the same in
         # every process (a measurement this close can fall either way)
         rank, _ = _table_rank(req)
@@ -822,11 +826,11 @@ class CPUBackend(Backend):
         return None
 
     def rank(self, req: Request) -> float:
-        return _rank(req)[0]
+        return _rank(req, explain=False)[0]
 
     def rank_reason(self, req: Request) -> str:
         """Why :meth:`rank` says what it says for ``req`` (``selfattn backends --which`` prints it)."""
-        return _rank(req)[1]
+        return _rank(req, explain=True)[1]
 
     def forward(self, q, k, v, req: Request):
         softcap = 0.0 if req.softcap is None else req.softcap
