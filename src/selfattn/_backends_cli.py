@@ -61,7 +61,7 @@ def parse_call(text: str) -> dict:
 def _tensors(call: dict) -> tuple:
     try:
         device = torch.device(call["device"])
-        one = torch.empty(1, dtype=_DTYPES[call["dtype"]], device=device)
+        one = torch.zeros(1, dtype=_DTYPES[call["dtype"]], device=device)  # (never NaN: sdpa refuses NaN queries)
     except (RuntimeError, ValueError) as e:
         raise UsageError(f"--which: device {call['device']!r} cannot be used here: {' '.join(str(e).split())[:200]}") from None
     lq = call["q_len"] or call["length"]
