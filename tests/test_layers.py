@@ -3,6 +3,7 @@
 import copy
 import io
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -477,7 +478,7 @@ def test_state_dict_round_trip():
     assert set(m.state_dict()) == {f"{p}.{t}" for p in ("q_proj", "k_proj", "v_proj", "out_proj") for t in ("weight", "bias")} | {"q_norm.weight", "k_norm.weight"}
 
 
-@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("backend", ["math", "sdpa", "auto"])
 def test_torch_compile_forward(backend):
     # fullgraph: the layer, attention() and the backend must trace without a graph break
     torch.manual_seed(11)
@@ -488,3 +489,28 @@ def test_torch_compile_forward(backend):
     want32 = m(x, causal=True, backend=backend)
     want64 = copy.deepcopy(m).double()(x.double(), causal=True, backend=backend)
     assert_close("compiled", got, want64, want32)
+
+
+def test_torch_compile_auto_follows_use_backend():
+    # auto under fullgraph torch.compile: use_backend's choice is read (a ContextVar is not traceable,
+    # so the compiled path reads its process-wide mirror) and guarded: leaving the block recompiles
+    from selfattn.backends import use_backend
+
+    torch.manual_seed(12)
+    q, k, v = (torch.randn(1, 2, 9, 8) for _ in range(3))
+    seen = []
+    math_backend = selfattn.backends.get("math")
+    real = type(math_backend).forward
+
+    def spy(self, *args):
+        seen.append("math")  # (runs while torch.compile traces the call)
+        return real(self, *args)
+
+    f = torch.compile(lambda a, b, c: selfattn.attention(a, b, c, causal=True), fullgraph=True, backend="aot_eager")
+    with mock.patch.object(type(math_backend), "forward", spy), use_backend("math"):
+        got = f(q, k, v)
+    assert seen, "use_backend('math') was not followed under torch.compile"
+    want64 = selfattn.attention(q.double(), k.double(), v.double(), causal=True, backend="reference")
+    assert_close("compiled under use_backend", got, want64, selfattn.attention(q, k, v, causal=True, backend="math"))
+    assert selfattn.backends.current() == "auto" and selfattn.backends._ACTIVE == ["auto"]
+

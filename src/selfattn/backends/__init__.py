@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 
+import torch
+
 from .base import Backend, BackendUnavailable, Request
 from .math import MathBackend
 from .reference import ReferenceBackend
@@ -19,6 +21,7 @@ __all__ = ["Backend", "BackendUnavailable", "Request", "register", "get", "names
 
 _REGISTRY: dict[str, Backend] = {}
 _CURRENT: contextvars.ContextVar[str] = contextvars.ContextVar("selfattn_backend", default="auto")
+_ACTIVE = ["auto"]  # use_backend's names, innermost last: what torch.compile reads instead of _CURRENT
 
 
 def register(backend: Backend) -> Backend:
@@ -64,6 +67,9 @@ def table() -> str:
 
 def current() -> str:
     """The backend that ``backend="auto"`` resolves to in this context ("auto" unless use_backend is active)."""
+    if torch.compiler.is_compiling():
+        # torch.compile cannot read a ContextVar: it reads the process-wide mirror (and guards on it)
+        return _ACTIVE[-1]
     return _CURRENT.get()
 
 
@@ -73,9 +79,11 @@ def use_backend(name: str):
     if name != "auto":
         get(name)
     token = _CURRENT.set(name)
+    _ACTIVE.append(name)
     try:
         yield
     finally:
+        _ACTIVE.pop()
         _CURRENT.reset(token)
 
 
@@ -86,7 +94,7 @@ def _missing(b: Backend, q, k, v, req: Request) -> str | None:
 def choose(name: str, q, k, v, req: Request) -> Backend:
     """Resolve a backend name for a request: explicit names must serve it, "auto" picks the fastest."""
     if name == "auto":
-        name = _CURRENT.get()
+        name = current()
     if name != "auto":
         b = get(name)
         missing = _missing(b, q, k, v, req)
@@ -96,4 +104,10 @@ def choose(name: str, q, k, v, req: Request) -> Backend:
     capable = [b for b in _REGISTRY.values() if _missing(b, q, k, v, req) is None]
     if not capable:  # only options no backend knows can do this (reference serves everything else)
         raise BackendUnavailable(f"no backend can serve this request: backend_options {sorted(req.backend_options)} are not known to any backend")
-    return min(capable, key=lambda b: b.rank(req))
+    # the lowest rank, first registered on a tie (a plain loop: torch.compile cannot trace min(key=...))
+    best, best_rank = capable[0], capable[0].rank(req)
+    for b in capable[1:]:
+        r = b.rank(req)
+        if r < best_rank:
+            best, best_rank = b, r
+    return best

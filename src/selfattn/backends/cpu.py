@@ -655,11 +655,19 @@ def set_calibration(cal: Optional[Calibration], dtype=torch.float32, grad: bool 
         _CALIBRATIONS[key] = cal._replace(key=key)
 
 
+@torch.compiler.assume_constant_result
+def _torch_threads() -> int:
+    # torch.get_num_threads(), readable while torch.compile traces (as a constant of the graph)
+    return torch.get_num_threads()
+
+
 def calibration(dtype=torch.float32, grad: bool = False, measure: bool = True) -> Optional[Calibration]:
     """This process's cpu-vs-sdpa calibration for (dtype, grad) at the current thread count: measured
     on first use (when ``measure``), the same record ever after. None where there is none: a dtype
     not calibrated (float64), SELFATTN_AUTO_CALIBRATE=0, under torch.compile, numba missing, or a
     kind of call one of the two refuses (bfloat16/float16 gradients: sdpa)."""
+    if torch.compiler.is_compiling():
+        return None  # (the key reads the thread count, which torch.compile cannot trace)
     key = _calibration_key(dtype, grad)
     if key in _CALIBRATIONS or not measure:
         return _CALIBRATIONS.get(key)
@@ -780,7 +788,7 @@ def _table_rank(req: Request) -> tuple:
     why = "the recorded table (BENCHMARKS.md, measured on an AMD Zen 3 machine; no calibration for this call)"
     if req.dtype == torch.float32:
         work = req.batch * req.q_heads * req.q_len * req.kv_len * req.head_dim
-        if torch.get_num_threads() > 1 and _k is not None and numba.config.THREADING_LAYER == "workqueue":
+        if _torch_threads() > 1 and _k is not None and numba.config.THREADING_LAYER == "workqueue":
             return (8.0 if work >= 5e7 else 30.0), why
         return (8.0 if (req.requires_grad and req.kv_len >= 32) or work >= 4e6 else 30.0), why
     return 30.0, why
