@@ -1221,14 +1221,13 @@ def _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, counts, ma
             # -- dS = P * (dP - delta), times the softcap's c (1 - tanh^2) --
             for i in range(rows):
                 if one_pass and delta.size == 0:
-                    # -- delta = rowsum(P * dP) / rowsum(P): P's rounding leaves its sum 1 + a few
-                    # ulp, and without the division that error times dP stays in every dP - delta
-                    # (rows of a few keys: dP - delta cancels, up to 100x the reference's error) --
-                    d64, ps = 0.0, 0.0
+                    # -- delta = rowsum(P * dP) in float64, kept in float64: in rows of a few keys
+                    # dP - delta cancels. (Not divided by rowsum(P), which would undo P's rounding:
+                    # with attention sinks the keys' P sums to 1 - p_sink) --
+                    d64 = 0.0
                     for j in range(ncols):
                         d64 += np.float64(p[i, j]) * np.float64(dp[i, j])
-                        ps += np.float64(p[i, j])
-                    di = d64 / ps if ps > 0.0 else d64  # kept in float64: dP - delta cancels
+                    di = d64
                 else:
                     di = np.float64(delta[b, h, r0 + i])
                 for j in range(ncols):
@@ -1290,7 +1289,6 @@ def _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, counts
     pdk = np.zeros((BLOCK_M, D), q.dtype)  # sum_j p (dP - c) k
     pk = np.zeros((BLOCK_M, D), q.dtype)  # sum_j p k
     dl = np.zeros(BLOCK_M, np.float64)  # sum_j p dP
-    pl = np.zeros(BLOCK_M, np.float64)  # sum_j p (1 up to P's rounding: delta = dl / pl)
     c = np.zeros(BLOCK_M, q.dtype)
     # an empty `out` means delta is given (a shard of the keys: only the whole row's delta is right)
     external = out.shape[0] == 0
@@ -1320,14 +1318,11 @@ def _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, counts
         # -- delta += rowsum(P * dP); dP becomes P * (dP - c) (columns past Lk hold no keys) --
         for i in range(rows):
             acc = dl[i]
-            acc_p = pl[i]
             ci = c[i]
             for j in range(ncols):
                 acc += np.float64(p[i, j]) * np.float64(dp[i, j])
-                acc_p += np.float64(p[i, j])
                 dp[i, j] = p[i, j] * (dp[i, j] - ci)
             dl[i] = acc
-            pl[i] = acc_p
             if softcap > 0.0:
                 # -- the softcap's c (1 - tanh^2) multiplies both terms of dS --
                 for j in range(ncols):
@@ -1343,8 +1338,8 @@ def _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, counts
             for d in range(D):
                 dq[b, h, gi, d] = pdk[i, d] * opts.dscale
             continue
-        # -- delta = rowsum(P * dP) / rowsum(P) (see _bwd_kv_task) --
-        di = dl[i] / pl[i] if pl[i] > 0.0 else dl[i]
+        # -- delta = rowsum(P * dP), summed in float64 (see _bwd_kv_task) --
+        di = dl[i]
         delta[b, h, gi] = di
         shift = di - c[i]
         for d in range(D):
