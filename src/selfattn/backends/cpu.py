@@ -245,12 +245,13 @@ def _no_kt(d: int, dtype):
 
 
 class _FwdBuffers(NamedTuple):
-    """A forward's outputs, allocated at once: ``out`` (B, Hq, Lq, Dv) and ``rows`` (4, B, Hq, Lq) =
-    row_max, row_log, max_logit, entropy; ``arrays`` the kernels' numpy views (out, row_max,
-    row_log, ent), in their argument order."""
+    """A forward's outputs: ``out`` (B, Hq, Lq, Dv) and ``rows`` four (B, Hq, Lq) tensors = row_max,
+    row_log, max_logit, entropy (separate allocations: the custom op's returns may not alias each
+    other, which torch.compile checks); ``arrays`` the kernels' numpy views (out, row_max, row_log,
+    ent), in their argument order."""
 
     out: torch.Tensor
-    rows: torch.Tensor
+    rows: Optional[tuple]
     arrays: tuple
 
 
@@ -258,8 +259,8 @@ def _forward_buffers(B: int, Hq: int, Lq: int, Dv: int, acc, rows: bool = True) 
     """``rows`` False (``call.rows`` False and no sinks): the rows are scratch numpy, no tensor."""
     out = torch.empty(B, Hq, Lq, Dv, dtype=acc)
     if rows:
-        t = torch.empty(4, B, Hq, Lq, dtype=acc)
-        r = t.numpy()
+        t = tuple(torch.empty(B, Hq, Lq, dtype=acc) for _ in range(4))
+        r = [x.numpy() for x in t]
     else:
         t, r = None, np.empty((4, B, Hq, Lq), np.float32 if acc == torch.float32 else np.float64)
     return _FwdBuffers(out, t, (out.numpy(), r[0], r[1], r[3]))
@@ -271,7 +272,7 @@ def _forward_result(q, bufs: _FwdBuffers, sinks, call: _Call, opts):
     out = bufs.out
     if call.rows or sinks is not None:
         rows = bufs.rows
-        np.multiply(bufs.arrays[1], opts.nat, out=rows.numpy()[2])  # max_logit: (B, Hq, Lq) nats, keys only
+        np.multiply(bufs.arrays[1], opts.nat, out=rows[2].numpy())  # max_logit: (B, Hq, Lq) nats, keys only
         row_max, row_log, max_logit, ent = rows[0], rows[1], rows[2], rows[3]
         if sinks is not None:
             out, row_max, row_log, ent = _fold_sinks(out, row_max, row_log, ent, sinks, opts)
