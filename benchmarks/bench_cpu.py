@@ -56,6 +56,8 @@ class Case:
 
 CASES = [
     Case("dense fwd", (1, 16, 2048, 2048, 64), (1, 8, 1024, 1024, 64), target=">= 1.0x SDPA", stats_pair=True),
+    Case("dense fwd D128", (1, 16, 2048, 2048, 128), (1, 8, 1024, 1024, 128), target=">= 65 % of peak (issue 14)",
+         baselines=("sdpa",)),
     Case("causal fwd+bwd", (1, 16, 4096, 4096, 64), (1, 8, 1024, 1024, 64), mask="causal", backward=True, target=">= 1.0x SDPA"),
     Case("8x16x128 fwd", (8, 16, 128, 128, 64), (8, 16, 128, 128, 64), target=">= 0.8x SDPA"),
     Case("decode 1/16384", (1, 32, 1, 16384, 128), (1, 32, 1, 4096, 128), target=">= 1.0x SDPA, GB/s"),
