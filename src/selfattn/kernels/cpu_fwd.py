@@ -390,8 +390,10 @@ def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
     own_alibi = mask.alibi.size > 0 and not softcap
     terms = softcap or mask.alibi.size > 0 and not own_alibi or mask.bias.size > 0
     slopes, q_pos_f, kv_pos_f = mask.alibi, mask.q_pos_f, mask.kv_pos_f
-    pq, pst = _addr(qt), _addr(st)
-    pm, pl, pe, pal = _addr(m_i), _addr(l_i), _addr(e_i), _addr(alpha_i)
+    # raw addresses only of arrays whose names stay in use past the tile loop (numba frees a local array
+    # after the last use of its name: qt's and alpha_i's addresses are taken where they are used)
+    pst = _addr(st)
+    pm, pl, pe = _addr(m_i), _addr(l_i), _addr(e_i)
     pk0 = _addr(k) + (b * k.shape[1] + hk) * Lk * D * isz
     pv0 = _addr(v) + (b * v.shape[1] + hk) * Lk * Dv * isz
     n_tiles = 0
@@ -406,7 +408,7 @@ def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
             _qk_dot_t(q, b, h, r0, rows, pk0 + c0 * D * isz, ncols, st, opts)
         else:
             # -- s^T = k_blk @ Q^T, times the scale --
-            _gemm(pk0 + c0 * D * isz, D, 1, pq, BLOCK_M, pst, BLOCK_M, ncols, D, rows, scale, STORE, np.intp(0), st)
+            _gemm(pk0 + c0 * D * isz, D, 1, _addr(qt), BLOCK_M, pst, BLOCK_M, ncols, D, rows, scale, STORE, np.intp(0), st)
         if own_alibi:
             _alibi_tile(st, rows, ncols, b, h, r0, c0, slopes, q_pos_f, kv_pos_f)
         if terms or kind == PARTIAL:
@@ -414,9 +416,9 @@ def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
         # -- online softmax, LANES query rows at a time: m, alpha, l (and e); s^T becomes p^T --
         for g in range(groups):
             o = g * LANES * isz
-            _vsoftmax(pst + o, BLOCK_M, ncols, pm + o, pl + o, pe + o, pal + o, want, st)
+            _vsoftmax(pst + o, BLOCK_M, ncols, pm + o, pl + o, pe + o, _addr(alpha_i) + o, want, st)
         # -- acc = alpha * acc + p @ v: P read as (P^T)^T, the tile's share added in one FMA --
-        _gemm(pst, 1, BLOCK_M, pv0 + c0 * Dv * isz, Dv, _addr(acc), Dv, rows, ncols, Dv, 1.0, RESCALE, pal, st)
+        _gemm(pst, 1, BLOCK_M, pv0 + c0 * Dv * isz, Dv, _addr(acc), Dv, rows, ncols, Dv, 1.0, RESCALE, _addr(alpha_i), st)
     for i in range(rows):
         gi = r0 + i
         li = l_i[i]
