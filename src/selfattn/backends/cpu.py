@@ -334,15 +334,18 @@ def _launch_forward(q, k, v, sinks, call: _Call):
     return _forward_result(q, bufs, sinks, call, opts)
 
 
-def _launch_backward(grad_out, q, k, v, out, row_max, row_log, call: _Call, delta=None):
+def _launch_backward(grad_out, q, k, v, out, row_max, row_log, call: _Call, delta=None, sinks=None, sinks_known=False):
     """(dq, dk, dv) from the saved output and lse halves (sink included, when there is one).
 
     With ``delta`` (B, Hq, Lq) given, ``out`` is ignored (None) and the kernels use that delta
-    instead of computing rowsum(P * dP) themselves (``shard_backward``)."""
+    instead of computing rowsum(P * dP) themselves (``shard_backward``). ``sinks_known``: the caller
+    passes the forward's sinks (None: there were none), so the float32 kernel may normalise its delta
+    by rowsum(P) + p_sink (rows of a few keys); callers that do not know keep the plain delta."""
     if q.dtype == torch.bfloat16 and delta is None and _amx is not None and _amx.available():
         return _amx.launch_backward(grad_out, q, k, v, out, row_max, row_log, call)  # products on AMX
     if _bwd.serves(q):
-        return _bwd.launch_backward(grad_out, q, k, v, out, row_max, row_log, call, delta)  # float32: one kernel
+        s = sinks if sinks_known else _bwd.SINKS_UNKNOWN
+        return _bwd.launch_backward(grad_out, q, k, v, out, row_max, row_log, call, delta, sinks=s)  # float32: one kernel
     acc = acc_dtype(q.dtype)
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -536,15 +539,15 @@ def _flash_op_fake(q, k, v, sinks, layout, mask_tensors, scale, softcap, want_st
 @torch.library.custom_op("selfattn::cpu_flash_attention_backward", mutates_args=(), device_types="cpu")
 def _flash_backward_op(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    out: torch.Tensor, row_max: torch.Tensor, row_log: torch.Tensor,
+    out: torch.Tensor, row_max: torch.Tensor, row_log: torch.Tensor, sinks: Optional[torch.Tensor],
     layout: str, mask_tensors: list[Optional[torch.Tensor]], scale: float, softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     call = _op_call(q, k, v, layout, mask_tensors, scale, softcap, False)
-    return _launch_backward(grad_out, q, k, v, out, row_max, row_log, call)
+    return _launch_backward(grad_out, q, k, v, out, row_max, row_log, call, sinks=sinks, sinks_known=True)
 
 
 @_flash_backward_op.register_fake
-def _flash_backward_op_fake(grad_out, q, k, v, out, row_max, row_log, layout, mask_tensors, scale, softcap):
+def _flash_backward_op_fake(grad_out, q, k, v, out, row_max, row_log, sinks, layout, mask_tensors, scale, softcap):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -559,7 +562,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, *_stats_grads):
     q, k, v, out, row_max, row_log, sinks, *mask_tensors = ctx.saved_tensors
     dq, dk, dv = torch.ops.selfattn.cpu_flash_attention_backward(
-        grad_out, q, k, v, out, row_max, row_log, ctx.layout, mask_tensors, ctx.scale, ctx.softcap)
+        grad_out, q, k, v, out, row_max, row_log, sinks, ctx.layout, mask_tensors, ctx.scale, ctx.softcap)
     dsinks = None if sinks is None else _sinks_grad(sinks, grad_out, out, row_max, row_log)
     return dq, dk, dv, dsinks, None, [None] * len(mask_tensors), None, None, None  # one entry per input
 
@@ -590,7 +593,7 @@ class _EagerFlash(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, *_stats_grads):
         q, k, v, out, row_max, row_log, sinks = ctx.saved_tensors
-        dq, dk, dv = _launch_backward(grad_out, q, k, v, out, row_max, row_log, ctx.call)
+        dq, dk, dv = _launch_backward(grad_out, q, k, v, out, row_max, row_log, ctx.call, sinks=sinks, sinks_known=True)
         dsinks = _sinks_grad(sinks, grad_out, out, row_max, row_log) if ctx.needs_input_grad[3] else None
         return dq, dk, dv, dsinks, None
 
