@@ -42,9 +42,9 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .cpu_fwd import _alibi_tile
+from .cpu_fwd import _alibi_tile, _bias_mask_t
 
-from .cpu_flash import (ADD, VEC_BYTES, _fold_lo, _softcap_tile, BLOCK_M, BLOCK_N, EMPTY, FASTMATH, PARTIAL, STORE, _addr, _bx, _dot, _Exact,
+from .cpu_flash import (ADD, VEC_BYTES, _fold_lo, _softcap_tile, BLOCK_M, BLOCK_N, EMPTY, FASTMATH, STORE, _addr, _bx, _dot, _Exact,
                         _exp2_ir, _gemm, _Vectors)
 
 VW = VEC_BYTES // 4  # float32 lanes of one host vector
@@ -209,53 +209,6 @@ def _mxcsr_set(typingctx, value):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _mask_tile_t(st, rows, ncols, b, h, qb, kb, mask):
-    """-inf into st[:ncols, :rows] (keys x queries) wherever the element-wise tests rule a pair out."""
-    r0, c0 = qb * BLOCK_M, kb * BLOCK_N
-    qpos = mask.q_pos[_bx(mask.q_pos.shape[0], b)]
-    kvpos = mask.kv_pos[_bx(mask.kv_pos.shape[0], b)]
-    kv_len = mask.kv_lens[_bx(mask.kv_lens.shape[0], b)] if mask.kv_lens.size > 0 else c0 + ncols
-    q_len = mask.q_lens[_bx(mask.q_lens.shape[0], b)] if mask.q_lens.size > 0 else r0 + rows
-    q_real = max(0, min(rows, q_len - r0))  # query lanes below q_len
-    has_keep = mask.kv_keep.size > 0
-    bk = _bx(mask.kv_keep.shape[0], b)
-    fn = -1
-    if mask.fn_index.size > 0:
-        fn = mask.fn_index[_bx(mask.fn_index.shape[0], b), _bx(mask.fn_index.shape[1], h), qb, kb]
-    for j in range(ncols):
-        gj = c0 + j
-        # -- a key past kv_len or dropped by key_padding: its whole row --
-        if gj >= kv_len or (has_keep and mask.kv_keep[bk, gj] == 0):
-            for i in range(rows):
-                st[j, i] = -np.inf
-            continue
-        # -- padded query lanes --
-        for i in range(q_real, rows):
-            st[j, i] = -np.inf
-        if mask.banded:
-            # -- band: q_pos - left <= kv_pos <= q_pos + right --
-            kp = kvpos[gj]
-            for i in range(q_real):
-                d = kp - qpos[r0 + i]
-                st[j, i] = st[j, i] if (d >= -mask.win_left) & (d <= mask.win_right) else -np.inf
-        for dd in range(mask.q_ids.shape[0]):
-            # -- documents: equal ids attend --
-            bd = _bx(mask.q_ids.shape[1], b)
-            kid = mask.kv_ids[dd, bd, gj]
-            for i in range(q_real):
-                st[j, i] = st[j, i] if mask.q_ids[dd, bd, r0 + i] == kid else -np.inf
-        if mask.allow.size > 0:
-            sa = mask.allow_strides
-            base = b * sa[0] + h * sa[1] + r0 * sa[2] + gj * sa[3]
-            for i in range(q_real):
-                st[j, i] = st[j, i] if mask.allow[base + i * sa[2]] != 0 else -np.inf
-        if fn >= 0:
-            # -- a mask function's bits, stored for its partial tiles only --
-            for i in range(q_real):
-                st[j, i] = st[j, i] if mask.fn_bits[fn, i, j] != 0 else -np.inf
-
-
-@njit(fastmath=FASTMATH, cache=True)
 def _score_terms_t(st, lo, w, rows, ncols, scaled, b, h, qb, kb, kind, mask, opts):
     # st[:ncols, :rows] holds k.q, times the scale when `scaled` (never with a softcap): the softcap or
     # the scale, ALiBi, the float bias and the element-wise mask, in cpu_flash._score_terms's order.
@@ -275,18 +228,7 @@ def _score_terms_t(st, lo, w, rows, ncols, scaled, b, h, qb, kb, kind, mask, opt
         # -- ALiBi: - slope * |q_pos - kv_pos|, slope in score units: the forward's vector IR (one FMA a
         # vector of query lanes), so the scores stay bit-identical (a numba loop here cost +19 %) --
         _alibi_tile(st, rows, ncols, b, h, r0, c0, mask.alibi, mask.q_pos_f, mask.kv_pos_f)
-    if mask.bias.size > 0:
-        # -- float mask: add its bias (already in score units) --
-        sb = mask.bias_strides
-        bb = b * sb[0] + h * sb[1] + r0 * sb[2]
-        for j in range(ncols):
-            base = bb + (c0 + j) * sb[3]
-            for i in range(rows):
-                bv = mask.bias[base + i * sb[2]]
-                st[j, i] = -np.inf if bv == -np.inf else st[j, i] + bv
-    if kind == PARTIAL:
-        # -- element-wise mask: only partial tiles pay for it --
-        _mask_tile_t(st, rows, ncols, b, h, qb, kb, mask)
+    _bias_mask_t(st, rows, ncols, b, h, qb, kb, kind, mask)
 
 
 # -- the kernel ----------------------------------------------------------------------------------

@@ -323,6 +323,14 @@ def _score_terms_t(st, rows, ncols, b, h, qb, kb, kind, mask, opts, alibi):
     if alibi and mask.alibi.size > 0:
         # -- ALiBi: - slope * |q_pos - kv_pos|, slope in score units --
         _alibi_tile(st, rows, ncols, b, h, r0, c0, mask.alibi, mask.q_pos_f, mask.kv_pos_f)
+    _bias_mask_t(st, rows, ncols, b, h, qb, kb, kind, mask)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _bias_mask_t(st, rows, ncols, b, h, qb, kb, kind, mask):
+    # the last two score terms on s^T[:ncols, :rows] (cpu_bwd's tiles too): the float bias, then
+    # the element-wise mask of a partial tile
+    r0, c0 = qb * BLOCK_M, kb * BLOCK_N
     if mask.bias.size > 0:
         # -- float mask: add its bias (already in score units) --
         sb = mask.bias_strides
