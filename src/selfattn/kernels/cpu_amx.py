@@ -43,6 +43,7 @@ from selfattn.kernels import numba_cache_dir
 from selfattn.kernels import cpu_bf16 as _bf
 from selfattn.kernels.cpu_flash import (
     BLOCK_M,
+    _finish_rows,
     BLOCK_N,
     EMPTY,
     FASTMATH,
@@ -160,26 +161,7 @@ def _fwd_task(t, inp, out, row_max, row_log, ent, counts, mask, opts):
         pv = c0 // 2
         _bf.mm_amx_add(p16, inp.v[b, hk, pv:pv + PAIRS_N], acc, rows, ncols, Dv)
     _bf.amx_end()
-    for i in range(rows):
-        gi = r0 + i
-        li = l_i[i]
-        if li == 0.0:
-            # fully-masked row: out 0, lse -inf, max -inf, entropy 0
-            for d in range(Dv):
-                out[b, h, gi, d] = 0.0
-            row_max[b, h, gi] = -np.inf
-            row_log[b, h, gi] = 0.0
-            ent[b, h, gi] = 0.0
-        else:
-            inv = 1.0 / li
-            for d in range(Dv):
-                out[b, h, gi, d] = acc[i, d] * inv
-            row_max[b, h, gi] = m_i[i] if li == li else np.nan  # a NaN row is NaN throughout
-            row_log[b, h, gi] = math.log2(li) if opts.base2 else math.log(li)
-            if opts.want_stats:
-                # -- entropy H = ln l - sum p (s - m) / l, in nats --
-                h_row = math.log(li) - e_i[i] * inv * nat
-                ent[b, h, gi] = h_row if h_row > 0.0 or h_row != h_row else 0.0
+    _finish_rows(acc, m_i, l_i, e_i, m_i[:0], rows, b, h, r0, out, row_max, row_log, ent, opts)
     counts[t] = n_tiles
 
 

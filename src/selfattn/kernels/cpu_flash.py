@@ -1016,6 +1016,33 @@ def _query_task(t, q, k, tiles):
 
 
 @njit(fastmath=FASTMATH, cache=True)
+def _finish_rows(acc, m_i, l_i, e_i, lo_i, rows, b, h, r0, out, row_max, row_log, ent, opts):
+    # a forward task's last step, every forward kernel's (cpu_fwd's and cpu_amx's too): out = acc / l
+    # and the rows' lse halves and entropy; lo_i (size 0: none) is the anchors' rests (_fold_lo)
+    Dv = out.shape[3]
+    for i in range(rows):
+        gi = r0 + i
+        li = l_i[i]
+        if li == 0.0:
+            # fully-masked row: out 0, lse -inf, max -inf, entropy 0
+            for d in range(Dv):
+                out[b, h, gi, d] = 0.0
+            row_max[b, h, gi] = -np.inf
+            row_log[b, h, gi] = 0.0
+            ent[b, h, gi] = 0.0
+        else:
+            inv = 1.0 / li
+            for d in range(Dv):
+                out[b, h, gi, d] = acc[i, d] * inv
+            row_max[b, h, gi] = m_i[i] if li == li else np.nan  # a NaN row is NaN throughout
+            row_log[b, h, gi] = (math.log2(li) if opts.base2 else math.log(li)) + (lo_i[i] if lo_i.size > 0 else 0.0)
+            if opts.want_stats:
+                # -- entropy H = ln l - sum p (s - m) / l, in nats --
+                h_row = math.log(li) - e_i[i] * inv * opts.nat
+                ent[b, h, gi] = h_row if h_row > 0.0 or h_row != h_row else 0.0
+
+
+@njit(fastmath=FASTMATH, cache=True)
 def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts):
     B, Hq, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
@@ -1112,26 +1139,7 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts):
         # (rounding grows with the number of key blocks, not of keys: one running sum was 5x the
         # float32 reference's error at 4096) --
         _mm(p, v[b, hk, c0:c0 + ncols], acc, rows, ncols, Dv, 1.0, RESCALE, alpha_i)
-    for i in range(rows):
-        gi = r0 + i
-        li = l_i[i]
-        if li == 0.0:
-            # fully-masked row: out 0, lse -inf, max -inf, entropy 0
-            for d in range(Dv):
-                out[b, h, gi, d] = 0.0
-            row_max[b, h, gi] = -np.inf
-            row_log[b, h, gi] = 0.0
-            ent[b, h, gi] = 0.0
-        else:
-            inv = 1.0 / li
-            for d in range(Dv):
-                out[b, h, gi, d] = acc[i, d] * inv
-            row_max[b, h, gi] = m_i[i] if li == li else np.nan  # a NaN row is NaN throughout
-            row_log[b, h, gi] = (math.log2(li) if opts.base2 else math.log(li)) + lo_i[i]
-            if opts.want_stats:
-                # -- entropy H = ln l - sum p (s - m) / l, in nats --
-                h_row = math.log(li) - e_i[i] * inv * nat
-                ent[b, h, gi] = h_row if h_row > 0.0 or h_row != h_row else 0.0
+    _finish_rows(acc, m_i, l_i, e_i, lo_i, rows, b, h, r0, out, row_max, row_log, ent, opts)
     counts[t] = n_tiles
 
 

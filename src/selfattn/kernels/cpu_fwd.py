@@ -44,6 +44,7 @@ from numba.extending import intrinsic
 
 from selfattn.kernels.cpu_flash import (
     BLOCK_M,
+    _finish_rows,
     BLOCK_N,
     EMPTY,
     FASTMATH,
@@ -370,7 +371,6 @@ def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
     B, Hq, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
     nK = (Lk + BLOCK_N - 1) // BLOCK_N
-    nat = opts.nat  # nats per score unit
     tiles = mask.tiles
     b, h, hk, qb, r0, rows, tb, th_ = _query_task(t, q, k, tiles)
     isz = q.itemsize
@@ -427,26 +427,7 @@ def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
             _vsoftmax(pst + o, BLOCK_M, ncols, pm + o, pl + o, pe + o, _addr(alpha_i) + o, want, st)
         # -- acc = alpha * acc + p @ v: P read as (P^T)^T, the tile's share added in one FMA --
         _gemm(pst, 1, BLOCK_M, pv0 + c0 * Dv * isz, Dv, _addr(acc), Dv, rows, ncols, Dv, 1.0, RESCALE, _addr(alpha_i), st)
-    for i in range(rows):
-        gi = r0 + i
-        li = l_i[i]
-        if li == 0.0:
-            # fully-masked row: out 0, lse -inf, max -inf, entropy 0
-            for d in range(Dv):
-                out[b, h, gi, d] = 0.0
-            row_max[b, h, gi] = -np.inf
-            row_log[b, h, gi] = 0.0
-            ent[b, h, gi] = 0.0
-        else:
-            inv = 1.0 / li
-            for d in range(Dv):
-                out[b, h, gi, d] = acc[i, d] * inv
-            row_max[b, h, gi] = m_i[i] if li == li else np.nan  # a NaN row is NaN throughout
-            row_log[b, h, gi] = math.log2(li)
-            if opts.want_stats:
-                # -- entropy H = ln l - sum p (s - m) / l, in nats --
-                h_row = math.log(li) - e_i[i] * inv * nat
-                ent[b, h, gi] = h_row if h_row > 0.0 or h_row != h_row else 0.0
+    _finish_rows(acc, m_i, l_i, e_i, m_i[:0], rows, b, h, r0, out, row_max, row_log, ent, opts)
     counts[t] = n_tiles
 
 
