@@ -88,6 +88,11 @@ from numba.extending import intrinsic
 BLOCK_M = 64  # query rows per tile
 BLOCK_N = 64  # keys per tile
 EMPTY, PARTIAL, FULL = 0, 1, 2  # selfattn.masks.TileKind values
+# The softcap's hi/lo convention (``_softcap_tile``): every forward keeps each softcapped logit as
+# hi + lo and takes its exponents against an anchor, row_log = log2(l) + lo_m; every backward takes
+# P = exp2(((s - row_max) + lo) - row_log). Read at call time (KernelOpts.fold_lo, cpu_bwd's launcher),
+# so forward and backward always agree. Off: each softcapped logit is rounded once and lo ignored.
+FOLD_LO = False
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 UNBOUNDED = 1 << 40  # a window side with no bound (KernelMask.win_left / win_right)
@@ -143,6 +148,7 @@ class KernelOpts(NamedTuple):
     zero: float  # 0.0
     base2: bool  # float32: base-2 scores, polynomial exp2; float64: nats and libm exp
     want_stats: bool  # also keep sum p (s - m) for the entropy
+    fold_lo: bool  # a softcap's logits are kept as hi + lo and exponents taken against an anchor (FOLD_LO)
 
 
 def make_opts(dtype, scale: float, softcap: float, want_stats: bool) -> KernelOpts:
@@ -157,6 +163,7 @@ def make_opts(dtype, scale: float, softcap: float, want_stats: bool) -> KernelOp
         softcap_u64=np.float64(softcap * per_nat if softcap > 0.0 else 0.0), softcap=f(max(softcap, 0.0)),
         dscale=f(scale if softcap <= 0.0 else scale / softcap), units=f(per_nat), nat=f(LN2 if base2 else 1.0),
         exp_lo=f(-126.0), half=f(0.5), zero=f(0.0), base2=bool(base2), want_stats=bool(want_stats),
+        fold_lo=bool(FOLD_LO),
     )
 
 
@@ -468,10 +475,6 @@ NV_MAX = 4 if VEC_BYTES == 64 else 2  # float32 vectors per row of C
 TILE_N = NV_MAX * VEC_BYTES // 4  # most columns of C per micro-kernel call: 64 (AVX-512), 16 (AVX2)
 MR_MAX = 6  # rows of C per micro-kernel call
 STORE, ADD, RESCALE = 0, 1, 2  # what a micro-kernel does with C
-# The forward's softcap anchor (``_softcap_tile``): row_log then holds log2(l) + lo_m, which every
-# backward that reads this forward's lse must take the same way (cpu_bwd: not yet). Off: the
-# forward rounds each softcapped logit once and ignores lo, as before.
-FOLD_LO = False
 
 
 def _make_microkernel(MR):
@@ -915,6 +918,83 @@ def _fold_lo(s, lo, n0, n1, m, lo_m, per_row):
             s[i, j] = (np.float64(s[i, j]) - np.float64(mi)) + (np.float64(lo[i, j]) - np.float64(li))
 
 
+@njit(fastmath=FASTMATH_EXACT, cache=True)
+def _softmax_lo_t(st, lo, rows, ncols, m_i, l_i, e_i, lo_i, alpha_i, opts):
+    """One online-softmax step of a softcapped float32 tile in the transposed layout (cpu_fwd:
+    st[key, query lane]), under the hi/lo convention (``_softcap_tile``), in place.
+
+    st[:ncols, :rows] holds the logits' hi parts (ALiBi, bias and mask added), lo[:ncols, :rows]
+    their rests; m_i, l_i, e_i, lo_i, alpha_i: per query lane the running max of hi, sum, entropy
+    sum, the anchor's rest and (output) the factor of the accumulator before this tile. st becomes
+    p^T. Per lane, with the anchor A = m + lo_m (lo_m: the rest of the first element whose hi set m)::
+
+        x     = (s - m) + (lo - lo_m)                       in float64, rounded once
+        p     = exp2(x)                                     (0 below -126)
+        alpha = exp2((m_old - m) + (lo_old - lo_m))         in float64
+        l     = alpha l + sum p;   e = alpha (e + shift l) + sum p x
+
+    A lane that has seen no allowed key keeps its sums (alpha 1), unless its scores hold a NaN:
+    then l is NaN (``_vsoftmax``'s rules). Sums in float64.
+    """
+    n = rows
+    anc_m = np.empty(BLOCK_M, np.float64)  # per lane: the anchor's hi (0 while the lane is dead) ...
+    anc_lo = np.empty(BLOCK_M, np.float64)  # ... and its rest
+    tot = np.zeros(BLOCK_M, np.float64)
+    est = np.zeros(BLOCK_M, np.float64)
+    # -- the tile's column max of hi (a NaN never wins) --
+    cmax = np.full(BLOCK_M, -np.inf, st.dtype)
+    for j in range(ncols):
+        for i in range(n):
+            x = st[j, i]
+            cmax[i] = x if x > cmax[i] else cmax[i]
+    # -- new running max; a raised one takes the rest of the first element that set it --
+    for i in range(n):
+        m_old = m_i[i]
+        if cmax[i] > m_old:
+            anc_m[i] = cmax[i]
+            for j in range(ncols):
+                if st[j, i] == cmax[i]:
+                    anc_lo[i] = lo[j, i]
+                    break
+        elif m_old == -np.inf:
+            anc_m[i], anc_lo[i] = 0.0, 0.0  # dead: scores are -inf (p = 0) or NaN
+        else:
+            anc_m[i], anc_lo[i] = m_old, lo_i[i]
+    # -- p = exp2((s - m) + (lo - lo_m)), the exponent rounded once; the column sums --
+    lo_x = st.dtype.type(-126.0)
+    for j in range(ncols):
+        for i in range(n):
+            x = st.dtype.type((np.float64(st[j, i]) - anc_m[i]) + (np.float64(lo[j, i]) - anc_lo[i]))
+            below = x < lo_x
+            p = _exp2f(lo_x if below else x)
+            p = st.dtype.type(0.0) if below else p
+            st[j, i] = p
+            tot[i] += p
+            est[i] += np.float64(p) * np.float64(x if not below else lo_x)
+    # -- rescale the running sums --
+    for i in range(n):
+        m_old = m_i[i]
+        if m_old == -np.inf and not cmax[i] > m_old:
+            # no allowed key so far: the lane stays as it was (NaN scores poison it)
+            alpha_i[i] = 1.0
+            if tot[i] != tot[i]:
+                l_i[i] = np.nan
+            continue
+        if m_old == -np.inf:
+            shift = 0.0
+            alpha = 0.0
+        else:
+            shift = (np.float64(m_old) - anc_m[i]) + (np.float64(lo_i[i]) - anc_lo[i])
+            alpha = np.exp2(shift)
+        l_old = np.float64(l_i[i])
+        l_i[i] = alpha * l_old + tot[i]
+        if opts.want_stats:
+            e_i[i] = alpha * (np.float64(e_i[i]) + shift * l_old) + est[i] if l_old > 0.0 else est[i]
+        m_i[i] = anc_m[i]
+        lo_i[i] = anc_lo[i]
+        alpha_i[i] = alpha
+
+
 @njit(fastmath=FASTMATH, cache=True)
 def _score_terms(s, th, rows, ncols, scaled, b, h, qb, kb, kind, mask, opts):
     # s[:rows, :ncols] holds q.k, times the scale when `scaled` (never with a softcap): the softcap or
@@ -1053,7 +1133,7 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts):
     q_blk = q[b, h, r0:r0 + rows]
     s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
     p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
-    softcap = opts.softcap_u > 0.0 and FOLD_LO
+    softcap = opts.softcap_u > 0.0 and opts.fold_lo
     lo = np.zeros((BLOCK_M, BLOCK_N) if softcap else (0, 0), q.dtype)  # the softcap's rest of each logit
     no_w = np.empty((0, 0), q.dtype)
     m_fold = np.empty(BLOCK_M, q.dtype)  # a softcap's running maxima after this tile ...
@@ -1188,7 +1268,7 @@ def _bwd_kv_task(t, q, k, v, do, row_max, row_log, delta, dk, dv, dq, counts, ma
     s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
     p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
     dp = np.empty((BLOCK_M, BLOCK_N), q.dtype)
-    lo = np.zeros((BLOCK_M, BLOCK_N) if softcap > 0.0 and FOLD_LO else (0, 0), q.dtype)  # _softcap_tile's rest
+    lo = np.zeros((BLOCK_M, BLOCK_N) if softcap > 0.0 and opts.fold_lo else (0, 0), q.dtype)  # _softcap_tile's rest
     w = np.empty((BLOCK_M, BLOCK_N) if softcap > 0.0 else (0, 0), q.dtype)  # ... and dS factor
     ncols = min(BLOCK_N, Lk - c0)
     kt = np.zeros((D, BLOCK_N), q.dtype)
@@ -1291,7 +1371,7 @@ def _bwd_q_task(t, q, k, kt, v, vt, do, out, row_max, row_log, delta, dq, counts
     s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
     p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
     dp = np.empty((BLOCK_M, BLOCK_N), q.dtype)
-    lo = np.zeros((BLOCK_M, BLOCK_N) if softcap > 0.0 and FOLD_LO else (0, 0), q.dtype)  # _softcap_tile's rest
+    lo = np.zeros((BLOCK_M, BLOCK_N) if softcap > 0.0 and opts.fold_lo else (0, 0), q.dtype)  # _softcap_tile's rest
     w = np.empty((BLOCK_M, BLOCK_N) if softcap > 0.0 else (0, 0), q.dtype)  # ... and dS factor
     use_dot = rows < 4
     pdk = np.zeros((BLOCK_M, D), q.dtype)  # sum_j p (dP - c) k
