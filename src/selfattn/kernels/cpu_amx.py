@@ -41,6 +41,7 @@ from numba.core import config as numba_config
 
 from selfattn.kernels import numba_cache_dir
 from selfattn.kernels import cpu_bf16 as _bf
+from selfattn.kernels.cpu_bwd import _mxcsr_ftz, _mxcsr_set
 from selfattn.kernels.cpu_flash import (
     BLOCK_M,
     _finish_rows,
@@ -49,6 +50,7 @@ from selfattn.kernels.cpu_flash import (
     FASTMATH,
     _bx,
     _exp2_row,
+    _padded,
     _probs,
     _query_task,
     _row_has_nan,
@@ -210,10 +212,12 @@ def pack_kv_serial(k16, v16, kt, vp):
 
 
 # -- backward on AMX ------------------------------------------------------------------------------
-# cpu_flash's two passes (flash_bwd_q, then flash_bwd_kv), with every product on the tile unit. AMX
-# has no transposed-A form, so the kv pass computes dV^T += dO^T P and dK^T += Q^T dS with dO^T and
-# Q^T made once per head and P, dS packed as pairs of query rows (cpu_bf16.pack_pairs_rows); P and
-# dS are rounded to bfloat16 for their products (as P is in the forward).
+# One task per (batch, head, query block), two sweeps over its non-empty key tiles (cpu_bwd's
+# design, row-major tiles): five tile products, one exp2 per score, delta exact in float64. AMX has
+# no transposed-A form, so dV and dK are accumulated transposed: dV^T += dO^T P and dK^T += Q^T dS,
+# with dO^T and Q^T made once per call and P, dS packed as pairs of query rows
+# (cpu_bf16.pack_pairs_rows); P and dS are rounded to bfloat16 for their products (as P is in the
+# forward), every sum is float32.
 
 
 class AmxGradInputs(NamedTuple):
@@ -226,7 +230,6 @@ class AmxGradInputs(NamedTuple):
     kt: np.ndarray  # (B, Hkv, nK, D32 // 2, BLOCK_N, 2): K^T pairs per key block (S = Q K^T)
     vt: np.ndarray  # (B, Hkv, nK, Dv32 // 2, BLOCK_N, 2): V^T pairs per key block (dP = dO V^T)
     k: np.ndarray  # (B, Hkv, nK * PAIRS_N, D16, 2): K pairs along keys (dQ = dS K)
-    c: np.ndarray  # float32 (B, Hq, Lq): rowsum(dO * O), delta up to the output's rounding
     head_dim: int
     v_dim: int
     kv_len: int
@@ -243,158 +246,151 @@ def _bf16_block(x, x16, rows, nc, k32):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _bwd_q_task_amx(t, g, row_max, row_log, delta, dq, counts, mask, opts):
+def _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, pbuf, dpbuf, kbs, pairs, ds16, counts, mask, opts):
+    # One (batch, head, query block): its dQ, and its shares of dK^T, dV^T added to dkt, dvt
+    # (B, Hkv, nK, D16|Dv16, BLOCK_N). pbuf/dpbuf (nK, BLOCK_M, BLOCK_N): the worker's P and dP
+    # tiles, kept from the first sweep to the second; kbs (nK,): each kept tile's key block.
     B, Hq, Lq, D = dq.shape
-    Lk = g.kv_len
+    Lk, Dv = g.kv_len, g.v_dim
     nK = g.kt.shape[2]
-    D16 = g.k.shape[3]
     softcap = opts.softcap
     tiles = mask.tiles
     b, h, hk, qb, r0, rows, tb, th_ = _query_task(t, dq, g.kt, tiles)
-    q_blk = g.q[b, h, r0:r0 + BLOCK_M]
-    do_blk = g.do[b, h, r0:r0 + BLOCK_M]
-    s = np.empty((BLOCK_M, BLOCK_N), np.float32)
-    p = np.zeros((BLOCK_M, BLOCK_N), np.float32)
-    dp = np.empty((BLOCK_M, BLOCK_N), np.float32)
-    p16 = np.zeros((BLOCK_M, BLOCK_N), np.uint16)
-    ds16 = np.zeros((BLOCK_M, BLOCK_N), np.uint16)
+    q_blk = g.q[b, h, r0:r0 + BLOCK_M]  # (>= rows16, D32)
+    do_blk = g.do[b, h, r0:r0 + BLOCK_M]  # (>= rows16, Dv32)
+    qt_blk = g.qt[b, h, :, r0:r0 + BLOCK_M]  # (D16, BLOCK_M), zero past the rows
+    dot_blk = g.dot[b, h, :, r0:r0 + BLOCK_M]  # (Dv16, BLOCK_M)
+    # pair rows past the block's rows stay zero (the padding of the products reduced over queries)
+    for pr in range((rows + 1) // 2, BLOCK_M // 2):
+        for j in range(BLOCK_N):
+            pairs[pr, j, 0] = 0
+            pairs[pr, j, 1] = 0
     tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap > 0.0 else (1, 1), np.float32)
-    pdk = np.zeros((BLOCK_M, D16), np.float32)  # sum_j p (dP - c) k
-    pk = np.zeros((BLOCK_M, D16), np.float32)  # sum_j p k
-    dl = np.zeros(BLOCK_M, np.float32)  # sum_j p dP
-    n_tiles = 0
-    _bf.amx_begin()
+    dl = np.zeros(BLOCK_M, np.float64)  # delta = rowsum(P * dP), in float64
+    dq_acc = np.zeros((BLOCK_M, g.k.shape[3]), np.float32)
+    n = 0
+    # -- sweep 1: S, P, dP and delta over the non-empty key tiles; dV^T += dO^T P --
     for kb in range(nK):
         kind = tiles[tb, th_, qb, kb]
         if kind == EMPTY:
             continue
-        n_tiles += 1
         c0 = kb * BLOCK_N
         ncols = min(BLOCK_N, Lk - c0)
-        k32 = (ncols + 31) // 32 * 32
-        _bf.mm_amx(q_blk, g.kt[b, hk, kb], s, rows, D, ncols)
-        nc = _score_terms(s, tanh_buf, rows, ncols, False, b, h, qb, kb, kind, mask, opts)
-        _probs(s, p, rows, nc, row_max, row_log, b, h, r0, opts)
-        # -- dP = dO V^T --
-        _bf.mm_amx(do_blk, g.vt[b, hk, kb], dp, rows, g.v_dim, ncols)
-        # -- delta += rowsum(P * dP); dP becomes P * (dP - c) (columns past Lk: p = 0) --
+        p, dp = pbuf[n], dpbuf[n]
+        kbs[n] = kb
+        n += 1
+        # -- S = Q_blk K^T, the forward's product and score terms; P = exp2((S - max) - log l), in place --
+        _bf.mm_amx(q_blk, g.kt[b, hk, kb], p, rows, D, ncols)
+        nc = _score_terms(p, tanh_buf, rows, ncols, False, b, h, qb, kb, kind, mask, opts)
+        _probs(p, p, rows, nc, row_max, row_log, b, h, r0, opts)
+        # -- dP = dO_blk V^T; delta += rowsum(P * dP) (products exact in float64) --
+        _bf.mm_amx(do_blk, g.vt[b, hk, kb], dp, rows, Dv, ncols)
         for i in range(rows):
             acc = dl[i]
-            ci = g.c[b, h, r0 + i]
             for j in range(nc):
-                acc += p[i, j] * dp[i, j]
-                dp[i, j] = p[i, j] * (dp[i, j] - ci)
+                acc += np.float64(p[i, j]) * np.float64(dp[i, j])
             dl[i] = acc
-            if softcap > 0.0:
-                # -- the softcap's c (1 - tanh^2) multiplies both terms of dS --
+        # -- dV^T += dO^T bf16(P) --
+        _bf.pack_pairs_rows(p, pairs, rows, nc)
+        _bf.mm_amx_add(dot_blk, pairs, dvt[b, hk, kb], Dv, rows, ncols)
+        if softcap > 0.0:
+            # -- the softcap's c (1 - tanh^2) multiplies dS: folded into the kept P --
+            for i in range(rows):
                 for j in range(ncols):
-                    w = softcap * (1.0 - tanh_buf[i, j] * tanh_buf[i, j])
-                    dp[i, j] *= w
-                    p[i, j] *= w
-        # -- (P * (dP - c)) k and P k on the tile unit --
-        _bf16_block(dp, ds16, rows, nc, k32)
-        _bf16_block(p, p16, rows, nc, k32)
-        kp = g.k[b, hk, c0 // 2:c0 // 2 + PAIRS_N]
-        _bf.mm_amx_add(ds16, kp, pdk, rows, ncols, D)
-        _bf.mm_amx_add(p16, kp, pk, rows, ncols, D)
-    _bf.amx_end()
+                    p[i, j] *= softcap * (1.0 - tanh_buf[i, j] * tanh_buf[i, j])
+    # -- sweep 2: dS = P (dP - delta); dQ += bf16(dS) K, dK^T += Q^T bf16(dS) --
+    for u in range(n):
+        kb = kbs[u]
+        c0 = kb * BLOCK_N
+        ncols = min(BLOCK_N, Lk - c0)
+        nc = _padded(ncols)
+        p, dp = pbuf[u], dpbuf[u]
+        for i in range(rows):
+            di = dl[i]
+            for j in range(nc):
+                dp[i, j] = p[i, j] * np.float32(np.float64(dp[i, j]) - di)  # the difference rounded once
+        _bf16_block(dp, ds16, rows, nc, (ncols + 31) // 32 * 32)
+        _bf.mm_amx_add(ds16, g.k[b, hk, c0 // 2:c0 // 2 + PAIRS_N], dq_acc, rows, ncols, D)
+        _bf.pack_pairs_rows(dp, pairs, rows, nc)
+        _bf.mm_amx_add(qt_blk, pairs, dkt[b, hk, kb], D, rows, ncols)
+    dscale = opts.dscale
     for i in range(rows):
-        gi = r0 + i
-        delta[b, h, gi] = dl[i]
-        shift = dl[i] - g.c[b, h, gi]
         for d in range(D):
-            dq[b, h, gi, d] = (pdk[i, d] - shift * pk[i, d]) * opts.dscale
-    counts[t] = n_tiles
+            dq[b, h, r0 + i, d] = dq_acc[i, d] * dscale
+    counts[t] = n
+
+
+@njit(cache=True, nogil=True)
+def _bwd_tasks_amx(t0, t1, step, g, row_max, row_log, dkt, dvt, dq, counts, mask, opts):
+    # tasks t0, t0 + step, ... below t1 in order, with their buffers (allocated here, in the thread
+    # that runs them) and the tile state loaded once
+    nK = g.kt.shape[2]
+    pbuf = np.empty((nK, BLOCK_M, BLOCK_N), np.float32)
+    dpbuf = np.empty((nK, BLOCK_M, BLOCK_N), np.float32)
+    kbs = np.empty(nK, np.int64)
+    pairs = np.zeros((BLOCK_M // 2, BLOCK_N, 2), np.uint16)  # P or dS as pairs of query rows
+    ds16 = np.zeros((BLOCK_M, BLOCK_N), np.uint16)  # dS, bfloat16, row-major
+    # denormals flushed in this thread's float32 work while the tasks run (restored after): dS of
+    # probabilities near 2**-126 (the tile products flush them anyway)
+    old = _mxcsr_ftz(np.intp(1))
+    _bf.amx_begin()
+    for t in range(t0, t1, step):
+        _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, pbuf, dpbuf, kbs, pairs, ds16, counts, mask, opts)
+    _bf.amx_end()
+    _mxcsr_set(old)
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _bwd_kv_task_amx(t, g, row_max, row_log, delta, dk, dv, counts, mask, opts):
+def _finish_kv_amx(x, dkt_w, dvt_w, dk, dv, dscale):
+    # key block x of the flattened (B, Hkv, nK): dk = dscale * (sum over workers of dK^T)^T, dv
+    # likewise without the scale, worker order
     B, Hkv, Lk, D = dk.shape
-    Hq, Lq = g.c.shape[1], g.c.shape[2]
-    Dv = g.v_dim
-    group = Hq // Hkv
-    nQ = (Lq + BLOCK_M - 1) // BLOCK_M
-    nK = g.kt.shape[2]
-    softcap, dscale = opts.softcap, opts.dscale
-    tiles = mask.tiles
-    kb = t % nK
-    hk = (t // nK) % Hkv
-    b = t // (nK * Hkv)
+    Dv = dv.shape[3]
+    nK = dkt_w.shape[3]
+    W = dkt_w.shape[0]
+    kb = x % nK
+    hk = (x // nK) % Hkv
+    b = x // (nK * Hkv)
     c0 = kb * BLOCK_N
-    tb = _bx(tiles.shape[0], b)
-    ncols = min(BLOCK_N, Lk - c0)
-    s = np.empty((BLOCK_M, BLOCK_N), np.float32)
-    p = np.zeros((BLOCK_M, BLOCK_N), np.float32)
-    dp = np.empty((BLOCK_M, BLOCK_N), np.float32)
-    pairs = np.zeros((PAIRS_N, BLOCK_N, 2), np.uint16)  # P or dS as pairs of query rows
-    tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap > 0.0 else (1, 1), np.float32)
-    dvt = np.zeros((g.dot.shape[2], BLOCK_N), np.float32)  # dV^T (Dv16 x keys)
-    dkt = np.zeros((g.qt.shape[2], BLOCK_N), np.float32)  # dK^T (D16 x keys)
-    n_tiles = 0
-    _bf.amx_begin()
-    for gh in range(group):
-        h = hk * group + gh
-        th_ = _bx(tiles.shape[1], h)
-        for qb in range(nQ):
-            kind = tiles[tb, th_, qb, kb]
-            if kind == EMPTY:
-                continue
-            n_tiles += 1
-            r0 = qb * BLOCK_M
-            rows = min(BLOCK_M, Lq - r0)
-            half = (rows + 1) // 2
-            r32 = (rows + 31) // 32 * 32
-            _bf.mm_amx(g.q[b, h, r0:r0 + BLOCK_M], g.kt[b, hk, kb], s, rows, D, ncols)
-            nc = _score_terms(s, tanh_buf, rows, ncols, False, b, h, qb, kb, kind, mask, opts)
-            _probs(s, p, rows, nc, row_max, row_log, b, h, r0, opts)
-            # -- dV^T += dO^T P --
-            _bf.pack_pairs_rows(p, pairs, rows, nc)
-            for pr in range(half, r32 // 2):
-                for j in range(nc):
-                    pairs[pr, j, 0] = 0
-                    pairs[pr, j, 1] = 0
-            _bf.mm_amx_add(g.dot[b, h, :, r0:r0 + BLOCK_M], pairs, dvt, Dv, rows, ncols)
-            # -- dP = dO V^T; dS = P * (dP - delta), times the softcap's c (1 - tanh^2) --
-            _bf.mm_amx(g.do[b, h, r0:r0 + BLOCK_M], g.vt[b, hk, kb], dp, rows, Dv, ncols)
-            for i in range(rows):
-                di = delta[b, h, r0 + i]
-                for j in range(nc):
-                    dp[i, j] = p[i, j] * (dp[i, j] - di)
-                if softcap > 0.0:
-                    for j in range(ncols):
-                        dp[i, j] *= softcap * (1.0 - tanh_buf[i, j] * tanh_buf[i, j])
-            # -- dK^T += Q^T dS --
-            _bf.pack_pairs_rows(dp, pairs, rows, nc)
-            for pr in range(half, r32 // 2):
-                for j in range(nc):
-                    pairs[pr, j, 0] = 0
-                    pairs[pr, j, 1] = 0
-            _bf.mm_amx_add(g.qt[b, h, :, r0:r0 + BLOCK_M], pairs, dkt, D, rows, ncols)
-    _bf.amx_end()
-    for j in range(ncols):
+    for j in range(min(BLOCK_N, Lk - c0)):
         for d in range(D):
-            dk[b, hk, c0 + j, d] = dkt[d, j] * dscale
+            acc = dkt_w[0, b, hk, kb, d, j]
+            for w in range(1, W):
+                acc += dkt_w[w, b, hk, kb, d, j]
+            dk[b, hk, c0 + j, d] = acc * dscale
         for d in range(Dv):
-            dv[b, hk, c0 + j, d] = dvt[d, j]
-    counts[t] = n_tiles
+            acc = dvt_w[0, b, hk, kb, d, j]
+            for w in range(1, W):
+                acc += dvt_w[w, b, hk, kb, d, j]
+            dv[b, hk, c0 + j, d] = acc
 
 
 @njit(parallel=True, cache=True)
-def flash_bwd_amx(g, row_max, row_log, delta, dq, dk, dv, counts_q, counts_kv, mask, opts):
-    """cpu_flash's backward (flash_bwd_q, then flash_bwd_kv) with its products on AMX: dq (B, Hq, Lq, D),
-    delta (B, Hq, Lq) = rowsum(P * dP), then dk (B, Hkv, Lk, D), dv (B, Hkv, Lk, Dv); float32."""
-    for t in prange(counts_q.shape[0]):
-        _bwd_q_task_amx(t, g, row_max, row_log, delta, dq, counts_q, mask, opts)
-    for t in prange(counts_kv.shape[0]):
-        _bwd_kv_task_amx(t, g, row_max, row_log, delta, dk, dv, counts_kv, mask, opts)
+def flash_bwd_amx(g, row_max, row_log, dkt_w, dvt_w, dq, dk, dv, counts, mask, opts):
+    """The bfloat16 backward on AMX (:class:`AmxGradInputs` ``g``, the lse halves row_max, row_log
+    (B, Hq, Lq)): one task per (batch, head, query block), ``counts`` one entry each; dq (B, Hq, Lq, D),
+    dk (B, Hkv, Lk, D), dv (B, Hkv, Lk, Dv) float32. dkt_w/dvt_w (W, B, Hkv, nK, D16|Dv16, BLOCK_N),
+    zeroed: W == 1: whole kv heads go to the workers (one writer per dK/dV row); else task w, w + W, ...
+    to worker w, into its own copy, summed in worker order. Bit-identical run to run either way."""
+    W = dkt_w.shape[0]
+    T = counts.shape[0]
+    Hq, Lq = dq.shape[1], dq.shape[2]
+    per = (Hq // dk.shape[1]) * ((Lq + BLOCK_M - 1) // BLOCK_M)  # tasks per kv head
+    if W == 1:
+        for kh in prange(T // per):
+            _bwd_tasks_amx(kh * per, (kh + 1) * per, 1, g, row_max, row_log, dkt_w[0], dvt_w[0], dq, counts, mask, opts)
+    else:
+        for w in prange(W):
+            _bwd_tasks_amx(w, T, W, g, row_max, row_log, dkt_w[w], dvt_w[w], dq, counts, mask, opts)
+    for x in prange(dkt_w.shape[1] * dkt_w.shape[2] * dkt_w.shape[3]):
+        _finish_kv_amx(x, dkt_w, dvt_w, dk, dv, opts.dscale)
 
 
 @njit(cache=True)
-def flash_bwd_amx_serial(g, row_max, row_log, delta, dq, dk, dv, counts_q, counts_kv, mask, opts):
-    for t in range(counts_q.shape[0]):
-        _bwd_q_task_amx(t, g, row_max, row_log, delta, dq, counts_q, mask, opts)
-    for t in range(counts_kv.shape[0]):
-        _bwd_kv_task_amx(t, g, row_max, row_log, delta, dk, dv, counts_kv, mask, opts)
+def flash_bwd_amx_serial(g, row_max, row_log, dkt_w, dvt_w, dq, dk, dv, counts, mask, opts):
+    _bwd_tasks_amx(0, counts.shape[0], 1, g, row_max, row_log, dkt_w[0], dvt_w[0], dq, counts, mask, opts)
+    for x in range(dkt_w.shape[1] * dkt_w.shape[2] * dkt_w.shape[3]):
+        _finish_kv_amx(x, dkt_w, dvt_w, dk, dv, opts.dscale)
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -478,8 +474,8 @@ def launch_forward(q, k, v, sinks, call):
     return out.to(q.dtype), row_max, row_log, max_logit, ent
 
 
-def prepare_backward(q, k, v, do, out, threads: int = 1) -> AmxGradInputs:
-    """The :class:`AmxGradInputs` of bfloat16 q, k, v, the output's gradient do and the output."""
+def prepare_backward(q, k, v, do, threads: int = 1) -> AmxGradInputs:
+    """The :class:`AmxGradInputs` of bfloat16 q, k, v and the output's gradient do."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     F = torch.nn.functional
@@ -494,36 +490,37 @@ def prepare_backward(q, k, v, do, out, threads: int = 1) -> AmxGradInputs:
     kt = np.zeros((B, Hkv, nK, r16(D, 32) // 2, BLOCK_N, 2), np.uint16)
     vt = np.zeros((B, Hkv, nK, r16(Dv, 32) // 2, BLOCK_N, 2), np.uint16)
     kp = np.zeros((B, Hkv, nK * PAIRS_N, r16(D, 16), 2), np.uint16)
-    k16, v16 = _bits(k), _bits(v)
-    (pack_bwd if threads > 1 else pack_bwd_serial)(k16, v16, kt, vt, kp)
-    c = (do.float() * out.detach().float()).sum(-1)  # (B, Hq, Lq)
+    (pack_bwd if threads > 1 else pack_bwd_serial)(_bits(k), _bits(v), kt, vt, kp)
     return AmxGradInputs(q=_bits(qp), qt=_bits(qt), do=_bits(dop), dot=_bits(dot), kt=kt, vt=vt, k=kp,
-                         c=c.contiguous().numpy(), head_dim=D, v_dim=Dv, kv_len=Lk)
+                         head_dim=D, v_dim=Dv, kv_len=Lk)
 
 
 def launch_backward(grad_out, q, k, v, out, row_max, row_log, call):
-    """``backends.cpu._launch_backward`` for bfloat16 q, k, v (and out, grad_out) on AMX: (dq, dk, dv)
-    in bfloat16, from the forward's lse halves (score units, float32)."""
+    """``backends.cpu._launch_backward`` for bfloat16 q, k, v (and grad_out) on AMX: (dq, dk, dv) in
+    bfloat16, from the forward's lse halves (score units, float32); ``out`` is unused (delta is
+    rowsum(P * dP), computed by the kernel)."""
     from selfattn.backends import cpu as _cpu
 
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     mask = _cpu._kernel_mask(call.low, torch.float32)
     opts = _cpu._opts(torch.float32, call)
-    counts_q = np.zeros(B * Hq * (-(-Lq // BLOCK_M)), np.int64)
-    counts_kv = np.zeros(B * Hkv * (-(-Lk // BLOCK_N)), np.int64)
-    threads = _cpu._threads(max(len(counts_q), len(counts_kv)), 10.0 * B * Hq * Lq * Lk * D)
+    counts = np.zeros(B * Hq * (-(-Lq // BLOCK_M)), np.int64)  # one per task
+    threads = _cpu._threads(len(counts), 10.0 * B * Hq * Lq * Lk * D)
     if threads > 1:
-        _cpu._kernel("flash_fwd", threads)
-    g = prepare_backward(q, k, v, grad_out.to(torch.bfloat16), out, threads)
+        _cpu._kernel("flash_fwd", threads)  # numba's pool set to `threads` (and torch's count kept)
+    g = prepare_backward(q, k, v, grad_out.to(torch.bfloat16), threads)
     dq = torch.empty(B, Hq, Lq, D, dtype=torch.float32)
     dk = torch.empty(B, Hkv, Lk, D, dtype=torch.float32)
     dv = torch.empty(B, Hkv, Lk, Dv, dtype=torch.float32)
-    delta = torch.empty(B, Hq, Lq, dtype=torch.float32)
+    # dK^T, dV^T accumulators: one copy when whole kv heads go to the workers, else one per worker
+    W = 1 if threads <= 1 or (B * Hkv) % threads == 0 else threads
+    nK = g.kt.shape[2]
+    dkt = np.zeros((W, B, Hkv, nK, g.k.shape[3], BLOCK_N), np.float32)
+    dvt = np.zeros((W, B, Hkv, nK, g.dot.shape[2], BLOCK_N), np.float32)
     kernel = flash_bwd_amx if threads > 1 else flash_bwd_amx_serial
-    kernel(g, row_max.detach().contiguous().numpy(), row_log.detach().contiguous().numpy(), delta.numpy(),
-           dq.numpy(), dk.numpy(), dv.numpy(), counts_q, counts_kv, mask, opts)
-    _cpu.TILE_PRODUCTS["backward_q"] += int(counts_q.sum())
-    _cpu.TILE_PRODUCTS["backward_kv"] += int(counts_kv.sum())
+    kernel(g, row_max.detach().contiguous().numpy(), row_log.detach().contiguous().numpy(), dkt, dvt,
+           dq.numpy(), dk.numpy(), dv.numpy(), counts, mask, opts)
+    _cpu.TILE_PRODUCTS["backward_one_pass"] += int(counts.sum())
     AMX_CALLS["backward"] += 1
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
