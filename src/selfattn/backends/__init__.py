@@ -22,11 +22,15 @@ __all__ = ["Backend", "BackendUnavailable", "Request", "register", "get", "names
 _REGISTRY: dict[str, Backend] = {}
 _CURRENT: contextvars.ContextVar[str] = contextvars.ContextVar("selfattn_backend", default="auto")
 _ACTIVE = ["auto"]  # use_backend's names, innermost last: what torch.compile reads instead of _CURRENT
+#: bumped whenever what auto would pick may change (a registration, a calibration): the short-call
+#: path (backends/cpu.py fast_forward) keeps its auto decisions only within one generation
+_GENERATION = [0]
 
 
 def register(backend: Backend) -> Backend:
     """Add a backend to the registry (later issues add fused kernels this way)."""
     _REGISTRY[backend.name] = backend
+    _GENERATION[0] += 1
     return backend
 
 

@@ -44,7 +44,9 @@ from .. import lowering
 from .. import masks as _masks
 from ..request import Request, acc_dtype, build_request
 from ..stats import AttentionStats
+from . import _GENERATION as _CHOICE_GENERATION
 from .base import Backend
+from .sdpa import fast_forward as _sdpa_fast
 
 try:
     import numba
@@ -55,6 +57,10 @@ try:
     from ..kernels import cpu_bwd as _bwd  # the float32 backward in the transposed layout (issue 14)
 except ImportError:  # numba missing: the backend stays registered and says why it cannot serve
     _k = None
+try:  # the short calls' entry points (issue 14's fixed cost); without them every call takes the launchers
+    from ..kernels import cpu_short as _short
+except Exception:  # noqa: BLE001 -- numba missing or its internals changed: the general path serves
+    _short = None
 try:  # bfloat16 forward on the AMX tile unit (issue 14); without it bfloat16 runs the float32 kernels
     from ..kernels import cpu_amx as _amx
 except Exception:  # noqa: BLE001 -- numba, its LLVM or the CPU lacking anything: the float32 fallback
@@ -598,6 +604,136 @@ class _EagerFlash(torch.autograd.Function):
         return dq, dk, dv, dsinks, None
 
 
+# -- short calls (issue 14's fixed cost) ------------------------------------------------------------
+# A no-grad float32 forward without mask (or with causal alone), statistics or other options spends
+# most of its time around the kernel when it is short: validation, lowering, numpy views, records.
+# attention() hands such calls here first (functional._fast). The first call of each (shapes, causal,
+# scale) runs the full validation and lowering once and keeps a plan; later calls check only what can
+# differ between calls with the same plan (types, dtype, device, gradients, contiguity, the thread
+# count) and run the same task functions through cpu_short's entry points. Anything else returns None
+# and the general path runs -- with its full checks and messages.
+
+
+class _Plan(NamedTuple):
+    """What a short call of one (q, k, v shapes, causal, scale) needs, validated and lowered once."""
+
+    kernel: object  # cpu_short.fwd_rows or fwd_few_rows: its compiled entry point
+    args: tuple  # the kernel's arguments after the four addresses (sizes, mask parts, KernelOpts)
+    out_shape: tuple  # (B, Hq, Lq, Dv)
+    rows: bool  # cpu_fwd's kernel (>= 4 query rows): counted in cpu_fwd.CALLS as its launcher counts
+    one_thread: bool  # the launchers would run this with every torch thread: served only with one
+    serves: object  # cpu_fwd.serves when planned (a patched one sends calls the general way)
+    low: object  # the LoweredMask (keeps the record's arrays alive)
+    auto: dict  # auto's decisions for this call: torch threads -> _AutoChoice
+
+
+class _AutoChoice(NamedTuple):
+    generation: int  # backends._GENERATION when decided (registrations, calibrations)
+    registry: dict  # the registry it ranked
+    key: tuple  # the calibration key it read
+    cal: object  # the calibration it read (None: none, then env is what decided)
+    env_off: bool  # SELFATTN_AUTO_CALIBRATE was "0"
+    backend: Optional[str]  # "cpu" or "sdpa" when it ranks strictly first, else None (the general path)
+
+
+_PACKAGE = sys.modules[__package__]  # selfattn.backends: its registry as it is at call time
+_PLANS: dict = {}
+_NO_PLAN = (None,)  # cached "not a short call": the general path
+
+
+def fast_forward(q, k, v, causal: bool, scale, auto: bool = False):
+    """The output of ``attention(q, k, v, causal=causal, scale=scale, backend="cpu")`` (or "auto" when
+    ``auto``) for a short no-grad float32 call, or None: the general path must run (anything this
+    does not serve, every error, auto choosing another backend). ``scale`` is None or a float."""
+    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
+        return None
+    f32 = torch.float32
+    if q.dtype is not f32 or k.dtype is not f32 or v.dtype is not f32 or not (q.is_cpu and k.is_cpu and v.is_cpu):
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
+        return None
+    key = (q.shape, k.shape, v.shape, causal, scale)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _plan(q, k, v, causal, scale, key)
+    if plan is _NO_PLAN or (plan.one_thread and torch.get_num_threads() != 1) or _fwd.serves is not plan.serves:
+        return None
+    if auto:
+        choice = _auto_choice(plan, q, k, v, causal, scale)
+        if choice != "cpu":
+            return _sdpa_fast(q, k, v, causal, scale) if choice == "sdpa" else None
+    out = torch.empty(plan.out_shape, dtype=f32)
+    tiles = plan.kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *plan.args)
+    TILE_PRODUCTS["forward"] += tiles
+    if plan.rows:
+        _fwd.CALLS["calls"] += 1
+        _fwd.CALLS["tiles"] += tiles
+    return out
+
+
+def _plan(q, k, v, causal, scale, key):
+    if len(_PLANS) >= 256:
+        _PLANS.clear()
+    _PLANS[key] = plan = _make_plan(q, k, v, causal, scale)
+    return plan
+
+
+def _make_plan(q, k, v, causal, scale):
+    if _short is None or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return _NO_PLAN
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if not (B and Hq and Lq and Lk):  # empty calls: the general path's own answers
+        return _NO_PLAN
+    try:
+        req = build_request(q, k, v, causal=causal, scale=scale, requires_grad=False)
+    except (TypeError, ValueError):
+        return _NO_PLAN  # the general path raises it, as always
+    if CPUBackend().unsupported(q, k, v, req) is not None:
+        return _NO_PLAN
+    low = lowering.lower(req, _k.BLOCK_M, _k.BLOCK_N)
+    km = _kernel_mask(low, torch.float32)
+    opts = _opts(torch.float32, _Call(low, req.scale, 0.0, False, False))
+    rows = _fwd.serves(q)
+    kernel = _short.fwd_rows if rows else _short.fwd_few_rows
+    args = (B, Hq, Hkv, Lq, Lk, D, Dv, km.tiles, km.q_pos, km.kv_pos, km.win_right, opts)
+    tasks = B * Hq * (-(-Lq // _k.BLOCK_M))
+    one_thread = 4.0 * B * Hq * Lq * Lk * D >= 4e6 and min(numba.config.NUMBA_NUM_THREADS, tasks) > 1  # as _threads
+    # the first run compiles (or loads) the wrapper; then its entry point, as _run takes them
+    scratch = torch.empty(B, Hq, Lq, Dv)
+    full = (q.data_ptr(), k.data_ptr(), v.data_ptr(), scratch.data_ptr(), *args)
+    kernel(*full)
+    compiled = kernel.overloads.get(tuple(kernel.typeof_pyval(a) for a in full))
+    entry = compiled.entry_point if compiled is not None else kernel
+    return _Plan(entry, args, (B, Hq, Lq, Dv), rows, one_thread, _fwd.serves, low, {})
+
+
+def _auto_choice(plan: _Plan, q, k, v, causal, scale) -> Optional[str]:
+    """What auto picks for the plan's call on this thread count, where that cannot depend on the
+    data: "cpu" or "sdpa" when it ranks strictly ahead of every other backend, else None."""
+    threads = torch.get_num_threads()
+    got = plan.auto.get(threads)
+    registry = _PACKAGE._REGISTRY
+    if got is not None and got.generation == _CHOICE_GENERATION[0] and got.registry is registry:
+        cal = _CALIBRATIONS.get(got.key)
+        if cal is got.cal and (cal is not None or got.env_off == _calibration_off()):
+            return got.backend
+    req = build_request(q, k, v, causal=causal, scale=scale, requires_grad=False)
+    ranks = {name: b.rank(req) for name, b in registry.items()}  # cpu's may measure the calibration now
+    first = min(ranks, key=ranks.get)  # the first registered of the lowest, as choose() takes it
+    strict = all(r > ranks[first] for name, r in ranks.items() if name != first)
+    key = _calibration_key(torch.float32, False)
+    got = plan.auto[threads] = _AutoChoice(_CHOICE_GENERATION[0], registry, key, _CALIBRATIONS.get(key),
+                                           _calibration_off(), first if strict and first in ("cpu", "sdpa") else None)
+    return got.backend
+
+
+def _calibration_off() -> bool:
+    return os.environ.get(CALIBRATE_ENV, "1").strip() == "0"
+
+
 # -- auto's rank: cpu against sdpa, from this host ------------------------------------------------
 # Where sdpa serves a call natively (no mask, or causal alone with default positions) in float32,
 # bfloat16 or float16, which of the two is faster depends on the host (vector width, AMX, clock,
@@ -613,6 +749,8 @@ CALIBRATE_ENV = "SELFATTN_AUTO_CALIBRATE"  # "0": measure nothing, the recorded 
 PROBES = ((1, 4, 32, 64), (1, 4, 256, 64))  # (B, H, L, D), causal: the fixed-cost end, the throughput end
 _CALIBRATED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TIE_MARGIN = 1.3  # predicted times closer than this factor: a tie, the recorded table decides
+MEASURE_TRIES = 3  # measurements taken before giving up on one that cannot be right
+EXTRAPOLATE = 4.0  # calls of more work than this times the largest probe's: the recorded table decides
 
 
 class Fit(NamedTuple):
@@ -657,6 +795,7 @@ def set_calibration(cal: Optional[Calibration], dtype=torch.float32, grad: bool 
         _CALIBRATIONS.pop(key, None)
     else:
         _CALIBRATIONS[key] = cal._replace(key=key)
+    _CHOICE_GENERATION[0] += 1
 
 
 @torch.compiler.assume_constant_result
@@ -679,6 +818,7 @@ def calibration(dtype=torch.float32, grad: bool = False, measure: bool = True) -
             or torch.compiler.is_compiling()):
         return None
     _CALIBRATIONS[key] = cal = _measure(dtype, grad, key)
+    _CHOICE_GENERATION[0] += 1
     return cal
 
 
@@ -693,7 +833,9 @@ def _counters() -> list:
 
 
 def _measure(dtype, grad: bool, key: tuple) -> Optional[Calibration]:
-    """Time cpu and sdpa on PROBES (interleaved, best of 7 rounds of ~2 ms each) and fit both."""
+    """Time cpu and sdpa on PROBES (interleaved, best of 7 rounds of ~2 ms each) and fit both; a
+    measurement that cannot be right (a longer probe timed faster: the machine was busy during the
+    short one) is taken again, up to MEASURE_TRIES times, then none is recorded (the table decides)."""
     from . import get
 
     cpu, sdpa = get("cpu"), get("sdpa")
@@ -703,41 +845,60 @@ def _measure(dtype, grad: bool, key: tuple) -> Optional[Calibration]:
     # one thread: CPU time of this thread (steadier on a busy machine); more: wall time
     clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     start = time.perf_counter()
-    points = []
     try:
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+            probes = []
             for B, H, L, D in PROBES:
                 q, k, v, do = (torch.randn(B, H, L, D, generator=gen).to(dtype) for _ in range(4))
                 leafs = [t.requires_grad_(grad) for t in (q, k, v)]
                 req = build_request(q, k, v, causal=True, requires_grad=grad)
                 if cpu.unsupported(q, k, v, req) or sdpa.unsupported(q, k, v, req):
                     return None
-
-                def run(b, n):
-                    t0 = clock()
-                    for _ in range(n):
-                        if grad:
-                            torch.autograd.grad(b.forward(*leafs, req)[0], leafs, do)
-                        else:
-                            with torch.no_grad():
-                                b.forward(q, k, v, req)
-                    return (clock() - t0) / n
-
-                n = max(1, min(200, int(2e-3 / max(run(cpu, 1), run(sdpa, 1), 1e-6))))  # warm-up, and sizing
-                best = [float("inf"), float("inf")]
-                for _ in range(7):  # interleaved: both see the machine of the same moment
-                    best = [min(t, run(b, n)) for t, b in zip(best, (cpu, sdpa))]
-                points.append((_work(req), *best))
+                probes.append((q, k, v, do, leafs, req))
+            for _ in range(MEASURE_TRIES):
+                points = tuple(_probe(cpu, sdpa, clock, grad, *probe) for probe in probes)
+                if _plausible(points):
+                    break
+            else:
+                return None
     finally:
         for c, old in zip(counters, saved):
             c.clear()
             c.update(old)
     fits = []
-    (w1, *t1), (w2, *t2) = points
+    (w1, *t1), (w2, *t2) = points[0], points[-1]
     for a, b in zip(t1, t2):
-        per_work = max(0.0, (b - a) / (w2 - w1))
+        per_work = (b - a) / (w2 - w1)
         fits.append(Fit(max(0.0, a - per_work * w1), per_work))
-    return Calibration(key, fits[0], fits[1], tuple(points), f"measured in {(time.perf_counter() - start) * 1e3:.0f} ms")
+    return Calibration(key, fits[0], fits[1], points, f"measured in {(time.perf_counter() - start) * 1e3:.0f} ms")
+
+
+def _plausible(points) -> bool:
+    # each backend takes longer on each longer probe (the probes grow 64-fold in work)
+    return all(later[i] > earlier[i] for earlier, later in zip(points, points[1:]) for i in (1, 2))
+
+
+def _probe(cpu, sdpa, clock, grad, q, k, v, do, leafs, req) -> tuple:
+    # (work, cpu seconds, sdpa seconds) of one probe: each backend the way attention() runs it (a
+    # short no-grad call through its short-call path where that serves it)
+    short = {cpu: fast_forward, sdpa: _sdpa_fast}
+
+    def run(b, n):
+        t0 = clock()
+        for _ in range(n):
+            if grad:
+                torch.autograd.grad(b.forward(*leafs, req)[0], leafs, do)
+            else:
+                with torch.no_grad():
+                    if short[b](q, k, v, True, None) is None:
+                        b.forward(q, k, v, req)
+        return (clock() - t0) / n
+
+    n = max(1, min(200, int(2e-3 / max(run(cpu, 1), run(sdpa, 1), 1e-6))))  # warm-up, and sizing
+    best = [float("inf"), float("inf")]
+    for _ in range(7):  # interleaved: both see the machine of the same moment
+        best = [min(t, run(b, n)) for t, b in zip(best, (cpu, sdpa))]
+    return (_work(req), *best)
 
 
 _STRUCTURAL = frozenset({"window", "padding", "key_padding", "documents", "function"})
@@ -763,6 +924,12 @@ def _rank(req: Request, explain: bool = True) -> tuple:
     if cal is None:
         return _table_rank(req)
     work = _work(req)
+    reach = EXTRAPOLATE * max(p[0] for p in cal.probes) if cal.probes else float("inf")
+    if work > reach:
+        # far beyond what was measured a straight line says little (caches, threads): the table
+        rank, _ = _table_rank(req)
+        return rank, (f"this call's work ({work:.3g}) is more than {EXTRAPOLATE:g}x the largest calibration probe's "
+                      f"({reach / EXTRAPOLATE:.3g}; {cal.source}): the recorded table decides (rank {rank:g})")
     t_cpu, t_sdpa = cal.cpu.time(work), cal.sdpa.time(work)
     tie = 1.0 / TIE_MARGIN < t_cpu / t_sdpa < TIE_MARGIN
     if not explain:

@@ -111,3 +111,66 @@ class SDPABackend(Backend):
                 return out.to(q.dtype), None
             m = m.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=m, **kw), None
+
+
+# -- short calls (issue 14's fixed cost): attention(..., backend="sdpa") without the general path's
+# per-call work. The first call of each (shapes, dtype, causal, scale) is validated in full and keeps
+# the keyword arguments torch takes; later calls check what can differ between calls with the same key.
+
+_PLANS: dict = {}
+
+
+def fast_forward(q, k, v, causal: bool, scale):
+    """``attention(q, k, v, causal=causal, scale=scale, backend="sdpa")`` for a no-grad CPU call
+    without mask (or with a causal mask torch takes natively) and no other option, or None: the
+    general path must run (including every refusal and error, e.g. NaN in the query)."""
+    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
+        return None
+    if not (q.is_cpu and k.is_cpu and v.is_cpu):
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, causal, scale)
+    kw = _PLANS.get(key)
+    if kw is None:
+        if len(_PLANS) >= 256:
+            _PLANS.clear()
+        kw = _PLANS[key] = _plan(q, k, v, causal, scale)
+    if kw is False or _has_nan(q):  # torch's fused CPU kernel turns a NaN query row into 0: refused
+        return None
+    return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
+def _plan(q, k, v, causal, scale):
+    from ..request import build_request
+
+    if q.dim() != 4 or k.dim() != 4 or q.shape[2] == 0 or k.shape[2] == 0:
+        return False
+    try:
+        req = build_request(q, k, v, causal=causal, scale=scale, requires_grad=False)
+    except (TypeError, ValueError):
+        return False  # the general path raises it
+    if req.mask is not None and not _native_causal(req):
+        return False
+    if req.scale <= 0 and req.mask is not None:
+        return False  # refused (SDPABackend.unsupported)
+    kw = dict(scale=req.scale, dropout_p=0.0, enable_gqa=req.q_heads != req.kv_heads)
+    if req.mask is not None:
+        kw["is_causal"] = True
+    return kw
+
+
+_nan_kernel = []  # cpu_short.has_nan, once imported (None: numba missing)
+
+
+def _has_nan(q) -> bool:
+    if q.dtype is torch.float32 and q.is_contiguous():
+        if not _nan_kernel:
+            try:
+                from ..kernels.cpu_short import has_nan
+            except Exception:  # noqa: BLE001 -- no numba: torch checks
+                has_nan = None
+            _nan_kernel.append(has_nan)
+        if _nan_kernel[0] is not None:
+            return _nan_kernel[0](q.data_ptr(), q.numel())
+    return bool(torch.isnan(q).any())

@@ -1,0 +1,128 @@
+"""Entry points of the float32 forward kernels for short calls (issue 14's per-call fixed cost).
+
+A call of (1, 1, 8, 8, 16) computes for ~2.5 us; launched the general way it costs ~40 us more:
+numpy views of four tensors (~1.9 us each), the two records typed and unboxed (KernelMask's ~20
+arrays ~2.1 us, KernelOpts ~0.6 us), five torch allocations. These wrappers take the tensors as
+addresses and sizes, allocate the row outputs and the empty parts of the mask record inside, and
+run the very task functions the general launchers run (``cpu_fwd._fwd_task_t`` for >= 4 query
+rows, ``cpu_flash._fwd_task`` for fewer), serially, so a call gives the same bits either way.
+
+Only the forward of a call without mask or with a plain causal mask, no statistics, float32,
+contiguous inputs: ``selfattn.backends.cpu.fast_forward`` decides and falls back otherwise.
+
+numba keys a cached function on its own source file only, and these wrappers compile the task
+functions of ``cpu_fwd`` and ``cpu_flash`` into themselves: their cache stamps include those files
+(``_stamp_with``), so an edit there is never run stale from here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from numba import carray, njit, types
+from numba.core import config as numba_config
+from numba.extending import intrinsic
+
+from selfattn.kernels import cpu_flash as _k
+from selfattn.kernels import cpu_fwd as _t
+from selfattn.kernels import numba_cache_dir
+from selfattn.kernels.cpu_flash import BLOCK_M, BLOCK_N, UNBOUNDED, KernelMask
+
+_CACHE_DIR, _NUMBA_CACHE_DIR = numba_cache_dir(), numba_config.CACHE_DIR
+if _CACHE_DIR is not None:
+    numba_config.CACHE_DIR = _CACHE_DIR
+
+
+@intrinsic
+def _f32_at(typingctx, addr):
+    # the float32 pointer at an integer address (a torch tensor's data_ptr())
+    ptr = types.CPointer(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptr))
+
+    return ptr(types.intp), codegen
+
+
+@njit(cache=True)
+def _plain_mask(tiles, q_pos, kv_pos, win_right):
+    # the KernelMask of a call without mask (win_right UNBOUNDED) or with causal alone (0): the
+    # tile map and positions from the lowering, every other part empty -- the same types as
+    # backends/cpu.py _build_kernel_mask gives
+    none1 = np.empty(0, np.int64)
+    return KernelMask(
+        tiles, q_pos, kv_pos, win_right != UNBOUNDED, UNBOUNDED, win_right, none1, none1,
+        np.empty((0, 0), np.uint8), np.empty((0, 1, 1), np.int64), np.empty((0, 1, 1), np.int64),
+        np.empty(0, np.uint8), np.zeros(4, np.int64), np.empty(0, np.float32), np.zeros(4, np.int64),
+        np.empty((0, 1, 1, 1), np.int32), np.empty((0, BLOCK_M, BLOCK_N), np.uint8),
+        np.empty((0, 0), np.float32), np.empty((0, 0), np.float32), np.empty((0, 0), np.float32),
+    )
+
+
+@njit(cache=True)
+def fwd_rows(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, tiles, q_pos, kv_pos, win_right, opts):
+    """cpu_fwd's transposed forward (>= 4 query rows), serially, on the tensors at the addresses
+    pq, pk, pv (read) and pout (written), C-contiguous float32 of shapes (B, Hq, Lq, D), (B, Hkv, Lk, D),
+    (B, Hkv, Lk, Dv), (B, Hq, Lq, Dv). Returns the number of tiles computed."""
+    q = carray(_f32_at(pq), (B, Hq, Lq, D))
+    k = carray(_f32_at(pk), (B, Hkv, Lk, D))
+    v = carray(_f32_at(pv), (B, Hkv, Lk, Dv))
+    out = carray(_f32_at(pout), (B, Hq, Lq, Dv))
+    row_max = np.empty((B, Hq, Lq), np.float32)  # the rows are not returned: scratch
+    row_log = np.empty((B, Hq, Lq), np.float32)
+    ent = np.empty((B, Hq, Lq), np.float32)
+    counts = np.zeros(B * Hq * ((Lq + BLOCK_M - 1) // BLOCK_M), np.int64)
+    mask = _plain_mask(tiles, q_pos, kv_pos, win_right)
+    for t in range(counts.shape[0]):
+        _t._fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts)
+    return counts.sum()
+
+
+@njit(cache=True)
+def fwd_few_rows(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, tiles, q_pos, kv_pos, win_right, opts):
+    """:func:`fwd_rows` for fewer than 4 query rows (decoding): cpu_flash's forward with dot products."""
+    q = carray(_f32_at(pq), (B, Hq, Lq, D))
+    k = carray(_f32_at(pk), (B, Hkv, Lk, D))
+    v = carray(_f32_at(pv), (B, Hkv, Lk, Dv))
+    out = carray(_f32_at(pout), (B, Hq, Lq, Dv))
+    kt = np.empty((1, 1, D, 0), np.float32)  # no transposed keys: dot products
+    row_max = np.empty((B, Hq, Lq), np.float32)
+    row_log = np.empty((B, Hq, Lq), np.float32)
+    ent = np.empty((B, Hq, Lq), np.float32)
+    counts = np.zeros(B * Hq * ((Lq + BLOCK_M - 1) // BLOCK_M), np.int64)
+    mask = _plain_mask(tiles, q_pos, kv_pos, win_right)
+    for t in range(counts.shape[0]):
+        _k._fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts)
+    return counts.sum()
+
+
+@njit(fastmath={"nsz", "arcp", "contract", "afn", "reassoc"}, cache=True)
+def has_nan(p, n):
+    """Whether any of the n float32 values at address p is NaN (sdpa's short-call check)."""
+    x = carray(_f32_at(p), (n,))
+    found = False
+    for i in range(n):
+        found |= x[i] != x[i]
+    return found
+
+
+def _stamp_with(dispatcher, *modules):
+    # numba's cache index is valid while the stamp (mtime, size) of the function's own file is
+    # unchanged; these wrappers carry code of other modules too, so the stamp covers their files
+    cache = getattr(dispatcher, "_cache", None)
+    index = getattr(cache, "_cache_file", None)
+    if index is None or not hasattr(index, "_source_stamp"):
+        return  # another numba's cache layout (or no cache): the plain stamp stays
+    stamps = [index._source_stamp]
+    for mod in modules:
+        st = os.stat(mod.__file__)
+        stamps.append((st.st_mtime, st.st_size))
+    index._source_stamp = tuple(stamps)
+
+
+_stamp_with(_plain_mask, _k)
+_stamp_with(fwd_rows, _t, _k)
+_stamp_with(fwd_few_rows, _k)
+
+numba_config.CACHE_DIR = _NUMBA_CACHE_DIR
