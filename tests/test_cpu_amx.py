@@ -165,6 +165,50 @@ def test_float16_keeps_the_float32_kernels():
     compare("fp16", reference_pair(q, k, v, causal=True), out, stats=stats, dtype=torch.float16)
 
 
+@amx
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("heads", [(4, 2), (3, 1)], ids=["kv-heads-per-worker", "worker-copies"])
+def test_backward_threads_deterministic(threads, heads):
+    # on 2 threads the backward deals whole kv heads to the workers when they divide evenly (2 x 2 kv
+    # heads), else every worker sums into its own dK^T/dV^T copy (1 x 1), added in worker order: the
+    # same bits run to run either way, and the reference's gradients
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        b = 2 if heads[1] == 2 else 1
+        q, k, v, do = _inputs(b, *heads, 200, 230, 48, dv=40, seed=8)
+        m = masks.causal() & masks.padding([230, 150][:b])
+        runs = []
+        for _ in range(2):
+            leafs = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = selfattn.attention(*leafs, mask=m, softcap=20.0, backend="cpu")
+            runs.append(torch.autograd.grad(out, leafs, do))
+        for a, bb in zip(*runs):
+            assert torch.equal(a, bb), "two runs differ"
+        check_amx(f"{threads} threads {heads}", q, k, v, do, mask=m, softcap=20.0)
+    finally:
+        torch.set_num_threads(old)
+
+
+_FRESH = textwrap.dedent("""
+    import torch
+    torch.set_num_threads(2)
+    import test_cpu_amx as t
+    # the first 2-thread AMX backward of a process: every buffer is new (a raw address into an array
+    # numba had freed would show here, in the second worker)
+    t.check_amx("fresh", *t._inputs(1, 2, 2, 130, 130, 51, seed=9), causal=True, window=(20, 0))
+    print("FRESH OK")
+""")
+
+
+@amx
+def test_first_two_thread_backward_of_a_process():
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=here + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", _FRESH], env=env, capture_output=True, text=True, timeout=900, cwd=here)
+    assert res.returncode == 0 and "FRESH OK" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]
+
+
 _FALLBACK = textwrap.dedent("""
     import torch, selfattn
     from selfattn.kernels import cpu_amx, cpu_bf16

@@ -18,11 +18,20 @@ Operands are zero-padded to whole AMX tiles (``cpu_bf16``'s padding contract): Q
 (batch, kv head, key block), keys past Lk zero; V as pairs (nK * BLOCK_N / 2, Dv rounded up to 16, 2)
 per (batch, kv head). Grouped-query heads read their kv head's panels: nothing is repeated.
 
-**Backward** (``flash_bwd_amx``): cpu_flash's two passes with the same recomputation from the lse
-halves, every product on AMX. Per query block: S, P, dP = dO V^T (V^T panels), then
-dQ = bf16(P (dP - c)) K - (delta - c) bf16(P) K with K as pairs along keys and delta = rowsum(P dP).
-Per key block, over its group's query tiles: dV^T += dO^T bf16(P) and dK^T += Q^T bf16(dS) (AMX has
-no transposed-A form: dO^T and Q^T are made once per head, P and dS packed as pairs of query rows).
+**Backward** (``flash_bwd_amx``): cpu_bwd's design with row-major tiles: one task per (batch, head,
+query block), recomputing P from the lse halves, two sweeps over its non-empty key tiles::
+
+    sweep 1:  S = Q_blk K^T, P (as the forward's scores)     AMX, K^T panels
+              dP = dO_blk V^T                                AMX, V^T panels
+              delta += rowsum(P * dP)                        float64 (exact products)
+              dV^T += dO^T bf16(P)                           AMX, P packed as pairs of query rows
+              P and dP kept (2 x the task's tiles, float32)
+    sweep 2:  dS = P (dP - delta)                            (times the softcap's c (1 - tanh^2))
+              dQ += bf16(dS) K,  dK^T += Q^T bf16(dS)        AMX, K pairs along keys
+
+Five tile products and one exp2 per score. AMX has no transposed-A form, so dK and dV are summed
+transposed (dO^T and Q^T made once per call) and turned back at the end; each kv head's dK^T/dV^T
+has one writer (whole kv heads per worker) or every worker its own copy, summed in worker order.
 The backward of a ring shard (``shard_backward``, with a given delta) stays on the float32 kernels.
 
 float16 inputs do not come here: float16 has 3 more mantissa bits than bfloat16, so rounding them to
