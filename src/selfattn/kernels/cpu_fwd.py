@@ -59,6 +59,8 @@ from selfattn.kernels.cpu_flash import (
     _exp2_ir,
     _gemm,
     _query_task,
+    _softcap_tile,
+    _softmax_lo_t,
     _Vectors,
 )
 
@@ -310,17 +312,14 @@ def _mask_tile_t(st, rows, ncols, b, h, qb, kb, mask):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _score_terms_t(st, rows, ncols, b, h, qb, kb, kind, mask, opts, alibi):
+def _score_terms_t(st, lo, rows, ncols, b, h, qb, kb, kind, mask, opts, alibi):
     # s^T[:ncols, :rows] holds q.k times the scale, or (softcap) q.k alone: the softcap, ALiBi (unless
     # `alibi` is False: the caller added it), the float bias and the element-wise mask, in
     # cpu_flash._score_terms' order
     r0, c0 = qb * BLOCK_M, kb * BLOCK_N
     if opts.softcap_u > 0.0:
-        # -- softcap: c * tanh(u), u, tanh(u) and the product in float64, rounded once --
-        cu, us = opts.softcap_u64, opts.qk_scale64
-        for j in range(ncols):
-            for i in range(rows):
-                st[j, i] = cu * np.tanh(np.float64(st[j, i]) * us)
+        # -- softcap: c * tanh(u) in float64, rounded once; its rest into lo (unless empty) --
+        _softcap_tile(st, lo, lo[:0, :0], ncols, rows, opts)
     if alibi and mask.alibi.size > 0:
         # -- ALiBi: - slope * |q_pos - kv_pos|, slope in score units --
         _alibi_tile(st, rows, ncols, b, h, r0, c0, mask.alibi, mask.q_pos_f, mask.kv_pos_f)
@@ -395,6 +394,9 @@ def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
     # added here: a call that takes the mask record costs ~0.4 us a tile (its ~20 arrays are
     # reference-counted on the way in and out)
     softcap = opts.softcap_u > 0.0
+    fold = softcap and opts.fold_lo  # cpu_flash's softcap hi/lo convention (_softmax_lo_t)
+    lo = np.zeros((BLOCK_N, BLOCK_M) if fold else (0, 0), q.dtype)  # the softcap's rest of each logit
+    lo_i = np.zeros(BLOCK_M if fold else 0, q.dtype)  # per query row: its anchor's rest
     own_alibi = mask.alibi.size > 0 and not softcap
     terms = softcap or mask.alibi.size > 0 and not own_alibi or mask.bias.size > 0
     slopes, q_pos_f, kv_pos_f = mask.alibi, mask.q_pos_f, mask.kv_pos_f
@@ -420,14 +422,16 @@ def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
         if own_alibi:
             _alibi_tile(st, rows, ncols, b, h, r0, c0, slopes, q_pos_f, kv_pos_f)
         if terms or kind == PARTIAL:
-            _score_terms_t(st, rows, ncols, b, h, qb, kb, kind, mask, opts, not own_alibi)
+            _score_terms_t(st, lo, rows, ncols, b, h, qb, kb, kind, mask, opts, not own_alibi)
         # -- online softmax, LANES query rows at a time: m, alpha, l (and e); s^T becomes p^T --
-        for g in range(groups):
+        if fold:
+            _softmax_lo_t(st, lo, rows, ncols, m_i, l_i, e_i, lo_i, alpha_i, opts)
+        for g in range(0 if fold else groups):
             o = g * LANES * isz
             _vsoftmax(pst + o, BLOCK_M, ncols, pm + o, pl + o, pe + o, _addr(alpha_i) + o, want, st)
         # -- acc = alpha * acc + p @ v: P read as (P^T)^T, the tile's share added in one FMA --
         _gemm(pst, 1, BLOCK_M, pv0 + c0 * Dv * isz, Dv, _addr(acc), Dv, rows, ncols, Dv, 1.0, RESCALE, _addr(alpha_i), st)
-    _finish_rows(acc, m_i, l_i, e_i, m_i[:0], rows, b, h, r0, out, row_max, row_log, ent, opts)
+    _finish_rows(acc, m_i, l_i, e_i, lo_i, rows, b, h, r0, out, row_max, row_log, ent, opts)
     counts[t] = n_tiles
 
 
