@@ -620,6 +620,7 @@ class _Plan(NamedTuple):
     kernel: object  # cpu_short.fwd_rows or fwd_few_rows: its compiled entry point
     args: tuple  # the kernel's arguments after the four addresses (sizes, mask parts, KernelOpts)
     out_shape: tuple  # (B, Hq, Lq, Dv)
+    tiles: int  # the tiles the general kernels compute for this call (the tile map's non-empty ones)
     rows: bool  # cpu_fwd's kernel (>= 4 query rows): counted in cpu_fwd.CALLS as its launcher counts
     one_thread: bool  # the launchers would run this with every torch thread: served only with one
     serves: object  # cpu_fwd.serves when planned (a patched one sends calls the general way)
@@ -665,11 +666,11 @@ def fast_forward(q, k, v, causal: bool, scale, auto: bool = False):
         if choice != "cpu":
             return _sdpa_fast(q, k, v, causal, scale) if choice == "sdpa" else None
     out = torch.empty(plan.out_shape, dtype=f32)
-    tiles = plan.kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *plan.args)
-    TILE_PRODUCTS["forward"] += tiles
+    plan.kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *plan.args)
+    TILE_PRODUCTS["forward"] += plan.tiles
     if plan.rows:
         _fwd.CALLS["calls"] += 1
-        _fwd.CALLS["tiles"] += tiles
+        _fwd.CALLS["tiles"] += plan.tiles
     return out
 
 
@@ -697,8 +698,12 @@ def _make_plan(q, k, v, causal, scale):
     km = _kernel_mask(low, torch.float32)
     opts = _opts(torch.float32, _Call(low, req.scale, 0.0, False, False))
     rows = _fwd.serves(q)
-    kernel = _short.fwd_rows if rows else _short.fwd_few_rows
-    args = (B, Hq, Hkv, Lq, Lk, D, Dv, km.tiles, km.q_pos, km.kv_pos, km.win_right, opts)
+    if _small(B, Hq, Lq, Lk, D, Dv):
+        rows = False
+        kernel, args = _short.fwd_small, (B, Hq, Hkv, Lq, Lk, D, Dv, causal, opts.qk_scale)
+    else:
+        kernel = _short.fwd_rows if rows else _short.fwd_few_rows
+        args = (B, Hq, Hkv, Lq, Lk, D, Dv, km.tiles, km.q_pos, km.kv_pos, km.win_right, opts)
     tasks = B * Hq * (-(-Lq // _k.BLOCK_M))
     one_thread = 4.0 * B * Hq * Lq * Lk * D >= 4e6 and min(numba.config.NUMBA_NUM_THREADS, tasks) > 1  # as _threads
     # the first run compiles (or loads) the wrapper; then its entry point, as _run takes them
@@ -707,7 +712,17 @@ def _make_plan(q, k, v, causal, scale):
     kernel(*full)
     compiled = kernel.overloads.get(tuple(kernel.typeof_pyval(a) for a in full))
     entry = compiled.entry_point if compiled is not None else kernel
-    return _Plan(entry, args, (B, Hq, Lq, Dv), rows, one_thread, _fwd.serves, low, {})
+    t = km.tiles  # (B|1, Hq|1, nQ, nK): a broadcast dim counts for every batch entry / head
+    tiles = int((t != _k.EMPTY).sum()) * (B if t.shape[0] == 1 else 1) * (Hq if t.shape[1] == 1 else 1)
+    return _Plan(entry, args, (B, Hq, Lq, Dv), tiles, rows, one_thread, _fwd.serves, low, {})
+
+
+def _small(B, Hq, Lq, Lk, D, Dv) -> bool:
+    # cpu_short.fwd_small (row by row, no tiles) serves decoding steps (fewer than 4 query rows) and
+    # heads of little work, where the tile kernels' ~4 us of set-up per task dominate: measured (1
+    # thread) (1,1,8,8,16) 13 us against 20, (1,4,16,16,64) 21 against 35, even at Lq*Lk*(D+Dv) = 2**16
+    # (32 x 32 x 32), behind from (64 x 64 x 64) on (66 against 37)
+    return Lq < 4 or Lq * Lk * (D + Dv) <= 1 << 16
 
 
 def _auto_choice(plan: _Plan, q, k, v, causal, scale) -> Optional[str]:
@@ -746,7 +761,10 @@ def _calibration_off() -> bool:
 # Elsewhere the reasons are structural and the recorded table stands (_table_rank).
 
 CALIBRATE_ENV = "SELFATTN_AUTO_CALIBRATE"  # "0": measure nothing, the recorded table decides
-PROBES = ((1, 4, 32, 64), (1, 4, 256, 64))  # (B, H, L, D), causal: the fixed-cost end, the throughput end
+# (B, H, L, D), causal: the fixed cost, a short call, the throughput end (a call's time is predicted
+# along the lines joining them: a straight line through the last two alone missed the tiny calls'
+# time by 8x, their kernels differ)
+PROBES = ((1, 1, 8, 16), (1, 4, 32, 64), (1, 4, 256, 64))
 _CALIBRATED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TIE_MARGIN = 1.3  # predicted times closer than this factor: a tie, the recorded table decides
 MEASURE_TRIES = 3  # measurements taken before giving up on one that cannot be right
@@ -769,8 +787,24 @@ class Calibration(NamedTuple):
     key: tuple  # (dtype, gradients, torch threads, numba threading layer)
     cpu: Fit
     sdpa: Fit
-    probes: tuple  # ((work, cpu seconds, sdpa seconds), ...) one per probe
+    probes: tuple  # ((work, cpu seconds, sdpa seconds), ...) one per probe, growing in work
     source: str  # "measured in N ms", or who set it
+
+    def predict(self, work: float) -> tuple:
+        """(cpu seconds, sdpa seconds) for a call of ``work``: along the straight lines joining the
+        probes, the smallest probe's times below it, the last line beyond the largest (``_rank`` trusts
+        that only up to EXTRAPOLATE times its work); the two fits where there are no probes."""
+        pts = self.probes
+        if len(pts) < 2:
+            return self.cpu.time(work), self.sdpa.time(work)
+        if work <= pts[0][0]:
+            return pts[0][1], pts[0][2]
+        i = 1
+        while i < len(pts) - 1 and work > pts[i][0]:
+            i += 1
+        (w0, c0, s0), (w1, c1, s1) = pts[i - 1], pts[i]
+        f = (work - w0) / (w1 - w0)
+        return c0 + f * (c1 - c0), s0 + f * (s1 - s0)
 
 
 #: calibrations by key; None where none applies (sdpa or cpu refuses the probes: bfloat16 gradients)
@@ -930,16 +964,15 @@ def _rank(req: Request, explain: bool = True) -> tuple:
         rank, _ = _table_rank(req)
         return rank, (f"this call's work ({work:.3g}) is more than {EXTRAPOLATE:g}x the largest calibration probe's "
                       f"({reach / EXTRAPOLATE:.3g}; {cal.source}): the recorded table decides (rank {rank:g})")
-    t_cpu, t_sdpa = cal.cpu.time(work), cal.sdpa.time(work)
+    t_cpu, t_sdpa = cal.predict(work)
     tie = 1.0 / TIE_MARGIN < t_cpu / t_sdpa < TIE_MARGIN
     if not explain:
         return (_table_rank(req)[0] if tie else min(45.0, 10.0 * t_cpu / t_sdpa)), ""
     threads, layer = cal.key[2], cal.key[3]
     why = (f"cpu against sdpa calibrated on this host ({str(req.dtype).replace('torch.', '')}, "
            f"{'forward + backward' if req.requires_grad else 'forward'}, {threads} thread{'s' if threads > 1 else ''}, "
-           f"numba layer {layer or 'default'}; {cal.source}): cpu {cal.cpu.fixed * 1e6:.0f} us + "
-           f"{cal.cpu.per_work * 1e9:.3g} ns/work, sdpa {cal.sdpa.fixed * 1e6:.0f} us + {cal.sdpa.per_work * 1e9:.3g} "
-           f"ns/work; this call (work {work:.3g}): cpu {t_cpu * 1e6:.0f} us, sdpa {t_sdpa * 1e6:.0f} us")
+           f"numba layer {layer or 'default'}; {cal.source}): {_measured(cal)}; "
+           f"this call (work {work:.3g}): cpu {t_cpu * 1e6:.0f} us, sdpa {t_sdpa * 1e6:.0f} us")
     if tie:
         # a near tie: either is fine for speed, and the recorded table keeps the choice the same in
         # every process (a measurement this close can fall either way)
@@ -947,6 +980,14 @@ def _rank(req: Request, explain: bool = True) -> tuple:
         return rank, f"{why}: within {TIE_MARGIN - 1:.0%} of each other, so the recorded table decides (rank {rank:g})"
     # sdpa ranks 10 here: cpu goes first exactly when predicted faster
     return min(45.0, 10.0 * t_cpu / t_sdpa), f"{why} -> rank 10 x {t_cpu / t_sdpa:.2f}"
+
+
+def _measured(cal: Calibration) -> str:
+    # the probes' times (what predictions join), or the fits of a calibration given without them
+    if len(cal.probes) >= 2:
+        return "probes (work: cpu / sdpa us) " + ", ".join(f"{w:.3g}: {c * 1e6:.0f} / {t * 1e6:.0f}" for w, c, t in cal.probes)
+    return (f"cpu {cal.cpu.fixed * 1e6:.0f} us + {cal.cpu.per_work * 1e9:.3g} ns/work, sdpa {cal.sdpa.fixed * 1e6:.0f} us + "
+            f"{cal.sdpa.per_work * 1e9:.3g} ns/work")
 
 
 def _table_rank(req: Request) -> tuple:

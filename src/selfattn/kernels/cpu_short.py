@@ -97,6 +97,75 @@ def fwd_few_rows(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, tiles, q_pos, kv_p
     return counts.sum()
 
 
+@njit(fastmath=_k.FASTMATH, cache=True)
+def fwd_small(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, causal, qk_scale):
+    """The output of a small call (decoding: a few query rows), one row at a time, without the tile
+    machinery: each task of the general kernels allocates a dozen tile-sized buffers and runs per key
+    block several helpers built for 64 x 64 tiles, ~4 us per task and ~2 us per key block for one row.
+
+    Tensors at addresses as in :func:`fwd_rows`. Query i sees keys j < Lk, with ``causal`` (default
+    positions) those j <= i + Lk - Lq. Scores in base 2 (``qk_scale`` =
+    scale * log2(e), float32) as the general kernels take them; p = exp2(s - max) by cpu_flash's
+    exp2; the P V sums and the row sum are added per block of BLOCK_N keys and then to the row's
+    totals (one running sum over thousands of keys rounds worse: cpu_flash). Fully-masked rows are 0;
+    a NaN score makes its row NaN."""
+    q = carray(_f32_at(pq), (B, Hq, Lq, D))
+    k = carray(_f32_at(pk), (B, Hkv, Lk, D))
+    v = carray(_f32_at(pv), (B, Hkv, Lk, Dv))
+    out = carray(_f32_at(pout), (B, Hq, Lq, Dv))
+    s = np.empty(Lk, np.float32)  # one row's scores, then its probabilities
+    acc = np.empty(Dv, np.float32)  # the row's output sum
+    blk = np.empty(Dv, np.float32)  # one key block's share of it
+    group = Hq // Hkv
+    zero = np.float32(0.0)
+    for b in range(B):
+        for h in range(Hq):
+            kh, vh = k[b, h // group], v[b, h // group]  # (Lk, D), (Lk, Dv)
+            for i in range(Lq):
+                qi, oi = q[b, h, i], out[b, h, i]  # (D,), (Dv,)
+                n = min(Lk, max(0, i + Lk - Lq + 1)) if causal else Lk  # keys this row sees
+                # -- scores and their max --
+                m = np.float32(-np.inf)
+                nan = False
+                for j in range(n):
+                    kj = kh[j]
+                    dot = zero
+                    for d in range(D):
+                        dot += qi[d] * kj[d]
+                    sj = dot * qk_scale
+                    s[j] = sj
+                    nan |= sj != sj
+                    m = sj if sj > m else m
+                if nan or m == -np.inf:
+                    # a NaN row stays NaN; no key (or every score -inf): 0
+                    fill = np.float32(np.nan) if nan else zero
+                    for d in range(Dv):
+                        oi[d] = fill
+                    continue
+                # -- p = exp2(s - m) and the sums, a key block at a time --
+                acc[:] = zero
+                total = zero
+                for c0 in range(0, n, BLOCK_N):
+                    c1 = min(n, c0 + BLOCK_N)
+                    part = zero
+                    for j in range(c0, c1):
+                        x = s[j] - m
+                        pj = _k._exp2f(x) if x >= -126.0 else (x if x != x else zero)  # +inf - +inf: NaN
+                        s[j] = pj
+                        part += pj
+                    total += part
+                    blk[:] = zero
+                    for j in range(c0, c1):
+                        pj, vj = s[j], vh[j]
+                        for d in range(Dv):
+                            blk[d] += pj * vj[d]
+                    for d in range(Dv):
+                        acc[d] += blk[d]
+                inv = np.float32(1.0) / total
+                for d in range(Dv):
+                    oi[d] = acc[d] * inv
+
+
 @njit(fastmath={"nsz", "arcp", "contract", "afn", "reassoc"}, cache=True)
 def has_nan(p, n):
     """Whether any of the n float32 values at address p is NaN (sdpa's short-call check)."""
@@ -124,5 +193,6 @@ def _stamp_with(dispatcher, *modules):
 _stamp_with(_plain_mask, _k)
 _stamp_with(fwd_rows, _t, _k)
 _stamp_with(fwd_few_rows, _k)
+_stamp_with(fwd_small, _k)
 
 numba_config.CACHE_DIR = _NUMBA_CACHE_DIR
