@@ -165,6 +165,24 @@ def test_deterministic(threads, heads):
         torch.set_num_threads(old)
 
 
+def test_one_and_two_threads_give_the_same_bits():
+    # whole kv heads per worker (2 x 2 kv heads on 2 threads): every task computes as on one thread and
+    # dK is scaled per head by its one writer, so the gradients are bit for bit the 1-thread ones
+    old = torch.get_num_threads()
+    q, k, v, do = _inputs(2, 4, 2, 200, 230, 32, dv=24, seed=5)
+    grads = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+            out = selfattn.attention(qq, kk, vv, causal=True, backend="cpu")
+            grads.append(torch.autograd.grad(out, (qq, kk, vv), do))
+    finally:
+        torch.set_num_threads(old)
+    for name, a, b in zip(("dq", "dk", "dv"), *grads):
+        assert torch.equal(a, b), f"{name}: 1 and 2 threads differ by {float((a - b).abs().max())}"
+
+
 _FRESH_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])

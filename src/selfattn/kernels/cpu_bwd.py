@@ -42,9 +42,9 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .cpu_fwd import _alibi_tile, _bias_mask_t
+from .cpu_fwd import _alibi_tile, _bias_mask_t, _loop
 
-from .cpu_flash import (ADD, VEC_BYTES, _fold_lo, _softcap_tile, BLOCK_M, BLOCK_N, EMPTY, FASTMATH, STORE, _addr, _bx, _dot, _Exact,
+from .cpu_flash import (ADD, VEC_BYTES, _fold_lo, _softcap_tile, BLOCK_M, BLOCK_N, EMPTY, FASTMATH, PARTIAL, STORE, _addr, _bx, _dot, _Exact,
                         _exp2_ir, _gemm, _Vectors)
 
 VW = VEC_BYTES // 4  # float32 lanes of one host vector
@@ -52,40 +52,6 @@ LANES = 16  # query lanes rounded up to this (a whole AVX-512 vector of float32;
 CALLS = {"calls": 0, "tiles": 0}  # launches of this kernel and the tiles they computed (tests read it)
 
 # -- vertical vector ops over the query lanes ---------------------------------------------------
-
-
-def _row_loop(builder, vec, n, body, name):
-    # for j in range(n): carried = body(j, carried), over a list of loop-carried values; returns the
-    # final values (the initial ones when n <= 0)
-    c = vec.const
-
-    def run(inits):
-        entry = builder.block
-        loop = builder.append_basic_block(name + ".loop")
-        done = builder.append_basic_block(name + ".done")
-        builder.cbranch(builder.icmp_signed(">", n, c(0)), loop, done)
-        builder.position_at_end(loop)
-        j = builder.phi(vec.i64)
-        phis = [builder.phi(x.type) for x in inits]
-        new = body(j, phis)
-        nxt = builder.add(j, c(1))
-        j.add_incoming(c(0), entry)
-        j.add_incoming(nxt, builder.block)
-        for phi, x0, x1 in zip(phis, inits, new):
-            phi.add_incoming(x0, entry)
-            phi.add_incoming(x1, builder.block)
-        end = builder.block
-        builder.cbranch(builder.icmp_signed("<", nxt, n), loop, done)
-        builder.position_at_end(done)
-        outs = []
-        for x0, x1 in zip(inits, new):
-            phi = builder.phi(x0.type)
-            phi.add_incoming(x0, entry)
-            phi.add_incoming(x1, end)
-            outs.append(phi)
-        return outs
-
-    return run
 
 
 @intrinsic
@@ -123,7 +89,8 @@ def _probs_lanes(typingctx, ps, pdp, stride, pm, plg, pdl, psum, ncols, lo, like
             pd, dpd = builder.fpext(p, dty), builder.fpext(vec.load(pdp, off), dty)
             return [builder.call(fma64, [pd, dpd, carried[0]]), builder.fadd(carried[1], pd)]
 
-        dl, sp = _row_loop(builder, vec, ncols, body, "probs")([builder.load(at_dl, align=8), builder.load(at_ps, align=8)])
+        dl, sp = _loop(builder, vec, vec.const(0), ncols, 1, [builder.load(at_dl, align=8), builder.load(at_ps, align=8)], body,
+                       "probs")
         builder.store(dl, at_dl, align=8)
         builder.store(sp, at_ps, align=8)
         return context.get_dummy_value()
@@ -152,7 +119,7 @@ def _ds_lanes(typingctx, pp, pdp, stride, pdl, ncols, like):
             vec.store(builder.fmul(vec.load(pp, off), diff), pdp, off)
             return []
 
-        _row_loop(builder, vec, ncols, body, "ds")([])
+        _loop(builder, vec, vec.const(0), ncols, 1, [], body, "ds")
         return context.get_dummy_value()
 
     return sig, codegen
@@ -285,6 +252,9 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
             m_blk[i] = mi
             lg_blk[i] = row_log[b, h, r0 + i]
     external = delta.shape[2] > 0
+    # a FULL tile needs no score terms unless one of these applies (each call that takes the mask
+    # record costs ~0.5 us of reference counting: ~3 % of a causal backward when made for every tile)
+    terms = softcap > 0.0 or not scaled or mask.alibi.size > 0 or mask.bias.size > 0
     n = 0
     # -- sweep 1: P^T, dP^T and delta over the non-empty key tiles; dV += P^T dO --
     for kb in range(nK):
@@ -308,7 +278,8 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
             for j in range(ncols):
                 for i in range(nr):
                     st[j, i] = _dot(pq + i * D * isz, pk + j * D * isz, D, st) if i < rows else 0.0
-        _score_terms_t(st, lo, w, rows, ncols, scaled and softcap <= 0.0, b, h, qb, kb, kind, mask, opts)
+        if terms or kind == PARTIAL:
+            _score_terms_t(st, lo, w, rows, ncols, scaled and softcap <= 0.0, b, h, qb, kb, kind, mask, opts)
         # (addresses taken where they are used: numba frees an array after the last use of its name,
         # and a raw address kept from earlier would point into freed memory)
         if lo.size > 0:
@@ -341,8 +312,9 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
             den = ps64[i] + (sink_p[b, h, r0 + i] if sink_p.shape[2] > 0 else 0.0)
             if den > 0.0:
                 dl64[i] = dl64[i] / den
-    # -- sweep 2: dS^T = P^T (dP^T - delta); dK += dS^T Q, dQ += dS K --
-    for u in range(n):
+    # -- sweep 2: dS^T = P^T (dP^T - delta); dK += dS^T Q, dQ += dS K; last kept tile first (the
+    # most recently written are the likeliest still in L2) --
+    for u in range(n - 1, -1, -1):
         c0 = kbs[u] * BLOCK_N
         ncols = min(BLOCK_N, Lk - c0)
         st, dpt = pbuf[u], dpbuf[u]
@@ -378,11 +350,23 @@ def _finish_kv(dk_w, dv_w, dk, dv, dscale, lo, hi):
             dv[r, d] = acc
 
 
+@njit(fastmath=FASTMATH, cache=True)
+def _scale_head(dk, kh, dscale):
+    # dk[b, hk] *= dscale for the flat kv head kh = b * Hkv + hk (after its last task, while its rows
+    # are still partly in this core's cache)
+    x = dk[kh // dk.shape[1], kh % dk.shape[1]]
+    for r in range(x.shape[0]):
+        for d in range(x.shape[1]):
+            x[r, d] *= dscale
+
+
 @njit(cache=True, nogil=True)
-def _tasks(t0, t1, step, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk_w, dv_w, dq, counts, mask,
+def _tasks(t0, t1, w, W, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk_w, dv_w, dq, counts, mask,
            opts):
-    # tasks t0, t0 + step, ... below t1 in order, with their P^T/dP^T buffers (allocated here, in
-    # the thread that runs them)
+    # worker w of W's share of tasks t0..t1-1, in order, with its P^T/dP^T buffers (allocated here, in
+    # the thread that runs them): all of them when W = 1, else dealt in a snake, w and 2W-1-w of
+    # every 2W (W = 2: 0, 3, 4, 7, ... and 1, 2, 5, 6, ...), so that the causal mask's growing query
+    # blocks even out (round robin gave worker 1 the larger of every pair: 3 % more work)
     nK = (k.shape[2] + BLOCK_N - 1) // BLOCK_N
     pbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
     dpbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
@@ -391,7 +375,9 @@ def _tasks(t0, t1, step, q, k, v, do, row_max, row_log, delta, sink_p, normalize
     # 2**-126 times dP - delta made denormal dS, and every FMA on one a microcode assist (ALiBi's far
     # keys: +18 % backward time); what is flushed is below 1e-38
     old = _mxcsr_ftz(np.intp(1))
-    for t in range(t0, t1, step):
+    for t in range(t0, t1):
+        if W > 1 and t % (2 * W) != w and t % (2 * W) != 2 * W - 1 - w:
+            continue
         _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk_w, dv_w, dq, pbuf, dpbuf, kbs,
                   counts, mask, opts)
     _mxcsr_set(old)
@@ -403,10 +389,10 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
     (``counts`` has one entry each). Two ways to deal them, both bit-identical run to run:
 
     * dk_w has one slot (a view of dk, zeroed; dv_w likewise): whole kv heads -- the tasks of every
-      query head of a group -- go round robin to the workers, so each dK/dV row has one writer
+      query head of a group -- go to the workers one at a time, so each dK/dV row has one writer
       (the caller chooses this when the kv heads divide evenly among the workers);
-    * dk_w has one slot per worker (W, B, Hkv, Lk, D), zeroed (dv_w likewise): tasks go round
-      robin to the workers, each adding its dK/dV shares to its own slot; then dk = sum_w dk_w[w],
+    * dk_w has one slot per worker (W, B, Hkv, Lk, D), zeroed (dv_w likewise): tasks are dealt to
+      the workers in a fixed snake order (_tasks), each adding its dK/dV shares to its own slot; then dk = sum_w dk_w[w],
       dv = sum_w dv_w[w], in worker order.
 
     dk ends up times dscale. row_max, row_log (B, Hq, Lq): the lse halves (sink included); delta
@@ -418,15 +404,17 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
     T = counts.shape[0]
     per = (q.shape[1] // k.shape[1]) * ((q.shape[2] + BLOCK_M - 1) // BLOCK_M)  # tasks per kv head
     if W == 1:
-        # -- one task per kv head, all its query tasks in order: each dK/dV row has one writer --
+        # -- one task per kv head, all its query tasks in order: each dK/dV row has one writer (dk_w
+        # and dv_w are dk and dv: nothing to sum) --
         for kh in prange(counts.shape[0] // per):
-            _tasks(kh * per, (kh + 1) * per, 1, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo,
+            _tasks(kh * per, (kh + 1) * per, 0, 1, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo,
                    dk_w[0], dv_w[0], dq, counts, mask, opts)
-    else:
-        # -- worker w: tasks w, w + W, ... into its own dK/dV copy --
-        for w in prange(W):
-            _tasks(w, T, W, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk_w[w], dv_w[w], dq,
-                   counts, mask, opts)
+            _scale_head(dk_w[0], kh, opts.dscale)
+        return
+    # -- worker w: its snake share of the tasks (see _tasks) into its own dK/dV copy --
+    for w in prange(W):
+        _tasks(0, T, w, W, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk_w[w], dv_w[w], dq,
+               counts, mask, opts)
     R = dk.shape[0] * dk.shape[1] * dk.shape[2]
     dk2, dv2 = dk.reshape(R, dk.shape[3]), dv.reshape(R, dv.shape[3])
     dkw2, dvw2 = dk_w.reshape(W, R, dk.shape[3]), dv_w.reshape(W, R, dv.shape[3])
@@ -437,15 +425,13 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
 
 @njit(cache=True)
 def flash_bwd_t_serial(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk, dv, dq, counts, mask, opts):
-    # one worker, in the calling thread: its accumulators are dk and dv themselves (zeroed by the caller)
-    _tasks(0, counts.shape[0], 1, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk, dv, dq, counts,
-           mask, opts)
-    dscale = opts.dscale
-    R = dk.shape[0] * dk.shape[1] * dk.shape[2]
-    dk2 = dk.reshape(R, dk.shape[3])
-    for r in range(R):
-        for d in range(dk.shape[3]):
-            dk2[r, d] *= dscale
+    # one worker, in the calling thread: its accumulators are dk and dv themselves (zeroed by the
+    # caller); kv head by kv head, as flash_bwd_t's whole-head path
+    per = (q.shape[1] // k.shape[1]) * ((q.shape[2] + BLOCK_M - 1) // BLOCK_M)  # tasks per kv head
+    for kh in range(counts.shape[0] // per):
+        _tasks(kh * per, (kh + 1) * per, 0, 1, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk, dv,
+               dq, counts, mask, opts)
+        _scale_head(dk, kh, opts.dscale)
 
 
 # -- launcher ------------------------------------------------------------------------------------
