@@ -675,3 +675,208 @@ def test_backends_which_prints_the_calibration(calibrations):
     text = _backends_cli.which("B=1 H=8 L=1024 D=64 causal grad")
     assert re.search(r"^auto picks: cpu", text, re.M), text
     assert "cpu rank because: cpu against sdpa calibrated on this host" in text and "given by a test" in text, text
+
+
+# -- short calls (issue 14): plain no-grad calls skip the general path ---------------------------------
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """Each answer of the cpu backend's short-call path: True served, False left to the general path."""
+    seen = []
+    real = cpu_backend.fast_forward
+
+    def spy(*args, **kw):
+        out = real(*args, **kw)
+        seen.append(out is not None)
+        return out
+
+    monkeypatch.setattr(cpu_backend, "fast_forward", spy)
+    return seen
+
+
+# (B, Hq, Hkv, Lq, Lk, D, Dv, causal): tiny heads and decoding steps (cpu_short.fwd_small), GQA, Lq > Lk
+# under causal (rows that see no key), and calls of the tile kernels (cpu_fwd's, cpu_flash's)
+_SHORT = [(1, 1, 1, 8, 8, 16, 16, True), (2, 4, 2, 1, 97, 24, 24, False), (1, 2, 2, 3, 130, 16, 16, True),
+          (1, 2, 1, 5, 3, 8, 8, True), (1, 4, 2, 70, 90, 32, 32, True), (2, 2, 2, 100, 100, 24, 40, False),
+          (1, 2, 1, 1, 4097, 64, 64, False), (1, 3, 3, 2, 70, 59, 11, True)]
+
+
+@pytest.mark.parametrize("shape", _SHORT, ids=lambda s: "x".join(map(str, s[:7])) + ("-causal" if s[7] else ""))
+def test_short_calls_match_the_general_path(shape, served):
+    b, hq, hkv, lq, lk, d, dv, causal = shape
+    q, k, v, _ = _inputs(b, hq, hkv, lq, lk, d, torch.float32, seed=3, dv=dv)
+    q = q * 3.0  # sharp softmax rows
+    with torch.no_grad():
+        out = selfattn.attention(q, k, v, causal=causal, backend="cpu")
+        assert served == [True]
+        general, _ = selfattn.attention(q, k, v, causal=causal, backend="cpu", return_stats=True)
+    assert served == [True]  # (the stats call does not reach the short path)
+    compare(f"short {shape}", reference_pair(q, k, v, causal=causal), out, dtype=torch.float32)
+    if not cpu_backend._small(b, hq, lq, lk, d, dv):
+        assert torch.equal(out, general), "the same task functions must give the same bits"
+    if causal and lq > lk:
+        assert torch.equal(out[:, :, : lq - lk], torch.zeros_like(out[:, :, : lq - lk]))  # no key: 0
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("lq", [1, 8, 70], ids=["decode", "tiny", "tiles"])
+def test_short_calls_poison_like_the_general_path(where, lq, served):
+    q, k, v, _ = _inputs(1, 2, 2, lq, 70, 16, torch.float32, seed=4)
+    {"q": q, "k": k, "v": v}[where][0, 1, min(lq, 70) // 2, 3] = float("nan")
+    with torch.no_grad():
+        fast = selfattn.attention(q, k, v, causal=True, backend="cpu")
+        general, _ = selfattn.attention(q, k, v, causal=True, backend="cpu", return_stats=True)
+    assert served == [True]
+    assert torch.equal(torch.isnan(fast), torch.isnan(general)) and torch.isnan(fast).any()
+    compare(f"nan {where}", reference_pair(q, k, v, causal=True), fast, dtype=torch.float32)
+
+
+def test_short_path_never_serves_a_call_that_needs_gradients(served):
+    q, k, v, do = _inputs(1, 2, 2, 8, 8, 16, torch.float32)
+    leafs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = selfattn.attention(*leafs, causal=True, backend="cpu")
+    assert served == [False] and out.requires_grad
+    grads = torch.autograd.grad(out, leafs, do)
+    _, _, expected = _run_cpu(q, k, v, do, causal=True)
+    assert all(torch.equal(g, e) for g, e in zip(grads, expected))
+    leafs[1] = k  # one input that requires a gradient is enough
+    assert selfattn.attention(*leafs, causal=True, backend="cpu").requires_grad and served[-1] is False
+    with torch.no_grad():
+        assert not selfattn.attention(*leafs, causal=True, backend="cpu").requires_grad and served[-1] is True
+    with torch.inference_mode():
+        assert served[-1] is True and selfattn.attention(q, k, v, backend="cpu") is not None and served[-1] is True
+
+
+def _general_message(monkeypatch, call):
+    # the same call through the general path (the short path steps aside while choose is wrapped)
+    real = selfattn.backends.choose
+    with monkeypatch.context() as m:
+        m.setattr(selfattn.backends, "choose", lambda *a: real(*a))
+        with pytest.raises(Exception) as e:
+            call()
+    return type(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "sdpa", "auto"])
+@pytest.mark.parametrize("bad", [
+    lambda q, k, v, b: selfattn.attention(q, k, v, causal=1, backend=b),
+    lambda q, k, v, b: selfattn.attention(q, k, v, scale=float("inf"), backend=b),
+    lambda q, k, v, b: selfattn.attention(q, k, v, scale=float("nan"), backend=b),
+    lambda q, k, v, b: selfattn.attention(q, k, v, dropout_p=False, backend=b),
+    lambda q, k, v, b: selfattn.attention(q, k[:, :1], v, backend=b),
+    lambda q, k, v, b: selfattn.attention(q, k[..., :8], v, backend=b),
+    lambda q, k, v, b: selfattn.attention(q[0], k, v, backend=b),
+    lambda q, k, v, b: selfattn.attention(q, k.double(), v, backend=b),
+    lambda q, k, v, b: selfattn.attention(q, k.tolist(), v, backend=b),
+    lambda q, k, v, b: selfattn.attention(q, k, v, backend=b + "x"),
+    lambda q, k, v, b: selfattn.attention(q, k, v, backend=[b]),
+], ids=["causal-int", "scale-inf", "scale-nan", "dropout-bool", "heads", "head_dim", "dims", "dtype", "list",
+        "unknown", "backend-list"])
+def test_short_calls_raise_what_the_general_path_raises(bad, backend, monkeypatch):
+    q, k, v, _ = _inputs(1, 4, 2, 8, 8, 16, torch.float32)
+    with torch.no_grad():
+        selfattn.attention(q, k, v, backend=backend)  # a plan for the good call exists first
+        with pytest.raises(Exception) as e:
+            bad(q, k, v, backend)
+        assert (type(e.value), str(e.value)) == _general_message(monkeypatch, lambda: bad(q, k, v, backend))
+
+
+def test_short_sdpa_call_refuses_a_nan_query_as_before(monkeypatch):
+    q, k, v, _ = _inputs(1, 2, 2, 8, 8, 16, torch.float32)
+    with torch.no_grad():
+        selfattn.attention(q, k, v, backend="sdpa")
+        q[0, 1, 3, 2] = float("nan")
+        with pytest.raises(selfattn.BackendUnavailable, match="NaN values in query") as e:
+            selfattn.attention(q, k, v, backend="sdpa")
+        assert (type(e.value), str(e.value)) == _general_message(
+            monkeypatch, lambda: selfattn.attention(q, k, v, backend="sdpa"))
+        auto = selfattn.attention(q, k, v)  # auto: sdpa refuses, cpu serves (NaN row stays NaN)
+        assert torch.isnan(auto[0, 1, 3]).all() and not torch.isnan(auto[0, 0]).any()
+
+
+def test_observers_see_short_calls(served):
+    q, k, v, _ = _inputs(1, 2, 2, 8, 8, 16, torch.float32)
+    seen = []
+    with torch.no_grad():
+        with selfattn.observe(lambda *a: seen.append(a)):
+            out = selfattn.attention(q, k, v, causal=True, backend="cpu")
+        assert served == []  # observed calls take the general path (statistics for the observer)
+        (call,) = seen
+        assert call[0].stats is not None and call[0].options["causal"] is True and torch.equal(call[0].output, out)
+        selfattn.attention(q, k, v, causal=True, backend="cpu")
+    assert served == [True] and len(seen) == 1
+
+
+def test_auto_takes_the_short_path_it_calibrated(calibrations, monkeypatch):
+    Cal, Fit = cpu_backend.Calibration, cpu_backend.Fit
+    monkeypatch.setattr(cpu_backend, "_measure", lambda *a: pytest.fail("a recorded calibration was measured again"))
+    q, k, v, _ = _inputs(1, 2, 2, 8, 8, 16, torch.float32)
+    with torch.no_grad():
+        expected = selfattn.attention(q, k, v, causal=True, backend="cpu")
+        for cpu_fast, cpu_first in ((True, True), (False, False), (True, True)):
+            fit = Fit(1e-6, 1e-12) if cpu_fast else Fit(1e-3, 1e-9)
+            cpu_backend.set_calibration(Cal((), fit, Fit(50e-6, 1e-10), (), "test"))
+            cpu_backend.reset_tile_products()
+            out = selfattn.attention(q, k, v, causal=True)
+            assert (cpu_backend.TILE_PRODUCTS["forward"] > 0) == cpu_first  # cpu's kernel ran, or sdpa
+            if cpu_first:
+                assert torch.equal(out, expected)
+            else:
+                assert torch.allclose(out, expected, atol=1e-6)
+            with selfattn.use_backend("math"):  # the context decides, not the calibration
+                cpu_backend.reset_tile_products()
+                selfattn.attention(q, k, v, causal=True)
+                assert cpu_backend.TILE_PRODUCTS["forward"] == 0
+            with selfattn.use_backend("cpu"):
+                cpu_backend.reset_tile_products()
+                selfattn.attention(q, k, v, causal=True)
+                assert cpu_backend.TILE_PRODUCTS["forward"] > 0
+
+
+def test_short_path_steps_aside_for_what_it_does_not_serve(served):
+    q, k, v, _ = _inputs(2, 4, 2, 16, 16, 16, torch.float32)
+    with torch.no_grad():
+        for call in (lambda: selfattn.attention(q.transpose(2, 3).contiguous().transpose(2, 3), k, v, backend="cpu"),
+                     lambda: selfattn.attention(q.double(), k.double(), v.double(), backend="cpu"),
+                     lambda: selfattn.attention(q[:, :, :0], k, v, backend="cpu"),
+                     lambda: selfattn.attention(torch.nn.Parameter(q), k, v, backend="cpu")):
+            out = call()
+            assert served[-1] is False and out is not None
+    assert len(served) == 4
+
+
+def test_calibration_retakes_an_implausible_measurement(calibrations, monkeypatch):
+    # a longer probe timed faster than a shorter one (the machine was busy): measured again, and after
+    # MEASURE_TRIES such measurements none is recorded (the table decides)
+    monkeypatch.setattr(cpu_backend, "PROBES", ((1, 1, 8, 16), (1, 2, 16, 16)))
+    answers = iter([(100.0, 9e-6, 8e-6), (200.0, 5e-6, 9e-6)] * cpu_backend.MEASURE_TRIES)
+    calls = []
+    monkeypatch.setattr(cpu_backend, "_probe", lambda *a: calls.append(a) or next(answers))
+    assert cpu_backend.calibration(torch.float32, False) is None
+    assert len(calls) == 2 * cpu_backend.MEASURE_TRIES
+    q, req = _plain_request(1, 1, 16, 8)
+    assert "recorded table" in selfattn.backends.get("cpu").rank_reason(req)
+    cpu_backend.set_calibration(None)
+    answers = iter([(100.0, 9e-6, 8e-6), (200.0, 5e-6, 9e-6), (100.0, 9e-6, 8e-6), (200.0, 12e-6, 9e-6)])
+    cal = cpu_backend.calibration(torch.float32, False)
+    assert cal is not None and cal.probes == ((100.0, 9e-6, 8e-6), (200.0, 12e-6, 9e-6))
+
+
+def test_calibration_predicts_between_its_probes_and_not_far_beyond(calibrations):
+    Cal, Fit = cpu_backend.Calibration, cpu_backend.Fit
+    probes = ((1e3, 10e-6, 20e-6), (1e5, 100e-6, 60e-6), (1e7, 5e-3, 9e-3))
+    cal = Cal((), Fit(0, 0), Fit(0, 0), probes, "test")
+    assert cal.predict(10.0) == (10e-6, 20e-6)  # below the smallest: its times
+    for w, c, s in probes:
+        assert cal.predict(w) == pytest.approx((c, s))
+    assert cal.predict(5.05e6) == pytest.approx(((100e-6 + 5e-3) / 2, (60e-6 + 9e-3) / 2))
+    cpu_backend.set_calibration(cal)
+    cpu = selfattn.backends.get("cpu")
+    q, tiny = _plain_request(1, 1, 8, 16)  # work 512: cpu 2x faster -> rank 5
+    assert cpu.rank(tiny) == pytest.approx(5.0)
+    q, near = _plain_request(1, 4, 512, 64)  # work 3.4e7: within 4x the largest probe, cpu 1.8x faster
+    assert cpu.rank(near) < 10.0 and "calibrated on this host" in cpu.rank_reason(near)
+    q, far = _plain_request(1, 16, 1024, 64)  # work 2.7e8 > 4 x 1e7: the table (float32, >= 4e6: 8)
+    assert cpu.rank(far) == cpu_backend._table_rank(far)[0]
+    assert "the recorded table decides" in cpu.rank_reason(far)

@@ -620,6 +620,7 @@ class _Plan(NamedTuple):
     kernel: object  # cpu_short.fwd_rows or fwd_few_rows: its compiled entry point
     args: tuple  # the kernel's arguments after the four addresses (sizes, mask parts, KernelOpts)
     out_shape: tuple  # (B, Hq, Lq, Dv)
+    like_q: bool  # Dv == D: the output is allocated like q (contiguous, float32)
     tiles: int  # the tiles the general kernels compute for this call (the tile map's non-empty ones)
     rows: bool  # cpu_fwd's kernel (>= 4 query rows): counted in cpu_fwd.CALLS as its launcher counts
     one_thread: bool  # the launchers would run this with every torch thread: served only with one
@@ -665,7 +666,8 @@ def fast_forward(q, k, v, causal: bool, scale, auto: bool = False):
         choice = _auto_choice(plan, q, k, v, causal, scale)
         if choice != "cpu":
             return _sdpa_fast(q, k, v, causal, scale) if choice == "sdpa" else None
-    out = torch.empty(plan.out_shape, dtype=f32)
+    # (empty_like: ~1 us less than torch.empty with a shape and dtype)
+    out = torch.empty_like(q) if plan.like_q else torch.empty(plan.out_shape, dtype=f32)
     plan.kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *plan.args)
     TILE_PRODUCTS["forward"] += plan.tiles
     if plan.rows:
@@ -714,7 +716,7 @@ def _make_plan(q, k, v, causal, scale):
     entry = compiled.entry_point if compiled is not None else kernel
     t = km.tiles  # (B|1, Hq|1, nQ, nK): a broadcast dim counts for every batch entry / head
     tiles = int((t != _k.EMPTY).sum()) * (B if t.shape[0] == 1 else 1) * (Hq if t.shape[1] == 1 else 1)
-    return _Plan(entry, args, (B, Hq, Lq, Dv), tiles, rows, one_thread, _fwd.serves, low, {})
+    return _Plan(entry, args, (B, Hq, Lq, Dv), Dv == D, tiles, rows, one_thread, _fwd.serves, low, {})
 
 
 def _small(B, Hq, Lq, Lk, D, Dv) -> bool:
