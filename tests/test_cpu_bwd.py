@@ -2,7 +2,8 @@
 dQ, dK and dV against float64 autograd of the reference (STYLE.md rule 6, factor 3 for
 gradients) over every mask kind, head dims 8-256 (odd ones too), lengths 1-1025 (4096 marked
 slow), GQA, ALiBi, softcap, sinks, positions and fully-masked rows; shard_backward (delta given);
-float64 left on cpu_flash's kernels; bit-identical reruns; the AVX2 layout in a subprocess.
+float64 left on cpu_flash's kernels; bit-identical reruns and thread counts (the AVX2 layout:
+tests/test_avx2_layout.py).
 """
 
 from __future__ import annotations
@@ -238,26 +239,3 @@ def test_denormals_flushed_only_inside_the_kernel():
 def test_long(mask, d):
     # 4096: delta sums 4096 keys, dK/dV 64 query blocks
     check_backward(f"L4096 D{d} {mask}", *_inputs(1, 1, 1, 4096, 4096, d, seed=d), **mask_kwargs(mask, 1, 1, 4096, 4096))
-
-
-_AVX2_SCRIPT = r"""
-import sys, torch
-sys.path.insert(0, sys.argv[1])
-from selfattn.kernels import cpu_flash
-assert cpu_flash.VEC_BYTES == 32
-import test_cpu_bwd as t
-for mask in ("none", "causal", "window_padding_documents", "dense_float"):
-    t.check_backward(mask, *t._inputs(2, 4, 2, 130, 97, 59), **t.mask_kwargs(mask, 2, 4, 130, 97))
-t.check_backward("alibi softcap", *t._inputs(1, 2, 1, 13, 200, 128), causal=True, softcap=5.0,
-                 alibi_slopes=torch.tensor([0.5, 0.25]))
-print("ok")
-"""
-
-
-def test_avx2_layout(tmp_path):
-    # SELFATTN_CPU_VECTOR_BYTES=32: 8 query lanes per vector, as on an AVX2 host (own numba cache)
-    env = dict(os.environ, SELFATTN_CPU_VECTOR_BYTES="32", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
-    here = os.path.dirname(os.path.abspath(__file__))
-    res = subprocess.run([sys.executable, "-c", _AVX2_SCRIPT, here], env=env, capture_output=True, text=True,
-                         timeout=900)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-2000:] + res.stderr[-4000:]
