@@ -30,7 +30,7 @@ query block), recomputing P from the lse halves, two sweeps over its non-empty k
               dQ += bf16(dS) K,  dK^T += Q^T bf16(dS)        AMX, K pairs along keys
 
 Five tile products and one exp2 per score. AMX has no transposed-A form, so dK and dV are summed
-transposed (dO^T and Q^T made once per call) and turned back at the end; each kv head's dK^T/dV^T
+transposed (dO^T and Q^T made once per task) and turned back at the end; each kv head's dK^T/dV^T
 has one writer (whole kv heads per worker) or every worker its own copy, summed in worker order.
 The backward of a ring shard (``shard_backward``, with a given delta) stays on the float32 kernels.
 
@@ -224,7 +224,7 @@ def pack_kv_serial(k16, v16, kt, vp):
 # One task per (batch, head, query block), two sweeps over its non-empty key tiles (cpu_bwd's
 # design, row-major tiles): five tile products, one exp2 per score, delta exact in float64. AMX has
 # no transposed-A form, so dV and dK are accumulated transposed: dV^T += dO^T P and dK^T += Q^T dS,
-# with dO^T and Q^T made once per call and P, dS packed as pairs of query rows
+# with dO^T and Q^T made once per task and P, dS packed as pairs of query rows
 # (cpu_bf16.pack_pairs_rows); P and dS are rounded to bfloat16 for their products (as P is in the
 # forward), every sum is float32.
 
@@ -233,9 +233,7 @@ class AmxGradInputs(NamedTuple):
     """The backward's operands (bfloat16 bits as uint16, zero-padded to whole tiles)."""
 
     q: np.ndarray  # (B, Hq, Lq16, D32): queries, row-major
-    qt: np.ndarray  # (B, Hq, D16, LqM): Q^T, LqM = Lq rounded up to BLOCK_M
     do: np.ndarray  # (B, Hq, Lq16, Dv32): the output's gradient, row-major
-    dot: np.ndarray  # (B, Hq, Dv16, LqM): dO^T
     kt: np.ndarray  # (B, Hkv, nK, D32 // 2, BLOCK_N, 2): K^T pairs per key block (S = Q K^T)
     vt: np.ndarray  # (B, Hkv, nK, Dv32 // 2, BLOCK_N, 2): V^T pairs per key block (dP = dO V^T)
     k: np.ndarray  # (B, Hkv, nK * PAIRS_N, D16, 2): K pairs along keys (dQ = dS K)
@@ -255,10 +253,11 @@ def _bf16_block(x, x16, rows, nc, k32):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, pbuf, dpbuf, kbs, pairs, ds16, counts, mask, opts):
+def _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, pbuf, dpbuf, kbs, pairs, ds16, qt_blk, dot_blk, counts, mask, opts):
     # One (batch, head, query block): its dQ, and its shares of dK^T, dV^T added to dkt, dvt
     # (B, Hkv, nK, D16|Dv16, BLOCK_N). pbuf/dpbuf (nK, BLOCK_M, BLOCK_N): the worker's P and dP
-    # tiles, kept from the first sweep to the second; kbs (nK,): each kept tile's key block.
+    # tiles, kept from the first sweep to the second; kbs (nK,): each kept tile's key block; qt_blk,
+    # dot_blk (D16|Dv16, BLOCK_M): the worker's Q_blk^T and dO_blk^T (rows past D|Dv zero).
     B, Hq, Lq, D = dq.shape
     Lk, Dv = g.kv_len, g.v_dim
     nK = g.kt.shape[2]
@@ -267,8 +266,17 @@ def _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, pbuf, dpbuf, kbs, pairs,
     b, h, hk, qb, r0, rows, tb, th_ = _query_task(t, dq, g.kt, tiles)
     q_blk = g.q[b, h, r0:r0 + BLOCK_M]  # (>= rows16, D32)
     do_blk = g.do[b, h, r0:r0 + BLOCK_M]  # (>= rows16, Dv32)
-    qt_blk = g.qt[b, h, :, r0:r0 + BLOCK_M]  # (D16, BLOCK_M), zero past the rows
-    dot_blk = g.dot[b, h, :, r0:r0 + BLOCK_M]  # (Dv16, BLOCK_M)
+    # -- Q_blk^T and dO_blk^T, zero past the rows (the A operands of the products reduced over queries) --
+    for d in range(D):
+        for i in range(rows):
+            qt_blk[d, i] = g.q[b, h, r0 + i, d]
+        for i in range(rows, BLOCK_M):
+            qt_blk[d, i] = 0
+    for d in range(Dv):
+        for i in range(rows):
+            dot_blk[d, i] = g.do[b, h, r0 + i, d]
+        for i in range(rows, BLOCK_M):
+            dot_blk[d, i] = 0
     # pair rows past the block's rows stay zero (the padding of the products reduced over queries)
     for pr in range((rows + 1) // 2, BLOCK_M // 2):
         for j in range(BLOCK_N):
@@ -339,12 +347,15 @@ def _bwd_tasks_amx(t0, t1, step, g, row_max, row_log, dkt, dvt, dq, counts, mask
     kbs = np.empty(nK, np.int64)
     pairs = np.zeros((BLOCK_M // 2, BLOCK_N, 2), np.uint16)  # P or dS as pairs of query rows
     ds16 = np.zeros((BLOCK_M, BLOCK_N), np.uint16)  # dS, bfloat16, row-major
+    qt_blk = np.zeros((g.k.shape[3], BLOCK_M), np.uint16)  # Q_blk^T (D16 rows)
+    dot_blk = np.zeros(((g.v_dim + 15) // 16 * 16, BLOCK_M), np.uint16)  # dO_blk^T (Dv16 rows)
     # denormals flushed in this thread's float32 work while the tasks run (restored after): dS of
     # probabilities near 2**-126 (the tile products flush them anyway)
     old = _mxcsr_ftz(np.intp(1))
     _bf.amx_begin()
     for t in range(t0, t1, step):
-        _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, pbuf, dpbuf, kbs, pairs, ds16, counts, mask, opts)
+        _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, pbuf, dpbuf, kbs, pairs, ds16, qt_blk, dot_blk, counts, mask,
+                      opts)
     _bf.amx_end()
     _mxcsr_set(old)
 
@@ -489,18 +500,16 @@ def prepare_backward(q, k, v, do, threads: int = 1) -> AmxGradInputs:
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     F = torch.nn.functional
     r16 = lambda n, m: -(-n // m) * m  # noqa: E731
-    lqm = r16(Lq, BLOCK_M)
     nK = -(-Lk // BLOCK_N)
     q, k, v, do = (t.detach() for t in (q, k, v, do))
-    qp = F.pad(q, (0, r16(D, 32) - D, 0, r16(Lq, 16) - Lq))  # (B, Hq, Lq16, D32)
-    qt = F.pad(q.transpose(-1, -2), (0, lqm - Lq, 0, r16(D, 16) - D))  # (B, Hq, D16, LqM)
-    dop = F.pad(do, (0, r16(Dv, 32) - Dv, 0, r16(Lq, 16) - Lq))  # (B, Hq, Lq16, Dv32)
-    dot = F.pad(do.transpose(-1, -2), (0, lqm - Lq, 0, r16(Dv, 16) - Dv))  # (B, Hq, Dv16, LqM)
+    # (B, Hq, Lq16, D32), (B, Hq, Lq16, Dv32): zero-padded copies only where the shapes need them
+    qp = q if D % 32 == 0 and Lq % 16 == 0 else F.pad(q, (0, r16(D, 32) - D, 0, r16(Lq, 16) - Lq))
+    dop = do if Dv % 32 == 0 and Lq % 16 == 0 else F.pad(do, (0, r16(Dv, 32) - Dv, 0, r16(Lq, 16) - Lq))
     kt = np.zeros((B, Hkv, nK, r16(D, 32) // 2, BLOCK_N, 2), np.uint16)
     vt = np.zeros((B, Hkv, nK, r16(Dv, 32) // 2, BLOCK_N, 2), np.uint16)
     kp = np.zeros((B, Hkv, nK * PAIRS_N, r16(D, 16), 2), np.uint16)
     (pack_bwd if threads > 1 else pack_bwd_serial)(_bits(k), _bits(v), kt, vt, kp)
-    return AmxGradInputs(q=_bits(qp), qt=_bits(qt), do=_bits(dop), dot=_bits(dot), kt=kt, vt=vt, k=kp,
+    return AmxGradInputs(q=_bits(qp), do=_bits(dop), kt=kt, vt=vt, k=kp,
                          head_dim=D, v_dim=Dv, kv_len=Lk)
 
 
@@ -526,7 +535,7 @@ def launch_backward(grad_out, q, k, v, out, row_max, row_log, call):
     W = 1 if threads <= 1 or (B * Hkv) % threads == 0 else threads
     nK = g.kt.shape[2]
     dkt = np.zeros((W, B, Hkv, nK, g.k.shape[3], BLOCK_N), np.float32)
-    dvt = np.zeros((W, B, Hkv, nK, g.dot.shape[2], BLOCK_N), np.float32)
+    dvt = np.zeros((W, B, Hkv, nK, -(-Dv // 16) * 16, BLOCK_N), np.float32)
     kernel = flash_bwd_amx if threads > 1 else flash_bwd_amx_serial
     kernel(g, row_max.detach().contiguous().numpy(), row_log.detach().contiguous().numpy(), dkt, dvt,
            dq.numpy(), dk.numpy(), dv.numpy(), counts, mask, opts)
