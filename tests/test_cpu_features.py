@@ -440,9 +440,10 @@ _PLAIN_SHAPES = [(1, 1, 1, 8, 8, 16), (1, 4, 4, 1, 128, 64), (1, 4, 2, 3, 200, 8
 @pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
 @pytest.mark.parametrize("shape", _PLAIN_SHAPES, ids=["tiny", "decode", "lq3_gqa", "gqa", "d59"])
 def test_plain_fast_path_matches_the_general_path(shape, causal, dtype):
-    # a no-grad call without stats takes the plain lowering cache and skips the row tensors; the same
+    # a no-grad call without stats takes the short path (the plain lowering, no row tensors); the same
     # call with its default positions spelled out (the general lowering) and stats must give the same
-    # output bit for bit, and both must hold to the float64 reference
+    # output bit for bit where the same task functions run (not cpu_short.fwd_small's calls: decoding
+    # steps and tiny heads run row by row), and both must hold to the float64 reference
     b, hq, hkv, lq, lk, d = shape
     if causal and lq > lk:
         pytest.skip("causal with Lq > Lk leaves rows with no key; covered elsewhere")
@@ -451,7 +452,8 @@ def test_plain_fast_path_matches_the_general_path(shape, causal, dtype):
         fast = selfattn.attention(q, k, v, causal=causal, backend="cpu")
         general, stats = selfattn.attention(q, k, v, causal=causal, backend="cpu", return_stats=True,
                                             q_positions=torch.arange(lq) + lk - lq, kv_positions=torch.arange(lk))
-    assert torch.equal(fast, general)
+    if dtype == torch.float64 or not cpu_backend._small(b, hq, lq, lk, d, d):
+        assert torch.equal(fast, general)
     pair = reference_pair(q, k, v, causal=causal)
     compare("fast path", pair, fast, dtype=dtype)
     compare("general path", pair, general, stats=stats, dtype=dtype)
@@ -880,3 +882,24 @@ def test_calibration_predicts_between_its_probes_and_not_far_beyond(calibrations
     q, far = _plain_request(1, 16, 1024, 64)  # work 2.7e8 > 4 x 1e7: the table (float32, >= 4e6: 8)
     assert cpu.rank(far) == cpu_backend._table_rank(far)[0]
     assert "the recorded table decides" in cpu.rank_reason(far)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 2, 8, 8, 16, 16, True), (1, 4, 2, 1, 300, 64, 64, False),
+                                   (2, 3, 1, 3, 70, 59, 11, True), (1, 2, 1, 5, 3, 8, 8, True)],
+                         ids=["tiny", "decode", "lq3_gqa", "no_key_rows"])
+def test_short_bfloat16_calls(shape, served):
+    # bfloat16 decoding steps and tiny heads: widened exactly, computed as float32, rounded as torch rounds
+    b, hq, hkv, lq, lk, d, dv, causal = shape
+    q, k, v, _ = _inputs(b, hq, hkv, lq, lk, d, torch.bfloat16, seed=6, dv=dv)
+    q[0, 0, 0, 0] = float("nan") if lq > 1 else q[0, 0, 0, 0]  # a NaN row stays NaN
+    with torch.no_grad():
+        out = selfattn.attention(q, k, v, causal=causal, backend="cpu")
+        wide = selfattn.attention(q.float(), k.float(), v.float(), causal=causal, backend="cpu")
+    assert served == [True, True] and out.dtype == torch.bfloat16
+    rounded, nan = wide.to(torch.bfloat16), torch.isnan(wide)  # (NaN bits: torch's vector and scalar paths differ)
+    assert torch.equal(torch.isnan(out), nan) and torch.equal(out[~nan].view(torch.int16), rounded[~nan].view(torch.int16))
+    compare(f"bf16 short {shape}", reference_pair(q, k, v, causal=causal), out, dtype=torch.bfloat16)
+    q_big, k_big, v_big, _ = _inputs(1, 2, 2, 70, 70, 64, torch.bfloat16)  # beyond the small calls: AMX / general
+    with torch.no_grad():
+        selfattn.attention(q_big, k_big, v_big, backend="cpu")
+    assert served[-1] is False

@@ -617,14 +617,13 @@ class _EagerFlash(torch.autograd.Function):
 class _Plan(NamedTuple):
     """What a short call of one (q, k, v shapes, causal, scale) needs, validated and lowered once."""
 
-    kernel: object  # cpu_short.fwd_rows or fwd_few_rows: its compiled entry point
+    kernel: object  # cpu_short.fwd_rows or fwd_small: its compiled entry point
     args: tuple  # the kernel's arguments after the four addresses (sizes, mask parts, KernelOpts)
     out_shape: tuple  # (B, Hq, Lq, Dv)
     like_q: bool  # Dv == D: the output is allocated like q (contiguous, float32)
     tiles: int  # the tiles the general kernels compute for this call (the tile map's non-empty ones)
     rows: bool  # cpu_fwd's kernel (>= 4 query rows): counted in cpu_fwd.CALLS as its launcher counts
     one_thread: bool  # the launchers would run this with every torch thread: served only with one
-    serves: object  # cpu_fwd.serves when planned (a patched one sends calls the general way)
     low: object  # the LoweredMask (keeps the record's arrays alive)
     auto: dict  # auto's decisions for this call: torch threads -> _AutoChoice
 
@@ -645,29 +644,30 @@ _NO_PLAN = (None,)  # cached "not a short call": the general path
 
 def fast_forward(q, k, v, causal: bool, scale, auto: bool = False):
     """The output of ``attention(q, k, v, causal=causal, scale=scale, backend="cpu")`` (or "auto" when
-    ``auto``) for a short no-grad float32 call, or None: the general path must run (anything this
+    ``auto``) for a short no-grad float32 call (bfloat16: decoding steps and tiny heads), or None: the general path must run (anything this
     does not serve, every error, auto choosing another backend). ``scale`` is None or a float."""
     if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
         return None
-    f32 = torch.float32
-    if q.dtype is not f32 or k.dtype is not f32 or v.dtype is not f32 or not (q.is_cpu and k.is_cpu and v.is_cpu):
+    dt = q.dtype
+    if (dt is not torch.float32 and dt is not torch.bfloat16) or k.dtype is not dt or v.dtype is not dt \
+            or not (q.is_cpu and k.is_cpu and v.is_cpu):
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return None
     if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
         return None
-    key = (q.shape, k.shape, v.shape, causal, scale)
+    key = (q.shape, k.shape, v.shape, dt, causal, scale, _fwd.serves)  # (a patched serves is another plan)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _plan(q, k, v, causal, scale, key)
-    if plan is _NO_PLAN or (plan.one_thread and torch.get_num_threads() != 1) or _fwd.serves is not plan.serves:
+    if plan is _NO_PLAN or (plan.one_thread and torch.get_num_threads() != 1):
         return None
     if auto:
         choice = _auto_choice(plan, q, k, v, causal, scale)
         if choice != "cpu":
             return _sdpa_fast(q, k, v, causal, scale) if choice == "sdpa" else None
     # (empty_like: ~1 us less than torch.empty with a shape and dtype)
-    out = torch.empty_like(q) if plan.like_q else torch.empty(plan.out_shape, dtype=f32)
+    out = torch.empty_like(q) if plan.like_q else torch.empty(plan.out_shape, dtype=dt)
     plan.kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *plan.args)
     TILE_PRODUCTS["forward"] += plan.tiles
     if plan.rows:
@@ -699,24 +699,28 @@ def _make_plan(q, k, v, causal, scale):
     low = lowering.lower(req, _k.BLOCK_M, _k.BLOCK_N)
     km = _kernel_mask(low, torch.float32)
     opts = _opts(torch.float32, _Call(low, req.scale, 0.0, False, False))
-    rows = _fwd.serves(q)
-    if _small(B, Hq, Lq, Lk, D, Dv):
-        rows = False
-        kernel, args = _short.fwd_small, (B, Hq, Hkv, Lq, Lk, D, Dv, causal, opts.qk_scale)
+    rows = not _small(B, Hq, Lq, Lk, D, Dv)
+    if not rows:
+        kernel = _short.fwd_small if q.dtype == torch.float32 else _short.fwd_small_bf16
+        args = (B, Hq, Hkv, Lq, Lk, D, Dv, causal, opts.qk_scale)
+    elif q.dtype != torch.float32:
+        return _NO_PLAN  # bfloat16 beyond the small calls: the general launchers (AMX where there is one)
+    elif not _fwd.serves(q):
+        return _NO_PLAN  # the general launcher would take another kernel (a test's patched serves)
     else:
-        kernel = _short.fwd_rows if rows else _short.fwd_few_rows
+        kernel = _short.fwd_rows
         args = (B, Hq, Hkv, Lq, Lk, D, Dv, km.tiles, km.q_pos, km.kv_pos, km.win_right, opts)
     tasks = B * Hq * (-(-Lq // _k.BLOCK_M))
     one_thread = 4.0 * B * Hq * Lq * Lk * D >= 4e6 and min(numba.config.NUMBA_NUM_THREADS, tasks) > 1  # as _threads
     # the first run compiles (or loads) the wrapper; then its entry point, as _run takes them
-    scratch = torch.empty(B, Hq, Lq, Dv)
+    scratch = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype)
     full = (q.data_ptr(), k.data_ptr(), v.data_ptr(), scratch.data_ptr(), *args)
     kernel(*full)
     compiled = kernel.overloads.get(tuple(kernel.typeof_pyval(a) for a in full))
     entry = compiled.entry_point if compiled is not None else kernel
     t = km.tiles  # (B|1, Hq|1, nQ, nK): a broadcast dim counts for every batch entry / head
     tiles = int((t != _k.EMPTY).sum()) * (B if t.shape[0] == 1 else 1) * (Hq if t.shape[1] == 1 else 1)
-    return _Plan(entry, args, (B, Hq, Lq, Dv), Dv == D, tiles, rows, one_thread, _fwd.serves, low, {})
+    return _Plan(entry, args, (B, Hq, Lq, Dv), Dv == D, tiles, rows, one_thread, low, {})
 
 
 def _small(B, Hq, Lq, Lk, D, Dv) -> bool:
@@ -741,7 +745,7 @@ def _auto_choice(plan: _Plan, q, k, v, causal, scale) -> Optional[str]:
     ranks = {name: b.rank(req) for name, b in registry.items()}  # cpu's may measure the calibration now
     first = min(ranks, key=ranks.get)  # the first registered of the lowest, as choose() takes it
     strict = all(r > ranks[first] for name, r in ranks.items() if name != first)
-    key = _calibration_key(torch.float32, False)
+    key = _calibration_key(q.dtype, False)
     got = plan.auto[threads] = _AutoChoice(_CHOICE_GENERATION[0], registry, key, _CALIBRATIONS.get(key),
                                            _calibration_off(), first if strict and first in ("cpu", "sdpa") else None)
     return got.backend

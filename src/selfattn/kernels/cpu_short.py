@@ -3,9 +3,9 @@
 A call of (1, 1, 8, 8, 16) computes for ~2.5 us; launched the general way it costs ~40 us more:
 numpy views of four tensors (~1.9 us each), the two records typed and unboxed (KernelMask's ~20
 arrays ~2.1 us, KernelOpts ~0.6 us), five torch allocations. These wrappers take the tensors as
-addresses and sizes, allocate the row outputs and the empty parts of the mask record inside, and
-run the very task functions the general launchers run (``cpu_fwd._fwd_task_t`` for >= 4 query
-rows, ``cpu_flash._fwd_task`` for fewer), serially, so a call gives the same bits either way.
+addresses and sizes and allocate what else they need inside: :func:`fwd_rows` runs the very task
+function the general launcher runs (``cpu_fwd._fwd_task_t``), serially, so a call gives the same
+bits either way; :func:`fwd_small` serves decoding steps and tiny heads row by row, without tiles.
 
 Only the forward of a call without mask or with a plain causal mask, no statistics, float32,
 contiguous inputs: ``selfattn.backends.cpu.fast_forward`` decides and falls back otherwise.
@@ -32,6 +32,17 @@ from selfattn.kernels.cpu_flash import BLOCK_M, BLOCK_N, UNBOUNDED, KernelMask
 _CACHE_DIR, _NUMBA_CACHE_DIR = numba_cache_dir(), numba_config.CACHE_DIR
 if _CACHE_DIR is not None:
     numba_config.CACHE_DIR = _CACHE_DIR
+
+
+@intrinsic
+def _u16_at(typingctx, addr):
+    # the uint16 pointer at an integer address (a bfloat16 tensor's bits)
+    ptr = types.CPointer(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptr))
+
+    return ptr(types.intp), codegen
 
 
 @intrinsic
@@ -79,29 +90,12 @@ def fwd_rows(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, tiles, q_pos, kv_pos, 
     return counts.sum()
 
 
-@njit(cache=True)
-def fwd_few_rows(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, tiles, q_pos, kv_pos, win_right, opts):
-    """:func:`fwd_rows` for fewer than 4 query rows (decoding): cpu_flash's forward with dot products."""
-    q = carray(_f32_at(pq), (B, Hq, Lq, D))
-    k = carray(_f32_at(pk), (B, Hkv, Lk, D))
-    v = carray(_f32_at(pv), (B, Hkv, Lk, Dv))
-    out = carray(_f32_at(pout), (B, Hq, Lq, Dv))
-    kt = np.empty((1, 1, D, 0), np.float32)  # no transposed keys: dot products
-    row_max = np.empty((B, Hq, Lq), np.float32)
-    row_log = np.empty((B, Hq, Lq), np.float32)
-    ent = np.empty((B, Hq, Lq), np.float32)
-    counts = np.zeros(B * Hq * ((Lq + BLOCK_M - 1) // BLOCK_M), np.int64)
-    mask = _plain_mask(tiles, q_pos, kv_pos, win_right)
-    for t in range(counts.shape[0]):
-        _k._fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts)
-    return counts.sum()
-
-
 @njit(fastmath=_k.FASTMATH, cache=True)
 def fwd_small(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, causal, qk_scale):
     """The output of a small call (decoding: a few query rows), one row at a time, without the tile
     machinery: each task of the general kernels allocates a dozen tile-sized buffers and runs per key
-    block several helpers built for 64 x 64 tiles, ~4 us per task and ~2 us per key block for one row.
+    block several helpers built for 64 x 64 tiles, ~4 us per task and ~2 us per key block for one row
+    (measured, 1 thread: (1, 4, 1, 128, 64) 21 us in cpu_flash.flash_fwd's entry point).
 
     Tensors at addresses as in :func:`fwd_rows`. Query i sees keys j < Lk, with ``causal`` (default
     positions) those j <= i + Lk - Lq. Scores in base 2 (``qk_scale`` =
@@ -113,6 +107,44 @@ def fwd_small(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, causal, qk_scale):
     k = carray(_f32_at(pk), (B, Hkv, Lk, D))
     v = carray(_f32_at(pv), (B, Hkv, Lk, Dv))
     out = carray(_f32_at(pout), (B, Hq, Lq, Dv))
+    _small_rows(q, k, v, out, causal, qk_scale)
+
+
+@njit(cache=True)
+def fwd_small_bf16(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, causal, qk_scale):
+    """:func:`fwd_small` for bfloat16 tensors: the inputs widened to float32 (exactly), the output
+    rounded to bfloat16 as torch rounds (to nearest even; NaN stays NaN)."""
+    q = _widen(carray(_u16_at(pq), (B, Hq, Lq, D)))
+    k = _widen(carray(_u16_at(pk), (B, Hkv, Lk, D)))
+    v = _widen(carray(_u16_at(pv), (B, Hkv, Lk, Dv)))
+    out = np.empty((B, Hq, Lq, Dv), np.float32)
+    _small_rows(q, k, v, out, causal, qk_scale)
+    _narrow(out, carray(_u16_at(pout), (B, Hq, Lq, Dv)))
+
+
+@njit(cache=True)
+def _widen(x16):
+    # bfloat16 bits -> float32: the upper half of the float32 bits
+    return (x16.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+@njit(cache=True)
+def _narrow(x, out16):
+    # float32 -> bfloat16 bits, to nearest even as torch's .to(torch.bfloat16); NaN -> 0x7FC0
+    xf = x.reshape(-1)
+    bits = xf.view(np.uint32)
+    flat = out16.reshape(-1)
+    for i in range(bits.shape[0]):
+        u = bits[i]
+        even = (u >> np.uint32(16)) & np.uint32(1)
+        flat[i] = np.uint16(0x7FC0) if xf[i] != xf[i] else np.uint16((u + (even + np.uint32(0x7FFF))) >> np.uint32(16))
+
+
+@njit(fastmath=_k.FASTMATH, cache=True)
+def _small_rows(q, k, v, out, causal, qk_scale):
+    # fwd_small's rows on float32 arrays (B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv) -> out
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     s = np.empty(Lk, np.float32)  # one row's scores, then its probabilities
     acc = np.empty(Dv, np.float32)  # the row's output sum
     blk = np.empty(Dv, np.float32)  # one key block's share of it
@@ -192,7 +224,8 @@ def _stamp_with(dispatcher, *modules):
 
 _stamp_with(_plain_mask, _k)
 _stamp_with(fwd_rows, _t, _k)
-_stamp_with(fwd_few_rows, _k)
+_stamp_with(_small_rows, _k)
 _stamp_with(fwd_small, _k)
+_stamp_with(fwd_small_bf16, _k)
 
 numba_config.CACHE_DIR = _NUMBA_CACHE_DIR
