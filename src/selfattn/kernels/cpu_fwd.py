@@ -23,9 +23,15 @@ its passes do): the backward recomputes the same scores. The terms after the pro
 ALiBi, float bias, element-wise mask) are ``cpu_flash._score_terms`` written for the transposed
 tile; ALiBi is vector IR too (``_alibi_t``: one FMA a vector of query rows).
 
-Where the time goes (one thread, dense D = 64, ``bench_cpu.py --profile``): the two tile products
-~75 %, the vertical softmax ~11-18 % (the exp2 polynomial: ~20 vector operations per 16 scores),
-the rest bookkeeping.
+Where the time goes (one thread, dense (1, 2, 2048, 2048, D), against peak.py's FMA loop in the
+same process; parts measured by leaving each out of the kernel): D = 64: Q K^T ~43 %, P V ~44 %
+(each micro-kernel call reduces over only 64 -- the head dim, the tile's keys -- and runs at
+~85-90 % of the peak even from L1), the vertical softmax ~11 % (12 vector operations per 16
+scores: exp2 is rint, a degree-6 polynomial and vscalefps), the rest (Q^T packing, allocation,
+_finish_rows) ~2 %. D = 128 adds ~10 % for the phases evicting each other from L1 (Q^T and acc
+are 32 KB each). Tried and measured no faster: two key tiles per softmax step (a longer P V
+reduction; the larger P^T tile costs as much at D = 64 and more at D = 128), 4-row micro-kernels
+throughout, 64-byte aligned buffers, value panels.
 
 Served here: float32 (and bfloat16/float16 computed in float32) with at least 4 query rows;
 float64 and decoding calls (fewer than 4 queries: dot products) stay on ``cpu_flash.flash_fwd``.
@@ -56,18 +62,107 @@ from selfattn.kernels.cpu_flash import (
     _bx,
     _dot,
     _Exact,
-    _exp2_ir,
-    _gemm,
+    _EXP2_COEFFS,
+    _make_microkernel,
+    _mk1,
+    _mk2,
+    _mk6,
     _query_task,
     _softcap_tile,
     _softmax_lo_t,
     _Vectors,
+    TILE_N,
 )
 
 LANES = VEC_BYTES // 4  # float32 query rows per vector: 16 (AVX-512) or 8 (AVX2)
 UNROLL = 4  # independent accumulators in the column loops (max, sums)
 #: calls and tile products served by this kernel since import (tests check the path was taken)
 CALLS = {"calls": 0, "tiles": 0}
+
+
+# -- exp2 of a vector, and the 4-row micro-kernel ---------------------------------------------------
+# cpu_flash._exp2_ir's polynomial with cheaper range reduction: n = rint(x) (round to nearest even,
+# one vrndscaleps/vroundps) instead of floor(x + 1/2) and f = x - n in [-1/2, 1/2] (exact); 2**n
+# applied by vscalefps (AVX-512: one instruction) or from the exponent bits (AVX2). 9 vector
+# operations instead of 13; within 1 ulp like the original (tests/test_cpu_fwd.py measures it).
+
+
+def _exp2_v(builder, x, width):
+    # 2**x of a <width x float> vector, -126 <= x <= 0 (the callers select 0 below -126)
+    mod = builder.module
+    fty = ir.VectorType(ir.FloatType(), width)
+    name = f"v{width}f32"
+    rint = cgutils.get_or_insert_function(mod, ir.FunctionType(fty, [fty]), f"llvm.rint.{name}")
+    fma = cgutils.get_or_insert_function(mod, ir.FunctionType(fty, [fty] * 3), f"llvm.fma.{name}")
+    const = lambda value: ir.Constant(fty, [value] * width)  # noqa: E731
+    n = builder.call(rint, [x])
+    f = builder.fsub(x, n)
+    y = const(_EXP2_COEFFS[6])
+    for c in reversed(_EXP2_COEFFS[:6]):
+        y = builder.call(fma, [y, f, const(c)])
+    if width == 16:
+        # -- y * 2**n in one vscalefps (current rounding mode, no mask) --
+        i16, i32 = ir.IntType(16), ir.IntType(32)
+        scalef = cgutils.get_or_insert_function(
+            mod, ir.FunctionType(fty, [fty, fty, fty, i16, i32]), "llvm.x86.avx512.mask.scalef.ps.512")
+        return builder.call(scalef, [y, n, ir.Constant(fty, None), ir.Constant(i16, -1), ir.Constant(i32, 4)])
+    ity = ir.VectorType(ir.IntType(32), width)
+    e = builder.shl(builder.add(builder.fptosi(n, ity), ir.Constant(ity, [127] * width)), ir.Constant(ity, [23] * width))
+    return builder.fmul(y, builder.bitcast(e, fty))
+
+
+@intrinsic
+def _exp2_vec(typingctx, px, py, n, like):
+    """py[:n] = 2**px[:n] through ``_exp2_v`` (whole vectors; n a multiple of LANES): the test's
+    handle on the forward's exp2."""
+    if not (isinstance(like, types.Array) and like.dtype == types.float32):
+        return None
+    sig = types.void(types.intp, types.intp, types.intp, like)
+
+    def codegen(context, builder, signature, args):
+        builder = _Exact(builder)
+        px, py, n, _ = args
+        vec = _Vectors(context, builder, types.float32)
+        _loop(builder, vec, vec.const(0), n, vec.width, [],
+              lambda j, _: vec.store(_exp2_v(builder, vec.load(px, j), vec.width), py, j) or [], "exp2v")
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def exp2_lanes(x, y):
+    """y = 2**x (float32, x.size a multiple of LANES) as the forward's softmax computes it."""
+    _exp2_vec(_addr(x), _addr(y), x.size, y)
+
+
+_mk4 = _make_microkernel(4)
+
+
+@njit(cache=True)
+def _gemm_t(pa, sa0, sa1, pb, sb, pc, sc, m, kdim, n, scale, mode, palpha, like):
+    # cpu_flash._gemm (float32) with a 4-row call where _gemm takes two 2-row ones: a tile's 64 rows
+    # are 10 calls of 6 rows and one of 4 (the 2-row kernel keeps too few FMAs in flight); each
+    # element's FMA order over kdim, and so every score, is _gemm's
+    isz = 4
+    for j0 in range(0, n, TILE_N):
+        nn = min(TILE_N, n - j0)
+        i = 0
+        while i + 6 <= m:
+            _mk6(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim,
+                 scale, mode, palpha + i * isz, like)
+            i += 6
+        if i + 4 <= m:
+            _mk4(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim,
+                 scale, mode, palpha + i * isz, like)
+            i += 4
+        if i + 2 <= m:
+            _mk2(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim,
+                 scale, mode, palpha + i * isz, like)
+            i += 2
+        if i < m:
+            _mk1(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim,
+                 scale, mode, palpha + i * isz, like)
 
 
 # -- the vertical online-softmax step --------------------------------------------------------------
@@ -103,120 +198,133 @@ def _loop(builder, vec, lo, hi, step, inits, body, name):
 
 
 @intrinsic
-def _vsoftmax(typingctx, ps, ss, nk, pm, pl, pe, palpha, want, like):
-    """One online-softmax step for LANES query rows of a transposed tile, in place.
+def _vsoftmax(typingctx, ps, ss, nk, ng, pm, pl, pe, palpha, want, like):
+    """One online-softmax step for ng groups of LANES query rows of a transposed tile, in place.
 
     ps: raw address of s^T[0, lane 0] (nk key rows, row stride ss elements); pm, pl, pe, palpha:
-    raw addresses of the LANES rows' running max, sum, entropy sum and (output) alpha. s^T becomes
+    raw addresses of the rows' running max, sum, entropy sum and (output) alpha. s^T becomes
     p^T = exp2(s^T - m_new) (0 below -126 and where a row has seen no allowed key); NaN scores
     poison their row (l = NaN). ``want``: also update the entropy sum e (else pe is not touched).
     """
     if not (isinstance(like, types.Array) and like.dtype == types.float32):
         return None
-    sig = types.void(*([types.intp] * 8), like)
+    sig = types.void(*([types.intp] * 9), like)
 
     def codegen(context, builder, signature, args):
         builder = _Exact(builder)
-        ps, ss, nk, pm, pl, pe, palpha, want, _ = args
+        ps0, ss, nk, ng, pm0, pl0, pe0, palpha0, want, _ = args
         vec = _Vectors(context, builder, types.float32)
         c, w = vec.const, vec.width
-        fconst = lambda x: ir.Constant(vec.vty, [x] * w)  # noqa: E731
-        ninf, lo = fconst(float("-inf")), fconst(-126.0)
-        nk4 = builder.and_(nk, c(-UNROLL))
-        row = lambda j: builder.mul(j, ss)  # noqa: E731
 
-        def vmax(a, x):
-            # ordered: a NaN element never wins
-            return builder.select(builder.fcmp_ordered(">", x, a), x, a)
+        def group(g, _):
+            o = builder.mul(g, c(4 * w))  # the group's byte offset
+            ps, pm, pl, pe, palpha = (builder.add(x, o) for x in (ps0, pm0, pl0, pe0, palpha0))
+            _step(builder, vec, ps, ss, nk, pm, pl, pe, palpha, want)
+            return []
 
-        # -- column max over the tile's keys (UNROLL chains) --
-        def max4(j, accs):
-            return [vmax(accs[u], vec.load(ps, row(builder.add(j, c(u))))) for u in range(UNROLL)]
-
-        accs = _loop(builder, vec, c(0), nk4, UNROLL, [ninf] * UNROLL, max4, "cmax4")
-        accs = _loop(builder, vec, nk4, nk, 1, [accs[0]] + accs[1:],
-                     lambda j, a: [vmax(a[0], vec.load(ps, row(j)))] + a[1:], "cmax1")
-        cmax = vmax(vmax(accs[0], accs[1]), vmax(accs[2], accs[3]))
-        # -- new running max; rows still without any allowed key are "dead" --
-        m_old = vec.load(pm, c(0))
-        l_old = vec.load(pl, c(0))
-        m_new = vmax(m_old, cmax)
-        dead = builder.fcmp_ordered("==", m_new, ninf)
-        # -- alpha = exp2(m_old - m_new): 1 when the max stays (dead rows too), 0 from -inf --
-        dm = builder.fsub(m_old, m_new)
-        dm_low = builder.fcmp_ordered("<", dm, lo)
-        alpha = builder.select(dm_low, vec.zero, _exp2_ir(builder, builder.select(dm_low, lo, dm), w))
-        alpha = builder.select(builder.fcmp_ordered("==", m_old, m_new), fconst(1.0), alpha)
-
-        # -- a dead row stays as it was, unless its scores hold a NaN (NaN inputs): poison it (read before
-        # the exp2 pass overwrites the scores) --
-        dead_bits = builder.bitcast(dead, ir.IntType(w))
-        nan = ir.Constant(vec.vty, [float("nan")] * w)
-        before = builder.block
-        with builder.if_then(builder.icmp_unsigned("!=", dead_bits, ir.Constant(ir.IntType(w), 0))):
-            (has_nan,) = _loop(builder, vec, c(0), nk, 1, [ir.Constant(ir.VectorType(ir.IntType(1), w), None)],
-                               lambda j, a: [builder.or_(a[0], builder.fcmp_unordered("uno", (x := vec.load(ps, row(j))), x))],
-                               "nan")
-            l_nan = builder.select(has_nan, nan, l_old)
-            after = builder.block
-        l_dead = builder.phi(vec.vty)
-        l_dead.add_incoming(l_old, before)
-        l_dead.add_incoming(l_nan, after)
-
-        # a dead row subtracts +inf: its -inf scores give p = 0 with no extra test per score (a NaN
-        # gives NaN, and the row is NaN anyway)
-        m_sub = builder.select(dead, fconst(float("inf")), m_new)
-
-        def exp_pass(stats):
-            # p = exp2(s - m_new) into the tile, its column sums (and sum p * (s - m_new))
-            def one(j, tot, st):
-                x = builder.fsub(vec.load(ps, row(j)), m_sub)
-                below = builder.fcmp_ordered("<", x, lo)
-                # exp2 of an x below -126 is garbage, but not selected; the entropy term needs it clamped
-                xc = builder.select(below, lo, x) if stats else x
-                p = builder.select(below, vec.zero, _exp2_ir(builder, xc, w))
-                vec.store(p, ps, row(j))
-                return builder.fadd(tot, p), (builder.call(vec.fma, [p, xc, st]) if stats else st)
-
-            def four(j, vals):
-                out = []
-                for u in range(UNROLL):
-                    out += one(builder.add(j, c(u)), vals[2 * u], vals[2 * u + 1])
-                return out
-
-            vals = _loop(builder, vec, c(0), nk4, UNROLL, [vec.zero] * (2 * UNROLL), four, "exp4")
-            vals = _loop(builder, vec, nk4, nk, 1, vals, lambda j, v: list(one(j, v[0], v[1])) + v[2:], "exp1")
-            tot = builder.fadd(builder.fadd(vals[0], vals[2]), builder.fadd(vals[4], vals[6]))
-            st = builder.fadd(builder.fadd(vals[1], vals[3]), builder.fadd(vals[5], vals[7]))
-            return tot, st
-
-        with builder.if_else(builder.icmp_signed("!=", want, c(0))) as (then, otherwise):
-            with then:
-                tot_s, st_s = exp_pass(True)
-                blk_s = builder.block
-            with otherwise:
-                tot_n, _ = exp_pass(False)
-                blk_n = builder.block
-        tot = builder.phi(vec.vty)
-        tot.add_incoming(tot_s, blk_s)
-        tot.add_incoming(tot_n, blk_n)
-        st = builder.phi(vec.vty)
-        st.add_incoming(st_s, blk_s)
-        st.add_incoming(vec.zero, blk_n)
-        # -- rescale the running sums: l = alpha * l + sum p --
-        l_new = builder.select(dead, l_dead, builder.call(vec.fma, [alpha, l_old, tot]))
-        vec.store(l_new, pl, c(0))
-        vec.store(m_new, pm, c(0))
-        vec.store(alpha, palpha, c(0))
-        with builder.if_then(builder.icmp_signed("!=", want, c(0))):
-            # -- entropy sum: e = alpha * (e + (m_old - m_new) * l_old) + sum p (s - m_new) --
-            e_old = vec.load(pe, c(0))
-            e_new = builder.call(vec.fma, [alpha, builder.call(vec.fma, [dm, l_old, e_old]), st])
-            e_new = builder.select(builder.fcmp_ordered(">", l_old, vec.zero), e_new, st)
-            vec.store(builder.select(dead, e_old, e_new), pe, c(0))
+        _loop(builder, vec, c(0), ng, 1, [], group, "groups")
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+def _step(builder, vec, ps, ss, nk, pm, pl, pe, palpha, want):
+    # _vsoftmax's step for one group of LANES query rows (IR)
+    c, w = vec.const, vec.width
+    fconst = lambda x: ir.Constant(vec.vty, [x] * w)  # noqa: E731
+    ninf, lo = fconst(float("-inf")), fconst(-126.0)
+    nk4 = builder.and_(nk, c(-UNROLL))
+    row = lambda j: builder.mul(j, ss)  # noqa: E731
+
+    def vmax(a, x):
+        # ordered: a NaN element never wins
+        return builder.select(builder.fcmp_ordered(">", x, a), x, a)
+
+    # -- column max over the tile's keys (UNROLL chains) --
+    def max4(j, accs):
+        return [vmax(accs[u], vec.load(ps, row(builder.add(j, c(u))))) for u in range(UNROLL)]
+
+    accs = _loop(builder, vec, c(0), nk4, UNROLL, [ninf] * UNROLL, max4, "cmax4")
+    accs = _loop(builder, vec, nk4, nk, 1, [accs[0]] + accs[1:],
+                 lambda j, a: [vmax(a[0], vec.load(ps, row(j)))] + a[1:], "cmax1")
+    cmax = vmax(vmax(accs[0], accs[1]), vmax(accs[2], accs[3]))
+    # -- new running max; rows still without any allowed key are "dead" --
+    m_old = vec.load(pm, c(0))
+    l_old = vec.load(pl, c(0))
+    m_new = vmax(m_old, cmax)
+    dead = builder.fcmp_ordered("==", m_new, ninf)
+    # -- alpha = exp2(m_old - m_new): 1 when the max stays (dead rows too), 0 from -inf --
+    dm = builder.fsub(m_old, m_new)
+    dm_low = builder.fcmp_ordered("<", dm, lo)
+    alpha = builder.select(dm_low, vec.zero, _exp2_v(builder, builder.select(dm_low, lo, dm), w))
+    alpha = builder.select(builder.fcmp_ordered("==", m_old, m_new), fconst(1.0), alpha)
+
+    # -- a dead row stays as it was, unless its scores hold a NaN (NaN inputs): poison it (read before
+    # the exp2 pass overwrites the scores) --
+    dead_bits = builder.bitcast(dead, ir.IntType(w))
+    nan = ir.Constant(vec.vty, [float("nan")] * w)
+    before = builder.block
+    with builder.if_then(builder.icmp_unsigned("!=", dead_bits, ir.Constant(ir.IntType(w), 0))):
+        (has_nan,) = _loop(builder, vec, c(0), nk, 1, [ir.Constant(ir.VectorType(ir.IntType(1), w), None)],
+                           lambda j, a: [builder.or_(a[0], builder.fcmp_unordered("uno", (x := vec.load(ps, row(j))), x))],
+                           "nan")
+        l_nan = builder.select(has_nan, nan, l_old)
+        after = builder.block
+    l_dead = builder.phi(vec.vty)
+    l_dead.add_incoming(l_old, before)
+    l_dead.add_incoming(l_nan, after)
+
+    # a dead row subtracts +inf: its -inf scores give p = 0 with no extra test per score (a NaN
+    # gives NaN, and the row is NaN anyway)
+    m_sub = builder.select(dead, fconst(float("inf")), m_new)
+
+    def exp_pass(stats):
+        # p = exp2(s - m_new) into the tile, its column sums (and sum p * (s - m_new))
+        def one(j, tot, st):
+            x = builder.fsub(vec.load(ps, row(j)), m_sub)
+            below = builder.fcmp_ordered("<", x, lo)
+            # exp2 of an x below -126 is garbage, but not selected; the entropy term needs it clamped
+            xc = builder.select(below, lo, x) if stats else x
+            p = builder.select(below, vec.zero, _exp2_v(builder, xc, w))
+            vec.store(p, ps, row(j))
+            return builder.fadd(tot, p), (builder.call(vec.fma, [p, xc, st]) if stats else st)
+
+        def four(j, vals):
+            out = []
+            for u in range(UNROLL):
+                out += one(builder.add(j, c(u)), vals[2 * u], vals[2 * u + 1])
+            return out
+
+        vals = _loop(builder, vec, c(0), nk4, UNROLL, [vec.zero] * (2 * UNROLL), four, "exp4")
+        vals = _loop(builder, vec, nk4, nk, 1, vals, lambda j, v: list(one(j, v[0], v[1])) + v[2:], "exp1")
+        tot = builder.fadd(builder.fadd(vals[0], vals[2]), builder.fadd(vals[4], vals[6]))
+        st = builder.fadd(builder.fadd(vals[1], vals[3]), builder.fadd(vals[5], vals[7]))
+        return tot, st
+
+    with builder.if_else(builder.icmp_signed("!=", want, c(0))) as (then, otherwise):
+        with then:
+            tot_s, st_s = exp_pass(True)
+            blk_s = builder.block
+        with otherwise:
+            tot_n, _ = exp_pass(False)
+            blk_n = builder.block
+    tot = builder.phi(vec.vty)
+    tot.add_incoming(tot_s, blk_s)
+    tot.add_incoming(tot_n, blk_n)
+    st = builder.phi(vec.vty)
+    st.add_incoming(st_s, blk_s)
+    st.add_incoming(vec.zero, blk_n)
+    # -- rescale the running sums: l = alpha * l + sum p --
+    l_new = builder.select(dead, l_dead, builder.call(vec.fma, [alpha, l_old, tot]))
+    vec.store(l_new, pl, c(0))
+    vec.store(m_new, pm, c(0))
+    vec.store(alpha, palpha, c(0))
+    with builder.if_then(builder.icmp_signed("!=", want, c(0))):
+        # -- entropy sum: e = alpha * (e + (m_old - m_new) * l_old) + sum p (s - m_new) --
+        e_old = vec.load(pe, c(0))
+        e_new = builder.call(vec.fma, [alpha, builder.call(vec.fma, [dm, l_old, e_old]), st])
+        e_new = builder.select(builder.fcmp_ordered(">", l_old, vec.zero), e_new, st)
+        vec.store(builder.select(dead, e_old, e_new), pe, c(0))
 
 
 @intrinsic
@@ -418,7 +526,7 @@ def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
             _qk_dot_t(q, b, h, r0, rows, pk0 + c0 * D * isz, ncols, st, opts)
         else:
             # -- s^T = k_blk @ Q^T, times the scale --
-            _gemm(pk0 + c0 * D * isz, D, 1, _addr(qt), BLOCK_M, pst, BLOCK_M, ncols, D, rows, scale, STORE, np.intp(0), st)
+            _gemm_t(pk0 + c0 * D * isz, D, 1, _addr(qt), BLOCK_M, pst, BLOCK_M, ncols, D, rows, scale, STORE, np.intp(0), st)
         if own_alibi:
             _alibi_tile(st, rows, ncols, b, h, r0, c0, slopes, q_pos_f, kv_pos_f)
         if terms or kind == PARTIAL:
@@ -426,11 +534,10 @@ def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
         # -- online softmax, LANES query rows at a time: m, alpha, l (and e); s^T becomes p^T --
         if fold:
             _softmax_lo_t(st, lo, rows, ncols, m_i, l_i, e_i, lo_i, alpha_i, opts)
-        for g in range(0 if fold else groups):
-            o = g * LANES * isz
-            _vsoftmax(pst + o, BLOCK_M, ncols, pm + o, pl + o, pe + o, _addr(alpha_i) + o, want, st)
+        else:
+            _vsoftmax(pst, BLOCK_M, ncols, groups, pm, pl, pe, _addr(alpha_i), want, st)
         # -- acc = alpha * acc + p @ v: P read as (P^T)^T, the tile's share added in one FMA --
-        _gemm(pst, 1, BLOCK_M, pv0 + c0 * Dv * isz, Dv, _addr(acc), Dv, rows, ncols, Dv, 1.0, RESCALE, _addr(alpha_i), st)
+        _gemm_t(pst, 1, BLOCK_M, pv0 + c0 * Dv * isz, Dv, _addr(acc), Dv, rows, ncols, Dv, 1.0, RESCALE, _addr(alpha_i), st)
     _finish_rows(acc, m_i, l_i, e_i, lo_i, rows, b, h, r0, out, row_max, row_log, ent, opts)
     counts[t] = n_tiles
 
