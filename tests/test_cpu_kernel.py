@@ -177,24 +177,31 @@ def test_softcap_and_scale(option, mask, dtype):
     check_against_reference(f"{option} {mask}", q, k, v, go, **option, **mask_kwargs(mask, b, hq, lq, lk))
 
 
-@pytest.mark.xfail(strict=True, reason="the float32 kernels (cpu_fwd/cpu_bwd) do not take cpu_flash._softcap_tile's "
-                   "hi/lo convention yet (FOLD_LO), and the gradients also need delta = rowsum(P dP) normalised by "
-                   "rowsum(P) (times 1 - p_sink with sinks), which no kernel does: cpu_flash's kernels with FOLD_LO "
-                   "and that division passed it. Remove this mark (and test_properties' exclusion) when they do")
 def test_softcap_saturated_few_keys():
     # a softcap of 16 or more in float32: logits near +-c log2(e) round to ~2e-6, and rows that see a
     # few keys which all saturate differ by far less (the reference's float32 twin, whose logits become
     # exactly +-c, is exact there). s - max alone missed STYLE rule 6 by up to 5x in the forward
     # (test_properties found (1,1,1,6,5,1,5) window (1,1) softcap 22); the kernels carry the rounding's
-    # rest (cpu_flash._softcap_tile). Gradients: dP - delta cancels in such rows, and P's rounding (its
-    # row sum 1 + a few ulp) times dP stays in it unless delta is normalised by rowsum(P) (with sinks:
-    # the keys' P sums to 1 - p_sink). Head dim 1: no dot-product order to tell the kernels apart.
+    # rest (cpu_flash._softcap_tile, FOLD_LO: cpu_fwd's _softmax_lo_t, cpu_flash's forward for fewer than
+    # 4 queries, both backwards). Gradients: dP - delta cancels in such rows, and P's rounding (its row
+    # sum 1 + a few ulp) times dP stays in it unless delta is normalised by rowsum(P) (cpu_bwd; with
+    # sinks the keys' P sums to 1 - p_sink). Head dim 1: no dot-product order to tell the kernels apart.
     # (one test, not a grid: a few of these cases pass by luck without the fix)
-    for cap, magnitude, seed in itertools.product((16.0, 22.0, 31.0, 45.0, 60.0), (6.0, 30.0), range(4)):
-        q, k, v, go = _inputs((1, 2, 1, 12, 12, 1, 4), torch.float32, magnitude=magnitude, seed=seed)
+    # Decoding (3 queries: cpu_flash's forward, dot products) is held to the rule in the forward only: its
+    # gradients miss it in 3 of 360 such cases (dq 1.01-1.14x, rows of two keys whose dS k terms cancel),
+    # with or without the hi/lo convention -- cpu_bwd's rounding of dS, not the softcap's (acc's report).
+    for lq, cap, magnitude, seed in itertools.product((12, 3), (16.0, 22.0, 31.0, 45.0, 60.0), (6.0, 30.0), range(4)):
+        q, k, v, go = _inputs((1, 2, 1, lq, 12, 1, 4), torch.float32, magnitude=magnitude, seed=seed)
         for w in (0, 1, 3):
-            check_against_reference(f"softcap {cap} |q|,|k| ~{magnitude} window {w} seed {seed}", q, k, v, go,
-                                    softcap=cap, window=(w, w))
+            name, kw = f"Lq {lq} softcap {cap} |q|,|k| ~{magnitude} window {w} seed {seed}", dict(softcap=cap, window=(w, w))
+            if lq >= 4:
+                check_against_reference(name, q, k, v, go, **kw)
+                continue
+            out, stats = selfattn.attention(q, k, v, backend="cpu", return_stats=True, **kw)
+            ref64, low = reference_pair(q, k, v, **kw)
+            assert_close(f"{name} out", out, ref64.out, low.out)
+            for field in ("lse", "max_logit", "entropy"):
+                assert_close(f"{name} {field}", getattr(stats, field), getattr(ref64.stats, field), getattr(low.stats, field))
 
 
 @pytest.mark.parametrize("mask", ["none", "causal", "documents_causal"])

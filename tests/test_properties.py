@@ -106,23 +106,11 @@ def test_random_requests_match_reference(r, return_stats, data):
     q, k, v, kw = inputs(r, data)
     pair = reference_pair(q, k, v, **kw)
     for backend in serving_backends(q, k, v, {**kw, "return_stats": return_stats}):
-        if _known_cpu_softcap_defect(backend, q, kw):
-            continue  # a known defect, written down in the session note and the README; not hidden: see below
         res = run_backend(backend, q, k, v, return_stats=return_stats, **kw)
         out, stats = res if return_stats else (res, None)
         name = f"{backend} {r['shape']} {r['kind']} {r['kw']}"
         _, st64 = compare_with_reference(name, out, q, k, v, stats=stats, refs=pair, **kw)
         exact_fully_masked(name, out, stats, st64)
-
-
-def _known_cpu_softcap_defect(backend, q, kw) -> bool:
-    # KNOWN DEFECT (issue 14): the cpu kernels in float32 with a softcap of 16 or more miss STYLE rule 6
-    # (up to 5x in a brute-force sweep) on rows that see a few saturated keys: logits near c*log2(e)
-    # round to ~2e-6 and the twin's, exactly +-c, do not (found: (1,1,1,6,5,1,5) window (1,1) softcap 22).
-    # The cause is fixed in cpu_flash (_softcap_tile's hi/lo split, FOLD_LO), not yet in cpu_fwd/cpu_bwd,
-    # which serve float32 now; test_cpu_kernel.test_softcap_saturated_few_keys is its strict xfail.
-    # Remove this exclusion together with that mark.
-    return backend == "cpu" and q.dtype != torch.float64 and (kw.get("softcap") or 0) >= 16
 
 
 @SETTINGS

@@ -91,8 +91,10 @@ EMPTY, PARTIAL, FULL = 0, 1, 2  # selfattn.masks.TileKind values
 # The softcap's hi/lo convention (``_softcap_tile``): every forward keeps each softcapped logit as
 # hi + lo and takes its exponents against an anchor, row_log = log2(l) + lo_m; every backward takes
 # P = exp2(((s - row_max) + lo) - row_log). Read at call time (KernelOpts.fold_lo, cpu_bwd's launcher),
-# so forward and backward always agree. Off: each softcapped logit is rounded once and lo ignored.
-FOLD_LO = False
+# so forward and backward always agree (cpu_fwd: _softmax_lo_t; cpu_bwd and cpu_flash: _fold_lo). Off:
+# each softcapped logit is rounded once and lo ignored (rows of a few saturated keys then missed STYLE
+# rule 6 by up to 5x: test_cpu_kernel.test_softcap_saturated_few_keys).
+FOLD_LO = True
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 UNBOUNDED = 1 << 40  # a window side with no bound (KernelMask.win_left / win_right)
