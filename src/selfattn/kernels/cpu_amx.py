@@ -253,10 +253,11 @@ def _bf16_block(x, x16, rows, nc, k32):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, pbuf, dpbuf, kbs, pairs, ds16, qt_blk, dot_blk, counts, mask, opts):
+def _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, pbuf, dpbuf, kbs, pairs, ds_all, qt_blk, dot_blk, counts, mask, opts):
     # One (batch, head, query block): its dQ, and its shares of dK^T, dV^T added to dkt, dvt
     # (B, Hkv, nK, D16|Dv16, BLOCK_N). pbuf/dpbuf (nK, BLOCK_M, BLOCK_N): the worker's P and dP
-    # tiles, kept from the first sweep to the second; kbs (nK,): each kept tile's key block; qt_blk,
+    # tiles, kept from the first sweep to the second; kbs (nK,): each kept tile's key block; ds_all
+    # (BLOCK_M, nK * BLOCK_N): the kept tiles' bfloat16 dS side by side (dQ's A operand); qt_blk,
     # dot_blk (D16|Dv16, BLOCK_M): the worker's Q_blk^T and dO_blk^T (rows past D|Dv zero).
     B, Hq, Lq, D = dq.shape
     Lk, Dv = g.kv_len, g.v_dim
@@ -315,7 +316,10 @@ def _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, pbuf, dpbuf, kbs, pairs,
             for i in range(rows):
                 for j in range(ncols):
                     p[i, j] *= softcap * (1.0 - tanh_buf[i, j] * tanh_buf[i, j])
-    # -- sweep 2: dS = P (dP - delta); dQ += bf16(dS) K, dK^T += Q^T bf16(dS) --
+    # -- sweep 2: dS = P (dP - delta); dK^T += Q^T bf16(dS) per tile; dQ = bf16(dS) K, one product
+    # over all the kept tiles when their key blocks are consecutive (causal, windows: dQ's tiles are
+    # loaded and stored once, not once per key tile), else per tile --
+    whole = n > 0 and kbs[n - 1] - kbs[0] == n - 1
     for u in range(n):
         kb = kbs[u]
         c0 = kb * BLOCK_N
@@ -326,10 +330,16 @@ def _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, pbuf, dpbuf, kbs, pairs,
             di = dl[i]
             for j in range(nc):
                 dp[i, j] = p[i, j] * np.float32(np.float64(dp[i, j]) - di)  # the difference rounded once
+        ds16 = ds_all[:, u * BLOCK_N:]
         _bf16_block(dp, ds16, rows, nc, (ncols + 31) // 32 * 32)
-        _bf.mm_amx_add(ds16, g.k[b, hk, c0 // 2:c0 // 2 + PAIRS_N], dq_acc, rows, ncols, D)
+        if not whole:
+            _bf.mm_amx_add(ds16, g.k[b, hk, c0 // 2:c0 // 2 + PAIRS_N], dq_acc, rows, ncols, D)
         _bf.pack_pairs_rows(dp, pairs, rows, nc)
         _bf.mm_amx_add(qt_blk, pairs, dkt[b, hk, kb], D, rows, ncols)
+    if whole:
+        k0, last = kbs[0] * BLOCK_N, kbs[n - 1] * BLOCK_N
+        kdim = last - k0 + min(BLOCK_N, Lk - last)
+        _bf.mm_amx_add(ds_all, g.k[b, hk, k0 // 2:k0 // 2 + n * PAIRS_N], dq_acc, rows, kdim, D)
     dscale = opts.dscale
     for i in range(rows):
         for d in range(D):
@@ -346,7 +356,7 @@ def _bwd_tasks_amx(t0, t1, step, g, row_max, row_log, dkt, dvt, dq, counts, mask
     dpbuf = np.empty((nK, BLOCK_M, BLOCK_N), np.float32)
     kbs = np.empty(nK, np.int64)
     pairs = np.zeros((BLOCK_M // 2, BLOCK_N, 2), np.uint16)  # P or dS as pairs of query rows
-    ds16 = np.zeros((BLOCK_M, BLOCK_N), np.uint16)  # dS, bfloat16, row-major
+    ds_all = np.zeros((BLOCK_M, nK * BLOCK_N), np.uint16)  # dS of the kept tiles, bfloat16, row-major
     qt_blk = np.zeros((g.k.shape[3], BLOCK_M), np.uint16)  # Q_blk^T (D16 rows)
     dot_blk = np.zeros(((g.v_dim + 15) // 16 * 16, BLOCK_M), np.uint16)  # dO_blk^T (Dv16 rows)
     # denormals flushed in this thread's float32 work while the tasks run (restored after): dS of
@@ -354,7 +364,7 @@ def _bwd_tasks_amx(t0, t1, step, g, row_max, row_log, dkt, dvt, dq, counts, mask
     old = _mxcsr_ftz(np.intp(1))
     _bf.amx_begin()
     for t in range(t0, t1, step):
-        _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, pbuf, dpbuf, kbs, pairs, ds16, qt_blk, dot_blk, counts, mask,
+        _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, pbuf, dpbuf, kbs, pairs, ds_all, qt_blk, dot_blk, counts, mask,
                       opts)
     _bf.amx_end()
     _mxcsr_set(old)
