@@ -469,7 +469,9 @@ def prepare(q, k, v, threads: int = 1) -> AmxInputs:
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     d32, lq16, dv16 = -(-D // 32) * 32, -(-Lq // 16) * 16, -(-Dv // 16) * 16
     nK = -(-Lk // BLOCK_N)
-    qp = torch.nn.functional.pad(q.detach(), (0, d32 - D, 0, lq16 - Lq))  # (B, Hq, Lq16, D32) zero-padded
+    qp = q.detach()  # (B, Hq, Lq16, D32): a zero-padded copy only where the shape needs one
+    if d32 != D or lq16 != Lq:
+        qp = torch.nn.functional.pad(qp, (0, d32 - D, 0, lq16 - Lq))
     kt = np.zeros((B, Hkv, nK, d32 // 2, BLOCK_N, 2), np.uint16)
     vp = np.zeros((B, Hkv, nK * PAIRS_N, dv16, 2), np.uint16)
     (pack_kv if threads > 1 else pack_kv_serial)(_bits(k.detach()), _bits(v.detach()), kt, vp)
