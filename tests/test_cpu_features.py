@@ -701,20 +701,23 @@ def served(monkeypatch):
 # under causal (rows that see no key), and calls of the tile kernels (cpu_fwd's, cpu_flash's)
 _SHORT = [(1, 1, 1, 8, 8, 16, 16, True), (2, 4, 2, 1, 97, 24, 24, False), (1, 2, 2, 3, 130, 16, 16, True),
           (1, 2, 1, 5, 3, 8, 8, True), (1, 4, 2, 70, 90, 32, 32, True), (2, 2, 2, 100, 100, 24, 40, False),
-          (1, 2, 1, 1, 4097, 64, 64, False), (1, 3, 3, 2, 70, 59, 11, True)]
+          (1, 2, 1, 1, 4097, 64, 64, False), (1, 3, 3, 2, 70, 59, 11, True), (2, 8, 2, 1, 50, 32, 16, True),
+          (2, 8, 2, 6, 4, 16, 8, True)]
 
 
+@pytest.mark.parametrize("scale", [None, 0.3], ids=["scale-default", "scale-0.3"])
 @pytest.mark.parametrize("shape", _SHORT, ids=lambda s: "x".join(map(str, s[:7])) + ("-causal" if s[7] else ""))
-def test_short_calls_match_the_general_path(shape, served):
+def test_short_calls_match_the_general_path(shape, scale, served):
     b, hq, hkv, lq, lk, d, dv, causal = shape
     q, k, v, _ = _inputs(b, hq, hkv, lq, lk, d, torch.float32, seed=3, dv=dv)
     q = q * 3.0  # sharp softmax rows
     with torch.no_grad():
-        out = selfattn.attention(q, k, v, causal=causal, backend="cpu")
+        out = selfattn.attention(q, k, v, causal=causal, scale=scale, backend="cpu")
         assert served == [True]
-        general, _ = selfattn.attention(q, k, v, causal=causal, backend="cpu", return_stats=True)
+        general, _ = selfattn.attention(q, k, v, causal=causal, scale=scale, backend="cpu", return_stats=True)
     assert served == [True]  # (the stats call does not reach the short path)
-    compare(f"short {shape}", reference_pair(q, k, v, causal=causal), out, dtype=torch.float32)
+    assert not torch.isnan(out).any()
+    compare(f"short {shape}", reference_pair(q, k, v, causal=causal, scale=scale), out, dtype=torch.float32)
     if not cpu_backend._small(b, hq, lq, lk, d, dv):
         assert torch.equal(out, general), "the same task functions must give the same bits"
     if causal and lq > lk:
@@ -838,14 +841,17 @@ def test_auto_takes_the_short_path_it_calibrated(calibrations, monkeypatch):
 
 def test_short_path_steps_aside_for_what_it_does_not_serve(served):
     q, k, v, _ = _inputs(2, 4, 2, 16, 16, 16, torch.float32)
+    strided = [t.transpose(2, 3).contiguous().transpose(2, 3) for t in (q, k, v)]  # same values, other strides
+    calls = [(strided, {}), ([strided[0], k, v], {"causal": True}), ([q, k, strided[2]], {}),
+             ([t.double() for t in (q, k, v)], {}), ([t.half() for t in (q, k, v)], {"causal": True}),
+             ([torch.nn.Parameter(q), k, v], {})]
     with torch.no_grad():
-        for call in (lambda: selfattn.attention(q.transpose(2, 3).contiguous().transpose(2, 3), k, v, backend="cpu"),
-                     lambda: selfattn.attention(q.double(), k.double(), v.double(), backend="cpu"),
-                     lambda: selfattn.attention(q[:, :, :0], k, v, backend="cpu"),
-                     lambda: selfattn.attention(torch.nn.Parameter(q), k, v, backend="cpu")):
-            out = call()
-            assert served[-1] is False and out is not None
-    assert len(served) == 4
+        for args, kw in calls:
+            out = selfattn.attention(*args, backend="cpu", **kw)
+            assert served[-1] is False
+            compare(f"general {args[0].dtype} {kw}", reference_pair(*args, **kw), out, dtype=args[0].dtype)
+        assert selfattn.attention(q[:, :, :0], k, v, backend="cpu").shape == (2, 4, 0, 16) and served[-1] is False
+    assert len(served) == len(calls) + 1
 
 
 def test_calibration_retakes_an_implausible_measurement(calibrations, monkeypatch):

@@ -20,6 +20,13 @@ Three layers, as flash-attn has them:
   ``autograd.Function`` without the dispatcher's per-call cost;
 * ``CPUBackend.forward``: a validated ``Request`` to the ops' arguments.
 
+Short calls (issue 14) skip all of that: ``attention()`` hands a no-grad float32 call without mask
+or with causal alone (bfloat16: decoding steps and tiny heads) to ``fast_forward``, which validates
+and lowers once per (shapes, dtype, causal, scale) and then runs ``kernels/cpu_short.py``'s entry
+points on the tensors' addresses: the tile kernel's own task function (the same bits), or for
+decoding steps and tiny heads ``fwd_small``, row by row (within the float32 reference's error, not
+bit-equal to the tile kernels). Anything else, and every error, goes the general way.
+
 ``auto`` ranks this backend against sdpa from measurements of this host where sdpa serves a call
 natively (``calibration``: both timed once per process on two probes, fitted as fixed cost + cost
 per unit of work; ``SELFATTN_AUTO_CALIBRATE=0`` keeps the recorded table), and by structural
