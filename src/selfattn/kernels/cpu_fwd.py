@@ -24,14 +24,15 @@ ALiBi, float bias, element-wise mask) are ``cpu_flash._score_terms`` written for
 tile; ALiBi is vector IR too (``_alibi_t``: one FMA a vector of query rows).
 
 Where the time goes (one thread, dense (1, 2, 2048, 2048, D), against peak.py's FMA loop in the
-same process; parts measured by leaving each out of the kernel): D = 64: Q K^T ~43 %, P V ~44 %
-(each micro-kernel call reduces over only 64 -- the head dim, the tile's keys -- and runs at
-~85-90 % of the peak even from L1), the vertical softmax ~11 % (12 vector operations per 16
-scores: exp2 is rint, a degree-6 polynomial and vscalefps), the rest (Q^T packing, allocation,
-_finish_rows) ~2 %. D = 128 adds ~10 % for the phases evicting each other from L1 (Q^T and acc
-are 32 KB each). Tried and measured no faster: two key tiles per softmax step (a longer P V
-reduction; the larger P^T tile costs as much at D = 64 and more at D = 128), 4-row micro-kernels
-throughout, 64-byte aligned buffers, value panels.
+same process; each part measured by leaving it out of the kernel): D = 64: Q K^T ~43 %, P V ~44 %
+(a micro-kernel call reduces over only 64 -- the head dim, the tile's keys -- and reaches ~85-90 %
+of the peak even with its data in L1), the vertical softmax ~11 % (12 vector operations per 16
+scores: exp2 is rint, a degree-6 polynomial and vscalefps), the rest (Q^T packing, allocations,
+_finish_rows) ~2-3 %. At D = 128 the phases also evict each other from L1 (Q^T and acc are 32 KB
+each): the whole kernel takes ~10 % longer than its parts. Measured and not taken: two key tiles
+per softmax step (a longer P V reduction: no faster at D = 64, slower at D = 128), 4-row calls
+throughout (as fast as 6-row ones), 64-byte aligned buffers (no change in the micro-kernel alone),
+value panels at D = 128 (P V alone only 2.5 % faster).
 
 Served here: float32 (and bfloat16/float16 computed in float32) with at least 4 query rows;
 float64 and decoding calls (fewer than 4 queries: dot products) stay on ``cpu_flash.flash_fwd``.
