@@ -177,6 +177,14 @@ def test_softcap_and_scale(option, mask, dtype):
     check_against_reference(f"{option} {mask}", q, k, v, go, **option, **mask_kwargs(mask, b, hq, lq, lk))
 
 
+def _softcap_few_key_cases(lq):
+    # rows of 1-7 keys (window 0-3 over 12), head dim 1, softcaps 16-60 that saturate (|q|, |k| ~6 or ~30)
+    for cap, magnitude, seed in itertools.product((16.0, 22.0, 31.0, 45.0, 60.0), (6.0, 30.0), range(4)):
+        q, k, v, go = _inputs((1, 2, 1, lq, 12, 1, 4), torch.float32, magnitude=magnitude, seed=seed)
+        for w in (0, 1, 3):
+            yield f"Lq {lq} softcap {cap} |q|,|k| ~{magnitude} window {w} seed {seed}", (q, k, v, go), dict(softcap=cap, window=(w, w))
+
+
 def test_softcap_saturated_few_keys():
     # a softcap of 16 or more in float32: logits near +-c log2(e) round to ~2e-6, and rows that see a
     # few keys which all saturate differ by far less (the reference's float32 twin, whose logits become
@@ -187,21 +195,25 @@ def test_softcap_saturated_few_keys():
     # sum 1 + a few ulp) times dP stays in it unless delta is normalised by rowsum(P) (cpu_bwd; with
     # sinks the keys' P sums to 1 - p_sink). Head dim 1: no dot-product order to tell the kernels apart.
     # (one test, not a grid: a few of these cases pass by luck without the fix)
-    # Decoding (3 queries: cpu_flash's forward, dot products) is held to the rule in the forward only: its
-    # gradients miss it in 3 of 360 such cases (dq 1.01-1.14x, rows of two keys whose dS k terms cancel),
-    # with or without the hi/lo convention -- cpu_bwd's rounding of dS, not the softcap's (acc's report).
-    for lq, cap, magnitude, seed in itertools.product((12, 3), (16.0, 22.0, 31.0, 45.0, 60.0), (6.0, 30.0), range(4)):
-        q, k, v, go = _inputs((1, 2, 1, lq, 12, 1, 4), torch.float32, magnitude=magnitude, seed=seed)
-        for w in (0, 1, 3):
-            name, kw = f"Lq {lq} softcap {cap} |q|,|k| ~{magnitude} window {w} seed {seed}", dict(softcap=cap, window=(w, w))
-            if lq >= 4:
-                check_against_reference(name, q, k, v, go, **kw)
-                continue
+    for name, (q, k, v, go), kw in _softcap_few_key_cases(12):
+        check_against_reference(name, q, k, v, go, **kw)
+    # decoding (fewer than 4 queries: cpu_flash's forward, dot products): the forward here, the gradients below
+    for lq in (3, 2):
+        for name, (q, k, v, _), kw in _softcap_few_key_cases(lq):
             out, stats = selfattn.attention(q, k, v, backend="cpu", return_stats=True, **kw)
             ref64, low = reference_pair(q, k, v, **kw)
             assert_close(f"{name} out", out, ref64.out, low.out)
             for field in ("lse", "max_logit", "entropy"):
                 assert_close(f"{name} {field}", getattr(stats, field), getattr(ref64.stats, field), getattr(low.stats, field))
+
+
+@pytest.mark.xfail(strict=True, reason="KNOWN DEFECT: decoding gradients (query blocks of < 4 rows) miss rule 6 in dq in 3 "
+                   "of 240 of these cases (1.01-1.14x), FOLD_LO on or off alike: rows of two keys whose dS_j k_j terms "
+                   "cancel, and cpu_bwd rounds dS = P (dP - delta) w to float32 (a float64 dS there would fix it)")
+def test_softcap_saturated_few_keys_decoding_gradients():
+    for lq in (3, 2):
+        for name, (q, k, v, go), kw in _softcap_few_key_cases(lq):
+            check_against_reference(name, q, k, v, go, **kw)
 
 
 @pytest.mark.parametrize("mask", ["none", "causal", "documents_causal"])
