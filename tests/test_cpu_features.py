@@ -633,7 +633,7 @@ def test_a_near_tie_in_the_calibration_leaves_the_choice_to_the_table(calibratio
 
 
 def test_calibration_is_measured_once_and_leaves_no_trace(calibrations, monkeypatch):
-    monkeypatch.setattr(cpu_backend, "PROBES", ((1, 2, 16, 16), (1, 2, 96, 16)))  # small: a quick measurement
+    monkeypatch.setattr(cpu_backend, "PROBES", ((1, 2, 16, 16, 16), (1, 2, 96, 96, 16)))  # small: a quick measurement
     calls = []
     real = cpu_backend._measure
     monkeypatch.setattr(cpu_backend, "_measure", lambda *a: calls.append(a) or real(*a))
@@ -857,7 +857,7 @@ def test_short_path_steps_aside_for_what_it_does_not_serve(served):
 def test_calibration_retakes_an_implausible_measurement(calibrations, monkeypatch):
     # a longer probe timed faster than a shorter one (the machine was busy): measured again, and after
     # MEASURE_TRIES such measurements none is recorded (the table decides)
-    monkeypatch.setattr(cpu_backend, "PROBES", ((1, 1, 8, 16), (1, 2, 16, 16)))
+    monkeypatch.setattr(cpu_backend, "PROBES", ((1, 1, 8, 8, 16), (1, 2, 16, 16, 16)))
     answers = iter([(100.0, 9e-6, 8e-6), (200.0, 5e-6, 9e-6)] * cpu_backend.MEASURE_TRIES)
     calls = []
     monkeypatch.setattr(cpu_backend, "_probe", lambda *a: calls.append(a) or next(answers))

@@ -22,10 +22,11 @@ Three layers, as flash-attn has them:
 
 Short calls (issue 14) skip all of that: ``attention()`` hands a no-grad float32 call without mask
 or with causal alone (bfloat16: decoding steps and tiny heads) to ``fast_forward``, which validates
-and lowers once per (shapes, dtype, causal, scale) and then runs ``kernels/cpu_short.py``'s entry
-points on the tensors' addresses: the tile kernel's own task function (the same bits), or for
-decoding steps and tiny heads ``fwd_small``, row by row (within the float32 reference's error, not
-bit-equal to the tile kernels). Anything else, and every error, goes the general way.
+and lowers once per (shapes, dtype, causal, scale) and then calls the tile kernel's compiled entry
+point with the records kept from the first call (the same bits as the general way), or for
+decoding steps and tiny heads ``kernels/cpu_short.py``'s ``fwd_small`` on the tensors' addresses,
+row by row (within the float32 reference's error, not bit-equal to the tile kernels). Anything
+else, and every error, goes the general way.
 
 ``auto`` ranks this backend against sdpa from measurements of this host where sdpa serves a call
 natively (``calibration``: both timed once per process on two probes, fitted as fixed cost + cost
@@ -624,12 +625,12 @@ class _EagerFlash(torch.autograd.Function):
 class _Plan(NamedTuple):
     """What a short call of one (q, k, v shapes, causal, scale) needs, validated and lowered once."""
 
-    kernel: object  # cpu_short.fwd_rows or fwd_small: its compiled entry point
-    args: tuple  # the kernel's arguments after the four addresses (sizes, mask parts, KernelOpts)
+    kernel: object  # cpu_short.fwd_small(_bf16) or cpu_fwd.flash_fwd_t_serial: its compiled entry point
+    args: tuple  # the kernel's arguments after q, k, v and out
     out_shape: tuple  # (B, Hq, Lq, Dv)
     like_q: bool  # Dv == D: the output is allocated like q (contiguous, float32)
     tiles: int  # the tiles the general kernels compute for this call (the tile map's non-empty ones)
-    rows: bool  # cpu_fwd's kernel (>= 4 query rows): counted in cpu_fwd.CALLS as its launcher counts
+    rows: bool  # cpu_fwd's tile kernel (numpy arguments): counted in cpu_fwd.CALLS as its launcher counts
     one_thread: bool  # the launchers would run this with every torch thread: served only with one
     low: object  # the LoweredMask (keeps the record's arrays alive)
     auto: dict  # auto's decisions for this call: torch threads -> _AutoChoice
@@ -675,7 +676,10 @@ def fast_forward(q, k, v, causal: bool, scale, auto: bool = False):
             return _sdpa_fast(q, k, v, causal, scale) if choice == "sdpa" else None
     # (empty_like: ~1 us less than torch.empty with a shape and dtype)
     out = torch.empty_like(q) if plan.like_q else torch.empty(plan.out_shape, dtype=dt)
-    plan.kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *plan.args)
+    if plan.rows:  # cpu_fwd's kernel, as its launcher calls it (numpy views; a no-grad call may hold leaves)
+        plan.kernel(_view(q), _view(k), _view(v), out.numpy(), *plan.args)
+    else:
+        plan.kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *plan.args)
     TILE_PRODUCTS["forward"] += plan.tiles
     if plan.rows:
         _fwd.CALLS["calls"] += 1
@@ -714,14 +718,20 @@ def _make_plan(q, k, v, causal, scale):
         return _NO_PLAN  # bfloat16 beyond the small calls: the general launchers (AMX where there is one)
     elif not _fwd.serves(q):
         return _NO_PLAN  # the general launcher would take another kernel (a test's patched serves)
-    else:
-        kernel = _short.fwd_rows
-        args = (B, Hq, Hkv, Lq, Lk, D, Dv, km.tiles, km.q_pos, km.kv_pos, km.win_right, opts)
     tasks = B * Hq * (-(-Lq // _k.BLOCK_M))
-    one_thread = 4.0 * B * Hq * Lq * Lk * D >= 4e6 and min(numba.config.NUMBA_NUM_THREADS, tasks) > 1  # as _threads
-    # the first run compiles (or loads) the wrapper; then its entry point, as _run takes them
     scratch = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype)
-    full = (q.data_ptr(), k.data_ptr(), v.data_ptr(), scratch.data_ptr(), *args)
+    if rows:
+        # the general launcher's own compiled kernel (a wrapper would compile the task function into
+        # itself again: ~20 s more on a process's first call), the rows and counts as scratch (numba
+        # holds the GIL while it runs: one call at a time uses them)
+        kernel = _fwd.flash_fwd_t_serial
+        r = np.empty((3, B, Hq, Lq), np.float32)
+        args = (r[0], r[1], r[2], np.zeros(tasks, np.int64), km, opts)
+        full = (_view(q), _view(k), _view(v), scratch.numpy(), *args)
+    else:
+        full = (q.data_ptr(), k.data_ptr(), v.data_ptr(), scratch.data_ptr(), *args)
+    one_thread = 4.0 * B * Hq * Lq * Lk * D >= 4e6 and min(numba.config.NUMBA_NUM_THREADS, tasks) > 1  # as _threads
+    # the first run compiles (or loads) the kernel; then its entry point, as _run takes them
     kernel(*full)
     compiled = kernel.overloads.get(tuple(kernel.typeof_pyval(a) for a in full))
     entry = compiled.entry_point if compiled is not None else kernel
@@ -730,12 +740,16 @@ def _make_plan(q, k, v, causal, scale):
     return _Plan(entry, args, (B, Hq, Lq, Dv), Dv == D, tiles, rows, one_thread, low, {})
 
 
+def _view(t):
+    return (t.detach() if t.requires_grad else t).numpy()
+
+
 def _small(B, Hq, Lq, Lk, D, Dv) -> bool:
     # cpu_short.fwd_small (row by row, no tiles) serves decoding steps (fewer than 4 query rows) and
     # heads of little work, where the tile kernels' ~4 us of set-up per task dominate: measured (1
-    # thread) (1,1,8,8,16) 13 us against 20, (1,4,16,16,64) 21 against 35, even at Lq*Lk*(D+Dv) = 2**16
-    # (32 x 32 x 32), behind from (64 x 64 x 64) on (66 against 37)
-    return Lq < 4 or Lq * Lk * (D + Dv) <= 1 << 16
+    # thread) (1,1,8,8,16) 13 us against 20, (1,4,16,16,64) 21 against 35, (1,1,32,32,64) 17 against
+    # 21 (Lq*Lk*(D+Dv) = 2**17), behind from (64 x 64 x 64) on (66 against 37)
+    return Lq < 4 or Lq * Lk * (D + Dv) <= 1 << 17
 
 
 def _auto_choice(plan: _Plan, q, k, v, causal, scale) -> Optional[str]:
@@ -774,10 +788,10 @@ def _calibration_off() -> bool:
 # Elsewhere the reasons are structural and the recorded table stands (_table_rank).
 
 CALIBRATE_ENV = "SELFATTN_AUTO_CALIBRATE"  # "0": measure nothing, the recorded table decides
-# (B, H, L, D), causal: the fixed cost, a short call, the throughput end (a call's time is predicted
-# along the lines joining them: a straight line through the last two alone missed the tiny calls'
-# time by 8x, their kernels differ)
-PROBES = ((1, 1, 8, 16), (1, 4, 32, 64), (1, 4, 256, 64))
+# (B, H, Lq, Lk, D), causal where Lq == Lk, growing in work: the fixed cost, a decoding step, a short
+# call, the throughput end (a call's time is predicted along the lines joining them: a straight line
+# through the last two alone missed the tiny calls' time by 8x, their kernels differ)
+PROBES = ((1, 1, 8, 8, 16), (1, 4, 1, 128, 64), (1, 4, 32, 32, 64), (1, 4, 256, 256, 64))
 _CALIBRATED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TIE_MARGIN = 1.3  # predicted times closer than this factor: a tie, the recorded table decides
 MEASURE_TRIES = 3  # measurements taken before giving up on one that cannot be right
@@ -895,10 +909,10 @@ def _measure(dtype, grad: bool, key: tuple) -> Optional[Calibration]:
     try:
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
             probes = []
-            for B, H, L, D in PROBES:
-                q, k, v, do = (torch.randn(B, H, L, D, generator=gen).to(dtype) for _ in range(4))
+            for B, H, Lq, Lk, D in PROBES:
+                q, k, v, do = (torch.randn(B, H, n, D, generator=gen).to(dtype) for n in (Lq, Lk, Lk, Lq))
                 leafs = [t.requires_grad_(grad) for t in (q, k, v)]
-                req = build_request(q, k, v, causal=True, requires_grad=grad)
+                req = build_request(q, k, v, causal=Lq == Lk, requires_grad=grad)
                 if cpu.unsupported(q, k, v, req) or sdpa.unsupported(q, k, v, req):
                     return None
                 probes.append((q, k, v, do, leafs, req))
@@ -937,7 +951,7 @@ def _probe(cpu, sdpa, clock, grad, q, k, v, do, leafs, req) -> tuple:
                 torch.autograd.grad(b.forward(*leafs, req)[0], leafs, do)
             else:
                 with torch.no_grad():
-                    if short[b](q, k, v, True, None) is None:
+                    if short[b](q, k, v, req.mask is not None, None) is None:
                         b.forward(q, k, v, req)
         return (clock() - t0) / n
 

@@ -1,18 +1,16 @@
-"""Entry points of the float32 forward kernels for short calls (issue 14's per-call fixed cost).
+"""The forward of short calls: decoding steps and tiny heads (issue 14's per-call fixed cost).
 
-A call of (1, 1, 8, 8, 16) computes for ~2.5 us; launched the general way it costs ~40 us more:
+A call of (1, 1, 8, 8, 16) computes for ~2.5 us; launched the general way it cost ~40 us more:
 numpy views of four tensors (~1.9 us each), the two records typed and unboxed (KernelMask's ~20
-arrays ~2.1 us, KernelOpts ~0.6 us), five torch allocations. These wrappers take the tensors as
-addresses and sizes and allocate what else they need inside: :func:`fwd_rows` runs the very task
-function the general launcher runs (``cpu_fwd._fwd_task_t``), serially, so a call gives the same
-bits either way; :func:`fwd_small` serves decoding steps and tiny heads row by row, without tiles.
+arrays ~2.1 us, KernelOpts ~0.6 us), five torch allocations -- and the tile kernels' set-up per task.
+:func:`fwd_small` takes the tensors as addresses and sizes and computes row by row, without tiles.
 
-Only the forward of a call without mask or with a plain causal mask, no statistics, float32,
-contiguous inputs: ``selfattn.backends.cpu.fast_forward`` decides and falls back otherwise.
+Only the forward of a call without mask or with a plain causal mask, no statistics, float32 or
+bfloat16, contiguous inputs: ``selfattn.backends.cpu.fast_forward`` decides and falls back otherwise.
 
-numba keys a cached function on its own source file only, and these wrappers compile the task
-functions of ``cpu_fwd`` and ``cpu_flash`` into themselves: their cache stamps include those files
-(``_stamp_with``), so an edit there is never run stale from here.
+numba keys a cached function on its own source file only, and these functions compile cpu_flash's
+exp2 into themselves: their cache stamps include that file (``_stamp_with``), so an edit there is
+never run stale from here.
 """
 
 from __future__ import annotations
@@ -25,9 +23,8 @@ from numba.core import config as numba_config
 from numba.extending import intrinsic
 
 from selfattn.kernels import cpu_flash as _k
-from selfattn.kernels import cpu_fwd as _t
 from selfattn.kernels import numba_cache_dir
-from selfattn.kernels.cpu_flash import BLOCK_M, BLOCK_N, UNBOUNDED, KernelMask
+from selfattn.kernels.cpu_flash import BLOCK_N
 
 _CACHE_DIR, _NUMBA_CACHE_DIR = numba_cache_dir(), numba_config.CACHE_DIR
 if _CACHE_DIR is not None:
@@ -56,40 +53,6 @@ def _f32_at(typingctx, addr):
     return ptr(types.intp), codegen
 
 
-@njit(cache=True)
-def _plain_mask(tiles, q_pos, kv_pos, win_right):
-    # the KernelMask of a call without mask (win_right UNBOUNDED) or with causal alone (0): the
-    # tile map and positions from the lowering, every other part empty -- the same types as
-    # backends/cpu.py _build_kernel_mask gives
-    none1 = np.empty(0, np.int64)
-    return KernelMask(
-        tiles, q_pos, kv_pos, win_right != UNBOUNDED, UNBOUNDED, win_right, none1, none1,
-        np.empty((0, 0), np.uint8), np.empty((0, 1, 1), np.int64), np.empty((0, 1, 1), np.int64),
-        np.empty(0, np.uint8), np.zeros(4, np.int64), np.empty(0, np.float32), np.zeros(4, np.int64),
-        np.empty((0, 1, 1, 1), np.int32), np.empty((0, BLOCK_M, BLOCK_N), np.uint8),
-        np.empty((0, 0), np.float32), np.empty((0, 0), np.float32), np.empty((0, 0), np.float32),
-    )
-
-
-@njit(cache=True)
-def fwd_rows(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, tiles, q_pos, kv_pos, win_right, opts):
-    """cpu_fwd's transposed forward (>= 4 query rows), serially, on the tensors at the addresses
-    pq, pk, pv (read) and pout (written), C-contiguous float32 of shapes (B, Hq, Lq, D), (B, Hkv, Lk, D),
-    (B, Hkv, Lk, Dv), (B, Hq, Lq, Dv). Returns the number of tiles computed."""
-    q = carray(_f32_at(pq), (B, Hq, Lq, D))
-    k = carray(_f32_at(pk), (B, Hkv, Lk, D))
-    v = carray(_f32_at(pv), (B, Hkv, Lk, Dv))
-    out = carray(_f32_at(pout), (B, Hq, Lq, Dv))
-    row_max = np.empty((B, Hq, Lq), np.float32)  # the rows are not returned: scratch
-    row_log = np.empty((B, Hq, Lq), np.float32)
-    ent = np.empty((B, Hq, Lq), np.float32)
-    counts = np.zeros(B * Hq * ((Lq + BLOCK_M - 1) // BLOCK_M), np.int64)
-    mask = _plain_mask(tiles, q_pos, kv_pos, win_right)
-    for t in range(counts.shape[0]):
-        _t._fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts)
-    return counts.sum()
-
-
 @njit(fastmath=_k.FASTMATH, cache=True)
 def fwd_small(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, causal, qk_scale):
     """The output of a small call (decoding: a few query rows), one row at a time, without the tile
@@ -97,7 +60,8 @@ def fwd_small(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, causal, qk_scale):
     block several helpers built for 64 x 64 tiles, ~4 us per task and ~2 us per key block for one row
     (measured, 1 thread: (1, 4, 1, 128, 64) 21 us in cpu_flash.flash_fwd's entry point).
 
-    Tensors at addresses as in :func:`fwd_rows`. Query i sees keys j < Lk, with ``causal`` (default
+    pq, pk, pv (read) and pout (written): addresses of C-contiguous float32 tensors (B, Hq, Lq, D),
+    (B, Hkv, Lk, D), (B, Hkv, Lk, Dv), (B, Hq, Lq, Dv). Query i sees keys j < Lk, with ``causal`` (default
     positions) those j <= i + Lk - Lq. Scores in base 2 (``qk_scale`` =
     scale * log2(e), float32) as the general kernels take them; p = exp2(s - max) by cpu_flash's
     exp2; the P V sums and the row sum are added per block of BLOCK_N keys and then to the row's
@@ -222,8 +186,6 @@ def _stamp_with(dispatcher, *modules):
     index._source_stamp = tuple(stamps)
 
 
-_stamp_with(_plain_mask, _k)
-_stamp_with(fwd_rows, _t, _k)
 _stamp_with(_small_rows, _k)
 _stamp_with(fwd_small, _k)
 _stamp_with(fwd_small_bf16, _k)
