@@ -869,6 +869,9 @@ def test_calibration_retakes_an_implausible_measurement(calibrations, monkeypatc
     answers = iter([(100.0, 9e-6, 8e-6), (200.0, 5e-6, 9e-6), (100.0, 9e-6, 8e-6), (200.0, 12e-6, 9e-6)])
     cal = cpu_backend.calibration(torch.float32, False)
     assert cal is not None and cal.probes == ((100.0, 9e-6, 8e-6), (200.0, 12e-6, 9e-6))
+    # the smaller probes need not be in order (fixed costs differ by kind); the largest must be slowest
+    assert cpu_backend._plausible(((1, 5e-6, 5e-6), (2, 9e-6, 4e-6), (3, 8e-6, 6e-6), (9, 1e-3, 1e-3)))
+    assert not cpu_backend._plausible(((1, 5e-6, 5e-6), (2, 2e-3, 4e-6), (9, 1e-3, 1e-3)))
 
 
 def test_calibration_predicts_between_its_probes_and_not_far_beyond(calibrations):
