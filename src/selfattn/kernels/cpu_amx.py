@@ -9,6 +9,9 @@ in float32 with cpu_flash's own pieces (mask tests, vectorised row max and exp2)
     m, p, l, acc rescale                           (float32 online softmax, cpu_flash's row helpers)
     acc   += bf16(p) @ V_blk        AMX: p rounded to bfloat16 (the CPU's conversion), V packed once
 
+Two non-empty key tiles in a row make one step (their two S products side by side, one softmax
+step over 128 keys, one P V product): acc's tiles are loaded and stored once per pair.
+
 Inputs are bfloat16, so Q, K and V reach the tile unit without rounding; p is rounded to bfloat16
 (8 bits) before P V, which is what the bfloat16 tolerance rule allows (torch SDPA's bfloat16 kernels
 do the same). The statistics (row max, lse halves, entropy) come from the float32 scores and p.
