@@ -654,8 +654,8 @@ def fast_forward(q, k, v, causal: bool, scale, auto: bool = False):
     """The output of ``attention(q, k, v, causal=causal, scale=scale, backend="cpu")`` (or "auto" when
     ``auto``) for a short no-grad float32 call (bfloat16: decoding steps and tiny heads), or None: the general path must run (anything this
     does not serve, every error, auto choosing another backend). ``scale`` is None or a float."""
-    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
-        return None
+    if _short is None or type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
+        return None  # (no numba: nothing here runs)
     dt = q.dtype
     if (dt is not torch.float32 and dt is not torch.bfloat16) or k.dtype is not dt or v.dtype is not dt \
             or not (q.is_cpu and k.is_cpu and v.is_cpu):
