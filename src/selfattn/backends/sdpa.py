@@ -126,11 +126,12 @@ def fast_forward(q, k, v, causal: bool, scale):
     general path must run (including every refusal and error, e.g. NaN in the query)."""
     if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
         return None
-    if not (q.is_cpu and k.is_cpu and v.is_cpu):
+    dt = q.dtype
+    if k.dtype is not dt or v.dtype is not dt or not (q.is_cpu and k.is_cpu and v.is_cpu):
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return None
-    key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, causal, scale)
+    key = (q.shape, k.shape, v.shape, dt, causal, scale)
     kw = _PLANS.get(key)
     if kw is None:
         if len(_PLANS) >= 256:
