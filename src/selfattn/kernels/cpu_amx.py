@@ -9,9 +9,6 @@ in float32 with cpu_flash's own pieces (mask tests, vectorised row max and exp2)
     m, p, l, acc rescale                           (float32 online softmax, cpu_flash's row helpers)
     acc   += bf16(p) @ V_blk        AMX: p rounded to bfloat16 (the CPU's conversion), V packed once
 
-Two non-empty key tiles in a row make one step (their two S products side by side, one softmax
-step over 128 keys, one P V product): acc's tiles are loaded and stored once per pair.
-
 Inputs are bfloat16, so Q, K and V reach the tile unit without rounding; p is rounded to bfloat16
 (8 bits) before P V, which is what the bfloat16 tolerance rule allows (torch SDPA's bfloat16 kernels
 do the same). The statistics (row max, lse halves, entropy) come from the float32 scores and p.
@@ -114,12 +111,10 @@ def _fwd_task(t, inp, out, row_max, row_log, ent, counts, mask, opts):
     b, h, hk, qb, r0, rows, tb, th_ = _query_task(t, out, inp.kt, tiles)
     Lk = inp.kv_len
     q_blk = inp.q[b, h, r0:r0 + BLOCK_M]
-    # two key tiles a step where both are non-empty: one online-softmax step and one P V product
-    # (acc's tiles loaded and stored once) for 2 * BLOCK_N keys; the scores are the same products
-    s = np.empty((BLOCK_M, 2 * BLOCK_N), np.float32)
-    p = np.empty((BLOCK_M, 2 * BLOCK_N), np.float32)
-    p16 = np.zeros((BLOCK_M, 2 * BLOCK_N), np.uint16)
-    tanh_buf = np.empty((BLOCK_M, BLOCK_N) if opts.softcap_u > 0.0 else (1, 1), np.float32)  # (not read here)
+    s = np.empty((BLOCK_M, BLOCK_N), np.float32)
+    p = np.empty((BLOCK_M, BLOCK_N), np.float32)
+    p16 = np.zeros((BLOCK_M, BLOCK_N), np.uint16)
+    tanh_buf = np.empty((BLOCK_M, BLOCK_N) if opts.softcap_u > 0.0 else (1, 1), np.float32)
     acc = np.zeros((BLOCK_M, Dv16), np.float32)
     stat = np.zeros(1 if opts.want_stats else 0, np.float32)
     m_i = np.full(BLOCK_M, -np.inf, np.float32)
@@ -127,29 +122,16 @@ def _fwd_task(t, inp, out, row_max, row_log, ent, counts, mask, opts):
     e_i = np.zeros(BLOCK_M, np.float32)
     n_tiles = 0
     _bf.amx_begin()
-    kb = 0
-    while kb < nK:
+    for kb in range(nK):
         kind = tiles[tb, th_, qb, kb]
         if kind == EMPTY:
-            kb += 1
             continue
-        two = kb + 1 < nK and tiles[tb, th_, qb, kb + 1] != EMPTY
+        n_tiles += 1
         c0 = kb * BLOCK_N
         ncols = min(BLOCK_N, Lk - c0)
-        # -- s = Q_blk K^T on the tile unit, then cpu_flash's score terms (per key tile) --
+        # -- s = Q_blk K^T on the tile unit, then cpu_flash's score terms --
         _bf.mm_amx(q_blk, inp.kt[b, hk, kb], s, rows, D, ncols)
         nc = _score_terms(s, tanh_buf, rows, ncols, False, b, h, qb, kb, kind, mask, opts)
-        kdim = ncols
-        if two:
-            # the first tile is whole (nc == ncols == BLOCK_N): the second one's columns follow it
-            s2 = s[:, BLOCK_N:]
-            ncols2 = min(BLOCK_N, Lk - c0 - BLOCK_N)
-            _bf.mm_amx(q_blk, inp.kt[b, hk, kb + 1], s2, rows, D, ncols2)
-            nc = BLOCK_N + _score_terms(s2, tanh_buf, rows, ncols2, False, b, h, qb, kb + 1, tiles[tb, th_, qb, kb + 1],
-                                        mask, opts)
-            kdim = BLOCK_N + ncols2
-        n_tiles += 2 if two else 1
-        kb += 2 if two else 1
         for i in range(rows):
             # -- new running max --
             m_old = m_i[i]
@@ -182,13 +164,13 @@ def _fwd_task(t, inp, out, row_max, row_log, ent, counts, mask, opts):
                     acc[i, d] *= alpha
         # -- acc += bf16(p) @ V_blk on the tile unit (p's columns past nc, to the tile's 32, zero) --
         _bf.to_bf16_rows(p, p16, rows, nc)
-        k32 = (kdim + 31) // 32 * 32
+        k32 = (ncols + 31) // 32 * 32
         if nc < k32:
             for i in range(rows):
                 for j in range(nc, k32):
                     p16[i, j] = 0
         pv = c0 // 2
-        _bf.mm_amx_add(p16, inp.v[b, hk, pv:pv + (2 if two else 1) * PAIRS_N], acc, rows, kdim, Dv)
+        _bf.mm_amx_add(p16, inp.v[b, hk, pv:pv + PAIRS_N], acc, rows, ncols, Dv)
     _bf.amx_end()
     _finish_rows(acc, m_i, l_i, e_i, m_i[:0], rows, b, h, r0, out, row_max, row_log, ent, opts)
     counts[t] = n_tiles
