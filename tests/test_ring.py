@@ -231,7 +231,10 @@ def _spawn(tmp_path, world, fn_name, backend="math"):
         pytest.fail("\n".join(msgs) or "a rank failed")
 
 
-@pytest.mark.parametrize("world, backend", [(2, "auto"), (4, "auto"), (4, "math")])
+@pytest.mark.parametrize("world, backend", [
+    (2, "auto"), (4, "auto"), (2, "math"),
+    pytest.param(4, "math", marks=pytest.mark.slow),  # 4 ranks are covered by (4, "auto"), the math ring by (2, "math")
+])
 def test_ring_matches_one_process(tmp_path, world, backend):
     # one spawn for both checks: starting the processes costs more than the cases. "auto" runs the
     # fused cpu kernels forward and backward (shard_backward: one-pass for short pieces, two passes for
@@ -239,7 +242,7 @@ def test_ring_matches_one_process(tmp_path, world, backend):
     _spawn(tmp_path, world, "_exact_and_float32", backend)
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])  # 2 ranks run every error path on every rank
 def test_ring_bad_input_errors_on_every_rank(tmp_path, world):
     _spawn(tmp_path, world, "_errors")
 
