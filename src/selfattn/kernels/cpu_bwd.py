@@ -35,7 +35,9 @@ tiles do not make it memory-bound.
 
 Masks arrive lowered as for every cpu kernel (EMPTY tiles skipped, PARTIAL tiles masked
 element-wise); the score terms are cpu_flash._score_terms / _mask_tile transposed. Query
-blocks of fewer than 4 rows take dot products, as the forwards do (scores bit-identical).
+blocks of fewer than 4 rows take dot products, as the forwards do (scores bit-identical), and
+compute dS and dQ in float64 (decoding calls: speed does not matter there, and rows of two keys
+whose dS_j k_j cancel missed rule 6 by up to 1.14x with a float32 dS).
 float64 stays on cpu_flash's kernels (``serves``); ``shard_backward`` passes its delta.
 """
 
@@ -239,6 +241,10 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
     dl64 = np.zeros(BLOCK_M, np.float64)  # rowsum(P * dP) per query lane, in float64
     ps64 = np.zeros(BLOCK_M, np.float64)  # rowsum(P) per query lane, in float64
     dq_acc = np.zeros((BLOCK_M, D), f)
+    small = rows < 4  # dot-product scores, and dS and dQ in float64 (below)
+    dq64 = np.zeros((rows if small else 0, D), np.float64)
+    # the softcap's dS factor of each kept tile of a small block (applied in float64 in sweep 2)
+    wkeep = np.empty((nK if small and softcap > 0.0 else 0, BLOCK_N, 4), f)
     scaled = rows >= 4  # else dot products, as every forward takes them (cpu_flash, cpu_fwd)
     pq = _addr(q) + ((b * Hq + h) * Lq + r0) * D * isz  # Q_blk rows (rows x D)
     pdo = _addr(do) + ((b * Hq + h) * Lq + r0) * Dv * isz  # dO_blk rows (rows x Dv)
@@ -304,7 +310,11 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
         # -- dV += P^T dO --
         _gemm(_addr(st), BLOCK_M, 1, pdo, Dv, _addr(dv_w) + ((b * Hkv + hk) * Lk + c0) * Dv * isz, Dv, ncols, rows, Dv,
               1.0, ADD, np.intp(0), st)
-        if softcap > 0.0:
+        if softcap > 0.0 and small:
+            for j in range(ncols):
+                for i in range(rows):
+                    wkeep[n - 1, j, i] = w[j, i]
+        elif softcap > 0.0:
             # -- the softcap's c (1 - tanh^2) multiplies dS: folded into the kept P^T --
             for j in range(ncols):
                 for i in range(rows):
@@ -326,17 +336,35 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
         c0 = kbs[u] * BLOCK_N
         ncols = min(BLOCK_N, Lk - c0)
         st, dpt = pbuf[u], dpbuf[u]
-        for g in range(0, nr, VW):
-            _ds_lanes(_addr(st) + g * isz, _addr(dpt) + g * isz, BLOCK_M, _addr(dl64) + g * 8, ncols, st)
+        if small:
+            # -- fewer than 4 rows (decoding): dS = P (dP - delta) w and dQ += dS K in float64 (rows of
+            # two keys whose dS_j k_j cancel kept ~1.5 ulp of the terms from a float32 dS; cheap here) --
+            for j in range(ncols):
+                for i in range(rows):
+                    d64 = np.float64(st[j, i]) * (np.float64(dpt[j, i]) - dl64[i])
+                    if softcap > 0.0:
+                        d64 *= np.float64(wkeep[u, j, i])
+                    dpt[j, i] = d64  # dS^T for dK, rounded once
+                    for d in range(D):
+                        dq64[i, d] += d64 * np.float64(k[b, hk, c0 + j, d])
+        else:
+            for g in range(0, nr, VW):
+                _ds_lanes(_addr(st) + g * isz, _addr(dpt) + g * isz, BLOCK_M, _addr(dl64) + g * 8, ncols, st)
         pk = _addr(k) + ((b * Hkv + hk) * Lk + c0) * D * isz
         _gemm(_addr(dpt), BLOCK_M, 1, pq, D, _addr(dk_w) + ((b * Hkv + hk) * Lk + c0) * D * isz, D, ncols, rows, D,
               1.0, ADD, np.intp(0), st)
-        # (dS^T read through the A strides)
-        _gemm(_addr(dpt), 1, BLOCK_M, pk, D, _addr(dq_acc), D, rows, ncols, D, 1.0, ADD, np.intp(0), st)
+        if not small:
+            # (dS^T read through the A strides)
+            _gemm(_addr(dpt), 1, BLOCK_M, pk, D, _addr(dq_acc), D, rows, ncols, D, 1.0, ADD, np.intp(0), st)
     dscale = opts.dscale
-    for i in range(rows):
-        for d in range(D):
-            dq[b, h, r0 + i, d] = dq_acc[i, d] * dscale
+    if small:
+        for i in range(rows):
+            for d in range(D):
+                dq[b, h, r0 + i, d] = dq64[i, d] * np.float64(dscale)
+    else:
+        for i in range(rows):
+            for d in range(D):
+                dq[b, h, r0 + i, d] = dq_acc[i, d] * dscale
     counts[t] = n
 
 
@@ -369,12 +397,15 @@ def _scale_head(dk, kh, dscale):
 
 
 @njit(cache=True, nogil=True)
-def _tasks(t0, t1, w, W, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk_w, dv_w, dq, counts, mask,
-           opts):
-    # worker w of W's share of tasks t0..t1-1, in order, with its P^T/dP^T buffers (allocated here, in
-    # the thread that runs them): all of them when W = 1, else dealt in a snake, w and 2W-1-w of
-    # every 2W (W = 2: 0, 3, 4, 7, ... and 1, 2, 5, 6, ...), so that the causal mask's growing query
-    # blocks even out (round robin gave worker 1 the larger of every pair: 3 % more work)
+def _tasks(t0, t1, w, W, per, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk_w, dv_w, dq, counts,
+           mask, opts):
+    # worker w of W's share of tasks t0..t1-1, in order, with its P^T/dP^T buffers (allocated here, once,
+    # in the thread that runs them: an allocation of 2 x 1 MB and its first touch cost ~0.9 ms, ~1 % of a
+    # kv head's work at L = 4096). per > 0: whole kv heads of `per` tasks each, heads w, w + W, ...
+    # (equal work each: the caller takes this when they divide evenly), dK of each scaled after its
+    # last task. per = 0: tasks dealt in a snake, w and 2W-1-w of every 2W (W = 2: 0, 3, 4, 7, ... and
+    # 1, 2, 5, 6, ...), so that the causal mask's growing query blocks even out (round robin gave
+    # worker 1 the larger of every pair: 3 % more work)
     nK = (k.shape[2] + BLOCK_N - 1) // BLOCK_N
     pbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
     dpbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
@@ -384,10 +415,15 @@ def _tasks(t0, t1, w, W, q, k, v, do, row_max, row_log, delta, sink_p, normalize
     # keys: +18 % backward time); what is flushed is below 1e-38
     old = _mxcsr_ftz(np.intp(1))
     for t in range(t0, t1):
-        if W > 1 and t % (2 * W) != w and t % (2 * W) != 2 * W - 1 - w:
+        if per > 0:
+            if (t // per) % W != w:
+                continue
+        elif t % (2 * W) != w and t % (2 * W) != 2 * W - 1 - w:
             continue
         _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk_w, dv_w, dq, pbuf, dpbuf, kbs,
                   counts, mask, opts)
+        if per > 0 and (t + 1) % per == 0:
+            _scale_head(dk_w, t // per, opts.dscale)
     _mxcsr_set(old)
 
 
@@ -397,11 +433,11 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
     (``counts`` has one entry each). Two ways to deal them, both bit-identical run to run:
 
     * dk_w has one slot (a view of dk, zeroed; dv_w likewise): whole kv heads -- the tasks of every
-      query head of a group -- go to the workers one at a time, so each dK/dV row has one writer
-      (the caller chooses this when the kv heads divide evenly among the workers);
+      query head of a group -- go to the workers (heads w, w + workers, ...), so each dK/dV row has
+      one writer (the caller chooses this when the kv heads divide evenly among the workers);
     * dk_w has one slot per worker (W, B, Hkv, Lk, D), zeroed (dv_w likewise): tasks are dealt to
-      the workers in a fixed snake order (_tasks), each adding its dK/dV shares to its own slot; then dk = sum_w dk_w[w],
-      dv = sum_w dv_w[w], in worker order.
+      the workers in a fixed snake order (_tasks), each adding its dK/dV shares to its own slot;
+      then dk = sum_w dk_w[w], dv = sum_w dv_w[w], in worker order.
 
     dk ends up times dscale. row_max, row_log (B, Hq, Lq): the lse halves (sink included); delta
     (B, Hq, Lq) the caller's (shard_backward) or (B, Hq, 0): computed here, divided by rowsum(P) +
@@ -412,16 +448,15 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
     T = counts.shape[0]
     per = (q.shape[1] // k.shape[1]) * ((q.shape[2] + BLOCK_M - 1) // BLOCK_M)  # tasks per kv head
     if W == 1:
-        # -- one task per kv head, all its query tasks in order: each dK/dV row has one writer (dk_w
+        # -- whole kv heads, all the query tasks of each in order: each dK/dV row has one writer (dk_w
         # and dv_w are dk and dv: nothing to sum) --
-        for kh in prange(counts.shape[0] // per):
-            _tasks(kh * per, (kh + 1) * per, 0, 1, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo,
-                   dk_w[0], dv_w[0], dq, counts, mask, opts)
-            _scale_head(dk_w[0], kh, opts.dscale)
+        for w in prange(workers):
+            _tasks(0, T, w, workers, per, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk_w[0],
+                   dv_w[0], dq, counts, mask, opts)
         return
     # -- worker w: its snake share of the tasks (see _tasks) into its own dK/dV copy --
     for w in prange(W):
-        _tasks(0, T, w, W, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk_w[w], dv_w[w], dq,
+        _tasks(0, T, w, W, 0, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk_w[w], dv_w[w], dq,
                counts, mask, opts)
     R = dk.shape[0] * dk.shape[1] * dk.shape[2]
     dk2, dv2 = dk.reshape(R, dk.shape[3]), dv.reshape(R, dv.shape[3])
@@ -434,12 +469,10 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
 @njit(cache=True)
 def flash_bwd_t_serial(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk, dv, dq, counts, mask, opts):
     # one worker, in the calling thread: its accumulators are dk and dv themselves (zeroed by the
-    # caller); kv head by kv head, as flash_bwd_t's whole-head path
+    # caller); dK scaled kv head by kv head, as flash_bwd_t's whole-head path does
     per = (q.shape[1] // k.shape[1]) * ((q.shape[2] + BLOCK_M - 1) // BLOCK_M)  # tasks per kv head
-    for kh in range(counts.shape[0] // per):
-        _tasks(kh * per, (kh + 1) * per, 0, 1, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk, dv,
-               dq, counts, mask, opts)
-        _scale_head(dk, kh, opts.dscale)
+    _tasks(0, counts.shape[0], 0, 1, per, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk, dv, dq,
+           counts, mask, opts)
 
 
 # -- launcher ------------------------------------------------------------------------------------
