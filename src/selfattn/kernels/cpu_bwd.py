@@ -402,8 +402,7 @@ def _tasks(t0, t1, w, W, per, q, k, v, do, row_max, row_log, delta, sink_p, norm
     # worker w of W's share of tasks t0..t1-1, in order, with its P^T/dP^T buffers (allocated here, once,
     # in the thread that runs them: an allocation of 2 x 1 MB and its first touch cost ~0.9 ms, ~1 % of a
     # kv head's work at L = 4096). per > 0: whole kv heads of `per` tasks each, heads w, w + W, ...
-    # (equal work each: the caller takes this when they divide evenly), dK of each scaled after its
-    # last task. per = 0: tasks dealt in a snake, w and 2W-1-w of every 2W (W = 2: 0, 3, 4, 7, ... and
+    # (W = 1: all of them), dK of each scaled after its last task. per = 0: tasks dealt in a snake, w and 2W-1-w of every 2W (W = 2: 0, 3, 4, 7, ... and
     # 1, 2, 5, 6, ...), so that the causal mask's growing query blocks even out (round robin gave
     # worker 1 the larger of every pair: 3 % more work)
     nK = (k.shape[2] + BLOCK_N - 1) // BLOCK_N
@@ -433,8 +432,8 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
     (``counts`` has one entry each). Two ways to deal them, both bit-identical run to run:
 
     * dk_w has one slot (a view of dk, zeroed; dv_w likewise): whole kv heads -- the tasks of every
-      query head of a group -- go to the workers (heads w, w + workers, ...), so each dK/dV row has
-      one writer (the caller chooses this when the kv heads divide evenly among the workers);
+      query head of a group -- go to the workers one at a time, so each dK/dV row has one writer
+      (the caller chooses this when the kv heads divide evenly among the workers);
     * dk_w has one slot per worker (W, B, Hkv, Lk, D), zeroed (dv_w likewise): tasks are dealt to
       the workers in a fixed snake order (_tasks), each adding its dK/dV shares to its own slot;
       then dk = sum_w dk_w[w], dv = sum_w dv_w[w], in worker order.
@@ -449,10 +448,11 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
     per = (q.shape[1] // k.shape[1]) * ((q.shape[2] + BLOCK_M - 1) // BLOCK_M)  # tasks per kv head
     if W == 1:
         # -- whole kv heads, all the query tasks of each in order: each dK/dV row has one writer (dk_w
-        # and dv_w are dk and dv: nothing to sum) --
-        for w in prange(workers):
-            _tasks(0, T, w, workers, per, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk_w[0],
-                   dv_w[0], dq, counts, mask, opts)
+        # and dv_w are dk and dv: nothing to sum). Heads handed out one at a time (a worker slowed by
+        # another process on its core does fewer), each with its own buffers (~1 % of its work at L 4096) --
+        for kh in prange(T // per):
+            _tasks(kh * per, (kh + 1) * per, 0, 1, per, q, k, v, do, row_max, row_log, delta, sink_p, normalize,
+                   fold_lo, dk_w[0], dv_w[0], dq, counts, mask, opts)
         return
     # -- worker w: its snake share of the tasks (see _tasks) into its own dK/dV copy --
     for w in prange(W):
