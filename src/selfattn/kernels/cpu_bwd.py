@@ -339,14 +339,7 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
         if small:
             # -- fewer than 4 rows (decoding): dS = P (dP - delta) w and dQ += dS K in float64 (rows of
             # two keys whose dS_j k_j cancel kept ~1.5 ulp of the terms from a float32 dS; cheap here) --
-            for j in range(ncols):
-                for i in range(rows):
-                    d64 = np.float64(st[j, i]) * (np.float64(dpt[j, i]) - dl64[i])
-                    if softcap > 0.0:
-                        d64 *= np.float64(wkeep[u, j, i])
-                    dpt[j, i] = d64  # dS^T for dK, rounded once
-                    for d in range(D):
-                        dq64[i, d] += d64 * np.float64(k[b, hk, c0 + j, d])
+            _small_ds_dq(st, dpt, wkeep, u, softcap > 0.0, dl64, dq64, k, b, hk, c0, ncols, rows)
         else:
             for g in range(0, nr, VW):
                 _ds_lanes(_addr(st) + g * isz, _addr(dpt) + g * isz, BLOCK_M, _addr(dl64) + g * 8, ncols, st)
@@ -366,6 +359,20 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
             for d in range(D):
                 dq[b, h, r0 + i, d] = dq_acc[i, d] * dscale
     counts[t] = n
+
+
+@njit(cache=True)
+def _small_ds_dq(st, dpt, wkeep, u, softcap, dl64, dq64, k, b, hk, c0, ncols, rows):
+    # a query block of < 4 rows: dS^T = P^T (dP^T - delta) (times the kept softcap factor) in float64,
+    # rounded once into dpt for dK; dQ += dS K accumulated in float64 (dq64)
+    for j in range(ncols):
+        for i in range(rows):
+            d64 = np.float64(st[j, i]) * (np.float64(dpt[j, i]) - dl64[i])
+            if softcap:
+                d64 *= np.float64(wkeep[u, j, i])
+            dpt[j, i] = d64
+            for d in range(dq64.shape[1]):
+                dq64[i, d] += d64 * np.float64(k[b, hk, c0 + j, d])
 
 
 @njit(fastmath=FASTMATH, cache=True)
