@@ -20,6 +20,7 @@ Two halves, one module, so that no test file writes either again:
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ import torch
 
 from selfattn import masks, reference
 from selfattn.backends import get as get_backend
-from selfattn.request import resolve_mask
+from selfattn.request import resolve_mask, resolve_scale
 from selfattn.stats import AttentionStats
 
 from tolerance import assert_close
@@ -156,7 +157,8 @@ def _fresh(generator):
 def reference_run(q, k, v, kw, *, dtype, upcast=True, order=None, do=None, masked=False) -> RefRun:
     """The reference on (q, k, v) taken to ``dtype``; ``upcast=False`` computes in that dtype.
 
-    ``order`` "reversed" or "rolled" reorders every reduction (see :func:`_permuted`). ``do``: an
+    ``order`` "reversed" or "rolled" reorders every reduction (see :func:`_permuted`); "split_scale"
+    multiplies q and k by sqrt(scale) each instead of the logits by the scale. ``do``: an
     upstream gradient, for dq, dk, dv, then d mask when ``kw["mask"]`` is a float tensor that requires
     grad and d sinks when ``kw["sinks"]`` requires grad. ``masked``: also return the masked logits.
     """
@@ -172,7 +174,15 @@ def reference_run(q, k, v, kw, *, dtype, upcast=True, order=None, do=None, maske
         args["sinks"] = sinks.detach().to(torch.float64 if upcast else dtype).requires_grad_()
         extra.append(args["sinks"])
     trace = reference.Trace() if masked else None
-    if order is None:
+    if order == "split_scale":
+        # the scale split over both operands, (sqrt(s) q)(sqrt(s) k)^T, as torch's SDPA math formulation
+        # computes it: the same logits, rounded differently (the sign goes with q for s < 0)
+        s = resolve_scale(args["scale"], q.shape[-1])
+        r = math.sqrt(abs(s))
+        out, st = reference.attention(leafs[0] * (r if s >= 0 else -r), leafs[1] * r, leafs[2], trace=trace,
+                                      **dict(args, scale=1.0))
+        logits = trace["masked"] if masked else None
+    elif order is None:
         out, st = reference.attention(*leafs, trace=trace, **args)
         logits = trace["masked"] if masked else None
     else:
@@ -223,7 +233,9 @@ def farther(ref, a, b):
     return a if gap(a) >= gap(b) else b
 
 
-def _farther_run(ref: RefRun, a: RefRun, b: RefRun) -> RefRun:
+def _farther_run(ref: RefRun, a: RefRun, b: RefRun, *more: RefRun) -> RefRun:
+    if more:
+        return _farther_run(ref, _farther_run(ref, a, b), *more)
     stats = AttentionStats(*(farther(getattr(ref.stats, f), getattr(a.stats, f), getattr(b.stats, f)) for f in STAT_FIELDS))
     grads = None if ref.grads is None else tuple(farther(r, x, y) for r, x, y in zip(ref.grads, a.grads, b.grads))
     masked = None if ref.masked is None else farther(ref.masked, a.masked, b.masked)
@@ -234,8 +246,9 @@ def reference_pair(q, k, v, *, do=None, masked=False, **kw) -> tuple[RefRun, Ref
     """(float64 reference, low-precision twin) for ``selfattn.attention(q, k, v, **kw)``.
 
     The twin is the reference in the input dtype (``upcast=False``); for float64 inputs, where that
-    would be the reference itself, the float64 reference with its reductions reordered two ways,
-    each quantity taking the order that differs more (a single order can round luckily well).
+    would be the reference itself, the float64 reference evaluated in three other orders (reductions
+    reversed, rolled, and the scale split over q and k as torch's SDPA applies it), each quantity
+    taking the order that differs more (a single order can round luckily well).
     With dropout the float64 twin is the reference itself (reordering would redraw the dropout).
     """
     run = dict(do=do, masked=masked)
@@ -246,7 +259,8 @@ def reference_pair(q, k, v, *, do=None, masked=False, **kw) -> tuple[RefRun, Ref
         return ref64, ref64
     one = reference_run(q, k, v, kw, dtype=torch.float64, order="reversed", **run)
     two = reference_run(q, k, v, kw, dtype=torch.float64, order="rolled", **run)
-    return ref64, _farther_run(ref64, one, two)
+    three = reference_run(q, k, v, kw, dtype=torch.float64, order="split_scale", **run)
+    return ref64, _farther_run(ref64, one, two, three)
 
 
 def compare(name, pair, out=None, *, stats=None, grads=None, dtype=None):
