@@ -31,26 +31,22 @@ if _CACHE_DIR is not None:
     numba_config.CACHE_DIR = _CACHE_DIR
 
 
-@intrinsic
-def _u16_at(typingctx, addr):
-    # the uint16 pointer at an integer address (a bfloat16 tensor's bits)
-    ptr = types.CPointer(types.uint16)
+def _pointer_at(nbtype):
+    # an intrinsic: the `nbtype` pointer at an integer address (a torch tensor's data_ptr())
+    ptr = types.CPointer(nbtype)
 
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(ptr))
+    @intrinsic
+    def at(typingctx, addr):
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(ptr))
 
-    return ptr(types.intp), codegen
+        return ptr(types.intp), codegen
+
+    return at
 
 
-@intrinsic
-def _f32_at(typingctx, addr):
-    # the float32 pointer at an integer address (a torch tensor's data_ptr())
-    ptr = types.CPointer(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(ptr))
-
-    return ptr(types.intp), codegen
+_u16_at = _pointer_at(types.uint16)  # a bfloat16 tensor's bits
+_f32_at = _pointer_at(types.float32)
 
 
 @njit(fastmath=_k.FASTMATH, cache=True)
