@@ -2,7 +2,8 @@
 
     |backend - ref_fp64| <= factor * |ref_low - ref_fp64| + floor
 
-where ``ref_low`` is the reference computed entirely in the input dtype (``upcast=False``),
+where ``ref_low`` is the reference computed entirely in the input dtype (``upcast=False``; the
+farthest of four orders of evaluation, tests/_oracle.py reference_pair),
 ``factor`` is 2 for forward values and 3 for gradients, and ``floor`` is the rounding
 error of the input dtype at the output's magnitude. Max and mean differences are printed
 first, so a failure shows how far off it was.
