@@ -713,7 +713,7 @@ def _make_plan(q, k, v, causal, scale):
     rows = not _small(B, Hq, Lq, Lk, D, Dv)
     if not rows:
         kernel = _short.fwd_small if q.dtype == torch.float32 else _short.fwd_small_bf16
-        args = (B, Hq, Hkv, Lq, Lk, D, Dv, causal, opts.qk_scale)
+        args = (B, Hq, Hkv, Lq, Lk, D, Dv, causal, float(req.scale))  # (float64: cpu_short scores in float64)
     elif q.dtype != torch.float32:
         return _NO_PLAN  # bfloat16 beyond the small calls: the general launchers (AMX where there is one)
     elif not _fwd.serves(q):
@@ -749,13 +749,10 @@ def _small(B, Hq, Lq, Lk, D, Dv) -> bool:
     # heads of little work, where the tile kernels' ~4 us of set-up per task dominate: measured (1
     # thread) (1,1,8,8,16) 13 us against 20, (1,4,16,16,64) 21 against 35, (1,1,32,32,64) 17 against
     # 21 (Lq*Lk*(D+Dv) = 2**17), behind from (64 x 64 x 64) on (66 against 37)
-    # NOT USED: fwd_small's output misses STYLE rule 6 by up to ~4x at large logits (float32, magnitude
-    # 4-30: a random sweep found 6 of 300), so plain calls keep the tile kernels (Lq >= 4) or the
-    # general path (decoding) until it is as accurate as they are
     return USE_ROW_KERNEL and (Lq < 4 or Lq * Lk * (D + Dv) <= 1 << 17)
 
 
-USE_ROW_KERNEL = False  # cpu_short.fwd_small for short plain calls (off: see _small)
+USE_ROW_KERNEL = True  # cpu_short.fwd_small for short plain calls (False: the tile kernels / general path)
 
 
 def _auto_choice(plan: _Plan, q, k, v, causal, scale) -> Optional[str]:
