@@ -18,10 +18,11 @@ import platform
 import time
 
 import numba
+import numpy as np
 import torch
 
 import selfattn
-from selfattn.kernels import cpu_amx, cpu_bf16
+from selfattn.kernels import cpu_amx, cpu_bf16, cpu_flash
 
 
 def _cpu_time(fn, rounds):
@@ -63,7 +64,8 @@ def main():
                 "sdpa float32": lambda: sdpa(q, k, v, is_causal=causal),
             }
             if cpu_amx.available():
-                variants["AMX packing only"] = lambda: cpu_amx.prepare(qb, kb, vb)
+                opts = cpu_flash.make_opts(np.float32, d ** -0.5, 0.0, False)
+                variants["AMX packing only"] = lambda: cpu_amx.prepare(qb, kb, vb, opts)
             if causal:  # forward + backward (issue 14: bf16 causal fwd+bwd >= 1.3x float32)
                 do = torch.randn(b, h, L, d, generator=g)
                 variants["cpu bf16 fwd+bwd"] = lambda: _fwd_bwd(lambda *t: selfattn.attention(*t, backend="cpu", causal=True), qb, kb, vb, do)

@@ -1,22 +1,34 @@
 """bfloat16 forward and backward of the ``cpu`` backend on the AMX tile unit (issue 14).
 
 The same algorithm, tile map and outputs as ``cpu_flash.flash_fwd`` (its module docstring), with the
-two block products on AMX (``cpu_bf16.mm_amx``, bfloat16 operands, float32 sums) and everything else
-in float32 with cpu_flash's own pieces (mask tests, vectorised row max and exp2)::
+two block products on AMX (``cpu_bf16.mm_amx``, bfloat16 operands, float32 sums) and each tile
+*transposed*, as ``cpu_fwd`` computes it (keys x queries: the lanes of a vector are 16 query rows)::
 
-    s      = Q_blk @ K^T            AMX: Q's bfloat16 bits as they are, K^T packed once per kv head
-    s      = scale, softcap, ALiBi, bias, mask     (float32, as cpu_flash._scores after its product)
-    m, p, l, acc rescale                           (float32 online softmax, cpu_flash's row helpers)
-    acc   += bf16(p) @ V_blk        AMX: p rounded to bfloat16 (the CPU's conversion), V packed once
+    s^T    = K_blk @ Q_blk^T        AMX: K's rows as stored, Q_blk^T pairs packed once per task
+    m, alpha, l, p^T                one vertical pass per 16 query rows (_vsoftmax_pack): the scale
+                                    folded into the exponent, exp2(s c - m) in one FMA; p^T written
+                                    straight as bfloat16 pairs of key rows (the CPU's conversion)
+    acc^T  = alpha acc^T + V_blk^T @ P^T    AMX: V^T per key block (made once per call), P^T as above
+
+Plain tiles (full, no softcap/ALiBi/bias) never store the scaled scores: the column max is taken on
+the raw products (a negative scale's sign is flipped into Q^T, exact) and the exponent is
+s * c - m rounded once. Other tiles are scaled first and take ``cpu_fwd._score_terms_t`` (softcap,
+ALiBi, bias, element-wise mask), then the same step with c = 1. acc^T (Dv x queries) is rescaled
+column-wise by alpha inside the step, skipped where alpha is 1 for every row of a vector.
 
 Inputs are bfloat16, so Q, K and V reach the tile unit without rounding; p is rounded to bfloat16
 (8 bits) before P V, which is what the bfloat16 tolerance rule allows (torch SDPA's bfloat16 kernels
 do the same). The statistics (row max, lse halves, entropy) come from the float32 scores and p.
 
-Operands are zero-padded to whole AMX tiles (``cpu_bf16``'s padding contract): Q as
-(B, Hq, Lq rounded up to 16, D rounded up to 32); K^T as one panel of (D32/2, BLOCK_N, 2) pairs per
-(batch, kv head, key block), keys past Lk zero; V as pairs (nK * BLOCK_N / 2, Dv rounded up to 16, 2)
-per (batch, kv head). Grouped-query heads read their kv head's panels: nothing is repeated.
+Operands are zero-padded to whole AMX tiles (``cpu_bf16``'s padding contract) only where the shape
+needs it: K as (B, Hkv, Lk rounded up to BLOCK_N, D rounded up to 32) (no copy when aligned); V^T as
+(B, Hkv, nK, Dv rounded up to 16, BLOCK_N); Q as given. Grouped-query heads read their kv head's
+blocks: nothing is repeated.
+
+Where the time goes (one thread, dense (1, 4, 2048, 2048, D), each part left out of the kernel, loaded
+machine): D = 64: Q K^T ~30 %, the softmax step ~40 %, P V ~28 %, acc^T's rescale ~3 %; D = 128:
+~33 / 30 / 31 / 8 %. The tile products take ~2 us per 64 x 64 x 64 inside the kernel (1.1 us
+looped alone, benchmarks/bench_bf16_mk.py).
 
 **Backward** (``flash_bwd_amx``): cpu_bwd's design with row-major tiles: one task per (batch, head,
 query block), recomputing P from the lse halves, two sweeps over its non-empty key tiles::
@@ -45,7 +57,9 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 from numba.core import config as numba_config
 
 from selfattn.kernels import numba_cache_dir
@@ -57,15 +71,16 @@ from selfattn.kernels.cpu_flash import (
     BLOCK_N,
     EMPTY,
     FASTMATH,
-    _bx,
-    _exp2_row,
+    PARTIAL,
+    _addr,
+    _Exact,
     _padded,
     _probs,
     _query_task,
-    _row_has_nan,
-    _row_max,
     _score_terms,
+    _Vectors,
 )
+from selfattn.kernels.cpu_fwd import LANES, _exp2_v, _loop, _score_terms_t
 
 _CACHE_DIR, _NUMBA_CACHE_DIR = numba_cache_dir(), numba_config.CACHE_DIR
 if _CACHE_DIR is not None:
@@ -91,35 +106,213 @@ def describe() -> str:
 
 
 class AmxInputs(NamedTuple):
-    """One call's operands as the tile unit reads them (bfloat16 bits as uint16, zero-padded)."""
+    """One call's operands as the tile unit reads them (bfloat16 bits as uint16)."""
 
-    q: np.ndarray  # (B, Hq, Lq16, D32): queries, row-major, zero past D
-    kt: np.ndarray  # (B, Hkv, nK, D32 // 2, BLOCK_N, 2): K^T pairs per key block, zero past Lk and D
-    v: np.ndarray  # (B, Hkv, nK * PAIRS_N, Dv16, 2): V pairs along keys, zero past Lk and Dv
+    q: np.ndarray  # (B, Hq, Lq, D): queries as given (each task packs its block's Q^T pairs)
+    k: np.ndarray  # (B, Hkv, nK * BLOCK_N, D32): keys, row-major (the A of s^T = K_blk Q^T), zero past Lk and D
+    vt: np.ndarray  # (B, Hkv, nK, Dv16, BLOCK_N): V^T per key block (the A of acc^T += V^T P^T), zero past Lk and Dv
     head_dim: int  # D (the scores' reduction length)
     kv_len: int  # Lk
+    qk_abs: float  # |opts.qk_scale| (float32): q.k -> score units once the sign is in Q^T
+    negate: bool  # a negative scale without a softcap: Q^T's sign bits flipped (exact), so max q.k is the max score
+
+
+# -- the fused online-softmax step of a transposed tile ---------------------------------------------
+# s^T (keys x queries) comes off the tile unit as raw q.k; per LANES query rows one pass finds the
+# column max, and one more computes p^T = exp2(s^T c - m) (c the scale in score units, one FMA), its
+# column sums, and writes p^T straight as the bfloat16 pairs of key rows that the next product
+# (acc^T += V^T P^T) takes as its B operand: no horizontal reduction, no float32 p^T stored.
+
+
+def _step_pack(builder, vec, ps, nk, cv, pm, pl, pe, palpha, ppk, pacc, nacc, want):
+    # one group of LANES query rows (IR); ps, ppk, pacc: the group's first element in s^T, the pairs
+    # and acc^T (row stride BLOCK_M elements each)
+    c, w = vec.const, vec.width
+    fconst = lambda x: ir.Constant(vec.vty, [x] * w)  # noqa: E731
+    ninf, inf, lo = fconst(float("-inf")), fconst(float("inf")), fconst(-126.0)
+    nan = ir.Constant(vec.vty, [float("nan")] * w)
+    row = lambda j: builder.mul(j, c(BLOCK_M))  # noqa: E731
+    iv = ir.VectorType(ir.IntType(32), w)
+    hv = ir.VectorType(ir.IntType(16), w)
+    bv = ir.VectorType(_bf._BFloat(), w)
+
+    def vmax(a, x):
+        # ordered: a NaN element never wins
+        return builder.select(builder.fcmp_ordered(">", x, a), x, a)
+
+    # -- column max of the raw products (4 chains), in score units (c > 0) --
+    nk4 = builder.and_(nk, c(-4))
+    accs = _loop(builder, vec, c(0), nk4, 4, [ninf] * 4,
+                 lambda j, a: [vmax(a[u], vec.load(ps, row(builder.add(j, c(u))))) for u in range(4)], "amax4")
+    accs = _loop(builder, vec, nk4, nk, 1, accs, lambda j, a: [vmax(a[0], vec.load(ps, row(j)))] + a[1:], "amax1")
+    cmax = builder.fmul(vmax(vmax(accs[0], accs[1]), vmax(accs[2], accs[3])), cv)
+    # -- new running max; rows still without any allowed key are "dead" --
+    m_old = vec.load(pm, c(0))
+    l_old = vec.load(pl, c(0))
+    m_new = vmax(m_old, cmax)
+    dead = builder.fcmp_ordered("==", m_new, ninf)
+    # -- alpha = exp2(m_old - m_new): 1 when the max stays (dead rows too), 0 from -inf --
+    dm = builder.fsub(m_old, m_new)
+    dm_low = builder.fcmp_ordered("<", dm, lo)
+    alpha = builder.select(dm_low, vec.zero, _exp2_v(builder, builder.select(dm_low, lo, dm), w))
+    alpha = builder.select(builder.fcmp_ordered("==", m_old, m_new), fconst(1.0), alpha)
+    # -- a dead row stays as it was, unless its scores hold a NaN (NaN inputs): poison it --
+    dead_bits = builder.bitcast(dead, ir.IntType(w))
+    before = builder.block
+    with builder.if_then(builder.icmp_unsigned("!=", dead_bits, ir.Constant(ir.IntType(w), 0))):
+        (has_nan,) = _loop(builder, vec, c(0), nk, 1, [ir.Constant(ir.VectorType(ir.IntType(1), w), None)],
+                           lambda j, a: [builder.or_(a[0], builder.fcmp_unordered("uno", (x := vec.load(ps, row(j))), x))],
+                           "nan")
+        l_nan = builder.select(has_nan, nan, l_old)
+        after = builder.block
+    l_dead = builder.phi(vec.vty)
+    l_dead.add_incoming(l_old, before)
+    l_dead.add_incoming(l_nan, after)
+    # a dead row subtracts +inf: its -inf scores give p = 0 with no extra test per score; a max that
+    # overflowed to +inf subtracts NaN (the row is NaN, as inf - inf makes it in the reference)
+    m_sub = builder.select(dead, inf, builder.select(builder.fcmp_ordered("==", m_new, inf), nan, m_new))
+    neg_m = builder.fsub(vec.zero, m_sub)
+
+    def bf16(p):
+        # round to nearest even (the CPU's conversion), as the low half of a 32-bit lane
+        return builder.zext(builder.bitcast(builder.fptrunc(p, bv), hv), iv)
+
+    def exp_pass(stats):
+        # p = exp2(s c - m_new) by pairs of key rows: bfloat16 pairs into ppk, column sums (and
+        # sum p (s c - m_new)) in float32
+        def one(j, tot, st):
+            # the exponent s c - m_new, rounded once
+            x = builder.call(vec.fma, [vec.load(ps, row(j)), cv, neg_m])
+            below = builder.fcmp_ordered("<", x, lo)
+            # exp2 of an x below -126 is garbage, but not selected; the entropy term needs it clamped
+            xc = builder.select(below, lo, x) if stats else x
+            p = builder.select(below, vec.zero, _exp2_v(builder, xc, w))
+            return p, builder.fadd(tot, p), (builder.call(vec.fma, [p, xc, st]) if stats else st)
+
+        def store_pair(pr, lo16, hi16):
+            word = builder.or_(lo16, builder.shl(hi16, ir.Constant(iv, [16] * w)))
+            vec.store(builder.bitcast(word, vec.vty), ppk, row(pr))
+
+        def pairs(pr, vals, n):
+            # n pairs from pair row pr (key rows 2 pr ..): their sums in vals[4 u .. 4 u + 3]
+            out = []
+            for u in range(n):
+                pu = builder.add(pr, c(u))
+                j0 = builder.mul(pu, c(2))
+                p0, t0, s0 = one(j0, vals[4 * u], vals[4 * u + 1])
+                p1, t1, s1 = one(builder.add(j0, c(1)), vals[4 * u + 2], vals[4 * u + 3])
+                store_pair(pu, bf16(p0), bf16(p1))
+                out += [t0, s0, t1, s1]
+            return out + vals[4 * n:]
+
+        def last(j, vals):
+            # an odd last key row: its pair's high half is zero
+            p0, t0, s0 = one(j, vals[0], vals[1])
+            store_pair(builder.sdiv(j, c(2)), bf16(p0), ir.Constant(iv, None))
+            return [t0, s0] + vals[2:]
+
+        npairs = builder.sdiv(nk, c(2))
+        np2 = builder.and_(npairs, c(-2))
+        vals = _loop(builder, vec, c(0), np2, 2, [vec.zero] * 8, lambda pr, v: pairs(pr, v, 2), "exp2p")
+        vals = _loop(builder, vec, np2, npairs, 1, vals, lambda pr, v: pairs(pr, v, 1), "exp1p")
+        vals = _loop(builder, vec, builder.mul(npairs, c(2)), nk, 1, vals, last, "exp1r")
+        tot = builder.fadd(builder.fadd(vals[0], vals[2]), builder.fadd(vals[4], vals[6]))
+        st = builder.fadd(builder.fadd(vals[1], vals[3]), builder.fadd(vals[5], vals[7]))
+        return tot, st
+
+    with builder.if_else(builder.icmp_signed("!=", want, c(0))) as (then, otherwise):
+        with then:
+            tot_s, st_s = exp_pass(True)
+            blk_s = builder.block
+        with otherwise:
+            tot_n, _ = exp_pass(False)
+            blk_n = builder.block
+    tot = builder.phi(vec.vty)
+    tot.add_incoming(tot_s, blk_s)
+    tot.add_incoming(tot_n, blk_n)
+    st = builder.phi(vec.vty)
+    st.add_incoming(st_s, blk_s)
+    st.add_incoming(vec.zero, blk_n)
+    # -- rescale the running sums: l = alpha * l + sum p --
+    l_new = builder.select(dead, l_dead, builder.call(vec.fma, [alpha, l_old, tot]))
+    vec.store(l_new, pl, c(0))
+    vec.store(m_new, pm, c(0))
+    vec.store(alpha, palpha, c(0))
+    with builder.if_then(builder.icmp_signed("!=", want, c(0))):
+        # -- entropy sum: e = alpha * (e + (m_old - m_new) * l_old) + sum p (s - m_new) --
+        e_old = vec.load(pe, c(0))
+        e_new = builder.call(vec.fma, [alpha, builder.call(vec.fma, [dm, l_old, e_old]), st])
+        e_new = builder.select(builder.fcmp_ordered(">", l_old, vec.zero), e_new, st)
+        vec.store(builder.select(dead, e_old, e_new), pe, c(0))
+    # -- rescale the accumulator's columns (acc^T's rows times alpha), unless alpha is 1 throughout --
+    changed = builder.bitcast(builder.fcmp_unordered("une", alpha, fconst(1.0)), ir.IntType(w))
+    with builder.if_then(builder.icmp_unsigned("!=", changed, ir.Constant(ir.IntType(w), 0))):
+        _loop(builder, vec, c(0), nacc, 1, [],
+              lambda d, _: vec.store(builder.fmul(vec.load(pacc, row(d)), alpha), pacc, row(d)) or [], "rescale")
+
+
+@intrinsic
+def _vsoftmax_pack(typingctx, ps, nk, ng, cs, pm, pl, pe, palpha, ppk, pacc, nacc, want, like):
+    """One online-softmax step of a transposed tile for ng groups of LANES query rows.
+
+    ps: raw address of s^T[0, 0] (nk key rows, row stride BLOCK_M): raw q.k times ``cs`` (> 0; 1 when
+    the caller applied the score terms) is the score. pm, pl, pe, palpha: the rows' running max, sum,
+    entropy sum (``want``) and (output) alpha. p^T = exp2(s^T cs - m_new) goes to ppk as bfloat16 pairs
+    of key rows (uint32 words, row stride BLOCK_M; an odd last row's pair has a zero high half);
+    acc^T's first nacc rows (pacc, row stride BLOCK_M) are multiplied by alpha. s^T is only read.
+    """
+    if not (isinstance(like, types.Array) and like.dtype == types.float32):
+        return None
+    sig = types.void(types.intp, types.intp, types.intp, types.float32, *([types.intp] * 8), like)
+
+    def codegen(context, builder, signature, args):
+        builder = _Exact(builder)
+        ps0, nk, ng, cs, pm0, pl0, pe0, palpha0, ppk0, pacc0, nacc, want, _ = args
+        vec = _Vectors(context, builder, types.float32)
+        cv = vec.splat(cs)
+
+        def group(g, _):
+            o = builder.mul(g, vec.const(4 * vec.width))  # the group's byte offset
+            ps, pm, pl, pe, palpha, ppk, pacc = (builder.add(x, o) for x in (ps0, pm0, pl0, pe0, palpha0, ppk0, pacc0))
+            _step_pack(builder, vec, ps, nk, cv, pm, pl, pe, palpha, ppk, pacc, nacc, want)
+            return []
+
+        _loop(builder, vec, vec.const(0), ng, 1, [], group, "groups")
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @njit(fastmath=FASTMATH, cache=True)
 def _fwd_task(t, inp, out, row_max, row_log, ent, counts, mask, opts):
     B, Hq, Lq, Dv = out.shape
     D = inp.head_dim
-    nK = inp.kt.shape[2]
-    Dv16 = inp.v.shape[3]
-    nat = opts.nat
+    nK = inp.vt.shape[2]
+    Dv16 = inp.vt.shape[3]
     tiles = mask.tiles
-    b, h, hk, qb, r0, rows, tb, th_ = _query_task(t, out, inp.kt, tiles)
+    b, h, hk, qb, r0, rows, tb, th_ = _query_task(t, out, inp.vt, tiles)
     Lk = inp.kv_len
-    q_blk = inp.q[b, h, r0:r0 + BLOCK_M]
-    s = np.empty((BLOCK_M, BLOCK_N), np.float32)
-    p = np.empty((BLOCK_M, BLOCK_N), np.float32)
-    p16 = np.zeros((BLOCK_M, BLOCK_N), np.uint16)
-    tanh_buf = np.empty((BLOCK_M, BLOCK_N) if opts.softcap_u > 0.0 else (1, 1), np.float32)
-    acc = np.zeros((BLOCK_M, Dv16), np.float32)
-    stat = np.zeros(1 if opts.want_stats else 0, np.float32)
-    m_i = np.full(BLOCK_M, -np.inf, np.float32)
+    groups = (rows + LANES - 1) // LANES  # vectors of query rows
+    # -- Q_blk^T as pairs along the head dim (the B of s^T = K_blk Q^T), lanes past `rows` zero; a
+    # negative scale's sign flipped into it (exact) --
+    qt = np.zeros((inp.k.shape[3] // 2, BLOCK_M, 2), np.uint16)
+    _bf.pack_pairs_t(inp.q[b, h, r0:r0 + rows], qt)
+    if inp.negate:
+        qw = qt.view(np.uint32)
+        for p in range(qw.shape[0]):
+            for i in range(rows):
+                qw[p, i, 0] ^= np.uint32(0x80008000)
+    st = np.empty((BLOCK_N, BLOCK_M), np.float32)  # s^T of the current tile (keys x queries)
+    pk = np.zeros((PAIRS_N, BLOCK_M, 2), np.uint16)  # p^T, bfloat16 pairs of key rows
+    acct = np.zeros((Dv16, BLOCK_M), np.float32)  # acc^T
+    m_i = np.full(BLOCK_M, -np.inf, np.float32)  # per query row: running max, sum, entropy sum
     l_i = np.zeros(BLOCK_M, np.float32)
     e_i = np.zeros(BLOCK_M, np.float32)
+    alpha_i = np.ones(BLOCK_M, np.float32)
+    lo = np.zeros((0, 0), np.float32)  # no softcap rest: the bfloat16 forward keeps the rounded logit
+    softcap = opts.softcap_u > 0.0
+    terms = softcap or mask.alibi.size > 0 or mask.bias.size > 0
+    want = 1 if opts.want_stats else 0
     n_tiles = 0
     _bf.amx_begin()
     for kb in range(nK):
@@ -129,49 +322,33 @@ def _fwd_task(t, inp, out, row_max, row_log, ent, counts, mask, opts):
         n_tiles += 1
         c0 = kb * BLOCK_N
         ncols = min(BLOCK_N, Lk - c0)
-        # -- s = Q_blk K^T on the tile unit, then cpu_flash's score terms --
-        _bf.mm_amx(q_blk, inp.kt[b, hk, kb], s, rows, D, ncols)
-        nc = _score_terms(s, tanh_buf, rows, ncols, False, b, h, qb, kb, kind, mask, opts)
-        for i in range(rows):
-            # -- new running max --
-            m_old = m_i[i]
-            m_tile = _row_max(s, i, nc)
-            m_new = m_tile if m_tile > m_old else m_old
-            if m_new == -np.inf:
-                # nothing allowed here so far -- unless the scores are NaN (NaN inputs): poison the row
-                for j in range(nc):
-                    p[i, j] = 0.0
-                if _row_has_nan(s, i, nc):
-                    l_i[i] = np.nan
-                continue
-            # -- p = exp(s - m_new), its row sum and sum p*(s - m_new) --
-            tot = _exp2_row(s, p, i, nc, m_new, stat)
-            # -- rescale the running sums and the accumulator --
-            l_old = l_i[i]
-            if m_old == m_new:
-                alpha = 1.0
-            elif m_old == -np.inf:
-                alpha = 0.0
-            else:
-                alpha = math.exp((m_old - m_new) * nat)
-            l_i[i] = alpha * l_old + tot
-            if opts.want_stats:
-                ps = stat[0]
-                e_i[i] = alpha * (e_i[i] + (m_old - m_new) * l_old) + ps if l_old > 0.0 else ps
-            m_i[i] = m_new
-            if alpha != 1.0:
-                for d in range(Dv16):
-                    acc[i, d] *= alpha
-        # -- acc += bf16(p) @ V_blk on the tile unit (p's columns past nc, to the tile's 32, zero) --
-        _bf.to_bf16_rows(p, p16, rows, nc)
-        k32 = (ncols + 31) // 32 * 32
-        if nc < k32:
-            for i in range(rows):
-                for j in range(nc, k32):
-                    p16[i, j] = 0
-        pv = c0 // 2
-        _bf.mm_amx_add(p16, inp.v[b, hk, pv:pv + PAIRS_N], acc, rows, ncols, Dv)
+        # -- s^T = K_blk Q^T on the tile unit (raw q.k, the scale's sign folded in) --
+        _bf.mm_amx(inp.k[b, hk, c0:c0 + BLOCK_N], qt, st, ncols, D, rows)
+        cs = inp.qk_abs
+        if terms or kind == PARTIAL:
+            # -- score units first, then cpu_fwd's score terms of a transposed tile (softcap, ALiBi,
+            # bias, element-wise mask) --
+            if not softcap:
+                for j in range(ncols):
+                    for i in range(rows):
+                        st[j, i] *= cs
+            _score_terms_t(st, lo, rows, ncols, b, h, qb, kb, kind, mask, opts, True)
+            cs = np.float32(1.0)
+        # -- online softmax, LANES query rows at a time: m, alpha, l (and e), acc^T rescaled; p^T as
+        # bfloat16 pairs --
+        _vsoftmax_pack(_addr(st), ncols, groups, cs, _addr(m_i), _addr(l_i), _addr(e_i), _addr(alpha_i),
+                       _addr(pk), _addr(acct), Dv, want, st)
+        for pr in range((ncols + 1) // 2, (ncols + 31) // 32 * 16):
+            for i in range(BLOCK_M):  # pairs past the last key, to the product's 32: zero
+                pk[pr, i, 0] = 0
+                pk[pr, i, 1] = 0
+        # -- acc^T += V_blk^T P^T on the tile unit --
+        _bf.mm_amx_add(inp.vt[b, hk, kb], pk, acct, Dv, ncols, rows)
     _bf.amx_end()
+    acc = np.empty((BLOCK_M, Dv), np.float32)
+    for i in range(rows):
+        for d in range(Dv):
+            acc[i, d] = acct[d, i]
     _finish_rows(acc, m_i, l_i, e_i, m_i[:0], rows, b, h, r0, out, row_max, row_log, ent, opts)
     counts[t] = n_tiles
 
@@ -190,34 +367,6 @@ def flash_fwd_amx(inp, out, row_max, row_log, ent, counts, mask, opts):
 def flash_fwd_amx_serial(inp, out, row_max, row_log, ent, counts, mask, opts):
     for t in range(counts.shape[0]):
         _fwd_task(t, inp, out, row_max, row_log, ent, counts, mask, opts)
-
-
-@njit(fastmath=FASTMATH, cache=True)
-def _pack_task(t, k16, v16, kt, vp):
-    # task t = (batch, kv head, key block): its K^T panel and its V pair rows (buffers zeroed before)
-    B, Hkv, Lk, D = k16.shape
-    nK = kt.shape[2]
-    kb = t % nK
-    hk = (t // nK) % Hkv
-    b = t // (nK * Hkv)
-    c0 = kb * BLOCK_N
-    ncols = min(BLOCK_N, Lk - c0)
-    _bf.pack_pairs_t(k16[b, hk, c0:c0 + ncols], kt[b, hk, kb])
-    pv = c0 // 2
-    _bf.pack_pairs(v16[b, hk, c0:c0 + ncols], vp[b, hk, pv:pv + (ncols + 1) // 2])
-
-
-@njit(parallel=True, cache=True)
-def pack_kv(k16, v16, kt, vp):
-    """K^T panels and V pairs of every (batch, kv head, key block) into zeroed kt and vp (AmxInputs)."""
-    for t in prange(kt.shape[0] * kt.shape[1] * kt.shape[2]):
-        _pack_task(t, k16, v16, kt, vp)
-
-
-@njit(cache=True)
-def pack_kv_serial(k16, v16, kt, vp):
-    for t in range(kt.shape[0] * kt.shape[1] * kt.shape[2]):
-        _pack_task(t, k16, v16, kt, vp)
 
 
 # -- backward on AMX ------------------------------------------------------------------------------
@@ -463,19 +612,25 @@ def _bits(t):
     return t.contiguous().view(torch.int16).numpy().view(np.uint16)
 
 
-def prepare(q, k, v, threads: int = 1) -> AmxInputs:
-    """The :class:`AmxInputs` of bfloat16 q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv)."""
+def prepare(q, k, v, opts) -> AmxInputs:
+    """The :class:`AmxInputs` of bfloat16 q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) for a
+    call with cpu_flash's ``opts``."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    d32, lq16, dv16 = -(-D // 32) * 32, -(-Lq // 16) * 16, -(-Dv // 16) * 16
+    F = torch.nn.functional
+    d32, dv16 = -(-D // 32) * 32, -(-Dv // 16) * 16
     nK = -(-Lk // BLOCK_N)
-    qp = q.detach()  # (B, Hq, Lq16, D32): a zero-padded copy only where the shape needs one
-    if d32 != D or lq16 != Lq:
-        qp = torch.nn.functional.pad(qp, (0, d32 - D, 0, lq16 - Lq))
-    kt = np.zeros((B, Hkv, nK, d32 // 2, BLOCK_N, 2), np.uint16)
-    vp = np.zeros((B, Hkv, nK * PAIRS_N, dv16, 2), np.uint16)
-    (pack_kv if threads > 1 else pack_kv_serial)(_bits(k.detach()), _bits(v.detach()), kt, vp)
-    return AmxInputs(q=_bits(qp), kt=kt, v=vp, head_dim=D, kv_len=Lk)
+    lk64 = nK * BLOCK_N
+    kp = k.detach()  # (B, Hkv, nK * BLOCK_N, D32): a zero-padded copy only where the shape needs one
+    if d32 != D or lk64 != Lk:
+        kp = F.pad(kp, (0, d32 - D, 0, lk64 - Lk))
+    vp = v.detach()
+    if dv16 != Dv or lk64 != Lk:
+        vp = F.pad(vp, (0, dv16 - Dv, 0, lk64 - Lk))
+    vt = vp.reshape(B, Hkv, nK, BLOCK_N, dv16).transpose(-1, -2)  # (B, Hkv, nK, Dv16, BLOCK_N)
+    negate = float(opts.qk_scale) < 0.0 and float(opts.softcap_u) <= 0.0
+    return AmxInputs(q=_bits(q.detach()), k=_bits(kp), vt=_bits(vt), head_dim=D, kv_len=Lk,
+                     qk_abs=np.float32(abs(float(opts.qk_scale))), negate=negate)
 
 
 def launch_forward(q, k, v, sinks, call):
@@ -491,7 +646,7 @@ def launch_forward(q, k, v, sinks, call):
     threads = _cpu._threads(len(counts), 4.0 * B * Hq * Lq * Lk * D)
     if threads > 1:
         _cpu._kernel("flash_fwd", threads)  # numba's pool set to `threads` (and torch's count kept)
-    inp = prepare(q, k, v, threads)
+    inp = prepare(q, k, v, opts)
     out = torch.empty(B, Hq, Lq, Dv, dtype=torch.float32)
     row_max, row_log, ent = (torch.empty(B, Hq, Lq, dtype=torch.float32) for _ in range(3))
     kernel = flash_fwd_amx if threads > 1 else flash_fwd_amx_serial
