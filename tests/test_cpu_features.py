@@ -9,6 +9,7 @@ bottom-right alignment, not against the positions machinery they are built from.
 
 from __future__ import annotations
 
+import random
 import re
 
 import pytest
@@ -728,7 +729,7 @@ def test_short_calls_match_the_general_path(shape, scale, served):
     q = q * 3.0  # sharp softmax rows
     with torch.no_grad():
         out = selfattn.attention(q, k, v, causal=causal, scale=scale, backend="cpu")
-        # decoding steps (Lq < 4) take the general path while the row kernel is off (cpu.USE_ROW_KERNEL)
+        # (decoding steps, Lq < 4, take the general path where the row kernel is switched off)
         want = [lq >= 4 or cpu_backend.USE_ROW_KERNEL]
         assert served == want
         general, _ = selfattn.attention(q, k, v, causal=causal, scale=scale, backend="cpu", return_stats=True)
@@ -749,7 +750,7 @@ def test_short_calls_poison_like_the_general_path(where, lq, served):
     with torch.no_grad():
         fast = selfattn.attention(q, k, v, causal=True, backend="cpu")
         general, _ = selfattn.attention(q, k, v, causal=True, backend="cpu", return_stats=True)
-    assert served == [lq >= 4 or cpu_backend.USE_ROW_KERNEL]  # decoding: the general path while the row kernel is off
+    assert served == [lq >= 4 or cpu_backend.USE_ROW_KERNEL]  # decoding: the general path where the row kernel is off
     assert torch.equal(torch.isnan(fast), torch.isnan(general)) and torch.isnan(fast).any()
     compare(f"nan {where}", reference_pair(q, k, v, causal=True), fast, dtype=torch.float32)
 
@@ -913,11 +914,9 @@ def test_calibration_predicts_between_its_probes_and_not_far_beyond(calibrations
 @pytest.mark.parametrize("shape", [(1, 2, 2, 8, 8, 16, 16, True), (1, 4, 2, 1, 300, 64, 64, False),
                                    (2, 3, 1, 3, 70, 59, 11, True), (1, 2, 1, 5, 3, 8, 8, True)],
                          ids=["tiny", "decode", "lq3_gqa", "no_key_rows"])
-def test_short_bfloat16_calls(shape, served, monkeypatch):
-    # bfloat16 decoding steps and tiny heads: widened exactly, computed as float32, rounded as torch rounds
-    # (cpu_short's row kernel, switched on here: it is off by default, see backends/cpu.py _small)
-    monkeypatch.setattr(cpu_backend, "USE_ROW_KERNEL", True)
-    monkeypatch.setattr(cpu_backend, "_PLANS", {})
+def test_short_bfloat16_calls(shape, served):
+    # bfloat16 decoding steps and tiny heads (cpu_short's row kernel): widened exactly, computed as the
+    # float32 call, rounded as torch rounds
     b, hq, hkv, lq, lk, d, dv, causal = shape
     q, k, v, _ = _inputs(b, hq, hkv, lq, lk, d, torch.bfloat16, seed=6, dv=dv)
     q[0, 0, 0, 0] = float("nan") if lq > 1 else q[0, 0, 0, 0]  # a NaN row stays NaN
@@ -932,3 +931,60 @@ def test_short_bfloat16_calls(shape, served, monkeypatch):
     with torch.no_grad():
         selfattn.attention(q_big, k_big, v_big, backend="cpu")
     assert served[-1] is False
+
+
+def _large_logit_requests(kind, causal, count):
+    # (B, Hq, Hkv, Lq, Lk, D, Dv, magnitude, scale): decoding steps (Lq 1-3, up to 300 keys) or tiny
+    # heads (Lq * Lk * (D + Dv) <= 2**17), GQA, odd head dims, q and k scaled x4-x30
+    rng = random.Random(f"{kind} {causal}")
+    for _ in range(count):
+        hkv = rng.choice([1, 2])
+        hq, d = hkv * rng.choice([1, 2, 3]), rng.choice([1, 3, 4, 8, 16, 59, 64, 111, 256])
+        dv = rng.choice([d, 5])
+        lq, lk = rng.randint(1, 3), rng.randint(1, 300)
+        while kind == "tiny" and not (lq >= 4 and lq * lk * (d + dv) <= 1 << 17):
+            lq, lk = rng.randint(4, 64), rng.randint(1, 64)
+        yield rng.randint(1, 2), hq, hkv, lq, lk, d, dv, rng.choice([4.0, 10.0, 30.0]), rng.choice([None, None, 0.3, -0.5])
+
+
+def _row_kernel_call(served, b, hq, hkv, lq, lk, d, dv, causal, mag, scale, seed, dtype):
+    # one no-grad call served by cpu_short's row kernel, held to STYLE rule 6 (on one torch thread: the
+    # short path leaves larger calls to the general launchers' threads)
+    assert cpu_backend._small(b, hq, lq, lk, d, dv)
+    q, k, v, _ = _inputs(b, hq, hkv, lq, lk, d, torch.float64, seed=seed, dv=dv)
+    q, k, v = (q * mag).to(dtype), (k * mag).to(dtype), v.to(dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            out = selfattn.attention(q, k, v, causal=causal, scale=scale, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert served[-1] is True
+    name = f"row kernel {(b, hq, hkv, lq, lk, d, dv)} causal {causal} x{mag} scale {scale} seed {seed}"
+    compare(name, reference_pair(q, k, v, causal=causal, scale=scale), out, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
+@pytest.mark.parametrize("kind", ["decode", "tiny"])
+def test_row_kernel_holds_rule_6_at_large_logits(kind, causal, dtype, served):
+    # cpu_short's row kernel at logits in the thousands (see the pinned requests below)
+    for i, (b, hq, hkv, lq, lk, d, dv, mag, scale) in enumerate(_large_logit_requests(kind, causal, 8)):
+        _row_kernel_call(served, b, hq, hkv, lq, lk, d, dv, causal, mag, scale, i, dtype)
+    assert len(served) == 8
+
+
+# (B, Hq, Hkv, Lq, Lk, D, Dv, causal, magnitude, scale, seed): requests on which the row kernel with
+# float32 scores (s * scale * log2(e) rounded, then s - max) missed rule 6, by 6.1x down to 1.3x
+# (17 of 1200 drawn by _large_logit_requests did, half of them at magnitude 30)
+_FLOAT32_SCORE_MISSES = [(2, 2, 2, 32, 37, 4, 4, True, 30.0, None, 353), (2, 6, 2, 3, 159, 256, 5, False, 30.0, None, 218),
+                         (2, 2, 1, 4, 36, 111, 5, False, 30.0, None, 438), (1, 3, 1, 2, 155, 111, 111, True, 30.0, 0.3, 469),
+                         (1, 1, 1, 3, 32, 256, 256, False, 4.0, None, 713), (2, 3, 1, 2, 209, 64, 5, False, 10.0, None, 405),
+                         (2, 1, 1, 2, 230, 111, 111, False, 4.0, -0.5, 1008), (2, 2, 1, 3, 249, 4, 4, True, 4.0, None, 162),
+                         (1, 6, 2, 20, 49, 64, 5, True, 30.0, -0.5, 362)]
+
+
+@pytest.mark.parametrize("request_", _FLOAT32_SCORE_MISSES, ids=lambda r: "x".join(map(str, r[:7])) + f"-s{r[10]}")
+def test_row_kernel_requests_float32_scores_missed(request_, served):
+    _row_kernel_call(served, *request_, torch.float32)
