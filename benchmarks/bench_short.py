@@ -11,6 +11,7 @@ moment. `auto`'s choice between the two is calibrated at run time (backends/cpu.
 the run prints the calibration it made.
 
     python benchmarks/bench_short.py --fixed --threads 1      # the per-call fixed cost alone (issue 14)
+    python benchmarks/bench_short.py --fixed --threads 1 --row-kernel off   # without cpu_short's row kernel
 
 ``--fixed``: the fixed cost of one call on tiny shapes -- (1, 1, 8, 8, 16), a decoding step
 (1, 4, 1, 128, 64) and (1, 8, 64, 64, 64) -- forward and forward + backward, for selfattn's `cpu`,
@@ -124,6 +125,8 @@ def main(argv=None) -> int:
     p.add_argument("--layer", default=None, help="numba threading layer (default: numba's own choice)")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--fixed", action="store_true", help="only the per-call fixed cost on tiny shapes (issue 14)")
+    p.add_argument("--row-kernel", choices=("on", "off"), default=None,
+                   help="switch cpu_short's row kernel (decoding steps, tiny heads) on or off (default: as the tree has it)")
     args = p.parse_args(argv)
     if args.layer:
         os.environ["NUMBA_THREADING_LAYER"] = args.layer
@@ -132,9 +135,14 @@ def main(argv=None) -> int:
 
     from selfattn import attention
 
+    if args.row_kernel is not None:
+        from selfattn.backends import cpu
+
+        cpu.USE_ROW_KERNEL = args.row_kernel == "on"
+
     rows = []
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, numba {numba.__version__}, "
-          f"threading layer {args.layer or 'default'}\n")
+          f"threading layer {args.layer or 'default'}, row kernel {args.row_kernel or 'as in the tree'}\n")
     if args.fixed:
         for threads in (int(t) for t in args.threads.split(",")):
             torch.set_num_threads(threads)
