@@ -142,6 +142,21 @@ def test_arguments():
 
 
 @amx
+@pytest.mark.parametrize("scale", [None, -0.2])
+def test_negative_scale_and_moving_max(scale):
+    # the forward takes the column max of raw q.k with a negative scale's sign flipped into Q^T, and
+    # moves its reference max only when the true one is cpu_amx.LAZY above it: keys whose logits grow
+    # along the sequence (and 4x the usual magnitude) move the max in many tiles, in both directions
+    # of the scale
+    q, k, v, do = _inputs(1, 2, 2, 200, 700, 64, seed=11)
+    grow = torch.linspace(0.2, 4.0, 700)[None, None, :, None]  # (1, 1, Lk, 1)
+    k = (k.float() * grow).to(torch.bfloat16)
+    q = (q.float() * 2.0).to(torch.bfloat16)
+    check_amx(f"scale {scale}", q, k, v, do, scale=scale)
+    check_amx(f"scale {scale} causal", q, k, v, do, scale=scale, causal=True)
+
+
+@amx
 def test_shard_backward_keeps_float32():
     # shard_backward (ring attention) brings its own global delta: the float32 kernels serve it
     from selfattn.backends.cpu import shard_backward

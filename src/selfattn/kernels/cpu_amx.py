@@ -14,7 +14,10 @@ Plain tiles (full, no softcap/ALiBi/bias) never store the scaled scores: the col
 the raw products (a negative scale's sign is flipped into Q^T, exact) and the exponent is
 s * c - m rounded once. Other tiles are scaled first and take ``cpu_fwd._score_terms_t`` (softcap,
 ALiBi, bias, element-wise mask), then the same step with c = 1. acc^T (Dv x queries) is rescaled
-column-wise by alpha inside the step, skipped where alpha is 1 for every row of a vector.
+column-wise by alpha inside the step, skipped where alpha is 1 for every row of a vector; the
+exponents are taken against a reference max that moves only when the true max gets more than
+LAZY = 8 above it (p <= 2**8 meanwhile), so acc^T is rescaled in a few tiles per row, not nearly every
+one. row_max/row_log are the lse halves against that reference; the true max (max_logit) is kept apart.
 
 Inputs are bfloat16, so Q, K and V reach the tile unit without rounding; p is rounded to bfloat16
 (8 bits) before P V, which is what the bfloat16 tolerance rule allows (torch SDPA's bfloat16 kernels
@@ -25,10 +28,12 @@ needs it: K as (B, Hkv, Lk rounded up to BLOCK_N, D rounded up to 32) (no copy w
 (B, Hkv, nK, Dv rounded up to 16, BLOCK_N); Q as given. Grouped-query heads read their kv head's
 blocks: nothing is repeated.
 
-Where the time goes (one thread, dense (1, 4, 2048, 2048, D), each part left out of the kernel, loaded
-machine): D = 64: Q K^T ~30 %, the softmax step ~40 %, P V ~28 %, acc^T's rescale ~3 %; D = 128:
-~33 / 30 / 31 / 8 %. The tile products take ~2 us per 64 x 64 x 64 inside the kernel (1.1 us
-looped alone, benchmarks/bench_bf16_mk.py).
+Every buffer the tile unit loads or stores starts on a 64-byte line (``_zeros_f32``): on this Xeon a
+tileloadd of rows off a line costs ~7x one on a line (25 vs 3.6 ns; tilestored 15 vs 7 ns; a
+tdpbf16ps ~7 ns), and AMX work does not overlap the vector work here (a tile product issued before
+the softmax of the previous tile gained nothing). Where the time goes (one thread, dense
+(1, 4, 2048, 2048, D), each part left out of the kernel, loaded machine, before the alignment):
+D = 64: Q K^T ~30 %, the softmax step ~40 %, P V ~28 %, acc^T's rescale ~3 %; D = 128: ~33 / 30 / 31 / 8 %.
 
 **Backward** (``flash_bwd_amx``): cpu_bwd's design with row-major tiles: one task per (batch, head,
 query block), recomputing P from the lse halves, two sweeps over its non-empty key tiles::
@@ -87,6 +92,7 @@ if _CACHE_DIR is not None:
     numba_config.CACHE_DIR = _CACHE_DIR
 
 PAIRS_N = BLOCK_N // 2  # pair rows of V per key block
+LAZY = 8.0  # the forward's reference max trails the true one by at most this (score units, base 2)
 
 
 def available() -> bool:
@@ -117,6 +123,28 @@ class AmxInputs(NamedTuple):
     negate: bool  # a negative scale without a softcap: Q^T's sign bits flipped (exact), so max q.k is the max score
 
 
+# -- tile buffers: rows on 64-byte lines -----------------------------------------------------------
+# A tileloadd/tilestored whose rows start off a cache line costs ~7x / ~2x one whose rows start on one
+# (this Xeon, one thread: 25 vs 3.6 ns, 15 vs 7 ns per 16 x 64-byte tile); numba's and numpy's arrays
+# are only 16-byte aligned, so every buffer the tile unit reads or writes is cut from a larger one.
+
+
+@njit(cache=True)
+def _zeros_f32(n0, n1):
+    # zeroed float32 (n0, n1), C-contiguous, its first element on a 64-byte boundary
+    raw = np.zeros(n0 * n1 + 16, np.float32)
+    off = ((64 - _addr(raw) % 64) % 64) // 4
+    return raw[off:off + n0 * n1].reshape((n0, n1))
+
+
+@njit(cache=True)
+def _zeros_u16(n0, n1, n2):
+    # zeroed uint16 (n0, n1, n2), C-contiguous, its first element on a 64-byte boundary
+    raw = np.zeros(n0 * n1 * n2 + 32, np.uint16)
+    off = ((64 - _addr(raw) % 64) % 64) // 2
+    return raw[off:off + n0 * n1 * n2].reshape((n0, n1, n2))
+
+
 # -- the fused online-softmax step of a transposed tile ---------------------------------------------
 # s^T (keys x queries) comes off the tile unit as raw q.k; per LANES query rows one pass finds the
 # column max, and one more computes p^T = exp2(s^T c - m) (c the scale in score units, one FMA), its
@@ -124,7 +152,7 @@ class AmxInputs(NamedTuple):
 # (acc^T += V^T P^T) takes as its B operand: no horizontal reduction, no float32 p^T stored.
 
 
-def _step_pack(builder, vec, ps, nk, cv, pm, pl, pe, palpha, ppk, pacc, nacc, want):
+def _step_pack(builder, vec, ps, nk, cv, pm, pt, pl, pe, palpha, ppk, pacc, nacc, want, lazy):
     # one group of LANES query rows (IR); ps, ppk, pacc: the group's first element in s^T, the pairs
     # and acc^T (row stride BLOCK_M elements each)
     c, w = vec.const, vec.width
@@ -146,16 +174,20 @@ def _step_pack(builder, vec, ps, nk, cv, pm, pl, pe, palpha, ppk, pacc, nacc, wa
                  lambda j, a: [vmax(a[u], vec.load(ps, row(builder.add(j, c(u))))) for u in range(4)], "amax4")
     accs = _loop(builder, vec, nk4, nk, 1, accs, lambda j, a: [vmax(a[0], vec.load(ps, row(j)))] + a[1:], "amax1")
     cmax = builder.fmul(vmax(vmax(accs[0], accs[1]), vmax(accs[2], accs[3])), cv)
-    # -- new running max; rows still without any allowed key are "dead" --
+    # -- the true running max (the statistics'), and the reference m the exponents are taken
+    # against: moved to the true max only when that is more than LAZY above it (or m is -inf), so
+    # that acc^T is rescaled in a few tiles instead of nearly every one; p <= 2**LAZY meanwhile --
+    t_new = vmax(vec.load(pt, c(0)), cmax)
+    vec.store(t_new, pt, c(0))
     m_old = vec.load(pm, c(0))
     l_old = vec.load(pl, c(0))
-    m_new = vmax(m_old, cmax)
+    moved = builder.fcmp_ordered(">", cmax, builder.fadd(m_old, fconst(float(lazy))))
+    m_new = builder.select(moved, t_new, m_old)
     dead = builder.fcmp_ordered("==", m_new, ninf)
-    # -- alpha = exp2(m_old - m_new): 1 when the max stays (dead rows too), 0 from -inf --
-    dm = builder.fsub(m_old, m_new)
+    # -- alpha = exp2(m_old - m_new): 1 where m stays (dead rows too), 0 from -inf --
+    dm = builder.select(moved, builder.fsub(m_old, m_new), vec.zero)
     dm_low = builder.fcmp_ordered("<", dm, lo)
     alpha = builder.select(dm_low, vec.zero, _exp2_v(builder, builder.select(dm_low, lo, dm), w))
-    alpha = builder.select(builder.fcmp_ordered("==", m_old, m_new), fconst(1.0), alpha)
     # -- a dead row stays as it was, unless its scores hold a NaN (NaN inputs): poison it --
     dead_bits = builder.bitcast(dead, ir.IntType(w))
     before = builder.block
@@ -251,30 +283,39 @@ def _step_pack(builder, vec, ps, nk, cv, pm, pl, pe, palpha, ppk, pacc, nacc, wa
               lambda d, _: vec.store(builder.fmul(vec.load(pacc, row(d)), alpha), pacc, row(d)) or [], "rescale")
 
 
-@intrinsic
-def _vsoftmax_pack(typingctx, ps, nk, ng, cs, pm, pl, pe, palpha, ppk, pacc, nacc, want, like):
+def _make_vsoftmax_pack(lazy):
+    # _vsoftmax_pack with the reference max trailing the true one by at most `lazy` (0: eager)
+    @intrinsic
+    def _vsoftmax_pack(typingctx, ps, nk, ng, cs, pm, pt, pl, pe, palpha, ppk, pacc, nacc, want, like):
+        return _vsoftmax_pack_typer(lazy, like)
+
+    return _vsoftmax_pack
+
+
+def _vsoftmax_pack_typer(lazy, like):
     """One online-softmax step of a transposed tile for ng groups of LANES query rows.
 
     ps: raw address of s^T[0, 0] (nk key rows, row stride BLOCK_M): raw q.k times ``cs`` (> 0; 1 when
-    the caller applied the score terms) is the score. pm, pl, pe, palpha: the rows' running max, sum,
-    entropy sum (``want``) and (output) alpha. p^T = exp2(s^T cs - m_new) goes to ppk as bfloat16 pairs
+    the caller applied the score terms) is the score. pm, pt, pl, pe, palpha: the rows' reference max
+    (within LAZY of the true one), true running max, sum, entropy sum (``want``) and (output) alpha.
+    p^T = exp2(s^T cs - m_new) goes to ppk as bfloat16 pairs
     of key rows (uint32 words, row stride BLOCK_M; an odd last row's pair has a zero high half);
     acc^T's first nacc rows (pacc, row stride BLOCK_M) are multiplied by alpha. s^T is only read.
     """
     if not (isinstance(like, types.Array) and like.dtype == types.float32):
         return None
-    sig = types.void(types.intp, types.intp, types.intp, types.float32, *([types.intp] * 8), like)
+    sig = types.void(types.intp, types.intp, types.intp, types.float32, *([types.intp] * 9), like)
 
     def codegen(context, builder, signature, args):
         builder = _Exact(builder)
-        ps0, nk, ng, cs, pm0, pl0, pe0, palpha0, ppk0, pacc0, nacc, want, _ = args
+        ps0, nk, ng, cs, pm0, pt0, pl0, pe0, palpha0, ppk0, pacc0, nacc, want, _ = args
         vec = _Vectors(context, builder, types.float32)
         cv = vec.splat(cs)
 
         def group(g, _):
             o = builder.mul(g, vec.const(4 * vec.width))  # the group's byte offset
-            ps, pm, pl, pe, palpha, ppk, pacc = (builder.add(x, o) for x in (ps0, pm0, pl0, pe0, palpha0, ppk0, pacc0))
-            _step_pack(builder, vec, ps, nk, cv, pm, pl, pe, palpha, ppk, pacc, nacc, want)
+            ps, pm, pt, pl, pe, palpha, ppk, pacc = (builder.add(x, o) for x in (ps0, pm0, pt0, pl0, pe0, palpha0, ppk0, pacc0))
+            _step_pack(builder, vec, ps, nk, cv, pm, pt, pl, pe, palpha, ppk, pacc, nacc, want, lazy)
             return []
 
         _loop(builder, vec, vec.const(0), ng, 1, [], group, "groups")
@@ -283,8 +324,11 @@ def _vsoftmax_pack(typingctx, ps, nk, ng, cs, pm, pl, pe, palpha, ppk, pacc, nac
     return sig, codegen
 
 
+_vsoftmax_pack = _make_vsoftmax_pack(LAZY)  # see _vsoftmax_pack_typer
+
+
 @njit(fastmath=FASTMATH, cache=True)
-def _fwd_task(t, inp, out, row_max, row_log, ent, counts, mask, opts):
+def _fwd_task(t, inp, out, row_max, row_log, ent, top, counts, mask, opts):
     B, Hq, Lq, Dv = out.shape
     D = inp.head_dim
     nK = inp.vt.shape[2]
@@ -295,17 +339,18 @@ def _fwd_task(t, inp, out, row_max, row_log, ent, counts, mask, opts):
     groups = (rows + LANES - 1) // LANES  # vectors of query rows
     # -- Q_blk^T as pairs along the head dim (the B of s^T = K_blk Q^T), lanes past `rows` zero; a
     # negative scale's sign flipped into it (exact) --
-    qt = np.zeros((inp.k.shape[3] // 2, BLOCK_M, 2), np.uint16)
+    qt = _zeros_u16(inp.k.shape[3] // 2, BLOCK_M, 2)
     _bf.pack_pairs_t(inp.q[b, h, r0:r0 + rows], qt)
     if inp.negate:
         qw = qt.view(np.uint32)
         for p in range(qw.shape[0]):
             for i in range(rows):
                 qw[p, i, 0] ^= np.uint32(0x80008000)
-    st = np.empty((BLOCK_N, BLOCK_M), np.float32)  # s^T of the current tile (keys x queries)
-    pk = np.zeros((PAIRS_N, BLOCK_M, 2), np.uint16)  # p^T, bfloat16 pairs of key rows
-    acct = np.zeros((Dv16, BLOCK_M), np.float32)  # acc^T
-    m_i = np.full(BLOCK_M, -np.inf, np.float32)  # per query row: running max, sum, entropy sum
+    st = _zeros_f32(BLOCK_N, BLOCK_M)  # s^T of the current tile (keys x queries)
+    pk = _zeros_u16(PAIRS_N, BLOCK_M, 2)  # p^T, bfloat16 pairs of key rows
+    acct = _zeros_f32(Dv16, BLOCK_M)  # acc^T
+    m_i = np.full(BLOCK_M, -np.inf, np.float32)  # per query row: reference max, true max, sum, entropy sum
+    t_i = np.full(BLOCK_M, -np.inf, np.float32)
     l_i = np.zeros(BLOCK_M, np.float32)
     e_i = np.zeros(BLOCK_M, np.float32)
     alpha_i = np.ones(BLOCK_M, np.float32)
@@ -336,7 +381,7 @@ def _fwd_task(t, inp, out, row_max, row_log, ent, counts, mask, opts):
             cs = np.float32(1.0)
         # -- online softmax, LANES query rows at a time: m, alpha, l (and e), acc^T rescaled; p^T as
         # bfloat16 pairs --
-        _vsoftmax_pack(_addr(st), ncols, groups, cs, _addr(m_i), _addr(l_i), _addr(e_i), _addr(alpha_i),
+        _vsoftmax_pack(_addr(st), ncols, groups, cs, _addr(m_i), _addr(t_i), _addr(l_i), _addr(e_i), _addr(alpha_i),
                        _addr(pk), _addr(acct), Dv, want, st)
         for pr in range((ncols + 1) // 2, (ncols + 31) // 32 * 16):
             for i in range(BLOCK_M):  # pairs past the last key, to the product's 32: zero
@@ -350,23 +395,25 @@ def _fwd_task(t, inp, out, row_max, row_log, ent, counts, mask, opts):
         for d in range(Dv):
             acc[i, d] = acct[d, i]
     _finish_rows(acc, m_i, l_i, e_i, m_i[:0], rows, b, h, r0, out, row_max, row_log, ent, opts)
+    for i in range(rows):  # the true max (row_max holds the reference: its lse half)
+        top[b, h, r0 + i] = row_max[b, h, r0 + i] if l_i[i] == 0.0 or l_i[i] != l_i[i] else t_i[i]
     counts[t] = n_tiles
 
 
 @njit(parallel=True, cache=True)
-def flash_fwd_amx(inp, out, row_max, row_log, ent, counts, mask, opts):
+def flash_fwd_amx(inp, out, row_max, row_log, ent, top, counts, mask, opts):
     """``cpu_flash.flash_fwd`` for bfloat16 inputs with its products on AMX: one task per (batch, head,
     query block) over its non-empty key tiles; the same outputs (out float32 (B, Hq, Lq, Dv), the lse
     halves in score units, entropy in nats, counts[task] = tiles computed). ``inp``: :class:`AmxInputs`
     (:func:`prepare`); ``mask``/``opts``: cpu_flash's records for float32 (base-2 score units)."""
     for t in prange(counts.shape[0]):
-        _fwd_task(t, inp, out, row_max, row_log, ent, counts, mask, opts)
+        _fwd_task(t, inp, out, row_max, row_log, ent, top, counts, mask, opts)
 
 
 @njit(cache=True)
-def flash_fwd_amx_serial(inp, out, row_max, row_log, ent, counts, mask, opts):
+def flash_fwd_amx_serial(inp, out, row_max, row_log, ent, top, counts, mask, opts):
     for t in range(counts.shape[0]):
-        _fwd_task(t, inp, out, row_max, row_log, ent, counts, mask, opts)
+        _fwd_task(t, inp, out, row_max, row_log, ent, top, counts, mask, opts)
 
 
 # -- backward on AMX ------------------------------------------------------------------------------
@@ -627,7 +674,9 @@ def prepare(q, k, v, opts) -> AmxInputs:
     vp = v.detach()
     if dv16 != Dv or lk64 != Lk:
         vp = F.pad(vp, (0, dv16 - Dv, 0, lk64 - Lk))
-    vt = vp.reshape(B, Hkv, nK, BLOCK_N, dv16).transpose(-1, -2)  # (B, Hkv, nK, Dv16, BLOCK_N)
+    vt = vp.reshape(B, Hkv, nK, BLOCK_N, dv16).transpose(-1, -2).contiguous()  # (B, Hkv, nK, Dv16, BLOCK_N)
+    if kp.data_ptr() % 64 or not kp.is_contiguous():
+        kp = kp.contiguous().clone()  # the tile unit reads K's rows fastest from 64-byte lines (_zeros_f32)
     negate = float(opts.qk_scale) < 0.0 and float(opts.softcap_u) <= 0.0
     return AmxInputs(q=_bits(q.detach()), k=_bits(kp), vt=_bits(vt), head_dim=D, kv_len=Lk,
                      qk_abs=np.float32(abs(float(opts.qk_scale))), negate=negate)
@@ -648,14 +697,15 @@ def launch_forward(q, k, v, sinks, call):
         _cpu._kernel("flash_fwd", threads)  # numba's pool set to `threads` (and torch's count kept)
     inp = prepare(q, k, v, opts)
     out = torch.empty(B, Hq, Lq, Dv, dtype=torch.float32)
-    row_max, row_log, ent = (torch.empty(B, Hq, Lq, dtype=torch.float32) for _ in range(3))
+    # the lse halves (row_max: the kernel's reference max, within LAZY of the true one), entropy, true max
+    row_max, row_log, ent, top = (torch.empty(B, Hq, Lq, dtype=torch.float32) for _ in range(4))
     kernel = flash_fwd_amx if threads > 1 else flash_fwd_amx_serial
-    kernel(inp, out.numpy(), row_max.numpy(), row_log.numpy(), ent.numpy(), counts, mask, opts)
+    kernel(inp, out.numpy(), row_max.numpy(), row_log.numpy(), ent.numpy(), top.numpy(), counts, mask, opts)
     tiles = int(counts.sum())
     _cpu.TILE_PRODUCTS["forward"] += tiles
     AMX_CALLS["calls"] += 1
     AMX_CALLS["tiles"] += tiles
-    max_logit = row_max * float(opts.nat)  # (B, Hq, Lq) nats, keys only
+    max_logit = top * float(opts.nat)  # (B, Hq, Lq) nats, keys only
     if sinks is not None:
         out, row_max, row_log, ent = _cpu._fold_sinks(out, row_max, row_log, ent, sinks, opts)
     return out.to(q.dtype), row_max, row_log, max_logit, ent
