@@ -10,10 +10,11 @@ two block products on AMX (``cpu_bf16.mm_amx``, bfloat16 operands, float32 sums)
                                     straight as bfloat16 pairs of key rows (the CPU's conversion)
     acc^T  = alpha acc^T + V_blk^T @ P^T    AMX: V^T per key block (made once per call), P^T as above
 
-Plain tiles (full, no softcap/ALiBi/bias) never store the scaled scores: the column max is taken on
-the raw products (a negative scale's sign is flipped into Q^T, exact) and the exponent is
-s * c - m rounded once. Other tiles are scaled first and take ``cpu_fwd._score_terms_t`` (softcap,
-ALiBi, bias, element-wise mask), then the same step with c = 1. acc^T (Dv x queries) is rescaled
+Without softcap/ALiBi/bias the tiles stay raw q.k (a negative scale's sign is flipped into Q^T,
+exact): the running max m is raw, the exponent is (s - m) c (the difference exact near the max,
+0 at the max itself, then one rounding) and the statistics' M = fl(m c) keeps its rest m c - M in
+the log half (float64); partial tiles take only their element-wise mask. With those terms every
+tile is scaled first and takes ``cpu_fwd._score_terms_t``, then the same step with c = 1. acc^T (Dv x queries) is rescaled
 column-wise by alpha inside the step, skipped where alpha is 1 for every row of a vector; the
 exponents are taken against a reference max that moves only when the true max gets more than
 LAZY = 8 above it (p <= 2**8 meanwhile), so acc^T is rescaled in a few tiles per row, not nearly every
@@ -168,24 +169,25 @@ def _step_pack(builder, vec, ps, nk, cv, pm, pt, pl, pe, palpha, ppk, pacc, nacc
         # ordered: a NaN element never wins
         return builder.select(builder.fcmp_ordered(">", x, a), x, a)
 
-    # -- column max of the raw products (4 chains), in score units (c > 0) --
+    # -- column max of the raw products (4 chains; c > 0: the max score's) --
     nk4 = builder.and_(nk, c(-4))
     accs = _loop(builder, vec, c(0), nk4, 4, [ninf] * 4,
                  lambda j, a: [vmax(a[u], vec.load(ps, row(builder.add(j, c(u))))) for u in range(4)], "amax4")
     accs = _loop(builder, vec, nk4, nk, 1, accs, lambda j, a: [vmax(a[0], vec.load(ps, row(j)))] + a[1:], "amax1")
-    cmax = builder.fmul(vmax(vmax(accs[0], accs[1]), vmax(accs[2], accs[3])), cv)
+    cmax = vmax(vmax(accs[0], accs[1]), vmax(accs[2], accs[3]))
     # -- the true running max (the statistics'), and the reference m the exponents are taken
-    # against: moved to the true max only when that is more than LAZY above it (or m is -inf), so
-    # that acc^T is rescaled in a few tiles instead of nearly every one; p <= 2**LAZY meanwhile --
+    # against (both in units of s): m moves to the true max only when that is more than `lazy`
+    # score units above it (or m is -inf), so that acc^T is rescaled in a few tiles instead of
+    # nearly every one; p <= 2**lazy meanwhile --
     t_new = vmax(vec.load(pt, c(0)), cmax)
     vec.store(t_new, pt, c(0))
     m_old = vec.load(pm, c(0))
     l_old = vec.load(pl, c(0))
-    moved = builder.fcmp_ordered(">", cmax, builder.fadd(m_old, fconst(float(lazy))))
+    moved = builder.fcmp_ordered(">", builder.fmul(builder.fsub(cmax, m_old), cv), fconst(float(lazy)))
     m_new = builder.select(moved, t_new, m_old)
     dead = builder.fcmp_ordered("==", m_new, ninf)
-    # -- alpha = exp2(m_old - m_new): 1 where m stays (dead rows too), 0 from -inf --
-    dm = builder.select(moved, builder.fsub(m_old, m_new), vec.zero)
+    # -- alpha = exp2((m_old - m_new) c): 1 where m stays (dead rows too), 0 from -inf --
+    dm = builder.select(moved, builder.fmul(builder.fsub(m_old, m_new), cv), vec.zero)
     dm_low = builder.fcmp_ordered("<", dm, lo)
     alpha = builder.select(dm_low, vec.zero, _exp2_v(builder, builder.select(dm_low, lo, dm), w))
     # -- a dead row stays as it was, unless its scores hold a NaN (NaN inputs): poison it --
@@ -203,18 +205,18 @@ def _step_pack(builder, vec, ps, nk, cv, pm, pt, pl, pe, palpha, ppk, pacc, nacc
     # a dead row subtracts +inf: its -inf scores give p = 0 with no extra test per score; a max that
     # overflowed to +inf subtracts NaN (the row is NaN, as inf - inf makes it in the reference)
     m_sub = builder.select(dead, inf, builder.select(builder.fcmp_ordered("==", m_new, inf), nan, m_new))
-    neg_m = builder.fsub(vec.zero, m_sub)
 
     def bf16(p):
         # round to nearest even (the CPU's conversion), as the low half of a 32-bit lane
         return builder.zext(builder.bitcast(builder.fptrunc(p, bv), hv), iv)
 
     def exp_pass(stats):
-        # p = exp2(s c - m_new) by pairs of key rows: bfloat16 pairs into ppk, column sums (and
-        # sum p (s c - m_new)) in float32
+        # p = exp2((s - m_new) c) by pairs of key rows: bfloat16 pairs into ppk, column sums (and
+        # sum p (s - m_new) c) in float32
         def one(j, tot, st):
-            # the exponent s c - m_new, rounded once
-            x = builder.call(vec.fma, [vec.load(ps, row(j)), cv, neg_m])
+            # the exponent (s - m_new) c: the difference exact near the max, 0 at the max itself (an
+            # fma(s, c, -m c) leaves m c's rounding there, which overflows exp2 for huge scores)
+            x = builder.fmul(builder.fsub(vec.load(ps, row(j)), m_sub), cv)
             below = builder.fcmp_ordered("<", x, lo)
             # exp2 of an x below -126 is garbage, but not selected; the entropy term needs it clamped
             xc = builder.select(below, lo, x) if stats else x
@@ -297,8 +299,9 @@ def _vsoftmax_pack_typer(lazy, like):
 
     ps: raw address of s^T[0, 0] (nk key rows, row stride BLOCK_M): raw q.k times ``cs`` (> 0; 1 when
     the caller applied the score terms) is the score. pm, pt, pl, pe, palpha: the rows' reference max
-    (within LAZY of the true one), true running max, sum, entropy sum (``want``) and (output) alpha.
-    p^T = exp2(s^T cs - m_new) goes to ppk as bfloat16 pairs
+    and true running max (units of s; the reference within ``lazy`` score units below the true one),
+    sum, entropy sum (``want``, score units) and (output) alpha. p^T = exp2((s^T - m_new) cs) goes to
+    ppk as bfloat16 pairs
     of key rows (uint32 words, row stride BLOCK_M; an odd last row's pair has a zero high half);
     acc^T's first nacc rows (pacc, row stride BLOCK_M) are multiplied by alpha. s^T is only read.
     """
@@ -358,6 +361,9 @@ def _fwd_task(t, inp, out, row_max, row_log, ent, top, counts, mask, opts):
     softcap = opts.softcap_u > 0.0
     terms = softcap or mask.alibi.size > 0 or mask.bias.size > 0
     want = 1 if opts.want_stats else 0
+    # score units per unit of the tile: raw q.k times |scale| log2(e), or 1 where the score terms
+    # need score units (every tile of the call alike: the running max keeps one unit)
+    cs_tile = np.float32(1.0) if terms else inp.qk_abs
     n_tiles = 0
     _bf.amx_begin()
     for kb in range(nK):
@@ -369,19 +375,20 @@ def _fwd_task(t, inp, out, row_max, row_log, ent, top, counts, mask, opts):
         ncols = min(BLOCK_N, Lk - c0)
         # -- s^T = K_blk Q^T on the tile unit (raw q.k, the scale's sign folded in) --
         _bf.mm_amx(inp.k[b, hk, c0:c0 + BLOCK_N], qt, st, ncols, D, rows)
-        cs = inp.qk_abs
-        if terms or kind == PARTIAL:
-            # -- score units first, then cpu_fwd's score terms of a transposed tile (softcap, ALiBi,
-            # bias, element-wise mask) --
+        if terms:
+            # -- score units first (unless a softcap takes q.k), then cpu_fwd's score terms of a
+            # transposed tile (softcap, ALiBi, bias, element-wise mask) --
             if not softcap:
                 for j in range(ncols):
                     for i in range(rows):
-                        st[j, i] *= cs
+                        st[j, i] *= inp.qk_abs
             _score_terms_t(st, lo, rows, ncols, b, h, qb, kb, kind, mask, opts, True)
-            cs = np.float32(1.0)
+        elif kind == PARTIAL:
+            # -- the element-wise mask alone (-inf: any units) --
+            _score_terms_t(st, lo, rows, ncols, b, h, qb, kb, kind, mask, opts, True)
         # -- online softmax, LANES query rows at a time: m, alpha, l (and e), acc^T rescaled; p^T as
         # bfloat16 pairs --
-        _vsoftmax_pack(_addr(st), ncols, groups, cs, _addr(m_i), _addr(t_i), _addr(l_i), _addr(e_i), _addr(alpha_i),
+        _vsoftmax_pack(_addr(st), ncols, groups, cs_tile, _addr(m_i), _addr(t_i), _addr(l_i), _addr(e_i), _addr(alpha_i),
                        _addr(pk), _addr(acct), Dv, want, st)
         for pr in range((ncols + 1) // 2, (ncols + 31) // 32 * 16):
             for i in range(BLOCK_M):  # pairs past the last key, to the product's 32: zero
@@ -394,7 +401,16 @@ def _fwd_task(t, inp, out, row_max, row_log, ent, top, counts, mask, opts):
     for i in range(rows):
         for d in range(Dv):
             acc[i, d] = acct[d, i]
-    _finish_rows(acc, m_i, l_i, e_i, m_i[:0], rows, b, h, r0, out, row_max, row_log, ent, opts)
+    # -- the maxima in score units: M = fl(m c), its rest m c - M (float64) into the log half --
+    lo_i = np.zeros(BLOCK_M, np.float64)
+    c64 = np.float64(cs_tile)
+    for i in range(rows):
+        big = np.float32(m_i[i] * cs_tile)
+        if math.isfinite(big):
+            lo_i[i] = np.float64(m_i[i]) * c64 - np.float64(big)
+        m_i[i] = big
+        t_i[i] = np.float32(t_i[i] * cs_tile)
+    _finish_rows(acc, m_i, l_i, e_i, lo_i, rows, b, h, r0, out, row_max, row_log, ent, opts)
     for i in range(rows):  # the true max (row_max holds the reference: its lse half)
         top[b, h, r0 + i] = row_max[b, h, r0 + i] if l_i[i] == 0.0 or l_i[i] != l_i[i] else t_i[i]
     counts[t] = n_tiles
