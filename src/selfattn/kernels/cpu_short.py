@@ -115,8 +115,9 @@ def _small_rows(q, k, v, out, causal, scale):
         for h in range(Hq):
             kh, vh = k[b, h // group], v[b, h // group]  # (Lk, D), (Lk, Dv)
             for i in range(Lq):
-                oi = out[b, h, i]  # (Dv,)
-                qi[:] = q[b, h, i]
+                oi, qrow = out[b, h, i], q[b, h, i]  # (Dv,), (D,)
+                for d in range(D):  # (a loop: an array assignment here took ~4 s more to compile)
+                    qi[d] = qrow[d]
                 n = min(Lk, max(0, i + Lk - Lq + 1)) if causal else Lk  # keys this row sees
                 # -- scores and their max --
                 _scores(qi, kh, n, scale, s)
@@ -171,7 +172,8 @@ def _scores(qi, kh, n, scale, s):
 def _weighted_sum(p, vh, n, acc):
     # acc = sum over j < n of p[j] * vh[j] in float64, four keys at a time
     Dv = acc.shape[0]
-    acc[:] = 0.0
+    for d in range(Dv):
+        acc[d] = 0.0
     n4 = n - n % 4
     for j in range(0, n4, 4):
         v0, v1, v2, v3 = vh[j], vh[j + 1], vh[j + 2], vh[j + 3]  # (Dv,) each
