@@ -7,6 +7,9 @@ host's width, like cpu_flash's). A task sweeps its non-empty key tiles twice::
 
     sweep 1, per tile:  S^T  = K_blk Q_blk^T           (keys x queries; Q^T packed once per task)
                         P^T  = exp2((S^T - row_max[q]) - row_log[q])
+                               (S^T = K_blk Q_blk^T unscaled where nothing is added to the scaled
+                               score: exp2(fma(S^T, scale log2 e, -row_max) - row_log), the
+                               forward's exponents: cpu_flash._raw_units)
                         dP^T = V_blk dO_blk^T          (dO^T packed like Q^T)
                         delta[q] += sum_keys P^T dP^T   (and sum_keys P^T; float64)
                         dV  += P^T dO                  (P^T as a plain A operand)
@@ -55,7 +58,7 @@ from numba.extending import intrinsic
 from .cpu_fwd import _alibi_tile, _bias_mask_t, _loop
 
 from .cpu_flash import (ADD, VEC_BYTES, _fold_lo, _softcap_tile, BLOCK_M, BLOCK_N, EMPTY, FASTMATH, PARTIAL, STORE, _addr, _bx, _dot, _Exact,
-                        _exp2_ir, _gemm, _Vectors)
+                        _exp2_ir, _gemm, _raw_units, _Vectors)
 
 VW = VEC_BYTES // 4  # float32 lanes of one host vector
 LANES = 16  # query lanes rounded up to this (a whole AVX-512 vector of float32; two AVX2 ones)
@@ -65,32 +68,35 @@ CALLS = {"calls": 0, "tiles": 0}  # launches of this kernel and the tiles they c
 
 
 @intrinsic
-def _probs_lanes(typingctx, ps, pdp, stride, pm, plg, pdl, psum, ncols, lo, like):
+def _probs_lanes(typingctx, ps, pdp, stride, pm, plg, pdl, psum, ncols, lo, cu, like):
     # One vector of query lanes (the host's width) down the ncols key rows of a transposed tile (raw
     # addresses, rows `stride` elements apart):
-    #   p = 2**((s - m) - lg), 0 where that exponent is below lo      -> written over s
+    #   p = 2**(fma(s, cu, -m) - lg), 0 where that exponent is below lo      -> written over s
+    #   (cu = 1: (s - m) - lg; else s is q.k itself and m, lg the forward's M and log2 l + rest:
+    #   cpu_flash._raw_units, _max_in_units -- s * cu - M rounded once, exact near the max)
     #   dl += sum over the rows of p * dp, psum += sum of p, in float64   (delta's two sums)
     # m, lg (float32), dl and psum (float64) per lane. The same exp2 IR as cpu_flash's _vec_exp2_row,
     # so P is the same. float64 sums: dS = P (dP - delta) cancels in rows of a few keys.
     if not (isinstance(like, types.Array) and like.dtype == types.float32):
         return None
-    sig = types.void(*([types.intp] * 8), types.float32, like)
+    sig = types.void(*([types.intp] * 8), types.float32, types.float32, like)
 
     def codegen(context, builder, signature, args):
         builder = _Exact(builder)
-        ps, pdp, stride, pm, plg, pdl, psum, ncols, lo, _ = args
+        ps, pdp, stride, pm, plg, pdl, psum, ncols, lo, cu, _ = args
         vec = _Vectors(context, builder, types.float32)
         dty = ir.VectorType(ir.DoubleType(), vec.width)
         dptr = ir.PointerType(dty)
         fma64 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(dty, [dty] * 3), f"llvm.fma.v{vec.width}f64")
-        lov = vec.splat(lo)
+        lov, cuv = vec.splat(lo), vec.splat(cu)
         m, lg = vec.load(pm, vec.const(0)), vec.load(plg, vec.const(0))
+        neg_m = builder.fsub(vec.zero, m)
         at_dl, at_ps = builder.inttoptr(pdl, dptr), builder.inttoptr(psum, dptr)
 
         def body(j, carried):
             off = builder.mul(j, stride)
-            # -- p = exp2((s - m) - lg), in this order --
-            x = builder.fsub(builder.fsub(vec.load(ps, off), m), lg)
+            # -- p = exp2(fma(s, cu, -m) - lg), in this order --
+            x = builder.fsub(builder.call(vec.fma, [vec.load(ps, off), cuv, neg_m]), lg)
             below = builder.fcmp_ordered("<", x, lov)
             xc = builder.select(below, lov, x)
             p = builder.select(below, vec.zero, _exp2_ir(builder, xc, vec.width))
@@ -246,6 +252,12 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
     # the softcap's dS factor of each kept tile of a small block (applied in float64 in sweep 2)
     wkeep = np.empty((nK if small and softcap > 0.0 else 0, BLOCK_N, 4), f)
     scaled = rows >= 4  # else dot products, as every forward takes them (cpu_flash, cpu_fwd)
+    # the product's factor and the score units per unit of s, as the forward took them: q.k itself
+    # (times the scale's sign) and P = exp2(fma(s, cu, -row_max) - row_log) where nothing is added to
+    # the scaled score (cpu_flash._raw_units)
+    store, cu64 = _raw_units(opts, mask)
+    cu = np.float32(cu64)
+    raw = cu64 != 1.0
     pq = _addr(q) + ((b * Hq + h) * Lq + r0) * D * isz  # Q_blk rows (rows x D)
     pdo = _addr(do) + ((b * Hq + h) * Lq + r0) * Dv * isz  # dO_blk rows (rows x Dv)
     # -- Q_blk^T and dO_blk^T (D|Dv x BLOCK_M), packed once per task, zero past the rows --
@@ -282,18 +294,22 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
         n += 1
         pk = _addr(k) + ((b * Hkv + hk) * Lk + c0) * D * isz  # K_blk rows (ncols x D)
         pv = _addr(v) + ((b * Hkv + hk) * Lk + c0) * Dv * isz  # V_blk rows (ncols x Dv)
-        # -- S^T = K_blk Q_blk^T (keys x queries), times the scale unless a softcap follows --
+        # -- S^T = K_blk Q_blk^T (keys x queries), times the store factor (the scale unless a softcap
+        # follows or the tile stays q.k: _raw_units) --
         if scaled:
-            _gemm(pk, D, 1, _addr(qt), BLOCK_M, _addr(st), BLOCK_M, ncols, D, nr, 1.0 if softcap > 0.0 else opts.qk_scale,
-                  STORE, np.intp(0), st)
+            _gemm(pk, D, 1, _addr(qt), BLOCK_M, _addr(st), BLOCK_M, ncols, D, nr, store, STORE, np.intp(0), st)
         else:
             # fewer than 4 query rows (decoding, a ragged last block): dot products, as the forward
             # computes such a block, so that a pair's score is bit for bit the forward's
             for j in range(ncols):
                 for i in range(nr):
                     st[j, i] = _dot(pq + i * D * isz, pk + j * D * isz, D, st) if i < rows else 0.0
+            if raw and store != 1.0:
+                for j in range(ncols):
+                    for i in range(rows):
+                        st[j, i] *= store
         if terms or kind == PARTIAL:
-            _score_terms_t(st, lo, w, rows, ncols, scaled and softcap <= 0.0, b, h, qb, kb, kind, mask, opts)
+            _score_terms_t(st, lo, w, rows, ncols, (scaled or raw) and softcap <= 0.0, b, h, qb, kb, kind, mask, opts)
         # (addresses taken where they are used: numba frees an array after the last use of its name,
         # and a raw address kept from earlier would point into freed memory)
         if lo.size > 0:
@@ -306,7 +322,7 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
         for g in range(0, nr, VW):
             pmg = (_addr(m0) if lo.size > 0 else _addr(m_blk)) + g * isz
             _probs_lanes(_addr(st) + g * isz, _addr(dpt) + g * isz, BLOCK_M, pmg, _addr(lg_blk) + g * isz,
-                         _addr(dl64) + g * 8, _addr(ps64) + g * 8, ncols, opts.exp_lo, st)
+                         _addr(dl64) + g * 8, _addr(ps64) + g * 8, ncols, opts.exp_lo, cu, st)
         # -- dV += P^T dO --
         _gemm(_addr(st), BLOCK_M, 1, pdo, Dv, _addr(dv_w) + ((b * Hkv + hk) * Lk + c0) * Dv * isz, Dv, ncols, rows, Dv,
               1.0, ADD, np.intp(0), st)

@@ -12,7 +12,8 @@ A tile holds, for query rows i and keys j of its blocks, the logit in *score uni
               (-inf where the mask rules the pair out)
 
 In float32 a score unit is log2(e) nats (the factor is folded into the scale, the softcap, the
-ALiBi slope and the bias), so every exponential is an exp2, computed in float32 by a polynomial
+ALiBi slope and the bias; without those terms a float32 tile keeps q.k itself and the softmax scales
+each difference s - max instead: ``_raw_units``), so every exponential is an exp2, computed in float32 by a polynomial
 written as vector IR (``_exp2_ir``, within 1 ulp); float64 keeps nats and calls libm. ``make_opts``
 fixes the units of a call. The tile products, the row max and the exp2 row loop are LLVM IR of the
 host's vector width (AVX-512 or AVX2, ``VEC_BYTES``), not left to LLVM's auto-vectoriser.
@@ -405,6 +406,56 @@ def _vec_row_max(typingctx, ps, nc, like):
     return sig, codegen
 
 
+def _exp2_row_ir(context, builder, signature, ps, pp, nc, m, cu, lg, lo, pstat):
+    # the loop of _vec_exp2_row (cu None) and _vec_exp2_row_c: p = 2**(((s - m) [* cu]) - lg)
+    builder = _Exact(builder)
+    vec = _Vectors(context, builder, signature.args[-1].dtype)
+    c = vec.const
+    if not vec.f32:
+        exp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec.vty, [vec.vty]),
+                                             f"llvm.exp.v{vec.width}f64")
+        lo = ir.Constant(vec.fty, float("-inf"))
+    mv, lgv, lov = vec.splat(m), vec.splat(lg), vec.splat(lo)
+    cuv = None if cu is None else vec.splat(cu)
+    want = builder.icmp_signed("!=", pstat, c(0))
+    entry = builder.block
+    loop = builder.append_basic_block("exp2.loop")
+    done = builder.append_basic_block("exp2.done")
+    builder.position_at_end(loop)
+    j = builder.phi(vec.i64)
+    tot = builder.phi(vec.vty)
+    st = builder.phi(vec.vty)
+    x = builder.fsub(vec.load(ps, j), mv)
+    if cuv is not None:
+        x = builder.fmul(x, cuv)
+    x = builder.fsub(x, lgv)
+    if vec.f32:
+        below = builder.fcmp_ordered("<", x, lov)
+        xc = builder.select(below, lov, x)
+        p = builder.select(below, vec.zero, _exp2_ir(builder, xc, vec.width))
+    else:
+        below = builder.fcmp_ordered("==", x, lov)
+        xc = builder.select(below, vec.zero, x)
+        p = builder.select(below, vec.zero, builder.call(exp, [xc]))
+    vec.store(p, pp, j)
+    new_tot = builder.fadd(tot, p)
+    new_st = builder.select(want, builder.call(vec.fma, [p, xc, st]), st)
+    nxt = builder.add(j, c(vec.width))
+    j.add_incoming(c(0), entry)
+    j.add_incoming(nxt, loop)
+    tot.add_incoming(vec.zero, entry)
+    tot.add_incoming(new_tot, loop)
+    st.add_incoming(vec.zero, entry)
+    st.add_incoming(new_st, loop)
+    builder.cbranch(builder.icmp_signed("<", nxt, nc), loop, done)
+    builder.position_at_end(entry)
+    builder.branch(loop)
+    builder.position_at_end(done)
+    with builder.if_then(want):
+        builder.store(vec.hsum(new_st), builder.inttoptr(pstat, vec.sptr))
+    return vec.hsum(new_tot)
+
+
 @intrinsic
 def _vec_exp2_row(typingctx, ps, pp, nc, m, lg, lo, pstat, like):
     # p = 2**((s - m) - lg) for the nc elements at ps into pp (nc a multiple of 16), 0 where the
@@ -417,49 +468,24 @@ def _vec_exp2_row(typingctx, ps, pp, nc, m, lg, lo, pstat, like):
     sig = f(types.intp, types.intp, types.intp, f, f, f, types.intp, like)
 
     def codegen(context, builder, signature, args):
-        builder = _Exact(builder)
         ps, pp, nc, m, lg, lo, pstat, _ = args
-        vec = _Vectors(context, builder, signature.args[-1].dtype)
-        c = vec.const
-        if not vec.f32:
-            exp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec.vty, [vec.vty]),
-                                                 f"llvm.exp.v{vec.width}f64")
-            lo = ir.Constant(vec.fty, float("-inf"))
-        mv, lgv, lov = vec.splat(m), vec.splat(lg), vec.splat(lo)
-        want = builder.icmp_signed("!=", pstat, c(0))
-        entry = builder.block
-        loop = builder.append_basic_block("exp2.loop")
-        done = builder.append_basic_block("exp2.done")
-        builder.position_at_end(loop)
-        j = builder.phi(vec.i64)
-        tot = builder.phi(vec.vty)
-        st = builder.phi(vec.vty)
-        x = builder.fsub(builder.fsub(vec.load(ps, j), mv), lgv)
-        if vec.f32:
-            below = builder.fcmp_ordered("<", x, lov)
-            xc = builder.select(below, lov, x)
-            p = builder.select(below, vec.zero, _exp2_ir(builder, xc, vec.width))
-        else:
-            below = builder.fcmp_ordered("==", x, lov)
-            xc = builder.select(below, vec.zero, x)
-            p = builder.select(below, vec.zero, builder.call(exp, [xc]))
-        vec.store(p, pp, j)
-        new_tot = builder.fadd(tot, p)
-        new_st = builder.select(want, builder.call(vec.fma, [p, xc, st]), st)
-        nxt = builder.add(j, c(vec.width))
-        j.add_incoming(c(0), entry)
-        j.add_incoming(nxt, loop)
-        tot.add_incoming(vec.zero, entry)
-        tot.add_incoming(new_tot, loop)
-        st.add_incoming(vec.zero, entry)
-        st.add_incoming(new_st, loop)
-        builder.cbranch(builder.icmp_signed("<", nxt, nc), loop, done)
-        builder.position_at_end(entry)
-        builder.branch(loop)
-        builder.position_at_end(done)
-        with builder.if_then(want):
-            builder.store(vec.hsum(new_st), builder.inttoptr(pstat, vec.sptr))
-        return vec.hsum(new_tot)
+        return _exp2_row_ir(context, builder, signature, ps, pp, nc, m, None, lg, lo, pstat)
+
+    return sig, codegen
+
+
+@intrinsic
+def _vec_exp2_row_c(typingctx, ps, pp, nc, m, cu, lg, lo, pstat, like):
+    # _vec_exp2_row with the exponent ((s - m) * cu) - lg: s in units of 1/cu score units
+    # (_raw_units), the difference exact near the max, one rounding after
+    if not (isinstance(like, types.Array) and isinstance(like.dtype, types.Float)):
+        return None
+    f = like.dtype
+    sig = f(types.intp, types.intp, types.intp, f, f, f, f, types.intp, like)
+
+    def codegen(context, builder, signature, args):
+        ps, pp, nc, m, cu, lg, lo, pstat, _ = args
+        return _exp2_row_ir(context, builder, signature, ps, pp, nc, m, cu, lg, lo, pstat)
 
     return sig, codegen
 
@@ -755,6 +781,18 @@ def _exp2_row(s, p, i, nc, m, stat):
 
 
 @njit(cache=True)
+def _exp2_row_c(s, p, i, nc, m, cu, stat):
+    # _exp2_row with the exponent (s - m) * cu (_raw_units); cu = 1: _exp2_row itself
+    if cu == 1.0:
+        return _exp2_row(s, p, i, nc, m, stat)
+    isz = s.itemsize
+    row = i * (s.strides[0] // isz)
+    zero = s.dtype.type(0.0)
+    pstat = _addr(stat) if stat.size > 0 else np.intp(0)
+    return _vec_exp2_row_c(_addr(s) + row * isz, _addr(p) + i * p.strides[0], nc, m, cu, zero, s.dtype.type(-126.0), pstat, s)
+
+
+@njit(cache=True)
 def _row_max(s, i, nc):
     return _vec_row_max(_addr(s) + i * s.strides[0], nc, s)
 
@@ -827,22 +865,68 @@ def _scores(q_blk, k_nat, kt_blk, use_dot, s, lo, w, rows, b, h, qb, kb, kind, m
     With a softcap, lo and w get the rest of each logit and the dS factor (``_softcap_tile``; w
     unless it has size 0).
     """
+    store = 1.0 if opts.softcap_u > 0.0 else opts.qk_scale
+    return _scores_by(q_blk, k_nat, kt_blk, use_dot, s, lo, w, rows, b, h, qb, kb, kind, mask, opts, store)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _scores_by(q_blk, k_nat, kt_blk, use_dot, s, lo, w, rows, b, h, qb, kb, kind, mask, opts, store):
+    # _scores with the product times `store` (1 with a softcap; _raw_units): s in units of 1/cu
     c0 = kb * BLOCK_N
     ncols = min(BLOCK_N, k_nat.shape[0] - c0)
-    # -- scores: q_blk @ k_blk^T (kt_blk holds k_blk^T unless use_dot), times the scale --
-    qk_scale = opts.qk_scale
-    softcap = opts.softcap_u > 0.0
+    # -- scores: q_blk @ k_blk^T (kt_blk holds k_blk^T unless use_dot), times the store factor --
     if use_dot:
         _qk_dot(q_blk, k_nat, c0, ncols, s, rows)
     else:
-        _mm(q_blk, kt_blk, s, rows, q_blk.shape[1], ncols, 1.0 if softcap else qk_scale)
-    if softcap:
+        _mm(q_blk, kt_blk, s, rows, q_blk.shape[1], ncols, store)
+    if opts.softcap_u > 0.0:
         _softcap_tile(s, lo, w, rows, ncols, opts)
-    elif use_dot:
+    elif use_dot and store != 1.0:
         for i in range(rows):
             for j in range(ncols):
-                s[i, j] *= qk_scale
+                s[i, j] *= store
     return _score_rest(s, rows, ncols, b, h, qb, kb, kind, mask, opts)
+
+
+@njit(cache=True)
+def _raw_units(opts, mask):
+    """(store, cu) of a forward tile: s = q.k * store at the product, the score in score units s * cu.
+
+    float32 without a softcap, ALiBi or float bias: the tile keeps q.k itself (store = the scale's
+    sign, exact) and the softmax takes each exponent as fma(s, cu, -M), cu = |scale| log2(e), M = the
+    row's max of s times cu: rounded once, exact for the scores near the max. Scaling at the store
+    instead (s * cu rounded, then s - M) put ~0.5 ulp of an exponent of ~1e3, 6e-5, into every score
+    at large logits: STYLE rule 6 missed by up to 10x against the float32 reference, which rounds
+    q.k * scale once. Otherwise (terms added to the scaled score; float64) the store scales, cu = 1."""
+    qk = np.float64(opts.qk_scale)
+    if opts.softcap_u > 0.0:
+        return 1.0, 1.0
+    if not opts.base2 or mask.alibi.size > 0 or mask.bias.size > 0 or qk == 0.0 or qk != qk:
+        return qk, 1.0
+    return (1.0 if qk > 0.0 else -1.0), abs(qk)
+
+
+@njit(cache=True)
+def _max_in_units(m_i, rows, cu):
+    """Running maxima of s (``_raw_units``) into score units for ``_finish_rows``: m_i[:rows] becomes
+    M = m * cu rounded; returns each row's rest m * cu - M (exact in float64, then rounded: the lse
+    = M + (log2 l + rest) keeps it; 0 where M is infinite)."""
+    rest = np.zeros(m_i.shape[0], m_i.dtype)
+    if cu == 1.0:
+        return rest
+    for i in range(rows):
+        x = np.float64(m_i[i]) * np.float64(cu)
+        big = m_i.dtype.type(x)
+        m_i[i] = big
+        if np.isfinite(big):
+            rest[i] = x - np.float64(big)
+    return rest
+
+
+@njit(cache=True)
+def _diff_units(m_old, m_new, cu):
+    # (m_old - m_new) * cu in score units, as the exponents of a tile are taken (_vec_exp2_row_c)
+    return (m_old - m_new) * cu if cu != 1.0 else m_old - m_new
 
 
 @njit(fastmath=FASTMATH_EXACT, cache=True)
@@ -1144,6 +1228,9 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts):
     acc = np.zeros((BLOCK_M, Dv), q.dtype)
     alpha_i = np.ones(BLOCK_M, q.dtype)  # per row: the factor of acc before this tile's share
     stat = np.zeros(1 if opts.want_stats else 0, q.dtype)
+    # the product's factor and the score units per unit of s (_raw_units)
+    store, cu64 = _raw_units(opts, mask)
+    cu = q.dtype.type(cu64)
     # a few query rows (decoding): dot products beat transposing the keys; every pass decides
     # the same way per query block, so a pair's score is bit-identical in all of them
     use_dot = rows < 4
@@ -1169,7 +1256,7 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts):
             kt_blk = kt_buf[:, :ncols]
         else:
             kt_blk = kt[b, hk, :, c0:c0 + ncols]
-        nc = _scores(q_blk, k[b, hk], kt_blk, use_dot, s, lo, no_w, rows, b, h, qb, kb, kind, mask, opts)
+        nc = _scores_by(q_blk, k[b, hk], kt_blk, use_dot, s, lo, no_w, rows, b, h, qb, kb, kind, mask, opts, store)
         if softcap:
             # -- a softcap: the new running maxima and their anchors' rests first, then s becomes
             # the exponent (s - max) + (lo - lo_max) --
@@ -1197,12 +1284,12 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts):
                 if _row_has_nan(s, i, nc):
                     l_i[i] = np.nan
                 continue
-            # -- p = exp(s - m_new), its row sum and sum p*(s - m_new) --
-            tot = _exp2_row(s, p, i, nc, opts.zero if softcap else m_new, stat)
+            # -- p = exp((s - m_new) cu), its row sum and sum p*(s - m_new) cu --
+            tot = _exp2_row_c(s, p, i, nc, opts.zero if softcap else m_new, cu, stat)
             # -- rescale the running sums; the accumulator's factor goes to the P V product --
             l_old = l_i[i]
             # (a softcap's anchor moves by its rest too: lo_i, lo_fold)
-            shift = (m_old - m_new) + (lo_i[i] - lo_fold[i]) if softcap else m_old - m_new
+            shift = (m_old - m_new) + (lo_i[i] - lo_fold[i]) if softcap else _diff_units(m_old, m_new, cu)
             if m_old == m_new:
                 alpha = 1.0
             elif m_old == -np.inf:
@@ -1221,6 +1308,9 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts):
         # (rounding grows with the number of key blocks, not of keys: one running sum was 5x the
         # float32 reference's error at 4096) --
         _mm(p, v[b, hk, c0:c0 + ncols], acc, rows, ncols, Dv, 1.0, RESCALE, alpha_i)
+    # -- the running max in score units: row_max = m * cu rounded, its rest into row_log --
+    if not softcap:
+        lo_i = _max_in_units(m_i, rows, cu)
     _finish_rows(acc, m_i, l_i, e_i, lo_i, rows, b, h, r0, out, row_max, row_log, ent, opts)
     counts[t] = n_tiles
 

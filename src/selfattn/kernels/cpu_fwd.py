@@ -17,9 +17,13 @@ vector width). The output product reads P = (P^T)^T through the micro-kernel's A
 The keys are read in their natural (B, Hkv, Lk, D) layout: no transposed copy of K, and no 8 KB
 row stride between the rows a micro-kernel reads (L1 set conflicts at D = 128 in ``cpu_flash``).
 
-Scores are bit-identical to ``cpu_flash``'s: the same FMA order over the head dim, the scale
-applied at the store (query blocks of fewer than 4 rows take cpu_flash's dot products, as all of
-its passes do): the backward recomputes the same scores. The terms after the product (softcap,
+Scores are bit-identical to ``cpu_flash``'s: the same FMA order over the head dim, the same factor
+at the store (query blocks of fewer than 4 rows take cpu_flash's dot products, as all of its passes
+do): the backward recomputes the same scores. Without a softcap, ALiBi or float bias that factor is
+only the scale's sign: the tile holds q.k, the running max m is q.k's, and the exponents are
+(s - m) * scale log2(e) (``cpu_flash._raw_units``: a scale applied at the store rounded every
+exponent at ~1e3 by 6e-5, up to 10x STYLE rule 6's bound); row_max = m * scale log2(e) rounded, its
+rest goes into row_log. The terms after the product (softcap,
 ALiBi, float bias, element-wise mask) are ``cpu_flash._score_terms`` written for the transposed
 tile; ALiBi is vector IR too (``_alibi_t``: one FMA a vector of query rows).
 
@@ -69,6 +73,8 @@ from selfattn.kernels.cpu_flash import (
     _mk2,
     _mk6,
     _query_task,
+    _raw_units,
+    _max_in_units,
     _softcap_tile,
     _softmax_lo_t,
     _Vectors,
@@ -199,28 +205,31 @@ def _loop(builder, vec, lo, hi, step, inits, body, name):
 
 
 @intrinsic
-def _vsoftmax(typingctx, ps, ss, nk, ng, pm, pl, pe, palpha, want, like):
+def _vsoftmax(typingctx, ps, ss, nk, ng, pm, pl, pe, palpha, want, cu, like):
     """One online-softmax step for ng groups of LANES query rows of a transposed tile, in place.
 
     ps: raw address of s^T[0, lane 0] (nk key rows, row stride ss elements); pm, pl, pe, palpha:
-    raw addresses of the rows' running max, sum, entropy sum and (output) alpha. s^T becomes
-    p^T = exp2(s^T - m_new) (0 below -126 and where a row has seen no allowed key); NaN scores
-    poison their row (l = NaN). ``want``: also update the entropy sum e (else pe is not touched).
+    raw addresses of the rows' running max, sum, entropy sum and (output) alpha. ``cu`` (> 0): score
+    units per unit of s (``_raw_units``): s^T becomes p^T = exp2((s^T - m_new) * cu) (0 below -126
+    and where a row has seen no allowed key), alpha = exp2((m_old - m_new) * cu): the difference is
+    exact near the max, then rounded once more. NaN scores poison their row (l = NaN). ``want``: also
+    update the entropy sum e (score units; else pe is not touched).
     """
     if not (isinstance(like, types.Array) and like.dtype == types.float32):
         return None
-    sig = types.void(*([types.intp] * 9), like)
+    sig = types.void(*([types.intp] * 9), types.float32, like)
 
     def codegen(context, builder, signature, args):
         builder = _Exact(builder)
-        ps0, ss, nk, ng, pm0, pl0, pe0, palpha0, want, _ = args
+        ps0, ss, nk, ng, pm0, pl0, pe0, palpha0, want, cu, _ = args
         vec = _Vectors(context, builder, types.float32)
         c, w = vec.const, vec.width
+        cv = vec.splat(cu)
 
         def group(g, _):
             o = builder.mul(g, c(4 * w))  # the group's byte offset
             ps, pm, pl, pe, palpha = (builder.add(x, o) for x in (ps0, pm0, pl0, pe0, palpha0))
-            _step(builder, vec, ps, ss, nk, pm, pl, pe, palpha, want)
+            _step(builder, vec, ps, ss, nk, pm, pl, pe, palpha, want, cv)
             return []
 
         _loop(builder, vec, c(0), ng, 1, [], group, "groups")
@@ -229,8 +238,8 @@ def _vsoftmax(typingctx, ps, ss, nk, ng, pm, pl, pe, palpha, want, like):
     return sig, codegen
 
 
-def _step(builder, vec, ps, ss, nk, pm, pl, pe, palpha, want):
-    # _vsoftmax's step for one group of LANES query rows (IR)
+def _step(builder, vec, ps, ss, nk, pm, pl, pe, palpha, want, cv):
+    # _vsoftmax's step for one group of LANES query rows (IR); cv: cu in every lane
     c, w = vec.const, vec.width
     fconst = lambda x: ir.Constant(vec.vty, [x] * w)  # noqa: E731
     ninf, lo = fconst(float("-inf")), fconst(-126.0)
@@ -249,13 +258,13 @@ def _step(builder, vec, ps, ss, nk, pm, pl, pe, palpha, want):
     accs = _loop(builder, vec, nk4, nk, 1, [accs[0]] + accs[1:],
                  lambda j, a: [vmax(a[0], vec.load(ps, row(j)))] + a[1:], "cmax1")
     cmax = vmax(vmax(accs[0], accs[1]), vmax(accs[2], accs[3]))
-    # -- new running max; rows still without any allowed key are "dead" --
+    # -- new running max (units of s); rows still without any allowed key are "dead" --
     m_old = vec.load(pm, c(0))
     l_old = vec.load(pl, c(0))
     m_new = vmax(m_old, cmax)
     dead = builder.fcmp_ordered("==", m_new, ninf)
-    # -- alpha = exp2(m_old - m_new): 1 when the max stays (dead rows too), 0 from -inf --
-    dm = builder.fsub(m_old, m_new)
+    # -- alpha = exp2((m_old - m_new) * cu): 1 when the max stays (dead rows too), 0 from -inf --
+    dm = builder.fmul(builder.fsub(m_old, m_new), cv)
     dm_low = builder.fcmp_ordered("<", dm, lo)
     alpha = builder.select(dm_low, vec.zero, _exp2_v(builder, builder.select(dm_low, lo, dm), w))
     alpha = builder.select(builder.fcmp_ordered("==", m_old, m_new), fconst(1.0), alpha)
@@ -282,7 +291,8 @@ def _step(builder, vec, ps, ss, nk, pm, pl, pe, palpha, want):
     def exp_pass(stats):
         # p = exp2(s - m_new) into the tile, its column sums (and sum p * (s - m_new))
         def one(j, tot, st):
-            x = builder.fsub(vec.load(ps, row(j)), m_sub)
+            # the exponent (s - m) * cu: the difference exact near the max, one rounding after
+            x = builder.fmul(builder.fsub(vec.load(ps, row(j)), m_sub), cv)
             below = builder.fcmp_ordered("<", x, lo)
             # exp2 of an x below -126 is garbage, but not selected; the entropy term needs it clamped
             xc = builder.select(below, lo, x) if stats else x
@@ -455,20 +465,19 @@ def _bias_mask_t(st, rows, ncols, b, h, qb, kb, kind, mask):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _qk_dot_t(q, b, h, r0, rows, pk, ncols, st, opts):
+def _qk_dot_t(q, b, h, r0, rows, pk, ncols, st, scale):
     # s^T[:ncols, :rows] = k_blk @ q[b, h, r0:r0 + rows]^T as cpu_flash._qk_dot's dot products (keys at
-    # raw address pk), times the scale unless there is a softcap (cpu_flash._score_terms' order)
+    # raw address pk), times `scale` (the gemm's store factor: _raw_units)
     D = q.shape[3]
     isz = q.itemsize
     pq = _addr(q) + ((b * q.shape[1] + h) * q.shape[2] + r0) * D * isz
     for j in range(ncols):
         for i in range(rows):
             st[j, i] = _dot(pq + i * D * isz, pk + j * D * isz, D, st)
-    if opts.softcap_u <= 0.0:
-        qk_scale = opts.qk_scale
+    if scale != 1.0:
         for j in range(ncols):
             for i in range(rows):
-                st[j, i] *= qk_scale
+                st[j, i] *= scale
 
 
 # -- the kernel ------------------------------------------------------------------------------------
@@ -494,7 +503,9 @@ def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
     l_i = np.zeros(BLOCK_M, q.dtype)
     e_i = np.zeros(BLOCK_M, q.dtype)
     alpha_i = np.ones(BLOCK_M, q.dtype)  # the factor of acc before this tile's share
-    scale = 1.0 if opts.softcap_u > 0.0 else np.float64(opts.qk_scale)  # a softcap scales in float64
+    # the product's factor and the score units per unit of s (a softcap scales in float64, afterwards)
+    scale, cu64 = _raw_units(opts, mask)
+    cu = np.float32(cu64)
     want = 1 if opts.want_stats else 0
     # fewer than 4 rows (a ragged last block): dot products, as every pass of cpu_flash computes such
     # a block, so that the backward recomputes bit-identical scores
@@ -524,9 +535,9 @@ def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
         c0 = kb * BLOCK_N
         ncols = min(BLOCK_N, Lk - c0)
         if use_dot:
-            _qk_dot_t(q, b, h, r0, rows, pk0 + c0 * D * isz, ncols, st, opts)
+            _qk_dot_t(q, b, h, r0, rows, pk0 + c0 * D * isz, ncols, st, scale)
         else:
-            # -- s^T = k_blk @ Q^T, times the scale --
+            # -- s^T = k_blk @ Q^T, times the store factor --
             _gemm_t(pk0 + c0 * D * isz, D, 1, _addr(qt), BLOCK_M, pst, BLOCK_M, ncols, D, rows, scale, STORE, np.intp(0), st)
         if own_alibi:
             _alibi_tile(st, rows, ncols, b, h, r0, c0, slopes, q_pos_f, kv_pos_f)
@@ -536,9 +547,12 @@ def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
         if fold:
             _softmax_lo_t(st, lo, rows, ncols, m_i, l_i, e_i, lo_i, alpha_i, opts)
         else:
-            _vsoftmax(pst, BLOCK_M, ncols, groups, pm, pl, pe, _addr(alpha_i), want, st)
+            _vsoftmax(pst, BLOCK_M, ncols, groups, pm, pl, pe, _addr(alpha_i), want, cu, st)
         # -- acc = alpha * acc + p @ v: P read as (P^T)^T, the tile's share added in one FMA --
         _gemm_t(pst, 1, BLOCK_M, pv0 + c0 * Dv * isz, Dv, _addr(acc), Dv, rows, ncols, Dv, 1.0, RESCALE, _addr(alpha_i), st)
+    # -- the running max in score units: row_max = m * cu rounded, its rest into row_log --
+    if not fold:
+        lo_i = _max_in_units(m_i, rows, cu)
     _finish_rows(acc, m_i, l_i, e_i, lo_i, rows, b, h, r0, out, row_max, row_log, ent, opts)
     counts[t] = n_tiles
 
