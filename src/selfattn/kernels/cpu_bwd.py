@@ -255,7 +255,7 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
     # the product's factor and the score units per unit of s, as the forward took them: q.k itself
     # (times the scale's sign) and P = exp2(fma(s, cu, -row_max) - row_log) where nothing is added to
     # the scaled score (cpu_flash._raw_units)
-    store, cu64 = _raw_units(opts, mask)
+    store, cu64 = _raw_units(opts.qk_scale, opts.softcap_u, opts.base2, mask.alibi.size > 0 or mask.bias.size > 0)
     cu = np.float32(cu64)
     raw = cu64 != 1.0
     pq = _addr(q) + ((b * Hq + h) * Lq + r0) * D * isz  # Q_blk rows (rows x D)

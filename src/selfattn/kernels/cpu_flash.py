@@ -888,8 +888,8 @@ def _scores_by(q_blk, k_nat, kt_blk, use_dot, s, lo, w, rows, b, h, qb, kb, kind
     return _score_rest(s, rows, ncols, b, h, qb, kb, kind, mask, opts)
 
 
-@njit(cache=True)
-def _raw_units(opts, mask):
+@njit(cache=True, inline="always")
+def _raw_units(qk_scale, softcap_u, base2, added):
     """(store, cu) of a forward tile: s = q.k * store at the product, the score in score units s * cu.
 
     float32 without a softcap, ALiBi or float bias: the tile keeps q.k itself (store = the scale's
@@ -897,16 +897,17 @@ def _raw_units(opts, mask):
     row's max of s times cu: rounded once, exact for the scores near the max. Scaling at the store
     instead (s * cu rounded, then s - M) put ~0.5 ulp of an exponent of ~1e3, 6e-5, into every score
     at large logits: STYLE rule 6 missed by up to 10x against the float32 reference, which rounds
-    q.k * scale once. Otherwise (terms added to the scaled score; float64) the store scales, cu = 1."""
-    qk = np.float64(opts.qk_scale)
-    if opts.softcap_u > 0.0:
+    q.k * scale once. Otherwise (``added``: ALiBi or a float bias added to the scaled score; float64)
+    the store scales, cu = 1. (Scalars, not the records: a call taking KernelMask compiled ~5 s longer.)"""
+    qk = np.float64(qk_scale)
+    if softcap_u > 0.0:
         return 1.0, 1.0
-    if not opts.base2 or mask.alibi.size > 0 or mask.bias.size > 0 or qk == 0.0 or qk != qk:
+    if not base2 or added or qk == 0.0 or qk != qk:
         return qk, 1.0
     return (1.0 if qk > 0.0 else -1.0), abs(qk)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _max_in_units(m_i, rows, cu):
     """Running maxima of s (``_raw_units``) into score units for ``_finish_rows``: m_i[:rows] becomes
     M = m * cu rounded; returns each row's rest m * cu - M (exact in float64, then rounded: the lse
@@ -923,7 +924,7 @@ def _max_in_units(m_i, rows, cu):
     return rest
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _diff_units(m_old, m_new, cu):
     # (m_old - m_new) * cu in score units, as the exponents of a tile are taken (_vec_exp2_row_c)
     return (m_old - m_new) * cu if cu != 1.0 else m_old - m_new
@@ -1229,7 +1230,7 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts):
     alpha_i = np.ones(BLOCK_M, q.dtype)  # per row: the factor of acc before this tile's share
     stat = np.zeros(1 if opts.want_stats else 0, q.dtype)
     # the product's factor and the score units per unit of s (_raw_units)
-    store, cu64 = _raw_units(opts, mask)
+    store, cu64 = _raw_units(opts.qk_scale, opts.softcap_u, opts.base2, mask.alibi.size > 0 or mask.bias.size > 0)
     cu = q.dtype.type(cu64)
     # a few query rows (decoding): dot products beat transposing the keys; every pass decides
     # the same way per query block, so a pair's score is bit-identical in all of them

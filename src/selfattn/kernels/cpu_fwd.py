@@ -504,7 +504,7 @@ def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
     e_i = np.zeros(BLOCK_M, q.dtype)
     alpha_i = np.ones(BLOCK_M, q.dtype)  # the factor of acc before this tile's share
     # the product's factor and the score units per unit of s (a softcap scales in float64, afterwards)
-    scale, cu64 = _raw_units(opts, mask)
+    scale, cu64 = _raw_units(opts.qk_scale, opts.softcap_u, opts.base2, mask.alibi.size > 0 or mask.bias.size > 0)
     cu = np.float32(cu64)
     want = 1 if opts.want_stats else 0
     # fewer than 4 rows (a ragged last block): dot products, as every pass of cpu_flash computes such
