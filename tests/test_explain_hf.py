@@ -66,10 +66,10 @@ def _main(capsys, *args):
     return code, out.out, out.err
 
 
-def _eager_attentions(path, ids):
+def _eager_attentions(path, ids, dtype=torch.float32):
     """Independent weights: transformers' eager attention on the saved model, (layers) x (H, L, L)."""
     model = transformers.LlamaForCausalLM.from_pretrained(path, attn_implementation="eager", local_files_only=True,
-                                                          dtype=torch.float32).eval()
+                                                          dtype=dtype).eval()
     with torch.no_grad():
         out = model(input_ids=torch.tensor([ids]), output_attentions=True)
     return [a[0].to(torch.float64) for a in out.attentions], out.logits[0]
@@ -130,11 +130,20 @@ def test_long_input_rows_and_statistics_from_ids(saved, capsys, tmp_path):
     assert tr["tokens"] == [str(i) for i in ids]
     L = len(ids)
     eager, _ = _eager_attentions(bare, ids)
-    for layer, want in zip(tr["layers"], eager, strict=True):
+    eager64, _ = _eager_attentions(bare, ids, torch.float64)
+    rows = [0, 17, L - 1]
+    for i, (layer, want, want64) in enumerate(zip(tr["layers"], eager, eager64, strict=True)):
         for h, head in enumerate(layer["heads"]):
-            assert not head["full"] and head["rows"] == [0, 17, L - 1]
+            assert not head["full"] and head["rows"] == rows
             got = _tensor(head["row_weights"])  # (3, L)
-            assert (got - want[h][[0, 17, L - 1]]).abs().max().item() <= TOL
+            if i == 0:  # the same inputs as eager's: issue 13's tolerance against eager's weights
+                assert (got - want[h][rows]).abs().max().item() <= TOL
+            else:
+                # deeper layers see inputs that two float32 pipelines rounded differently upstream (one
+                # was 1.3e-5 from eager, whose own distance to the float64 model there is 3.3e-5): held to
+                # the float64 model within twice eager's own distance to it (STYLE rule 6), plus TOL
+                own = (want[h][rows] - want64[h][rows]).abs().max().item()
+                assert (got - want64[h][rows]).abs().max().item() <= 2 * own + TOL, (layer["name"], h, own)
             assert (_tensor(head["stats"]["entropy"]) - _entropy(want[h])).abs().max().item() <= 1e-4  # every row
             assert torch.isfinite(_tensor(head["stats"]["max_logit"])).all()
     assert "tokens (41)" in out
