@@ -636,8 +636,8 @@ def test_a_near_tie_in_the_calibration_leaves_the_choice_to_the_table(calibratio
 def test_calibration_is_measured_once_and_leaves_no_trace(calibrations, monkeypatch):
     monkeypatch.setattr(cpu_backend, "PROBES", ((1, 2, 16, 16, 16), (1, 2, 96, 96, 16)))  # small: a quick measurement
     # one thread: the probes are timed in this thread's CPU time, which another process on the same
-    # cores does not inflate (wall-clock probes under the suite's other worker came out implausible
-    # three times running once in CI: no calibration recorded)
+    # cores does not inflate (CI once recorded no calibration here; not reproduced in 120 tries since,
+    # most likely wall-clock probes that the suite's other worker made implausible three times running)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
