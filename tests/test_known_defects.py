@@ -14,16 +14,7 @@ import torch
 import selfattn
 
 from _oracle import compare, reference_pair
-
-
-def _drawn(b, hq, hkv, lq, lk, d, dv, mag, seed):
-    # a request as the random sweeps drew them: q and k scaled by `mag`, torch's global generator
-    torch.manual_seed(seed)
-    q = (torch.randn(b, hq, lq, d, dtype=torch.float64) * mag).float()
-    k = (torch.randn(b, hkv, lk, d, dtype=torch.float64) * mag).float()
-    v = torch.randn(b, hkv, lk, dv)
-    go = torch.randn(b, hq, lq, dv)  # upstream gradient
-    return q, k, v, go
+from test_cpu_kernel import _drawn  # a request as the random sweeps drew them
 
 
 # The cpu float32 forward at large logits (q, k x4-x30) is no longer here: fixed (cpu_flash._raw_units),
