@@ -90,7 +90,7 @@ from selfattn.kernels.cpu_flash import (
     _score_terms,
     _Vectors,
 )
-from selfattn.kernels.cpu_fwd import LANES, _exp2_v, _loop, _score_terms_t
+from selfattn.kernels.cpu_fwd import LANES, _exp2_v, _finish_step, _loop, _score_terms_t
 
 _CACHE_DIR, _NUMBA_CACHE_DIR = numba_cache_dir(), numba_config.CACHE_DIR
 if _CACHE_DIR is not None:
@@ -258,30 +258,7 @@ def _step_pack(builder, vec, ps, nk, cv, pm, pt, pl, pe, palpha, ppk, pacc, nacc
         st = builder.fadd(builder.fadd(vals[1], vals[3]), builder.fadd(vals[5], vals[7]))
         return tot, st
 
-    with builder.if_else(builder.icmp_signed("!=", want, c(0))) as (then, otherwise):
-        with then:
-            tot_s, st_s = exp_pass(True)
-            blk_s = builder.block
-        with otherwise:
-            tot_n, _ = exp_pass(False)
-            blk_n = builder.block
-    tot = builder.phi(vec.vty)
-    tot.add_incoming(tot_s, blk_s)
-    tot.add_incoming(tot_n, blk_n)
-    st = builder.phi(vec.vty)
-    st.add_incoming(st_s, blk_s)
-    st.add_incoming(vec.zero, blk_n)
-    # -- rescale the running sums: l = alpha * l + sum p --
-    l_new = builder.select(dead, l_dead, builder.call(vec.fma, [alpha, l_old, tot]))
-    vec.store(l_new, pl, c(0))
-    vec.store(m_new, pm, c(0))
-    vec.store(alpha, palpha, c(0))
-    with builder.if_then(builder.icmp_signed("!=", want, c(0))):
-        # -- entropy sum: e = alpha * (e + (m_old - m_new) * l_old) + sum p (s - m_new) --
-        e_old = vec.load(pe, c(0))
-        e_new = builder.call(vec.fma, [alpha, builder.call(vec.fma, [dm, l_old, e_old]), st])
-        e_new = builder.select(builder.fcmp_ordered(">", l_old, vec.zero), e_new, st)
-        vec.store(builder.select(dead, e_old, e_new), pe, c(0))
+    _finish_step(builder, vec, exp_pass, want, dead, l_dead, l_old, m_new, alpha, dm, pl, pm, palpha, pe)
     # -- rescale the accumulator's columns (acc^T's rows times alpha), unless alpha is 1 throughout --
     changed = builder.bitcast(builder.fcmp_unordered("une", alpha, fconst(1.0)), ir.IntType(w))
     with builder.if_then(builder.icmp_unsigned("!=", changed, ir.Constant(ir.IntType(w), 0))):

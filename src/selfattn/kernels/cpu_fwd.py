@@ -312,6 +312,13 @@ def _step(builder, vec, ps, ss, nk, pm, pl, pe, palpha, want, cv):
         st = builder.fadd(builder.fadd(vals[1], vals[3]), builder.fadd(vals[5], vals[7]))
         return tot, st
 
+    _finish_step(builder, vec, exp_pass, want, dead, l_dead, l_old, m_new, alpha, dm, pl, pm, palpha, pe)
+
+
+def _finish_step(builder, vec, exp_pass, want, dead, l_dead, l_old, m_new, alpha, dm, pl, pm, palpha, pe):
+    # the end of a vertical softmax step (IR), shared with cpu_amx: exp_pass(stats) -> (sum p, sum p x)
+    # with the entropy term where ``want`` asks for it, then l, m, alpha (and e) stored
+    c = vec.const
     with builder.if_else(builder.icmp_signed("!=", want, c(0))) as (then, otherwise):
         with then:
             tot_s, st_s = exp_pass(True)
