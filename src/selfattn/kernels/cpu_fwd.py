@@ -73,6 +73,7 @@ from selfattn.kernels.cpu_flash import (
     _mk2,
     _mk6,
     _query_task,
+    _qk_split,
     _raw_units,
     _max_in_units,
     _softcap_tile,
@@ -82,6 +83,9 @@ from selfattn.kernels.cpu_flash import (
 )
 
 LANES = VEC_BYTES // 4  # float32 query rows per vector: 16 (AVX-512) or 8 (AVX2)
+# A ragged last block of < 4 query rows takes float64 dot-product scores kept as hi + lo (cpu_flash._qk_split);
+# cpu_bwd's launcher reads this to recompute the same scores
+SPLIT_SMALL = True
 UNROLL = 4  # independent accumulators in the column loops (max, sums)
 #: calls and tile products served by this kernel since import (tests check the path was taken)
 CALLS = {"calls": 0, "tiles": 0}
@@ -515,13 +519,15 @@ def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
     cu = np.float32(cu64)
     want = 1 if opts.want_stats else 0
     # fewer than 4 rows (a ragged last block): dot products, as every pass of cpu_flash computes such
-    # a block, so that the backward recomputes bit-identical scores
+    # a block, so that the backward recomputes bit-identical scores; without a softcap in float64, kept
+    # as hi + lo in score units (cpu_flash._qk_split, SPLIT_SMALL)
     use_dot = rows < 4
     # score terms after the product in every tile; ALiBi without a softcap (which comes first) is
     # added here: a call that takes the mask record costs ~0.4 us a tile (its ~20 arrays are
     # reference-counted on the way in and out)
     softcap = opts.softcap_u > 0.0
-    fold = softcap and opts.fold_lo  # cpu_flash's softcap hi/lo convention (_softmax_lo_t)
+    split = use_dot and not softcap
+    fold = softcap and opts.fold_lo or split  # cpu_flash's hi/lo convention (_softmax_lo_t)
     lo = np.zeros((BLOCK_N, BLOCK_M) if fold else (0, 0), q.dtype)  # the softcap's rest of each logit
     lo_i = np.zeros(BLOCK_M if fold else 0, q.dtype)  # per query row: its anchor's rest
     own_alibi = mask.alibi.size > 0 and not softcap
@@ -541,7 +547,12 @@ def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
         n_tiles += 1
         c0 = kb * BLOCK_N
         ncols = min(BLOCK_N, Lk - c0)
-        if use_dot:
+        if split:
+            # -- the score terms on zeros first, then q.k in float64 added (below) --
+            for j in range(ncols):
+                for i in range(rows):
+                    st[j, i] = 0.0
+        elif use_dot:
             _qk_dot_t(q, b, h, r0, rows, pk0 + c0 * D * isz, ncols, st, scale)
         else:
             # -- s^T = k_blk @ Q^T, times the store factor --
@@ -550,6 +561,10 @@ def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
             _alibi_tile(st, rows, ncols, b, h, r0, c0, slopes, q_pos_f, kv_pos_f)
         if terms or kind == PARTIAL:
             _score_terms_t(st, lo, rows, ncols, b, h, qb, kb, kind, mask, opts, not own_alibi)
+        if split:
+            # -- hi + lo = q.k * scale log2(e) in float64 + the terms --
+            _qk_split(_addr(q) + ((b * Hq + h) * Lq + r0) * D * isz, D, rows, pk0 + c0 * D * isz, ncols, D,
+                      opts.qk_scale64, st, lo, True)
         # -- online softmax, LANES query rows at a time: m, alpha, l (and e); s^T becomes p^T --
         if fold:
             _softmax_lo_t(st, lo, rows, ncols, m_i, l_i, e_i, lo_i, alpha_i, opts)
