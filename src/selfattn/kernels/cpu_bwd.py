@@ -58,7 +58,7 @@ from numba.extending import intrinsic
 from .cpu_fwd import _alibi_tile, _bias_mask_t, _loop
 
 from .cpu_flash import (ADD, VEC_BYTES, _fold_lo, _softcap_tile, BLOCK_M, BLOCK_N, EMPTY, FASTMATH, PARTIAL, STORE, _addr, _bx, _dot, _Exact,
-                        _exp2_ir, _gemm, _raw_units, _Vectors)
+                        _exp2_ir, _gemm, _qk_split, _raw_units, _Vectors)
 
 VW = VEC_BYTES // 4  # float32 lanes of one host vector
 LANES = 16  # query lanes rounded up to this (a whole AVX-512 vector of float32; two AVX2 ones)
@@ -218,7 +218,7 @@ def _score_terms_t(st, lo, w, rows, ncols, scaled, b, h, qb, kb, kind, mask, opt
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk_w, dv_w, dq, pbuf, dpbuf, kbs, counts, mask,
+def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, dk_w, dv_w, dq, pbuf, dpbuf, kbs, counts, mask,
               opts):
     # One (batch, head, query block): its dQ, and its shares of dK and dV added to this worker's
     # accumulators dk_w, dv_w. pbuf/dpbuf (nK, BLOCK_N, BLOCK_M): the worker's P^T and dP^T tiles,
@@ -239,15 +239,18 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
     tb, th_ = _bx(tiles.shape[0], b), _bx(tiles.shape[1], h)
     isz = 4
     f = q.dtype
+    small = rows < 4  # dot-product scores, and dS and dQ in float64 (below)
+    # without a softcap a small block's scores are float64 dot products kept as hi + lo in score units,
+    # exponents ((s - max) + lo) - log l, as the forwards take them (cpu_flash._qk_split)
+    split = small and softcap <= 0.0 and (Lq < 4 or split_ragged)
     w = np.empty((BLOCK_N, BLOCK_M) if softcap > 0.0 else (0, 0), f)  # the softcap's dS factor
-    lo = np.empty((BLOCK_N, BLOCK_M) if softcap > 0.0 and fold_lo else (0, 0), f)  # the softcap's rest
+    lo = np.empty((BLOCK_N, BLOCK_M) if softcap > 0.0 and fold_lo or split else (0, 0), f)  # the logits' rests
     m0 = np.zeros(BLOCK_M, f)  # the max once folded into the exponent: 0, +inf past the rows
     for i in range(rows, BLOCK_M):
         m0[i] = np.inf
     dl64 = np.zeros(BLOCK_M, np.float64)  # rowsum(P * dP) per query lane, in float64
     ps64 = np.zeros(BLOCK_M, np.float64)  # rowsum(P) per query lane, in float64
     dq_acc = np.zeros((BLOCK_M, D), f)
-    small = rows < 4  # dot-product scores, and dS and dQ in float64 (below)
     dq64 = np.zeros((rows if small else 0, D), np.float64)
     # the softcap's dS factor of each kept tile of a small block (applied in float64 in sweep 2)
     wkeep = np.empty((nK if small and softcap > 0.0 else 0, BLOCK_N, 4), f)
@@ -256,6 +259,8 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
     # (times the scale's sign) and P = exp2(fma(s, cu, -row_max) - row_log) where nothing is added to
     # the scaled score (cpu_flash._raw_units)
     store, cu64 = _raw_units(opts.qk_scale, opts.softcap_u, opts.base2, mask.alibi.size > 0 or mask.bias.size > 0)
+    if split:
+        store, cu64 = 1.0, 1.0
     cu = np.float32(cu64)
     raw = cu64 != 1.0
     pq = _addr(q) + ((b * Hq + h) * Lq + r0) * D * isz  # Q_blk rows (rows x D)
@@ -298,9 +303,14 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
         # follows or the tile stays q.k: _raw_units) --
         if scaled:
             _gemm(pk, D, 1, _addr(qt), BLOCK_M, _addr(st), BLOCK_M, ncols, D, nr, store, STORE, np.intp(0), st)
+        elif split:
+            # fewer than 4 query rows (decoding, a ragged last block): the score terms on zeros first, then
+            # q.k in float64 added, hi + lo in score units (below), bit for bit the forward's
+            for j in range(ncols):
+                for i in range(nr):
+                    st[j, i] = 0.0
         else:
-            # fewer than 4 query rows (decoding, a ragged last block): dot products, as the forward
-            # computes such a block, so that a pair's score is bit for bit the forward's
+            # (the same with a softcap: float32 dot products, then the softcap in float64)
             for j in range(ncols):
                 for i in range(nr):
                     st[j, i] = _dot(pq + i * D * isz, pk + j * D * isz, D, st) if i < rows else 0.0
@@ -309,11 +319,13 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
                     for i in range(rows):
                         st[j, i] *= store
         if terms or kind == PARTIAL:
-            _score_terms_t(st, lo, w, rows, ncols, (scaled or raw) and softcap <= 0.0, b, h, qb, kb, kind, mask, opts)
+            _score_terms_t(st, lo, w, rows, ncols, (scaled or raw or split) and softcap <= 0.0, b, h, qb, kb, kind, mask, opts)
+        if split:
+            _qk_split(pq, D, rows, pk, ncols, D, opts.qk_scale64, st, lo, True)
         # (addresses taken where they are used: numba frees an array after the last use of its name,
         # and a raw address kept from earlier would point into freed memory)
         if lo.size > 0:
-            # -- the softcap's exponent ((s - max) + lo) in float64, rounded once (cpu_flash's convention),
+            # -- hi + lo: the exponent ((s - max) + lo) in float64, rounded once (cpu_flash's convention),
             # then taken against a max of 0 (m0) --
             _fold_lo(st, lo, ncols, rows, m_blk, m0, False)
         # -- dP^T = V_blk dO_blk^T --
@@ -420,7 +432,7 @@ def _scale_head(dk, kh, dscale):
 
 
 @njit(cache=True, nogil=True)
-def _tasks(t0, t1, w, W, per, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk_w, dv_w, dq, counts,
+def _tasks(t0, t1, w, W, per, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, dk_w, dv_w, dq, counts,
            mask, opts):
     # worker w of W's share of tasks t0..t1-1, in order, with its P^T/dP^T buffers (allocated here, once,
     # in the thread that runs them: an allocation of 2 x 1 MB and its first touch cost ~0.9 ms, ~1 % of a
@@ -442,7 +454,7 @@ def _tasks(t0, t1, w, W, per, q, k, v, do, row_max, row_log, delta, sink_p, norm
                 continue
         elif t % (2 * W) != w and t % (2 * W) != 2 * W - 1 - w:
             continue
-        _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk_w, dv_w, dq, pbuf, dpbuf, kbs,
+        _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, dk_w, dv_w, dq, pbuf, dpbuf, kbs,
                   counts, mask, opts)
         if per > 0 and (t + 1) % per == 0:
             _scale_head(dk_w, t // per, opts.dscale)
@@ -450,7 +462,7 @@ def _tasks(t0, t1, w, W, per, q, k, v, do, row_max, row_log, delta, sink_p, norm
 
 
 @njit(parallel=True, cache=True)
-def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, workers, dk_w, dv_w, dk, dv, dq, counts, mask, opts):
+def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, workers, dk_w, dv_w, dk, dv, dq, counts, mask, opts):
     """The whole backward pass on ``workers`` threads: one task per (batch, head, query block)
     (``counts`` has one entry each). Two ways to deal them, both bit-identical run to run:
 
@@ -463,7 +475,9 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
 
     dk ends up times dscale. row_max, row_log (B, Hq, Lq): the lse halves (sink included); delta
     (B, Hq, Lq) the caller's (shard_backward) or (B, Hq, 0): computed here, divided by rowsum(P) +
-    sink_p (B, Hq, Lq|0) when ``normalize``; ``fold_lo``: cpu_flash.FOLD_LO's softcap exponent.
+    sink_p (B, Hq, Lq|0) when ``normalize``; ``fold_lo``: cpu_flash.FOLD_LO's softcap exponent;
+    ``split_ragged``: a ragged last block of < 4 rows takes float64 hi + lo scores (cpu_flash._qk_split) as
+    the forward did (cpu_fwd.SPLIT_SMALL; calls of < 4 rows always do).
     Writes dq (B, Hq, Lq, D).
     """
     W = dk_w.shape[0]
@@ -475,11 +489,11 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
         # another process on its core does fewer), each with its own buffers (~1 % of its work at L 4096) --
         for kh in prange(T // per):
             _tasks(kh * per, (kh + 1) * per, 0, 1, per, q, k, v, do, row_max, row_log, delta, sink_p, normalize,
-                   fold_lo, dk_w[0], dv_w[0], dq, counts, mask, opts)
+                   fold_lo, split_ragged, dk_w[0], dv_w[0], dq, counts, mask, opts)
         return
     # -- worker w: its snake share of the tasks (see _tasks) into its own dK/dV copy --
     for w in prange(W):
-        _tasks(0, T, w, W, 0, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk_w[w], dv_w[w], dq,
+        _tasks(0, T, w, W, 0, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, dk_w[w], dv_w[w], dq,
                counts, mask, opts)
     R = dk.shape[0] * dk.shape[1] * dk.shape[2]
     dk2, dv2 = dk.reshape(R, dk.shape[3]), dv.reshape(R, dv.shape[3])
@@ -490,11 +504,11 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
 
 
 @njit(cache=True)
-def flash_bwd_t_serial(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk, dv, dq, counts, mask, opts):
+def flash_bwd_t_serial(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, dk, dv, dq, counts, mask, opts):
     # one worker, in the calling thread: its accumulators are dk and dv themselves (zeroed by the
     # caller); dK scaled kv head by kv head, as flash_bwd_t's whole-head path does
     per = (q.shape[1] // k.shape[1]) * ((q.shape[2] + BLOCK_M - 1) // BLOCK_M)  # tasks per kv head
-    _tasks(0, counts.shape[0], 0, 1, per, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, dk, dv, dq,
+    _tasks(0, counts.shape[0], 0, 1, per, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, dk, dv, dq,
            counts, mask, opts)
 
 
@@ -521,6 +535,7 @@ def launch_backward(grad_out, q, k, v, out, row_max, row_log, call, delta=None, 
     given (``shard_backward``: the whole row's, used as it is). ``out`` is unused."""
     from selfattn.backends import cpu as _cpu
     from selfattn.kernels import cpu_flash as _k
+    from selfattn.kernels import cpu_fwd as _fwd
 
     acc = torch.float32
     B, Hq, Lq, D = q.shape
@@ -549,8 +564,10 @@ def launch_backward(grad_out, q, k, v, out, row_max, row_log, call, delta=None, 
     dv = torch.zeros(B, Hkv, Lk, Dv, dtype=acc)
     counts = np.zeros(B * Hq * (-(-Lq // BLOCK_M)), np.int64)  # one per task
     threads = _cpu._threads(len(counts), 10.0 * B * Hq * Lq * Lk * D)
+    # a ragged last block of < 4 rows: hi + lo scores where cpu_fwd's forward takes them so (SPLIT_SMALL)
+    split_ragged = bool(getattr(_fwd, "SPLIT_SMALL", False))
     args = (q_.numpy(), k_.numpy(), v_.numpy(), do.numpy(), row_max.numpy(), row_log.numpy(), delta, sink_p, normalize,
-            bool(getattr(_k, "FOLD_LO", False)))
+            bool(getattr(_k, "FOLD_LO", False)), split_ragged)
     if threads <= 1:
         _cpu._run(flash_bwd_t_serial, *args, dk.numpy(), dv.numpy(), dq.numpy(), counts, mask, opts)
     else:

@@ -658,21 +658,20 @@ def _mm_tn(a, b, c, m, kdim, mode=STORE):
           _addr(c), c.strides[0] // isz, m, kdim, b.shape[1], 1.0, mode, np.intp(0), c)
 
 
-@intrinsic
-def _dot(typingctx, pa, pb, kdim, like):
-    # sum_k a[k] * b[k] over contiguous rows at raw addresses, in a fixed order (4 vector partial
-    # sums, then the lanes as a tree) whatever the caller: the same (query, key) pair gets the same
-    # score in the forward and both backward passes
-    if not (isinstance(like, types.Array) and isinstance(like.dtype, types.Float)):
-        return None
-    sig = like.dtype(types.intp, types.intp, types.intp, like)
-
+def _dot_codegen(wide):
+    # the IR of _dot (wide False) and _dot64 (wide True: float32 products widened to float64 and
+    # summed in float64 vectors of as many lanes; the result is a float64)
     def codegen(context, builder, signature, args):
         builder = _Exact(builder)
         pa, pb, kdim, _ = args
         vec = _Vectors(context, builder, signature.args[-1].dtype)
         width, i32, i64, c = vec.width, vec.i32, vec.i64, vec.const
         step = c(4 * width)
+        aty = ir.VectorType(ir.DoubleType(), width) if wide else vec.vty  # the accumulators' type
+        zero = ir.Constant(aty, None)
+        fma = vec.fma
+        if wide:
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(aty, [aty] * 3), f"llvm.fma.v{width}f64")
 
         def chunk(kk, accs, masked):
             # accs[u] += a[kk + u*width : ...] * b[...], u = 0..3 (masked past kdim in the tail)
@@ -685,7 +684,9 @@ def _dot(typingctx, pa, pb, kdim, like):
                 else:
                     x = builder.load(vec.at(pa, off, vec.vptr), align=4)
                     y = builder.load(vec.at(pb, off, vec.vptr), align=4)
-                out.append(builder.call(vec.fma, [x, y, accs[u]]))
+                if wide:
+                    x, y = builder.fpext(x, aty), builder.fpext(y, aty)
+                out.append(builder.call(fma, [x, y, accs[u]]))
             return out
 
         entry = builder.block
@@ -697,13 +698,13 @@ def _dot(typingctx, pa, pb, kdim, like):
         # -- full chunks of 4 vectors, plain loads --
         builder.position_at_end(main)
         kk = builder.phi(i64)
-        accs = [builder.phi(vec.vty) for _ in range(4)]
+        accs = [builder.phi(aty) for _ in range(4)]
         new = chunk(kk, accs, False)
         nxt = builder.add(kk, step)
         kk.add_incoming(c(0), entry)
         kk.add_incoming(nxt, main)
         for u in range(4):
-            accs[u].add_incoming(vec.zero, entry)
+            accs[u].add_incoming(zero, entry)
             accs[u].add_incoming(new[u], main)
         builder.cbranch(builder.icmp_signed("<=", builder.add(nxt, step), kdim), main, check)
         # -- the rest, masked --
@@ -711,9 +712,9 @@ def _dot(typingctx, pa, pb, kdim, like):
         kt = builder.phi(i64)
         kt.add_incoming(c(0), entry)
         kt.add_incoming(nxt, main)
-        acct = [builder.phi(vec.vty) for _ in range(4)]
+        acct = [builder.phi(aty) for _ in range(4)]
         for u in range(4):
-            acct[u].add_incoming(vec.zero, entry)
+            acct[u].add_incoming(zero, entry)
             acct[u].add_incoming(new[u], main)
         builder.cbranch(builder.icmp_signed("<", kt, kdim), tail, done)
         builder.position_at_end(tail)
@@ -722,7 +723,7 @@ def _dot(typingctx, pa, pb, kdim, like):
         builder.position_at_end(done)
         fin = []
         for u in range(4):
-            phi = builder.phi(vec.vty)
+            phi = builder.phi(aty)
             phi.add_incoming(acct[u], check)
             phi.add_incoming(newt[u], tail)
             fin.append(phi)
@@ -736,7 +737,58 @@ def _dot(typingctx, pa, pb, kdim, like):
             v = builder.fadd(lo, hi)
         return builder.extract_element(v, ir.Constant(i32, 0))
 
-    return sig, codegen
+    return codegen
+
+
+@intrinsic
+def _dot(typingctx, pa, pb, kdim, like):
+    # sum_k a[k] * b[k] over contiguous rows at raw addresses, in a fixed order (4 vector partial
+    # sums, then the lanes as a tree) whatever the caller: the same (query, key) pair gets the same
+    # score in the forward and both backward passes
+    if not (isinstance(like, types.Array) and isinstance(like.dtype, types.Float)):
+        return None
+    return like.dtype(types.intp, types.intp, types.intp, like), _dot_codegen(False)
+
+
+@intrinsic
+def _dot64(typingctx, pa, pb, kdim, like):
+    # _dot of float32 rows (`like` a float32 array) in float64: each product exact, the sum in the
+    # same fixed order, rounded in float64 (relative error ~D 2**-53, far below float32's rounding);
+    # float64 rows: _dot itself
+    if not (isinstance(like, types.Array) and isinstance(like.dtype, types.Float)):
+        return None
+    return types.float64(types.intp, types.intp, types.intp, like), _dot_codegen(like.dtype == types.float32)
+
+
+@njit(cache=True)
+def _qk_split(pq, sq, rows, pk, ncols, D, c64, s, lo, transposed):
+    """Scores of a block of fewer than 4 query rows (decoding, a ragged last block) in float64.
+
+    On entry s[i, j] ([j, i] when ``transposed``) holds the score terms alone -- the tile's terms
+    (ALiBi, float bias, -inf where masked) applied to zeros -- and gets q.k added in float64:
+    y = (q_i . k_j) * c64 + s[i, j], c64 = scale log2(e) (score units), kept as two float32s: hi = y
+    rounded into s and lo = y - hi (rounded) into lo (lo 0 where hi is not finite). Query rows at raw
+    address pq, ``sq`` elements apart; keys at pk, D apart. The softmax takes each exponent as the
+    softcap's hi/lo convention does (``_softcap_tile``): (s - m) + (lo - lo_m), in float64, rounded once.
+
+    A float32 q.k rounds by up to ulp(q.k) / 2, which at logits of ~1e3 is ~6e-5 of exponent per key,
+    not shared by the row: rows of a few keys missed STYLE rule 6 by up to 2.9x (D 3, x30) even with
+    q.k exactly rounded, where the float32 reference rounds luckily; so did ALiBi added to a float32 hi
+    (dk 1.3x). The float32 reference's own scores are not this exact: the kernel is then well within
+    its error."""
+    isz = 4
+    for i in range(rows):
+        for j in range(ncols):
+            t = np.float64(s[j, i]) if transposed else np.float64(s[i, j])
+            y = _dot64(pq + i * sq * isz, pk + j * D * isz, D, s) * c64 + t
+            hi = np.float32(y)
+            r = np.float32(y - np.float64(hi)) if math.isfinite(hi) else np.float32(0.0)
+            if transposed:
+                s[j, i] = hi
+                lo[j, i] = r
+            else:
+                s[i, j] = hi
+                lo[i, j] = r
 
 
 @njit(cache=True)
@@ -874,8 +926,14 @@ def _scores_by(q_blk, k_nat, kt_blk, use_dot, s, lo, w, rows, b, h, qb, kb, kind
     # _scores with the product times `store` (1 with a softcap; _raw_units): s in units of 1/cu
     c0 = kb * BLOCK_N
     ncols = min(BLOCK_N, k_nat.shape[0] - c0)
-    # -- scores: q_blk @ k_blk^T (kt_blk holds k_blk^T unless use_dot), times the store factor --
-    if use_dot:
+    # -- scores: q_blk @ k_blk^T (kt_blk holds k_blk^T unless use_dot), times the store factor; a
+    # lo without a softcap: the terms on zeros first, then q.k in float64 added, as hi + lo (_qk_split) --
+    split = use_dot and lo.size > 0 and opts.softcap_u <= 0.0
+    if split:
+        for i in range(rows):
+            for j in range(ncols):
+                s[i, j] = 0.0
+    elif use_dot:
         _qk_dot(q_blk, k_nat, c0, ncols, s, rows)
     else:
         _mm(q_blk, kt_blk, s, rows, q_blk.shape[1], ncols, store)
@@ -885,7 +943,13 @@ def _scores_by(q_blk, k_nat, kt_blk, use_dot, s, lo, w, rows, b, h, qb, kb, kind
         for i in range(rows):
             for j in range(ncols):
                 s[i, j] *= store
-    return _score_rest(s, rows, ncols, b, h, qb, kb, kind, mask, opts)
+    nc = _score_rest(s, rows, ncols, b, h, qb, kb, kind, mask, opts)
+    if split:
+        isz = s.itemsize
+        D = k_nat.shape[1]
+        _qk_split(_addr(q_blk), q_blk.strides[0] // isz, rows, _addr(k_nat) + c0 * D * isz, ncols, D, opts.qk_scale64,
+                  s, lo, False)
+    return nc
 
 
 @njit(cache=True, inline="always")
@@ -1220,21 +1284,26 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts):
     q_blk = q[b, h, r0:r0 + rows]
     s = np.empty((BLOCK_M, BLOCK_N), q.dtype)
     p = np.empty((BLOCK_M, BLOCK_N), q.dtype)
-    softcap = opts.softcap_u > 0.0 and opts.fold_lo
-    lo = np.zeros((BLOCK_M, BLOCK_N) if softcap else (0, 0), q.dtype)  # the softcap's rest of each logit
+    # a few query rows (decoding): dot products beat transposing the keys; every pass decides
+    # the same way per query block, so a pair's score is bit-identical in all of them. In float32
+    # without a softcap they are float64 dot products kept as hi + lo (_qk_split)
+    use_dot = rows < 4
+    split = use_dot and opts.base2 and opts.softcap_u <= 0.0
+    # the logits as hi + lo (a softcap's or _qk_split's), exponents against an anchor (_softcap_tile)
+    fold = opts.softcap_u > 0.0 and opts.fold_lo or split
+    lo = np.zeros((BLOCK_M, BLOCK_N) if fold else (0, 0), q.dtype)  # the rest of each logit
     no_w = np.empty((0, 0), q.dtype)
-    m_fold = np.empty(BLOCK_M, q.dtype)  # a softcap's running maxima after this tile ...
+    m_fold = np.empty(BLOCK_M, q.dtype)  # the running maxima after this tile ...
     lo_fold = np.zeros(BLOCK_M, q.dtype)  # ... and the rests of their anchors (_softcap_tile)
     lo_i = np.zeros(BLOCK_M, q.dtype)  # the anchors' rests before this tile
     acc = np.zeros((BLOCK_M, Dv), q.dtype)
     alpha_i = np.ones(BLOCK_M, q.dtype)  # per row: the factor of acc before this tile's share
     stat = np.zeros(1 if opts.want_stats else 0, q.dtype)
-    # the product's factor and the score units per unit of s (_raw_units)
+    # the product's factor and the score units per unit of s (_raw_units; hi + lo: score units)
     store, cu64 = _raw_units(opts.qk_scale, opts.softcap_u, opts.base2, mask.alibi.size > 0 or mask.bias.size > 0)
+    if split:
+        store, cu64 = 1.0, 1.0
     cu = q.dtype.type(cu64)
-    # a few query rows (decoding): dot products beat transposing the keys; every pass decides
-    # the same way per query block, so a pair's score is bit-identical in all of them
-    use_dot = rows < 4
     # keys arrive transposed, kt (B, Hkv, D, Lk), unless kt has no columns: then (one key block,
     # which every task meets once) each tile transposes its own
     local_kt = not use_dot and kt.shape[3] < Lk
@@ -1258,8 +1327,8 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts):
         else:
             kt_blk = kt[b, hk, :, c0:c0 + ncols]
         nc = _scores_by(q_blk, k[b, hk], kt_blk, use_dot, s, lo, no_w, rows, b, h, qb, kb, kind, mask, opts, store)
-        if softcap:
-            # -- a softcap: the new running maxima and their anchors' rests first, then s becomes
+        if fold:
+            # -- hi + lo: the new running maxima and their anchors' rests first, then s becomes
             # the exponent (s - max) + (lo - lo_max) --
             for i in range(rows):
                 m_tile = _row_max(s, i, nc)
@@ -1272,7 +1341,7 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts):
         for i in range(rows):
             # -- new running max --
             m_old = m_i[i]
-            if softcap:
+            if fold:
                 m_new = m_fold[i]
             else:
                 m_tile = _row_max(s, i, nc)
@@ -1286,11 +1355,11 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts):
                     l_i[i] = np.nan
                 continue
             # -- p = exp((s - m_new) cu), its row sum and sum p*(s - m_new) cu --
-            tot = _exp2_row_c(s, p, i, nc, opts.zero if softcap else m_new, cu, stat)
+            tot = _exp2_row_c(s, p, i, nc, opts.zero if fold else m_new, cu, stat)
             # -- rescale the running sums; the accumulator's factor goes to the P V product --
             l_old = l_i[i]
-            # (a softcap's anchor moves by its rest too: lo_i, lo_fold)
-            shift = (m_old - m_new) + (lo_i[i] - lo_fold[i]) if softcap else _diff_units(m_old, m_new, cu)
+            # (hi + lo: the anchor moves by its rest too: lo_i, lo_fold)
+            shift = (m_old - m_new) + (lo_i[i] - lo_fold[i]) if fold else _diff_units(m_old, m_new, cu)
             if m_old == m_new:
                 alpha = 1.0
             elif m_old == -np.inf:
@@ -1302,7 +1371,7 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts):
                 ps = stat[0]
                 e_i[i] = alpha * (e_i[i] + shift * l_old) + ps if l_old > 0.0 else ps
             m_i[i] = m_new
-            if softcap:
+            if fold:
                 lo_i[i] = lo_fold[i]
             alpha_i[i] = alpha
         # -- acc = alpha * acc + p @ v: the tile's share summed apart, then added in one FMA
@@ -1310,7 +1379,7 @@ def _fwd_task(t, q, k, kt, v, out, row_max, row_log, ent, counts, mask, opts):
         # float32 reference's error at 4096) --
         _mm(p, v[b, hk, c0:c0 + ncols], acc, rows, ncols, Dv, 1.0, RESCALE, alpha_i)
     # -- the running max in score units: row_max = m * cu rounded, its rest into row_log --
-    if not softcap:
+    if not fold:
         lo_i = _max_in_units(m_i, rows, cu)
     _finish_rows(acc, m_i, l_i, e_i, lo_i, rows, b, h, r0, out, row_max, row_log, ent, opts)
     counts[t] = n_tiles
