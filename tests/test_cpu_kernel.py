@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import subprocess
 import sys
 
@@ -299,6 +300,79 @@ def test_large_logits_head_dims(d, mag):
     for lq, lk, causal in ((3, 70, False), (70, 90, True)):
         q, k, v, go = _drawn(1, 4, 2, lq, lk, d, d, mag, 2000 + 10 * d + int(mag) + lq)
         check_against_reference(f"D{d} x{mag:g} L{lq}x{lk}", q, k, v, go, **({"causal": True} if causal else {}))
+
+
+# -- blocks of fewer than 4 query rows: float64 scores (issue 14) --------------------------------------
+# Decoding calls (< 4 query rows: cpu_flash's forward) and a ragged last block of 1-3 rows (cpu_fwd's) take
+# dot products; in float32 without a softcap those are float64 now, kept as hi + lo in score units
+# (cpu_flash._qk_split), and cpu_bwd recomputes the same. With float32 q.k -- even exactly rounded -- rows of
+# a few keys at large logits missed rule 6 (D 3, x30: out 2.9x the farthest float32 twin; ALiBi, padding,
+# dense masks 1.04-1.66x in a 1500-request sweep), where each float32 order of the reference rounds luckily.
+
+
+def _small_block_request(seed, mask=None):
+    # (q, k, v, go, kwargs) of a request whose query blocks include one of 1-3 rows: head dims 1..256 (odd
+    # ones too), q and k x0.1..x30, GQA, Lq 1-3 or 65-67, any of MASKS (drawn unless given), ALiBi in some
+    rng = random.Random(seed)
+    hkv = rng.randint(1, 2)
+    b, hq = rng.randint(1, 2), hkv * rng.randint(1, 2)
+    lq = rng.randint(1, 3) + (64 if rng.random() < 0.4 else 0)
+    lk = rng.choice([rng.randint(1, 24), rng.randint(1, 150)])
+    d = rng.choice([rng.randint(1, 8), rng.randint(1, 256), rng.choice([3, 59, 64, 111, 128, 199, 256])])
+    dv = rng.choice([d, rng.randint(1, 16)])
+    mag = rng.choice([0.1, 1.0, 4.0, 10.0, 30.0, 30.0])
+    mask = rng.choice(MASKS) if mask is None else mask
+    kw = dict(mask_kwargs(mask, b, hq, lq, lk))
+    if rng.random() < 0.2:
+        kw["alibi_slopes"] = torch.rand(hq, generator=torch.Generator().manual_seed(seed)) * 0.5
+    q, k, v, go = _drawn(b, hq, hkv, lq, lk, d, dv, mag, seed)
+    return q, k, v, go, kw, f"seed {seed} B{b} H{hq}/{hkv} L{lq}x{lk} D{d} Dv{dv} x{mag:g} {mask}"
+
+
+def test_float32_decoding_at_large_logits():
+    # D 3, x30, 3 query rows (test_known_defects' strict xfail until the float64 scores): out 2.9x the
+    # farthest float32 twin with float32 q.k, 0.004x now
+    q, k, v, go = _drawn(1, 4, 2, 3, 70, 3, 3, 30.0, 1036)
+    out, stats = selfattn.attention(q, k, v, backend="cpu", return_stats=True)
+    compare("cpu decoding D3 x30", reference_pair(q, k, v), out, stats=stats, dtype=torch.float32)
+
+
+# (B, Hq, Hkv, Lq, Lk, D, Dv, magnitude, seed, kwargs): requests of a 1500-request sweep on which the float32
+# q.k of these blocks missed rule 6 against the farthest float32 twin (out 1.21x, out/entropy/dq/dk 1.37/1.66/
+# 1.17/1.17x, entropy 1.04x)
+_SMALL_MISSED_BEFORE = [
+    (2, 2, 1, 3, 112, 1, 1, 10.0, 958160, "alibi"),
+    (1, 2, 1, 3, 118, 3, 3, 30.0, 918809, "alibi"),
+    (1, 2, 2, 1, 17, 20, 5, 10.0, 101161, "padding"),
+]
+
+
+@pytest.mark.parametrize("case", _SMALL_MISSED_BEFORE, ids=lambda c: "L{}x{}-D{}-x{:g}-{}".format(c[3], c[4], c[5], c[7], c[9]))
+def test_small_blocks_missed_before(case):
+    *request, seed, kind = case
+    q, k, v, go = _drawn(*request, seed)
+    b, hq = request[0], request[1]
+    g = torch.Generator().manual_seed(seed)
+    kw = {"alibi": lambda: {"alibi_slopes": torch.rand(hq, generator=g) * 0.5},
+          "padding": lambda: {"mask": masks.padding(torch.randint(1, request[4] + 1, (b,), generator=g))}}[kind]()
+    check_against_reference(f"small block {case}", q, k, v, go, **kw)
+
+
+@pytest.mark.parametrize("mask", MASKS)
+def test_small_blocks(mask):
+    # forward, statistics and gradients of drawn requests with a block of 1-3 query rows, every mask kind
+    # (two draws each; test_small_blocks_sweep draws 400)
+    for seed in (3 * len(mask), 1000 + 7 * len(mask) + MASKS.index(mask)):
+        q, k, v, go, kw, name = _small_block_request(seed, mask)
+        check_against_reference(name, q, k, v, go, **kw)
+
+
+@pytest.mark.slow
+def test_small_blocks_sweep():
+    # 400 drawn requests (as test_small_blocks): 0 misses against the farthest float32 twin with float64 scores
+    for seed in range(400):
+        q, k, v, go, kw, name = _small_block_request(10_000 + seed)
+        check_against_reference(name, q, k, v, go, **kw)
 
 
 def test_fully_masked_everything():
