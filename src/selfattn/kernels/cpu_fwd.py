@@ -10,9 +10,16 @@ so that the lanes of a vector are 16 (AVX2: 8) query rows. Every per-row step of
 softmax is then a vertical vector operation over those rows -- column max, the running max m,
 alpha = exp2(m_old - m_new), p^T = exp2(s^T - m), the column sums into l, the entropy term --
 with no horizontal reduction and no scalar per-row code (``_vsoftmax``, LLVM IR at the host's
-vector width). The output product reads P = (P^T)^T through the micro-kernel's A strides::
+vector width). The output product is computed transposed as well::
 
-    acc    = alpha * acc + P @ v_blk                  (_gemm RESCALE, A strides (1, BLOCK_M))
+    acc^T  = alpha * acc^T + v_blk^T @ p^T            (Dv x queries; A = the values through strides)
+
+so both products share one micro-kernel (``_make_mk_t``) whose B operand is the block's query vectors
+(Q^T, then p^T, reused from L1 by every call) and whose A operand is read once per tile (6 keys of
+K, 6 columns of V a call); alpha is a vector of query lanes. Each element's sum runs over the keys in
+the same order as before (the output is the old kernel's bit for bit). The Q K^T calls also walk this
+tile's values and the next tile's keys into L2 (one prefetcht1 a step): at D = 128 the keys and values
+of one head (2 MB at Lk = 2048) do not stay in the 2 MB L2 between query blocks.
 
 The keys are read in their natural (B, Hkv, Lk, D) layout: no transposed copy of K, and no 8 KB
 row stride between the rows a micro-kernel reads (L1 set conflicts at D = 128 in ``cpu_flash``).
@@ -49,6 +56,7 @@ import math
 import numpy as np
 import torch
 from llvmlite import ir
+from llvmlite.binding import llvm_version_info
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -68,10 +76,7 @@ from selfattn.kernels.cpu_flash import (
     _dot,
     _Exact,
     _EXP2_COEFFS,
-    _make_microkernel,
-    _mk1,
-    _mk2,
-    _mk6,
+    NV_MAX,
     _query_task,
     _qk_split,
     _raw_units,
@@ -86,6 +91,7 @@ LANES = VEC_BYTES // 4  # float32 query rows per vector: 16 (AVX-512) or 8 (AVX2
 # A ragged last block of < 4 query rows takes float64 dot-product scores kept as hi + lo (cpu_flash._qk_split);
 # cpu_bwd's launcher reads this to recompute the same scores
 SPLIT_SMALL = True
+PREFETCH = True  # the Q K^T calls walk the next tiles into L2
 UNROLL = 4  # independent accumulators in the column loops (max, sums)
 #: calls and tile products served by this kernel since import (tests check the path was taken)
 CALLS = {"calls": 0, "tiles": 0}
@@ -147,33 +153,136 @@ def exp2_lanes(x, y):
     _exp2_vec(_addr(x), _addr(y), x.size, y)
 
 
-_mk4 = _make_microkernel(4)
+def _make_mk_t(MR):
+    # a float32 micro-kernel of MR rows for this kernel's two products, both with the query block's
+    # vectors as B: C[:MR, :nvec * LANES] (op)= A[:MR, :kdim] @ B[:kdim, :nvec * LANES] at raw addresses
+    # (strides in elements, rows of B and C contiguous, whole vectors: Q^T and P^T are BLOCK_M wide).
+    # mode STORE: C = scale * (A B); RESCALE: C = alpha * C + A B, alpha a vector per column of C (the
+    # query lanes' factors at raw address palpha). Each element's FMA order over kdim is cpu_flash's
+    # micro-kernel's (the scores are its scores). Every step also prefetches the line at ppf + kk * spf
+    # (bytes) into L2: the caller walks the next tiles through it.
+    @intrinsic
+    def microkernel(typingctx, pa, sa0, sa1, pb, sb, pc, sc, nvec, kdim, scale, mode, palpha, ppf, spf, like):
+        if not (isinstance(like, types.Array) and like.dtype == types.float32):
+            return None
+        sig = types.void(*([types.intp] * 9), types.float64, *([types.intp] * 4), like)
+
+        def codegen(context, builder, signature, args):
+            builder = _Exact(builder)
+            pa, sa0, sa1, pb, sb, pc, sc, nvec, kdim, scale, mode, palpha, ppf, spf, _ = args
+            vec = _Vectors(context, builder, types.float32)
+            width, i64, c = vec.width, vec.i64, vec.const
+            scale_v = vec.splat(builder.fptrunc(scale, vec.fty))
+            i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+            prefetch = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                "llvm.prefetch.p0" if llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8")
+            # rows of A: raw addresses of element (i, 0)
+            arow = [builder.add(pa, builder.mul(builder.mul(c(i), sa0), vec.esize)) for i in range(MR)]
+            astep = builder.mul(sa1, vec.esize)
+
+            def product(nv):
+                init = [[vec.zero] * nv for _ in range(MR)]
+                entry = builder.block
+                loop = builder.append_basic_block(f"mkt{nv}.loop")
+                done = builder.append_basic_block(f"mkt{nv}.done")
+                builder.cbranch(builder.icmp_signed(">", kdim, c(0)), loop, done)
+                builder.position_at_end(loop)
+                kk = builder.phi(i64)
+                kk.add_incoming(c(0), entry)
+                accs = [[builder.phi(vec.vty) for v in range(nv)] for i in range(MR)]
+                brow = builder.mul(kk, sb)
+                bvec = [vec.load(pb, builder.add(brow, c(v * width))) for v in range(nv)]
+                aoff = builder.mul(kk, astep)
+                new = []
+                for i in range(MR):
+                    a = vec.splat(builder.load(builder.inttoptr(builder.add(arow[i], aoff), vec.sptr)))
+                    new.append([builder.call(vec.fma, [a, bvec[v], accs[i][v]]) for v in range(nv)])
+                # -- one line of the next tiles toward L2 (locality 2: prefetcht1) --
+                builder.call(prefetch, [builder.inttoptr(builder.add(ppf, builder.mul(kk, spf)), i8p),
+                                        ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+                nxt = builder.add(kk, c(1))
+                kk.add_incoming(nxt, loop)
+                for i in range(MR):
+                    for v in range(nv):
+                        accs[i][v].add_incoming(init[i][v], entry)
+                        accs[i][v].add_incoming(new[i][v], loop)
+                builder.cbranch(builder.icmp_signed("<", nxt, kdim), loop, done)
+                builder.position_at_end(done)
+                final = []
+                for i in range(MR):
+                    row = []
+                    for v in range(nv):
+                        phi = builder.phi(vec.vty)
+                        phi.add_incoming(init[i][v], entry)
+                        phi.add_incoming(new[i][v], loop)
+                        row.append(phi)
+                    final.append(row)
+                # -- write C in the call's mode --
+                with builder.if_else(builder.icmp_signed("==", mode, c(STORE))) as (store, rescale):
+                    with store:
+                        for i in range(MR):
+                            for v in range(nv):
+                                vec.store(builder.fmul(final[i][v], scale_v), pc, builder.add(builder.mul(c(i), sc), c(v * width)))
+                    with rescale:
+                        al = [vec.load(palpha, c(v * width)) for v in range(nv)]
+                        for i in range(MR):
+                            for v in range(nv):
+                                off = builder.add(builder.mul(c(i), sc), c(v * width))
+                                vec.store(builder.call(vec.fma, [vec.load(pc, off), al[v], final[i][v]]), pc, off)
+
+            # one copy of the product per vector count
+            exit_ = builder.append_basic_block("mkt.exit")
+            cases = [builder.append_basic_block(f"mkt.nv{v}") for v in range(1, NV_MAX + 1)]
+            switch = builder.switch(nvec, cases[-1])
+            for v in range(1, NV_MAX):
+                switch.add_case(c(v), cases[v - 1])
+            for v, block in enumerate(cases, 1):
+                builder.position_at_end(block)
+                product(v)
+                builder.branch(exit_)
+            builder.position_at_end(exit_)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return microkernel
+
+
+_mkt6, _mkt4, _mkt2, _mkt1 = (_make_mk_t(r) for r in (6, 4, 2, 1))
 
 
 @njit(cache=True)
-def _gemm_t(pa, sa0, sa1, pb, sb, pc, sc, m, kdim, n, scale, mode, palpha, like):
-    # cpu_flash._gemm (float32) with a 4-row call where _gemm takes two 2-row ones: a tile's 64 rows
-    # are 10 calls of 6 rows and one of 4 (the 2-row kernel keeps too few FMAs in flight); each
-    # element's FMA order over kdim, and so every score, is _gemm's
+def _gemm_t(pa, sa0, sa1, pb, sb, pc, sc, m, kdim, nvec, scale, mode, palpha, prefetch, like):
+    # C[:m, :nvec * LANES] (op)= A[:m, :kdim] @ B[:kdim, :nvec * LANES] (_make_mk_t) in calls of 6 rows
+    # (8 rows: two of 4; the 2-row kernel keeps too few FMAs in flight), TILE_N columns at a time.
+    # prefetch = (p1, n1, p2, n2): two byte ranges the calls walk into L2, one line a step
+    p1, n1, p2, n2 = prefetch
     isz = 4
-    for j0 in range(0, n, TILE_N):
-        nn = min(TILE_N, n - j0)
+    done = 0  # bytes of the ranges walked so far
+    for j0 in range(0, nvec * LANES, TILE_N):
+        nv = min(TILE_N, nvec * LANES - j0) // LANES
         i = 0
-        while i + 6 <= m:
-            _mk6(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim,
-                 scale, mode, palpha + i * isz, like)
-            i += 6
-        if i + 4 <= m:
-            _mk4(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim,
-                 scale, mode, palpha + i * isz, like)
-            i += 4
-        if i + 2 <= m:
-            _mk2(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim,
-                 scale, mode, palpha + i * isz, like)
-            i += 2
-        if i < m:
-            _mk1(pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim,
-                 scale, mode, palpha + i * isz, like)
+        while i < m:
+            rest = m - i
+            r = 6 if rest >= 6 and rest != 8 else (4 if rest >= 4 else (2 if rest >= 2 else 1))
+            ppf, spf = pb, 0  # nothing left to walk: a line of B, in L1
+            if done < n1:
+                ppf, spf = p1 + done, 64
+            elif done < n1 + n2:
+                ppf, spf = p2 + (done - n1), 64
+            done += kdim * 64
+            args = (pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nv, kdim, scale, mode,
+                    palpha + j0 * isz, ppf, spf, like)
+            if r == 6:
+                _mkt6(*args)
+            elif r == 4:
+                _mkt4(*args)
+            elif r == 2:
+                _mkt2(*args)
+            else:
+                _mkt1(*args)
+            i += r
 
 
 # -- the vertical online-softmax step --------------------------------------------------------------
@@ -509,7 +618,7 @@ def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
         for d in range(D):
             qt[d, i] = q[b, h, r0 + i, d]
     st = np.zeros((BLOCK_N, BLOCK_M), q.dtype)  # s^T, then p^T, of the current tile
-    acc = np.zeros((BLOCK_M, Dv), q.dtype)
+    acc_t = np.zeros((Dv, BLOCK_M), q.dtype)  # the output's accumulator, transposed (query lanes)
     m_i = np.full(BLOCK_M, -np.inf, q.dtype)  # per query row: running max, sum, entropy sum
     l_i = np.zeros(BLOCK_M, q.dtype)
     e_i = np.zeros(BLOCK_M, q.dtype)
@@ -539,6 +648,7 @@ def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
     pm, pl, pe = _addr(m_i), _addr(l_i), _addr(e_i)
     pk0 = _addr(k) + (b * k.shape[1] + hk) * Lk * D * isz
     pv0 = _addr(v) + (b * v.shape[1] + hk) * Lk * Dv * isz
+    no_pf = (np.intp(0), np.intp(0), np.intp(0), np.intp(0))
     n_tiles = 0
     for kb in range(nK):
         kind = tiles[tb, th_, qb, kb]
@@ -555,8 +665,13 @@ def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
         elif use_dot:
             _qk_dot_t(q, b, h, r0, rows, pk0 + c0 * D * isz, ncols, st, scale)
         else:
-            # -- s^T = k_blk @ Q^T, times the store factor --
-            _gemm_t(pk0 + c0 * D * isz, D, 1, _addr(qt), BLOCK_M, pst, BLOCK_M, ncols, D, rows, scale, STORE, np.intp(0), st)
+            # -- s^T = k_blk @ Q^T, times the store factor; the calls walk this tile's values and the next
+            # tile's keys into L2 --
+            pf = no_pf
+            if PREFETCH:
+                c1 = c0 + BLOCK_N
+                pf = (pv0 + c0 * Dv * isz, ncols * Dv * isz, pk0 + c1 * D * isz, max(min(BLOCK_N, Lk - c1), 0) * D * isz)
+            _gemm_t(pk0 + c0 * D * isz, D, 1, _addr(qt), BLOCK_M, pst, BLOCK_M, ncols, D, groups, scale, STORE, np.intp(0), pf, st)
         if own_alibi:
             _alibi_tile(st, rows, ncols, b, h, r0, c0, slopes, q_pos_f, kv_pos_f)
         if terms or kind == PARTIAL:
@@ -570,11 +685,16 @@ def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
             _softmax_lo_t(st, lo, rows, ncols, m_i, l_i, e_i, lo_i, alpha_i, opts)
         else:
             _vsoftmax(pst, BLOCK_M, ncols, groups, pm, pl, pe, _addr(alpha_i), want, cu, st)
-        # -- acc = alpha * acc + p @ v: P read as (P^T)^T, the tile's share added in one FMA --
-        _gemm_t(pst, 1, BLOCK_M, pv0 + c0 * Dv * isz, Dv, _addr(acc), Dv, rows, ncols, Dv, 1.0, RESCALE, _addr(alpha_i), st)
+        # -- acc^T = alpha * acc^T + v_blk^T @ p^T: V read through strides, alpha a vector of query lanes --
+        _gemm_t(pv0 + c0 * Dv * isz, 1, Dv, pst, BLOCK_M, _addr(acc_t), BLOCK_M, Dv, ncols, groups, 1.0, RESCALE,
+                _addr(alpha_i), no_pf, st)
     # -- the running max in score units: row_max = m * cu rounded, its rest into row_log --
     if not fold:
         lo_i = _max_in_units(m_i, rows, cu)
+    acc = np.empty((BLOCK_M, Dv), q.dtype)
+    for i in range(rows):
+        for d in range(Dv):
+            acc[i, d] = acc_t[d, i]
     _finish_rows(acc, m_i, l_i, e_i, lo_i, rows, b, h, r0, out, row_max, row_log, ent, opts)
     counts[t] = n_tiles
 
