@@ -18,7 +18,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from llvmlite import ir
+from llvmlite.binding import llvm_version_info
 from numba import carray, njit, types
+from numba.core import cgutils
 from numba.core import config as numba_config
 from numba.extending import intrinsic
 
@@ -44,6 +47,26 @@ def _pointer_at(nbtype):
     return at
 
 
+def _prefetch_to(locality):
+    # an intrinsic: a hint to bring the cache line at an integer address closer (locality 3: toward L1,
+    # prefetcht0; 2: toward L2, prefetcht1); never faults, also past an array's end
+    @intrinsic
+    def prefetch(typingctx, addr):
+        def codegen(context, builder, signature, args):
+            i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                "llvm.prefetch.p0" if llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8")
+            builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(i32, 0), ir.Constant(i32, locality),
+                              ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+
+        return types.void(types.intp), codegen
+
+    return prefetch
+
+
+_prefetch_l1, _prefetch_l2 = _prefetch_to(3), _prefetch_to(2)
 _u16_at = _pointer_at(types.uint16)  # a bfloat16 tensor's bits
 _f32_at = _pointer_at(types.float32)
 
@@ -100,6 +123,14 @@ def _narrow(x, out16):
 
 PV_GROUP = 32  # keys per float32 partial sum of P V (then summed in float64)
 PV_FEW = 16  # rows that see fewer keys sum P V in float64 directly (the micro-kernel costs more there)
+# Calls whose keys and values outgrow L2 (serving-size decoding steps) wait on memory: the scores
+# prefetch the keys PF_AHEAD rows ahead and, where one head's values fit in L2, walk those values
+# into L2 for P V. Measured (1 thread, kernel alone, same process): (1, 32, 1, 1024, 128) 4.9 -> 3.4 ms,
+# (1, 8, 1, 4096, 64) 2.1 -> 1.6 ms (values not walked there: 1 MB a head read no faster); on calls
+# that stay in L2 the hints only cost ((1, 4, 1, 128, 64) +0.2-0.6 us)
+PF_AHEAD = 16  # keys
+PF_MIN_BYTES = 1 << 20  # a call's keys and values from this size on take the hints
+PF_VALUES_MAX = 1 << 19  # one head's values up to this size are walked into L2
 
 
 @njit(fastmath=_k.FASTMATH, cache=True)
@@ -124,6 +155,7 @@ def _small_rows(q, k, v, out, causal, scale):
     part = buf[Lk:]  # P V of one group of keys
     acc = np.empty(Dv, np.float64)  # the row's output sum
     group = Hq // Hkv
+    far = B * Hkv * Lk * (D + Dv) * 4 >= PF_MIN_BYTES  # (see PF_AHEAD)
     for b in range(B):
         for h in range(Hq):
             kh, vh = k[b, h // group], v[b, h // group]  # (Lk, D), (Lk, Dv)
@@ -133,7 +165,10 @@ def _small_rows(q, k, v, out, causal, scale):
                     qi[d] = qrow[d]
                 n = min(Lk, max(0, i + Lk - Lq + 1)) if causal else Lk  # keys this row sees
                 # -- scores and their max --
-                _scores(qi, kh, n, scale, s)
+                if far:
+                    _scores_far(qi, kh, vh, n, scale, s, Lk * Dv * 4 <= PF_VALUES_MAX)
+                else:
+                    _scores(qi, kh, n, scale, s)
                 m = -np.inf
                 nan = False
                 for j in range(n):
@@ -169,6 +204,38 @@ def _scores(qi, kh, n, scale, s):
     D = qi.shape[0]
     n4 = n - n % 4
     for j in range(0, n4, 4):
+        k0, k1, k2, k3 = kh[j], kh[j + 1], kh[j + 2], kh[j + 3]  # (D,) each
+        a0 = a1 = a2 = a3 = 0.0
+        for d in range(D):
+            a0 += qi[d] * k0[d]
+            a1 += qi[d] * k1[d]
+            a2 += qi[d] * k2[d]
+            a3 += qi[d] * k3[d]
+        s[j], s[j + 1], s[j + 2], s[j + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+    for j in range(n4, n):
+        kj = kh[j]
+        a0 = 0.0
+        for d in range(D):
+            a0 += qi[d] * kj[d]
+        s[j] = a0 * scale
+
+
+@njit(fastmath=_k.FASTMATH, cache=True)
+def _scores_far(qi, kh, vh, n, scale, s, values):
+    # _scores for keys and values out of L2 (see PF_AHEAD): each step of four keys first prefetches
+    # the keys PF_AHEAD rows ahead and, with `values`, walks the values of its own four keys into L2.
+    # (A copy of _scores' loop: with the hints behind a flag in _scores itself, the calls that stay
+    # in L2 ran ~3 % slower; issued in bursts of PF_AHEAD keys, the hints gained less)
+    D, Dv = qi.shape[0], vh.shape[1]
+    pk, pv = _k._addr(kh), _k._addr(vh)
+    n4 = n - n % 4
+    for j in range(0, n4, 4):
+        if j + PF_AHEAD + 4 <= n:
+            for off in range(0, 16 * D, 64):  # (four rows of D float32)
+                _prefetch_l1(pk + (j + PF_AHEAD) * D * 4 + off)
+        if values:
+            for off in range(0, 16 * Dv, 64):
+                _prefetch_l2(pv + j * Dv * 4 + off)
         k0, k1, k2, k3 = kh[j], kh[j + 1], kh[j + 2], kh[j + 3]  # (D,) each
         a0 = a1 = a2 = a3 = 0.0
         for d in range(D):
