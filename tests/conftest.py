@@ -186,3 +186,40 @@ def pytest_terminal_summary(terminalreporter):
     if LEDGER:
         terminalreporter.write_line("requests per backend (served / refused, each as its feature table predicts): " +
                                     ", ".join(f"{b} {c['served']}/{c['refused']}" for b, c in sorted(LEDGER.items())))
+
+
+# -- where CI's time goes: numba's first-call compiles, per test (only with SELFATTN_COMPILE_LOG=dir) --
+# Each process (xdist worker) appends "seconds<TAB>pid<TAB>function<TAB>test" lines, one per top-level
+# compile or cache load, to dir/compile-<pid>.tsv; scripts/compile_report.py sums them.
+_COMPILE_LOG = os.environ.get("SELFATTN_COMPILE_LOG")
+_CURRENT_TEST = ["(collection)"]
+
+if _COMPILE_LOG:
+    import time as _time
+
+    from numba.core import event as _event
+
+    class _CompileLog(_event.Listener):
+        def __init__(self):
+            self.depth, self.start, self.name = 0, 0.0, ""
+
+        def on_start(self, event):
+            if self.depth == 0:
+                self.start = _time.perf_counter()
+                dispatcher = (event.data or {}).get("dispatcher")
+                self.name = getattr(getattr(dispatcher, "py_func", None), "__qualname__", str(dispatcher))
+            self.depth += 1
+
+        def on_end(self, event):
+            self.depth -= 1
+            if self.depth == 0:
+                os.makedirs(_COMPILE_LOG, exist_ok=True)
+                with open(os.path.join(_COMPILE_LOG, f"compile-{os.getpid()}.tsv"), "a") as f:
+                    f.write(f"{_time.perf_counter() - self.start:.3f}\t{os.getpid()}\t{self.name}\t{_CURRENT_TEST[0]}\n")
+
+    _event.register("numba:compile", _CompileLog())
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _CURRENT_TEST[0] = item.nodeid
