@@ -184,7 +184,10 @@ def _kernel(name: str, threads: int):
         # NUMBA_NUM_THREADS: give torch its own setting back
         torch.set_num_threads(torch_threads)
     # tasks are whole query (or key) blocks of uneven cost under causal/window masks: hand them out
-    # one at a time rather than in equal static slices (results do not depend on the schedule)
+    # one at a time rather than in equal static slices (results do not depend on the schedule). Only
+    # numba's tbb and workqueue layers do so: its OpenMP layer (the one on this machine) splits the
+    # tasks into contiguous equal ranges whatever the chunk size (measured: 32 tasks of unequal cost
+    # on 2 threads, chunk 0, 1 or 4: tasks 0-15 on one thread, 16-31 on the other)
     numba.set_parallel_chunksize(1)
     return getattr(_k, name)
 

@@ -34,16 +34,27 @@ rest goes into row_log. The terms after the product (softcap,
 ALiBi, float bias, element-wise mask) are ``cpu_flash._score_terms`` written for the transposed
 tile; ALiBi is vector IR too (``_alibi_t``: one FMA a vector of query rows).
 
-Where the time goes (one thread, dense (1, 2, 2048, 2048, D), against peak.py's FMA loop in the
-same process; each part measured by leaving it out of the kernel): D = 64: Q K^T ~43 %, P V ~44 %
-(a micro-kernel call reduces over only 64 -- the head dim, the tile's keys -- and reaches ~85-90 %
-of the peak even with its data in L1), the vertical softmax ~11 % (12 vector operations per 16
-scores: exp2 is rint, a degree-6 polynomial and vscalefps), the rest (Q^T packing, allocations,
-_finish_rows) ~2-3 %. At D = 128 the phases also evict each other from L1 (Q^T and acc are 32 KB
-each): the whole kernel takes ~10 % longer than its parts. Measured and not taken: two key tiles
-per softmax step (a longer P V reduction: no faster at D = 64, slower at D = 128), 4-row calls
-throughout (as fast as 6-row ones), 64-byte aligned buffers (no change in the micro-kernel alone),
-value panels at D = 128 (P V alone only 2.5 % faster).
+Where the time goes (one thread, dense (1, 2, 2048, 2048, D), CPU time; the whole kernel against its
+products and softmax step each looped alone over as many tiles, with the real K and V, in the same
+process as peak.py's FMA loop; best of 9-11): D = 64, the kernel at ~72 % of the 1-thread peak: Q K^T
+~39 % of its time (those calls at ~93 % of the peak), P V ~41 % (~88 %), the vertical softmax ~12 %
+(13 vector operations per 16 scores on the FMA ports: exp2 is rint, a degree-6 polynomial and
+vscalefps), the rest (Q^T packing, the acc^T transpose, allocations, _finish_rows, operands evicted
+between the phases) ~8 %. D = 128, ~80 %: Q K^T ~42 % (~97 %), P V ~47 % (~87 %), softmax ~6 %, rest
+~5 %. The micro-kernel with its operands on one line each runs at 96-100 %: what the products lose
+is L1 traffic (the query vectors, the A rows, C in the epilogue). Before the prefetch, the D = 128
+kernel with Lk = 512 (K and V of a head in L2) ran ~20 % faster per tile than with Lk = 2048. On two
+threads the VM itself costs the second core 5-25 % (two 1-thread processes, one per core, lead
+23:04); numba's OpenMP layer splits the tasks into contiguous halves whatever the chunk size.
+
+Measured and not taken (1 thread, interleaved A/B against the kept kernel, loaded machine): two key
+tiles per softmax step (a longer P V reduction: no faster at D = 64, slower at D = 128; old layout),
+4-row calls throughout (as fast as 6-row ones), 64-byte aligned Q^T, s^T, acc^T and row vectors
+(numba aligns to 32 bytes; no change, 0.97 vs 0.96 of the old kernel), value panels at D = 128 (old
+layout: P V alone 2.5 % faster), the transposed P V without the prefetch (1.01x: the prefetch is the
+gain), a prefetcht0 of the next call's A rows as well (+2.6 % at D = 64, +1.7 % at D = 128), the Q K^T
+sum at D = 128 as two 64-deep halves continued exactly through C, so that Q^T's half and s^T stay in
+L1 (+3.8 %).
 
 Served here: float32 (and bfloat16/float16 computed in float32) with at least 4 query rows;
 float64 and decoding calls (fewer than 4 queries: dot products) stay on ``cpu_flash.flash_fwd``.
