@@ -12,12 +12,17 @@ the run prints the calibration it made.
 
     python benchmarks/bench_short.py --fixed --threads 1      # the per-call fixed cost alone (issue 14)
     python benchmarks/bench_short.py --fixed --threads 1 --row-kernel off   # without cpu_short's row kernel
+    python benchmarks/bench_short.py --serving --threads 1    # decoding steps of real serving sizes alone
 
 ``--fixed``: the fixed cost of one call on tiny shapes -- (1, 1, 8, 8, 16), a decoding step
 (1, 4, 1, 128, 64) and (1, 8, 64, 64, 64) -- forward and forward + backward, for selfattn's `cpu`,
 `sdpa` and `auto` backends and torch's scaled_dot_product_attention called directly; best of 9
 repeats of a timed loop, in this thread's CPU time with one thread (steady on a busy machine), wall
-time with more. "torch direct / cpu" >= 1 is issue 14's target (cpu's call at or below SDPA's).
+time with more. "torch direct / cpu" >= 1 is issue 14's target (cpu's call at or below SDPA's); the
+A/A column times torch's direct call twice in the same rounds (the bias of the method, ideally 1.00).
+Then decoding steps of serving sizes -- (1, 4, 1, 128, 64), (1, 32, 1, 1024, 128), (1, 8, 1, 4096, 64),
+no gradients -- through attention() (the short path's row kernel on one thread), the general path
+forced, and torch's SDPA directly (``--serving`` runs these alone).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import sys
 import time
 
@@ -44,6 +50,7 @@ def best_time(fn, n: int, repeats: int = 5, clock=time.perf_counter) -> float:
 
 
 FIXED_SHAPES = [(1, 1, 8, 8, 16), (1, 4, 1, 128, 64), (1, 8, 64, 64, 64)]  # (B, H, Lq, Lk, D)
+SERVING_SHAPES = [(1, 4, 1, 128, 64), (1, 32, 1, 1024, 128), (1, 8, 1, 4096, 64)]  # decoding steps of real models
 
 
 def fixed_cost(threads: int, rows: list) -> None:
@@ -56,8 +63,8 @@ def fixed_cost(threads: int, rows: list) -> None:
     clock = time.thread_time if threads == 1 else time.perf_counter
     print(f"\nfixed cost per call, {threads} thread(s), {'thread CPU' if threads == 1 else 'wall'} time, best of 9\n")
     print("| pass | (B, H, Lq, Lk, D) | cpu (us) | sdpa (us) | auto (us) | torch SDPA direct (us) | sdpa / cpu "
-          "| torch direct / cpu | torch direct / sdpa |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| torch direct / cpu | torch direct / sdpa | A/A (torch direct twice) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for grad in (False, True):
         for B, H, Lq, Lk, D in FIXED_SHAPES:
             g = torch.Generator().manual_seed(0)
@@ -67,7 +74,7 @@ def fixed_cost(threads: int, rows: list) -> None:
             causal = Lq == Lk  # a decoding step (one query) sees every key
 
             def run(backend):
-                if backend == "torch":
+                if backend.startswith("torch"):
                     call = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
                 elif backend == "auto":
                     call = lambda: attention(q, k, v, causal=causal)  # noqa: E731
@@ -79,7 +86,7 @@ def fixed_cost(threads: int, rows: list) -> None:
                     with torch.no_grad():
                         call()
 
-            names = ("cpu", "sdpa", "auto", "torch")
+            names = ("cpu", "sdpa", "auto", "torch", "torch A/A")
             for b in names:
                 run(b), run(b)  # warm-up (auto: its calibration, once per process)
             n = max(20, int(2e6 / (B * H * Lq * Lk * D * (3 if grad else 1) + 1e4)))
@@ -90,10 +97,53 @@ def fixed_cost(threads: int, rows: list) -> None:
             name = "fwd+bwd" if grad else "fwd"
             print(f"| {name} | {(B, H, Lq, Lk, D)} | {t['cpu'] * 1e6:.1f} | {t['sdpa'] * 1e6:.1f} | {t['auto'] * 1e6:.1f} "
                   f"| {t['torch'] * 1e6:.1f} | {t['sdpa'] / t['cpu']:.2f} | {t['torch'] / t['cpu']:.2f} "
-                  f"| {t['torch'] / t['sdpa']:.2f} |", flush=True)
+                  f"| {t['torch'] / t['sdpa']:.2f} | {t['torch A/A'] / t['torch']:.2f} |", flush=True)
             rows.append({"threads": threads, "pass": name, "shape": [B, H, Lq, Lk, D], "cpu_s": t["cpu"],
                          "sdpa_s": t["sdpa"], "auto_s": t["auto"], "torch_sdpa_s": t["torch"],
-                         "clock": "thread" if threads == 1 else "wall"})
+                         "torch_sdpa_aa_s": t["torch A/A"], "clock": "thread" if threads == 1 else "wall"})
+
+
+def serving_cost(threads: int, rows: list) -> None:
+    """Decoding steps of real serving sizes (no gradients): the cpu backend as attention() runs it
+    (the short path's row kernel where it serves the call, else the general path), the general path
+    forced (CPUBackend.forward on a built request: the tile kernels) and torch's SDPA directly."""
+    import torch
+    import torch.nn.functional as F
+
+    from selfattn import attention
+    from selfattn.backends import cpu
+    from selfattn.request import build_request
+
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    print(f"\ndecoding steps, no grad, {threads} thread(s), {'thread CPU' if threads == 1 else 'wall'} time, best of 15 "
+          "interleaved rounds (shuffled)\n")
+    print("| (B, H, Lq, Lk, D) | path attention() takes | cpu (us) | cpu general path (us) | torch SDPA direct (us) "
+          "| torch direct / cpu | torch direct / general | A/A (torch direct twice) |")
+    print("|---|---|---|---|---|---|---|---|")
+    backend, rng = cpu.CPUBackend(), random.Random(0)
+    for B, H, Lq, Lk, D in SERVING_SHAPES:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(B, H, Lq, D, generator=g)
+        k, v = (torch.randn(B, H, Lk, D, generator=g) for _ in range(2))
+        req = build_request(q, k, v, requires_grad=False)
+        calls = {"general": lambda: backend.forward(q, k, v, req), "cpu": lambda: attention(q, k, v, backend="cpu"),
+                 "torch": lambda: F.scaled_dot_product_attention(q, k, v),
+                 "torch A/A": lambda: F.scaled_dot_product_attention(q, k, v)}
+        with torch.no_grad():
+            path = "short (row kernel)" if cpu.fast_forward(q, k, v, False, None) is not None else "general"
+            for c in calls.values():
+                c(), c()  # warm-up (numba loads its kernels)
+            n = max(5, int(2e6 / (B * H * Lq * Lk * D + 1e4)))
+            t, order = {}, list(calls)
+            for _ in range(15):  # interleaved rounds, in a new order each round
+                rng.shuffle(order)
+                for name in order:
+                    t[name] = min(t.get(name, float("inf")), best_time(calls[name], n, repeats=1, clock=clock))
+        print(f"| {(B, H, Lq, Lk, D)} | {path} | {t['cpu'] * 1e6:.1f} | {t['general'] * 1e6:.1f} | {t['torch'] * 1e6:.1f} "
+              f"| {t['torch'] / t['cpu']:.2f} | {t['torch'] / t['general']:.2f} | {t['torch A/A'] / t['torch']:.2f} |", flush=True)
+        rows.append({"threads": threads, "pass": "fwd (decoding)", "shape": [B, H, Lq, Lk, D], "path": path, "cpu_s": t["cpu"],
+                     "cpu_general_s": t["general"], "torch_sdpa_s": t["torch"], "torch_sdpa_aa_s": t["torch A/A"],
+                     "clock": "thread" if threads == 1 else "wall"})
 
 
 def print_calibration() -> None:
@@ -124,7 +174,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", default="1,2", help="torch thread counts to run (comma-separated)")
     p.add_argument("--layer", default=None, help="numba threading layer (default: numba's own choice)")
     p.add_argument("--json", metavar="PATH")
-    p.add_argument("--fixed", action="store_true", help="only the per-call fixed cost on tiny shapes (issue 14)")
+    p.add_argument("--fixed", action="store_true", help="only the per-call fixed cost on tiny shapes and decoding steps (issue 14)")
+    p.add_argument("--serving", action="store_true", help="only the decoding steps of serving sizes")
     p.add_argument("--row-kernel", choices=("on", "off"), default=None,
                    help="switch cpu_short's row kernel (decoding steps, tiny heads) on or off (default: as the tree has it)")
     args = p.parse_args(argv)
@@ -143,10 +194,16 @@ def main(argv=None) -> int:
     rows = []
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, numba {numba.__version__}, "
           f"threading layer {args.layer or 'default'}, row kernel {args.row_kernel or 'as in the tree'}\n")
+    if args.serving:
+        for threads in (int(t) for t in args.threads.split(",")):
+            torch.set_num_threads(threads)
+            serving_cost(threads, rows)
+        return _write(args, rows)
     if args.fixed:
         for threads in (int(t) for t in args.threads.split(",")):
             torch.set_num_threads(threads)
             fixed_cost(threads, rows)
+            serving_cost(threads, rows)
             print_calibration()
         return _write(args, rows)
     print("| threads | pass | B*H | L | D | cpu (us) | sdpa (us) | sdpa / cpu |")
