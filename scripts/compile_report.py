@@ -2,7 +2,7 @@
 
     python scripts/compile_report.py DIR
 
-prints the total compile time per process, the functions compiled in more than one process (each
+prints the total compile time (thread CPU seconds) per process, the functions compiled in more than one process (each
 xdist worker and each subprocess compiles what the on-disk cache does not hold yet), and the tests
 that paid the most compile time.
 """
