@@ -67,6 +67,51 @@ def _prefetch_to(locality):
 
 
 _prefetch_l1, _prefetch_l2 = _prefetch_to(3), _prefetch_to(2)
+PV_COLS = 4 * _k.VEC_BYTES // 4  # columns of P V one _pv_chunk computes: four vectors of float32
+
+
+@intrinsic
+def _pv_chunk(typingctx, pp, pv, n, sv, ncols, pout):
+    # out[:ncols] = sum over j < n of p[j] * v[j * sv : j * sv + ncols], float32 at raw addresses
+    # (ncols <= PV_COLS): four vector accumulators in registers, one FMA per key and lane in key order
+    # (cpu_flash's one-row micro-kernel computes the same; this is its STORE case alone, which compiles
+    # in a fraction of the time)
+    sig = types.void(types.intp, types.intp, types.intp, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        pp, pv, n, sv, ncols, pout = args
+        vec = _k._Vectors(context, builder, types.float32)
+        width, c = vec.width, vec.const
+        masks = [vec.lanes_below(builder.sub(ncols, c(u * width))) for u in range(4)]
+        entry = builder.block
+        loop = builder.append_basic_block("pv.loop")
+        done = builder.append_basic_block("pv.done")
+        builder.cbranch(builder.icmp_signed(">", n, c(0)), loop, done)
+        # -- acc[u] += p[kk] * v[kk, u-th vector], kk = 0 .. n-1 --
+        builder.position_at_end(loop)
+        kk = builder.phi(vec.i64)
+        accs = [builder.phi(vec.vty) for _ in range(4)]
+        a = vec.splat(builder.load(vec.at(pp, kk, vec.sptr)))
+        row = builder.mul(kk, sv)
+        new = [builder.call(vec.fma, [a, vec.load(pv, builder.add(row, c(u * width)), masks[u]), accs[u]]) for u in range(4)]
+        nxt = builder.add(kk, c(1))
+        kk.add_incoming(c(0), entry)
+        kk.add_incoming(nxt, loop)
+        for u in range(4):
+            accs[u].add_incoming(vec.zero, entry)
+            accs[u].add_incoming(new[u], loop)
+        builder.cbranch(builder.icmp_signed("<", nxt, n), loop, done)
+        # -- store the sums --
+        builder.position_at_end(done)
+        totals = [builder.phi(vec.vty) for _ in range(4)]
+        for u in range(4):
+            totals[u].add_incoming(vec.zero, entry)
+            totals[u].add_incoming(new[u], loop)
+        for u in range(4):
+            vec.store(totals[u], pout, c(u * width), masks[u])
+        return context.get_dummy_value()
+
+    return sig, codegen
 _u16_at = _pointer_at(types.uint16)  # a bfloat16 tensor's bits
 _f32_at = _pointer_at(types.float32)
 
@@ -140,7 +185,7 @@ def _small_rows(q, k, v, out, causal, scale):
     # rounded, then s - max; or q.k rounded in another order than the reference's q @ k^T, then
     # (s - max) * scale log2(e)) a random sweep of the calls served here missed STYLE rule 6 by up to
     # 3.3x (1.6x). P V from the float32 probabilities: float32 products and sums over PV_GROUP keys
-    # (cpu_flash's one-row micro-kernel, accumulators in registers), the groups summed in float64.
+    # (_pv_chunk: accumulators in registers), the groups summed in float64.
     # A sweep of 4000 random requests served here (magnitudes 0.1-30, D 1-256, Lk up to 400): no
     # miss, at most 0.49x of the tolerance against the farthest-of-four twin and 0.65x against the
     # plain one (P V all in float64: 0.15x; all keys in one float32 sum: 0.65x / 0.80x). Float64 P V
@@ -272,18 +317,17 @@ def _weighted_sum(p, vh, n, acc):
 
 @njit(fastmath=_k.FASTMATH, cache=True)
 def _weighted_sum_groups(p, vh, n, part, acc):
-    # acc = sum over j < n of p[j] * vh[j]: each group of PV_GROUP keys by cpu_flash's one-row
-    # micro-kernel into `part` (float32: one FMA per key and lane, accumulators in registers), the
-    # groups added in float64. p (Lk,) and vh (Lk, Dv) float32, contiguous rows; part (Dv,) float32
+    # acc = sum over j < n of p[j] * vh[j]: each group of PV_GROUP keys by _pv_chunk into `part`
+    # (float32: one FMA per key and lane, accumulators in registers), the groups added in float64.
+    # p (Lk,) and vh (Lk, Dv) float32, contiguous rows; part (Dv,) float32
     Dv = acc.shape[0]
     for d in range(Dv):
         acc[d] = 0.0
     pp, pv, ppart = _k._addr(p), _k._addr(vh), _k._addr(part)
     for j0 in range(0, n, PV_GROUP):
-        for c0 in range(0, Dv, _k.TILE_N):
-            # part[c0:c1] = p[j0:j1] @ vh[j0:j1, c0:c1]   (1 x keys) @ (keys x at most TILE_N)
-            _k._mk1(pp + 4 * j0, n, 1, pv + 4 * (j0 * Dv + c0), Dv, ppart + 4 * c0, Dv, min(_k.TILE_N, Dv - c0),
-                    min(PV_GROUP, n - j0), 1.0, _k.STORE, np.intp(0), part)
+        for c0 in range(0, Dv, PV_COLS):
+            # part[c0:c1] = p[j0:j1] @ vh[j0:j1, c0:c1]   (1 x keys) @ (keys x at most PV_COLS)
+            _pv_chunk(pp + 4 * j0, pv + 4 * (j0 * Dv + c0), min(PV_GROUP, n - j0), Dv, min(PV_COLS, Dv - c0), ppart + 4 * c0)
         for d in range(Dv):
             acc[d] += part[d]
 
