@@ -388,7 +388,7 @@ def _peak_cpu_time(reps: int = 7) -> float:
 def _profile_transposed(q, k, v, mask, opts, cpu):
     """profile_forward's split for the transposed kernel (kernels/cpu_fwd.py): the whole kernel against
     s^T = K Q^T (keys as stored, Q^T packed), the vertical softmax (column max, exp2, sums, over
-    16-query vectors) and P V with P read through strides, looped over as many tiles in cache."""
+    16-query vectors) and acc^T += V^T P^T (V read through strides), looped over as many tiles in cache."""
     import numpy as np
     from numba import njit
 
@@ -397,14 +397,15 @@ def _profile_transposed(q, k, v, mask, opts, cpu):
 
     heads, length, d = q.shape[1], q.shape[2], q.shape[3]
     nb = length // K.BLOCK_M
+    nvec, nopf = 64 // F.LANES, (np.intp(0),) * 4  # query vectors of a block; no prefetch ranges
 
     @njit
     def qk(k, qt, st, scale):
         for h in range(k.shape[1]):
             for qb in range(nb):
                 for kb in range(nb):
-                    F._gemm_t(K._addr(k[0, h, kb * 64:]), d, 1, K._addr(qt), 64, K._addr(st), 64, 64, d, 64, scale,
-                              K.STORE, np.intp(0), st)
+                    F._gemm_t(K._addr(k[0, h, kb * 64:]), d, 1, K._addr(qt), 64, K._addr(st), 64, 64, d, nvec, scale,
+                              K.STORE, np.intp(0), nopf, st)
 
     @njit
     def softmax(st, m, l, e, alpha, n):
@@ -412,12 +413,13 @@ def _profile_transposed(q, k, v, mask, opts, cpu):
             F._vsoftmax(K._addr(st), 64, 64, 64 // F.LANES, K._addr(m), K._addr(l), K._addr(e), K._addr(alpha), 0, np.float32(0.18), st)  # 0.18: ~|scale| log2 e at D 64
 
     @njit
-    def pv(pt, v, acc, alpha):
+    def pv(pt, v, acct, alpha):
+        # acc^T = alpha acc^T + V^T P^T (the kernel's transposed P V: V read through strides)
         for h in range(v.shape[1]):
             for qb in range(nb):
                 for kb in range(nb):
-                    F._gemm_t(K._addr(pt), 1, 64, K._addr(v[0, h, kb * 64:]), d, K._addr(acc), d, 64, 64, d, 1.0,
-                              K.RESCALE, K._addr(alpha), acc)
+                    F._gemm_t(K._addr(v[0, h, kb * 64:]), 1, d, K._addr(pt), 64, K._addr(acct), 64, d, 64, nvec, 1.0,
+                              K.RESCALE, K._addr(alpha), nopf, pt)
 
     rng = np.random.default_rng(1)
     out = np.empty_like(q)
@@ -432,8 +434,8 @@ def _profile_transposed(q, k, v, mask, opts, cpu):
         "s^T = K Q^T (micro-kernel, scaled)": cpu(qk, k, qt, np.empty((64, 64), np.float32), 0.125),
         "vertical softmax (max, exp2, sums)": cpu(softmax, st, big, np.zeros(64, np.float32), np.zeros(64, np.float32),
                                                   np.ones(64, np.float32), heads * nb * nb),
-        "P V + rescale (A = P^T strided)": cpu(pv, rng.random((64, 64)).astype(np.float32), v,
-                                               np.zeros((64, d), np.float32), np.ones(64, np.float32)),
+        "P V + rescale (acc^T += V^T P^T)": cpu(pv, rng.random((64, 64)).astype(np.float32), v,
+                                                np.zeros((d, 64), np.float32), np.ones(64, np.float32)),
     }
     parts["rest (Q^T pack, bookkeeping, L2 loads)"] = max(0.0, t_full - sum(parts.values()))
     return t_full, parts
