@@ -15,14 +15,20 @@ host's width, like cpu_flash's). A task sweeps its non-empty key tiles twice::
                         dV  += P^T dO                  (P^T as a plain A operand)
                         P^T and dP^T kept in the worker's buffers (2 x nK tiles: O(L) per worker)
     sweep 2, per tile:  dS^T = P^T (dP^T - delta[q])    (times the softcap's c (1 - tanh^2))
-                        dK  += dS^T Q,  dQ += dS K      (dS^T read through _gemm's A strides)
+                        dK  += dS^T Q,  dQ += dS K      (dS^T read through _gemm_pf's A strides)
                         (last kept tile first: the most recently written are still in L2)
 
 Five tile products, as FlashAttention-2's backward (cpu_flash's two passes do eight), and one
-exp2 per score. delta is the exact rowsum(P * dP) of the same P and dP that dS uses, which a
-one-pass kv-outer kernel cannot have (it needs the whole row before any dS): FlashAttention's
-rowsum(dO * O) instead missed STYLE rule 6 in 11 of test_cpu_kernel's cases (rows of one or two
-keys, where the twin's dS is exactly 0). Keeping the tiles costs memory traffic, not products.
+exp2 per score. The products run on cpu_flash's micro-kernel with one prefetcht1 a step (_gemm_pf)
+that walks the next operands into L2 while the current tile computes: in sweep 1 this tile's V and
+dV rows and the next tile's K and kept-tile slots, in sweep 2 this tile's K and the next kept
+tile's dK rows, P^T and dP^T. One head's K, V, dK, dV at Lk = 4096, D = 64 are 4 MB and a task's
+kept tiles up to 2 MB more, against a 2 MB L2: without the walk every tile's operands come from L3.
+
+delta is the exact rowsum(P * dP) of the same P and dP that dS uses, which a one-pass kv-outer
+kernel cannot have (it needs the whole row before any dS): FlashAttention's rowsum(dO * O) instead
+missed STYLE rule 6 in 11 of test_cpu_kernel's cases (rows of one or two keys, where the twin's dS
+is exactly 0). Keeping the tiles costs memory traffic, not products.
 With ``sinks`` known (launch_backward) delta is divided by rowsum(P) + p_sink, in float64.
 
 Each dK/dV share is added to its rows by one writer: on 2+ threads whole kv heads are dealt to
@@ -34,7 +40,9 @@ Where the time goes (one thread, causal D = 64, rdtsc per section, (1, 4, 2048, 
 products ~80 % (each at ~100-110 GFLOP/s in place against ~120-128 for the same calls on data in
 L1/L2 -- about 80 % of the FMA loop), P and delta's float64 sums ~9 %, dS ~4 %, task set-up, masks
 and the dQ write ~3 %. The rate is flat in L (1024-4096: 83-85 GFLOP/s on that machine): the kept
-tiles do not make it memory-bound.
+tiles do not make it memory-bound. (That was another machine: on this session's Xeon, 2 MB L2, causal
+(1, 2, 4096, 4096, 64) ran at ~51-61 % of the 1-thread FMA peak, and the L2 walk took ~7 % off its
+time; walking only K, V, dK and dV, not the kept tiles, took ~3 %.)
 
 Masks arrive lowered as for every cpu kernel (EMPTY tiles skipped, PARTIAL tiles masked
 element-wise); the score terms are cpu_flash._score_terms / _mask_tile transposed. Query
@@ -51,6 +59,7 @@ import platform
 import numpy as np
 import torch
 from llvmlite import ir
+from llvmlite.binding import llvm_version_info
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -58,11 +67,141 @@ from numba.extending import intrinsic
 from .cpu_fwd import _alibi_tile, _bias_mask_t, _loop
 
 from .cpu_flash import (ADD, VEC_BYTES, _fold_lo, _softcap_tile, BLOCK_M, BLOCK_N, EMPTY, FASTMATH, PARTIAL, STORE, _addr, _bx, _dot, _Exact,
-                        _exp2_ir, _gemm, _qk_split, _raw_units, _Vectors)
+                        _exp2_ir, _qk_split, _raw_units, _Vectors, NV_MAX, TILE_N)
 
 VW = VEC_BYTES // 4  # float32 lanes of one host vector
 LANES = 16  # query lanes rounded up to this (a whole AVX-512 vector of float32; two AVX2 ones)
 CALLS = {"calls": 0, "tiles": 0}  # launches of this kernel and the tiles they computed (tests read it)
+
+# -- the tile products: cpu_flash's micro-kernel walking the next tiles into L2 ---------------------
+
+
+def _make_mk_pf(MR):
+    # cpu_flash._make_microkernel's float32 product (STORE and ADD; masked past n; each element's FMA
+    # order over kdim the same, so the same results bit for bit), plus one prefetcht1 a step of the line
+    # at ppf + kk * spf (bytes): _gemm_pf walks the operands of the next tile into L2 through it. One
+    # head's K, V, dK and dV at Lk = 4096, D = 64 are 4 MB and the kept P^T/dP^T tiles up to 2 MB more,
+    # against a 2 MB L2: without the walk every tile's operands come from L3.
+    @intrinsic
+    def microkernel(typingctx, pa, sa0, sa1, pb, sb, pc, sc, n, kdim, scale, mode, ppf, spf, like):
+        if not (isinstance(like, types.Array) and like.dtype == types.float32):
+            return None
+        sig = types.void(*([types.intp] * 9), types.float64, *([types.intp] * 3), like)
+
+        def codegen(context, builder, signature, args):
+            builder = _Exact(builder)
+            pa, sa0, sa1, pb, sb, pc, sc, n, kdim, scale, mode, ppf, spf, _ = args
+            vec = _Vectors(context, builder, types.float32)
+            width, i64, c = vec.width, vec.i64, vec.const
+            scale_v = vec.splat(builder.fptrunc(scale, vec.fty))
+            i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+            prefetch = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                "llvm.prefetch.p0" if llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8")
+
+            def product(nvec):
+                # the whole product with nvec vectors per row of C, the last one masked
+                masks = [vec.lanes_below(builder.sub(n, c(v * width))) if v == nvec - 1 else None for v in range(nvec)]
+                init = [[vec.zero] * nvec for _ in range(MR)]
+                entry = builder.block
+                loop = builder.append_basic_block(f"mkp{nvec}.loop")
+                done = builder.append_basic_block(f"mkp{nvec}.done")
+                builder.cbranch(builder.icmp_signed(">", kdim, c(0)), loop, done)
+                builder.position_at_end(loop)
+                kk = builder.phi(i64)
+                kk.add_incoming(c(0), entry)
+                accs = [[builder.phi(vec.vty) for v in range(nvec)] for i in range(MR)]
+                brow = builder.mul(kk, sb)
+                bvec = [vec.load(pb, builder.add(brow, c(v * width)), masks[v]) for v in range(nvec)]
+                new = []
+                for i in range(MR):
+                    a = builder.load(vec.at(pa, builder.add(builder.mul(c(i), sa0), builder.mul(kk, sa1)), vec.sptr))
+                    a = vec.splat(a)
+                    new.append([builder.call(vec.fma, [a, bvec[v], accs[i][v]]) for v in range(nvec)])
+                # -- one line of the next tile's operands toward L2 (locality 2: prefetcht1) --
+                builder.call(prefetch, [builder.inttoptr(builder.add(ppf, builder.mul(kk, spf)), i8p),
+                                        ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+                nxt = builder.add(kk, c(1))
+                kk.add_incoming(nxt, loop)
+                for i in range(MR):
+                    for v in range(nvec):
+                        accs[i][v].add_incoming(init[i][v], entry)
+                        accs[i][v].add_incoming(new[i][v], loop)
+                builder.cbranch(builder.icmp_signed("<", nxt, kdim), loop, done)
+                builder.position_at_end(done)
+                final = []
+                for i in range(MR):
+                    row = []
+                    for v in range(nvec):
+                        phi = builder.phi(vec.vty)
+                        phi.add_incoming(init[i][v], entry)
+                        phi.add_incoming(new[i][v], loop)
+                        row.append(phi)
+                    final.append(row)
+                # -- write C in the call's mode --
+                with builder.if_else(builder.icmp_signed("==", mode, c(STORE))) as (store, add):
+                    with store:
+                        for i in range(MR):
+                            for v in range(nvec):
+                                off = builder.add(builder.mul(c(i), sc), c(v * width))
+                                vec.store(builder.fmul(final[i][v], scale_v), pc, off, masks[v])
+                    with add:
+                        for i in range(MR):
+                            for v in range(nvec):
+                                off = builder.add(builder.mul(c(i), sc), c(v * width))
+                                vec.store(builder.fadd(vec.load(pc, off, masks[v]), final[i][v]), pc, off, masks[v])
+
+            # one copy of the product per vector count, picked by ceil(n / width)
+            nv = builder.sdiv(builder.add(n, c(width - 1)), c(width))
+            exit_ = builder.append_basic_block("mkp.exit")
+            cases = [builder.append_basic_block(f"mkp.nv{v}") for v in range(1, NV_MAX + 1)]
+            switch = builder.switch(nv, cases[-1])
+            for v in range(1, NV_MAX):
+                switch.add_case(c(v), cases[v - 1])
+            for v, block in enumerate(cases, 1):
+                builder.position_at_end(block)
+                product(v)
+                builder.branch(exit_)
+            builder.position_at_end(exit_)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return microkernel
+
+
+_mkp6, _mkp2, _mkp1 = _make_mk_pf(6), _make_mk_pf(2), _make_mk_pf(1)
+
+
+@njit(cache=True)
+def _gemm_pf(pa, sa0, sa1, pb, sb, pc, sc, m, kdim, n, scale, mode, walk, like):
+    # C[:m, :n] (op)= A[:m, :kdim] @ B[:kdim, :n] at raw addresses (strides in elements), mode STORE or
+    # ADD, float32: cpu_flash._gemm's calls (6, 2, 1 rows; TILE_N columns) and results, on _make_mk_pf.
+    # walk = (p1, n1, p2, n2): two byte ranges the calls walk into L2, one 64-byte line a step
+    p1, n1, p2, n2 = walk
+    isz = 4
+    done = 0  # bytes of the ranges walked so far
+    for j0 in range(0, n, TILE_N):
+        nn = min(TILE_N, n - j0)
+        i = 0
+        while i < m:
+            r = 6 if m - i >= 6 else (2 if m - i >= 2 else 1)
+            ppf, spf = pb, 0  # nothing left to walk: a line of B, in L1
+            if done < n1:
+                ppf, spf = p1 + done, 64
+            elif done < n1 + n2:
+                ppf, spf = p2 + (done - n1), 64
+            done += kdim * 64
+            args = (pa + i * sa0 * isz, sa0, sa1, pb + j0 * isz, sb, pc + (i * sc + j0) * isz, sc, nn, kdim, scale, mode, ppf,
+                    spf, like)
+            if r == 6:
+                _mkp6(*args)
+            elif r == 2:
+                _mkp2(*args)
+            else:
+                _mkp1(*args)
+            i += r
+
 
 # -- vertical vector ops over the query lanes ---------------------------------------------------
 
@@ -299,10 +438,28 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
         n += 1
         pk = _addr(k) + ((b * Hkv + hk) * Lk + c0) * D * isz  # K_blk rows (ncols x D)
         pv = _addr(v) + ((b * Hkv + hk) * Lk + c0) * Dv * isz  # V_blk rows (ncols x Dv)
+        # -- what the products walk into L2 (prefetcht1, _gemm_pf): this tile's values and dV rows, the
+        # next non-empty tile's keys (after the last: tile 0's, where the next task starts) and kept-tile
+        # slot; after the last tile, this tile's dK rows (sweep 2 starts with them) --
+        kb2 = kb + 1
+        while kb2 < nK and tiles[tb, th_, qb, kb2] == EMPTY:
+            kb2 += 1
+        last = kb2 >= nK
+        if last:
+            kb2 = 0
+        pdv = _addr(dv_w) + ((b * Hkv + hk) * Lk + c0) * Dv * isz
+        walk_s = (pv, np.intp(ncols * Dv * isz), _addr(k) + ((b * Hkv + hk) * Lk + kb2 * BLOCK_N) * D * isz,
+                  np.intp(min(BLOCK_N, Lk - kb2 * BLOCK_N) * D * isz))
+        walk_dp = (pdv, np.intp(ncols * Dv * isz), np.intp(0), np.intp(0))
+        if last:
+            walk_dv = (_addr(dk_w) + ((b * Hkv + hk) * Lk + c0) * D * isz, np.intp(ncols * D * isz), np.intp(0), np.intp(0))
+        else:
+            slot = np.intp(n * BLOCK_N * BLOCK_M * isz)
+            walk_dv = (_addr(pbuf) + slot, np.intp(BLOCK_N * BLOCK_M * isz), _addr(dpbuf) + slot, np.intp(BLOCK_N * BLOCK_M * isz))
         # -- S^T = K_blk Q_blk^T (keys x queries), times the store factor (the scale unless a softcap
         # follows or the tile stays q.k: _raw_units) --
         if scaled:
-            _gemm(pk, D, 1, _addr(qt), BLOCK_M, _addr(st), BLOCK_M, ncols, D, nr, store, STORE, np.intp(0), st)
+            _gemm_pf(pk, D, 1, _addr(qt), BLOCK_M, _addr(st), BLOCK_M, ncols, D, nr, store, STORE, walk_s, st)
         elif split:
             # fewer than 4 query rows (decoding, a ragged last block): the score terms on zeros first, then
             # q.k in float64 added, hi + lo in score units (below), bit for bit the forward's
@@ -329,15 +486,14 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
             # then taken against a max of 0 (m0) --
             _fold_lo(st, lo, ncols, rows, m_blk, m0, False)
         # -- dP^T = V_blk dO_blk^T --
-        _gemm(pv, Dv, 1, _addr(dot), BLOCK_M, _addr(dpt), BLOCK_M, ncols, Dv, nr, 1.0, STORE, np.intp(0), dpt)
+        _gemm_pf(pv, Dv, 1, _addr(dot), BLOCK_M, _addr(dpt), BLOCK_M, ncols, Dv, nr, 1.0, STORE, walk_dp, dpt)
         # -- P^T = exp2((S^T - max) - log l); delta += rowsum(P * dP) --
         for g in range(0, nr, VW):
             pmg = (_addr(m0) if lo.size > 0 else _addr(m_blk)) + g * isz
             _probs_lanes(_addr(st) + g * isz, _addr(dpt) + g * isz, BLOCK_M, pmg, _addr(lg_blk) + g * isz,
                          _addr(dl64) + g * 8, _addr(ps64) + g * 8, ncols, opts.exp_lo, cu, st)
         # -- dV += P^T dO --
-        _gemm(_addr(st), BLOCK_M, 1, pdo, Dv, _addr(dv_w) + ((b * Hkv + hk) * Lk + c0) * Dv * isz, Dv, ncols, rows, Dv,
-              1.0, ADD, np.intp(0), st)
+        _gemm_pf(_addr(st), BLOCK_M, 1, pdo, Dv, pdv, Dv, ncols, rows, Dv, 1.0, ADD, walk_dv, st)
         if softcap > 0.0 and small:
             for j in range(ncols):
                 for i in range(rows):
@@ -372,11 +528,21 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
             for g in range(0, nr, VW):
                 _ds_lanes(_addr(st) + g * isz, _addr(dpt) + g * isz, BLOCK_M, _addr(dl64) + g * 8, ncols, st)
         pk = _addr(k) + ((b * Hkv + hk) * Lk + c0) * D * isz
-        _gemm(_addr(dpt), BLOCK_M, 1, pq, D, _addr(dk_w) + ((b * Hkv + hk) * Lk + c0) * D * isz, D, ncols, rows, D,
-              1.0, ADD, np.intp(0), st)
+        # -- walked into L2: this tile's keys and the next kept tile's dK rows during dK, its P^T and dP^T
+        # during dQ --
+        walk_dk = (pk, np.intp(ncols * D * isz), np.intp(0), np.intp(0))
+        walk_dq = (np.intp(0), np.intp(0), np.intp(0), np.intp(0))
+        if u > 0:
+            c2 = kbs[u - 1] * BLOCK_N
+            walk_dk = (pk, np.intp(ncols * D * isz), _addr(dk_w) + ((b * Hkv + hk) * Lk + c2) * D * isz,
+                       np.intp(min(BLOCK_N, Lk - c2) * D * isz))
+            slot = np.intp((u - 1) * BLOCK_N * BLOCK_M * isz)
+            walk_dq = (_addr(pbuf) + slot, np.intp(BLOCK_N * BLOCK_M * isz), _addr(dpbuf) + slot, np.intp(BLOCK_N * BLOCK_M * isz))
+        _gemm_pf(_addr(dpt), BLOCK_M, 1, pq, D, _addr(dk_w) + ((b * Hkv + hk) * Lk + c0) * D * isz, D, ncols, rows, D,
+                 1.0, ADD, walk_dk, st)
         if not small:
             # (dS^T read through the A strides)
-            _gemm(_addr(dpt), 1, BLOCK_M, pk, D, _addr(dq_acc), D, rows, ncols, D, 1.0, ADD, np.intp(0), st)
+            _gemm_pf(_addr(dpt), 1, BLOCK_M, pk, D, _addr(dq_acc), D, rows, ncols, D, 1.0, ADD, walk_dq, st)
     dscale = opts.dscale
     if small:
         for i in range(rows):
