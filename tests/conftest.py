@@ -224,3 +224,30 @@ if _COMPILE_LOG:
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     _CURRENT_TEST[0] = item.nodeid
+
+
+# -- numba's compiles once, before the xdist workers start -----------------------------------------
+# Each worker would compile every kernel variant it meets (both at once at the start: ~5-6 minutes of
+# CPU each on a 2-core CI machine) and so would the subprocesses some tests start. The controller
+# compiles them once into the on-disk cache (`selfattn compile`, two processes); workers then load
+# them. SELFATTN_TEST_PRECOMPILE=0 skips it (the tests still compile what they need on first use).
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session):
+    config = session.config
+    workers = getattr(config.option, "numprocesses", None)
+    if hasattr(config, "workerinput") or not workers or os.environ.get("SELFATTN_TEST_PRECOMPILE") == "0":
+        return
+    if "cpu" not in selfattn.backends.names():
+        return
+    from selfattn.kernels import warm
+
+    result = warm.compile_kernels(jobs=2)
+    say = config.pluginmanager.get_plugin("terminalreporter")
+    line = (f"selfattn: cpu kernels compiled (or loaded) once for all workers in {result['seconds']:.0f} s"
+            + (f"; {len(result['failed'])} step(s) failed, the tests will meet them: {result['failed']}" if result["failed"] else ""))
+    if say is not None:
+        say.write_line(line)
+    else:
+        print(line, file=sys.stderr)

@@ -143,7 +143,7 @@ def _help_text(command: str) -> str:
 
 
 def test_every_command_has_a_description():
-    for command in ("explain", "scaling", "backends", "train", "sample"):
+    for command in ("explain", "scaling", "backends", "compile", "train", "sample"):
         assert len(_subparser(command).description or "") > 60, command
     assert "KV cache" in _help_text("sample") and "auto" in _help_text("backends")
 
@@ -321,3 +321,35 @@ def test_long_html_report_folds_the_text_and_labels_its_charts():
     assert re.search(r'class="tok"[^>]*>w\d+@\d+<', chart)
     # strips over 300 keys are coloured relative to their row, masked keys grey
     assert "coloured relative to its row's largest weight" in doc and 'fill="#d9d9d9"' in doc
+
+
+def test_compile_refuses_an_unknown_dtype():
+    _refused(_run("compile", "--dtypes", "float32,int8"), "--dtypes")
+    r = _run("compile", "--jobs", "0")  # argparse's own check: its usage line, then the error
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--jobs must be a positive integer, got 0" in r.stderr, r.stderr
+
+
+def test_compile_fills_the_cache_and_says_where():
+    # under xdist the controller has compiled everything already (tests/conftest.py), so this loads;
+    # alone it compiles the float64 kernels (a minute or two of one core)
+    r = _run("compile", "--dtypes", "float64", "--jobs", "1", "--verbose", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert re.search(r"cpu kernels for float64 ready in \d+ s \(4 calls compiled them or loaded them from the cache: .+\)", r.stdout), r.stdout
+    assert r.stderr.count("done float64") == 4, r.stderr
+
+
+def test_compile_plan_balances_the_groups():
+    from selfattn.kernels import warm
+
+    everything = list(warm.GROUPS)
+    for jobs in (1, 2, 3, 8):
+        parts = warm.plan(everything, jobs)
+        assert sorted(n for p in parts for n in p) == sorted(everything)  # each group exactly once
+        assert len(parts) == min(jobs, len(everything))
+        loads = [sum(warm.GROUPS[n] for n in p) for p in parts]
+        # greedy onto the least loaded: no process carries more than the heaviest group beyond another's load
+        assert max(loads) - min(loads) <= max(warm.GROUPS.values())
+    assert warm.steps(["float32"]) == len(list(warm._calls("float32")))
+    with pytest.raises(ValueError, match="unknown dtype group"):
+        warm.compile_kernels(["int8"])

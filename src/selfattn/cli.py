@@ -302,6 +302,61 @@ def _add_backends(sub) -> None:
     b.set_defaults(func=_cmd_backends)
 
 
+# -- compile: the cpu backend's kernels into numba's disk cache, ahead of the first call ----------
+
+
+def _cmd_compile(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import backends
+    from .backends import BackendUnavailable
+    from .kernels import numba_cache_dir, warm
+
+    names = [n.strip() for n in args.dtypes.split(",") if n.strip()]
+    unknown = [n for n in names if n not in warm.GROUPS]
+    if not names or unknown:
+        raise UsageError(f"--dtypes must be a comma-separated list of {', '.join(warm.GROUPS)}, got {args.dtypes!r}")
+    if "cpu" not in backends.names():
+        raise BackendUnavailable("the cpu backend is not available here (it needs numba: pip install numba), "
+                                 "so there is nothing to compile")
+    console = Console(stderr=True)
+    with Progress(TextColumn("compiling the cpu kernels"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=not args.verbose) as bar:
+        task = bar.add_task("", total=warm.steps(names))
+
+        def on_line(kind, label, detail):
+            if args.verbose:
+                bar.console.print(f"{kind} {label}" + (f" ({detail} s)" if kind == "done" else f": {detail}"))
+            bar.update(task, advance=1, description=label)
+
+        result = warm.compile_kernels(names, jobs=args.jobs, on_line=on_line)
+    where = os.environ.get("NUMBA_CACHE_DIR") or numba_cache_dir() or os.path.join(os.path.dirname(warm.__file__), "__pycache__")
+    print(f"cpu kernels for {', '.join(names)} ready in {result['seconds']:.0f} s ({len(result['done'])} calls compiled "
+          f"them or loaded them from the cache: {where}); later processes load them from there")
+    if result["failed"]:
+        for line in result["failed"]:
+            print(f"selfattn compile: failed: {line}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_compile(sub) -> None:
+    from .kernels.warm import GROUPS
+
+    c = sub.add_parser("compile", help="compile the cpu backend's kernels now (once per install), not on the first call",
+                       description="numba compiles the cpu backend's kernels the first time a call needs them (~25-60 s "
+                                   "of one core per dtype) and caches them on disk. This makes those first calls now, "
+                                   "in parallel processes, so that every later process starts in well under a second.")
+    c.add_argument("--dtypes", default=",".join(GROUPS), metavar="LIST",
+                   help=f"comma-separated compute dtypes (default all: {','.join(GROUPS)}; float16 runs the float32 kernels)")
+    c.add_argument("--jobs", type=_positive("--jobs"), default=min(2, os.cpu_count() or 1),
+                   help="processes compiling at once (default: 2, or 1 on a one-core machine)")
+    c.add_argument("--verbose", action="store_true", help="print each finished step and its time")
+    _add_version(c)
+    c.set_defaults(func=_cmd_compile)
+
+
 # -- train, sample (issue 7; the work is in selfattn.training) --------------------------------
 
 
@@ -352,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explain(sub)
     _add_scaling(sub)
     _add_backends(sub)
+    _add_compile(sub)
     _add_train(sub)
     _add_sample(sub)
     return p
