@@ -52,6 +52,7 @@ class Case:
     doc_len: int = 2048
     stats_pair: bool = False  # also time ours with return_stats=True
     dtype: str = "float32"
+    softcap: float = 0.0  # > 0: every selfattn call with this softcap ("cpu-plain": the cpu backend without it)
 
 
 CASES = [
@@ -70,6 +71,9 @@ CASES = [
     Case("dense fwd bfloat16", (1, 16, 2048, 2048, 64), (1, 8, 1024, 1024, 64), target="(rank)", dtype="bfloat16"),
     Case("causal fwd+bwd bfloat16", (1, 16, 2048, 2048, 64), (1, 8, 1024, 1024, 64), mask="causal", backward=True,
          target="(rank)", dtype="bfloat16"),
+    # what a softcap (Gemma 2's 50, here 30) costs against the same call without it; SDPA has no softcap
+    Case("softcap 30 fwd", (1, 16, 2048, 2048, 64), (1, 8, 1024, 1024, 64), softcap=30.0, baselines=("cpu-plain", "math"),
+         target="(cost of a softcap)"),
 ]
 
 
@@ -140,9 +144,12 @@ def _run(impl: str, case: Case, q, k, v, go, **kw):
                 return F.scaled_dot_product_attention(q, k, v, **extra)
     else:
         extra = _mask_kwargs(case, q.shape[2], k.shape[2], dense=False)
+        if case.softcap > 0 and impl != "cpu-plain":
+            extra["softcap"] = case.softcap
+        backend = "cpu" if impl == "cpu-plain" else impl
 
         def fwd():
-            return selfattn.attention(q, k, v, backend=impl, **extra, **kw)
+            return selfattn.attention(q, k, v, backend=backend, **extra, **kw)
     if not case.backward:
         return lambda: torch.no_grad()(fwd)()
 
