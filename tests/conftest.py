@@ -226,18 +226,21 @@ def pytest_runtest_setup(item):
     _CURRENT_TEST[0] = item.nodeid
 
 
-# -- numba's compiles once, before the xdist workers start -----------------------------------------
-# Each worker would compile every kernel variant it meets (both at once at the start: ~5-6 minutes of
-# CPU each on a 2-core CI machine) and so would the subprocesses some tests start. The controller
-# compiles them once into the on-disk cache (`selfattn compile`, two processes); workers then load
-# them. SELFATTN_TEST_PRECOMPILE=0 skips it (the tests still compile what they need on first use).
+# -- numba's compiles once, before the xdist workers start (opt-in) --------------------------------
+# Each worker compiles every kernel variant it meets, both at once at the start (the compile log of a
+# cold run showed flash_fwd_t_serial and flash_fwd_serial compiled by both workers). With
+# SELFATTN_TEST_PRECOMPILE=1 the controller compiles them all once into the on-disk cache first
+# (`selfattn compile`, two processes; ~6 minutes of CPU cold, ~15 s warm) and the workers and the
+# processes some tests start load them. Off by default: the same compile log put all the workers'
+# compiles of the first 40 % of a cold run at ~190 s of CPU (the suite's ~33 minutes of CPU go
+# mostly elsewhere), so whether it pays has not been measured yet.
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session):
     config = session.config
     workers = getattr(config.option, "numprocesses", None)
-    if hasattr(config, "workerinput") or not workers or os.environ.get("SELFATTN_TEST_PRECOMPILE") == "0":
+    if hasattr(config, "workerinput") or not workers or os.environ.get("SELFATTN_TEST_PRECOMPILE") != "1":
         return
     if "cpu" not in selfattn.backends.names():
         return
