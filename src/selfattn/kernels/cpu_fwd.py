@@ -550,15 +550,24 @@ def _mask_tile_t(st, rows, ncols, b, h, qb, kb, mask):
             kid = mask.kv_ids[d, bd, gj]
             for i in range(real):
                 st[j, i] = st[j, i] if mask.q_ids[d, bd, r0 + i] == kid else -np.inf
-        if mask.allow.size > 0:
-            sa = mask.allow_strides
-            base = b * sa[0] + h * sa[1] + r0 * sa[2] + gj * sa[3]
-            for i in range(real):
-                st[j, i] = st[j, i] if mask.allow[base + i * sa[2]] != 0 else -np.inf
         if fn >= 0:
             # -- a mask function's bits, stored for its partial tiles only --
             for i in range(real):
                 st[j, i] = st[j, i] if mask.fn_bits[fn, i, j] != 0 else -np.inf
+    if mask.allow.size > 0:
+        # -- a dense boolean mask, stored query-major: each query's run of keys read contiguously into
+        # a key-major tile of bytes, then applied with the query rows innermost (a vector select).
+        # Reading it straight into s^T's order strode a whole mask row per element (~6 ns each).
+        sa = mask.allow_strides
+        base = b * sa[0] + h * sa[1] + r0 * sa[2] + c0 * sa[3]
+        keep = np.empty((BLOCK_N, BLOCK_M), np.uint8)
+        for i in range(real):
+            row = base + i * sa[2]
+            for j in range(ncols):
+                keep[j, i] = mask.allow[row + j * sa[3]] != 0
+        for j in range(ncols):
+            for i in range(real):
+                st[j, i] = st[j, i] if keep[j, i] != 0 else -np.inf
 
 
 @njit(fastmath=FASTMATH, cache=True)
