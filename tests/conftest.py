@@ -226,21 +226,23 @@ def pytest_runtest_setup(item):
     _CURRENT_TEST[0] = item.nodeid
 
 
-# -- numba's compiles once, before the xdist workers start (opt-in) --------------------------------
+# -- numba's compiles once, before the xdist workers start -------------------------------------------
 # Each worker compiles every kernel variant it meets, both at once at the start (the compile log of a
-# cold run showed flash_fwd_t_serial and flash_fwd_serial compiled by both workers). With
-# SELFATTN_TEST_PRECOMPILE=1 the controller compiles them all once into the on-disk cache first
-# (`selfattn compile`, two processes; ~6 minutes of CPU cold, ~15 s warm) and the workers and the
-# processes some tests start load them. Off by default: the same compile log put all the workers'
-# compiles of the first 40 % of a cold run at ~190 s of CPU (the suite's ~33 minutes of CPU go
-# mostly elsewhere), so whether it pays has not been measured yet.
+# cold run showed flash_fwd_t_serial and flash_fwd_serial compiled by both workers). For the whole
+# suite under xdist (CI's `pytest -n 2`) the controller first compiles them all once into the on-disk
+# cache (`selfattn compile`, two processes: ~3 minutes cold, ~15 s warm) and the workers and the
+# processes some tests start load them. Two cold fresh-clone runs on the 2-core Xeon: pytest's time
+# 856 s without, 725 s with (the 173 s of compiling included). SELFATTN_TEST_PRECOMPILE=0 turns it
+# off, =1 on for any selection of tests too (by default a run of chosen files skips it).
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session):
     config = session.config
     workers = getattr(config.option, "numprocesses", None)
-    if hasattr(config, "workerinput") or not workers or os.environ.get("SELFATTN_TEST_PRECOMPILE") != "1":
+    choice = os.environ.get("SELFATTN_TEST_PRECOMPILE")
+    whole_suite = getattr(config, "args_source", None) == pytest.Config.ArgsSource.TESTPATHS
+    if hasattr(config, "workerinput") or not workers or choice == "0" or (choice != "1" and not whole_suite):
         return
     if "cpu" not in selfattn.backends.names():
         return
