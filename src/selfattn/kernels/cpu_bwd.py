@@ -59,7 +59,6 @@ import platform
 import numpy as np
 import torch
 from llvmlite import ir
-from llvmlite.binding import llvm_version_info
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -67,7 +66,7 @@ from numba.extending import intrinsic
 from .cpu_fwd import _alibi_tile, _bias_mask_t, _loop
 
 from .cpu_flash import (ADD, VEC_BYTES, _fold_lo, _softcap_tile, BLOCK_M, BLOCK_N, EMPTY, FASTMATH, PARTIAL, STORE, _addr, _bx, _dot, _Exact,
-                        _exp2_ir, _qk_split, _raw_units, _Vectors, NV_MAX, TILE_N)
+                        _exp2_ir, _prefetch, _qk_split, _raw_units, _Vectors, NV_MAX, TILE_N)
 
 VW = VEC_BYTES // 4  # float32 lanes of one host vector
 LANES = 16  # query lanes rounded up to this (a whole AVX-512 vector of float32; two AVX2 ones)
@@ -94,10 +93,6 @@ def _make_mk_pf(MR):
             vec = _Vectors(context, builder, types.float32)
             width, i64, c = vec.width, vec.i64, vec.const
             scale_v = vec.splat(builder.fptrunc(scale, vec.fty))
-            i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-            prefetch = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                "llvm.prefetch.p0" if llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8")
 
             def product(nvec):
                 # the whole product with nvec vectors per row of C, the last one masked
@@ -119,8 +114,7 @@ def _make_mk_pf(MR):
                     a = vec.splat(a)
                     new.append([builder.call(vec.fma, [a, bvec[v], accs[i][v]]) for v in range(nvec)])
                 # -- one line of the next tile's operands toward L2 (locality 2: prefetcht1) --
-                builder.call(prefetch, [builder.inttoptr(builder.add(ppf, builder.mul(kk, spf)), i8p),
-                                        ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+                _prefetch(builder, builder.add(ppf, builder.mul(kk, spf)), 2)
                 nxt = builder.add(kk, c(1))
                 kk.add_incoming(nxt, loop)
                 for i in range(MR):

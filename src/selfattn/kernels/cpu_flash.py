@@ -237,6 +237,15 @@ class _Exact:
         return self._flag(self._builder.fcmp_ordered(*args, **kw))
 
 
+def _prefetch(builder, address, locality):
+    """Emit a prefetch hint (read, data cache) for the line at integer ``address``: locality 3 brings
+    it toward L1 (prefetcht0), 2 toward L2 (prefetcht1). It never faults, also past an array's end."""
+    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                        "llvm.prefetch.p0" if llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8")
+    builder.call(fn, [builder.inttoptr(address, i8p), ir.Constant(i32, 0), ir.Constant(i32, locality), ir.Constant(i32, 1)])
+
+
 class _Vectors:
     """What the IR generators below share: one host vector of the element type (AVX-512: 16
     float32 or 8 float64 lanes; AVX2: 8 or 4), its masked load/store, FMA, floor and max

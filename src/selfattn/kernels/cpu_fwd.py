@@ -67,7 +67,6 @@ import math
 import numpy as np
 import torch
 from llvmlite import ir
-from llvmlite.binding import llvm_version_info
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -88,6 +87,7 @@ from selfattn.kernels.cpu_flash import (
     _Exact,
     _EXP2_COEFFS,
     NV_MAX,
+    _prefetch,
     _query_task,
     _qk_split,
     _raw_units,
@@ -184,10 +184,6 @@ def _make_mk_t(MR):
             vec = _Vectors(context, builder, types.float32)
             width, i64, c = vec.width, vec.i64, vec.const
             scale_v = vec.splat(builder.fptrunc(scale, vec.fty))
-            i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-            prefetch = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                "llvm.prefetch.p0" if llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8")
             # rows of A: raw addresses of element (i, 0)
             arow = [builder.add(pa, builder.mul(builder.mul(c(i), sa0), vec.esize)) for i in range(MR)]
             astep = builder.mul(sa1, vec.esize)
@@ -210,8 +206,7 @@ def _make_mk_t(MR):
                     a = vec.splat(builder.load(builder.inttoptr(builder.add(arow[i], aoff), vec.sptr)))
                     new.append([builder.call(vec.fma, [a, bvec[v], accs[i][v]]) for v in range(nv)])
                 # -- one line of the next tiles toward L2 (locality 2: prefetcht1) --
-                builder.call(prefetch, [builder.inttoptr(builder.add(ppf, builder.mul(kk, spf)), i8p),
-                                        ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+                _prefetch(builder, builder.add(ppf, builder.mul(kk, spf)), 2)
                 nxt = builder.add(kk, c(1))
                 kk.add_incoming(nxt, loop)
                 for i in range(MR):

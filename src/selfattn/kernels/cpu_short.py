@@ -18,10 +18,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from llvmlite import ir
-from llvmlite.binding import llvm_version_info
 from numba import carray, njit, types
-from numba.core import cgutils
 from numba.core import config as numba_config
 from numba.extending import intrinsic
 
@@ -53,12 +50,7 @@ def _prefetch_to(locality):
     @intrinsic
     def prefetch(typingctx, addr):
         def codegen(context, builder, signature, args):
-            i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-            fn = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                "llvm.prefetch.p0" if llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8")
-            builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(i32, 0), ir.Constant(i32, locality),
-                              ir.Constant(i32, 1)])
+            _k._prefetch(builder, args[0], locality)
             return context.get_dummy_value()
 
         return types.void(types.intp), codegen
