@@ -236,34 +236,46 @@ def _small_rows(q, k, v, out, causal, scale):
                     oi[d] = acc[d] * inv
 
 
-@njit(fastmath=_k.FASTMATH, cache=True)
-def _scores(qi, kh, n, scale, s):
-    # s[j] = (qi . kh[j]) * scale in float64 for j < n, four keys at a time (four independent sums)
-    D = qi.shape[0]
-    n4 = n - n % 4
-    for j in range(0, n4, 4):
-        k0, k1, k2, k3 = kh[j], kh[j + 1], kh[j + 2], kh[j + 3]  # (D,) each
-        a0 = a1 = a2 = a3 = 0.0
-        for d in range(D):
-            a0 += qi[d] * k0[d]
-            a1 += qi[d] * k1[d]
-            a2 += qi[d] * k2[d]
-            a3 += qi[d] * k3[d]
-        s[j], s[j + 1], s[j + 2], s[j + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+@njit(fastmath=_k.FASTMATH, inline="always")
+def _dot4(qi, kh, j):
+    # qi . kh[j + t] for t < 4 in float64: four independent sums over the head dim
+    k0, k1, k2, k3 = kh[j], kh[j + 1], kh[j + 2], kh[j + 3]  # (D,) each
+    a0 = a1 = a2 = a3 = 0.0
+    for d in range(qi.shape[0]):
+        a0 += qi[d] * k0[d]
+        a1 += qi[d] * k1[d]
+        a2 += qi[d] * k2[d]
+        a3 += qi[d] * k3[d]
+    return a0, a1, a2, a3
+
+
+@njit(fastmath=_k.FASTMATH, inline="always")
+def _scores_rest(qi, kh, n4, n, scale, s):
+    # s[j] = (qi . kh[j]) * scale for the last n - n4 (< 4) keys
     for j in range(n4, n):
         kj = kh[j]
         a0 = 0.0
-        for d in range(D):
+        for d in range(qi.shape[0]):
             a0 += qi[d] * kj[d]
         s[j] = a0 * scale
+
+
+@njit(fastmath=_k.FASTMATH, cache=True)
+def _scores(qi, kh, n, scale, s):
+    # s[j] = (qi . kh[j]) * scale in float64 for j < n, four keys at a time
+    n4 = n - n % 4
+    for j in range(0, n4, 4):
+        a0, a1, a2, a3 = _dot4(qi, kh, j)
+        s[j], s[j + 1], s[j + 2], s[j + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+    _scores_rest(qi, kh, n4, n, scale, s)
 
 
 @njit(fastmath=_k.FASTMATH, cache=True)
 def _scores_far(qi, kh, vh, n, scale, s, values):
     # _scores for keys and values out of L2 (see PF_AHEAD): each step of four keys first prefetches
     # the keys PF_AHEAD rows ahead and, with `values`, walks the values of its own four keys into L2.
-    # (A copy of _scores' loop: with the hints behind a flag in _scores itself, the calls that stay
-    # in L2 ran ~3 % slower; issued in bursts of PF_AHEAD keys, the hints gained less)
+    # (Its own loop: with the hints behind a flag in _scores itself, the calls that stay in L2 ran
+    # ~3 % slower; issued in bursts of PF_AHEAD keys, the hints gained less)
     D, Dv = qi.shape[0], vh.shape[1]
     pk, pv = _k._addr(kh), _k._addr(vh)
     n4 = n - n % 4
@@ -274,20 +286,9 @@ def _scores_far(qi, kh, vh, n, scale, s, values):
         if values:
             for off in range(0, 16 * Dv, 64):
                 _prefetch_l2(pv + j * Dv * 4 + off)
-        k0, k1, k2, k3 = kh[j], kh[j + 1], kh[j + 2], kh[j + 3]  # (D,) each
-        a0 = a1 = a2 = a3 = 0.0
-        for d in range(D):
-            a0 += qi[d] * k0[d]
-            a1 += qi[d] * k1[d]
-            a2 += qi[d] * k2[d]
-            a3 += qi[d] * k3[d]
+        a0, a1, a2, a3 = _dot4(qi, kh, j)
         s[j], s[j + 1], s[j + 2], s[j + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
-    for j in range(n4, n):
-        kj = kh[j]
-        a0 = 0.0
-        for d in range(D):
-            a0 += qi[d] * kj[d]
-        s[j] = a0 * scale
+    _scores_rest(qi, kh, n4, n, scale, s)
 
 
 @njit(fastmath=_k.FASTMATH, cache=True)
