@@ -432,7 +432,11 @@ def main(argv=None) -> int:
     its traceback, a request to report it, exit status 1. ``SELFATTN_DEBUG=1`` re-raises everything.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named with the command they were given to, and where its options are listed
+        where = f"selfattn {args.command}" if getattr(args, "command", None) else "selfattn"
+        print(f"{where}: error: unrecognized arguments: {' '.join(unknown)} (see {where} --help)", file=sys.stderr)
+        return 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
