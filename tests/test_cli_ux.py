@@ -2,7 +2,8 @@
 before any work or output folder; help, version, backends; trimmed matrices; streaming; a bar
 that fits 80 columns; the compile notice; internal errors as bugs.
 
-Each user-facing case runs the CLI as a subprocess, as a user does, with a time bound.
+Each user-facing case runs the CLI in a process of its own, as a user does, with a time bound: a child
+of tests/_cli.py's helper, which imported selfattn.cli once (the --version case starts a whole interpreter).
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import io
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from _cli import run_cli
 
 import selfattn
 from selfattn import checkpoint, cli
@@ -24,11 +25,8 @@ TIME_BOUND = 90.0  # seconds for one refused command: the checks come before any
 
 
 def _run(*args, timeout=TIME_BOUND, cwd=None, columns=100):
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "selfattn.cli", *map(str, args)], capture_output=True, text=True,
-                       env={"COLUMNS": str(columns), "PATH": "", "PYTHONIOENCODING": "utf-8", "SELFATTN_AUTO_CALIBRATE": "0"}, timeout=timeout, cwd=cwd)
-    r.seconds = time.perf_counter() - t0
-    return r
+    return run_cli(*args, env={"COLUMNS": str(columns), "PATH": "", "PYTHONIOENCODING": "utf-8", "SELFATTN_AUTO_CALIBRATE": "0"},
+                   timeout=timeout, cwd=cwd)
 
 
 def _refused(r, want: str):
@@ -104,9 +102,7 @@ def test_explain_that_would_take_minutes_is_refused():
     from selfattn.explain import MAX_TOKENS
 
     text = " ".join(["w"] * MAX_TOKENS)
-    r = subprocess.run([sys.executable, "-m", "selfattn.cli", "explain", "--file", "-", "--qk-dim", "3072", "--v-dim", "3072"],
-                       input=text, capture_output=True, text=True, env={"PATH": ""}, timeout=TIME_BOUND)
-    r.seconds = 0.0
+    r = run_cli("explain", "--file", "-", "--qk-dim", "3072", "--v-dim", "3072", input=text, env={"PATH": ""}, timeout=TIME_BOUND)
     _refused(r, "GFLOP")
 
 
@@ -128,7 +124,8 @@ def test_version_everywhere():
             finally:
                 sys.stdout = sys_stdout
         assert e.value.code == 0 and out.getvalue().strip() == want, (args, out.getvalue())
-    r = _run("--version")
+    r = subprocess.run([sys.executable, "-m", "selfattn.cli", "--version"], capture_output=True, text=True,
+                       env={"PATH": ""}, timeout=TIME_BOUND)  # a whole interpreter, as the shell starts it
     assert r.returncode == 0 and r.stdout.strip() == want
 
 
