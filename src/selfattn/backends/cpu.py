@@ -865,10 +865,14 @@ def set_calibration(cal: Optional[Calibration], dtype=torch.float32, grad: bool 
     _CHOICE_GENERATION[0] += 1
 
 
-@torch.compiler.assume_constant_result
 def _torch_threads() -> int:
     # torch.get_num_threads(), readable while torch.compile traces (as a constant of the graph)
     return torch.get_num_threads()
+
+
+# what @torch.compiler.assume_constant_result does (torch/_dynamo/decorators.py), without its import of
+# torch._dynamo: ~3 s of CPU in every process that imports selfattn (each CLI run, each spawned rank)
+_torch_threads._dynamo_marked_constant = True
 
 
 def calibration(dtype=torch.float32, grad: bool = False, measure: bool = True) -> Optional[Calibration]:

@@ -192,8 +192,19 @@ def _bound(x):
 _KM_CACHE: dict = {}  # id(LoweredMask) -> (LoweredMask, KernelMask); lower() caches the records
 
 
-@torch.compiler.disable
 def kernel_mask(req: Request, block_q: int, block_k: int) -> KernelMask:
+    """``_kernel_mask`` under ``torch.compiler.disable``, wrapped on the first call: the decorator imports
+    torch._dynamo (~3 s of CPU in every process that imports selfattn, also where triton never runs)."""
+    fn = _KERNEL_MASK_OUTSIDE_GRAPHS[0]
+    if fn is None:
+        fn = _KERNEL_MASK_OUTSIDE_GRAPHS[0] = torch.compiler.disable(_kernel_mask)
+    return fn(req, block_q, block_k)
+
+
+_KERNEL_MASK_OUTSIDE_GRAPHS = [None]
+
+
+def _kernel_mask(req: Request, block_q: int, block_k: int) -> KernelMask:
     """The request's lowered mask at ``block_q`` x ``block_k`` tiles, in the kernels' form.
 
     Runs outside ``torch.compile`` graphs (a graph break): lowering is Python work with caches
