@@ -143,6 +143,24 @@ def test_large_scores_and_fully_masked():
     assert torch.equal(out[:2], torch.zeros_like(out[:2])) and bool((stats.lse[:2] == float("-inf")).all())
 
 
+@pytest.mark.parametrize("layout", ["full", "heads", "per_key", "per_query", "padded"])
+def test_dense_bool_mask_layouts(layout):
+    # a dense boolean mask on whole key tiles takes 64 keys a query as one word of bits (_allow_t), a
+    # ragged key tile or a mask broadcast over the keys the byte loop: both against the reference, with
+    # query padding (rows past q_len) and a query block of 2 rows
+    b, hq, lq, lk = 2, 3, 130, 200  # 3 whole key tiles and 8 keys, blocks of 64 / 64 / 2 query rows
+    q, k, v = _inputs(b, hq, hq, lq, lk, 32, seed=11)
+    g = torch.Generator().manual_seed(12)
+    shape = {"full": (b, hq, lq, lk), "heads": (1, hq, lq, lk), "per_key": (b, 1, 1, lk),
+             "per_query": (b, 1, lq, 1), "padded": (b, 1, lq, lk)}[layout]
+    keep = torch.rand(*shape, generator=g) < 0.5  # shape broadcasts to (B, Hq, Lq, Lk)
+    keep[..., 0] |= layout == "per_query"  # a few rows still see a key
+    mask = masks.dense(keep)
+    if layout == "padded":
+        mask = mask & masks.padding([150, 200], [100, 67])
+    check_forward(f"bool mask {layout}", q, k, v, mask=mask)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=["fp64", "fp16"])
 def test_other_dtypes(dtype):
     # float64 stays on cpu_flash's kernel; float16 computes in float32 here
