@@ -94,7 +94,7 @@ def _helper():
     env = {"PATH": "", "PYTHONIOENCODING": "utf-8"}
     p = subprocess.Popen([sys.executable, "-c", _HELPER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
                          env=env, cwd=tmp, text=True, bufsize=1)
-    line = _read(p, 300)
+    line = _read(p, 600)  # the imports: seconds, minutes on a loaded machine
     err.seek(0)
     printed = err.read()
     assert line and "ready" in json.loads(line), f"the CLI helper did not start: {printed[-3000:]}"

@@ -1,18 +1,16 @@
 """Bad input to `selfattn`: one clear message, a non-zero exit status, never a traceback."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+from _cli import run_cli
 
 from selfattn import cli
 from selfattn.explain import MAX_TOKENS
 
 
 def _run(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "selfattn.cli", *args], capture_output=True, text=True, input=stdin,
-                          env={"COLUMNS": "120", "PATH": ""}, timeout=120)
+    return run_cli(*args, input=stdin, env={"COLUMNS": "120", "PATH": ""}, timeout=120)
 
 
 def _bad_checkpoint(tmp_path):
@@ -23,7 +21,7 @@ def _bad_checkpoint(tmp_path):
     return d
 
 
-# each in its own interpreter, as a user runs it
+# each in a process of its own, as a user runs it (a child of tests/_cli.py's helper: the imports done once)
 @pytest.mark.parametrize("case", ["empty", "too_long", "unknown_option", "corrupt_checkpoint"])
 def test_bad_input_subprocess(case, tmp_path):
     if case == "empty":

@@ -2,10 +2,9 @@
 
 import math
 import re
-import subprocess
-import sys
 
 import torch
+from _cli import run_cli
 
 import selfattn
 from selfattn import reference
@@ -51,7 +50,7 @@ def test_notes_discrepancy_is_diagnosed():
 
 
 def test_cli_prints_every_step_with_computed_numbers():
-    r = subprocess.run([sys.executable, "-m", "selfattn.cli", "explain"], capture_output=True, text=True, env={"COLUMNS": "160", "PATH": ""})
+    r = run_cli("explain", env={"COLUMNS": "160", "PATH": ""}, timeout=600)  # a process of its own (tests/_cli.py)
     assert r.returncode == 0, r.stderr
     text = r.stdout
     tr = notes_example()

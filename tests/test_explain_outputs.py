@@ -4,13 +4,12 @@ import json
 import math
 import re
 import struct
-import subprocess
-import sys
 from html.parser import HTMLParser
 
 import numpy as np
 import pytest
 import torch
+from _cli import run_cli
 
 from selfattn.checkpoint import save
 from selfattn.explain import FULL_MATRIX_MAX_TOKENS, explain
@@ -219,9 +218,8 @@ def test_long_causal_first_row_is_visible(tmp_path):
 
 def test_cli_writes_the_same_numbers(tmp_path):
     png, html, js = tmp_path / "w.png", tmp_path / "r.html", tmp_path / "t.json"
-    r = subprocess.run([sys.executable, "-m", "selfattn.cli", "explain", TEXT, "--causal", "--window", "3", "--init", "default",
-                        "--dim", "6", "--seed", "4", "--png", str(png), "--html", str(html), "--json", str(js)],
-                       capture_output=True, text=True, env={"COLUMNS": "200", "PATH": ""}, timeout=120)
+    r = run_cli("explain", TEXT, "--causal", "--window", "3", "--init", "default", "--dim", "6", "--seed", "4",
+                "--png", png, "--html", html, "--json", js, env={"COLUMNS": "200", "PATH": ""})  # a process of its own
     assert r.returncode == 0, r.stderr
     tr = explain(TEXT, causal=True, window=3, init="default", dim=6, seed=4)
     d = json.loads(js.read_text())

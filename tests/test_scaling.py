@@ -3,11 +3,10 @@
 import json
 import math
 import struct
-import subprocess
-import sys
 
 import pytest
 import torch
+from _cli import run_cli
 
 from selfattn.explain import scaling
 from selfattn.explain.labels import fmt
@@ -74,9 +73,8 @@ def test_verdict_says_no_when_the_numbers_do_not_show_it():
 
 def test_cli_scaling_table_json_and_plot(tmp_path):
     png, js = tmp_path / "s.png", tmp_path / "s.json"
-    r = subprocess.run([sys.executable, "-m", "selfattn.cli", "scaling", "--max-dk", "256", "--queries", "128",
-                        "--png", str(png), "--json", str(js)],
-                       capture_output=True, text=True, env={"COLUMNS": "160", "PATH": ""}, timeout=120)
+    r = run_cli("scaling", "--max-dk", "256", "--queries", "128", "--png", png, "--json", js,
+                env={"COLUMNS": "160", "PATH": ""})  # a process of its own (tests/_cli.py)
     assert r.returncode == 0, r.stderr
     d = json.loads(js.read_text())
     assert [row["d_k"] for row in d["sweep"]] == [4, 8, 16, 32, 64, 128, 256]

@@ -8,10 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from _cli import run_cli
 
 import selfattn
 from selfattn import checkpoint
@@ -170,8 +170,8 @@ def test_resume_gives_the_same_next_losses(tmp_path):
     assert steps == sorted(set(steps)) and steps[0] == 4 and steps[-1] == TINY["steps"]
 
 
-def _run(args, **kw):
-    return subprocess.run(CLI + args, capture_output=True, text=True, timeout=120, **kw)
+def _run(args):
+    return run_cli(*args, timeout=120)  # a process of its own (tests/_cli.py), this process's environment
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
@@ -180,14 +180,14 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
             "--steps", "100000", "--target-acc", "none", "--eval-every", "20", "--eval-size", "32"]
     p = subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
-        deadline = time.time() + 90
+        # wait for the event, not a clock: a loaded machine can take minutes to import and start; a run that
+        # never prints the line ends (EOF: asserted) or hangs until pytest's --timeout
         line = ""
         while "step 20/" not in line:  # wait until it trains
             line = p.stdout.readline()
             assert line or p.poll() is None, f"train exited early: {p.stderr.read()}"
-            assert time.time() < deadline, "no progress line within 90 s"
         p.send_signal(signal.SIGINT)
-        stdout, stderr = p.communicate(timeout=60)
+        stdout, stderr = p.communicate(timeout=600)  # saving the checkpoint and plot: a hang guard only
     finally:
         if p.poll() is None:
             p.kill()
