@@ -161,6 +161,23 @@ def test_dense_bool_mask_layouts(layout):
     check_forward(f"bool mask {layout}", q, k, v, mask=mask)
 
 
+@pytest.mark.parametrize("mask", ["none", "causal_window", "dense_bool", "window_padding_documents"])
+def test_query_block_pairs(mask):
+    # tasks of two whole query blocks (cpu_fwd.PAIR): 323 rows = pairs (0, 1), (2, 3), then block 4
+    # alone and a 3-row block (dot products); one thread and two give the same bits
+    b, hq, lq, lk = 2, 4, 323, 200
+    q, k, v = _inputs(b, hq, 2, lq, lk, 48, seed=21)
+    kw = mask_kwargs(mask, b, hq, lq, lk)
+    out, _ = check_forward(f"pairs {mask}", q, k, v, **kw)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        other = selfattn.attention(q, k, v, backend="cpu", **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out, other)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=["fp64", "fp16"])
 def test_other_dtypes(dtype):
     # float64 stays on cpu_flash's kernel; float16 computes in float32 here

@@ -1,7 +1,7 @@
 """The float32 forward kernel of the `cpu` backend in the transposed layout (issue 14).
 
 The algorithm is ``cpu_flash``'s online softmax (read its docstring first); only the layout of a
-tile differs. A task (batch, head, query block of BLOCK_M rows) packs its queries once as
+tile differs. A query block (batch, head, BLOCK_M rows) packs its queries once as
 Q^T (D x BLOCK_M, contiguous) and computes each key tile *transposed*::
 
     s^T    = k_blk @ Q^T                              (keys x queries: A = the keys as stored)
@@ -23,6 +23,15 @@ of one head (2 MB at Lk = 2048) do not stay in the 2 MB L2 between query blocks.
 
 The keys are read in their natural (B, Hkv, Lk, D) layout: no transposed copy of K, and no 8 KB
 row stride between the rows a micro-kernel reads (L1 set conflicts at D = 128 in ``cpu_flash``).
+
+A task takes two whole query blocks of one head (``PAIR``; the blocks left, ragged ones too, alone;
+the parallel kernel pairs only where that leaves 4 tasks a thread): each key tile goes through both
+blocks' steps while its keys and values are in cache, so a head's K and V stream from L3 once per
+128 query rows, not 64. Each block's steps are a lone block's, in the same order: bit-identical
+outputs. One thread it is neutral (the prefetch hides L3). Quiet run (lead, 2026-12-02 01:22), two
+1-thread processes pinned one per core, dense (1, 8, 2048, 2048, 128), median GFLOP/s: single blocks
+alone 99, both at once 54 and 63; pairs both at once 85 and 82. The 2-thread kernel (1, 16, ...) in the
+same run: 0.99x the single blocks' time at D = 128, 1.00x at D = 64 (the VM's noise is that large).
 
 Scores are bit-identical to ``cpu_flash``'s: the same FMA order over the head dim, the same factor
 at the store (query blocks of fewer than 4 rows take cpu_flash's dot products, as all of its passes
@@ -67,7 +76,7 @@ import math
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import config as numba_config, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -103,6 +112,8 @@ LANES = VEC_BYTES // 4  # float32 query rows per vector: 16 (AVX-512) or 8 (AVX2
 # cpu_bwd's launcher reads this to recompute the same scores
 SPLIT_SMALL = True
 PREFETCH = True  # the Q K^T calls walk the next tiles into L2
+PAIR = True  # tasks of two whole query blocks, each key tile applied to both while it is in cache
+MAX_THREADS = numba_config.NUMBA_NUM_THREADS  # the parallel kernel pairs blocks where that leaves 4 tasks a thread
 UNROLL = 4  # independent accumulators in the column loops (max, sums)
 #: calls and tile products served by this kernel since import (tests check the path was taken)
 CALLS = {"calls": 0, "tiles": 0}
@@ -681,32 +692,36 @@ def _qk_dot_t(q, b, h, r0, rows, pk, ncols, st, scale):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
+def _fwd_task_t(t, G, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
+    # tasks t .. t + G - 1 (G = 1, or 2 whole query blocks of one batch and head): each key tile is
+    # applied to every block of the group while its keys and values are in cache; each block's own
+    # steps are exactly a lone task's (same sums in the same order)
     B, Hq, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
     nK = (Lk + BLOCK_N - 1) // BLOCK_N
     tiles = mask.tiles
-    b, h, hk, qb, r0, rows, tb, th_ = _query_task(t, q, k, tiles)
+    b, h, hk, qb0, r00, rows, tb, th_ = _query_task(t, q, k, tiles)
     isz = q.itemsize
-    groups = (rows + LANES - 1) // LANES  # vectors of query rows
-    # -- Q^T of the block, packed once (columns past `rows` zero: their scores stay finite) --
-    qt = np.zeros((D, BLOCK_M), q.dtype)
-    for i in range(rows):
-        for d in range(D):
-            qt[d, i] = q[b, h, r0 + i, d]
+    groups = (rows + LANES - 1) // LANES  # vectors of query rows (G = 2: both blocks whole)
+    # -- Q^T of each block, packed once (columns past `rows` zero: their scores stay finite) --
+    qt = np.zeros((G, D, BLOCK_M), q.dtype)
+    for g in range(G):
+        for i in range(rows):
+            for d in range(D):
+                qt[g, d, i] = q[b, h, r00 + g * BLOCK_M + i, d]
     st = np.zeros((BLOCK_N, BLOCK_M), q.dtype)  # s^T, then p^T, of the current tile
-    acc_t = np.zeros((Dv, BLOCK_M), q.dtype)  # the output's accumulator, transposed (query lanes)
-    m_i = np.full(BLOCK_M, -np.inf, q.dtype)  # per query row: running max, sum, entropy sum
-    l_i = np.zeros(BLOCK_M, q.dtype)
-    e_i = np.zeros(BLOCK_M, q.dtype)
-    alpha_i = np.ones(BLOCK_M, q.dtype)  # the factor of acc before this tile's share
+    acc_t = np.zeros((G, Dv, BLOCK_M), q.dtype)  # the outputs' accumulators, transposed (query lanes)
+    m_i = np.full((G, BLOCK_M), -np.inf, q.dtype)  # per query row: running max, sum, entropy sum
+    l_i = np.zeros((G, BLOCK_M), q.dtype)
+    e_i = np.zeros((G, BLOCK_M), q.dtype)
+    alpha_i = np.ones((G, BLOCK_M), q.dtype)  # the factor of acc before this tile's share
     # the product's factor and the score units per unit of s (a softcap scales in float64, afterwards)
     scale, cu64 = _raw_units(opts.qk_scale, opts.softcap_u, opts.base2, mask.alibi.size > 0 or mask.bias.size > 0)
     cu = np.float32(cu64)
     want = 1 if opts.want_stats else 0
-    # fewer than 4 rows (a ragged last block): dot products, as every pass of cpu_flash computes such
-    # a block, so that the backward recomputes bit-identical scores; without a softcap in float64, kept
-    # as hi + lo in score units (cpu_flash._qk_split, SPLIT_SMALL)
+    # fewer than 4 rows (a ragged last block, always alone): dot products, as every pass of cpu_flash
+    # computes such a block, so that the backward recomputes bit-identical scores; without a softcap in
+    # float64, kept as hi + lo in score units (cpu_flash._qk_split, SPLIT_SMALL)
     use_dot = rows < 4
     # score terms after the product in every tile; ALiBi without a softcap (which comes first) is
     # added here: a call that takes the mask record costs ~0.4 us a tile (its ~20 arrays are
@@ -715,79 +730,112 @@ def _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
     split = use_dot and not softcap
     fold = softcap and opts.fold_lo or split  # cpu_flash's hi/lo convention (_softmax_lo_t)
     lo = np.zeros((BLOCK_N, BLOCK_M) if fold else (0, 0), q.dtype)  # the softcap's rest of each logit
-    lo_i = np.zeros(BLOCK_M if fold else 0, q.dtype)  # per query row: its anchor's rest
+    lo_i = np.zeros((G, BLOCK_M if fold else 0), q.dtype)  # per query row: its anchor's rest
     own_alibi = mask.alibi.size > 0 and not softcap
     terms = softcap or mask.alibi.size > 0 and not own_alibi or mask.bias.size > 0
     slopes, q_pos_f, kv_pos_f = mask.alibi, mask.q_pos_f, mask.kv_pos_f
     # raw addresses only of arrays whose names stay in use past the tile loop (numba frees a local array
     # after the last use of its name: qt's and alpha_i's addresses are taken where they are used)
     pst = _addr(st)
-    pm, pl, pe = _addr(m_i), _addr(l_i), _addr(e_i)
     pk0 = _addr(k) + (b * k.shape[1] + hk) * Lk * D * isz
     pv0 = _addr(v) + (b * v.shape[1] + hk) * Lk * Dv * isz
     no_pf = (np.intp(0), np.intp(0), np.intp(0), np.intp(0))
-    n_tiles = 0
+    n_tiles = np.zeros(G, np.int64)
     for kb in range(nK):
-        kind = tiles[tb, th_, qb, kb]
-        if kind == EMPTY:
-            continue
-        n_tiles += 1
         c0 = kb * BLOCK_N
         ncols = min(BLOCK_N, Lk - c0)
-        if split:
-            # -- the score terms on zeros first, then q.k in float64 added (below) --
-            for j in range(ncols):
-                for i in range(rows):
-                    st[j, i] = 0.0
-        elif use_dot:
-            _qk_dot_t(q, b, h, r0, rows, pk0 + c0 * D * isz, ncols, st, scale)
-        else:
-            # -- s^T = k_blk @ Q^T, times the store factor; the calls walk this tile's values and the next
-            # tile's keys into L2 --
-            pf = no_pf
-            if PREFETCH:
-                c1 = c0 + BLOCK_N
-                pf = (pv0 + c0 * Dv * isz, ncols * Dv * isz, pk0 + c1 * D * isz, max(min(BLOCK_N, Lk - c1), 0) * D * isz)
-            _gemm_t(pk0 + c0 * D * isz, D, 1, _addr(qt), BLOCK_M, pst, BLOCK_M, ncols, D, groups, scale, STORE, np.intp(0), pf, st)
-        if own_alibi:
-            _alibi_tile(st, rows, ncols, b, h, r0, c0, slopes, q_pos_f, kv_pos_f)
-        if terms or kind == PARTIAL:
-            _score_terms_t(st, lo, rows, ncols, b, h, qb, kb, kind, mask, opts, not own_alibi)
-        if split:
-            # -- hi + lo = q.k * scale log2(e) in float64 + the terms --
-            _qk_split(_addr(q) + ((b * Hq + h) * Lq + r0) * D * isz, D, rows, pk0 + c0 * D * isz, ncols, D,
-                      opts.qk_scale64, st, lo, True)
-        # -- online softmax, LANES query rows at a time: m, alpha, l (and e); s^T becomes p^T --
-        if fold:
-            _softmax_lo_t(st, lo, rows, ncols, m_i, l_i, e_i, lo_i, alpha_i, opts)
-        else:
-            _vsoftmax(pst, BLOCK_M, ncols, groups, pm, pl, pe, _addr(alpha_i), want, cu, st)
-        # -- acc^T = alpha * acc^T + v_blk^T @ p^T: V read through strides, alpha a vector of query lanes --
-        _gemm_t(pv0 + c0 * Dv * isz, 1, Dv, pst, BLOCK_M, _addr(acc_t), BLOCK_M, Dv, ncols, groups, 1.0, RESCALE,
-                _addr(alpha_i), no_pf, st)
-    # -- the running max in score units: row_max = m * cu rounded, its rest into row_log --
-    if not fold:
-        lo_i = _max_in_units(m_i, rows, cu)
+        walked = False  # the group's first product of this tile walks the next operands into L2
+        for g in range(G):
+            qb = qb0 + g
+            r0 = qb * BLOCK_M
+            kind = tiles[tb, th_, qb, kb]
+            if kind == EMPTY:
+                continue
+            n_tiles[g] += 1
+            if split:
+                # -- the score terms on zeros first, then q.k in float64 added (below) --
+                for j in range(ncols):
+                    for i in range(rows):
+                        st[j, i] = 0.0
+            elif use_dot:
+                _qk_dot_t(q, b, h, r0, rows, pk0 + c0 * D * isz, ncols, st, scale)
+            else:
+                # -- s^T = k_blk @ Q^T, times the store factor; the calls walk this tile's values and the
+                # next tile's keys into L2 --
+                pf = no_pf
+                if PREFETCH and not walked:
+                    c1 = c0 + BLOCK_N
+                    pf = (pv0 + c0 * Dv * isz, ncols * Dv * isz, pk0 + c1 * D * isz, max(min(BLOCK_N, Lk - c1), 0) * D * isz)
+                    walked = True
+                _gemm_t(pk0 + c0 * D * isz, D, 1, _addr(qt) + g * D * BLOCK_M * isz, BLOCK_M, pst, BLOCK_M, ncols, D,
+                        groups, scale, STORE, np.intp(0), pf, st)
+            if own_alibi:
+                _alibi_tile(st, rows, ncols, b, h, r0, c0, slopes, q_pos_f, kv_pos_f)
+            if terms or kind == PARTIAL:
+                _score_terms_t(st, lo, rows, ncols, b, h, qb, kb, kind, mask, opts, not own_alibi)
+            if split:
+                # -- hi + lo = q.k * scale log2(e) in float64 + the terms --
+                _qk_split(_addr(q) + ((b * Hq + h) * Lq + r0) * D * isz, D, rows, pk0 + c0 * D * isz, ncols, D,
+                          opts.qk_scale64, st, lo, True)
+            # -- online softmax, LANES query rows at a time: m, alpha, l (and e); s^T becomes p^T --
+            if fold:
+                _softmax_lo_t(st, lo, rows, ncols, m_i[g], l_i[g], e_i[g], lo_i[g], alpha_i[g], opts)
+            else:
+                _vsoftmax(pst, BLOCK_M, ncols, groups, _addr(m_i[g]), _addr(l_i[g]), _addr(e_i[g]), _addr(alpha_i[g]),
+                          want, cu, st)
+            # -- acc^T = alpha * acc^T + v_blk^T @ p^T: V read through strides, alpha a vector of query lanes --
+            _gemm_t(pv0 + c0 * Dv * isz, 1, Dv, pst, BLOCK_M, _addr(acc_t) + g * Dv * BLOCK_M * isz, BLOCK_M, Dv, ncols,
+                    groups, 1.0, RESCALE, _addr(alpha_i) + g * BLOCK_M * isz, no_pf, st)
     acc = np.empty((BLOCK_M, Dv), q.dtype)
-    for i in range(rows):
-        for d in range(Dv):
-            acc[i, d] = acc_t[d, i]
-    _finish_rows(acc, m_i, l_i, e_i, lo_i, rows, b, h, r0, out, row_max, row_log, ent, opts)
-    counts[t] = n_tiles
+    for g in range(G):
+        # -- the running max in score units: row_max = m * cu rounded, its rest into row_log --
+        rest = lo_i[g] if fold else _max_in_units(m_i[g], rows, cu)
+        for i in range(rows):
+            for d in range(Dv):
+                acc[i, d] = acc_t[g, d, i]
+        _finish_rows(acc, m_i[g], l_i[g], e_i[g], rest, rows, b, h, r00 + g * BLOCK_M, out, row_max, row_log, ent, opts)
+        counts[t + g] = n_tiles[g]
+
+
+@njit(cache=True)
+def _units(Lq, pair):
+    # a (batch, head)'s work units: (query blocks nQ, npair, units): the first 2 * npair blocks (whole
+    # ones, if `pair`) two at a time, then the blocks left one at a time
+    nQ = (Lq + BLOCK_M - 1) // BLOCK_M
+    npair = (Lq // BLOCK_M) // 2 if pair else 0
+    return nQ, npair, npair + nQ - 2 * npair
+
+
+@njit(cache=True)
+def _unit(u, nQ, npair, per):
+    # work unit u (per units a head) -> (its first task, its blocks)
+    bh, w = u // per, u % per
+    if w < npair:
+        return bh * nQ + 2 * w, 2
+    return bh * nQ + 2 * npair + (w - npair), 1
 
 
 @njit(parallel=True, cache=True)
 def flash_fwd_t(q, k, v, out, row_max, row_log, ent, counts, mask, opts):
     """``cpu_flash.flash_fwd`` in the transposed layout (float32, base 2): one task per (batch, head,
-    query block), the same outputs; needs no transposed copy of the keys."""
-    for t in prange(counts.shape[0]):
-        _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts)
+    query block) or pair of whole query blocks, the same outputs; needs no transposed copy of the keys."""
+    heads = q.shape[0] * q.shape[1]
+    nQ, npair, per = _units(q.shape[2], PAIR)
+    if heads * per < 4 * MAX_THREADS:
+        # too few units to keep every thread busy: one block each
+        nQ, npair, per = _units(q.shape[2], False)
+    for u in prange(heads * per):
+        t, G = _unit(u, nQ, npair, per)
+        _fwd_task_t(t, G, q, k, v, out, row_max, row_log, ent, counts, mask, opts)
 
 
 @njit(cache=True)
 def flash_fwd_t_serial(q, k, v, out, row_max, row_log, ent, counts, mask, opts):
-    for t in range(counts.shape[0]):
-        _fwd_task_t(t, q, k, v, out, row_max, row_log, ent, counts, mask, opts)
+    heads = q.shape[0] * q.shape[1]
+    nQ, npair, per = _units(q.shape[2], PAIR)
+    for u in range(heads * per):
+        t, G = _unit(u, nQ, npair, per)
+        _fwd_task_t(t, G, q, k, v, out, row_max, row_log, ent, counts, mask, opts)
 
 
 # -- launcher --------------------------------------------------------------------------------------
