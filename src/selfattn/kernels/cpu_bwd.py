@@ -49,6 +49,9 @@ element-wise); the score terms are cpu_flash._score_terms / _mask_tile transpose
 blocks of fewer than 4 rows take dot products, as the forwards do (scores bit-identical), and
 compute dS and dQ in float64 (decoding calls: speed does not matter there, and rows of two keys
 whose dS_j k_j cancel missed rule 6 by up to 1.14x with a float32 dS).
+A block of >= 4 rows whose logits may be large (cpu_flash._split_tiles, asked exactly as the forward asks
+it) recomputes its scores in float64 against R = row_max (cpu_flash._qk64_t): S^T - row_max rounded once,
+P^T = exp2(that - row_log), as the forward took them (a float32 q.k: dk 4.1x rule 6 at D 3, q and k x30).
 float64 stays on cpu_flash's kernels (``serves``); ``shard_backward`` passes its delta.
 """
 
@@ -66,7 +69,7 @@ from numba.extending import intrinsic
 from .cpu_fwd import _alibi_tile, _bias_mask_t, _loop
 
 from .cpu_flash import (ADD, VEC_BYTES, _fold_lo, _softcap_tile, BLOCK_M, BLOCK_N, EMPTY, FASTMATH, PARTIAL, STORE, _addr, _bx, _dot, _Exact,
-                        _exp2_ir, _prefetch, _qk_split, _raw_units, _Vectors, NV_MAX, TILE_N)
+                        _exp2_ir, _prefetch, _qk_split, _qk64_t, _qt64, _raw_units, _split_tiles, _Vectors, NV_MAX, TILE_N)
 
 VW = VEC_BYTES // 4  # float32 lanes of one host vector
 LANES = 16  # query lanes rounded up to this (a whole AVX-512 vector of float32; two AVX2 ones)
@@ -351,7 +354,7 @@ def _score_terms_t(st, lo, w, rows, ncols, scaled, b, h, qb, kb, kind, mask, opt
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, dk_w, dv_w, dq, pbuf, dpbuf, kbs, counts, mask,
+def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, dk_w, dv_w, dq, pbuf, dpbuf, kbs, counts, mask,
               opts):
     # One (batch, head, query block): its dQ, and its shares of dK and dV added to this worker's
     # accumulators dk_w, dv_w. pbuf/dpbuf (nK, BLOCK_N, BLOCK_M): the worker's P^T and dP^T tiles,
@@ -376,6 +379,9 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
     # without a softcap a small block's scores are float64 dot products kept as hi + lo in score units,
     # exponents ((s - max) + lo) - log l, as the forwards take them (cpu_flash._qk_split)
     split = small and softcap <= 0.0 and (Lq < 4 or split_ragged)
+    # >= 4 rows whose logits may be large, where the forward takes them so (cpu_fwd.SPLIT_TILES): float64 scores
+    # held as s - row_max, rounded once (cpu_flash._qk64_t with R = row_max), then p = exp2(that - row_log)
+    wide = not small and split_tiles and _split_tiles(q, k, b, h, hk, r0, rows, opts.qk_scale64, opts.softcap_u)
     w = np.empty((BLOCK_N, BLOCK_M) if softcap > 0.0 else (0, 0), f)  # the softcap's dS factor
     lo = np.empty((BLOCK_N, BLOCK_M) if softcap > 0.0 and fold_lo or split else (0, 0), f)  # the logits' rests
     m0 = np.zeros(BLOCK_M, f)  # the max once folded into the exponent: 0, +inf past the rows
@@ -392,7 +398,7 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
     # (times the scale's sign) and P = exp2(fma(s, cu, -row_max) - row_log) where nothing is added to
     # the scaled score (cpu_flash._raw_units)
     store, cu64 = _raw_units(opts.qk_scale, opts.softcap_u, opts.base2, mask.alibi.size > 0 or mask.bias.size > 0)
-    if split:
+    if split or wide:
         store, cu64 = 1.0, 1.0
     cu = np.float32(cu64)
     raw = cu64 != 1.0
@@ -415,6 +421,11 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
         if mi != -np.inf:
             m_blk[i] = mi
             lg_blk[i] = row_log[b, h, r0 + i]
+    ref = np.empty(BLOCK_M if wide else 0, np.float64)  # the float64 scores' reference: row_max (_qk64_t)
+    tmax = np.empty(BLOCK_M if wide else 0, f)  # (_qk64_t's lane maxima: unused here)
+    qt64 = _qt64(q, b, h, r0, rows) if wide else np.zeros((0, 0), np.float64)  # Q^T in float64
+    for i in range(ref.size):
+        ref[i] = m_blk[i]
     external = delta.shape[2] > 0
     # a FULL tile needs no score terms unless one of these applies (each call that takes the mask
     # record costs ~0.5 us of reference counting: ~3 % of a causal backward when made for every tile)
@@ -452,14 +463,14 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
             walk_dv = (_addr(pbuf) + slot, np.intp(BLOCK_N * BLOCK_M * isz), _addr(dpbuf) + slot, np.intp(BLOCK_N * BLOCK_M * isz))
         # -- S^T = K_blk Q_blk^T (keys x queries), times the store factor (the scale unless a softcap
         # follows or the tile stays q.k: _raw_units) --
-        if scaled:
-            _gemm_pf(pk, D, 1, _addr(qt), BLOCK_M, _addr(st), BLOCK_M, ncols, D, nr, store, STORE, walk_s, st)
-        elif split:
-            # fewer than 4 query rows (decoding, a ragged last block): the score terms on zeros first, then
-            # q.k in float64 added, hi + lo in score units (below), bit for bit the forward's
+        if split or wide:
+            # fewer than 4 query rows (decoding, a ragged last block), or logits that may be large: the score
+            # terms on zeros first, then q.k in float64 added (below), hi + lo in score units or s - row_max
             for j in range(ncols):
                 for i in range(nr):
                     st[j, i] = 0.0
+        elif scaled:
+            _gemm_pf(pk, D, 1, _addr(qt), BLOCK_M, _addr(st), BLOCK_M, ncols, D, nr, store, STORE, walk_s, st)
         else:
             # (the same with a softcap: float32 dot products, then the softcap in float64)
             for j in range(ncols):
@@ -471,7 +482,9 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
                         st[j, i] *= store
         if terms or kind == PARTIAL:
             _score_terms_t(st, lo, w, rows, ncols, (scaled or raw or split) and softcap <= 0.0, b, h, qb, kb, kind, mask, opts)
-        if split:
+        if wide:
+            _qk64_t(_addr(qt64), pk, ncols, D, nr, opts.qk_scale64, _addr(st), _addr(ref), _addr(tmax), st)
+        elif split:
             _qk_split(pq, D, rows, pk, ncols, D, opts.qk_scale64, st, lo, True)
         # (addresses taken where they are used: numba frees an array after the last use of its name,
         # and a raw address kept from earlier would point into freed memory)
@@ -483,7 +496,7 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
         _gemm_pf(pv, Dv, 1, _addr(dot), BLOCK_M, _addr(dpt), BLOCK_M, ncols, Dv, nr, 1.0, STORE, walk_dp, dpt)
         # -- P^T = exp2((S^T - max) - log l); delta += rowsum(P * dP) --
         for g in range(0, nr, VW):
-            pmg = (_addr(m0) if lo.size > 0 else _addr(m_blk)) + g * isz
+            pmg = (_addr(m0) if lo.size > 0 or wide else _addr(m_blk)) + g * isz
             _probs_lanes(_addr(st) + g * isz, _addr(dpt) + g * isz, BLOCK_M, pmg, _addr(lg_blk) + g * isz,
                          _addr(dl64) + g * 8, _addr(ps64) + g * 8, ncols, opts.exp_lo, cu, st)
         # -- dV += P^T dO --
@@ -592,7 +605,7 @@ def _scale_head(dk, kh, dscale):
 
 
 @njit(cache=True, nogil=True)
-def _tasks(t0, t1, w, W, per, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, dk_w, dv_w, dq, counts,
+def _tasks(t0, t1, w, W, per, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, dk_w, dv_w, dq, counts,
            mask, opts):
     # worker w of W's share of tasks t0..t1-1, in order, with its P^T/dP^T buffers (allocated here, once,
     # in the thread that runs them: an allocation of 2 x 1 MB and its first touch cost ~0.9 ms, ~1 % of a
@@ -614,7 +627,7 @@ def _tasks(t0, t1, w, W, per, q, k, v, do, row_max, row_log, delta, sink_p, norm
                 continue
         elif t % (2 * W) != w and t % (2 * W) != 2 * W - 1 - w:
             continue
-        _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, dk_w, dv_w, dq, pbuf, dpbuf, kbs,
+        _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, dk_w, dv_w, dq, pbuf, dpbuf, kbs,
                   counts, mask, opts)
         if per > 0 and (t + 1) % per == 0:
             _scale_head(dk_w, t // per, opts.dscale)
@@ -622,7 +635,7 @@ def _tasks(t0, t1, w, W, per, q, k, v, do, row_max, row_log, delta, sink_p, norm
 
 
 @njit(parallel=True, cache=True)
-def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, workers, dk_w, dv_w, dk, dv, dq, counts, mask, opts):
+def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, workers, dk_w, dv_w, dk, dv, dq, counts, mask, opts):
     """The whole backward pass on ``workers`` threads: one task per (batch, head, query block)
     (``counts`` has one entry each). Two ways to deal them, both bit-identical run to run:
 
@@ -637,7 +650,8 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
     (B, Hq, Lq) the caller's (shard_backward) or (B, Hq, 0): computed here, divided by rowsum(P) +
     sink_p (B, Hq, Lq|0) when ``normalize``; ``fold_lo``: cpu_flash.FOLD_LO's softcap exponent;
     ``split_ragged``: a ragged last block of < 4 rows takes float64 hi + lo scores (cpu_flash._qk_split) as
-    the forward did (cpu_fwd.SPLIT_SMALL; calls of < 4 rows always do).
+    the forward did (cpu_fwd.SPLIT_SMALL; calls of < 4 rows always do); ``split_tiles``: blocks of >= 4 rows
+    take float64 scores where cpu_flash._split_tiles says so, as the forward did (cpu_fwd.SPLIT_TILES).
     Writes dq (B, Hq, Lq, D).
     """
     W = dk_w.shape[0]
@@ -649,11 +663,11 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
         # another process on its core does fewer), each with its own buffers (~1 % of its work at L 4096) --
         for kh in prange(T // per):
             _tasks(kh * per, (kh + 1) * per, 0, 1, per, q, k, v, do, row_max, row_log, delta, sink_p, normalize,
-                   fold_lo, split_ragged, dk_w[0], dv_w[0], dq, counts, mask, opts)
+                   fold_lo, split_ragged, split_tiles, dk_w[0], dv_w[0], dq, counts, mask, opts)
         return
     # -- worker w: its snake share of the tasks (see _tasks) into its own dK/dV copy --
     for w in prange(W):
-        _tasks(0, T, w, W, 0, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, dk_w[w], dv_w[w], dq,
+        _tasks(0, T, w, W, 0, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, dk_w[w], dv_w[w], dq,
                counts, mask, opts)
     R = dk.shape[0] * dk.shape[1] * dk.shape[2]
     dk2, dv2 = dk.reshape(R, dk.shape[3]), dv.reshape(R, dv.shape[3])
@@ -664,11 +678,11 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
 
 
 @njit(cache=True)
-def flash_bwd_t_serial(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, dk, dv, dq, counts, mask, opts):
+def flash_bwd_t_serial(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, dk, dv, dq, counts, mask, opts):
     # one worker, in the calling thread: its accumulators are dk and dv themselves (zeroed by the
     # caller); dK scaled kv head by kv head, as flash_bwd_t's whole-head path does
     per = (q.shape[1] // k.shape[1]) * ((q.shape[2] + BLOCK_M - 1) // BLOCK_M)  # tasks per kv head
-    _tasks(0, counts.shape[0], 0, 1, per, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, dk, dv, dq,
+    _tasks(0, counts.shape[0], 0, 1, per, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, dk, dv, dq,
            counts, mask, opts)
 
 
@@ -726,8 +740,11 @@ def launch_backward(grad_out, q, k, v, out, row_max, row_log, call, delta=None, 
     threads = _cpu._threads(len(counts), 10.0 * B * Hq * Lq * Lk * D)
     # a ragged last block of < 4 rows: hi + lo scores where cpu_fwd's forward takes them so (SPLIT_SMALL)
     split_ragged = bool(getattr(_fwd, "SPLIT_SMALL", False))
+    # tasks of >= 4 rows: float64 scores where cpu_fwd's forward takes them (SPLIT_TILES; then
+    # cpu_flash._split_tiles decides, for both)
+    split_tiles = bool(getattr(_fwd, "SPLIT_TILES", False))
     args = (q_.numpy(), k_.numpy(), v_.numpy(), do.numpy(), row_max.numpy(), row_log.numpy(), delta, sink_p, normalize,
-            bool(getattr(_k, "FOLD_LO", False)), split_ragged)
+            bool(getattr(_k, "FOLD_LO", False)), split_ragged, split_tiles)
     if threads <= 1:
         _cpu._run(flash_bwd_t_serial, *args, dk.numpy(), dv.numpy(), dq.numpy(), counts, mask, opts)
     else:

@@ -800,6 +800,210 @@ def _qk_split(pq, sq, rows, pk, ncols, D, c64, s, lo, transposed):
                 lo[i, j] = r
 
 
+# -- float64 scores of a transposed 64-row tile (cpu_fwd and cpu_bwd, where _split_tiles says so) --
+# A float32 q.k rounds by up to ulp(q.k) / 2: at logits of ~1e3 score units that is ~6e-5 of exponent per
+# key, not shared by the row, and STYLE rule 6 missed by up to 4.1x (dk; D 3, q and k x30, 17 query rows)
+# even with q.k exactly rounded. These tiles take y = q.k * scale log2(e) + the terms in float64 and keep
+# it as y - R rounded to float32, R a per-row float64 reference that follows the running max (the
+# forward: _rebase), so the scores near the max keep their low digits; the backward takes R = row_max.
+SPLIT_ABOVE = 128.0  # tasks whose logits may pass this (score units, _split_tiles) take the float64 scores
+REBASE = 16.0  # the forward moves a row's reference R when a tile's max passes R by this (score units)
+
+
+@njit(cache=True)
+def _split_tiles(q, k, b, h, hk, r0, rows, c64, softcap_u):
+    """Whether a float32 task of >= 4 query rows takes float64 scores (``_qk64_t``): no softcap, and
+    max_i |q_i| max_j |k_j| |c64| (a bound of its logits in score units, from the block's query rows and
+    all the head's keys, in float64) above SPLIT_ABOVE. The forward (cpu_fwd) and the backward (cpu_bwd)
+    ask the same, so they recompute the same scores."""
+    if softcap_u > 0.0:
+        return False
+    D = q.shape[3]
+    qn = 0.0
+    for i in range(rows):
+        x = 0.0
+        for d in range(D):
+            x += np.float64(q[b, h, r0 + i, d]) * np.float64(q[b, h, r0 + i, d])
+        qn = x if x > qn else qn
+    if not (qn > 0.0 and qn < 1e300):
+        return False  # (no query, or an infinite one: the float32 tiles, as before)
+    # |q| |k| c > T  <=>  |k|^2 > T^2 / (|q|^2 c^2)
+    need = SPLIT_ABOVE * SPLIT_ABOVE / (qn * c64 * c64)
+    for j in range(k.shape[2]):
+        x = 0.0
+        for d in range(D):
+            x += np.float64(k[b, hk, j, d]) * np.float64(k[b, hk, j, d])
+        if x > need and x < 1e300:
+            return True
+    return False
+
+
+def _ir_loop(builder, i64, n, inits, body, name):
+    # for j in range(n): vals = body(j, vals), as IR (n > 0 not required); returns the values after it
+    entry = builder.block
+    loop = builder.append_basic_block(name + ".loop")
+    done = builder.append_basic_block(name + ".done")
+    zero = ir.Constant(i64, 0)
+    builder.cbranch(builder.icmp_signed(">", n, zero), loop, done)
+    builder.position_at_end(loop)
+    j = builder.phi(i64)
+    phis = [builder.phi(x.type) for x in inits]
+    new = body(j, phis)
+    end = builder.block
+    nxt = builder.add(j, ir.Constant(i64, 1))
+    j.add_incoming(zero, entry)
+    j.add_incoming(nxt, end)
+    for phi, x, v in zip(phis, inits, new):
+        phi.add_incoming(x, entry)
+        phi.add_incoming(v, end)
+    builder.cbranch(builder.icmp_signed("<", nxt, n), loop, done)
+    builder.position_at_end(done)
+    outs = []
+    for x, v in zip(inits, new):
+        phi = builder.phi(x.type)
+        phi.add_incoming(x, entry)
+        phi.add_incoming(v, end)
+        outs.append(phi)
+    return outs
+
+
+QK64_VECS = 4  # float64 accumulators per key: 4 x 8 query lanes (AVX-512) a chunk, two keys at a time
+
+
+@intrinsic
+def _qk64_t(typingctx, pqt, pk, ncols, kdim, nlanes, c64, pst, pref, pmax, like):
+    """st[j, lane] = fl32((q_lane . k_j) * c64 + st[j, lane] - ref[lane]) for keys j < ncols and the first
+    nlanes query lanes (rounded up to whole chunks of QK64_VECS float64 vectors), in float64: each
+    product exact, each lane's sum over the head dim in order (no reassociation: the value does not
+    depend on the vector width), one rounding at the end. Q^T widened to float64 (kdim x BLOCK_M,
+    ``_qt64``) at pqt, the keys (ncols x kdim float32 rows) at pk, s^T (ncols x BLOCK_M float32) at pst --
+    on entry the score terms alone (0, ALiBi, bias, -inf where masked) -- and ref (BLOCK_M float64) at
+    pref. Each lane's max over the keys of what it stored goes to pmax (BLOCK_M float32; a NaN never
+    wins). Two keys a step (eight independent sums); an odd last key is computed twice."""
+    if not (isinstance(like, types.Array) and like.dtype == types.float32):
+        return None
+    sig = types.void(*([types.intp] * 5), types.float64, *([types.intp] * 3), like)
+
+    def codegen(context, builder, signature, args):
+        builder = _Exact(builder)
+        pqt, pk, ncols, kdim, nlanes, c64, pst, pref, pmax, _ = args
+        i64 = ir.IntType(64)
+        W = VEC_BYTES // 8
+        f32, f64 = ir.FloatType(), ir.DoubleType()
+        v32, v64 = ir.VectorType(f32, W), ir.VectorType(f64, W)
+        p32, p64 = ir.PointerType(v32), ir.PointerType(v64)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v64, [v64] * 3), f"llvm.fma.v{W}f64")
+        c = lambda n: ir.Constant(i64, n)  # noqa: E731
+        zero64 = ir.Constant(v64, None)
+        U = QK64_VECS
+
+        def splat(x):
+            v = builder.insert_element(ir.Constant(v64, None), x, ir.Constant(ir.IntType(32), 0))
+            return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), W), [0] * W))
+
+        def vat(base, elem, esize, ty):
+            return builder.inttoptr(builder.add(base, builder.mul(elem, c(esize))), ty)
+
+        c64v = splat(c64)
+        chunk = U * W
+        nchunks = builder.sdiv(builder.add(nlanes, c(chunk - 1)), c(chunk))
+        npairs = builder.sdiv(builder.add(ncols, c(1)), c(2))
+        last = builder.sub(ncols, c(1))
+
+        def per_chunk(g, _):
+            lane0 = builder.mul(g, c(chunk))
+            refs = [builder.load(vat(pref, builder.add(lane0, c(u * W)), 8, p64), align=8) for u in range(U)]
+
+            def per_pair(p, mx):
+                j0 = builder.mul(p, c(2))
+                j1 = builder.add(j0, c(1))
+                j1 = builder.select(builder.icmp_signed(">", j1, last), last, j1)
+                krows = [builder.add(pk, builder.mul(builder.mul(j, kdim), c(4))) for j in (j0, j1)]
+
+                def per_d(d, accs):
+                    row = builder.add(builder.mul(d, c(BLOCK_M)), lane0)
+                    qv = [builder.load(vat(pqt, builder.add(row, c(u * W)), 8, p64), align=8) for u in range(U)]
+                    out = []
+                    for kr in krows:
+                        kd = builder.fpext(builder.load(builder.inttoptr(builder.add(kr, builder.mul(d, c(4))), ir.PointerType(f32))), f64)
+                        kv = splat(kd)
+                        out.extend(builder.call(fma, [kv, qv[u], accs[len(out)]]) for u in range(U))
+                    return out
+
+                accs = _ir_loop(builder, i64, kdim, [zero64] * (2 * U), per_d, "qk64.d")
+                # -- both keys' terms read before either is stored (an odd last key is both) --
+                ptrs = [[vat(pst, builder.add(builder.add(builder.mul(j, c(BLOCK_M)), lane0), c(u * W)), 4, p32) for u in range(U)]
+                        for j in (j0, j1)]
+                ts = [[builder.fpext(builder.load(ptrs[a][u], align=4), v64) for u in range(U)] for a in range(2)]
+                new = list(mx)
+                for a in range(2):
+                    for u in range(U):
+                        y = builder.fsub(builder.fadd(builder.fmul(accs[a * U + u], c64v), ts[a][u]), refs[u])
+                        x = builder.fptrunc(y, v32)
+                        builder.store(x, ptrs[a][u], align=4)
+                        new[u] = builder.select(builder.fcmp_ordered(">", x, new[u]), x, new[u])
+                return new
+
+            ninf = ir.Constant(v32, [float("-inf")] * W)
+            mx = _ir_loop(builder, i64, npairs, [ninf] * U, per_pair, "qk64.j")
+            for u in range(U):
+                builder.store(mx[u], vat(pmax, builder.add(lane0, c(u * W)), 4, p32), align=4)
+            return []
+
+        _ir_loop(builder, i64, nchunks, [], per_chunk, "qk64.g")
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def _qt64(q, b, h, r0, rows):
+    """Q^T of a query block widened to float64 (D x BLOCK_M, zero past the rows): ``_qk64_t``'s operand."""
+    D = q.shape[3]
+    qt = np.zeros((D, BLOCK_M), np.float64)
+    for i in range(rows):
+        for d in range(D):
+            qt[d, i] = q[b, h, r0 + i, d]
+    return qt
+
+
+@njit(cache=True)
+def _rebase(tmax, rows, ref, m_i):
+    """After ``_qk64_t`` with the references ref (tmax: its lanes' maxima): move ref[i] to where the row's
+    max now is when this tile's max passed it by more than REBASE, or on the row's first allowed keys (so
+    that its max is held to float64's precision: the backward's s - row_max of a row of one key is then
+    exactly the rest row_log keeps, p = 1), and the running max m_i[i] (relative to ref) with it. True if
+    any moved: the caller computes the tile again against the new references."""
+    moved = False
+    for i in range(rows):
+        t = tmax[i]
+        if not np.isfinite(t):
+            continue
+        if t > REBASE or (m_i[i] == -np.inf and t != 0.0):
+            ref[i] += np.float64(t)
+            if m_i[i] != -np.inf:
+                m_i[i] = np.float32(np.float64(m_i[i]) - np.float64(t))
+            moved = True
+    return moved
+
+
+@njit(cache=True)
+def _anchor_rest(m_i, ref, rows):
+    """The running maxima relative to ref into score units for ``_finish_rows``: m_i[:rows] becomes M =
+    ref + m rounded; returns each row's rest (ref + m) - M (0 where M is infinite), as
+    ``_max_in_units`` does."""
+    rest = np.zeros(m_i.shape[0], m_i.dtype)
+    for i in range(rows):
+        if m_i[i] == -np.inf or m_i[i] != m_i[i]:
+            continue
+        x = ref[i] + np.float64(m_i[i])
+        big = m_i.dtype.type(x)
+        m_i[i] = big
+        if np.isfinite(big):
+            rest[i] = x - np.float64(big)
+    return rest
+
+
 @njit(cache=True)
 def _qk_dot(q_blk, k, c0, ncols, s, rows):
     # s[:rows, :ncols] = q_blk @ k[c0:c0 + ncols]^T as dot products (few rows: no transpose)
