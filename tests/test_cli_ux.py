@@ -180,7 +180,7 @@ def test_backends_says_what_runs_here_and_what_auto_picks():
 
 
 def test_wide_matrices_are_trimmed_not_flooded():
-    r = _run("explain", "a b c", "--dim", "4096", timeout=120)
+    r = _run("explain", "a b c", "--dim", "4096", timeout=600)  # real work: a hang guard
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) < 300, len(lines)
@@ -230,7 +230,8 @@ def test_sample_streams_each_token_as_it_is_drawn(lm_checkpoint):
     seen = []
     text = job.run(7, temperature=0, on_text=seen.append)
     assert len(seen) == 7 and "".join(seen) == text.lstrip()
-    r = _run("sample", "--checkpoint", lm_checkpoint, "--prompt", "a B c", "--tokens", "5", "--temperature", "0")
+    # real work, not a refusal: 600 s is a hang guard (its kernels may need compiling on a loaded machine)
+    r = _run("sample", "--checkpoint", lm_checkpoint, "--prompt", "a B c", "--tokens", "5", "--temperature", "0", timeout=600)
     assert r.returncode == 0, r.stderr
     prompt, arrow, cont = r.stdout.strip().partition(" \u2192 ")
     assert prompt == "a B c" and arrow and len(cont.split()) == 5, r.stdout

@@ -171,7 +171,9 @@ def test_resume_gives_the_same_next_losses(tmp_path):
 
 
 def _run(args):
-    return run_cli(*args, timeout=120)  # a process of its own (tests/_cli.py), this process's environment
+    # a process of its own (tests/_cli.py), this process's environment; 600 s: a hang guard, not a speed
+    # bound (a training run whose kernels numba must compile first takes minutes on a loaded machine)
+    return run_cli(*args, timeout=600)
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
