@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _cli import run_cli
 
 from selfattn.training import make_config
 from selfattn.training.context import ContextParallel
@@ -118,11 +119,11 @@ def test_cli_starts_its_processes_and_matches_one_process(tmp_path):
     # `selfattn train --context-parallel 2` outside torchrun starts 2 processes itself; its loss curve and held-out
     # losses (float64) are those of one process on the whole sequences, step by step
     r = subprocess.run(CLI + ["train", *_flags(RUN), "--context-parallel", "2", "--out", str(tmp_path / "cp"), "--no-progress"],
-                       capture_output=True, text=True, timeout=240, env=_env())
+                       capture_output=True, text=True, timeout=600, env=_env())  # a hang guard: 3 processes, kernels may compile
     assert r.returncode == 0, f"failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     assert "split over 2 processes (16 tokens each" in r.stdout
-    one = subprocess.run(CLI + ["train", *_flags(RUN), "--backend", "math", "--out", str(tmp_path / "one"), "--no-progress"],
-                         capture_output=True, text=True, timeout=240, env=_env())
+    # the one-process run: a process of its own without a whole interpreter's start (tests/_cli.py)
+    one = run_cli("train", *_flags(RUN), "--backend", "math", "--out", tmp_path / "one", "--no-progress", env=_env(), timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     rows = [[json.loads(x) for x in (tmp_path / d / LOG_JSONL).read_text().splitlines()] for d in ("cp", "one")]
     assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == [1, 2]
@@ -139,11 +140,10 @@ def test_cli_starts_its_processes_and_matches_one_process(tmp_path):
 
 def test_bad_context_parallel_is_refused_before_any_process_starts(tmp_path):
     # 2 x 9 = 18 tokens cannot be cut into 2 x 2 equal chunks
-    r = subprocess.run(CLI + ["train", "--pairs", "9", "--context-parallel", "2", "--out", str(tmp_path / "x")],
-                       capture_output=True, text=True, timeout=60, env=_env())
+    r = run_cli("train", "--pairs", "9", "--context-parallel", "2", "--out", tmp_path / "x", env=_env(), timeout=60)
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and "divisible by 2 x 2 = 4" in r.stderr and "2 x pairs = 18" in r.stderr, r.stderr
-    r = subprocess.run(CLI + ["train", "--context-parallel", "0"], capture_output=True, text=True, timeout=60, env=_env())
+    r = run_cli("train", "--context-parallel", "0", env=_env(), timeout=60)
     assert r.returncode == 2 and "--context-parallel must be a positive integer, got 0" in r.stderr, r.stderr
     with pytest.raises(ValueError, match="log-sum-exp, which backend 'sdpa' does not return"):
         make_config(dict(pairs=8, context_parallel=2, backend="sdpa"))
@@ -154,7 +154,7 @@ def test_context_parallel_not_dividing_the_world_fails_on_every_rank(tmp_path):
     # under torchrun with 2 processes, 4 per sequence cannot be arranged: every rank says so and exits, none waits
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "selfattn.cli",
            "train", "--pairs", "8", "--context-parallel", "4", "--out", str(tmp_path / "x"), "--device", "cpu"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())  # a hang guard
     assert r.returncode != 0
     want = "4 processes per sequence must divide the number of processes (2)"
     assert r.stderr.count(want) == 2, r.stderr[-3000:]  # one line from each rank
