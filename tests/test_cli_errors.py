@@ -67,6 +67,15 @@ def test_bad_input_in_process(capsys, args, want):
     assert want in err, err
 
 
+def test_unknown_options_are_one_line_naming_the_command(capsys):
+    code, err = _main(capsys, "explain", "the cat", "--heads", "3")
+    assert code == 2
+    assert err.strip() == "selfattn explain: error: unrecognized arguments: --heads 3 (see selfattn explain --help)", err
+    code, err = _main(capsys, "backends", "--json")
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("selfattn backends: error: unrecognized arguments: --json") and "selfattn backends --help" in err, err
+
+
 def test_checkpoint_errors_reach_the_user(capsys, tmp_path):
     d = tmp_path / "ck"
     d.mkdir()
