@@ -43,6 +43,13 @@ rest goes into row_log. The terms after the product (softcap,
 ALiBi, float bias, element-wise mask) are ``cpu_flash._score_terms`` written for the transposed
 tile; ALiBi is vector IR too (``_alibi_t``: one FMA a vector of query rows).
 
+A block whose logits may be large (``cpu_flash._split_tiles``: max |q_i| max |k_j| scale log2(e) above
+cpu_flash.SPLIT_ABOVE = 128 score units, no softcap) takes its scores in float64 instead: y = q.k * scale
+log2(e) + the terms, held as y - R rounded once, R a float64 reference per row that follows the row's max
+(``cpu_flash._qk64_t``, ``_rebase``; the softmax then runs on them in score units, and R + m is the row's
+max). A float32 q.k rounds by ulp(q.k) / 2, ~6e-5 of exponent at logits of ~1e3: the gradients of D 3, q
+and k x30, missed STYLE rule 6 by 4.1x. cpu_bwd asks ``_split_tiles`` the same and recomputes y - row_max.
+
 Where the time goes (one thread, dense (1, 2, 2048, 2048, D), CPU time; the whole kernel against its
 products and softmax step each looped alone over as many tiles, with the real K and V, in the same
 process as peak.py's FMA loop; best of 9-11): D = 64, the kernel at ~72 % of the 1-thread peak: Q K^T
@@ -99,6 +106,10 @@ from selfattn.kernels.cpu_flash import (
     _prefetch,
     _query_task,
     _qk_split,
+    _qk64_t,
+    _rebase,
+    _anchor_rest,
+    _split_tiles,
     _raw_units,
     _max_in_units,
     _softcap_tile,
@@ -111,6 +122,9 @@ LANES = VEC_BYTES // 4  # float32 query rows per vector: 16 (AVX-512) or 8 (AVX2
 # A ragged last block of < 4 query rows takes float64 dot-product scores kept as hi + lo (cpu_flash._qk_split);
 # cpu_bwd's launcher reads this to recompute the same scores
 SPLIT_SMALL = True
+# Tasks of >= 4 query rows take float64 scores where cpu_flash._split_tiles says so (logits that may pass
+# cpu_flash.SPLIT_ABOVE score units); cpu_bwd's launcher reads this to recompute them
+SPLIT_TILES = True
 PREFETCH = True  # the Q K^T calls walk the next tiles into L2
 PAIR = True  # tasks of two whole query blocks, each key tile applied to both while it is in cache
 MAX_THREADS = numba_config.NUMBA_NUM_THREADS  # the parallel kernel pairs blocks where that leaves 4 tasks a thread
@@ -728,6 +742,18 @@ def _fwd_task_t(t, G, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
     # reference-counted on the way in and out)
     softcap = opts.softcap_u > 0.0
     split = use_dot and not softcap
+    # blocks of >= 4 rows whose logits may be large: float64 scores held as s - R, R per row following its
+    # max (cpu_flash._qk64_t, _rebase; cpu_bwd asks _split_tiles the same), the softmax in score units
+    wide = np.zeros(G, np.bool_)
+    for g in range(G):
+        wide[g] = not use_dot and _split_tiles(q, k, b, h, hk, r00 + g * BLOCK_M, rows, opts.qk_scale64, opts.softcap_u)
+    qt64 = np.zeros((G if wide.any() else 0, D, BLOCK_M), np.float64)  # their Q^T in float64
+    for g in range(qt64.shape[0]):
+        for i in range(rows if wide[g] else 0):
+            for d in range(D):
+                qt64[g, d, i] = q[b, h, r00 + g * BLOCK_M + i, d]
+    ref = np.zeros((G, BLOCK_M), np.float64)  # per query row: its scores' reference R
+    tmax = np.empty(BLOCK_M, q.dtype)  # per query row: the tile's max of s - R
     fold = softcap and opts.fold_lo or split  # cpu_flash's hi/lo convention (_softmax_lo_t)
     lo = np.zeros((BLOCK_N, BLOCK_M) if fold else (0, 0), q.dtype)  # the softcap's rest of each logit
     lo_i = np.zeros((G, BLOCK_M if fold else 0), q.dtype)  # per query row: its anchor's rest
@@ -752,7 +778,7 @@ def _fwd_task_t(t, G, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
             if kind == EMPTY:
                 continue
             n_tiles[g] += 1
-            if split:
+            if split or wide[g]:
                 # -- the score terms on zeros first, then q.k in float64 added (below) --
                 for j in range(ncols):
                     for i in range(rows):
@@ -773,7 +799,21 @@ def _fwd_task_t(t, G, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
                 _alibi_tile(st, rows, ncols, b, h, r0, c0, slopes, q_pos_f, kv_pos_f)
             if terms or kind == PARTIAL:
                 _score_terms_t(st, lo, rows, ncols, b, h, qb, kb, kind, mask, opts, not own_alibi)
-            if split:
+            if wide[g]:
+                # -- s^T - R = q.k * scale log2(e) + the terms - R in float64, rounded once --
+                pq64, pref = _addr(qt64) + g * D * BLOCK_M * 8, _addr(ref) + g * BLOCK_M * 8
+                _qk64_t(pq64, pk0 + c0 * D * isz, ncols, D, rows, opts.qk_scale64, pst, pref, _addr(tmax), st)
+                if _rebase(tmax, rows, ref[g], m_i[g]):
+                    # -- a row's max moved its R: the tile once more against the new ones --
+                    for j in range(ncols):
+                        for i in range(rows):
+                            st[j, i] = 0.0
+                    if own_alibi:
+                        _alibi_tile(st, rows, ncols, b, h, r0, c0, slopes, q_pos_f, kv_pos_f)
+                    if terms or kind == PARTIAL:
+                        _score_terms_t(st, lo, rows, ncols, b, h, qb, kb, kind, mask, opts, not own_alibi)
+                    _qk64_t(pq64, pk0 + c0 * D * isz, ncols, D, rows, opts.qk_scale64, pst, pref, _addr(tmax), st)
+            elif split:
                 # -- hi + lo = q.k * scale log2(e) in float64 + the terms --
                 _qk_split(_addr(q) + ((b * Hq + h) * Lq + r0) * D * isz, D, rows, pk0 + c0 * D * isz, ncols, D,
                           opts.qk_scale64, st, lo, True)
@@ -782,14 +822,17 @@ def _fwd_task_t(t, G, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
                 _softmax_lo_t(st, lo, rows, ncols, m_i[g], l_i[g], e_i[g], lo_i[g], alpha_i[g], opts)
             else:
                 _vsoftmax(pst, BLOCK_M, ncols, groups, _addr(m_i[g]), _addr(l_i[g]), _addr(e_i[g]), _addr(alpha_i[g]),
-                          want, cu, st)
+                          want, np.float32(1.0) if wide[g] else cu, st)
             # -- acc^T = alpha * acc^T + v_blk^T @ p^T: V read through strides, alpha a vector of query lanes --
             _gemm_t(pv0 + c0 * Dv * isz, 1, Dv, pst, BLOCK_M, _addr(acc_t) + g * Dv * BLOCK_M * isz, BLOCK_M, Dv, ncols,
                     groups, 1.0, RESCALE, _addr(alpha_i) + g * BLOCK_M * isz, no_pf, st)
     acc = np.empty((BLOCK_M, Dv), q.dtype)
     for g in range(G):
-        # -- the running max in score units: row_max = m * cu rounded, its rest into row_log --
-        rest = lo_i[g] if fold else _max_in_units(m_i[g], rows, cu)
+        # -- the running max in score units: row_max = m * cu (or R + m) rounded, its rest into row_log --
+        if wide[g]:
+            rest = _anchor_rest(m_i[g], ref[g], rows)
+        else:
+            rest = lo_i[g] if fold else _max_in_units(m_i[g], rows, cu)
         for i in range(rows):
             for d in range(Dv):
                 acc[i, d] = acc_t[g, d, i]
