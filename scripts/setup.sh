@@ -13,11 +13,14 @@ if [ ! -x .venv/bin/python ]; then
     say "creating the virtual environment .venv"
     "$PY" -m venv .venv
 fi
+# --no-compile: pip would byte-compile every installed module (~12,000 files, about a minute of CPU here;
+# torch's alone took 15 s); Python compiles the ones a program imports, once, when it first imports them
+pip_install() { .venv/bin/pip install -q --disable-pip-version-check --no-compile "$@"; }
 # torch first and pinned exactly: on these machines 2.13.0 is a local CPU build; a looser pin
 # could pull a multi-GB CUDA build.
 if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
     say "installing torch 2.13.0 (CPU build; the largest download, a minute or more the first time) ..."
-    .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | quiet
+    pip_install "torch==2.13.0" 2>&1 | quiet
 fi
 # [cli]: the command line's terminal tables, pictures and checkpoints (rich, matplotlib, safetensors)
 extra="[cli]"
@@ -25,7 +28,7 @@ if [ "${1:-}" = "--test" ]; then
     extra="[cli,test]"
 fi
 say "installing selfattn${extra} and its dependencies (pip, quiet; about a minute the first time) ..."
-.venv/bin/pip install -q --disable-pip-version-check -e ".${extra}" 2>&1 | quiet
+pip_install -e ".${extra}" 2>&1 | quiet
 # the HTML-report test drives a real headless Chromium (Debian's package); without it that test is skipped
 if [ "$extra" = "[cli,test]" ] && ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     say "installing chromium from Debian's packages for the HTML-report browser test ..."
