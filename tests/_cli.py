@@ -91,7 +91,9 @@ def _helper():
         return h
     tmp = tempfile.mkdtemp(prefix="selfattn-cli-")
     err = open(os.path.join(tmp, "helper.err"), "w+")
-    env = {"PATH": "", "PYTHONIOENCODING": "utf-8"}
+    # this process's environment, as a subprocess gets it: what the imports read (PYTHONPATH, NUMBA_*) comes
+    # from here; each command's own environment is set in its child before the command runs
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
     p = subprocess.Popen([sys.executable, "-c", _HELPER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
                          env=env, cwd=tmp, text=True, bufsize=1)
     line = _read(p, 600)  # the imports: seconds, minutes on a loaded machine
