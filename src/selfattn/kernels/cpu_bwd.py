@@ -381,7 +381,7 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
     split = small and softcap <= 0.0 and (Lq < 4 or split_ragged)
     # >= 4 rows whose logits may be large, where the forward takes them so (cpu_fwd.SPLIT_TILES): float64 scores
     # held as s - row_max, rounded once (cpu_flash._qk64_t with R = row_max), then p = exp2(that - row_log)
-    wide = not small and split_tiles and _split_tiles(q, k, b, h, hk, r0, rows, opts.qk_scale64, opts.softcap_u)
+    wide = not small and split_tiles and _split_tiles(q, b, h, r0, rows, opts)
     w = np.empty((BLOCK_N, BLOCK_M) if softcap > 0.0 else (0, 0), f)  # the softcap's dS factor
     lo = np.empty((BLOCK_N, BLOCK_M) if softcap > 0.0 and fold_lo or split else (0, 0), f)  # the logits' rests
     m0 = np.zeros(BLOCK_M, f)  # the max once folded into the exponent: 0, +inf past the rows
@@ -743,6 +743,8 @@ def launch_backward(grad_out, q, k, v, out, row_max, row_log, call, delta=None, 
     # tasks of >= 4 rows: float64 scores where cpu_fwd's forward takes them (SPLIT_TILES; then
     # cpu_flash._split_tiles decides, for both)
     split_tiles = bool(getattr(_fwd, "SPLIT_TILES", False))
+    if split_tiles:
+        opts = opts._replace(k_norm=_k.max_key_norm(k_.numpy()))  # as cpu_fwd's launcher puts it
     args = (q_.numpy(), k_.numpy(), v_.numpy(), do.numpy(), row_max.numpy(), row_log.numpy(), delta, sink_p, normalize,
             bool(getattr(_k, "FOLD_LO", False)), split_ragged, split_tiles)
     if threads <= 1:

@@ -152,11 +152,12 @@ class KernelOpts(NamedTuple):
     base2: bool  # float32: base-2 scores, polynomial exp2; float64: nats and libm exp
     want_stats: bool  # also keep sum p (s - m) for the entropy
     fold_lo: bool  # a softcap's logits are kept as hi + lo and exponents taken against an anchor (FOLD_LO)
+    k_norm: float  # max_j |k_j| over the call's keys, float64 (max_key_norm; _split_tiles); 0: never float64 tiles
 
 
-def make_opts(dtype, scale: float, softcap: float, want_stats: bool) -> KernelOpts:
+def make_opts(dtype, scale: float, softcap: float, want_stats: bool, k_norm: float = 0.0) -> KernelOpts:
     """The :class:`KernelOpts` of a call in ``dtype`` (np.float32: base 2; np.float64: nats).
-    ``softcap`` 0 means none."""
+    ``softcap`` 0 means none; ``k_norm``: :func:`max_key_norm` of the keys (0: the float32 tiles throughout)."""
     base2 = dtype == np.float32
     per_nat = LOG2E if base2 else 1.0
     qk_scale = scale * per_nat if softcap <= 0.0 else scale / softcap
@@ -166,7 +167,7 @@ def make_opts(dtype, scale: float, softcap: float, want_stats: bool) -> KernelOp
         softcap_u64=np.float64(softcap * per_nat if softcap > 0.0 else 0.0), softcap=f(max(softcap, 0.0)),
         dscale=f(scale if softcap <= 0.0 else scale / softcap), units=f(per_nat), nat=f(LN2 if base2 else 1.0),
         exp_lo=f(-126.0), half=f(0.5), zero=f(0.0), base2=bool(base2), want_stats=bool(want_stats),
-        fold_lo=bool(FOLD_LO),
+        fold_lo=bool(FOLD_LO), k_norm=np.float64(k_norm),
     )
 
 
@@ -811,31 +812,53 @@ REBASE = 16.0  # the forward moves a row's reference R when a tile's max passes 
 
 
 @njit(cache=True)
-def _split_tiles(q, k, b, h, hk, r0, rows, c64, softcap_u):
+def max_key_norm(k):
+    """max_j |k_j| over the keys of a float32 (B, Hkv, Lk, D) array, in float64 (four partial sums a key, in
+    a fixed order): the launchers put it in KernelOpts.k_norm, the forward's and the backward's alike."""
+    B, H, L, D = k.shape
+    best = 0.0
+    for b in range(B):
+        for h in range(H):
+            for j in range(L):
+                x0, x1, x2, x3 = 0.0, 0.0, 0.0, 0.0
+                for d in range(0, D - 3, 4):
+                    a0, a1 = np.float64(k[b, h, j, d]), np.float64(k[b, h, j, d + 1])
+                    a2, a3 = np.float64(k[b, h, j, d + 2]), np.float64(k[b, h, j, d + 3])
+                    x0, x1, x2, x3 = x0 + a0 * a0, x1 + a1 * a1, x2 + a2 * a2, x3 + a3 * a3
+                for d in range(D - D % 4, D):
+                    a0 = np.float64(k[b, h, j, d])
+                    x0 += a0 * a0
+                x = (x0 + x1) + (x2 + x3)
+                best = x if x > best else best
+    return math.sqrt(best)
+
+
+@njit(cache=True)
+def _split_tiles(q, b, h, r0, rows, opts):
     """Whether a float32 task of >= 4 query rows takes float64 scores (``_qk64_t``): no softcap, and
-    max_i |q_i| max_j |k_j| |c64| (a bound of its logits in score units, from the block's query rows and
-    all the head's keys, in float64) above SPLIT_ABOVE. The forward (cpu_fwd) and the backward (cpu_bwd)
-    ask the same, so they recompute the same scores."""
-    if softcap_u > 0.0:
+    max_i |q_i| (the block's rows, in float64) times opts.k_norm (the call's keys) times the scale in score
+    units -- a bound of its logits -- above SPLIT_ABOVE. The forward (cpu_fwd) and the backward (cpu_bwd)
+    ask the same, so they recompute the same scores. (Scanning the head's keys in every task instead cost
+    the forward 7-15 % at D 8-128, L 1024: memory-bound.)"""
+    if opts.softcap_u > 0.0 or not opts.k_norm > 0.0:
         return False
     D = q.shape[3]
     qn = 0.0
     for i in range(rows):
-        x = 0.0
-        for d in range(D):
-            x += np.float64(q[b, h, r0 + i, d]) * np.float64(q[b, h, r0 + i, d])
+        # -- |q_i|^2 in float64, four partial sums (d mod 4) added in a fixed order --
+        x0, x1, x2, x3 = 0.0, 0.0, 0.0, 0.0
+        for d in range(0, D - 3, 4):
+            a0, a1 = np.float64(q[b, h, r0 + i, d]), np.float64(q[b, h, r0 + i, d + 1])
+            a2, a3 = np.float64(q[b, h, r0 + i, d + 2]), np.float64(q[b, h, r0 + i, d + 3])
+            x0, x1, x2, x3 = x0 + a0 * a0, x1 + a1 * a1, x2 + a2 * a2, x3 + a3 * a3
+        for d in range(D - D % 4, D):
+            a0 = np.float64(q[b, h, r0 + i, d])
+            x0 += a0 * a0
+        x = (x0 + x1) + (x2 + x3)
         qn = x if x > qn else qn
-    if not (qn > 0.0 and qn < 1e300):
-        return False  # (no query, or an infinite one: the float32 tiles, as before)
-    # |q| |k| c > T  <=>  |k|^2 > T^2 / (|q|^2 c^2)
-    need = SPLIT_ABOVE * SPLIT_ABOVE / (qn * c64 * c64)
-    for j in range(k.shape[2]):
-        x = 0.0
-        for d in range(D):
-            x += np.float64(k[b, hk, j, d]) * np.float64(k[b, hk, j, d])
-        if x > need and x < 1e300:
-            return True
-    return False
+    bound = math.sqrt(qn) * opts.k_norm * abs(opts.qk_scale64)
+    # (infinite inputs: the float32 tiles, as before)
+    return bound > SPLIT_ABOVE and bound < 1e300
 
 
 def _ir_loop(builder, i64, n, inits, body, name):
