@@ -44,7 +44,8 @@ ALiBi, float bias, element-wise mask) are ``cpu_flash._score_terms`` written for
 tile; ALiBi is vector IR too (``_alibi_t``: one FMA a vector of query rows).
 
 A block whose logits may be large (``cpu_flash._split_tiles``: max |q_i| max |k_j| scale log2(e) above
-cpu_flash.SPLIT_ABOVE = 128 score units, no softcap) takes its scores in float64 instead: y = q.k * scale
+cpu_flash.SPLIT_ABOVE = 128 score units, no softcap; max |k_j| from the launcher, ``max_key_norm``: the
+short-call path of backends/cpu leaves it 0, float32 tiles) takes its scores in float64 instead: y = q.k * scale
 log2(e) + the terms, held as y - R rounded once, R a float64 reference per row that follows the row's max
 (``cpu_flash._qk64_t``, ``_rebase``; the softmax then runs on them in score units, and R + m is the row's
 max). A float32 q.k rounds by ulp(q.k) / 2, ~6e-5 of exponent at logits of ~1e3: the gradients of D 3, q
@@ -110,6 +111,7 @@ from selfattn.kernels.cpu_flash import (
     _rebase,
     _anchor_rest,
     _split_tiles,
+    max_key_norm,
     _raw_units,
     _max_in_units,
     _softcap_tile,
@@ -746,7 +748,7 @@ def _fwd_task_t(t, G, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
     # max (cpu_flash._qk64_t, _rebase; cpu_bwd asks _split_tiles the same), the softmax in score units
     wide = np.zeros(G, np.bool_)
     for g in range(G):
-        wide[g] = not use_dot and _split_tiles(q, k, b, h, hk, r00 + g * BLOCK_M, rows, opts.qk_scale64, opts.softcap_u)
+        wide[g] = not use_dot and _split_tiles(q, b, h, r00 + g * BLOCK_M, rows, opts)
     qt64 = np.zeros((G if wide.any() else 0, D, BLOCK_M), np.float64)  # their Q^T in float64
     for g in range(qt64.shape[0]):
         for i in range(rows if wide[g] else 0):
@@ -902,6 +904,9 @@ def launch_forward(q, k, v, sinks, call):
     mask = _cpu._kernel_mask(call.low, acc)
     opts = _cpu._opts(acc, call)
     q_, k_, v_ = (_cpu._ready(t, acc) for t in (q, k, v))
+    if SPLIT_TILES:
+        # the keys' largest norm: blocks whose logits may be large take float64 scores (cpu_flash._split_tiles)
+        opts = opts._replace(k_norm=max_key_norm(k_.numpy()))
     bufs = _cpu._forward_buffers(B, Hq, Lq, Dv, acc)  # out and the row tensors
     counts = np.zeros(B * Hq * (-(-Lq // BLOCK_M)), np.int64)  # one per task
     threads = _cpu._threads(len(counts), 4.0 * B * Hq * Lq * Lk * D)
