@@ -28,10 +28,13 @@ A task takes two whole query blocks of one head (``PAIR``; the blocks left, ragg
 the parallel kernel pairs only where that leaves 4 tasks a thread): each key tile goes through both
 blocks' steps while its keys and values are in cache, so a head's K and V stream from L3 once per
 128 query rows, not 64. Each block's steps are a lone block's, in the same order: bit-identical
-outputs. One thread it is neutral (the prefetch hides L3). Quiet run (lead, 2026-12-02 01:22), two
-1-thread processes pinned one per core, dense (1, 8, 2048, 2048, 128), median GFLOP/s: single blocks
-alone 99, both at once 54 and 63; pairs both at once 85 and 82. The 2-thread kernel (1, 16, ...) in the
-same run: 0.99x the single blocks' time at D = 128, 1.00x at D = 64 (the VM's noise is that large).
+outputs. One thread it is neutral (the prefetch hides L3). Two quiet runs (lead, 2026-12-02 01:22 and
+01:52), dense, wall time: the 2-thread kernel (1, 16, 2048, 2048, D), median-of-pairs against single
+blocks, 0.99x and 0.92x at D = 128 (medians 62.4 and 70.2 % of the 2-thread peak against 61.6 and
+68.1 %), 1.00x and 1.00x at D = 64 (57.6 and 62.2 %); two 1-thread processes pinned one per core,
+(1, 8, 2048, 2048, D), the two median GFLOP/s summed: D = 128 117 -> 167 and 145 -> 148, D = 64
+156 -> 162 and 149 -> 168 (the VM's noise is that large). Groups of 4 blocks measured no better
+than pairs in the second run (2-thread D = 128 1.07x the single blocks, D = 64 1.01x).
 
 Scores are bit-identical to ``cpu_flash``'s: the same FMA order over the head dim, the same factor
 at the store (query blocks of fewer than 4 rows take cpu_flash's dot products, as all of its passes
@@ -58,7 +61,9 @@ process as peak.py's FMA loop; best of 9-11): D = 64, the kernel at ~72 % of the
 (13 vector operations per 16 scores on the FMA ports: exp2 is rint, a degree-6 polynomial and
 vscalefps), the rest (Q^T packing, the acc^T transpose, allocations, _finish_rows, operands evicted
 between the phases) ~8 %. D = 128, ~80 %: Q K^T ~42 % (~97 %), P V ~47 % (~87 %), softmax ~6 %, rest
-~5 %. The micro-kernel with its operands on one line each runs at 96-100 %: what the products lose
+~5 %. A loaded re-run (2026-12-02 01:45, bench_cpu.py --profile, pairs of blocks): D = 64 at 73 %:
+Q K^T 40 %, softmax 11 %, P V 48 % (those calls at ~77 %: the weaker product at D = 64), rest ~1 %;
+D = 128 at 72 %. The micro-kernel with its operands on one line each runs at 96-100 %: what the products lose
 is L1 traffic (the query vectors, the A rows, C in the epilogue). Before the prefetch, the D = 128
 kernel with Lk = 512 (K and V of a head in L2) ran ~20 % faster per tile than with Lk = 2048. On two
 threads the VM itself costs the second core 5-25 % (two 1-thread processes, one per core, lead
@@ -71,7 +76,8 @@ tiles per softmax step (a longer P V reduction: no faster at D = 64, slower at D
 layout: P V alone 2.5 % faster), the transposed P V without the prefetch (1.01x: the prefetch is the
 gain), a prefetcht0 of the next call's A rows as well (+2.6 % at D = 64, +1.7 % at D = 128), the Q K^T
 sum at D = 128 as two 64-deep halves continued exactly through C, so that Q^T's half and s^T stay in
-L1 (+3.8 %), a prefetcht0 of C's lines at each call's start (D = 64: 1.00x).
+L1 (+3.8 %), a prefetcht0 of C's lines at each call's start (D = 64: 1.00x), tasks of 4 query blocks
+(above: no better than 2).
 
 Served here: float32 (and bfloat16/float16 computed in float32) with at least 4 query rows;
 float64 and decoding calls (fewer than 4 queries: dot products) stay on ``cpu_flash.flash_fwd``.
