@@ -77,7 +77,8 @@ layout: P V alone 2.5 % faster), the transposed P V without the prefetch (1.01x:
 gain), a prefetcht0 of the next call's A rows as well (+2.6 % at D = 64, +1.7 % at D = 128), the Q K^T
 sum at D = 128 as two 64-deep halves continued exactly through C, so that Q^T's half and s^T stay in
 L1 (+3.8 %), a prefetcht0 of C's lines at each call's start (D = 64: 1.00x), tasks of 4 query blocks
-(above: no better than 2).
+(above: no better than 2), P V calls compiled without their prefetch instruction (it walks a line of B
+that is in L1 already: D = 64 1.02x median-of-pairs, loaded).
 
 Served here: float32 (and bfloat16/float16 computed in float32) with at least 4 query rows;
 float64 and decoding calls (fewer than 4 queries: dot products) stay on ``cpu_flash.flash_fwd``.
