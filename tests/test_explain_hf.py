@@ -144,7 +144,12 @@ def test_long_input_rows_and_statistics_from_ids(saved, capsys, tmp_path):
                 # the float64 model within twice eager's own distance to it (STYLE rule 6), plus TOL
                 own = (want[h][rows] - want64[h][rows]).abs().max().item()
                 assert (got - want64[h][rows]).abs().max().item() <= 2 * own + TOL, (layer["name"], h, own)
-            assert (_tensor(head["stats"]["entropy"]) - _entropy(want[h])).abs().max().item() <= 1e-4  # every row
+            # every row's entropy, held to the float64 model's within twice eager float32's own distance to it
+            # (STYLE rule 6), plus TOL: the kernel's float64 scores at large logits (max logit ~140 here) put it
+            # nearer the float64 model than eager float32 is, so eager float32 is not the reference
+            ent64 = _entropy(want64[h])
+            own = (_entropy(want[h]) - ent64).abs().max().item()
+            assert (_tensor(head["stats"]["entropy"]) - ent64).abs().max().item() <= 2 * own + TOL, (layer["name"], h, own)
             assert torch.isfinite(_tensor(head["stats"]["max_logit"])).all()
     assert "tokens (41)" in out
 
