@@ -1005,3 +1005,29 @@ def test_row_kernel_calls_out_of_l2(request_, walked, served):
     assert b * hkv * lk * (d + dv) * 4 >= cpu_short.PF_MIN_BYTES  # the far path
     assert (lk * dv * 4 <= cpu_short.PF_VALUES_MAX) == walked
     _row_kernel_call(served, *request_, torch.float32)
+
+
+def test_kernel_caches_are_stale_when_a_module_they_compile_in_changes():
+    # numba keys a cached function on its own file only; a kernel that compiles cpu_flash's (or cpu_fwd's, ...)
+    # numba functions into itself must also be keyed on those files (kernels.stamp_sources), or an edit there
+    # runs stale from the cache
+    import hashlib
+
+    from selfattn.kernels import cpu_amx, cpu_bf16, cpu_bwd, cpu_fwd, cpu_short
+
+    def digest(mod):
+        with open(mod.__file__, "rb") as fh:
+            return hashlib.sha256(fh.read()).digest()
+
+    def stamp(dispatcher):
+        return dispatcher._cache._cache_file._source_stamp
+
+    plain = stamp(cpu_flash.flash_fwd)  # cpu_flash's own kernels: numba's stamp alone
+    assert not isinstance(plain, tuple) or digest(cpu_flash) not in plain
+    for dispatcher, deps in ((cpu_fwd.flash_fwd_t, (cpu_flash,)), (cpu_fwd.flash_fwd_t_serial, (cpu_flash,)),
+                             (cpu_bwd.flash_bwd_t, (cpu_flash, cpu_fwd)), (cpu_short.fwd_small, (cpu_flash,)),
+                             (cpu_bf16.mm_amx, (cpu_flash,)), (cpu_amx.flash_fwd_amx, (cpu_bf16, cpu_bwd, cpu_flash, cpu_fwd))):
+        got = stamp(dispatcher)
+        assert isinstance(got, tuple) and got[1:] == tuple(digest(m) for m in deps), dispatcher.py_func.__qualname__
+    # a function imported into another kernel module keeps its own module's stamp
+    assert stamp(cpu_fwd._finish_rows) == stamp(cpu_flash._finish_rows)

@@ -14,6 +14,7 @@ applies to selfattn's kernels only; numba's setting for other code is restored a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import os
 import tempfile
@@ -53,6 +54,27 @@ def numba_cache_dir(package_dir: str = _HERE, environ=os.environ) -> str | None:
 def _user_id() -> str:
     getuid = getattr(os, "getuid", None)
     return str(getuid()) if getuid else os.environ.get("USERNAME", "user")
+
+
+def stamp_sources(namespace: dict, *modules) -> None:
+    """Make each disk-cached numba function in ``namespace`` (a kernel module's globals()) stale when the
+    source of any of ``modules`` changes, as it already is when its own file does.
+
+    numba keys a cached function on its own source file only, but a kernel compiles
+    the numba functions and intrinsics it calls from other modules into itself: after an edit to
+    cpu_flash.py, a kernel of cpu_fwd.py loaded from the cache would still run the old cpu_flash code.
+    A hash of those modules' files joins the function's own stamp in its cache index."""
+    stamps = []
+    for mod in modules:
+        with open(mod.__file__, "rb") as fh:
+            stamps.append(hashlib.sha256(fh.read()).digest())
+    for obj in list(namespace.values()):
+        index = getattr(getattr(obj, "_cache", None), "_cache_file", None)
+        if index is None or not hasattr(index, "_source_stamp"):
+            continue  # not a disk-cached dispatcher (or another numba's cache layout: its plain stamp stays)
+        if getattr(getattr(obj, "py_func", None), "__module__", None) != namespace["__name__"]:
+            continue  # imported from another kernel module: that module stamps its own
+        index._source_stamp = (index._source_stamp, *stamps)
 
 
 @contextlib.contextmanager

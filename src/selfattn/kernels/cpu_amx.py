@@ -91,6 +91,7 @@ from selfattn.kernels.cpu_flash import (
     _Vectors,
 )
 from selfattn.kernels.cpu_fwd import LANES, _exp2_v, _finish_step, _loop, _score_terms_t
+from selfattn.kernels import cpu_bwd as _bwd_src, cpu_flash as _flash_src, cpu_fwd as _fwd_src, stamp_sources
 
 _CACHE_DIR, _NUMBA_CACHE_DIR = numba_cache_dir(), numba_config.CACHE_DIR
 if _CACHE_DIR is not None:
@@ -646,6 +647,7 @@ def pack_bwd_serial(k16, v16, kt, vt, kp):
         _pack_bwd_task(t, k16, v16, kt, vt, kp)
 
 
+stamp_sources(globals(), _bf, _bwd_src, _flash_src, _fwd_src)  # the kernels compile these modules' numba functions into themselves
 numba_config.CACHE_DIR = _NUMBA_CACHE_DIR
 
 #: calls and tile products served by the AMX forward since import (tests check the path was taken)

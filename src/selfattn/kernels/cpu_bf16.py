@@ -82,6 +82,7 @@ from numba.extending import intrinsic, overload
 
 from selfattn.kernels import numba_cache_dir
 from selfattn.kernels.cpu_flash import _ptr
+from selfattn.kernels import cpu_flash as _flash_src, stamp_sources
 
 # numba fixes a function's cache place when it is decorated: the kernels' place (selfattn.kernels:
 # next to this file when writable, else a per-user directory) for every function below, numba's
@@ -869,4 +870,5 @@ def pack_pairs_rows(x, out, kdim, n):
         _pack_row_pair(lo, lo + x.strides[0], _addr(out) + p * out.strides[0], n, 2 * p + 1 < kdim)
 
 
+stamp_sources(globals(), _flash_src)  # the kernels compile cpu_flash's numba functions into themselves
 numba_config.CACHE_DIR = _NUMBA_CACHE_DIR

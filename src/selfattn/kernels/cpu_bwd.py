@@ -70,6 +70,7 @@ from .cpu_fwd import _alibi_tile, _bias_mask_t, _loop
 
 from .cpu_flash import (ADD, VEC_BYTES, _fold_lo, _softcap_tile, BLOCK_M, BLOCK_N, EMPTY, FASTMATH, PARTIAL, STORE, _addr, _bx, _dot, _Exact,
                         _exp2_ir, _prefetch, _qk_split, _qk64_t, _qt64, _raw_units, _split_tiles, _Vectors, NV_MAX, TILE_N)
+from selfattn.kernels import cpu_flash as _flash_src, cpu_fwd as _fwd_src, stamp_sources
 
 VW = VEC_BYTES // 4  # float32 lanes of one host vector
 LANES = 16  # query lanes rounded up to this (a whole AVX-512 vector of float32; two AVX2 ones)
@@ -768,3 +769,5 @@ def launch_backward(grad_out, q, k, v, out, row_max, row_log, call, delta=None, 
 
 _NO_DELTA: dict = {}  # empty (B, Hq, 0) arrays: "no delta given"
 _NO_SINK: dict = {}  # empty (B, Hq, 0) arrays: "no sink"
+
+stamp_sources(globals(), _flash_src, _fwd_src)  # the kernels compile these modules' numba functions into themselves

@@ -126,6 +126,7 @@ from selfattn.kernels.cpu_flash import (
     _Vectors,
     TILE_N,
 )
+from selfattn.kernels import cpu_flash as _flash_src, stamp_sources
 
 LANES = VEC_BYTES // 4  # float32 query rows per vector: 16 (AVX-512) or 8 (AVX2)
 # A ragged last block of < 4 query rows takes float64 dot-product scores kept as hi + lo (cpu_flash._qk_split);
@@ -926,3 +927,5 @@ def launch_forward(q, k, v, sinks, call):
     CALLS["calls"] += 1
     CALLS["tiles"] += tiles
     return _cpu._forward_result(q, bufs, sinks, call, opts)
+
+stamp_sources(globals(), _flash_src)  # the kernels compile cpu_flash's numba functions into themselves

@@ -9,13 +9,12 @@ Only the forward of a call without mask or with a plain causal mask, no statisti
 bfloat16, contiguous inputs: ``selfattn.backends.cpu.fast_forward`` decides and falls back otherwise.
 
 numba keys a cached function on its own source file only, and these functions compile cpu_flash's
-exp2 into themselves: their cache stamps include that file (``_stamp_with``), so an edit there is
+exp2 into themselves: their cache stamps include that file (``kernels.stamp_sources``), so an edit there is
 never run stale from here.
 """
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 from numba import carray, njit, types
@@ -23,7 +22,7 @@ from numba.core import config as numba_config
 from numba.extending import intrinsic
 
 from selfattn.kernels import cpu_flash as _k
-from selfattn.kernels import numba_cache_dir
+from selfattn.kernels import numba_cache_dir, stamp_sources
 
 _CACHE_DIR, _NUMBA_CACHE_DIR = numba_cache_dir(), numba_config.CACHE_DIR
 if _CACHE_DIR is not None:
@@ -337,22 +336,6 @@ def has_nan(p, n):
     return found
 
 
-def _stamp_with(dispatcher, *modules):
-    # numba's cache index is valid while the stamp (mtime, size) of the function's own file is
-    # unchanged; these wrappers carry code of other modules too, so the stamp covers their files
-    cache = getattr(dispatcher, "_cache", None)
-    index = getattr(cache, "_cache_file", None)
-    if index is None or not hasattr(index, "_source_stamp"):
-        return  # another numba's cache layout (or no cache): the plain stamp stays
-    stamps = [index._source_stamp]
-    for mod in modules:
-        st = os.stat(mod.__file__)
-        stamps.append((st.st_mtime, st.st_size))
-    index._source_stamp = tuple(stamps)
-
-
-_stamp_with(_small_rows, _k)
-_stamp_with(fwd_small, _k)
-_stamp_with(fwd_small_bf16, _k)
+stamp_sources(globals(), _k)  # they compile cpu_flash's exp2 and helpers into themselves
 
 numba_config.CACHE_DIR = _NUMBA_CACHE_DIR
