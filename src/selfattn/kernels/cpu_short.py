@@ -15,7 +15,6 @@ never run stale from here.
 
 from __future__ import annotations
 
-
 import numpy as np
 from numba import carray, njit, types
 from numba.core import config as numba_config
