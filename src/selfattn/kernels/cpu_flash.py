@@ -861,25 +861,25 @@ def _split_tiles(q, b, h, r0, rows, opts):
     return bound > SPLIT_ABOVE and bound < 1e300
 
 
-def _ir_loop(builder, i64, n, inits, body, name):
-    # for j in range(n): vals = body(j, vals), as IR (n > 0 not required); returns the values after it
+def _ir_loop(builder, i64, lo, hi, step, inits, body, name):
+    # for j in range(lo, hi, step) ((hi - lo) a multiple of step; lo, hi i64 values): vals = body(j, vals)
+    # as IR, with the loop-carried values as phis; returns the values after the loop (inits if it ran 0 times)
     entry = builder.block
     loop = builder.append_basic_block(name + ".loop")
     done = builder.append_basic_block(name + ".done")
-    zero = ir.Constant(i64, 0)
-    builder.cbranch(builder.icmp_signed(">", n, zero), loop, done)
+    builder.cbranch(builder.icmp_signed("<", lo, hi), loop, done)
     builder.position_at_end(loop)
     j = builder.phi(i64)
     phis = [builder.phi(x.type) for x in inits]
     new = body(j, phis)
     end = builder.block
-    nxt = builder.add(j, ir.Constant(i64, 1))
-    j.add_incoming(zero, entry)
+    nxt = builder.add(j, ir.Constant(i64, step))
+    j.add_incoming(lo, entry)
     j.add_incoming(nxt, end)
     for phi, x, v in zip(phis, inits, new):
         phi.add_incoming(x, entry)
         phi.add_incoming(v, end)
-    builder.cbranch(builder.icmp_signed("<", nxt, n), loop, done)
+    builder.cbranch(builder.icmp_signed("<", nxt, hi), loop, done)
     builder.position_at_end(done)
     outs = []
     for x, v in zip(inits, new):
@@ -953,7 +953,7 @@ def _qk64_t(typingctx, pqt, pk, ncols, kdim, nlanes, c64, pst, pref, pmax, like)
                         out.extend(builder.call(fma, [kv, qv[u], accs[len(out)]]) for u in range(U))
                     return out
 
-                accs = _ir_loop(builder, i64, kdim, [zero64] * (2 * U), per_d, "qk64.d")
+                accs = _ir_loop(builder, i64, ir.Constant(i64, 0), kdim, 1, [zero64] * (2 * U), per_d, "qk64.d")
                 # -- both keys' terms read before either is stored (an odd last key is both) --
                 ptrs = [[vat(pst, builder.add(builder.add(builder.mul(j, c(BLOCK_M)), lane0), c(u * W)), 4, p32) for u in range(U)]
                         for j in (j0, j1)]
@@ -968,12 +968,12 @@ def _qk64_t(typingctx, pqt, pk, ncols, kdim, nlanes, c64, pst, pref, pmax, like)
                 return new
 
             ninf = ir.Constant(v32, [float("-inf")] * W)
-            mx = _ir_loop(builder, i64, npairs, [ninf] * U, per_pair, "qk64.j")
+            mx = _ir_loop(builder, i64, ir.Constant(i64, 0), npairs, 1, [ninf] * U, per_pair, "qk64.j")
             for u in range(U):
                 builder.store(mx[u], vat(pmax, builder.add(lane0, c(u * W)), 4, p32), align=4)
             return []
 
-        _ir_loop(builder, i64, nchunks, [], per_chunk, "qk64.g")
+        _ir_loop(builder, i64, ir.Constant(i64, 0), nchunks, 1, [], per_chunk, "qk64.g")
         return context.get_dummy_value()
 
     return sig, codegen

@@ -98,6 +98,7 @@ from numba.extending import intrinsic
 from selfattn.kernels.cpu_flash import (
     BLOCK_M,
     _finish_rows,
+    _ir_loop,
     BLOCK_N,
     EMPTY,
     FASTMATH,
@@ -330,32 +331,8 @@ def _gemm_t(pa, sa0, sa1, pb, sb, pc, sc, m, kdim, nvec, scale, mode, palpha, pr
 
 
 def _loop(builder, vec, lo, hi, step, inits, body, name):
-    # for j in range(lo, hi, step) ((hi - lo) a multiple of step): vals = body(j, vals) as IR, with
-    # the loop-carried values as phis; returns the values after the loop (inits if it ran 0 times)
-    entry = builder.block
-    loop = builder.append_basic_block(name + ".loop")
-    done = builder.append_basic_block(name + ".done")
-    builder.cbranch(builder.icmp_signed("<", lo, hi), loop, done)
-    builder.position_at_end(loop)
-    j = builder.phi(vec.i64)
-    phis = [builder.phi(x.type) for x in inits]
-    new = body(j, phis)
-    end = builder.block
-    nxt = builder.add(j, vec.const(step))
-    j.add_incoming(lo, entry)
-    j.add_incoming(nxt, end)
-    for phi, x, n in zip(phis, inits, new):
-        phi.add_incoming(x, entry)
-        phi.add_incoming(n, end)
-    builder.cbranch(builder.icmp_signed("<", nxt, hi), loop, done)
-    builder.position_at_end(done)
-    outs = []
-    for x, n in zip(inits, new):
-        phi = builder.phi(x.type)
-        phi.add_incoming(x, entry)
-        phi.add_incoming(n, end)
-        outs.append(phi)
-    return outs
+    # for j in range(lo, hi, step): vals = body(j, vals) as IR (cpu_flash._ir_loop at the host vectors' i64)
+    return _ir_loop(builder, vec.i64, lo, hi, step, inits, body, name)
 
 
 @intrinsic
