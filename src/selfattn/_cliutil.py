@@ -36,6 +36,15 @@ def int_arg(name: str, minimum: int = 1, maximum: int | None = None):
     return parse
 
 
+# torch.manual_seed takes any 64-bit value; larger ones fail deep inside it with "Overflow when unpacking long long"
+SEED_MAX = 2**63 - 1
+
+
+def seed_arg(name: str = "--seed"):
+    """An argparse ``type`` for a random seed: an integer from 0 to 2**63 - 1."""
+    return int_arg(name, 0, SEED_MAX)
+
+
 def float_arg(name: str, *, positive: bool = False, allow_none: bool = False):
     """An argparse ``type`` for a finite non-negative (or positive) number; with ``allow_none``
     the words "none"/"off" give -1.0, the caller's sentinel for "no value"."""

@@ -12,7 +12,7 @@ import os
 import sys
 
 
-from ._cliutil import UsageError, check_memory, check_output_file, human_bytes, int_arg
+from ._cliutil import UsageError, check_memory, check_output_file, human_bytes, int_arg, seed_arg
 
 # the one place that says how to report a bug (internal errors print a traceback, then this)
 REPORT = ("this is a bug in selfattn, not in what you typed: please report it with the command line above and this "
@@ -199,7 +199,7 @@ def _add_explain(sub) -> None:
     e.add_argument("text", nargs="?", metavar="TEXT", help="the input text (default: the notes' example)")
     e.add_argument("--file", metavar="PATH", help="read the text from a file ('-' = standard input)")
     e.add_argument("--dim", type=_positive("--dim"), help="embedding width (default 8; the notes' example: 4)")
-    e.add_argument("--seed", type=int, help="seed of the embeddings and of --init default (default 0)")
+    e.add_argument("--seed", type=seed_arg(), help="seed of the embeddings and of --init default (default 0)")
     e.add_argument("--init", choices=("identity", "default"),
                    help="W_Q, W_K, W_V: identity as in the notes (default when the widths allow) or SelfAttention's default initialisation")
     e.add_argument("--qk-dim", type=_positive("--qk-dim"), help="width of queries and keys (default --dim)")
@@ -268,7 +268,7 @@ def _add_scaling(sub) -> None:
                                    "to the softmax with and without scaling: score spread, largest weight, entropy, gradient size.")
     s.add_argument("--png", metavar="FILE.png", help="write a plot of the sweep (PNG)")
     s.add_argument("--json", metavar="FILE.json", help="write every number as JSON")
-    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--seed", type=seed_arg(), default=0, help="random seed (default 0)")
     s.add_argument("--keys", type=_positive("--keys"), default=32, help="keys per query (default 32)")
     s.add_argument("--queries", type=_positive("--queries"), default=512, help="random queries per d_k (default 512)")
     s.add_argument("--max-dk", type=_positive("--max-dk"), default=4096, help="largest d_k of the sweep (default 4096)")

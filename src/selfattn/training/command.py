@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-from .._cliutil import UsageError, check_memory, check_output_dir
+from .._cliutil import UsageError, check_memory, check_output_dir, seed_arg
 from .._cliutil import float_arg as _float
 from .._cliutil import int_arg as _int
 from .loop import LOG_CSV, LOG_JSONL, PLOT_FILE, TEXT_DEFAULTS, TrainConfig
@@ -34,7 +34,7 @@ _TRAIN_OPTIONS = [
     ("--heads", "heads", _int("--heads"), f"attention heads per block ({_default('heads')})"),
     ("--mlp-ratio", "mlp_ratio", _int("--mlp-ratio"), f"MLP width / model width (default {_D.mlp_ratio})"),
     ("--norm", "norm", str, "normalisation: rms or layer (default rms)"),
-    ("--seed", "seed", _int("--seed", 0), "seed of the initialisation, the batches and the held-out set (default 0)"),
+    ("--seed", "seed", seed_arg(), "seed of the initialisation, the batches and the held-out set (default 0)"),
     ("--steps", "steps", _int("--steps"), f"most optimizer steps ({_default('steps')})"),
     ("--batch", "batch", _int("--batch"), f"sequences per step, over all processes ({_default('batch')})"),
     ("--lr", "lr", _float("--lr", positive=True), f"peak learning rate ({_default('lr', '{:g}')})"),
@@ -253,7 +253,7 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=_int("--tokens"), default=40, help="tokens to generate (default 40)")
     p.add_argument("--temperature", type=_float("--temperature"), default=1.0, help="sampling temperature; 0 = greedy (default 1)")
     p.add_argument("--top-k", type=_int("--top-k"), default=None, help="sample among the k most likely tokens only")
-    p.add_argument("--seed", type=_int("--seed", 0), default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=seed_arg(), default=0, help="sampling seed (default 0)")
     p.add_argument("--backend", default="auto", help="attention backend (default auto)")
 
 
