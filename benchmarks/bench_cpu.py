@@ -284,37 +284,45 @@ print(peak, own)
 
 
 def compile_time() -> dict:
-    """First-call time with an empty numba cache, then in a second process (cache on disk): a small
-    float32 and float64 call (one thread: the serial kernels), then a float32 call on two threads
-    (the parallel kernels)."""
+    """First-call time with an empty numba cache (a private NUMBA_CACHE_DIR, so the package's own
+    cache and other processes are not touched), then in a second process that loads what the first
+    wrote: a small float32 and float64 call (one thread: the serial kernels), then a float32 call on
+    two threads (the parallel kernels). Wall and process CPU time of each step."""
     import glob
+    import tempfile
 
-    cache_dir = os.path.join(ROOT, "src", "selfattn", "kernels", "__pycache__")
     code = f"""
 import sys, time
 sys.path.insert(0, {os.path.join(ROOT, 'src')!r})
 import torch, selfattn
+torch.set_num_threads(1)
+def step(f):
+    w, c = time.perf_counter(), time.process_time()
+    f()
+    return time.perf_counter() - w, time.process_time() - c
 x = torch.randn(1, 2, 100, 32, requires_grad=True)
-t0 = time.perf_counter()
-selfattn.attention(x, x, x, causal=True, backend='cpu').sum().backward()
-t1 = time.perf_counter()
 x64 = x.detach().double().requires_grad_()
-selfattn.attention(x64, x64, x64, causal=True, backend='cpu').sum().backward()
-t2 = time.perf_counter()
-torch.set_num_threads(2)  # big enough for both threads: the parallel kernels
 y = torch.randn(1, 4, 512, 32, requires_grad=True)
-selfattn.attention(y, y, y, causal=True, backend='cpu').sum().backward()
-print(t1 - t0, t2 - t1, time.perf_counter() - t2)
+def par():
+    torch.set_num_threads(2)  # big enough for both threads: the parallel kernels
+    selfattn.attention(y, y, y, causal=True, backend='cpu').sum().backward()
+r = [step(lambda: selfattn.attention(x, x, x, causal=True, backend='cpu').sum().backward()),
+     step(lambda: selfattn.attention(x64, x64, x64, causal=True, backend='cpu').sum().backward()),
+     step(par)]
+print(*[v for pair in r for v in pair])
 """
-    if os.path.isdir(cache_dir):
-        for f in glob.glob(os.path.join(cache_dir, "cpu_flash.*.nb[ic]")):
-            os.remove(f)
     out = {}
-    for run in ("first_process", "second_process"):
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
-        f32, f64, par = map(float, res.stdout.split()[-3:])
-        out[run] = {"float32_fwd_bwd_s": f32, "float64_fwd_bwd_s": f64, "float32_parallel_fwd_bwd_s": par}
-    out["cache_files"] = len(glob.glob(os.path.join(cache_dir, "cpu_flash.*.nbc")))
+    with tempfile.TemporaryDirectory(prefix="selfattn_compile_") as cache_dir:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
+        for run in ("first_process", "second_process"):
+            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600, env=env)
+            if res.returncode != 0:
+                raise RuntimeError(f"compile-time run failed:\n{res.stderr[-2000:]}")
+            v = list(map(float, res.stdout.split()[-6:]))
+            out[run] = {"float32_fwd_bwd_s": v[0], "float32_fwd_bwd_cpu_s": v[1],
+                        "float64_fwd_bwd_s": v[2], "float64_fwd_bwd_cpu_s": v[3],
+                        "float32_parallel_fwd_bwd_s": v[4], "float32_parallel_fwd_bwd_cpu_s": v[5]}
+        out["cache_files"] = len(glob.glob(os.path.join(cache_dir, "**", "*.nbc"), recursive=True))
     return out
 
 
@@ -504,7 +512,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5, help="timed runs per implementation (median)")
     p.add_argument("--only", default="", help="run only cases whose name contains this")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--compile-time", action="store_true", help="measure numba compile time (clears the kernel cache)")
+    p.add_argument("--compile-time", action="store_true", help="numba compile time: first calls in a fresh process with an empty private cache, then a second process")
     p.add_argument("--json", default="", help="output path (default benchmarks/results/bench_cpu[_quick].json)")
     p.add_argument("--profile", action="store_true", help="only the one-thread forward profile (D 64 and 128)")
     p.add_argument("--paired", type=int, default=0, metavar="N",
