@@ -76,6 +76,23 @@ def test_unknown_options_are_one_line_naming_the_command(capsys):
     assert err.startswith("selfattn backends: error: unrecognized arguments: --json") and "selfattn backends --help" in err, err
 
 
+@pytest.mark.parametrize("cmd", ["explain", "scaling", "train", "sample"])
+def test_seed_out_of_range_names_the_option(capsys, cmd):
+    # past 64 bits torch.manual_seed failed with 'Overflow when unpacking long long', naming no option
+    code, err = _main(capsys, cmd, "--seed", "99999999999999999999", *(["the cat"] if cmd == "explain" else []))
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"selfattn {cmd}: error: argument --seed:"), err
+    assert "99999999999999999999" in lines[0] and "Overflow" not in err and "Traceback" not in err, err
+
+
+def test_negative_seed_names_the_option(capsys):
+    code, err = _main(capsys, "explain", "--seed", "-4", "a")
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and lines[0].startswith("selfattn explain: error: argument --seed:") and "-4" in lines[0], err
+
+
 def test_checkpoint_errors_reach_the_user(capsys, tmp_path):
     d = tmp_path / "ck"
     d.mkdir()
