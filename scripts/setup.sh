@@ -35,5 +35,14 @@ if [ "$extra" = "[cli,test]" ] && ! command -v chromium >/dev/null 2>&1 && [ "$(
     timeout 900 bash -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver' >/dev/null 2>&1 \
         || echo "setup: could not install chromium; the browser test will be skipped" >&2
 fi
-.venv/bin/python -c "import selfattn" 
+# Python writes a module's .pyc when it first imports it -- unless PYTHONDONTWRITEBYTECODE is set, as some
+# sandboxes and CI images do: then, after pip's --no-compile above, every new process would compile torch's
+# modules from source again (import torch + selfattn.cli: ~10 s of CPU instead of ~3 s; the test suite starts
+# dozens of processes). So the check below imports what the command line (and, with --test, the suite's
+# processes) import, once, with writing on: ~1,500-3,000 modules of the 12,000 installed.
+warm="import selfattn, selfattn.cli, selfattn.kernels.warm, torch.distributed.run"
+if [ "$extra" = "[cli,test]" ]; then
+    warm="$warm, pytest, xdist, hypothesis, triton, matplotlib.pyplot, transformers, selfattn.integrations.transformers"
+fi
+env -u PYTHONDONTWRITEBYTECODE .venv/bin/python -c "$warm"
 say "ready: run .venv/bin/selfattn explain (or first: source .venv/bin/activate, then selfattn explain)"
