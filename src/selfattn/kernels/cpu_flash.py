@@ -833,6 +833,21 @@ def max_key_norm(k):
     return math.sqrt(best)
 
 
+@njit(fastmath=FASTMATH, cache=True)
+def _q_norm2_estimate(q, b, h, r0, rows):
+    # max_i |q_i|^2 over a block's rows in float64, each sum in any order (vectorised): within ~D 2**-53
+    # of _split_tiles' ordered sums (a row holding a NaN loses, as there; inf: inf)
+    D = q.shape[3]
+    est = 0.0
+    for i in range(rows):
+        x = 0.0
+        for d in range(D):
+            a = np.float64(q[b, h, r0 + i, d])
+            x += a * a
+        est = x if x > est else est
+    return est
+
+
 @njit(cache=True)
 def _split_tiles(q, b, h, r0, rows, opts):
     """Whether a float32 task of >= 4 query rows takes float64 scores (``_qk64_t``): no softcap, and
@@ -841,6 +856,9 @@ def _split_tiles(q, b, h, r0, rows, opts):
     ask the same, so they recompute the same scores. (Scanning the head's keys in every task instead cost
     the forward 7-15 % at D 8-128, L 1024: memory-bound.)"""
     if opts.softcap_u > 0.0 or not opts.k_norm > 0.0:
+        return False
+    if math.sqrt(_q_norm2_estimate(q, b, h, r0, rows)) * opts.k_norm * abs(opts.qk_scale64) < 0.999 * SPLIT_ABOVE:
+        # clearly below: the ordered sums (below) would say so too (they cost the forward ~2 % at D 64)
         return False
     D = q.shape[3]
     qn = 0.0
