@@ -325,6 +325,20 @@ def _mxcsr_set(typingctx, value):
     return sig, codegen
 
 
+@intrinsic
+def _fetch_add(typingctx, counter, by):
+    # counter[0] += by as one atomic step (any thread); returns the value before
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64 and by == types.int64):
+        return None
+    sig = types.int64(counter, types.int64)
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.atomic_rmw("add", data, args[1], "seq_cst")
+
+    return sig, codegen
+
+
 # -- score terms of a transposed tile (cpu_flash._score_terms and _mask_tile with s[key, query]) --
 
 
@@ -635,6 +649,20 @@ def _tasks(t0, t1, w, W, per, q, k, v, do, row_max, row_log, delta, sink_p, norm
     _mxcsr_set(old)
 
 
+@njit(cache=True, nogil=True)
+def _heads(taken, heads, per, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, dk, dv, dq,
+           counts, mask, opts):
+    # a worker's whole kv heads: the next one no worker has taken yet (taken[0], shared), until none is
+    # left -- a worker slowed by another process on its core takes fewer (the heads are equal work under
+    # every mask that is the same for all heads; a static split waits for the slower core's half)
+    while True:
+        kh = _fetch_add(taken, np.int64(1))
+        if kh >= heads:
+            return
+        _tasks(kh * per, (kh + 1) * per, 0, 1, per, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged,
+               split_tiles, dk, dv, dq, counts, mask, opts)
+
+
 @njit(parallel=True, cache=True)
 def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, workers, dk_w, dv_w, dk, dv, dq, counts, mask, opts):
     """The whole backward pass on ``workers`` threads: one task per (batch, head, query block)
@@ -660,11 +688,13 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
     per = (q.shape[1] // k.shape[1]) * ((q.shape[2] + BLOCK_M - 1) // BLOCK_M)  # tasks per kv head
     if W == 1:
         # -- whole kv heads, all the query tasks of each in order: each dK/dV row has one writer (dk_w
-        # and dv_w are dk and dv: nothing to sum). Heads handed out one at a time (a worker slowed by
-        # another process on its core does fewer), each with its own buffers (~1 % of its work at L 4096) --
-        for kh in prange(T // per):
-            _tasks(kh * per, (kh + 1) * per, 0, 1, per, q, k, v, do, row_max, row_log, delta, sink_p, normalize,
-                   fold_lo, split_ragged, split_tiles, dk_w[0], dv_w[0], dq, counts, mask, opts)
+        # and dv_w are dk and dv: nothing to sum). Heads handed out one at a time through a shared
+        # counter (numba's OpenMP layer would split a prange over the heads into two fixed halves),
+        # each with its own buffers (~1 % of its work at L 4096) --
+        taken = np.zeros(1, np.int64)
+        for w in prange(workers):
+            _heads(taken, T // per, per, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles,
+                   dk_w[0], dv_w[0], dq, counts, mask, opts)
         return
     # -- worker w: its snake share of the tasks (see _tasks) into its own dK/dV copy --
     for w in prange(W):
