@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import sys
@@ -156,12 +157,81 @@ def exact_fully_masked(name, got, stats, st64):
         assert bool((stats.entropy[dead] == 0).all()), f"{name}: entropy of fully-masked rows is not 0"
 
 
-def check_backend(name, backend, q, k, v, **kw):
+# -- one reference pair per case of a backend grid -----------------------------------------------------
+# A grid test runs each case once per backend on the same inputs (the seed fixture above), so the float64
+# reference and its four float32 twin orders, most of such a test's time, would be computed once per
+# backend. Grid tests pass ``case=backend_case`` to check_backend to compute them once per case instead;
+# under xdist, pytest_xdist_make_scheduler below sends a case's tests to one worker together.
+_PAIRS: dict = {}
+
+
+def _fingerprint(value):
+    # tensors by dtype, shape and the SHA-1 of their bytes; anything else by its repr
+    if isinstance(value, torch.Tensor):
+        t = value.detach().contiguous().reshape(-1)
+        return str(t.dtype), tuple(value.shape), hashlib.sha1(t.view(torch.uint8).numpy().tobytes()).hexdigest()
+    if isinstance(value, (list, tuple)):
+        return tuple(_fingerprint(x) for x in value)
+    return repr(value)
+
+
+def shared_reference_pair(case, q, k, v, **kw):
+    """``reference_pair(q, k, v, **kw)``, computed once for a grid case that several tests (one per
+    backend) run on the same inputs. ``case`` names the case apart from its backend (the backend_case
+    fixture); the inputs and every keyword argument are fingerprinted into the key as well, so a test
+    whose inputs differ from its neighbours' gets a reference of its own."""
+    key = (case, _fingerprint(q), _fingerprint(k), _fingerprint(v), tuple(sorted((n, _fingerprint(x)) for n, x in kw.items())))
+    if key not in _PAIRS:
+        while len(_PAIRS) >= 8:
+            _PAIRS.pop(next(iter(_PAIRS)))
+        _PAIRS[key] = reference_pair(q, k, v, **kw)
+    return _PAIRS[key]
+
+
+@pytest.fixture
+def backend_case(request):
+    """The test function and its parameters other than ``backend``: what a case of a backend grid is."""
+    return _case_of(request.node)
+
+
+def _case_of(item):
+    spec = getattr(item, "callspec", None)
+    params = {} if spec is None else spec.params
+    return item.originalname, tuple(sorted((n, repr(x)) for n, x in params.items() if n != "backend"))
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook; runs with -p no:xdist need no spec
+def pytest_xdist_make_scheduler(config, log):
+    # `pytest -n N` (--dist load): xdist's load balancing, except that a backend-grid case's tests on
+    # every backend (node ids differing only in their last id, the backend) go to one worker together,
+    # so shared_reference_pair computes the case's reference once. (xdist's own --dist loadgroup marks
+    # do not work with this pytest: it renames items through an attribute pytest no longer reads.)
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GridCases(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            base, _, last = nodeid.rpartition("-")
+            if "::" in nodeid and nodeid.split("::")[0].endswith(_GRID_FILES) and last[:-1] in BACKENDS:
+                return base
+            return nodeid  # any other test is a scope of its own, dealt out as under load
+
+    return GridCases(config, log)
+
+
+#: test files whose cases end their ids in ``-<backend>`` and share a reference (check_backend's ``case``)
+_GRID_FILES = ("test_backends_grid.py",)
+
+
+def check_backend(name, backend, q, k, v, *, case=None, **kw):
     """Run ``backend`` on the request (and with return_stats=True) and hold it to the reference.
 
     Refusals are held to the backend's feature table (see run_backend). Returns the number of
     the two requests served, after checking it is the number the table predicts. The reference
     runs only when something was served (a backend refusing a device here costs nothing).
+    ``case``: the backend_case fixture of a grid test, to share the reference with the case's
+    tests on other backends (shared_reference_pair).
     """
     plain = run_backend(backend, q, k, v, **kw)
     with_stats = run_backend(backend, q, k, v, return_stats=True, **kw)
@@ -170,7 +240,7 @@ def check_backend(name, backend, q, k, v, **kw):
     if None not in predicted:
         assert served == sum(predicted), f"{name}[{backend}]: served {served} of 2 requests, its table predicts {sum(predicted)}"
     if served:
-        pair = reference_pair(q, k, v, **kw)
+        pair = reference_pair(q, k, v, **kw) if case is None else shared_reference_pair(case, q, k, v, **kw)
         if plain is not None:
             _, st64 = compare_with_reference(f"{name}[{backend}]", plain, q, k, v, refs=pair, **kw)
             exact_fully_masked(f"{name}[{backend}]", plain, None, st64)

@@ -18,7 +18,7 @@ from selfattn import masks
 from selfattn.backends import BackendUnavailable
 
 from _oracle import compare, expectation, reference_pair, resolve_mask
-from conftest import BACKENDS, check_backend, large_score_magnitude, qkv, run_backend
+from conftest import BACKENDS, check_backend, large_score_magnitude, qkv, run_backend, shared_reference_pair
 from tolerance import assert_close
 
 # (B, Hq, Hkv, Lq, Lk, D, Dv)
@@ -51,19 +51,19 @@ SHAPE_PARAMS = [(s, c) for s in SHAPES for c in (False, True) if c or s[3] * s[4
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape,causal", SHAPE_PARAMS, ids=[f"{_id(s)}-{'causal' if c else 'full'}" for s, c in SHAPE_PARAMS])
-def test_shapes_float32(backend, shape, causal):
+def test_shapes_float32(backend, shape, causal, backend_case):
     b, hq, hkv, lq, lk, d, dv = shape
     q, k, v = qkv(b, hq, hkv, lq, lk, d, dv)
-    check_backend(_id(shape), backend, q, k, v, causal=causal)
+    check_backend(_id(shape), backend, q, k, v, causal=causal, case=backend_case)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [SHAPES[i] for i in (1, 4, 8, 9, 15, 16, 18)], ids=_id)
-def test_shapes_float64(backend, shape):
+def test_shapes_float64(backend, shape, backend_case):
     b, hq, hkv, lq, lk, d, dv = shape
     q, k, v = qkv(b, hq, hkv, lq, lk, d, dv, dtype=torch.float64)
-    check_backend(_id(shape), backend, q, k, v, causal=True)
-    check_backend(_id(shape), backend, q, k, v)
+    check_backend(_id(shape), backend, q, k, v, causal=True, case=backend_case)
+    check_backend(_id(shape), backend, q, k, v, case=backend_case)
 
 
 # -- every mask kind and combinations ------------------------------------------------------------
@@ -127,10 +127,10 @@ MASK_SHAPES = [(2, 4, 2, 40, 40, 16, 16), (2, 2, 1, 13, 50, 24, 8), (2, 2, 2, 50
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", MASK_SHAPES, ids=_id)
 @pytest.mark.parametrize("case", MASK_CASES)
-def test_masks(backend, shape, case):
+def test_masks(backend, shape, case, backend_case):
     b, hq, hkv, lq, lk, d, dv = shape
     q, k, v = qkv(b, hq, hkv, lq, lk, d, dv)
-    check_backend(f"{case} {_id(shape)}", backend, q, k, v, **mask_case(case, b, hq, lq, lk))
+    check_backend(f"{case} {_id(shape)}", backend, q, k, v, case=backend_case, **mask_case(case, b, hq, lq, lk))
 
 
 # -- options: softcap, scale, huge scores -------------------------------------------------------
@@ -146,20 +146,20 @@ OPTIONS = {
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("option", list(OPTIONS))
-def test_options(backend, option):
+def test_options(backend, option, backend_case):
     b, hq, hkv, lq, lk, d, dv = 2, 4, 2, 37, 53, 24, 16
     q, k, v = qkv(b, hq, hkv, lq, lk, d, dv)
     kw = dict(OPTIONS[option])
     if kw.get("mask") == "padding":
         kw["mask"] = masks.padding([53, 0], [37, 20])
-    check_backend(option, backend, q, k, v, **kw)
+    check_backend(option, backend, q, k, v, case=backend_case, **kw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("extra", [{}, {"causal": True}, {"softcap": 30.0}, {"mask": "dense_float"}],
                          ids=["plain", "causal", "softcap", "dense_float"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_large_scores(backend, extra, dtype):
+def test_large_scores(backend, extra, dtype, backend_case):
     # raw scores q.k of about +-1e4 before scaling: softmax saturates; nothing may overflow
     b, hq, hkv, lq, lk, d = 1, 2, 2, 33, 65, 32
     q, k, v = qkv(b, hq, hkv, lq, lk, d, dtype=dtype, magnitude=large_score_magnitude(d))
@@ -168,7 +168,7 @@ def test_large_scores(backend, extra, dtype):
     kw = dict(extra)
     if kw.get("mask") == "dense_float":
         kw["mask"] = torch.randn(lq, lk, dtype=dtype) * 100
-    check_backend("large", backend, q, k, v, **kw)
+    check_backend("large", backend, q, k, v, case=backend_case, **kw)
 
 
 # -- issue 12's features: positions, ALiBi, sinks, key padding, mask functions ----------------------
@@ -202,10 +202,10 @@ FEATURES = ["positions", "alibi", "alibi_batch_positions", "sinks", "sinks_paddi
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(2, 4, 2, 37, 45, 16, 16), (2, 2, 2, 45, 13, 24, 8)], ids=_id)
 @pytest.mark.parametrize("feature", FEATURES)
-def test_features(backend, shape, feature):
+def test_features(backend, shape, feature, backend_case):
     b, hq, hkv, lq, lk, d, dv = shape
     q, k, v = qkv(b, hq, hkv, lq, lk, d, dv)
-    check_backend(f"{feature} {_id(shape)}", backend, q, k, v, **_feature_case(feature, b, hq, lq, lk))
+    check_backend(f"{feature} {_id(shape)}", backend, q, k, v, case=backend_case, **_feature_case(feature, b, hq, lq, lk))
 
 
 # -- float16 / bfloat16 ---------------------------------------------------------------------------
@@ -214,7 +214,7 @@ def test_features(backend, shape, feature):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case", ["plain", "causal", "padding_kv_q", "dense_float_gqa", "large", "softcap", "d111"])
-def test_low_precision(backend, dtype, case):
+def test_low_precision(backend, dtype, case, backend_case):
     b, hq, hkv, lq, lk, d, dv = 2, 2, 2, 45, 61, 64, 64
     kw, mag = {}, 1.0
     if case == "causal":
@@ -233,7 +233,7 @@ def test_low_precision(backend, dtype, case):
         d = dv = 111
         kw = {"causal": True}
     q, k, v = qkv(b, hq, hkv, lq, lk, d, dv, dtype=dtype, magnitude=mag)
-    check_backend(case, backend, q, k, v, **kw)
+    check_backend(case, backend, q, k, v, case=backend_case, **kw)
 
 
 def test_reference_and_math_serve_everything():
@@ -278,7 +278,7 @@ def _nonfinite_mask(name, b, lq, lk):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("poison", ["nan_query_row", "inf_query_row", "nan_key", "inf_key", "neg_inf_key"])
 @pytest.mark.parametrize("mask", ["none", "causal", "window", "padding", "dense_bool", "documents"])
-def test_nonfinite_inputs_stay_in_their_rows(backend, poison, mask):
+def test_nonfinite_inputs_stay_in_their_rows(backend, poison, mask, backend_case):
     b, hq, hkv, lq, lk, d = 2, 4, 2, 9, 9, 8
     q, k, v = qkv(b, hq, hkv, lq, lk, d)
     kw = _nonfinite_mask(mask, b, lq, lk)
@@ -302,7 +302,7 @@ def test_nonfinite_inputs_stay_in_their_rows(backend, poison, mask):
         assert torch.equal(bad, touched), "every row that sees a NaN input must be NaN"
     # which rows are non-finite matches the reference (NaN vs Inf is not part of the contract); the rest is close
     res = run_backend(backend, q, k, v, return_stats=True, **kw)
-    ref64, low = reference_pair(q, k, v, **kw)
+    ref64, low = shared_reference_pair(backend_case, q, k, v, **kw)
     pairs = [("out", out, ref64.out, low.out)]
     if res is not None:
         pairs += [(f, getattr(res[1], f), getattr(ref64.stats, f), getattr(low.stats, f)) for f in ("lse", "max_logit", "entropy")]
