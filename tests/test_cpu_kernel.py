@@ -10,6 +10,8 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -339,23 +341,69 @@ def test_large_logits_head_dims(d, mag):
 # dense masks 1.04-1.66x in a 1500-request sweep), where each float32 order of the reference rounds luckily.
 
 
-def _small_block_request(seed, mask=None):
-    # (q, k, v, go, kwargs) of a request whose query blocks include one of 1-3 rows: head dims 1..256 (odd
-    # ones too), q and k x0.1..x30, GQA, Lq 1-3 or 65-67, any of MASKS (drawn unless given), ALiBi in some
+@dataclass(frozen=True)
+class _Family:
+    """A family of drawn requests (_drawn_request): what its draws range over besides B 1-2, GQA, D 1..256 and
+    dv (D or 1..16), any of MASKS, ALiBi in some."""
+
+    lq: Callable[[random.Random], int]  # the query length, drawn
+    lk: tuple[int, int]  # key lengths 1..lk[0] or 1..lk[1]
+    d_low: int  # head dims also drawn from 1..d_low
+    d_named: tuple[int, ...]  # and from these
+    mags: tuple[float, ...]  # the scales of q and k
+    seeds: Callable[[str], tuple[int, int]]  # the two draws of test_drawn_requests for a mask kind
+    sweep: range  # the seeds of test_drawn_requests_sweep (slow)
+
+
+_FAMILIES = {
+    # a query block of 1-3 rows (Lq 1-3 or 65-67): float64 hi + lo scores (below), q and k x0.1..x30
+    "small_blocks": _Family(lambda rng: rng.randint(1, 3) + (64 if rng.random() < 0.4 else 0), (24, 150), 8,
+                            (3, 59, 64, 111, 128, 199, 256), (0.1, 1.0, 4.0, 10.0, 30.0, 30.0),
+                            lambda mask: (3 * len(mask), 1000 + 7 * len(mask) + MASKS.index(mask)), range(10_000, 10_400)),
+    # query blocks of >= 4 rows (Lq 4-150), mostly at large logits: float64 tiles (the next section), x1..x30
+    "tiles_at_large_logits": _Family(lambda rng: rng.choice([rng.randint(4, 40), rng.randint(4, 150)]), (40, 200), 16,
+                                     (3, 8, 16, 59, 64, 111, 128, 199, 256), (1.0, 4.0, 10.0, 30.0, 30.0),
+                                     lambda mask: (50_000 + 3 * len(mask), 51_000 + 7 * len(mask) + MASKS.index(mask)),
+                                     range(60_000, 60_300)),
+}
+
+
+def _drawn_request(family, seed, mask=None):
+    # (q, k, v, go, kwargs, name) of a request of the family (_FAMILIES), its mask kind drawn unless given
     rng = random.Random(seed)
     hkv = rng.randint(1, 2)
     b, hq = rng.randint(1, 2), hkv * rng.randint(1, 2)
-    lq = rng.randint(1, 3) + (64 if rng.random() < 0.4 else 0)
-    lk = rng.choice([rng.randint(1, 24), rng.randint(1, 150)])
-    d = rng.choice([rng.randint(1, 8), rng.randint(1, 256), rng.choice([3, 59, 64, 111, 128, 199, 256])])
+    lq = family.lq(rng)
+    lk = rng.choice([rng.randint(1, family.lk[0]), rng.randint(1, family.lk[1])])
+    d = rng.choice([rng.randint(1, family.d_low), rng.randint(1, 256), rng.choice(family.d_named)])
     dv = rng.choice([d, rng.randint(1, 16)])
-    mag = rng.choice([0.1, 1.0, 4.0, 10.0, 30.0, 30.0])
+    mag = rng.choice(family.mags)
     mask = rng.choice(MASKS) if mask is None else mask
     kw = dict(mask_kwargs(mask, b, hq, lq, lk))
     if rng.random() < 0.2:
         kw["alibi_slopes"] = torch.rand(hq, generator=torch.Generator().manual_seed(seed)) * 0.5
     q, k, v, go = _drawn(b, hq, hkv, lq, lk, d, dv, mag, seed)
     return q, k, v, go, kw, f"seed {seed} B{b} H{hq}/{hkv} L{lq}x{lk} D{d} Dv{dv} x{mag:g} {mask}"
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("family", _FAMILIES)
+def test_drawn_requests(family, mask):
+    # forward, statistics and gradients of two drawn requests of each family and mask kind
+    # (test_drawn_requests_sweep draws 400 small blocks and 300 tiles)
+    for seed in _FAMILIES[family].seeds(mask):
+        q, k, v, go, kw, name = _drawn_request(_FAMILIES[family], seed, mask)
+        check_against_reference(name, q, k, v, go, **kw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", _FAMILIES)
+def test_drawn_requests_sweep(family):
+    # every seed of the family's sweep, mask kinds drawn: 0 misses against the farthest float32 twin with the
+    # float64 scores
+    for seed in _FAMILIES[family].sweep:
+        q, k, v, go, kw, name = _drawn_request(_FAMILIES[family], seed)
+        check_against_reference(name, q, k, v, go, **kw)
 
 
 def test_float32_decoding_at_large_logits():
@@ -385,23 +433,6 @@ def test_small_blocks_missed_before(case):
     kw = {"alibi": lambda: {"alibi_slopes": torch.rand(hq, generator=g) * 0.5},
           "padding": lambda: {"mask": masks.padding(torch.randint(1, request[4] + 1, (b,), generator=g))}}[kind]()
     check_against_reference(f"small block {case}", q, k, v, go, **kw)
-
-
-@pytest.mark.parametrize("mask", MASKS)
-def test_small_blocks(mask):
-    # forward, statistics and gradients of drawn requests with a block of 1-3 query rows, every mask kind
-    # (two draws each; test_small_blocks_sweep draws 400)
-    for seed in (3 * len(mask), 1000 + 7 * len(mask) + MASKS.index(mask)):
-        q, k, v, go, kw, name = _small_block_request(seed, mask)
-        check_against_reference(name, q, k, v, go, **kw)
-
-
-@pytest.mark.slow
-def test_small_blocks_sweep():
-    # 400 drawn requests (as test_small_blocks): 0 misses against the farthest float32 twin with float64 scores
-    for seed in range(400):
-        q, k, v, go, kw, name = _small_block_request(10_000 + seed)
-        check_against_reference(name, q, k, v, go, **kw)
 
 
 # -- query blocks of >= 4 rows at large logits: float64 scores (issue 14) ------------------------------
@@ -451,42 +482,6 @@ def test_tiles_missed_before(case):
     *request, seed, kind = case
     q, k, v, go = _drawn(*request, seed)
     check_against_reference(f"tiles {case}", q, k, v, go, **_sweep_kwargs(kind, request[0], request[1], request[3], request[4], seed))
-
-
-def _tile_request(seed, mask=None):
-    # (q, k, v, go, kwargs, name) of a request of >= 4 query rows, mostly at large logits: head dims 1..256 (odd
-    # ones too), q and k x1..x30, GQA, Lq 4-150, any of MASKS (drawn unless given), ALiBi in some
-    rng = random.Random(seed)
-    hkv = rng.randint(1, 2)
-    b, hq = rng.randint(1, 2), hkv * rng.randint(1, 2)
-    lq = rng.choice([rng.randint(4, 40), rng.randint(4, 150)])
-    lk = rng.choice([rng.randint(1, 40), rng.randint(1, 200)])
-    d = rng.choice([rng.randint(1, 16), rng.randint(1, 256), rng.choice([3, 8, 16, 59, 64, 111, 128, 199, 256])])
-    dv = rng.choice([d, rng.randint(1, 16)])
-    mag = rng.choice([1.0, 4.0, 10.0, 30.0, 30.0])
-    mask = rng.choice(MASKS) if mask is None else mask
-    kw = dict(mask_kwargs(mask, b, hq, lq, lk))
-    if rng.random() < 0.2:
-        kw["alibi_slopes"] = torch.rand(hq, generator=torch.Generator().manual_seed(seed)) * 0.5
-    q, k, v, go = _drawn(b, hq, hkv, lq, lk, d, dv, mag, seed)
-    return q, k, v, go, kw, f"seed {seed} B{b} H{hq}/{hkv} L{lq}x{lk} D{d} Dv{dv} x{mag:g} {mask}"
-
-
-@pytest.mark.parametrize("mask", MASKS)
-def test_tiles_at_large_logits(mask):
-    # forward, statistics and gradients of drawn requests of >= 4 query rows, every mask kind (two draws each;
-    # test_tiles_at_large_logits_sweep draws 300)
-    for seed in (50_000 + 3 * len(mask), 51_000 + 7 * len(mask) + MASKS.index(mask)):
-        q, k, v, go, kw, name = _tile_request(seed, mask)
-        check_against_reference(name, q, k, v, go, **kw)
-
-
-@pytest.mark.slow
-def test_tiles_at_large_logits_sweep():
-    # 300 drawn requests (as test_tiles_at_large_logits)
-    for seed in range(300):
-        q, k, v, go, kw, name = _tile_request(60_000 + seed)
-        check_against_reference(name, q, k, v, go, **kw)
 
 
 def test_fully_masked_everything():
