@@ -515,6 +515,65 @@ MR_MAX = 6  # rows of C per micro-kernel call
 STORE, ADD, RESCALE = 0, 1, 2  # what a micro-kernel does with C
 
 
+def _fma_k_loop(builder, vec, MR, nv, kdim, load_b, load_a, name, step=None):
+    # the reduction loop of the float32/float64 micro-kernels (cpu_flash, cpu_fwd, cpu_bwd) as IR:
+    # acc[i][v] = sum over kk < kdim, ascending, of fma(A[i, kk], B[kk, v]) from zero, MR x nv vector
+    # accumulators held as phis across the loop. load_b(kk): B's nv vectors of row kk; load_a(kk): a
+    # function of i that loads A[i, kk] (broadcast here); step(kk): anything else a step does (a prefetch).
+    # Returns the accumulators after the loop (zero when kdim <= 0), as [i][v]
+    c = vec.const
+    init = [[vec.zero] * nv for _ in range(MR)]
+    entry = builder.block
+    loop = builder.append_basic_block(f"{name}.loop")
+    done = builder.append_basic_block(f"{name}.done")
+    builder.cbranch(builder.icmp_signed(">", kdim, c(0)), loop, done)
+    builder.position_at_end(loop)
+    kk = builder.phi(vec.i64)
+    kk.add_incoming(c(0), entry)
+    accs = [[builder.phi(vec.vty) for v in range(nv)] for i in range(MR)]
+    bvec = load_b(kk)
+    a_at = load_a(kk)
+    new = []
+    for i in range(MR):
+        a = vec.splat(a_at(i))
+        new.append([builder.call(vec.fma, [a, bvec[v], accs[i][v]]) for v in range(nv)])
+    if step is not None:
+        step(kk)
+    nxt = builder.add(kk, c(1))
+    kk.add_incoming(nxt, loop)
+    for i in range(MR):
+        for v in range(nv):
+            accs[i][v].add_incoming(init[i][v], entry)
+            accs[i][v].add_incoming(new[i][v], loop)
+    builder.cbranch(builder.icmp_signed("<", nxt, kdim), loop, done)
+    builder.position_at_end(done)
+    final = []
+    for i in range(MR):
+        row = []
+        for v in range(nv):
+            phi = builder.phi(vec.vty)
+            phi.add_incoming(init[i][v], entry)
+            phi.add_incoming(new[i][v], loop)
+            row.append(phi)
+        final.append(row)
+    return final
+
+
+def _per_vector_count(builder, vec, nv, product, name):
+    # one copy of product(v) (IR) per vector count v = 1 .. NV_MAX, picked by the i64 nv (past NV_MAX: NV_MAX)
+    c = vec.const
+    exit_ = builder.append_basic_block(f"{name}.exit")
+    cases = [builder.append_basic_block(f"{name}.nv{v}") for v in range(1, NV_MAX + 1)]
+    switch = builder.switch(nv, cases[-1])
+    for v in range(1, NV_MAX):
+        switch.add_case(c(v), cases[v - 1])
+    for v, block in enumerate(cases, 1):
+        builder.position_at_end(block)
+        product(v)
+        builder.branch(exit_)
+    builder.position_at_end(exit_)
+
+
 def _make_microkernel(MR):
     @intrinsic
     def microkernel(typingctx, pa, sa0, sa1, pb, sb, pc, sc, n, kdim, scale, mode, palpha, like):
@@ -529,7 +588,7 @@ def _make_microkernel(MR):
             builder = _Exact(builder)
             pa, sa0, sa1, pb, sb, pc, sc, n, kdim, scale, mode, palpha, _ = args
             vec = _Vectors(context, builder, signature.args[-1].dtype)
-            width, i64, c = vec.width, vec.i64, vec.const
+            width, c = vec.width, vec.const
             if vec.f32:
                 scale = builder.fptrunc(scale, vec.fty)
             scale_v = vec.splat(scale)
@@ -537,39 +596,15 @@ def _make_microkernel(MR):
             def product(nvec, masked_from):
                 # the whole product with nvec vectors per row of C, vectors from `masked_from` on masked
                 masks = [vec.lanes_below(builder.sub(n, c(v * width))) if v >= masked_from else None for v in range(nvec)]
-                init = [[vec.zero] * nvec for _ in range(MR)]
-                entry = builder.block
-                loop = builder.append_basic_block(f"mk{nvec}.loop")
-                done = builder.append_basic_block(f"mk{nvec}.done")
-                builder.cbranch(builder.icmp_signed(">", kdim, c(0)), loop, done)
-                builder.position_at_end(loop)
-                kk = builder.phi(i64)
-                kk.add_incoming(c(0), entry)
-                accs = [[builder.phi(vec.vty) for v in range(nvec)] for i in range(MR)]
-                brow = builder.mul(kk, sb)
-                bvec = [vec.load(pb, builder.add(brow, c(v * width)), masks[v]) for v in range(nvec)]
-                new = []
-                for i in range(MR):
-                    a = builder.load(vec.at(pa, builder.add(builder.mul(c(i), sa0), builder.mul(kk, sa1)), vec.sptr))
-                    a = vec.splat(a)
-                    new.append([builder.call(vec.fma, [a, bvec[v], accs[i][v]]) for v in range(nvec)])
-                nxt = builder.add(kk, c(1))
-                kk.add_incoming(nxt, loop)
-                for i in range(MR):
-                    for v in range(nvec):
-                        accs[i][v].add_incoming(init[i][v], entry)
-                        accs[i][v].add_incoming(new[i][v], loop)
-                builder.cbranch(builder.icmp_signed("<", nxt, kdim), loop, done)
-                builder.position_at_end(done)
-                final = []
-                for i in range(MR):
-                    row = []
-                    for v in range(nvec):
-                        phi = builder.phi(vec.vty)
-                        phi.add_incoming(init[i][v], entry)
-                        phi.add_incoming(new[i][v], loop)
-                        row.append(phi)
-                    final.append(row)
+
+                def load_b(kk):
+                    brow = builder.mul(kk, sb)
+                    return [vec.load(pb, builder.add(brow, c(v * width)), masks[v]) for v in range(nvec)]
+
+                def load_a(kk):
+                    return lambda i: builder.load(vec.at(pa, builder.add(builder.mul(c(i), sa0), builder.mul(kk, sa1)), vec.sptr))
+
+                final = _fma_k_loop(builder, vec, MR, nvec, kdim, load_b, load_a, f"mk{nvec}")
                 # -- write C in the call's mode --
                 exit_ = builder.append_basic_block(f"mk{nvec}.exit")
                 blocks = [builder.append_basic_block(f"mk{nvec}.{name}") for name in ("store", "add", "rescale")]
@@ -602,16 +637,7 @@ def _make_microkernel(MR):
                     product(TILE_N // width, 0)
                 return context.get_dummy_value()
             nv = builder.sdiv(builder.add(n, c(width - 1)), c(width))
-            exit_ = builder.append_basic_block("mk.exit")
-            cases = [builder.append_basic_block(f"mk.nv{v}") for v in range(1, NV_MAX + 1)]
-            switch = builder.switch(nv, cases[-1])
-            for v in range(1, NV_MAX):
-                switch.add_case(c(v), cases[v - 1])
-            for v, block in enumerate(cases, 1):
-                builder.position_at_end(block)
-                product(v, v - 1)
-                builder.branch(exit_)
-            builder.position_at_end(exit_)
+            _per_vector_count(builder, vec, nv, lambda v: product(v, v - 1), "mk")
             return context.get_dummy_value()
 
         return sig, codegen

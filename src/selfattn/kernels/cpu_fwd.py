@@ -98,7 +98,9 @@ from numba.extending import intrinsic
 from selfattn.kernels.cpu_flash import (
     BLOCK_M,
     _finish_rows,
+    _fma_k_loop,
     _ir_loop,
+    _per_vector_count,
     BLOCK_N,
     EMPTY,
     FASTMATH,
@@ -238,48 +240,26 @@ def _make_mk_t(MR):
             builder = _Exact(builder)
             pa, sa0, sa1, pb, sb, pc, sc, nvec, kdim, scale, mode, palpha, ppf, spf, _ = args
             vec = _Vectors(context, builder, types.float32)
-            width, i64, c = vec.width, vec.i64, vec.const
+            width, c = vec.width, vec.const
             scale_v = vec.splat(builder.fptrunc(scale, vec.fty))
             # rows of A: raw addresses of element (i, 0)
             arow = [builder.add(pa, builder.mul(builder.mul(c(i), sa0), vec.esize)) for i in range(MR)]
             astep = builder.mul(sa1, vec.esize)
 
             def product(nv):
-                init = [[vec.zero] * nv for _ in range(MR)]
-                entry = builder.block
-                loop = builder.append_basic_block(f"mkt{nv}.loop")
-                done = builder.append_basic_block(f"mkt{nv}.done")
-                builder.cbranch(builder.icmp_signed(">", kdim, c(0)), loop, done)
-                builder.position_at_end(loop)
-                kk = builder.phi(i64)
-                kk.add_incoming(c(0), entry)
-                accs = [[builder.phi(vec.vty) for v in range(nv)] for i in range(MR)]
-                brow = builder.mul(kk, sb)
-                bvec = [vec.load(pb, builder.add(brow, c(v * width))) for v in range(nv)]
-                aoff = builder.mul(kk, astep)
-                new = []
-                for i in range(MR):
-                    a = vec.splat(builder.load(builder.inttoptr(builder.add(arow[i], aoff), vec.sptr)))
-                    new.append([builder.call(vec.fma, [a, bvec[v], accs[i][v]]) for v in range(nv)])
-                # -- one line of the next tiles toward L2 (locality 2: prefetcht1) --
-                _prefetch(builder, builder.add(ppf, builder.mul(kk, spf)), 2)
-                nxt = builder.add(kk, c(1))
-                kk.add_incoming(nxt, loop)
-                for i in range(MR):
-                    for v in range(nv):
-                        accs[i][v].add_incoming(init[i][v], entry)
-                        accs[i][v].add_incoming(new[i][v], loop)
-                builder.cbranch(builder.icmp_signed("<", nxt, kdim), loop, done)
-                builder.position_at_end(done)
-                final = []
-                for i in range(MR):
-                    row = []
-                    for v in range(nv):
-                        phi = builder.phi(vec.vty)
-                        phi.add_incoming(init[i][v], entry)
-                        phi.add_incoming(new[i][v], loop)
-                        row.append(phi)
-                    final.append(row)
+                def load_b(kk):
+                    brow = builder.mul(kk, sb)
+                    return [vec.load(pb, builder.add(brow, c(v * width))) for v in range(nv)]
+
+                def load_a(kk):
+                    aoff = builder.mul(kk, astep)
+                    return lambda i: builder.load(builder.inttoptr(builder.add(arow[i], aoff), vec.sptr))
+
+                def step(kk):
+                    # -- one line of the next tiles toward L2 (locality 2: prefetcht1) --
+                    _prefetch(builder, builder.add(ppf, builder.mul(kk, spf)), 2)
+
+                final = _fma_k_loop(builder, vec, MR, nv, kdim, load_b, load_a, f"mkt{nv}", step)
                 # -- write C in the call's mode --
                 with builder.if_else(builder.icmp_signed("==", mode, c(STORE))) as (store, rescale):
                     with store:
@@ -293,17 +273,7 @@ def _make_mk_t(MR):
                                 off = builder.add(builder.mul(c(i), sc), c(v * width))
                                 vec.store(builder.call(vec.fma, [vec.load(pc, off), al[v], final[i][v]]), pc, off)
 
-            # one copy of the product per vector count
-            exit_ = builder.append_basic_block("mkt.exit")
-            cases = [builder.append_basic_block(f"mkt.nv{v}") for v in range(1, NV_MAX + 1)]
-            switch = builder.switch(nvec, cases[-1])
-            for v in range(1, NV_MAX):
-                switch.add_case(c(v), cases[v - 1])
-            for v, block in enumerate(cases, 1):
-                builder.position_at_end(block)
-                product(v)
-                builder.branch(exit_)
-            builder.position_at_end(exit_)
+            _per_vector_count(builder, vec, nvec, product, "mkt")  # one copy of the product per vector count
             return context.get_dummy_value()
 
         return sig, codegen
