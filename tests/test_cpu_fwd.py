@@ -232,6 +232,69 @@ def test_scores_bit_identical_to_old_kernel(kw, monkeypatch):
     assert torch.equal(new.max_logit, old.max_logit)
 
 
+def _exp2_points():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([
+        rng.uniform(-126.0, 0.0, 200_000),
+        rng.uniform(-1.0, 0.0, 50_000),
+        np.arange(-126, 1, dtype=np.float64),  # integers: f = 0
+        np.arange(-126, 0, dtype=np.float64) + 0.5,  # ties of the rounding: f = +-1/2
+        np.arange(-126, 0, dtype=np.float64) + 0.5 + 2.0 ** -18,
+        [-125.999, -1e-7, -0.0, 0.0],
+    ]).astype(np.float32)
+    return np.concatenate([x, np.zeros(-x.size % cpu_fwd.LANES, np.float32)])
+
+
+def _ulp_error(got, x):
+    import numpy as np
+
+    exact = np.exp2(x.astype(np.float64))
+    return np.abs(got.astype(np.float64) - exact) / np.spacing(exact.astype(np.float32)).astype(np.float64)
+
+
+_NO_DQ_SCRIPT = r"""
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from selfattn.kernels import cpu_fwd
+assert not cpu_fwd._HAS_DQ
+import test_cpu_fwd as t
+x = t._exp2_points()
+got = np.empty_like(x)
+cpu_fwd.exp2_lanes(x, got)
+np.save(sys.argv[2], got)
+print("ok", t._ulp_error(got, x).max())
+"""
+
+
+def test_exp2_without_avx512dq(tmp_path):
+    # the range reduction's other branch (rint and a subtraction where AVX512DQ gives one vreduceps:
+    # hosts without DQ, forced here by SELFATTN_CPU_NO_DQ=1 in a subprocess with its own numba cache):
+    # within 2 ulp of float64, and on a DQ host bit for bit what the vreduceps branch gives (the exp2 is
+    # the only code the branch changes: the forward's softmax computes its weights with it)
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    env = dict(os.environ, SELFATTN_CPU_NO_DQ="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    here = os.path.dirname(os.path.abspath(__file__))
+    res = subprocess.run([sys.executable, "-c", _NO_DQ_SCRIPT, here, str(tmp_path / "got.npy")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]
+    x = _exp2_points()
+    other = np.load(tmp_path / "got.npy")
+    err = _ulp_error(other, x)
+    print(f"exp2 without DQ: max {err.max():.3f} ulp")
+    assert err.max() <= 2.0, f"exp2 without DQ is {err.max():.3f} ulp off at x = {x[int(np.argmax(err))]!r}"
+    here_bits = np.empty_like(x)
+    cpu_fwd.exp2_lanes(x, here_bits)
+    assert np.array_equal(here_bits.view(np.int32), other.view(np.int32)), "the two range reductions differ"
+
+
 def test_exp2_within_two_ulp():
     # the softmax's exp2 (rint range reduction, vscalefps on AVX-512) against float64 over the range it
     # serves (-126..0; below, the kernel selects 0): tests/test_exp2.py's bound for cpu_flash's exp2

@@ -156,8 +156,15 @@ CALLS = {"calls": 0, "tiles": 0}
 
 
 def _host_has_dq():
+    # AVX512DQ (vreduceps). numba's cache keys each entry on the host CPU name and features, so a kernel
+    # cached on a DQ host is not loaded on one without. SELFATTN_CPU_NO_DQ=1 takes the other branch (for
+    # testing it on a DQ host; use a separate NUMBA_CACHE_DIR then: the cache does not key on this choice)
+    import os
+
     import llvmlite.binding as ll
 
+    if os.environ.get("SELFATTN_CPU_NO_DQ") == "1":
+        return False
     return "+avx512dq" in ll.get_host_cpu_features().flatten().split(",")
 
 
