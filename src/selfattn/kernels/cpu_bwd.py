@@ -69,7 +69,7 @@ from numba.extending import intrinsic
 from .cpu_fwd import _alibi_tile, _bias_mask_t, _loop
 
 from .cpu_flash import (ADD, VEC_BYTES, _fold_lo, _softcap_tile, BLOCK_M, BLOCK_N, EMPTY, FASTMATH, PARTIAL, STORE, _addr, _bx, _dot, _Exact,
-                        _exp2_ir, _prefetch, _qk_split, _qk64_t, _qt64, _raw_units, _split_tiles, _Vectors, NV_MAX, TILE_N)
+                        _exp2_ir, _fma_k_loop, _per_vector_count, _prefetch, _qk_split, _qk64_t, _qt64, _raw_units, _split_tiles, _Vectors, NV_MAX, TILE_N)
 from selfattn.kernels import cpu_flash as _flash_src, cpu_fwd as _fwd_src, stamp_sources
 
 VW = VEC_BYTES // 4  # float32 lanes of one host vector
@@ -101,41 +101,19 @@ def _make_mk_pf(MR):
             def product(nvec):
                 # the whole product with nvec vectors per row of C, the last one masked
                 masks = [vec.lanes_below(builder.sub(n, c(v * width))) if v == nvec - 1 else None for v in range(nvec)]
-                init = [[vec.zero] * nvec for _ in range(MR)]
-                entry = builder.block
-                loop = builder.append_basic_block(f"mkp{nvec}.loop")
-                done = builder.append_basic_block(f"mkp{nvec}.done")
-                builder.cbranch(builder.icmp_signed(">", kdim, c(0)), loop, done)
-                builder.position_at_end(loop)
-                kk = builder.phi(i64)
-                kk.add_incoming(c(0), entry)
-                accs = [[builder.phi(vec.vty) for v in range(nvec)] for i in range(MR)]
-                brow = builder.mul(kk, sb)
-                bvec = [vec.load(pb, builder.add(brow, c(v * width)), masks[v]) for v in range(nvec)]
-                new = []
-                for i in range(MR):
-                    a = builder.load(vec.at(pa, builder.add(builder.mul(c(i), sa0), builder.mul(kk, sa1)), vec.sptr))
-                    a = vec.splat(a)
-                    new.append([builder.call(vec.fma, [a, bvec[v], accs[i][v]]) for v in range(nvec)])
-                # -- one line of the next tile's operands toward L2 (locality 2: prefetcht1) --
-                _prefetch(builder, builder.add(ppf, builder.mul(kk, spf)), 2)
-                nxt = builder.add(kk, c(1))
-                kk.add_incoming(nxt, loop)
-                for i in range(MR):
-                    for v in range(nvec):
-                        accs[i][v].add_incoming(init[i][v], entry)
-                        accs[i][v].add_incoming(new[i][v], loop)
-                builder.cbranch(builder.icmp_signed("<", nxt, kdim), loop, done)
-                builder.position_at_end(done)
-                final = []
-                for i in range(MR):
-                    row = []
-                    for v in range(nvec):
-                        phi = builder.phi(vec.vty)
-                        phi.add_incoming(init[i][v], entry)
-                        phi.add_incoming(new[i][v], loop)
-                        row.append(phi)
-                    final.append(row)
+
+                def load_b(kk):
+                    brow = builder.mul(kk, sb)
+                    return [vec.load(pb, builder.add(brow, c(v * width)), masks[v]) for v in range(nvec)]
+
+                def load_a(kk):
+                    return lambda i: builder.load(vec.at(pa, builder.add(builder.mul(c(i), sa0), builder.mul(kk, sa1)), vec.sptr))
+
+                def walk(kk):
+                    # -- one line of the next tile's operands toward L2 (locality 2: prefetcht1) --
+                    _prefetch(builder, builder.add(ppf, builder.mul(kk, spf)), 2)
+
+                final = _fma_k_loop(builder, vec, MR, nvec, kdim, load_b, load_a, f"mkp{nvec}", walk)
                 # -- write C in the call's mode --
                 with builder.if_else(builder.icmp_signed("==", mode, c(STORE))) as (store, add):
                     with store:
@@ -150,17 +128,7 @@ def _make_mk_pf(MR):
                                 vec.store(builder.fadd(vec.load(pc, off, masks[v]), final[i][v]), pc, off, masks[v])
 
             # one copy of the product per vector count, picked by ceil(n / width)
-            nv = builder.sdiv(builder.add(n, c(width - 1)), c(width))
-            exit_ = builder.append_basic_block("mkp.exit")
-            cases = [builder.append_basic_block(f"mkp.nv{v}") for v in range(1, NV_MAX + 1)]
-            switch = builder.switch(nv, cases[-1])
-            for v in range(1, NV_MAX):
-                switch.add_case(c(v), cases[v - 1])
-            for v, block in enumerate(cases, 1):
-                builder.position_at_end(block)
-                product(v)
-                builder.branch(exit_)
-            builder.position_at_end(exit_)
+            _per_vector_count(builder, vec, builder.sdiv(builder.add(n, c(width - 1)), c(width)), product, "mkp")
             return context.get_dummy_value()
 
         return sig, codegen
