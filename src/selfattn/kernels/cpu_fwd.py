@@ -690,140 +690,147 @@ def _qk_dot_t(q, b, h, r0, rows, pk, ncols, st, scale):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _fwd_task_t(t, G, q, k, v, out, row_max, row_log, ent, counts, mask, opts):
-    # tasks t .. t + G - 1 (G = 1, or 2 whole query blocks of one batch and head): each key tile is
-    # applied to every block of the group while its keys and values are in cache; each block's own
-    # steps are exactly a lone task's (same sums in the same order)
-    B, Hq, Lq, D = q.shape
-    Lk, Dv = k.shape[2], v.shape[3]
-    nK = (Lk + BLOCK_N - 1) // BLOCK_N
-    tiles = mask.tiles
-    b, h, hk, qb0, r00, rows, tb, th_ = _query_task(t, q, k, tiles)
-    isz = q.itemsize
-    groups = (rows + LANES - 1) // LANES  # vectors of query rows (G = 2: both blocks whole)
-    # -- Q^T of each block, packed once (columns past `rows` zero: their scores stay finite) --
-    qt = np.zeros((G, D, BLOCK_M), q.dtype)
-    for g in range(G):
-        for i in range(rows):
-            for d in range(D):
-                qt[g, d, i] = q[b, h, r00 + g * BLOCK_M + i, d]
-    st = np.zeros((BLOCK_N, BLOCK_M), q.dtype)  # s^T, then p^T, of the current tile
-    acc_t = np.zeros((G, Dv, BLOCK_M), q.dtype)  # the outputs' accumulators, transposed (query lanes)
-    m_i = np.full((G, BLOCK_M), -np.inf, q.dtype)  # per query row: running max, sum, entropy sum
-    l_i = np.zeros((G, BLOCK_M), q.dtype)
-    e_i = np.zeros((G, BLOCK_M), q.dtype)
-    alpha_i = np.ones((G, BLOCK_M), q.dtype)  # the factor of acc before this tile's share
-    # the product's factor and the score units per unit of s (a softcap scales in float64, afterwards)
-    scale, cu64 = _raw_units(opts.qk_scale, opts.softcap_u, opts.base2, mask.alibi.size > 0 or mask.bias.size > 0)
-    cu = np.float32(cu64)
-    want = 1 if opts.want_stats else 0
-    # fewer than 4 rows (a ragged last block, always alone): dot products, as every pass of cpu_flash
-    # computes such a block, so that the backward recomputes bit-identical scores; without a softcap in
-    # float64, kept as hi + lo in score units (cpu_flash._qk_split, SPLIT_SMALL)
-    use_dot = rows < 4
-    # score terms after the product in every tile; ALiBi without a softcap (which comes first) is
-    # added here: a call that takes the mask record costs ~0.4 us a tile (its ~20 arrays are
-    # reference-counted on the way in and out)
-    softcap = opts.softcap_u > 0.0
-    split = use_dot and not softcap
-    # blocks of >= 4 rows whose logits may be large: float64 scores held as s - R, R per row following its
-    # max (cpu_flash._qk64_t, _rebase; cpu_bwd asks _split_tiles the same), the softmax in score units
-    wide = np.zeros(G, np.bool_)
-    for g in range(G):
-        wide[g] = not use_dot and _split_tiles(q, b, h, r00 + g * BLOCK_M, rows, opts)
-    qt64 = np.zeros((G if wide.any() else 0, D, BLOCK_M), np.float64)  # their Q^T in float64
-    for g in range(qt64.shape[0]):
-        for i in range(rows if wide[g] else 0):
-            for d in range(D):
-                qt64[g, d, i] = q[b, h, r00 + g * BLOCK_M + i, d]
-    ref = np.zeros((G, BLOCK_M), np.float64)  # per query row: its scores' reference R
-    tmax = np.empty(BLOCK_M, q.dtype)  # per query row: the tile's max of s - R
-    fold = softcap and opts.fold_lo or split  # cpu_flash's hi/lo convention (_softmax_lo_t)
-    lo = np.zeros((BLOCK_N, BLOCK_M) if fold else (0, 0), q.dtype)  # the softcap's rest of each logit
-    lo_i = np.zeros((G, BLOCK_M if fold else 0), q.dtype)  # per query row: its anchor's rest
-    own_alibi = mask.alibi.size > 0 and not softcap
-    terms = softcap or mask.alibi.size > 0 and not own_alibi or mask.bias.size > 0
-    slopes, q_pos_f, kv_pos_f = mask.alibi, mask.q_pos_f, mask.kv_pos_f
-    # raw addresses only of arrays whose names stay in use past the tile loop (numba frees a local array
-    # after the last use of its name: qt's and alpha_i's addresses are taken where they are used)
-    pst = _addr(st)
-    pm, pl, pe = _addr(m_i), _addr(l_i), _addr(e_i)
-    pk0 = _addr(k) + (b * k.shape[1] + hk) * Lk * D * isz
-    pv0 = _addr(v) + (b * v.shape[1] + hk) * Lk * Dv * isz
-    no_pf = (np.intp(0), np.intp(0), np.intp(0), np.intp(0))
-    n_tiles = np.zeros(G, np.int64)
-    for kb in range(nK):
-        c0 = kb * BLOCK_N
-        ncols = min(BLOCK_N, Lk - c0)
-        walked = False  # the group's first product of this tile walks the next operands into L2
+def flash_fwd_t_serial(q, k, v, out, row_max, row_log, ent, counts, mask, opts, u0, u1, pair):
+    # work units u0 .. u1 - 1 (_units, _unit; `pair`: blocks taken two at a time), in order: the serial
+    # kernel (the launcher: all of them, pair = PAIR) and flash_fwd_t's task (one). One function, not a
+    # wrapper around a task function: numba links each called function's LLVM IR into its caller and
+    # optimizes and emits all of it again (~5 s of a first call per level). A unit is G = 1 query block or
+    # G = 2 whole ones of one batch and head: each key tile is applied to every block of the group while
+    # its keys and values are in cache; each block's own steps are exactly a lone task's (same sums in the
+    # same order)
+    nQ, npair, per = _units(q.shape[2], pair)
+    for u in range(u0, u1):
+        t, G = _unit(u, nQ, npair, per)
+        B, Hq, Lq, D = q.shape
+        Lk, Dv = k.shape[2], v.shape[3]
+        nK = (Lk + BLOCK_N - 1) // BLOCK_N
+        tiles = mask.tiles
+        b, h, hk, qb0, r00, rows, tb, th_ = _query_task(t, q, k, tiles)
+        isz = q.itemsize
+        groups = (rows + LANES - 1) // LANES  # vectors of query rows (G = 2: both blocks whole)
+        # -- Q^T of each block, packed once (columns past `rows` zero: their scores stay finite) --
+        qt = np.zeros((G, D, BLOCK_M), q.dtype)
         for g in range(G):
-            qb = qb0 + g
-            r0 = qb * BLOCK_M
-            kind = tiles[tb, th_, qb, kb]
-            if kind == EMPTY:
-                continue
-            n_tiles[g] += 1
-            if split or wide[g]:
-                # -- the score terms on zeros first, then q.k in float64 added (below) --
-                for j in range(ncols):
-                    for i in range(rows):
-                        st[j, i] = 0.0
-            elif use_dot:
-                _qk_dot_t(q, b, h, r0, rows, pk0 + c0 * D * isz, ncols, st, scale)
-            else:
-                # -- s^T = k_blk @ Q^T, times the store factor; the calls walk this tile's values and the
-                # next tile's keys into L2 --
-                pf = no_pf
-                if PREFETCH and not walked:
-                    c1 = c0 + BLOCK_N
-                    pf = (pv0 + c0 * Dv * isz, ncols * Dv * isz, pk0 + c1 * D * isz, max(min(BLOCK_N, Lk - c1), 0) * D * isz)
-                    walked = True
-                _gemm_t(pk0 + c0 * D * isz, D, 1, _addr(qt) + g * D * BLOCK_M * isz, BLOCK_M, pst, BLOCK_M, ncols, D,
-                        groups, scale, STORE, np.intp(0), pf, st)
-            if own_alibi:
-                _alibi_tile(st, rows, ncols, b, h, r0, c0, slopes, q_pos_f, kv_pos_f)
-            if terms or kind == PARTIAL:
-                _score_terms_t(st, lo, rows, ncols, b, h, qb, kb, kind, mask, opts, not own_alibi)
-            if wide[g]:
-                # -- s^T - R = q.k * scale log2(e) + the terms - R in float64, rounded once --
-                pq64, pref = _addr(qt64) + g * D * BLOCK_M * 8, _addr(ref) + g * BLOCK_M * 8
-                _qk64_t(pq64, pk0 + c0 * D * isz, ncols, D, rows, opts.qk_scale64, pst, pref, _addr(tmax), st)
-                if _rebase(tmax, rows, ref[g], m_i[g]):
-                    # -- a row's max moved its R: the tile once more against the new ones --
+            for i in range(rows):
+                for d in range(D):
+                    qt[g, d, i] = q[b, h, r00 + g * BLOCK_M + i, d]
+        st = np.zeros((BLOCK_N, BLOCK_M), q.dtype)  # s^T, then p^T, of the current tile
+        acc_t = np.zeros((G, Dv, BLOCK_M), q.dtype)  # the outputs' accumulators, transposed (query lanes)
+        m_i = np.full((G, BLOCK_M), -np.inf, q.dtype)  # per query row: running max, sum, entropy sum
+        l_i = np.zeros((G, BLOCK_M), q.dtype)
+        e_i = np.zeros((G, BLOCK_M), q.dtype)
+        alpha_i = np.ones((G, BLOCK_M), q.dtype)  # the factor of acc before this tile's share
+        # the product's factor and the score units per unit of s (a softcap scales in float64, afterwards)
+        scale, cu64 = _raw_units(opts.qk_scale, opts.softcap_u, opts.base2, mask.alibi.size > 0 or mask.bias.size > 0)
+        cu = np.float32(cu64)
+        want = 1 if opts.want_stats else 0
+        # fewer than 4 rows (a ragged last block, always alone): dot products, as every pass of cpu_flash
+        # computes such a block, so that the backward recomputes bit-identical scores; without a softcap in
+        # float64, kept as hi + lo in score units (cpu_flash._qk_split, SPLIT_SMALL)
+        use_dot = rows < 4
+        # score terms after the product in every tile; ALiBi without a softcap (which comes first) is
+        # added here: a call that takes the mask record costs ~0.4 us a tile (its ~20 arrays are
+        # reference-counted on the way in and out)
+        softcap = opts.softcap_u > 0.0
+        split = use_dot and not softcap
+        # blocks of >= 4 rows whose logits may be large: float64 scores held as s - R, R per row following its
+        # max (cpu_flash._qk64_t, _rebase; cpu_bwd asks _split_tiles the same), the softmax in score units
+        wide = np.zeros(G, np.bool_)
+        for g in range(G):
+            wide[g] = not use_dot and _split_tiles(q, b, h, r00 + g * BLOCK_M, rows, opts)
+        qt64 = np.zeros((G if wide.any() else 0, D, BLOCK_M), np.float64)  # their Q^T in float64
+        for g in range(qt64.shape[0]):
+            for i in range(rows if wide[g] else 0):
+                for d in range(D):
+                    qt64[g, d, i] = q[b, h, r00 + g * BLOCK_M + i, d]
+        ref = np.zeros((G, BLOCK_M), np.float64)  # per query row: its scores' reference R
+        tmax = np.empty(BLOCK_M, q.dtype)  # per query row: the tile's max of s - R
+        fold = softcap and opts.fold_lo or split  # cpu_flash's hi/lo convention (_softmax_lo_t)
+        lo = np.zeros((BLOCK_N, BLOCK_M) if fold else (0, 0), q.dtype)  # the softcap's rest of each logit
+        lo_i = np.zeros((G, BLOCK_M if fold else 0), q.dtype)  # per query row: its anchor's rest
+        own_alibi = mask.alibi.size > 0 and not softcap
+        terms = softcap or mask.alibi.size > 0 and not own_alibi or mask.bias.size > 0
+        slopes, q_pos_f, kv_pos_f = mask.alibi, mask.q_pos_f, mask.kv_pos_f
+        # raw addresses only of arrays whose names stay in use past the tile loop (numba frees a local array
+        # after the last use of its name: qt's and alpha_i's addresses are taken where they are used)
+        pst = _addr(st)
+        pm, pl, pe = _addr(m_i), _addr(l_i), _addr(e_i)
+        pk0 = _addr(k) + (b * k.shape[1] + hk) * Lk * D * isz
+        pv0 = _addr(v) + (b * v.shape[1] + hk) * Lk * Dv * isz
+        no_pf = (np.intp(0), np.intp(0), np.intp(0), np.intp(0))
+        n_tiles = np.zeros(G, np.int64)
+        for kb in range(nK):
+            c0 = kb * BLOCK_N
+            ncols = min(BLOCK_N, Lk - c0)
+            walked = False  # the group's first product of this tile walks the next operands into L2
+            for g in range(G):
+                qb = qb0 + g
+                r0 = qb * BLOCK_M
+                kind = tiles[tb, th_, qb, kb]
+                if kind == EMPTY:
+                    continue
+                n_tiles[g] += 1
+                if split or wide[g]:
+                    # -- the score terms on zeros first, then q.k in float64 added (below) --
                     for j in range(ncols):
                         for i in range(rows):
                             st[j, i] = 0.0
-                    if own_alibi:
-                        _alibi_tile(st, rows, ncols, b, h, r0, c0, slopes, q_pos_f, kv_pos_f)
-                    if terms or kind == PARTIAL:
-                        _score_terms_t(st, lo, rows, ncols, b, h, qb, kb, kind, mask, opts, not own_alibi)
+                elif use_dot:
+                    _qk_dot_t(q, b, h, r0, rows, pk0 + c0 * D * isz, ncols, st, scale)
+                else:
+                    # -- s^T = k_blk @ Q^T, times the store factor; the calls walk this tile's values and the
+                    # next tile's keys into L2 --
+                    pf = no_pf
+                    if PREFETCH and not walked:
+                        c1 = c0 + BLOCK_N
+                        pf = (pv0 + c0 * Dv * isz, ncols * Dv * isz, pk0 + c1 * D * isz, max(min(BLOCK_N, Lk - c1), 0) * D * isz)
+                        walked = True
+                    _gemm_t(pk0 + c0 * D * isz, D, 1, _addr(qt) + g * D * BLOCK_M * isz, BLOCK_M, pst, BLOCK_M, ncols, D,
+                            groups, scale, STORE, np.intp(0), pf, st)
+                if own_alibi:
+                    _alibi_tile(st, rows, ncols, b, h, r0, c0, slopes, q_pos_f, kv_pos_f)
+                if terms or kind == PARTIAL:
+                    _score_terms_t(st, lo, rows, ncols, b, h, qb, kb, kind, mask, opts, not own_alibi)
+                if wide[g]:
+                    # -- s^T - R = q.k * scale log2(e) + the terms - R in float64, rounded once --
+                    pq64, pref = _addr(qt64) + g * D * BLOCK_M * 8, _addr(ref) + g * BLOCK_M * 8
                     _qk64_t(pq64, pk0 + c0 * D * isz, ncols, D, rows, opts.qk_scale64, pst, pref, _addr(tmax), st)
-            elif split:
-                # -- hi + lo = q.k * scale log2(e) in float64 + the terms --
-                _qk_split(_addr(q) + ((b * Hq + h) * Lq + r0) * D * isz, D, rows, pk0 + c0 * D * isz, ncols, D,
-                          opts.qk_scale64, st, lo, True)
-            # -- online softmax, LANES query rows at a time: m, alpha, l (and e); s^T becomes p^T --
-            if fold:
-                _softmax_lo_t(st, lo, rows, ncols, m_i[g], l_i[g], e_i[g], lo_i[g], alpha_i[g], opts)
+                    if _rebase(tmax, rows, ref[g], m_i[g]):
+                        # -- a row's max moved its R: the tile once more against the new ones --
+                        for j in range(ncols):
+                            for i in range(rows):
+                                st[j, i] = 0.0
+                        if own_alibi:
+                            _alibi_tile(st, rows, ncols, b, h, r0, c0, slopes, q_pos_f, kv_pos_f)
+                        if terms or kind == PARTIAL:
+                            _score_terms_t(st, lo, rows, ncols, b, h, qb, kb, kind, mask, opts, not own_alibi)
+                        _qk64_t(pq64, pk0 + c0 * D * isz, ncols, D, rows, opts.qk_scale64, pst, pref, _addr(tmax), st)
+                elif split:
+                    # -- hi + lo = q.k * scale log2(e) in float64 + the terms --
+                    _qk_split(_addr(q) + ((b * Hq + h) * Lq + r0) * D * isz, D, rows, pk0 + c0 * D * isz, ncols, D,
+                              opts.qk_scale64, st, lo, True)
+                # -- online softmax, LANES query rows at a time: m, alpha, l (and e); s^T becomes p^T --
+                if fold:
+                    _softmax_lo_t(st, lo, rows, ncols, m_i[g], l_i[g], e_i[g], lo_i[g], alpha_i[g], opts)
+                else:
+                    o = g * BLOCK_M * isz
+                    _vsoftmax(pst, BLOCK_M, ncols, groups, pm + o, pl + o, pe + o, _addr(alpha_i) + o,
+                              want, np.float32(1.0) if wide[g] else cu, st)
+                # -- acc^T = alpha * acc^T + v_blk^T @ p^T: V read through strides, alpha a vector of query lanes --
+                _gemm_t(pv0 + c0 * Dv * isz, 1, Dv, pst, BLOCK_M, _addr(acc_t) + g * Dv * BLOCK_M * isz, BLOCK_M, Dv, ncols,
+                        groups, 1.0, RESCALE, _addr(alpha_i) + g * BLOCK_M * isz, no_pf, st)
+        acc = np.empty((BLOCK_M, Dv), q.dtype)
+        for g in range(G):
+            # -- the running max in score units: row_max = m * cu (or R + m) rounded, its rest into row_log --
+            if wide[g]:
+                rest = _anchor_rest(m_i[g], ref[g], rows)
             else:
-                o = g * BLOCK_M * isz
-                _vsoftmax(pst, BLOCK_M, ncols, groups, pm + o, pl + o, pe + o, _addr(alpha_i) + o,
-                          want, np.float32(1.0) if wide[g] else cu, st)
-            # -- acc^T = alpha * acc^T + v_blk^T @ p^T: V read through strides, alpha a vector of query lanes --
-            _gemm_t(pv0 + c0 * Dv * isz, 1, Dv, pst, BLOCK_M, _addr(acc_t) + g * Dv * BLOCK_M * isz, BLOCK_M, Dv, ncols,
-                    groups, 1.0, RESCALE, _addr(alpha_i) + g * BLOCK_M * isz, no_pf, st)
-    acc = np.empty((BLOCK_M, Dv), q.dtype)
-    for g in range(G):
-        # -- the running max in score units: row_max = m * cu (or R + m) rounded, its rest into row_log --
-        if wide[g]:
-            rest = _anchor_rest(m_i[g], ref[g], rows)
-        else:
-            rest = lo_i[g] if fold else _max_in_units(m_i[g], rows, cu)
-        for i in range(rows):
-            for d in range(Dv):
-                acc[i, d] = acc_t[g, d, i]
-        _finish_rows(acc, m_i[g], l_i[g], e_i[g], rest, rows, b, h, r00 + g * BLOCK_M, out, row_max, row_log, ent, opts)
-        counts[t + g] = n_tiles[g]
+                rest = lo_i[g] if fold else _max_in_units(m_i[g], rows, cu)
+            for i in range(rows):
+                for d in range(Dv):
+                    acc[i, d] = acc_t[g, d, i]
+            _finish_rows(acc, m_i[g], l_i[g], e_i[g], rest, rows, b, h, r00 + g * BLOCK_M, out, row_max, row_log, ent, opts)
+            counts[t + g] = n_tiles[g]
 
 
 @njit(cache=True)
@@ -849,22 +856,14 @@ def flash_fwd_t(q, k, v, out, row_max, row_log, ent, counts, mask, opts):
     """``cpu_flash.flash_fwd`` in the transposed layout (float32, base 2): one task per (batch, head,
     query block) or pair of whole query blocks, the same outputs; needs no transposed copy of the keys."""
     heads = q.shape[0] * q.shape[1]
-    nQ, npair, per = _units(q.shape[2], PAIR)
+    pair = PAIR
+    nQ, npair, per = _units(q.shape[2], pair)
     if heads * per < 4 * MAX_THREADS:
         # too few units to keep every thread busy: one block each
-        nQ, npair, per = _units(q.shape[2], False)
+        pair = False
+        nQ, npair, per = _units(q.shape[2], pair)
     for u in prange(heads * per):
-        t, G = _unit(u, nQ, npair, per)
-        _fwd_task_t(t, G, q, k, v, out, row_max, row_log, ent, counts, mask, opts)
-
-
-@njit(cache=True)
-def flash_fwd_t_serial(q, k, v, out, row_max, row_log, ent, counts, mask, opts):
-    heads = q.shape[0] * q.shape[1]
-    nQ, npair, per = _units(q.shape[2], PAIR)
-    for u in range(heads * per):
-        t, G = _unit(u, nQ, npair, per)
-        _fwd_task_t(t, G, q, k, v, out, row_max, row_log, ent, counts, mask, opts)
+        flash_fwd_t_serial(q, k, v, out, row_max, row_log, ent, counts, mask, opts, u, u + 1, pair)
 
 
 # -- launcher --------------------------------------------------------------------------------------
@@ -897,7 +896,10 @@ def launch_forward(q, k, v, sinks, call):
     if threads > 1:
         _cpu._kernel("flash_fwd", threads)  # numba's pool set to `threads` (and torch's count kept)
     kernel = flash_fwd_t if threads > 1 else flash_fwd_t_serial
-    _cpu._run(kernel, q_.numpy(), k_.numpy(), v_.numpy(), *bufs.arrays, counts, mask, opts)
+    if threads > 1:
+        _cpu._run(kernel, q_.numpy(), k_.numpy(), v_.numpy(), *bufs.arrays, counts, mask, opts)
+    else:
+        _cpu._run(kernel, q_.numpy(), k_.numpy(), v_.numpy(), *bufs.arrays, counts, mask, opts, 0, B * Hq * _units(Lq, PAIR)[2], PAIR)
     tiles = _cpu._tiles(counts)
     _cpu.TILE_PRODUCTS["forward"] += tiles
     CALLS["calls"] += 1
