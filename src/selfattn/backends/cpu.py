@@ -725,11 +725,11 @@ def _make_plan(q, k, v, causal, scale):
     scratch = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype)
     if rows:
         # the general launcher's own compiled kernel (a wrapper would compile the task function into
-        # itself again: ~20 s more on a process's first call), the rows and counts as scratch (numba
-        # holds the GIL while it runs: one call at a time uses them)
+        # itself again: ~20 s more on a process's first call) over all its work units, the rows and
+        # counts as scratch (numba holds the GIL while it runs: one call at a time uses them)
         kernel = _fwd.flash_fwd_t_serial
         r = np.empty((3, B, Hq, Lq), np.float32)
-        args = (r[0], r[1], r[2], np.zeros(tasks, np.int64), km, opts)
+        args = (r[0], r[1], r[2], np.zeros(tasks, np.int64), km, opts, 0, B * Hq * _fwd._units(Lq, _fwd.PAIR)[2], _fwd.PAIR)
         full = (_view(q), _view(k), _view(v), scratch.numpy(), *args)
     else:
         full = (q.data_ptr(), k.data_ptr(), v.data_ptr(), scratch.data_ptr(), *args)
