@@ -139,6 +139,12 @@ def _make_mk_pf(MR):
 _mkp6, _mkp2, _mkp1 = _make_mk_pf(6), _make_mk_pf(2), _make_mk_pf(1)
 
 
+# int64 values, not literals, for constant arguments of called numba functions: numba compiles a function once
+# per pattern of literal arguments (_gemm_pf's five calls made three copies of it, flash_bwd_t two of
+# flash_bwd_t_serial)
+I0, I1, IM, MODE_STORE, MODE_ADD = np.intp(0), np.intp(1), np.intp(BLOCK_M), np.intp(STORE), np.intp(ADD)
+
+
 @njit(cache=True)
 def _gemm_pf(pa, sa0, sa1, pb, sb, pc, sc, m, kdim, n, scale, mode, walk, like):
     # C[:m, :n] (op)= A[:m, :kdim] @ B[:kdim, :n] at raw addresses (strides in elements), mode STORE or
@@ -453,7 +459,7 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
                 for i in range(nr):
                     st[j, i] = 0.0
         elif scaled:
-            _gemm_pf(pk, D, 1, _addr(qt), BLOCK_M, _addr(st), BLOCK_M, ncols, D, nr, store, STORE, walk_s, st)
+            _gemm_pf(pk, D, I1, _addr(qt), IM, _addr(st), IM, ncols, D, nr, store, MODE_STORE, walk_s, st)
         else:
             # (the same with a softcap: float32 dot products, then the softcap in float64)
             for j in range(ncols):
@@ -476,14 +482,14 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
             # then taken against a max of 0 (m0) --
             _fold_lo(st, lo, ncols, rows, m_blk, m0, False)
         # -- dP^T = V_blk dO_blk^T --
-        _gemm_pf(pv, Dv, 1, _addr(dot), BLOCK_M, _addr(dpt), BLOCK_M, ncols, Dv, nr, 1.0, STORE, walk_dp, dpt)
+        _gemm_pf(pv, Dv, I1, _addr(dot), IM, _addr(dpt), IM, ncols, Dv, nr, 1.0, MODE_STORE, walk_dp, dpt)
         # -- P^T = exp2((S^T - max) - log l); delta += rowsum(P * dP) --
         for g in range(0, nr, VW):
             pmg = (_addr(m0) if lo.size > 0 or wide else _addr(m_blk)) + g * isz
             _probs_lanes(_addr(st) + g * isz, _addr(dpt) + g * isz, BLOCK_M, pmg, _addr(lg_blk) + g * isz,
                          _addr(dl64) + g * 8, _addr(ps64) + g * 8, ncols, opts.exp_lo, cu, st)
         # -- dV += P^T dO --
-        _gemm_pf(_addr(st), BLOCK_M, 1, pdo, Dv, pdv, Dv, ncols, rows, Dv, 1.0, ADD, walk_dv, st)
+        _gemm_pf(_addr(st), IM, I1, pdo, Dv, pdv, Dv, ncols, rows, Dv, 1.0, MODE_ADD, walk_dv, st)
         if softcap > 0.0 and small:
             for j in range(ncols):
                 for i in range(rows):
@@ -528,11 +534,11 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
                        np.intp(min(BLOCK_N, Lk - c2) * D * isz))
             slot = np.intp((u - 1) * BLOCK_N * BLOCK_M * isz)
             walk_dq = (_addr(pbuf) + slot, np.intp(BLOCK_N * BLOCK_M * isz), _addr(dpbuf) + slot, np.intp(BLOCK_N * BLOCK_M * isz))
-        _gemm_pf(_addr(dpt), BLOCK_M, 1, pq, D, _addr(dk_w) + ((b * Hkv + hk) * Lk + c0) * D * isz, D, ncols, rows, D,
-                 1.0, ADD, walk_dk, st)
+        _gemm_pf(_addr(dpt), IM, I1, pq, D, _addr(dk_w) + ((b * Hkv + hk) * Lk + c0) * D * isz, D, ncols, rows, D,
+                 1.0, MODE_ADD, walk_dk, st)
         if not small:
             # (dS^T read through the A strides)
-            _gemm_pf(_addr(dpt), 1, BLOCK_M, pk, D, _addr(dq_acc), D, rows, ncols, D, 1.0, ADD, walk_dq, st)
+            _gemm_pf(_addr(dpt), I1, IM, pk, D, _addr(dq_acc), D, rows, ncols, D, 1.0, MODE_ADD, walk_dq, st)
     dscale = opts.dscale
     if small:
         for i in range(rows):
@@ -588,9 +594,12 @@ def _scale_head(dk, kh, dscale):
 
 
 @njit(cache=True, nogil=True)
-def _tasks(t0, t1, w, W, per, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, dk_w, dv_w, dq, counts,
-           mask, opts):
-    # worker w of W's share of tasks t0..t1-1, in order, with its P^T/dP^T buffers (allocated here, once,
+def flash_bwd_t_serial(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, dk_w, dv_w, dq, counts,
+                       mask, opts, t0, t1, w, W, per):
+    # The serial kernel (the launcher: tasks 0..T-1, w = 0, W = 1, dk_w and dv_w are dk and dv, zeroed) and
+    # flash_bwd_t's worker (one function, not a wrapper around it: numba links each called function's LLVM IR
+    # into its caller and optimizes and emits all of it again, ~6 s of a first call per level).
+    # Worker w of W's share of tasks t0..t1-1, in order, with its P^T/dP^T buffers (allocated here, once,
     # in the thread that runs them: an allocation of 2 x 1 MB and its first touch cost ~0.9 ms, ~1 % of a
     # kv head's work at L = 4096). per > 0: whole kv heads of `per` tasks each, heads w, w + W, ...
     # (W = 1: all of them), dK of each scaled after its last task. per = 0: tasks dealt in a snake, w and 2W-1-w of every 2W (W = 2: 0, 3, 4, 7, ... and
@@ -627,8 +636,8 @@ def _heads(taken, heads, per, q, k, v, do, row_max, row_log, delta, sink_p, norm
         kh = _fetch_add(taken, np.int64(1))
         if kh >= heads:
             return
-        _tasks(kh * per, (kh + 1) * per, 0, 1, per, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged,
-               split_tiles, dk, dv, dq, counts, mask, opts)
+        flash_bwd_t_serial(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, dk, dv, dq,
+                           counts, mask, opts, kh * per, (kh + 1) * per, I0, I1, per)
 
 
 @njit(parallel=True, cache=True)
@@ -640,7 +649,7 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
       query head of a group -- go to the workers one at a time, so each dK/dV row has one writer
       (the caller chooses this when the kv heads divide evenly among the workers);
     * dk_w has one slot per worker (W, B, Hkv, Lk, D), zeroed (dv_w likewise): tasks are dealt to
-      the workers in a fixed snake order (_tasks), each adding its dK/dV shares to its own slot;
+      the workers in a fixed snake order (flash_bwd_t_serial), each adding its dK/dV shares to its own slot;
       then dk = sum_w dk_w[w], dv = sum_w dv_w[w], in worker order.
 
     dk ends up times dscale. row_max, row_log (B, Hq, Lq): the lse halves (sink included); delta
@@ -664,25 +673,16 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
             _heads(taken, T // per, per, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles,
                    dk_w[0], dv_w[0], dq, counts, mask, opts)
         return
-    # -- worker w: its snake share of the tasks (see _tasks) into its own dK/dV copy --
+    # -- worker w: its snake share of the tasks (see flash_bwd_t_serial) into its own dK/dV copy --
     for w in prange(W):
-        _tasks(0, T, w, W, 0, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, dk_w[w], dv_w[w], dq,
-               counts, mask, opts)
+        flash_bwd_t_serial(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, dk_w[w], dv_w[w],
+                           dq, counts, mask, opts, I0, T, w, W, I0)
     R = dk.shape[0] * dk.shape[1] * dk.shape[2]
     dk2, dv2 = dk.reshape(R, dk.shape[3]), dv.reshape(R, dv.shape[3])
     dkw2, dvw2 = dk_w.reshape(W, R, dk.shape[3]), dv_w.reshape(W, R, dv.shape[3])
     chunk = (R + workers - 1) // workers
     for w in prange(workers):
         _finish_kv(dkw2, dvw2, dk2, dv2, opts.dscale, w * chunk, min(R, (w + 1) * chunk))
-
-
-@njit(cache=True)
-def flash_bwd_t_serial(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, dk, dv, dq, counts, mask, opts):
-    # one worker, in the calling thread: its accumulators are dk and dv themselves (zeroed by the
-    # caller); dK scaled kv head by kv head, as flash_bwd_t's whole-head path does
-    per = (q.shape[1] // k.shape[1]) * ((q.shape[2] + BLOCK_M - 1) // BLOCK_M)  # tasks per kv head
-    _tasks(0, counts.shape[0], 0, 1, per, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, dk, dv, dq,
-           counts, mask, opts)
 
 
 # -- launcher ------------------------------------------------------------------------------------
@@ -747,7 +747,10 @@ def launch_backward(grad_out, q, k, v, out, row_max, row_log, call, delta=None, 
     args = (q_.numpy(), k_.numpy(), v_.numpy(), do.numpy(), row_max.numpy(), row_log.numpy(), delta, sink_p, normalize,
             bool(getattr(_k, "FOLD_LO", False)), split_ragged, split_tiles)
     if threads <= 1:
-        _cpu._run(flash_bwd_t_serial, *args, dk.numpy(), dv.numpy(), dq.numpy(), counts, mask, opts)
+        # one worker, in the calling thread, whole kv heads in order: its accumulators are dk and dv (zeroed
+        # above), dK scaled kv head by kv head as in flash_bwd_t's whole-head path
+        per = (Hq // k.shape[1]) * (-(-Lq // BLOCK_M))  # tasks per kv head
+        _cpu._run(flash_bwd_t_serial, *args, dk.numpy(), dv.numpy(), dq.numpy(), counts, mask, opts, 0, len(counts), 0, 1, per)
     else:
         _cpu._kernel("flash_fwd", threads)  # sets numba's pool to `threads` (torch's count kept)
         if (B * Hkv) % threads == 0:
