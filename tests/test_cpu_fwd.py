@@ -296,20 +296,12 @@ def test_exp2_without_avx512dq(tmp_path):
 
 
 def test_exp2_within_two_ulp():
-    # the softmax's exp2 (rint range reduction, vscalefps on AVX-512) against float64 over the range it
-    # serves (-126..0; below, the kernel selects 0): tests/test_exp2.py's bound for cpu_flash's exp2
+    # the softmax's exp2 (range reduction by vreduceps with AVX512DQ, else rint; vscalefps on AVX-512)
+    # against float64 over the range it serves (-126..0; below, the kernel selects 0): tests/test_exp2.py's
+    # bound for cpu_flash's exp2
     import numpy as np
 
-    rng = np.random.default_rng(0)
-    x = np.concatenate([
-        rng.uniform(-126.0, 0.0, 200_000),
-        rng.uniform(-1.0, 0.0, 50_000),
-        np.arange(-126, 1, dtype=np.float64),  # integers: f = 0
-        np.arange(-126, 0, dtype=np.float64) + 0.5,  # ties of the rounding: f = +-1/2
-        np.arange(-126, 0, dtype=np.float64) + 0.5 + 2.0 ** -18,
-        [-125.999, -1e-7, -0.0, 0.0],
-    ]).astype(np.float32)
-    x = np.concatenate([x, np.zeros(-x.size % cpu_fwd.LANES, np.float32)])
+    x = _exp2_points()
     got = np.empty_like(x)
     cpu_fwd.exp2_lanes(x, got)
     exact = np.exp2(x.astype(np.float64))
