@@ -8,8 +8,16 @@ import os
 import sys
 from unittest import mock
 
-import pytest
-import torch
+# torch's OpenMP threads (libgomp) spin after every parallel region by default, waiting for the next one; with
+# two xdist workers of two threads each on two cores, and in the processes tests start, that spinning takes
+# the cores from the other worker's work: test_grad + test_stats_probs in one process (the machine busy
+# besides) took 32-47 s of CPU with spinning, 15-18 s with the waiting threads asleep. libgomp reads the
+# variable once, when torch loads it, so it is set here, before the first import of torch, and
+# subprocesses inherit it. Thread counts (and so the kernels each test runs) are unchanged.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Triton chooses interpreter or compiler when it is first imported. Import it here, in interpreter
 # mode on machines without CUDA, before any test module can import it compiled; the variable is then
