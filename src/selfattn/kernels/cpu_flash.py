@@ -84,6 +84,7 @@ from llvmlite import ir
 from llvmlite.binding import llvm_version_info
 from numba import njit, prange, types
 from numba.core import cgutils
+from numba.core.registry import CPUDispatcher as Dispatcher
 from numba.extending import intrinsic
 
 BLOCK_M = 64  # query rows per tile
@@ -903,6 +904,88 @@ def _split_tiles(q, b, h, r0, rows, opts):
     bound = math.sqrt(qn) * opts.k_norm * abs(opts.qk_scale64)
     # (infinite inputs: the float32 tiles, as before)
     return bound > SPLIT_ABOVE and bound < 1e300
+
+
+@njit(cache=True)
+def _any_split_tile(q, opts):
+    # whether any task of >= 4 query rows of this call would take float64 scores (_split_tiles, asked of
+    # each query block as cpu_fwd's and cpu_bwd's tasks ask it)
+    B, H, Lq, _ = q.shape
+    for b in range(B):
+        for h in range(H):
+            for r0 in range(0, Lq, BLOCK_M):
+                rows = min(BLOCK_M, Lq - r0)
+                if rows >= 4 and _split_tiles(q, b, h, r0, rows, opts):
+                    return True
+    return False
+
+
+# -- lean variants: a float32 kernel compiled without the features a call does not use ---------------
+# A kernel's first call compiles every feature it has (softcap, float64 tiles, hi/lo scores, ALiBi, float
+# bias, documents, mask functions, dense boolean masks, key padding bits) whether the call uses them or
+# not: about a third of the float32 first call. The kernels of cpu_fwd and cpu_bwd guard those parts with
+# `if ALL_FEATURES and ...:`; lean_variant(kernel) is the same Python function compiled with ALL_FEATURES
+# = False, and numba's dead-branch pruning drops the guarded parts before typing them (nothing they call is
+# compiled). The launchers take the lean variant for a call that uses none of them (lean_call): the same
+# code for what remains, so the same outputs bit for bit. Each variant is its own dispatcher (one signature,
+# its own cache file).
+
+ALL_FEATURES = True  # False in a lean variant (read by the kernels as a compile-time constant)
+_LEAN: dict = {}  # kernel -> its lean variant
+_READS: dict = {}  # kernel -> _reads_flag(kernel)
+
+
+def _reads_flag(kernel) -> bool:
+    # whether a numba function reads ALL_FEATURES itself or through a function it calls
+    if kernel not in _READS:
+        py = kernel.py_func
+        names = py.__code__.co_names
+        _READS[kernel] = "ALL_FEATURES" in names or any(
+            _reads_flag(py.__globals__[n]) for n in names if isinstance(py.__globals__.get(n), Dispatcher))
+    return _READS[kernel]
+
+
+def lean_variant(kernel):
+    """``kernel`` (a numba function of the kernel modules) compiled with ALL_FEATURES = False, and so
+    every numba function it calls that reads the flag; one variant per function, made once."""
+    import types as pytypes
+
+    from selfattn.kernels import _numba_cache_for_kernels
+
+    if kernel in _LEAN:
+        return _LEAN[kernel]
+    py = kernel.py_func
+    namespace = dict(py.__globals__)
+    namespace["ALL_FEATURES"] = False
+    for name in py.__code__.co_names:
+        callee = namespace.get(name)
+        if isinstance(callee, Dispatcher) and _reads_flag(callee):
+            namespace[name] = lean_variant(callee)
+    fn = pytypes.FunctionType(py.__code__, namespace, py.__name__, py.__defaults__, py.__closure__)
+    fn.__qualname__ = py.__qualname__ + "_lean"  # its own cache index (numba names it by the qualified name)
+    options = {key: value for key, value in kernel.targetoptions.items() if key != "nopython"}
+    with _numba_cache_for_kernels():
+        lean = njit(**options)(fn)
+        index = getattr(kernel._cache, "_cache_file", None)
+        if index is not None:
+            lean.enable_caching()
+            # the original's stamp: its source file and the modules stamp_sources joined to it
+            lean._cache._cache_file._source_stamp = index._source_stamp
+    _LEAN[kernel] = lean
+    return lean
+
+
+def lean_call(q, mask, opts) -> bool:
+    """Whether a float32 call of cpu_fwd's or cpu_bwd's kernel uses none of the features a lean variant
+    lacks: no softcap, ALiBi, float bias, documents, mask function, dense boolean mask or key padding bits,
+    every query block of at least 4 rows, no block taking float64 scores (_split_tiles)."""
+    Lq = q.shape[2]
+    if opts.softcap_u > 0.0 or Lq < 4 or 0 < Lq % BLOCK_M < 4:
+        return False
+    if (mask.alibi.size or mask.bias.size or mask.allow.size or mask.fn_index.size or mask.q_ids.shape[0]
+            or mask.kv_keep.size):
+        return False
+    return not (opts.k_norm > 0.0 and _any_split_tile(q, opts))
 
 
 def _ir_loop(builder, i64, lo, hi, step, inits, body, name):
