@@ -66,9 +66,9 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .cpu_fwd import _alibi_tile, _bias_mask_t, _loop
+from .cpu_fwd import _alibi_tile, _bias_mask_t, _loop, _mask_tile_t
 
-from .cpu_flash import (ADD, VEC_BYTES, _fold_lo, _softcap_tile, BLOCK_M, BLOCK_N, EMPTY, FASTMATH, PARTIAL, STORE, _addr, _bx, _dot, _Exact,
+from .cpu_flash import (ALL_FEATURES, ADD, VEC_BYTES, _fold_lo, _softcap_tile, BLOCK_M, BLOCK_N, EMPTY, FASTMATH, PARTIAL, STORE, _addr, _bx, _dot, _Exact,
                         _exp2_ir, _fma_k_loop, _per_vector_count, _prefetch, _qk_split, _qk64_t, _qt64, _raw_units, _split_tiles, _Vectors, NV_MAX, TILE_N)
 from selfattn.kernels import cpu_flash as _flash_src, cpu_fwd as _fwd_src, stamp_sources
 
@@ -370,7 +370,9 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
     split = small and softcap <= 0.0 and (Lq < 4 or split_ragged)
     # >= 4 rows whose logits may be large, where the forward takes them so (cpu_fwd.SPLIT_TILES): float64 scores
     # held as s - row_max, rounded once (cpu_flash._qk64_t with R = row_max), then p = exp2(that - row_log)
-    wide = not small and split_tiles and _split_tiles(q, b, h, r0, rows, opts)
+    wide = False
+    if ALL_FEATURES:  # (a lean variant's launcher asked _split_tiles of every block: no)
+        wide = not small and split_tiles and _split_tiles(q, b, h, r0, rows, opts)
     w = np.empty((BLOCK_N, BLOCK_M) if softcap > 0.0 else (0, 0), f)  # the softcap's dS factor
     lo = np.empty((BLOCK_N, BLOCK_M) if softcap > 0.0 and fold_lo or split else (0, 0), f)  # the logits' rests
     m0 = np.zeros(BLOCK_M, f)  # the max once folded into the exponent: 0, +inf past the rows
@@ -412,7 +414,9 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
             lg_blk[i] = row_log[b, h, r0 + i]
     ref = np.empty(BLOCK_M if wide else 0, np.float64)  # the float64 scores' reference: row_max (_qk64_t)
     tmax = np.empty(BLOCK_M if wide else 0, f)  # (_qk64_t's lane maxima: unused here)
-    qt64 = _qt64(q, b, h, r0, rows) if wide else np.zeros((0, 0), np.float64)  # Q^T in float64
+    qt64 = np.zeros((0, 0), np.float64)  # Q^T in float64 (wide)
+    if ALL_FEATURES and wide:
+        qt64 = _qt64(q, b, h, r0, rows)
     for i in range(ref.size):
         ref[i] = m_blk[i]
     external = delta.shape[2] > 0
@@ -452,15 +456,13 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
             walk_dv = (_addr(pbuf) + slot, np.intp(BLOCK_N * BLOCK_M * isz), _addr(dpbuf) + slot, np.intp(BLOCK_N * BLOCK_M * isz))
         # -- S^T = K_blk Q_blk^T (keys x queries), times the store factor (the scale unless a softcap
         # follows or the tile stays q.k: _raw_units) --
-        if split or wide:
+        if ALL_FEATURES and (split or wide):
             # fewer than 4 query rows (decoding, a ragged last block), or logits that may be large: the score
             # terms on zeros first, then q.k in float64 added (below), hi + lo in score units or s - row_max
             for j in range(ncols):
                 for i in range(nr):
                     st[j, i] = 0.0
-        elif scaled:
-            _gemm_pf(pk, D, I1, _addr(qt), IM, _addr(st), IM, ncols, D, nr, store, MODE_STORE, walk_s, st)
-        else:
+        elif ALL_FEATURES and not scaled:
             # (the same with a softcap: float32 dot products, then the softcap in float64)
             for j in range(ncols):
                 for i in range(nr):
@@ -469,15 +471,21 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
                 for j in range(ncols):
                     for i in range(rows):
                         st[j, i] *= store
-        if terms or kind == PARTIAL:
-            _score_terms_t(st, lo, w, rows, ncols, (scaled or raw or split) and softcap <= 0.0, b, h, qb, kb, kind, mask, opts)
-        if wide:
+        else:
+            _gemm_pf(pk, D, I1, _addr(qt), IM, _addr(st), IM, ncols, D, nr, store, MODE_STORE, walk_s, st)
+        if ALL_FEATURES:
+            if terms or kind == PARTIAL:
+                _score_terms_t(st, lo, w, rows, ncols, (scaled or raw or split) and softcap <= 0.0, b, h, qb, kb, kind, mask, opts)
+        elif kind == PARTIAL:
+            # (a lean variant: _score_terms_t's only term is the element-wise mask)
+            _mask_tile_t(st, rows, ncols, b, h, qb, kb, mask)
+        if ALL_FEATURES and wide:
             _qk64_t(_addr(qt64), pk, ncols, D, nr, opts.qk_scale64, _addr(st), _addr(ref), _addr(tmax), st)
-        elif split:
+        elif ALL_FEATURES and split:
             _qk_split(pq, D, rows, pk, ncols, D, opts.qk_scale64, st, lo, True)
         # (addresses taken where they are used: numba frees an array after the last use of its name,
         # and a raw address kept from earlier would point into freed memory)
-        if lo.size > 0:
+        if ALL_FEATURES and lo.size > 0:
             # -- hi + lo: the exponent ((s - max) + lo) in float64, rounded once (cpu_flash's convention),
             # then taken against a max of 0 (m0) --
             _fold_lo(st, lo, ncols, rows, m_blk, m0, False)
@@ -490,11 +498,11 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
                          _addr(dl64) + g * 8, _addr(ps64) + g * 8, ncols, opts.exp_lo, cu, st)
         # -- dV += P^T dO --
         _gemm_pf(_addr(st), IM, I1, pdo, Dv, pdv, Dv, ncols, rows, Dv, 1.0, MODE_ADD, walk_dv, st)
-        if softcap > 0.0 and small:
+        if ALL_FEATURES and softcap > 0.0 and small:
             for j in range(ncols):
                 for i in range(rows):
                     wkeep[n - 1, j, i] = w[j, i]
-        elif softcap > 0.0:
+        elif ALL_FEATURES and softcap > 0.0:
             # -- the softcap's c (1 - tanh^2) multiplies dS: folded into the kept P^T --
             for j in range(ncols):
                 for i in range(rows):
@@ -516,7 +524,7 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
         c0 = kbs[u] * BLOCK_N
         ncols = min(BLOCK_N, Lk - c0)
         st, dpt = pbuf[u], dpbuf[u]
-        if small:
+        if ALL_FEATURES and small:
             # -- fewer than 4 rows (decoding): dS = P (dP - delta) w and dQ += dS K in float64 (rows of
             # two keys whose dS_j k_j cancel kept ~1.5 ulp of the terms from a float32 dS; cheap here) --
             _small_ds_dq(st, dpt, wkeep, u, softcap > 0.0, dl64, dq64, k, b, hk, c0, ncols, rows)
@@ -540,7 +548,7 @@ def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_l
             # (dS^T read through the A strides)
             _gemm_pf(_addr(dpt), I1, IM, pk, D, _addr(dq_acc), D, rows, ncols, D, 1.0, MODE_ADD, walk_dq, st)
     dscale = opts.dscale
-    if small:
+    if ALL_FEATURES and small:
         for i in range(rows):
             for d in range(D):
                 dq[b, h, r0 + i, d] = dq64[i, d] * np.float64(dscale)

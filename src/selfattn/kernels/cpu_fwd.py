@@ -96,6 +96,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from selfattn.kernels.cpu_flash import (
+    ALL_FEATURES,
     BLOCK_M,
     _finish_rows,
     _fma_k_loop,
@@ -322,6 +323,11 @@ def _gemm_t(pa, sa0, sa1, pb, sb, pc, sc, m, kdim, nvec, scale, mode, palpha, pr
             else:
                 _mkt1(*args)
             i += r
+
+
+# int64 values, not literals, for constant arguments of _gemm_t: numba compiles a function once per pattern
+# of literal arguments (the two products' calls made two copies of it)
+I0, I1, IM, MODE_STORE, MODE_RESCALE = np.intp(0), np.intp(1), np.intp(BLOCK_M), np.intp(STORE), np.intp(RESCALE)
 
 
 # -- the vertical online-softmax step --------------------------------------------------------------
@@ -583,7 +589,7 @@ def _mask_tile_t(st, rows, ncols, b, h, qb, kb, mask):
     q_len = mask.q_lens[_bx(mask.q_lens.shape[0], b)] if mask.q_lens.size > 0 else r0 + rows
     real = min(rows, max(q_len - r0, 0))  # query rows i < real are not padding
     fn = -1
-    if mask.fn_index.size > 0:
+    if ALL_FEATURES and mask.fn_index.size > 0:
         fn = mask.fn_index[_bx(mask.fn_index.shape[0], b), _bx(mask.fn_index.shape[1], h), qb, kb]
     has_keep = mask.kv_keep.size > 0
     kb_ = _bx(mask.kv_keep.shape[0], b)
@@ -593,7 +599,7 @@ def _mask_tile_t(st, rows, ncols, b, h, qb, kb, mask):
         # -- padded query rows see nothing; padding keys (j >= kv_len, key_padding) are seen by none --
         for i in range(real, rows):
             st[j, i] = -np.inf
-        if gj >= kv_len or (has_keep and mask.kv_keep[kb_, gj] == 0):
+        if gj >= kv_len or (ALL_FEATURES and has_keep and mask.kv_keep[kb_, gj] == 0):
             for i in range(real):
                 st[j, i] = -np.inf
             continue
@@ -603,17 +609,18 @@ def _mask_tile_t(st, rows, ncols, b, h, qb, kb, mask):
             for i in range(real):
                 qp = qpos[r0 + i]
                 st[j, i] = st[j, i] if (kp >= qp - left) & (kp <= qp + right) else -np.inf
-        for d in range(mask.q_ids.shape[0]):
-            # -- documents: equal ids attend --
-            bd = _bx(mask.q_ids.shape[1], b)
-            kid = mask.kv_ids[d, bd, gj]
-            for i in range(real):
-                st[j, i] = st[j, i] if mask.q_ids[d, bd, r0 + i] == kid else -np.inf
-        if fn >= 0:
+        if ALL_FEATURES:
+            for d in range(mask.q_ids.shape[0]):
+                # -- documents: equal ids attend --
+                bd = _bx(mask.q_ids.shape[1], b)
+                kid = mask.kv_ids[d, bd, gj]
+                for i in range(real):
+                    st[j, i] = st[j, i] if mask.q_ids[d, bd, r0 + i] == kid else -np.inf
+        if ALL_FEATURES and fn >= 0:
             # -- a mask function's bits, stored for its partial tiles only --
             for i in range(real):
                 st[j, i] = st[j, i] if mask.fn_bits[fn, i, j] != 0 else -np.inf
-    if mask.allow.size > 0:
+    if ALL_FEATURES and mask.allow.size > 0:
         # -- a dense boolean mask, stored query-major: each query's run of keys read contiguously, then
         # applied with the query rows innermost (a vector select). Reading it straight into s^T's order
         # strode a whole mask row per element (~6 ns each); through a key-major tile of bytes it still
@@ -737,7 +744,8 @@ def flash_fwd_t_serial(q, k, v, out, row_max, row_log, ent, counts, mask, opts, 
         # max (cpu_flash._qk64_t, _rebase; cpu_bwd asks _split_tiles the same), the softmax in score units
         wide = np.zeros(G, np.bool_)
         for g in range(G):
-            wide[g] = not use_dot and _split_tiles(q, b, h, r00 + g * BLOCK_M, rows, opts)
+            if ALL_FEATURES:  # (a lean variant's launcher asked _split_tiles of every block: no)
+                wide[g] = not use_dot and _split_tiles(q, b, h, r00 + g * BLOCK_M, rows, opts)
         qt64 = np.zeros((G if wide.any() else 0, D, BLOCK_M), np.float64)  # their Q^T in float64
         for g in range(qt64.shape[0]):
             for i in range(rows if wide[g] else 0):
@@ -770,12 +778,12 @@ def flash_fwd_t_serial(q, k, v, out, row_max, row_log, ent, counts, mask, opts, 
                 if kind == EMPTY:
                     continue
                 n_tiles[g] += 1
-                if split or wide[g]:
+                if ALL_FEATURES and (split or wide[g]):
                     # -- the score terms on zeros first, then q.k in float64 added (below) --
                     for j in range(ncols):
                         for i in range(rows):
                             st[j, i] = 0.0
-                elif use_dot:
+                elif ALL_FEATURES and use_dot:
                     _qk_dot_t(q, b, h, r0, rows, pk0 + c0 * D * isz, ncols, st, scale)
                 else:
                     # -- s^T = k_blk @ Q^T, times the store factor; the calls walk this tile's values and the
@@ -785,13 +793,17 @@ def flash_fwd_t_serial(q, k, v, out, row_max, row_log, ent, counts, mask, opts, 
                         c1 = c0 + BLOCK_N
                         pf = (pv0 + c0 * Dv * isz, ncols * Dv * isz, pk0 + c1 * D * isz, max(min(BLOCK_N, Lk - c1), 0) * D * isz)
                         walked = True
-                    _gemm_t(pk0 + c0 * D * isz, D, 1, _addr(qt) + g * D * BLOCK_M * isz, BLOCK_M, pst, BLOCK_M, ncols, D,
-                            groups, scale, STORE, np.intp(0), pf, st)
-                if own_alibi:
+                    _gemm_t(pk0 + c0 * D * isz, D, I1, _addr(qt) + g * D * BLOCK_M * isz, IM, pst, IM, ncols, D,
+                            groups, scale, MODE_STORE, I0, pf, st)
+                if ALL_FEATURES and own_alibi:
                     _alibi_tile(st, rows, ncols, b, h, r0, c0, slopes, q_pos_f, kv_pos_f)
-                if terms or kind == PARTIAL:
-                    _score_terms_t(st, lo, rows, ncols, b, h, qb, kb, kind, mask, opts, not own_alibi)
-                if wide[g]:
+                if ALL_FEATURES:
+                    if terms or kind == PARTIAL:
+                        _score_terms_t(st, lo, rows, ncols, b, h, qb, kb, kind, mask, opts, not own_alibi)
+                elif kind == PARTIAL:
+                    # (a lean variant: _score_terms_t's only term is the element-wise mask)
+                    _mask_tile_t(st, rows, ncols, b, h, qb, kb, mask)
+                if ALL_FEATURES and wide[g]:
                     # -- s^T - R = q.k * scale log2(e) + the terms - R in float64, rounded once --
                     pq64, pref = _addr(qt64) + g * D * BLOCK_M * 8, _addr(ref) + g * BLOCK_M * 8
                     _qk64_t(pq64, pk0 + c0 * D * isz, ncols, D, rows, opts.qk_scale64, pst, pref, _addr(tmax), st)
@@ -805,24 +817,24 @@ def flash_fwd_t_serial(q, k, v, out, row_max, row_log, ent, counts, mask, opts, 
                         if terms or kind == PARTIAL:
                             _score_terms_t(st, lo, rows, ncols, b, h, qb, kb, kind, mask, opts, not own_alibi)
                         _qk64_t(pq64, pk0 + c0 * D * isz, ncols, D, rows, opts.qk_scale64, pst, pref, _addr(tmax), st)
-                elif split:
+                elif ALL_FEATURES and split:
                     # -- hi + lo = q.k * scale log2(e) in float64 + the terms --
                     _qk_split(_addr(q) + ((b * Hq + h) * Lq + r0) * D * isz, D, rows, pk0 + c0 * D * isz, ncols, D,
                               opts.qk_scale64, st, lo, True)
                 # -- online softmax, LANES query rows at a time: m, alpha, l (and e); s^T becomes p^T --
-                if fold:
+                if ALL_FEATURES and fold:
                     _softmax_lo_t(st, lo, rows, ncols, m_i[g], l_i[g], e_i[g], lo_i[g], alpha_i[g], opts)
                 else:
                     o = g * BLOCK_M * isz
                     _vsoftmax(pst, BLOCK_M, ncols, groups, pm + o, pl + o, pe + o, _addr(alpha_i) + o,
                               want, np.float32(1.0) if wide[g] else cu, st)
                 # -- acc^T = alpha * acc^T + v_blk^T @ p^T: V read through strides, alpha a vector of query lanes --
-                _gemm_t(pv0 + c0 * Dv * isz, 1, Dv, pst, BLOCK_M, _addr(acc_t) + g * Dv * BLOCK_M * isz, BLOCK_M, Dv, ncols,
-                        groups, 1.0, RESCALE, _addr(alpha_i) + g * BLOCK_M * isz, no_pf, st)
+                _gemm_t(pv0 + c0 * Dv * isz, I1, Dv, pst, IM, _addr(acc_t) + g * Dv * BLOCK_M * isz, IM, Dv, ncols,
+                        groups, 1.0, MODE_RESCALE, _addr(alpha_i) + g * BLOCK_M * isz, no_pf, st)
         acc = np.empty((BLOCK_M, Dv), q.dtype)
         for g in range(G):
             # -- the running max in score units: row_max = m * cu (or R + m) rounded, its rest into row_log --
-            if wide[g]:
+            if ALL_FEATURES and wide[g]:
                 rest = _anchor_rest(m_i[g], ref[g], rows)
             else:
                 rest = lo_i[g] if fold else _max_in_units(m_i[g], rows, cu)
