@@ -496,24 +496,37 @@ _ENTRY_CASES = ["plain", "causal", "window", "padding", "key_padding", "document
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("case", _ENTRY_CASES)
 def test_launchers_call_numba_entry_points_with_the_types_they_were_compiled_for(case, dtype, monkeypatch):
-    # _run calls a kernel's compiled entry point without typing its arguments, keyed only by the kernel
-    # and the first array's dtype: every call of every launcher must pass exactly the types of the
-    # first (a mask kind whose record differed in a dtype, rank or layout would be read as garbage)
+    # _run (one thread) and _entry (the pool's threads) call a kernel's compiled entry point without
+    # typing its arguments, keyed only by the kernel and the first array's dtype: every call of every
+    # launcher must pass exactly the types of the first (a mask kind whose record differed in a dtype,
+    # rank or layout would be read as garbage)
     seen = []
-    real = cpu_backend._run
+    real, real_entry = cpu_backend._run, cpu_backend._entry
 
     def spy(kernel, *args):
         result = real(kernel, *args)
         seen.append((kernel, tuple(kernel.typeof_pyval(a) for a in args), cpu_backend._SIGNATURES[(kernel, args[0].dtype)]))
         return result
 
+    def spy_entry(kernel, args):
+        entry = real_entry(kernel, args)
+        seen.append((kernel, tuple(kernel.typeof_pyval(a) for a in args), cpu_backend._SIGNATURES[(kernel, args[0].dtype)]))
+        return entry
+
     monkeypatch.setattr(cpu_backend, "_run", spy)
-    for lq, lk in ((97, 97), (2, 97), (40, 40)):  # two-pass backward, decoding rows, one key block (one pass)
-        q, k, v, do = _inputs(2, 4, 2, lq, lk, 24, dtype, seed=5)
-        leafs = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = selfattn.attention(*leafs, backend="cpu", **_entry_case(case, lq, lk))
-        out = out[0] if isinstance(out, tuple) else out
-        torch.autograd.grad(out, leafs, do)
+    monkeypatch.setattr(cpu_backend, "_entry", spy_entry)
+    threads = torch.get_num_threads()
+    try:
+        for lq, lk in ((97, 97), (2, 97), (40, 40)):  # two-pass backward, decoding rows, one key block (one pass)
+            q, k, v, do = _inputs(2, 4, 2, lq, lk, 24, dtype, seed=5)
+            for n in (1, 2) if dtype == torch.float32 else (threads,):  # float32: the serial call and the pool's
+                torch.set_num_threads(n)
+                leafs = [t.clone().requires_grad_() for t in (q, k, v)]
+                out = selfattn.attention(*leafs, backend="cpu", **_entry_case(case, lq, lk))
+                out = out[0] if isinstance(out, tuple) else out
+                torch.autograd.grad(out, leafs, do)
+    finally:
+        torch.set_num_threads(threads)
     if dtype == torch.float64:  # float32 may be served wholly by launchers of their own (cpu_fwd, cpu_bwd)
         assert seen, "no launcher went through _run"
     for kernel, got, compiled in seen:
@@ -1028,8 +1041,8 @@ def test_kernel_caches_are_stale_when_a_module_they_compile_in_changes():
 
     plain = stamp(cpu_flash.flash_fwd)  # cpu_flash's own kernels: numba's stamp alone
     assert not isinstance(plain, tuple) or digest(cpu_flash) not in plain
-    for dispatcher, deps in ((cpu_fwd.flash_fwd_t, (cpu_flash,)), (cpu_fwd.flash_fwd_t_serial, (cpu_flash,)),
-                             (cpu_bwd.flash_bwd_t, (cpu_flash, cpu_fwd)), (cpu_short.fwd_small, (cpu_flash,)),
+    for dispatcher, deps in ((cpu_fwd.flash_fwd_t, (cpu_flash,)), (cpu_bwd.flash_bwd_t, (cpu_flash, cpu_fwd)),
+                             (cpu_short.fwd_small, (cpu_flash,)),
                              (cpu_bf16.mm_amx, (cpu_flash,)), (cpu_amx.flash_fwd_amx, (cpu_bf16, cpu_bwd, cpu_flash, cpu_fwd))):
         got = stamp(dispatcher)
         assert isinstance(got, tuple) and got[1:] == tuple(digest(m) for m in deps), dispatcher.py_func.__qualname__

@@ -40,8 +40,10 @@ gradient; a float mask gets no gradient (refused if it requires one).
 
 from __future__ import annotations
 
+import _thread
 import os
 import sys
+import threading
 import time
 from collections import OrderedDict
 from typing import NamedTuple, Optional
@@ -167,14 +169,17 @@ class _Call(NamedTuple):
 
 
 def _threads(tasks: int, flops: float) -> int:
-    # all the threads torch uses, but no more than there are tasks, and one for tiny calls: waking a
-    # thread pool costs more than ~4 MFLOP of work (and, on a busy machine, a scheduler time slice)
+    # all the threads torch uses, but no more than there are tasks, and one for calls under ~4 MFLOP
+    # (~30 us on one core): handing work to a pool thread and waiting for it (_on_threads) cost 9-17 us
+    # here (loaded machine; threading.Event 15-25 us, a ThreadPoolExecutor 21-30 us), and on a busy
+    # machine the pool thread may wait for a scheduler time slice
     return min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, tasks) if flops >= 4e6 else 1
 
 
 def _kernel(name: str, threads: int):
-    """The numba kernel ``name`` for ``threads`` threads: its ``_serial`` twin for one (numba's
-    pool is not woken, nor even started), else the parallel kernel with the pool set to that."""
+    """cpu_flash's (float64) numba kernel ``name`` for ``threads`` threads: its ``_serial`` twin for one
+    (numba's pool is not woken, nor even started), else the parallel kernel with the pool set to that.
+    The float32 and bfloat16 kernels run on :func:`_on_threads` instead."""
     if threads <= 1:
         return getattr(_k, name + "_serial")
     torch_threads = torch.get_num_threads()
@@ -190,6 +195,104 @@ def _kernel(name: str, threads: int):
     # on 2 threads, chunk 0, 1 or 4: tasks 0-15 on one thread, 16-31 on the other)
     numba.set_parallel_chunksize(1)
     return getattr(_k, name)
+
+
+# -- the float32 and bfloat16 kernels on several threads ---------------------------------------------
+# The calling thread and threads - 1 pool threads (started on first use, kept, daemon) each run one call
+# of a compiled nogil kernel; the calls share a counter (an int64 array) from which every thread takes
+# its next work unit, so a core slowed by another process takes fewer. One compiled kernel serves one
+# thread and many (numba's prange kernels compiled the whole serial kernel into themselves again: ~100 s
+# of a first call), and the pool does not split the work into fixed halves as numba's OpenMP layer does.
+
+
+class _Worker:
+    """A pool thread: runs one job at a time, handed over through two locks (the cheapest wake-up
+    CPython has: no Condition, no queue)."""
+
+    def __init__(self):
+        self.go, self.done = _thread.allocate_lock(), _thread.allocate_lock()
+        self.go.acquire()  # released by the caller when a job is set
+        self.done.acquire()  # released by the worker when the job is over
+        self.job, self.error = None, None
+        threading.Thread(target=self._loop, name="selfattn-cpu-worker", daemon=True).start()
+
+    def _loop(self):
+        while True:
+            self.go.acquire()
+            fn, args = self.job
+            self.job = None
+            try:
+                fn(*args)
+            except BaseException as e:  # noqa: BLE001 -- re-raised in the caller (_on_threads)
+                self.error = e
+            self.done.release()
+
+
+_WORKERS: list = []
+_POOL = threading.Lock()  # held by the one call using the workers
+
+
+def _reset_pool():
+    # a forked child has none of the parent's threads
+    global _POOL
+    _WORKERS.clear()
+    _POOL = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_pool)
+
+
+def _on_threads(calls) -> None:
+    """Run ``fn(*args)`` for every (fn, args) of ``calls`` at once: the first in this thread, the others
+    on pool threads; return when all are done, raising the first error any of them raised (this
+    thread's first). While another thread's call holds the pool they run one after the other here
+    (kernels that share a counter: the first takes every unit)."""
+    if len(calls) == 1 or not _POOL.acquire(blocking=False):
+        for fn, args in calls:
+            fn(*args)
+        return
+    try:
+        while len(_WORKERS) < len(calls) - 1:
+            _WORKERS.append(_Worker())
+        workers = _WORKERS[:len(calls) - 1]
+        for w, job in zip(workers, calls[1:]):
+            w.job = job
+            w.go.release()
+        error = None
+        try:
+            fn, args = calls[0]
+            fn(*args)
+        except BaseException as e:  # noqa: BLE001 -- raised below, after the workers are done
+            error = e
+        try:
+            for w in workers:
+                w.done.acquire()
+                if error is None:
+                    error = w.error
+                w.error = None
+        except BaseException:
+            # interrupted (KeyboardInterrupt) while a worker still runs: it is left behind (it blocks when done),
+            # new ones serve the next calls
+            _WORKERS[:] = [w for w in _WORKERS if w not in workers]
+            raise
+        if error is not None:
+            raise error
+    finally:
+        _POOL.release()
+
+
+def _entry(kernel, args):
+    """The compiled entry point of numba ``kernel`` for ``args`` (compiled or loaded from the cache in
+    this thread), as :func:`_run` keeps them: pool threads call it without the dispatcher."""
+    key = (kernel, getattr(args[0], "dtype", None))
+    entry = _ENTRIES.get(key)
+    if entry is None:
+        signature = tuple(kernel.typeof_pyval(a) for a in args)
+        kernel.compile(signature)
+        entry = _ENTRIES[key] = kernel.overloads[signature].entry_point
+        _SIGNATURES[key] = signature
+    return entry
 
 
 def _ready(t, acc):
@@ -628,7 +731,7 @@ class _EagerFlash(torch.autograd.Function):
 class _Plan(NamedTuple):
     """What a short call of one (q, k, v shapes, causal, scale) needs, validated and lowered once."""
 
-    kernel: object  # cpu_short.fwd_small(_bf16) or cpu_fwd.flash_fwd_t_serial: its compiled entry point
+    kernel: object  # cpu_short.fwd_small(_bf16) or cpu_fwd.flash_fwd_t: its compiled entry point
     args: tuple  # the kernel's arguments after q, k, v and out
     out_shape: tuple  # (B, Hq, Lq, Dv)
     like_q: bool  # Dv == D: the output is allocated like q (contiguous, float32)
@@ -725,11 +828,15 @@ def _make_plan(q, k, v, causal, scale):
     scratch = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype)
     if rows:
         # the general launcher's own compiled kernel (a wrapper would compile the task function into
-        # itself again: ~20 s more on a process's first call) over all its work units, the rows and
-        # counts as scratch (numba holds the GIL while it runs: one call at a time uses them)
-        kernel = _fwd.flash_fwd_t_serial
+        # itself again: ~20 s more on a process's first call) over all its work units in this thread, the
+        # rows and counts as scratch (calls from several threads at once write them in any order: nothing
+        # reads them)
+        kernel = _fwd.flash_fwd_t
+        if _k.lean_call(_view(q), km, opts):  # (k_norm 0 here: no block takes float64 scores)
+            kernel = _k.lean_variant(kernel)
         r = np.empty((3, B, Hq, Lq), np.float32)
-        args = (r[0], r[1], r[2], np.zeros(tasks, np.int64), km, opts, 0, B * Hq * _fwd._units(Lq, _fwd.PAIR)[2], _fwd.PAIR)
+        args = (r[0], r[1], r[2], np.zeros(tasks, np.int64), km, opts, 0, B * Hq * _fwd._units(Lq, _fwd.PAIR)[2], _fwd.PAIR,
+                _fwd.NO_COUNTER)
         full = (_view(q), _view(k), _view(v), scratch.numpy(), *args)
     else:
         full = (q.data_ptr(), k.data_ptr(), v.data_ptr(), scratch.data_ptr(), *args)
@@ -817,7 +924,7 @@ class Fit(NamedTuple):
 class Calibration(NamedTuple):
     """cpu against sdpa on this host for one (dtype, gradients, threads), measured or given."""
 
-    key: tuple  # (dtype, gradients, torch threads, numba threading layer)
+    key: tuple  # (dtype, gradients, torch threads)
     cpu: Fit
     sdpa: Fit
     probes: tuple  # ((work, cpu seconds, sdpa seconds), ...) one per probe, growing in work
@@ -851,7 +958,7 @@ def _work(req) -> float:
 
 
 def _calibration_key(dtype, grad) -> tuple:
-    return (dtype, bool(grad), torch.get_num_threads(), numba.config.THREADING_LAYER if _k is not None else None)
+    return (dtype, bool(grad), torch.get_num_threads())
 
 
 def set_calibration(cal: Optional[Calibration], dtype=torch.float32, grad: bool = False) -> None:
@@ -863,16 +970,6 @@ def set_calibration(cal: Optional[Calibration], dtype=torch.float32, grad: bool 
     else:
         _CALIBRATIONS[key] = cal._replace(key=key)
     _CHOICE_GENERATION[0] += 1
-
-
-def _torch_threads() -> int:
-    # torch.get_num_threads(), readable while torch.compile traces (as a constant of the graph)
-    return torch.get_num_threads()
-
-
-# what @torch.compiler.assume_constant_result does (torch/_dynamo/decorators.py), without its import of
-# torch._dynamo: ~3 s of CPU in every process that imports selfattn (each CLI run, each spawned rank)
-_torch_threads._dynamo_marked_constant = True
 
 
 def calibration(dtype=torch.float32, grad: bool = False, measure: bool = True) -> Optional[Calibration]:
@@ -1006,10 +1103,10 @@ def _rank(req: Request, explain: bool = True) -> tuple:
     tie = 1.0 / TIE_MARGIN < t_cpu / t_sdpa < TIE_MARGIN
     if not explain:
         return (_table_rank(req)[0] if tie else min(45.0, 10.0 * t_cpu / t_sdpa)), ""
-    threads, layer = cal.key[2], cal.key[3]
+    threads = cal.key[2]
     why = (f"cpu against sdpa calibrated on this host ({str(req.dtype).replace('torch.', '')}, "
-           f"{'forward + backward' if req.requires_grad else 'forward'}, {threads} thread{'s' if threads > 1 else ''}, "
-           f"numba layer {layer or 'default'}; {cal.source}): {_measured(cal)}; "
+           f"{'forward + backward' if req.requires_grad else 'forward'}, {threads} thread{'s' if threads > 1 else ''}; "
+           f"{cal.source}): {_measured(cal)}; "
            f"this call (work {work:.3g}): cpu {t_cpu * 1e6:.0f} us, sdpa {t_sdpa * 1e6:.0f} us")
     if tie:
         # a near tie: either is fine for speed, and the recorded table keeps the choice the same in
@@ -1033,13 +1130,10 @@ def _table_rank(req: Request) -> tuple:
     # AMD Zen machine), for calls the calibration does not cover (float64; SELFATTN_AUTO_CALIBRATE=0;
     # torch.compile before any measurement): float32, no mask or causal: 8, before sdpa, where cpu was
     # faster there -- with gradients from 32 keys on, without from B*H*Lq*Lk*D = 4e6 on -- else 30.
-    # numba's workqueue layer (which `selfattn train` selects) hands tasks to its threads at ~0.1 ms a
-    # call: with more than one thread there, short sequences go to sdpa. Other dtypes: 30, sdpa first.
+    # Other dtypes: 30, sdpa first.
     why = "the recorded table (BENCHMARKS.md, measured on an AMD Zen 3 machine; no calibration for this call)"
     if req.dtype == torch.float32:
         work = req.batch * req.q_heads * req.q_len * req.kv_len * req.head_dim
-        if _torch_threads() > 1 and _k is not None and numba.config.THREADING_LAYER == "workqueue":
-            return (8.0 if work >= 5e7 else 30.0), why
         return (8.0 if (req.requires_grad and req.kv_len >= 32) or work >= 4e6 else 30.0), why
     return 30.0, why
 

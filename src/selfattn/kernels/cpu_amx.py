@@ -68,7 +68,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.extending import intrinsic
 from numba.core import config as numba_config
 
@@ -90,7 +90,7 @@ from selfattn.kernels.cpu_flash import (
     _score_terms,
     _Vectors,
 )
-from selfattn.kernels.cpu_fwd import LANES, _exp2_v, _finish_step, _loop, _score_terms_t
+from selfattn.kernels.cpu_fwd import I1, LANES, NO_COUNTER, _exp2_v, _fetch_add, _finish_step, _loop, _score_terms_t
 from selfattn.kernels import cpu_bwd as _bwd_src, cpu_flash as _flash_src, cpu_fwd as _fwd_src, stamp_sources
 
 _CACHE_DIR, _NUMBA_CACHE_DIR = numba_cache_dir(), numba_config.CACHE_DIR
@@ -398,19 +398,19 @@ def _fwd_task(t, inp, out, row_max, row_log, ent, top, counts, mask, opts):
     counts[t] = n_tiles
 
 
-@njit(parallel=True, cache=True)
-def flash_fwd_amx(inp, out, row_max, row_log, ent, top, counts, mask, opts):
+@njit(cache=True, nogil=True)
+def flash_fwd_amx(inp, out, row_max, row_log, ent, top, counts, mask, opts, taken):
     """``cpu_flash.flash_fwd`` for bfloat16 inputs with its products on AMX: one task per (batch, head,
     query block) over its non-empty key tiles; the same outputs (out float32 (B, Hq, Lq, Dv), the lse
     halves in score units, entropy in nats, counts[task] = tiles computed). ``inp``: :class:`AmxInputs`
-    (:func:`prepare`); ``mask``/``opts``: cpu_flash's records for float32 (base-2 score units)."""
-    for t in prange(counts.shape[0]):
-        _fwd_task(t, inp, out, row_max, row_log, ent, top, counts, mask, opts)
-
-
-@njit(cache=True)
-def flash_fwd_amx_serial(inp, out, row_max, row_log, ent, top, counts, mask, opts):
-    for t in range(counts.shape[0]):
+    (:func:`prepare`); ``mask``/``opts``: cpu_flash's records for float32 (base-2 score units).
+    ``taken``: empty (every task in order, in this thread) or a shared (1,) int64 counter, zeroed, from
+    which every thread running this call takes its next task (tasks write disjoint rows)."""
+    t = -1
+    while True:
+        t = _fetch_add(taken, I1) if taken.size > 0 else t + 1
+        if t >= counts.shape[0]:
+            break
         _fwd_task(t, inp, out, row_max, row_log, ent, top, counts, mask, opts)
 
 
@@ -542,9 +542,14 @@ def _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, pbuf, dpbuf, kbs, pairs,
 
 
 @njit(cache=True, nogil=True)
-def _bwd_tasks_amx(t0, t1, step, g, row_max, row_log, dkt, dvt, dq, counts, mask, opts):
-    # tasks t0, t0 + step, ... below t1 in order, with their buffers (allocated here, in the thread
-    # that runs them) and the tile state loaded once
+def flash_bwd_amx(g, row_max, row_log, dkt, dvt, dq, counts, mask, opts, t0, step, per, taken):
+    """The bfloat16 backward on AMX (:class:`AmxGradInputs` ``g``, the lse halves row_max, row_log
+    (B, Hq, Lq)): tasks (batch, head, query block), ``counts`` one entry each, adding their dK^T and dV^T
+    shares into dkt (B, Hkv, nK, D16, BLOCK_N) and dvt (.., Dv16, ..), zeroed, writing dq (B, Hq, Lq, D)
+    float32. ``taken`` empty: tasks t0, t0 + step, ... in order; else a shared (1,) int64 counter, zeroed:
+    whole kv heads of ``per`` tasks, the next one no thread running this call has taken (one writer per
+    dK/dV row). :func:`finish_kv_amx` turns the sums into dk and dv."""
+    # The buffers are allocated here, in the thread that runs the tasks, and the tile state loaded once
     nK = g.kt.shape[2]
     # (every buffer a product reads or writes on 64-byte lines: _zeros_f32)
     pbuf = _zeros_f32(nK * BLOCK_M, BLOCK_N).reshape((nK, BLOCK_M, BLOCK_N))
@@ -558,64 +563,46 @@ def _bwd_tasks_amx(t0, t1, step, g, row_max, row_log, dkt, dvt, dq, counts, mask
     # probabilities near 2**-126 (the tile products flush them anyway)
     old = _mxcsr_ftz(np.intp(1))
     _bf.amx_begin()
-    for t in range(t0, t1, step):
+    T = counts.shape[0]
+    shared = taken.size > 0
+    t, t_end = (0, 0) if shared else (t0, T)
+    while True:
+        if shared and t == t_end:
+            kh = _fetch_add(taken, I1)
+            t, t_end = kh * per, min((kh + 1) * per, T)
+        if t >= t_end:
+            break
         _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, pbuf, dpbuf, kbs, pairs, ds_all, qt_blk, dot_blk, counts, mask,
                       opts)
+        t += 1 if shared else step
     _bf.amx_end()
     _mxcsr_set(old)
 
 
-@njit(fastmath=FASTMATH, cache=True)
-def _finish_kv_amx(x, dkt_w, dvt_w, dk, dv, dscale):
-    # key block x of the flattened (B, Hkv, nK): dk = dscale * (sum over workers of dK^T)^T, dv
-    # likewise without the scale, worker order
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def finish_kv_amx(x0, x1, dkt_w, dvt_w, dk, dv, dscale):
+    """Key blocks x0 .. x1 - 1 of the flattened (B, Hkv, nK): dk = dscale * (the sum over workers of
+    dkt_w (W, B, Hkv, nK, D16, BLOCK_N))^T, dv likewise without the scale, in worker order."""
     B, Hkv, Lk, D = dk.shape
     Dv = dv.shape[3]
     nK = dkt_w.shape[3]
     W = dkt_w.shape[0]
-    kb = x % nK
-    hk = (x // nK) % Hkv
-    b = x // (nK * Hkv)
-    c0 = kb * BLOCK_N
-    for j in range(min(BLOCK_N, Lk - c0)):
-        for d in range(D):
-            acc = dkt_w[0, b, hk, kb, d, j]
-            for w in range(1, W):
-                acc += dkt_w[w, b, hk, kb, d, j]
-            dk[b, hk, c0 + j, d] = acc * dscale
-        for d in range(Dv):
-            acc = dvt_w[0, b, hk, kb, d, j]
-            for w in range(1, W):
-                acc += dvt_w[w, b, hk, kb, d, j]
-            dv[b, hk, c0 + j, d] = acc
-
-
-@njit(parallel=True, cache=True)
-def flash_bwd_amx(g, row_max, row_log, dkt_w, dvt_w, dq, dk, dv, counts, mask, opts):
-    """The bfloat16 backward on AMX (:class:`AmxGradInputs` ``g``, the lse halves row_max, row_log
-    (B, Hq, Lq)): one task per (batch, head, query block), ``counts`` one entry each; dq (B, Hq, Lq, D),
-    dk (B, Hkv, Lk, D), dv (B, Hkv, Lk, Dv) float32. dkt_w/dvt_w (W, B, Hkv, nK, D16|Dv16, BLOCK_N),
-    zeroed: W == 1: whole kv heads go to the workers (one writer per dK/dV row); else task w, w + W, ...
-    to worker w, into its own copy, summed in worker order. Bit-identical run to run either way."""
-    W = dkt_w.shape[0]
-    T = counts.shape[0]
-    Hq, Lq = dq.shape[1], dq.shape[2]
-    per = (Hq // dk.shape[1]) * ((Lq + BLOCK_M - 1) // BLOCK_M)  # tasks per kv head
-    if W == 1:
-        for kh in prange(T // per):
-            _bwd_tasks_amx(kh * per, (kh + 1) * per, 1, g, row_max, row_log, dkt_w[0], dvt_w[0], dq, counts, mask, opts)
-    else:
-        for w in prange(W):
-            _bwd_tasks_amx(w, T, W, g, row_max, row_log, dkt_w[w], dvt_w[w], dq, counts, mask, opts)
-    for x in prange(dkt_w.shape[1] * dkt_w.shape[2] * dkt_w.shape[3]):
-        _finish_kv_amx(x, dkt_w, dvt_w, dk, dv, opts.dscale)
-
-
-@njit(cache=True)
-def flash_bwd_amx_serial(g, row_max, row_log, dkt_w, dvt_w, dq, dk, dv, counts, mask, opts):
-    _bwd_tasks_amx(0, counts.shape[0], 1, g, row_max, row_log, dkt_w[0], dvt_w[0], dq, counts, mask, opts)
-    for x in range(dkt_w.shape[1] * dkt_w.shape[2] * dkt_w.shape[3]):
-        _finish_kv_amx(x, dkt_w, dvt_w, dk, dv, opts.dscale)
+    for x in range(x0, x1):
+        kb = x % nK
+        hk = (x // nK) % Hkv
+        b = x // (nK * Hkv)
+        c0 = kb * BLOCK_N
+        for j in range(min(BLOCK_N, Lk - c0)):
+            for d in range(D):
+                acc = dkt_w[0, b, hk, kb, d, j]
+                for w in range(1, W):
+                    acc += dkt_w[w, b, hk, kb, d, j]
+                dk[b, hk, c0 + j, d] = acc * dscale
+            for d in range(Dv):
+                acc = dvt_w[0, b, hk, kb, d, j]
+                for w in range(1, W):
+                    acc += dvt_w[w, b, hk, kb, d, j]
+                dv[b, hk, c0 + j, d] = acc
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -634,16 +621,15 @@ def _pack_bwd_task(t, k16, v16, kt, vt, kp):
     _bf.pack_pairs(k16[b, hk, c0:c0 + ncols], kp[b, hk, pv:pv + (ncols + 1) // 2])
 
 
-@njit(parallel=True, cache=True)
-def pack_bwd(k16, v16, kt, vt, kp):
-    """K^T and V^T panels and K pairs of every (batch, kv head, key block) into zeroed kt, vt, kp (AmxGradInputs)."""
-    for t in prange(vt.shape[0] * vt.shape[1] * vt.shape[2]):
-        _pack_bwd_task(t, k16, v16, kt, vt, kp)
-
-
-@njit(cache=True)
-def pack_bwd_serial(k16, v16, kt, vt, kp):
-    for t in range(vt.shape[0] * vt.shape[1] * vt.shape[2]):
+@njit(cache=True, nogil=True)
+def pack_bwd(k16, v16, kt, vt, kp, taken):
+    """K^T and V^T panels and K pairs of every (batch, kv head, key block) into zeroed kt, vt, kp
+    (AmxGradInputs); ``taken`` as :func:`flash_fwd_amx`'s."""
+    t = -1
+    while True:
+        t = _fetch_add(taken, I1) if taken.size > 0 else t + 1
+        if t >= vt.shape[0] * vt.shape[1] * vt.shape[2]:
+            break
         _pack_bwd_task(t, k16, v16, kt, vt, kp)
 
 
@@ -652,6 +638,17 @@ numba_config.CACHE_DIR = _NUMBA_CACHE_DIR
 
 #: calls and tile products served by the AMX forward since import (tests check the path was taken)
 AMX_CALLS = {"calls": 0, "tiles": 0, "backward": 0}
+
+
+def _run_threads(kernel, args, threads):
+    # kernel(*args, taken) on `threads` threads sharing the counter `taken` (one: every task in order here)
+    from selfattn.backends import cpu as _cpu
+
+    if threads <= 1:
+        kernel(*args, NO_COUNTER)
+        return
+    call = args + (np.zeros(1, np.int64),)
+    _cpu._on_threads([(_cpu._entry(kernel, call), call)] * threads)
 
 
 def _zeros_np(shape, dtype):
@@ -702,14 +699,12 @@ def launch_forward(q, k, v, sinks, call):
     opts = _cpu._opts(torch.float32, call)
     counts = np.zeros(B * Hq * (-(-Lq // BLOCK_M)), np.int64)  # one per task
     threads = _cpu._threads(len(counts), 4.0 * B * Hq * Lq * Lk * D)
-    if threads > 1:
-        _cpu._kernel("flash_fwd", threads)  # numba's pool set to `threads` (and torch's count kept)
     inp = prepare(q, k, v, opts)
     out = torch.empty(B, Hq, Lq, Dv, dtype=torch.float32)
     # the lse halves (row_max: the kernel's reference max, within LAZY of the true one), entropy, true max
     row_max, row_log, ent, top = (torch.empty(B, Hq, Lq, dtype=torch.float32) for _ in range(4))
-    kernel = flash_fwd_amx if threads > 1 else flash_fwd_amx_serial
-    kernel(inp, out.numpy(), row_max.numpy(), row_log.numpy(), ent.numpy(), top.numpy(), counts, mask, opts)
+    args = (inp, out.numpy(), row_max.numpy(), row_log.numpy(), ent.numpy(), top.numpy(), counts, mask, opts)
+    _run_threads(flash_fwd_amx, args, threads)
     tiles = int(counts.sum())
     _cpu.TILE_PRODUCTS["forward"] += tiles
     AMX_CALLS["calls"] += 1
@@ -734,7 +729,7 @@ def prepare_backward(q, k, v, do, threads: int = 1) -> AmxGradInputs:
     kt = _zeros_np((B, Hkv, nK, r16(D, 32) // 2, BLOCK_N, 2), np.uint16)
     vt = _zeros_np((B, Hkv, nK, r16(Dv, 32) // 2, BLOCK_N, 2), np.uint16)
     kp = _zeros_np((B, Hkv, nK * PAIRS_N, r16(D, 16), 2), np.uint16)
-    (pack_bwd if threads > 1 else pack_bwd_serial)(_bits(k), _bits(v), kt, vt, kp)
+    _run_threads(pack_bwd, (_bits(k), _bits(v), kt, vt, kp), threads)
     return AmxGradInputs(q=_bits(qp), do=_bits(dop), kt=kt, vt=vt, k=kp,
                          head_dim=D, v_dim=Dv, kv_len=Lk)
 
@@ -751,20 +746,33 @@ def launch_backward(grad_out, q, k, v, out, row_max, row_log, call):
     opts = _cpu._opts(torch.float32, call)
     counts = np.zeros(B * Hq * (-(-Lq // BLOCK_M)), np.int64)  # one per task
     threads = _cpu._threads(len(counts), 10.0 * B * Hq * Lq * Lk * D)
-    if threads > 1:
-        _cpu._kernel("flash_fwd", threads)  # numba's pool set to `threads` (and torch's count kept)
     g = prepare_backward(q, k, v, grad_out.to(torch.bfloat16), threads)
     dq = torch.empty(B, Hq, Lq, D, dtype=torch.float32)
     dk = torch.empty(B, Hkv, Lk, D, dtype=torch.float32)
     dv = torch.empty(B, Hkv, Lk, Dv, dtype=torch.float32)
-    # dK^T, dV^T accumulators: one copy when whole kv heads go to the workers, else one per worker
+    # dK^T, dV^T accumulators: one copy when whole kv heads go to the threads, else one per thread
     W = 1 if threads <= 1 or (B * Hkv) % threads == 0 else threads
     nK = g.kt.shape[2]
     dkt = _zeros_np((W, B, Hkv, nK, g.k.shape[3], BLOCK_N), np.float32)
     dvt = _zeros_np((W, B, Hkv, nK, -(-Dv // 16) * 16, BLOCK_N), np.float32)
-    kernel = flash_bwd_amx if threads > 1 else flash_bwd_amx_serial
-    kernel(g, row_max.detach().contiguous().numpy(), row_log.detach().contiguous().numpy(), dkt, dvt,
-           dq.numpy(), dk.numpy(), dv.numpy(), counts, mask, opts)
+    args = (g, row_max.detach().contiguous().numpy(), row_log.detach().contiguous().numpy())
+    rest = (dq.numpy(), counts, mask, opts)
+    per = (Hq // Hkv) * (-(-Lq // BLOCK_M))  # tasks per kv head
+    if threads <= 1:
+        flash_bwd_amx(*args, dkt[0], dvt[0], *rest, 0, 1, per, NO_COUNTER)
+        finish_kv_amx(0, B * Hkv * nK, dkt, dvt, dk.numpy(), dv.numpy(), opts.dscale)
+    else:
+        if W == 1:  # whole kv heads from a shared counter: one writer per dK/dV row
+            taken = np.zeros(1, np.int64)
+            calls = [args + (dkt[0], dvt[0], *rest, 0, 1, per, taken)] * threads
+        else:  # tasks w, w + W, ... into thread w's own copy
+            calls = [args + (dkt[w], dvt[w], *rest, w, W, per, NO_COUNTER) for w in range(W)]
+        entry = _cpu._entry(flash_bwd_amx, calls[0])
+        _cpu._on_threads([(entry, call) for call in calls])
+        X = B * Hkv * nK  # key blocks, summed over the copies in worker order
+        sums = [(X * w // threads, X * (w + 1) // threads, dkt, dvt, dk.numpy(), dv.numpy(), opts.dscale) for w in range(threads)]
+        entry = _cpu._entry(finish_kv_amx, sums[0])
+        _cpu._on_threads([(entry, call) for call in sums])
     _cpu.TILE_PRODUCTS["backward_one_pass"] += int(counts.sum())
     AMX_CALLS["backward"] += 1
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

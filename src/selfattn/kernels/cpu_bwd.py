@@ -31,10 +31,11 @@ missed STYLE rule 6 in 11 of test_cpu_kernel's cases (rows of one or two keys, w
 is exactly 0). Keeping the tiles costs memory traffic, not products.
 With ``sinks`` known (launch_backward) delta is divided by rowsum(P) + p_sink, in float64.
 
-Each dK/dV share is added to its rows by one writer: on 2+ threads whole kv heads are dealt to
-the workers when they divide evenly (bit-identical to one thread; dK scaled per head by its
-writer), else every worker adds into its own copy and the copies are summed in worker order.
-Results are bit-identical run to run.
+Each dK/dV share is added to its rows by one writer: on 2+ threads (backends.cpu._on_threads) each
+thread takes the next whole kv head from a shared counter when the kv heads divide evenly
+(bit-identical to one thread; dK scaled per head by its writer), else every thread adds its fixed
+share into its own copy and the copies are summed in worker order. Results are bit-identical run
+to run.
 
 Where the time goes (one thread, causal D = 64, rdtsc per section, (1, 4, 2048, 64)): the five
 products ~80 % (each at ~100-110 GFLOP/s in place against ~120-128 for the same calls on data in
@@ -62,11 +63,11 @@ import platform
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .cpu_fwd import _alibi_tile, _bias_mask_t, _loop, _mask_tile_t
+from .cpu_fwd import NO_COUNTER, _alibi_tile, _bias_mask_t, _fetch_add, _loop, _mask_tile_t
 
 from .cpu_flash import (ALL_FEATURES, ADD, VEC_BYTES, _fold_lo, _softcap_tile, BLOCK_M, BLOCK_N, EMPTY, FASTMATH, PARTIAL, STORE, _addr, _bx, _dot, _Exact,
                         _exp2_ir, _fma_k_loop, _per_vector_count, _prefetch, _qk_split, _qk64_t, _qt64, _raw_units, _split_tiles, _Vectors, NV_MAX, TILE_N)
@@ -140,8 +141,7 @@ _mkp6, _mkp2, _mkp1 = _make_mk_pf(6), _make_mk_pf(2), _make_mk_pf(1)
 
 
 # int64 values, not literals, for constant arguments of called numba functions: numba compiles a function once
-# per pattern of literal arguments (_gemm_pf's five calls made three copies of it, flash_bwd_t two of
-# flash_bwd_t_serial)
+# per pattern of literal arguments (_gemm_pf's five calls made three copies of it)
 I0, I1, IM, MODE_STORE, MODE_ADD = np.intp(0), np.intp(1), np.intp(BLOCK_M), np.intp(STORE), np.intp(ADD)
 
 
@@ -295,20 +295,6 @@ def _mxcsr_set(typingctx, value):
             builder.store(builder.trunc(args[0], i32), slot)
             builder.call(ld, [builder.bitcast(slot, i8p)])
         return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def _fetch_add(typingctx, counter, by):
-    # counter[0] += by as one atomic step (any thread); returns the value before
-    if not (isinstance(counter, types.Array) and counter.dtype == types.int64 and by == types.int64):
-        return None
-    sig = types.int64(counter, types.int64)
-
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        return builder.atomic_rmw("add", data, args[1], "seq_cst")
 
     return sig, codegen
 
@@ -573,10 +559,10 @@ def _small_ds_dq(st, dpt, wkeep, u, softcap, dl64, dq64, k, b, hk, c0, ncols, ro
                 dq64[i, d] += d64 * np.float64(k[b, hk, c0 + j, d])
 
 
-@njit(fastmath=FASTMATH, cache=True)
-def _finish_kv(dk_w, dv_w, dk, dv, dscale, lo, hi):
-    # rows lo:hi of the flattened (B*Hkv*Lk, D|Dv): dk = dscale * sum over workers, dv = sum, in
-    # worker order
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def finish_kv(dk_w, dv_w, dk, dv, dscale, lo, hi):
+    """Rows lo:hi of the flattened (B*Hkv*Lk, D|Dv) after flash_bwd_t's snake (per = 0): dk = dscale * the
+    sum over workers of dk_w (W, B*Hkv*Lk, D), dv = that of dv_w, in worker order."""
     W = dk_w.shape[0]
     for r in range(lo, hi):
         for d in range(dk.shape[1]):
@@ -602,95 +588,60 @@ def _scale_head(dk, kh, dscale):
 
 
 @njit(cache=True, nogil=True)
-def flash_bwd_t_serial(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, dk_w, dv_w, dq, counts,
-                       mask, opts, t0, t1, w, W, per):
-    # The serial kernel (the launcher: tasks 0..T-1, w = 0, W = 1, dk_w and dv_w are dk and dv, zeroed) and
-    # flash_bwd_t's worker (one function, not a wrapper around it: numba links each called function's LLVM IR
-    # into its caller and optimizes and emits all of it again, ~6 s of a first call per level).
-    # Worker w of W's share of tasks t0..t1-1, in order, with its P^T/dP^T buffers (allocated here, once,
-    # in the thread that runs them: an allocation of 2 x 1 MB and its first touch cost ~0.9 ms, ~1 % of a
-    # kv head's work at L = 4096). per > 0: whole kv heads of `per` tasks each, heads w, w + W, ...
-    # (W = 1: all of them), dK of each scaled after its last task. per = 0: tasks dealt in a snake, w and 2W-1-w of every 2W (W = 2: 0, 3, 4, 7, ... and
-    # 1, 2, 5, 6, ...), so that the causal mask's growing query blocks even out (round robin gave
-    # worker 1 the larger of every pair: 3 % more work)
+def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, dk_w, dv_w, dq, counts,
+                mask, opts, t0, t1, w, W, per, taken):
+    """The backward's tasks t0 .. t1 - 1 (one per (batch, head, query block); ``counts`` has one entry
+    each) for worker ``w`` of ``W``, adding its dK and dV shares into dk_w and dv_w (B, Hkv, Lk, D|Dv),
+    zeroed, writing dq (B, Hq, Lq, D). ``per`` > 0: whole kv heads of ``per`` tasks each (every query
+    head of the group), dK of each scaled by dscale after its last task; which heads:
+
+    * ``taken`` a shared (1,) int64 counter, zeroed: the next head no thread running this call has taken
+      yet, until none is left (``backends.cpu._on_threads``; each dK/dV row has one writer, dk_w and dv_w
+      are dk and dv: bit-identical to one thread, whichever thread takes a head);
+    * ``taken`` empty: heads w, w + W, ... (one thread: W = 1, all of them in order).
+
+    ``per`` = 0: tasks dealt in a fixed snake, w and 2W-1-w of every 2W (W = 2: 0, 3, 4, 7, ... and
+    1, 2, 5, 6, ...), so that the causal mask's growing query blocks even out (round robin gave worker 1
+    the larger of every pair: 3 % more work), into this worker's own dk_w, dv_w (summed by
+    :func:`finish_kv`, in worker order: deterministic).
+
+    row_max, row_log (B, Hq, Lq): the lse halves (sink included); delta (B, Hq, Lq) the caller's
+    (shard_backward) or (B, Hq, 0): computed here, divided by rowsum(P) + sink_p (B, Hq, Lq|0) when
+    ``normalize``; ``fold_lo``: cpu_flash.FOLD_LO's softcap exponent; ``split_ragged``: a ragged last
+    block of < 4 rows takes float64 hi + lo scores (cpu_flash._qk_split) as the forward did
+    (cpu_fwd.SPLIT_SMALL; calls of < 4 rows always do); ``split_tiles``: blocks of >= 4 rows take float64
+    scores where cpu_flash._split_tiles says so, as the forward did (cpu_fwd.SPLIT_TILES).
+    """
+    # One function, not a wrapper around the task loop: numba links each called function's LLVM IR into
+    # its caller and optimizes and emits all of it again, ~6 s of a first call per level. The P^T/dP^T
+    # buffers are allocated here, once, in the thread that runs the tasks: an allocation of 2 x 1 MB and
+    # its first touch cost ~0.9 ms, ~1 % of a kv head's work at L = 4096.
     nK = (k.shape[2] + BLOCK_N - 1) // BLOCK_N
     pbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
     dpbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
     kbs = np.empty(nK, np.int64)
+    shared = per > 0 and taken.size > 0
     # denormals flushed while the tasks run (this thread only, restored after): probabilities near
     # 2**-126 times dP - delta made denormal dS, and every FMA on one a microcode assist (ALiBi's far
     # keys: +18 % backward time); what is flushed is below 1e-38
     old = _mxcsr_ftz(np.intp(1))
-    for t in range(t0, t1):
-        if per > 0:
-            if (t // per) % W != w:
-                continue
-        elif t % (2 * W) != w and t % (2 * W) != 2 * W - 1 - w:
+    t, t_end = (t0, t0) if shared else (t0, t1)
+    while True:
+        if shared and t == t_end:
+            # -- the next kv head nobody has taken (a thread slowed by another process takes fewer) --
+            kh = _fetch_add(taken, I1)
+            t, t_end = kh * per, min((kh + 1) * per, t1)
+        if t >= t_end:
+            break
+        if not shared and (per > 0 and (t // per) % W != w or per == 0 and t % (2 * W) != w and t % (2 * W) != 2 * W - 1 - w):
+            t += 1
             continue
         _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, dk_w, dv_w, dq, pbuf, dpbuf, kbs,
                   counts, mask, opts)
         if per > 0 and (t + 1) % per == 0:
             _scale_head(dk_w, t // per, opts.dscale)
+        t += 1
     _mxcsr_set(old)
-
-
-@njit(cache=True, nogil=True)
-def _heads(taken, heads, per, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, dk, dv, dq,
-           counts, mask, opts):
-    # a worker's whole kv heads: the next one no worker has taken yet (taken[0], shared), until none is
-    # left -- a worker slowed by another process on its core takes fewer (the heads are equal work under
-    # every mask that is the same for all heads; a static split waits for the slower core's half)
-    while True:
-        kh = _fetch_add(taken, np.int64(1))
-        if kh >= heads:
-            return
-        flash_bwd_t_serial(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, dk, dv, dq,
-                           counts, mask, opts, kh * per, (kh + 1) * per, I0, I1, per)
-
-
-@njit(parallel=True, cache=True)
-def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, workers, dk_w, dv_w, dk, dv, dq, counts, mask, opts):
-    """The whole backward pass on ``workers`` threads: one task per (batch, head, query block)
-    (``counts`` has one entry each). Two ways to deal them, both bit-identical run to run:
-
-    * dk_w has one slot (a view of dk, zeroed; dv_w likewise): whole kv heads -- the tasks of every
-      query head of a group -- go to the workers one at a time, so each dK/dV row has one writer
-      (the caller chooses this when the kv heads divide evenly among the workers);
-    * dk_w has one slot per worker (W, B, Hkv, Lk, D), zeroed (dv_w likewise): tasks are dealt to
-      the workers in a fixed snake order (flash_bwd_t_serial), each adding its dK/dV shares to its own slot;
-      then dk = sum_w dk_w[w], dv = sum_w dv_w[w], in worker order.
-
-    dk ends up times dscale. row_max, row_log (B, Hq, Lq): the lse halves (sink included); delta
-    (B, Hq, Lq) the caller's (shard_backward) or (B, Hq, 0): computed here, divided by rowsum(P) +
-    sink_p (B, Hq, Lq|0) when ``normalize``; ``fold_lo``: cpu_flash.FOLD_LO's softcap exponent;
-    ``split_ragged``: a ragged last block of < 4 rows takes float64 hi + lo scores (cpu_flash._qk_split) as
-    the forward did (cpu_fwd.SPLIT_SMALL; calls of < 4 rows always do); ``split_tiles``: blocks of >= 4 rows
-    take float64 scores where cpu_flash._split_tiles says so, as the forward did (cpu_fwd.SPLIT_TILES).
-    Writes dq (B, Hq, Lq, D).
-    """
-    W = dk_w.shape[0]
-    T = counts.shape[0]
-    per = (q.shape[1] // k.shape[1]) * ((q.shape[2] + BLOCK_M - 1) // BLOCK_M)  # tasks per kv head
-    if W == 1:
-        # -- whole kv heads, all the query tasks of each in order: each dK/dV row has one writer (dk_w
-        # and dv_w are dk and dv: nothing to sum). Heads handed out one at a time through a shared
-        # counter (numba's OpenMP layer would split a prange over the heads into two fixed halves),
-        # each with its own buffers (~1 % of its work at L 4096) --
-        taken = np.zeros(1, np.int64)
-        for w in prange(workers):
-            _heads(taken, T // per, per, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles,
-                   dk_w[0], dv_w[0], dq, counts, mask, opts)
-        return
-    # -- worker w: its snake share of the tasks (see flash_bwd_t_serial) into its own dK/dV copy --
-    for w in prange(W):
-        flash_bwd_t_serial(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, dk_w[w], dv_w[w],
-                           dq, counts, mask, opts, I0, T, w, W, I0)
-    R = dk.shape[0] * dk.shape[1] * dk.shape[2]
-    dk2, dv2 = dk.reshape(R, dk.shape[3]), dv.reshape(R, dv.shape[3])
-    dkw2, dvw2 = dk_w.reshape(W, R, dk.shape[3]), dv_w.reshape(W, R, dv.shape[3])
-    chunk = (R + workers - 1) // workers
-    for w in prange(workers):
-        _finish_kv(dkw2, dvw2, dk2, dv2, opts.dscale, w * chunk, min(R, (w + 1) * chunk))
 
 
 # -- launcher ------------------------------------------------------------------------------------
@@ -754,21 +705,33 @@ def launch_backward(grad_out, q, k, v, out, row_max, row_log, call, delta=None, 
         opts = opts._replace(k_norm=_k.max_key_norm(k_.numpy()))  # as cpu_fwd's launcher puts it
     args = (q_.numpy(), k_.numpy(), v_.numpy(), do.numpy(), row_max.numpy(), row_log.numpy(), delta, sink_p, normalize,
             bool(getattr(_k, "FOLD_LO", False)), split_ragged, split_tiles)
+    kernel = flash_bwd_t
+    if _k.lean_call(args[0], mask, opts):
+        kernel = _k.lean_variant(kernel)  # compiled without the features this call does not use
+    per = (Hq // Hkv) * (-(-Lq // BLOCK_M))  # tasks per kv head
+    T = len(counts)
     if threads <= 1:
-        # one worker, in the calling thread, whole kv heads in order: its accumulators are dk and dv (zeroed
-        # above), dK scaled kv head by kv head as in flash_bwd_t's whole-head path
-        per = (Hq // k.shape[1]) * (-(-Lq // BLOCK_M))  # tasks per kv head
-        _cpu._run(flash_bwd_t_serial, *args, dk.numpy(), dv.numpy(), dq.numpy(), counts, mask, opts, 0, len(counts), 0, 1, per)
+        # one worker, in the calling thread, whole kv heads in order: its accumulators are dk and dv (zeroed above)
+        _cpu._run(kernel, *args, dk.numpy(), dv.numpy(), dq.numpy(), counts, mask, opts, 0, T, 0, 1, per, NO_COUNTER)
+    elif (B * Hkv) % threads == 0:
+        # whole kv heads from a shared counter: each dK/dV row has one writer, no copies to sum
+        call = args + (dk.numpy(), dv.numpy(), dq.numpy(), counts, mask, opts, 0, T, 0, 1, per, np.zeros(1, np.int64))
+        _cpu._on_threads([(_cpu._entry(kernel, call), call)] * threads)
     else:
-        _cpu._kernel("flash_fwd", threads)  # sets numba's pool to `threads` (torch's count kept)
-        if (B * Hkv) % threads == 0:
-            # whole kv heads per worker: dK/dV rows have one writer each, no copies to sum
-            dk_w, dv_w = dk[None], dv[None]
-        else:
-            dk_w = torch.zeros(threads, B, Hkv, Lk, D, dtype=acc)
-            dv_w = torch.zeros(threads, B, Hkv, Lk, Dv, dtype=acc)
-        _cpu._run(flash_bwd_t, *args, threads, dk_w.numpy(), dv_w.numpy(), dk.numpy(), dv.numpy(), dq.numpy(), counts,
-                  mask, opts)
+        # the snake, each worker into its own dK/dV copy, then the copies summed in worker order (rows split
+        # over the threads): deterministic, whatever thread runs which share
+        dk_w = np.zeros((threads, B, Hkv, Lk, D), np.float32)
+        dv_w = np.zeros((threads, B, Hkv, Lk, Dv), np.float32)
+        calls = [args + (dk_w[w], dv_w[w], dq.numpy(), counts, mask, opts, 0, T, w, threads, 0, NO_COUNTER) for w in range(threads)]
+        entry = _cpu._entry(kernel, calls[0])
+        _cpu._on_threads([(entry, call) for call in calls])
+        R = B * Hkv * Lk
+        dkw2, dvw2 = dk_w.reshape(threads, R, D), dv_w.reshape(threads, R, Dv)
+        dk2, dv2 = dk.numpy().reshape(R, D), dv.numpy().reshape(R, Dv)
+        chunk = -(-R // threads)
+        sums = [(dkw2, dvw2, dk2, dv2, opts.dscale, w * chunk, min(R, (w + 1) * chunk)) for w in range(threads)]
+        entry = _cpu._entry(finish_kv, sums[0])
+        _cpu._on_threads([(entry, call) for call in sums])
     tiles = _cpu._tiles(counts)
     _cpu.TILE_PRODUCTS["backward_one_pass"] += tiles
     CALLS["calls"] += 1

@@ -25,7 +25,7 @@ The keys are read in their natural (B, Hkv, Lk, D) layout: no transposed copy of
 row stride between the rows a micro-kernel reads (L1 set conflicts at D = 128 in ``cpu_flash``).
 
 A task takes two whole query blocks of one head (``PAIR``; the blocks left, ragged ones too, alone;
-the parallel kernel pairs only where that leaves 4 tasks a thread): each key tile goes through both
+on several threads only where that leaves 4 units a thread): each key tile goes through both
 blocks' steps while its keys and values are in cache, so a head's K and V stream from L3 once per
 128 query rows, not 64. Each block's steps are a lone block's, in the same order: bit-identical
 outputs. One thread it is neutral (the prefetch hides L3). Two quiet runs (lead, 2026-12-02 01:22 and
@@ -67,7 +67,9 @@ D = 128 at 72 %. The micro-kernel with its operands on one line each runs at 96-
 is L1 traffic (the query vectors, the A rows, C in the epilogue). Before the prefetch, the D = 128
 kernel with Lk = 512 (K and V of a head in L2) ran ~20 % faster per tile than with Lk = 2048. On two
 threads the VM itself costs the second core 5-25 % (two 1-thread processes, one per core, lead
-23:04); numba's OpenMP layer splits the tasks into contiguous halves whatever the chunk size.
+23:04): the threads take units one at a time from a shared counter (``flash_fwd_t``'s ``taken``), so the
+slower core takes fewer (numba's OpenMP layer, which ran a prange kernel before, split them into two
+fixed contiguous halves).
 
 Measured and not taken (1 thread, interleaved A/B against the kept kernel, loaded machine): two key
 tiles per softmax step (a longer P V reduction: no faster at D = 64, slower at D = 128; old layout),
@@ -91,7 +93,7 @@ import math
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import config as numba_config, njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -122,6 +124,8 @@ from selfattn.kernels.cpu_flash import (
     _rebase,
     _anchor_rest,
     _split_tiles,
+    lean_call,
+    lean_variant,
     max_key_norm,
     _raw_units,
     _max_in_units,
@@ -141,7 +145,6 @@ SPLIT_SMALL = True
 SPLIT_TILES = True
 PREFETCH = True  # the Q K^T calls walk the next tiles into L2
 PAIR = True  # tasks of two whole query blocks, each key tile applied to both while it is in cache
-MAX_THREADS = numba_config.NUMBA_NUM_THREADS  # the parallel kernel pairs blocks where that leaves 4 tasks a thread
 UNROLL = 4  # independent accumulators in the column loops (max, sums)
 #: calls and tile products served by this kernel since import (tests check the path was taken)
 CALLS = {"calls": 0, "tiles": 0}
@@ -694,19 +697,46 @@ def _qk_dot_t(q, b, h, r0, rows, pk, ncols, st, scale):
 
 
 # -- the kernel ------------------------------------------------------------------------------------
+# Several threads run one call each, sharing a counter from which each takes its next work unit
+# (backends.cpu._on_threads): a core slowed by another process takes fewer.
 
 
-@njit(fastmath=FASTMATH, cache=True)
-def flash_fwd_t_serial(q, k, v, out, row_max, row_log, ent, counts, mask, opts, u0, u1, pair):
-    # work units u0 .. u1 - 1 (_units, _unit; `pair`: blocks taken two at a time), in order: the serial
-    # kernel (the launcher: all of them, pair = PAIR) and flash_fwd_t's task (one). One function, not a
-    # wrapper around a task function: numba links each called function's LLVM IR into its caller and
-    # optimizes and emits all of it again (~5 s of a first call per level). A unit is G = 1 query block or
-    # G = 2 whole ones of one batch and head: each key tile is applied to every block of the group while
-    # its keys and values are in cache; each block's own steps are exactly a lone task's (same sums in the
-    # same order)
+@intrinsic
+def _fetch_add(typingctx, counter, by):
+    # counter[0] += by as one atomic step (any thread); returns the value before
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64 and by == types.int64):
+        return None
+    sig = types.int64(counter, types.int64)
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.atomic_rmw("add", data, args[1], "seq_cst")
+
+    return sig, codegen
+
+
+I1 = np.int64(1)
+#: the counter argument of a call that runs every unit in order in its own thread
+NO_COUNTER = np.zeros(0, np.int64)
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def flash_fwd_t(q, k, v, out, row_max, row_log, ent, counts, mask, opts, u0, u1, pair, taken):
+    """``cpu_flash.flash_fwd`` in the transposed layout (float32, base 2), work units u0 .. u1 - 1 of one
+    or two whole query blocks of one (batch, head) each (:func:`_units`; ``pair``: blocks two at a time),
+    the same outputs; needs no transposed copy of the keys. ``taken``: empty (every unit, in order, in
+    this thread) or a shared (1,) int64 counter, zeroed, from which every thread running this call takes
+    its next unit (``backends.cpu._on_threads``; units write disjoint rows: the same bits on any thread)."""
+    # One function, not a wrapper around a task function: numba links each called function's LLVM IR
+    # into its caller and optimizes and emits all of it again (~5 s of a first call per level). A unit of
+    # G = 2 blocks applies each key tile to both while its keys and values are in cache; each block's own
+    # steps are exactly a lone task's (same sums in the same order)
     nQ, npair, per = _units(q.shape[2], pair)
-    for u in range(u0, u1):
+    u = u0 - 1
+    while True:
+        u = u0 + _fetch_add(taken, I1) if taken.size > 0 else u + 1
+        if u >= u1:
+            break
         t, G = _unit(u, nQ, npair, per)
         B, Hq, Lq, D = q.shape
         Lk, Dv = k.shape[2], v.shape[3]
@@ -863,21 +893,6 @@ def _unit(u, nQ, npair, per):
     return bh * nQ + 2 * npair + (w - npair), 1
 
 
-@njit(parallel=True, cache=True)
-def flash_fwd_t(q, k, v, out, row_max, row_log, ent, counts, mask, opts):
-    """``cpu_flash.flash_fwd`` in the transposed layout (float32, base 2): one task per (batch, head,
-    query block) or pair of whole query blocks, the same outputs; needs no transposed copy of the keys."""
-    heads = q.shape[0] * q.shape[1]
-    pair = PAIR
-    nQ, npair, per = _units(q.shape[2], pair)
-    if heads * per < 4 * MAX_THREADS:
-        # too few units to keep every thread busy: one block each
-        pair = False
-        nQ, npair, per = _units(q.shape[2], pair)
-    for u in prange(heads * per):
-        flash_fwd_t_serial(q, k, v, out, row_max, row_log, ent, counts, mask, opts, u, u + 1, pair)
-
-
 # -- launcher --------------------------------------------------------------------------------------
 
 
@@ -905,13 +920,21 @@ def launch_forward(q, k, v, sinks, call):
     bufs = _cpu._forward_buffers(B, Hq, Lq, Dv, acc)  # out and the row tensors
     counts = np.zeros(B * Hq * (-(-Lq // BLOCK_M)), np.int64)  # one per task
     threads = _cpu._threads(len(counts), 4.0 * B * Hq * Lq * Lk * D)
-    if threads > 1:
-        _cpu._kernel("flash_fwd", threads)  # numba's pool set to `threads` (and torch's count kept)
-    kernel = flash_fwd_t if threads > 1 else flash_fwd_t_serial
-    if threads > 1:
-        _cpu._run(kernel, q_.numpy(), k_.numpy(), v_.numpy(), *bufs.arrays, counts, mask, opts)
+    kernel = flash_fwd_t
+    if lean_call(q_.numpy(), mask, opts):
+        kernel = lean_variant(kernel)  # compiled without the features this call does not use
+    units = B * Hq * _units(Lq, PAIR)[2]
+    args = (q_.numpy(), k_.numpy(), v_.numpy(), *bufs.arrays, counts, mask, opts, 0, units, PAIR)
+    if threads <= 1:
+        _cpu._run(kernel, *args, NO_COUNTER)
     else:
-        _cpu._run(kernel, q_.numpy(), k_.numpy(), v_.numpy(), *bufs.arrays, counts, mask, opts, 0, B * Hq * _units(Lq, PAIR)[2], PAIR)
+        if units < 4 * threads:
+            # too few pairs to keep every thread busy to the end: one block a unit
+            units = B * Hq * _units(Lq, False)[2]
+            args = args[:-2] + (units, False)
+        taken = np.zeros(1, np.int64)  # the units begun, shared by the threads
+        entry = _cpu._entry(kernel, args + (taken,))
+        _cpu._on_threads([(entry, args + (taken,))] * threads)
     tiles = _cpu._tiles(counts)
     _cpu.TILE_PRODUCTS["forward"] += tiles
     CALLS["calls"] += 1

@@ -2,10 +2,11 @@
 its workers start.
 
 numba compiles a kernel the first time a call needs it and caches it on disk (this package's
-``__init__`` says where); the first float32 forward and backward cost ~25-50 s of one core, float64
+``__init__`` says where); the first float32 forward and backward cost ~50 s of one core, float64
 and bfloat16 ~50 s each more. Here one process per group of dtypes makes the calls that need each
-variant the backend has -- forward and backward, the serial kernels (calls under ~4 MFLOP) and the
-parallel ones, the short path's row kernel, the small-block path of decoding calls -- so that later
+variant the backend has -- forward and backward, small calls and large ones (float64: the serial
+kernels under ~4 MFLOP and numba's parallel ones; float32 and bfloat16 run one kernel on any number
+of threads), the short path's row kernel, the small-block path of decoding calls -- so that later
 processes only load them. Each group runs as ``python -m selfattn.kernels.warm DTYPE ...`` and
 prints one ``done <label> <seconds>`` line per call, which :func:`compile_kernels` reads.
 """
@@ -50,6 +51,8 @@ def _calls(dtype_name: str):
     yield f"{dtype_name} decoding with gradients", lambda: forward_backward(1, 2, 3, 64, 32)
     if dtype_name == "float32":
         yield "float16", lambda: (forward(1, 1, 8, 8, 16), forward_backward(1, 2, 256, 256, 64))
+        # the calls above take the lean variants (cpu_flash.lean_variant); a feature takes the full kernels
+        yield "float32 with a feature (softcap)", lambda: forward_backward(1, 2, 130, 130, 32, softcap=30.0)
 
 
 def run_groups(names) -> None:
@@ -79,7 +82,7 @@ def plan(names, jobs: int) -> list[list[str]]:
 
 def steps(names) -> int:
     """How many ``done``/``failed`` lines the groups print."""
-    return sum(4 + (name == "float32") for name in names)
+    return sum(4 + 2 * (name == "float32") for name in names)
 
 
 def compile_kernels(names=tuple(GROUPS), jobs: int = 2, on_line=None, env=None) -> dict:
