@@ -212,24 +212,124 @@ def _case_of(item):
 def pytest_xdist_make_scheduler(config, log):
     # `pytest -n N` (--dist load): xdist's load balancing, except that a backend-grid case's tests on
     # every backend (node ids differing only in their last id, the backend) go to one worker together,
-    # so shared_reference_pair computes the case's reference once. (xdist's own --dist loadgroup marks
-    # do not work with this pytest: it renames items through an attribute pytest no longer reads.)
+    # so shared_reference_pair computes the case's reference once, and so do the SAME_WORKER groups below.
+    # (xdist's own --dist loadgroup marks do not work with this pytest: it renames items through an
+    # attribute pytest no longer reads.)
     if config.getvalue("dist") != "load":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
+    # deal the tests in collection order, where pytest_collection_modifyitems put the longest first (by
+    # default this scheduler would put the scopes with the most tests first)
+    config.option.loadscopereorder = False
+
     class GridCases(LoadScopeScheduling):
         def _split_scope(self, nodeid):
-            base, _, last = nodeid.rpartition("-")
-            if "::" in nodeid and nodeid.split("::")[0].endswith(_GRID_FILES) and last[:-1] in BACKENDS:
-                return base
-            return nodeid  # any other test is a scope of its own, dealt out as under load
+            return _scope(nodeid)
 
     return GridCases(config, log)
 
 
+def _scope(nodeid):
+    # what the scheduler deals to one worker as a whole: a grid case on every backend, a SAME_WORKER group,
+    # else the test alone
+    base, _, last = nodeid.rpartition("-")
+    if "::" in nodeid and nodeid.split("::")[0].endswith(_GRID_FILES) and last[:-1] in BACKENDS:
+        return base
+    group = SAME_WORKER.get(nodeid.split("[")[0]) or SAME_WORKER.get(nodeid.split("::")[0])
+    return f"same worker: {group}" if group else nodeid
+
+
 #: test files whose cases end their ids in ``-<backend>`` and share a reference (check_backend's ``case``)
 _GRID_FILES = ("test_backends_grid.py",)
+
+
+# -- the longest tests first under xdist ---------------------------------------------------------------
+# Dealt out in file order, a test of a minute that comes late keeps one worker busy after the other has run
+# out of tests; longest first, the last tests dealt are short ones and both workers finish together.
+# Estimates: CPU seconds of each test and the processes it starts, from a one-process run of the whole suite
+# on precompiled kernels (HEAD 0a91830 + OMP_WAIT_POLICY=PASSIVE). A test renamed or gone only loses its
+# early start; a test missing here counts as short.
+LONGEST_FIRST = {
+    "tests/test_avx2_layout.py::test_forward_and_backward_in_the_avx2_layout": 55,
+    "tests/test_ring.py::test_ring_matches_one_process[4-auto]": 46,
+    "tests/test_ring.py::test_ring_matches_one_process[2-auto-math]": 25,
+    "tests/test_ring.py::test_ring_bad_input_errors_on_every_rank[2]": 8,
+    "tests/test_cpu_kernel.py::test_long_sequences[causal]": 25,
+    "tests/test_cpu_kernel.py::test_long_sequences[none]": 22,
+    "tests/test_cpu_kernel.py::test_keeps_torch_thread_count[2]": 6,
+    "tests/test_cpu_kernel.py::test_keeps_torch_thread_count[1]": 5,
+    "tests/test_train_context.py::test_context_parallel_step_matches_one_process[4-2]": 24,
+    "tests/test_train_context.py::test_cli_starts_its_processes_and_matches_one_process": 16,
+    "tests/test_train_context.py::test_context_parallel_not_dividing_the_world_fails_on_every_rank": 11,
+    "tests/test_train_context.py::test_context_parallel_step_matches_one_process[2-2]": 11,
+    # torch.compile's inductor: 54 s for the three with an empty inductor cache (a CI machine's), 32 s warm
+    "tests/test_layers.py::test_torch_compile_forward[math]": 30,
+    "tests/test_layers.py::test_torch_compile_forward[sdpa]": 14,
+    "tests/test_layers.py::test_torch_compile_forward[auto]": 8,
+    "tests/test_distributed.py::test_two_processes_match_one": 18,
+    "tests/test_cpu_fwd.py::test_scores_bit_identical_to_old_kernel[{}]": 17,
+    "tests/test_cpu_fwd.py::test_long_causal": 6.5,
+    "tests/test_cpu_fwd.py::test_exp2_without_avx512dq": 3.5,
+    "tests/test_training_task.py::test_attention_learns_the_task_and_current_token_only_cannot[induction]": 13,
+    "tests/test_readme_examples.py::test_readme_python_block_runs[block3]": 11,
+    "tests/test_readme_examples.py::test_readme_python_block_runs[block2]": 10,
+    "tests/test_readme_examples.py::test_readme_python_block_runs[block4]": 6,
+    "tests/test_readme_examples.py::test_readme_python_block_runs[block1]": 5,
+    "tests/test_readme_examples.py::test_readme_python_block_runs[block0]": 5,
+    "tests/test_triton_interpret.py::test_deterministic_backward[causal]": 10,
+    "tests/test_triton_interpret.py::test_kernels_compile_for_sm90": 7,
+    "tests/test_train.py::test_ctrl_c_saves_a_checkpoint_and_exits_cleanly": 9,
+    "tests/test_train.py::test_short_run_learns_far_below_chance": 7,
+    "tests/test_train.py::test_resume_gives_the_same_next_losses": 5,
+    "tests/test_cpu_bf16.py::test_mm_bf16_add_and_transposed_a[64-64-64]": 6,
+    "tests/test_cpu_bf16.py::test_mm_bf16_every_shape[1]": 4,
+    "tests/test_cpu_bf16.py::test_cached_where_the_kernels_are": 4,
+    "tests/test_cpu_amx.py::test_first_two_thread_backward_of_a_process": 5,
+    "tests/test_cpu_amx.py::test_fallback_forced[SELFATTN_CPU_AMX]": 5,
+    "tests/test_cpu_amx.py::test_fallback_forced[SELFATTN_CPU_BF16]": 4,
+    "tests/test_cpu_bwd.py::test_first_two_thread_call_of_a_process": 5,
+    "tests/test_explain_outputs.py::test_long_model_html_is_proportionate": 5.5,
+    "tests/test_explain_outputs.py::test_png_heatmap[model]": 4.5,
+    "tests/test_explain_outputs.py::test_png_heatmap[many_heads]": 4.5,
+    "tests/test_explain_hf.py::test_gpt_oss_sinks_every_head_and_its_sink_share_equal_eager": 4.5,
+    "tests/test_explain_hf.py::test_every_head_equals_eager_output_attentions": 4,
+    "tests/test_packaging.py::test_wheel_metadata": 5,
+    "tests/test_packaging.py::test_numba_cache_place[read-only]": 4.5,
+    "tests/test_packaging.py::test_numba_cache_place[read-only+NUMBA_CACHE_DIR]": 4.5,
+    "tests/test_packaging.py::test_core_import_without_extras": 4,
+    "tests/test_packaging.py::test_numba_cache_place[writable]": 4,
+    "tests/test_train_text.py::test_char_model_learns_a_text_file": 4,
+    "tests/test_train_parity.py::test_same_seed_same_loss_curve_on_math_sdpa_cpu": 4,
+}
+
+# Tests whose first run in a process compiles or warms up something the precompile does not cover: each group
+# goes to one worker, which pays it once (dealt out one by one, the group's tests reach both workers at about
+# the same moment and both pay). Keys are test functions (every parametrization) or files.
+SAME_WORKER = {
+    # cpu_flash's float32 kernel variant the old-kernel comparison runs (17 s of compiling)
+    "tests/test_cpu_fwd.py::test_scores_bit_identical_to_old_kernel": "cpu_flash float32",
+    # torch.compile: dynamo's (and inductor's) first compile in a process
+    "tests/test_layers.py::test_torch_compile_forward": "torch.compile",
+    "tests/test_layers.py::test_torch_compile_auto_follows_use_backend": "torch.compile",
+    "tests/test_cpu_features.py::test_torch_compile_new_arguments": "torch.compile",
+    "tests/test_cpu_kernel.py::test_torch_compile_fullgraph": "torch.compile",
+    "tests/test_triton_interpret.py::test_torch_compile": "torch.compile",
+    # the whole file: cpu_bf16's product, packing and AMX kernels that only its tests call (1-6 s each to compile)
+    "tests/test_cpu_bf16.py": "cpu_bf16 products",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    # only in xdist's workers: the order they report is the order the scheduler deals (every worker sorts
+    # the same way; a group's tests count together); a run without -n keeps the files' order
+    if not hasattr(config, "workerinput"):
+        return
+    total = {}
+    for item in items:
+        scope = _scope(item.nodeid)
+        total[scope] = total.get(scope, 0.0) + LONGEST_FIRST.get(item.nodeid, 0.0)
+    items.sort(key=lambda item: -total[_scope(item.nodeid)])  # stable: the rest keep their order
 
 
 def check_backend(name, backend, q, k, v, *, case=None, **kw):
