@@ -516,11 +516,23 @@ MR_MAX = 6  # rows of C per micro-kernel call
 STORE, ADD, RESCALE = 0, 1, 2  # what a micro-kernel does with C
 
 
-def _fma_k_loop(builder, vec, MR, nv, kdim, load_b, load_a, name, step=None):
+def _no_unroll(module, back_edge):
+    # loop metadata on a loop's back edge: LLVM leaves the loop as written. Its unroller copied each
+    # micro-kernel's k loop (MR x nv FMAs a step already) several times over: code that numba optimizes and
+    # emits again at every level of its linking (cpu_fwd's micro-kernels without it: the float32 forward's
+    # first call ~2 s CPU shorter, its speed the same or better)
+    unroll = module.add_metadata([ir.MetaDataString(module, "llvm.loop.unroll.disable")])
+    loop_id = ir.values.MDValue(module, [], name=str(len(module.metadata)))
+    loop_id.operands = (loop_id, unroll)  # a loop id refers to itself (distinct from every other loop's)
+    back_edge.set_metadata("llvm.loop", loop_id)
+
+
+def _fma_k_loop(builder, vec, MR, nv, kdim, load_b, load_a, name, step=None, unroll=True):
     # the reduction loop of the float32/float64 micro-kernels (cpu_flash, cpu_fwd, cpu_bwd) as IR:
     # acc[i][v] = sum over kk < kdim, ascending, of fma(A[i, kk], B[kk, v]) from zero, MR x nv vector
     # accumulators held as phis across the loop. load_b(kk): B's nv vectors of row kk; load_a(kk): a
-    # function of i that loads A[i, kk] (broadcast here); step(kk): anything else a step does (a prefetch).
+    # function of i that loads A[i, kk] (broadcast here); step(kk): anything else a step does (a prefetch);
+    # unroll=False: LLVM keeps the loop as written (_no_unroll).
     # Returns the accumulators after the loop (zero when kdim <= 0), as [i][v]
     c = vec.const
     init = [[vec.zero] * nv for _ in range(MR)]
@@ -546,7 +558,9 @@ def _fma_k_loop(builder, vec, MR, nv, kdim, load_b, load_a, name, step=None):
         for v in range(nv):
             accs[i][v].add_incoming(init[i][v], entry)
             accs[i][v].add_incoming(new[i][v], loop)
-    builder.cbranch(builder.icmp_signed("<", nxt, kdim), loop, done)
+    back = builder.cbranch(builder.icmp_signed("<", nxt, kdim), loop, done)
+    if not unroll:
+        _no_unroll(builder.module, back)
     builder.position_at_end(done)
     final = []
     for i in range(MR):
