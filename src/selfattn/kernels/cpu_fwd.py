@@ -270,7 +270,8 @@ def _make_mk_t(MR):
                     # -- one line of the next tiles toward L2 (locality 2: prefetcht1) --
                     _prefetch(builder, builder.add(ppf, builder.mul(kk, spf)), 2)
 
-                final = _fma_k_loop(builder, vec, MR, nv, kdim, load_b, load_a, f"mkt{nv}", step)
+                # (the k loop as written, not unrolled: cpu_flash._no_unroll)
+                final = _fma_k_loop(builder, vec, MR, nv, kdim, load_b, load_a, f"mkt{nv}", step, unroll=False)
                 # -- write C in the call's mode --
                 with builder.if_else(builder.icmp_signed("==", mode, c(STORE))) as (store, rescale):
                     with store:
