@@ -317,6 +317,9 @@ SAME_WORKER = {
     "tests/test_triton_interpret.py::test_torch_compile": "torch.compile",
     # the whole file: cpu_bf16's product, packing and AMX kernels that only its tests call (1-6 s each to compile)
     "tests/test_cpu_bf16.py": "cpu_bf16 products",
+    # module fixtures, computed once per worker that runs one of the file's tests: a training run (7 s), Chromium
+    "tests/test_train.py": "test_train's trained run",
+    "tests/test_html_browser.py": "one Chromium",
 }
 
 
