@@ -219,7 +219,8 @@ def stats_capable(backend: str) -> bool:
 
 
 def configure_threads(threads: int) -> None:
-    """torch's CPU threads per process, and numba's threading layer for the cpu backend.
+    """torch's CPU threads per process, and numba's threading layer for the cpu backend's float64
+    kernels (float32 and bfloat16 run on the backend's own pool of sleeping Python threads).
 
     numba's default OpenMP layer keeps its worker threads spinning between kernel calls; next to
     torch's own threads on a small, busy machine that made whole training steps 25x slower
