@@ -188,6 +188,8 @@ _FRESH_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])
 torch.set_num_threads(2)
+from selfattn.backends import cpu
+cpu.THREADS_MIN_FLOPS = 0  # this small call on both threads too
 import test_cpu_bwd as t
 # the first 2-thread call of a process: every allocation is new (a raw address into an array numba
 # had already freed gave garbage here, in the second worker only)

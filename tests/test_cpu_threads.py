@@ -28,6 +28,24 @@ from test_cpu_bwd import _inputs
 from test_cpu_features import check
 
 
+POOL_CALLS = [0]  # _on_threads calls since the test began
+
+
+@pytest.fixture(autouse=True)
+def _every_call_threaded(monkeypatch):
+    # every call of these tests on torch's threads whatever its size (backends.cpu.THREADS_MIN_FLOPS), and
+    # the pool's calls counted
+    monkeypatch.setattr(cpu_backend, "THREADS_MIN_FLOPS", 0.0)
+    real = cpu_backend._on_threads
+
+    def counted(calls):
+        POOL_CALLS[0] += len(calls) > 1
+        return real(calls)
+
+    monkeypatch.setattr(cpu_backend, "_on_threads", counted)
+    POOL_CALLS[0] = 0
+
+
 def _results(q, k, v, do, **kw):
     # (out, lse, max_logit, entropy, dq, dk, dv) of the cpu backend on torch's threads
     qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
@@ -39,11 +57,13 @@ def _grads(threads, q, k, v, do, **kw):
     """_results on ``threads`` threads, and how many forward and backward calls the float32 kernels served."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
-    calls = cpu_fwd.CALLS["calls"], cpu_bwd.CALLS["calls"]
+    calls, pool = (cpu_fwd.CALLS["calls"], cpu_bwd.CALLS["calls"]), POOL_CALLS[0]
     try:
         got = _results(q, k, v, do, **kw)
     finally:
         torch.set_num_threads(old)
+    # forward and backward each on the pool (the backward's copies: twice, the sum too), or neither
+    assert (POOL_CALLS[0] - pool >= 2) == (threads > 1), f"{threads} threads: {POOL_CALLS[0] - pool} calls on the pool"
     return got, (cpu_fwd.CALLS["calls"] - calls[0], cpu_bwd.CALLS["calls"] - calls[1])
 
 
@@ -87,6 +107,7 @@ def test_worker_copies_deterministic(heads):
     runs = [_grads(2, q, k, v, do, **kw)[0] for _ in range(2)]
     with cpu_backend._POOL:  # another call holds the pool: this one runs every share in the caller
         runs.append(_grads(2, q, k, v, do, **kw)[0])
+    assert not cpu_backend._POOL.locked()
     for run in runs[1:]:
         for name, a, b in zip(FIELDS, runs[0], run):
             assert torch.equal(a, b), f"{name}: runs differ by {float((a - b).abs().max())}"
@@ -161,6 +182,7 @@ def test_calls_from_several_threads_at_once():
     finally:
         torch.set_num_threads(old)
     assert not errors and len(got) == 9, errors
+    assert POOL_CALLS[0] >= 2  # (calls that found the pool busy ran their shares in turn: counted as well)
     for run in got:
         for name, a, b in zip(FIELDS, want, run):
             assert torch.equal(a, b), f"{name} differs by {float((a - b).abs().max())}"

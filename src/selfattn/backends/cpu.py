@@ -168,12 +168,18 @@ class _Call(NamedTuple):
 # -- launchers --------------------------------------------------------------------------------
 
 
+#: calls of fewer FLOPs run on one thread: measured on the 2-core VM, quiet, a forward with stats on 1 and 2
+#: threads (blocks of 40 calls each, medians): 2 threads took 1.61x / 1.27x / 1.10x the time at 2.1 / 4.2 /
+#: 8.4 MFLOP and 0.91x / 0.81x / 0.74x at 16.8 / 33.6 / 67 MFLOP. Waking the idle pool thread and waiting
+#: for it (_on_threads) costs ~26 us there (9-17 us when the other core is busy; threading.Event 15-25 us,
+#: a ThreadPoolExecutor 21-30 us, loaded), and at 2 threads torch's own ops around the kernel wake its
+#: threads as well.
+THREADS_MIN_FLOPS = 12e6
+
+
 def _threads(tasks: int, flops: float) -> int:
-    # all the threads torch uses, but no more than there are tasks, and one for calls under ~4 MFLOP
-    # (~30 us on one core): handing work to a pool thread and waiting for it (_on_threads) cost 9-17 us
-    # here (loaded machine; threading.Event 15-25 us, a ThreadPoolExecutor 21-30 us), and on a busy
-    # machine the pool thread may wait for a scheduler time slice
-    return min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, tasks) if flops >= 4e6 else 1
+    # all the threads torch uses, but no more than there are tasks, and one for small calls
+    return min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, tasks) if flops >= THREADS_MIN_FLOPS else 1
 
 
 def _kernel(name: str, threads: int):
@@ -840,7 +846,7 @@ def _make_plan(q, k, v, causal, scale):
         full = (_view(q), _view(k), _view(v), scratch.numpy(), *args)
     else:
         full = (q.data_ptr(), k.data_ptr(), v.data_ptr(), scratch.data_ptr(), *args)
-    one_thread = 4.0 * B * Hq * Lq * Lk * D >= 4e6 and min(numba.config.NUMBA_NUM_THREADS, tasks) > 1  # as _threads
+    one_thread = 4.0 * B * Hq * Lq * Lk * D >= THREADS_MIN_FLOPS and min(numba.config.NUMBA_NUM_THREADS, tasks) > 1  # as _threads
     # the first run compiles (or loads) the kernel; then its entry point, as _run takes them
     kernel(*full)
     compiled = kernel.overloads.get(tuple(kernel.typeof_pyval(a) for a in full))
