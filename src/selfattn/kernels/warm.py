@@ -5,7 +5,7 @@ numba compiles a kernel the first time a call needs it and caches it on disk (th
 ``__init__`` says where); the first float32 forward and backward cost ~50 s of one core, float64
 and bfloat16 ~50 s each more. Here one process per group of dtypes makes the calls that need each
 variant the backend has -- forward and backward, small calls and large ones (float64: the serial
-kernels under ~4 MFLOP and numba's parallel ones; float32 and bfloat16 run one kernel on any number
+kernels under ~12 MFLOP (backends.cpu.THREADS_MIN_FLOPS) and numba's parallel ones; float32 and bfloat16 run one kernel on any number
 of threads), the short path's row kernel, the small-block path of decoding calls -- so that later
 processes only load them. Each group runs as ``python -m selfattn.kernels.warm DTYPE ...`` and
 prints one ``done <label> <seconds>`` line per call, which :func:`compile_kernels` reads.
