@@ -278,7 +278,8 @@ LONGEST_FIRST = {
     "tests/test_readme_examples.py::test_readme_python_block_runs[block1]": 5,
     "tests/test_readme_examples.py::test_readme_python_block_runs[block0]": 5,
     "tests/test_triton_interpret.py::test_deterministic_backward[causal]": 10,
-    "tests/test_triton_interpret.py::test_kernels_compile_for_sm90": 7,
+    # triton's compiler with an empty cache (a CI machine's): 42 s in the window run, 7 s warm
+    "tests/test_triton_interpret.py::test_kernels_compile_for_sm90": 40,
     "tests/test_train.py::test_ctrl_c_saves_a_checkpoint_and_exits_cleanly": 9,
     "tests/test_train.py::test_short_run_learns_far_below_chance": 7,
     "tests/test_train.py::test_resume_gives_the_same_next_losses": 5,
