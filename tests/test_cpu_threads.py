@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -62,8 +63,10 @@ def _grads(threads, q, k, v, do, **kw):
         got = _results(q, k, v, do, **kw)
     finally:
         torch.set_num_threads(old)
-    # forward and backward each on the pool (the backward's copies: twice, the sum too), or neither
-    assert (POOL_CALLS[0] - pool >= 2) == (threads > 1), f"{threads} threads: {POOL_CALLS[0] - pool} calls on the pool"
+    # forward and backward each on the pool (the backward's copies: twice, the sum too), or neither (one thread,
+    # or a host whose numba sees one core: backends.cpu._threads)
+    pooled = threads > 1 and numba.config.NUMBA_NUM_THREADS > 1
+    assert (POOL_CALLS[0] - pool >= 2) == pooled, f"{threads} threads: {POOL_CALLS[0] - pool} calls on the pool"
     return got, (cpu_fwd.CALLS["calls"] - calls[0], cpu_bwd.CALLS["calls"] - calls[1])
 
 
@@ -182,7 +185,8 @@ def test_calls_from_several_threads_at_once():
     finally:
         torch.set_num_threads(old)
     assert not errors and len(got) == 9, errors
-    assert POOL_CALLS[0] >= 2  # (calls that found the pool busy ran their shares in turn: counted as well)
+    # (calls that found the pool busy ran their shares in turn: counted as well)
+    assert POOL_CALLS[0] >= 2 or numba.config.NUMBA_NUM_THREADS < 2
     for run in got:
         for name, a, b in zip(FIELDS, want, run):
             assert torch.equal(a, b), f"{name} differs by {float((a - b).abs().max())}"
