@@ -574,15 +574,21 @@ def _fma_k_loop(builder, vec, MR, nv, kdim, load_b, load_a, name, step=None, unr
     return final
 
 
-def _per_vector_count(builder, vec, nv, product, name):
-    # one copy of product(v) (IR) per vector count v = 1 .. NV_MAX, picked by the i64 nv (past NV_MAX: NV_MAX)
+def _per_vector_count(builder, vec, nv, product, name, counts=None):
+    # one copy of product(v) (IR) per vector count v = 1 .. NV_MAX, picked by the i64 nv (past NV_MAX: NV_MAX);
+    # counts: the only copies made (NV_MAX among them), a count without its own copy running the next larger one
+    # -- for a caller whose B and C are whole NV_MAX vectors wide (the lanes past nv computed, not used). Each
+    # copy is code numba optimizes and emits again at every level of its linking
+    counts = sorted(set(range(1, NV_MAX + 1) if counts is None else counts))
+    assert counts[-1] == NV_MAX
     c = vec.const
     exit_ = builder.append_basic_block(f"{name}.exit")
-    cases = [builder.append_basic_block(f"{name}.nv{v}") for v in range(1, NV_MAX + 1)]
-    switch = builder.switch(nv, cases[-1])
+    cases = {v: builder.append_basic_block(f"{name}.nv{v}") for v in counts}
+    switch = builder.switch(nv, cases[NV_MAX])
     for v in range(1, NV_MAX):
-        switch.add_case(c(v), cases[v - 1])
-    for v, block in enumerate(cases, 1):
+        if min(u for u in counts if u >= v) < NV_MAX:
+            switch.add_case(c(v), cases[min(u for u in counts if u >= v)])
+    for v, block in cases.items():
         builder.position_at_end(block)
         product(v)
         builder.branch(exit_)

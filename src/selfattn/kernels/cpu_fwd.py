@@ -285,7 +285,9 @@ def _make_mk_t(MR):
                                 off = builder.add(builder.mul(c(i), sc), c(v * width))
                                 vec.store(builder.call(vec.fma, [vec.load(pc, off), al[v], final[i][v]]), pc, off)
 
-            _per_vector_count(builder, vec, nvec, product, "mkt")  # one copy of the product per vector count
+            # the product in copies for 1, 2 and NV_MAX vectors (cpu_flash._per_vector_count); 3 vectors: the NV_MAX copy
+            # (B, C and the factors are BLOCK_M wide; Q^T's columns past the block's rows are zero)
+            _per_vector_count(builder, vec, nvec, product, "mkt", counts=(1, 2, NV_MAX))
             return context.get_dummy_value()
 
         return sig, codegen
