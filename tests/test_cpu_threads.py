@@ -72,6 +72,11 @@ def _grads(threads, q, k, v, do, **kw):
 
 FIELDS = ("out", "lse", "max_logit", "entropy", "dq", "dk", "dv")
 
+
+def _same_bits(names, xs, ys, what):
+    for name, a, b in zip(names, xs, ys):
+        assert torch.equal(a, b), f"{what}, {name}: differ by {float((a.float() - b.float()).abs().max())}"
+
 # (B, Hq, Hkv, Lq, Lk, D, Dv), attention() keywords: B * Hkv even (whole kv heads per thread)
 CASES = {
     "dense": ((2, 4, 4, 200, 230, 32, 32), {}),
@@ -93,8 +98,7 @@ def test_two_threads_give_the_one_thread_bits(case):
     one, served1 = _grads(1, q, k, v, do, **kw)
     two, served2 = _grads(2, q, k, v, do, **kw)
     assert served1 == served2 == (1, 1), f"{case}: float32 kernels served {served1} / {served2} calls"
-    for name, a, b in zip(FIELDS, one, two):
-        assert torch.equal(a, b), f"{case} {name}: 1 and 2 threads differ by {float((a - b).abs().max())}"
+    _same_bits(FIELDS, one, two, f"{case}: 1 and 2 threads")
 
 
 @pytest.mark.parametrize("heads", [(1, 3, 3), (3, 2, 1)], ids=["3-kv-heads", "3-batches"])
@@ -112,10 +116,8 @@ def test_worker_copies_deterministic(heads):
         runs.append(_grads(2, q, k, v, do, **kw)[0])
     assert not cpu_backend._POOL.locked()
     for run in runs[1:]:
-        for name, a, b in zip(FIELDS, runs[0], run):
-            assert torch.equal(a, b), f"{name}: runs differ by {float((a - b).abs().max())}"
-    for name, a, b in list(zip(FIELDS, one, runs[0]))[:5]:
-        assert torch.equal(a, b), f"{name}: 1 and 2 threads differ by {float((a - b).abs().max())}"
+        _same_bits(FIELDS, runs[0], run, "two runs")
+    _same_bits(FIELDS[:5], one, runs[0], "1 and 2 threads")
 
 
 @amx
@@ -133,10 +135,8 @@ def test_amx_two_threads(heads):
     runs = [_grads(2, q, k, v, do, **kw)[0] for _ in range(2)]
     assert cpu_amx.AMX_CALLS["backward"] == before + 3
     same = FIELDS if hkv * b % 2 == 0 else FIELDS[:5]
-    for name, a, c in zip(FIELDS, runs[0], runs[1]):
-        assert torch.equal(a, c), f"{name}: runs differ by {float((a - c).abs().max())}"
-    for name, a, c in zip(same, one, runs[0]):
-        assert torch.equal(a, c), f"{name}: 1 and 2 threads differ by {float((a.float() - c.float()).abs().max())}"
+    _same_bits(FIELDS, runs[0], runs[1], "two runs")
+    _same_bits(same, one, runs[0], "1 and 2 threads")
 
 
 @njit(nogil=True)
