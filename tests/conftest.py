@@ -410,9 +410,9 @@ def pytest_runtest_setup(item):
 
 # -- numba's compiles once, before the xdist workers start -------------------------------------------
 # Each worker compiles every kernel variant it meets, both at once at the start (the compile log of a
-# cold run showed flash_fwd_t_serial and flash_fwd_serial compiled by both workers). For the whole
+# cold run showed the float32 forward kernels (then cpu_fwd.flash_fwd_t_serial) compiled by both workers). For the whole
 # suite under xdist (CI's `pytest -n 2`) the controller first compiles them all once into the on-disk
-# cache (`selfattn compile`, two processes: ~3 minutes cold, ~15 s warm) and the workers and the
+# cache (`selfattn compile`, two processes: ~2 minutes cold, ~15 s warm) and the workers and the
 # processes some tests start load them. Two cold fresh-clone runs on the 2-core Xeon: pytest's time
 # 856 s without, 725 s with (the 173 s of compiling included). SELFATTN_TEST_PRECOMPILE=0 turns it
 # off, =1 on for any selection of tests too (by default a run of chosen files skips it).
