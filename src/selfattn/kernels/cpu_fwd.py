@@ -718,7 +718,6 @@ def _fetch_add(typingctx, counter, by):
     return sig, codegen
 
 
-I1 = np.int64(1)
 #: the counter argument of a call that runs every unit in order in its own thread
 NO_COUNTER = np.zeros(0, np.int64)
 
