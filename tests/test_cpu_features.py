@@ -1042,7 +1042,7 @@ def test_kernel_caches_are_stale_when_a_module_they_compile_in_changes():
     plain = stamp(cpu_flash.flash_fwd)  # cpu_flash's own kernels: numba's stamp alone
     assert not isinstance(plain, tuple) or digest(cpu_flash) not in plain
     for dispatcher, deps in ((cpu_fwd.flash_fwd_t, (cpu_flash,)), (cpu_bwd.flash_bwd_t, (cpu_flash, cpu_fwd)),
-                             (cpu_short.fwd_small, (cpu_flash,)),
+                             (cpu_short.fwd_small, (cpu_flash, cpu_fwd)),
                              (cpu_bf16.mm_amx, (cpu_flash,)), (cpu_amx.flash_fwd_amx, (cpu_bf16, cpu_bwd, cpu_flash, cpu_fwd))):
         got = stamp(dispatcher)
         assert isinstance(got, tuple) and got[1:] == tuple(digest(m) for m in deps), dispatcher.py_func.__qualname__

@@ -26,6 +26,7 @@ from selfattn.kernels import cpu_amx, cpu_bwd, cpu_fwd
 from test_cpu_amx import _inputs as _bf16_inputs
 from test_cpu_amx import amx, check_amx
 from test_cpu_bwd import _inputs
+from _oracle import compare, reference_pair
 from test_cpu_features import check
 
 
@@ -137,6 +138,40 @@ def test_amx_two_threads(heads):
     same = FIELDS if hkv * b % 2 == 0 else FIELDS[:5]
     _same_bits(FIELDS, runs[0], runs[1], "two runs")
     _same_bits(same, one, runs[0], "1 and 2 threads")
+
+
+# decoding steps (fewer than 4 query rows): the row kernel, cpu_short.fwd_small, its (batch, head) units shared
+@pytest.mark.parametrize("shape", [(1, 8, 8, 1, 700, 64, 64, False), (2, 6, 2, 3, 333, 40, 24, True)],
+                         ids=["decode", "gqa-causal-3-rows"])
+def test_decoding_steps_on_threads(shape, monkeypatch):
+    b, hq, hkv, lq, lk, d, dv, causal = shape
+    monkeypatch.setattr(cpu_backend, "SHORT_THREADS_MIN_BYTES", 0)  # (serving sizes take threads from 4 MB on)
+    monkeypatch.setattr(cpu_backend, "_PLANS", {})
+    q, k, v, _ = _inputs(b, hq, hkv, lq, lk, d, dv=dv, seed=11)
+    q[-1, 1, -1, 0] = float("nan")  # a NaN row stays NaN on whichever thread computes it
+    outs = []
+    for threads in (1, 2):
+        old, pool = torch.get_num_threads(), POOL_CALLS[0]
+        torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                outs.append(selfattn.attention(q, k, v, causal=causal, backend="cpu"))
+        finally:
+            torch.set_num_threads(old)
+        assert (POOL_CALLS[0] - pool == 1) == (threads > 1 and numba.config.NUMBA_NUM_THREADS > 1), f"{threads} threads"
+    plan = next(iter(cpu_backend._PLANS.values()))
+    assert not plan.rows and plan.split == b * hq, "the row kernel with its heads shared"
+    nan = torch.isnan(outs[0])
+    assert nan[-1, 1, -1].all() and int(nan.sum()) == dv, "only the NaN query's row is NaN"
+    assert torch.equal(nan, torch.isnan(outs[1]))
+    _same_bits(["out"], [outs[0].nan_to_num(0.0)], [outs[1].nan_to_num(0.0)], "1 and 2 threads")
+    keep = torch.ones(b, hq, lq, 1, dtype=torch.bool)
+    keep[-1, 1, -1] = False
+    q_ok = torch.where(keep, q, torch.zeros_like(q))  # the reference on the other rows
+    with torch.no_grad():
+        out_ok = selfattn.attention(q_ok, k, v, causal=causal, backend="cpu")
+    assert torch.equal(torch.where(keep, outs[0], 0.0), torch.where(keep, out_ok, 0.0))
+    compare("decoding on threads", reference_pair(q_ok, k, v, causal=causal), out_ok, dtype=torch.float32)
 
 
 @njit(nogil=True)

@@ -744,6 +744,7 @@ class _Plan(NamedTuple):
     tiles: int  # the tiles the general kernels compute for this call (the tile map's non-empty ones)
     rows: bool  # cpu_fwd's tile kernel (numpy arguments): counted in cpu_fwd.CALLS as its launcher counts
     one_thread: bool  # the launchers would run this with every torch thread: served only with one
+    split: int  # the row kernel's units ((batch, head) pairs) shared among torch's threads (0: one thread)
     low: object  # the LoweredMask (keeps the record's arrays alive)
     auto: dict  # auto's decisions for this call: torch threads -> _AutoChoice
 
@@ -790,6 +791,10 @@ def fast_forward(q, k, v, causal: bool, scale, auto: bool = False):
     out = torch.empty_like(q) if plan.like_q else torch.empty(plan.out_shape, dtype=dt)
     if plan.rows:  # cpu_fwd's kernel, as its launcher calls it (numpy views; a no-grad call may hold leaves)
         plan.kernel(_view(q), _view(k), _view(v), out.numpy(), *plan.args)
+    elif plan.split and torch.get_num_threads() > 1:
+        # each thread takes its next (batch, head) from one counter
+        args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *plan.args[:-1], np.zeros(1, np.int64))
+        _on_threads([(plan.kernel, args)] * min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, plan.split))
     else:
         plan.kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *plan.args)
     TILE_PRODUCTS["forward"] += plan.tiles
@@ -825,7 +830,7 @@ def _make_plan(q, k, v, causal, scale):
     rows = not _small(B, Hq, Lq, Lk, D, Dv)
     if not rows:
         kernel = _short.fwd_small if q.dtype == torch.float32 else _short.fwd_small_bf16
-        args = (B, Hq, Hkv, Lq, Lk, D, Dv, causal, float(req.scale))  # (float64: cpu_short scores in float64)
+        args = (B, Hq, Hkv, Lq, Lk, D, Dv, causal, float(req.scale), _fwd.NO_COUNTER)  # (float64: cpu_short scores in float64)
     elif q.dtype != torch.float32:
         return _NO_PLAN  # bfloat16 beyond the small calls: the general launchers (AMX where there is one)
     elif not _fwd.serves(q):
@@ -846,14 +851,16 @@ def _make_plan(q, k, v, causal, scale):
         full = (_view(q), _view(k), _view(v), scratch.numpy(), *args)
     else:
         full = (q.data_ptr(), k.data_ptr(), v.data_ptr(), scratch.data_ptr(), *args)
-    one_thread = 4.0 * B * Hq * Lq * Lk * D >= THREADS_MIN_FLOPS and min(numba.config.NUMBA_NUM_THREADS, tasks) > 1  # as _threads
+    one_thread = rows and 4.0 * B * Hq * Lq * Lk * D >= THREADS_MIN_FLOPS and min(numba.config.NUMBA_NUM_THREADS, tasks) > 1  # as _threads
+    # the row kernel's float32 calls of serving size (decoding over a long cache) on every torch thread
+    split = B * Hq if not rows and q.dtype == torch.float32 and B * Hq > 1 and _short_bytes(B, Hkv, Lq, Lk, D, Dv) >= SHORT_THREADS_MIN_BYTES else 0
     # the first run compiles (or loads) the kernel; then its entry point, as _run takes them
     kernel(*full)
     compiled = kernel.overloads.get(tuple(kernel.typeof_pyval(a) for a in full))
     entry = compiled.entry_point if compiled is not None else kernel
     t = km.tiles  # (B|1, Hq|1, nQ, nK): a broadcast dim counts for every batch entry / head
     tiles = int((t != _k.EMPTY).sum()) * (B if t.shape[0] == 1 else 1) * (Hq if t.shape[1] == 1 else 1)
-    return _Plan(entry, args, (B, Hq, Lq, Dv), Dv == D, tiles, rows, one_thread, low, {})
+    return _Plan(entry, args, (B, Hq, Lq, Dv), Dv == D, tiles, rows, one_thread, split, low, {})
 
 
 def _view(t):
@@ -869,6 +876,15 @@ def _small(B, Hq, Lq, Lk, D, Dv) -> bool:
 
 
 USE_ROW_KERNEL = True  # cpu_short.fwd_small for short plain calls (False: the tile kernels / general path)
+
+#: row-kernel calls (decoding steps) that read at least this many bytes of keys and values run on every
+#: torch thread (they wait on memory; see SHORT_THREADS below)
+SHORT_THREADS_MIN_BYTES = 1 << 22
+
+
+def _short_bytes(B, Hkv, Lq, Lk, D, Dv) -> int:
+    # the keys and values a row-kernel call reads (float32)
+    return 4 * B * Hkv * Lk * (D + Dv)
 
 
 def _auto_choice(plan: _Plan, q, k, v, causal, scale) -> Optional[str]:

@@ -7,6 +7,8 @@ arrays ~2.1 us, KernelOpts ~0.6 us), five torch allocations -- and the tile kern
 
 Only the forward of a call without mask or with a plain causal mask, no statistics, float32 or
 bfloat16, contiguous inputs: ``selfattn.backends.cpu.fast_forward`` decides and falls back otherwise.
+A unit of work is one (batch, query head): float32 calls of serving size (decoding over long caches)
+run on several threads (``backends.cpu._on_threads``), each taking its next head from a shared counter.
 
 numba keys a cached function on its own source file only, and these functions compile cpu_flash's
 exp2 into themselves: their cache stamps include that file (``kernels.stamp_sources``), so an edit there is
@@ -21,6 +23,7 @@ from numba.core import config as numba_config
 from numba.extending import intrinsic
 
 from selfattn.kernels import cpu_flash as _k
+from selfattn.kernels import cpu_fwd as _fwd
 from selfattn.kernels import numba_cache_dir, stamp_sources
 
 _CACHE_DIR, _NUMBA_CACHE_DIR = numba_cache_dir(), numba_config.CACHE_DIR
@@ -107,8 +110,8 @@ _u16_at = _pointer_at(types.uint16)  # a bfloat16 tensor's bits
 _f32_at = _pointer_at(types.float32)
 
 
-@njit(fastmath=_k.FASTMATH, cache=True)
-def fwd_small(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, causal, scale):
+@njit(fastmath=_k.FASTMATH, cache=True, nogil=True)
+def fwd_small(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, causal, scale, taken):
     """The output of a small call (decoding: a few query rows), one row at a time, without the tile
     machinery: each task of the general kernels allocates a dozen tile-sized buffers and runs per key
     block several helpers built for 64 x 64 tiles, ~4 us per task and ~2 us per key block for one row
@@ -119,23 +122,27 @@ def fwd_small(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, causal, scale):
     positions) those j <= i + Lk - Lq. ``scale`` (float64) multiplies the scores. Scores, their max and
     the row sum in float64; the exponent ((s - max) * log2(e)) rounded to float32 once for cpu_flash's
     exp2; P V in float32 within groups of PV_GROUP keys, the groups summed in float64 (see _small_rows
-    for why); the output rounded to float32. Fully-masked rows are 0; a NaN score makes its row NaN."""
+    for why); the output rounded to float32. Fully-masked rows are 0; a NaN score makes its row NaN.
+    ``taken``: cpu_fwd.NO_COUNTER (every (batch, head) in order, in this thread) or a zeroed (1,) int64
+    counter shared by the threads running this call, each taking its next (batch, head) from it (rows
+    written by one thread alone: the same bits on any number of threads)."""
     q = carray(_f32_at(pq), (B, Hq, Lq, D))
     k = carray(_f32_at(pk), (B, Hkv, Lk, D))
     v = carray(_f32_at(pv), (B, Hkv, Lk, Dv))
     out = carray(_f32_at(pout), (B, Hq, Lq, Dv))
-    _small_rows(q, k, v, out, causal, scale)
+    _small_rows(q, k, v, out, causal, scale, taken)
 
 
 @njit(cache=True)
-def fwd_small_bf16(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, causal, scale):
+def fwd_small_bf16(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, causal, scale, taken):
     """:func:`fwd_small` for bfloat16 tensors: the inputs widened to float32 (exactly), the output
-    rounded to bfloat16 as torch rounds (to nearest even; NaN stays NaN)."""
+    rounded to bfloat16 as torch rounds (to nearest even; NaN stays NaN). One thread (``taken``:
+    cpu_fwd.NO_COUNTER)."""
     q = _widen(carray(_u16_at(pq), (B, Hq, Lq, D)))
     k = _widen(carray(_u16_at(pk), (B, Hkv, Lk, D)))
     v = _widen(carray(_u16_at(pv), (B, Hkv, Lk, Dv)))
     out = np.empty((B, Hq, Lq, Dv), np.float32)
-    _small_rows(q, k, v, out, causal, scale)
+    _small_rows(q, k, v, out, causal, scale, taken)
     _narrow(out, carray(_u16_at(pout), (B, Hq, Lq, Dv)))
 
 
@@ -169,9 +176,10 @@ PF_MIN_BYTES = 1 << 20  # a call's keys and values from this size on take the hi
 PF_VALUES_MAX = 1 << 19  # one head's values up to this size are walked into L2
 
 
-@njit(fastmath=_k.FASTMATH, cache=True)
-def _small_rows(q, k, v, out, causal, scale):
-    # fwd_small's rows on float32 arrays (B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv) -> out.
+@njit(fastmath=_k.FASTMATH, cache=True, nogil=True)
+def _small_rows(q, k, v, out, causal, scale, taken):
+    # fwd_small's rows on float32 arrays (B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv) -> out, one
+    # (batch, head) at a time, taken from the counter `taken` (empty: all of them in order).
     # Scores in float64 arithmetic on the float32 values: with float32 scores (s * scale * log2(e)
     # rounded, then s - max; or q.k rounded in another order than the reference's q @ k^T, then
     # (s - max) * scale log2(e)) a random sweep of the calls served here missed STYLE rule 6 by up to
@@ -192,46 +200,50 @@ def _small_rows(q, k, v, out, causal, scale):
     acc = np.empty(Dv, np.float64)  # the row's output sum
     group = Hq // Hkv
     far = B * Hkv * Lk * (D + Dv) * 4 >= PF_MIN_BYTES  # (see PF_AHEAD)
-    for b in range(B):
-        for h in range(Hq):
-            kh, vh = k[b, h // group], v[b, h // group]  # (Lk, D), (Lk, Dv)
-            for i in range(Lq):
-                oi, qrow = out[b, h, i], q[b, h, i]  # (Dv,), (D,)
-                for d in range(D):  # (a loop: an array assignment here took ~4 s more to compile)
-                    qi[d] = qrow[d]
-                n = min(Lk, max(0, i + Lk - Lq + 1)) if causal else Lk  # keys this row sees
-                # -- scores and their max --
-                if far:
-                    _scores_far(qi, kh, vh, n, scale, s, Lk * Dv * 4 <= PF_VALUES_MAX)
-                else:
-                    _scores(qi, kh, n, scale, s)
-                m = -np.inf
-                nan = False
-                for j in range(n):
-                    nan |= s[j] != s[j]
-                    m = s[j] if s[j] > m else m
-                if nan or m == -np.inf:
-                    # a NaN row stays NaN; no key (or every score -inf): 0
-                    fill = np.float32(np.nan) if nan else np.float32(0.0)
-                    for d in range(Dv):
-                        oi[d] = fill
-                    continue
-                # -- p = exp2((s - m) log2(e)), the exponent rounded to float32 once --
-                total = 0.0
-                for j in range(n):
-                    x = np.float32((s[j] - m) * _k.LOG2E)
-                    pj = _k._exp2f(x) if x >= -126.0 else (x if x != x else np.float32(0.0))  # +inf - +inf: NaN
-                    p[j] = pj
-                    s[j] = pj
-                    total += s[j]
-                # -- the output: P V / the row sum --
-                if n < PV_FEW:
-                    _weighted_sum(s, vh, n, acc)
-                else:
-                    _weighted_sum_groups(p, vh, n, part, acc)
-                inv = 1.0 / total
+    u = -1
+    while True:
+        u = _fwd._fetch_add(taken, _fwd.I1) if taken.size > 0 else u + 1
+        if u >= B * Hq:
+            break
+        b, h = u // Hq, u % Hq
+        kh, vh = k[b, h // group], v[b, h // group]  # (Lk, D), (Lk, Dv)
+        for i in range(Lq):
+            oi, qrow = out[b, h, i], q[b, h, i]  # (Dv,), (D,)
+            for d in range(D):  # (a loop: an array assignment here took ~4 s more to compile)
+                qi[d] = qrow[d]
+            n = min(Lk, max(0, i + Lk - Lq + 1)) if causal else Lk  # keys this row sees
+            # -- scores and their max --
+            if far:
+                _scores_far(qi, kh, vh, n, scale, s, Lk * Dv * 4 <= PF_VALUES_MAX)
+            else:
+                _scores(qi, kh, n, scale, s)
+            m = -np.inf
+            nan = False
+            for j in range(n):
+                nan |= s[j] != s[j]
+                m = s[j] if s[j] > m else m
+            if nan or m == -np.inf:
+                # a NaN row stays NaN; no key (or every score -inf): 0
+                fill = np.float32(np.nan) if nan else np.float32(0.0)
                 for d in range(Dv):
-                    oi[d] = acc[d] * inv
+                    oi[d] = fill
+                continue
+            # -- p = exp2((s - m) log2(e)), the exponent rounded to float32 once --
+            total = 0.0
+            for j in range(n):
+                x = np.float32((s[j] - m) * _k.LOG2E)
+                pj = _k._exp2f(x) if x >= -126.0 else (x if x != x else np.float32(0.0))  # +inf - +inf: NaN
+                p[j] = pj
+                s[j] = pj
+                total += s[j]
+            # -- the output: P V / the row sum --
+            if n < PV_FEW:
+                _weighted_sum(s, vh, n, acc)
+            else:
+                _weighted_sum_groups(p, vh, n, part, acc)
+            inv = 1.0 / total
+            for d in range(Dv):
+                oi[d] = acc[d] * inv
 
 
 @njit(fastmath=_k.FASTMATH, inline="always")
@@ -335,6 +347,6 @@ def has_nan(p, n):
     return found
 
 
-stamp_sources(globals(), _k)  # they compile cpu_flash's exp2 and helpers into themselves
+stamp_sources(globals(), _k, _fwd)  # they compile cpu_flash's exp2 and helpers, and cpu_fwd's counter, into themselves
 
 numba_config.CACHE_DIR = _NUMBA_CACHE_DIR
