@@ -804,6 +804,32 @@ def fast_forward(q, k, v, causal: bool, scale, auto: bool = False):
     return out
 
 
+def _masked_rows(q, k, v, req: Request):
+    """The output of a float32 decoding step (fewer than 4 query rows) without gradients or statistics
+    whose only extras are boolean masks and positions (a transformers model's step over its cache with
+    padding), from cpu_short's row kernel given the mask's bits; or None (the launchers serve it)."""
+    if (_short is None or not USE_ROW_KERNEL or req.q_len >= 4 or req.dtype != torch.float32 or req.requires_grad
+            or req.return_stats or req.softcap is not None or req.alibi_slopes is not None or req.sinks is not None
+            or req.dropout_p > 0 or "dense_float" in req.mask_kinds):
+        return None
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    allow = (req.mask.allowed_in(req.geometry) if req.mask is not None
+             else torch.ones(1, 1, 1, Lk, dtype=torch.bool)).contiguous()  # (B|1, Hq|1, Lq|1, Lk)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype)
+    Ba, Ha, La = allow.shape[:3]
+    args = [q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, Hq, Hkv, Lq, Lk, D, Dv, float(req.scale),
+            allow.data_ptr(), Ba, Ha, La, _fwd.NO_COUNTER]
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, B * Hq)
+    if threads > 1 and _short_bytes(B, Hkv, Lq, Lk, D, Dv) >= SHORT_THREADS_MIN_BYTES:
+        args[-1] = np.zeros(1, np.int64)  # each thread takes its next (batch, head) from it
+        _on_threads([(_short.fwd_small_masked, tuple(args))] * threads)
+    else:
+        _short.fwd_small_masked(*args)
+    return out
+
+
 def _plan(q, k, v, causal, scale, key):
     if len(_PLANS) >= 256:
         _PLANS.clear()
@@ -1213,6 +1239,9 @@ class CPUBackend(Backend):
             out, row_max, row_log, max_logit, ent = torch.ops.selfattn.cpu_flash_attention(
                 q, k, v, req.sinks, layout, tensors, req.scale, softcap, req.return_stats)
         else:
+            out = _masked_rows(q, k, v, req)  # (decoding steps under a boolean mask: the row kernel)
+            if out is not None:
+                return out, None
             low = lowering.lower(req, _k.BLOCK_M, _k.BLOCK_N)
             if req.requires_grad:
                 call = _Call(low, req.scale, softcap, req.return_stats)

@@ -108,6 +108,7 @@ def _pv_chunk(typingctx, pp, pv, n, sv, ncols, pout):
     return sig, codegen
 _u16_at = _pointer_at(types.uint16)  # a bfloat16 tensor's bits
 _f32_at = _pointer_at(types.float32)
+_u8_at = _pointer_at(types.uint8)  # a bool tensor's bytes
 
 
 @njit(fastmath=_k.FASTMATH, cache=True, nogil=True)
@@ -130,7 +131,21 @@ def fwd_small(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, causal, scale, taken)
     k = carray(_f32_at(pk), (B, Hkv, Lk, D))
     v = carray(_f32_at(pv), (B, Hkv, Lk, Dv))
     out = carray(_f32_at(pout), (B, Hq, Lq, Dv))
-    _small_rows(q, k, v, out, causal, scale, taken)
+    _small_rows(q, k, v, out, causal, scale, carray(_u8_at(0), (0, 0, 0, 0)), taken)
+
+
+@njit(fastmath=_k.FASTMATH, cache=True, nogil=True)
+def fwd_small_masked(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, scale, pallow, Ba, Ha, La, taken):
+    """:func:`fwd_small` under a boolean mask given as its bits: ``pallow`` the address of a C-contiguous
+    bool tensor (Ba, Ha, La, Lk), Ba in (1, B), Ha in (1, Hq), La in (1, Lq) (a size of 1 broadcasts),
+    True where the query may see the key (causal, windows, padding, positions all in it). A row's keys
+    are all scored, the ruled-out ones set to -inf before the max: the same row as the reference's
+    where(allowed, s, -inf); a row with no key allowed is 0."""
+    q = carray(_f32_at(pq), (B, Hq, Lq, D))
+    k = carray(_f32_at(pk), (B, Hkv, Lk, D))
+    v = carray(_f32_at(pv), (B, Hkv, Lk, Dv))
+    out = carray(_f32_at(pout), (B, Hq, Lq, Dv))
+    _small_rows(q, k, v, out, False, scale, carray(_u8_at(pallow), (Ba, Ha, La, Lk)), taken)
 
 
 @njit(cache=True)
@@ -142,7 +157,7 @@ def fwd_small_bf16(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, causal, scale, t
     k = _widen(carray(_u16_at(pk), (B, Hkv, Lk, D)))
     v = _widen(carray(_u16_at(pv), (B, Hkv, Lk, Dv)))
     out = np.empty((B, Hq, Lq, Dv), np.float32)
-    _small_rows(q, k, v, out, causal, scale, taken)
+    _small_rows(q, k, v, out, causal, scale, carray(_u8_at(0), (0, 0, 0, 0)), taken)
     _narrow(out, carray(_u16_at(pout), (B, Hq, Lq, Dv)))
 
 
@@ -177,9 +192,10 @@ PF_VALUES_MAX = 1 << 19  # one head's values up to this size are walked into L2
 
 
 @njit(fastmath=_k.FASTMATH, cache=True, nogil=True)
-def _small_rows(q, k, v, out, causal, scale, taken):
+def _small_rows(q, k, v, out, causal, scale, allow, taken):
     # fwd_small's rows on float32 arrays (B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv) -> out, one
-    # (batch, head) at a time, taken from the counter `taken` (empty: all of them in order).
+    # (batch, head) at a time, taken from the counter `taken` (empty: all of them in order). `allow`:
+    # (B|1, Hq|1, Lq|1, Lk) bytes, nonzero where the query may see the key, or (0, 0, 0, 0): no mask.
     # Scores in float64 arithmetic on the float32 values: with float32 scores (s * scale * log2(e)
     # rounded, then s - max; or q.k rounded in another order than the reference's q @ k^T, then
     # (s - max) * scale log2(e)) a random sweep of the calls served here missed STYLE rule 6 by up to
@@ -217,6 +233,11 @@ def _small_rows(q, k, v, out, causal, scale, taken):
                 _scores_far(qi, kh, vh, n, scale, s, Lk * Dv * 4 <= PF_VALUES_MAX)
             else:
                 _scores(qi, kh, n, scale, s)
+            if allow.shape[3] > 0:  # the keys the mask rules out: -inf
+                ar = allow[b if allow.shape[0] > 1 else 0, h if allow.shape[1] > 1 else 0, i if allow.shape[2] > 1 else 0]
+                for j in range(n):
+                    if ar[j] == 0:
+                        s[j] = -np.inf
             m = -np.inf
             nan = False
             for j in range(n):

@@ -1,0 +1,149 @@
+"""Decoding steps under a boolean mask on the `cpu` backend: cpu_short's row kernel given the mask's bits
+(backends.cpu._masked_rows) -- a transformers model's step over its cache with padding, positions, windows.
+
+Every output is held to the float64 reference (STYLE rule 6 through _oracle.compare); the route is
+checked to be the one taken (a spy on the kernel), 2 threads must give the 1-thread bits, and calls the
+row kernel does not serve (statistics, gradients, softcap, ALiBi, sinks, float masks, 4+ query rows)
+must take the launchers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import selfattn
+from selfattn import masks
+from selfattn.backends import cpu as cpu_backend
+from selfattn.kernels import cpu_short
+
+from _oracle import compare, reference_pair
+
+
+@pytest.fixture
+def row_calls(monkeypatch):
+    """How many calls reached cpu_short.fwd_small_masked (each thread's share counts once)."""
+    seen = []
+    real = cpu_short.fwd_small_masked
+
+    def spy(*args):
+        seen.append(args[4:8])  # (B, Hq, Hkv, Lq)
+        return real(*args)
+
+    monkeypatch.setattr(cpu_short, "fwd_small_masked", spy)
+    return seen
+
+
+def _qkv(b, hq, hkv, lq, lk, d, seed=0, dv=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, lq, d, generator=g) * 2.0  # sharper rows than unit scores
+    k = torch.randn(b, hkv, lk, d, generator=g)
+    v = torch.randn(b, hkv, lk, dv or d, generator=g)
+    return q, k, v
+
+
+def _left(lengths, lk, lq):
+    return dict(masks.left_padded(torch.tensor(lengths), lk, lq))
+
+
+def _cache(lengths, lk, lq):
+    # right-padded cache of per-sequence lengths, each sequence's queries its last real positions
+    return dict(masks.varlen(torch.tensor([lq] * len(lengths)), torch.tensor(lengths), lq, lk))
+
+
+# (B, Hq, Hkv, Lq, Lk, D, Dv), attention() keywords
+CASES = {
+    "padding_causal": ((4, 4, 4, 1, 300, 32, 32), dict(mask=masks.padding([300, 250, 7, 1]), causal=True)),
+    "left_padded_gqa": ((3, 6, 2, 1, 257, 48, 24), dict(causal=True, **_left([257, 100, 1], 257, 1))),
+    "left_padded_3_rows": ((2, 2, 1, 3, 90, 16, 16), dict(causal=True, **_left([90, 40], 90, 3))),
+    "varlen_cache": ((3, 2, 2, 2, 130, 24, 24), dict(causal=True, **_cache([130, 64, 2], 130, 2))),
+    "window": ((1, 4, 4, 3, 500, 64, 64), dict(causal=True, window=37)),
+    "documents": ((2, 2, 2, 1, 200, 16, 16),
+                  dict(mask=masks.documents((torch.arange(200)[None] >= torch.tensor([[120], [0]])).long()))),
+    "function": ((1, 3, 3, 2, 150, 32, 8), dict(mask=masks.function(lambda b, h, q, kv: (kv % 3 == 0) | (kv > 140)))),
+    "dense_bool_per_head": ((2, 2, 1, 1, 80, 16, 16), dict(mask=torch.rand(2, 2, 1, 80, generator=torch.Generator().manual_seed(5)) > 0.5)),
+    "no_key_at_all": ((2, 2, 2, 1, 64, 16, 16), dict(mask=masks.padding([0, 64]))),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_masked_decoding_steps(case, row_calls):
+    shape, kw = CASES[case]
+    q, k, v = _qkv(*shape[:6], seed=len(case), dv=shape[6])
+    outs = []
+    for threads in (1, 2):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                outs.append(selfattn.attention(q, k, v, backend="cpu", **kw))
+        finally:
+            torch.set_num_threads(old)
+    assert len(row_calls) >= 2 and all(c == (shape[0], shape[1], shape[2], shape[3]) for c in row_calls), row_calls
+    assert not torch.isnan(outs[0]).any()
+    compare(case, reference_pair(q, k, v, **kw), outs[0], dtype=torch.float32)
+    assert torch.equal(outs[0], outs[1]), "1 and 2 threads"
+    if case == "no_key_at_all":
+        assert torch.equal(outs[0][0], torch.zeros_like(outs[0][0]))  # a row with no key: 0
+
+
+def test_masked_decoding_on_threads(row_calls, monkeypatch):
+    # serving sizes (>= SHORT_THREADS_MIN_BYTES of keys and values) share their (batch, head) units
+    monkeypatch.setattr(cpu_backend, "SHORT_THREADS_MIN_BYTES", 0)
+    shape, kw = CASES["left_padded_gqa"]
+    q, k, v = _qkv(*shape[:6], seed=3, dv=shape[6])
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            two = selfattn.attention(q, k, v, backend="cpu", **kw)
+    finally:
+        torch.set_num_threads(old)
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            one = selfattn.attention(q, k, v, backend="cpu", **kw)
+    finally:
+        torch.set_num_threads(old)
+    import numba
+
+    assert len(row_calls) == 1 + min(2, numba.config.NUMBA_NUM_THREADS)  # two shares, then one call
+    assert torch.equal(one, two)
+    compare("threads", reference_pair(q, k, v, **kw), two, dtype=torch.float32)
+
+
+def test_a_nan_key_the_mask_rules_out_does_not_reach_the_output(row_calls):
+    # the reference sets ruled-out scores to -inf whatever they were: so does the row kernel
+    q, k, v = _qkv(2, 2, 2, 1, 70, 16, seed=7)
+    k[1, :, 60] = float("nan")  # past sequence 1's length
+    kw = dict(mask=masks.padding([70, 50]), causal=True)
+    with torch.no_grad():
+        out = selfattn.attention(q, k, v, backend="cpu", **kw)
+    assert row_calls and not torch.isnan(out).any()
+    compare("nan key masked", reference_pair(q, k, v, **kw), out, dtype=torch.float32)
+    k[0, 1, 3] = float("nan")  # a key sequence 0 sees: its head's row is NaN, as the reference's
+    with torch.no_grad():
+        out = selfattn.attention(q, k, v, backend="cpu", **kw)
+    nan = torch.isnan(out)
+    assert nan[0, 1].all() and int(nan.sum()) == out.shape[-1]
+
+
+@pytest.mark.parametrize("extra", ["stats", "grad", "softcap", "alibi", "sinks", "float_mask", "four_rows"])
+def test_what_the_row_kernel_does_not_serve_takes_the_launchers(extra, row_calls):
+    q, k, v = _qkv(2, 2, 2, 4 if extra == "four_rows" else 1, 90, 16, seed=2)
+    kw = dict(mask=masks.padding([90, 33]), causal=True)
+    if extra == "softcap":
+        kw["softcap"] = 5.0
+    elif extra == "alibi":
+        kw["alibi_slopes"] = torch.tensor([0.5, 0.25])
+    elif extra == "sinks":
+        kw["sinks"] = torch.tensor([0.3, -1.0])
+    elif extra == "float_mask":
+        kw = dict(mask=torch.randn(2, 1, 1, 90))
+    if extra == "grad":
+        q.requires_grad_()
+    with torch.set_grad_enabled(extra == "grad"):
+        got = selfattn.attention(q, k, v, backend="cpu", return_stats=extra == "stats", **kw)
+    out = got[0] if extra == "stats" else got
+    assert row_calls == []
+    compare(extra, reference_pair(q.detach(), k, v, **kw), out.detach(), dtype=torch.float32)
