@@ -38,13 +38,23 @@ import selfattn.integrations.transformers as sa_hf  # noqa: E402
 from selfattn.monitor import Monitor  # noqa: E402
 
 
-def build(args):
+def model_arguments(p) -> None:
+    """The random Llama's sizes as options (bench_decode.py takes the same)."""
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=32000)
+
+
+def build(args, positions: int = 0):
+    """A random LlamaForCausalLM of the sizes in ``args`` (float32, eager attention to start with)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                       num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                      num_key_value_heads=args.kv_heads, max_position_embeddings=max(2048, args.tokens),
+                      num_key_value_heads=args.kv_heads, max_position_embeddings=max(2048, positions),
                       attention_dropout=0.0)
     return LlamaForCausalLM._from_config(cfg, attn_implementation="eager")
 
@@ -105,13 +115,9 @@ def attention_alone(args, rounds: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
+    model_arguments(p)
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--numba-layer", choices=("default", "omp", "workqueue", "tbb"), default="default",
@@ -127,7 +133,7 @@ def main(argv=None) -> int:
 
         numba.config.THREADING_LAYER = args.numba_layer  # read when numba first starts its threads
     sa_hf.register()
-    model = build(args)
+    model = build(args, args.tokens)
     ids = torch.randint(0, args.vocab, (args.batch, args.tokens), generator=torch.Generator().manual_seed(1))
     impls = ["eager", "sdpa", "selfattn", "selfattn+stats"]
     monitor = Monitor(model)

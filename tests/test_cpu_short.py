@@ -9,6 +9,7 @@ must take the launchers.
 
 from __future__ import annotations
 
+import numba
 import pytest
 import torch
 
@@ -70,15 +71,7 @@ CASES = {
 def test_masked_decoding_steps(case, row_calls):
     shape, kw = CASES[case]
     q, k, v = _qkv(*shape[:6], seed=len(case), dv=shape[6])
-    outs = []
-    for threads in (1, 2):
-        old = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with torch.no_grad():
-                outs.append(selfattn.attention(q, k, v, backend="cpu", **kw))
-        finally:
-            torch.set_num_threads(old)
+    outs = [_on(threads, lambda: selfattn.attention(q, k, v, backend="cpu", **kw)) for threads in (1, 2)]
     assert len(row_calls) >= 2 and all(c == (shape[0], shape[1], shape[2], shape[3]) for c in row_calls), row_calls
     assert not torch.isnan(outs[0]).any()
     compare(case, reference_pair(q, k, v, **kw), outs[0], dtype=torch.float32)
@@ -87,26 +80,24 @@ def test_masked_decoding_steps(case, row_calls):
         assert torch.equal(outs[0][0], torch.zeros_like(outs[0][0]))  # a row with no key: 0
 
 
+def _on(threads, call):
+    """call() without gradients on ``threads`` torch threads."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            return call()
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_masked_decoding_on_threads(row_calls, monkeypatch):
     # serving sizes (>= SHORT_THREADS_MIN_BYTES of keys and values) share their (batch, head) units
     monkeypatch.setattr(cpu_backend, "SHORT_THREADS_MIN_BYTES", 0)
     shape, kw = CASES["left_padded_gqa"]
     q, k, v = _qkv(*shape[:6], seed=3, dv=shape[6])
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with torch.no_grad():
-            two = selfattn.attention(q, k, v, backend="cpu", **kw)
-    finally:
-        torch.set_num_threads(old)
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            one = selfattn.attention(q, k, v, backend="cpu", **kw)
-    finally:
-        torch.set_num_threads(old)
-    import numba
-
+    two = _on(2, lambda: selfattn.attention(q, k, v, backend="cpu", **kw))
+    one = _on(1, lambda: selfattn.attention(q, k, v, backend="cpu", **kw))
     assert len(row_calls) == 1 + min(2, numba.config.NUMBA_NUM_THREADS)  # two shares, then one call
     assert torch.equal(one, two)
     compare("threads", reference_pair(q, k, v, **kw), two, dtype=torch.float32)
