@@ -384,6 +384,36 @@ def test_auto_never_prefers_a_backend_that_cannot_serve(monkeypatch):
         assert table_serves(chosen[-1], q, k, v, **kw), f"{name}: auto chose {chosen[-1]}, whose table rules it out"
 
 
+def test_auto_reads_the_data_only_for_the_backend_it_picks(monkeypatch):
+    # sdpa's checks of the tensors' values (a pass over a whole KV cache) run only when auto is about to
+    # pick sdpa; when they refuse, auto takes the next backend by rank, as if sdpa had refused outright
+    from selfattn.request import build_request
+
+    sdpa = selfattn.backends.get("sdpa")
+    reads = []
+    real = type(sdpa).unsupported
+
+    def spy(self, q, k, v, req, data=True):
+        reads.append(data)
+        return real(self, q, k, v, req, data=data)
+
+    monkeypatch.setattr(type(sdpa), "unsupported", spy)
+    core = {n: selfattn.backends.get(n) for n in ("reference", "math", "sdpa")}
+    monkeypatch.setattr(selfattn.backends, "_REGISTRY", core)
+    q, k, v = qkv(1, 2, 2, 8, 8, 8)
+    stats = build_request(q, k, v, return_stats=True)  # sdpa refuses before any data: math
+    assert selfattn.backends.choose("auto", q, k, v, stats).name == "math" and reads == [False]
+    plain = build_request(q, k, v)
+    assert selfattn.backends.choose("auto", q, k, v, plain).name == "sdpa" and reads == [False, False, True]
+    q[0, 1, 3, 0] = float("nan")  # torch's fused CPU kernel would turn this row into 0: sdpa refuses it
+    reads.clear()
+    assert selfattn.backends.choose("auto", q, k, v, build_request(q, k, v)).name == "math" and reads == [False, True]
+    out = attn(q, k, v)
+    assert torch.isnan(out[0, 1, 3]).all() and not torch.isnan(out[0, 0]).any()
+    with pytest.raises(selfattn.backends.BackendUnavailable, match="NaN values in query"):
+        selfattn.backends.choose("sdpa", q, k, v, build_request(q, k, v))  # by name: every check
+
+
 def test_registry_lists_backends_and_features():
     names = selfattn.backends.names()
     assert names[0] == "auto" and {"reference", "math", "sdpa"} <= set(names)

@@ -105,13 +105,21 @@ def choose(name: str, q, k, v, req: Request) -> Backend:
         if missing:
             raise BackendUnavailable(f"backend {name!r} cannot serve this request: it does not support {missing}. Use backend='auto' or one of {names()}")
         return b
-    capable = [b for b in _REGISTRY.values() if _missing(b, q, k, v, req) is None]
-    if not capable:  # only options no backend knows can do this (reference serves everything else)
-        raise BackendUnavailable(f"no backend can serve this request: backend_options {sorted(req.backend_options)} are not known to any backend")
-    # the lowest rank, first registered on a tie (a plain loop: torch.compile cannot trace min(key=...))
-    best, best_rank = capable[0], capable[0].rank(req)
-    for b in capable[1:]:
-        r = b.rank(req)
-        if r < best_rank:
-            best, best_rank = b, r
-    return best
+    # capable as far as the request goes; the checks that read the tensors' values (a pass over a whole KV
+    # cache) only for the backend about to be picked
+    capable = [b for b in _REGISTRY.values()
+               if (b.unknown_options(req) or (b.unsupported(q, k, v, req, data=False) if b.data_checks
+                                               else b.unsupported(q, k, v, req))) is None]
+    ranks = [b.rank(req) for b in capable]
+    while capable:
+        # the lowest rank, first registered on a tie (a plain loop: torch.compile cannot trace min(key=...))
+        i = 0
+        for j in range(1, len(capable)):
+            if ranks[j] < ranks[i]:
+                i = j
+        best = capable[i]
+        if not best.data_checks or best.unsupported(q, k, v, req) is None:
+            return best
+        del capable[i], ranks[i]
+    # only options no backend knows can do this (reference serves everything else)
+    raise BackendUnavailable(f"no backend can serve this request: backend_options {sorted(req.backend_options)} are not known to any backend")

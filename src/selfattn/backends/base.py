@@ -28,6 +28,9 @@ class Backend:
     features: dict = {}  # feature -> short description of support, for `selfattn backends`
     options: frozenset = frozenset()  # backend_options keys this backend understands
     capabilities: Capabilities = Capabilities()  # what it serves, as data (tests hold unsupported() to it)
+    #: unsupported() takes ``data=False`` to leave out the checks that read the tensors' values (a pass over
+    #: them); ``auto`` runs those only on the backend it is about to pick
+    data_checks: bool = False
 
     def unsupported(self, q, k, v, req: Request) -> str | None:
         """None if this backend can serve the request, else the name of the missing feature."""

@@ -50,7 +50,9 @@ class SDPABackend(Backend):
         stats=False, softcap=False, sinks=False, generator=False, nonfinite_inputs=False,
         masked_nonpositive_scale=False, no_backward=frozenset({("cpu", torch.float16), ("cpu", torch.bfloat16)}))
 
-    def unsupported(self, q, k, v, req: Request):
+    data_checks = True
+
+    def unsupported(self, q, k, v, req: Request, data: bool = True):
         if req.return_stats:
             return "return_stats (torch SDPA does not return lse, max_logit or entropy)"
         if req.softcap is not None:
@@ -66,8 +68,9 @@ class SDPABackend(Backend):
             # torch's fused CPU backward in bfloat16 missed FlashAttention's tolerance (dV 4.7x at head
             # dim 256) and gave non-zero gradients where the exact ones are 0
             return f"gradients in {str(q.dtype).replace('torch.', '')} on the CPU (torch's fused CPU backward is not accurate enough)"
-        if torch.compiler.is_compiling():
-            # the two data checks below cannot be traced; compiled graphs skip them (see README)
+        if not data or torch.compiler.is_compiling():
+            # the two data checks below (auto makes them only when it picks sdpa) cannot be traced; compiled
+            # graphs skip them (see README)
             return None
         if _dense(req) or (req.mask is not None and _math_kernel(q, req)):
             if not bool(torch.isfinite(k).all()):
