@@ -59,7 +59,7 @@ def _prefetch_to(locality):
     return prefetch
 
 
-_prefetch_l1, _prefetch_l2 = _prefetch_to(3), _prefetch_to(2)
+_prefetch_l1 = _prefetch_to(3)
 PV_COLS = 4 * _k.VEC_BYTES // 4  # columns of P V one _pv_chunk computes: four vectors of float32
 
 
@@ -182,13 +182,14 @@ def _narrow(x, out16):
 PV_GROUP = 32  # keys per float32 partial sum of P V (then summed in float64)
 PV_FEW = 16  # rows that see fewer keys sum P V in float64 directly (vector set-up: (1, 1, 8, 8, 16) +0.45 us)
 # Calls whose keys and values outgrow L2 (serving-size decoding steps) wait on memory: the scores
-# prefetch the keys PF_AHEAD rows ahead and, where one head's values fit in L2, walk those values
-# into L2 for P V. Measured (1 thread, kernel alone, same process): (1, 32, 1, 1024, 128) 4.9 -> 3.4 ms,
-# (1, 8, 1, 4096, 64) 2.1 -> 1.6 ms (values not walked there: 1 MB a head read no faster). Calls that
-# stay in L2 keep the plain loop: there the hints only cost ((1, 4, 1, 128, 64) +0.2-0.6 us)
+# prefetch the keys PF_AHEAD rows ahead. Measured (1 thread, kernel alone, same process) on the 2 GHz
+# Xeon: (1, 32, 1, 1024, 128) 4.9 -> 3.4 ms, (1, 8, 1, 4096, 64) 2.1 -> 1.6 ms, then with the values of
+# each head walked into L2 during its scores as well; on the 3.75 GHz host (2026-12-02 j) the key
+# prefetch measured neutral (1263 vs 1260 us, 652 vs 666 us) and the walk of the values 13 % slower at
+# (1, 32, 1, 1024, 128) (1426 us against 1260; torch SDPA 1225): the walk is gone. Calls that stay in
+# L2 keep the plain loop: there the hints only cost ((1, 4, 1, 128, 64) +0.2-0.6 us)
 PF_AHEAD = 16  # keys
 PF_MIN_BYTES = 1 << 20  # a call's keys and values from this size on take the hints
-PF_VALUES_MAX = 1 << 19  # one head's values up to this size are walked into L2
 
 
 @njit(fastmath=_k.FASTMATH, cache=True, nogil=True)
@@ -230,7 +231,7 @@ def _small_rows(q, k, v, out, causal, scale, allow, taken):
             n = min(Lk, max(0, i + Lk - Lq + 1)) if causal else Lk  # keys this row sees
             # -- scores and their max --
             if far:
-                _scores_far(qi, kh, vh, n, scale, s, Lk * Dv * 4 <= PF_VALUES_MAX)
+                _scores_far(qi, kh, n, scale, s)
             else:
                 _scores(qi, kh, n, scale, s)
             if allow.shape[3] > 0:  # the keys the mask rules out: -inf
@@ -302,21 +303,17 @@ def _scores(qi, kh, n, scale, s):
 
 
 @njit(fastmath=_k.FASTMATH, cache=True)
-def _scores_far(qi, kh, vh, n, scale, s, values):
-    # _scores for keys and values out of L2 (see PF_AHEAD): each step of four keys first prefetches
-    # the keys PF_AHEAD rows ahead and, with `values`, walks the values of its own four keys into L2.
-    # (Its own loop: with the hints behind a flag in _scores itself, the calls that stay in L2 ran
-    # ~3 % slower; issued in bursts of PF_AHEAD keys, the hints gained less)
-    D, Dv = qi.shape[0], vh.shape[1]
-    pk, pv = _k._addr(kh), _k._addr(vh)
+def _scores_far(qi, kh, n, scale, s):
+    # _scores for keys out of L2 (see PF_AHEAD): each step of four keys first prefetches the keys
+    # PF_AHEAD rows ahead. (Its own loop: with the hints behind a flag in _scores itself, the calls
+    # that stay in L2 ran ~3 % slower; issued in bursts of PF_AHEAD keys, the hints gained less)
+    D = qi.shape[0]
+    pk = _k._addr(kh)
     n4 = n - n % 4
     for j in range(0, n4, 4):
         if j + PF_AHEAD + 4 <= n:
             for off in range(0, 16 * D, 64):  # (four rows of D float32)
                 _prefetch_l1(pk + (j + PF_AHEAD) * D * 4 + off)
-        if values:
-            for off in range(0, 16 * Dv, 64):
-                _prefetch_l2(pv + j * Dv * 4 + off)
         a0, a1, a2, a3 = _dot4(qi, kh, j)
         s[j], s[j + 1], s[j + 2], s[j + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
     _scores_rest(qi, kh, n4, n, scale, s)
