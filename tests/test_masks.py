@@ -235,3 +235,29 @@ def test_documents_with_causal_packs_sequences():
 def test_repr_is_readable():
     assert repr(masks.causal() & masks.window(4, 1)) == "causal() & window(4, 1)"
     assert "kv_lengths=[3]" in repr(masks.padding([3]))
+
+
+def test_broadcasting_masks_matches_torch_and_imports_no_sympy():
+    # masks broadcast shapes in plain Python: torch.broadcast_shapes imports sympy on first use (~1.5 s of a
+    # process's first masked call where Python writes no bytecode); the same shapes, the same refusals
+    rng = random.Random(0)
+    for _ in range(300):
+        a = tuple(rng.choice([0, 1, 1, 2, 3]) for _ in range(rng.randint(0, 4)))
+        b = tuple(rng.choice([0, 1, 1, 2, 3]) for _ in range(rng.randint(0, 4)))
+        try:
+            want = torch.broadcast_shapes(a, b)
+        except RuntimeError:
+            with pytest.raises(RuntimeError):
+                masks._broadcast_shapes(a, b)
+        else:
+            assert masks._broadcast_shapes(a, b) == want
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, selfattn; from selfattn import masks\n"
+            "q = k = v = torch.randn(2, 2, 70, 16)\n"
+            "m = masks.padding([50, 70]) & masks.documents([[0] * 30 + [1] * 40] * 2) & masks.dense(torch.rand(70, 70) > 0.3)\n"
+            "selfattn.attention(q, k, v, mask=m, causal=True, backend='cpu')\n"
+            "selfattn.attention(q, k, v, mask=masks.function(lambda b, h, i, j: j <= i), backend='cpu')\n"
+            "assert 'sympy' not in sys.modules, 'sympy was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -130,9 +130,24 @@ def _block_minmax(pos: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor):
     return torch.stack(mins, dim=1), torch.stack(maxs, dim=1)
 
 
+def _broadcast_shapes(*shapes) -> torch.Size:
+    # torch.broadcast_shapes (the same result; RuntimeError where shapes do not broadcast) without its import
+    # of sympy on first use (torch.fx's symbolic shapes): ~1.5 s CPU of a process's first masked call where
+    # Python writes no bytecode cache (PYTHONDONTWRITEBYTECODE), ~13 % of the float32 first-call time
+    n = max(len(s) for s in shapes)
+    out = [1] * n
+    for s in shapes:
+        for i, d in enumerate(s, n - len(s)):
+            if d != 1:
+                if out[i] != 1 and out[i] != d:
+                    raise RuntimeError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+                out[i] = d
+    return torch.Size(out)
+
+
 def _combine_kinds(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # empty if either is empty, full if both are full, partial otherwise
-    out = torch.full(torch.broadcast_shapes(a.shape, b.shape), int(PARTIAL), dtype=torch.int8, device=a.device)
+    out = torch.full(_broadcast_shapes(a.shape, b.shape), int(PARTIAL), dtype=torch.int8, device=a.device)
     out = torch.where((a == FULL) & (b == FULL), torch.tensor(int(FULL), dtype=torch.int8, device=a.device), out)
     out = torch.where((a == EMPTY) | (b == EMPTY), torch.tensor(int(EMPTY), dtype=torch.int8, device=a.device), out)
     return out
@@ -504,7 +519,7 @@ class Dense(Mask):
     def check(self, batch, heads, lq, lk, device):
         t = self.t4()
         try:
-            ok = torch.broadcast_shapes(t.shape, (batch, heads, lq, lk)) == (batch, heads, lq, lk)  # no dim may grow
+            ok = _broadcast_shapes(t.shape, (batch, heads, lq, lk)) == (batch, heads, lq, lk)  # no dim may grow
         except RuntimeError:
             ok = False
         if not ok:
@@ -612,7 +627,7 @@ class Function(Mask):
             raise ValueError(f"mask function {self.name!r} returned shape {tuple(out.shape)}; it must broadcast to (B, H, R, C) = {want}")
         out = out.reshape((1,) * (4 - out.dim()) + tuple(out.shape))
         try:
-            ok = torch.broadcast_shapes(out.shape, want) == want
+            ok = _broadcast_shapes(out.shape, want) == want
         except RuntimeError:
             ok = False
         if not ok:
