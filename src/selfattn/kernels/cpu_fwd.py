@@ -65,22 +65,31 @@ between the phases) ~8 %. D = 128, ~80 %: Q K^T ~42 % (~97 %), P V ~47 % (~87 %)
 Q K^T 40 %, softmax 11 %, P V 48 % (those calls at ~77 %: the weaker product at D = 64), rest ~1 %;
 D = 128 at 72 %. The micro-kernel with its operands on one line each runs at 96-100 %: what the products lose
 is L1 traffic (the query vectors, the A rows, C in the epilogue). Before the prefetch, the D = 128
-kernel with Lk = 512 (K and V of a head in L2) ran ~20 % faster per tile than with Lk = 2048. On two
-threads the VM itself costs the second core 5-25 % (two 1-thread processes, one per core, lead
-23:04): the threads take units one at a time from a shared counter (``flash_fwd_t``'s ``taken``), so the
-slower core takes fewer (numba's OpenMP layer, which ran a prange kernel before, split them into two
-fixed contiguous halves).
+kernel with Lk = 512 (K and V of a head in L2) ran ~20 % faster per tile than with Lk = 2048. In place
+(an Intel host, 2026-12-02: the cycle counter read around each phase of every tile, medians over the
+4096 tiles of (1, 4, 2048, 2048, 64), which a preempted tile does not move): Q K^T at 84-95 % of the
+peak, P V at 76-93 %, the softmax ~11 % of a tile, a unit's prologue (Q^T) and epilogue (the acc^T
+transpose, _finish_rows) ~3 % (~4 % with scalar transposes; ``_transpose_t`` does them as LANES x LANES
+vector transposes). On two threads the VM itself costs the second core 5-25 % (two 1-thread processes,
+one per core, lead 23:04): the threads take units one at a time from a shared counter (``flash_fwd_t``'s
+``taken``), so the slower core takes fewer (numba's OpenMP layer, which ran a prange kernel before,
+split them into two fixed contiguous halves).
 
 Measured and not taken (1 thread, interleaved A/B against the kept kernel, loaded machine): two key
 tiles per softmax step (a longer P V reduction: no faster at D = 64, slower at D = 128; old layout),
-4-row calls throughout (as fast as 6-row ones), 64-byte aligned Q^T, s^T, acc^T and row vectors
-(numba aligns to 32 bytes; no change, 0.97 vs 0.96 of the old kernel), value panels at D = 128 (old
-layout: P V alone 2.5 % faster), the transposed P V without the prefetch (1.01x: the prefetch is the
-gain), a prefetcht0 of the next call's A rows as well (+2.6 % at D = 64, +1.7 % at D = 128), the Q K^T
-sum at D = 128 as two 64-deep halves continued exactly through C, so that Q^T's half and s^T stay in
-L1 (+3.8 %), a prefetcht0 of C's lines at each call's start (D = 64: 1.00x), tasks of 4 query blocks
-(above: no better than 2), P V calls compiled without their prefetch instruction (it walks a line of B
-that is in L1 already: D = 64 1.02x median-of-pairs, loaded).
+4-row calls throughout (as fast as 6-row ones), 64-byte aligned Q^T, s^T, acc^T and row vectors (numba
+aligns to 32 bytes; no change, 0.97 vs 0.96 of the old kernel), value panels at D = 128 (old layout: P V
+alone 2.5 % faster), the transposed P V without the prefetch (1.01x: the prefetch is the gain), a
+prefetcht0 of the next call's A rows as well (+2.6 % at D = 64, +1.7 % at D = 128), the Q K^T sum at D =
+128 as two 64-deep halves continued exactly through C, so that Q^T's half and s^T stay in L1 (+3.8 %), a
+prefetcht0 of C's lines at each call's start (D = 64: 1.00x), tasks of 4 query blocks (above: no better
+than 2), P V calls compiled without their prefetch instruction (it walks a line of B that is in L1
+already: D = 64 1.02x median-of-pairs, loaded). Intel host, 2026-12-02 (D = 64, median-of-pairs, A/A
+0.99-1.00): prefetcht0 of the tile's values and the block's acc^T during the softmax (P V's in-place
+time -7 %, the kernel 1.011x), STORE without the factor 1 (1.007x), the k loop unrolled (1.015x), 8
+chains in the column max (0.993x against A/A 0.993x), the unit's buffers made once a call (no change),
+the next unit's queries walked into L2 on the last tile (no change), Q^T, s^T and acc^T at chosen
+offsets modulo 4 KB (0.994-1.011x), single blocks (D = 64 1.004x, D = 128 1.040x).
 
 Served here: float32 (and bfloat16/float16 computed in float32) with at least 4 query rows;
 float64 and decoding calls (fewer than 4 queries: dot products) stay on ``cpu_flash.flash_fwd``.
@@ -699,6 +708,43 @@ def _qk_dot_t(q, b, h, r0, rows, pk, ncols, st, scale):
                 st[j, i] *= scale
 
 
+@intrinsic
+def _transpose_t(typingctx, psrc, ssrc, pdst, sdst, nr, nc, like):
+    """dst[j, i] = src[i, j] for i < nr, j < nc, both multiples of LANES (raw addresses, row strides in elements):
+    LANES x LANES blocks, each one's rows loaded whole and transposed in log2(LANES) rounds of interleaves (vpermt2ps)."""
+    if not (isinstance(like, types.Array) and like.dtype == types.float32):
+        return None
+    sig = types.void(*([types.intp] * 6), like)
+
+    def codegen(context, builder, signature, args):
+        builder = _Exact(builder)
+        ps, ss, pd, sd, nr, nc, _ = args
+        vec = _Vectors(context, builder, types.float32)
+        c, w = vec.const, vec.width
+        half = w // 2
+        ity = ir.VectorType(ir.IntType(32), w)
+        # interleave of a and b: lanes 0 .. half - 1 (lo) or half .. w - 1 (hi) of each, alternately
+        lo = ir.Constant(ity, [k // 2 + (w if k % 2 else 0) for k in range(w)])
+        hi = ir.Constant(ity, [half + k // 2 + (w if k % 2 else 0) for k in range(w)])
+
+        def block(i0, _):
+            def col(j0, _):
+                rows = [vec.load(ps, builder.add(builder.mul(builder.add(i0, c(r)), ss), j0)) for r in range(w)]
+                for _ in range(w.bit_length() - 1):
+                    rows = [builder.shuffle_vector(rows[j // 2], rows[j // 2 + half], hi if j % 2 else lo) for j in range(w)]
+                for r in range(w):
+                    vec.store(rows[r], pd, builder.add(builder.mul(builder.add(j0, c(r)), sd), i0))
+                return []
+
+            _loop(builder, vec, c(0), nc, w, [], col, "tcol")
+            return []
+
+        _loop(builder, vec, c(0), nr, w, [], block, "trow")
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 # -- the kernel ------------------------------------------------------------------------------------
 # Several threads run one call each, sharing a counter from which each takes its next work unit
 # (backends.cpu._on_threads): a core slowed by another process takes fewer.
@@ -750,9 +796,13 @@ def flash_fwd_t(q, k, v, out, row_max, row_log, ent, counts, mask, opts, u0, u1,
         # -- Q^T of each block, packed once (columns past `rows` zero: their scores stay finite) --
         qt = np.zeros((G, D, BLOCK_M), q.dtype)
         for g in range(G):
-            for i in range(rows):
-                for d in range(D):
-                    qt[g, d, i] = q[b, h, r00 + g * BLOCK_M + i, d]
+            if rows % LANES == 0 and D % LANES == 0:
+                _transpose_t(_addr(q) + ((b * Hq + h) * Lq + r00 + g * BLOCK_M) * D * isz, D, _addr(qt) + g * D * BLOCK_M * isz,
+                             BLOCK_M, rows, D, qt)
+            else:
+                for i in range(rows):
+                    for d in range(D):
+                        qt[g, d, i] = q[b, h, r00 + g * BLOCK_M + i, d]
         st = np.zeros((BLOCK_N, BLOCK_M), q.dtype)  # s^T, then p^T, of the current tile
         acc_t = np.zeros((G, Dv, BLOCK_M), q.dtype)  # the outputs' accumulators, transposed (query lanes)
         m_i = np.full((G, BLOCK_M), -np.inf, q.dtype)  # per query row: running max, sum, entropy sum
@@ -870,9 +920,12 @@ def flash_fwd_t(q, k, v, out, row_max, row_log, ent, counts, mask, opts, u0, u1,
                 rest = _anchor_rest(m_i[g], ref[g], rows)
             else:
                 rest = lo_i[g] if fold else _max_in_units(m_i[g], rows, cu)
-            for i in range(rows):
-                for d in range(Dv):
-                    acc[i, d] = acc_t[g, d, i]
+            if rows % LANES == 0 and Dv % LANES == 0:
+                _transpose_t(_addr(acc_t) + g * Dv * BLOCK_M * isz, BLOCK_M, _addr(acc), Dv, Dv, rows, acc)
+            else:
+                for i in range(rows):
+                    for d in range(Dv):
+                        acc[i, d] = acc_t[g, d, i]
             _finish_rows(acc, m_i[g], l_i[g], e_i[g], rest, rows, b, h, r00 + g * BLOCK_M, out, row_max, row_log, ent, opts)
             counts[t + g] = n_tiles[g]
 
