@@ -15,11 +15,14 @@ vector width). The output product is computed transposed as well::
     acc^T  = alpha * acc^T + v_blk^T @ p^T            (Dv x queries; A = the values through strides)
 
 so both products share one micro-kernel (``_make_mk_t``) whose B operand is the block's query vectors
-(Q^T, then p^T, reused from L1 by every call) and whose A operand is read once per tile (6 keys of
-K, 6 columns of V a call); alpha is a vector of query lanes. Each element's sum runs over the keys in
-the same order as before (the output is the old kernel's bit for bit). The Q K^T calls also walk this
-tile's values and the next tile's keys into L2 (one prefetcht1 a step): at D = 128 the keys and values
-of one head (2 MB at Lk = 2048) do not stay in the 2 MB L2 between query blocks.
+(Q^T, then p^T, reused from L1 by every call) and whose A operand is read once per tile (6 keys of K, 6
+columns of V a call); alpha is a vector of query lanes. Each element's sum runs over the keys in the
+same order as before (the output is the old kernel's bit for bit). The Q K^T calls also walk this tile's
+values and the next tile's keys into L2 (one prefetcht1 a step): at D = 128 the keys and values of one
+head (2 MB at Lk = 2048) do not stay in the 2 MB L2 between query blocks. On a unit's last tile they
+walk its output rows instead (written next), and its second block's calls the queries of the unit this
+thread likely takes next (the counter's value): missed from DRAM in the unit's prologue and epilogue
+otherwise (cycle counter: 12k and 15k ticks of ~1.1M a unit at D = 64 -> 7k and 8k).
 
 The keys are read in their natural (B, Hkv, Lk, D) layout: no transposed copy of K, and no 8 KB
 row stride between the rows a micro-kernel reads (L1 set conflicts at D = 128 in ``cpu_flash``).
@@ -874,7 +877,14 @@ def flash_fwd_t(q, k, v, out, row_max, row_log, ent, counts, mask, opts, u0, u1,
                     if PREFETCH and not walked:
                         c1 = c0 + BLOCK_N
                         pf = (pv0 + c0 * Dv * isz, ncols * Dv * isz, pk0 + c1 * D * isz, max(min(BLOCK_N, Lk - c1), 0) * D * isz)
+                        if c1 >= Lk:
+                            # -- the last tile: this unit's output rows (written next) instead of keys --
+                            pf = (pf[0], pf[1], _addr(out) + ((b * Hq + h) * Lq + r00) * Dv * isz, G * BLOCK_M * Dv * isz)
                         walked = True
+                    elif PREFETCH and c0 + BLOCK_N >= Lk:
+                        # -- and the second block's product: the queries of the unit this thread likely takes next --
+                        tn, Gn = _unit(min(u0 + taken[0] if taken.size > 0 else u + 1, u1 - 1), nQ, npair, per)
+                        pf = (_addr(q) + ((tn // nQ) * Lq + (tn % nQ) * BLOCK_M) * D * isz, Gn * BLOCK_M * D * isz, I0, I0)
                     _gemm_t(pk0 + c0 * D * isz, D, I1, _addr(qt) + g * D * BLOCK_M * isz, IM, pst, IM, ncols, D,
                             groups, scale, MODE_STORE, I0, pf, st)
                 if ALL_FEATURES and own_alibi:
