@@ -91,14 +91,22 @@ def _on(threads, call):
         torch.set_num_threads(old)
 
 
-def test_masked_decoding_on_threads(row_calls, monkeypatch):
-    # serving sizes (>= SHORT_THREADS_MIN_BYTES of keys and values) share their (batch, head) units
+@pytest.mark.parametrize("case", ["left_padded_gqa", "one_kv_head"])
+def test_masked_decoding_on_threads(case, row_calls, monkeypatch):
+    # serving sizes (>= SHORT_THREADS_MIN_BYTES of keys and values) share their units: whole groups of query
+    # heads (3 kv heads x 2 batches), or with one kv head its group split in a run of heads per thread
     monkeypatch.setattr(cpu_backend, "SHORT_THREADS_MIN_BYTES", 0)
-    shape, kw = CASES["left_padded_gqa"]
+    shape, kw = CASES["left_padded_gqa"] if case == "left_padded_gqa" else ((1, 6, 1, 2, 300, 32, 32), dict(causal=True, **_left([300], 300, 2)))
     q, k, v = _qkv(*shape[:6], seed=3, dv=shape[6])
+    seen = []
+    real = cpu_backend._row_units
+    monkeypatch.setattr(cpu_backend, "_row_units", lambda *a: seen.append(real(*a)) or seen[-1])
     two = _on(2, lambda: selfattn.attention(q, k, v, backend="cpu", **kw))
     one = _on(1, lambda: selfattn.attention(q, k, v, backend="cpu", **kw))
-    assert len(row_calls) == 1 + min(2, numba.config.NUMBA_NUM_THREADS)  # two shares, then one call
+    threads = min(2, numba.config.NUMBA_NUM_THREADS)
+    assert len(row_calls) == 1 + threads  # two shares, then one call
+    group = shape[1] // shape[2]
+    assert seen[0] == (threads, group if case == "left_padded_gqa" or threads == 1 else group // 2)
     assert torch.equal(one, two)
     compare("threads", reference_pair(q, k, v, **kw), two, dtype=torch.float32)
 

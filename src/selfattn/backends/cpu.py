@@ -744,7 +744,7 @@ class _Plan(NamedTuple):
     tiles: int  # the tiles the general kernels compute for this call (the tile map's non-empty ones)
     rows: bool  # cpu_fwd's tile kernel (numpy arguments): counted in cpu_fwd.CALLS as its launcher counts
     one_thread: bool  # the launchers would run this with every torch thread: served only with one
-    split: int  # the row kernel's units ((batch, head) pairs) shared among torch's threads (0: one thread)
+    split: bool  # the row kernel's units shared among torch's threads (_row_units)
     low: object  # the LoweredMask (keeps the record's arrays alive)
     auto: dict  # auto's decisions for this call: torch threads -> _AutoChoice
 
@@ -792,9 +792,10 @@ def fast_forward(q, k, v, causal: bool, scale, auto: bool = False):
     if plan.rows:  # cpu_fwd's kernel, as its launcher calls it (numpy views; a no-grad call may hold leaves)
         plan.kernel(_view(q), _view(k), _view(v), out.numpy(), *plan.args)
     elif plan.split and torch.get_num_threads() > 1:
-        # each thread takes its next (batch, head) from one counter
-        args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *plan.args[:-1], np.zeros(1, np.int64))
-        _on_threads([(plan.kernel, args)] * min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, plan.split))
+        B, Hq, Hkv = plan.args[:3]
+        threads, per = _row_units(B, Hq, Hkv)
+        args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *plan.args[:-2], per, np.zeros(1, np.int64))
+        _on_threads([(plan.kernel, args)] * threads)
     else:
         plan.kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *plan.args)
     TILE_PRODUCTS["forward"] += plan.tiles
@@ -820,10 +821,10 @@ def _masked_rows(q, k, v, req: Request):
     out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype)
     Ba, Ha, La = allow.shape[:3]
     args = [q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, Hq, Hkv, Lq, Lk, D, Dv, float(req.scale),
-            allow.data_ptr(), Ba, Ha, La, _fwd.NO_COUNTER]
-    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, B * Hq)
+            allow.data_ptr(), Ba, Ha, La, Hq // Hkv, _fwd.NO_COUNTER]
+    threads, per = _row_units(B, Hq, Hkv)
     if threads > 1 and _short_bytes(B, Hkv, Lq, Lk, D, Dv) >= SHORT_THREADS_MIN_BYTES:
-        args[-1] = np.zeros(1, np.int64)  # each thread takes its next (batch, head) from it
+        args[-2:] = per, np.zeros(1, np.int64)  # each thread takes its next unit from the counter
         _on_threads([(_short.fwd_small_masked, tuple(args))] * threads)
     else:
         _short.fwd_small_masked(*args)
@@ -856,7 +857,7 @@ def _make_plan(q, k, v, causal, scale):
     rows = not _small(B, Hq, Lq, Lk, D, Dv)
     if not rows:
         kernel = _short.fwd_small if q.dtype == torch.float32 else _short.fwd_small_bf16
-        args = (B, Hq, Hkv, Lq, Lk, D, Dv, causal, float(req.scale), _fwd.NO_COUNTER)  # (float64: cpu_short scores in float64)
+        args = (B, Hq, Hkv, Lq, Lk, D, Dv, causal, float(req.scale), Hq // Hkv, _fwd.NO_COUNTER)  # (float64: cpu_short scores in float64)
     elif q.dtype != torch.float32:
         return _NO_PLAN  # bfloat16 beyond the small calls: the general launchers (AMX where there is one)
     elif not _fwd.serves(q):
@@ -879,7 +880,7 @@ def _make_plan(q, k, v, causal, scale):
         full = (q.data_ptr(), k.data_ptr(), v.data_ptr(), scratch.data_ptr(), *args)
     one_thread = rows and 4.0 * B * Hq * Lq * Lk * D >= THREADS_MIN_FLOPS and min(numba.config.NUMBA_NUM_THREADS, tasks) > 1  # as _threads
     # the row kernel's float32 calls of serving size (decoding over a long cache) on every torch thread
-    split = B * Hq if not rows and q.dtype == torch.float32 and B * Hq > 1 and _short_bytes(B, Hkv, Lq, Lk, D, Dv) >= SHORT_THREADS_MIN_BYTES else 0
+    split = not rows and q.dtype == torch.float32 and B * Hq > 1 and _short_bytes(B, Hkv, Lq, Lk, D, Dv) >= SHORT_THREADS_MIN_BYTES
     # the first run compiles (or loads) the kernel; then its entry point, as _run takes them
     kernel(*full)
     compiled = kernel.overloads.get(tuple(kernel.typeof_pyval(a) for a in full))
@@ -906,6 +907,16 @@ USE_ROW_KERNEL = True  # cpu_short.fwd_small for short plain calls (False: the t
 #: row-kernel calls (decoding steps) that read at least this many bytes of keys and values run on every
 #: torch thread (they wait on memory; see SHORT_THREADS below)
 SHORT_THREADS_MIN_BYTES = 1 << 22
+
+
+def _row_units(B, Hq, Hkv) -> tuple:
+    # (threads, query heads per unit) for the row kernel on torch's threads: whole groups of query heads
+    # (each kv head read once) where there are enough of them, else each group split in as many runs as
+    # make a unit per thread
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, B * Hq)
+    group = Hq // Hkv
+    runs = min(group, -(-threads // (B * Hkv)))
+    return threads, -(-group // runs)
 
 
 def _short_bytes(B, Hkv, Lq, Lk, D, Dv) -> int:

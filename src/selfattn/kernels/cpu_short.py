@@ -112,7 +112,7 @@ _u8_at = _pointer_at(types.uint8)  # a bool tensor's bytes
 
 
 @njit(fastmath=_k.FASTMATH, cache=True, nogil=True)
-def fwd_small(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, causal, scale, taken):
+def fwd_small(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, causal, scale, per, taken):
     """The output of a small call (decoding: a few query rows), one row at a time, without the tile
     machinery: each task of the general kernels allocates a dozen tile-sized buffers and runs per key
     block several helpers built for 64 x 64 tiles, ~4 us per task and ~2 us per key block for one row
@@ -124,18 +124,19 @@ def fwd_small(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, causal, scale, taken)
     the row sum in float64; the exponent ((s - max) * log2(e)) rounded to float32 once for cpu_flash's
     exp2; P V in float32 within groups of PV_GROUP keys, the groups summed in float64 (see _small_rows
     for why); the output rounded to float32. Fully-masked rows are 0; a NaN score makes its row NaN.
-    ``taken``: cpu_fwd.NO_COUNTER (every (batch, head) in order, in this thread) or a zeroed (1,) int64
-    counter shared by the threads running this call, each taking its next (batch, head) from it (rows
-    written by one thread alone: the same bits on any number of threads)."""
+    A unit of work is ``per`` query heads of one kv head's group (1 <= per <= Hq / Hkv; the whole group
+    reads each key and value once). ``taken``: cpu_fwd.NO_COUNTER (every unit in order, in this thread) or
+    a zeroed (1,) int64 counter shared by the threads running this call, each taking its next unit from
+    it (rows written by one thread alone: the same bits on any number of threads and any ``per``)."""
     q = carray(_f32_at(pq), (B, Hq, Lq, D))
     k = carray(_f32_at(pk), (B, Hkv, Lk, D))
     v = carray(_f32_at(pv), (B, Hkv, Lk, Dv))
     out = carray(_f32_at(pout), (B, Hq, Lq, Dv))
-    _small_rows(q, k, v, out, causal, scale, carray(_u8_at(0), (0, 0, 0, 0)), taken)
+    _small_rows(q, k, v, out, causal, scale, carray(_u8_at(0), (0, 0, 0, 0)), per, taken)
 
 
 @njit(fastmath=_k.FASTMATH, cache=True, nogil=True)
-def fwd_small_masked(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, scale, pallow, Ba, Ha, La, taken):
+def fwd_small_masked(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, scale, pallow, Ba, Ha, La, per, taken):
     """:func:`fwd_small` under a boolean mask given as its bits: ``pallow`` the address of a C-contiguous
     bool tensor (Ba, Ha, La, Lk), Ba in (1, B), Ha in (1, Hq), La in (1, Lq) (a size of 1 broadcasts),
     True where the query may see the key (causal, windows, padding, positions all in it). A row's keys
@@ -145,11 +146,11 @@ def fwd_small_masked(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, scale, pallow,
     k = carray(_f32_at(pk), (B, Hkv, Lk, D))
     v = carray(_f32_at(pv), (B, Hkv, Lk, Dv))
     out = carray(_f32_at(pout), (B, Hq, Lq, Dv))
-    _small_rows(q, k, v, out, False, scale, carray(_u8_at(pallow), (Ba, Ha, La, Lk)), taken)
+    _small_rows(q, k, v, out, False, scale, carray(_u8_at(pallow), (Ba, Ha, La, Lk)), per, taken)
 
 
 @njit(cache=True)
-def fwd_small_bf16(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, causal, scale, taken):
+def fwd_small_bf16(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, causal, scale, per, taken):
     """:func:`fwd_small` for bfloat16 tensors: the inputs widened to float32 (exactly), the output
     rounded to bfloat16 as torch rounds (to nearest even; NaN stays NaN). One thread (``taken``:
     cpu_fwd.NO_COUNTER)."""
@@ -157,7 +158,7 @@ def fwd_small_bf16(pq, pk, pv, pout, B, Hq, Hkv, Lq, Lk, D, Dv, causal, scale, t
     k = _widen(carray(_u16_at(pk), (B, Hkv, Lk, D)))
     v = _widen(carray(_u16_at(pv), (B, Hkv, Lk, Dv)))
     out = np.empty((B, Hq, Lq, Dv), np.float32)
-    _small_rows(q, k, v, out, causal, scale, carray(_u8_at(0), (0, 0, 0, 0)), taken)
+    _small_rows(q, k, v, out, causal, scale, carray(_u8_at(0), (0, 0, 0, 0)), per, taken)
     _narrow(out, carray(_u16_at(pout), (B, Hq, Lq, Dv)))
 
 
@@ -193,10 +194,13 @@ PF_MIN_BYTES = 1 << 20  # a call's keys and values from this size on take the hi
 
 
 @njit(fastmath=_k.FASTMATH, cache=True, nogil=True)
-def _small_rows(q, k, v, out, causal, scale, allow, taken):
-    # fwd_small's rows on float32 arrays (B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv) -> out, one
-    # (batch, head) at a time, taken from the counter `taken` (empty: all of them in order). `allow`:
-    # (B|1, Hq|1, Lq|1, Lk) bytes, nonzero where the query may see the key, or (0, 0, 0, 0): no mask.
+def _small_rows(q, k, v, out, causal, scale, allow, per, taken):
+    # fwd_small's rows on float32 arrays (B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv) -> out. A unit is
+    # `per` query heads of one kv head's group (grouped-query attention: the whole group when per = Hq / Hkv)
+    # with all their rows: each key and value row is read once for all of them (per row, as before, a GQA
+    # decoding step read its kv head once per query head). Units in order, or taken from the counter `taken`
+    # (empty: all of them in this thread). `allow`: (B|1, Hq|1, Lq|1, Lk) bytes, nonzero where the query may
+    # see the key, or (0, 0, 0, 0): no mask. Each row's arithmetic is the same whatever the unit.
     # Scores in float64 arithmetic on the float32 values: with float32 scores (s * scale * log2(e)
     # rounded, then s - max; or q.k rounded in another order than the reference's q @ k^T, then
     # (s - max) * scale log2(e)) a random sweep of the calls served here missed STYLE rule 6 by up to
@@ -209,63 +213,79 @@ def _small_rows(q, k, v, out, causal, scale, allow, taken):
     # ~20 % faster this way (1 thread, same process)
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    qi = np.empty(D, np.float64)  # one query row, widened
-    s = np.empty(Lk, np.float64)  # its scaled scores, then its probabilities (unnormalised)
-    buf = np.empty(Lk + Dv, np.float32)  # (one allocation for two)
-    p = buf[:Lk]  # its probabilities in float32 (the micro-kernel's operand)
-    part = buf[Lk:]  # P V of one group of keys
-    acc = np.empty(Dv, np.float64)  # the row's output sum
     group = Hq // Hkv
+    chunks = (group + per - 1) // per  # units per kv head
+    R = min(per, group) * Lq  # rows of a unit at most
+    qi = np.empty((R, D), np.float64)  # the unit's query rows, widened
+    s = np.empty((R, Lk), np.float64)  # their scaled scores, then their probabilities (unnormalised)
+    buf = np.empty(R * Lk + Dv, np.float32)  # (one allocation for two)
+    p = buf[:R * Lk].reshape((R, Lk))  # their probabilities in float32 (the micro-kernel's operand)
+    part = buf[R * Lk:]  # P V of one group of keys
+    acc = np.empty((R, Dv), np.float64)  # the rows' output sums
+    ns = np.empty(R, np.intp)  # keys each row sees (then 0 for the rows already written)
+    tot = np.empty(R, np.float64)  # their probabilities' sums
     far = B * Hkv * Lk * (D + Dv) * 4 >= PF_MIN_BYTES  # (see PF_AHEAD)
     u = -1
     while True:
         u = _fwd._fetch_add(taken, _fwd.I1) if taken.size > 0 else u + 1
-        if u >= B * Hq:
+        if u >= B * Hkv * chunks:
             break
-        b, h = u // Hq, u % Hq
-        kh, vh = k[b, h // group], v[b, h // group]  # (Lk, D), (Lk, Dv)
-        for i in range(Lq):
-            oi, qrow = out[b, h, i], q[b, h, i]  # (Dv,), (D,)
+        b, hk, c = u // (Hkv * chunks), (u // chunks) % Hkv, u % chunks
+        h0 = hk * group + c * per
+        rows = (min(h0 + per, (hk + 1) * group) - h0) * Lq  # row r: head h0 + r // Lq, query r % Lq
+        kh, vh = k[b, hk], v[b, hk]  # (Lk, D), (Lk, Dv)
+        for r in range(rows):
+            qrow = q[b, h0 + r // Lq, r % Lq]  # (D,)
             for d in range(D):  # (a loop: an array assignment here took ~4 s more to compile)
-                qi[d] = qrow[d]
-            n = min(Lk, max(0, i + Lk - Lq + 1)) if causal else Lk  # keys this row sees
-            # -- scores and their max --
-            if far:
-                _scores_far(qi, kh, n, scale, s)
-            else:
-                _scores(qi, kh, n, scale, s)
+                qi[r, d] = qrow[d]
+            i = r % Lq
+            ns[r] = min(Lk, max(0, i + Lk - Lq + 1)) if causal else Lk  # keys this row sees
+        # -- scores: each step of four keys for every row --
+        _scores_rows(qi, kh, ns, rows, scale, s, far)
+        # -- per row: the mask, the max, p = exp2((s - m) log2(e)) (the exponent rounded to float32 once) --
+        for r in range(rows):
+            h, i, n = h0 + r // Lq, r % Lq, ns[r]
+            sr, pr, oi = s[r], p[r], out[b, h, i]  # (Lk,), (Lk,), (Dv,)
             if allow.shape[3] > 0:  # the keys the mask rules out: -inf
                 ar = allow[b if allow.shape[0] > 1 else 0, h if allow.shape[1] > 1 else 0, i if allow.shape[2] > 1 else 0]
                 for j in range(n):
                     if ar[j] == 0:
-                        s[j] = -np.inf
+                        sr[j] = -np.inf
             m = -np.inf
             nan = False
             for j in range(n):
-                nan |= s[j] != s[j]
-                m = s[j] if s[j] > m else m
+                nan |= sr[j] != sr[j]
+                m = sr[j] if sr[j] > m else m
             if nan or m == -np.inf:
-                # a NaN row stays NaN; no key (or every score -inf): 0
+                # a NaN row stays NaN; no key (or every score -inf): 0 (its P V skipped: n = 0)
                 fill = np.float32(np.nan) if nan else np.float32(0.0)
                 for d in range(Dv):
                     oi[d] = fill
+                ns[r] = 0
                 continue
-            # -- p = exp2((s - m) log2(e)), the exponent rounded to float32 once --
             total = 0.0
             for j in range(n):
-                x = np.float32((s[j] - m) * _k.LOG2E)
+                x = np.float32((sr[j] - m) * _k.LOG2E)
                 pj = _k._exp2f(x) if x >= -126.0 else (x if x != x else np.float32(0.0))  # +inf - +inf: NaN
-                p[j] = pj
-                s[j] = pj
-                total += s[j]
-            # -- the output: P V / the row sum --
-            if n < PV_FEW:
-                _weighted_sum(s, vh, n, acc)
-            else:
-                _weighted_sum_groups(p, vh, n, part, acc)
-            inv = 1.0 / total
+                pr[j] = pj
+                sr[j] = pj
+                total += sr[j]
+            tot[r] = total
+            if n < PV_FEW:  # few keys: P V in float64 now
+                _weighted_sum(sr, vh, n, acc[r])
+                inv = 1.0 / total
+                for d in range(Dv):
+                    oi[d] = acc[r, d] * inv
+                ns[r] = 0
+        # -- P V of the rows of many keys: each group of PV_GROUP value rows once for all of them --
+        _pv_rows(p, vh, ns, rows, part, acc)
+        for r in range(rows):
+            if ns[r] == 0:
+                continue
+            inv = 1.0 / tot[r]
+            oi = out[b, h0 + r // Lq, r % Lq]
             for d in range(Dv):
-                oi[d] = acc[d] * inv
+                oi[d] = acc[r, d] * inv
 
 
 @njit(fastmath=_k.FASTMATH, inline="always")
@@ -293,30 +313,26 @@ def _scores_rest(qi, kh, n4, n, scale, s):
 
 
 @njit(fastmath=_k.FASTMATH, cache=True)
-def _scores(qi, kh, n, scale, s):
-    # s[j] = (qi . kh[j]) * scale in float64 for j < n, four keys at a time
-    n4 = n - n % 4
-    for j in range(0, n4, 4):
-        a0, a1, a2, a3 = _dot4(qi, kh, j)
-        s[j], s[j + 1], s[j + 2], s[j + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
-    _scores_rest(qi, kh, n4, n, scale, s)
-
-
-@njit(fastmath=_k.FASTMATH, cache=True)
-def _scores_far(qi, kh, n, scale, s):
-    # _scores for keys out of L2 (see PF_AHEAD): each step of four keys first prefetches the keys
-    # PF_AHEAD rows ahead. (Its own loop: with the hints behind a flag in _scores itself, the calls
-    # that stay in L2 ran ~3 % slower; issued in bursts of PF_AHEAD keys, the hints gained less)
-    D = qi.shape[0]
+def _scores_rows(qi, kh, ns, rows, scale, s, far):
+    # s[r, j] = (qi[r] . kh[j]) * scale in float64 for j < ns[r], r < rows: four keys at a time, each step
+    # for every row while those keys are in L1; with `far` (keys and values out of L2, see PF_AHEAD) each
+    # step first prefetches the keys PF_AHEAD rows ahead. A row's last ns[r] % 4 keys one at a time
+    D = qi.shape[1]
+    nmax = 0
+    for r in range(rows):
+        nmax = max(nmax, ns[r])
     pk = _k._addr(kh)
-    n4 = n - n % 4
-    for j in range(0, n4, 4):
-        if j + PF_AHEAD + 4 <= n:
+    for j in range(0, nmax - nmax % 4, 4):
+        if far and j + PF_AHEAD + 4 <= nmax:
             for off in range(0, 16 * D, 64):  # (four rows of D float32)
                 _prefetch_l1(pk + (j + PF_AHEAD) * D * 4 + off)
-        a0, a1, a2, a3 = _dot4(qi, kh, j)
-        s[j], s[j + 1], s[j + 2], s[j + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
-    _scores_rest(qi, kh, n4, n, scale, s)
+        for r in range(rows):
+            if j + 4 <= ns[r]:
+                a0, a1, a2, a3 = _dot4(qi[r], kh, j)
+                s[r, j], s[r, j + 1], s[r, j + 2], s[r, j + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+    for r in range(rows):
+        n = ns[r]
+        _scores_rest(qi[r], kh, n - n % 4, n, scale, s[r])
 
 
 @njit(fastmath=_k.FASTMATH, cache=True)
@@ -338,21 +354,29 @@ def _weighted_sum(p, vh, n, acc):
 
 
 @njit(fastmath=_k.FASTMATH, cache=True)
-def _weighted_sum_groups(p, vh, n, part, acc):
-    # acc = sum over j < n of p[j] * vh[j]: each group of PV_GROUP keys by _pv_chunk into `part`
-    # (float32: one FMA per key and lane, accumulators in registers), the groups added in float64.
-    # p (Lk,) and vh (Lk, Dv) float32, contiguous rows; part (Dv,) float32
-    Dv = acc.shape[0]
-    for d in range(Dv):
-        acc[d] = 0.0
-    pp, pv, ppart = _k._addr(p), _k._addr(vh), _k._addr(part)
-    for j0 in range(0, n, PV_GROUP):
-        for c0 in range(0, Dv, PV_COLS):
-            # part[c0:c1] = p[j0:j1] @ vh[j0:j1, c0:c1]   (1 x keys) @ (keys x at most PV_COLS)
-            _pv_chunk(pp + 4 * j0, pv + 4 * (j0 * Dv + c0), min(PV_GROUP, n - j0), Dv, min(PV_COLS, Dv - c0),
-                      ppart + 4 * c0)
+def _pv_rows(p, vh, ns, rows, part, acc):
+    # acc[r] = sum over j < ns[r] of p[r, j] * vh[j] for r < rows (rows with ns[r] = 0 skipped): each group
+    # of PV_GROUP keys by _pv_chunk into `part` (float32: one FMA per key and lane, accumulators in
+    # registers) for every row while those values are in L1, the groups added in float64 in key order.
+    # p (R, Lk) and vh (Lk, Dv) float32, contiguous rows; part (Dv,) float32; acc (R, Dv) float64
+    Dv, Lk = acc.shape[1], p.shape[1]
+    nmax = 0
+    for r in range(rows):
+        nmax = max(nmax, ns[r])
         for d in range(Dv):
-            acc[d] += part[d]
+            acc[r, d] = 0.0
+    pp, pv, ppart = _k._addr(p), _k._addr(vh), _k._addr(part)
+    for j0 in range(0, nmax, PV_GROUP):
+        for r in range(rows):
+            n = ns[r]
+            if j0 >= n:
+                continue
+            for c0 in range(0, Dv, PV_COLS):
+                # part[c0:c1] = p[r, j0:j1] @ vh[j0:j1, c0:c1]   (1 x keys) @ (keys x at most PV_COLS)
+                _pv_chunk(pp + 4 * (r * Lk + j0), pv + 4 * (j0 * Dv + c0), min(PV_GROUP, n - j0), Dv,
+                          min(PV_COLS, Dv - c0), ppart + 4 * c0)
+            for d in range(Dv):
+                acc[r, d] += part[d]
 
 
 @njit(fastmath={"nsz", "arcp", "contract", "afn", "reassoc"}, cache=True)
