@@ -435,6 +435,49 @@ def test_shard_backward_one_pair_and_unseen_rows():
     assert all(bool((t == 0).all()) for t in zero)
 
 
+# -- lean variants (issue 14's compile time): taken only where no block takes float64 scores -----------
+
+
+@pytest.mark.parametrize("ratio", [0.9, 0.995, 1.005, 1.1, "tiny"])
+def test_lean_variant_only_where_no_block_takes_float64_scores(ratio, monkeypatch):
+    # cpu_flash.lean_call rules the float64 tiles out with a numpy bound (a plain call compiles no numba function
+    # for it) and asks _any_split_tile only where the bound cannot: with the largest logit bound just under and
+    # just over SPLIT_ABOVE the answer must be _any_split_tile's (the blocks' own _split_tiles), and the outputs
+    # and gradients those of the full kernels bit for bit. "tiny": queries whose squares all underflow float32
+    # (to 0) and keys that put the bound past SPLIT_ABOVE
+    import numpy as np
+
+    from selfattn.kernels import cpu_fwd
+
+    q, k, v, do = _inputs(1, 2, 2, 130, 130, 32, torch.float32, seed=3)
+    if ratio == "tiny":
+        q, k, ratio = q * 3e-24, k * 1e25, None
+    k_norm = cpu_flash.max_key_norm(k.numpy())
+    opts = cpu_flash.make_opts(np.float32, 32 ** -0.5, 0.0, False, k_norm)
+    if ratio is not None:
+        # the largest query row norm that puts the kernels' bound at ratio x SPLIT_ABOVE
+        norm = q.double().norm(dim=-1).max().item()
+        q = (q.double() * (ratio * cpu_flash.SPLIT_ABOVE / (norm * k_norm * float(opts.qk_scale64)))).float()
+    asked = []
+    exact = cpu_flash._any_split_tile
+    monkeypatch.setattr(cpu_flash, "_any_split_tile", lambda *a: asked.append(1) or exact(*a))
+    split = exact(q.numpy(), opts)
+    assert split == (ratio is None or ratio > 1.0)
+    assert cpu_flash._may_split(q.numpy(), opts) == split
+    assert bool(asked) == (ratio is None or ratio > 0.99)  # below 0.99 x SPLIT_ABOVE the bound alone decides
+
+    def run():
+        leafs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = selfattn.attention(*leafs, causal=True, backend="cpu")
+        return [out, *torch.autograd.grad(out, leafs, do)]
+
+    got = run()
+    monkeypatch.setattr(cpu_flash, "lean_call", lambda *a: False)
+    monkeypatch.setattr(cpu_fwd, "lean_call", lambda *a: False)
+    full = run()
+    assert all(torch.equal(a, b) for a, b in zip(got, full))
+
+
 # -- short calls (issue 14): the plain fast path, the launchers' numba entry, errors by name ----------
 
 _PLAIN_SHAPES = [(1, 1, 1, 8, 8, 16), (1, 4, 4, 1, 128, 64), (1, 4, 2, 3, 200, 8), (2, 4, 2, 70, 130, 32),

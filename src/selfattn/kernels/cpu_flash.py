@@ -858,26 +858,13 @@ SPLIT_ABOVE = 128.0  # tasks whose logits may pass this (score units, _split_til
 REBASE = 16.0  # the forward moves a row's reference R when a tile's max passes R by this (score units)
 
 
-@njit(cache=True)
-def max_key_norm(k):
-    """max_j |k_j| over the keys of a float32 (B, Hkv, Lk, D) array, in float64 (four partial sums a key, in
-    a fixed order): the launchers put it in KernelOpts.k_norm, the forward's and the backward's alike."""
-    B, H, L, D = k.shape
-    best = 0.0
-    for b in range(B):
-        for h in range(H):
-            for j in range(L):
-                x0, x1, x2, x3 = 0.0, 0.0, 0.0, 0.0
-                for d in range(0, D - 3, 4):
-                    a0, a1 = np.float64(k[b, h, j, d]), np.float64(k[b, h, j, d + 1])
-                    a2, a3 = np.float64(k[b, h, j, d + 2]), np.float64(k[b, h, j, d + 3])
-                    x0, x1, x2, x3 = x0 + a0 * a0, x1 + a1 * a1, x2 + a2 * a2, x3 + a3 * a3
-                for d in range(D - D % 4, D):
-                    a0 = np.float64(k[b, h, j, d])
-                    x0 += a0 * a0
-                x = (x0 + x1) + (x2 + x3)
-                best = x if x > best else best
-    return math.sqrt(best)
+def max_key_norm(k) -> float:
+    """max_j |k_j| over the keys of a float32 (B, Hkv, Lk, D) array, each |k_j|^2 summed in float64: the
+    launchers put it in KernelOpts.k_norm, the forward's and the backward's alike (the same function of the
+    same keys, so both take the same blocks as float64 tiles); a key holding a NaN is passed over, 0 for
+    no keys. numpy, not numba: a plain call compiles nothing for it."""
+    norm2 = np.einsum("...d,...d->...", k, k, dtype=np.float64)  # (B, Hkv, Lk)
+    return math.sqrt(float(np.fmax.reduce(norm2, axis=None, initial=0.0)))
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -1005,7 +992,22 @@ def lean_call(q, mask, opts) -> bool:
     if (mask.alibi.size or mask.bias.size or mask.allow.size or mask.fn_index.size or mask.q_ids.shape[0]
             or mask.kv_keep.size):
         return False
-    return not (opts.k_norm > 0.0 and _any_split_tile(q, opts))
+    return not (opts.k_norm > 0.0 and _may_split(q, opts))
+
+
+def _may_split(q, opts) -> bool:
+    # whether some query block of a float32 call (no softcap, k_norm > 0) may take float64 scores. First a
+    # bound in numpy (a plain call compiles no numba function for it): max_i |q_i|^2 summed in float32, raised
+    # by its rounding (D 2**-23 relative, 2**-149 a square that underflows), is at least the float64 sums of
+    # _split_tiles, so below 0.99 x SPLIT_ABOVE every block's own test (its rows' largest norm x k_norm x
+    # |scale| against SPLIT_ABOVE) says no too. Above it (or inf: the comparison fails) _any_split_tile asks
+    # every block exactly as the kernels do. A row holding a NaN is passed over, as there.
+    D = q.shape[3]
+    q_norm2 = float(np.fmax.reduce(np.einsum("...d,...d->...", q, q), axis=None, initial=0.0))  # (B, H, Lq) -> max
+    q_norm2 = (q_norm2 + D * 2.0**-149) * (1.0 + D * 2.0**-23)
+    if math.sqrt(q_norm2) * opts.k_norm * abs(float(opts.qk_scale64)) < 0.99 * SPLIT_ABOVE:
+        return False
+    return _any_split_tile(q, opts)
 
 
 def _ir_loop(builder, i64, lo, hi, step, inits, body, name):
