@@ -328,223 +328,6 @@ def _score_terms_t(st, lo, w, rows, ncols, scaled, b, h, qb, kb, kind, mask, opt
 # -- the kernel ----------------------------------------------------------------------------------
 
 
-@njit(fastmath=FASTMATH, cache=True)
-def _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, dk_w, dv_w, dq, pbuf, dpbuf, kbs, counts, mask,
-              opts):
-    # One (batch, head, query block): its dQ, and its shares of dK and dV added to this worker's
-    # accumulators dk_w, dv_w. pbuf/dpbuf (nK, BLOCK_N, BLOCK_M): the worker's P^T and dP^T tiles,
-    # kept from the first sweep to the second; kbs (nK,): the key block of each kept tile.
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    nQ = (Lq + BLOCK_M - 1) // BLOCK_M
-    nK = (Lk + BLOCK_N - 1) // BLOCK_N
-    softcap = opts.softcap
-    tiles = mask.tiles
-    qb = t % nQ
-    h = (t // nQ) % Hq
-    b = t // (nQ * Hq)
-    hk = h // (Hq // Hkv)
-    r0 = qb * BLOCK_M
-    rows = min(BLOCK_M, Lq - r0)
-    nr = (rows + LANES - 1) // LANES * LANES  # lanes computed: padded queries get p = 0
-    tb, th_ = _bx(tiles.shape[0], b), _bx(tiles.shape[1], h)
-    isz = 4
-    f = q.dtype
-    small = rows < 4  # dot-product scores, and dS and dQ in float64 (below)
-    # without a softcap a small block's scores are float64 dot products kept as hi + lo in score units,
-    # exponents ((s - max) + lo) - log l, as the forwards take them (cpu_flash._qk_split)
-    split = small and softcap <= 0.0 and (Lq < 4 or split_ragged)
-    # >= 4 rows whose logits may be large, where the forward takes them so (cpu_fwd.SPLIT_TILES): float64 scores
-    # held as s - row_max, rounded once (cpu_flash._qk64_t with R = row_max), then p = exp2(that - row_log)
-    wide = False
-    if ALL_FEATURES:  # (a lean variant's launcher asked _split_tiles of every block: no)
-        wide = not small and split_tiles and _split_tiles(q, b, h, r0, rows, opts)
-    w = np.empty((BLOCK_N, BLOCK_M) if softcap > 0.0 else (0, 0), f)  # the softcap's dS factor
-    lo = np.empty((BLOCK_N, BLOCK_M) if softcap > 0.0 and fold_lo or split else (0, 0), f)  # the logits' rests
-    m0 = np.zeros(BLOCK_M, f)  # the max once folded into the exponent: 0, +inf past the rows
-    for i in range(rows, BLOCK_M):
-        m0[i] = np.inf
-    dl64 = np.zeros(BLOCK_M, np.float64)  # rowsum(P * dP) per query lane, in float64
-    ps64 = np.zeros(BLOCK_M, np.float64)  # rowsum(P) per query lane, in float64
-    dq_acc = np.zeros((BLOCK_M, D), f)
-    dq64 = np.zeros((rows if small else 0, D), np.float64)
-    # the softcap's dS factor of each kept tile of a small block (applied in float64 in sweep 2)
-    wkeep = np.empty((nK if small and softcap > 0.0 else 0, BLOCK_N, 4), f)
-    scaled = rows >= 4  # else dot products, as every forward takes them (cpu_flash, cpu_fwd)
-    # the product's factor and the score units per unit of s, as the forward took them: q.k itself
-    # (times the scale's sign) and P = exp2(fma(s, cu, -row_max) - row_log) where nothing is added to
-    # the scaled score (cpu_flash._raw_units)
-    store, cu64 = _raw_units(opts.qk_scale, opts.softcap_u, opts.base2, mask.alibi.size > 0 or mask.bias.size > 0)
-    if split or wide:
-        store, cu64 = 1.0, 1.0
-    cu = np.float32(cu64)
-    raw = cu64 != 1.0
-    pq = _addr(q) + ((b * Hq + h) * Lq + r0) * D * isz  # Q_blk rows (rows x D)
-    pdo = _addr(do) + ((b * Hq + h) * Lq + r0) * Dv * isz  # dO_blk rows (rows x Dv)
-    # -- Q_blk^T and dO_blk^T (D|Dv x BLOCK_M), packed once per task, zero past the rows --
-    qt = np.zeros((D, BLOCK_M), f)
-    dot = np.zeros((Dv, BLOCK_M), f)
-    for i in range(rows):
-        for d in range(D):
-            qt[d, i] = q[b, h, r0 + i, d]
-        for d in range(Dv):
-            dot[d, i] = do[b, h, r0 + i, d]
-    # -- the lse halves per query lane: a fully-masked row (max -inf) and lanes past the rows get
-    # max +inf, log 0, so that p = exp2(s - inf) = 0 --
-    m_blk = np.full(BLOCK_M, np.inf, f)
-    lg_blk = np.zeros(BLOCK_M, f)
-    for i in range(rows):
-        mi = row_max[b, h, r0 + i]
-        if mi != -np.inf:
-            m_blk[i] = mi
-            lg_blk[i] = row_log[b, h, r0 + i]
-    ref = np.empty(BLOCK_M if wide else 0, np.float64)  # the float64 scores' reference: row_max (_qk64_t)
-    tmax = np.empty(BLOCK_M if wide else 0, f)  # (_qk64_t's lane maxima: unused here)
-    qt64 = np.zeros((0, 0), np.float64)  # Q^T in float64 (wide)
-    if ALL_FEATURES and wide:
-        qt64 = _qt64(q, b, h, r0, rows)
-    for i in range(ref.size):
-        ref[i] = m_blk[i]
-    external = delta.shape[2] > 0
-    # a FULL tile needs no score terms unless one of these applies (each call that takes the mask
-    # record costs ~0.5 us of reference counting: ~3 % of a causal backward when made for every tile)
-    terms = softcap > 0.0 or not scaled or mask.alibi.size > 0 or mask.bias.size > 0
-    n = 0
-    # -- sweep 1: P^T, dP^T and delta over the non-empty key tiles; dV += P^T dO --
-    for kb in range(nK):
-        kind = tiles[tb, th_, qb, kb]
-        if kind == EMPTY:
-            continue
-        c0 = kb * BLOCK_N
-        ncols = min(BLOCK_N, Lk - c0)
-        st, dpt = pbuf[n], dpbuf[n]
-        kbs[n] = kb
-        n += 1
-        pk = _addr(k) + ((b * Hkv + hk) * Lk + c0) * D * isz  # K_blk rows (ncols x D)
-        pv = _addr(v) + ((b * Hkv + hk) * Lk + c0) * Dv * isz  # V_blk rows (ncols x Dv)
-        # -- what the products walk into L2 (prefetcht1, _gemm_pf): this tile's values and dV rows, the
-        # next non-empty tile's keys (after the last: tile 0's, where the next task starts) and kept-tile
-        # slot; after the last tile, this tile's dK rows (sweep 2 starts with them) --
-        kb2 = kb + 1
-        while kb2 < nK and tiles[tb, th_, qb, kb2] == EMPTY:
-            kb2 += 1
-        last = kb2 >= nK
-        if last:
-            kb2 = 0
-        pdv = _addr(dv_w) + ((b * Hkv + hk) * Lk + c0) * Dv * isz
-        walk_s = (pv, np.intp(ncols * Dv * isz), _addr(k) + ((b * Hkv + hk) * Lk + kb2 * BLOCK_N) * D * isz,
-                  np.intp(min(BLOCK_N, Lk - kb2 * BLOCK_N) * D * isz))
-        walk_dp = (pdv, np.intp(ncols * Dv * isz), np.intp(0), np.intp(0))
-        if last:
-            walk_dv = (_addr(dk_w) + ((b * Hkv + hk) * Lk + c0) * D * isz, np.intp(ncols * D * isz), np.intp(0), np.intp(0))
-        else:
-            slot = np.intp(n * BLOCK_N * BLOCK_M * isz)
-            walk_dv = (_addr(pbuf) + slot, np.intp(BLOCK_N * BLOCK_M * isz), _addr(dpbuf) + slot, np.intp(BLOCK_N * BLOCK_M * isz))
-        # -- S^T = K_blk Q_blk^T (keys x queries), times the store factor (the scale unless a softcap
-        # follows or the tile stays q.k: _raw_units) --
-        if ALL_FEATURES and (split or wide):
-            # fewer than 4 query rows (decoding, a ragged last block), or logits that may be large: the score
-            # terms on zeros first, then q.k in float64 added (below), hi + lo in score units or s - row_max
-            for j in range(ncols):
-                for i in range(nr):
-                    st[j, i] = 0.0
-        elif ALL_FEATURES and not scaled:
-            # (the same with a softcap: float32 dot products, then the softcap in float64)
-            for j in range(ncols):
-                for i in range(nr):
-                    st[j, i] = _dot(pq + i * D * isz, pk + j * D * isz, D, st) if i < rows else 0.0
-            if raw and store != 1.0:
-                for j in range(ncols):
-                    for i in range(rows):
-                        st[j, i] *= store
-        else:
-            _gemm_pf(pk, D, I1, _addr(qt), IM, _addr(st), IM, ncols, D, nr, store, MODE_STORE, walk_s, st)
-        if ALL_FEATURES:
-            if terms or kind == PARTIAL:
-                _score_terms_t(st, lo, w, rows, ncols, (scaled or raw or split) and softcap <= 0.0, b, h, qb, kb, kind, mask, opts)
-        elif kind == PARTIAL:
-            # (a lean variant: _score_terms_t's only term is the element-wise mask)
-            _mask_tile_t(st, rows, ncols, b, h, qb, kb, mask)
-        if ALL_FEATURES and wide:
-            _qk64_t(_addr(qt64), pk, ncols, D, nr, opts.qk_scale64, _addr(st), _addr(ref), _addr(tmax), st)
-        elif ALL_FEATURES and split:
-            _qk_split(pq, D, rows, pk, ncols, D, opts.qk_scale64, st, lo, True)
-        # (addresses taken where they are used: numba frees an array after the last use of its name,
-        # and a raw address kept from earlier would point into freed memory)
-        if ALL_FEATURES and lo.size > 0:
-            # -- hi + lo: the exponent ((s - max) + lo) in float64, rounded once (cpu_flash's convention),
-            # then taken against a max of 0 (m0) --
-            _fold_lo(st, lo, ncols, rows, m_blk, m0, False)
-        # -- dP^T = V_blk dO_blk^T --
-        _gemm_pf(pv, Dv, I1, _addr(dot), IM, _addr(dpt), IM, ncols, Dv, nr, 1.0, MODE_STORE, walk_dp, dpt)
-        # -- P^T = exp2((S^T - max) - log l); delta += rowsum(P * dP) --
-        for g in range(0, nr, VW):
-            pmg = (_addr(m0) if lo.size > 0 or wide else _addr(m_blk)) + g * isz
-            _probs_lanes(_addr(st) + g * isz, _addr(dpt) + g * isz, BLOCK_M, pmg, _addr(lg_blk) + g * isz,
-                         _addr(dl64) + g * 8, _addr(ps64) + g * 8, ncols, opts.exp_lo, cu, st)
-        # -- dV += P^T dO --
-        _gemm_pf(_addr(st), IM, I1, pdo, Dv, pdv, Dv, ncols, rows, Dv, 1.0, MODE_ADD, walk_dv, st)
-        if ALL_FEATURES and softcap > 0.0 and small:
-            for j in range(ncols):
-                for i in range(rows):
-                    wkeep[n - 1, j, i] = w[j, i]
-        elif ALL_FEATURES and softcap > 0.0:
-            # -- the softcap's c (1 - tanh^2) multiplies dS: folded into the kept P^T --
-            for j in range(ncols):
-                for i in range(rows):
-                    st[j, i] *= w[j, i]
-    for i in range(rows):
-        if external:
-            # a shard of the keys: only the whole row's delta, the caller's, is right
-            dl64[i] = delta[b, h, r0 + i]
-        elif normalize:
-            # -- delta = rowsum(P dP) / rowsum(P) (with a sink: + its p): P's rounding leaves the sum
-            # 1 + a few ulp, which would stay in every dP - delta (rows of a few keys: dP - delta
-            # cancels, up to 100x the reference's error) --
-            den = ps64[i] + (sink_p[b, h, r0 + i] if sink_p.shape[2] > 0 else 0.0)
-            if den > 0.0:
-                dl64[i] = dl64[i] / den
-    # -- sweep 2: dS^T = P^T (dP^T - delta); dK += dS^T Q, dQ += dS K; last kept tile first (the
-    # most recently written are the likeliest still in L2) --
-    for u in range(n - 1, -1, -1):
-        c0 = kbs[u] * BLOCK_N
-        ncols = min(BLOCK_N, Lk - c0)
-        st, dpt = pbuf[u], dpbuf[u]
-        if ALL_FEATURES and small:
-            # -- fewer than 4 rows (decoding): dS = P (dP - delta) w and dQ += dS K in float64 (rows of
-            # two keys whose dS_j k_j cancel kept ~1.5 ulp of the terms from a float32 dS; cheap here) --
-            _small_ds_dq(st, dpt, wkeep, u, softcap > 0.0, dl64, dq64, k, b, hk, c0, ncols, rows)
-        else:
-            for g in range(0, nr, VW):
-                _ds_lanes(_addr(st) + g * isz, _addr(dpt) + g * isz, BLOCK_M, _addr(dl64) + g * 8, ncols, st)
-        pk = _addr(k) + ((b * Hkv + hk) * Lk + c0) * D * isz
-        # -- walked into L2: this tile's keys and the next kept tile's dK rows during dK, its P^T and dP^T
-        # during dQ --
-        walk_dk = (pk, np.intp(ncols * D * isz), np.intp(0), np.intp(0))
-        walk_dq = (np.intp(0), np.intp(0), np.intp(0), np.intp(0))
-        if u > 0:
-            c2 = kbs[u - 1] * BLOCK_N
-            walk_dk = (pk, np.intp(ncols * D * isz), _addr(dk_w) + ((b * Hkv + hk) * Lk + c2) * D * isz,
-                       np.intp(min(BLOCK_N, Lk - c2) * D * isz))
-            slot = np.intp((u - 1) * BLOCK_N * BLOCK_M * isz)
-            walk_dq = (_addr(pbuf) + slot, np.intp(BLOCK_N * BLOCK_M * isz), _addr(dpbuf) + slot, np.intp(BLOCK_N * BLOCK_M * isz))
-        _gemm_pf(_addr(dpt), IM, I1, pq, D, _addr(dk_w) + ((b * Hkv + hk) * Lk + c0) * D * isz, D, ncols, rows, D,
-                 1.0, MODE_ADD, walk_dk, st)
-        if not small:
-            # (dS^T read through the A strides)
-            _gemm_pf(_addr(dpt), I1, IM, pk, D, _addr(dq_acc), D, rows, ncols, D, 1.0, MODE_ADD, walk_dq, st)
-    dscale = opts.dscale
-    if ALL_FEATURES and small:
-        for i in range(rows):
-            for d in range(D):
-                dq[b, h, r0 + i, d] = dq64[i, d] * np.float64(dscale)
-    else:
-        for i in range(rows):
-            for d in range(D):
-                dq[b, h, r0 + i, d] = dq_acc[i, d] * dscale
-    counts[t] = n
-
-
 @njit(cache=True)
 def _small_ds_dq(st, dpt, wkeep, u, softcap, dl64, dq64, k, b, hk, c0, ncols, rows):
     # a query block of < 4 rows: dS^T = P^T (dP^T - delta) (times the kept softcap factor) in float64,
@@ -587,7 +370,7 @@ def _scale_head(dk, kh, dscale):
             x[r, d] *= dscale
 
 
-@njit(cache=True, nogil=True)
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
 def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, dk_w, dv_w, dq, counts,
                 mask, opts, t0, t1, w, W, per, taken):
     """The backward's tasks t0 .. t1 - 1 (one per (batch, head, query block); ``counts`` has one entry
@@ -612,8 +395,9 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
     (cpu_fwd.SPLIT_SMALL; calls of < 4 rows always do); ``split_tiles``: blocks of >= 4 rows take float64
     scores where cpu_flash._split_tiles says so, as the forward did (cpu_fwd.SPLIT_TILES).
     """
-    # One function, not a wrapper around the task loop: numba links each called function's LLVM IR into
-    # its caller and optimizes and emits all of it again, ~6 s of a first call per level. The P^T/dP^T
+    # One function, the task's body inside the loop: numba compiles a called numba function on its own
+    # (its LLVM IR optimized and emitted), then links that IR into its caller and optimizes and emits all
+    # of it again (the task as a function of its own: ~1.3 s more of the first float32 call). The P^T/dP^T
     # buffers are allocated here, once, in the thread that runs the tasks: an allocation of 2 x 1 MB and
     # its first touch cost ~0.9 ms, ~1 % of a kv head's work at L = 4096.
     nK = (k.shape[2] + BLOCK_N - 1) // BLOCK_N
@@ -636,8 +420,218 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
         if not shared and (per > 0 and (t // per) % W != w or per == 0 and t % (2 * W) != w and t % (2 * W) != 2 * W - 1 - w):
             t += 1
             continue
-        _bwd_task(t, q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo, split_ragged, split_tiles, dk_w, dv_w, dq, pbuf, dpbuf, kbs,
-                  counts, mask, opts)
+        # -- task t: one (batch, head, query block): its dQ, and its shares of dK and dV added to this
+        # worker's accumulators dk_w, dv_w; the P^T and dP^T tiles kept in pbuf/dpbuf from the first
+        # sweep to the second, kbs the key block of each --
+        B, Hq, Lq, D = q.shape
+        Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+        nQ = (Lq + BLOCK_M - 1) // BLOCK_M
+        nK = (Lk + BLOCK_N - 1) // BLOCK_N
+        softcap = opts.softcap
+        tiles = mask.tiles
+        qb = t % nQ
+        h = (t // nQ) % Hq
+        b = t // (nQ * Hq)
+        hk = h // (Hq // Hkv)
+        r0 = qb * BLOCK_M
+        rows = min(BLOCK_M, Lq - r0)
+        nr = (rows + LANES - 1) // LANES * LANES  # lanes computed: padded queries get p = 0
+        tb, th_ = _bx(tiles.shape[0], b), _bx(tiles.shape[1], h)
+        isz = 4
+        f = q.dtype
+        small = rows < 4  # dot-product scores, and dS and dQ in float64 (below)
+        # without a softcap a small block's scores are float64 dot products kept as hi + lo in score units,
+        # exponents ((s - max) + lo) - log l, as the forwards take them (cpu_flash._qk_split)
+        split = small and softcap <= 0.0 and (Lq < 4 or split_ragged)
+        # >= 4 rows whose logits may be large, where the forward takes them so (cpu_fwd.SPLIT_TILES): float64 scores
+        # held as s - row_max, rounded once (cpu_flash._qk64_t with R = row_max), then p = exp2(that - row_log)
+        wide = False
+        if ALL_FEATURES:  # (a lean variant's launcher asked _split_tiles of every block: no)
+            wide = not small and split_tiles and _split_tiles(q, b, h, r0, rows, opts)
+        wcap = np.empty((BLOCK_N, BLOCK_M) if softcap > 0.0 else (0, 0), f)  # the softcap's dS factor
+        lo = np.empty((BLOCK_N, BLOCK_M) if softcap > 0.0 and fold_lo or split else (0, 0), f)  # the logits' rests
+        m0 = np.zeros(BLOCK_M, f)  # the max once folded into the exponent: 0, +inf past the rows
+        for i in range(rows, BLOCK_M):
+            m0[i] = np.inf
+        dl64 = np.zeros(BLOCK_M, np.float64)  # rowsum(P * dP) per query lane, in float64
+        ps64 = np.zeros(BLOCK_M, np.float64)  # rowsum(P) per query lane, in float64
+        dq_acc = np.zeros((BLOCK_M, D), f)
+        dq64 = np.zeros((rows if small else 0, D), np.float64)
+        # the softcap's dS factor of each kept tile of a small block (applied in float64 in sweep 2)
+        wkeep = np.empty((nK if small and softcap > 0.0 else 0, BLOCK_N, 4), f)
+        scaled = rows >= 4  # else dot products, as every forward takes them (cpu_flash, cpu_fwd)
+        # the product's factor and the score units per unit of s, as the forward took them: q.k itself
+        # (times the scale's sign) and P = exp2(fma(s, cu, -row_max) - row_log) where nothing is added to
+        # the scaled score (cpu_flash._raw_units)
+        store, cu64 = _raw_units(opts.qk_scale, opts.softcap_u, opts.base2, mask.alibi.size > 0 or mask.bias.size > 0)
+        if split or wide:
+            store, cu64 = 1.0, 1.0
+        cu = np.float32(cu64)
+        raw = cu64 != 1.0
+        pq = _addr(q) + ((b * Hq + h) * Lq + r0) * D * isz  # Q_blk rows (rows x D)
+        pdo = _addr(do) + ((b * Hq + h) * Lq + r0) * Dv * isz  # dO_blk rows (rows x Dv)
+        # -- Q_blk^T and dO_blk^T (D|Dv x BLOCK_M), packed once per task, zero past the rows --
+        qt = np.zeros((D, BLOCK_M), f)
+        dot = np.zeros((Dv, BLOCK_M), f)
+        for i in range(rows):
+            for d in range(D):
+                qt[d, i] = q[b, h, r0 + i, d]
+            for d in range(Dv):
+                dot[d, i] = do[b, h, r0 + i, d]
+        # -- the lse halves per query lane: a fully-masked row (max -inf) and lanes past the rows get
+        # max +inf, log 0, so that p = exp2(s - inf) = 0 --
+        m_blk = np.full(BLOCK_M, np.inf, f)
+        lg_blk = np.zeros(BLOCK_M, f)
+        for i in range(rows):
+            mi = row_max[b, h, r0 + i]
+            if mi != -np.inf:
+                m_blk[i] = mi
+                lg_blk[i] = row_log[b, h, r0 + i]
+        ref = np.empty(BLOCK_M if wide else 0, np.float64)  # the float64 scores' reference: row_max (_qk64_t)
+        tmax = np.empty(BLOCK_M if wide else 0, f)  # (_qk64_t's lane maxima: unused here)
+        qt64 = np.zeros((0, 0), np.float64)  # Q^T in float64 (wide)
+        if ALL_FEATURES and wide:
+            qt64 = _qt64(q, b, h, r0, rows)
+        for i in range(ref.size):
+            ref[i] = m_blk[i]
+        external = delta.shape[2] > 0
+        # a FULL tile needs no score terms unless one of these applies (each call that takes the mask
+        # record costs ~0.5 us of reference counting: ~3 % of a causal backward when made for every tile)
+        terms = softcap > 0.0 or not scaled or mask.alibi.size > 0 or mask.bias.size > 0
+        n = 0
+        # -- sweep 1: P^T, dP^T and delta over the non-empty key tiles; dV += P^T dO --
+        for kb in range(nK):
+            kind = tiles[tb, th_, qb, kb]
+            if kind == EMPTY:
+                continue
+            c0 = kb * BLOCK_N
+            ncols = min(BLOCK_N, Lk - c0)
+            st, dpt = pbuf[n], dpbuf[n]
+            kbs[n] = kb
+            n += 1
+            pk = _addr(k) + ((b * Hkv + hk) * Lk + c0) * D * isz  # K_blk rows (ncols x D)
+            pv = _addr(v) + ((b * Hkv + hk) * Lk + c0) * Dv * isz  # V_blk rows (ncols x Dv)
+            # -- what the products walk into L2 (prefetcht1, _gemm_pf): this tile's values and dV rows, the
+            # next non-empty tile's keys (after the last: tile 0's, where the next task starts) and kept-tile
+            # slot; after the last tile, this tile's dK rows (sweep 2 starts with them) --
+            kb2 = kb + 1
+            while kb2 < nK and tiles[tb, th_, qb, kb2] == EMPTY:
+                kb2 += 1
+            last = kb2 >= nK
+            if last:
+                kb2 = 0
+            pdv = _addr(dv_w) + ((b * Hkv + hk) * Lk + c0) * Dv * isz
+            walk_s = (pv, np.intp(ncols * Dv * isz), _addr(k) + ((b * Hkv + hk) * Lk + kb2 * BLOCK_N) * D * isz,
+                      np.intp(min(BLOCK_N, Lk - kb2 * BLOCK_N) * D * isz))
+            walk_dp = (pdv, np.intp(ncols * Dv * isz), np.intp(0), np.intp(0))
+            if last:
+                walk_dv = (_addr(dk_w) + ((b * Hkv + hk) * Lk + c0) * D * isz, np.intp(ncols * D * isz), np.intp(0), np.intp(0))
+            else:
+                slot = np.intp(n * BLOCK_N * BLOCK_M * isz)
+                walk_dv = (_addr(pbuf) + slot, np.intp(BLOCK_N * BLOCK_M * isz), _addr(dpbuf) + slot, np.intp(BLOCK_N * BLOCK_M * isz))
+            # -- S^T = K_blk Q_blk^T (keys x queries), times the store factor (the scale unless a softcap
+            # follows or the tile stays q.k: _raw_units) --
+            if ALL_FEATURES and (split or wide):
+                # fewer than 4 query rows (decoding, a ragged last block), or logits that may be large: the score
+                # terms on zeros first, then q.k in float64 added (below), hi + lo in score units or s - row_max
+                for j in range(ncols):
+                    for i in range(nr):
+                        st[j, i] = 0.0
+            elif ALL_FEATURES and not scaled:
+                # (the same with a softcap: float32 dot products, then the softcap in float64)
+                for j in range(ncols):
+                    for i in range(nr):
+                        st[j, i] = _dot(pq + i * D * isz, pk + j * D * isz, D, st) if i < rows else 0.0
+                if raw and store != 1.0:
+                    for j in range(ncols):
+                        for i in range(rows):
+                            st[j, i] *= store
+            else:
+                _gemm_pf(pk, D, I1, _addr(qt), IM, _addr(st), IM, ncols, D, nr, store, MODE_STORE, walk_s, st)
+            if ALL_FEATURES:
+                if terms or kind == PARTIAL:
+                    _score_terms_t(st, lo, wcap, rows, ncols, (scaled or raw or split) and softcap <= 0.0, b, h, qb, kb, kind, mask, opts)
+            elif kind == PARTIAL:
+                # (a lean variant: _score_terms_t's only term is the element-wise mask)
+                _mask_tile_t(st, rows, ncols, b, h, qb, kb, mask)
+            if ALL_FEATURES and wide:
+                _qk64_t(_addr(qt64), pk, ncols, D, nr, opts.qk_scale64, _addr(st), _addr(ref), _addr(tmax), st)
+            elif ALL_FEATURES and split:
+                _qk_split(pq, D, rows, pk, ncols, D, opts.qk_scale64, st, lo, True)
+            # (addresses taken where they are used: numba frees an array after the last use of its name,
+            # and a raw address kept from earlier would point into freed memory)
+            if ALL_FEATURES and lo.size > 0:
+                # -- hi + lo: the exponent ((s - max) + lo) in float64, rounded once (cpu_flash's convention),
+                # then taken against a max of 0 (m0) --
+                _fold_lo(st, lo, ncols, rows, m_blk, m0, False)
+            # -- dP^T = V_blk dO_blk^T --
+            _gemm_pf(pv, Dv, I1, _addr(dot), IM, _addr(dpt), IM, ncols, Dv, nr, 1.0, MODE_STORE, walk_dp, dpt)
+            # -- P^T = exp2((S^T - max) - log l); delta += rowsum(P * dP) --
+            for g in range(0, nr, VW):
+                pmg = (_addr(m0) if lo.size > 0 or wide else _addr(m_blk)) + g * isz
+                _probs_lanes(_addr(st) + g * isz, _addr(dpt) + g * isz, BLOCK_M, pmg, _addr(lg_blk) + g * isz,
+                             _addr(dl64) + g * 8, _addr(ps64) + g * 8, ncols, opts.exp_lo, cu, st)
+            # -- dV += P^T dO --
+            _gemm_pf(_addr(st), IM, I1, pdo, Dv, pdv, Dv, ncols, rows, Dv, 1.0, MODE_ADD, walk_dv, st)
+            if ALL_FEATURES and softcap > 0.0 and small:
+                for j in range(ncols):
+                    for i in range(rows):
+                        wkeep[n - 1, j, i] = wcap[j, i]
+            elif ALL_FEATURES and softcap > 0.0:
+                # -- the softcap's c (1 - tanh^2) multiplies dS: folded into the kept P^T --
+                for j in range(ncols):
+                    for i in range(rows):
+                        st[j, i] *= wcap[j, i]
+        for i in range(rows):
+            if external:
+                # a shard of the keys: only the whole row's delta, the caller's, is right
+                dl64[i] = delta[b, h, r0 + i]
+            elif normalize:
+                # -- delta = rowsum(P dP) / rowsum(P) (with a sink: + its p): P's rounding leaves the sum
+                # 1 + a few ulp, which would stay in every dP - delta (rows of a few keys: dP - delta
+                # cancels, up to 100x the reference's error) --
+                den = ps64[i] + (sink_p[b, h, r0 + i] if sink_p.shape[2] > 0 else 0.0)
+                if den > 0.0:
+                    dl64[i] = dl64[i] / den
+        # -- sweep 2: dS^T = P^T (dP^T - delta); dK += dS^T Q, dQ += dS K; last kept tile first (the
+        # most recently written are the likeliest still in L2) --
+        for u in range(n - 1, -1, -1):
+            c0 = kbs[u] * BLOCK_N
+            ncols = min(BLOCK_N, Lk - c0)
+            st, dpt = pbuf[u], dpbuf[u]
+            if ALL_FEATURES and small:
+                # -- fewer than 4 rows (decoding): dS = P (dP - delta) w and dQ += dS K in float64 (rows of
+                # two keys whose dS_j k_j cancel kept ~1.5 ulp of the terms from a float32 dS; cheap here) --
+                _small_ds_dq(st, dpt, wkeep, u, softcap > 0.0, dl64, dq64, k, b, hk, c0, ncols, rows)
+            else:
+                for g in range(0, nr, VW):
+                    _ds_lanes(_addr(st) + g * isz, _addr(dpt) + g * isz, BLOCK_M, _addr(dl64) + g * 8, ncols, st)
+            pk = _addr(k) + ((b * Hkv + hk) * Lk + c0) * D * isz
+            # -- walked into L2: this tile's keys and the next kept tile's dK rows during dK, its P^T and dP^T
+            # during dQ --
+            walk_dk = (pk, np.intp(ncols * D * isz), np.intp(0), np.intp(0))
+            walk_dq = (np.intp(0), np.intp(0), np.intp(0), np.intp(0))
+            if u > 0:
+                c2 = kbs[u - 1] * BLOCK_N
+                walk_dk = (pk, np.intp(ncols * D * isz), _addr(dk_w) + ((b * Hkv + hk) * Lk + c2) * D * isz,
+                           np.intp(min(BLOCK_N, Lk - c2) * D * isz))
+                slot = np.intp((u - 1) * BLOCK_N * BLOCK_M * isz)
+                walk_dq = (_addr(pbuf) + slot, np.intp(BLOCK_N * BLOCK_M * isz), _addr(dpbuf) + slot, np.intp(BLOCK_N * BLOCK_M * isz))
+            _gemm_pf(_addr(dpt), IM, I1, pq, D, _addr(dk_w) + ((b * Hkv + hk) * Lk + c0) * D * isz, D, ncols, rows, D,
+                     1.0, MODE_ADD, walk_dk, st)
+            if not small:
+                # (dS^T read through the A strides)
+                _gemm_pf(_addr(dpt), I1, IM, pk, D, _addr(dq_acc), D, rows, ncols, D, 1.0, MODE_ADD, walk_dq, st)
+        dscale = opts.dscale
+        if ALL_FEATURES and small:
+            for i in range(rows):
+                for d in range(D):
+                    dq[b, h, r0 + i, d] = dq64[i, d] * np.float64(dscale)
+        else:
+            for i in range(rows):
+                for d in range(D):
+                    dq[b, h, r0 + i, d] = dq_acc[i, d] * dscale
+        counts[t] = n
         if per > 0 and (t + 1) % per == 0:
             _scale_head(dk_w, t // per, opts.dscale)
         t += 1
