@@ -114,7 +114,9 @@ def _make_mk_pf(MR):
                     # -- one line of the next tile's operands toward L2 (locality 2: prefetcht1) --
                     _prefetch(builder, builder.add(ppf, builder.mul(kk, spf)), 2)
 
-                final = _fma_k_loop(builder, vec, MR, nvec, kdim, load_b, load_a, f"mkp{nvec}", walk)
+                # (unroll=False: LLVM's unroller copied the k loop, MR x nv FMAs a step already, several times over;
+                # the copies cost ~0.35 s of the first float32 call and the backward measured no faster)
+                final = _fma_k_loop(builder, vec, MR, nvec, kdim, load_b, load_a, f"mkp{nvec}", walk, unroll=False)
                 # -- write C in the call's mode --
                 with builder.if_else(builder.icmp_signed("==", mode, c(STORE))) as (store, add):
                     with store:
