@@ -416,11 +416,13 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
     # (its LLVM IR optimized and emitted), then links that IR into its caller and optimizes and emits all
     # of it again (the task as a function of its own: ~1.3 s more of the first float32 call). The P^T/dP^T
     # buffers are allocated here, once, in the thread that runs the tasks: an allocation of 2 x 1 MB and
-    # its first touch cost ~0.9 ms, ~1 % of a kv head's work at L = 4096.
+    # its first touch cost ~0.9 ms, ~1 % of a kv head's work at L = 4096. Every array here is np.zeros in
+    # q.dtype or float64 (or int64) of 1-3 dimensions, as flash_fwd_t's are: numba compiles an allocation
+    # once per kind of shape, dtype and caller's flags (fastmath, nogil), ~0.05 s each on a first call.
     nK = (k.shape[2] + BLOCK_N - 1) // BLOCK_N
-    pbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
-    dpbuf = np.empty((nK, BLOCK_N, BLOCK_M), q.dtype)
-    kbs = np.empty(nK, np.int64)
+    pbuf = np.zeros((nK, BLOCK_N, BLOCK_M), q.dtype)
+    dpbuf = np.zeros((nK, BLOCK_N, BLOCK_M), q.dtype)
+    kbs = np.zeros(nK, np.int64)
     shared = per > 0 and taken.size > 0
     # denormals flushed while the tasks run (this thread only, restored after): probabilities near
     # 2**-126 times dP - delta made denormal dS, and every FMA on one a microcode assist (ALiBi's far
@@ -465,17 +467,18 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
         wide = False
         if ALL_FEATURES:  # (a lean variant's launcher asked _split_tiles of every block: no)
             wide = not small and split_tiles and _split_tiles(q, b, h, r0, rows, opts)
-        wcap = np.empty((BLOCK_N, BLOCK_M) if softcap > 0.0 else (0, 0), f)  # the softcap's dS factor
-        lo = np.empty((BLOCK_N, BLOCK_M) if softcap > 0.0 and fold_lo or split else (0, 0), f)  # the logits' rests
+        wcap = np.zeros((BLOCK_N, BLOCK_M) if softcap > 0.0 else (0, 0), f)  # the softcap's dS factor
+        lo = np.zeros((BLOCK_N, BLOCK_M) if softcap > 0.0 and fold_lo or split else (0, 0), f)  # the logits' rests
         m0 = np.zeros(BLOCK_M, f)  # the max once folded into the exponent: 0, +inf past the rows
         for i in range(rows, BLOCK_M):
             m0[i] = np.inf
-        dl64 = np.zeros(BLOCK_M, np.float64)  # rowsum(P * dP) per query lane, in float64
-        ps64 = np.zeros(BLOCK_M, np.float64)  # rowsum(P) per query lane, in float64
+        # per query lane in float64: rowsum(P * dP), rowsum(P), the float64 scores' reference row_max (_qk64_t)
+        lanes64 = np.zeros((3, BLOCK_M), np.float64)
+        dl64, ps64, ref = lanes64[0], lanes64[1], lanes64[2]
         dq_acc = np.zeros((BLOCK_M, D), f)
         dq64 = np.zeros((rows if small else 0, D), np.float64)
         # the softcap's dS factor of each kept tile of a small block (applied in float64 in sweep 2)
-        wkeep = np.empty((nK if small and softcap > 0.0 else 0, BLOCK_N, 4), f)
+        wkeep = np.zeros((nK if small and softcap > 0.0 else 0, BLOCK_N, 4), f)
         scaled = rows >= 4  # else dot products, as every forward takes them (cpu_flash, cpu_fwd)
         # the product's factor and the score units per unit of s, as the forward took them: q.k itself
         # (times the scale's sign) and P = exp2(fma(s, cu, -row_max) - row_log) where nothing is added to
@@ -497,19 +500,20 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
                 dot[d, i] = do[b, h, r0 + i, d]
         # -- the lse halves per query lane: a fully-masked row (max -inf) and lanes past the rows get
         # max +inf, log 0, so that p = exp2(s - inf) = 0 --
-        m_blk = np.full(BLOCK_M, np.inf, f)
+        m_blk = np.zeros(BLOCK_M, f)
         lg_blk = np.zeros(BLOCK_M, f)
+        for i in range(BLOCK_M):
+            m_blk[i] = np.inf
         for i in range(rows):
             mi = row_max[b, h, r0 + i]
             if mi != -np.inf:
                 m_blk[i] = mi
                 lg_blk[i] = row_log[b, h, r0 + i]
-        ref = np.empty(BLOCK_M if wide else 0, np.float64)  # the float64 scores' reference: row_max (_qk64_t)
-        tmax = np.empty(BLOCK_M if wide else 0, f)  # (_qk64_t's lane maxima: unused here)
+        tmax = np.zeros(BLOCK_M if wide else 0, f)  # (_qk64_t's lane maxima: unused here)
         qt64 = np.zeros((0, 0), np.float64)  # Q^T in float64 (wide)
         if ALL_FEATURES and wide:
             qt64 = _qt64(q, b, h, r0, rows)
-        for i in range(ref.size):
+        for i in range(BLOCK_M if wide else 0):
             ref[i] = m_blk[i]
         external = delta.shape[2] > 0
         # a FULL tile needs no score terms unless one of these applies (each call that takes the mask
