@@ -146,3 +146,30 @@ def test_what_the_row_kernel_does_not_serve_takes_the_launchers(extra, row_calls
     out = got[0] if extra == "stats" else got
     assert row_calls == []
     compare(extra, reference_pair(q.detach(), k, v, **kw), out.detach(), dtype=torch.float32)
+
+
+def test_layers_sharing_a_mask_compute_its_bits_once(row_calls, monkeypatch):
+    # the mask's bits are cached as lowered masks are (lowering.allowed): a model's layers share one mask per
+    # forward; a key padding tensor changed in place is a new mask (its version), and gets new bits
+    from selfattn import lowering
+
+    lowering.clear_cache()
+    built = []
+    real = masks.Mask.allowed_in
+    monkeypatch.setattr(masks.Mask, "allowed_in", lambda self, *a, **kw: built.append(1) or real(self, *a, **kw))
+    q, k, v = _qkv(2, 4, 2, 1, 90, 16, seed=9)
+    keep = torch.ones(2, 90, dtype=torch.bool)
+    keep[1, :30] = False  # left padding
+    kw = dict(mask=masks.key_padding(keep), causal=True)
+    with torch.no_grad():
+        first = selfattn.attention(q, k, v, backend="cpu", **kw)
+        again = selfattn.attention(q * 0.5, k, v, backend="cpu", **kw)  # the next layer: other q, same mask
+        assert len(built) == 1 and torch.equal(first, selfattn.attention(q, k, v, backend="cpu", **kw))
+    compare("next layer", reference_pair(q * 0.5, k, v, **kw), again, dtype=torch.float32)
+    built.clear()  # (the reference computes its own bits)
+    keep[0, 10] = False  # in place
+    with torch.no_grad():
+        changed = selfattn.attention(q, k, v, backend="cpu", **kw)
+    assert len(built) == 1 and len(row_calls) == 4
+    compare("changed in place", reference_pair(q, k, v, **kw), changed, dtype=torch.float32)
+    assert not torch.equal(first[0], changed[0]) and torch.equal(first[1], changed[1])

@@ -32,7 +32,7 @@ from . import masks as _masks
 from .masks import EMPTY, FULL, PARTIAL, Geometry
 from .request import Request
 
-__all__ = ["LoweredMask", "lower", "clear_cache", "sink_stats", "sink_grad"]
+__all__ = ["LoweredMask", "lower", "allowed", "clear_cache", "sink_stats", "sink_grad"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,12 +108,12 @@ def _mask_tensors(mask):
             yield p.tensor
 
 
-def _cache_key(req: Request, block_q, block_k):
+def _cache_key(req: Request, what):
     mkey = None if req.mask is None else req.mask.cache_key()
     tensors = tuple(_tensor_key(t) for t in _mask_tensors(req.mask))
     # positions are compared by value on a hit (a per-call positions tensor is a new object each time)
     shapes = tuple(None if t is None else tuple(t.shape) for t in (req.q_positions, req.kv_positions))
-    return (mkey, tensors, req.batch, req.q_heads, req.q_len, req.kv_len, block_q, block_k, str(req.device),
+    return (mkey, tensors, req.batch, req.q_heads, req.q_len, req.kv_len, what, str(req.device),
             shapes, _tensor_key(req.alibi_slopes))
 
 
@@ -139,7 +139,18 @@ def lower(req: Request, block_q: int, block_k: int) -> LoweredMask:
             while len(_PLAIN) > _CACHE_SIZE:
                 _PLAIN.popitem(last=False)
         return low
-    key = _cache_key(req, block_q, block_k)
+    return _cached(req, (block_q, block_k), lambda: _lower(req, block_q, block_k))
+
+
+def allowed(req: Request) -> torch.Tensor:
+    """The request's mask (not None) as bits, ``(B|1, H|1, Lq, Lk)`` bool, contiguous; cached as :func:`lower`
+    is, so the layers of one model forward, which share their mask, compute it once. Read-only."""
+    return _cached(req, "allowed", lambda: req.mask.allowed_in(req.geometry).contiguous())
+
+
+def _cached(req: Request, what, build):
+    # build() for the request's mask, positions and ALiBi slopes, kept in _CACHE under `what`
+    key = _cache_key(req, what)
     hit = _CACHE.get(key)
     # identity keys could be reused by a new object after the old one is freed: the entry keeps
     # the objects it was built from and must still hold the very same mask, and equal positions
@@ -147,12 +158,12 @@ def lower(req: Request, block_q: int, block_k: int) -> LoweredMask:
             and _same(hit[2], req.q_positions) and _same(hit[3], req.kv_positions):
         _CACHE.move_to_end(key)
         return hit[0]
-    low = _lower(req, block_q, block_k)
+    value = build()
     kept = [None if t is None else t.clone() for t in (req.q_positions, req.kv_positions)]
-    _CACHE[key] = (low, req.mask, *kept, req.alibi_slopes)
+    _CACHE[key] = (value, req.mask, *kept, req.alibi_slopes)
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
-    return low
+    return value
 
 
 def _by_value(mask) -> bool:

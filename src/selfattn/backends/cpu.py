@@ -815,8 +815,8 @@ def _masked_rows(q, k, v, req: Request):
         return None
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    allow = (req.mask.allowed_in(req.geometry) if req.mask is not None
-             else torch.ones(1, 1, 1, Lk, dtype=torch.bool)).contiguous()  # (B|1, Hq|1, Lq|1, Lk)
+    # (B|1, Hq|1, Lq|1, Lk), computed once for the layers of a model that share the mask
+    allow = lowering.allowed(req) if req.mask is not None else torch.ones(1, 1, 1, Lk, dtype=torch.bool)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype)
     Ba, Ha, La = allow.shape[:3]
