@@ -979,27 +979,56 @@ def launch_forward(q, k, v, sinks, call):
     mask = _cpu._kernel_mask(call.low, acc)
     opts = _cpu._opts(acc, call)
     q_, k_, v_ = (_cpu._ready(t, acc) for t in (q, k, v))
-    if SPLIT_TILES:
-        # the keys' largest norm: blocks whose logits may be large take float64 scores (cpu_flash._split_tiles)
-        opts = opts._replace(k_norm=max_key_norm(k_.numpy()))
     bufs = _cpu._forward_buffers(B, Hq, Lq, Dv, acc)  # out and the row tensors
     counts = np.zeros(B * Hq * (-(-Lq // BLOCK_M)), np.int64)  # one per task
     threads = _cpu._threads(len(counts), 4.0 * B * Hq * Lq * Lk * D)
-    kernel = flash_fwd_t
-    if lean_call(q_.numpy(), mask, opts):
-        kernel = lean_variant(kernel)  # compiled without the features this call does not use
+    # the call's features alone (opts.k_norm is still 0: no float64-tile test yet)
+    lean = lean_call(q_.numpy(), mask, opts)
+    # the keys' largest norm: blocks whose logits may be large take float64 scores (cpu_flash._split_tiles).
+    # On several threads a call whose features are lean tests that here while the pool threads begin the lean
+    # kernel (the two numpy passes over K and Q take ~3 ms at (1, 16, 2048, 2048, 64), ~5 % of the call)
+    ahead = SPLIT_TILES and lean and threads > 1
+    if SPLIT_TILES and not ahead:
+        opts = opts._replace(k_norm=max_key_norm(k_.numpy()))
+        lean = lean_call(q_.numpy(), mask, opts)
     units = B * Hq * _units(Lq, PAIR)[2]
-    args = (q_.numpy(), k_.numpy(), v_.numpy(), *bufs.arrays, counts, mask, opts, 0, units, PAIR)
+    pair = PAIR
+    if threads > 1 and units < 4 * threads:
+        # too few pairs to keep every thread busy to the end: one block a unit
+        units, pair = B * Hq * _units(Lq, False)[2], False
+    arrays = (q_.numpy(), k_.numpy(), v_.numpy(), *bufs.arrays, counts, mask)
+    args = arrays + (opts, 0, units, pair)
+    kernel = lean_variant(flash_fwd_t) if lean else flash_fwd_t  # (lean: compiled without the unused features)
     if threads <= 1:
         _cpu._run(kernel, *args, NO_COUNTER)
     else:
-        if units < 4 * threads:
-            # too few pairs to keep every thread busy to the end: one block a unit
-            units = B * Hq * _units(Lq, False)[2]
-            args = args[:-2] + (units, False)
         taken = np.zeros(1, np.int64)  # the units begun, shared by the threads
         entry = _cpu._entry(kernel, args + (taken,))
-        _cpu._on_threads([(entry, args + (taken,))] * threads)
+        calls = [(entry, args + (taken,))] * threads
+        found = []
+
+        def test_then_join(*a):
+            # -- this thread: the float64-tile test, then units like the others; if some block needs float64
+            # scores, no thread begins another unit and the call runs again on the full kernel (below) --
+            o = opts._replace(k_norm=max_key_norm(k_.numpy()))
+            ok = lean_call(q_.numpy(), mask, o)
+            if ok:
+                entry(*a)
+            else:
+                taken[0] = units
+            found.append((o, ok))
+
+        if ahead:
+            calls[0] = (test_then_join, args + (taken,))
+        _cpu._on_threads(calls)
+        if ahead:
+            opts, ok = found[0]
+            if not ok:
+                counts[:] = 0
+                args = arrays + (opts, 0, units, pair)
+                taken = np.zeros(1, np.int64)
+                entry = _cpu._entry(flash_fwd_t, args + (taken,))
+                _cpu._on_threads([(entry, args + (taken,))] * threads)
     tiles = _cpu._tiles(counts)
     _cpu.TILE_PRODUCTS["forward"] += tiles
     CALLS["calls"] += 1
