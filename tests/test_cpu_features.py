@@ -438,6 +438,21 @@ def test_shard_backward_one_pair_and_unseen_rows():
 # -- lean variants (issue 14's compile time): taken only where no block takes float64 scores -----------
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-24, 1e25, "nan"])
+def test_max_key_norm_bounds_the_keys_norms(scale):
+    # KernelOpts.k_norm is a bound of every key's norm (cpu_flash._split_tiles multiplies it into a bound of
+    # the logits): at least the largest norm in float64, within 1e-5 of it; squares that underflow or
+    # overflow float32 too; a key holding a NaN passed over
+    k = _inputs(2, 3, 3, 70, 70, 33, torch.float32, seed=5)[1]
+    k = k * (1.0 if scale == "nan" else scale)
+    if scale == "nan":
+        k[1, 2, 7, 5] = float("nan")
+    norms = k.double().norm(dim=-1)  # (B, Hkv, Lk)
+    exact = norms[~norms.isnan()].max().item()
+    got = cpu_flash.max_key_norm(k.numpy())
+    assert exact <= got <= exact * (1 + 1e-5) + 33 ** 0.5 * 2.0**-74.5, (got, exact)
+
+
 @pytest.mark.parametrize("ratio", [0.9, 0.995, 1.005, 1.1, "tiny"])
 def test_lean_variant_only_where_no_block_takes_float64_scores(ratio, monkeypatch):
     # cpu_flash.lean_call rules the float64 tiles out with a numpy bound (a plain call compiles no numba function

@@ -70,7 +70,7 @@ from numba.extending import intrinsic
 from .cpu_fwd import NO_COUNTER, _alibi_tile, _bias_mask_t, _fetch_add, _loop, _mask_tile_t
 
 from .cpu_flash import (ALL_FEATURES, ADD, VEC_BYTES, _fold_lo, _softcap_tile, BLOCK_M, BLOCK_N, EMPTY, FASTMATH, PARTIAL, STORE, _addr, _bx, _dot, _Exact,
-                        _exp2_ir, _fma_k_loop, _per_vector_count, _prefetch, _qk_split, _qk64_t, _qt64, _raw_units, _split_tiles, _Vectors, NV_MAX, TILE_N)
+                        _exp2_ir, _fma_k_loop, _not_inlined, _per_vector_count, _prefetch, _qk_split, _qk64_t, _qt64, _raw_units, _split_tiles, _Vectors, NV_MAX, TILE_N)
 from selfattn.kernels import cpu_flash as _flash_src, cpu_fwd as _fwd_src, stamp_sources
 
 VW = VEC_BYTES // 4  # float32 lanes of one host vector
@@ -145,20 +145,6 @@ _mkp6, _mkp2, _mkp1 = _make_mk_pf(6), _make_mk_pf(2), _make_mk_pf(1)
 # int64 values, not literals, for constant arguments of called numba functions: numba compiles a function once
 # per pattern of literal arguments (_gemm_pf's five calls made three copies of it)
 I0, I1, IM, MODE_STORE, MODE_ADD = np.intp(0), np.intp(1), np.intp(BLOCK_M), np.intp(STORE), np.intp(ADD)
-
-
-@intrinsic
-def _not_inlined(typingctx, like):
-    # marks the numba function that calls it noinline: where it is linked in, LLVM keeps calls to its one
-    # copy instead of a copy at each call site (code that numba optimizes and emits again at every level of
-    # its linking: flash_bwd_t's first call ~0.25 s shorter, its speed the same)
-    sig = types.void(like)
-
-    def codegen(context, builder, signature, args):
-        builder.function.attributes.add("noinline")
-        return context.get_dummy_value()
-
-    return sig, codegen
 
 
 @njit(cache=True)
