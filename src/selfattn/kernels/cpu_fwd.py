@@ -137,6 +137,7 @@ from selfattn.kernels.cpu_flash import (
     _anchor_rest,
     _split_tiles,
     lean_call,
+    _not_inlined,
     lean_variant,
     max_key_norm,
     _raw_units,
@@ -315,6 +316,7 @@ def _gemm_t(pa, sa0, sa1, pb, sb, pc, sc, m, kdim, nvec, scale, mode, palpha, pr
     # C[:m, :nvec * LANES] (op)= A[:m, :kdim] @ B[:kdim, :nvec * LANES] (_make_mk_t) in calls of 6 rows
     # (8 rows: two of 4; the 2-row kernel keeps too few FMAs in flight), TILE_N columns at a time.
     # prefetch = (p1, n1, p2, n2): two byte ranges the calls walk into L2, one line a step
+    _not_inlined(like)  # (cpu_flash: calls to one copy where it is linked in, not a copy at each call site)
     p1, n1, p2, n2 = prefetch
     isz = 4
     done = 0  # bytes of the ranges walked so far
