@@ -240,8 +240,13 @@ def _small_rows(q, k, v, out, causal, scale, allow, per, taken):
                 qi[r, d] = qrow[d]
             i = r % Lq
             ns[r] = min(Lk, max(0, i + Lk - Lq + 1)) if causal else Lk  # keys this row sees
-        # -- scores: each step of four keys for every row --
-        _scores_rows(qi, kh, ns, rows, scale, s, far)
+        # -- scores: each step of four keys for every row (one row: the single-row loops, ~0.1 us less a unit) --
+        if rows == 1 and far:
+            _scores_far(qi[0], kh, ns[0], scale, s[0])
+        elif rows == 1:
+            _scores(qi[0], kh, ns[0], scale, s[0])
+        else:
+            _scores_rows(qi, kh, ns, rows, scale, s, far)
         # -- per row: the mask, the max, p = exp2((s - m) log2(e)) (the exponent rounded to float32 once) --
         for r in range(rows):
             h, i, n = h0 + r // Lq, r % Lq, ns[r]
@@ -278,7 +283,11 @@ def _small_rows(q, k, v, out, causal, scale, allow, per, taken):
                     oi[d] = acc[r, d] * inv
                 ns[r] = 0
         # -- P V of the rows of many keys: each group of PV_GROUP value rows once for all of them --
-        _pv_rows(p, vh, ns, rows, part, acc)
+        if rows == 1:
+            if ns[0] > 0:
+                _weighted_sum_groups(p[0], vh, ns[0], part, acc[0])
+        else:
+            _pv_rows(p, vh, ns, rows, part, acc)
         for r in range(rows):
             if ns[r] == 0:
                 continue
@@ -310,6 +319,33 @@ def _scores_rest(qi, kh, n4, n, scale, s):
         for d in range(qi.shape[0]):
             a0 += qi[d] * kj[d]
         s[j] = a0 * scale
+
+
+@njit(fastmath=_k.FASTMATH, cache=True)
+def _scores(qi, kh, n, scale, s):
+    # s[j] = (qi . kh[j]) * scale in float64 for j < n, four keys at a time
+    n4 = n - n % 4
+    for j in range(0, n4, 4):
+        a0, a1, a2, a3 = _dot4(qi, kh, j)
+        s[j], s[j + 1], s[j + 2], s[j + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+    _scores_rest(qi, kh, n4, n, scale, s)
+
+
+@njit(fastmath=_k.FASTMATH, cache=True)
+def _scores_far(qi, kh, n, scale, s):
+    # _scores for keys out of L2 (see PF_AHEAD): each step of four keys first prefetches the keys
+    # PF_AHEAD rows ahead. (Its own loop: with the hints behind a flag in _scores itself, the calls
+    # that stay in L2 ran ~3 % slower; issued in bursts of PF_AHEAD keys, the hints gained less)
+    D = qi.shape[0]
+    pk = _k._addr(kh)
+    n4 = n - n % 4
+    for j in range(0, n4, 4):
+        if j + PF_AHEAD + 4 <= n:
+            for off in range(0, 16 * D, 64):  # (four rows of D float32)
+                _prefetch_l1(pk + (j + PF_AHEAD) * D * 4 + off)
+        a0, a1, a2, a3 = _dot4(qi, kh, j)
+        s[j], s[j + 1], s[j + 2], s[j + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+    _scores_rest(qi, kh, n4, n, scale, s)
 
 
 @njit(fastmath=_k.FASTMATH, cache=True)
@@ -351,6 +387,24 @@ def _weighted_sum(p, vh, n, acc):
         vj, pj = vh[j], p[j]
         for d in range(Dv):
             acc[d] += pj * vj[d]
+
+
+@njit(fastmath=_k.FASTMATH, cache=True)
+def _weighted_sum_groups(p, vh, n, part, acc):
+    # acc = sum over j < n of p[j] * vh[j]: each group of PV_GROUP keys by _pv_chunk into `part`
+    # (float32: one FMA per key and lane, accumulators in registers), the groups added in float64.
+    # p (Lk,) and vh (Lk, Dv) float32, contiguous rows; part (Dv,) float32
+    Dv = acc.shape[0]
+    for d in range(Dv):
+        acc[d] = 0.0
+    pp, pv, ppart = _k._addr(p), _k._addr(vh), _k._addr(part)
+    for j0 in range(0, n, PV_GROUP):
+        for c0 in range(0, Dv, PV_COLS):
+            # part[c0:c1] = p[j0:j1] @ vh[j0:j1, c0:c1]   (1 x keys) @ (keys x at most PV_COLS)
+            _pv_chunk(pp + 4 * j0, pv + 4 * (j0 * Dv + c0), min(PV_GROUP, n - j0), Dv, min(PV_COLS, Dv - c0),
+                      ppart + 4 * c0)
+        for d in range(Dv):
+            acc[d] += part[d]
 
 
 @njit(fastmath=_k.FASTMATH, cache=True)
