@@ -328,3 +328,26 @@ def test_model_with_unsupported_argument_raises_clearly():
 
     with pytest.raises(NotImplementedError, match="'position_bias'.*BiasAttention"):
         BiasAttention()(torch.randn(1, 1, 3, 4))
+
+
+def test_statistics_only_when_the_weights_are_wanted(monkeypatch):
+    # the attention function asks selfattn for statistics only to make the weights (output_attentions):
+    # without them a decoding step takes the row kernel (backends.cpu._masked_rows) and any backend serves
+    from selfattn.backends import cpu as cpu_backend
+
+    sa_hf.register()
+    asked, rows = [], []
+    real, real_rows = sa_hf.attention, cpu_backend._masked_rows
+    monkeypatch.setattr(sa_hf, "attention", lambda *a, **kw: asked.append(kw["return_stats"]) or real(*a, **kw))
+    monkeypatch.setattr(cpu_backend, "_masked_rows", lambda *a: rows.append(1) or real_rows(*a))
+    model = _model("llama", "selfattn")
+    ids, am = _batch("left")
+    ref = _model("llama", "eager")
+    with torch.no_grad():
+        got = model.generate(ids, attention_mask=am, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+        want = ref.generate(ids, attention_mask=am, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert asked and not any(asked) and torch.equal(got, want)
+        assert rows, "the decoding steps reached the row kernel's route"
+        asked.clear()
+        out = model(ids, attention_mask=am, output_attentions=True)
+    assert asked and all(asked) and out.attentions[0].shape == (2, 4, 11, 11)

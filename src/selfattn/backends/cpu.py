@@ -905,8 +905,11 @@ def _small(B, Hq, Lq, Lk, D, Dv) -> bool:
 USE_ROW_KERNEL = True  # cpu_short.fwd_small for short plain calls (False: the tile kernels / general path)
 
 #: row-kernel calls (decoding steps) that read at least this many bytes of keys and values run on every
-#: torch thread (they wait on memory; see SHORT_THREADS below)
-SHORT_THREADS_MIN_BYTES = 1 << 22
+#: torch thread. Measured quiet on the 2-vCPU Xeon (2026-12-02 j), 2 threads against 1, alone: 1.55x the time
+#: at 2 MB, 1.00x at 4 MB, 0.83x at 8 MB, 0.59-0.71x at 16-32 MB; but between torch's own parallel ops (a
+#: model's decoding step, torch's OpenMP threads still spinning on the other core when the pool thread
+#: wakes) no gain at 4 and 16 MB (518 vs 438 us, 873 vs 849) and 0.78x at 33 MB
+SHORT_THREADS_MIN_BYTES = 1 << 25
 
 
 def _row_units(B, Hq, Hkv) -> tuple:

@@ -502,11 +502,14 @@ def make_attention_function(backend: str = "auto"):
         if s_aux is not None:
             sinks = s_aux.reshape(-1)
         want_weights = _wants_weights(module, kwargs)
-        out, stats = attention(
+        # statistics only for the weights: without them a call can take the short paths (decoding steps: the
+        # row kernel) and any backend (torch SDPA has none); a Monitor's observers still get them
+        out = attention(
             query, key, value, scale=scaling, softcap=softcap, sinks=sinks,
-            dropout_p=float(dropout or 0.0), return_stats=True, backend=backend, **call)
+            dropout_p=float(dropout or 0.0), return_stats=want_weights, backend=backend, **call)
         weights = None
         if want_weights:
+            out, stats = out
             weights = attention_probs(query, key, stats, scale=scaling, softcap=softcap, sinks=sinks, **call).to(value.dtype)
         return out.transpose(1, 2).contiguous(), weights  # (B, Lq, Hq, Dv), (B, Hq, Lq, Lk) or None
 
