@@ -146,7 +146,7 @@ def test_amx_two_threads(heads):
                          ids=["decode", "gqa-causal-3-rows", "one-kv-head-split"])
 def test_decoding_steps_on_threads(shape, monkeypatch):
     b, hq, hkv, lq, lk, d, dv, causal = shape
-    monkeypatch.setattr(cpu_backend, "SHORT_THREADS_MIN_BYTES", 0)  # (serving sizes take threads from 4 MB on)
+    monkeypatch.setattr(cpu_backend, "SHORT_THREADS_MIN_BYTES", 0)  # (serving sizes take threads from SHORT_THREADS_MIN_BYTES on)
     monkeypatch.setattr(cpu_backend, "_PLANS", {})
     q, k, v, _ = _inputs(b, hq, hkv, lq, lk, d, dv=dv, seed=11)
     q[-1, 1, -1, 0] = float("nan")  # a NaN row stays NaN on whichever thread computes it

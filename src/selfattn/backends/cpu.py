@@ -792,10 +792,7 @@ def fast_forward(q, k, v, causal: bool, scale, auto: bool = False):
     if plan.rows:  # cpu_fwd's kernel, as its launcher calls it (numpy views; a no-grad call may hold leaves)
         plan.kernel(_view(q), _view(k), _view(v), out.numpy(), *plan.args)
     elif plan.split and torch.get_num_threads() > 1:
-        B, Hq, Hkv = plan.args[:3]
-        threads, per = _row_units(B, Hq, Hkv)
-        args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *plan.args[:-2], per, np.zeros(1, np.int64))
-        _on_threads([(plan.kernel, args)] * threads)
+        _rows_on_threads(plan.kernel, (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *plan.args[:-2]), *plan.args[:3])
     else:
         plan.kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *plan.args)
     TILE_PRODUCTS["forward"] += plan.tiles
@@ -820,14 +817,12 @@ def _masked_rows(q, k, v, req: Request):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype)
     Ba, Ha, La = allow.shape[:3]
-    args = [q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, Hq, Hkv, Lq, Lk, D, Dv, float(req.scale),
-            allow.data_ptr(), Ba, Ha, La, Hq // Hkv, _fwd.NO_COUNTER]
-    threads, per = _row_units(B, Hq, Hkv)
-    if threads > 1 and _short_bytes(B, Hkv, Lq, Lk, D, Dv) >= SHORT_THREADS_MIN_BYTES:
-        args[-2:] = per, np.zeros(1, np.int64)  # each thread takes its next unit from the counter
-        _on_threads([(_short.fwd_small_masked, tuple(args))] * threads)
+    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, Hq, Hkv, Lq, Lk, D, Dv, float(req.scale),
+            allow.data_ptr(), Ba, Ha, La)
+    if _row_split(B, Hq, Hkv, Lk, D, Dv) and torch.get_num_threads() > 1:
+        _rows_on_threads(_short.fwd_small_masked, args, B, Hq, Hkv)
     else:
-        _short.fwd_small_masked(*args)
+        _short.fwd_small_masked(*args, Hq // Hkv, _fwd.NO_COUNTER)
     return out
 
 
@@ -880,7 +875,7 @@ def _make_plan(q, k, v, causal, scale):
         full = (q.data_ptr(), k.data_ptr(), v.data_ptr(), scratch.data_ptr(), *args)
     one_thread = rows and 4.0 * B * Hq * Lq * Lk * D >= THREADS_MIN_FLOPS and min(numba.config.NUMBA_NUM_THREADS, tasks) > 1  # as _threads
     # the row kernel's float32 calls of serving size (decoding over a long cache) on every torch thread
-    split = not rows and q.dtype == torch.float32 and B * Hq > 1 and _short_bytes(B, Hkv, Lq, Lk, D, Dv) >= SHORT_THREADS_MIN_BYTES
+    split = not rows and q.dtype == torch.float32 and _row_split(B, Hq, Hkv, Lk, D, Dv)
     # the first run compiles (or loads) the kernel; then its entry point, as _run takes them
     kernel(*full)
     compiled = kernel.overloads.get(tuple(kernel.typeof_pyval(a) for a in full))
@@ -922,9 +917,17 @@ def _row_units(B, Hq, Hkv) -> tuple:
     return threads, -(-group // runs)
 
 
-def _short_bytes(B, Hkv, Lq, Lk, D, Dv) -> int:
-    # the keys and values a row-kernel call reads (float32)
-    return 4 * B * Hkv * Lk * (D + Dv)
+def _row_split(B, Hq, Hkv, Lk, D, Dv) -> bool:
+    # whether a float32 row-kernel call shares its units among torch's threads (SHORT_THREADS_MIN_BYTES of keys
+    # and values read, more than one query head)
+    return B * Hq > 1 and 4 * B * Hkv * Lk * (D + Dv) >= SHORT_THREADS_MIN_BYTES
+
+
+def _rows_on_threads(kernel, args, B, Hq, Hkv) -> None:
+    # cpu_short's row kernel (fwd_small or fwd_small_masked, `args` those before `per` and the counter) on
+    # torch's threads, each taking its next unit from one counter
+    threads, per = _row_units(B, Hq, Hkv)
+    _on_threads([(kernel, (*args, per, np.zeros(1, np.int64)))] * threads)
 
 
 def _auto_choice(plan: _Plan, q, k, v, causal, scale) -> Optional[str]:

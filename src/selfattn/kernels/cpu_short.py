@@ -7,8 +7,10 @@ arrays ~2.1 us, KernelOpts ~0.6 us), five torch allocations -- and the tile kern
 
 Only the forward of a call without mask or with a plain causal mask, no statistics, float32 or
 bfloat16, contiguous inputs: ``selfattn.backends.cpu.fast_forward`` decides and falls back otherwise.
-A unit of work is one (batch, query head): float32 calls of serving size (decoding over long caches)
-run on several threads (``backends.cpu._on_threads``), each taking its next head from a shared counter.
+A unit of work is a run of query heads that share one kv head (the whole group: each key and value is
+read once for all of them); float32 calls of serving size (decoding over long caches) run on several
+threads (``backends.cpu._on_threads``), each taking its next unit from a shared counter. A decoding step
+under a boolean mask comes from the general path (``backends.cpu._masked_rows``) to ``fwd_small_masked``.
 
 numba keys a cached function on its own source file only, and these functions compile cpu_flash's
 exp2 into themselves: their cache stamps include that file (``kernels.stamp_sources``), so an edit there is
