@@ -28,6 +28,7 @@ from test_cpu_amx import amx, check_amx
 from test_cpu_bwd import _inputs
 from _oracle import compare, reference_pair
 from test_cpu_features import check
+from test_cpu_short import _on
 
 
 POOL_CALLS = [0]  # _on_threads calls since the test began
@@ -146,19 +147,14 @@ def test_amx_two_threads(heads):
                          ids=["decode", "gqa-causal-3-rows", "one-kv-head-split"])
 def test_decoding_steps_on_threads(shape, monkeypatch):
     b, hq, hkv, lq, lk, d, dv, causal = shape
-    monkeypatch.setattr(cpu_backend, "SHORT_THREADS_MIN_BYTES", 0)  # (serving sizes take threads from SHORT_THREADS_MIN_BYTES on)
+    monkeypatch.setattr(cpu_backend, "SHORT_THREADS_MIN_BYTES", 0)  # (every size on threads here)
     monkeypatch.setattr(cpu_backend, "_PLANS", {})
     q, k, v, _ = _inputs(b, hq, hkv, lq, lk, d, dv=dv, seed=11)
     q[-1, 1, -1, 0] = float("nan")  # a NaN row stays NaN on whichever thread computes it
     outs = []
     for threads in (1, 2):
-        old, pool = torch.get_num_threads(), POOL_CALLS[0]
-        torch.set_num_threads(threads)
-        try:
-            with torch.no_grad():
-                outs.append(selfattn.attention(q, k, v, causal=causal, backend="cpu"))
-        finally:
-            torch.set_num_threads(old)
+        pool = POOL_CALLS[0]
+        outs.append(_on(threads, lambda: selfattn.attention(q, k, v, causal=causal, backend="cpu")))
         assert (POOL_CALLS[0] - pool == 1) == (threads > 1 and numba.config.NUMBA_NUM_THREADS > 1), f"{threads} threads"
     plan = next(iter(cpu_backend._PLANS.values()))
     assert not plan.rows and plan.split, "the row kernel with its units shared"
