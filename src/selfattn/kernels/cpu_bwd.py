@@ -666,17 +666,13 @@ def launch_backward(grad_out, q, k, v, out, row_max, row_log, call, delta=None, 
     delta = rowsum(P * dP) / (rowsum(P) + p_sink) in float64 within each query block's first sweep
     (``sinks``: the forward's (Hq,) sink logits, or None; ``SINKS_UNKNOWN``: no division), unless
     given (``shard_backward``: the whole row's, used as it is). ``out`` is unused."""
-    from selfattn.backends import cpu as _cpu
-    from selfattn.kernels import cpu_flash as _k
-    from selfattn.kernels import cpu_fwd as _fwd
-
+    _cpu, _k, _fwd = _fwd_src._backend(), _flash_src, _fwd_src  # (module attributes: tests patch them)
     acc = torch.float32
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     mask = _cpu._kernel_mask(call.low, acc)
     opts = _cpu._opts(acc, call)
-    q_, k_, v_, do = (_cpu._ready(t, acc) for t in (q, k, v, grad_out))
-    row_max, row_log = _cpu._ready(row_max, acc), _cpu._ready(row_log, acc)
+    qn, kn, vn, don, row_max, row_log = (_cpu._ready(t, acc).numpy() for t in (q, k, v, grad_out, row_max, row_log))
     if delta is not None:
         delta = _cpu._ready(delta, acc).numpy()
     else:
@@ -687,7 +683,8 @@ def launch_backward(grad_out, q, k, v, out, row_max, row_log, call, delta=None, 
     if normalize and sinks is not None:
         # p of the sink per row, from the full lse halves: exp2(sink_u - row_max - row_log)
         sink_u = sinks.detach().double()[None, :, None] * float(opts.units)  # (1, Hq, 1) score units
-        sink_p = torch.exp2(sink_u - row_max.double() - row_log.double()).numpy()  # (B, Hq, Lq)
+        rm, rl = torch.from_numpy(row_max).double(), torch.from_numpy(row_log).double()  # (B, Hq, Lq)
+        sink_p = torch.exp2(sink_u - rm - rl).numpy()  # (B, Hq, Lq)
     else:
         sink_p = _NO_SINK.get((B, Hq))
         if sink_p is None:
@@ -703,9 +700,9 @@ def launch_backward(grad_out, q, k, v, out, row_max, row_log, call, delta=None, 
     # cpu_flash._split_tiles decides, for both)
     split_tiles = bool(getattr(_fwd, "SPLIT_TILES", False))
     if split_tiles:
-        opts = opts._replace(k_norm=_k.max_key_norm(k_.numpy()))  # as cpu_fwd's launcher puts it
-    args = (q_.numpy(), k_.numpy(), v_.numpy(), do.numpy(), row_max.numpy(), row_log.numpy(), delta, sink_p, normalize,
-            bool(getattr(_k, "FOLD_LO", False)), split_ragged, split_tiles)
+        opts = opts._replace(k_norm=_k.max_key_norm(kn))  # as cpu_fwd's launcher puts it
+    args = (qn, kn, vn, don, row_max, row_log, delta, sink_p, normalize, bool(getattr(_k, "FOLD_LO", False)),
+            split_ragged, split_tiles)
     kernel = flash_bwd_t
     if _k.lean_call(args[0], mask, opts):
         kernel = _k.lean_variant(kernel)  # compiled without the features this call does not use

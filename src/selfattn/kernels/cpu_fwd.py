@@ -137,6 +137,7 @@ from selfattn.kernels.cpu_flash import (
     _anchor_rest,
     _split_tiles,
     lean_call,
+    _may_split,
     _not_inlined,
     lean_variant,
     max_key_norm,
@@ -973,32 +974,32 @@ def launch_forward(q, k, v, sinks, call):
     """``backends.cpu._launch_forward`` on this kernel: (out in q's dtype, row_max, row_log, max_logit,
     entropy), float32, exactly as the old kernel gives them (the rows None for a call that reads only
     the output, ``_Call.rows``)."""
-    from selfattn.backends import cpu as _cpu
-
+    _cpu = _backend()
     B, Hq, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
     acc = torch.float32
     mask = _cpu._kernel_mask(call.low, acc)
     opts = _cpu._opts(acc, call)
-    q_, k_, v_ = (_cpu._ready(t, acc) for t in (q, k, v))
-    bufs = _cpu._forward_buffers(B, Hq, Lq, Dv, acc)  # out and the row tensors
+    qn, kn, vn = (_cpu._ready(t, acc).numpy() for t in (q, k, v))
+    # out and the row tensors (scratch numpy rows where nothing reads them)
+    bufs = _cpu._forward_buffers(B, Hq, Lq, Dv, acc, call.rows or sinks is not None)
     counts = np.zeros(B * Hq * (-(-Lq // BLOCK_M)), np.int64)  # one per task
     threads = _cpu._threads(len(counts), 4.0 * B * Hq * Lq * Lk * D)
     # the call's features alone (opts.k_norm is still 0: no float64-tile test yet)
-    lean = lean_call(q_.numpy(), mask, opts)
+    lean = lean_call(qn, mask, opts)
     # the keys' largest norm: blocks whose logits may be large take float64 scores (cpu_flash._split_tiles).
     # On several threads a call whose features are lean tests that here while the pool threads begin the lean
-    # kernel (the two numpy passes over K and Q take ~3 ms at (1, 16, 2048, 2048, 64), ~5 % of the call)
+    # kernel (the passes over K and Q take ~1 ms at (1, 16, 2048, 2048, 64) next to the running kernel)
     ahead = SPLIT_TILES and lean and threads > 1
     if SPLIT_TILES and not ahead:
-        opts = opts._replace(k_norm=max_key_norm(k_.numpy()))
-        lean = lean_call(q_.numpy(), mask, opts)
-    units = B * Hq * _units(Lq, PAIR)[2]
-    pair = PAIR
+        opts = opts._replace(k_norm=max_key_norm(kn))
+        lean = lean and not _may_split(qn, opts)
+    nQ, npair, per = _units.py_func(Lq, PAIR)
+    units, pair = B * Hq * per, PAIR
     if threads > 1 and units < 4 * threads:
         # too few pairs to keep every thread busy to the end: one block a unit
-        units, pair = B * Hq * _units(Lq, False)[2], False
-    arrays = (q_.numpy(), k_.numpy(), v_.numpy(), *bufs.arrays, counts, mask)
+        units, pair = B * Hq * nQ, False
+    arrays = (qn, kn, vn, *bufs.arrays, counts, mask)
     args = arrays + (opts, 0, units, pair)
     kernel = lean_variant(flash_fwd_t) if lean else flash_fwd_t  # (lean: compiled without the unused features)
     if threads <= 1:
@@ -1012,8 +1013,8 @@ def launch_forward(q, k, v, sinks, call):
         def test_then_join(*a):
             # -- this thread: the float64-tile test, then units like the others; if some block needs float64
             # scores, no thread begins another unit and the call runs again on the full kernel (below) --
-            o = opts._replace(k_norm=max_key_norm(k_.numpy()))
-            ok = lean_call(q_.numpy(), mask, o)
+            o = opts._replace(k_norm=max_key_norm(kn))
+            ok = not _may_split(qn, o)
             if ok:
                 entry(*a)
             else:
@@ -1036,5 +1037,17 @@ def launch_forward(q, k, v, sinks, call):
     CALLS["calls"] += 1
     CALLS["tiles"] += tiles
     return _cpu._forward_result(q, bufs, sinks, call, opts)
+
+
+_CPU = []  # selfattn.backends.cpu, once imported (it imports this module)
+
+
+def _backend():
+    if not _CPU:
+        from selfattn.backends import cpu
+
+        _CPU.append(cpu)
+    return _CPU[0]
+
 
 stamp_sources(globals(), _flash_src)  # the kernels compile cpu_flash's numba functions into themselves
