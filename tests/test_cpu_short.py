@@ -173,3 +173,81 @@ def test_layers_sharing_a_mask_compute_its_bits_once(row_calls, monkeypatch):
     assert len(built) == 1 and len(row_calls) == 4
     compare("changed in place", reference_pair(q, k, v, **kw), changed, dtype=torch.float32)
     assert not torch.equal(first[0], changed[0]) and torch.equal(first[1], changed[1])
+
+
+def _general(monkeypatch, call):
+    """call() through attention()'s general path (build_request, choose, the backend): a wrapped
+    backends.choose turns the short-call paths off."""
+    from selfattn import backends
+
+    with monkeypatch.context() as m:
+        real = backends.choose
+        m.setattr(backends, "choose", lambda *a, **kw: real(*a, **kw))
+        return call()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+def test_planned_masked_steps_give_the_general_paths_bits(backend, row_calls, monkeypatch):
+    # a decoding step under a Mask object (as transformers passes it) is planned on its first call
+    # (backends.cpu.fast_masked): the next calls with that mask, the model's other layers, reuse the
+    # bits; a mask tensor changed in place or replaced, and another thread count, are seen
+    monkeypatch.setattr(cpu_backend, "_MASKED", {})
+    q, k, v = _qkv(3, 8, 2, 1, 130, 32, seed=12)
+    keep = torch.arange(130)[None] >= torch.tensor([0, 9, 60])[:, None]  # left padding
+    mask = masks.key_padding(keep)
+    call = lambda: _on(1, lambda: selfattn.attention(q, k, v, mask=mask, causal=True, backend=backend))  # noqa: E731
+    first = call()
+    assert len(cpu_backend._MASKED) == 1 and next(iter(cpu_backend._MASKED.values())).allow is not None
+    for _ in range(2):
+        assert torch.equal(call(), first)
+    assert len(row_calls) == 3, "every call on the row kernel"
+    assert torch.equal(_general(monkeypatch, call), first)
+    compare("planned", reference_pair(q, k, v, mask=mask, causal=True), first, dtype=torch.float32)
+    keep[2, 60:70] = False  # in place: a new version
+    changed = call()
+    assert torch.equal(changed, _general(monkeypatch, call)) and not torch.equal(changed[2], first[2])
+    mask.keep = torch.ones(3, 130, dtype=torch.bool)  # another tensor
+    replaced = call()
+    assert torch.equal(replaced, _general(monkeypatch, call))
+    compare("replaced", reference_pair(q, k, v, causal=True), replaced, dtype=torch.float32)
+    two = _on(2, lambda: selfattn.attention(q, k, v, mask=mask, causal=True, backend=backend))
+    assert torch.equal(two, replaced)
+
+
+def test_planned_masked_steps_refuse_what_the_general_path_refuses(row_calls):
+    # errors stay the general path's: a mask of the wrong size, a float64 call, an unknown backend
+    q, k, v = _qkv(2, 2, 2, 1, 40, 16, seed=13)
+    mask = masks.padding([40, 20])
+    with torch.no_grad():
+        selfattn.attention(q, k, v, mask=mask, causal=True, backend="cpu")
+        with pytest.raises(ValueError, match="padding"):
+            selfattn.attention(q[:1], k[:1], v[:1], mask=mask, causal=True, backend="cpu")
+        out64 = selfattn.attention(q.double(), k.double(), v.double(), mask=mask, causal=True, backend="cpu")
+        with pytest.raises(ValueError, match="unknown backend"):
+            selfattn.attention(q, k, v, mask=mask, causal=True, backend="nope")
+    assert len(row_calls) == 1 and out64.dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 8, 8, 16), (2, 4, 2, 1, 97, 24), (1, 4, 2, 70, 90, 32)],
+                         ids=["tiny", "decode-gqa", "tiles"])
+def test_planned_calls_with_gradients_give_the_general_paths_bits(shape, backend, monkeypatch):
+    # a plain call that needs gradients runs the general path's autograd function on the request kept
+    # from its first call (backends.cpu.fast_grad): the same output and gradients, bit for bit
+    monkeypatch.setattr(cpu_backend, "_GRAD_PLANS", {})
+    q, k, v = (t.requires_grad_() for t in _qkv(*shape, seed=14))
+    causal = shape[3] == shape[4]
+    do = torch.randn(q.shape[:3] + (v.shape[3],), generator=torch.Generator().manual_seed(1))
+
+    def call():
+        out = selfattn.attention(q, k, v, causal=causal, backend=backend)
+        return (out.detach(), *torch.autograd.grad(out, (q, k, v), do))
+
+    runs = [call(), call()]
+    assert len(cpu_backend._GRAD_PLANS) == 1
+    planned = next(iter(cpu_backend._GRAD_PLANS.values()))
+    general = _general(monkeypatch, call)
+    assert planned.call is not None or backend == "auto", "backend cpu: served by the plan"
+    for run in runs:
+        assert all(torch.equal(a, b) for a, b in zip(run, general))
+    compare("grad", reference_pair(q.detach(), k.detach(), v.detach(), causal=causal), runs[1][0], dtype=torch.float32)

@@ -127,14 +127,26 @@ def attention(
         >>> q = k = v = torch.randn(1, 2, 5, 8)
         >>> out, stats = attention(q, k, v, causal=True, return_stats=True)
     """
-    if (mask is None and window is None and softcap is None and q_positions is None and kv_positions is None
+    if (window is None and softcap is None and q_positions is None and kv_positions is None
             and alibi_slopes is None and sinks is None and generator is None and return_stats is False
             and backend_options is None and backend.__class__ is str and (causal is False or causal is True)
             and (dropout_p.__class__ is float or dropout_p.__class__ is int) and dropout_p == 0
             and (scale is None or scale.__class__ is float) and not torch.compiler.is_compiling()
-            and not _OBSERVERS.get()):
-        # a plain call: the short-call paths serve it when they can (None: the general path below)
-        out = _fast(query, key, value, causal, scale, backend)
+            and not _OBSERVERS.get() and _backends.choose is _CHOOSE):
+        # a plain call (or a decoding step under a mask): the short-call paths serve it when they can
+        # (None: the general path below; it also runs while backends.choose is wrapped by someone who
+        # wants to see every choice, as tests do)
+        name = _backends._CURRENT.get() if backend == "auto" else backend
+        out = None
+        if name == "cpu" or name == "auto":
+            if mask is None:
+                out = _cpu.fast_forward(query, key, value, causal, scale, name == "auto")
+                if out is None:  # (a call with gradients)
+                    out = _cpu.fast_grad(query, key, value, causal, scale, name == "auto")
+            else:
+                out = _cpu.fast_masked(query, key, value, mask, causal, scale, name == "auto")
+        elif name == "sdpa" and mask is None:
+            out = _sdpa.fast_forward(query, key, value, causal, scale)
         if out is not None:
             return out
     observers = () if torch.compiler.is_compiling() else _OBSERVERS.get()  # compiled graphs are not observed
@@ -151,19 +163,6 @@ def attention(
         for callback in observers:
             callback(query, key, value, opts, out, stats)
     return (out, stats) if return_stats else out
-
-
-def _fast(query, key, value, causal, scale, backend):
-    # the output of a plain no-grad call from the backend's short-call path, or None (not served; also
-    # while backends.choose is wrapped by someone who wants to see every choice, as tests do)
-    if _backends.choose is not _CHOOSE:
-        return None
-    name = _backends._CURRENT.get() if backend == "auto" else backend
-    if name == "cpu" or name == "auto":
-        return _cpu.fast_forward(query, key, value, causal, scale, auto=name == "auto")
-    if name == "sdpa":
-        return _sdpa.fast_forward(query, key, value, causal, scale)
-    return None
 
 
 _CHOOSE = _backends.choose

@@ -25,8 +25,11 @@ or with causal alone (bfloat16: decoding steps and tiny heads) to ``fast_forward
 and lowers once per (shapes, dtype, causal, scale) and then calls the tile kernel's compiled entry
 point with the records kept from the first call (the same bits as the general way), or for
 decoding steps and tiny heads ``kernels/cpu_short.py``'s ``fwd_small`` on the tensors' addresses,
-row by row (within the float32 reference's error, not bit-equal to the tile kernels). Anything
-else, and every error, goes the general way.
+row by row (within the float32 reference's error, not bit-equal to the tile kernels). Two more
+kinds of call keep what their first call validated and decided: a decoding step under a Mask object
+(``fast_masked``: the model's layers share the mask, so they share its bits and the backend's choice)
+and a plain call that needs gradients (``fast_grad``: the general path's autograd function on the kept
+request). Anything else, and every error, goes the general way.
 
 ``auto`` ranks this backend against sdpa from measurements of this host where sdpa serves a call
 natively (``calibration``: both timed once per process on two probes, fitted as fixed cost + cost
@@ -699,29 +702,55 @@ torch.library.register_autograd("selfattn::cpu_flash_attention", _backward, setu
 class _EagerFlash(torch.autograd.Function):
     """The op and its autograd formula without torch.library's dispatch, for eager calls: the same
     launchers, so the same numbers, with less overhead per call (which matters for the small heads
-    of ``selfattn train``). Under torch.compile the custom ops are used."""
+    of ``selfattn train``). Under torch.compile the custom ops are used. Calls that read only the
+    output take :class:`_EagerFlashOut`."""
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, call: _Call):
-        acc = acc_dtype(q.dtype)
-        # bfloat16 reaches the launcher as it is (it may take the AMX forward); the backward converts
-        ready = [t.detach() if q.dtype == torch.bfloat16 else _ready(t, acc) for t in (q, k, v)]
-        out, row_max, row_log, max_logit, ent = _launch_forward(*ready, sinks, call)
-        ctx.mark_non_differentiable(row_max, row_log, max_logit, ent)
-        # keep the kernels' copies (strided heads made contiguous) when they have the inputs' dtype:
-        # the backward pass reads them as they are, for the memory the inputs would have taken
-        keep = [r if r.dtype == t.dtype else t for r, t in zip(ready, (q, k, v))]
-        out = _as(out, q.dtype)
-        ctx.save_for_backward(*keep, out, row_max, row_log, sinks)
-        ctx.call = call
-        return out, row_max, row_log, max_logit, ent
+        outs = _eager_forward(ctx, q, k, v, sinks, call)
+        ctx.mark_non_differentiable(*outs[1:])
+        return outs
 
     @staticmethod
     def backward(ctx, grad_out, *_stats_grads):
-        q, k, v, out, row_max, row_log, sinks = ctx.saved_tensors
-        dq, dk, dv = _launch_backward(grad_out, q, k, v, out, row_max, row_log, ctx.call, sinks=sinks, sinks_known=True)
-        dsinks = _sinks_grad(sinks, grad_out, out, row_max, row_log) if ctx.needs_input_grad[3] else None
-        return dq, dk, dv, dsinks, None
+        return _eager_backward(ctx, grad_out)
+
+
+class _EagerFlashOut(torch.autograd.Function):
+    """:class:`_EagerFlash` returning the output alone (the row statistics saved, not returned): four
+    outputs fewer for autograd to track (~4 us of a tiny call's forward + backward)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, call: _Call):
+        return _eager_forward(ctx, q, k, v, sinks, call)[0]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _eager_backward(ctx, grad_out)
+
+
+def _eager_forward(ctx, q, k, v, sinks, call: _Call):
+    acc = acc_dtype(q.dtype)
+    # bfloat16 reaches the launcher as it is (it may take the AMX forward); the backward converts
+    ready = [t.detach() if q.dtype == torch.bfloat16 else _ready(t, acc) for t in (q, k, v)]
+    out, row_max, row_log, max_logit, ent = _launch_forward(*ready, sinks, call)
+    # keep the kernels' copies (strided heads made contiguous) when they have the inputs' dtype:
+    # the backward pass reads them as they are, for the memory the inputs would have taken
+    keep = [r if r.dtype == t.dtype else t for r, t in zip(ready, (q, k, v))]
+    out = _as(out, q.dtype)
+    ctx.save_for_backward(*keep, out, row_max, row_log, sinks)
+    ctx.call = call
+    ctx.set_materialize_grads(False)  # (the statistics never have gradients: no zeros made for them)
+    return out, row_max, row_log, max_logit, ent
+
+
+def _eager_backward(ctx, grad_out):
+    if grad_out is None:  # (no gradient reached the output: none for the inputs either)
+        return None, None, None, None, None
+    q, k, v, out, row_max, row_log, sinks = ctx.saved_tensors
+    dq, dk, dv = _launch_backward(grad_out, q, k, v, out, row_max, row_log, ctx.call, sinks=sinks, sinks_known=True)
+    dsinks = _sinks_grad(sinks, grad_out, out, row_max, row_log) if ctx.needs_input_grad[3] else None
+    return dq, dk, dv, dsinks, None
 
 
 # -- short calls (issue 14's fixed cost) ------------------------------------------------------------
@@ -774,7 +803,7 @@ def fast_forward(q, k, v, causal: bool, scale, auto: bool = False):
             or not (q.is_cpu and k.is_cpu and v.is_cpu):
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return None
+        return None  # (fast_grad's)
     if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
         return None
     key = (q.shape, k.shape, v.shape, dt, causal, scale, _fwd.serves)  # (a patched serves is another plan)
@@ -802,13 +831,78 @@ def fast_forward(q, k, v, causal: bool, scale, auto: bool = False):
     return out
 
 
+# -- plain calls with gradients: the general path's _EagerFlash with the request validated, chosen and
+# lowered once per (shapes, dtype, causal, scale, backend); the launchers and the autograd formula are the
+# general path's own, so the outputs and gradients are its bits
+
+
+class _GradPlan(NamedTuple):
+    call: Optional[_Call]  # what CPUBackend.forward hands _EagerFlash; None: not served here (the general path)
+    auto: Optional[dict]  # auto's decision by torch threads (_AutoChoice), None: backend "cpu"
+
+
+_GRAD_PLANS: dict = {}
+
+
+def fast_grad(q, k, v, causal: bool, scale, auto: bool = False):
+    """The output of ``attention(q, k, v, causal=causal, scale=scale, backend="cpu")`` (or "auto" when
+    ``auto``) for a plain call that needs gradients, through the general path's autograd function with
+    the request kept from the first call of its kind; or None: the general path must run (a call without
+    gradients, anything this does not serve, every error, auto choosing another backend)."""
+    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor or _k is None:
+        return None
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return None
+    if not (q.is_cpu and k.is_cpu and v.is_cpu):
+        return None
+    key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, causal, scale, auto)
+    plan = _GRAD_PLANS.get(key)
+    if plan is not None and plan.auto is not None:
+        got = plan.auto.get(torch.get_num_threads())
+        if got is None or not _auto_current(got):
+            plan = None
+    if plan is None:
+        plan = _grad_plan(q, k, v, causal, scale, auto, key)
+    if plan.call is None:
+        return None
+    return _EagerFlashOut.apply(q, k, v, None, plan.call)
+
+
+def _grad_plan(q, k, v, causal, scale, auto, key):
+    call = choice = None
+    if q.dim() == 4 and k.dim() == 4 and q.shape[2] and k.shape[2]:  # (empty calls: the general path's answers)
+        try:
+            req = build_request(q, k, v, causal=causal, scale=scale)
+        except (TypeError, ValueError):
+            req = None  # the general path raises it, as always
+        if req is not None and req.requires_grad:
+            if auto:
+                choice = _cpu_first(q, k, v, req)
+                served = choice.backend == "cpu"
+            else:
+                cpu = _PACKAGE._REGISTRY.get("cpu")
+                served = cpu is not None and cpu.unknown_options(req) is None and cpu.unsupported(q, k, v, req) is None
+            if served:
+                call = _Call(lowering.lower(req, _k.BLOCK_M, _k.BLOCK_N), req.scale, 0.0, False)
+    if len(_GRAD_PLANS) >= 256:
+        _GRAD_PLANS.clear()
+    plan = _GRAD_PLANS[key] = _GradPlan(call, {torch.get_num_threads(): choice} if auto else None)
+    return plan
+
+
+def _rows_serve(req: Request) -> bool:
+    # whether _masked_rows serves the request: a float32 decoding step (fewer than 4 query rows) without
+    # gradients or statistics whose only extras are boolean masks and positions
+    return not (_short is None or not USE_ROW_KERNEL or req.q_len >= 4 or req.dtype != torch.float32 or req.requires_grad
+                or req.return_stats or req.softcap is not None or req.alibi_slopes is not None or req.sinks is not None
+                or req.dropout_p > 0 or "dense_float" in req.mask_kinds)
+
+
 def _masked_rows(q, k, v, req: Request):
     """The output of a float32 decoding step (fewer than 4 query rows) without gradients or statistics
     whose only extras are boolean masks and positions (a transformers model's step over its cache with
     padding), from cpu_short's row kernel given the mask's bits; or None (the launchers serve it)."""
-    if (_short is None or not USE_ROW_KERNEL or req.q_len >= 4 or req.dtype != torch.float32 or req.requires_grad
-            or req.return_stats or req.softcap is not None or req.alibi_slopes is not None or req.sinks is not None
-            or req.dropout_p > 0 or "dense_float" in req.mask_kinds):
+    if not _rows_serve(req):
         return None
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -824,6 +918,144 @@ def _masked_rows(q, k, v, req: Request):
     else:
         _short.fwd_small_masked(*args, Hq // Hkv, _fwd.NO_COUNTER)
     return out
+
+
+# -- masked decoding steps (a transformers model's step over its cache): attention(q, k, v, mask=m, causal=...)
+# with a Mask object and nothing else, fewer than 4 query rows, no gradients. The layers of one step share
+# the mask object, so the first call of each (mask, shapes, causal, scale) runs the general path (full
+# validation, the backend's choice, the mask's bits) and keeps what the row kernel needs; the other layers'
+# calls check what can differ (types, dtype, device, gradients, contiguity, the mask's tensors and their
+# versions, auto's inputs) and run the kernel on the kept bits: ~25 us less a call ((4, 8, 2, 1, 66, 64)).
+
+
+class _MaskedPlan(NamedTuple):
+    """What a masked decoding step of one (mask, shapes, causal, scale, backend) needs, validated once."""
+
+    mask: object  # the caller's Mask (the key holds its id; the plan keeps it alive, so the id is not reused)
+    tensors: tuple  # the mask's tensors when planned (identity and version are compared on every call)
+    versions: tuple  # their _version then
+    allow: Optional[torch.Tensor]  # (B|1, Hq|1, Lq|1, Lk) bool bits; None: not served here (the general path)
+    args: tuple  # fwd_small_masked's arguments after q, k, v and out (the bits' address among them)
+    out_shape: tuple  # (B, Hq, Lq, Dv)
+    sizes: tuple  # (B, Hq, Hkv, Lk, D, Dv) for _row_split and _rows_on_threads
+    auto: Optional[dict]  # auto's decision by torch threads (_AutoChoice; backend "cpu" when served), None: backend "cpu"
+
+
+_MASKED: dict = {}
+
+
+def _mask_tensors(mask) -> tuple:
+    # the tensors a mask's bits are made of (key padding and padding read directly: ~1 us less than lowering's walk)
+    t = type(mask)
+    if t is _masks.KeyPadding:
+        return (mask.keep,)
+    if t is _masks.Padding:
+        return (mask.kv_lengths, mask.q_lengths)
+    return tuple(lowering._mask_tensors(mask))
+
+
+def fast_masked(q, k, v, mask, causal: bool, scale, auto: bool = False):
+    """The output of ``attention(q, k, v, mask=mask, causal=causal, scale=scale, backend="cpu")`` (or
+    "auto" when ``auto``) for a no-grad float32 decoding step that _masked_rows serves, from the row
+    kernel on the bits kept from the first call with this mask, or None: the general path must run
+    (anything else, every error, auto choosing another backend)."""
+    if (type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor or _short is None
+            or not isinstance(mask, _masks.Mask)):
+        return None
+    f32 = torch.float32
+    if q.dtype is not f32 or k.dtype is not f32 or v.dtype is not f32 or not (q.is_cpu and k.is_cpu and v.is_cpu):
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
+        return None
+    key = (id(mask), q.shape, k.shape, v.shape, causal, scale, auto)
+    plan = _MASKED.get(key)
+    if plan is not None and plan.mask is mask:
+        tensors = _mask_tensors(mask)
+        fresh = len(tensors) == len(plan.tensors)
+        if fresh:
+            for t, was, ver in zip(tensors, plan.tensors, plan.versions):
+                if t is not was or (t is not None and t._version != ver):
+                    fresh = False
+                    break
+        if fresh and plan.auto is not None:
+            got = plan.auto.get(torch.get_num_threads())
+            fresh = got is not None and _auto_current(got)
+        if not fresh:
+            plan = None
+    else:
+        plan = None
+    if plan is None:
+        return _masked_first(q, k, v, mask, causal, scale, auto, key)
+    if plan.allow is None or not USE_ROW_KERNEL:
+        return None
+    out = torch.empty(plan.out_shape, dtype=f32)
+    if torch.get_num_threads() > 1 and _row_split(*plan.sizes):  # (as _masked_rows decides)
+        _rows_on_threads(_short.fwd_small_masked, (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *plan.args[:-2]),
+                         *plan.sizes[:3])
+    else:
+        _short.fwd_small_masked(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *plan.args)
+    return out
+
+
+def _masked_first(q, k, v, mask, causal, scale, auto, key):
+    # the general path's answer for a call fast_masked has no plan for, and the plan for the next ones
+    try:
+        req = build_request(q, k, v, mask=mask, causal=causal, scale=scale, requires_grad=False)
+    except (TypeError, ValueError):
+        return None  # the general path raises it, as always
+    tensors = _mask_tensors(mask)
+    versions = tuple(None if t is None else t._version for t in tensors)
+    choice = None
+    if auto:
+        choice = _cpu_first(q, k, v, req)
+        served = choice.backend == "cpu"
+    else:
+        cpu = _PACKAGE._REGISTRY.get("cpu")
+        served = cpu is not None and cpu.unknown_options(req) is None and cpu.unsupported(q, k, v, req) is None
+    allow = out = None
+    if served and _rows_serve(req):
+        out = _masked_rows(q, k, v, req)
+        if out is not None and req.mask is not None:
+            allow = lowering.allowed(req)  # (cached by the call above)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    args = ()
+    if allow is not None:
+        Ba, Ha, La = allow.shape[:3]
+        args = (B, Hq, Hkv, Lq, Lk, D, Dv, float(req.scale), allow.data_ptr(), Ba, Ha, La, Hq // Hkv, _fwd.NO_COUNTER)
+    if len(_MASKED) >= 64:
+        _MASKED.clear()
+    _MASKED[key] = _MaskedPlan(mask, tensors, versions, allow, args, (B, Hq, Lq, Dv), (B, Hq, Hkv, Lk, D, Dv),
+                               {torch.get_num_threads(): choice} if auto else None)
+    return out
+
+
+def _cpu_first(q, k, v, req) -> "_AutoChoice":
+    """auto's choice for a request where it cannot depend on the tensors' values: backend "cpu"
+    when cpu is capable and ranks strictly ahead of every other capable backend (choose() then takes it
+    without a data check), else None (the general path chooses)."""
+    registry = _PACKAGE._REGISTRY
+    ranks = {}
+    for name, b in registry.items():
+        missing = b.unknown_options(req) or (b.unsupported(q, k, v, req, data=False) if b.data_checks
+                                             else b.unsupported(q, k, v, req))
+        if missing is None:
+            ranks[name] = b.rank(req)  # cpu's may measure the calibration now
+    cpu = ranks.get("cpu")
+    first = cpu is not None and all(r > cpu for name, r in ranks.items() if name != "cpu")
+    key = _calibration_key(req.dtype, req.requires_grad)
+    return _AutoChoice(_CHOICE_GENERATION[0], registry, key, _CALIBRATIONS.get(key), _calibration_off(),
+                       "cpu" if first else None)
+
+
+def _auto_current(got: "_AutoChoice") -> bool:
+    # whether an auto decision still stands: nothing registered or calibrated since, the same calibration
+    if got.generation != _CHOICE_GENERATION[0] or got.registry is not _PACKAGE._REGISTRY:
+        return False
+    cal = _CALIBRATIONS.get(got.key)
+    return cal is got.cal and (cal is not None or got.env_off == _calibration_off())
 
 
 def _plan(q, k, v, causal, scale, key):
@@ -935,11 +1167,9 @@ def _auto_choice(plan: _Plan, q, k, v, causal, scale) -> Optional[str]:
     data: "cpu" or "sdpa" when it ranks strictly ahead of every other backend, else None."""
     threads = torch.get_num_threads()
     got = plan.auto.get(threads)
+    if got is not None and _auto_current(got):
+        return got.backend
     registry = _PACKAGE._REGISTRY
-    if got is not None and got.generation == _CHOICE_GENERATION[0] and got.registry is registry:
-        cal = _CALIBRATIONS.get(got.key)
-        if cal is got.cal and (cal is not None or got.env_off == _calibration_off()):
-            return got.backend
     req = build_request(q, k, v, causal=causal, scale=scale, requires_grad=False)
     ranks = {name: b.rank(req) for name, b in registry.items()}  # cpu's may measure the calibration now
     first = min(ranks, key=ranks.get)  # the first registered of the lowest, as choose() takes it
@@ -1260,6 +1490,8 @@ class CPUBackend(Backend):
             if out is not None:
                 return out, None
             low = lowering.lower(req, _k.BLOCK_M, _k.BLOCK_N)
+            if req.requires_grad and not req.return_stats:
+                return _EagerFlashOut.apply(q, k, v, req.sinks, _Call(low, req.scale, softcap, False)), None
             if req.requires_grad:
                 call = _Call(low, req.scale, softcap, req.return_stats)
                 out, row_max, row_log, max_logit, ent = _EagerFlash.apply(q, k, v, req.sinks, call)

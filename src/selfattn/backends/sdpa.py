@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -158,7 +160,11 @@ def _plan(q, k, v, causal, scale):
         return False
     if req.scale <= 0 and req.mask is not None:
         return False  # refused (SDPABackend.unsupported)
-    kw = dict(scale=req.scale, dropout_p=0.0, enable_gqa=req.q_heads != req.kv_heads)
+    # only the arguments that differ from torch's defaults: a scale given costs torch ~0.4 us a call
+    # ((1, 4, 1, 128, 64), 1 thread), and its default is the same number, 1 / sqrt(D) in double
+    kw = {} if req.scale == 1.0 / math.sqrt(req.head_dim) else {"scale": req.scale}
+    if req.q_heads != req.kv_heads:
+        kw["enable_gqa"] = True
     if req.mask is not None:
         kw["is_causal"] = True
     return kw
