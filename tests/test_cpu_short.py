@@ -251,3 +251,18 @@ def test_planned_calls_with_gradients_give_the_general_paths_bits(shape, backend
     for run in runs:
         assert all(torch.equal(a, b) for a, b in zip(run, general))
     compare("grad", reference_pair(q.detach(), k.detach(), v.detach(), causal=causal), runs[1][0], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("at", [0, 7, 8, 12], ids=lambda j: f"key{j}")
+def test_the_row_max_is_found_wherever_the_largest_score_is(at):
+    # cpu_short._row_max takes eight running maxima and the keys past the last eight one at a time: a
+    # row whose largest score stands 3000 above the others (2**-3000 of every other key: out = v[at]) in
+    # any of those places. A max taken too small overflows exp2 (inf / inf: NaN), one too large underflows
+    # every key (a zero row)
+    q, k, v = _qkv(1, 2, 2, 1, 13, 16, seed=15)
+    k[:, :, at] = q[:, :, 0] * (3000.0 * 4.0 / float((q[:, :, 0] * q[:, :, 0]).sum(-1).min()))  # (scale 1/4)
+    with torch.no_grad():
+        out = selfattn.attention(q, k, v, backend="cpu")
+        masked = selfattn.attention(q, k, v, mask=masks.padding([13]), backend="cpu")
+    for got in (out, masked):
+        assert torch.equal(got, v[:, :, at:at + 1]), (at, got, v[:, :, at])
