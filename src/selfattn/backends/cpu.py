@@ -59,6 +59,8 @@ from ..request import Request, acc_dtype, build_request
 from ..stats import AttentionStats
 from . import _GENERATION as _CHOICE_GENERATION
 from .base import Backend
+from .sdpa import _plan as _sdpa_plan
+from .sdpa import planned as _sdpa_planned
 from .sdpa import fast_forward as _sdpa_fast
 
 try:
@@ -786,6 +788,7 @@ class _AutoChoice(NamedTuple):
     cal: object  # the calibration it read (None: none, then env is what decided)
     env_off: bool  # SELFATTN_AUTO_CALIBRATE was "0"
     backend: Optional[str]  # "cpu" or "sdpa" when it ranks strictly first, else None (the general path)
+    sdpa: object = None  # backend "sdpa": its short path's keywords for torch (sdpa._plan; False: not served there)
 
 
 _PACKAGE = sys.modules[__package__]  # selfattn.backends: its registry as it is at call time
@@ -823,9 +826,10 @@ def fast_forward(q, k, v, causal: bool, scale, auto: bool = False):
     if plan.one_thread and torch.get_num_threads() != 1:
         return None
     if auto:
-        choice = _auto_choice(plan, q, k, v, causal, scale)
-        if choice != "cpu":
-            return _sdpa_fast(q, k, v, causal, scale) if choice == "sdpa" else None
+        got = _auto_choice(plan, q, k, v, causal, scale)
+        if got.backend != "cpu":
+            # sdpa: its short path's keywords kept with the choice (False: it does not serve the call)
+            return _sdpa_planned(q, k, v, got.sdpa) if got.backend == "sdpa" and got.sdpa is not False else None
     # (empty_like: ~1 us less than torch.empty with a shape and dtype)
     out = torch.empty_like(q) if plan.like_q else torch.empty(plan.out_shape, dtype=dt)
     if plan.rows:  # cpu_fwd's kernel, as its launcher calls it (numpy views; a no-grad call may hold leaves)
@@ -1173,22 +1177,24 @@ def _rows_on_threads(kernel, args, B, Hq, Hkv) -> None:
     _on_threads([(kernel, (*args, per, np.zeros(1, np.int64)))] * threads)
 
 
-def _auto_choice(plan: _Plan, q, k, v, causal, scale) -> Optional[str]:
+def _auto_choice(plan: _Plan, q, k, v, causal, scale) -> "_AutoChoice":
     """What auto picks for the plan's call on this thread count, where that cannot depend on the
-    data: "cpu" or "sdpa" when it ranks strictly ahead of every other backend, else None."""
+    data: backend "cpu" or "sdpa" when it ranks strictly ahead of every other backend, else None."""
     threads = torch.get_num_threads()
     got = plan.auto.get(threads)
     if got is not None and _auto_current(got):
-        return got.backend
+        return got
     registry = _PACKAGE._REGISTRY
     req = build_request(q, k, v, causal=causal, scale=scale, requires_grad=False)
     ranks = {name: b.rank(req) for name, b in registry.items()}  # cpu's may measure the calibration now
     first = min(ranks, key=ranks.get)  # the first registered of the lowest, as choose() takes it
     strict = all(r > ranks[first] for name, r in ranks.items() if name != first)
     key = _calibration_key(q.dtype, False)
+    backend = first if strict and first in ("cpu", "sdpa") else None
     got = plan.auto[threads] = _AutoChoice(_CHOICE_GENERATION[0], registry, key, _CALIBRATIONS.get(key),
-                                           _calibration_off(), first if strict and first in ("cpu", "sdpa") else None)
-    return got.backend
+                                           _calibration_off(), backend,
+                                           _sdpa_plan(q, k, v, causal, scale) if backend == "sdpa" else None)
+    return got
 
 
 def _calibration_off() -> bool:

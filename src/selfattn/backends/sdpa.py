@@ -142,7 +142,14 @@ def fast_forward(q, k, v, causal: bool, scale):
         if len(_PLANS) >= 256:
             _PLANS.clear()
         kw = _PLANS[key] = _plan(q, k, v, causal, scale)
-    if kw is False or _has_nan(q):  # torch's fused CPU kernel turns a NaN query row into 0: refused
+    if kw is False:
+        return None
+    return planned(q, k, v, kw)
+
+
+def planned(q, k, v, kw: dict):
+    """:func:`fast_forward` for a call already checked and planned (``kw``: its ``_plan``), or None."""
+    if _has_nan(q):  # torch's fused CPU kernel turns a NaN query row into 0: refused
         return None
     return F.scaled_dot_product_attention(q, k, v, **kw)
 
