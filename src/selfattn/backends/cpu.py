@@ -167,7 +167,9 @@ class _Call(NamedTuple):
     scale: float
     softcap: float  # 0.0: none
     want_stats: bool
-    rows: bool = True  # return row_max, row_log, max_logit, entropy; False: only out is read (may be None)
+    # True: return row_max, row_log, max_logit, entropy; "lse": row_max and row_log only (what a backward
+    # reads: max_logit and the entropy None); False: only out is read (the rows may be None)
+    rows: object = True
 
 
 # -- launchers --------------------------------------------------------------------------------
@@ -386,9 +388,14 @@ class _FwdBuffers(NamedTuple):
     arrays: tuple
 
 
-def _forward_buffers(B: int, Hq: int, Lq: int, Dv: int, acc, rows: bool = True) -> _FwdBuffers:
-    """``rows`` False (``call.rows`` False and no sinks): the rows are scratch numpy, no tensor."""
+def _forward_buffers(B: int, Hq: int, Lq: int, Dv: int, acc, rows: object = True) -> _FwdBuffers:
+    """``rows`` False (``call.rows`` False and no sinks): the rows are scratch numpy, no tensor; "lse"
+    (``call.rows`` "lse"): row_max and row_log tensors, max_logit None and the entropy scratch numpy."""
     out = torch.empty(B, Hq, Lq, Dv, dtype=acc)
+    if rows == "lse":
+        t = (torch.empty(B, Hq, Lq, dtype=acc), torch.empty(B, Hq, Lq, dtype=acc), None, None)
+        scratch = np.empty((B, Hq, Lq), np.float32 if acc == torch.float32 else np.float64)
+        return _FwdBuffers(out, t, (out.numpy(), t[0].numpy(), t[1].numpy(), scratch))
     if rows:
         t = tuple(torch.empty(B, Hq, Lq, dtype=acc) for _ in range(4))
         r = [x.numpy() for x in t]
@@ -403,7 +410,8 @@ def _forward_result(q, bufs: _FwdBuffers, sinks, call: _Call, opts):
     out = bufs.out
     if call.rows or sinks is not None:
         rows = bufs.rows
-        np.multiply(bufs.arrays[1], opts.nat, out=rows[2].numpy())  # max_logit: (B, Hq, Lq) nats, keys only
+        if rows[2] is not None:  # (None: buffers for "lse")
+            np.multiply(bufs.arrays[1], opts.nat, out=rows[2].numpy())  # max_logit: (B, Hq, Lq) nats, keys only
         row_max, row_log, max_logit, ent = rows[0], rows[1], rows[2], rows[3]
         if sinks is not None:
             out, row_max, row_log, ent = _fold_sinks(out, row_max, row_log, ent, sinks, opts)
@@ -720,7 +728,8 @@ class _EagerFlash(torch.autograd.Function):
 
 class _EagerFlashOut(torch.autograd.Function):
     """:class:`_EagerFlash` returning the output alone (the row statistics saved, not returned): four
-    outputs fewer for autograd to track (~4 us of a tiny call's forward + backward)."""
+    outputs fewer for autograd to track (~4 us of a tiny call's forward + backward). Its calls ask the
+    launchers for the lse halves only (``_Call.rows`` "lse": no max_logit, no entropy tensor)."""
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, call: _Call):
@@ -897,7 +906,7 @@ def _grad_plan(q, k, v, causal, scale, auto, key):
                 cpu = _PACKAGE._REGISTRY.get("cpu")
                 served = cpu is not None and cpu.unknown_options(req) is None and cpu.unsupported(q, k, v, req) is None
             if served:
-                call = _Call(lowering.lower(req, _k.BLOCK_M, _k.BLOCK_N), req.scale, 0.0, False)
+                call = _Call(lowering.lower(req, _k.BLOCK_M, _k.BLOCK_N), req.scale, 0.0, False, "lse")
     if len(_GRAD_PLANS) >= 256:
         _GRAD_PLANS.clear()
     plan = _GRAD_PLANS[key] = _GradPlan(call, {torch.get_num_threads(): choice} if auto else None)
@@ -1508,7 +1517,7 @@ class CPUBackend(Backend):
                 return out, None
             low = lowering.lower(req, _k.BLOCK_M, _k.BLOCK_N)
             if req.requires_grad and not req.return_stats:
-                return _EagerFlashOut.apply(q, k, v, req.sinks, _Call(low, req.scale, softcap, False)), None
+                return _EagerFlashOut.apply(q, k, v, req.sinks, _Call(low, req.scale, softcap, False, "lse")), None
             if req.requires_grad:
                 call = _Call(low, req.scale, softcap, req.return_stats)
                 out, row_max, row_log, max_logit, ent = _EagerFlash.apply(q, k, v, req.sinks, call)
