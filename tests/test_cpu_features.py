@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import selfattn
-from selfattn import masks, reference
+from selfattn import functional, masks, reference
 from selfattn.backends import cpu as cpu_backend
 from selfattn.kernels import cpu_flash
 
@@ -745,6 +745,23 @@ def _measured_once(monkeypatch):
     ratio = t_cpu / t_sdpa
     if not 1 / cpu_backend.TIE_MARGIN < ratio < cpu_backend.TIE_MARGIN:
         assert first == ("cpu" if ratio < 1 else "sdpa")
+
+
+def test_grad_probes_time_attention_itself_unobserved(calibrations, monkeypatch):
+    # a calibration with gradients times each backend as attention() runs it (sdpa's general path
+    # included: what auto's choice costs a training step), and no observer sees the probes
+    monkeypatch.setattr(cpu_backend, "PROBES", ((1, 1, 8, 8, 16), (1, 2, 64, 64, 16)))
+    names = []
+    real = functional.attention
+    monkeypatch.setattr(functional, "attention", lambda *a, **kw: names.append(kw.get("backend")) or real(*a, **kw))
+    seen = []
+    with selfattn.observe(lambda *a: seen.append(len(a))):
+        cal = cpu_backend.calibration(torch.float32, True)
+    assert cal is not None and all(t_cpu > 0 and t_sdpa > 0 for _, t_cpu, t_sdpa in cal.probes)
+    assert set(names) == {"cpu", "sdpa"}, names
+    assert seen == [], f"the observer saw {len(seen)} probe calls"
+    q, req = _plain_request(1, 2, 24, 16, grad=True)
+    assert _auto(q, req) in ("cpu", "sdpa") and len(names) >= 2 * 7 * len(cpu_backend.PROBES)
 
 
 def test_calibration_off_or_not_applicable_uses_the_table(calibrations, monkeypatch):
