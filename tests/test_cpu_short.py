@@ -214,6 +214,24 @@ def test_planned_masked_steps_give_the_general_paths_bits(backend, row_calls, mo
     assert torch.equal(two, replaced)
 
 
+def test_planned_masked_steps_see_a_rule_changed_in_place(row_calls, monkeypatch):
+    # a mask's rule changed on the same object (a window's size) makes a new plan, as lowering's
+    # cache key does: the kept bits are the old rule's
+    monkeypatch.setattr(cpu_backend, "_MASKED", {})
+    q, k, v = _qkv(2, 4, 2, 1, 90, 16, seed=15)
+    keep = torch.arange(90)[None] >= torch.tensor([0, 30])[:, None]
+    window = masks.window(12)
+    mask = masks.key_padding(keep) & window
+    call = lambda: _on(1, lambda: selfattn.attention(q, k, v, mask=mask, causal=True, backend="cpu"))  # noqa: E731
+    first = call()
+    assert next(iter(cpu_backend._MASKED.values())).allow is not None and len(row_calls) == 1
+    assert torch.equal(call(), first)
+    window.left = 40
+    wider = call()
+    assert torch.equal(wider, _general(monkeypatch, call)) and not torch.equal(wider, first)
+    compare("wider", reference_pair(q, k, v, mask=mask, causal=True), wider, dtype=torch.float32)
+
+
 def test_planned_masked_steps_refuse_what_the_general_path_refuses(row_calls):
     # errors stay the general path's: a mask of the wrong size, a float64 call, an unknown backend
     q, k, v = _qkv(2, 2, 2, 1, 40, 16, seed=13)

@@ -955,6 +955,7 @@ class _MaskedPlan(NamedTuple):
     """What a masked decoding step of one (mask, shapes, causal, scale, backend) needs, validated once."""
 
     mask: object  # the caller's Mask (the key holds its id; the plan keeps it alive, so the id is not reused)
+    rule: object  # mask.cache_key() when planned (a window's sizes, the parts of an And ...): compared on every call
     tensors: tuple  # the mask's tensors when planned (identity and version are compared on every call)
     versions: tuple  # their _version then
     allow: Optional[torch.Tensor]  # (B|1, Hq|1, Lq|1, Lk) bool bits; None: not served here (the general path)
@@ -996,7 +997,7 @@ def fast_masked(q, k, v, mask, causal: bool, scale, auto: bool = False):
     plan = _MASKED.get(key)
     if plan is not None and plan.mask is mask:
         tensors = _mask_tensors(mask)
-        fresh = len(tensors) == len(plan.tensors)
+        fresh = len(tensors) == len(plan.tensors) and mask.cache_key() == plan.rule  # (an attribute changed in place)
         if fresh:
             for t, was, ver in zip(tensors, plan.tensors, plan.versions):
                 if t is not was or (t is not None and t._version != ver):
@@ -1030,6 +1031,7 @@ def _masked_first(q, k, v, mask, causal, scale, auto, key):
         return None  # the general path raises it, as always
     tensors = _mask_tensors(mask)
     versions = tuple(None if t is None else t._version for t in tensors)
+    rule = mask.cache_key()
     choice = None
     if auto:
         choice = _cpu_first(q, k, v, req)
@@ -1050,7 +1052,7 @@ def _masked_first(q, k, v, mask, causal, scale, auto, key):
         args = (B, Hq, Hkv, Lq, Lk, D, Dv, float(req.scale), allow.data_ptr(), Ba, Ha, La, Hq // Hkv, _fwd.NO_COUNTER)
     if len(_MASKED) >= 64:
         _MASKED.clear()
-    _MASKED[key] = _MaskedPlan(mask, tensors, versions, allow, args, (B, Hq, Lq, Dv), (B, Hq, Hkv, Lk, D, Dv),
+    _MASKED[key] = _MaskedPlan(mask, rule, tensors, versions, allow, args, (B, Hq, Lq, Dv), (B, Hq, Hkv, Lk, D, Dv),
                                {torch.get_num_threads(): choice} if auto else None)
     return out
 
