@@ -899,12 +899,7 @@ def _grad_plan(q, k, v, causal, scale, auto, key):
         except (TypeError, ValueError):
             req = None  # the general path raises it, as always
         if req is not None and req.requires_grad:
-            if auto:
-                choice = _cpu_first(q, k, v, req)
-                served = choice.backend == "cpu"
-            else:
-                cpu = _PACKAGE._REGISTRY.get("cpu")
-                served = cpu is not None and cpu.unknown_options(req) is None and cpu.unsupported(q, k, v, req) is None
+            served, choice = _served(q, k, v, req, auto)
             if served:
                 call = _Call(lowering.lower(req, _k.BLOCK_M, _k.BLOCK_N), req.scale, 0.0, False, "lse")
     if len(_GRAD_PLANS) >= 256:
@@ -1032,13 +1027,7 @@ def _masked_first(q, k, v, mask, causal, scale, auto, key):
     tensors = _mask_tensors(mask)
     versions = tuple(None if t is None else t._version for t in tensors)
     rule = mask.cache_key()
-    choice = None
-    if auto:
-        choice = _cpu_first(q, k, v, req)
-        served = choice.backend == "cpu"
-    else:
-        cpu = _PACKAGE._REGISTRY.get("cpu")
-        served = cpu is not None and cpu.unknown_options(req) is None and cpu.unsupported(q, k, v, req) is None
+    served, choice = _served(q, k, v, req, auto)
     allow = out = None
     if served and _rows_serve(req):
         out = _masked_rows(q, k, v, req)
@@ -1055,6 +1044,16 @@ def _masked_first(q, k, v, mask, causal, scale, auto, key):
     _MASKED[key] = _MaskedPlan(mask, rule, tensors, versions, allow, args, (B, Hq, Lq, Dv), (B, Hq, Hkv, Lk, D, Dv),
                                {torch.get_num_threads(): choice} if auto else None)
     return out
+
+
+def _served(q, k, v, req, auto: bool) -> tuple:
+    # (whether this backend serves req, auto's _AutoChoice or None): under auto when it takes cpu
+    # without a data check (_cpu_first), else when cpu is registered and takes the request
+    if auto:
+        choice = _cpu_first(q, k, v, req)
+        return choice.backend == "cpu", choice
+    cpu = _PACKAGE._REGISTRY.get("cpu")
+    return cpu is not None and cpu.unknown_options(req) is None and cpu.unsupported(q, k, v, req) is None, None
 
 
 def _cpu_first(q, k, v, req) -> "_AutoChoice":
