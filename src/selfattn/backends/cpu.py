@@ -32,8 +32,8 @@ and a plain call that needs gradients (``fast_grad``: the general path's autogra
 request). Anything else, and every error, goes the general way.
 
 ``auto`` ranks this backend against sdpa from measurements of this host where sdpa serves a call
-natively (``calibration``: both timed once per process on two probes, fitted as fixed cost + cost
-per unit of work; ``SELFATTN_AUTO_CALIBRATE=0`` keeps the recorded table), and by structural
+natively (``calibration``: both timed once per process on four probes as ``attention()`` runs them, a
+call's time predicted along the lines joining them; ``SELFATTN_AUTO_CALIBRATE=0`` keeps the recorded table), and by structural
 reasons elsewhere (tiles a mask rules out, features sdpa lacks); ``CPUBackend.rank_reason`` says which.
 
 Memory is O(L): the L x L matrix never exists, only (BLOCK_M x BLOCK_N) tiles per thread.
