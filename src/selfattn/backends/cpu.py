@@ -927,14 +927,27 @@ def _masked_rows(q, k, v, req: Request):
     # (B|1, Hq|1, Lq|1, Lk), computed once for the layers of a model that share the mask
     allow = lowering.allowed(req) if req.mask is not None else torch.ones(1, 1, 1, Lk, dtype=torch.bool)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype)
+    return _run_masked(q, k, v, _masked_args(q, k, v, req.scale, allow), (B, Hq, Hkv, Lk, D, Dv))
+
+
+def _masked_args(q, k, v, scale, allow) -> tuple:
+    # fwd_small_masked's arguments between the four addresses and the unit size (allow: the mask's bits)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     Ba, Ha, La = allow.shape[:3]
-    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, Hq, Hkv, Lq, Lk, D, Dv, float(req.scale),
-            allow.data_ptr(), Ba, Ha, La)
-    if _row_split(B, Hq, Hkv, Lk, D, Dv) and torch.get_num_threads() > 1:
-        _rows_on_threads(_short.fwd_small_masked, args, B, Hq, Hkv)
+    return (B, Hq, Hkv, Lq, Lk, D, Dv, float(scale), allow.data_ptr(), Ba, Ha, La)
+
+
+def _run_masked(q, k, v, args, sizes) -> torch.Tensor:
+    # the row kernel under a mask's bits on contiguous float32 q, k, v (args: _masked_args; sizes: (B, Hq,
+    # Hkv, Lk, D, Dv)), its units on torch's threads where _row_split says so
+    B, Hq, Hkv = sizes[0], sizes[1], sizes[2]
+    out = torch.empty(B, Hq, q.shape[2], sizes[5], dtype=torch.float32)
+    ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr())
+    if torch.get_num_threads() > 1 and _row_split(*sizes):
+        _rows_on_threads(_short.fwd_small_masked, ptrs + args, B, Hq, Hkv)
     else:
-        _short.fwd_small_masked(*args, Hq // Hkv, _fwd.NO_COUNTER)
+        _short.fwd_small_masked(*ptrs, *args, Hq // Hkv, _fwd.NO_COUNTER)
     return out
 
 
@@ -954,9 +967,8 @@ class _MaskedPlan(NamedTuple):
     tensors: tuple  # the mask's tensors when planned (identity and version are compared on every call)
     versions: tuple  # their _version then
     allow: Optional[torch.Tensor]  # (B|1, Hq|1, Lq|1, Lk) bool bits; None: not served here (the general path)
-    args: tuple  # fwd_small_masked's arguments after q, k, v and out (the bits' address among them)
-    out_shape: tuple  # (B, Hq, Lq, Dv)
-    sizes: tuple  # (B, Hq, Hkv, Lk, D, Dv) for _row_split and _rows_on_threads
+    args: tuple  # _masked_args (the bits' address among them)
+    sizes: tuple  # (B, Hq, Hkv, Lk, D, Dv) for _run_masked
     auto: Optional[dict]  # auto's decision by torch threads (_AutoChoice; backend "cpu" when served), None: backend "cpu"
 
 
@@ -1009,13 +1021,7 @@ def fast_masked(q, k, v, mask, causal: bool, scale, auto: bool = False):
         return _masked_first(q, k, v, mask, causal, scale, auto, key)
     if plan.allow is None or not USE_ROW_KERNEL:
         return None
-    out = torch.empty(plan.out_shape, dtype=f32)
-    if torch.get_num_threads() > 1 and _row_split(*plan.sizes):  # (as _masked_rows decides)
-        _rows_on_threads(_short.fwd_small_masked, (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *plan.args[:-2]),
-                         *plan.sizes[:3])
-    else:
-        _short.fwd_small_masked(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *plan.args)
-    return out
+    return _run_masked(q, k, v, plan.args, plan.sizes)
 
 
 def _masked_first(q, k, v, mask, causal, scale, auto, key):
@@ -1033,15 +1039,11 @@ def _masked_first(q, k, v, mask, causal, scale, auto, key):
         out = _masked_rows(q, k, v, req)
         if out is not None and req.mask is not None:
             allow = lowering.allowed(req)  # (cached by the call above)
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    args = ()
-    if allow is not None:
-        Ba, Ha, La = allow.shape[:3]
-        args = (B, Hq, Hkv, Lq, Lk, D, Dv, float(req.scale), allow.data_ptr(), Ba, Ha, La, Hq // Hkv, _fwd.NO_COUNTER)
+    args = () if allow is None else _masked_args(q, k, v, req.scale, allow)
     if len(_MASKED) >= 64:
         _MASKED.clear()
-    _MASKED[key] = _MaskedPlan(mask, rule, tensors, versions, allow, args, (B, Hq, Lq, Dv), (B, Hq, Hkv, Lk, D, Dv),
+    _MASKED[key] = _MaskedPlan(mask, rule, tensors, versions, allow, args,
+                               (q.shape[0], q.shape[1], k.shape[1], k.shape[2], q.shape[3], v.shape[3]),
                                {torch.get_num_threads(): choice} if auto else None)
     return out
 
