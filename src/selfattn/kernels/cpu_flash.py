@@ -1047,7 +1047,7 @@ def lean_call(q, mask, opts) -> bool:
     if (mask.alibi.size or mask.bias.size or mask.allow.size or mask.fn_index.size or mask.q_ids.shape[0]
             or mask.kv_keep.size):
         return False
-    return not (opts.k_norm > 0.0 and _may_split(q, opts))
+    return not _may_split(q, opts)  # (False at k_norm 0: no float64-tile test yet)
 
 
 def _may_split(q, opts) -> bool:
