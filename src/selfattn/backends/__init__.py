@@ -91,8 +91,12 @@ def use_backend(name: str):
         _CURRENT.reset(token)
 
 
-def _missing(b: Backend, q, k, v, req: Request) -> str | None:
-    return b.unknown_options(req) or b.unsupported(q, k, v, req)
+def _missing(b: Backend, q, k, v, req: Request, data: bool = True) -> str | None:
+    # what b lacks for req (None: it serves it); data=False leaves out the checks that read the tensors'
+    # values (a pass over a whole KV cache), which auto makes only for the backend it is about to pick
+    if data or not b.data_checks:
+        return b.unknown_options(req) or b.unsupported(q, k, v, req)
+    return b.unknown_options(req) or b.unsupported(q, k, v, req, data=False)
 
 
 def choose(name: str, q, k, v, req: Request) -> Backend:
@@ -107,9 +111,7 @@ def choose(name: str, q, k, v, req: Request) -> Backend:
         return b
     # capable as far as the request goes; the checks that read the tensors' values (a pass over a whole KV
     # cache) only for the backend about to be picked
-    capable = [b for b in _REGISTRY.values()
-               if (b.unknown_options(req) or (b.unsupported(q, k, v, req, data=False) if b.data_checks
-                                               else b.unsupported(q, k, v, req))) is None]
+    capable = [b for b in _REGISTRY.values() if _missing(b, q, k, v, req, data=False) is None]
     ranks = [b.rank(req) for b in capable]
     while capable:
         # the lowest rank, first registered on a tie (a plain loop: torch.compile cannot trace min(key=...))

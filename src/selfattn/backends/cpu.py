@@ -1055,7 +1055,7 @@ def _served(q, k, v, req, auto: bool) -> tuple:
         choice = _cpu_first(q, k, v, req)
         return choice.backend == "cpu", choice
     cpu = _PACKAGE._REGISTRY.get("cpu")
-    return cpu is not None and cpu.unknown_options(req) is None and cpu.unsupported(q, k, v, req) is None, None
+    return cpu is not None and _PACKAGE._missing(cpu, q, k, v, req) is None, None
 
 
 def _cpu_first(q, k, v, req) -> "_AutoChoice":
@@ -1065,9 +1065,7 @@ def _cpu_first(q, k, v, req) -> "_AutoChoice":
     registry = _PACKAGE._REGISTRY
     ranks = {}
     for name, b in registry.items():
-        missing = b.unknown_options(req) or (b.unsupported(q, k, v, req, data=False) if b.data_checks
-                                             else b.unsupported(q, k, v, req))
-        if missing is None:
+        if _PACKAGE._missing(b, q, k, v, req, data=False) is None:
             ranks[name] = b.rank(req)  # cpu's may measure the calibration now
     cpu = ranks.get("cpu")
     first = cpu is not None and all(r > cpu for name, r in ranks.items() if name != "cpu")
