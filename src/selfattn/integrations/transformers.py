@@ -36,7 +36,18 @@ function that only works under ``torch.vmap`` as a dense mask. :func:`mask_count
 many masks took each route; ``"dense"`` counts every L x L mask built or received.
 
 Not served, and refused by name: ``position_bias`` (T5-style relative bias tensors) and
-``head_mask``.
+``head_mask``. Models whose attention does not call ``AttentionInterface`` (BLOOM) still accept
+``attn_implementation="selfattn"`` from transformers; the :class:`HFMask` they then receive raises
+a ``TypeError`` that says so as soon as the model uses it as a tensor.
+
+Weights (``output_attentions``) are exact and differentiable as eager's are (a loss on them gets the
+softmax's gradient, sinks included). Under attention dropout they are, as eager's, the weights after
+dropout, and the output is made from them (eager's random draws under the same seed).
+
+Query rows with no key to see (the padded queries of a left-padded batch) give 0, as ``sdpa``;
+transformers' ``eager`` gives them the mean of every value instead. Only the loss of a left-padded
+batch sees the difference (the last pad position predicts the first real token), so a training step
+there matches ``sdpa``'s, and ``eager``'s once those predictions are left out.
 
 Versions: transformers 4.56 (the first with both interfaces) to 5.x. On 4.x, models that build
 their own attention classes instead of calling ``AttentionInterface`` (BERT) cannot use any
@@ -108,6 +119,7 @@ class HFMask:
     causal: bool = False
     window: tuple | None = None  # (left, right), None = unbounded on that side
     mask: _masks.Mask | None = None  # key padding, documents, function or dense parts, AND-ed
+    model_type: str = ""  # config.model_type of the model that asked for it (named in errors)
     _kwargs: dict | None = field(default=None, repr=False)  # selfattn.attention's arguments, made once
 
     @property
@@ -124,6 +136,23 @@ class HFMask:
     @property
     def device(self) -> torch.device:
         return self.q_positions.device
+
+    # A model whose attention does not go through AttentionInterface (BLOOM, Falcon's own classes)
+    # accepts attn_implementation="selfattn" and then treats the mask as a tensor (adds it to its
+    # scores, slices it): say so, instead of "unsupported operand type(s) for +: 'Tensor' and 'HFMask'".
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        model_type = next((a.model_type for a in (*args, *(kwargs or {}).values()) if isinstance(a, HFMask)), "")
+        raise TypeError(_bypass_message(model_type, getattr(func, "__name__", str(func))))
+
+    def __getitem__(self, index):
+        raise TypeError(_bypass_message(self.model_type, "indexing"))
+
+    def _as_operand(self, *_):  # tensor + mask: Tensor.__add__ gives up, Python asks the mask (__radd__)
+        raise TypeError(_bypass_message(self.model_type, "arithmetic"))
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _as_operand
+    __and__ = __rand__ = __or__ = __ror__ = __invert__ = __neg__ = _as_operand
 
     def kwargs(self) -> dict:
         """selfattn.attention's mask arguments. Every part of the mask depends on position
@@ -143,6 +172,13 @@ class HFMask:
     def __repr__(self):
         return (f"HFMask({self.kind}, B={self.batch}, Lq={self.q_positions.numel()}, Lk={self.kv_positions.numel()}, "
                 f"causal={self.causal}, window={self.window}, mask={self.mask!r})")
+
+
+def _bypass_message(model_type: str, op: str) -> str:
+    model = f"this {model_type!r} model" if model_type else "this model"
+    return (f"attn_implementation='selfattn': {model} used its attention mask as a tensor ({op}): its attention does not "
+            "call transformers' AttentionInterface, so selfattn cannot serve it (transformers accepts the name all the "
+            "same); load it with attn_implementation='eager' or 'sdpa'")
 
 
 # -- the mask builder ---------------------------------------------------------------------------
@@ -418,6 +454,7 @@ def build_mask(batch_size: int, **kwargs) -> HFMask | None:
         cp = kwargs.get("cache_position")
         device = attention_mask.device if attention_mask is not None else (cp.device if cp is not None else "cpu")
     q_pos, kv_pos = _positions(kwargs, torch.device(device))
+    model_type = str(getattr(kwargs.get("config"), "model_type", "") or "")
     fn = kwargs.get("mask_function", tm.causal_mask_function)
     keep = _keep(attention_mask, kv_pos, batch_size)
     route, found = _route(fn, batch_size, q_pos, kv_pos, kwargs.get("local_size"), kwargs.get("use_vmap", False), tm)
@@ -427,16 +464,16 @@ def build_mask(batch_size: int, **kwargs) -> HFMask | None:
         if seg is not None:
             parts.append(_masks.documents(seg))
         _count(kind)
-        return HFMask(kind, batch_size, q_pos, kv_pos, causal=causal, window=window, mask=_and(parts))
+        return HFMask(kind, batch_size, q_pos, kv_pos, causal=causal, window=window, mask=_and(parts), model_type=model_type)
     if route == "function":
         _count("function")
         parts.append(_masks.function(_fn_by_index(fn, q_pos, kv_pos)))
-        return HFMask("function", batch_size, q_pos, kv_pos, mask=_and(parts))
+        return HFMask("function", batch_size, q_pos, kv_pos, mask=_and(parts), model_type=model_type)
     # only transformers can evaluate it (vmap): its own dense boolean mask, counted
     dense = tm.sdpa_mask(batch_size=batch_size, **{**kwargs, "allow_is_causal_skip": False,
                                                     "allow_is_bidirectional_skip": False})
     _count("dense")
-    return HFMask("dense", batch_size, q_pos, kv_pos, mask=_masks.dense(dense.to(torch.bool)))
+    return HFMask("dense", batch_size, q_pos, kv_pos, mask=_masks.dense(dense.to(torch.bool)), model_type=model_type)
 
 
 def _and(parts):
@@ -466,6 +503,27 @@ def _wants_weights(module, kwargs) -> bool:
     except (ImportError, LookupError):  # older transformers, or no collector in this forward
         return False
     return isinstance(active, dict) and "attentions" in active
+
+
+def _weights(query, key, stats, call, scaling, softcap, sinks):
+    """Exact weights (B, Hq, Lq, Lk), differentiable as a softmax is.
+
+    ``attention_probs`` computes p_j = exp(s_j - lse) with the saved log-sum-exp, a constant to
+    autograd, which leaves out the normaliser's part of the gradient, dp_j/ds_i = -p_j p_i (and
+    dp_j/d sink = -p_j p_sink). It is put back without changing a value: with T the row's total
+    probability (sink included), p - p.detach() * (T - T.detach()) equals p and its gradient is
+    the softmax's. Only when something asks for gradients.
+    """
+    p = attention_probs(query, key, stats.detach(), scale=scaling, softcap=softcap, sinks=sinks, **call)
+    sink_grad = sinks is not None and sinks.requires_grad
+    if not torch.is_grad_enabled() or not (p.requires_grad or sink_grad):
+        return p
+    total = p.sum(dim=-1)  # (B, Hq, Lq)
+    if sink_grad:
+        lse = stats.lse.detach().to(p.dtype)  # (B, Hq, Lq), -inf on rows with nothing to see
+        share = torch.exp(sinks.to(p.dtype).view(1, -1, 1) - lse)  # the sink's probability
+        total = total + torch.where(torch.isfinite(lse), share, torch.zeros_like(share))
+    return p - p.detach() * (total - total.detach())[..., None]
 
 
 def make_attention_function(backend: str = "auto"):
@@ -502,16 +560,23 @@ def make_attention_function(backend: str = "auto"):
         if s_aux is not None:
             sinks = s_aux.reshape(-1)
         want_weights = _wants_weights(module, kwargs)
-        # statistics only for the weights: without them a call can take the short paths (decoding steps: the
-        # row kernel) and any backend (torch SDPA has none); a Monitor's observers still get them
-        out = attention(
-            query, key, value, scale=scaling, softcap=softcap, sinks=sinks,
-            dropout_p=float(dropout or 0.0), return_stats=want_weights, backend=backend, **call)
-        weights = None
-        if want_weights:
-            out, stats = out
-            weights = attention_probs(query, key, stats, scale=scaling, softcap=softcap, sinks=sinks, **call).to(value.dtype)
-        return out.transpose(1, 2).contiguous(), weights  # (B, Lq, Hq, Dv), (B, Hq, Lq, Lk) or None
+        dropout_p = float(dropout or 0.0)
+        if not want_weights:
+            # statistics only for the weights: without them a call can take the short paths (decoding steps:
+            # the row kernel) and any backend (torch SDPA has none); a Monitor's observers still get them
+            out = attention(query, key, value, scale=scaling, softcap=softcap, sinks=sinks, dropout_p=dropout_p,
+                            return_stats=False, backend=backend, **call)
+            return out.transpose(1, 2).contiguous(), None  # (B, Lq, Hq, Dv)
+        out, stats = attention(query, key, value, scale=scaling, softcap=softcap, sinks=sinks,
+                               dropout_p=0.0 if dropout_p else dropout_p, return_stats=True, backend=backend, **call)
+        weights = _weights(query, key, stats, call, scaling, softcap, sinks).to(value.dtype)  # (B, Hq, Lq, Lk)
+        if dropout_p:
+            # as eager: the weights returned are the ones applied, dropout included (the same random draws
+            # as eager's under the same seed), so the output is made from them (the L x L weights exist anyway)
+            weights = torch.nn.functional.dropout(weights, p=dropout_p, training=True)
+            groups = query.shape[1] // value.shape[1]
+            out = weights @ value.repeat_interleave(groups, dim=1)  # (B, Hq, Lq, Dv)
+        return out.transpose(1, 2).contiguous(), weights  # (B, Lq, Hq, Dv), (B, Hq, Lq, Lk)
 
     selfattn_attention.__name__ = f"selfattn_attention_{backend}"
     return selfattn_attention

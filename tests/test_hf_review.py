@@ -1,0 +1,520 @@
+"""An adversarial review of selfattn as a transformers attention implementation: what tests/test_hf.py
+does not cover.
+
+Every comparison is against transformers' own implementations of the same tiny random model with the
+same weights. Forward tolerances come from eager's own error (STYLE.md rule 6):
+``|selfattn - ref64| <= 2 |eager32 - ref64| + floor``, where ref64 is the same model run in float64.
+ref64 is the float64 ``sdpa`` run: transformers' float64 ``eager`` turns left-padded rows into NaN
+(its padded query rows attend to nothing, and the NaN reaches every position through the next layer's
+``0 * NaN``), so it cannot be the reference for padded batches.
+
+Covered here: more families (Phi-3, Qwen3, Cohere, OLMo 2, Gemma 3, ModernBERT, RoBERTa, DistilBERT,
+BART, Whisper; T5 and models that bypass the attention interface refused clearly), mixed left and
+right padding, chunked prefill through dynamic caches shorter than the sequence (sliding layers),
+greedy and beam generation on encoder-decoders and more decoders, attention weights during
+generation, left-padded and packed training steps (the flattening collator), 4-D masks, dropout
+(eval, training, with weights, under gradient checkpointing), gradients through the returned
+weights, bfloat16, float64, save/load and switching implementations.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+if int(transformers.__version__.split(".")[0]) < 5:  # the families below use AttentionInterface from 5.x on
+    pytest.skip("the review covers transformers 5.x", allow_module_level=True)
+
+import selfattn.integrations.transformers as sa_hf  # noqa: E402
+from tolerance import floor_for  # noqa: E402
+
+VOCAB = 100
+STRUCTURED = {"causal", "sliding_window", "bidirectional", "packed"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered():
+    sa_hf.register()
+
+
+def _common(**over):
+    d = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128)
+    d.update(over)
+    return d
+
+
+def _config(family: str, dropout: float = 0.0):
+    tf = transformers
+    if family == "llama":
+        cfg = tf.LlamaConfig(**_common())
+    elif family == "mistral":
+        cfg = tf.MistralConfig(**_common(sliding_window=5))
+    elif family == "gemma2":
+        cfg = tf.Gemma2Config(**_common(head_dim=8, sliding_window=5, attn_logit_softcapping=5.0,
+                                        final_logit_softcapping=30.0, query_pre_attn_scalar=6))
+    elif family == "gpt_oss":
+        cfg = tf.GptOssConfig(**_common(intermediate_size=32, head_dim=8, sliding_window=5, num_local_experts=4,
+                                        num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"]))
+    elif family == "phi3":  # sliding window on every layer, fused qkv
+        cfg = tf.Phi3Config(**_common(sliding_window=5, pad_token_id=0))
+    elif family == "qwen3":  # q/k norms, one full and one sliding layer
+        cfg = tf.Qwen3Config(**_common(head_dim=8, use_sliding_window=True, sliding_window=5, max_window_layers=1,
+                                       layer_types=["full_attention", "sliding_attention"]))
+    elif family == "cohere":  # parallel attention + MLP, q/k layer norms
+        cfg = tf.CohereConfig(**_common(use_qk_norm=True, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    elif family == "olmo2":
+        cfg = tf.Olmo2Config(**_common(pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    elif family == "gemma3":  # softcap, query_pre_attn_scalar, sliding and full layers
+        cfg = tf.Gemma3TextConfig(**_common(head_dim=8, sliding_window=5, query_pre_attn_scalar=6,
+                                            attn_logit_softcapping=5.0, layer_types=["sliding_attention", "full_attention"]))
+    elif family == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128)
+    elif family == "bert":
+        cfg = tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64)
+    elif family == "modernbert":  # bidirectional sliding window (local layers) and global layers
+        cfg = tf.ModernBertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                  num_attention_heads=4, local_attention=4, global_attn_every_n_layers=2,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    elif family == "roberta":
+        cfg = tf.RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, pad_token_id=1)
+    elif family == "distilbert":
+        cfg = tf.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64)
+    elif family == "bart":
+        cfg = tf.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64)
+    elif family == "whisper":
+        cfg = tf.WhisperConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                               decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
+                               max_source_positions=16, max_target_positions=32, pad_token_id=0, bos_token_id=1,
+                               eos_token_id=2, decoder_start_token_id=1, begin_suppress_tokens=None, suppress_tokens=None)
+    elif family == "t5":
+        cfg = tf.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    else:
+        raise ValueError(family)
+    for attr in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob"):
+        if hasattr(cfg, attr):
+            setattr(cfg, attr, dropout)
+    for attr in ("dropout", "hidden_dropout_prob", "resid_pdrop", "embd_pdrop", "activation_dropout", "embedding_dropout",
+                 "mlp_dropout", "hidden_dropout", "dropout_rate", "qa_dropout", "seq_classif_dropout"):
+        if hasattr(cfg, attr):
+            setattr(cfg, attr, 0.0)
+    return cfg
+
+
+ENCODERS = ("bert", "modernbert", "roberta", "distilbert")
+SEQ2SEQ = ("bart", "whisper", "t5")
+
+
+def _model(family: str, attn: str = "eager", dropout: float = 0.0, seed: int = 0):
+    tf = transformers
+    cfg = _config(family, dropout)
+    torch.manual_seed(seed)
+    if family in ENCODERS:
+        cls = tf.AutoModelForMaskedLM
+    elif family in SEQ2SEQ:
+        cls = tf.WhisperForConditionalGeneration if family == "whisper" else tf.AutoModelForSeq2SeqLM
+    else:
+        cls = tf.AutoModelForCausalLM
+    make = cls._from_config if family == "whisper" else cls.from_config  # no auto class for Whisper's generation head
+    m = make(cfg, attn_implementation=attn)
+    return m.eval()
+
+
+def _batch(padding: str = "both", b: int = 2, length: int = 11, seed: int = 1):
+    """(input_ids, attention_mask): 'left' pads row 0 on the left, 'both' also row 1 on the right."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (b, length), generator=g)
+    am = torch.ones(b, length, dtype=torch.long)
+    if padding in ("left", "both"):
+        am[0, :4] = 0
+    if padding in ("right", "both"):
+        am[-1, -3:] = 0
+    return ids.masked_fill(am == 0, 0), am
+
+
+def _inputs(family: str, padding: str = "both", dtype=torch.float32):
+    """(model kwargs, bool (B, Lq) of real query positions)."""
+    ids, am = _batch(padding)
+    if family not in SEQ2SEQ:
+        return dict(input_ids=ids, attention_mask=am), am.bool()
+    dec, dam = _batch("right" if padding != "none" else "none", length=7, seed=3)
+    kw = dict(decoder_input_ids=dec, decoder_attention_mask=dam)
+    if family == "whisper":
+        kw["input_features"] = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(5)).to(dtype)
+    else:
+        kw.update(input_ids=ids, attention_mask=am)
+    return kw, dam.bool()
+
+
+def _switch(model, impl):
+    model.set_attn_implementation(impl)
+    assert model.config._attn_implementation == impl
+    sa_hf.reset_mask_counts()
+
+
+def _structured_only():
+    counts = sa_hf.mask_counts()
+    assert counts and set(counts) <= STRUCTURED, f"masks left the structured routes: {counts}"
+    return counts
+
+
+def _within_eagers_error(name, got, ref64, eager, real, dtype=torch.float32):
+    """STYLE rule 6 on the real positions: |got - ref64| <= 2 |eager - ref64| + floor."""
+    err = (got.double() - ref64)[real].abs()
+    base = (eager.double() - ref64)[real].abs().max().item()
+    tol = 2 * base + floor_for(dtype, ref64[real])
+    print(f"{name}: max|diff| {err.max():.3e} mean {err.mean():.3e}; eager's own {base:.3e}; tol {tol:.3e}")
+    assert torch.isfinite(got[real]).all() and err.max().item() <= tol
+
+
+# -- more families, in float32 and float64 -------------------------------------------------------
+
+FAMILIES = ["phi3", "qwen3", "cohere", "olmo2", "gemma3", "modernbert", "roberta", "distilbert", "bart", "whisper"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_more_families_match_eager_within_its_own_error(family):
+    model = _model(family)
+    kw, real = _inputs(family)
+    with torch.no_grad():
+        eager = model(**kw).logits
+        _switch(model, "selfattn")
+        got = model(**kw).logits
+        counts = _structured_only()
+        model.double()
+        kw64 = {k: (v.double() if v.is_floating_point() else v) for k, v in kw.items()}
+        _switch(model, "sdpa")
+        ref64 = model(**kw64).logits
+        _switch(model, "selfattn")
+        got64 = model(**kw64).logits
+    print(family, counts)
+    _within_eagers_error(f"{family} float32", got, ref64, eager, real)
+    # float64: eager's float32 error scaled to float64's precision
+    scale = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
+    _within_eagers_error(f"{family} float64", got64, ref64, ref64 + (eager.double() - ref64) * scale, real, torch.float64)
+
+
+def test_bfloat16_within_eagers_error():
+    for family in ("llama", "gemma2"):
+        kw, real = _inputs(family)
+        model = _model(family)
+        with torch.no_grad():
+            ref = model(**kw).logits.double()  # the float32 model stands for the exact one here
+            model.to(torch.bfloat16)
+            eager = model(**kw).logits
+            _switch(model, "selfattn")
+            got = model(**kw).logits
+        _within_eagers_error(f"{family} bfloat16", got, ref, eager, real, torch.bfloat16)
+
+
+# -- caches: chunked prefill, generation --------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["mistral", "gpt_oss", "gemma3"])
+def test_chunked_prefill_through_a_dynamic_cache_matches_eager(family):
+    # 16 tokens fed as 9 + 4 + 3 into one DynamicCache: the sliding layers' caches keep only the last
+    # window - 1 keys, so later chunks see kv_offset > 0 and keys that start mid-sequence
+    ids, am = _batch("left", length=16)
+
+    def run(model):
+        cache = transformers.DynamicCache(config=model.config)
+        out = []
+        with torch.no_grad():
+            for a, b in ((0, 9), (9, 13), (13, 16)):
+                out.append(model(input_ids=ids[:, a:b], attention_mask=am[:, :b], past_key_values=cache, use_cache=True).logits)
+        return torch.cat(out, 1)
+
+    model = _model(family)
+    ref = run(model)
+    _switch(model, "selfattn")
+    got = run(model)
+    _structured_only()
+    diff = (ref - got)[am.bool()].abs().max().item()
+    print(f"{family}: chunked prefill max diff {diff:.2e}")
+    assert diff <= 1e-5
+
+
+GENERATE = [("phi3", "static"), ("qwen3", "static"), ("gemma3", "static"), ("cohere", "dynamic"), ("olmo2", "dynamic"),
+            ("bart", "dynamic"), ("bart", "static"), ("whisper", "dynamic"), ("whisper", "static")]
+
+
+@pytest.mark.parametrize("family,cache", GENERATE)
+def test_greedy_generate_matches_eager(family, cache):
+    model = _model(family)
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+    if family == "whisper":
+        kw["input_features"] = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(5))
+    else:
+        ids, am = _batch("left")
+        kw.update(inputs=ids, attention_mask=am, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(**kw)
+        _switch(model, "selfattn")
+        got = model.generate(**kw)
+    print(family, cache, sa_hf.mask_counts())
+    _structured_only()
+    assert torch.equal(ref, got)
+
+
+def test_beam_search_matches_eager():
+    model = _model("gemma2")
+    ids, am = _batch("left")
+    kw = dict(max_new_tokens=5, min_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=am, **kw)
+        _switch(model, "selfattn")
+        got = model.generate(ids, attention_mask=am, **kw)
+    assert torch.equal(ref, got)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_weights_during_generation_match_eager(cache):
+    # gpt-oss: sinks, a sliding and a full layer; every step's weights, (B, H, 1, cache length) with a static cache
+    model = _model("gpt_oss")
+    ids, am = _batch("left")
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, output_attentions=True,
+              return_dict_in_generate=True)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=am, **kw)
+        _switch(model, "selfattn")
+        got = model.generate(ids, attention_mask=am, **kw)
+    assert torch.equal(ref.sequences, got.sequences)
+    real = am.bool()
+    for step, (r_layers, g_layers) in enumerate(zip(ref.attentions, got.attentions)):
+        for r, g in zip(r_layers, g_layers):
+            assert r.shape == g.shape
+            if step == 0:  # the prompt: compare real queries against real keys (eager's padded rows differ)
+                keys = torch.nn.functional.pad(real, (0, r.shape[-1] - real.shape[1]), value=True)  # static: unused slots
+                pairs = (real[:, None, :, None] & keys[:, None, None, :]).expand_as(r)
+                r, g = r[pairs], g[pairs]
+            assert (r - g).abs().max().item() <= 1e-5, step
+
+
+# -- training batches ---------------------------------------------------------------------------
+
+def _grads(model, **kw):
+    model.zero_grad(set_to_none=True)
+    model.train()
+    out = model(**kw)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _worst(ref, got):
+    assert ref.keys() == got.keys()
+    largest = max(g.abs().max() for g in ref.values())
+    return max(((ref[n] - got[n]).abs().max() / largest).item() for n in ref)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_left_padded_training_step(family):
+    # Left padding puts queries with no key to see at the front (a padded query sees only padded keys).
+    # transformers disagrees with itself on them: eager attends uniformly to every key, sdpa (torch >= 2.5)
+    # gives 0, as selfattn does. With the usual labels (pads -100) the last pad position predicts the first
+    # real token, so its output reaches the loss: selfattn matches sdpa there, and eager once those
+    # predictions are left out of the loss.
+    ids, am = _batch("both")
+    labels = ids.masked_fill(am == 0, -100)
+    model = _model(family, "sdpa")
+    loss_sdpa, ref = _grads(model, input_ids=ids, attention_mask=am, labels=labels)
+    _switch(model, "selfattn")
+    loss, got = _grads(model, input_ids=ids, attention_mask=am, labels=labels)
+    _structured_only()
+    print(f"{family}: loss sdpa {loss_sdpa:.7f} selfattn {loss:.7f}; worst grad diff / largest {_worst(ref, got):.2e}")
+    assert abs(loss - loss_sdpa) <= 1e-6 and _worst(ref, got) <= 1e-5
+    labels[0, 4] = -100  # the first real token of the left-padded row: predicted from a pad position
+    _switch(model, "eager")
+    loss_eager, ref = _grads(model, input_ids=ids, attention_mask=am, labels=labels)
+    _switch(model, "selfattn")
+    loss, got = _grads(model, input_ids=ids, attention_mask=am, labels=labels)
+    assert abs(loss - loss_eager) <= 1e-6 and _worst(ref, got) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_packed_training_step_from_the_flattening_collator(family):
+    # DataCollatorWithFlattening's format (one row, position_ids restarting, FlashAttention's cu_seq_lens
+    # kwargs that eager and selfattn ignore); transformers detects packing only without a cache
+    feats = [{"input_ids": list(range(3, 10))}, {"input_ids": list(range(20, 24))}, {"input_ids": list(range(40, 51))}]
+    batch = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_seq_idx=True)(feats)
+    model = _model(family)
+    _, ref = _grads(model, use_cache=False, **batch)
+    _switch(model, "selfattn")
+    _, got = _grads(model, use_cache=False, **batch)
+    assert sa_hf.mask_counts() == {"packed": 1}
+    print(f"{family}: worst grad diff / largest {_worst(ref, got):.2e}")
+    assert _worst(ref, got) <= 1e-5
+
+
+def test_packed_rows_of_a_batch_are_packed_differently():
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 5, 6, 7, 8],
+                        [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0]])
+    ids, _ = _batch("none", length=16)
+    model = _model("mistral")  # window 5 inside each sequence
+    with torch.no_grad():
+        ref = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        _switch(model, "selfattn")
+        got = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        assert sa_hf.mask_counts() == {"packed": 1}
+        alone = model(input_ids=ids[1:, 4:15], use_cache=False).logits  # row 1's second sequence by itself
+    assert (ref - got).abs().max().item() <= 1e-5
+    assert (alone[0] - got[1, 4:15]).abs().max().item() <= 1e-5
+
+
+# -- 4-D masks handed in by the caller ------------------------------------------------------------
+
+def test_four_d_masks_from_the_caller():
+    # transformers passes a 4-D mask through untouched. A float mask is added to the scores (eager and
+    # sdpa agree); a bool mask means "may attend" for sdpa, while eager adds it as 0/1 to the scores,
+    # so bool masks are compared with sdpa. Row 2 may see nothing.
+    ids, _ = _batch("none")
+    n = ids.shape[1]
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()
+    allowed[5:, :3] = False
+    allowed[2] = False
+    rows = torch.ones(n, dtype=torch.bool)
+    rows[2] = False
+    for family in ("llama", "bert"):
+        as_bool = allowed[None, None].expand(2, 1, n, n)
+        as_float = torch.zeros(2, 1, n, n).masked_fill(~as_bool, torch.finfo(torch.float32).min)
+        for mask, against in ((as_float, "eager"), (as_bool, "sdpa")):
+            model = _model(family, against)
+            with torch.no_grad():
+                ref = model(input_ids=ids, attention_mask=mask).logits
+                _switch(model, "selfattn")
+                got = model(input_ids=ids, attention_mask=mask).logits
+            assert sa_hf.mask_counts() == {"dense": 2}  # one per layer, counted
+            diff = (ref - got)[:, rows].abs().max().item()
+            print(family, mask.dtype, against, f"{diff:.2e}")
+            assert diff <= 1e-5
+
+
+# -- dropout, and the weights' gradients ----------------------------------------------------------
+
+def test_dropout_is_off_in_eval_and_unbiased_in_training():
+    ids, am = _batch("both")
+    model = _model("gemma2", dropout=0.5)  # softcap: auto cannot hand this call to torch's sdpa
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=am).logits
+        _switch(model, "selfattn")
+        assert (model(input_ids=ids, attention_mask=am).logits - ref)[am.bool()].abs().max() <= 1e-5
+    # one attention call, many draws: the mean is the undropped output (4.5 standard errors)
+    fn = sa_hf.make_attention_function("auto")
+    module = torch.nn.Module()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 6, 8, generator=g) for h in (4, 2, 2))
+    exact = fn(module, q, k, v, None, scaling=0.3, softcap=5.0)[0]
+    draws = torch.stack([fn(module, q, k, v, None, dropout=0.5, scaling=0.3, softcap=5.0)[0] for _ in range(3000)])
+    z = (draws.mean(0) - exact).abs() / (draws.std(0) / len(draws) ** 0.5).clamp(min=1e-6)
+    print(f"dropout: max z {z.max():.2f}; a draw differs from the exact output by {(draws[0] - exact).abs().max():.2e}")
+    assert z.max() <= 4.5 and (draws[0] - exact).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss", "bert"])
+def test_weights_under_dropout_are_the_ones_applied(family):
+    # eager returns the weights after dropout, the ones it multiplied the values by: with the same seed
+    # selfattn must give the same weights and the same output
+    ids, am = _batch("right")
+    model = _model(family, dropout=0.3)
+    model.train()
+    torch.manual_seed(11)
+    ref = model(input_ids=ids, attention_mask=am, output_attentions=True)
+    _switch(model, "selfattn")
+    torch.manual_seed(11)
+    got = model(input_ids=ids, attention_mask=am, output_attentions=True)
+    real = am.bool()
+    pairs = real[:, None, :, None] & real[:, None, None, :]
+    for r, g in zip(ref.attentions, got.attentions):
+        w = (r - g).abs()[pairs.expand_as(r)].max().item()
+        assert w <= 1e-5, w
+    diff = (ref.logits - got.logits)[real].abs().max().item()
+    print(f"{family}: logits under dropout max diff {diff:.2e}")
+    assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss", "bert"])
+def test_gradients_through_the_returned_weights_match_eager(family):
+    # a loss on the weights themselves (attention distillation, entropy regularisers): the gradient must
+    # include the softmax normaliser's, as eager's does
+    ids, am = _batch("right")
+    real = am.bool()
+    pairs = real[:, None, :, None] & real[:, None, None, :]
+    grads = {}
+    for impl in ("eager", "selfattn"):
+        model = _model(family, impl)
+        model.train()
+        out = model(input_ids=ids, attention_mask=am, output_attentions=True)
+        loss = sum(((w * pairs) ** 2).sum() for w in out.attentions) + out.logits[real].square().mean()
+        loss.backward()
+        grads[impl] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    worst = _worst(grads["eager"], grads["selfattn"])
+    print(f"{family}: worst grad diff / largest {worst:.2e}")
+    assert worst <= 1e-5
+
+
+def test_dropout_under_gradient_checkpointing_recomputes_the_same_mask():
+    ids, am = _batch("right")
+    labels = ids.masked_fill(am == 0, -100)
+    runs = []
+    for checkpointing in (False, True):
+        model = _model("llama", "selfattn", dropout=0.3)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        torch.manual_seed(7)
+        runs.append(_grads(model, input_ids=ids, attention_mask=am, labels=labels, use_cache=False))
+    assert runs[0][0] == runs[1][0] and _worst(runs[0][1], runs[1][1]) == 0
+
+
+# -- what selfattn cannot serve -----------------------------------------------------------------
+
+def test_t5_relative_bias_is_refused_by_name():
+    model = _model("t5", "selfattn")
+    ids, am = _batch("none")
+    with pytest.raises(NotImplementedError, match="'position_bias'.*T5Attention.*eager"):
+        model(input_ids=ids, attention_mask=am, decoder_input_ids=ids)
+
+
+def test_a_model_that_bypasses_the_attention_interface_fails_clearly():
+    # BLOOM accepts attn_implementation="selfattn" but computes attention itself (ALiBi, its own softmax),
+    # adding transformers' mask to its scores: the mask it gets from selfattn must say why it cannot serve
+    cfg = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="selfattn")
+    ids, am = _batch("left")
+    with pytest.raises(TypeError, match="'bloom' model.*AttentionInterface.*eager"):
+        model(input_ids=ids, attention_mask=am)
+
+
+# -- registration -------------------------------------------------------------------------------
+
+def test_save_load_and_switching(tmp_path):
+    model = _model("gemma2", "selfattn")
+    ids, am = _batch("left")
+    real = am.bool()
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=am).logits
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="selfattn").eval()
+    assert loaded.config._attn_implementation == "selfattn"
+    sa_hf.reset_mask_counts()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=am).logits, ref)
+        assert sa_hf.mask_counts() == {"causal": 1, "sliding_window": 1}
+        for impl in ("eager", "selfattn", "eager", "selfattn"):
+            _switch(loaded, impl)
+            got = loaded(input_ids=ids, attention_mask=am).logits
+            assert (got - ref)[real].abs().max() <= 1e-5
+            assert bool(sa_hf.mask_counts()) == (impl == "selfattn")
+    # an encoder-decoder switched with the dict form reaches every attention
+    bart = _model("bart")
+    bart.set_attn_implementation({"": "selfattn"})
+    kw, _ = _inputs("bart")
+    sa_hf.reset_mask_counts()
+    with torch.no_grad():
+        bart(**kw)
+    assert sa_hf.mask_counts() == {"bidirectional": 2, "causal": 1}
