@@ -78,10 +78,18 @@ one per core, lead 23:04): the threads take units one at a time from a shared co
 ``taken``), so the slower core takes fewer (numba's OpenMP layer, which ran a prange kernel before,
 split them into two fixed contiguous halves).
 
+Every buffer the vector code reads whole vectors of (Q^T, s^T, acc^T, the row vectors, acc) starts on a
+cache line (``_zeros64``): numba aligns arrays to 32 bytes, and where the heap hands out an address at 32
+mod 64 every vector load and store of that buffer spans two lines. Whether it does depends on the process's
+allocation history, so the unaligned kernel's speed varied from run to run: an earlier A/B of aligned
+buffers read no change, but in three processes (Intel host, 2026-12-02 14:10, D = 64, 1 thread, thread
+CPU, 9 interleaved rounds, A/A 1.002-1.003) the aligned kernel ran at 0.946, 0.913 and 0.978 of the
+unaligned one's time (76-79 % of the 1-thread peak in all three, the unaligned 68-76 %); in place (cycle
+counter) Q K^T 80 -> 89 %, P V 82 -> 88 % of the peak. D = 128: 0.991 (A/A 0.996).
+
 Measured and not taken (1 thread, interleaved A/B against the kept kernel, loaded machine): two key
 tiles per softmax step (a longer P V reduction: no faster at D = 64, slower at D = 128; old layout),
-4-row calls throughout (as fast as 6-row ones), 64-byte aligned Q^T, s^T, acc^T and row vectors (numba
-aligns to 32 bytes; no change, 0.97 vs 0.96 of the old kernel), value panels at D = 128 (old layout: P V
+4-row calls throughout (as fast as 6-row ones), value panels at D = 128 (old layout: P V
 alone 2.5 % faster), the transposed P V without the prefetch (1.01x: the prefetch is the gain), a
 prefetcht0 of the next call's A rows as well (+2.6 % at D = 64, +1.7 % at D = 128), the Q K^T sum at D =
 128 as two 64-deep halves continued exactly through C, so that Q^T's half and s^T stay in L1 (+3.8 %), a
@@ -774,6 +782,17 @@ def _fetch_add(typingctx, counter, by):
 NO_COUNTER = np.zeros(0, np.int64)
 
 
+@njit(cache=True, nogil=True)
+def _zeros64(n, dtype):
+    # n zeros of `dtype` from a 64-byte aligned address. numba aligns an array to 32 bytes only: a buffer at 32
+    # mod 64 splits every whole-vector load and store of it over two cache lines (the kernel ran 5-9 % slower
+    # at D = 64 whenever the heap handed out such addresses for Q^T, s^T and acc^T)
+    raw = np.zeros(n + 16, dtype)
+    isz = raw.itemsize
+    skip = (-(_addr(raw) // isz)) % (64 // isz)
+    return raw[skip:skip + n]
+
+
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
 def flash_fwd_t(q, k, v, out, row_max, row_log, ent, counts, mask, opts, u0, u1, pair, taken):
     """``cpu_flash.flash_fwd`` in the transposed layout (float32, base 2), work units u0 .. u1 - 1 of one
@@ -800,7 +819,7 @@ def flash_fwd_t(q, k, v, out, row_max, row_log, ent, counts, mask, opts, u0, u1,
         isz = q.itemsize
         groups = (rows + LANES - 1) // LANES  # vectors of query rows (G = 2: both blocks whole)
         # -- Q^T of each block, packed once (columns past `rows` zero: their scores stay finite) --
-        qt = np.zeros((G, D, BLOCK_M), q.dtype)
+        qt = _zeros64(G * D * BLOCK_M, q.dtype).reshape((G, D, BLOCK_M))
         for g in range(G):
             if rows % LANES == 0 and D % LANES == 0:
                 _transpose_t(_addr(q) + ((b * Hq + h) * Lq + r00 + g * BLOCK_M) * D * isz, D, _addr(qt) + g * D * BLOCK_M * isz,
@@ -809,12 +828,15 @@ def flash_fwd_t(q, k, v, out, row_max, row_log, ent, counts, mask, opts, u0, u1,
                 for i in range(rows):
                     for d in range(D):
                         qt[g, d, i] = q[b, h, r00 + g * BLOCK_M + i, d]
-        st = np.zeros((BLOCK_N, BLOCK_M), q.dtype)  # s^T, then p^T, of the current tile
-        acc_t = np.zeros((G, Dv, BLOCK_M), q.dtype)  # the outputs' accumulators, transposed (query lanes)
-        m_i = np.full((G, BLOCK_M), -np.inf, q.dtype)  # per query row: running max, sum, entropy sum
-        l_i = np.zeros((G, BLOCK_M), q.dtype)
-        e_i = np.zeros((G, BLOCK_M), q.dtype)
-        alpha_i = np.ones((G, BLOCK_M), q.dtype)  # the factor of acc before this tile's share
+        # (every buffer the vector code reads whole vectors of starts on a cache line: _zeros64)
+        st = _zeros64(BLOCK_N * BLOCK_M, q.dtype).reshape((BLOCK_N, BLOCK_M))  # s^T, then p^T, of the current tile
+        acc_t = _zeros64(G * Dv * BLOCK_M, q.dtype).reshape((G, Dv, BLOCK_M))  # the outputs' accumulators, transposed
+        m_i = _zeros64(G * BLOCK_M, q.dtype).reshape((G, BLOCK_M))  # per query row: running max, sum, entropy sum
+        m_i[:] = -np.inf
+        l_i = _zeros64(G * BLOCK_M, q.dtype).reshape((G, BLOCK_M))
+        e_i = _zeros64(G * BLOCK_M, q.dtype).reshape((G, BLOCK_M))
+        alpha_i = _zeros64(G * BLOCK_M, q.dtype).reshape((G, BLOCK_M))  # the factor of acc before this tile's share
+        alpha_i[:] = 1.0
         # the product's factor and the score units per unit of s (a softcap scales in float64, afterwards)
         scale, cu64 = _raw_units(opts.qk_scale, opts.softcap_u, opts.base2, mask.alibi.size > 0 or mask.bias.size > 0)
         cu = np.float32(cu64)
@@ -926,7 +948,7 @@ def flash_fwd_t(q, k, v, out, row_max, row_log, ent, counts, mask, opts, u0, u1,
                 # -- acc^T = alpha * acc^T + v_blk^T @ p^T: V read through strides, alpha a vector of query lanes --
                 _gemm_t(pv0 + c0 * Dv * isz, I1, Dv, pst, IM, _addr(acc_t) + g * Dv * BLOCK_M * isz, IM, Dv, ncols,
                         groups, 1.0, MODE_RESCALE, _addr(alpha_i) + g * BLOCK_M * isz, no_pf, st)
-        acc = np.empty((BLOCK_M, Dv), q.dtype)
+        acc = _zeros64(BLOCK_M * Dv, q.dtype).reshape((BLOCK_M, Dv))
         for g in range(G):
             # -- the running max in score units: row_max = m * cu (or R + m) rounded, its rest into row_log --
             if ALL_FEATURES and wide[g]:
