@@ -155,7 +155,7 @@ def resolve_mask(mask, causal=False, window=None) -> Mask | None:
     if causal:
         parts.append(_masks.causal())
     if window is not None:
-        if isinstance(window, tuple):
+        if isinstance(window, (tuple, list)):  # (left, right), as FlashAttention's window_size pair
             if len(window) != 2:
                 raise ValueError(f"window must be an int or a (left, right) pair, got {window!r}")
             left, right = window
