@@ -490,6 +490,30 @@ def test_a_model_that_bypasses_the_attention_interface_fails_clearly():
         model(input_ids=ids, attention_mask=am)
 
 
+def test_a_model_that_reads_the_mask_as_a_tensor_fails_clearly():
+    # DeepSeek-V3.2 calls AttentionInterface, but its sparse-attention indexer reads the 4-D mask first
+    cfg = transformers.DeepseekV32Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+        index_topk=4, index_n_heads=2, index_head_dim=16, first_k_dense_replace=1, max_position_embeddings=64)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="selfattn")
+    ids, _ = _batch("none")
+    with pytest.raises(TypeError, match="'deepseek_v32' model.*indexing.*reads or edits the mask.*eager"):
+        model(input_ids=ids)
+
+
+@pytest.mark.parametrize("name", ["indices", "block_indices", "sinks"])
+def test_sparse_indices_and_per_query_sinks_are_refused_by_name(name):
+    # implementations other than eager and sdpa get a sparse indexer's chosen keys only as `indices`
+    # (their mask allows every key): ignoring them would compute dense attention instead
+    fn = sa_hf.make_attention_function("auto")
+    q = torch.randn(1, 2, 3, 4)
+    module = type("DeepseekV32Attention", (torch.nn.Module,), {})()
+    with pytest.raises(NotImplementedError, match=f"'{name}'.*DeepseekV32Attention"):
+        fn(module, q, q, q, None, **{name: torch.zeros(1, 3, 2, dtype=torch.int32)})
+
+
 # -- registration -------------------------------------------------------------------------------
 
 def test_save_load_and_switching(tmp_path):

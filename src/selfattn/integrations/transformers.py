@@ -35,10 +35,11 @@ selfattn as ``masks.function`` (tiles evaluated once, only partial tiles' bits k
 function that only works under ``torch.vmap`` as a dense mask. :func:`mask_counts` reports how
 many masks took each route; ``"dense"`` counts every L x L mask built or received.
 
-Not served, and refused by name: ``position_bias`` (T5-style relative bias tensors) and
-``head_mask``. Models whose attention does not call ``AttentionInterface`` (BLOOM) still accept
-``attn_implementation="selfattn"`` from transformers; the :class:`HFMask` they then receive raises
-a ``TypeError`` that says so as soon as the model uses it as a tensor.
+Not served, and refused by name: ``position_bias`` (T5-style relative bias tensors), ``head_mask``,
+sparse attention's ``indices``/``block_indices`` and per-query ``sinks``. Models whose attention
+does not call ``AttentionInterface`` (BLOOM), or that read the mask as a tensor first (DeepSeek-V3.2's
+indexer), still accept ``attn_implementation="selfattn"`` from transformers; the :class:`HFMask`
+they then receive raises a ``TypeError`` that says so as soon as the model uses it as a tensor.
 
 Weights (``output_attentions``) are exact and differentiable as eager's are (a loss on them gets the
 softmax's gradient, sinks included). Under attention dropout they are, as eager's, the weights after
@@ -71,8 +72,11 @@ from .. import masks as _masks
 from ..functional import attention, attention_probs
 
 # refused by name: selfattn has no such input (other keyword arguments transformers passes to every
-# implementation, such as position_ids or cache_position, are carried by the mask and positions)
-_UNSUPPORTED = ("position_bias", "head_mask", "layer_head_mask", "alibi")
+# implementation, such as position_ids or cache_position, are carried by the mask and positions).
+# indices / block_indices: the keys a sparse-attention indexer chose (DeepSeek-V3.2, MiniMax-M3), handed
+# only to implementations other than eager and sdpa, whose masks then allow every key; sinks: per-query sink
+# logits (B, H, Lq, 1), not gpt-oss's per-head s_aux that selfattn serves
+_UNSUPPORTED = ("position_bias", "head_mask", "layer_head_mask", "alibi", "indices", "block_indices", "sinks")
 
 _counts = collections.Counter()
 _lock = threading.Lock()
@@ -176,9 +180,10 @@ class HFMask:
 
 def _bypass_message(model_type: str, op: str) -> str:
     model = f"this {model_type!r} model" if model_type else "this model"
-    return (f"attn_implementation='selfattn': {model} used its attention mask as a tensor ({op}): its attention does not "
-            "call transformers' AttentionInterface, so selfattn cannot serve it (transformers accepts the name all the "
-            "same); load it with attn_implementation='eager' or 'sdpa'")
+    return (f"attn_implementation='selfattn': {model} used its attention mask as a tensor ({op}); selfattn's mask is a "
+            "structured value that only its attention function reads, so it cannot serve a model that computes attention "
+            "itself instead of calling transformers' AttentionInterface, or reads or edits the mask first (transformers "
+            "accepts the name all the same); load it with attn_implementation='eager' or 'sdpa'")
 
 
 # -- the mask builder ---------------------------------------------------------------------------
