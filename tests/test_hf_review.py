@@ -542,3 +542,27 @@ def test_save_load_and_switching(tmp_path):
     with torch.no_grad():
         bart(**kw)
     assert sa_hf.mask_counts() == {"bidirectional": 2, "causal": 1}
+
+
+@pytest.mark.parametrize("name", ["flash_attention_4", "paged|eager", "eager", "kernels-community/flash-attn", "paged|selfattn"])
+def test_register_refuses_names_transformers_owns_or_parses(name):
+    # transformers' own implementations (registering over them would replace them for every model in the
+    # process), hub kernel names ("org/repo") and the "paged|" prefix, which transformers parses away
+    from transformers import AttentionInterface
+
+    before = AttentionInterface._global_mapping.get(name)
+    with pytest.raises(ValueError, match=f"register: {name!r}"):
+        sa_hf.register(name)
+    assert AttentionInterface._global_mapping.get(name) is before
+
+
+def test_register_again_replaces_selfattns_own_name():
+    from transformers import AttentionInterface
+
+    try:
+        sa_hf.register("selfattn", backend="math")
+        assert AttentionInterface()["selfattn"].__name__ == "selfattn_attention_math"
+    finally:
+        sa_hf.register("selfattn")
+    assert AttentionInterface()["selfattn"].__name__ == "selfattn_attention_auto"
+

@@ -621,8 +621,21 @@ def register(name: str = "selfattn", backend: str = "auto") -> str:
     except ImportError as e:
         raise ImportError(f"selfattn.integrations.transformers needs transformers>={MIN_TRANSFORMERS} (its attention "
                           f"and mask interfaces); found {transformers.__version__}: pip install 'selfattn[hf]'") from e
-    if name in ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"):
-        raise ValueError(f"register: {name!r} is one of transformers' own implementations; choose another name")
+    # names transformers owns (registering over one would replace it for every model in the process; the
+    # ones registered now, as future versions add some, and those it resolves by name) or parses itself
+    theirs = {"eager", "sdpa", "flex_attention", "paged|eager"}
+    for interface in (AttentionInterface, AttentionMaskInterface):
+        theirs |= set(getattr(interface, "_global_mapping", {})) - _registered
+    if name in theirs or name.startswith("flash_attention"):
+        raise ValueError(f"register: {name!r} is one of transformers' own implementations (or another library's, "
+                         "registered already); choose another name")
+    if "/" in name or "|" in name:
+        raise ValueError(f"register: {name!r} would not reach selfattn: transformers reads 'org/repo' names as hub kernels "
+                         "and strips a 'paged|' prefix; choose a name without '/' or '|'")
     AttentionInterface.register(name, make_attention_function(backend))
     AttentionMaskInterface.register(name, build_mask)
+    _registered.add(name)
     return name
+
+
+_registered: set = set()  # names register() gave selfattn (may be registered again, with another backend)
