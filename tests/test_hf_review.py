@@ -458,6 +458,31 @@ def test_gradients_through_the_returned_weights_match_eager(family):
     assert worst <= 1e-5
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+def test_weights_and_output_pass_gradcheck(dropout):
+    # float64 gradcheck of (output, weights) in q, k, v and the sinks, through a causal, left-padded HFMask
+    # with softcap and GQA (the dropout path reseeds so every evaluation draws the same mask)
+    import transformers.masking_utils as tm
+
+    am = torch.ones(2, 4, dtype=torch.bool)
+    am[0, :2] = False
+    hf_mask = sa_hf.build_mask(batch_size=2, q_length=4, q_offset=0, kv_length=4, kv_offset=0,
+                               mask_function=tm.causal_mask_function, attention_mask=am)
+    fn = sa_hf.make_attention_function("auto")
+    module = torch.nn.Module()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 4, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 1, 4, 2, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    sinks = torch.randn(2, dtype=torch.float64, generator=g, requires_grad=True)
+
+    def f(q, k, v, sinks):
+        torch.manual_seed(3)
+        out, w = fn(module, q, k, v, hf_mask, dropout=dropout, scaling=0.7, softcap=2.0, s_aux=sinks, output_attentions=True)
+        return out, w
+
+    assert torch.autograd.gradcheck(f, (q, k, v, sinks))
+
+
 def test_dropout_under_gradient_checkpointing_recomputes_the_same_mask():
     ids, am = _batch("right")
     labels = ids.masked_fill(am == 0, -100)
