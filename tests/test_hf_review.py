@@ -272,6 +272,22 @@ def test_beam_search_matches_eager():
     assert torch.equal(ref, got)
 
 
+@pytest.mark.parametrize("family", ["mistral", "gpt_oss"])
+def test_prompt_lookup_decoding_matches_eager(family):
+    # assisted decoding: several candidate tokens per step against the cache (q_length > 1 with an offset),
+    # then the cache cropped back to the accepted ones; a prompt that repeats itself so candidates are found
+    ids, _ = _batch("none", b=1)
+    ids = torch.cat([ids, ids[:, 2:8], ids[:, 2:8]], 1)
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0, prompt_lookup_num_tokens=3)
+    model = _model(family)
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        _switch(model, "selfattn")
+        got = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+    _structured_only()
+    assert torch.equal(ref, got)
+
+
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_weights_during_generation_match_eager(cache):
     # gpt-oss: sinks, a sliding and a full layer; every step's weights, (B, H, 1, cache length) with a static cache

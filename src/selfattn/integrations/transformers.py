@@ -573,7 +573,7 @@ def make_attention_function(backend: str = "auto"):
                             return_stats=False, backend=backend, **call)
             return out.transpose(1, 2).contiguous(), None  # (B, Lq, Hq, Dv)
         out, stats = attention(query, key, value, scale=scaling, softcap=softcap, sinks=sinks,
-                               dropout_p=0.0 if dropout_p else dropout_p, return_stats=True, backend=backend, **call)
+                               dropout_p=0.0, return_stats=True, backend=backend, **call)
         weights = _weights(query, key, stats, call, scaling, softcap, sinks).to(value.dtype)  # (B, Hq, Lq, Lk)
         if dropout_p:
             # as eager: the weights returned are the ones applied, dropout included (the same random draws
