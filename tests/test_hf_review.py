@@ -313,6 +313,60 @@ def test_weights_during_generation_match_eager(cache):
             assert (r - g).abs().max().item() <= 1e-5, step
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_gemma4_with_kv_shared_layers_matches_eager(cache):
+    # Gemma 4's KV-sharing layers run only the last query rows once the shared keys exist: the model slices
+    # every mask's query rows (mask[:, :, -n:, :]) before them, in the prompt's forward inside generate
+    cfg = transformers.Gemma4TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=5, vocab_size_per_layer_input=VOCAB,
+        hidden_size_per_layer_input=8, max_position_embeddings=128, num_kv_shared_layers=2,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = transformers.Gemma4ForCausalLM(cfg).eval()
+    ids, am = _batch("both")
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation=cache)
+    with torch.no_grad():
+        ref_logits = model(input_ids=ids, attention_mask=am).logits
+        ref = model.generate(ids, attention_mask=am, **kw)
+        _switch(model, "selfattn")
+        got_logits = model(input_ids=ids, attention_mask=am).logits
+        got = model.generate(ids, attention_mask=am, **kw)
+    _structured_only()
+    assert (ref_logits - got_logits)[am.bool()].abs().max() <= 1e-5
+    assert torch.equal(ref, got)
+
+
+@pytest.mark.parametrize("case", ["causal-padded", "packed", "function", "dense"])
+def test_mask_rows_sliced_equal_transformers_mask_sliced(case):
+    import transformers.masking_utils as tm
+
+    from test_hf import _allowed, _builder_kwargs, _dense_reference
+
+    am = torch.ones(2, 9, dtype=torch.bool)
+    am[0, :3] = False
+    if case == "causal-padded":
+        kw = _builder_kwargs(tm.causal_mask_function, am)
+    elif case == "packed":
+        seg = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2], [0, 0, 0, 0, 0, 1, 1, 1, 1]])
+        kw = _builder_kwargs(tm.and_masks(tm.causal_mask_function, tm.packed_sequence_mask_function(seg)))
+    elif case == "function":
+        kw = _builder_kwargs(lambda b, h, q, kv: (kv % 3 == 0) | (kv == q), am)
+    else:
+        kw = _builder_kwargs(lambda b, h, q, kv: (kv - q).reshape(()) <= 0, am, use_vmap=True)
+    built = sa_hf.build_mask(**kw)
+    want = _dense_reference(**kw).expand(2, 1, 9, 9)
+    for rows in (slice(-1, None), slice(-4, None), slice(2, 7), slice(0, None)):
+        for index in ((slice(None), slice(None), rows, slice(None)), (Ellipsis, rows, slice(None))):
+            part = built[index]
+            assert part.kind == built.kind and part.shape == (2, 1, len(range(9)[rows]), 9)
+            got = _allowed(part, 2)
+            w = want[:, :, rows]
+            assert torch.equal(got, w & w.any(-1, keepdim=True)), (case, rows)
+    with pytest.raises(TypeError, match="indexing"):  # anything but a slice of query rows
+        built[:, :, :, :4]
+
+
 # -- training batches ---------------------------------------------------------------------------
 
 def _grads(model, **kw):

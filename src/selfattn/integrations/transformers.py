@@ -113,7 +113,9 @@ class HFMask:
 
     It says which (query, key) pairs may attend for the whole batch, as selfattn's arguments:
     ``selfattn.attention(q, k, v, **hf_mask.kwargs())``. ``shape`` is that of the equivalent
-    dense mask, (B, 1, Lq, Lk), for code that only looks at sizes.
+    dense mask, (B, 1, Lq, Lk), for code that only looks at sizes, and ``mask[:, :, rows, :]``
+    slices query rows as the dense mask would (Gemma 4's KV-sharing layers keep the last rows);
+    any other tensor use raises a ``TypeError`` that says selfattn cannot serve the model.
     """
 
     kind: str  # causal | sliding_window | bidirectional | packed | function | dense
@@ -150,7 +152,32 @@ class HFMask:
         raise TypeError(_bypass_message(model_type, getattr(func, "__name__", str(func))))
 
     def __getitem__(self, index):
-        raise TypeError(_bypass_message(self.model_type, "indexing"))
+        """``mask[:, :, rows, :]`` (or ``mask[..., rows, :]``) for a slice of query rows: the mask of those
+        queries, as transformers' dense mask sliced so (Gemma 4's KV-sharing layers keep only the last rows).
+        Any other index is refused."""
+        rows = self._row_slice(index)
+        if rows is None:
+            raise TypeError(_bypass_message(self.model_type, "indexing"))
+        idx = torch.arange(self.q_positions.numel(), device=self.q_positions.device)[rows]  # (Lq',) old row of each
+        parts = [_part_rows(p, idx, self.q_positions.numel(), self.kv_positions.numel()) for p in _masks.parts(self.mask)]
+        if any(p is None for p in parts):
+            raise TypeError(_bypass_message(self.model_type, "indexing"))
+        return HFMask(self.kind, self.batch, self.q_positions[idx], self.kv_positions, causal=self.causal,
+                      window=self.window, mask=_and(parts), model_type=self.model_type)
+
+    def _row_slice(self, index):
+        """The slice of query rows ``index`` selects with every other dim whole, or None."""
+        index = index if isinstance(index, tuple) else (index,)
+        if sum(i is Ellipsis for i in index) > 1:
+            return None
+        if Ellipsis in index:
+            at = index.index(Ellipsis)
+            index = index[:at] + (slice(None),) * (4 - len(index) + 1) + index[at + 1:]
+        index = index + (slice(None),) * (4 - len(index))
+        if len(index) != 4 or not all(isinstance(i, slice) for i in index):
+            return None
+        whole = [range(*i.indices(n)) == range(n) for i, n in zip(index, self.shape)]
+        return index[2] if whole[0] and whole[1] and whole[3] else None
 
     def _as_operand(self, *_):  # tensor + mask: Tensor.__add__ gives up, Python asks the mask (__radd__)
         raise TypeError(_bypass_message(self.model_type, "arithmetic"))
@@ -176,6 +203,27 @@ class HFMask:
     def __repr__(self):
         return (f"HFMask({self.kind}, B={self.batch}, Lq={self.q_positions.numel()}, Lk={self.kv_positions.numel()}, "
                 f"causal={self.causal}, window={self.window}, mask={self.mask!r})")
+
+
+def _part_rows(part, idx, lq, lk):
+    """One part of an HFMask's mask for the query rows ``idx`` (old row of each new one), or None."""
+    if isinstance(part, _masks.KeyPadding) or (isinstance(part, _masks.Padding) and part.q_lengths is None):
+        return part  # keys only
+    if isinstance(part, _masks.Documents):
+        q_ids = part.kv_ids[:, lk - lq:] if part.q_ids is None else part.q_ids  # (B|1, Lq)
+        return _masks.documents(part.kv_ids, q_ids[:, idx.to(q_ids.device)])
+    if isinstance(part, _masks.Dense):
+        t = part.t4()  # (B|1, H|1, Lq|1, Lk|1)
+        return part if t.shape[2] == 1 else _masks.dense(t[:, :, idx.to(t.device)])
+    if isinstance(part, _masks.Function):
+        fn = part.fn
+
+        def rows_of(b, h, q_idx, kv_idx):
+            return fn(b, h, idx.to(q_idx.device)[q_idx.long()], kv_idx)
+
+        rows_of.__name__ = getattr(fn, "__name__", "mask_function")
+        return _masks.function(rows_of)
+    return None
 
 
 def _bypass_message(model_type: str, op: str) -> str:
