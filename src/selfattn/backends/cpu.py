@@ -109,9 +109,15 @@ def _flat(t: Optional[torch.Tensor], dtype, per_unit=1.0):
     if t is None:
         return _np(None, dtype, (0,)), np.zeros(4, dtype=np.int64)
     t = t.detach().contiguous()
-    t = t.view(dtype) if t.dtype == torch.bool else t.to(dtype) * per_unit
-    strides = [t.stride(i) if t.shape[i] > 1 else 0 for i in range(4)]
-    return t.reshape(-1).numpy(), np.array(strides, dtype=np.int64)
+    strides = np.array([t.stride(i) if t.shape[i] > 1 else 0 for i in range(4)], dtype=np.int64)
+    if t.dtype == torch.bool:
+        return t.view(dtype).reshape(-1).numpy(), strides
+    flat = t.to(dtype).reshape(-1).numpy()
+    if per_unit == 1.0:
+        return flat, strides
+    # a finite entry stays finite in score units: a float mask's finfo.min (transformers' masks) times
+    # log2(e) overflowed float32 to -inf and ruled the pair out (a row of them: output 0, not the mean of v)
+    return _short.to_score_units(flat, flat.dtype.type(per_unit), flat.dtype.type(np.finfo(flat.dtype).max)), strides
 
 
 def _bound(side) -> int:
@@ -126,6 +132,13 @@ def _build_kernel_mask(low: lowering.LoweredMask, acc: torch.dtype):
     bias, bias_strides = _flat(low.bias, acc, per_nat)
     alibi = None if low.alibi is None else low.alibi.to(acc) * per_nat  # (B|1, Hq) score units
     with_alibi = alibi is not None
+    q_pos_f = kv_pos_f = None
+    if with_alibi:
+        # ALiBi reads only q_pos - kv_pos: shift each sequence's positions so the smallest is 0 before they
+        # become floats (float32 holds every integer only below 2**24; a long cache's or ring attention's
+        # global positions pass that, and the distances came out wrong by up to the float spacing there)
+        lo = torch.minimum(low.q_pos.amin(1, keepdim=True), low.kv_pos.amin(1, keepdim=True))  # (B|1, 1)
+        q_pos_f, kv_pos_f = low.q_pos - lo, low.kv_pos - lo
     return _k.KernelMask(
         tiles=low.tiles.contiguous().numpy(), q_pos=_np(low.q_pos, torch.int64, None),
         kv_pos=_np(low.kv_pos, torch.int64, None), banded=low.banded,
@@ -137,8 +150,8 @@ def _build_kernel_mask(low: lowering.LoweredMask, acc: torch.dtype):
         fn_index=_np(low.fn_index, torch.int32, (0, 1, 1, 1)),
         fn_bits=_np(low.fn_bits, torch.uint8, (0, _k.BLOCK_M, _k.BLOCK_N)),
         alibi=_np(alibi, acc, (0, 0)),
-        q_pos_f=_np(low.q_pos if with_alibi else None, acc, (0, 0)),
-        kv_pos_f=_np(low.kv_pos if with_alibi else None, acc, (0, 0)),
+        q_pos_f=_np(q_pos_f, acc, (0, 0)),
+        kv_pos_f=_np(kv_pos_f, acc, (0, 0)),
     )
 
 
@@ -452,7 +465,10 @@ def _launch_forward(q, k, v, sinks, call: _Call):
     """(out, row_max, row_log, max_logit, entropy): out in q's dtype; the lse (sink included) as
     row_max + row_log in score units; max_logit over the keys and the entropy in nats (both
     meaningful only with call.want_stats)."""
-    if q.dtype == torch.bfloat16 and _amx is not None and _amx.available():
+    # (scale 0 stays off AMX: its tiles hold raw q.k and take score units as |scale| log2(e) = 0, so its lazy
+    # running max never leaves -inf ((s - m) * 0 is NaN there): 0.8-1.6 off for a padded or causal row; the
+    # float32 kernels average the allowed values as they should)
+    if q.dtype == torch.bfloat16 and call.scale != 0.0 and _amx is not None and _amx.available():
         return _amx.launch_forward(q, k, v, sinks, call)  # same outputs; products on AMX
     if _fwd.serves(q):
         return _fwd.launch_forward(q, k, v, sinks, call)  # same outputs; float32, >= 4 query rows
@@ -480,7 +496,7 @@ def _launch_backward(grad_out, q, k, v, out, row_max, row_log, call: _Call, delt
     instead of computing rowsum(P * dP) themselves (``shard_backward``). ``sinks_known``: the caller
     passes the forward's sinks (None: there were none), so the float32 kernel may normalise its delta
     by rowsum(P) + p_sink (rows of a few keys); callers that do not know keep the plain delta."""
-    if q.dtype == torch.bfloat16 and delta is None and _amx is not None and _amx.available():
+    if q.dtype == torch.bfloat16 and delta is None and call.scale != 0.0 and _amx is not None and _amx.available():
         return _amx.launch_backward(grad_out, q, k, v, out, row_max, row_log, call)  # products on AMX
     if _bwd.serves(q):
         s = sinks if sinks_known else _bwd.SINKS_UNKNOWN

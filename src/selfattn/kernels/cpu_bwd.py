@@ -67,7 +67,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .cpu_fwd import NO_COUNTER, _alibi_tile, _bias_mask_t, _fetch_add, _loop, _mask_tile_t
+from .cpu_fwd import NO_COUNTER, _alibi_tile, _bias_mask_t, _fetch_add, _loop, _mask_tile_t, _zeros64
 
 from .cpu_flash import (ALL_FEATURES, ADD, VEC_BYTES, _fold_lo, _softcap_tile, BLOCK_M, BLOCK_N, EMPTY, FASTMATH, PARTIAL, STORE, _addr, _bx, _dot, _Exact,
                         _exp2_ir, _fma_k_loop, _not_inlined, _per_vector_count, _prefetch, _qk_split, _qk64_t, _qt64, _raw_units, _split_tiles, _Vectors, NV_MAX, TILE_N)
@@ -406,8 +406,8 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
     # q.dtype or float64 (or int64) of 1-3 dimensions, as flash_fwd_t's are: numba compiles an allocation
     # once per kind of shape, dtype and caller's flags (fastmath, nogil), ~0.05 s each on a first call.
     nK = (k.shape[2] + BLOCK_N - 1) // BLOCK_N
-    pbuf = np.zeros((nK, BLOCK_N, BLOCK_M), q.dtype)
-    dpbuf = np.zeros((nK, BLOCK_N, BLOCK_M), q.dtype)
+    pbuf = _zeros64(nK * BLOCK_N * BLOCK_M, q.dtype).reshape((nK, BLOCK_N, BLOCK_M))
+    dpbuf = _zeros64(nK * BLOCK_N * BLOCK_M, q.dtype).reshape((nK, BLOCK_N, BLOCK_M))
     kbs = np.zeros(nK, np.int64)
     shared = per > 0 and taken.size > 0
     # denormals flushed while the tasks run (this thread only, restored after): probabilities near
@@ -455,13 +455,13 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
             wide = not small and split_tiles and _split_tiles(q, b, h, r0, rows, opts)
         wcap = np.zeros((BLOCK_N, BLOCK_M) if softcap > 0.0 else (0, 0), f)  # the softcap's dS factor
         lo = np.zeros((BLOCK_N, BLOCK_M) if softcap > 0.0 and fold_lo or split else (0, 0), f)  # the logits' rests
-        m0 = np.zeros(BLOCK_M, f)  # the max once folded into the exponent: 0, +inf past the rows
+        m0 = _zeros64(BLOCK_M, f)  # the max once folded into the exponent: 0, +inf past the rows
         for i in range(rows, BLOCK_M):
             m0[i] = np.inf
         # per query lane in float64: rowsum(P * dP), rowsum(P), the float64 scores' reference row_max (_qk64_t)
         lanes64 = np.zeros((3, BLOCK_M), np.float64)
         dl64, ps64, ref = lanes64[0], lanes64[1], lanes64[2]
-        dq_acc = np.zeros((BLOCK_M, D), f)
+        dq_acc = _zeros64(BLOCK_M * D, f).reshape((BLOCK_M, D))
         dq64 = np.zeros((rows if small else 0, D), np.float64)
         # the softcap's dS factor of each kept tile of a small block (applied in float64 in sweep 2)
         wkeep = np.zeros((nK if small and softcap > 0.0 else 0, BLOCK_N, 4), f)
@@ -477,8 +477,8 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
         pq = _addr(q) + ((b * Hq + h) * Lq + r0) * D * isz  # Q_blk rows (rows x D)
         pdo = _addr(do) + ((b * Hq + h) * Lq + r0) * Dv * isz  # dO_blk rows (rows x Dv)
         # -- Q_blk^T and dO_blk^T (D|Dv x BLOCK_M), packed once per task, zero past the rows --
-        qt = np.zeros((D, BLOCK_M), f)
-        dot = np.zeros((Dv, BLOCK_M), f)
+        qt = _zeros64(D * BLOCK_M, f).reshape((D, BLOCK_M))
+        dot = _zeros64(Dv * BLOCK_M, f).reshape((Dv, BLOCK_M))
         for i in range(rows):
             for d in range(D):
                 qt[d, i] = q[b, h, r0 + i, d]
@@ -486,8 +486,8 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
                 dot[d, i] = do[b, h, r0 + i, d]
         # -- the lse halves per query lane: a fully-masked row (max -inf) and lanes past the rows get
         # max +inf, log 0, so that p = exp2(s - inf) = 0 --
-        m_blk = np.zeros(BLOCK_M, f)
-        lg_blk = np.zeros(BLOCK_M, f)
+        m_blk = _zeros64(BLOCK_M, f)
+        lg_blk = _zeros64(BLOCK_M, f)
         for i in range(BLOCK_M):
             m_blk[i] = np.inf
         for i in range(rows):
