@@ -673,7 +673,7 @@ def register(name: str = "selfattn", backend: str = "auto") -> str:
     # ones registered now, as future versions add some, and those it resolves by name) or parses itself
     theirs = {"eager", "sdpa", "flex_attention", "paged|eager"}
     for interface in (AttentionInterface, AttentionMaskInterface):
-        theirs |= set(getattr(interface, "_global_mapping", {})) - _registered
+        theirs |= {n for n, f in getattr(interface, "_global_mapping", {}).items() if getattr(f, "__module__", None) != __name__}
     if name in theirs or name.startswith("flash_attention"):
         raise ValueError(f"register: {name!r} is one of transformers' own implementations (or another library's, "
                          "registered already); choose another name")
@@ -682,8 +682,4 @@ def register(name: str = "selfattn", backend: str = "auto") -> str:
                          "and strips a 'paged|' prefix; choose a name without '/' or '|'")
     AttentionInterface.register(name, make_attention_function(backend))
     AttentionMaskInterface.register(name, build_mask)
-    _registered.add(name)
     return name
-
-
-_registered: set = set()  # names register() gave selfattn (may be registered again, with another backend)
