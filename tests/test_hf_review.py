@@ -365,6 +365,9 @@ def test_mask_rows_sliced_equal_transformers_mask_sliced(case):
             assert torch.equal(got, w & w.any(-1, keepdim=True)), (case, rows)
     with pytest.raises(TypeError, match="indexing"):  # anything but a slice of query rows
         built[:, :, :, :4]
+    with pytest.raises(AttributeError, match="'dtype'.*cannot serve"):  # tensor attributes it does not have
+        built.dtype
+    assert not hasattr(built, "masked_fill") and hasattr(built, "shape")
 
 
 # -- training batches ---------------------------------------------------------------------------

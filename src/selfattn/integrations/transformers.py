@@ -179,6 +179,11 @@ class HFMask:
         whole = [range(*i.indices(n)) == range(n) for i, n in zip(index, self.shape)]
         return index[2] if whole[0] and whole[1] and whole[3] else None
 
+    def __getattr__(self, name):  # only for names the mask lacks: mask.dtype, mask.to(...), mask.masked_fill(...)
+        if name.startswith("__") or name in ("model_type", "_kwargs"):
+            raise AttributeError(name)
+        raise AttributeError(f"'HFMask' has no attribute {name!r}. " + _bypass_message(self.model_type, f"attribute {name!r}"))
+
     def _as_operand(self, *_):  # tensor + mask: Tensor.__add__ gives up, Python asks the mask (__radd__)
         raise TypeError(_bypass_message(self.model_type, "arithmetic"))
 
