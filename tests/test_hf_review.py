@@ -483,6 +483,7 @@ def test_dropout_is_off_in_eval_and_unbiased_in_training():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, 6, 8, generator=g) for h in (4, 2, 2))
     exact = fn(module, q, k, v, None, scaling=0.3, softcap=5.0)[0]
+    torch.manual_seed(0)  # fixed draws: no flake (the bound holds for this seed and is ~1e-3 likely to fail by chance)
     draws = torch.stack([fn(module, q, k, v, None, dropout=0.5, scaling=0.3, softcap=5.0)[0] for _ in range(3000)])
     z = (draws.mean(0) - exact).abs() / (draws.std(0) / len(draws) ** 0.5).clamp(min=1e-6)
     print(f"dropout: max z {z.max():.2f}; a draw differs from the exact output by {(draws[0] - exact).abs().max():.2e}")
