@@ -704,14 +704,11 @@ def test_fully_masked_rows(way, with_sinks, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_finite_minimum_float_mask_is_not_a_mask(dtype, backend, request):
+def test_finite_minimum_float_mask_is_not_a_mask(dtype, backend):
     """Transformers masks with finfo(dtype).min, not -inf: a row whose every key gets finfo.min is NOT fully
     masked -- torch SDPA and the reference give it the plain average of the values (the scores vanish beside
     the bias) -- and a key given finfo.min next to an unmasked key gets weight 0. No backend may turn it into
-    -inf (cpu's float32 kernels did: bias x log2(e) overflowed, the row became fully masked, output 0)."""
-    if backend == "cpu" and dtype != torch.float64:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="cpu: float32 bias * log2(e) overflows to -inf "
-                                              "(fix: /work/notes/fa_cpu_bias_overflow.diff for backends/cpu.py)"))
+    -inf (cpu's float32 kernels did until 4fc255e: bias x log2(e) overflowed, the row became fully masked, output 0)."""
     g = torch.Generator().manual_seed(9)
     B, H, Lq, Lk, D = 1, 2, 4, 5, 8
     q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=torch.float64).to(dtype) for n in (Lq, Lk, Lk))
@@ -958,12 +955,10 @@ def test_window_pair_as_list():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lq", [1, 5])
 @pytest.mark.parametrize("base", [2**24 + 1, 2**26 + 3, 2**40 + 5])
-def test_alibi_large_positions(base, lq, backend, request):
+def test_alibi_large_positions(base, lq, backend):
     """A long cache's or ring attention's global positions can pass 2**24, where float32 stops holding every
-    integer; -slope * |q_pos - kv_pos| depends only on the difference, which stays small."""
-    if backend in ("cpu", "auto"):  # (auto takes cpu for ALiBi)
-        request.applymarker(pytest.mark.xfail(strict=True, reason="cpu: positions converted to float32 before the "
-                                              "difference (fix: /work/notes/fa_cpu_alibi_positions.diff)"))
+    integer; -slope * |q_pos - kv_pos| depends only on the difference, which stays small. (cpu took the
+    difference of float32 positions, up to 0.6 off in the output; fixed in 4fc255e.)"""
     g = torch.Generator().manual_seed(lq)
     B, H, Lk, D = 2, 2, 9, 8
     q = torch.randn(B, H, lq, D, generator=g, requires_grad=True)
@@ -996,8 +991,8 @@ def test_alibi_large_positions(base, lq, backend, request):
 @pytest.mark.parametrize("mask", ["none", "causal", "padding", "window"])
 def test_scale_zero_is_uniform(mask, dtype, backend):
     """scale=0 makes every logit 0 (before ALiBi and float masks): each row averages the values of its
-    allowed keys, forward and backward (dq = dk = 0). (cpu's bfloat16 AMX kernels were 0.8-1.6 off here at
-    838659b; right again after eee813f recompiled them.)"""
+    allowed keys, forward and backward (dq = dk = 0). (cpu's bfloat16 AMX kernels were 0.8-1.6 off here:
+    |scale| log2(e) = 0 kept their lazy running max at -inf; fixed in 4fc255e.)"""
     g = torch.Generator().manual_seed(len(mask))
     B, H, Lq, Lk, D = 2, 2, 5, 16, 8
     q = torch.randn(B, H, Lq, D, generator=g).to(dtype).requires_grad_()
