@@ -198,6 +198,31 @@ def test_more_families_match_eager_within_its_own_error(family):
     _within_eagers_error(f"{family} float64", got64, ref64, ref64 + (eager.double() - ref64) * scale, real, torch.float64)
 
 
+@pytest.mark.parametrize("family", ["phi3", "qwen3", "gemma3", "modernbert", "bart", "whisper"])
+def test_more_families_training_step_within_eagers_error(family):
+    # gradients: |selfattn - ref64| <= 3 |eager - ref64| + floor, per parameter (STYLE rule 6 for gradients)
+    kw, _ = _inputs(family, "right")
+    labels = kw.get("decoder_input_ids", kw.get("input_ids"))
+    real = kw.get("decoder_attention_mask", kw.get("attention_mask"))
+    kw["labels"] = labels.masked_fill(real == 0, -100)
+    model = _model(family)
+    _, eager = _grads(model, **kw)
+    _switch(model, "selfattn")
+    _, got = _grads(model, **kw)
+    _structured_only()
+    model.double()
+    _switch(model, "sdpa")
+    _, ref64 = _grads(model, **{k: (v.double() if v.is_floating_point() else v) for k, v in kw.items()})
+    assert eager.keys() == got.keys() == ref64.keys()
+    worst = 0.0
+    for n, r in ref64.items():
+        err = (got[n].double() - r).abs().max().item()
+        tol = 3 * (eager[n].double() - r).abs().max().item() + floor_for(torch.float32, r)
+        worst = max(worst, err / tol)
+    print(f"{family}: worst gradient error / tolerance {worst:.3f}")
+    assert worst <= 1.0
+
+
 def test_bfloat16_within_eagers_error():
     for family in ("llama", "gemma2"):
         kw, real = _inputs(family)
