@@ -39,7 +39,13 @@ Not served, and refused by name: ``position_bias`` (T5-style relative bias tenso
 sparse attention's ``indices``/``block_indices`` and per-query ``sinks``. Models whose attention
 does not call ``AttentionInterface`` (BLOOM), or that read the mask as a tensor first (DeepSeek-V3.2's
 indexer), still accept ``attn_implementation="selfattn"`` from transformers; the :class:`HFMask`
-they then receive raises a ``TypeError`` that says so as soon as the model uses it as a tensor.
+they then receive says so (``TypeError``, ``AttributeError``) as soon as the model uses it as a
+tensor. The one tensor use it serves is slicing query rows (``mask[:, :, -n:, :]``, Gemma 4's
+KV-sharing layers). :func:`register` refuses the names transformers owns or parses.
+
+Sinks whose model applies them after the softmax (Granite SWA scales the output by
+``sigmoid(lse - sink)``) give the same output; its eager weights are the softmax without the
+sink, selfattn's (as gpt-oss's eager) leave the sink's share out of each row.
 
 Weights (``output_attentions``) are exact and differentiable as eager's are (a loss on them gets the
 softmax's gradient, sinks included). Under attention dropout they are, as eager's, the weights after
