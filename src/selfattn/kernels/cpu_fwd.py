@@ -79,7 +79,13 @@ kernel with Lk = 512 (K and V of a head in L2) ran ~20 % faster per tile than wi
 4096 tiles of (1, 4, 2048, 2048, 64), which a preempted tile does not move): Q K^T at 84-95 % of the
 peak, P V at 76-93 %, the softmax ~11 % of a tile, a unit's prologue (Q^T) and epilogue (the acc^T
 transpose, _finish_rows) ~3 % (~4 % with scalar transposes; ``_transpose_t`` does them as LANES x LANES
-vector transposes). On two threads the VM itself costs the second core 5-25 % (two 1-thread processes,
+vector transposes). After the aligned buffers and the column max from the product (below; same host,
+14:40, in place, 4096 tiles of (1, 4, 2048, 2048, D)): D = 64 Q K^T 86-90 % of the peak (the first call of
+a tile ~78 %, the rest ~90 %), P V 86-90 % (~80 / ~90 %), the softmax 1620-1680 ticks of a ~17000-tick tile
+(9.6 %), unit prologue + epilogue ~1.9 %; D = 128 Q K^T 89 %, P V 88 %, softmax 5 %. One tile's call
+sequence on L1-resident operands (a microbenchmark) runs at 95-98 % (Q K^T) and 93-95 % (P V) whatever
+the operands' offsets modulo 4 KB or the key rows' stride: what the products lose in place is the first
+call's operands from L2 and the host (the later calls read 88-95 % from run to run). On two threads the VM itself costs the second core 5-25 % (two 1-thread processes,
 one per core, lead 23:04): the threads take units one at a time from a shared counter (``flash_fwd_t``'s
 ``taken``), so the slower core takes fewer (numba's OpenMP layer, which ran a prange kernel before,
 split them into two fixed contiguous halves).
@@ -106,7 +112,17 @@ already: D = 64 1.02x median-of-pairs, loaded). Intel host, 2026-12-02 (D = 64, 
 time -7 %, the kernel 1.011x), STORE without the factor 1 (1.007x), the k loop unrolled (1.015x), 8
 chains in the column max (0.993x against A/A 0.993x), the unit's buffers made once a call (no change),
 the next unit's queries walked into L2 on the last tile (no change), Q^T, s^T and acc^T at chosen
-offsets modulo 4 KB (0.994-1.011x), single blocks (D = 64 1.004x, D = 128 1.040x).
+offsets modulo 4 KB (0.994-1.011x), single blocks (D = 64 1.004x, D = 128 1.040x). Intel host,
+2026-12-02 14:00-15:00 (in place, cycle counter, D = 64, variants interleaved in one process): every
+micro-kernel step also asking for a line of A 8, 16 or 24 steps ahead toward L1 (+4 % tile time), the Q K^T
+calls asking for their A rows' later lines (or the next call's rows) at the call's start (+0.5 %, +1.8 %),
+the k loop in one copy per mode so that P V walks its acc^T and the next block's Q^T toward L1 (+2 %), the
+softmax's exp pass asking for the tile's value lines toward L1 (no change), s^T at chosen offsets modulo 4
+KB from K (+4 %), no L2 walk at D = 64 (K and V of a head stay in L2: tiles the same, unit prologue +
+epilogue +80 %), the micro-kernel's row loop in IR instead of a call per 6 rows (microbenchmark: no change),
+inputs in transparent huge pages (1.000x). Counted, not built: an exp2 from a 16-entry table (vpermps) and
+a degree-3 polynomial takes as many FMA-port operations as the degree-6 one (the finer reduction, the
+lookup and the product with the table entry cost the three FMAs it saves).
 
 Served here: float32 (and bfloat16/float16 computed in float32) with at least 4 query rows;
 float64 and decoding calls (fewer than 4 queries: dot products) stay on ``cpu_flash.flash_fwd``.
