@@ -223,6 +223,37 @@ def test_more_families_training_step_within_eagers_error(family):
     assert worst <= 1.0
 
 
+@pytest.mark.parametrize("family", ["gemma3", "modernbert", "bart", "gpt_oss"])
+def test_the_cpu_kernels_serve_the_models(family):
+    # auto may hand tiny calls to torch's sdpa: the same checks on selfattn's own fused kernels (backend "cpu"),
+    # logits (left+right padding) and a right-padded training step's gradients
+    name = sa_hf.register("selfattn-cpu-review", backend="cpu")
+    kw, real = _inputs(family)
+    model = _model(family)
+    with torch.no_grad():
+        eager = model(**kw).logits
+        _switch(model, name)
+        got = model(**kw).logits
+    if family == "gpt_oss":  # no float64 run (its experts' grouped matmul): eager itself, at eager's float32 level
+        assert (got - eager)[real].abs().max() <= 1e-5
+    else:
+        with torch.no_grad():
+            model.double()
+            _switch(model, "sdpa")
+            ref64 = model(**{k: (v.double() if v.is_floating_point() else v) for k, v in kw.items()}).logits
+            model.float()
+        _within_eagers_error(f"{family} cpu", got, ref64, eager, real)
+    kw, real = _inputs(family, "right")
+    kw["labels"] = kw.get("decoder_input_ids", kw.get("input_ids")).masked_fill(~real, -100)
+    _switch(model, "eager")
+    _, ref = _grads(model, **kw)
+    _switch(model, name)
+    _, grads = _grads(model, **kw)
+    _structured_only()
+    print(f"{family} cpu: worst grad diff / largest {_worst(ref, grads):.2e}")
+    assert _worst(ref, grads) <= 1e-5
+
+
 def test_bfloat16_within_eagers_error():
     for family in ("llama", "gemma2"):
         kw, real = _inputs(family)
