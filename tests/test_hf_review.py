@@ -689,6 +689,16 @@ def test_save_load_and_switching(tmp_path):
             got = loaded(input_ids=ids, attention_mask=am).logits
             assert (got - ref)[real].abs().max() <= 1e-5
             assert bool(sa_hf.mask_counts()) == (impl == "selfattn")
+    # the name set on a config (transformers does not write it to config.json: a plain reload takes its default)
+    cfg = transformers.AutoConfig.from_pretrained(tmp_path, attn_implementation="selfattn")
+    again = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    again.load_state_dict(loaded.state_dict())
+    assert again.config._attn_implementation == "selfattn"
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation != "selfattn"
+    sa_hf.reset_mask_counts()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids, attention_mask=am).logits, ref)
+    assert sa_hf.mask_counts() == {"causal": 1, "sliding_window": 1}
     # an encoder-decoder switched with the dict form reaches every attention
     bart = _model("bart")
     bart.set_attn_implementation({"": "selfattn"})
