@@ -1024,3 +1024,54 @@ def test_scale_zero_is_uniform(mask, dtype, backend):
     out.backward(do.to(dtype))
     assert not q.grad.abs().sum() and not k.grad.abs().sum(), f"{backend}: dq/dk not 0 at scale 0"
     close(f"{backend} dv", v.grad, vd.grad, vd.grad, dtype, factor=3.0, floor_ulps=8)
+
+
+# -- triton, under Triton's interpreter (tiny sizes; tests/conftest.py imports triton in interpreter mode) ------
+
+
+def _triton_interpreter():
+    try:
+        from selfattn.backends import triton_gpu
+    except ImportError:
+        return False
+    return triton_gpu._triton_interpreted()
+
+
+needs_interpreter = pytest.mark.skipif(not _triton_interpreter(), reason="triton not installed, or imported compiled "
+                                       "(tests/test_triton_interpret.py covers that case in a subprocess)")
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the backend reads it at each call
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype,grad,seed", [(torch.float32, False, s) for s in range(4)] + [(torch.bfloat16, False, s) for s in range(2)]
+                         + [(torch.float32, True, s) for s in range(3)])
+def test_triton_random(interpret, dtype, grad, seed):
+    assert check_backend(Case(7000 + seed, dtype), "triton", grad=grad) == "served"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (True, (1, 0)), (False, (2, 1))])
+def test_triton_flash_attention_varlen(interpret, causal, window):
+    """selfattn.gpu.flash_attention_varlen takes FlashAttention's packed (total, H, D) layout and returns lse as
+    (H, total_q), each sequence aligned bottom-right on its own lengths."""
+    from selfattn.gpu import flash_attention_varlen
+    lens_q, lens_k = (2, 4, 3), (5, 4, 7)
+    q, k, v, cu_q, cu_k = _packed_case(1, lens_q, lens_k)
+    Hq = q.shape[1]
+    kw = fa_kwargs(causal, window)
+    kw.pop("causal")
+    out, st = flash_attention_varlen(*(t[0].transpose(0, 1).contiguous() for t in (q, k, v)), cu_q, cu_k,
+                                     causal=causal, return_stats=True, **kw)
+    outs, lses = [], []
+    for n, (a, b) in enumerate(zip(lens_q, lens_k)):
+        q0, k0 = int(cu_q[n]), int(cu_k[n])
+        r = oracle(q[:, :, q0:q0 + a], k[:, :, k0:k0 + b], v[:, :, k0:k0 + b], allowed=fa_allowed(a, b, causal, window).expand(1, Hq, a, b))
+        outs.append(r[0][0].transpose(0, 1))
+        lses.append(r[1][0])
+    assert out.shape == (sum(lens_q), Hq, q.shape[-1]) and st.lse.shape == (Hq, sum(lens_q))
+    assert float((out.double() - torch.cat(outs, 0)).abs().max()) < 1e-5
+    assert float((st.lse.double() - torch.cat(lses, 1)).abs().max()) < 1e-5
