@@ -426,6 +426,63 @@ def test_mask_rows_sliced_equal_transformers_mask_sliced(case):
     assert not hasattr(built, "masked_fill") and hasattr(built, "shape")
 
 
+def test_random_masks_and_row_slices_equal_transformers_dense_masks():
+    # a seeded differential sweep of the mask builder: transformers' own mask functions (causal, bidirectional,
+    # sliding both ways, chunked, packed, blockwise overlays, a padding function) at random sizes, query and key
+    # offsets (caches) and padding patterns (left, right, a hole, a mask shorter than the keys), and random
+    # query-row slices of each, against transformers' dense mask (rows with no key: selfattn gives 0 everywhere)
+    import random
+
+    import transformers.masking_utils as tm
+
+    from test_hf import _allowed, _dense_reference
+
+    rng = random.Random(0)
+    g = torch.Generator().manual_seed(0)
+    kinds = {}
+    for _ in range(120):
+        b, kv_length = rng.randint(1, 3), rng.randint(1, 20)
+        kv_offset = rng.choice([0, 0, rng.randint(0, 8)])
+        q_length = rng.randint(1, kv_length + 2)
+        q_offset = max(0, rng.choice([kv_offset + kv_length - q_length, rng.randint(0, kv_offset + kv_length)]))
+        total = max(kv_offset + kv_length, q_offset + q_length)
+        kind, w = rng.choice(["causal", "bidir", "swc", "swb", "chunk", "packed", "block", "pad_fn"]), rng.randint(1, 6)
+        am = None
+        if rng.random() < 0.7:
+            n = rng.choice([total, kv_offset + kv_length, max(1, total - rng.randint(0, 3))])
+            am = torch.ones(b, n, dtype=torch.bool)
+            for row in range(b):
+                r = rng.random()
+                if r < 0.3:
+                    am[row, :rng.randint(0, n)] = False
+                elif r < 0.6:
+                    am[row, rng.randint(0, n):] = False
+                elif r < 0.7:
+                    am[row, rng.randint(0, n - 1)] = False
+        fn = {"causal": lambda: tm.causal_mask_function,
+              "bidir": lambda: tm.bidirectional_mask_function,
+              "swc": lambda: tm.sliding_window_causal_mask_function(w),
+              "swb": lambda: tm.sliding_window_bidirectional_mask_function(w),
+              "chunk": lambda: tm.chunked_causal_mask_function(w, torch.randint(0, 3, (b,), generator=g)),
+              "packed": lambda: tm.and_masks(tm.causal_mask_function, tm.packed_sequence_mask_function(
+                  torch.cumsum((torch.rand(b, total, generator=g) < 0.25).long(), 1))),
+              "block": lambda: tm.or_masks(tm.causal_mask_function, tm.blockwise_overlay(
+                  torch.randint(-1, 3, (b, total), generator=g))),
+              "pad_fn": lambda: tm.and_masks(tm.causal_mask_function, tm.padding_mask_function(
+                  torch.rand(b, total, generator=g) < 0.8))}[kind]()
+        kw = dict(batch_size=b, q_length=q_length, q_offset=q_offset, kv_length=kv_length, kv_offset=kv_offset,
+                  mask_function=fn, attention_mask=am, local_size=w if kind in ("swc", "swb") else None)
+        want = _dense_reference(**kw)
+        built = sa_hf.build_mask(**kw)
+        kinds[built.kind] = kinds.get(built.kind, 0) + 1
+        want = want.expand(b, 1, q_length, kv_length)
+        rows = slice(rng.randint(-q_length, q_length - 1), None, rng.choice([1, 1, 2]))
+        for mask, ref in ((built, want), (built[:, :, rows, :], want[:, :, rows])):
+            assert torch.equal(_allowed(mask, b), ref & ref.any(-1, keepdim=True)), (kind, kw, rows)
+    print("routes", kinds)
+    assert {"causal", "bidirectional", "sliding_window", "packed", "function"} <= set(kinds)
+
+
 # -- training batches ---------------------------------------------------------------------------
 
 def _grads(model, **kw):
