@@ -1075,3 +1075,81 @@ def test_triton_flash_attention_varlen(interpret, causal, window):
     assert out.shape == (sum(lens_q), Hq, q.shape[-1]) and st.lse.shape == (Hq, sum(lens_q))
     assert float((out.double() - torch.cat(outs, 0)).abs().max()) < 1e-5
     assert float((st.lse.double() - torch.cat(lses, 1)).abs().max()) < 1e-5
+
+
+# -- a mask function whose data changes between calls --------------------------------------------------------
+
+_DOCS = torch.zeros(80, dtype=torch.long)  # a module-level tensor a mask function reads (rebound by the test)
+_BOUNDARY = 40
+
+
+def _global_docs(b, h, qi, ki):
+    return _DOCS[qi] == _DOCS[ki]
+
+
+def _helper_reads_global(b, h, qi, ki):
+    return _global_docs(b, h, qi, ki)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lq", [1, 3, 80])
+@pytest.mark.parametrize("how", ["closure_in_place", "global_rebound", "global_in_place", "helper_global", "closure_int", "default_tensor"])
+def test_function_mask_data_changes_between_calls(how, lq, backend):
+    """The same masks.function object called again after what it reads changed (the usual way to write Flex's
+    document mask: fn reads a document-id tensor that the next batch updates). Every backend must use the new
+    data; cpu kept the first call's lowered bits (0.4-0.8 off). Covered: tensors and numbers the function
+    reads directly (closure cells, defaults, the globals its code names, one level into functions it calls)."""
+    global _DOCS
+    g = torch.Generator().manual_seed(lq)
+    Lk = 80
+    q = torch.randn(1, 2, lq, 16, generator=g)
+    k, v = torch.randn(1, 2, Lk, 16, generator=g), torch.randn(1, 2, Lk, 16, generator=g)
+    off = Lk - lq
+    docs = torch.zeros(Lk, dtype=torch.long)
+    state = {"n": 0}
+    if how == "closure_in_place":
+        m = masks.function(lambda b, h, qi, ki: docs[qi + off] == docs[ki])
+        change = lambda: docs.__setitem__(slice(_BOUNDARY, None), 1)  # noqa: E731
+        new_docs = lambda: docs  # noqa: E731
+    elif how in ("global_rebound", "global_in_place", "helper_global"):
+        _DOCS = torch.zeros(Lk, dtype=torch.long)
+        fn = _helper_reads_global if how == "helper_global" else _global_docs
+        m = masks.function(lambda b, h, qi, ki: fn(b, h, qi + off, ki))
+        if how == "global_in_place":
+            change = lambda: _DOCS.__setitem__(slice(_BOUNDARY, None), 1)  # noqa: E731
+        else:
+            def change():
+                global _DOCS
+                _DOCS = (torch.arange(Lk) >= _BOUNDARY).long()
+        new_docs = lambda: _DOCS  # noqa: E731
+    elif how == "closure_int":
+        cut = Lk  # everything one document until cut moves
+
+        def fn(b, h, qi, ki):
+            return (qi + off >= cut) == (ki >= cut)
+        m = masks.function(fn)
+
+        def change():
+            nonlocal cut
+            cut = _BOUNDARY
+        new_docs = lambda: (torch.arange(Lk) >= cut).long()  # noqa: E731
+    else:  # default_tensor
+        def fn(b, h, qi, ki, d=docs):
+            return d[qi + off] == d[ki]
+        m = masks.function(fn)
+        change = lambda: docs.__setitem__(slice(_BOUNDARY, None), 1)  # noqa: E731
+        new_docs = lambda: docs  # noqa: E731
+    del state
+    try:
+        selfattn.attention(q, k, v, mask=m, backend=backend)
+    except BackendUnavailable:
+        assert backend not in MUST_SERVE
+        return
+    change()
+    d = new_docs().clone()
+    assert d.any(), "the change did nothing"
+    out = selfattn.attention(q, k, v, mask=m, backend=backend)
+    allowed = (d[off:][:, None] == d[None, :]).expand(1, 2, lq, Lk)
+    want = oracle(q, k, v, allowed=allowed)[0]
+    err = float((out.double() - want).abs().max())
+    assert err < 1e-5, f"{backend} {how} Lq={lq}: the second call used stale mask bits (max|diff| {err:.3e})"

@@ -106,6 +106,8 @@ def _mask_tensors(mask):
             yield p.q_ids
         elif isinstance(p, _masks.Dense):
             yield p.tensor
+        elif isinstance(p, _masks.Function):
+            yield from p.reads()[0]  # the tensors the function reads (a document-id tensor the next batch rewrites)
 
 
 def _cache_key(req: Request, what):
@@ -160,7 +162,8 @@ def _cached(req: Request, what, build):
         return hit[0]
     value = build()
     kept = [None if t is None else t.clone() for t in (req.q_positions, req.kv_positions)]
-    _CACHE[key] = (value, req.mask, *kept, req.alibi_slopes)
+    # the entry keeps the mask's tensors alive (a function's globals too), so their ids in the key are not reused
+    _CACHE[key] = (value, req.mask, *kept, req.alibi_slopes, tuple(_mask_tensors(req.mask)))
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return value

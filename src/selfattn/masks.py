@@ -27,6 +27,8 @@ per-sequence alignment, left padding, cache offsets, packed documents. ``causal`
 from __future__ import annotations
 
 import enum
+import functools
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -593,6 +595,12 @@ class Function(Mask):
     kv_idx (1, 1, 1, C) and must return a bool tensor that broadcasts to (B, H, R, C) (True =
     may attend). Fused kernels evaluate it once per call, a block of rows at a time, and keep
     only the bits of partial tiles.
+
+    Its tile map and bits are cached per mask object across calls, and made again when what ``fn``
+    reads changes: the tensors it reads (by identity and in-place version) and the numbers and
+    strings, among its closure cells, defaults and the globals its code names, and the same of the
+    Python functions it reaches that way (:meth:`reads`). Data it reaches another way (an attribute
+    of an object, an element of a list) is not seen: build a new ``masks.function`` when that changes.
     """
 
     kinds = frozenset({"function"})
@@ -605,6 +613,18 @@ class Function(Mask):
     @property
     def name(self) -> str:
         return getattr(self.fn, "__name__", type(self.fn).__name__)
+
+    def reads(self) -> tuple:
+        """(tensors, values): the tensors ``fn`` reads besides its arguments, and the numbers, strings and
+        None it reads, as far as Python shows them (closure cells, defaults, the globals its code names,
+        three functions deep). Caches of the lowered mask hold both: a change makes the mask again."""
+        tensors, values = [], []
+        _collect_reads(self.fn, 3, set(), tensors, values)
+        return tuple(tensors), tuple(values)
+
+    def cache_key(self):
+        # identity, plus the plain values fn reads (a closure's int that moved changes the key)
+        return ("id", id(self), self.reads()[1])
 
     def evaluate(self, g: Geometry, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """bool (B|1, H|1, R, C): fn on the given query rows and key columns."""
@@ -657,6 +677,40 @@ class Function(Mask):
 
     def __repr__(self):
         return f"function({self.name})"
+
+
+_PLAIN_VALUES = (int, float, complex, str, bytes, bool, type(None))
+
+
+def _collect_reads(fn, depth, seen, tensors, values):
+    # what fn reads besides its arguments (Function.reads): tensors into `tensors`, plain values into `values`
+    if isinstance(fn, functools.partial):
+        objs = list(fn.args) + list((fn.keywords or {}).values()) + [fn.func]
+    elif isinstance(fn, types.MethodType):
+        objs = [fn.__func__]
+    elif isinstance(fn, types.FunctionType):
+        if id(fn) in seen:
+            return
+        seen.add(id(fn))
+        objs = []
+        for cell in fn.__closure__ or ():
+            try:
+                objs.append(cell.cell_contents)
+            except ValueError:  # an empty cell (a name bound later)
+                objs.append(None)
+        objs.extend(fn.__defaults__ or ())
+        objs.extend((fn.__kwdefaults__ or {}).values())
+        glob = fn.__globals__
+        objs.extend(glob[n] for n in fn.__code__.co_names if n in glob)
+    else:
+        return
+    for o in objs:
+        if isinstance(o, torch.Tensor):
+            tensors.append(o)
+        elif isinstance(o, _PLAIN_VALUES):
+            values.append(o)
+        elif depth > 1 and isinstance(o, (types.FunctionType, functools.partial, types.MethodType)):
+            _collect_reads(o, depth - 1, seen, tensors, values)
 
 
 class And(Mask):
