@@ -1153,3 +1153,16 @@ def test_function_mask_data_changes_between_calls(how, lq, backend):
     want = oracle(q, k, v, allowed=allowed)[0]
     err = float((out.double() - want).abs().max())
     assert err < 1e-5, f"{backend} {how} Lq={lq}: the second call used stale mask bits (max|diff| {err:.3e})"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_alibi_slopes_get_no_gradient(backend):
+    """The README: ALiBi slopes get no gradient (FlashAttention's alibi_slopes neither). reference, math and sdpa
+    gave them one, cpu none: one rule on every backend."""
+    q = torch.randn(1, 2, 4, 8, requires_grad=True)
+    k = v = torch.randn(1, 2, 6, 8)
+    s = torch.tensor([0.5, 0.25], requires_grad=True)
+    out = selfattn.attention(q, k, v, alibi_slopes=s, causal=True, backend=backend)
+    out.sum().backward()
+    assert s.grad is None, f"{backend}: slopes got a gradient {s.grad}"
+    assert q.grad is not None

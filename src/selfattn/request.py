@@ -264,7 +264,8 @@ def build_request(
     kp = _positions("kv_positions", kv_positions, B, Lk, device)
     slopes = _per_head("alibi_slopes", alibi_slopes, B, Hq, device, allow_batch=True)
     if slopes is not None:
-        slopes = (slopes if slopes.dim() == 2 else slopes[None]).to(torch.float32)  # (B|1, Hq)
+        # (B|1, Hq) float32, detached: the slopes get no gradient on any backend (FlashAttention's rule)
+        slopes = (slopes if slopes.dim() == 2 else slopes[None]).detach().to(torch.float32)
     sinks = _per_head("sinks", sinks, B, Hq, device, allow_batch=False)
     if requires_grad is None:
         requires_grad = torch.is_grad_enabled() and (
