@@ -670,6 +670,59 @@ def test_weights_and_output_pass_gradcheck(dropout):
     assert torch.autograd.gradcheck(f, (q, k, v, sinks))
 
 
+def test_random_attention_calls_equal_a_float64_softmax():
+    # the attention function itself, seeded sweep in float64: GQA groups 1-3, odd head dims, windows, left
+    # padding, softcap, sinks, scaling; output, weights and the gradients of a loss on both (q, k, v, sinks)
+    # against the softmax written out (transformers' eager runs its softmax in float32, so not it), on rows
+    # with a key to see
+    import random
+
+    import transformers.masking_utils as tm
+
+    rng = random.Random(1)
+    g = torch.Generator().manual_seed(1)
+    module = torch.nn.Module()
+    for _ in range(40):
+        b, hkv, groups = rng.randint(1, 2), rng.randint(1, 2), rng.randint(1, 3)
+        hq, d, lk = hkv * groups, rng.choice([4, 5, 8]), rng.randint(1, 12)
+        lq = rng.randint(1, lk)
+        am = torch.ones(b, lk, dtype=torch.bool)
+        if rng.random() < 0.5:
+            am[0, :rng.randint(0, lk - 1)] = False
+        fn, local = rng.choice([(tm.causal_mask_function, None), (tm.sliding_window_causal_mask_function(3), 3),
+                                (tm.bidirectional_mask_function, None)])
+        kw = dict(batch_size=b, q_length=lq, q_offset=lk - lq, kv_length=lk, kv_offset=0, mask_function=fn,
+                  attention_mask=am, local_size=local)
+        hf_mask = sa_hf.build_mask(**kw)
+        allowed = tm.sdpa_mask(**{**kw, "allow_is_causal_skip": False, "allow_is_bidirectional_skip": False})
+        allowed = allowed.expand(b, 1, lq, lk)
+        softcap, scaling = rng.choice([None, 2.0]), rng.choice([None, 0.3])
+        q = torch.randn(b, hq, lq, d, dtype=torch.float64, generator=g, requires_grad=True)
+        k, v = (torch.randn(b, hkv, lk, d, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+        sinks = torch.randn(hq, dtype=torch.float64, generator=g, requires_grad=True) if rng.random() < 0.5 else None
+
+        s = (q @ k.repeat_interleave(groups, 1).transpose(-1, -2)) * (scaling or d ** -0.5)  # (B, Hq, Lq, Lk)
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        s = s.masked_fill(~allowed, torch.finfo(torch.float64).min)  # finite: no NaN from rows with no key
+        if sinks is not None:
+            s = torch.cat([s, sinks.view(1, -1, 1, 1).expand(b, hq, lq, 1)], -1)
+        w_ref = torch.softmax(s, -1)[..., :lk]
+        out_ref = (w_ref @ v.repeat_interleave(groups, 1)).transpose(1, 2)  # (B, Lq, Hq, D)
+
+        fn_sa = sa_hf.make_attention_function(rng.choice(["auto", "math"]))
+        out, w = fn_sa(module, q, k, v, hf_mask, scaling=scaling, softcap=softcap, s_aux=sinks, output_attentions=True)
+        rows = allowed.any(-1)  # (B, 1, Lq)
+        keep_o, keep_w = rows[:, 0, :, None, None].double(), rows[..., None].double()
+        assert (out - out_ref)[rows[:, 0]].abs().max() <= 1e-12 and (w - w_ref)[rows.expand(b, hq, lq)].abs().max() <= 1e-12
+        go, gw = torch.randn(out.shape, dtype=torch.float64, generator=g), torch.randn(w.shape, dtype=torch.float64, generator=g)
+        params = [t for t in (q, k, v, sinks) if t is not None]
+        ref_grads = torch.autograd.grad((out_ref * go * keep_o).sum() + (w_ref * gw * keep_w).sum(), params)
+        grads = torch.autograd.grad((out * go * keep_o).sum() + (w * gw * keep_w).sum(), params)
+        for r, got in zip(ref_grads, grads):
+            assert (r - got).abs().max() <= 1e-12, (hf_mask, softcap, scaling, sinks is not None)
+
+
 def test_dropout_under_gradient_checkpointing_recomputes_the_same_mask():
     ids, am = _batch("right")
     labels = ids.masked_fill(am == 0, -100)
