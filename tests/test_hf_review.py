@@ -254,6 +254,50 @@ def test_the_cpu_kernels_serve_the_models(family):
     assert _worst(ref, grads) <= 1e-5
 
 
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_many_tiles_on_the_cpu_kernels(family):
+    # 300 tokens, window 64, head dim 32: the fused kernels' tiled paths (skipped, partial and full tiles, several
+    # query blocks) under left and right padding, and a prefill in three chunks through a static cache
+    tf = transformers
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=32, max_position_embeddings=512, sliding_window=64)
+    cfg = (tf.MistralConfig(**common) if family == "mistral" else
+           tf.Gemma2Config(**common, attn_logit_softcapping=20.0, query_pre_attn_scalar=32))
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    name = sa_hf.register("selfattn-cpu-review", backend="cpu")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (2, 300), generator=g)
+    am = torch.ones_like(ids)
+    am[0, :37] = 0
+    am[1, -50:] = 0
+    labels = ids.masked_fill(am == 0, -100)
+    labels[0, 37] = -100  # predicted from a pad position (eager and selfattn differ there by design)
+    _, ref = _grads(model, input_ids=ids, attention_mask=am, labels=labels)
+    model.eval()
+    with torch.no_grad():
+        ref_logits = model(input_ids=ids, attention_mask=am).logits
+    _switch(model, name)
+    _, got = _grads(model, input_ids=ids, attention_mask=am, labels=labels)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=am).logits
+    assert (logits - ref_logits)[am.bool()].abs().max() <= 1e-5 and _worst(ref, got) <= 1e-5
+
+    left = am.clone()
+    left[1] = 1  # chunked prefill: left padding only
+
+    def chunked():
+        cache = tf.StaticCache(config=model.config, max_cache_len=320)
+        with torch.no_grad():
+            return torch.cat([model(input_ids=ids[:, a:b], attention_mask=left[:, :b], past_key_values=cache,
+                                    use_cache=True).logits for a, b in ((0, 200), (200, 290), (290, 300))], 1)
+
+    got = chunked()
+    _switch(model, "eager")
+    assert (chunked() - got)[left.bool()].abs().max() <= 1e-5
+
+
 def test_bfloat16_within_eagers_error():
     for family in ("llama", "gemma2"):
         kw, real = _inputs(family)
