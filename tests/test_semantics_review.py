@@ -165,6 +165,11 @@ class Case:
         D = rnd.choice([1, 4, 8, 19])
         Dv = rnd.choice([D, 3, 8])
         feats = set(features) if features is not None else {f for f in FEATURES if rnd.random() < 0.3}
+        if "tiles" in feats:  # several query and key tiles (the fused kernels' 64 x 64), ragged last ones
+            B, Hkv, G = 1, 1, rnd.choice([1, 2])
+            Hq = Hkv * G
+            Lq, Lk = rnd.choice([3, 65, 97, 130]), rnd.choice([65, 97, 130])
+            D, Dv = rnd.choice([4, 8]), 4
         self.features = feats
         self.shape = (B, Hq, Hkv, Lq, Lk, D, Dv)
         big = 3.0 if "large" in feats else 1.0
@@ -281,7 +286,7 @@ class Case:
 
 
 FEATURES = ("positions", "causal", "window", "padding", "key_padding", "documents", "function", "dense_bool",
-            "dense_float", "alibi", "sinks", "softcap", "scale", "large", "strided")
+            "dense_float", "alibi", "sinks", "softcap", "scale", "large", "strided", "tiles")
 
 BACKENDS = [n for n in selfattn.backends.names() if n != "triton"]  # triton: its own test below (interpreter)
 MUST_SERVE = {"reference", "math", "cpu", "auto"}
@@ -407,6 +412,19 @@ def test_random_gradients_float32(backend, seed):
 @pytest.mark.parametrize("seed", range(8))
 def test_random_gradients_float64(backend, seed):
     check_backend(Case(5000 + seed, torch.float64), backend, grad=True)
+
+
+def _tiled_case(seed, dtype):
+    # a random mix of features that always spans several 64 x 64 tiles (Case draws "tiles" only now and then)
+    rnd = random.Random(seed)
+    return Case(seed, dtype, {"tiles"} | {f for f in FEATURES if rnd.random() < 0.35})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,grad,seed", [(torch.float32, False, s) for s in range(6)] + [(torch.float32, True, s) for s in range(4)]
+                         + [(torch.float64, True, s) for s in range(2)] + [(torch.bfloat16, False, s) for s in range(2)])
+def test_random_several_tiles(backend, dtype, grad, seed):
+    check_backend(_tiled_case(8000 + seed, dtype), backend, grad=grad)
 
 
 # -- FlashAttention's flash_attn_func, from its definition -------------------------------------------
