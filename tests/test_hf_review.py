@@ -150,6 +150,13 @@ def _inputs(family: str, padding: str = "both", dtype=torch.float32):
     return kw, dam.bool()
 
 
+def _with_cache(model, cache):
+    """The cache as the forward's keyword (``cache`` in newer 5.x, ``past_key_values`` before)."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
 def _switch(model, impl):
     model.set_attn_implementation(impl)
     assert model.config._attn_implementation == impl
@@ -290,7 +297,7 @@ def test_many_tiles_on_the_cpu_kernels(family):
     def chunked():
         cache = tf.StaticCache(config=model.config, max_cache_len=320)
         with torch.no_grad():
-            return torch.cat([model(input_ids=ids[:, a:b], attention_mask=left[:, :b], past_key_values=cache,
+            return torch.cat([model(input_ids=ids[:, a:b], attention_mask=left[:, :b], **_with_cache(model, cache),
                                     use_cache=True).logits for a, b in ((0, 200), (200, 290), (290, 300))], 1)
 
     got = chunked()
@@ -324,7 +331,8 @@ def test_chunked_prefill_through_a_dynamic_cache_matches_eager(family):
         out = []
         with torch.no_grad():
             for a, b in ((0, 9), (9, 13), (13, 16)):
-                out.append(model(input_ids=ids[:, a:b], attention_mask=am[:, :b], past_key_values=cache, use_cache=True).logits)
+                out.append(model(input_ids=ids[:, a:b], attention_mask=am[:, :b], **_with_cache(model, cache),
+                                 use_cache=True).logits)
         return torch.cat(out, 1)
 
     model = _model(family)
@@ -774,7 +782,7 @@ def test_dropout_under_gradient_checkpointing_recomputes_the_same_mask():
     for checkpointing in (False, True):
         model = _model("llama", "selfattn", dropout=0.3)
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
         torch.manual_seed(7)
         runs.append(_grads(model, input_ids=ids, attention_mask=am, labels=labels, use_cache=False))
     assert runs[0][0] == runs[1][0] and _worst(runs[0][1], runs[1][1]) == 0
