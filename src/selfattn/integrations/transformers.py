@@ -31,9 +31,11 @@ nested functions), with the batch size, query and key positions and ``local_size
 later forward's function with the same key costs a hash of those values
 (:func:`recognition_counts`). A function capturing anything else (a dict, an object) is
 evaluated every time; masks under 65,536 pairs are not remembered. What matches none goes to
-selfattn as ``masks.function`` (tiles evaluated once, only partial tiles' bits kept), and a
-function that only works under ``torch.vmap`` as a dense mask. :func:`mask_counts` reports how
-many masks took each route; ``"dense"`` counts every L x L mask built or received.
+selfattn as ``masks.function`` (tiles evaluated once, only partial tiles' bits kept). A function
+that fails on broadcast indices, and every function transformers marks for ``torch.vmap`` (a model's
+``or_mask_function``/``and_mask_function``: Gemma 3's image blocks, EmbeddingGemma's bidirectional
+window), go as transformers' own dense mask, not recognised. :func:`mask_counts` reports how many
+masks took each route; ``"dense"`` counts every L x L mask built or received.
 
 Not served, and refused by name: ``position_bias`` (T5-style relative bias tensors), ``head_mask``,
 sparse attention's ``indices``/``block_indices`` and per-query ``sinks``. Models whose attention
