@@ -1194,3 +1194,12 @@ def test_alibi_slopes_get_no_gradient(backend):
     out.sum().backward()
     assert s.grad is None, f"{backend}: slopes got a gradient {s.grad}"
     assert q.grad is not None
+
+
+def test_mask_and_tensor():
+    # a tensor combines with a mask as attention(mask=tensor) takes it (was: TypeError unsupported operand)
+    t = torch.rand(4, 6) < 0.7
+    q, k = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 6, 8)
+    want = selfattn.attention(q, k, k, mask=masks.dense(t) & masks.causal(), backend="math")
+    assert torch.equal(selfattn.attention(q, k, k, mask=masks.causal() & t, backend="math"), want)
+    assert torch.equal(selfattn.attention(q, k, k, mask=t & masks.causal(), backend="math"), want)

@@ -248,9 +248,16 @@ class Mask:
         return torch.where(allowed, bias, torch.tensor(float("-inf"), dtype=bias.dtype, device=bias.device))
 
     def __and__(self, other: "Mask") -> "Mask":
+        if isinstance(other, torch.Tensor):
+            other = dense(other)  # a tensor combines as attention(mask=tensor) takes it
         if not isinstance(other, Mask):
             return NotImplemented
         return And(self, other)
+
+    def __rand__(self, other) -> "Mask":
+        if isinstance(other, torch.Tensor):
+            return And(dense(other), self)
+        return NotImplemented
 
     def cache_key(self):
         """A hashable value equal for masks that allow the same pairs (structural masks), else identity."""
