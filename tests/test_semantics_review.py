@@ -1203,3 +1203,24 @@ def test_mask_and_tensor():
     want = selfattn.attention(q, k, k, mask=masks.dense(t) & masks.causal(), backend="math")
     assert torch.equal(selfattn.attention(q, k, k, mask=masks.causal() & t, backend="math"), want)
     assert torch.equal(selfattn.attention(q, k, k, mask=t & masks.causal(), backend="math"), want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_mask_on_float32_inputs(backend):
+    """A float mask enters in the accumulation dtype, as every backend computes: float64 entries beyond float32's
+    range on float32 inputs round to -inf there (the pair is masked). The reference kept them in float64
+    (a row of -1e300 became uniform where math, sdpa and cpu gave 0)."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g) for n in (4, 5, 5))
+    m = torch.zeros(1, 1, 4, 5, dtype=torch.float64)
+    m[..., 0, :] = -1e300
+    m[..., 2, 1:] = -1e300
+    allowed = (m.float() != NEG).expand(1, 2, 4, 5)
+    want = oracle(q, k, v, allowed=allowed)[0]
+    try:
+        out = selfattn.attention(q, k, v, mask=m, backend=backend)
+    except BackendUnavailable:
+        assert backend not in MUST_SERVE
+        return
+    err = float((out.double() - want).abs().max())
+    assert err < 1e-5, f"{backend}: max|diff| {err:.3e}"

@@ -126,7 +126,10 @@ def attention(
         allowed = mask.allowed_in(g)  # (B|1, H|1, Lq, Lk) True = may attend
         bias = mask.bias_in(g)  # (B|1, H|1, Lq, Lk) or None
         if bias is not None:
-            logits = logits + bias.to(dtype)  # (B, Hq, Lq, Lk) float masks add to the logits
+            # float masks add to the logits, taken in the accumulation dtype (float32 unless the inputs are
+            # float64), as every backend takes them: a float64 -1e300 on float32 inputs is -inf, a masked pair
+            acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+            logits = logits + bias.to(acc).to(dtype)  # (B, Hq, Lq, Lk)
     masked = logits.masked_fill(~allowed, float("-inf"))  # (B, Hq, Lq, Lk) ruled-out pairs get -inf
     _record(trace, "masked", masked, "pairs the mask rules out set to -inf")
 
