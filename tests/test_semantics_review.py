@@ -1224,3 +1224,23 @@ def test_float64_mask_on_float32_inputs(backend):
         return
     err = float((out.double() - want).abs().max())
     assert err < 1e-5, f"{backend}: max|diff| {err:.3e}"
+
+
+def test_window_sides_any_integer():
+    # numpy and 0-dim torch integers are integers (a window computed from a config or a tensor)
+    import numpy as np
+    q = k = v = torch.randn(1, 1, 6, 4)
+    want = selfattn.attention(q, k, v, window=(2, 1), backend="math")
+    for left, right in ((np.int64(2), np.int32(1)), (torch.tensor(2), torch.tensor(1))):
+        assert torch.equal(selfattn.attention(q, k, v, window=(left, right), backend="math"), want)
+        assert torch.equal(selfattn.attention(q, k, v, mask=masks.window(left, right), backend="math"), want)
+    for bad in (2.0, True, torch.tensor(2.0), torch.tensor(True), "2"):
+        with pytest.raises(TypeError, match="window: left must be an int"):
+            masks.window(bad)
+
+
+def test_layout_passed_as_mask_says_how():
+    q = k = v = torch.randn(2, 1, 4, 4)
+    lay = masks.left_padded(torch.tensor([4, 2]), 4)
+    with pytest.raises(TypeError, match=r"\*\*layout"):
+        selfattn.attention(q, k, v, mask=lay)

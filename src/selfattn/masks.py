@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import operator
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -309,13 +310,20 @@ class Window(Mask):
     kinds = frozenset({"window"})
 
     def __init__(self, left: int | None, right: int | None = 0):
+        sides = []
         for name, val in (("left", left), ("right", right)):
-            if val is None:
-                continue
-            if isinstance(val, bool) or not isinstance(val, int):
-                raise TypeError(f"window: {name} must be an int, got {type(val).__name__} ({val!r}); None means unbounded")
-            if val < 0:
-                raise ValueError(f"window: {name} must be >= 0, got {val} (None means unbounded)")
+            if val is not None:
+                # any integer (a numpy or 0-dim torch integer too), as a Python int
+                try:
+                    if isinstance(val, (bool, float)) or getattr(val, "dtype", None) == torch.bool:
+                        raise TypeError
+                    val = operator.index(val)
+                except TypeError:
+                    raise TypeError(f"window: {name} must be an int, got {type(val).__name__} ({val!r}); None means unbounded") from None
+                if val < 0:
+                    raise ValueError(f"window: {name} must be >= 0, got {val} (None means unbounded)")
+            sides.append(val)
+        left, right = sides
         if left is None and right is None:
             raise ValueError("window: left and right cannot both be None (that bounds nothing; use causal() for a causal mask)")
         self.left, self.right = left, right

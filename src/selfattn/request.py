@@ -147,6 +147,9 @@ def resolve_mask(mask, causal=False, window=None) -> Mask | None:
     if mask is not None:
         if isinstance(mask, torch.Tensor):
             mask = _masks.dense(mask)
+        if isinstance(mask, _masks.Layout):
+            raise TypeError("mask: got a masks layout (mask, q_positions and kv_positions together); "
+                            "pass it as attention(q, k, v, **layout), or its mask alone as mask=layout.mask")
         if not isinstance(mask, Mask):
             raise TypeError(f"mask must be a selfattn.masks.Mask or a torch.Tensor, got {type(mask).__name__}")
         parts.append(mask)
