@@ -1244,3 +1244,63 @@ def test_layout_passed_as_mask_says_how():
     lay = masks.left_padded(torch.tensor([4, 2]), 4)
     with pytest.raises(TypeError, match=r"\*\*layout"):
         selfattn.attention(q, k, v, mask=lay)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lq", [1, 5, 70])
+@pytest.mark.parametrize("kind", ["dense_bool", "dense_float", "key_padding", "padding", "documents", "positions", "alibi"])
+def test_mask_tensors_changed_in_place(kind, lq, backend):
+    """The same mask object (or positions/slopes tensor) rewritten in place between two calls: the second call
+    must see the new values on every backend (the lowered-mask caches key on identity and version)."""
+    g = torch.Generator().manual_seed(lq)
+    B, H, Lk, D = 2, 2, 70, 8
+    q = torch.randn(B, H, lq, D, generator=g)
+    k, v = torch.randn(B, H, Lk, D, generator=g), torch.randn(B, H, Lk, D, generator=g)
+    qp, kp = default_pos(B, lq, Lk)
+    qp, kp = qp.clone(), kp.clone()
+    kw = {}
+    if kind == "dense_bool":
+        t = torch.ones(B, 1, lq, Lk, dtype=torch.bool)
+        kw["mask"] = masks.dense(t)
+        change = lambda: t[:, :, :, 30:].fill_(False)  # noqa: E731
+        okw = lambda: {"allowed": t.expand(B, H, lq, Lk)}  # noqa: E731
+    elif kind == "dense_float":
+        t = torch.zeros(1, 1, lq, Lk)
+        kw["mask"] = masks.dense(t)
+        change = lambda: t[..., 10:40].fill_(-3.0)  # noqa: E731
+        okw = lambda: {"bias": t.double().expand(B, H, lq, Lk)}  # noqa: E731
+    elif kind == "key_padding":
+        keep = torch.ones(B, Lk, dtype=torch.bool)
+        kw["mask"] = masks.key_padding(keep)
+        change = lambda: keep[1, :50].fill_(False)  # noqa: E731
+        okw = lambda: {"allowed": keep[:, None, None, :].expand(B, H, lq, Lk)}  # noqa: E731
+    elif kind == "padding":
+        lens = torch.tensor([Lk, Lk])
+        kw["mask"] = masks.padding(lens)
+        change = lambda: lens.copy_(torch.tensor([20, 65]))  # noqa: E731
+        okw = lambda: {"allowed": (torch.arange(Lk) < lens[:, None])[:, None, None, :].expand(B, H, lq, Lk)}  # noqa: E731
+    elif kind == "documents":
+        ids = torch.zeros(B, Lk, dtype=torch.long)
+        qids = torch.zeros(B, lq, dtype=torch.long)
+        kw["mask"] = masks.documents(ids, qids)
+        change = lambda: ids[:, 35:].fill_(1)  # noqa: E731
+        okw = lambda: {"allowed": (qids[:, None, :, None] == ids[:, None, None, :]).expand(B, H, lq, Lk)}  # noqa: E731
+    elif kind == "positions":
+        kw.update(causal=True, q_positions=qp, kv_positions=kp)
+        change = lambda: qp.sub_(30)  # noqa: E731
+        okw = lambda: {"allowed": rule_causal(qp, kp).expand(B, H, lq, Lk), "qpos": qp, "kvpos": kp}  # noqa: E731
+    else:  # alibi
+        sl = torch.tensor([0.1, 0.2])
+        kw.update(alibi_slopes=sl)
+        change = lambda: sl.mul_(5)  # noqa: E731
+        okw = lambda: {"slopes": sl.double()[None].expand(B, H)}  # noqa: E731
+    try:
+        selfattn.attention(q, k, v, backend=backend, **kw)
+    except BackendUnavailable:
+        assert backend not in MUST_SERVE
+        return
+    change()
+    out = selfattn.attention(q, k, v, backend=backend, **kw)
+    want = oracle(q, k, v, **okw())[0]
+    err = float((out.double() - want).abs().max())
+    assert err < 1e-5, f"{backend} {kind} Lq={lq}: the second call used the old values (max|diff| {err:.3e})"
