@@ -305,6 +305,40 @@ def test_many_tiles_on_the_cpu_kernels(family):
     assert (chunked() - got)[left.bool()].abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss", "bert"])
+def test_autocast_training_step_within_eagers_error(family):
+    # mixed precision as people train: a float32 model under torch.autocast(bfloat16). RoPE and q/k norms hand
+    # the attention float32 queries and keys with bfloat16 values (eager's matmuls and torch's sdpa cast them
+    # under autocast); logits and gradients within 2x / 3x eager's own error against the float32 step
+    ids, am = _batch("right", length=40)
+    labels = ids.masked_fill(am == 0, -100)
+    model = _model(family)
+    kw = dict(input_ids=ids, attention_mask=am, labels=labels)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(**kw)
+        out.loss.backward()
+        return out.logits.detach().float(), {n: p.grad.detach().double() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.train()
+    ref = model(**kw)
+    ref.loss.backward()
+    ref_logits, ref_grads = ref.logits.detach().double(), {n: p.grad.detach().double() for n, p in model.named_parameters()}
+    eager_logits, eager_grads = step()
+    _switch(model, "selfattn")
+    logits, grads = step()
+    real = am.bool()
+    _within_eagers_error(f"{family} autocast", logits, ref_logits, eager_logits, real, torch.bfloat16)
+    assert grads.keys() == eager_grads.keys()
+    worst = max(((grads[n] - ref_grads[n]).abs().max() / (3 * (eager_grads[n] - ref_grads[n]).abs().max()
+                                                         + floor_for(torch.bfloat16, ref_grads[n]))).item() for n in grads)
+    print(f"{family} autocast: worst gradient error / tolerance {worst:.3f}")
+    assert worst <= 1.0
+
+
 def test_bfloat16_within_eagers_error():
     for family in ("llama", "gemma2"):
         kw, real = _inputs(family)

@@ -625,6 +625,12 @@ def make_attention_function(backend: str = "auto"):
         sinks = None
         if s_aux is not None:
             sinks = s_aux.reshape(-1)
+        device_type = query.device.type
+        if torch.is_autocast_enabled(device_type):
+            # as eager's matmuls and torch's sdpa under autocast: the autocast dtype for all three (RoPE and q/k
+            # norms hand over float32 queries and keys with bfloat16 values)
+            dtype = torch.get_autocast_dtype(device_type)
+            query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         want_weights = _wants_weights(module, kwargs)
         dropout_p = float(dropout or 0.0)
         if not want_weights:
