@@ -1305,3 +1305,34 @@ def test_mask_tensors_changed_in_place(kind, lq, backend):
     want = oracle(q, k, v, **okw())[0]
     err = float((out.double() - want).abs().max())
     assert err < 1e-5, f"{backend} {kind} Lq={lq}: the second call used the old values (max|diff| {err:.3e})"
+
+
+def _bad_helpers():
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 6, 8)
+    st = selfattn.attention(q, k, k, return_stats=True, backend="math")[1]
+    return [
+        ("probs heads str", lambda: selfattn.attention_probs(q, k, st, heads="0"), TypeError, ["heads", "str"]),
+        ("probs heads out of range", lambda: selfattn.attention_probs(q, k, st, heads=[5]), ValueError, ["heads", "[5]"]),
+        ("probs rows float", lambda: selfattn.attention_probs(q, k, st, rows=[0.5]), TypeError, ["rows", "float"]),
+        ("probs stats type", lambda: selfattn.attention_probs(q, k, (1, 2)), TypeError, ["stats", "tuple"]),
+        ("probs stats shape", lambda: selfattn.attention_probs(q[:, :2], k, st), ValueError, ["stats.lse", "(2, 4, 5)"]),
+        ("varlen too long", lambda: masks.varlen([6, 2], [3, 4], 5, 6), ValueError, ["q_lengths", "[6, 2]"]),
+        ("varlen float", lambda: masks.varlen([1.5, 2], [3, 4], 5, 6), TypeError, ["q_lengths", "float32"]),
+        ("left_padded too long", lambda: masks.left_padded([7, 2], 6), ValueError, ["lengths", "[7, 2]"]),
+        ("left_padded lq > lk", lambda: masks.left_padded([3, 2], 6, 7), ValueError, ["lq", "7"]),
+        ("packed start", lambda: masks.packed([1, 3, 5]), ValueError, ["cu_seqlens_q", "[1, 3, 5]"]),
+        ("packed lengths differ", lambda: masks.packed([0, 3, 5], [0, 2]), ValueError, ["cu_seqlens_k", "3 and 2"]),
+        ("packed total at call", lambda: selfattn.attention(q[:1], k[:1], k[:1], **masks.packed([0, 2, 5])), ValueError, ["segment_ids", "(1, 5)", "6"]),
+        ("left_padded Lk at call", lambda: selfattn.attention(q, k, k, **masks.left_padded([3, 2], 5, 5)), ValueError, ["keep", "(2, 5)", "(2, 6)"]),
+        ("function not callable", lambda: masks.function(3), TypeError, ["fn", "int"]),
+    ]
+
+
+@pytest.mark.parametrize("i", range(14))
+def test_bad_helper_input_names_argument(i):
+    label, call, exc, words = _bad_helpers()[i]
+    with pytest.raises(exc) as info:
+        call()
+    msg = str(info.value)
+    missing = [w for w in words if w.lower() not in msg.lower()]
+    assert not missing, f"{label}: message {msg!r} does not name {missing}"
