@@ -339,6 +339,41 @@ def test_autocast_training_step_within_eagers_error(family):
     assert worst <= 1.0
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss", "bert", "bart"])
+def test_inference_mode(family):
+    # torch.inference_mode() (pipelines, servers): the masks built in it are inference tensors, which keep no
+    # version counter (what selfattn's mask caches key on); forward with weights, generate with a static cache,
+    # and a caller's 4-D mask
+    ids, am = _batch("left")
+    kw = dict(input_ids=ids, attention_mask=am)
+    if family == "bart":
+        kw["decoder_input_ids"] = ids
+    gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+    model = _model(family)
+    runs = {}
+    for impl in ("eager", "selfattn"):
+        _switch(model, impl)
+        with torch.inference_mode():
+            out = model(**kw, output_attentions=True)
+            tokens = None if family == "bert" else model.generate(ids, attention_mask=am, **gen)
+            n = ids.shape[1]
+            four_d = torch.zeros(2, 1, n, n).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), -1e9)
+            four = None if family in ("bert", "bart") else model(input_ids=ids, attention_mask=four_d).logits
+        runs[impl] = (out.logits, tokens, four)
+    real = am.bool() if family != "bart" else torch.ones_like(am, dtype=torch.bool)
+    (ref, ref_tokens, ref_four), (got, tokens, four) = runs["eager"], runs["selfattn"]
+    assert (ref - got)[real].abs().max() <= 1e-5
+    assert ref_tokens is None or torch.equal(ref_tokens, tokens)
+    assert ref_four is None or (ref_four - four).abs().max() <= 1e-5
+    if family == "llama":  # a bfloat16 model given a float32 4-D mask: converted, still a normal tensor
+        model.to(torch.bfloat16)
+        with torch.inference_mode():
+            got = model(input_ids=ids, attention_mask=four_d).logits
+            _switch(model, "eager")
+            ref = model(input_ids=ids, attention_mask=four_d).logits
+        assert (ref.float() - got.float()).abs().max() <= 0.1  # bfloat16 logits, two orders of rounding
+
+
 def test_bfloat16_within_eagers_error():
     for family in ("llama", "gemma2"):
         kw, real = _inputs(family)
@@ -477,6 +512,8 @@ def test_gemma4_with_kv_shared_layers_matches_eager(cache):
     _structured_only()
     assert (ref_logits - got_logits)[am.bool()].abs().max() <= 1e-5
     assert torch.equal(ref, got)
+    with torch.inference_mode():  # the sliced masks under inference mode too
+        assert torch.equal(model.generate(ids, attention_mask=am, **kw), ref)
 
 
 @pytest.mark.parametrize("case", ["causal-padded", "packed", "function", "dense"])

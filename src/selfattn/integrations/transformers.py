@@ -71,6 +71,7 @@ after every query position, so the causal test rules them out.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 from dataclasses import dataclass, field
 
@@ -166,11 +167,13 @@ class HFMask:
         rows = self._row_slice(index)
         if rows is None:
             raise TypeError(_bypass_message(self.model_type, "indexing"))
-        idx = torch.arange(self.q_positions.numel(), device=self.q_positions.device)[rows]  # (Lq',) old row of each
-        parts = [_part_rows(p, idx, self.q_positions.numel(), self.kv_positions.numel()) for p in _masks.parts(self.mask)]
+        with _normal_tensors():
+            idx = torch.arange(self.q_positions.numel(), device=self.q_positions.device)[rows]  # (Lq',) old row of each
+            parts = [_part_rows(p, idx, self.q_positions.numel(), self.kv_positions.numel()) for p in _masks.parts(self.mask)]
+            q_positions = self.q_positions[idx]
         if any(p is None for p in parts):
             raise TypeError(_bypass_message(self.model_type, "indexing"))
-        return HFMask(self.kind, self.batch, self.q_positions[idx], self.kv_positions, causal=self.causal,
+        return HFMask(self.kind, self.batch, q_positions, self.kv_positions, causal=self.causal,
                       window=self.window, mask=_and(parts), model_type=self.model_type)
 
     def _row_slice(self, index):
@@ -506,8 +509,19 @@ def _index_based(fn, batch, q_pos, kv_pos) -> bool:
         return False
 
 
+def _normal_tensors():
+    """A context in which new tensors are normal ones: under torch.inference_mode() they would be inference
+    tensors, which keep no version counter, and selfattn's mask caches key on it (a mask's tensors only)."""
+    return torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
+
+
 def build_mask(batch_size: int, **kwargs) -> HFMask | None:
     """transformers' mask-interface entry point (``AttentionMaskInterface``): see the module docstring."""
+    with _normal_tensors():
+        return _build_mask(batch_size, **kwargs)
+
+
+def _build_mask(batch_size: int, **kwargs) -> HFMask | None:
     import transformers.masking_utils as tm
 
     attention_mask = kwargs.get("attention_mask")
@@ -616,8 +630,9 @@ def make_attention_function(backend: str = "auto"):
             # a model that builds its own (B|1, 1|H, Lq, Lk) mask: bool = may attend, float = added
             _count("dense")
             m = attention_mask
-            if m.dtype != torch.bool:
-                m = m.to(query.dtype if query.dtype != torch.float64 else torch.float64)
+            if m.is_inference() or m.dtype not in (torch.bool, query.dtype):
+                with _normal_tensors():  # a normal copy of a mask made under torch.inference_mode()
+                    m = m.clone() if m.dtype in (torch.bool, query.dtype) else m.to(query.dtype)
             call = dict(mask=_masks.dense(m))
         else:
             raise TypeError(f"attn_implementation='selfattn': unexpected attention_mask of type {type(attention_mask).__name__} "
