@@ -374,6 +374,26 @@ def test_inference_mode(family):
         assert (ref.float() - got.float()).abs().max() <= 0.1  # bfloat16 logits, two orders of rounding
 
 
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="lowering.py and backends/cpu.py key mask tensors on t._version, which inference tensors lack; "
+                          "fixed by /work/notes/hf_inference_mode.diff: delete this mark when it is applied")
+@pytest.mark.parametrize("backend", ["auto", "cpu"])
+def test_attention_with_a_mask_made_in_inference_mode(backend):
+    # what the integration works around (build_mask makes its tensors outside inference mode), for direct calls:
+    # a mask tensor made under torch.inference_mode(), then changed in place there (no stale cached plan)
+    import selfattn
+
+    q = torch.randn(1, 2, 5, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        keep = torch.tensor([[True, True, False, True, True]])
+        for _ in range(2):
+            for _ in range(2):  # the second call may take a cached plan
+                got = selfattn.attention(q, q, q, mask=selfattn.masks.key_padding(keep), backend=backend)
+                ref = selfattn.attention(q, q, q, mask=selfattn.masks.key_padding(keep), backend="reference")
+                assert (got - ref).abs().max() <= 1e-6
+            keep[0, 0] = False
+
+
 def test_bfloat16_within_eagers_error():
     for family in ("llama", "gemma2"):
         kw, real = _inputs(family)
