@@ -8,13 +8,15 @@ ref64 is the float64 ``sdpa`` run: transformers' float64 ``eager`` turns left-pa
 (its padded query rows attend to nothing, and the NaN reaches every position through the next layer's
 ``0 * NaN``), so it cannot be the reference for padded batches.
 
-Covered here: more families (Phi-3, Qwen3, Cohere, OLMo 2, Gemma 3, ModernBERT, RoBERTa, DistilBERT,
-BART, Whisper; T5 and models that bypass the attention interface refused clearly), mixed left and
-right padding, chunked prefill through dynamic caches shorter than the sequence (sliding layers),
-greedy and beam generation on encoder-decoders and more decoders, attention weights during
-generation, left-padded and packed training steps (the flattening collator), 4-D masks, dropout
-(eval, training, with weights, under gradient checkpointing), gradients through the returned
-weights, bfloat16, float64, save/load and switching implementations.
+Covered here: more families (Phi-3, Qwen3, Cohere, OLMo 2, Gemma 3, Gemma 4 with KV sharing,
+ModernBERT, RoBERTa, DistilBERT, BART, Whisper; T5, DeepSeek-V3.2 and models that bypass the attention
+interface refused clearly), mixed left and right padding, chunked prefill through dynamic and static
+caches shorter than the sequence (sliding layers), greedy, beam and prompt-lookup generation on
+encoder-decoders and more decoders, attention weights during generation, left-padded and packed
+training steps (the flattening collator), 4-D masks, dropout (eval, training, with weights, under
+gradient checkpointing), gradients through the returned weights, bfloat16, float64, torch.autocast,
+torch.inference_mode, selfattn's own cpu kernels at many tiles, seeded differential sweeps of the mask
+builder and the attention function, register's names, save/load and switching implementations.
 """
 
 from __future__ import annotations
