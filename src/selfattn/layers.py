@@ -381,9 +381,10 @@ def _batch_rows(name, t, batch, n, device, dtype=None):
         raise TypeError(f"{name} must be bool, got dtype {t.dtype}")
     if dtype is None and (t.dtype.is_floating_point or t.dtype == torch.bool):
         raise TypeError(f"{name} must hold integers, got dtype {t.dtype}")
+    seen = tuple(t.shape)
     t = t[None] if t.dim() == 1 else t
     if t.dim() != 2 or t.shape[1] != n or t.shape[0] not in (1, batch):
-        raise ValueError(f"{name} must have shape ({n},) or ({batch}, {n}), got {tuple(t.shape)}")
+        raise ValueError(f"{name} must have shape ({n},) or ({batch}, {n}), got shape {seen}")
     return t.to(device).expand(batch, n) if dtype == torch.bool else t.to(device, torch.int64).expand(batch, n)
 
 
@@ -487,7 +488,8 @@ class MultiHeadAttention(nn.Module):
             value: (B, Lk, vdim), or None to use ``key``.
             key_padding_mask: (B, Lk), torch.nn.MultiheadAttention's convention: bool True =
                 ignore this key; float = added to the scores. With a cache, Lk counts the
-                cached positions too.
+                cached positions too, and the cache remembers the new keys' padding (True, or
+                -inf in a float mask) for later calls; finite float entries apply to this call.
             attn_mask: a tensor in torch.nn.MultiheadAttention's convention -- (Lq, Lk) or
                 (B * num_heads, Lq, Lk), bool True = NOT allowed (the opposite of SDPA and of
                 selfattn), float added to the scores -- or a :mod:`selfattn.masks` value, which
@@ -503,7 +505,7 @@ class MultiHeadAttention(nn.Module):
             return_stats: also return :class:`AttentionStats`, each (B, num_heads, Lq).
             kv_cache: a :class:`KVCache`; the new keys/values are appended and the query
                 attends to every cached position. Positions continue each sequence from its
-                last real token; padded slots (key_padding_mask True) stay masked.
+                last real token; padded slots (key_padding_mask True or -inf) stay masked.
             positions: integer positions of the query tokens, (Lq,) or per sequence (B, Lq)
                 (and of the keys too in self-attention): they drive RoPE and the causal and
                 window masks (see :func:`selfattn.attention`). Default: 0, 1, ... (after the
@@ -555,7 +557,9 @@ class MultiHeadAttention(nn.Module):
         k = self._heads(key, self.k_proj, self.num_kv_heads)  # (B, Hkv, Lk_new, Dh)
         v = self._heads(value, self.v_proj, self.num_kv_heads)  # (B, Hkv, Lk_new, Dh)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)  # per-head RMS normalisation
+            # per-head RMS normalisation, kept in the projections' dtype: under autocast the
+            # projections are bfloat16/float16 while the norms' scales stay float32
+            q, k = self.q_norm(q).to(q.dtype), self.k_norm(k).to(k.dtype)
         past = 0 if kv_cache is None else kv_cache.length
         self_attn = key is query
         Lk = past + k.shape[2]
@@ -580,8 +584,11 @@ class MultiHeadAttention(nn.Module):
         kv_pos = q_pos if (self_attn and kv_cache is None) else None
         if kv_cache is not None:
             new_keep = None
-            if isinstance(key_padding_mask, torch.Tensor) and key_padding_mask.dtype == torch.bool:
-                new_keep = ~key_padding_mask[:, past:]  # (B, Lk_new) the cache remembers its padding
+            if isinstance(key_padding_mask, torch.Tensor):
+                # (B, Lk_new) the cache remembers its padding: bool True or float -inf (torch's two
+                # conventions); finite float entries are biases for this call only
+                new = key_padding_mask[:, past:]
+                new_keep = ~new if new.dtype == torch.bool else ~torch.isneginf(new)
             k, v = kv_cache.append(k, v, positions=k_new_pos, keep=new_keep)  # (B, Hkv, past + Lk_new, Dh)
             kv_pos = kv_cache.positions  # (B, Lk)
             if not bool(kv_cache.keep.all()):

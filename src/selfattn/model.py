@@ -56,6 +56,14 @@ class TransformerConfig:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
 
 
+def _check_ids(ids, vocab_size: int) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        got = f"shape {tuple(ids.shape)}, dtype {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"ids must be an integer tensor of shape (B, L), got {got}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"ids must lie in [0, {vocab_size}), got values in [{int(ids.min())}, {int(ids.max())}]")
+
+
 def _norm(cfg: TransformerConfig) -> nn.Module:
     return RMSNorm(cfg.dim) if cfg.norm == "rms" else nn.LayerNorm(cfg.dim)
 
@@ -137,11 +145,7 @@ class Transformer(nn.Module):
 
     def forward(self, ids: torch.Tensor, *, backend: str = "auto", return_stats: bool = False,
                 need_weights: bool = False, kv_caches: list | None = None):
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-            got = f"shape {tuple(ids.shape)}, dtype {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
-            raise ValueError(f"ids must be an integer tensor of shape (B, L), got {got}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
-            raise ValueError(f"ids must lie in [0, {self.config.vocab_size}), got values in [{int(ids.min())}, {int(ids.max())}]")
+        _check_ids(ids, self.config.vocab_size)
         if kv_caches is not None and len(kv_caches) != len(self.blocks):
             raise ValueError(f"kv_caches must hold one KVCache per layer ({len(self.blocks)}), got {len(kv_caches)}")
         x = self.embed(ids)  # (B, L, dim)
@@ -189,14 +193,20 @@ class AttentionStack(nn.Module):
             if kind not in kinds:
                 raise ValueError(f"layers[{i}]['type'] must be one of {sorted(kinds)}, got {kind!r}")
             if kind == "SelfAttention":
-                self.layers.append(SelfAttention(embed_dim, **spec))
+                layer = SelfAttention(embed_dim, **spec)
+                if residual and layer.v_dim != embed_dim:
+                    raise ValueError(f"layers[{i}]: residual=True adds each layer's output to its input, so v_dim must "
+                                     f"equal embed_dim; got v_dim={layer.v_dim}, embed_dim={embed_dim}")
             else:
-                self.layers.append(MultiHeadAttention(embed_dim, **spec))
+                layer = MultiHeadAttention(embed_dim, **spec)
+            self.layers.append(layer)
         self.causal, self.residual = bool(causal), bool(residual)
+        self.vocab_size = vocab_size
         self.config = {"type": "attention-stack", "vocab_size": vocab_size, "embed_dim": embed_dim,
                        "layers": [dict(s) for s in layers], "causal": self.causal, "residual": self.residual}
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        _check_ids(ids, self.vocab_size)
         x = self.embedding(ids)  # (B, L, E)
         for layer in self.layers:
             y = layer(x, causal=self.causal)  # (B, L, E or v_dim)
