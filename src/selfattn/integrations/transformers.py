@@ -58,6 +58,11 @@ transformers' ``eager`` gives them the mean of every value instead. Only the los
 batch sees the difference (the last pad position predicts the first real token), so a training step
 there matches ``sdpa``'s, and ``eager``'s once those predictions are left out.
 
+Under ``torch.autocast`` the attention function casts query, key and value to the autocast dtype, as
+eager's matmuls and torch's sdpa do (RoPE and q/k norms hand over float32 queries and keys with
+bfloat16 values). Under ``torch.inference_mode()`` the masks' tensors are made as normal tensors
+(selfattn's mask caches key on version counters, which inference tensors lack).
+
 Versions: transformers 4.56 (the first with both interfaces) to 5.x. On 4.x, models that build
 their own attention classes instead of calling ``AttentionInterface`` (BERT) cannot use any
 registered implementation, and GPT-2 keeps ``output_attentions`` from the attention function:
