@@ -396,6 +396,32 @@ def test_attention_with_a_mask_made_in_inference_mode(backend):
             keep[0, 0] = False
 
 
+@pytest.mark.parametrize("how", ["bfloat16 model", "autocast"])
+def test_a_float32_four_d_mask_with_bfloat16_attention(how):
+    # a caller's float32 4-D mask with finfo(float32).min entries (transformers' own convention) meeting bfloat16
+    # queries: eager adds it in float32 (type promotion), so a row all at the minimum is the mean of the values;
+    # rounded to bfloat16 the minimum is -inf and the row would be empty (0)
+    ids, _ = _batch("none")
+    n = ids.shape[1]
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()
+    allowed[2] = False
+    mask = torch.zeros(2, 1, n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    model = _model("llama")
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits.double()  # float32 stands for the exact one
+        runs = {}
+        for impl in ("eager", "selfattn"):
+            _switch(model, impl)
+            if how == "autocast":
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    runs[impl] = model(input_ids=ids, attention_mask=mask).logits
+            else:
+                runs[impl] = model.to(torch.bfloat16)(input_ids=ids, attention_mask=mask).logits
+                model.float()
+    real = torch.ones(2, n, dtype=torch.bool)
+    _within_eagers_error(f"float32 4-D mask, {how}", runs["selfattn"], ref, runs["eager"], real, torch.bfloat16)
+
+
 def test_bfloat16_within_eagers_error():
     for family in ("llama", "gemma2"):
         kw, real = _inputs(family)

@@ -621,6 +621,15 @@ def make_attention_function(backend: str = "auto"):
                 raise NotImplementedError(
                     f"attn_implementation='selfattn' cannot serve the argument {name!r} that "
                     f"{type(module).__name__} passes (selfattn has no {name}); use attn_implementation='eager' for this model")
+        device_type = query.device.type
+        if torch.is_autocast_enabled(device_type):
+            # as eager's matmuls and torch's sdpa under autocast: the autocast dtype for all three (RoPE and q/k
+            # norms hand over float32 queries and keys with bfloat16 values); then selfattn's own precision
+            # rules, autocast off (it would round selfattn's float32 steps and a float32 mask to bfloat16)
+            dtype = torch.get_autocast_dtype(device_type)
+            with torch.autocast(device_type, enabled=False):
+                return selfattn_attention(module, query.to(dtype), key.to(dtype), value.to(dtype), attention_mask,
+                                          dropout=dropout, scaling=scaling, softcap=softcap, s_aux=s_aux, **kwargs)
         if isinstance(attention_mask, HFMask):
             call = attention_mask.kwargs()
         elif attention_mask is None:
@@ -632,12 +641,14 @@ def make_attention_function(backend: str = "auto"):
             if call["causal"] and lq != key.shape[2]:
                 call["q_positions"] = torch.arange(lq, device=query.device)  # top-left, as torch's is_causal
         elif isinstance(attention_mask, torch.Tensor):
-            # a model that builds its own (B|1, 1|H, Lq, Lk) mask: bool = may attend, float = added
+            # a model that builds its own (B|1, 1|H, Lq, Lk) mask: bool = may attend, float = added, in its own
+            # dtype (selfattn adds it in the accumulation dtype, as eager's float32 promotion does: a float32
+            # finfo.min rounded to bfloat16 would be -inf, and a row all at it empty instead of eager's mean)
             _count("dense")
             m = attention_mask
-            if m.is_inference() or m.dtype not in (torch.bool, query.dtype):
+            if m.is_inference():
                 with _normal_tensors():  # a normal copy of a mask made under torch.inference_mode()
-                    m = m.clone() if m.dtype in (torch.bool, query.dtype) else m.to(query.dtype)
+                    m = m.clone()
             call = dict(mask=_masks.dense(m))
         else:
             raise TypeError(f"attn_implementation='selfattn': unexpected attention_mask of type {type(attention_mask).__name__} "
@@ -645,12 +656,6 @@ def make_attention_function(backend: str = "auto"):
         sinks = None
         if s_aux is not None:
             sinks = s_aux.reshape(-1)
-        device_type = query.device.type
-        if torch.is_autocast_enabled(device_type):
-            # as eager's matmuls and torch's sdpa under autocast: the autocast dtype for all three (RoPE and q/k
-            # norms hand over float32 queries and keys with bfloat16 values)
-            dtype = torch.get_autocast_dtype(device_type)
-            query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         want_weights = _wants_weights(module, kwargs)
         dropout_p = float(dropout or 0.0)
         if not want_weights:
