@@ -60,7 +60,9 @@ there matches ``sdpa``'s, and ``eager``'s once those predictions are left out.
 
 Under ``torch.autocast`` the attention function casts query, key and value to the autocast dtype, as
 eager's matmuls and torch's sdpa do (RoPE and q/k norms hand over float32 queries and keys with
-bfloat16 values). Under ``torch.inference_mode()`` the masks' tensors are made as normal tensors
+bfloat16 values), and runs selfattn with autocast off. A caller's float 4-D mask keeps its dtype
+(added in the accumulation dtype, as eager's float32 promotion: a float32 ``finfo.min`` rounded to
+bfloat16 would be -inf). Under ``torch.inference_mode()`` the masks' tensors are made as normal tensors
 (selfattn's mask caches key on version counters, which inference tensors lack).
 
 Versions: transformers 4.56 (the first with both interfaces) to 5.x. On 4.x, models that build
