@@ -471,3 +471,30 @@ def test_from_torch_dtype_and_state_dict():
     fresh = MultiHeadAttention(8, 2, kdim=3, vdim=5).double()
     fresh.load_state_dict(m.state_dict())
     assert torch.equal(fresh(q, k, v, need_weights=True)[0], got)
+
+
+@pytest.mark.parametrize("backend", ["math", "cpu"])
+def test_kv_cache_keeps_the_gradient_of_this_calls_keys(backend):
+    # the cache stores values only; the keys and values of the call that appends them must still
+    # carry their gradient (they were read back from the cache's buffer: k_proj and v_proj got none)
+    torch.manual_seed(14)
+    m = _perturb(MultiHeadAttention(8, 2, num_kv_heads=1, rope=True).double(), 0.5)
+    x = torch.randn(2, 5, 8, dtype=F64)
+    params = [m.q_proj.weight, m.k_proj.weight, m.v_proj.weight, m.out_proj.weight]
+    x1 = x.clone().requires_grad_(True)
+    want = torch.autograd.grad(m(x1, causal=True, backend=backend).square().sum(), [x1, *params])
+    x2 = x.clone().requires_grad_(True)
+    out = m(x2, causal=True, backend=backend, kv_cache=KVCache(2, 1, 8, 4, dtype=F64))
+    got = torch.autograd.grad(out.square().sum(), [x2, *params], allow_unused=True)
+    for name, g, w in zip(["x", "q_proj", "k_proj", "v_proj", "out_proj"], got, want):
+        assert g is not None, name
+        assert (g - w).abs().max() < 1e-10, name
+
+    # a later chunk: the cached past is a constant, the chunk's own input gets the exact gradient
+    def chunk(x_new):
+        cache = KVCache(2, 1, 8, 4, dtype=F64)
+        with torch.no_grad():
+            m(x[:, :3], causal=True, kv_cache=cache, backend=backend)
+        return m(x_new, causal=True, kv_cache=cache, backend=backend)
+
+    assert torch.autograd.gradcheck(chunk, (x[:, 3:].clone().requires_grad_(True),), eps=1e-6, atol=1e-6)

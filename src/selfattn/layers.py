@@ -271,7 +271,8 @@ class KVCache:
     new tokens continue each sequence's positions from there. Pass the cache to
     ``MultiHeadAttention(..., kv_cache=cache)`` with ``causal=True``: a prompt (prefill) followed
     by single tokens gives the outputs of one causal forward over the whole sequence. The cache
-    stores values only (no autograd history): it is for inference.
+    stores values only (no autograd history): under autograd, a call's own new keys and values
+    carry their gradient and the cached past is a constant.
     """
 
     def __init__(self, batch_size: int, num_kv_heads: int, capacity: int, head_dim: int,
@@ -589,7 +590,14 @@ class MultiHeadAttention(nn.Module):
                 # conventions); finite float entries are biases for this call only
                 new = key_padding_mask[:, past:]
                 new_keep = ~new if new.dtype == torch.bool else ~torch.isneginf(new)
-            k, v = kv_cache.append(k, v, positions=k_new_pos, keep=new_keep)  # (B, Hkv, past + Lk_new, Dh)
+            k_all, v_all = kv_cache.append(k, v, positions=k_new_pos, keep=new_keep)  # (B, Hkv, past + Lk_new, Dh)
+            if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+                # the cache holds values only: the cached past is a constant, but this call's own
+                # keys and values keep their gradient (a prefill trains as the forward without a cache)
+                k = torch.cat((k_all[:, :, :past], k), dim=2)  # (B, Hkv, past + Lk_new, Dh)
+                v = torch.cat((v_all[:, :, :past], v), dim=2)
+            else:
+                k, v = k_all, v_all
             kv_pos = kv_cache.positions  # (B, Lk)
             if not bool(kv_cache.keep.all()):
                 m = _combine(m, _masks.key_padding(kv_cache.keep.clone()))
