@@ -498,3 +498,35 @@ def test_kv_cache_keeps_the_gradient_of_this_calls_keys(backend):
         return m(x_new, causal=True, kv_cache=cache, backend=backend)
 
     assert torch.autograd.gradcheck(chunk, (x[:, 3:].clone().requires_grad_(True),), eps=1e-6, atol=1e-6)
+
+
+def _patched_probs():
+    # True once functional.attention_probs renormalises rows beyond its saved lse's precision
+    # (/work/notes/layers_probs_finfo_min.diff); until then the test below is a strict xfail
+    import inspect
+
+    from selfattn import functional
+
+    return "finfo.min" in inspect.getsource(functional.attention_probs)
+
+
+@pytest.mark.xfail(not _patched_probs(), strict=True,
+                   reason="attention_probs: a row all at finfo.min gives weights summing to Lk (reference/math) "
+                          "or 0 (cpu); needs /work/notes/layers_probs_finfo_min.diff (functional.py)")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weights_of_a_row_all_at_finfo_min_match_torch(backend):
+    # torch.nn.MultiheadAttention with a float mask whose row is all finfo.min (transformers' way of
+    # masking) attends uniformly there; the output already matches it, the weights must too
+    torch.manual_seed(15)
+    m = _perturb(MultiHeadAttention(8, 2)).eval()
+    t, t64 = m.to_torch().eval(), m.to_torch().double().eval()
+    x = torch.randn(2, 4, 8)
+    am = torch.zeros(4, 4)
+    am[2] = torch.finfo(torch.float32).min
+    am[1, 1:] = torch.finfo(torch.float32).min  # a row with one key left: an ordinary row
+    with torch.no_grad():
+        o32, w32 = t(x, x, x, attn_mask=am)
+        o64, w64 = t64(x.double(), x.double(), x.double(), attn_mask=am.double())
+    out, w = m(x, attn_mask=am, need_weights=True, backend=backend)
+    assert_close("out", out, o64, o32)
+    assert_close("weights", w, w64, w32)
