@@ -530,3 +530,23 @@ def test_weights_of_a_row_all_at_finfo_min_match_torch(backend):
     out, w = m(x, attn_mask=am, need_weights=True, backend=backend)
     assert_close("out", out, o64, o32)
     assert_close("weights", w, w64, w32)
+
+
+def test_self_attention_takes_a_mask_shaped_like_its_weights():
+    # SelfAttention returns (B, L, L) weights; a (B, L, L) mask (selfattn's convention, True = may
+    # attend) was refused ('does not broadcast to (B, H, Lq, Lk) = (2, 1, 5, 5)') unless B == 1
+    gen = torch.Generator().manual_seed(16)
+    torch.manual_seed(16)
+    layer = _perturb(SelfAttention(6, qk_dim=3, v_dim=5), 0.6)
+    x = torch.randn(2, 5, 6, generator=gen)
+    allowed = torch.rand(2, 5, 5, generator=gen) < 0.6
+    allowed[:, :, 0] = True
+    add = torch.randn(2, 5, 5, generator=gen)
+    for mask, ok in ((allowed, dict(allowed=allowed)), (add, dict(add=add))):
+        out, w = layer(x, mask=mask, need_weights=True)
+        o64, w64, s64 = _sa(layer, x, F64, **ok)
+        o32, _, s32 = _sa(layer, x, torch.float32, **ok)
+        assert_close("out", out, o64, o32)
+        assert_close("weights", w, w64, _probs_twin(w64, s64, s32))
+    with pytest.raises(ValueError, match=r"mask: shape \(3, 5, 5\) does not broadcast to the weights. \(B, L, L\) = \(2, 5, 5\)"):
+        layer(x, mask=allowed[:1].expand(3, 5, 5))

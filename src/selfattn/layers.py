@@ -218,7 +218,8 @@ class SelfAttention(nn.Module):
         Args:
             x: (B, L, embed_dim), or (L, embed_dim) for one unbatched sequence.
             mask, causal, window, scale, softcap, backend: as in :func:`selfattn.attention`
-                (mask in selfattn's convention: bool True = may attend).
+                (mask in selfattn's convention: bool True = may attend). A tensor mask may also
+                be (B, L, L), the shape of the weights: the layer adds its one head axis.
             return_stats: also return :class:`AttentionStats`, each (B, 1, L).
             need_weights: also return the attention weights (B, L, L), computed by
                 :func:`selfattn.attention_probs` from the saved statistics (detached, float32
@@ -242,6 +243,15 @@ class SelfAttention(nn.Module):
         if self.b_Q is not None:
             q, k, v = q + self.b_Q, k + self.b_K, v + self.b_V
         q, k, v = q[:, None], k[:, None], v[:, None]  # (B, 1, L, d) one head
+        if isinstance(mask, torch.Tensor) and mask.dim() == 3:
+            B, L = x.shape[0], x.shape[1]
+            try:
+                ok = torch.broadcast_shapes(mask.shape, (B, L, L)) == (B, L, L)
+            except RuntimeError:
+                ok = False
+            if not ok:
+                raise ValueError(f"mask: shape {_shape(mask)} does not broadcast to the weights' (B, L, L) = ({B}, {L}, {L})")
+            mask = mask[:, None]  # (B, 1, L, L): one head
         opts = dict(mask=mask, causal=causal, window=window, scale=scale, softcap=softcap)
         want_stats = return_stats or need_weights
         res = attention(q, k, v, **opts, return_stats=want_stats, backend=backend)
