@@ -550,3 +550,14 @@ def test_self_attention_takes_a_mask_shaped_like_its_weights():
         assert_close("weights", w, w64, _probs_twin(w64, s64, s32))
     with pytest.raises(ValueError, match=r"mask: shape \(3, 5, 5\) does not broadcast to the weights. \(B, L, L\) = \(2, 5, 5\)"):
         layer(x, mask=allowed[:1].expand(3, 5, 5))
+
+
+def test_transformer_compiles_without_graph_breaks():
+    # the ids range check read tensor values (int(ids.min())): fullgraph torch.compile refused the model
+    torch.manual_seed(17)
+    t = Transformer(TransformerConfig(vocab_size=20, dim=16, n_layers=1, n_heads=2)).eval()
+    ids = torch.randint(0, 20, (2, 7))
+    got = torch.compile(lambda i: t(i, backend="math"), fullgraph=True, backend="eager")(ids)
+    assert_close("compiled logits", got, copy.deepcopy(t).double()(ids, backend="math"), t(ids, backend="math"))
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 20\)"):
+        t(torch.tensor([[3, 20]]))  # still checked eagerly
