@@ -561,3 +561,16 @@ def test_transformer_compiles_without_graph_breaks():
     assert_close("compiled logits", got, copy.deepcopy(t).double()(ids, backend="math"), t(ids, backend="math"))
     with pytest.raises(ValueError, match=r"ids must lie in \[0, 20\)"):
         t(torch.tensor([[3, 20]]))  # still checked eagerly
+
+
+def test_self_attention_given_as_key_in_both_layouts():
+    # m(x, x, x) is self-attention: with batch_first=False the transposed views of the same tensor
+    # were taken for cross-attention, so positions were refused ('with a separate key it needs a kv_cache')
+    torch.manual_seed(18)
+    pos = torch.tensor([[0, 1, 2, 5, 6], [3, 4, 5, 6, 7]])
+    for batch_first in (True, False):
+        m = MultiHeadAttention(8, 2, rope=True, batch_first=batch_first).eval()
+        x = torch.randn(2, 5, 8) if batch_first else torch.randn(5, 2, 8)
+        want = m(x, causal=True, positions=pos, backend="math")
+        assert torch.equal(m(x, x, x, causal=True, positions=pos, backend="math"), want)
+        assert torch.equal(m(x, x, causal=True, positions=pos, backend="math"), want)

@@ -530,6 +530,7 @@ class MultiHeadAttention(nn.Module):
             return_stats ``(out, stats)``; with both ``(out, weights, stats)``.
         """
         p = self.q_proj.weight
+        same_key = key is query  # m(x, x, x) is self-attention in either layout (the transposes below make new views)
         if not self.batch_first:
             for name, t in (("query", query), ("key", key), ("value", value)):
                 if isinstance(t, torch.Tensor) and t.dim() != 3:
@@ -572,7 +573,7 @@ class MultiHeadAttention(nn.Module):
             # projections are bfloat16/float16 while the norms' scales stay float32
             q, k = self.q_norm(q).to(q.dtype), self.k_norm(k).to(k.dtype)
         past = 0 if kv_cache is None else kv_cache.length
-        self_attn = key is query
+        self_attn = key is query or same_key
         Lk = past + k.shape[2]
         q_pos = None  # (B, Lq) or None for the defaults
         if positions is not None:
