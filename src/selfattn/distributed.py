@@ -18,7 +18,12 @@ positions in the whole sequence, so causal and window masks read the right dista
 sliced to the piece. A piece that a mask rules out entirely is skipped; a piece the mask
 allows entirely runs with no mask at all. Pieces aligned like an unsharded causal call (the
 diagonal) run with default positions; only the others pass positions (a backend without
-positions then hands them to ``math`` under ``backend="auto"``).
+positions then hands them to ``math`` under ``backend="auto"``). With ALiBi every piece off
+the diagonal passes positions (the bias reads each pair's distance).
+
+Sinks (per-head logits with a zero value) join each row's softmax once, after the last shard:
+one more part of the merge with lse = sink, output 0, entropy 0 and no max_logit. Their
+gradient, -sum_rows exp(sink - lse) delta, is this rank's queries' share.
 
 Layouts (W = 4 ranks, sequence in 8 chunks)::
 
@@ -41,7 +46,8 @@ Errors: every rank checks its own call (and resolves the backend of every piece 
 then the ranks compare one small summary (shapes, dtype, layout, mask, scale, softcap, grad)
 with one ``all_gather``; a bad call raises on every rank instead of leaving some ranks waiting
 for the others. Collectives and transfers are bounded by the group's timeout
-(``init_process_group(timeout=)``) and, for transfers, by ``timeout=`` seconds when given.
+(``init_process_group(timeout=)``) and, for the agreement and the transfers, by ``timeout=``
+seconds when given.
 
 Example (under ``torchrun --nproc_per_node 2``)::
 
@@ -188,6 +194,7 @@ class _Plan:
     backend: str
     acc: torch.dtype
     timeout: datetime.timedelta | None
+    alibi: torch.Tensor | None = None  # ALiBi slopes (Hq,) or (B, Hq): every piece off the diagonal then needs positions
 
     @property
     def length(self) -> int:
@@ -248,7 +255,7 @@ def _fingerprint(t: torch.Tensor) -> int:
     return zlib.crc32(t.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()) & 0x7FFFFFFF
 
 
-def _signature(q, k, v, layout, band, structural, scale, softcap, grad, stats):
+def _signature(q, k, v, layout, band, structural, scale, softcap, grad, stats, sinks=None, alibi=None):
     """int64 summary of one call that every rank must share (decoded by _describe)."""
     sig = [*q.shape, *k.shape, *v.shape, FLOAT_DTYPES.index(q.dtype), LAYOUTS.index(layout)]
     sig += [-2, -2] if band is None else [-1 if b is None else b for b in band]
@@ -258,13 +265,16 @@ def _signature(q, k, v, layout, band, structural, scale, softcap, grad, stats):
             fp = zlib.crc32(str((part[0], None if t is None else _fingerprint(t))).encode(), fp)
     sig += [fp, torch.tensor(scale, dtype=torch.float64).view(torch.int64).item(),
             -1 if softcap is None else torch.tensor(softcap, dtype=torch.float64).view(torch.int64).item(), int(grad), int(stats)]
+    for t in (sinks, alibi):
+        sig += [-1 if t is None else zlib.crc32(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()) & 0x7FFFFFFF]
     return sig
 
 
 _SIG_FIELDS = [("query shape", 0, 4), ("key shape", 4, 8), ("value shape", 8, 12), ("dtype", 12, 13), ("layout", 13, 14),
                ("window/causal band", 14, 16), ("mask contents", 16, 17), ("scale", 17, 18), ("softcap", 18, 19),
-               ("requires grad", 19, 20), ("return_stats", 20, 21)]
-_SIG_LEN = 21
+               ("requires grad", 19, 20), ("return_stats", 20, 21), ("sinks (checksum; -1: none)", 21, 22),
+               ("alibi_slopes (checksum; -1: none)", 22, 23)]
+_SIG_LEN = 23
 
 
 def _describe(sigs):
@@ -282,14 +292,39 @@ def _describe(sigs):
     return "; ".join(diffs)
 
 
-def _agree(g, world, error, error_type, sig, device):
+def _wait(work, timeout, what):
+    """Wait for one collective or transfer; a timeout raises a RuntimeError that says what was awaited."""
+    try:
+        if timeout is None:
+            work.wait()
+        else:
+            work.wait(timeout)
+    except RuntimeError as e:
+        limit = "the group's timeout" if timeout is None else f"timeout={timeout.total_seconds():g} s"
+        raise RuntimeError(f"ring_attention: {what} did not complete within {limit} (a rank that did not make the same "
+                           f"call, or did not run the backward, leaves the others waiting): {e}") from e
+
+
+def _as_timedelta(timeout):
+    """``timeout=`` seconds as a timedelta; None (the group's timeout) for None and for 1e9 s or more (inf)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"ring_attention: timeout must be a positive number of seconds or None, got {timeout!r}")
+    if timeout >= 1e9:  # 31 years; timedelta overflows near 1e14 s, and torch's waits count milliseconds
+        return None
+    return datetime.timedelta(seconds=timeout)
+
+
+def _agree(g, world, error, error_type, sig, device, timeout=None):
     """One all_gather: raise on every rank if any rank's call is bad or the ranks' calls differ.
 
     The rank that found the problem raises its own error (its type); the others a ValueError naming it.
+    ``timeout`` (a timedelta, or None for the group's) bounds the wait for the other ranks.
     """
     row = torch.tensor([1 if error else 0] + (sig if sig is not None else [0] * _SIG_LEN), dtype=torch.int64, device=device)
     rows = [torch.empty_like(row) for _ in range(world)]
-    dist.all_gather(rows, row, group=g)
+    _wait(dist.all_gather(rows, row, group=g, async_op=True), timeout, "agreeing on the call with the other ranks")
     rows = [r.tolist() for r in rows]
     if any(r[0] for r in rows):
         msgs = [None] * world
@@ -301,7 +336,7 @@ def _agree(g, world, error, error_type, sig, device):
     sigs = [r[1:] for r in rows]
     if any(s != sigs[0] for s in sigs):
         raise ValueError(f"ring_attention: the ranks' shards or options differ (one value per rank, in rank order): {_describe(sigs)}. "
-                         "Every rank must pass shards of one shape and dtype and the same mask, layout, scale and softcap")
+                         "Every rank must pass shards of one shape and dtype and the same mask, layout, scale, softcap, sinks and alibi_slopes")
 
 
 # -- pieces: one contiguous run of queries against one of keys --------------------------------
@@ -349,6 +384,8 @@ def _piece(plan: _Plan, qs: int, nq: int, ks: int, nk: int, device):
                 c0 = 0 if left is None else max(0, qs + r0 - left - ks)
                 c1 = nk if right is None else min(nk, qs + r1 - 1 + right - ks + 1)
                 return c0, max(c0, c1)
+    if plan.alibi is not None and positions[0] is None and qs - ks != nk - nq:  # ALiBi reads every pair's distance
+        positions = (torch.arange(qs, qs + nq, device=device)[None], torch.arange(ks, ks + nk, device=device)[None])
     if plan.structural:
         qidx, kidx = torch.arange(qs, qs + nq, device=device), torch.arange(ks, ks + nk, device=device)
         sliced = [_slice_structural(p, qidx, kidx) for p in plan.structural]
@@ -413,14 +450,15 @@ def _preflight(plan: _Plan, q, k, v):
     for src in range(plan.world):
         for qs, ks, piece in _pieces(plan, src, q.device, split=_SPLIT):  # the pieces the ring will run
             req = build_request(qa[:, :, qs], ka[:, :, ks], va[:, :, ks], mask=piece.mask, scale=plan.scale, softcap=plan.softcap,
-                                q_positions=piece.q_positions, kv_positions=piece.kv_positions, return_stats=True, requires_grad=False)
+                                alibi_slopes=plan.alibi, q_positions=piece.q_positions, kv_positions=piece.kv_positions,
+                                return_stats=True, requires_grad=False)
             _backend_for(plan, qa[:, :, qs], ka[:, :, ks], va[:, :, ks], req)
 
 
 def _piece_forward(plan: _Plan, q, k, v, piece: _Piece):
     """(out (B, Hq, nq, Dv), AttentionStats) of one piece, in the accumulation dtype."""
-    req = build_request(q, k, v, mask=piece.mask, scale=plan.scale, softcap=plan.softcap, q_positions=piece.q_positions,
-                        kv_positions=piece.kv_positions, return_stats=True, requires_grad=False)
+    req = build_request(q, k, v, mask=piece.mask, scale=plan.scale, softcap=plan.softcap, alibi_slopes=plan.alibi,
+                        q_positions=piece.q_positions, kv_positions=piece.kv_positions, return_stats=True, requires_grad=False)
     return run(q, k, v, req, _backend_for(plan, q, k, v, req))
 
 
@@ -478,14 +516,11 @@ class _Ring:
 
     def wait(self, works):
         for w in works:
-            if self.timeout is None:
-                w.wait()
-            else:
-                w.wait(self.timeout)
+            _wait(w, self.timeout, f"a ring transfer (to rank {self.next}, from rank {self.prev})")
 
 
-def _ring_forward(plan: _Plan, q, k, v):
-    """(out, lse, max_logit, entropy) of this rank's queries against every rank's keys, in plan.acc."""
+def _ring_forward(plan: _Plan, q, k, v, sinks=None):
+    """(out, lse, max_logit, entropy) of this rank's queries against every rank's keys (and the sinks), in plan.acc."""
     acc = plan.acc
     B, Hq, n, _ = q.shape
     qa = q.detach().to(acc)  # (B, Hq, n, D) low precision computes in float32
@@ -512,6 +547,10 @@ def _ring_forward(plan: _Plan, q, k, v):
             ring.wait(works)
             kv = nxt
             del nxt
+    if sinks is not None:  # the sink: one more part of each row's softmax, with a zero value and no max_logit
+        sink_lse = sinks.detach().to(acc)[None, :, None].expand(B, Hq, n)  # (B, Hq, n)
+        sink = AttentionStats(sink_lse, torch.full_like(lse, float("-inf")), torch.zeros_like(lse))
+        _merge(state, slice(None), torch.zeros_like(out), sink)
     return out, lse, mx, ent
 
 
@@ -532,6 +571,11 @@ def _piece_backward(plan: _Plan, q, do, lse, delta, k, v, piece: _Piece, dq, dk,
     cols_per = _BWD_COLS
     rows_per = max(1, _BWD_ROWS * _BWD_COLS // (B * Hq * cols_per))
     lse_safe = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))  # fully-masked rows: P = 0
+    slopes = None
+    if plan.alibi is not None:  # distances from the piece's positions (default: bottom-right aligned, as the forward)
+        slopes = plan.alibi.to(torch.float32).to(q.dtype).reshape(-1, Hq, 1, 1)  # (B|1, Hq, 1, 1) float32 values, as the forward
+        qpos = piece.q_positions[0] if piece.q_positions is not None else torch.arange(nq, device=q.device) + nk - nq  # (nq,)
+        kpos = piece.kv_positions[0] if piece.kv_positions is not None else torch.arange(nk, device=q.device)  # (nk,)
     for r0 in range(0, nq, rows_per):
         r1 = min(nq, r0 + rows_per)
         R = r1 - r0
@@ -553,7 +597,10 @@ def _piece_backward(plan: _Plan, q, do, lse, delta, k, v, piece: _Piece, dq, dk,
             if plan.softcap is not None:
                 t = p.div_(plan.softcap).tanh_()  # p is t now
                 p = t * plan.softcap
-            p = p.view(B, Hq, R, C).sub_(lse_r).exp_()  # (B, Hq, R, C) global probabilities
+            p = p.view(B, Hq, R, C)
+            if slopes is not None:  # ALiBi after the softcap: - slope |q_pos - kv_pos|
+                p = p - slopes * (qpos[r0:r1, None] - kpos[None, c0:c1]).abs().to(q.dtype)  # (B, Hq, R, C)
+            p = p.sub_(lse_r).exp_()  # (B, Hq, R, C) global probabilities
             if allowed is not None:
                 p.masked_fill_(~allowed[..., c0:c1], 0.0)
             pg = p.view(B, Hkv, G * R, C)
@@ -576,14 +623,16 @@ def _fused_backward(plan: _Plan, q, k, v, piece: _Piece):
 
     if getattr(_cpu, "_k", None) is None:  # numba missing
         return None
-    req = build_request(q, k, v, mask=piece.mask, scale=plan.scale, softcap=plan.softcap, q_positions=piece.q_positions,
+    req = build_request(q, k, v, mask=piece.mask, scale=plan.scale, softcap=plan.softcap, alibi_slopes=plan.alibi,
+                        q_positions=piece.q_positions,
                         kv_positions=piece.kv_positions, requires_grad=True)
     if _backends.get("cpu").unsupported(q, k, v, req) is not None:
         return None
     return _cpu.shard_backward
 
 
-def _ring_backward(plan: _Plan, dout, q, k, v, out, lse):
+def _ring_backward(plan: _Plan, dout, q, k, v, out, lse, sinks=None):
+    """(dq, dk, dv, dsinks): dsinks (Hq,) is this rank's queries' share (None without sinks)."""
     acc = plan.acc
     qa, do = q.detach().to(acc), dout.to(acc)  # (B, Hq, n, D), (B, Hq, n, Dv)
     delta = (do * out).sum(-1)  # (B, Hq, n) rowsum(dO * O) of the merged output
@@ -610,7 +659,7 @@ def _ring_backward(plan: _Plan, dout, q, k, v, out, lse):
             # the fused kernels, from the global lse and delta: this piece's share of dQ, dK, dV
             dq_p, dk_p, dv_p = fused(*args, do[:, :, qs], lse[:, :, qs], delta[:, :, qs], mask=piece.mask,
                                      q_positions=piece.q_positions, kv_positions=piece.kv_positions,
-                                     scale=plan.scale, softcap=plan.softcap)
+                                     scale=plan.scale, softcap=plan.softcap, alibi_slopes=plan.alibi)
             dq[:, :, qs] += dq_p  # (B, Hq, nq, D)
             dk[:, :, ks] += dk_p  # (B, Hkv, nk, D)
             dv[:, :, ks] += dv_p  # (B, Hkv, nk, Dv)
@@ -624,24 +673,29 @@ def _ring_backward(plan: _Plan, dout, q, k, v, out, lse):
             del kv  # the last shard: not needed while the gradients travel
         # pass the accumulated gradient on; after the last step it reaches the shard's owner
         ring.exchange_((dk, dv))
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    dsinks = None
+    if sinks is not None:  # d sink = -sum_rows p_sink * delta, p_sink = exp(sink - lse) (lse includes the sink)
+        p_sink = torch.exp(sinks.detach().to(acc)[None, :, None] - lse)  # (B, Hq, n)
+        p_sink = torch.where(torch.isfinite(lse), p_sink, torch.zeros_like(p_sink))
+        dsinks = -(p_sink * delta).sum((0, 2)).to(sinks.dtype)  # (Hq,)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan):
-        out, lse, mx, ent = _ring_forward(plan, q, k, v)
+    def forward(ctx, q, k, v, sinks, plan):
+        out, lse, mx, ent = _ring_forward(plan, q, k, v, sinks)
         ctx.plan = plan
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, sinks, out, lse)
         result = out.to(q.dtype)
         ctx.mark_non_differentiable(lse, mx, ent)
         return result, lse, mx, ent
 
     @staticmethod
     def backward(ctx, dout, _lse, _mx, _ent):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(ctx.plan, dout, q, k, v, out, lse)
-        return dq, dk, dv, None
+        q, k, v, sinks, out, lse = ctx.saved_tensors
+        dq, dk, dv, dsinks = _ring_backward(ctx.plan, dout, q, k, v, out, lse, sinks)
+        return dq, dk, dv, dsinks, None
 
 
 # -- the public entry point ------------------------------------------------------------------------
@@ -658,6 +712,8 @@ def ring_attention(
     mask=None,
     scale: float | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
     return_stats: bool = False,
     layout: str = "contiguous",
     backend: str = "auto",
@@ -678,6 +734,14 @@ def ring_attention(
             ``masks.key_padding`` ((B, L)), ``masks.padding`` (global lengths), or those combined
             with ``&``. Dense and function masks are refused (they would need the whole L x L).
         scale, softcap: as in ``selfattn.attention``.
+        sinks: (Hq,) per-head sink logits, as in ``selfattn.attention`` (gpt-oss): the same on
+            every rank. lse includes the sink, max_logit is over keys only, entropy is of keys
+            plus sink. Gets a gradient: on each rank, its own queries' share (sum it over the
+            group, as context-parallel training sums every parameter's gradient, for the
+            whole sequence's).
+        alibi_slopes: (Hq,) or (B, Hq), as in ``selfattn.attention`` (FlashAttention's
+            convention: - slope |i - j| after the softcap), on global positions; the same on
+            every rank. No gradient.
         return_stats: also return this rank's :class:`AttentionStats` rows (lse, max_logit,
             entropy), exactly those of the unsharded call.
         layout: ``"contiguous"`` or ``"balanced"`` (rank r holds chunks r and 2W-1-r of 2W;
@@ -685,20 +749,22 @@ def ring_attention(
         backend: the backend for each shard's forward piece ("auto": the fastest capable one);
             the backward runs in the cpu backend's fused kernels when it is "auto" or "cpu" and
             the cpu backend serves the piece, else in torch ops (see the module docstring).
-        timeout: seconds to wait for each ring transfer (default: the group's timeout).
+        timeout: seconds to wait for the other ranks: for the agreement on the call and for each
+            ring transfer (default: the group's timeout). Running out raises a RuntimeError.
 
     Returns:
         output (B, Hq, n, Dv) in the input dtype, or ``(output, stats)`` with stats (B, Hq, n)
         in float32 (float64 for float64 inputs). Fully-masked rows: output 0, lse -inf,
-        max_logit -inf, entropy 0, zero gradients.
+        max_logit -inf, entropy 0, zero gradients (with sinks: lse = the sink's logit).
 
     Raises:
         RuntimeError on every rank when torch.distributed is not initialised; ValueError on
         every rank when any rank's call is bad or the ranks' shards/options differ.
     """
     g, rank, world = _group(group, "ring_attention")
-    error, error_type, sig, plan = None, None, None, None
+    error, error_type, sig, plan, wait_for = None, None, None, None, None
     try:
+        wait_for = _as_timedelta(timeout)  # first: it bounds the agreement below too
         check_qkv(q, k, v)
         _check_layout(layout, "ring_attention")
         B, Hq, n, D = q.shape
@@ -706,31 +772,30 @@ def ring_attention(
             raise ValueError(f"ring_attention: query and key shards must have the same length (self-attention), "
                              f"got query {tuple(q.shape)}, key {tuple(k.shape)}")
         if n == 0 or (layout == "balanced" and n % 2):
-            raise ValueError(f"ring_attention: a {layout} shard must hold {'an even number of' if layout == 'balanced' else 'at least one'} "
-                             f"rows (the sequence length must be divisible by {'2 x ' if layout == 'balanced' else ''}the world size "
+            raise ValueError(f"ring_attention: a {layout} shard must hold {'an even number of rows' if layout == 'balanced' else 'at least one row'} "
+                             f" (the sequence length must be divisible by {'2 x ' if layout == 'balanced' else ''}the world size "
                              f"{world}), got shard length {n}")
         if not isinstance(return_stats, bool):
             raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
         band, structural = _plan_mask(mask, causal, window, B, n * world, q.device)
         sc = resolve_scale(scale, D)
-        req = build_request(q[:, :, :1], k[:, :, :1], v[:, :, :1], scale=sc, softcap=softcap)  # checks softcap
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        sig = _signature(q, k, v, layout, band, structural, sc, req.softcap, grad, return_stats)
+        req = build_request(q[:, :, :1], k[:, :, :1], v[:, :, :1], scale=sc, softcap=softcap, sinks=sinks,
+                            alibi_slopes=alibi_slopes)  # checks softcap, sinks, slopes
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks))
+        sig = _signature(q, k, v, layout, band, structural, sc, req.softcap, grad, return_stats, sinks, alibi_slopes)
         plan = _Plan(rank=rank, world=world, group=g, layout=layout, n=n, batch=B, q_heads=Hq, kv_heads=k.shape[1],
                      scale=sc, softcap=req.softcap, band=band, structural=structural, backend=backend, acc=acc_dtype(q.dtype),
-                     timeout=None if timeout is None else datetime.timedelta(seconds=timeout))
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
-            raise ValueError(f"ring_attention: timeout must be a positive number of seconds or None, got {timeout!r}")
+                     timeout=wait_for, alibi=None if alibi_slopes is None else alibi_slopes.detach())
         _preflight(plan, q, k, v)
     except (TypeError, ValueError, _backends.BackendUnavailable) as e:
         error, error_type = (str(e) if str(e).startswith("ring_attention") else f"ring_attention: {e}"), type(e)
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
-    _agree(g, world, error, error_type, sig, device)
+    _agree(g, world, error, error_type, sig, device, wait_for)
     if grad:
-        out, lse, mx, ent = _RingAttention.apply(q, k, v, plan)
+        out, lse, mx, ent = _RingAttention.apply(q, k, v, sinks, plan)
     else:
         with torch.no_grad():
-            out, lse, mx, ent = _ring_forward(plan, q, k, v)
+            out, lse, mx, ent = _ring_forward(plan, q, k, v, sinks)
         out = out.to(q.dtype)
     if return_stats:
         return out, AttentionStats(lse, mx, ent)
