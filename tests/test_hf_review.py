@@ -376,9 +376,6 @@ def test_inference_mode(family):
         assert (ref.float() - got.float()).abs().max() <= 0.1  # bfloat16 logits, two orders of rounding
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="lowering.py and backends/cpu.py key mask tensors on t._version, which inference tensors lack; "
-                          "fixed by /work/notes/hf_inference_mode.diff: delete this mark when it is applied")
 @pytest.mark.parametrize("backend", ["auto", "cpu"])
 def test_attention_with_a_mask_made_in_inference_mode(backend):
     # what the integration works around (build_mask makes its tensors outside inference mode), for direct calls:

@@ -90,8 +90,14 @@ def clear_cache() -> None:
     _PLAIN.clear()
 
 
+def tensor_version(t):
+    """``t._version``, or for an inference tensor (made under torch.inference_mode(), which keeps no version
+    counter and may still be changed in place there) a new object each time: never equal, never a cache hit."""
+    return object() if t.is_inference() else t._version
+
+
 def _tensor_key(t):
-    return None if t is None else (id(t), t._version, t.data_ptr(), tuple(t.shape))
+    return None if t is None else (id(t), tensor_version(t), t.data_ptr(), tuple(t.shape))
 
 
 def _mask_tensors(mask):

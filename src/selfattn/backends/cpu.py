@@ -1023,7 +1023,7 @@ def fast_masked(q, k, v, mask, causal: bool, scale, auto: bool = False):
         fresh = len(tensors) == len(plan.tensors) and mask.cache_key() == plan.rule  # (an attribute changed in place)
         if fresh:
             for t, was, ver in zip(tensors, plan.tensors, plan.versions):
-                if t is not was or (t is not None and t._version != ver):
+                if t is not was or (t is not None and lowering.tensor_version(t) != ver):
                     fresh = False
                     break
         if fresh and plan.auto is not None:
@@ -1047,7 +1047,7 @@ def _masked_first(q, k, v, mask, causal, scale, auto, key):
     except (TypeError, ValueError):
         return None  # the general path raises it, as always
     tensors = _mask_tensors(mask)
-    versions = tuple(None if t is None else t._version for t in tensors)
+    versions = tuple(None if t is None else lowering.tensor_version(t) for t in tensors)
     rule = mask.cache_key()
     served, choice = _served(q, k, v, req, auto)
     allow = out = None
