@@ -245,6 +245,17 @@ def attention_probs(
     p = torch.where(valid, p, torch.zeros_like(p))
     if allowed is not None:
         p = p.masked_fill(~allowed, 0.0)
+    if req.sinks is None:
+        # A row whose scores all sit near a float mask's finite minimum (transformers' masks,
+        # torch.nn.MultiheadAttention's with finfo.min) cannot be normalised by its saved lse:
+        # s + finfo.min rounds to finfo.min and so does finfo.min + log(Lk), so exp(s - lse) sums to
+        # the number of keys (or to 0 where a kernel saturated the lse). Such rows, whose sum is off 1
+        # by far more than rounding, take the softmax of their scores (uniform over their keys, as
+        # torch's softmax gives); every other row keeps exp(s - lse).
+        off = valid & ((p.sum(-1, keepdim=True) - 1).abs() > 1e-3)  # (B, h, r, 1)
+        if torch.compiler.is_compiling() or bool(off.any()):
+            ss = s if allowed is None else s.masked_fill(~allowed, float("-inf"))
+            p = torch.where(off, torch.softmax(ss, dim=-1), p)
     return p
 
 
