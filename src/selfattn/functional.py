@@ -239,7 +239,9 @@ def attention_probs(
         bias = req.mask.bias_in(g, rows_t)
         if bias is not None:
             s = s + _select_heads(bias, heads_t).to(acc)
-    lse = stats.lse[:, heads_t][:, :, rows_t].to(acc)[..., None]  # (B, h, r, 1)
+    # the saved lse is a constant here (its own gradient, where a backend gives it one, is not used): the
+    # normaliser's part of the gradient is put back below, the same for every backend
+    lse = stats.lse.detach()[:, heads_t][:, :, rows_t].to(acc)[..., None]  # (B, h, r, 1)
     valid = torch.isfinite(lse)
     p = torch.exp(s - torch.where(valid, lse, torch.zeros_like(lse)))  # (B, h, r, Lk)
     p = torch.where(valid, p, torch.zeros_like(p))
@@ -256,6 +258,16 @@ def attention_probs(
         if torch.compiler.is_compiling() or bool(off.any()):
             ss = s if allowed is None else s.masked_fill(~allowed, float("-inf"))
             p = torch.where(off, torch.softmax(ss, dim=-1), p)
+    sinks_t = None if req.sinks is None else req.sinks[heads_t].to(acc)[None, :, None, None]  # (1, h, 1, 1)
+    if torch.is_grad_enabled() and (p.requires_grad or (sinks_t is not None and sinks_t.requires_grad)):
+        # exp(s - lse) with lse constant leaves out the normaliser's part of the softmax's gradient,
+        # dp_j/ds_i = -p_j p_i (and dp_j/d sink = -p_j p_sink). With T the row's total probability (sink
+        # included, 1 in value), p - p.detach() (T - T.detach()) equals p and has the softmax's gradient
+        total = p.sum(dim=-1, keepdim=True)  # (B, h, r, 1)
+        if sinks_t is not None:
+            share = torch.exp(sinks_t - torch.where(valid, lse, torch.zeros_like(lse)))  # the sink's probability
+            total = total + torch.where(valid, share, torch.zeros_like(share))
+        p = p - p.detach() * (total - total.detach())
     return p
 
 

@@ -593,24 +593,9 @@ def _wants_weights(module, kwargs) -> bool:
 
 
 def _weights(query, key, stats, call, scaling, softcap, sinks):
-    """Exact weights (B, Hq, Lq, Lk), differentiable as a softmax is.
-
-    ``attention_probs`` computes p_j = exp(s_j - lse) with the saved log-sum-exp, a constant to
-    autograd, which leaves out the normaliser's part of the gradient, dp_j/ds_i = -p_j p_i (and
-    dp_j/d sink = -p_j p_sink). It is put back without changing a value: with T the row's total
-    probability (sink included), p - p.detach() * (T - T.detach()) equals p and its gradient is
-    the softmax's. Only when something asks for gradients.
-    """
-    p = attention_probs(query, key, stats.detach(), scale=scaling, softcap=softcap, sinks=sinks, **call)
-    sink_grad = sinks is not None and sinks.requires_grad
-    if not torch.is_grad_enabled() or not (p.requires_grad or sink_grad):
-        return p
-    total = p.sum(dim=-1)  # (B, Hq, Lq)
-    if sink_grad:
-        lse = stats.lse.detach().to(p.dtype)  # (B, Hq, Lq), -inf on rows with nothing to see
-        share = torch.exp(sinks.to(p.dtype).view(1, -1, 1) - lse)  # the sink's probability
-        total = total + torch.where(torch.isfinite(lse), share, torch.zeros_like(share))
-    return p - p.detach() * (total - total.detach())[..., None]
+    """Exact weights (B, Hq, Lq, Lk), differentiable as a softmax is (``attention_probs`` puts the
+    normaliser's part of the gradient back itself, sinks included)."""
+    return attention_probs(query, key, stats, scale=scaling, softcap=softcap, sinks=sinks, **call)
 
 
 def make_attention_function(backend: str = "auto"):
