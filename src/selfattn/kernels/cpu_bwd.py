@@ -306,11 +306,12 @@ def _mxcsr_set(typingctx, value):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _score_terms_t(st, lo, w, rows, ncols, scaled, b, h, qb, kb, kind, mask, opts):
+def _score_terms_t(st, lo, w, rows, ncols, scaled, b, h, qb, kb, kind, mask, opts, alibi):
     # st[:ncols, :rows] holds k.q, times the scale when `scaled` (never with a softcap): the softcap or
     # the scale, ALiBi, the float bias and the element-wise mask, in cpu_flash._score_terms's order.
     # With a softcap, w gets the dS factor c (1 - tanh^2) and lo (unless empty) the rest of c tanh(u)
-    # past its float32 rounding (cpu_flash._softcap_tile)
+    # past its float32 rounding (cpu_flash._softcap_tile). ALiBi unless `alibi` is False (a split block:
+    # cpu_flash._qk_split adds it in float64, as the forward does)
     r0, c0 = qb * BLOCK_M, kb * BLOCK_N
     softcap = opts.softcap_u > 0.0
     if not softcap and not scaled:
@@ -321,7 +322,7 @@ def _score_terms_t(st, lo, w, rows, ncols, scaled, b, h, qb, kb, kind, mask, opt
     if softcap:
         # -- softcap: c * tanh(u) in float64, rounded once (as the forward does), its rest and w --
         _softcap_tile(st, lo, w, ncols, rows, opts)
-    if mask.alibi.size > 0:
+    if alibi and mask.alibi.size > 0:
         # -- ALiBi: - slope * |q_pos - kv_pos|, slope in score units: the forward's vector IR (one FMA a
         # vector of query lanes), so the scores stay bit-identical (a numba loop here cost +19 %) --
         _alibi_tile(st, rows, ncols, b, h, r0, c0, mask.alibi, mask.q_pos_f, mask.kv_pos_f)
@@ -557,14 +558,16 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
                 _gemm_pf(pk, D, I1, _addr(qt), IM, _addr(st), IM, ncols, D, nr, store, MODE_STORE, walk_s, st)
             if ALL_FEATURES:
                 if terms or kind == PARTIAL:
-                    _score_terms_t(st, lo, wcap, rows, ncols, (scaled or raw or split) and softcap <= 0.0, b, h, qb, kb, kind, mask, opts)
+                    _score_terms_t(st, lo, wcap, rows, ncols, (scaled or raw or split) and softcap <= 0.0, b, h, qb, kb, kind, mask, opts,
+                                   not split)
             elif kind == PARTIAL:
                 # (a lean variant: _score_terms_t's only term is the element-wise mask)
                 _mask_tile_t(st, rows, ncols, b, h, qb, kb, mask)
             if ALL_FEATURES and wide:
                 _qk64_t(_addr(qt64), pk, ncols, D, nr, opts.qk_scale64, _addr(st), _addr(ref), _addr(tmax), st)
             elif ALL_FEATURES and split:
-                _qk_split(pq, D, rows, pk, ncols, D, opts.qk_scale64, st, lo, True)
+                _qk_split(pq, D, rows, pk, ncols, D, opts.qk_scale64, st, lo, True, mask.alibi, mask.q_pos_f,
+                          mask.kv_pos_f, b, h, r0, c0)
             # (addresses taken where they are used: numba frees an array after the last use of its name,
             # and a raw address kept from earlier would point into freed memory)
             if ALL_FEATURES and lo.size > 0:

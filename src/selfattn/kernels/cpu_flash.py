@@ -832,7 +832,7 @@ def _dot64(typingctx, pa, pb, kdim, like):
 
 
 @njit(cache=True)
-def _qk_split(pq, sq, rows, pk, ncols, D, c64, s, lo, transposed):
+def _qk_split(pq, sq, rows, pk, ncols, D, c64, s, lo, transposed, slopes, q_pos_f, kv_pos_f, b, h, r0, c0):
     """Scores of a block of fewer than 4 query rows (decoding, a ragged last block) in float64.
 
     On entry s[i, j] ([j, i] when ``transposed``) holds the score terms alone -- the tile's terms
@@ -846,12 +846,25 @@ def _qk_split(pq, sq, rows, pk, ncols, D, c64, s, lo, transposed):
     not shared by the row: rows of a few keys missed STYLE rule 6 by up to 2.9x (D 3, x30) even with
     q.k exactly rounded, where the float32 reference rounds luckily; so did ALiBi added to a float32 hi
     (dk 1.3x). The float32 reference's own scores are not this exact: the kernel is then well within
-    its error."""
+    its error.
+
+    ALiBi (slopes (B|1, Hq) in score units, size 0: none) is added here, in float64, not among the
+    terms: y = (q_i . k_j) * c64 - slope_h |q_pos[r0 + i] - kv_pos[c0 + j]| + s[i, j], so the callers
+    leave it out of s. Rounded in float32 first (slope * distance, ~76 score units at distances ~100:
+    ulp/2 ~ 4e-6 of exponent per key, not shared by the row) it missed STYLE rule 6 by 3.2x (output;
+    Lq 3, Lk 130, D 4) where the float32 reference's own slope * distance rounded luckily."""
     isz = 4
+    alibi = slopes.size > 0
+    slope = np.float64(slopes[_bx(slopes.shape[0], b), h]) if alibi else 0.0
+    pb = _bx(q_pos_f.shape[0], b) if alibi else 0
+    kb = _bx(kv_pos_f.shape[0], b) if alibi else 0
     for i in range(rows):
+        qp = np.float64(q_pos_f[pb, r0 + i]) if alibi else 0.0
         for j in range(ncols):
             t = np.float64(s[j, i]) if transposed else np.float64(s[i, j])
             y = _dot64(pq + i * sq * isz, pk + j * D * isz, D, s) * c64 + t
+            if alibi:
+                y -= slope * abs(qp - np.float64(kv_pos_f[kb, c0 + j]))
             hi = np.float32(y)
             r = np.float32(y - np.float64(hi)) if math.isfinite(hi) else np.float32(0.0)
             if transposed:
@@ -1381,12 +1394,12 @@ def _scores_by(q_blk, k_nat, kt_blk, use_dot, s, lo, w, rows, b, h, qb, kb, kind
         for i in range(rows):
             for j in range(ncols):
                 s[i, j] *= store
-    nc = _score_rest(s, rows, ncols, b, h, qb, kb, kind, mask, opts)
+    nc = _score_rest(s, rows, ncols, b, h, qb, kb, kind, mask, opts, not split)
     if split:
         isz = s.itemsize
         D = k_nat.shape[1]
         _qk_split(_addr(q_blk), q_blk.strides[0] // isz, rows, _addr(k_nat) + c0 * D * isz, ncols, D, opts.qk_scale64,
-                  s, lo, False)
+                  s, lo, False, mask.alibi, mask.q_pos_f, mask.kv_pos_f, b, h, qb * BLOCK_M, c0)
     return nc
 
 
@@ -1684,16 +1697,17 @@ def _score_terms(s, th, rows, ncols, scaled, b, h, qb, kb, kind, mask, opts):
                 t = np.tanh(np.float64(s[i, j]) * us)
                 th[i, j] = t
                 s[i, j] = cu * t
-    return _score_rest(s, rows, ncols, b, h, qb, kb, kind, mask, opts)
+    return _score_rest(s, rows, ncols, b, h, qb, kb, kind, mask, opts, True)
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _score_rest(s, rows, ncols, b, h, qb, kb, kind, mask, opts):
-    # the terms after the scale or softcap: ALiBi, the float bias, the element-wise mask, -inf in
-    # the padding columns ncols..nc. Returns nc (ncols rounded up to a whole vector).
+def _score_rest(s, rows, ncols, b, h, qb, kb, kind, mask, opts, alibi):
+    # the terms after the scale or softcap: ALiBi (unless `alibi` is False: _qk_split adds it in
+    # float64), the float bias, the element-wise mask, -inf in the padding columns ncols..nc.
+    # Returns nc (ncols rounded up to a whole vector).
     r0, c0 = qb * BLOCK_M, kb * BLOCK_N
     nc = _padded(ncols)
-    if mask.alibi.size > 0:
+    if alibi and mask.alibi.size > 0:
         # -- ALiBi: - slope * |q_pos - kv_pos|, slope in score units --
         pb = _bx(mask.q_pos_f.shape[0], b)
         slope = mask.alibi[_bx(mask.alibi.shape[0], b), h]

@@ -967,7 +967,8 @@ def flash_fwd_t(q, k, v, out, row_max, row_log, ent, counts, mask, opts, u0, u1,
                         cmax_t[:] = -np.inf
                     _gemm_t(pk0 + c0 * D * isz, D, I1, _addr(qt) + g * D * BLOCK_M * isz, IM, pst, IM, ncols, D,
                             groups, scale, MODE_STORE, I0, _addr(cmax_t) if fused else I0, pf, st)
-                if ALL_FEATURES and own_alibi:
+                if ALL_FEATURES and own_alibi and not split:
+                    # (split: _qk_split adds ALiBi in float64)
                     _alibi_tile(st, rows, ncols, b, h, r0, c0, slopes, q_pos_f, kv_pos_f)
                 if ALL_FEATURES:
                     if terms or kind == PARTIAL:
@@ -992,7 +993,7 @@ def flash_fwd_t(q, k, v, out, row_max, row_log, ent, counts, mask, opts, u0, u1,
                 elif ALL_FEATURES and split:
                     # -- hi + lo = q.k * scale log2(e) in float64 + the terms --
                     _qk_split(_addr(q) + ((b * Hq + h) * Lq + r0) * D * isz, D, rows, pk0 + c0 * D * isz, ncols, D,
-                              opts.qk_scale64, st, lo, True)
+                              opts.qk_scale64, st, lo, True, slopes, q_pos_f, kv_pos_f, b, h, r0, c0)
                 # -- online softmax, LANES query rows at a time: m, alpha, l (and e); s^T becomes p^T --
                 if ALL_FEATURES and fold:
                     _softmax_lo_t(st, lo, rows, ncols, m_i[g], l_i[g], e_i[g], lo_i[g], alpha_i[g], opts)
