@@ -340,13 +340,15 @@ def _oracle_low(q, k, v, do, spec):
 def _low(rank, world, full):
     from tolerance import assert_close
 
-    L = 32
-    docs = torch.repeat_interleave(torch.arange(3), torch.tensor([9, 14, 9]))
+    L = 24
+    docs = torch.repeat_interleave(torch.arange(3), torch.tensor([7, 10, 7]))
     grid = [(dtype, name, spec) for dtype in (torch.float32, torch.bfloat16)
             for name, spec in (("window_left", dict(window=(3, None))), ("docs_causal", dict(docs=docs, causal=True)),
                                ("softcap_gqa", dict(causal=True, softcap=1.5)),
                                ("alibi_window", dict(window=(6, 2), alibi=torch.tensor([0.3, 0.05, 1.0, 0.0]))))]
-    if not full:  # one case of each dtype: the stats' dtype and the merge in float32
+    if isinstance(full, str):  # one named float32 case
+        grid = [c for c in grid if c[1] == full][:1]
+    elif not full:  # one case of each dtype: the stats' dtype and the merge in float32
         grid = [grid[1], grid[7]]
     for dtype, name, spec in grid:
         q, k, v, do = _inputs(1, 4, 2, L, 8, 8, dtype=dtype, seed=7)
@@ -408,7 +410,8 @@ def _errors(rank, world, arg):
     # unshard of shards of different shapes
     _raises(lambda: unshard(torch.zeros(1, 2, 4 + rank, 4), 2), "unshard", "(1, 2, 4, 4)", "(1, 2, 5, 4)")
     # a group that is not a process group: named as the group argument
-    _raises(lambda: ring_attention(*xs, group=5), "group")
+    _raises(lambda: ring_attention(*xs, group=5), "ring_attention: group must be", "got 5")
+    _raises(lambda: shard(q, 2, group="world"), "shard: group must be", "got 'world'")
     # a group this process is not in: its rank raises; the member ranks run a ring of their own
     sub = dist.new_group([0])
     if rank == 0:
@@ -529,8 +532,9 @@ def _alibi_cases(rank, world, arg):
 
 
 def _all(rank, world, full):
-    _exact(rank, world, (("auto", "math") if full else ("auto",), 36))
-    _alibi_cases(rank, world, (("auto", "math"), 36))
+    L = 36 if 36 % (2 * world) == 0 else 48  # balanced: divisible by 2 x the world size
+    _exact(rank, world, (("auto", "math") if full else ("auto",), L))
+    _alibi_cases(rank, world, (("auto", "math"), 24))
     _sinks(rank, world, None)
     _forms(rank, world, None)
     _low(rank, world, full)
@@ -546,6 +550,8 @@ def test_two_ranks():
 
 def _three(rank, world, arg):
     _exact(rank, world, (("auto",), 36))
+    # float32 on 3 ranks: with the running lse in float32, dQ here was 3.8x the reference's float32 error (7.7e-7 > 6.1e-7)
+    _low(rank, world, "window_left")
     # a subgroup whose members are not consecutive global ranks (0 and 2): transfers go to global ranks
     sub = dist.new_group([0, 2])
     if rank == 1:

@@ -95,7 +95,11 @@ def _group(group, who):
             f"{who}: torch.distributed is not initialised; call torch.distributed.init_process_group "
             "('gloo' for CPU tensors, 'nccl' for CUDA) first, or start the script under torchrun")
     g = dist.group.WORLD if group is None else group
-    rank = dist.get_rank(g)
+    try:
+        rank = dist.get_rank(g)
+    except (ValueError, RuntimeError, TypeError, AttributeError) as e:
+        raise ValueError(f"{who}: group must be a process group (torch.distributed.new_group) or None for the world, "
+                         f"got {group!r} ({e})") from e
     if rank < 0:
         raise ValueError(f"{who}: this process (global rank {dist.get_rank()}) is not a member of the given group")
     return g, rank, dist.get_world_size(g)
@@ -301,8 +305,8 @@ def _wait(work, timeout, what):
             work.wait(timeout)
     except RuntimeError as e:
         limit = "the group's timeout" if timeout is None else f"timeout={timeout.total_seconds():g} s"
-        raise RuntimeError(f"ring_attention: {what} did not complete within {limit} (a rank that did not make the same "
-                           f"call, or did not run the backward, leaves the others waiting): {e}") from e
+        raise RuntimeError(f"ring_attention: {what} failed or ran past {limit} (a rank that failed, or did not make "
+                           f"the same call or run the backward, leaves the others waiting): {e}") from e
 
 
 def _as_timedelta(timeout):
@@ -520,13 +524,17 @@ class _Ring:
 
 
 def _ring_forward(plan: _Plan, q, k, v, sinks=None):
-    """(out, lse, max_logit, entropy) of this rank's queries against every rank's keys (and the sinks), in plan.acc."""
+    """(out, lse, max_logit, entropy) of this rank's queries against every rank's keys (and the sinks), in plan.acc
+    (lse in float64)."""
     acc = plan.acc
     B, Hq, n, _ = q.shape
     qa = q.detach().to(acc)  # (B, Hq, n, D) low precision computes in float32
     out = torch.zeros(B, Hq, n, v.shape[-1], dtype=acc, device=q.device)  # (B, Hq, n, Dv)
-    lse = torch.full((B, Hq, n), float("-inf"), dtype=acc, device=q.device)  # (B, Hq, n)
-    mx, ent = lse.clone(), torch.zeros_like(lse)
+    # the running lse in float64 whatever the inputs: each merge's weights exp(lse_k - lse) read it, and the backward's
+    # P = exp(s - lse) too; in float32 a 3-rank float32 ring's output, dQ and dV were 2-2.5x the error of the one-process
+    # call (returned as float32, as the stats always are for float32/bfloat16 inputs)
+    lse = torch.full((B, Hq, n), float("-inf"), dtype=torch.float64, device=q.device)  # (B, Hq, n)
+    mx, ent = torch.full((B, Hq, n), float("-inf"), dtype=acc, device=q.device), torch.zeros((B, Hq, n), dtype=acc, device=q.device)
     state = (out, lse, mx, ent)
     ring = _Ring(plan)
     # the shard held now, in the input dtype (Hkv heads only); this rank's own first: sent as it is, not copied
@@ -687,6 +695,7 @@ class _RingAttention(torch.autograd.Function):
         out, lse, mx, ent = _ring_forward(plan, q, k, v, sinks)
         ctx.plan = plan
         ctx.save_for_backward(q, k, v, sinks, out, lse)
+        lse = lse.to(plan.acc)
         result = out.to(q.dtype)
         ctx.mark_non_differentiable(lse, mx, ent)
         return result, lse, mx, ent
@@ -796,7 +805,7 @@ def ring_attention(
     else:
         with torch.no_grad():
             out, lse, mx, ent = _ring_forward(plan, q, k, v, sinks)
-        out = out.to(q.dtype)
+        out, lse = out.to(q.dtype), lse.to(plan.acc)
     if return_stats:
         return out, AttentionStats(lse, mx, ent)
     return out
