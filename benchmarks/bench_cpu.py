@@ -463,17 +463,20 @@ def _profile_transposed(q, k, v, mask, opts, cpu):
     nvec, nopf = 64 // F.LANES, (np.intp(0),) * 4  # query vectors of a block; no prefetch ranges
 
     @njit
-    def qk(k, qt, st, scale):
+    def qk(k, qt, st, cmax, scale):
+        # (a plain tile: the column max taken at the store, as the kernel does, into cmax)
         for h in range(k.shape[1]):
             for qb in range(nb):
                 for kb in range(nb):
                     F._gemm_t(K._addr(k[0, h, kb * 64:]), d, 1, K._addr(qt), 64, K._addr(st), 64, 64, d, nvec, scale,
-                              K.STORE, np.intp(0), nopf, st)
+                              K.STORE, np.intp(0), K._addr(cmax), nopf, st)
 
     @njit
-    def softmax(st, m, l, e, alpha, n):
+    def softmax(st, m, l, e, alpha, cmax, n):
+        # (the column max from the product's store, as in a plain tile)
         for t in range(n):
-            F._vsoftmax(K._addr(st), 64, 64, 64 // F.LANES, K._addr(m), K._addr(l), K._addr(e), K._addr(alpha), 0, np.float32(0.18), st)  # 0.18: ~|scale| log2 e at D 64
+            F._vsoftmax(K._addr(st), 64, 64, 64 // F.LANES, K._addr(m), K._addr(l), K._addr(e), K._addr(alpha), K._addr(cmax),
+                        0, np.float32(0.18), st)  # 0.18: ~|scale| log2 e at D 64
 
     @njit
     def pv(pt, v, acct, alpha):
@@ -482,7 +485,7 @@ def _profile_transposed(q, k, v, mask, opts, cpu):
             for qb in range(nb):
                 for kb in range(nb):
                     F._gemm_t(K._addr(v[0, h, kb * 64:]), 1, d, K._addr(pt), 64, K._addr(acct), 64, d, 64, nvec, 1.0,
-                              K.RESCALE, K._addr(alpha), nopf, pt)
+                              K.RESCALE, K._addr(alpha), np.intp(0), nopf, pt)
 
     rng = np.random.default_rng(1)
     out = np.empty_like(q)
@@ -498,9 +501,10 @@ def _profile_transposed(q, k, v, mask, opts, cpu):
     st = (rng.standard_normal((64, 64)) * 8).astype(np.float32)
     big = np.full(64, 40.0, np.float32)
     parts = {
-        "s^T = K Q^T (micro-kernel, scaled)": cpu(qk, k, qt, np.empty((64, 64), np.float32), 0.125),
-        "vertical softmax (max, exp2, sums)": cpu(softmax, st, big, np.zeros(64, np.float32), np.zeros(64, np.float32),
-                                                  np.ones(64, np.float32), heads * nb * nb),
+        "s^T = K Q^T (micro-kernel, scaled; column max at the store)": cpu(qk, k, qt, np.empty((64, 64), np.float32),
+                                                                          np.full(64, -np.inf, np.float32), 0.125),
+        "vertical softmax (exp2, sums; max from the store)": cpu(softmax, st, big, np.zeros(64, np.float32), np.zeros(64, np.float32),
+                                                                 np.ones(64, np.float32), st.max(axis=0), heads * nb * nb),
         "P V + rescale (acc^T += V^T P^T)": cpu(pv, rng.random((64, 64)).astype(np.float32), v,
                                                 np.zeros((d, 64), np.float32), np.ones(64, np.float32)),
     }
