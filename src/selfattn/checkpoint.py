@@ -199,6 +199,11 @@ def build_model(ckpt: Checkpoint, *, strict: bool = True) -> nn.Module:
         model = _BUILDERS[kind](**cfg)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{ckpt.path / CONFIG_FILE}: cannot build a {kind!r} model from {cfg}: {e}") from None
+    # the model in the weights' own floating dtype: a float64 run (selfattn train --dtype float64) must not
+    # come back as a float32 model with its weights rounded by load_state_dict's copy
+    dtypes = {t.dtype for t in ckpt.state_dict.values() if t.is_floating_point()}
+    if len(dtypes) == 1:
+        model = model.to(dtype=dtypes.pop())
     try:
         model.load_state_dict(ckpt.state_dict, strict=strict)
     except RuntimeError as e:

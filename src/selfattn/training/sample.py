@@ -7,6 +7,7 @@ continue after the cached ones, so each step costs one token's work instead of a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,11 +29,11 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0
         raise ValueError("prompt: at least one token is needed to start generating")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (0 <= temperature < math.inf):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     vocab = model.config.vocab_size
-    if top_k is not None and not 1 <= top_k:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
     model.eval()
     device = model.head.weight.device
     gen = torch.Generator(device="cpu").manual_seed(seed)

@@ -1,0 +1,273 @@
+"""Adversarial review of `selfattn train` / `selfattn sample` (issue 7) against independent computations.
+
+Every run here is tiny (1 layer or 2, width 16, sequences of 8-16 tokens, a few steps) so the file takes
+seconds. What is checked, each against something computed here and not by the training loop:
+- the loss and the per-head attention statistics a log row reports equal a float64 cross-entropy and a
+  float64 softmax of the captured queries/keys, computed from the checkpoint the step started from;
+- the held-out loss/accuracy of the last step equal the saved checkpoint's on the held-out set;
+- resuming continues bit for bit (losses, log rows with statistics, final weights), also for --text;
+- the same seed gives the same run, another seed another run;
+- a checkpoint loads into a fresh model with identical outputs;
+- sampling: the distribution drawn from is softmax(logits / T) over the top k of the model's own full-forward
+  logits, the KV cache draws what full recomputation draws with the same generator, top_k 1 = argmax.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from contextlib import redirect_stderr, redirect_stdout
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from selfattn import checkpoint
+from selfattn.monitor import observe
+from selfattn.training import IGNORE, make_config, resume_config, train
+from selfattn.training.loop import LOG_JSONL, build_dataset
+from selfattn.training.sample import generate
+
+TINY = dict(pairs=4, keys=4, values=4, dim=16, heads=2, layers=2, batch=4, steps=6, warmup=2, eval_every=3,
+            eval_size=16, stats_every=1, target_acc=None, seed=3, backend="math", dtype="float64")
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / LOG_JSONL).read_text().splitlines()]
+
+
+def _stop_at(n):
+    return lambda s, l: s == n
+
+
+def _independent_step(ckpt_dir, cfg, step):
+    """(mean loss, per layer per head [entropy mean, max logit mean, max logit max]) of the weights saved in
+    ckpt_dir on the training batch of ``step`` (0-based), all in float64 from captured q/k."""
+    ckpt = checkpoint.load(ckpt_dir)
+    model = ckpt.build().double().eval()
+    data = build_dataset(cfg)
+    ids, targets = data.batch(cfg.batch, cfg.seed, step)
+    calls = []
+    with torch.no_grad(), observe(calls.append, model):
+        logits = model(ids, backend="math")
+    scored = targets != IGNORE
+    loss = F.cross_entropy(logits[scored].double(), targets[scored], reduction="mean")
+    heads = []
+    for c in calls:
+        q, k = c.query.double(), c.key.double()  # (B, H, L, D)
+        scale = c.options.get("scale") or 1 / math.sqrt(q.shape[-1])
+        s = q @ k.transpose(-1, -2) * scale  # (B, H, L, L)
+        L = s.shape[-1]
+        s = s.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), -math.inf)
+        p = torch.softmax(s, -1)
+        ent = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)  # (B, H, L)
+        mx = s.amax(-1)  # (B, H, L)
+        heads.append([[float(ent[:, h].mean()), float(mx[:, h].mean()), float(mx[:, h].max())] for h in range(q.shape[1])])
+    return float(loss), heads
+
+
+def test_logged_loss_and_head_stats_equal_an_independent_computation(tmp_path):
+    # a run stopped after step 2 saved the weights step 3 starts from; the resumed run's log row of step 3
+    # reports the loss and statistics of its forward pass on batch 2 with exactly those weights
+    out = tmp_path / "run"
+    cfg = make_config(dict(TINY, out=str(out)))
+    assert train(cfg, on_step=_stop_at(2)).steps == 2
+    loss, heads = _independent_step(out, cfg, 2)
+    train(cfg, resume=out, on_step=_stop_at(3))
+    row = next(r for r in _rows(out) if r["step"] == 3)
+    assert row["loss"] == pytest.approx(loss, rel=1e-12, abs=1e-12)
+    assert len(row["heads"]) == len(heads) == TINY["layers"]
+    for got_layer, want_layer in zip(row["heads"], heads):
+        assert len(got_layer) == TINY["heads"]
+        for got, (ent, mxl, top) in zip(got_layer, want_layer):
+            assert got["entropy"] == pytest.approx(ent, rel=1e-10, abs=1e-12)
+            assert got["max_logit"] == pytest.approx(mxl, rel=1e-10, abs=1e-12)
+            assert got["max_logit_max"] == pytest.approx(top, rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.parametrize("backend,dtype,tol", [("math", "float64", 1e-12), ("cpu", "float32", 2e-5)])
+def test_heldout_numbers_of_the_last_step_are_the_checkpoints(tmp_path, backend, dtype, tol):
+    out = tmp_path / "run"
+    cfg = make_config(dict(TINY, out=str(out), backend=backend, dtype=dtype))
+    res = train(cfg)
+    model = checkpoint.load(out).build().double().eval()
+    ids, targets = build_dataset(cfg).heldout(cfg.eval_size, cfg.seed)
+    with torch.no_grad():
+        logits = model(ids, backend="math")
+    scored = targets != IGNORE
+    loss = float(F.cross_entropy(logits[scored], targets[scored]))
+    acc = float((logits.argmax(-1)[scored] == targets[scored]).double().mean())
+    assert res.heldout_loss == pytest.approx(loss, rel=tol, abs=tol)
+    assert res.heldout_acc == pytest.approx(acc, abs=1e-12) or backend != "math"
+    last = _rows(out)[-1]
+    assert last["step"] == cfg.steps and last["heldout_loss"] == res.heldout_loss
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_checkpoint_loads_into_a_fresh_model_with_identical_outputs(tmp_path, dtype):
+    # a --dtype float64 run's checkpoint must build a float64 model (it was built in float32: its weights
+    # rounded silently, so `selfattn sample`/`explain --checkpoint` ran another model than the one trained)
+    out = tmp_path / "run"
+    cfg = make_config(dict(TINY, out=str(out), dtype=dtype, steps=2))
+    train(cfg)
+    ckpt = checkpoint.load(out)
+    assert all(t.dtype == getattr(torch, dtype) for t in ckpt.state_dict.values())
+    a, b = ckpt.build().eval(), checkpoint.load(out).build().eval()
+    built = a.state_dict()
+    assert built.keys() == ckpt.state_dict.keys()
+    for n, r in ckpt.state_dict.items():
+        assert built[n].dtype == r.dtype and torch.equal(built[n], r), n
+    ids, _ = build_dataset(cfg).batch(4, 9, 0)
+    with torch.no_grad():
+        assert torch.equal(a(ids, backend="math"), b(ids, backend="math"))
+    cfgj = json.loads((out / "config.json").read_text())
+    assert cfgj["model"]["type"] == "transformer" and cfgj["training"]["step"] == 2
+    assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in out.iterdir())  # never pickle
+
+
+def _weights(out):
+    return checkpoint.load(out).state_dict
+
+
+def test_resume_is_bit_for_bit_losses_stats_and_weights(tmp_path):
+    full = []
+    cfg = make_config(dict(TINY, out=str(tmp_path / "full"), dtype="float32", backend="cpu"))
+    train(cfg, on_step=lambda s, l: full.append((s, l)))
+    cfgp = make_config(dict(TINY, out=str(tmp_path / "part"), dtype="float32", backend="cpu"))
+    part = []
+    train(cfgp, on_step=lambda s, l: (part.append((s, l)), s == 4)[1])
+    saved = checkpoint.load(tmp_path / "part").config["training"]["options"]
+    rest = []
+    train(resume_config(saved, {}, "part"), resume=tmp_path / "part", on_step=lambda s, l: rest.append((s, l)))
+    assert part + rest == full
+    wf, wp = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    assert wf.keys() == wp.keys() and all(torch.equal(wf[n], wp[n]) for n in wf)
+    drop = ("seconds", "tokens_per_s")
+    rf = [{k: v for k, v in r.items() if k not in drop} for r in _rows(tmp_path / "full")]
+    rp = [{k: v for k, v in r.items() if k not in drop} for r in _rows(tmp_path / "part")]
+    assert rf == rp  # the same rows: losses, held-out numbers and every head's statistics
+
+
+def test_resume_of_a_text_run_continues_its_data_order(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
+    base = dict(text=str(text), seq_len=8, dim=16, heads=2, layers=1, batch=4, steps=5, warmup=1, eval_every=5,
+                eval_size=4, stats_every=1, seed=5, backend="math", dtype="float64")
+    full, part, rest = [], [], []
+    train(make_config(dict(base, out=str(tmp_path / "full"))), on_step=lambda s, l: full.append((s, l)))
+    train(make_config(dict(base, out=str(tmp_path / "part"))), on_step=lambda s, l: (part.append((s, l)), s == 2)[1])
+    saved = checkpoint.load(tmp_path / "part").config["training"]["options"]
+    train(resume_config(saved, {}, "part"), resume=tmp_path / "part", on_step=lambda s, l: rest.append((s, l)))
+    assert part + rest == full
+    wf, wp = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    assert all(torch.equal(wf[n], wp[n]) for n in wf)
+
+
+def test_seed_reproducibility(tmp_path):
+    runs = {}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        losses = []
+        train(make_config(dict(TINY, out=str(tmp_path / name), seed=seed, steps=3)), on_step=lambda s, l: losses.append(l))
+        runs[name] = (losses, _weights(tmp_path / name))
+    assert runs["a"][0] == runs["b"][0]
+    assert all(torch.equal(runs["a"][1][n], runs["b"][1][n]) for n in runs["a"][1])
+    assert runs["a"][0] != runs["c"][0]
+
+
+# -- sampling ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lm():
+    from selfattn.model import Transformer, TransformerConfig
+
+    torch.manual_seed(1)
+    m = Transformer(TransformerConfig(vocab_size=13, dim=16, n_layers=2, n_heads=2, context=32)).double().eval()
+    with torch.no_grad():
+        m.head.weight.mul_(100)  # logits of order 1-10: temperature and top-k change the distribution visibly
+    return m
+
+
+def _full_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids]), backend="math")[0, -1].double()  # (V,)
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, None), (0.5, None), (2.0, 3), (0.7, 1), (1.3, 13), (1.0, 50)])
+def test_sampling_draws_from_softmax_over_top_k_of_the_models_logits(lm, monkeypatch, temperature, top_k):
+    prompt = [1, 5, 2, 7]
+    seen = []
+    real = torch.multinomial
+
+    def spy(probs, n, **kw):
+        seen.append(probs.detach().double().clone())
+        return real(probs, n, **kw)
+
+    monkeypatch.setattr(torch, "multinomial", spy)
+    new = generate(lm, prompt, 5, temperature=temperature, top_k=top_k, seed=11, backend="math")
+    monkeypatch.undo()
+    assert len(seen) == 5
+    ids = list(prompt)
+    for probs, tok in zip(seen, new):
+        z = _full_logits(lm, ids) / temperature
+        k = z.numel() if top_k is None else min(top_k, z.numel())
+        keep = torch.zeros_like(z, dtype=torch.bool)
+        keep[torch.argsort(z, descending=True)[:k]] = True
+        want = torch.where(keep, torch.softmax(z.masked_fill(~keep, -math.inf), -1), torch.zeros_like(z))
+        assert torch.allclose(probs, want, rtol=1e-5, atol=1e-7), (probs, want)
+        assert keep[tok]
+        ids.append(tok)
+
+
+def test_top_k_one_and_temperature_zero_are_the_argmax_of_the_full_forward(lm):
+    prompt = [3, 3, 8]
+    for new in (generate(lm, prompt, 8, temperature=0, backend="math"),
+                generate(lm, prompt, 8, temperature=1.7, top_k=1, seed=4, backend="math")):
+        ids = list(prompt)
+        for tok in new:
+            assert tok == int(_full_logits(lm, ids).argmax())
+            ids.append(tok)
+
+
+@pytest.mark.parametrize("backend", ["math", "cpu"])
+def test_cached_sampling_draws_what_full_recomputation_draws(lm, backend):
+    prompt, seed, temperature, top_k = [2, 9, 4], 21, 1.0, 5
+    new = generate(lm, prompt, 12, temperature=temperature, top_k=top_k, seed=seed, backend=backend)
+    gen = torch.Generator().manual_seed(seed)
+    ids = list(prompt)
+    for _ in range(12):
+        z = (_full_logits(lm, ids) / temperature).float()
+        kth = torch.topk(z, top_k).values[-1]
+        z = z.masked_fill(z < kth, -math.inf)
+        ids.append(int(torch.multinomial(torch.softmax(z, -1), 1, generator=gen)))
+    assert new == ids[len(prompt):]
+    again = generate(lm, prompt, 12, temperature=temperature, top_k=top_k, seed=seed, backend=backend)
+    assert again == new
+    assert generate(lm, prompt, 12, temperature=temperature, top_k=top_k, seed=seed + 1, backend=backend) != new
+
+
+def test_sample_cli_with_a_seed_is_reproducible(tmp_path):
+    from selfattn.cli import main
+
+    out = tmp_path / "run"
+    train(make_config(dict(TINY, out=str(out), steps=2)))
+    texts = []
+    for seed in ("5", "5", "6"):
+        o = io.StringIO()
+        with redirect_stdout(o):
+            assert main(["sample", "--checkpoint", str(out), "--tokens", "20", "--seed", seed, "--backend", "math"]) == 0
+        texts.append(o.getvalue())
+    assert texts[0] == texts[1] and texts[0] != texts[2]
+
+
+def test_generate_rejects_bad_arguments_by_name(lm):
+    for kw, name in ((dict(temperature=float("nan")), "temperature"), (dict(temperature=-1.0), "temperature"),
+                     (dict(top_k=0), "top_k"), (dict(top_k=2.5), "top_k"),
+                     (dict(temperature=math.inf), "temperature"), (dict(top_k=True), "top_k"), (dict(max_new_tokens=-1), "max_new_tokens")):
+        args = dict(max_new_tokens=2)
+        args.update(kw)
+        with pytest.raises(ValueError, match=name):
+            generate(lm, [1, 2], args.pop("max_new_tokens"), **args)
+    with pytest.raises(ValueError, match="prompt"):
+        generate(lm, [], 2)
