@@ -241,9 +241,10 @@ def _cmd_scaling(args) -> int:
         check_output_file("--png", args.png, "png")
     if args.json:
         check_output_file("--json", args.json, "json")
-    check_memory(8.0 * 2 * args.queries * args.keys * min(args.max_dk, max(scaling.D_KS)) * 3, "scaling with these --keys and --queries",
-                 "use fewer --keys or --queries")
-    d_ks = [d for d in scaling.D_KS if d <= args.max_dk]
+    # powers of two from 4 up to --max-dk (above 4096 too: --max-dk is the sweep's largest d_k, not cut to the default)
+    d_ks = [2 ** i for i in range(2, args.max_dk.bit_length())]
+    check_memory(8.0 * 2 * args.queries * args.keys * d_ks[-1] * 3, "scaling with these --keys, --queries and --max-dk",
+                 "use fewer --keys or --queries, or a smaller --max-dk")
     notes = scaling.notes_numbers()
     with Progress(TextColumn("measuring d_k"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn(),
                   console=Console(stderr=True), transient=True) as bar:
@@ -271,7 +272,7 @@ def _add_scaling(sub) -> None:
     s.add_argument("--seed", type=seed_arg(), default=0, help="random seed (default 0)")
     s.add_argument("--keys", type=_positive("--keys"), default=32, help="keys per query (default 32)")
     s.add_argument("--queries", type=_positive("--queries"), default=512, help="random queries per d_k (default 512)")
-    s.add_argument("--max-dk", type=_positive("--max-dk"), default=4096, help="largest d_k of the sweep (default 4096)")
+    s.add_argument("--max-dk", type=_positive("--max-dk"), default=4096, help="largest d_k of the sweep, which runs over the powers of two from 4 up to it (default 4096)")
     _add_version(s)
     s.set_defaults(func=_cmd_scaling)
 
@@ -399,8 +400,15 @@ def _add_sample(sub) -> None:
     s.set_defaults(func=_cmd_sample)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors in one line (issue 16), not the usage block above the message."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="selfattn", description="Scaled dot-product self-attention you can read, run fast and look inside.",
+    p = _Parser(prog="selfattn", description="Scaled dot-product self-attention you can read, run fast and look inside.",
                                 epilog="Each command has its own --help. Bad input is reported in one line with exit status 2.")
     _add_version(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
