@@ -175,3 +175,10 @@ def test_bad_value_is_one_line_naming_argument(capsys, argv, names):
     lines = [x for x in err.splitlines() if x.strip()]
     assert len(lines) == 1, err
     assert all(n in lines[0] for n in names) and "Traceback" not in err
+
+
+@pytest.mark.parametrize("rows", ["2-0", ",", "5--1"])
+def test_rows_that_name_no_row_are_refused(capsys, rows):
+    """An explicit --rows that selects nothing (a downward range, only commas) is bad input, not the default rows."""
+    rc, out, err = _run(capsys, ["explain", "a b c d e f", f"--rows={rows}"])
+    assert rc == 2 and "rows" in err and repr(rows) in err and len(err.strip().splitlines()) == 1, (rc, err)

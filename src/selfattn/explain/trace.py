@@ -323,9 +323,14 @@ def split_indices(text: str, what: str, error=ValueError) -> list:
             continue
         lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
         try:
-            items.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+            a, b = int(lo), int(hi) if sep else None
         except ValueError:
             raise error(f"{what}, got {text!r}") from None
+        if sep and b < a:  # a downward range selects nothing: say so rather than fall back to the defaults
+            raise error(f"{what} (a range runs upward, e.g. 5-7), got {text!r}")
+        items.extend(range(a, b + 1) if sep else [a])
+    if not items:
+        raise error(f"{what}, got {text!r}")
     return items
 
 
