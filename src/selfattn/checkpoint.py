@@ -208,6 +208,11 @@ def build_model(ckpt: Checkpoint, *, strict: bool = True) -> nn.Module:
         model.load_state_dict(ckpt.state_dict, strict=strict)
     except RuntimeError as e:
         raise CheckpointError(f"{ckpt.path / WEIGHTS_FILE} does not fit the {kind!r} model of {CONFIG_FILE}: {e}") from None
+    # a vocabulary of another size than the model's: token ids past its end have no text (sample would fail
+    # on the first such id drawn), and text tokens would map to the wrong rows
+    n = getattr(getattr(model, "config", None), "vocab_size", None) or getattr(model, "vocab_size", None)
+    if ckpt.vocab is not None and isinstance(n, int) and len(ckpt.vocab) != n:
+        raise CheckpointError(f"{ckpt.path / CONFIG_FILE}: 'vocab' has {len(ckpt.vocab)} tokens, the {kind!r} model {n}")
     return model.eval()
 
 

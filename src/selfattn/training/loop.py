@@ -533,8 +533,8 @@ def _train(cfg, world, resume, console, progress, on_step) -> Result:
                 model.get_parameter(name).copy_(t)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     if resume is not None:
-        _state.optimizer_from_safe(opt, tensors, training.get("optimizer"), str(Path(resume)))
-        _state.rng_from_safe(tensors)
+        _state.optimizer_from_safe(opt, tensors, training.get("optimizer"), str(ckpt.path))
+        _state.rng_from_safe(tensors, str(ckpt.path))
     ddp = _dist.wrap(model, world) if cp is None else model  # context parallel: gradients summed by step_gradients
     if world.main:
         out.mkdir(parents=True, exist_ok=True)

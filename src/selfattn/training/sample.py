@@ -45,10 +45,14 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0
         if temperature == 0:
             nxt = int(logits.argmax())
         else:
-            logits = logits / temperature
+            # shifted by the largest logit first: a tiny temperature gives 0 and -inf (greedy), not inf - inf = nan
+            # (in float64: a float32 division by a temperature below float32's range would be by 0)
+            logits = (logits.double() - logits.max()) / temperature
             if top_k is not None and top_k < vocab:
-                kth = torch.topk(logits, top_k).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
+                # exactly k tokens, ties broken as argmax breaks them (lowest id): a threshold at the k-th value
+                # kept every tied token, so top_k 1 was not greedy where logits tie
+                keep = torch.sort(logits, descending=True, stable=True).indices[:top_k]
+                logits = torch.full_like(logits, float("-inf")).index_copy_(0, keep, logits[keep])
             nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
         new.append(nxt)
         if on_token is not None:

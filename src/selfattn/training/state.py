@@ -71,8 +71,23 @@ def optimizer_from_safe(opt: torch.optim.Optimizer, tensors: dict, meta: dict, w
         groups.append(g)
     try:
         opt.load_state_dict({"state": state, "param_groups": groups})
-    except (ValueError, KeyError, RuntimeError) as e:
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
         raise _checkpoint.CheckpointError(f"{where}: optimizer state does not fit this model: {e}") from None
+    # load_state_dict takes a per-parameter state with a tensor missing or of another shape; the first
+    # optimizer step would then fail with a KeyError or a broadcast error. Every parameter's state must have
+    # the same entries, each a scalar or a tensor of the parameter's shape.
+    params = [p for g in opt.param_groups for p in g["params"]]
+    keys = set().union(*(opt.state.get(p, {}) for p in params)) if params else set()
+    for i, p in enumerate(params):
+        st = opt.state.get(p, {})
+        if set(st) != keys:
+            lacks = ", ".join(f"optimizer.{i}.{k}" for k in sorted(keys - set(st)))
+            raise _checkpoint.CheckpointError(f"{where}/{TRAINING_FILE}: damaged optimizer state: {lacks} missing "
+                                              f"(the other parameters have {sorted(keys)})")
+        for key, v in st.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != tuple(p.shape):
+                raise _checkpoint.CheckpointError(f"{where}/{TRAINING_FILE}: damaged optimizer state: optimizer.{i}.{key} "
+                                                  f"has shape {tuple(v.shape)}, its parameter {tuple(p.shape)}")
 
 
 def rng_to_safe() -> dict:
@@ -83,9 +98,12 @@ def rng_to_safe() -> dict:
     return out
 
 
-def rng_from_safe(tensors: dict) -> None:
+def rng_from_safe(tensors: dict, where: str = "checkpoint") -> None:
     if "rng.torch" in tensors:
-        torch.set_rng_state(tensors["rng.torch"])
+        try:
+            torch.set_rng_state(tensors["rng.torch"])
+        except (RuntimeError, TypeError) as e:
+            raise _checkpoint.CheckpointError(f"{where}/{TRAINING_FILE}: damaged RNG state 'rng.torch': {e}") from None
     if torch.cuda.is_available():
         states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
         if len(states) == torch.cuda.device_count():
@@ -121,9 +139,14 @@ def load(path) -> tuple:
         raise _checkpoint.CheckpointError(f"{cfg_file}: model type {ckpt.model_config.get('type')!r} was not written by "
                                           "selfattn train (expected 'transformer'); it cannot be resumed")
     training = ckpt.config.get("training")
-    if not isinstance(training, dict) or not isinstance(training.get("step"), int) or not isinstance(training.get("options"), dict):
+    step = training.get("step") if isinstance(training, dict) else None
+    if (not isinstance(step, int) or isinstance(step, bool) or step < 0
+            or not isinstance(training.get("options"), dict)):
         raise _checkpoint.CheckpointError(f"{cfg_file} has no valid 'training' entry (step and options): it can be "
                                           "explained or sampled but not resumed")
+    vocab_size = ckpt.model_config.get("vocab_size")
+    if ckpt.vocab is not None and len(ckpt.vocab) != vocab_size:
+        raise _checkpoint.CheckpointError(f"{cfg_file}: 'vocab' has {len(ckpt.vocab)} tokens, the model {vocab_size!r}")
     f = ckpt.path / TRAINING_FILE
     if not f.is_file():
         raise _checkpoint.CheckpointError(f"checkpoint {str(ckpt.path)!r} has no {TRAINING_FILE} (optimizer and RNG state): "
