@@ -182,3 +182,15 @@ def test_rows_that_name_no_row_are_refused(capsys, rows):
     """An explicit --rows that selects nothing (a downward range, only commas) is bad input, not the default rows."""
     rc, out, err = _run(capsys, ["explain", "a b c d e f", f"--rows={rows}"])
     assert rc == 2 and "rows" in err and repr(rows) in err and len(err.strip().splitlines()) == 1, (rc, err)
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self"), reason="needs Linux /proc")
+@pytest.mark.parametrize("argv", [["explain", "a b", "--json", "/proc/selfattn_review.json"],
+                                  ["explain", "a b", "--html", "/proc/selfattn_review.html"],
+                                  ["explain", "a b", "--png", "/proc/selfattn_review.png"],
+                                  ["scaling", "--max-dk", "8", "--queries", "4", "--json", "/proc/selfattn_review.json"]])
+def test_unwritable_output_names_the_option(capsys, argv):
+    # /proc looks writable to root but no file can be created there: the failure comes at the write, after the work
+    rc, out, err = _run(capsys, argv)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and argv[-2] in lines[0] and argv[-1] in lines[0], err

@@ -9,6 +9,7 @@ at the single error boundary in :func:`selfattn.cli.main`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -116,6 +117,16 @@ def check_output_file(option: str, path: str, kind: str) -> None:
         raise UsageError(f"{option} {path}: the folder {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise UsageError(f"{option} {path}: cannot write there (permission denied)")
+
+
+@contextlib.contextmanager
+def writing(option: str, path: str):
+    """Name the option and the path when writing an output fails after the up-front checks passed
+    (a folder that looks writable but is not, such as /proc for root; a full disk)."""
+    try:
+        yield
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot write it ({e.strerror or e})") from None
 
 
 def check_output_dir(option: str, path: str) -> None:

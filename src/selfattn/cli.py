@@ -12,7 +12,7 @@ import os
 import sys
 
 
-from ._cliutil import UsageError, check_memory, check_output_file, human_bytes, int_arg, seed_arg
+from ._cliutil import UsageError, check_memory, check_output_file, human_bytes, int_arg, seed_arg, writing
 
 # the one place that says how to report a bug (internal errors print a traceback, then this)
 REPORT = ("this is a bug in selfattn, not in what you typed: please report it with the command line above and this "
@@ -170,16 +170,18 @@ def _write_outputs(trace, args, console) -> None:
 
         from .explain.plot import left_out, left_out_note, png_size
 
-        trace.plot(args.png)
+        with writing("--png", args.png):
+            trace.plot(args.png)
         w, h = png_size(trace)
         console.print(f"wrote the heatmap to {args.png} ({w} x {h} px)")
         if left_out(trace):
             console.print(f"[yellow]{escape(left_out_note(trace, left_out(trace)))}[/yellow]")
     if args.html:
-        trace.to_html(args.html)
+        with writing("--html", args.html):
+            trace.to_html(args.html)
         console.print(f"wrote the HTML report to {args.html}")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
+        with writing("--json", args.json), open(args.json, "w", encoding="utf-8") as f:
             json.dump(trace.to_dict(), f, indent=1)
         console.print(f"wrote the trace as JSON to {args.json}")
 
@@ -253,10 +255,11 @@ def _cmd_scaling(args) -> int:
     console = Console()
     scaling.render(notes, rows, console, n_keys=args.keys)
     if args.png:
-        scaling.plot(rows, args.png, n_keys=args.keys)
+        with writing("--png", args.png):
+            scaling.plot(rows, args.png, n_keys=args.keys)
         console.print(f"wrote the plot to {args.png}")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
+        with writing("--json", args.json), open(args.json, "w", encoding="utf-8") as f:
             json.dump({"notes": notes, "sweep": rows, "n_keys": args.keys, "n_queries": args.queries, "seed": args.seed,
                        "verdict": scaling.verdict(rows, args.keys)}, f, indent=1)
         console.print(f"wrote the numbers as JSON to {args.json}")
