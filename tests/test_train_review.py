@@ -53,6 +53,7 @@ def _independent_step(ckpt_dir, cfg, step):
         logits = model(ids, backend="math")
     scored = targets != IGNORE
     loss = F.cross_entropy(logits[scored].double(), targets[scored], reduction="mean")
+    acc = float((logits.argmax(-1)[scored] == targets[scored]).double().mean())
     heads = []
     for c in calls:
         q, k = c.query.double(), c.key.double()  # (B, H, L, D)
@@ -64,7 +65,7 @@ def _independent_step(ckpt_dir, cfg, step):
         ent = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)  # (B, H, L)
         mx = s.amax(-1)  # (B, H, L)
         heads.append([[float(ent[:, h].mean()), float(mx[:, h].mean()), float(mx[:, h].max())] for h in range(q.shape[1])])
-    return float(loss), heads
+    return float(loss), acc, heads
 
 
 def test_logged_loss_and_head_stats_equal_an_independent_computation(tmp_path):
@@ -73,10 +74,11 @@ def test_logged_loss_and_head_stats_equal_an_independent_computation(tmp_path):
     out = tmp_path / "run"
     cfg = make_config(dict(TINY, out=str(out)))
     assert train(cfg, on_step=_stop_at(2)).steps == 2
-    loss, heads = _independent_step(out, cfg, 2)
+    loss, acc, heads = _independent_step(out, cfg, 2)
     train(cfg, resume=out, on_step=_stop_at(3))
     row = next(r for r in _rows(out) if r["step"] == 3)
     assert row["loss"] == pytest.approx(loss, rel=1e-12, abs=1e-12)
+    assert row["acc"] == pytest.approx(acc, abs=1e-15)
     assert len(row["heads"]) == len(heads) == TINY["layers"]
     for got_layer, want_layer in zip(row["heads"], heads):
         assert len(got_layer) == TINY["heads"]
@@ -449,3 +451,25 @@ def test_tiny_temperature_is_greedy_not_an_error(lm, temperature):
     prompt = [3, 3, 8]
     assert generate(lm, prompt, 6, temperature=temperature, seed=1, backend="math") == \
         generate(lm, prompt, 6, temperature=0, backend="math")
+
+
+def test_log_csv_holds_the_jsonl_rows(tmp_path):
+    import csv
+
+    from selfattn.training.loop import LOG_CSV
+
+    out = tmp_path / "run"
+    train(make_config(dict(TINY, out=str(out), steps=3, stats_every=2)))
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [2, 3]  # every stats_every steps, and the last (with its evaluation)
+    with open(out / LOG_CSV, newline="", encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows)
+    for r, t in zip(rows, table):
+        for k in ("step", "loss", "acc", "lr", "tokens"):
+            assert float(t[k]) == pytest.approx(r[k], rel=1e-15)
+        for l, layer in enumerate(r["heads"]):
+            for h, s in enumerate(layer):
+                for k in ("entropy", "max_logit", "max_logit_max"):
+                    assert float(t[f"L{l}H{h}_{k}"]) == pytest.approx(s[k], rel=1e-15)
+    assert float(table[-1]["heldout_loss"]) == pytest.approx(rows[-1]["heldout_loss"], rel=1e-15)
