@@ -473,3 +473,31 @@ def test_log_csv_holds_the_jsonl_rows(tmp_path):
                 for k in ("entropy", "max_logit", "max_logit_max"):
                     assert float(t[f"L{l}H{h}_{k}"]) == pytest.approx(s[k], rel=1e-15)
     assert float(table[-1]["heldout_loss"]) == pytest.approx(rows[-1]["heldout_loss"], rel=1e-15)
+
+
+def test_monitor_step_after_a_failed_forward_is_its_own_row():
+    # a forward that raised inside collect(1) (a skipped batch) left the row open: collect(2) then added its
+    # statistics to row 1 and no row 2 existed. A failed collection is dropped; nesting is refused by name.
+    from selfattn.layers import MultiHeadAttention
+    from selfattn.monitor import Monitor
+
+    torch.manual_seed(0)
+    m = MultiHeadAttention(8, 2).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    mon, alone = Monitor(m), Monitor(m)
+    with pytest.raises(RuntimeError, match="skip"):
+        with mon.collect(1):
+            m(x, x, x, backend="math")
+            raise RuntimeError("skip this batch")
+    with mon.collect(2):
+        m(x[:1], x[:1], x[:1], backend="math")
+    with alone.collect(2):
+        m(x[:1], x[:1], x[:1], backend="math")
+    assert mon.rows == alone.rows
+    with pytest.raises(RuntimeError, match="collect"):
+        with mon.collect(3):
+            with mon.collect(4):
+                pass
+    with mon.collect(5):  # still usable
+        m(x, x, x, backend="math")
+    assert [r["step"] for r in mon.rows] == [2, 5]

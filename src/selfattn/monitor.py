@@ -135,10 +135,16 @@ class Monitor:
     @contextlib.contextmanager
     def collect(self, step: int | None = None):
         """Observe the attention calls inside; they form the row of ``step`` (default: next number)."""
-        if self._row is None:
-            self._row = _Row(len(self.rows) if step is None else int(step))
-        with observe(self._on_call, self.model):
-            yield self
+        if self._row is not None:
+            raise RuntimeError(f"Monitor.collect: already collecting step {self._row.step}; collect() does not nest "
+                               "(one `with monitor.collect(step):` per step)")
+        self._row = _Row(len(self.rows) if step is None else int(step))
+        try:
+            with observe(self._on_call, self.model):
+                yield self
+        except BaseException:
+            self._row = None  # a failed step (a skipped batch, Ctrl-C) leaves no half row for the next one to join
+            raise
         self._close()
 
     def record(self, *, loss: float | None = None, acc: float | None = None) -> None:
