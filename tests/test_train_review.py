@@ -68,20 +68,25 @@ def _independent_step(ckpt_dir, cfg, step):
     return float(loss), acc, heads
 
 
-def test_logged_loss_and_head_stats_equal_an_independent_computation(tmp_path):
+@pytest.mark.parametrize("task", ["recall", "text"])
+def test_logged_loss_and_head_stats_equal_an_independent_computation(tmp_path, task):
     # a run stopped after step 2 saved the weights step 3 starts from; the resumed run's log row of step 3
     # reports the loss and statistics of its forward pass on batch 2 with exactly those weights
     out = tmp_path / "run"
-    cfg = make_config(dict(TINY, out=str(out)))
+    opts = dict(TINY, out=str(out))
+    if task == "text":
+        (tmp_path / "t.txt").write_text("a man, a plan, a canal: panama. " * 8, encoding="utf-8")
+        opts.update(text=str(tmp_path / "t.txt"), seq_len=12, eval_size=4)
+    cfg = make_config(opts)
     assert train(cfg, on_step=_stop_at(2)).steps == 2
     loss, acc, heads = _independent_step(out, cfg, 2)
     train(cfg, resume=out, on_step=_stop_at(3))
     row = next(r for r in _rows(out) if r["step"] == 3)
     assert row["loss"] == pytest.approx(loss, rel=1e-12, abs=1e-12)
     assert row["acc"] == pytest.approx(acc, abs=1e-15)
-    assert len(row["heads"]) == len(heads) == TINY["layers"]
+    assert len(row["heads"]) == len(heads) == cfg.layers
     for got_layer, want_layer in zip(row["heads"], heads):
-        assert len(got_layer) == TINY["heads"]
+        assert len(got_layer) == cfg.heads
         for got, (ent, mxl, top) in zip(got_layer, want_layer):
             assert got["entropy"] == pytest.approx(ent, rel=1e-10, abs=1e-12)
             assert got["max_logit"] == pytest.approx(mxl, rel=1e-10, abs=1e-12)
@@ -501,3 +506,22 @@ def test_monitor_step_after_a_failed_forward_is_its_own_row():
     with mon.collect(5):  # still usable
         m(x, x, x, backend="math")
     assert [r["step"] for r in mon.rows] == [2, 5]
+
+
+def test_recall_targets_are_the_token_after_the_previous_occurrence():
+    from selfattn.training import RecallTask
+
+    task = RecallTask(keys=5, values=7, pairs=9)
+    ids, targets = task.batch(16, 3, 4)
+    assert torch.equal(ids, task.batch(16, 3, 4)[0]) and not torch.equal(ids, task.batch(16, 3, 5)[0])
+    assert not torch.equal(ids, task.heldout(16, 3)[0][:16])
+    scored = 0
+    for row, trow in zip(ids.tolist(), targets.tolist()):
+        for t, tok in enumerate(row):
+            prev = [s for s in range(t) if row[s] == tok]
+            if t % 2 == 0 and prev:  # a key seen before: the next token is what followed its last occurrence
+                assert trow[t] == row[prev[-1] + 1] == row[t + 1]
+                scored += 1
+            else:
+                assert trow[t] == IGNORE
+    assert scored > 30
