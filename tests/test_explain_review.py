@@ -194,3 +194,19 @@ def test_unwritable_output_names_the_option(capsys, argv):
     rc, out, err = _run(capsys, argv)
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and argv[-2] in lines[0] and argv[-1] in lines[0], err
+
+
+@pytest.mark.parametrize("argv,out", [(["explain", "the cat sat on the mat"], "r.json"), (["scaling", "--max-dk", "8", "--queries", "8"], "s.json")])
+def test_reader_closing_stdout_still_gets_the_files(tmp_path, argv, out):
+    """`selfattn explain ... --json r.json | head -1`: the reader stops early; the files asked for are still written."""
+    import subprocess
+    import sys
+
+    path = tmp_path / out
+    code = "import sys; from selfattn import cli; sys.exit(cli.main(sys.argv[1:]))"
+    p = subprocess.Popen([sys.executable, "-c", code, *argv, "--json", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.readline()
+    p.stdout.close()  # like head -1
+    err = p.stderr.read().decode()
+    rc = p.wait(timeout=120)
+    assert rc == 0 and "Traceback" not in err and path.exists() and json.loads(path.read_text()), (rc, err)

@@ -52,6 +52,21 @@ JSON_MAX_NUMBERS = 20_000_000
 EXPLAIN_MAX_FLOP = 2e11
 
 
+def _stdout_console():
+    """A rich Console on stdout that survives a reader closing the pipe (`selfattn explain ... | head`):
+    rich's default exits 1 there, before the --png/--html/--json files are written; this one stops
+    printing (stdout goes to /dev/null) and lets the command finish its work and its files."""
+    from rich.console import Console
+
+    class _PipeConsole(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+
+    return _PipeConsole()
+
+
 def _read_text(args):
     text = args.text
     if args.file is not None:
@@ -106,8 +121,6 @@ def _check_explain(args, text) -> None:
 
 
 def _cmd_explain(args) -> int:
-    from rich.console import Console
-
     from ._progress import compile_notice
     from .explain import explain
     from .explain.terminal import render
@@ -120,7 +133,7 @@ def _cmd_explain(args) -> int:
         trace = explain(text, dim=args.dim, seed=args.seed, init=args.init, qk_dim=args.qk_dim, v_dim=args.v_dim,
                         causal=args.causal, window=args.window, scale=not args.no_scale, rows=args.rows,
                         checkpoint=args.checkpoint, layers=args.layers)
-    console = Console()
+    console = _stdout_console()
     render(trace, console, notes_check=True, all_rows_table=args.rows is not None, full=args.full)
     _write_outputs(trace, args, console)
     return 0
@@ -158,7 +171,7 @@ def _cmd_explain_hf(args, text) -> int:
 
         with compile_notice(enabled=True):
             trace = explain_hf(args.hf, text, ids=args.ids, rows=args.rows, layers=args.layers, progress=progress, check=check)
-    console = Console()
+    console = _stdout_console()
     render(trace, console, full=args.full)
     _write_outputs(trace, args, console)
     return 0
@@ -252,7 +265,7 @@ def _cmd_scaling(args) -> int:
                   console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("sweep", total=len(d_ks))
         rows = scaling.sweep(d_ks, n_keys=args.keys, n_queries=args.queries, seed=args.seed, progress=lambda d: bar.advance(task))
-    console = Console()
+    console = _stdout_console()
     scaling.render(notes, rows, console, n_keys=args.keys)
     if args.png:
         with writing("--png", args.png):
