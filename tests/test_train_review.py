@@ -68,12 +68,13 @@ def _independent_step(ckpt_dir, cfg, step):
     return float(loss), acc, heads
 
 
-@pytest.mark.parametrize("task", ["recall", "text"])
-def test_logged_loss_and_head_stats_equal_an_independent_computation(tmp_path, task):
+@pytest.mark.parametrize("task,backend,dtype,tol", [("recall", "math", "float64", 1e-10), ("text", "math", "float64", 1e-10),
+                                                      ("recall", "cpu", "float32", 2e-5)])
+def test_logged_loss_and_head_stats_equal_an_independent_computation(tmp_path, task, backend, dtype, tol):
     # a run stopped after step 2 saved the weights step 3 starts from; the resumed run's log row of step 3
     # reports the loss and statistics of its forward pass on batch 2 with exactly those weights
     out = tmp_path / "run"
-    opts = dict(TINY, out=str(out))
+    opts = dict(TINY, out=str(out), backend=backend, dtype=dtype)
     if task == "text":
         (tmp_path / "t.txt").write_text("a man, a plan, a canal: panama. " * 8, encoding="utf-8")
         opts.update(text=str(tmp_path / "t.txt"), seq_len=12, eval_size=4)
@@ -82,15 +83,15 @@ def test_logged_loss_and_head_stats_equal_an_independent_computation(tmp_path, t
     loss, acc, heads = _independent_step(out, cfg, 2)
     train(cfg, resume=out, on_step=_stop_at(3))
     row = next(r for r in _rows(out) if r["step"] == 3)
-    assert row["loss"] == pytest.approx(loss, rel=1e-12, abs=1e-12)
+    assert row["loss"] == pytest.approx(loss, rel=tol, abs=tol / 100)
     assert row["acc"] == pytest.approx(acc, abs=1e-15)
     assert len(row["heads"]) == len(heads) == cfg.layers
     for got_layer, want_layer in zip(row["heads"], heads):
         assert len(got_layer) == cfg.heads
         for got, (ent, mxl, top) in zip(got_layer, want_layer):
-            assert got["entropy"] == pytest.approx(ent, rel=1e-10, abs=1e-12)
-            assert got["max_logit"] == pytest.approx(mxl, rel=1e-10, abs=1e-12)
-            assert got["max_logit_max"] == pytest.approx(top, rel=1e-10, abs=1e-12)
+            assert got["entropy"] == pytest.approx(ent, rel=tol, abs=tol / 100)
+            assert got["max_logit"] == pytest.approx(mxl, rel=tol, abs=tol / 100)
+            assert got["max_logit_max"] == pytest.approx(top, rel=tol, abs=tol / 100)
 
 
 @pytest.mark.parametrize("backend,dtype,tol", [("math", "float64", 1e-12), ("cpu", "float32", 2e-5)])
