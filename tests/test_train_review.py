@@ -526,3 +526,35 @@ def test_recall_targets_are_the_token_after_the_previous_occurrence():
             else:
                 assert trow[t] == IGNORE
     assert scored > 30
+
+
+def test_generation_feeds_one_token_per_step_to_the_cache(lm, monkeypatch):
+    from selfattn.model import Transformer
+
+    lengths = []
+    real = Transformer.forward
+
+    def spy(self, ids, **kw):
+        lengths.append((ids.shape[1], kw.get("kv_caches") is not None))
+        return real(self, ids, **kw)
+
+    monkeypatch.setattr(Transformer, "forward", spy)
+    generate(lm, [1, 2, 3, 4, 5], 6, temperature=0, backend="math")
+    assert lengths == [(5, True)] + [(1, True)] * 5  # the prompt once, then one token per step (the last is not fed)
+
+
+def test_statistics_come_from_the_training_forward_no_extra_pass(tmp_path, monkeypatch):
+    from selfattn.model import Transformer
+
+    calls = []
+    real = Transformer.forward
+
+    def spy(self, ids, **kw):
+        calls.append((tuple(ids.shape), bool(kw.get("return_stats")), torch.is_grad_enabled()))
+        return real(self, ids, **kw)
+
+    monkeypatch.setattr(Transformer, "forward", spy)
+    train(make_config(dict(TINY, out=str(tmp_path / "run"), steps=3, eval_every=3, stats_every=2)))
+    L = 2 * TINY["pairs"]
+    step = (TINY["batch"], L)
+    assert calls == [(step, False, True), (step, True, True), (step, True, True), ((TINY["eval_size"], L), False, False)]
