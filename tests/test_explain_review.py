@@ -95,7 +95,7 @@ def test_json_trace_matches_independent_float64(tmp_path, capsys, monkeypatch, a
         assert torch.equal(torch.tensor(d["row_masked"]), ~ok[rows])
     # the terminal shows the same numbers rounded to 4 decimals, in the same places
     titles = [("Token embeddings", "embeddings"), ("Q = E", "Q"), ("K = E", "K"), ("V = E", "V"), ("Scores Q", "scores"),
-              ("Scaled scores", "scaled"), ("Softmax", "weights"), ("Weighted sum", "output")]
+              ("Scaled scores", "scaled"), ("Masked scores", "masked"), ("Softmax", "weights"), ("Weighted sum", "output")]
     cli.main(["explain", *argv, "--full"])
     text = capsys.readouterr().out
     checked = 0
@@ -106,12 +106,21 @@ def test_json_trace_matches_independent_float64(tmp_path, capsys, monkeypatch, a
             continue
         ref = st[name]
         for i, line in enumerate(x for x in block.split("\n") if x.startswith("│")):
-            cells = [c.strip().lstrip("*").strip() for c in line.strip("│").split("│")][1:1 + ref.shape[1]]
+            raw = [c.strip() for c in line.strip("│").split("│")][1:]
+            cells = [c.lstrip("*").strip() for c in raw[:ref.shape[1]]]
             for jj, c in enumerate(cells):
-                if c in ("·", "…", ""):
+                if name in ("weights", "masked"):  # masked pairs: "·" among the weights, -inf among the scores
+                    assert (c in ("·", "-inf")) == (not ok[i, jj].item()), (name, i, jj, c)
+                if c in ("·", "-inf", "…", ""):
                     continue
                 assert float(c) == pytest.approx(ref[i, jj].item(), abs=5.01e-5), (name, i, jj, c)
                 checked += 1
+            if name == "weights":  # the largest weight of each row starred (ties: each), then entropy and max logit
+                row = ref[i]
+                starred = [jj for jj, c in enumerate(raw[:ref.shape[1]]) if c.startswith("*")]
+                assert starred == [jj for jj in range(ref.shape[1]) if row[jj] >= row.max() - 5e-5], (i, raw)
+                assert float(raw[-2]) == pytest.approx(stats["entropy"][i].item(), abs=5.01e-5)
+                assert float(raw[-1]) == pytest.approx(stats["max_logit"][i].item(), abs=5.01e-5)
     assert checked >= 4 * len(d["tokens"])
 
 
@@ -210,3 +219,47 @@ def test_reader_closing_stdout_still_gets_the_files(tmp_path, argv, out):
     err = p.stderr.read().decode()
     rc = p.wait(timeout=120)
     assert rc == 0 and "Traceback" not in err and path.exists() and json.loads(path.read_text()), (rc, err)
+
+
+def test_checkpoint_heads_and_predictions_independently(tmp_path, capsys):
+    """--checkpoint of a Transformer: each head's scores/weights/output from its own Q, K, V (causal, 1/sqrt(d_k)),
+    the 'previous token' pattern weight, and the top-3 next-token guesses against the model's own logits."""
+    from selfattn.checkpoint import save
+    from selfattn.model import Transformer, TransformerConfig
+
+    vocab = ["the", "cat", "sat", "on", "mat", ".", "a", "dog"]
+    torch.manual_seed(3)
+    model = Transformer(TransformerConfig(vocab_size=len(vocab), dim=16, n_layers=2, n_heads=2, context=32)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    save(tmp_path / "ck", model, model.checkpoint_config(), vocab=vocab)
+    text = "the cat sat on the mat . a dog sat"
+    path = tmp_path / "c.json"
+    rc, out, err = _run(capsys, ["explain", text, "--checkpoint", str(tmp_path / "ck"), "--json", str(path)])
+    assert rc == 0, err
+    d = json.loads(path.read_text())
+    heads = [h for layer in d["layers"] for h in layer["heads"]]
+    assert len(heads) == 4
+    for h in heads:
+        st = {s["name"]: _t(s["value"]) for s in h["steps"]}
+        q, k, v = st["Q"], st["K"], st["V"]  # (L, d_k), (L, d_k), (L, d_v)
+        n = q.shape[0]
+        assert h["scale"] == pytest.approx(1 / math.sqrt(q.shape[1]), abs=1e-15)
+        ok = torch.arange(n)[None, :] <= torch.arange(n)[:, None]
+        m = (q @ k.T * h["scale"]).masked_fill(~ok, -math.inf)  # (L, L)
+        p = torch.softmax(m, -1)
+        assert (st["weights"] - p).abs().max() <= 1e-12 and (st["output"] - p @ v).abs().max() <= 1e-12
+        assert torch.equal(torch.isneginf(st["masked"]), ~ok)
+        prev = h["patterns"]["previous token"]["weight"]
+        assert prev == pytest.approx(torch.stack([p[r, r - 1] for r in range(1, n)]).mean().item(), abs=1e-12)
+    ids = torch.tensor([[vocab.index(t) for t in text.split()]])
+    with torch.no_grad():
+        logits = model(ids)
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    probs = torch.softmax(logits[0].double(), -1)  # (L, V)
+    for pos, preds in enumerate(d["predictions"]):
+        top = torch.topk(probs[pos], 3)
+        assert [t for t, _ in preds] == [vocab[j] for j in top.indices.tolist()]
+        assert [pr for _, pr in preds] == pytest.approx(top.values.tolist(), abs=1e-6)
+    assert len(d["predictions"]) == len(text.split())
