@@ -263,3 +263,9 @@ def test_checkpoint_heads_and_predictions_independently(tmp_path, capsys):
         assert [t for t, _ in preds] == [vocab[j] for j in top.indices.tolist()]
         assert [pr for _, pr in preds] == pytest.approx(top.values.tolist(), abs=1e-6)
     assert len(d["predictions"]) == len(text.split())
+
+
+def test_one_token_note_reads_right(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    rc, out, err = _run(capsys, ["explain", "a"])
+    assert rc == 0 and "uniform over 1 token would be 0.0000" in out and "1 tokens" not in out

@@ -221,7 +221,7 @@ def _uniform_note(trace) -> str:
     n = len(trace.tokens)
     masked = trace.options.get("causal") or trace.options.get("window") is not None
     spread = ("a row spread evenly over the k keys it may see has log k" if masked
-              else f"uniform over {n} tokens would be {fmt(math.log(n))}")
+              else f"uniform over {n} token{'s' if n != 1 else ''} would be {fmt(math.log(n))}")
     marks = f"; [dim]{MASKED}[/dim] marks a pair the mask rules out (weight exactly 0)" if masked else ""
     return f"[bold yellow]*[/bold yellow] marks the largest weight in each row{marks}; entropy in nats ({spread})." + (
         f" {SINK_WORDS}" if trace.sink is not None else "")
