@@ -19,7 +19,10 @@ from selfattn import cli
 
 
 def _run(capsys, argv):
-    rc = cli.main(argv)
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # argparse's own usage errors
+        rc = e.code
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -269,3 +272,10 @@ def test_one_token_note_reads_right(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")
     rc, out, err = _run(capsys, ["explain", "a"])
     assert rc == 0 and "uniform over 1 token would be 0.0000" in out and "1 tokens" not in out
+
+
+def test_huge_window_is_one_line_not_a_traceback(capsys):
+    rc, out, err = _run(capsys, ["explain", "a b", "--window", "99999999999999999999999"])
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1 and "--window" in err, err
+    with pytest.raises(ValueError, match="window"):
+        __import__("selfattn").explain("a b", window=10**30)

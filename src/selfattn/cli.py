@@ -220,7 +220,7 @@ def _add_explain(sub) -> None:
     e.add_argument("--qk-dim", type=_positive("--qk-dim"), help="width of queries and keys (default --dim)")
     e.add_argument("--v-dim", type=_positive("--v-dim"), help="width of values and of the output (default --dim)")
     e.add_argument("--causal", action="store_true", help="each token attends only to itself and earlier tokens")
-    e.add_argument("--window", type=_non_negative("--window"), metavar="N",
+    e.add_argument("--window", type=int_arg("--window", 0, 2**63 - 1), metavar="N",
                    help="each token attends only to keys at most N positions away (before it, and after it unless --causal)")
     e.add_argument("--no-scale", action="store_true", help="do not divide the scores by sqrt(d_k) (what the notes warn about)")
     e.add_argument("--checkpoint", metavar="PATH", help="a trained model's checkpoint directory: show every layer and head")

@@ -19,6 +19,8 @@ __all__ = [
 
 DEFAULT_DIM = 8
 
+WINDOW_MAX = 2**63 - 1  # the largest window the masks' int64 distances hold
+
 
 def explain(
     text: str | None = None,
@@ -73,8 +75,9 @@ def explain(
     for name, flag in (("causal", causal), ("scale", scale)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__} ({flag!r})")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
-        raise ValueError(f"window must be a non-negative int, got {window!r}")
+    # a window is an int64 distance in the masks; 2**63 - 1 is already "every key"
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or not 0 <= window <= WINDOW_MAX):
+        raise ValueError(f"window must be a non-negative int no larger than {WINDOW_MAX:,}, got {window!r}")
     win = None if window is None else (window, 0 if causal else window)
     scale_value = None if scale else 1.0
     if checkpoint is not None:
