@@ -558,3 +558,32 @@ def test_statistics_come_from_the_training_forward_no_extra_pass(tmp_path, monke
     L = 2 * TINY["pairs"]
     step = (TINY["batch"], L)
     assert calls == [(step, False, True), (step, True, True), (step, True, True), ((TINY["eval_size"], L), False, False)]
+
+
+def test_a_torn_save_is_refused_on_resume(tmp_path):
+    # the three files are replaced one by one (weights, training state, config): a save killed between two
+    # replacements leaves files of two steps; resuming them would continue step 2 with step 3's weights
+    import shutil
+
+    cfg = make_config(dict(TINY, out=str(tmp_path / "run"), steps=3))
+    train(cfg, on_step=_stop_at(2))
+    shutil.copytree(tmp_path / "run", tmp_path / "torn")
+    train(cfg, resume=tmp_path / "run")  # now at step 3
+    shutil.copy(tmp_path / "run" / "model.safetensors", tmp_path / "torn" / "model.safetensors")
+    code, err = _cli(["train", "--resume", str(tmp_path / "torn"), "--no-progress"])
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "model.safetensors" in err and "interrupted" in err, err
+    code, _ = _cli(["train", "--resume", str(tmp_path / "run"), "--steps", "4", "--no-progress"])  # a whole save resumes
+    assert code == 0
+
+
+def test_equal_runs_write_equal_checkpoint_files(tmp_path):
+    for name in ("a", "b"):
+        train(make_config(dict(TINY, out=str(tmp_path / name), steps=2)))
+    for f in ("model.safetensors", "training.safetensors"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    ca, cb = (json.loads((tmp_path / n / "config.json").read_text()) for n in "ab")
+    for c in (ca, cb):
+        c["training"].pop("seconds")
+        c["training"]["options"].pop("out")
+    assert ca == cb

@@ -23,7 +23,15 @@ A path given to :func:`load` may be the directory or either of its two files. Ev
 (missing file, invalid JSON, wrong format or version, corrupt safetensors, unknown model
 type, tensors that do not fit the model) raises :class:`CheckpointError` (a ``ValueError``)
 naming the file and what is wrong. Version bumps are for incompatible changes only; new
-optional keys keep version 1.
+optional keys keep version 1. :meth:`Checkpoint.build` gives the model in its weights' floating
+dtype (a float64 checkpoint builds a float64 model) and refuses a ``vocab`` of another size than
+the model's.
+
+``selfattn train`` adds a third file, ``training.safetensors`` (optimizer and RNG state), and a
+``"training"`` entry (step, options, ...; :mod:`selfattn.training.state`). Its ``save_id`` (the
+step and a digest of the tensors) is also in the safetensors metadata of both files
+(``selfattn_save_id``): the files are replaced one by one, and ``--resume`` refuses files of two
+different saves.
 
 The model classes live in :mod:`selfattn.model`, which registers two types: ``"attention-stack"``
 (:class:`selfattn.model.AttentionStack`: an embedding followed by ``SelfAttention`` /
@@ -110,7 +118,8 @@ def _state_dict(model_or_tensors) -> dict:
     return out
 
 
-def save(path, model, model_config: dict, *, vocab=None, tokenizer: str | None = None, extra: dict | None = None) -> Path:
+def save(path, model, model_config: dict, *, vocab=None, tokenizer: str | None = None, extra: dict | None = None,
+         metadata: dict | None = None) -> Path:
     """Write ``model`` (an ``nn.Module`` or a dict of tensors) and its config as a checkpoint directory.
 
     Args:
@@ -121,6 +130,7 @@ def save(path, model, model_config: dict, *, vocab=None, tokenizer: str | None =
         vocab: token strings, index = id (optional).
         tokenizer: "words" or "chars" (optional; readers default to "words").
         extra: more JSON-ready top-level keys (for example training state).
+        metadata: more string entries for the safetensors header of the weights file.
 
     Returns the directory's path.
     """
@@ -140,7 +150,8 @@ def save(path, model, model_config: dict, *, vocab=None, tokenizer: str | None =
         config["tokenizer"] = tokenizer
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
-    save_file(_state_dict(model), str(d / WEIGHTS_FILE), metadata={"format": FORMAT, "version": str(VERSION)})
+    meta = {**{str(k): str(v) for k, v in (metadata or {}).items()}, "format": FORMAT, "version": str(VERSION)}
+    save_file(_state_dict(model), str(d / WEIGHTS_FILE), metadata=meta)
     (d / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return d
 

@@ -14,6 +14,7 @@ optimizer's non-tensor state and hyper-parameters (``param_groups``), elapsed ti
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from .. import checkpoint as _checkpoint
 
 TRAINING_FILE = "training.safetensors"
+SAVE_ID = "selfattn_save_id"  # safetensors metadata key of both files, = config.json's training.save_id
 
 
 def _json_ready(v):
@@ -120,9 +122,14 @@ def save(path, model, model_config: dict, *, vocab, tokenizer: str, training: di
     if tmp.exists():
         shutil.rmtree(tmp)
     opt_tensors, opt_meta = optimizer_to_safe(optimizer)
-    training = dict(training, optimizer=opt_meta)
-    _checkpoint.save(tmp, model, model_config, vocab=vocab, tokenizer=tokenizer, extra={"training": training})
-    save_file({**opt_tensors, **rng_to_safe()}, str(tmp / TRAINING_FILE), metadata={"format": _checkpoint.FORMAT})
+    # one id in all three files: they are replaced one by one below, and a save killed between two
+    # replacements leaves files of two saves, which load() refuses to resume
+    save_id = f"{training.get('step')}-{_digest(model, opt_tensors)}"  # of the content: equal runs write equal files
+    training = dict(training, optimizer=opt_meta, save_id=save_id)
+    _checkpoint.save(tmp, model, model_config, vocab=vocab, tokenizer=tokenizer, extra={"training": training},
+                     metadata={SAVE_ID: save_id})
+    save_file({**opt_tensors, **rng_to_safe()}, str(tmp / TRAINING_FILE),
+              metadata={"format": _checkpoint.FORMAT, SAVE_ID: save_id})
     for name in (_checkpoint.WEIGHTS_FILE, TRAINING_FILE, _checkpoint.CONFIG_FILE):  # config last: it names the step
         os.replace(tmp / name, d / name)
     tmp.rmdir()
@@ -155,4 +162,30 @@ def load(path) -> tuple:
         tensors = load_file(str(f))
     except Exception as e:  # safetensors raises its own error type for damaged files
         raise _checkpoint.CheckpointError(f"{f} is not a readable safetensors file: {e}") from None
+    want = training.get("save_id")
+    if want is not None:  # checkpoints written before save ids have none: nothing to compare
+        for file in (ckpt.path / _checkpoint.WEIGHTS_FILE, f):
+            got = _save_id(file)
+            if got != want:
+                raise _checkpoint.CheckpointError(
+                    f"{file} is from another save than {cfg_file} (save id {got!r}, config {want!r}): a save was "
+                    "interrupted between its files; resume from an earlier copy or start again")
     return ckpt, training, tensors
+
+
+def _digest(model, tensors: dict) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted({**{f"model.{k}": v for k, v in model.state_dict().items()}, **tensors}.items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _save_id(file) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            return (fh.metadata() or {}).get(SAVE_ID)
+    except Exception:  # unreadable: load() already read it once; say 'another save'
+        return None
