@@ -279,3 +279,10 @@ def test_huge_window_is_one_line_not_a_traceback(capsys):
     assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1 and "--window" in err, err
     with pytest.raises(ValueError, match="window"):
         __import__("selfattn").explain("a b", window=10**30)
+
+
+def test_scaling_with_one_key_is_refused(capsys):
+    """With one key every softmax weight is 1: nothing to measure (it printed nan stds, a torch warning and
+    'NOT steady, unlike what the theory predicts')."""
+    rc, out, err = _run(capsys, ["scaling", "--keys", "1", "--max-dk", "8", "--queries", "4"])
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "--keys" in err and "1" in err, err

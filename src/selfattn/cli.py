@@ -252,6 +252,8 @@ def _cmd_scaling(args) -> int:
 
     if args.max_dk < 4:
         raise UsageError(f"--max-dk must be at least 4, got {args.max_dk}")
+    if args.keys < 2:  # one key: every softmax weight is 1, nothing to measure (the score std is undefined)
+        raise UsageError(f"--keys must be at least 2 (with one key every softmax weight is 1), got {args.keys}")
     if args.png:
         check_output_file("--png", args.png, "png")
     if args.json:
@@ -286,7 +288,7 @@ def _add_scaling(sub) -> None:
     s.add_argument("--png", metavar="FILE.png", help="write a plot of the sweep (PNG)")
     s.add_argument("--json", metavar="FILE.json", help="write every number as JSON")
     s.add_argument("--seed", type=seed_arg(), default=0, help="random seed (default 0)")
-    s.add_argument("--keys", type=_positive("--keys"), default=32, help="keys per query (default 32)")
+    s.add_argument("--keys", type=_positive("--keys"), default=32, help="keys per query, at least 2 (default 32)")
     s.add_argument("--queries", type=_positive("--queries"), default=512, help="random queries per d_k (default 512)")
     s.add_argument("--max-dk", type=_positive("--max-dk"), default=4096, help="largest d_k of the sweep, which runs over the powers of two from 4 up to it (default 4096)")
     _add_version(s)
