@@ -286,3 +286,15 @@ def test_scaling_with_one_key_is_refused(capsys):
     'NOT steady, unlike what the theory predicts')."""
     rc, out, err = _run(capsys, ["scaling", "--keys", "1", "--max-dk", "8", "--queries", "4"])
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "--keys" in err and "1" in err, err
+
+
+def test_long_input_q_equals_e_when_w_is_identity(tmp_path, capsys):
+    """Long input (> 32 tokens) runs in float32: the embeddings shown must be the ones used, so that with
+    W_Q = I the table "Q = E W_Q" equals the embeddings table (it showed 1.9011 under an embedding of 1.9012)."""
+    text = " ".join(["the", "cat", "sat", "on", "mat", ".", ",", "dog"][i % 8] + str(i % 5) for i in range(40))
+    path = tmp_path / "l.json"
+    rc, out, err = _run(capsys, ["explain", text, "--json", str(path)])
+    assert rc == 0, err
+    st = {s["name"]: _t(s["value"]) for s in json.loads(path.read_text())["steps"]}
+    assert torch.equal(st["W_Q"], torch.eye(8, dtype=torch.float64))
+    assert torch.equal(st["Q"], st["embeddings"]) and torch.equal(st["V"], st["embeddings"])

@@ -114,7 +114,8 @@ def explain(
     with capture_attention(layer) as calls, torch.no_grad():
         layer(x.to(torch.float32), causal=causal, window=win, scale=scale_value)
     c = calls[0]
-    pre = {"embeddings": x, "W_Q": layer.W_Q.detach().double(), "W_K": layer.W_K.detach().double(), "W_V": layer.W_V.detach().double()}
+    # the embeddings this run used (float32): with W = I the Q table then equals them digit for digit
+    pre = {"embeddings": x.to(torch.float32).to(torch.float64), "W_Q": layer.W_Q.detach().double(), "W_K": layer.W_K.detach().double(), "W_V": layer.W_V.detach().double()}
     notes = {"embeddings": "one fixed vector per token, from the embedding layer",
              "W_Q": "learned matrix that turns embeddings into queries", "W_K": "learned matrix that turns embeddings into keys",
              "W_V": "learned matrix that turns embeddings into values; its width sets the output width"}

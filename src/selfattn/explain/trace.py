@@ -396,6 +396,7 @@ def run(
         notes[name] = note
     if L > FULL_MATRIX_MAX_TOKENS:
         x = embeddings.to(torch.float32)  # (L, E) the everyday dtype of the fast path
+        steps["embeddings"] = x.to(torch.float64)  # show the embeddings this run used: with W = I, Q equals them
         q = (x @ w_q.to(torch.float32))[None, None]  # (1, 1, L, d_k)
         k = (x @ w_k.to(torch.float32))[None, None]  # (1, 1, L, d_k)
         v = (x @ w_v.to(torch.float32))[None, None]  # (1, 1, L, d_v)
