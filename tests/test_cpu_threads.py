@@ -24,7 +24,7 @@ from selfattn.backends import cpu as cpu_backend
 from selfattn.kernels import cpu_amx, cpu_bwd, cpu_fwd
 
 from test_cpu_amx import _inputs as _bf16_inputs
-from test_cpu_amx import amx, check_amx
+from test_cpu_amx import check_amx, engine  # noqa: F401 -- engine: the fixture, each product engine the CPU has
 from test_cpu_bwd import _inputs
 from _oracle import compare, reference_pair
 from test_cpu_features import check
@@ -122,20 +122,19 @@ def test_worker_copies_deterministic(heads):
     _same_bits(FIELDS[:5], one, runs[0], "1 and 2 threads")
 
 
-@amx
 @pytest.mark.parametrize("heads", [(2, 4, 2), (1, 3, 3)], ids=["kv-heads-per-thread", "thread-copies"])
-def test_amx_two_threads(heads):
-    # bfloat16 on AMX: forward tasks from the shared counter, the backward's whole kv heads (one writer
+def test_amx_two_threads(heads, engine):
+    # bfloat16 on AMX or vdpbf16ps: forward tasks from the shared counter, the backward's whole kv heads (one writer
     # per dK/dV row): the 1-thread bits; kv heads not divisible: per-thread copies summed in order, the
     # same bits on every run
     b, hq, hkv = heads
     q, k, v, do = _bf16_inputs(b, hq, hkv, 200, 230, 48, dv=40, seed=8)
     kw = {"causal": True}
     check_amx("2 threads", q, k, v, do, **kw)
-    before = cpu_amx.AMX_CALLS["backward"]
+    before = cpu_amx.AMX_CALLS[engine + "_backward"]
     one, _ = _grads(1, q, k, v, do, **kw)
     runs = [_grads(2, q, k, v, do, **kw)[0] for _ in range(2)]
-    assert cpu_amx.AMX_CALLS["backward"] == before + 3
+    assert cpu_amx.AMX_CALLS[engine + "_backward"] == before + 3
     same = FIELDS if hkv * b % 2 == 0 else FIELDS[:5]
     _same_bits(FIELDS, runs[0], runs[1], "two runs")
     _same_bits(same, one, runs[0], "1 and 2 threads")

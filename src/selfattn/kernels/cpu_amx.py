@@ -63,13 +63,14 @@ bfloat16 would lose accuracy float16 callers are owed; they keep the float32 ker
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 from numba.core import config as numba_config
 
 from selfattn.kernels import numba_cache_dir
@@ -97,23 +98,114 @@ _CACHE_DIR, _NUMBA_CACHE_DIR = numba_cache_dir(), numba_config.CACHE_DIR
 if _CACHE_DIR is not None:
     numba_config.CACHE_DIR = _CACHE_DIR
 
+# -- the engine of the block products ------------------------------------------------------------
+# Two engines compute the same products on the same operands (cpu_bf16's AMX padding contract): the
+# tile unit (tdpbf16ps, ``mm_amx``) and AVX512-BF16's vdpbf16ps (``mm_bf16``, run over whole 16-row,
+# 16-column blocks so that it writes what the tile unit writes). The kernels take the engine as an
+# empty marker array, so each engine compiles into its own specialisation and a host types only the
+# one it runs (the other's instructions would not compile there).
+ENGINE_AMX = np.zeros(0, np.int8)  # the tile unit
+ENGINE_DOT = np.zeros(0, np.uint8)  # vdpbf16ps
+ENGINE_ENV = "SELFATTN_CPU_BF16_ENGINE"  # "amx" or "dot": that engine only (where the CPU has it); else the faster one
+
+
+def _is_amx(engine):
+    if not (isinstance(engine, types.Array) and engine.dtype in (types.int8, types.uint8)):
+        raise TypeError(f"selfattn.kernels.cpu_amx: engine marker must be ENGINE_AMX or ENGINE_DOT, got {engine}")
+    return engine.dtype == types.int8
+
+
+def _mm(engine, a, bp, c, m, kdim, n):
+    """c[:M16, :N16] = a @ B (cpu_bf16's padding contract) on ``engine``."""
+
+
+def _mm_add(engine, a, bp, c, m, kdim, n):
+    """c[:M16, :N16] += a @ B, as :func:`_mm`."""
+
+
+def _begin(engine):
+    """Before the products of a thread's run (AMX: load the tile configuration)."""
+
+
+def _end(engine):
+    """After them (AMX: release the tile state)."""
+
+
+@overload(_mm)
+def _mm_impl(engine, a, bp, c, m, kdim, n):
+    if _is_amx(engine):
+        return lambda engine, a, bp, c, m, kdim, n: _bf.mm_amx(a, bp, c, m, kdim, n)
+    return lambda engine, a, bp, c, m, kdim, n: _bf.mm_bf16(a, bp, c, (m + 15) // 16 * 16, kdim, (n + 15) // 16 * 16)
+
+
+@overload(_mm_add)
+def _mm_add_impl(engine, a, bp, c, m, kdim, n):
+    if _is_amx(engine):
+        return lambda engine, a, bp, c, m, kdim, n: _bf.mm_amx_add(a, bp, c, m, kdim, n)
+    return lambda engine, a, bp, c, m, kdim, n: _bf.mm_bf16_add(a, bp, c, (m + 15) // 16 * 16, kdim, (n + 15) // 16 * 16)
+
+
+@overload(_begin)
+def _begin_impl(engine):
+    if _is_amx(engine):
+        return lambda engine: _bf.amx_begin()
+    return lambda engine: None
+
+
+@overload(_end)
+def _end_impl(engine):
+    if _is_amx(engine):
+        return lambda engine: _bf.amx_end()
+    return lambda engine: None
+
+
 PAIRS_N = BLOCK_N // 2  # pair rows of V per key block
 LAZY = 8.0  # the forward's reference max trails the true one by at most this (score units, base 2)
 
 
+def engine():
+    """What the bfloat16 kernels run their products on here: ``ENGINE_AMX``, ``ENGINE_DOT`` or None (the
+    float32 kernels take bfloat16 calls). Auto: AMX where the CPU and OS grant it, else vdpbf16ps where it
+    pays (``cpu_bf16.bf16_dot_pays``: at least 1.25x the float32 FMA rate, as on AMD Zen 4/5; not on
+    Intel CPUs that issue it at half that rate). ``SELFATTN_CPU_BF16_ENGINE=amx`` or ``dot`` asks for one
+    engine whatever it costs (tests, comparisons): None where the CPU lacks it. ``SELFATTN_CPU_BF16=0``
+    (and ``SELFATTN_CPU_AMX=0`` for AMX) turn them off."""
+    want = os.environ.get(ENGINE_ENV, "").strip().lower()
+    if want not in ("", "auto", "amx", "dot"):
+        raise ValueError(f"{ENGINE_ENV} must be 'amx', 'dot' or 'auto' (or unset), got {want!r}")
+    if not _bf.has_bf16_dot():
+        return None
+    if want == "amx":
+        return ENGINE_AMX if _bf.has_amx_bf16() else None
+    if want == "dot":
+        return ENGINE_DOT
+    if _bf.has_amx_bf16():
+        return ENGINE_AMX
+    return ENGINE_DOT if _bf.bf16_dot_pays() else None
+
+
 def available() -> bool:
-    """The AMX forward may run here: ``cpu_bf16.has_amx_bf16()`` (CPU, OS permission, environment)."""
-    return _bf.has_amx_bf16()
+    """The bfloat16 kernels may run here: :func:`engine` is not None."""
+    return engine() is not None
 
 
 def describe() -> str:
     """What the ``cpu`` backend does with bfloat16 inputs here (its ``features`` line)."""
-    if available():
+    eng = engine()
+    if eng is ENGINE_AMX:
         return "products: AMX (bfloat16 tiles, float32 softmax and sums; forward and backward)"
-    if _bf.host_has_amx_bf16():
-        why = f"AMX turned off ({_bf.AMX_ENV_FLAG}=0 or {_bf.ENV_FLAG}=0)"
+    if eng is ENGINE_DOT:
+        return "products: AVX512-BF16 vdpbf16ps (bfloat16 pairs, float32 softmax and sums; forward and backward)"
+    want = os.environ.get(ENGINE_ENV, "").strip().lower()
+    if not _bf.host_has_bf16_dot():
+        why = "no AVX512-BF16 here"
+    elif not _bf.has_bf16_dot():
+        why = f"bfloat16 products turned off ({_bf.ENV_FLAG}=0)"
+    elif want == "amx":
+        why = f"{ENGINE_ENV}=amx but no AMX-BF16 here (or no tile permission from the OS, or {_bf.AMX_ENV_FLAG}=0)"
     else:
-        why = "no AMX-BF16 here (or no tile permission from the OS)"
+        why = (f"no AMX-BF16, and vdpbf16ps runs at {_bf.bf16_dot_speedup():.2f}x the float32 FMA rate here "
+               f"(under 1.25x: float32 is as fast; {ENGINE_ENV}=dot uses it anyway)")
     return f"products: float32 fallback, inputs converted ({why})"
 
 
@@ -127,6 +219,7 @@ class AmxInputs(NamedTuple):
     kv_len: int  # Lk
     qk_abs: float  # |opts.qk_scale| (float32): q.k -> score units once the sign is in Q^T
     negate: bool  # a negative scale without a softcap: Q^T's sign bits flipped (exact), so max q.k is the max score
+    engine: np.ndarray  # ENGINE_AMX or ENGINE_DOT: what computes the products
 
 
 # -- tile buffers: rows on 64-byte lines -----------------------------------------------------------
@@ -347,7 +440,7 @@ def _fwd_task(t, inp, out, row_max, row_log, ent, top, counts, mask, opts):
     # need score units (every tile of the call alike: the running max keeps one unit)
     cs_tile = np.float32(1.0) if terms else inp.qk_abs
     n_tiles = 0
-    _bf.amx_begin()
+    _begin(inp.engine)
     for kb in range(nK):
         kind = tiles[tb, th_, qb, kb]
         if kind == EMPTY:
@@ -356,7 +449,7 @@ def _fwd_task(t, inp, out, row_max, row_log, ent, top, counts, mask, opts):
         c0 = kb * BLOCK_N
         ncols = min(BLOCK_N, Lk - c0)
         # -- s^T = K_blk Q^T on the tile unit (raw q.k, the scale's sign folded in) --
-        _bf.mm_amx(inp.k[b, hk, c0:c0 + BLOCK_N], qt, st, ncols, D, rows)
+        _mm(inp.engine, inp.k[b, hk, c0:c0 + BLOCK_N], qt, st, ncols, D, rows)
         if terms:
             # -- score units first (unless a softcap takes q.k), then cpu_fwd's score terms of a
             # transposed tile (softcap, ALiBi, bias, element-wise mask) --
@@ -377,8 +470,8 @@ def _fwd_task(t, inp, out, row_max, row_log, ent, top, counts, mask, opts):
                 pk[pr, i, 0] = 0
                 pk[pr, i, 1] = 0
         # -- acc^T += V_blk^T P^T on the tile unit --
-        _bf.mm_amx_add(inp.vt[b, hk, kb], pk, acct, Dv, ncols, rows)
-    _bf.amx_end()
+        _mm_add(inp.engine, inp.vt[b, hk, kb], pk, acct, Dv, ncols, rows)
+    _end(inp.engine)
     acc = np.empty((BLOCK_M, Dv), np.float32)
     for i in range(rows):
         for d in range(Dv):
@@ -434,6 +527,7 @@ class AmxGradInputs(NamedTuple):
     head_dim: int
     v_dim: int
     kv_len: int
+    engine: np.ndarray  # ENGINE_AMX or ENGINE_DOT
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -492,11 +586,11 @@ def _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, pbuf, dpbuf, kbs, pairs,
         kbs[n] = kb
         n += 1
         # -- S = Q_blk K^T, the forward's product and score terms; P = exp2((S - max) - log l), in place --
-        _bf.mm_amx(q_blk, g.kt[b, hk, kb], p, rows, D, ncols)
+        _mm(g.engine, q_blk, g.kt[b, hk, kb], p, rows, D, ncols)
         nc = _score_terms(p, tanh_buf, rows, ncols, False, b, h, qb, kb, kind, mask, opts)
         _probs(p, p, rows, nc, row_max, row_log, b, h, r0, opts)
         # -- dP = dO_blk V^T; delta += rowsum(P * dP) (products exact in float64) --
-        _bf.mm_amx(do_blk, g.vt[b, hk, kb], dp, rows, Dv, ncols)
+        _mm(g.engine, do_blk, g.vt[b, hk, kb], dp, rows, Dv, ncols)
         for i in range(rows):
             acc = dl[i]
             for j in range(nc):
@@ -504,7 +598,7 @@ def _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, pbuf, dpbuf, kbs, pairs,
             dl[i] = acc
         # -- dV^T += dO^T bf16(P) --
         _bf.pack_pairs_rows(p, pairs, rows, nc)
-        _bf.mm_amx_add(dot_blk, pairs, dvt[b, hk, kb], Dv, rows, ncols)
+        _mm_add(g.engine, dot_blk, pairs, dvt[b, hk, kb], Dv, rows, ncols)
         if softcap > 0.0:
             # -- the softcap's c (1 - tanh^2) multiplies dS: folded into the kept P --
             for i in range(rows):
@@ -527,13 +621,13 @@ def _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, pbuf, dpbuf, kbs, pairs,
         ds16 = ds_all[:, u * BLOCK_N:]
         _bf16_block(dp, ds16, rows, nc, (ncols + 31) // 32 * 32)
         if not whole:
-            _bf.mm_amx_add(ds16, g.k[b, hk, c0 // 2:c0 // 2 + PAIRS_N], dq_acc, rows, ncols, D)
+            _mm_add(g.engine, ds16, g.k[b, hk, c0 // 2:c0 // 2 + PAIRS_N], dq_acc, rows, ncols, D)
         _bf.pack_pairs_rows(dp, pairs, rows, nc)
-        _bf.mm_amx_add(qt_blk, pairs, dkt[b, hk, kb], D, rows, ncols)
+        _mm_add(g.engine, qt_blk, pairs, dkt[b, hk, kb], D, rows, ncols)
     if whole:
         k0, last = kbs[0] * BLOCK_N, kbs[n - 1] * BLOCK_N
         kdim = last - k0 + min(BLOCK_N, Lk - last)
-        _bf.mm_amx_add(ds_all, g.k[b, hk, k0 // 2:k0 // 2 + n * PAIRS_N], dq_acc, rows, kdim, D)
+        _mm_add(g.engine, ds_all, g.k[b, hk, k0 // 2:k0 // 2 + n * PAIRS_N], dq_acc, rows, kdim, D)
     dscale = opts.dscale
     for i in range(rows):
         for d in range(D):
@@ -562,7 +656,7 @@ def flash_bwd_amx(g, row_max, row_log, dkt, dvt, dq, counts, mask, opts, t0, ste
     # denormals flushed in this thread's float32 work while the tasks run (restored after): dS of
     # probabilities near 2**-126 (the tile products flush them anyway)
     old = _mxcsr_ftz(np.intp(1))
-    _bf.amx_begin()
+    _begin(g.engine)
     T = counts.shape[0]
     shared = taken.size > 0
     t, t_end = (0, 0) if shared else (t0, T)
@@ -575,7 +669,7 @@ def flash_bwd_amx(g, row_max, row_log, dkt, dvt, dq, counts, mask, opts, t0, ste
         _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, pbuf, dpbuf, kbs, pairs, ds_all, qt_blk, dot_blk, counts, mask,
                       opts)
         t += 1 if shared else step
-    _bf.amx_end()
+    _end(g.engine)
     _mxcsr_set(old)
 
 
@@ -636,8 +730,21 @@ def pack_bwd(k16, v16, kt, vt, kp, taken):
 stamp_sources(globals(), _bf, _bwd_src, _flash_src, _fwd_src)  # the kernels compile these modules' numba functions into themselves
 numba_config.CACHE_DIR = _NUMBA_CACHE_DIR
 
-#: calls and tile products served by the AMX forward since import (tests check the path was taken)
-AMX_CALLS = {"calls": 0, "tiles": 0, "backward": 0}
+#: calls and tile products served by these kernels since import, in all and per engine (tests check the
+#: path was taken)
+AMX_CALLS = {"calls": 0, "tiles": 0, "backward": 0, "amx": 0, "dot": 0, "amx_backward": 0, "dot_backward": 0}
+
+
+def _engine_name(eng) -> str:
+    return "amx" if eng.dtype == np.int8 else "dot"
+
+
+def _engine_or_refuse(eng):
+    # the given engine, else this host's; a clear error where there is none
+    eng = engine() if eng is None else eng
+    if eng is None:
+        raise RuntimeError(f"selfattn.kernels.cpu_amx: no bfloat16 product engine here ({describe()})")
+    return eng
 
 
 def _run_threads(kernel, args, threads):
@@ -667,9 +774,9 @@ def _bits(t):
     return t.view(torch.int16).numpy().view(np.uint16)
 
 
-def prepare(q, k, v, opts) -> AmxInputs:
+def prepare(q, k, v, opts, eng=None) -> AmxInputs:
     """The :class:`AmxInputs` of bfloat16 q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) for a
-    call with cpu_flash's ``opts``."""
+    call with cpu_flash's ``opts``, its products on ``eng`` (default: :func:`engine`)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     F = torch.nn.functional
@@ -685,7 +792,8 @@ def prepare(q, k, v, opts) -> AmxInputs:
     vt = vp.reshape(B, Hkv, nK, BLOCK_N, dv16).transpose(-1, -2).contiguous()  # (B, Hkv, nK, Dv16, BLOCK_N)
     negate = float(opts.qk_scale) < 0.0 and float(opts.softcap_u) <= 0.0
     return AmxInputs(q=_bits(q.detach()), k=_bits(kp), vt=_bits(vt), head_dim=D, kv_len=Lk,
-                     qk_abs=np.float32(abs(float(opts.qk_scale))), negate=negate)
+                     qk_abs=np.float32(abs(float(opts.qk_scale))), negate=negate,
+                     engine=_engine_or_refuse(eng))
 
 
 def launch_forward(q, k, v, sinks, call):
@@ -709,14 +817,16 @@ def launch_forward(q, k, v, sinks, call):
     _cpu.TILE_PRODUCTS["forward"] += tiles
     AMX_CALLS["calls"] += 1
     AMX_CALLS["tiles"] += tiles
+    AMX_CALLS[_engine_name(inp.engine)] += 1
     max_logit = top * float(opts.nat)  # (B, Hq, Lq) nats, keys only
     if sinks is not None:
         out, row_max, row_log, ent = _cpu._fold_sinks(out, row_max, row_log, ent, sinks, opts)
     return out.to(q.dtype), row_max, row_log, max_logit, ent
 
 
-def prepare_backward(q, k, v, do, threads: int = 1) -> AmxGradInputs:
-    """The :class:`AmxGradInputs` of bfloat16 q, k, v and the output's gradient do."""
+def prepare_backward(q, k, v, do, threads: int = 1, eng=None) -> AmxGradInputs:
+    """The :class:`AmxGradInputs` of bfloat16 q, k, v and the output's gradient do (products on ``eng``,
+    default :func:`engine`)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     F = torch.nn.functional
@@ -731,7 +841,7 @@ def prepare_backward(q, k, v, do, threads: int = 1) -> AmxGradInputs:
     kp = _zeros_np((B, Hkv, nK * PAIRS_N, r16(D, 16), 2), np.uint16)
     _run_threads(pack_bwd, (_bits(k), _bits(v), kt, vt, kp), threads)
     return AmxGradInputs(q=_bits(qp), do=_bits(dop), kt=kt, vt=vt, k=kp,
-                         head_dim=D, v_dim=Dv, kv_len=Lk)
+                         head_dim=D, v_dim=Dv, kv_len=Lk, engine=_engine_or_refuse(eng))
 
 
 def launch_backward(grad_out, q, k, v, out, row_max, row_log, call):
@@ -775,4 +885,5 @@ def launch_backward(grad_out, q, k, v, out, row_max, row_log, call):
         _cpu._on_threads([(entry, call) for call in sums])
     _cpu.TILE_PRODUCTS["backward_one_pass"] += int(counts.sum())
     AMX_CALLS["backward"] += 1
+    AMX_CALLS[_engine_name(g.engine) + "_backward"] += 1
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
