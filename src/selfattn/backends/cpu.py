@@ -76,7 +76,7 @@ try:  # the short calls' entry points (issue 14's fixed cost); without them ever
     from ..kernels import cpu_short as _short
 except Exception:  # noqa: BLE001 -- numba missing or its internals changed: the general path serves
     _short = None
-try:  # bfloat16 forward on the AMX tile unit (issue 14); without it bfloat16 runs the float32 kernels
+try:  # bfloat16 kernels on AMX or vdpbf16ps (issue 14); without an engine bfloat16 runs the float32 kernels
     from ..kernels import cpu_amx as _amx
 except Exception:  # noqa: BLE001 -- numba, its LLVM or the CPU lacking anything: the float32 fallback
     _amx = None
@@ -461,11 +461,11 @@ def _fold_sinks(out, row_max, row_log, ent, sinks, opts):
     return out, new_max.to(acc), new_log.to(acc), ent
 
 
-def _on_amx(q, call: _Call) -> bool:
-    """Whether the bfloat16 kernels with their products on AMX take this call (forward and backward alike).
-    Scale 0 stays off AMX: its tiles hold raw q.k and take score units as |scale| log2(e) = 0, so its lazy
-    running max never leaves -inf ((s - m) * 0 is NaN there): 0.8-1.6 off for a padded or causal row; the
-    float32 kernels average the allowed values as they should."""
+def _on_bf16_kernels(q, call: _Call) -> bool:
+    """Whether the bfloat16 kernels (products on AMX or vdpbf16ps, ``cpu_amx.engine``) take this call
+    (forward and backward alike). Scale 0 stays off them: their tiles hold raw q.k and take score units
+    as |scale| log2(e) = 0, so their lazy running max never leaves -inf ((s - m) * 0 is NaN there):
+    0.8-1.6 off for a padded or causal row; the float32 kernels average the allowed values as they should."""
     return q.dtype == torch.bfloat16 and call.scale != 0.0 and _amx is not None and _amx.available()
 
 
@@ -473,8 +473,8 @@ def _launch_forward(q, k, v, sinks, call: _Call):
     """(out, row_max, row_log, max_logit, entropy): out in q's dtype; the lse (sink included) as
     row_max + row_log in score units; max_logit over the keys and the entropy in nats (both
     meaningful only with call.want_stats)."""
-    if _on_amx(q, call):
-        return _amx.launch_forward(q, k, v, sinks, call)  # same outputs; products on AMX
+    if _on_bf16_kernels(q, call):
+        return _amx.launch_forward(q, k, v, sinks, call)  # same outputs; bfloat16 products
     if _fwd.serves(q):
         return _fwd.launch_forward(q, k, v, sinks, call)  # same outputs; float32, >= 4 query rows
     acc = acc_dtype(q.dtype)
@@ -501,8 +501,8 @@ def _launch_backward(grad_out, q, k, v, out, row_max, row_log, call: _Call, delt
     instead of computing rowsum(P * dP) themselves (``shard_backward``). ``sinks_known``: the caller
     passes the forward's sinks (None: there were none), so the float32 kernel may normalise its delta
     by rowsum(P) + p_sink (rows of a few keys); callers that do not know keep the plain delta."""
-    if delta is None and _on_amx(q, call):
-        return _amx.launch_backward(grad_out, q, k, v, out, row_max, row_log, call)  # products on AMX
+    if delta is None and _on_bf16_kernels(q, call):
+        return _amx.launch_backward(grad_out, q, k, v, out, row_max, row_log, call)  # bfloat16 products
     if _bwd.serves(q):
         s = sinks if sinks_known else _bwd.SINKS_UNKNOWN
         return _bwd.launch_backward(grad_out, q, k, v, out, row_max, row_log, call, delta, sinks=s)  # float32: one kernel

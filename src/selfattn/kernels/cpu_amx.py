@@ -1,7 +1,9 @@
-"""bfloat16 forward and backward of the ``cpu`` backend on the AMX tile unit (issue 14).
+"""bfloat16 forward and backward of the ``cpu`` backend on the CPU's bfloat16 dot products (issue 14).
 
 The same algorithm, tile map and outputs as ``cpu_flash.flash_fwd`` (its module docstring), with the
-two block products on AMX (``cpu_bf16.mm_amx``, bfloat16 operands, float32 sums) and each tile
+two block products on bfloat16 operands with float32 sums -- on AMX's tile unit (``cpu_bf16.mm_amx``,
+Intel) or on AVX512-BF16's vdpbf16ps (``cpu_bf16.mm_bf16``, AMD Zen 4/5), whichever :func:`engine`
+picks (the module keeps its first name) -- and each tile
 *transposed*, as ``cpu_fwd`` computes it (keys x queries: the lanes of a vector are 16 query rows)::
 
     s^T    = K_blk @ Q_blk^T        AMX: K's rows as stored, Q_blk^T pairs packed once per task
