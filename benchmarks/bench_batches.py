@@ -2,6 +2,8 @@
 
     python benchmarks/bench_batches.py            # L = 16384 mask function, ALiBi/sinks overhead
     python benchmarks/bench_batches.py --quick    # L = 4096 (a minute or two)
+    python benchmarks/bench_batches.py --smoke --json /tmp/x.json   # L = 512, once, memory of the function only:
+                                                                    # checks the script runs
 
 1. A mask function (sliding window 512 plus 64 global tokens, causal) at L = 16384, forward +
    backward: `cpu` with ``masks.function`` (lowered once per call: tile map plus the bits of
@@ -11,7 +13,7 @@
 2. ALiBi and sinks: the same causal forward + backward on `cpu` with and without
    ``alibi_slopes`` / ``sinks``; the overhead is the ratio of medians.
 
-Results: a table on stdout and JSON in benchmarks/results/bench_batches[_quick].json.
+Results: a table on stdout and JSON in benchmarks/results/bench_batches[_quick].json (``--json PATH`` elsewhere).
 """
 
 from __future__ import annotations
@@ -122,8 +124,13 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="L = 4096 instead of 16384")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="L = 512, one run each, the mask function's memory alone: "
+                                                        "checks the script runs (numbers meaningless)")
+    p.add_argument("--json", metavar="PATH", help="where the results go (default benchmarks/results/bench_batches[_quick].json)")
     args = p.parse_args(argv)
-    L = 4096 if args.quick else 16384
+    L = 512 if args.smoke else 4096 if args.quick else 16384
+    if args.smoke:
+        args.reps = 1
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "load_start": os.getloadavg(),
             "command": " ".join(["python", "benchmarks/bench_batches.py", *(argv if argv is not None else sys.argv[1:])])}
@@ -135,17 +142,18 @@ def main(argv=None):
     print(f"  cpu window   {m['cpu_window_s'] * 1e3:9.1f} ms   (structured mask, near the same pairs)")
     print(f"  sdpa dense   {m['sdpa_dense_s'] * 1e3:9.1f} ms   -> cpu {m['speedup_vs_sdpa']:.1f}x   target >= 10x")
     if not args.no_memory:
-        mf, mw = memory(L, 2, 64, "function"), memory(L, 2, 64, "window")
+        mf = memory(L, 2, 64, "function")
+        mw = mf if args.smoke else memory(L, 2, 64, "window")  # smoke: one fresh process is enough to check the code
         res["memory"] = {"function_bytes": mf, "window_bytes": mw}
         if isinstance(mf, int) and isinstance(mw, int):
             print(f"  peak extra memory: function {mf / 2**20:.1f} MiB, window {mw / 2**20:.1f} MiB "
                   f"-> {mf / max(mw, 1):.2f}x   target <= 2x")
-    res["overhead"] = o = overhead_case(L // 4, 8, 64, max(args.reps, 5))
+    res["overhead"] = o = overhead_case(L // 4, 2 if args.smoke else 8, 64, 1 if args.smoke else max(args.reps, 5))
     print(f"ALiBi / sinks overhead, causal fwd+bwd {o['shape']}: plain {o['plain_s'] * 1e3:.1f} ms, "
           f"alibi {100 * o['alibi_overhead']:+.1f} %, sinks {100 * o['sinks_overhead']:+.1f} %   target <= +10 %")
     meta["load_end"] = os.getloadavg()
-    path = os.path.join(ROOT, "benchmarks", "results", f"bench_batches{'_quick' if args.quick else ''}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    path = args.json or os.path.join(ROOT, "benchmarks", "results", f"bench_batches{'_quick' if args.quick else ''}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:
         json.dump(res, fh, indent=1, default=str)
     print(f"wrote {path}")

@@ -4,6 +4,14 @@
     python benchmarks/bench_cpu.py --quick    # the same cases at smaller shapes (about a minute)
     python benchmarks/bench_cpu.py --compile-time   # numba compile time, first and second process
     python benchmarks/bench_cpu.py --only dense --paired 7   # + rounds of (peak, cpu, sdpa, peak) for the % targets
+    python benchmarks/bench_cpu.py --threads 2 --only bfloat16 --no-memory   # issue 14's bfloat16 targets alone
+    python benchmarks/bench_cpu.py --smoke --json /tmp/x.json   # every case at tiny shapes, once: checks the script runs
+
+The bfloat16 rows name the engine of the bfloat16 products (``selfattn.backends.get("cpu").features["bfloat16"]``:
+AMX, AVX512-BF16 vdpbf16ps, or the float32 fallback; SELFATTN_CPU_BF16_ENGINE / SELFATTN_CPU_BF16 as set) and time
+the float32 kernel on the same values in the same row ("cpu-float32"), so their bfloat16 / float32 ratio is read
+against issue 14's targets (dense forward >= 1.6x, causal forward + backward >= 1.3x, on 2 threads) from numbers
+taken back to back; a last section lists them.
 
 float32 (two extra rows in bfloat16), all the threads torch is set to use, warm-up first, the median of several runs; every
 ratio compares two numbers taken in the same run. FLOPs as DESIGN.md counts them: 4*B*H*Lq*Lk*D
@@ -26,6 +34,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -55,6 +64,7 @@ class Case:
     dtype: str = "float32"
     softcap: float = 0.0  # > 0: every selfattn call with this softcap ("cpu-plain": the cpu backend without it)
     peak_share: float = 0.0  # issue 14's target as a share of the FMA peak (0: none); --paired measures these
+    vs_float32: float = 0.0  # bfloat16 rows: issue 14's target for cpu bfloat16 / cpu float32 speed (0: none)
 
 
 CASES = [
@@ -72,9 +82,12 @@ CASES = [
          baselines=("sdpa",), target=">= 5x SDPA (block-diagonal dense mask)", doc_len=2048),
     # not in the issue's table: what `auto` needs to rank cpu against sdpa for the rest
     Case("random dense bool mask fwd", (1, 16, 2048, 2048, 64), (1, 8, 1024, 1024, 64), mask="random", target="(rank)"),
-    Case("dense fwd bfloat16", (1, 16, 2048, 2048, 64), (1, 8, 1024, 1024, 64), target="(rank)", dtype="bfloat16"),
-    Case("causal fwd+bwd bfloat16", (1, 16, 2048, 2048, 64), (1, 8, 1024, 1024, 64), mask="causal", backward=True,
-         target="(rank)", dtype="bfloat16"),
+    # bfloat16 on the CPU's bfloat16 products (issue 14), against the float32 kernel on the same values in the same row
+    Case("dense fwd bfloat16", (1, 16, 2048, 2048, 64), (1, 8, 1024, 1024, 64), dtype="bfloat16",
+         baselines=("cpu-float32", "sdpa"), target=">= 1.6x cpu float32, 2 threads (issue 14)", vs_float32=1.6),
+    Case("causal fwd+bwd bfloat16", (1, 16, 4096, 4096, 64), (1, 8, 1024, 1024, 64), mask="causal", backward=True,
+         dtype="bfloat16", baselines=("cpu-float32", "sdpa"), target=">= 1.3x cpu float32, 2 threads (issue 14)",
+         vs_float32=1.3),
     # what a softcap (Gemma 2's 50, here 30) costs against the same call without it; SDPA has no softcap
     Case("softcap 30 fwd", (1, 16, 2048, 2048, 64), (1, 8, 1024, 1024, 64), softcap=30.0, baselines=("cpu-plain", "math"),
          target="(cost of a softcap)"),
@@ -90,6 +103,9 @@ class Row:
     gflops: dict = field(default_factory=dict)  # impl -> GFLOP/s
     notes: list = field(default_factory=list)
     paired: dict = field(default_factory=dict)  # --paired: the interleaved rounds against the adjacent peak
+    dtype: str = "float32"
+    engine: str = ""  # bfloat16 rows: what computed the bfloat16 products (the cpu backend's features line)
+    threads: int = 0  # torch threads of the run
 
 
 def _median_time(fn, reps: int, warmup: int = 1) -> float:
@@ -151,7 +167,7 @@ def _run(impl: str, case: Case, q, k, v, go, **kw):
         extra = _mask_kwargs(case, q.shape[2], k.shape[2], dense=False)
         if case.softcap > 0 and impl != "cpu-plain":
             extra["softcap"] = case.softcap
-        backend = "cpu" if impl == "cpu-plain" else impl
+        backend = "cpu" if impl in ("cpu-plain", "cpu-float32") else impl
 
         def fwd():
             return selfattn.attention(q, k, v, backend=backend, **extra, **kw)
@@ -178,14 +194,42 @@ def matmul_rate(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / t / 1e9
 
 
-def bench_case(case: Case, quick: bool, reps: int) -> Row:
-    shape = case.quick if quick else case.shape
+def case_shape(case: Case, size: str) -> tuple:
+    """The case's (B, H, Lq, Lk, D) for --quick ("quick"), --smoke ("smoke": at most 2 x 2 heads of 256 keys,
+    enough to reach every code path, nothing to time) or the full table."""
+    if size == "smoke":
+        B, H, Lq, Lk, D = case.shape
+        return (min(B, 2), min(H, 2), min(Lq, 256), min(Lk, 256), D)
+    return case.quick if size == "quick" else case.shape
+
+
+def bf16_engine() -> tuple:
+    """(short name, the cpu backend's features line) of what computes bfloat16 products here: 'amx', 'dot'
+    (AVX512-BF16 vdpbf16ps) or 'float32 fallback'; SELFATTN_CPU_BF16_ENGINE / SELFATTN_CPU_BF16 as set. The line
+    is ``selfattn.backends.get("cpu").features["bfloat16"]`` made now (cpu_amx.describe(): the class attribute
+    was made at import, and the environment may have changed since)."""
+    try:
+        from selfattn.kernels import cpu_amx
+    except ImportError:
+        return "float32 fallback", selfattn.backends.get("cpu").features["bfloat16"]
+    eng = cpu_amx.engine()
+    name = "float32 fallback" if eng is None else "amx" if eng is cpu_amx.ENGINE_AMX else "dot"
+    return name, cpu_amx.describe()
+
+
+def bench_case(case: Case, size: str, reps: int) -> Row:
+    shape = case_shape(case, size)
     B, H, Lq, Lk, D = shape
     torch.manual_seed(0)
     dt = getattr(torch, case.dtype)
     q, k, v = (torch.randn(B, H, L, D).to(dt).requires_grad_(case.backward) for L in (Lq, Lk, Lk))
     go = torch.randn(B, H, Lq, D).to(dt)
-    row = Row(case.name, shape, case.target)
+    # "cpu-float32": the float32 kernel on the same values (a bfloat16 row's own float32 comparison)
+    f32 = [t.detach().float().requires_grad_(case.backward) for t in (q, k, v)] + [go.float()]
+    row = Row(case.name, shape, case.target, dtype=case.dtype, threads=torch.get_num_threads())
+    if dt == torch.bfloat16:
+        name, line = bf16_engine()
+        row.engine = f"{name}: {line}"
     flops = 4.0 * B * H * D * _allowed_pairs(case, Lq, Lk) * (3.5 if case.backward else 1.0)
     impls = ["cpu", *case.baselines]
     slow = Lq * Lk * B * H > 2**31  # the dense-mask SDPA runs at 16384: one timed run is minutes already
@@ -193,7 +237,7 @@ def bench_case(case: Case, quick: bool, reps: int) -> Row:
         if impl == "math" and not _math_fits(case, shape):
             row.notes.append("math: does not fit in memory")
             continue
-        fn = _run(impl, case, q, k, v, go)
+        fn = _run(impl, case, *(f32 if impl == "cpu-float32" else (q, k, v, go)))
         n = 1 if (slow and impl != "cpu") else reps
         t = _median_time(fn, n, warmup=0 if (slow and impl != "cpu") else 1)
         row.times[impl] = t
@@ -212,15 +256,14 @@ def bench_case(case: Case, quick: bool, reps: int) -> Row:
     return row
 
 
-def paired_rounds(case: Case, quick: bool, rounds: int) -> dict:
+def paired_rounds(case: Case, size: str, rounds: int, seconds: float = 0.25) -> dict:
     """Interleaved rounds of (FMA peak, cpu, sdpa, FMA peak) on torch's threads: each round's cpu rate is
     taken as a share of the mean of the two peak readings around it, so the share compares numbers taken
     within a second or two of each other on this noisy machine (the table's share divides a median time
     by the run's best peak reading, minutes apart)."""
     import peak
 
-    shape = case.quick if quick else case.shape
-    B, H, Lq, Lk, D = shape
+    B, H, Lq, Lk, D = case_shape(case, size)
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, L, D).requires_grad_(case.backward) for L in (Lq, Lk, Lk))
     go = torch.randn(B, H, Lq, D)
@@ -237,9 +280,9 @@ def paired_rounds(case: Case, quick: bool, rounds: int) -> dict:
 
     out = {"rounds": []}
     for _ in range(rounds):
-        before = peak.measure(threads, seconds=0.25, repeats=1)
+        before = peak.measure(threads, seconds=seconds, repeats=1)
         t_cpu, t_sdpa = timed(fns["cpu"]), timed(fns["sdpa"])
-        after = peak.measure(threads, seconds=0.25, repeats=1)
+        after = peak.measure(threads, seconds=seconds, repeats=1)
         fma = (before + after) / 2
         out["rounds"].append({"peak": fma, "peak_before": before, "peak_after": after, "cpu_ms": t_cpu * 1e3,
                               "sdpa_ms": t_sdpa * 1e3, "share": flops / t_cpu / 1e9 / fma, "sdpa_over_cpu": t_sdpa / t_cpu})
@@ -250,9 +293,9 @@ def paired_rounds(case: Case, quick: bool, rounds: int) -> dict:
     return out
 
 
-def peak_memory(quick: bool) -> dict:
+def peak_memory(size: str) -> dict:
     """Peak extra memory of causal fwd+bwd, measured in a fresh process (VmHWM after a reset)."""
-    L = 4096 if quick else 16384
+    L = {"smoke": 256, "quick": 4096}.get(size, 16384)
     code = f"""
 import sys, torch
 sys.path.insert(0, {os.path.join(ROOT, 'src')!r})
@@ -331,7 +374,7 @@ print(*[v for pair in r for v in pair])
     return out
 
 
-def profile_forward(d: int = 64, heads: int = 2, length: int = 2048, reps: int = 3) -> dict:
+def profile_forward(d: int = 64, heads: int = 2, length: int = 2048, reps: int = 3, peak_reps: int = 7) -> dict:
     """Where the float32 forward's time goes, on one thread (CPU time, best of ``reps``): the whole
     kernel (``flash_fwd_serial``, dense (1, heads, length, length, d)) against its pieces looped
     over the same number of 64 x 64 tiles with data in cache -- the Q K^T product (scaled), the
@@ -403,7 +446,7 @@ def profile_forward(d: int = 64, heads: int = 2, length: int = 2048, reps: int =
     out = np.empty_like(q)
     rm, rl, ent = (np.empty((1, heads, length), np.float32) for _ in range(3))
     counts = np.zeros(heads * nb, np.int64)
-    fma1 = _peak_cpu_time()
+    fma1 = _peak_cpu_time(peak_reps)
     t_full = cpu(K.flash_fwd_serial, q, k, kt, v, out, rm, rl, ent, counts, mask, opts)
     parts = {
         "Q K^T (micro-kernel, scaled)": cpu(qk, q, kt, np.empty((64, 64), np.float32), 0.125),
@@ -414,7 +457,7 @@ def profile_forward(d: int = 64, heads: int = 2, length: int = 2048, reps: int =
     parts["rest (masks, bookkeeping, L2 loads)"] = max(0.0, t_full - sum(parts.values()))
     t_new, parts_new = _profile_transposed(q, k, v, mask, opts, cpu)
     flops = 4.0 * heads * length * length * d
-    fma1 = max(fma1, _peak_cpu_time())  # before and after: the better of two (the other core's load moves it)
+    fma1 = max(fma1, _peak_cpu_time(peak_reps))  # before and after: the better of two (the other core's load moves it)
     res = {"shape": (1, heads, length, length, d), "full_ms": t_full * 1e3, "gflops": flops / t_full / 1e9,
            "fma_peak_1thread": fma1, "parts_ms": {n: t * 1e3 for n, t in parts.items()},
            "transposed": {"full_ms": t_new * 1e3, "gflops": flops / t_new / 1e9,
@@ -519,30 +562,95 @@ def _load() -> str:
         return "?"
 
 
+def paired_bf16(case: Case, size: str, rounds: int) -> dict:
+    """Interleaved rounds of (cpu float32, cpu bfloat16) on the same values: each round's ratio compares two
+    calls made back to back, so load changes on this shared machine hit both alike."""
+    B, H, Lq, Lk, D = case_shape(case, size)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D).to(torch.bfloat16).requires_grad_(case.backward) for L in (Lq, Lk, Lk))
+    go = torch.randn(B, H, Lq, D).to(torch.bfloat16)
+    f32 = [t.detach().float().requires_grad_(case.backward) for t in (q, k, v)] + [go.float()]
+    fns = {"float32": _run("cpu-float32", case, *f32), "bfloat16": _run("cpu", case, q, k, v, go)}
+    for fn in fns.values():
+        fn()  # warm-up (and compile)
+    out = {"rounds": []}
+    for _ in range(rounds):
+        t = {}
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            t[name] = time.perf_counter() - t0
+        out["rounds"].append({"float32_ms": t["float32"] * 1e3, "bfloat16_ms": t["bfloat16"] * 1e3,
+                              "ratio": t["float32"] / t["bfloat16"]})
+    out["median_ratio"] = statistics.median(r["ratio"] for r in out["rounds"])
+    return out
+
+
+def bf16_targets(rows: list, threads: int) -> list:
+    """issue 14's bfloat16 targets from the rows of this run: each bfloat16 row's own float32 comparison
+    ("cpu-float32", back to back) and, where this run has it, the float32 row of the same case and shape."""
+    by_name = {r.case: r for r in rows}
+    out = []
+    for case in CASES:
+        r = by_name.get(case.name)
+        if r is None or not case.vs_float32 or "cpu-float32" not in r.times:
+            continue
+        item = {"case": case.name, "shape": r.shape, "engine": r.engine, "threads": threads, "target": case.vs_float32,
+                "ratio": r.times["cpu-float32"] / r.times["cpu"],
+                "issue_shape_and_threads": tuple(r.shape) == tuple(case.shape) and threads == 2}
+        f32_row = by_name.get(case.name.replace(" bfloat16", ""))
+        if f32_row is not None and tuple(f32_row.shape) == tuple(r.shape) and "cpu" in f32_row.times:
+            item["ratio_vs_float32_row"] = f32_row.times["cpu"] / r.times["cpu"]
+        if r.paired:
+            item["paired_median_ratio"] = r.paired["median_ratio"]
+        item["met"] = item.get("paired_median_ratio", item["ratio"]) >= case.vs_float32
+        out.append(item)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller shapes")
+    p.add_argument("--smoke", action="store_true",
+                   help="every case at tiny shapes, one run each, a short peak: checks the script runs (numbers meaningless); "
+                        "with --profile, one small profile")
+    p.add_argument("--threads", type=int, default=0, help="torch (and kernel) threads (default: torch's own choice)")
     p.add_argument("--reps", type=int, default=5, help="timed runs per implementation (median)")
     p.add_argument("--only", default="", help="run only cases whose name contains this")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--compile-time", action="store_true", help="numba compile time: first calls in a fresh process with an empty private cache, then a second process")
-    p.add_argument("--json", default="", help="output path (default benchmarks/results/bench_cpu[_quick].json)")
+    p.add_argument("--json", default="", help="output path (default benchmarks/results/bench_cpu[_quick].json; "
+                                              "--smoke: bench_cpu_smoke.json in the temporary directory)")
     p.add_argument("--profile", action="store_true", help="only the one-thread forward profile (D 64 and 128)")
     p.add_argument("--paired", type=int, default=0, metavar="N",
-                   help="for the cases with a share-of-peak target, also N interleaved rounds of peak, cpu, sdpa, peak")
+                   help="for the cases with a share-of-peak target, also N interleaved rounds of peak, cpu, sdpa, peak; "
+                        "for the bfloat16 rows, N interleaved rounds of cpu float32, cpu bfloat16")
     args = p.parse_args(argv)
+    size = "smoke" if args.smoke else "quick" if args.quick else "full"
+    if args.smoke:
+        args.reps = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    suffix = "_profile" if args.profile else "_compile" if args.compile_time else "_smoke" if args.smoke else "_quick" if args.quick else ""
+    path = args.json or (os.path.join(tempfile.gettempdir(), f"bench_cpu{suffix}.json") if args.smoke
+                         else os.path.join(ROOT, "benchmarks", "results", f"bench_cpu{suffix}.json"))
     if args.profile:
-        result = {"profile": [profile_forward(64), profile_forward(128)], "loadavg": _load()}
-        path = args.json or os.path.join(ROOT, "benchmarks", "results", "bench_cpu_profile.json")
+        if args.smoke:
+            result = {"profile": [profile_forward(64, heads=1, length=128, reps=1, peak_reps=1)], "loadavg": _load()}
+        else:
+            result = {"profile": [profile_forward(64), profile_forward(128)], "loadavg": _load()}
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as fh:
             json.dump(result, fh, indent=1, default=str)
         print(f"wrote {path}")
         return
 
+    import peak
+
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join(["python", "benchmarks/bench_cpu.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs".strip(),
+        "machine": f"{platform.machine()} {peak.cpu_model()} {os.cpu_count()} CPUs",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "loadavg_start": _load(),
     }
     result = {"meta": meta}
@@ -550,50 +658,68 @@ def main(argv=None):
         result["compile_time"] = compile_time()
         print(json.dumps(result["compile_time"], indent=1))
     else:
-        import peak
-
-        mm = matmul_rate()
-        fma = peak.measure(torch.get_num_threads())
+        seconds, repeats = (0.01, 1) if args.smoke else (0.5, 5)
+        mm_n = 256 if args.smoke else 2048
+        mm = matmul_rate(mm_n, reps=repeats)
+        fma = peak.measure(torch.get_num_threads(), seconds, repeats)
         meta["fp32_matmul_GFLOPs"] = mm
         meta["fma_peak_GFLOPs"] = fma
-        meta["fma_peak_1thread_GFLOPs"] = peak.measure(1)
+        meta["fma_peak_1thread_GFLOPs"] = peak.measure(1, seconds, repeats)
         meta["fma_vector"] = f"<{peak.LANES} x float> ({'AVX-512' if peak.AVX512 else 'AVX2'})"
+        meta["bfloat16_engine"] = " -- ".join(bf16_engine())
         print(f"{meta['date']}  {meta['machine']}  torch {meta['torch']}  threads {meta['threads']}  load {meta['loadavg_start']}")
         print(f"float32 FMA peak ({meta['fma_vector']}): {fma:.1f} GFLOP/s on {meta['threads']} threads, "
               f"{meta['fma_peak_1thread_GFLOPs']:.1f} on 1  <- ceiling")
-        print(f"float32 matmul (torch.mm 2048): {mm:.1f} GFLOP/s ({100 * mm / fma:.0f} % of peak)")
+        print(f"float32 matmul (torch.mm {mm_n}): {mm:.1f} GFLOP/s ({100 * mm / fma:.0f} % of peak)")
+        print(f"bfloat16 products: {meta['bfloat16_engine']}")
         rows = []
         for case in CASES:
             if args.only and args.only not in case.name:
                 continue
-            row = bench_case(case, args.quick, args.reps)
+            row = bench_case(case, size, args.reps)
             rows.append(row)
             t = row.times
             ratio = {b: t[b] / t["cpu"] for b in t if b != "cpu"}
             print(f"\n{row.case} {row.shape}  target {row.target}")
+            if row.engine:
+                print(f"  bfloat16 engine: {row.engine}")
             for impl in t:
                 extra = f"  cpu speedup {ratio[impl]:.2f}x" if impl in ratio else ""
                 gf = f"{row.gflops[impl]:8.1f} GFLOP/s ({100 * row.gflops[impl] / fma:4.1f} % of peak)" if impl in row.gflops else ""
-                print(f"  {impl:<10} {t[impl] * 1e3:10.2f} ms {gf}{extra}")
+                print(f"  {impl:<11} {t[impl] * 1e3:10.2f} ms {gf}{extra}")
             for n in row.notes:
                 print(f"  note: {n}")
             if args.paired and case.peak_share:
-                pr = paired_rounds(case, args.quick, args.paired)
+                pr = paired_rounds(case, size, args.paired, 0.01 if args.smoke else 0.25)
                 row.paired = pr
                 shares = " ".join(f"{100 * r['share']:.0f}" for r in pr["rounds"])
                 print(f"  paired rounds (peak, cpu, sdpa, peak) x{args.paired}: cpu {100 * pr['median_share']:.1f} % of the "
                       f"adjacent peak (median; best {100 * pr['best_share']:.1f} %; rounds {shares}), "
                       f"sdpa/cpu {pr['median_sdpa_over_cpu']:.2f}x; target {100 * case.peak_share:.0f} %: "
                       f"{'met' if pr['median_share'] >= case.peak_share else 'not met'} in the median")
+            if args.paired and case.vs_float32:
+                pr = row.paired = paired_bf16(case, size, args.paired)
+                each = " ".join(f"{r['ratio']:.2f}" for r in pr["rounds"])
+                print(f"  paired rounds (cpu float32, cpu bfloat16) x{args.paired}: bfloat16 {pr['median_ratio']:.2f}x float32 "
+                      f"(median; rounds {each})")
         result["rows"] = [asdict(r) for r in rows]
+        targets = result["bf16_targets"] = bf16_targets(rows, torch.get_num_threads())
+        if targets:
+            print(f"\nissue 14, bfloat16 against float32 ({torch.get_num_threads()} threads; ratio = cpu float32 time / "
+                  f"cpu bfloat16 time, back to back in the row{'; paired: median of interleaved rounds' if args.paired else ''}):")
+        for tg in targets:
+            extra = f", against the '{tg['case'].replace(' bfloat16', '')}' row {tg['ratio_vs_float32_row']:.2f}x" \
+                if "ratio_vs_float32_row" in tg else ""
+            paired = f", paired {tg['paired_median_ratio']:.2f}x" if "paired_median_ratio" in tg else ""
+            where = "" if tg["issue_shape_and_threads"] else "  (not the issue's shape and 2 threads)"
+            print(f"  {tg['case']} {tuple(tg['shape'])} on {tg['engine'].split(':')[0]}: {tg['ratio']:.2f}x{paired}{extra}; "
+                  f"target >= {tg['target']}x: {'met' if tg['met'] else 'NOT met'}{where}")
         if not args.no_memory and not args.only:
-            result["peak_memory"] = peak_memory(args.quick)
+            result["peak_memory"] = peak_memory(size)
             print("\npeak memory, causal fwd+bwd:", json.dumps(result["peak_memory"]))
         meta["loadavg_end"] = _load()
         print(f"\nload average at the end: {meta['loadavg_end']}")
-    suffix = "_compile" if args.compile_time else ("_quick" if args.quick else "")
-    path = args.json or os.path.join(ROOT, "benchmarks", "results", f"bench_cpu{suffix}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:
         json.dump(result, fh, indent=1, default=str)
     print(f"wrote {path}")

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode.py                    # batch 4 of prompts 1024, 900, 700, 512 tokens, 32 new
     python benchmarks/bench_decode.py --threads 1 --rounds 7 --json benchmarks/results/bench_decode_1t.json
+    python benchmarks/bench_decode.py --smoke --json /tmp/x.json   # bench_hf's tiny Llama, prompts 24 and 16, 2 new tokens
 
 A random LlamaForCausalLM from a config (no weights downloaded; hidden 512, 8 layers, 8 q / 2 kv heads,
 float32, eval mode, greedy). Each round times, per implementation, generate() of 1 new token (the prompt's
@@ -94,6 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--json", metavar="PATH", default=RESULTS)
     args = p.parse_args(argv)
+    if args.smoke:
+        vars(args).update(bench_hf.SMOKE_MODEL, prompts="24,16", new_tokens=2, rounds=1)
     if args.threads:
         torch.set_num_threads(args.threads)
     sa_hf.register()
@@ -120,7 +123,7 @@ def main(argv=None) -> int:
             decode[impl].append(((t2 - t1) - (t1 - t0)) / args.new_tokens)
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{i} {decode[i][-1] * 1e3:.2f} ms/token" for i in IMPLS),
               file=sys.stderr)
-    alone = attention_step(args, 9)
+    alone = attention_step(args, 1 if args.smoke else 9)
     load = os.getloadavg()
     print(f"# Llama hidden {args.hidden}, {args.layers} layers, {args.heads} q / {args.kv_heads} kv heads, float32, "
           f"prompts {args.prompts} (left-padded), {args.new_tokens} new tokens; torch {torch.__version__}, "

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_dense_mask.py            # the table behind CPUBackend.rank's dense-mask rule
     python benchmarks/bench_dense_mask.py --json benchmarks/results/bench_dense_mask.json
+    python benchmarks/bench_dense_mask.py --smoke --json /tmp/x.json   # one tiny shape, once: checks the script runs
 
 SDPA takes a dense (B|1, H|1, Lq, Lk) mask as it is; `cpu` classifies its tiles first (empty tiles
 skipped, full ones unmasked) and reads the mask's bits in partial tiles. Forward alone and forward
@@ -28,6 +29,7 @@ import selfattn  # noqa: E402
 from bench_cpu import _median_time  # noqa: E402  (the benchmarks' one timing rule)
 
 SHAPES = [(1, 8, 256, 64), (1, 8, 1024, 64), (1, 8, 2048, 64), (4, 8, 512, 64)]  # (B, H, L, D)
+SMOKE_SHAPES = [(1, 2, 96, 64)]
 
 
 def _case(backend, q, k, v, go, mask, backward):
@@ -41,16 +43,19 @@ def _case(backend, q, k, v, go, mask, backward):
     return run
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json", help="write the raw numbers here")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help=f"only {SMOKE_SHAPES[0]}, one run: checks the script runs")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.reps = 1
     rows = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}")
     print("| shape (B, H, L, D) | mask | pass | cpu ms | sdpa ms | sdpa / cpu |")
     print("|---|---|---|---|---|---|")
-    for b, h, L, d in SHAPES:
+    for b, h, L, d in SMOKE_SHAPES if args.smoke else SHAPES:
         g = torch.Generator().manual_seed(0)
         q, k, v, go = (torch.randn(b, h, L, d, generator=g) for _ in range(4))
         causal = torch.ones(L, L, dtype=torch.bool).tril()  # (L, L)

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_hf.py                 # hidden 512, 8 layers, 8 q / 2 kv heads, 1024 tokens, batch 1
     python benchmarks/bench_hf.py --rounds 7      # writes benchmarks/results/bench_hf.json (--json PATH elsewhere)
+    python benchmarks/bench_hf.py --smoke --json /tmp/x.json   # a 1-layer Llama of width 64 on 32 tokens, once
 
 A random LlamaForCausalLM from a config (no weights downloaded), float32, in train mode with
 dropout 0 for forward + backward (loss on the logits, all parameters' gradients), in eval mode
@@ -38,8 +39,13 @@ import selfattn.integrations.transformers as sa_hf  # noqa: E402
 from selfattn.monitor import Monitor  # noqa: E402
 
 
+SMOKE_MODEL = dict(hidden=64, layers=1, heads=4, kv_heads=2, vocab=128)  # --smoke: a Llama small enough to check the script runs
+
+
 def model_arguments(p) -> None:
-    """The random Llama's sizes as options (bench_decode.py takes the same)."""
+    """The random Llama's sizes as options (bench_decode.py takes the same), and --smoke."""
+    p.add_argument("--smoke", action="store_true", help=f"a tiny Llama ({SMOKE_MODEL}), short inputs, one round: "
+                                                         "checks the script runs (numbers meaningless)")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=8)
@@ -126,6 +132,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="PATH", default=RESULTS, help=f"where the results go (default {RESULTS})")
     p.add_argument("--attention-rounds", type=int, default=20, help="rounds of the attention-alone timings")
     args = p.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE_MODEL, tokens=32, rounds=1, attention_rounds=1)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.numba_layer != "default":

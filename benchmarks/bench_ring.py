@@ -2,6 +2,8 @@
 
     python benchmarks/bench_ring.py                 # the case: L = 32768, causal, forward + backward
     python benchmarks/bench_ring.py --quick         # L = 4096 (well under a minute)
+    python benchmarks/bench_ring.py --smoke --out /tmp/x.json   # L = 256, single and balanced, no memory pass:
+                                                    # checks the script runs (numbers meaningless)
 
 Three runs of the same causal forward + backward, float32, (B, H, L, D) = (1, --heads, L, --dim):
 
@@ -178,7 +180,7 @@ def _one(args, run):
     return q.get()
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--length", type=int, default=32768)
     p.add_argument("--heads", type=int, default=1)
@@ -187,20 +189,25 @@ def main():
     p.add_argument("--quick", action="store_true", help="L = 4096")
     p.add_argument("--runs", default="single,contiguous,balanced")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "bench_ring.json"))
-    args = p.parse_args()
+    p.add_argument("--no-memory-pass", action="store_true", help="one pass per run: its peak memory as glibc comes")
+    p.add_argument("--smoke", action="store_true", help="L = 256, runs single,balanced, no memory pass: checks the script runs")
+    args = p.parse_args(argv)
     if args.quick:
         args.length = 4096
+    if args.smoke:
+        args.length, args.runs, args.no_memory_pass = 256, "single,balanced", True
     flops = 3.5 * 4 * args.heads * args.length * args.length * args.dim / 2
     results = []
     for run in args.runs.split(","):
         r = _one(args, run)  # timing: glibc as it comes
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # memory: read by glibc when each spawned process starts
-        try:
-            mem = _one(args, run)
-        finally:
-            del os.environ["MALLOC_MMAP_THRESHOLD_"]
-        r["peak_extra_bytes"] = mem["peak_extra_bytes"]
-        r["memory_pass_seconds"] = mem["seconds"]
+        if not args.no_memory_pass:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # memory: read by glibc when each spawned process starts
+            try:
+                mem = _one(args, run)
+            finally:
+                del os.environ["MALLOC_MMAP_THRESHOLD_"]
+            r["peak_extra_bytes"] = mem["peak_extra_bytes"]
+            r["memory_pass_seconds"] = mem["seconds"]
         r["gflops"] = flops / r["seconds"] / 1e9
         results.append(r)
         mib = ", ".join(f"{b / 2**20:.0f}" for b in r["peak_extra_bytes"])

@@ -13,6 +13,8 @@ the run prints the calibration it made.
     python benchmarks/bench_short.py --fixed --threads 1      # the per-call fixed cost alone (issue 14)
     python benchmarks/bench_short.py --fixed --threads 1 --row-kernel off   # without cpu_short's row kernel
     python benchmarks/bench_short.py --serving --threads 1    # decoding steps of real serving sizes alone
+    python benchmarks/bench_short.py --smoke --threads 1 --json /tmp/x.json   # one table shape, then --fixed's
+                                                              # tables: checks the script runs
 
 ``--fixed``: the fixed cost of one call on tiny shapes -- (1, 1, 8, 8, 16), a decoding step
 (1, 4, 1, 128, 64) and (1, 8, 64, 64, 64) -- forward and forward + backward, for selfattn's `cpu`,
@@ -53,7 +55,7 @@ FIXED_SHAPES = [(1, 1, 8, 8, 16), (1, 4, 1, 128, 64), (1, 8, 64, 64, 64)]  # (B,
 SERVING_SHAPES = [(1, 4, 1, 128, 64), (1, 32, 1, 1024, 128), (1, 8, 1, 4096, 64)]  # decoding steps of real models
 
 
-def fixed_cost(threads: int, rows: list) -> None:
+def fixed_cost(threads: int, rows: list, rounds: int = 9, min_calls: int = 20) -> None:
     """Per-call cost on tiny shapes: cpu and sdpa through selfattn, and torch's SDPA directly."""
     import torch
     import torch.nn.functional as F
@@ -89,9 +91,9 @@ def fixed_cost(threads: int, rows: list) -> None:
             names = ("cpu", "sdpa", "auto", "torch", "torch A/A")
             for b in names:
                 run(b), run(b)  # warm-up (auto: its calibration, once per process)
-            n = max(20, int(2e6 / (B * H * Lq * Lk * D * (3 if grad else 1) + 1e4)))
+            n = max(min_calls, int(2e6 / (B * H * Lq * Lk * D * (3 if grad else 1) + 1e4))) if min_calls > 1 else 1
             t = {}
-            for _ in range(9):  # interleaved rounds: every backend sees the machine of the same moment
+            for _ in range(rounds):  # interleaved rounds: every backend sees the machine of the same moment
                 for b in names:
                     t[b] = min(t.get(b, float("inf")), best_time(lambda: run(b), n, repeats=1, clock=clock))
             name = "fwd+bwd" if grad else "fwd"
@@ -103,7 +105,7 @@ def fixed_cost(threads: int, rows: list) -> None:
                          "torch_sdpa_aa_s": t["torch A/A"], "clock": "thread" if threads == 1 else "wall"})
 
 
-def serving_cost(threads: int, rows: list) -> None:
+def serving_cost(threads: int, rows: list, rounds: int = 15, min_calls: int = 5) -> None:
     """Decoding steps of real serving sizes (no gradients): the cpu backend as attention() runs it
     (the short path's row kernel where it serves the call, else the general path), the general path
     forced (CPUBackend.forward on a built request: the tile kernels) and torch's SDPA directly."""
@@ -133,9 +135,9 @@ def serving_cost(threads: int, rows: list) -> None:
             path = "short (row kernel)" if cpu.fast_forward(q, k, v, False, None) is not None else "general"
             for c in calls.values():
                 c(), c()  # warm-up (numba loads its kernels)
-            n = max(5, int(2e6 / (B * H * Lq * Lk * D + 1e4)))
+            n = max(min_calls, int(2e6 / (B * H * Lq * Lk * D + 1e4))) if min_calls > 1 else 1
             t, order = {}, list(calls)
-            for _ in range(15):  # interleaved rounds, in a new order each round
+            for _ in range(rounds):  # interleaved rounds, in a new order each round
                 rng.shuffle(order)
                 for name in order:
                     t[name] = min(t.get(name, float("inf")), best_time(calls[name], n, repeats=1, clock=clock))
@@ -176,6 +178,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--fixed", action="store_true", help="only the per-call fixed cost on tiny shapes and decoding steps (issue 14)")
     p.add_argument("--serving", action="store_true", help="only the decoding steps of serving sizes")
+    p.add_argument("--smoke", action="store_true",
+                   help="one shape of the table (B*H 1, L 8, D 32), then the fixed-cost and serving tables: checks the script runs")
     p.add_argument("--row-kernel", choices=("on", "off"), default=None,
                    help="switch cpu_short's row kernel (decoding steps, tiny heads) on or off (default: as the tree has it)")
     args = p.parse_args(argv)
@@ -211,9 +215,9 @@ def main(argv=None) -> int:
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         for grad in (False, True):
-            for bh in (1, 8, 64):
-                for L in (8, 16, 32, 48, 96, 128):
-                    for D in (32, 64):
+            for bh in (1,) if args.smoke else (1, 8, 64):
+                for L in (8,) if args.smoke else (8, 16, 32, 48, 96, 128):
+                    for D in (32,) if args.smoke else (32, 64):
                         q, k, v, g = (torch.randn(bh, 1, L, D, requires_grad=grad) for _ in range(4))
 
                         def run(backend):
@@ -224,13 +228,16 @@ def main(argv=None) -> int:
                                     attention(q, k, v, causal=True, backend=backend)
 
                         run("cpu"), run("sdpa")  # warm-up (numba loads its kernels)
-                        n = max(5, int(2e7 / (bh * L * L * D * (3 if grad else 1) + 2e5)))
+                        n = 1 if args.smoke else max(5, int(2e7 / (bh * L * L * D * (3 if grad else 1) + 2e5)))
                         t_cpu, t_sdpa = best_time(lambda: run("cpu"), n), best_time(lambda: run("sdpa"), n)
                         name = "fwd+bwd" if grad else "fwd"
                         print(f"| {threads} | {name} | {bh} | {L} | {D} | {t_cpu * 1e6:.1f} | {t_sdpa * 1e6:.1f} | {t_sdpa / t_cpu:.2f} |",
                               flush=True)
                         rows.append({"threads": threads, "pass": name, "bh": bh, "L": L, "D": D,
                                      "cpu_s": t_cpu, "sdpa_s": t_sdpa})
+        if args.smoke:  # each table once, one call per round
+            fixed_cost(threads, rows, rounds=1, min_calls=1)
+            serving_cost(threads, rows, rounds=1, min_calls=1)
     print_calibration()
     return _write(args, rows)
 

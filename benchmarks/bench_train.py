@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py                       # math, sdpa, cpu, auto; 3 rounds of 150 steps
     python benchmarks/bench_train.py --steps 300 --rounds 5 --json benchmarks/results/bench_train.json
+    python benchmarks/bench_train.py --smoke --json /tmp/x.json   # sdpa and cpu, 1 step, one round: checks the script runs
 
 Each measurement is a fresh training run (`selfattn.training.train`, default recall task and
 model: 2 layers x 4 heads, width 64, 32 sequences of 48 tokens per step, 1 thread) for
@@ -44,13 +45,17 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--backends", default="math,sdpa,cpu,auto")
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--warmup-steps", type=int, default=20, help="steps of the warm-up run per backend")
+    p.add_argument("--smoke", action="store_true", help="backends sdpa,cpu, 1 step, 1 round, 1 warm-up step: checks the script runs")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.steps, args.rounds, args.warmup_steps, args.backends = 1, 1, 1, "sdpa,cpu"
     backends = args.backends.split(",")
     modes = ("stats", "plain")
     tps = {(b, m): [] for b in backends for m in modes}
     with tempfile.TemporaryDirectory() as tmp:
         for b in backends:
-            run(b, 20, True, os.path.join(tmp, "warm"))
+            run(b, args.warmup_steps, True, os.path.join(tmp, "warm"))
         for r in range(args.rounds):
             for m in modes:
                 for b in backends:

@@ -1,6 +1,7 @@
 """The machine's float32 FMA ceiling, measured the way the `cpu` kernels are compiled (issue 14).
 
     python benchmarks/peak.py                # GFLOP/s on 1 thread and on every core, plus torch.mm
+    python benchmarks/peak.py --smoke        # the same in milliseconds (checks the script runs; numbers meaningless)
 
 A numba intrinsic emits one LLVM loop that keeps ``CHAINS`` independent accumulators of the
 widest float32 vector register the host has (<16 x float> with AVX-512, <8 x float> with AVX2,
@@ -125,6 +126,27 @@ def measure(threads: int = 1, seconds: float = 0.5, repeats: int = 5) -> float:
     return best
 
 
+def cpu_model() -> str:
+    """The CPU as /proc/cpuinfo names it, with its vendor family and model numbers (AMD family 25 model 17 is
+    Zen 4 EPYC, family 26 Zen 5): "AMD EPYC (AuthenticAMD family 25 model 17)"; the platform's word elsewhere."""
+    import platform
+
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, val = line.partition(":")
+                info.setdefault(key.strip(), val.strip())
+    except OSError:
+        pass
+    name = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info:
+        name += f" ({info.get('vendor_id', '?')} family {info['cpu family']} model {info.get('model', '?')})"
+    return name
+
+
 def mm_gflops(n: int = 2048, threads: int | None = None, repeats: int = 5) -> float:
     """torch.mm n x n x n in float32 on torch's threads: best-of-``repeats`` GFLOP/s."""
     import torch
@@ -141,15 +163,19 @@ def mm_gflops(n: int = 2048, threads: int | None = None, repeats: int = 5) -> fl
     return best
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for the all-core figure (default: every core)")
-    args = ap.parse_args()
-    one = measure(1)
-    many = measure(args.threads)
+    ap.add_argument("--smoke", action="store_true", help="a few milliseconds per figure and torch.mm at 256: checks the script runs")
+    args = ap.parse_args(argv)
+    seconds, repeats, n = (0.01, 1, 256) if args.smoke else (0.5, 5, 2048)
+    one = measure(1, seconds, repeats)
+    many = measure(args.threads, seconds, repeats)
     isa = "AVX-512" if AVX512 else "AVX2 (no AVX-512 on this host)"
+    print(f"CPU: {cpu_model()}")
     print(f"FMA peak, {isa}, <{LANES} x float> x {CHAINS} chains: 1 thread {one:7.1f} GFLOP/s, {args.threads} threads {many:7.1f} GFLOP/s")
-    print(f"torch.mm 2048^3 float32: 1 thread {mm_gflops(threads=1):7.1f} GFLOP/s, {args.threads} threads {mm_gflops(threads=args.threads):7.1f} GFLOP/s")
+    print(f"torch.mm {n}^3 float32: 1 thread {mm_gflops(n, 1, repeats):7.1f} GFLOP/s, "
+          f"{args.threads} threads {mm_gflops(n, args.threads, repeats):7.1f} GFLOP/s")
 
 
 if __name__ == "__main__":
