@@ -37,6 +37,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,11 +162,12 @@ def main(argv=None) -> int:
     p.add_argument("--causal", default="1,16,4096,64", help="causal forward and fwd+bwd shapes B,H,L,D;... ('' for none)")
     p.add_argument("--no-sdpa", action="store_true", help="leave torch SDPA out")
     p.add_argument("--smoke", action="store_true", help=f"tiny shapes ({SMOKE_SHAPE}), one round: checks the script runs")
-    p.add_argument("--json", metavar="PATH", default=RESULTS, help=f"where the results go (default {RESULTS})")
+    p.add_argument("--json", metavar="PATH", help=f"where the results go (default {RESULTS}; --smoke: the temporary directory)")
     args = p.parse_args(argv)
     if args.smoke:
         args.dense = args.causal = SMOKE_SHAPE
         args.rounds = 1
+    args.json = args.json or (os.path.join(tempfile.gettempdir(), "bench_amx_smoke.json") if args.smoke else RESULTS)
     if args.engine != "auto":
         os.environ[cpu_amx.ENGINE_ENV] = args.engine
     eng = cpu_amx.engine()
@@ -227,11 +229,15 @@ def main(argv=None) -> int:
                 at_target = (shape[0], shape[1], shape[2], shape[4]) == TARGET_SHAPES[name] and args.threads == 2
                 s = dict(case=name, shape=shape, engine=ename, threads=args.threads, ratio=r["vs_cpu_float32"],
                          ratio_round_median=r.get("vs_cpu_float32_round_median"), target=target,
-                         met=r["vs_cpu_float32"] >= target, issue_shape_and_threads=at_target)
+                         met=r["vs_cpu_float32"] >= target, met_round_median=r["vs_cpu_float32_round_median"] >= target,
+                         issue_shape_and_threads=at_target)
                 summary.append(s)
+                # both readings must agree for a plain verdict (they differ on a loaded machine)
+                verdict = {(True, True): "met", (False, False): "NOT met", (True, False): "met by best/best only",
+                           (False, True): "met by the rounds' median only"}[(s["met"], s["met_round_median"])]
                 print(f"issue 14: bfloat16 {name} {tuple(shape)} on {ename}, {args.threads} threads: "
                       f"{s['ratio']:.2f}x float32 (rounds' median {s['ratio_round_median']:.2f}x); target >= {target}x: "
-                      f"{'met' if s['met'] else 'NOT met'}" + ("" if at_target else "  (not the issue's shape/threads)"))
+                      f"{verdict}" + ("" if at_target else "  (not the issue's shape/threads)"))
     meta["loadavg_end"] = os.getloadavg()
     print(f"load average at the end: {meta['loadavg_end'][0]:.2f}")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -25,6 +25,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,7 +127,8 @@ def main(argv=None):
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--smoke", action="store_true", help="L = 512, one run each, the mask function's memory alone: "
                                                         "checks the script runs (numbers meaningless)")
-    p.add_argument("--json", metavar="PATH", help="where the results go (default benchmarks/results/bench_batches[_quick].json)")
+    p.add_argument("--json", metavar="PATH", help="where the results go (default benchmarks/results/bench_batches[_quick].json; "
+                                                  "--smoke: the temporary directory)")
     args = p.parse_args(argv)
     L = 512 if args.smoke else 4096 if args.quick else 16384
     if args.smoke:
@@ -152,7 +154,8 @@ def main(argv=None):
     print(f"ALiBi / sinks overhead, causal fwd+bwd {o['shape']}: plain {o['plain_s'] * 1e3:.1f} ms, "
           f"alibi {100 * o['alibi_overhead']:+.1f} %, sinks {100 * o['sinks_overhead']:+.1f} %   target <= +10 %")
     meta["load_end"] = os.getloadavg()
-    path = args.json or os.path.join(ROOT, "benchmarks", "results", f"bench_batches{'_quick' if args.quick else ''}.json")
+    path = args.json or (os.path.join(tempfile.gettempdir(), "bench_batches_smoke.json") if args.smoke else
+                         os.path.join(ROOT, "benchmarks", "results", f"bench_batches{'_quick' if args.quick else ''}.json"))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:
         json.dump(res, fh, indent=1, default=str)

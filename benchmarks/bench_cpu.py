@@ -4,7 +4,9 @@
     python benchmarks/bench_cpu.py --quick    # the same cases at smaller shapes (about a minute)
     python benchmarks/bench_cpu.py --compile-time   # numba compile time, first and second process
     python benchmarks/bench_cpu.py --only dense --paired 7   # + rounds of (peak, cpu, sdpa, peak) for the % targets
-    python benchmarks/bench_cpu.py --threads 2 --only bfloat16 --no-memory   # issue 14's bfloat16 targets alone
+    python benchmarks/bench_cpu.py --threads 2 --only bfloat16 --paired 7   # issue 14's bfloat16 targets alone
+    python benchmarks/bench_cpu.py --threads 2 --paired 7 --cases "dense fwd,dense fwd D128,causal fwd+bwd,dense fwd bfloat16,causal fwd+bwd bfloat16"
+                                              # every issue-14 target (float32 % of peak, bfloat16 / float32) in one run
     python benchmarks/bench_cpu.py --smoke --json /tmp/x.json   # every case at tiny shapes, once: checks the script runs
 
 The bfloat16 rows name the engine of the bfloat16 products (``selfattn.backends.get("cpu").features["bfloat16"]``:
@@ -617,6 +619,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch (and kernel) threads (default: torch's own choice)")
     p.add_argument("--reps", type=int, default=5, help="timed runs per implementation (median)")
     p.add_argument("--only", default="", help="run only cases whose name contains this")
+    p.add_argument("--cases", default="", help="run only these cases: exact names, comma-separated")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--compile-time", action="store_true", help="numba compile time: first calls in a fresh process with an empty private cache, then a second process")
     p.add_argument("--json", default="", help="output path (default benchmarks/results/bench_cpu[_quick].json; "
@@ -627,6 +630,10 @@ def main(argv=None):
                         "for the bfloat16 rows, N interleaved rounds of cpu float32, cpu bfloat16")
     args = p.parse_args(argv)
     size = "smoke" if args.smoke else "quick" if args.quick else "full"
+    wanted = [n.strip() for n in args.cases.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in {c.name for c in CASES}]
+    if unknown:
+        p.error(f"--cases: no case named {unknown}; the cases: {', '.join(c.name for c in CASES)}")
     if args.smoke:
         args.reps = 1
     if args.threads:
@@ -674,7 +681,7 @@ def main(argv=None):
         print(f"bfloat16 products: {meta['bfloat16_engine']}")
         rows = []
         for case in CASES:
-            if args.only and args.only not in case.name:
+            if (args.only and args.only not in case.name) or (wanted and case.name not in wanted):
                 continue
             row = bench_case(case, size, args.reps)
             rows.append(row)
@@ -714,7 +721,7 @@ def main(argv=None):
             where = "" if tg["issue_shape_and_threads"] else "  (not the issue's shape and 2 threads)"
             print(f"  {tg['case']} {tuple(tg['shape'])} on {tg['engine'].split(':')[0]}: {tg['ratio']:.2f}x{paired}{extra}; "
                   f"target >= {tg['target']}x: {'met' if tg['met'] else 'NOT met'}{where}")
-        if not args.no_memory and not args.only:
+        if not args.no_memory and not args.only and not wanted:
             result["peak_memory"] = peak_memory(size)
             print("\npeak memory, causal fwd+bwd:", json.dumps(result["peak_memory"]))
         meta["loadavg_end"] = _load()

@@ -22,6 +22,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
@@ -93,10 +94,11 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    p.add_argument("--json", metavar="PATH", default=RESULTS)
+    p.add_argument("--json", metavar="PATH", help=f"where the results go (default {RESULTS}; --smoke: the temporary directory)")
     args = p.parse_args(argv)
     if args.smoke:
         vars(args).update(bench_hf.SMOKE_MODEL, prompts="24,16", new_tokens=2, rounds=1)
+    args.json = args.json or (os.path.join(tempfile.gettempdir(), "bench_decode_smoke.json") if args.smoke else RESULTS)
     if args.threads:
         torch.set_num_threads(args.threads)
     sa_hf.register()

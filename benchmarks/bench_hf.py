@@ -28,6 +28,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
@@ -129,11 +130,12 @@ def main(argv=None) -> int:
     p.add_argument("--numba-layer", choices=("default", "omp", "workqueue", "tbb"), default="default",
                    help="numba's threading layer for the cpu kernels (default: numba's choice, as a user gets it; "
                         "its OpenMP layer spins between calls, next to torch's own threads; selfattn train uses workqueue)")
-    p.add_argument("--json", metavar="PATH", default=RESULTS, help=f"where the results go (default {RESULTS})")
+    p.add_argument("--json", metavar="PATH", help=f"where the results go (default {RESULTS}; --smoke: the temporary directory)")
     p.add_argument("--attention-rounds", type=int, default=20, help="rounds of the attention-alone timings")
     args = p.parse_args(argv)
     if args.smoke:
         vars(args).update(SMOKE_MODEL, tokens=32, rounds=1, attention_rounds=1)
+    args.json = args.json or (os.path.join(tempfile.gettempdir(), "bench_hf_smoke.json") if args.smoke else RESULTS)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.numba_layer != "default":

@@ -188,7 +188,7 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="L = 4096")
     p.add_argument("--runs", default="single,contiguous,balanced")
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "bench_ring.json"))
+    p.add_argument("--out", help="where the results go (default benchmarks/results/bench_ring.json; --smoke: the temporary directory)")
     p.add_argument("--no-memory-pass", action="store_true", help="one pass per run: its peak memory as glibc comes")
     p.add_argument("--smoke", action="store_true", help="L = 256, runs single,balanced, no memory pass: checks the script runs")
     args = p.parse_args(argv)
@@ -196,6 +196,8 @@ def main(argv=None):
         args.length = 4096
     if args.smoke:
         args.length, args.runs, args.no_memory_pass = 256, "single,balanced", True
+    args.out = args.out or (os.path.join(tempfile.gettempdir(), "bench_ring_smoke.json") if args.smoke else
+                            os.path.join(ROOT, "benchmarks", "results", "bench_ring.json"))
     flops = 3.5 * 4 * args.heads * args.length * args.length * args.dim / 2
     results = []
     for run in args.runs.split(","):
@@ -227,7 +229,7 @@ def main(argv=None):
         summary["balanced speed-up over contiguous (busiest rank's CPU seconds)"] = max(by["contiguous"]["cpu_seconds"]) / max(by["balanced"]["cpu_seconds"])
     for name, val in summary.items():
         print(f"{name}: {val:.2f}x")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"shape": [1, args.heads, args.length, args.dim], "dtype": "float32", "mask": "causal",
                    "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,

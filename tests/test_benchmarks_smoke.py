@@ -13,8 +13,8 @@ root), stdout and stderr (files), ``__main__`` executed by runpy, and its exit s
 operation before it forks, so the children start no thread pool the helper had. JSON outputs go to pytest's tmp
 dirs, never to benchmarks/results/ (a test checks that the smoke runs left that folder as it was).
 
-Not run here: ``bench_cpu.py --compile-time`` (it compiles every kernel from an empty cache: minutes; marked
-slow), and on machines without CUDA the GPU runs (``bench_gpu.py`` on the GPU, ``ring_nccl_check.py``):
+Not run by default: ``bench_cpu.py --compile-time`` (it compiles every kernel from an empty cache: minutes) and
+``bench_gpu.py --compile --quick`` (triton builds sm_90 kernels offline: ~30 s), both marked slow; on machines without CUDA the GPU runs (``bench_gpu.py`` on the GPU, ``ring_nccl_check.py``):
 skipped there with the reason; ``bench_gpu.py --dry-run`` runs anywhere.
 """
 
@@ -416,6 +416,15 @@ def test_bench_gpu_dry_run():
     assert "dense fwd" in r.stdout and "FLOPs" in r.stdout, r.tail()
 
 
+@pytest.mark.slow
+def test_bench_gpu_compile():
+    """--compile --quick builds kernel variants for sm_90 offline (triton's ptxas): no GPU needed, ~30 s."""
+    pytest.importorskip("triton")
+    r = run_script("bench_gpu.py", "--compile", "--quick", env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    _ok(r)
+    assert "compiled " in r.stdout and " kernels;" in r.stdout, r.tail()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bench_gpu.py times the triton backend on a CUDA GPU: none here")
 def test_bench_gpu(tmp_path):
     path = tmp_path / "gpu.json"
@@ -432,3 +441,8 @@ def test_ring_nccl_check():
                         os.path.join(BENCH, "ring_nccl_check.py")], capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert "ring " in r.stdout, r.stdout[-3000:]
+
+
+def test_bench_cpu_cases_refuses_unknown_names():
+    r = run_script("bench_cpu.py", "--smoke", "--cases", "dense fwd,dense fwd bf16")
+    assert r.returncode == 2 and "no case named ['dense fwd bf16']" in r.stderr, r.tail()
