@@ -45,6 +45,15 @@ import json, os, runpy, sys, traceback
 sys.path[:0] = [os.path.join(ROOT, "src"), os.path.join(ROOT, "benchmarks")]
 import numpy, numba, torch, selfattn  # what every script imports first
 import selfattn.kernels.cpu_amx  # noqa: F401
+# what torch imports lazily, seconds each: sympy and symbolic shapes at the first backward, dynamo with torch.optim's
+# first optimizer; matplotlib for the training plots
+import torch._dynamo, torch.fx.experimental.symbolic_shapes, torch.optim  # noqa: F401
+try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+except ImportError:
+    pass
 try:
     import transformers, selfattn.integrations.transformers  # noqa: F401  (bench_hf, bench_decode)
 except ImportError:
