@@ -119,25 +119,32 @@ def oracle(q, k, v, *, allow=None, bias=None, scale=None, softcap=None, alibi_sl
     return (run, p[..., :Lk].detach(), ds) if detail else run
 
 
-def bf16_bound(q, k, v, do, run: RefRun, p, ds):
+def bf16_bound(q, k, v, do, run: RefRun, p, ds, scale=None):
     """Per element, what the bfloat16 kernels' design adds to float32 arithmetic (cpu_amx's docstring): P
     rounded to bfloat16 before P V and P^T dO, dS before dS K and dS^T Q, and the results rounded to
     bfloat16, each at most one bfloat16 unit u = 2**-8 of what it multiplies (exact bfloat16 products,
-    float32 sums). (out, dq, dk, dv) bounds; the gradients' None without ``do``."""
-    u = 2.0 ** -8
+    float32 sums); and a float32 floor for P itself, relative error e = 2**-20 (exp2 of exponents within
+    LAZY = 8 of 0, rounded a few times), which the float32 twin can miss where it is exact by luck (a row of
+    one key: P = 1, dS = 0). (out, dq, dk, dv) bounds; the gradients' None without ``do``."""
+    u, e = 2.0 ** -8, 2.0 ** -20
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
     rep = Hq // Hkv
+    sc = abs(D ** -0.5 if scale is None else float(scale))
     kk = k.double().abs().repeat_interleave(rep, dim=1)  # (B, Hq, Lk, D)
     vv = v.double().abs().repeat_interleave(rep, dim=1)  # (B, Hq, Lk, Dv)
-    out_b = u * (p.abs() @ vv) + u * run.out.abs()  # (B, Hq, Lq, Dv)
+    pv = p.abs() @ vv  # (B, Hq, Lq, Dv)
+    out_b = (u + e) * pv + u * run.out.abs()
     if do is None:
         return out_b, None, None, None
     fold = lambda t: t.view(B, Hkv, rep, *t.shape[2:]).sum(2)  # noqa: E731  (B, Hq, ...) -> (B, Hkv, ...)
     dq, dk, dv = run.grads[:3]
-    dq_b = u * (ds.abs() @ kk) + u * dq.abs()  # (B, Hq, Lq, D)
-    dk_b = u * fold(ds.abs().transpose(-1, -2) @ q.double().abs()) + u * dk.abs()  # (B, Hkv, Lk, D)
-    dv_b = u * fold(p.abs().transpose(-1, -2) @ do.double().abs()) + u * dv.abs()  # (B, Hkv, Lk, Dv)
+    dp = do.double().abs() @ vv.transpose(-1, -2)  # (B, Hq, Lq, Lk) >= |dP|
+    # P's float32 error through dS = P (dP - delta), delta = sum_j P dP: e P (|dP| + 2 sum_j P |dP|), in q . k units
+    ds_e = e * sc * p * (dp + 2 * (p * dp).sum(-1, keepdim=True))  # (B, Hq, Lq, Lk)
+    dq_b = (u * ds.abs() + ds_e) @ kk + u * dq.abs()  # (B, Hq, Lq, D)
+    dk_b = fold((u * ds.abs() + ds_e).transpose(-1, -2) @ q.double().abs()) + u * dk.abs()  # (B, Hkv, Lk, D)
+    dv_b = (u + e) * fold(p.abs().transpose(-1, -2) @ do.double().abs()) + u * dv.abs()  # (B, Hkv, Lk, Dv)
     return out_b, dq_b, dk_b, dv_b
 
 
@@ -185,22 +192,7 @@ def check(name, q, k, v, do=None, *, allow=None, bias=None, engine=True, crossch
         _agree(name, mine, ref64)
     compare(name, (mine, low), out, stats=stats, grads=grads, dtype=BF16)
     if tight:
-        # the design's own accuracy: float32 arithmetic (twice the float32 twin's error) plus the bfloat16
-        # roundings it makes (bf16_bound), per element; the statistics to float32 alone (they come from float32
-        # scores and p). The bfloat16 rule above lets a 2% error through; this does not.
-        low32 = reference_pair(*(t.float() for t in (q, k, v)), do=None if do is None else do.float(), **kw)[1]
-        compare(f"{name} [float32 yardstick]", (mine, low32), stats=stats)
-        bounds = bf16_bound(q, k, v, do, mine, p64, ds64)
-        got = (out,) + (() if grads is None or tight == "forward" else tuple(grads[:3]))
-        for what, g_, r, lo, bnd in zip(("out", "dq", "dk", "dv"), got, (mine.out,) + (mine.grads or ())[:3],
-                                        (low32.out,) + (low32.grads or ())[:3], bounds):
-            fin = torch.isfinite(r)
-            err = (g_.double() - r).abs()
-            base = (lo.double() - r)[fin].abs().max() if fin.any() else torch.tensor(0.0)
-            tol = 2 * base + bnd + 1e-30
-            worst = float((err / tol)[fin].max()) if fin.any() else 0.0
-            print(f"{name} {what} [bfloat16 design bound]: max|diff|/tol = {worst:.3f}")
-            assert worst <= 1.0, f"{name} {what}: {worst:.2f}x the bound of float32 arithmetic + the design's bfloat16 roundings"
+        within_design(name, q, k, v, do, out, stats, None if tight == "forward" else grads, mine, p64, ds64, **kw)
     dead = mine.stats.max_logit == -math.inf  # rows with no allowed key
     if dead.any():
         rows = out[dead]
@@ -218,6 +210,27 @@ def check(name, q, k, v, do=None, *, allow=None, bias=None, engine=True, crossch
         if grads is not None:
             assert torch.equal(grads[0][dead], torch.zeros_like(grads[0][dead])), f"{name}: dq of rows without keys"
     return out, stats, grads
+
+
+def within_design(name, q, k, v, do, out, stats, grads, mine: RefRun, p64, ds64, **kw):
+    """The design's own accuracy: float32 arithmetic (twice the float32 twin's error) plus the bfloat16
+    roundings it makes (:func:`bf16_bound`), per element, for ``out`` and ``grads`` (dq, dk, dv; None: not
+    checked); ``stats`` to float32 alone (they come from float32 scores and p). The bfloat16 rule lets a
+    2% error through; this does not."""
+    low32 = reference_pair(*(t.float() for t in (q, k, v)), do=None if do is None else do.float(), **kw)[1]
+    if stats is not None:
+        compare(f"{name} [float32 yardstick]", (mine, low32), stats=stats)
+    bounds = bf16_bound(q, k, v, do, mine, p64, ds64, kw.get("scale"))
+    got = (out,) + (() if grads is None else tuple(grads[:3]))
+    for what, g_, r, lo, bnd in zip(("out", "dq", "dk", "dv"), got, (mine.out,) + (mine.grads or ())[:3],
+                                    (low32.out,) + (low32.grads or ())[:3], bounds):
+        fin = torch.isfinite(r)
+        err = (g_.double() - r).abs()
+        base = (lo.double() - r)[fin].abs().max() if fin.any() else torch.tensor(0.0)
+        tol = 2 * base + bnd + 1e-30
+        worst = float((err / tol)[fin].max()) if fin.any() else 0.0
+        print(f"{name} {what} [bfloat16 design bound]: max|diff|/tol = {worst:.3f}")
+        assert worst <= 1.0, f"{name} {what}: {worst:.2f}x the bound of float32 arithmetic + the design's bfloat16 roundings"
 
 
 def _agree(name, mine: RefRun, ref64: RefRun):
@@ -360,7 +373,23 @@ def test_sinks_forward_and_rows_without_keys():
     q, k, v, do = inputs(b, hq, hkv, lq, lk, d, seed=5)
     sinks = torch.tensor([-1.5, 0.0, 4.0])
     kw, allow, _ = _mask_case("padding", b, hq, lq, lk)
-    check("sinks", q, k, v, allow=allow, sinks=sinks, window=(20, 0), **kw)
+    check("sinks", q, k, v, do, allow=allow, sinks=sinks, window=(20, 0), **kw)
+
+
+def test_everything_at_once():
+    # GQA, Lq != Lk, a negative scale, softcap, ALiBi on per-sequence positions, sinks, key padding with a
+    # batch element of one key, a window: forward, statistics and every gradient
+    b, hq, hkv, lq, lk, d = 2, 6, 2, 90, 140, 40
+    q, k, v, do = inputs(b, hq, hkv, lq, lk, d, dv=56, seed=35)
+    g = torch.Generator().manual_seed(35)
+    keep = torch.rand(b, lk, generator=g) < 0.8
+    keep[1] = False
+    keep[1, 100] = True
+    qpos = torch.stack([torch.arange(lq) + 50, torch.arange(lq) + 60])  # (B, Lq)
+    kvpos = torch.arange(lk)[None].expand(b, lk)
+    check("everything", q, k, v, do, allow=keep[:, None, None, :], mask=masks.key_padding(keep), scale=-0.2,
+          softcap=15.0, alibi_slopes=torch.rand(b, hq, generator=g), q_positions=qpos, kv_positions=kvpos,
+          sinks=torch.randn(hq, generator=g), window=(60, 5))
 
 
 def test_softcap():
@@ -402,6 +431,23 @@ def test_decoding_steps(lq):
         out = selfattn.attention(q, k, v, backend="cpu", **kw)
         assert out.dtype == BF16
         compare(f"decode {lq} short {kw}", (oracle(q, k, v, **kw), reference_pair(q, k, v, **kw)[1]), out, dtype=BF16)
+
+
+def test_short_calls_and_many_tasks():
+    # tiny heads without gradients or statistics take cpu_short's bfloat16 row kernel; a decoding step over
+    # a 4096-key cache; many (batch, head) tasks of a few rows; a 512-wide head
+    q, k, v, _ = inputs(2, 4, 2, 30, 40, 16, seed=31)
+    for kw in ({}, {"causal": True}):
+        out = selfattn.attention(q, k, v, backend="cpu", **kw)
+        mine, p64, _ = oracle(q, k, v, detail=True, **kw)
+        compare(f"tiny {kw}", (mine, reference_pair(q, k, v, **kw)[1]), out, dtype=BF16)
+        within_design(f"tiny {kw}", q, k, v, None, out, None, None, mine, p64, None, **kw)
+    q, k, v, do = inputs(1, 2, 1, 1, 4096, 64, seed=32)
+    check("decode over 4096 keys", q, k, v, do, causal=True)
+    q, k, v, do = inputs(32, 8, 2, 5, 7, 16, seed=33)
+    check("many tasks", q, k, v, do, causal=True)
+    q, k, v, do = inputs(1, 2, 1, 70, 90, 512, dv=64, seed=34)
+    check("d512", q, k, v, do, causal=True)
 
 
 @pytest.mark.parametrize("d, dv, lq, lk", [
@@ -624,6 +670,13 @@ def test_engine_against_float32_fallback():
         check("fallback", q, k, v, do, engine=False, **kw)
         assert cpu_amx.engine() is None
     assert cpu_amx.AMX_CALLS == before, "SELFATTN_CPU_BF16=0 did not keep the call off the engine"
+    from selfattn.kernels import cpu_bf16
+
+    if not cpu_bf16.has_amx_bf16():
+        # asking for AMX where there is none: the float32 kernels serve (no error, no engine call)
+        with _env(SELFATTN_CPU_BF16_ENGINE="amx"):
+            check("amx asked, none here", q, k, v, engine=False, **kw)
+        assert cpu_amx.AMX_CALLS == before
 
 
 def test_attention_probs_from_bfloat16_stats():
@@ -698,7 +751,7 @@ def test_sinks_gradient_small_calls():
 # -- the layers in bfloat16 ------------------------------------------------------------------------------------
 
 
-def _mha_oracle(layer, x, dtype, *, keep=None, causal=False, positions=None):
+def _mha_oracle(layer, x, dtype, *, keep=None, causal=False, positions=None, weights=False):
     """MultiHeadAttention from its docstring, every step in ``dtype`` (float64: the oracle; bfloat16: the
     twin): projections, per-head RMS norm (eps 1e-6), RoPE (rotate-half: pair (i, i + D/2) turns by
     pos * base ** (-2i / D); tables rounded to ``dtype``), softmax(q k^T / sqrt(D)) over the allowed keys
@@ -739,9 +792,10 @@ def _mha_oracle(layer, x, dtype, *, keep=None, causal=False, positions=None):
     m = s.amax(-1, keepdim=True)
     e = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
     z = e.sum(-1, keepdim=True)
-    o = (e / torch.where(z > 0, z, torch.ones_like(z))) @ v  # (B, H, L, hd)
+    w = e / torch.where(z > 0, z, torch.ones_like(z))  # (B, H, L, L)
+    o = w @ v  # (B, H, L, hd)
     out = o.transpose(1, 2).reshape(B, L, E) @ P["out_proj.weight"].T + (P["out_proj.bias"] if "out_proj.bias" in P else 0)
-    return out, leaves
+    return (out, leaves, w.detach()) if weights else (out, leaves)
 
 
 @pytest.mark.parametrize("rope, qk_norm", [(False, False), (True, True)], ids=["plain", "rope-qknorm"])
@@ -779,6 +833,12 @@ def test_multihead_attention_bfloat16(rope, qk_norm):
     for n, a, r, lo in zip(names, got, g64, glow):
         assert a.dtype == BF16
         assert_close(f"mha d{n}", a, r, lo, factor=3.0)
+    # need_weights: per-head weights (float32, from attention_probs and the bfloat16 call's lse)
+    with torch.no_grad():
+        _, w = layer(x, key_padding_mask=pad, causal=True, need_weights=True, average_attn_weights=False, backend="cpu")
+    w64, wlow = (_mha_oracle(layer, x, dt, keep=~pad, causal=True, weights=True)[2] for dt in (torch.float64, BF16))
+    assert w.dtype == torch.float32 and w.shape == w64.shape
+    assert_close("mha weights", w, w64, wlow)
 
 
 def test_kv_cache_decoding_bfloat16():
@@ -875,13 +935,15 @@ def test_transformers_bfloat16_on_the_cpu_kernels(family, monkeypatch):
         sinks = getattr(mod, "sinks", None)
         sinks = None if sinks is None else sinks.detach().float()
         assert kw.get("scale") == mod.scaling
-        mine = oracle(q, k, v, allow=allow, scale=mod.scaling, sinks=sinks)
-        low = reference_pair(q, k, v, **{a: b for a, b in kw.items() if a not in ("return_stats", "backend", "dropout_p")})[1]
+        mine, p64, _ = oracle(q, k, v, allow=allow, scale=mod.scaling, sinks=sinks, detail=True)
+        call = {a: b for a, b in kw.items() if a not in ("return_stats", "backend", "dropout_p")}
+        low = reference_pair(q, k, v, **call)[1]
         real = keep_all[:, -lq:] if step == 0 else torch.ones(2, lq, dtype=torch.bool)
         rows = real[:, None, :].expand(out.shape[:3])  # the real query rows (padded ones give 0, checked below)
         from tolerance import assert_close
         assert_close(f"{family} step {step} layer {layer}", out[rows], mine.out[rows], low.out[rows])
         assert torch.equal(out[~rows], torch.zeros_like(out[~rows])), "padded query rows are not 0"
+        within_design(f"{family} step {step} layer {layer}", q, k, v, None, out, None, None, mine, p64, None, **call)
     # the tokens: as eager's bfloat16 model where its logits leave no near tie
     model.set_attn_implementation("eager")
     with torch.no_grad():
