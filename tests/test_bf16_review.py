@@ -873,6 +873,9 @@ def _hf_model(family):
                   num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
     if family == "llama":
         cfg = tf.LlamaConfig(**common)
+    elif family == "gemma2":  # softcap, a sliding layer and a full one, a scale from query_pre_attn_scalar
+        cfg = tf.Gemma2Config(**common, sliding_window=40, attn_logit_softcapping=5.0, final_logit_softcapping=30.0,
+                              query_pre_attn_scalar=24)
     else:  # sinks, a sliding layer (window 40: partial tiles) and a full one
         cfg = tf.GptOssConfig(**common, sliding_window=40, num_local_experts=4, num_experts_per_tok=2,
                               layer_types=["sliding_attention", "full_attention"])
@@ -898,12 +901,13 @@ class _Calls:
         monkeypatch.setattr(sa_hf, "attention", spy)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_oss"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss"])
 def test_transformers_bfloat16_on_the_cpu_kernels(family, monkeypatch):
     # a tiny random bfloat16 model with attn_implementation on selfattn's cpu backend: a left-padded prompt of
     # 100 tokens, then 3 greedy decoding steps through a DynamicCache. Every attention call is held to the
     # oracle with the mask written from transformers' semantics: key j of row b is real (attention_mask),
-    # kv_pos <= q_pos, and on a sliding layer q_pos - kv_pos < sliding_window; the module's scaling and sinks.
+    # kv_pos <= q_pos, and on a sliding layer q_pos - kv_pos < sliding_window; the module's scaling, softcap
+    # (Gemma 2) and sinks (gpt-oss).
     import selfattn.integrations.transformers as sa_hf
 
     name = sa_hf.register("selfattn-review-cpu", "cpu")
@@ -927,17 +931,21 @@ def test_transformers_bfloat16_on_the_cpu_kernels(family, monkeypatch):
         step, layer = divmod(c, len(modules))
         mod = modules[layer]
         lq, lk = q.shape[2], k.shape[2]
-        qpos = torch.arange(lq) + lk - lq  # prefill: 0..L-1; decoding: the new token's slot
-        kvpos = torch.arange(lk)
-        allow = keep_all[:, None, None, :lk] & (kvpos[None, :] <= qpos[:, None])
+        total = L + step  # tokens so far: the queries are the last lq of them; a sliding layer's cache keeps
+        qpos = torch.arange(lq) + total - lq  # only its last keys, so the keys are the last lk tokens
+        kvpos = torch.arange(lk) + total - lk
+        allow = keep_all[:, None, None, total - lk:total] & (kvpos[None, :] <= qpos[:, None])
         if getattr(mod, "sliding_window", None):
             allow = allow & (qpos[:, None] - kvpos[None, :] < mod.sliding_window)
         sinks = getattr(mod, "sinks", None)
         sinks = None if sinks is None else sinks.detach().float()
         assert kw.get("scale") == mod.scaling
-        mine, p64, _ = oracle(q, k, v, allow=allow, scale=mod.scaling, sinks=sinks, detail=True)
+        softcap = getattr(mod, "attn_logit_softcapping", None)
+        assert kw.get("softcap") == softcap
+        mine, p64, _ = oracle(q, k, v, allow=allow, scale=mod.scaling, softcap=softcap, sinks=sinks, detail=True)
         call = {a: b for a, b in kw.items() if a not in ("return_stats", "backend", "dropout_p")}
-        low = reference_pair(q, k, v, **call)[1]
+        ref64, low = reference_pair(q, k, v, **call)
+        _agree(f"{family} step {step} layer {layer}: the call's mask", mine, ref64)  # what selfattn was asked
         real = keep_all[:, -lq:] if step == 0 else torch.ones(2, lq, dtype=torch.bool)
         rows = real[:, None, :].expand(out.shape[:3])  # the real query rows (padded ones give 0, checked below)
         from tolerance import assert_close
