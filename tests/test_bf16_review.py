@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -39,7 +36,6 @@ from selfattn.stats import AttentionStats
 from _oracle import RefRun, compare, reference_pair
 
 BF16 = torch.bfloat16
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # -- the float64 oracle ---------------------------------------------------------------------------------
