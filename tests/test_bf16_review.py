@@ -692,6 +692,26 @@ def test_plain_and_no_grad_calls_give_the_same_bits():
                 out.detach(), grads=grads, dtype=BF16)
 
 
+def test_torch_compile():
+    # under torch.compile the custom ops carry bfloat16 to the same launchers (forward and backward)
+    q, k, v, do = inputs(2, 4, 2, 130, 150, 40, seed=37)
+
+    def f(q, k, v):
+        out, st = selfattn.attention(q, k, v, backend="cpu", causal=True, return_stats=True)
+        return out, st.lse
+
+    served = engine_served()
+    leafs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = torch.compile(f, fullgraph=True, backend="aot_eager")(*leafs)
+    grads = torch.autograd.grad(out, leafs, do)
+    assert served(backward=True) and out.dtype == BF16 and lse.dtype == torch.float32
+    mine, p64, ds64 = oracle(q, k, v, do=do, causal=True, detail=True)
+    compare("compiled", (mine, reference_pair(q, k, v, do=do, causal=True)[1]), out.detach(), grads=grads, dtype=BF16)
+    within_design("compiled", q, k, v, do, out.detach(), None, grads, mine, p64, ds64, causal=True)
+    from tolerance import assert_close
+    assert_close("compiled lse", lse, mine.stats.lse, reference_pair(*(t.float() for t in (q, k, v)), causal=True)[1].stats.lse)
+
+
 def test_engine_against_float32_fallback():
     # the same call on the engine and, with SELFATTN_CPU_BF16=0 (read at call time), on the float32 kernels:
     # both within the rule; the fallback really served (no engine call counted)
