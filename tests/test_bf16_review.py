@@ -581,6 +581,10 @@ def test_nonfinite_inputs_reach_only_their_rows(where):
     keep = ~bad
     from tolerance import assert_close
     assert_close(f"{where} other rows", out[keep], ref.out[keep], low.out[keep])
+    for f in ("lse", "max_logit"):  # +inf where a logit is +inf, NaN where NaN, as the reference (a706736)
+        got, want = getattr(st, f)[bad].double(), getattr(ref.stats, f)[bad]
+        assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want)), \
+            f"{where}: {f} of the reached rows {got[:4].tolist()}, the oracle's {want[:4].tolist()}"
     with _env(SELFATTN_CPU_BF16="0"):
         out32 = selfattn.attention(q, k, v, backend="cpu", **kw)
     assert torch.equal(torch.isnan(out32).any(-1), bad), f"{where}: the float32 kernels' NaN rows differ"
