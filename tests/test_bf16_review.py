@@ -899,26 +899,30 @@ def test_multihead_attention_bfloat16(rope, qk_norm):
 
 
 def test_kv_cache_decoding_bfloat16():
-    # prefill 40 tokens into a bfloat16 KVCache, then decode 3 tokens one at a time (the short paths of a
-    # decoding step): each step's output = the matching row of the whole sequence's causal attention
+    # prefill a left-padded batch (row 0: 25 padding tokens) into a bfloat16 KVCache, then decode 3 tokens one
+    # at a time (the short paths of a decoding step): each real token's output = the matching row of the
+    # whole sequence's causal attention over the real keys (RoPE depends on position differences only)
     from tolerance import assert_close
     from selfattn import KVCache, MultiHeadAttention
 
     torch.manual_seed(28)
-    layer = MultiHeadAttention(64, 4, num_kv_heads=1, rope=True, dtype=BF16)
-    B, L, n = 2, 40, 3
+    layer = MultiHeadAttention(64, 4, num_kv_heads=2, rope=True, qk_norm=True, dtype=BF16)
+    B, L, n = 2, 70, 3
     x = torch.randn(B, L + n, 64).to(BF16)
-    cache = KVCache(B, 1, L + n, 16, dtype=BF16)
+    pad = torch.zeros(B, L, dtype=torch.bool)
+    pad[0, :25] = True  # torch's convention: True = padding
+    cache = KVCache(B, 2, L + n, 16, dtype=BF16)
     served = engine_served()
     with torch.no_grad():
-        outs = [layer(x[:, :L], kv_cache=cache, causal=True, backend="cpu")]
+        outs = [layer(x[:, :L], kv_cache=cache, key_padding_mask=pad, causal=True, backend="cpu")]
         assert served(), "the bfloat16 engine did not serve the prefill"
         for t in range(L, L + n):
             outs.append(layer(x[:, t:t + 1], kv_cache=cache, causal=True, backend="cpu"))
     got = torch.cat(outs, dim=1)  # (B, L + n, E)
-    o64, _ = _mha_oracle(layer, x, torch.float64, causal=True)
-    olow, _ = _mha_oracle(layer, x, BF16, causal=True)
-    assert_close("cache decode", got, o64.detach(), olow.detach())
+    keep = torch.cat([~pad, torch.ones(B, n, dtype=torch.bool)], 1)  # (B, L + n) real tokens
+    o64, _ = _mha_oracle(layer, x, torch.float64, keep=keep, causal=True)
+    olow, _ = _mha_oracle(layer, x, BF16, keep=keep, causal=True)
+    assert_close("cache decode", got[keep], o64.detach()[keep], olow.detach()[keep])
 
 
 # -- transformers models in bfloat16 on the cpu backend -----------------------------------------------------
