@@ -554,11 +554,13 @@ def _fma_k_loop(builder, vec, MR, nv, kdim, load_b, load_a, name, step=None, unr
     segs = builder.append_basic_block(f"{name}.segs")
     done = builder.append_basic_block(f"{name}.done")
     br = builder.cbranch(builder.icmp_signed(">", kdim, c(K_SEGMENT)), segs, one)
-    # (weighted as rare: LLVM lays the one-loop path out and allocates its registers as it did without the halves;
-    # unweighted, the float32 forward at D = 64 ran ~1 % slower with the same instructions in its loops)
+    # (weighted 16:1 for the one loop: LLVM lays it out and allocates its registers as it did without the halves.
+    # Unweighted, the float32 forward at D = 64 ran ~1 % slower with the same instructions in its loops; weighted
+    # 1000:1, the halves at D = 256 ran ~6 % slower (spills in the loops of a block taken for cold). 16:1, 1 thread,
+    # A/A/B against HEAD's kernels twice: D 64 forward 1.002 / 1.003, D 256 forward 1.012 / 1.009)
     i32 = ir.IntType(32)
     br.set_metadata("prof", builder.module.add_metadata([ir.MetaDataString(builder.module, "branch_weights"),
-                                                         ir.Constant(i32, 1), ir.Constant(i32, 1000)]))
+                                                         ir.Constant(i32, 1), ir.Constant(i32, 16)]))
     # -- up to K_SEGMENT steps: one loop --
     builder.position_at_end(one)
     builder.cbranch(builder.icmp_signed(">", kdim, c(0)), loop, done)
