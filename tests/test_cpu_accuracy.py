@@ -152,8 +152,6 @@ def test_plus_inf_logit(how, lq):
     assert bool(torch.isinf(st.lse).any()) and bool(torch.isnan(out).any())  # (the request has such rows)
 
 
-@pytest.mark.xfail(strict=True, reason="backends/cpu.py _fold_sinks takes the rest of the lse against the unrounded max: "
-                                       "until /work/notes/acc_fold_sinks.diff is applied (lead's file)")
 def test_sinks_fully_masked_rows_lse_is_the_sink():
     """With sinks, a row with no allowed key has lse = its sink exactly (the reference: log exp(sink)), and
     every row's lse keeps the rest of the max that the float32 halves round away. The launcher took the rest

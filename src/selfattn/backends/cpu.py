@@ -453,12 +453,12 @@ def _fold_sinks(out, row_max, row_log, ent, sinks, opts):
     lse_k = (row_max.double() + row_log.double()) * nat  # (B, Hq, Lq) nats, -inf for a fully-masked row
     lse, ent64, mass = lowering.sink_stats(lse_k, ent.double() if opts.want_stats else None, sinks)
     sink_u = sinks.detach().double()[None, :, None] * per_nat  # (1, Hq, 1) score units
-    new_max = torch.maximum(row_max.double(), sink_u)  # (B, Hq, Lq)
-    new_log = lse * per_nat - new_max  # (B, Hq, Lq) small: the larger half is in new_max
     acc = row_max.dtype
+    new_max = torch.maximum(row_max.double(), sink_u).to(acc)  # (B, Hq, Lq) rounded as it is stored ...
+    new_log = lse * per_nat - new_max.double()  # (B, Hq, Lq) ... and the rest against that: the lse keeps it
     out = out * mass.to(acc)[..., None]  # (B, Hq, Lq, Dv)
     ent = ent64.to(acc) if ent64 is not None else ent
-    return out, new_max.to(acc), new_log.to(acc), ent
+    return out, new_max, new_log.to(acc), ent
 
 
 def _on_bf16_kernels(q, call: _Call) -> bool:
