@@ -1499,11 +1499,11 @@ _LOWERED = (_masks.Causal, _masks.Window, _masks.Padding, _masks.KeyPadding, _ma
 class CPUBackend(Backend):
     name = "cpu"
     summary = "fused flash-style numba kernel (forward + backward), O(L) memory, skips masked tiles, stats for free"
-    features = {
+    _FEATURES = {
         "masks": "all: causal, window, padding, key_padding, documents and mask functions with tile skipping; dense bool/float element-wise",
         "positions": "yes; ALiBi in the kernel, sinks (with gradients) around it",
         "dtypes": "float32, float64; float16/bfloat16 accumulate in float32",
-        "bfloat16": _amx.describe() if _amx is not None else "products: float32 fallback (inputs converted)",
+        "bfloat16": None,  # read when asked (features): the engine follows the environment
         "stats": "yes, from the online softmax (no gradient through them)",
         "softcap": "yes",
         "dropout": "no (refused)",
@@ -1511,6 +1511,12 @@ class CPUBackend(Backend):
         "device": "cpu only",
         "memory": "O(L)",
     }
+
+    @property
+    def features(self) -> dict:
+        bf16 = _amx.describe() if _amx is not None else "products: float32 fallback (inputs converted)"
+        return {k: (bf16 if k == "bfloat16" else v) for k, v in self._FEATURES.items()}
+
     capabilities = Backend.capabilities.replace(
         devices=frozenset({"cpu"}), dropout=False, generator=False, float_mask_grad=False, requires=("numba",))
 
