@@ -289,3 +289,5 @@ def test_engine_env_refuses_unknown(monkeypatch):
     monkeypatch.setenv(cpu_amx.ENGINE_ENV, "tpu")
     with pytest.raises(ValueError, match="SELFATTN_CPU_BF16_ENGINE must be 'amx', 'dot' or 'auto'.*'tpu'"):
         cpu_amx.engine()
+    # the backends listing says so rather than raising
+    assert "SELFATTN_CPU_BF16_ENGINE must be" in cpu_amx.describe()
