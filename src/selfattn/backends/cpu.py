@@ -311,7 +311,7 @@ def _on_threads(calls) -> None:
 def _entry(kernel, args):
     """The compiled entry point of numba ``kernel`` for ``args`` (compiled or loaded from the cache in
     this thread), as :func:`_run` keeps them: pool threads call it without the dispatcher."""
-    key = (kernel, getattr(args[0], "dtype", None))
+    key = (kernel, getattr(args[0], "dtype", None), getattr(args[1], "dtype", None))  # cpu_amx: args[1] is out
     entry = _ENTRIES.get(key)
     if entry is None:
         signature = tuple(kernel.typeof_pyval(a) for a in args)

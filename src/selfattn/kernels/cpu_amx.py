@@ -499,7 +499,8 @@ def _fwd_task(t, inp, out, row_max, row_log, ent, top, counts, mask, opts):
 @njit(cache=True, nogil=True)
 def flash_fwd_amx(inp, out, row_max, row_log, ent, top, counts, mask, opts, taken):
     """``cpu_flash.flash_fwd`` for bfloat16 inputs with its products on AMX: one task per (batch, head,
-    query block) over its non-empty key tiles; the same outputs (out float32 (B, Hq, Lq, Dv), the lse
+    query block) over its non-empty key tiles; the same outputs (out (B, Hq, Lq, Dv) float32, or uint16 for
+    bfloat16 bits rounded as torch rounds; the lse
     halves in score units, entropy in nats, counts[task] = tiles computed). ``inp``: :class:`AmxInputs`
     (:func:`prepare`); ``mask``/``opts``: cpu_flash's records for float32 (base-2 score units).
     ``taken``: empty (every task in order, in this thread) or a shared (1,) int64 counter, zeroed, from
@@ -732,6 +733,35 @@ def pack_bwd(k16, v16, kt, vt, kp, taken):
         _pack_bwd_task(t, k16, v16, kt, vt, kp)
 
 
+@njit(cache=True, nogil=True)
+def pack_fwd(v16, vt, taken):
+    """V^T of every (batch, kv head, key block) of bfloat16 bits v16 (B, Hkv, Lk, Dv) into vt (B, Hkv, nK,
+    Dv16, BLOCK_N) (AmxInputs), zero past Lk and Dv; ``taken`` as :func:`flash_fwd_amx`'s."""
+    B, Hkv, Lk, Dv = v16.shape
+    nK, Dv16 = vt.shape[2], vt.shape[3]
+    t = -1
+    while True:
+        t = _fetch_add(taken, I1) if taken.size > 0 else t + 1
+        if t >= B * Hkv * nK:
+            break
+        kb = t % nK
+        hk = (t // nK) % Hkv
+        b = t // (nK * Hkv)
+        c0 = kb * BLOCK_N
+        ncols = min(BLOCK_N, Lk - c0)
+        dst = vt[b, hk, kb]  # (Dv16, BLOCK_N)
+        for d0 in range(0, Dv, 16):  # 16 x BLOCK_N strips: the block's rows stay in L1
+            for j in range(ncols):
+                for d in range(d0, min(d0 + 16, Dv)):
+                    dst[d, j] = v16[b, hk, c0 + j, d]
+        for d in range(Dv):
+            for j in range(ncols, BLOCK_N):
+                dst[d, j] = 0
+        for d in range(Dv, Dv16):
+            for j in range(BLOCK_N):
+                dst[d, j] = 0
+
+
 stamp_sources(globals(), _bf, _bwd_src, _flash_src, _fwd_src)  # the kernels compile these modules' numba functions into themselves
 numba_config.CACHE_DIR = _NUMBA_CACHE_DIR
 
@@ -779,9 +809,10 @@ def _bits(t):
     return t.view(torch.int16).numpy().view(np.uint16)
 
 
-def prepare(q, k, v, opts, eng=None) -> AmxInputs:
+def prepare(q, k, v, opts, eng=None, threads: int = 1) -> AmxInputs:
     """The :class:`AmxInputs` of bfloat16 q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) for a
-    call with cpu_flash's ``opts``, its products on ``eng`` (default: :func:`engine`)."""
+    call with cpu_flash's ``opts``, its products on ``eng`` (default: :func:`engine`); V^T is made on
+    ``threads`` threads."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     F = torch.nn.functional
@@ -791,12 +822,11 @@ def prepare(q, k, v, opts, eng=None) -> AmxInputs:
     kp = k.detach()  # (B, Hkv, nK * BLOCK_N, D32): a zero-padded copy only where the shape needs one
     if d32 != D or lk64 != Lk:
         kp = F.pad(kp, (0, d32 - D, 0, lk64 - Lk))
-    vp = v.detach()
-    if dv16 != Dv or lk64 != Lk:
-        vp = F.pad(vp, (0, dv16 - Dv, 0, lk64 - Lk))
-    vt = vp.reshape(B, Hkv, nK, BLOCK_N, dv16).transpose(-1, -2).contiguous()  # (B, Hkv, nK, Dv16, BLOCK_N)
+    # V^T (B, Hkv, nK, Dv16, BLOCK_N) by pack_fwd (torch's transposing bfloat16 copy took ~5x as long)
+    vt = torch.empty(B, Hkv, nK, dv16, BLOCK_N, dtype=torch.int16).numpy().view(np.uint16)
+    _run_threads(pack_fwd, (_bits(v.detach()), vt), threads)
     negate = float(opts.qk_scale) < 0.0 and float(opts.softcap_u) <= 0.0
-    return AmxInputs(q=_bits(q.detach()), k=_bits(kp), vt=_bits(vt), head_dim=D, kv_len=Lk,
+    return AmxInputs(q=_bits(q.detach()), k=_bits(kp), vt=vt, head_dim=D, kv_len=Lk,
                      qk_abs=np.float32(abs(float(opts.qk_scale))), negate=negate,
                      engine=_engine_or_refuse(eng))
 
@@ -812,11 +842,14 @@ def launch_forward(q, k, v, sinks, call):
     opts = _cpu._opts(torch.float32, call)
     counts = np.zeros(B * Hq * (-(-Lq // BLOCK_M)), np.int64)  # one per task
     threads = _cpu._threads(len(counts), 4.0 * B * Hq * Lq * Lk * D)
-    inp = prepare(q, k, v, opts)
-    out = torch.empty(B, Hq, Lq, Dv, dtype=torch.float32)
+    inp = prepare(q, k, v, opts, threads=threads)
+    # the output as bfloat16 bits straight from the kernel (_finish_rows rounds as torch's conversion
+    # does); float32 where sinks are folded in after the kernel
+    out = torch.empty(B, Hq, Lq, Dv, dtype=torch.float32 if sinks is not None else torch.bfloat16)
+    out_np = out.numpy() if sinks is not None else out.view(torch.int16).numpy().view(np.uint16)
     # the lse halves (row_max: the kernel's reference max, within LAZY of the true one), entropy, true max
     row_max, row_log, ent, top = (torch.empty(B, Hq, Lq, dtype=torch.float32) for _ in range(4))
-    args = (inp, out.numpy(), row_max.numpy(), row_log.numpy(), ent.numpy(), top.numpy(), counts, mask, opts)
+    args = (inp, out_np, row_max.numpy(), row_log.numpy(), ent.numpy(), top.numpy(), counts, mask, opts)
     _run_threads(flash_fwd_amx, args, threads)
     tiles = int(counts.sum())
     _cpu.TILE_PRODUCTS["forward"] += tiles

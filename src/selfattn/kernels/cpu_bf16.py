@@ -81,7 +81,7 @@ from numba.core import config as numba_config
 from numba.extending import intrinsic, overload
 
 from selfattn.kernels import numba_cache_dir
-from selfattn.kernels.cpu_flash import _ptr
+from selfattn.kernels.cpu_flash import NAN_BITS, _ptr, _rne  # noqa: F401 (NAN_BITS: this module's name for it)
 from selfattn.kernels import cpu_flash as _flash_src, stamp_sources
 
 # numba fixes a function's cache place when it is decorated: the kernels' place (selfattn.kernels:
@@ -94,7 +94,6 @@ if _CACHE_DIR is not None:
 ENV_FLAG = "SELFATTN_CPU_BF16"  # "0": has_bf16_dot() is False whatever the CPU
 MR = 6  # rows of C per micro-kernel call: 6 x 4 accumulators + 4 B vectors of the 32 zmm registers
 TILE_N = 64  # most columns of C per micro-kernel call (4 vectors of 16 float32)
-NAN_BITS = 0xFFFF  # what torch's vectorised CPU conversion writes for every NaN
 
 
 def _host_features() -> set[str]:
@@ -119,27 +118,6 @@ def has_bf16_dot() -> bool:
 
 
 # -- conversion and packing (portable numba) --------------------------------------------------------
-
-
-@intrinsic
-def _f32_bits(typingctx, x):
-    # the bits of a float32 as a uint32
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.uint32(types.float32), codegen
-
-
-@njit(cache=True)
-def _rne(x):
-    # float32 -> bfloat16 bits, round to nearest even (ties to the even 16-bit pattern); NaN -> 0xFFFF
-    u = _f32_bits(x)
-    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-        return np.uint16(NAN_BITS)
-    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
 
 
 def _bits(x):

@@ -85,7 +85,7 @@ from llvmlite.binding import llvm_version_info
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.core.registry import CPUDispatcher as Dispatcher
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 BLOCK_M = 64  # query rows per tile
 BLOCK_N = 64  # keys per tile
@@ -181,6 +181,47 @@ def _load_t(x, c0, ncols, buf):
     for j in range(ncols):
         for d in range(x.shape[1]):
             buf[d, j] = x[c0 + j, d]
+
+
+NAN_BITS = 0xFFFF  # the bfloat16 bits torch's vectorised CPU conversion writes for every NaN
+
+
+@intrinsic
+def _f32_bits(typingctx, x):
+    # the bits of a float32 as a uint32
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@njit(cache=True)
+def _rne(x):
+    # float32 -> bfloat16 bits, round to nearest even (ties to the even 16-bit pattern); NaN -> 0xFFFF.
+    # One select, no branch: the loops storing a row of it vectorise
+    u = _f32_bits(x)
+    r = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    return np.uint16(NAN_BITS) if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else r
+
+
+def _put(out, b, h, i, d, x):
+    """out[b, h, i, d] = x: stored as is in a float array, rounded to bfloat16 bits in a uint16 one."""
+
+
+@overload(_put)
+def _put_impl(out, b, h, i, d, x):
+    if isinstance(out.dtype, types.Float):
+        def put(out, b, h, i, d, x):
+            out[b, h, i, d] = x
+        return put
+    if out.dtype == types.uint16:
+        def put_bf16(out, b, h, i, d, x):
+            out[b, h, i, d] = _rne(np.float32(x))
+        return put_bf16
+    return None
 
 
 def _ptr(bits):
@@ -1840,7 +1881,8 @@ def _query_task(t, q, k, tiles):
 @njit(fastmath=FASTMATH, cache=True)
 def _finish_rows(acc, m_i, l_i, e_i, lo_i, rows, b, h, r0, out, row_max, row_log, ent, opts):
     # a forward task's last step, every forward kernel's (cpu_fwd's and cpu_amx's too): out = acc / l
-    # and the rows' lse halves and entropy; lo_i (size 0: none) is the anchors' rests (_fold_lo)
+    # (a uint16 out: as bfloat16 bits) and the rows' lse halves and entropy; lo_i (size 0: none) is the
+    # anchors' rests (_fold_lo)
     Dv = out.shape[3]
     for i in range(rows):
         gi = r0 + i
@@ -1848,14 +1890,14 @@ def _finish_rows(acc, m_i, l_i, e_i, lo_i, rows, b, h, r0, out, row_max, row_log
         if li == 0.0:
             # fully-masked row: out 0, lse -inf, max -inf, entropy 0
             for d in range(Dv):
-                out[b, h, gi, d] = 0.0
+                _put(out, b, h, gi, d, 0.0)
             row_max[b, h, gi] = -np.inf
             row_log[b, h, gi] = 0.0
             ent[b, h, gi] = 0.0
         else:
             inv = 1.0 / li
             for d in range(Dv):
-                out[b, h, gi, d] = acc[i, d] * inv
+                _put(out, b, h, gi, d, acc[i, d] * inv)
             row_max[b, h, gi] = m_i[i] if li == li else np.nan  # a NaN row is NaN throughout ...
             row_log[b, h, gi] = (math.log2(li) if opts.base2 else math.log(li)) + (lo_i[i] if lo_i.size > 0 else 0.0)
             if li != li and m_i[i] == np.inf:
