@@ -831,9 +831,10 @@ def prepare(q, k, v, opts, eng=None, threads: int = 1) -> AmxInputs:
                      engine=_engine_or_refuse(eng))
 
 
-def launch_forward(q, k, v, sinks, call):
-    """``backends.cpu._launch_forward`` for bfloat16 q, k, v on AMX: (out bfloat16, row_max, row_log,
-    max_logit, entropy), the last four float32 as the float32 kernels give them."""
+def launch_forward(q, k, v, sinks, call, eng=None):
+    """``backends.cpu._launch_forward`` for bfloat16 q, k, v, products on ``eng`` (default :func:`engine`):
+    (out, row_max, row_log, max_logit, entropy), the last four float32 as the float32 kernels give them;
+    out bfloat16, or float32 with sinks (folded in after the kernel; the caller rounds it)."""
     from selfattn.backends import cpu as _cpu
 
     B, Hq, Lq, D = q.shape
@@ -842,7 +843,7 @@ def launch_forward(q, k, v, sinks, call):
     opts = _cpu._opts(torch.float32, call)
     counts = np.zeros(B * Hq * (-(-Lq // BLOCK_M)), np.int64)  # one per task
     threads = _cpu._threads(len(counts), 4.0 * B * Hq * Lq * Lk * D)
-    inp = prepare(q, k, v, opts, threads=threads)
+    inp = prepare(q, k, v, opts, eng, threads)
     # the output as bfloat16 bits straight from the kernel (_finish_rows rounds as torch's conversion
     # does); float32 where sinks are folded in after the kernel
     out = torch.empty(B, Hq, Lq, Dv, dtype=torch.float32 if sinks is not None else torch.bfloat16)
@@ -859,7 +860,7 @@ def launch_forward(q, k, v, sinks, call):
     max_logit = top * float(opts.nat)  # (B, Hq, Lq) nats, keys only
     if sinks is not None:
         out, row_max, row_log, ent = _cpu._fold_sinks(out, row_max, row_log, ent, sinks, opts)
-    return out.to(q.dtype), row_max, row_log, max_logit, ent
+    return out, row_max, row_log, max_logit, ent
 
 
 def prepare_backward(q, k, v, do, threads: int = 1, eng=None) -> AmxGradInputs:
@@ -882,8 +883,8 @@ def prepare_backward(q, k, v, do, threads: int = 1, eng=None) -> AmxGradInputs:
                          head_dim=D, v_dim=Dv, kv_len=Lk, engine=_engine_or_refuse(eng))
 
 
-def launch_backward(grad_out, q, k, v, out, row_max, row_log, call):
-    """``backends.cpu._launch_backward`` for bfloat16 q, k, v (and grad_out) on AMX: (dq, dk, dv) in
+def launch_backward(grad_out, q, k, v, out, row_max, row_log, call, eng=None):
+    """``backends.cpu._launch_backward`` for bfloat16 q, k, v (and grad_out), products on ``eng``: (dq, dk, dv) in
     bfloat16, from the forward's lse halves (score units, float32); ``out`` is unused (delta is
     rowsum(P * dP), computed by the kernel)."""
     from selfattn.backends import cpu as _cpu
@@ -894,7 +895,7 @@ def launch_backward(grad_out, q, k, v, out, row_max, row_log, call):
     opts = _cpu._opts(torch.float32, call)
     counts = np.zeros(B * Hq * (-(-Lq // BLOCK_M)), np.int64)  # one per task
     threads = _cpu._threads(len(counts), 10.0 * B * Hq * Lq * Lk * D)
-    g = prepare_backward(q, k, v, grad_out.to(torch.bfloat16), threads)
+    g = prepare_backward(q, k, v, grad_out.to(torch.bfloat16), threads, eng)
     dq = torch.empty(B, Hq, Lq, D, dtype=torch.float32)
     dk = torch.empty(B, Hkv, Lk, D, dtype=torch.float32)
     dv = torch.empty(B, Hkv, Lk, Dv, dtype=torch.float32)
