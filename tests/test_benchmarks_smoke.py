@@ -6,10 +6,9 @@ Why: a kernel signature change once broke ``bench_cpu.py --profile`` and nobody 
 run. These runs catch that kind of break: a script that no longer imports, calls a function with old arguments,
 or reads a key that moved.
 
-Each script runs as ``python benchmarks/SCRIPT ARGS`` would, in a child forked from one helper process per test
-process that imported torch, numba, selfattn and transformers once (tests/_cli.py does the same for the CLI; the
-imports are most of a smoke run's time): its own arguments, environment, working directory (the repository
-root), stdout and stderr (files), ``__main__`` executed by runpy, and its exit status. The helper runs no torch
+Each script runs as ``python benchmarks/SCRIPT ARGS`` would, from the repository root, in a child forked from one
+helper process per test process that imported torch, numba, selfattn and transformers once (tests/_cli.py's
+ForkServer, which runs the CLI the same way; the imports are most of a smoke run's time). The helper runs no torch
 operation before it forks, so the children start no thread pool the helper had. JSON outputs go to pytest's tmp
 dirs, never to benchmarks/results/ (a test checks that the smoke runs left that folder as it was).
 
@@ -20,29 +19,22 @@ skipped there with the reason; ``bench_gpu.py --dry-run`` runs anywhere.
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
-import select
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
-from dataclasses import dataclass
 
 import pytest
 import torch
+
+from _cli import ForkServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 RESULTS = os.path.join(BENCH, "results")
 TIMEOUT = 600.0  # seconds for one smoke run: a kernel source edited since the last run recompiles (minutes when loaded)
 
-_HELPER = r"""
-import json, os, runpy, sys, traceback
-sys.path[:0] = [os.path.join(ROOT, "src"), os.path.join(ROOT, "benchmarks")]
+_SERVER = ForkServer("benchmark", r"""
 import numpy, numba, torch, selfattn  # what every script imports first
 import selfattn.kernels.cpu_amx  # noqa: F401
 # what torch imports lazily, seconds each: sympy and symbolic shapes at the first backward, dynamo with torch.optim's
@@ -58,127 +50,23 @@ try:
     import transformers, selfattn.integrations.transformers  # noqa: F401  (bench_hf, bench_decode)
 except ImportError:
     pass
-
-def child(req):
-    code = 1
-    try:
-        os.chdir(ROOT)
-        os.environ.clear()
-        os.environ.update(req["env"])
-        for fd, path in ((1, req["stdout"]), (2, req["stderr"])):
-            f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.dup2(f, fd)
-            os.close(f)
-        sys.argv = [req["script"], *req["args"]]
-        try:
-            runpy.run_path(req["script"], run_name="__main__")
-            code = 0
-        except SystemExit as e:  # the interpreter's rule for sys.exit(x)
-            if e.code is None or isinstance(e.code, int):
-                code = e.code or 0
-            else:
-                print(e.code, file=sys.stderr)
-                code = 1
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:
-                pass
-        os._exit(code)
-
-out = os.fdopen(os.dup(1), "w")
-os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-print(json.dumps({"ready": os.getpid()}), file=out, flush=True)
-for line in sys.stdin:
-    req = json.loads(line)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        child(req)
-    print(json.dumps({"pid": pid}), file=out, flush=True)
-    _, status, usage = os.wait4(pid, 0)
-    print(json.dumps({"status": os.waitstatus_to_exitcode(status), "cpu": usage.ru_utime + usage.ru_stime}), file=out, flush=True)
-"""
-
-_STATE: dict = {}
+""")
 
 
-def _read(p, timeout):
-    ready, _, _ = select.select([p.stdout], [], [], timeout)
-    return p.stdout.readline() if ready else None
+def run_script(script: str, *args, env: dict | None = None, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    """``python benchmarks/<script> ARGS`` from the repository root, in a child of the helper (see the module
+    docstring); the CompletedProcess has ``seconds`` (wall) and ``cpu_seconds`` added."""
+    r = _SERVER.run(path=os.path.join(BENCH, script), args=args, env=env, cwd=ROOT, timeout=timeout)
+    print(f"{' '.join(r.args)}: exit {r.returncode}, {r.seconds:.1f} s wall, {r.cpu_seconds:.1f} s CPU")
+    return r
 
 
-def _helper():
-    h = _STATE.get("helper")
-    if h is not None and h[0].poll() is None:
-        return h
-    tmp = tempfile.mkdtemp(prefix="selfattn-bench-smoke-")
-    err = open(os.path.join(tmp, "helper.err"), "w+")
-    p = subprocess.Popen([sys.executable, "-c", f"ROOT = {ROOT!r}\n" + _HELPER], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=err, cwd=ROOT, text=True, bufsize=1,
-                         env=dict(os.environ, PYTHONIOENCODING="utf-8"))
-    line = _read(p, 600)
-    err.seek(0)
-    assert line and "ready" in json.loads(line), f"the benchmark helper did not start: {err.read()[-3000:]}"
-    _STATE["helper"] = (p, tmp)
-    atexit.register(_stop, p, tmp)
-    return p, tmp
+def _tail(r: subprocess.CompletedProcess) -> str:
+    return f"exit {r.returncode}\n--- stdout ---\n{r.stdout[-3000:]}\n--- stderr ---\n{r.stderr[-3000:]}"
 
 
-def _stop(p, tmp):
-    if p.poll() is None:
-        p.stdin.close()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-@dataclass
-class Ran:
-    returncode: int
-    stdout: str
-    stderr: str
-    seconds: float  # wall time
-    cpu_seconds: float  # the child's CPU time (and its waited-for children's)
-
-    def tail(self) -> str:
-        return f"exit {self.returncode}\n--- stdout ---\n{self.stdout[-3000:]}\n--- stderr ---\n{self.stderr[-3000:]}"
-
-
-def run_script(script: str, *args, env: dict | None = None, timeout: float = TIMEOUT) -> Ran:
-    """``python benchmarks/<script> ARGS`` in a child of the helper (see the module docstring)."""
-    p, tmp = _helper()
-    files = {name: os.path.join(tmp, name) for name in ("stdout", "stderr")}
-    req = dict(script=os.path.join(BENCH, script), args=[str(a) for a in args],
-               env=dict(os.environ if env is None else env), **files)
-    t0 = time.perf_counter()
-    p.stdin.write(json.dumps(req) + "\n")
-    p.stdin.flush()
-    pid = json.loads(_read(p, 60))["pid"]
-    line = _read(p, timeout)
-    if line is None:
-        os.kill(pid, signal.SIGKILL)
-        _read(p, 60)
-        raise subprocess.TimeoutExpired([script, *req["args"]], timeout)
-    out = {}
-    for name, path in files.items():
-        with open(path, "rb") as f:
-            out[name] = f.read().decode("utf-8", "replace")
-    done = json.loads(line)
-    ran = Ran(done["status"], out["stdout"], out["stderr"], time.perf_counter() - t0, done["cpu"])
-    print(f"{script} {' '.join(req['args'])}: exit {ran.returncode}, {ran.seconds:.1f} s wall, {ran.cpu_seconds:.1f} s CPU")
-    return ran
-
-
-def _ok(r: Ran) -> None:
-    assert r.returncode == 0, r.tail()
+def _ok(r: subprocess.CompletedProcess) -> None:
+    assert r.returncode == 0, _tail(r)
 
 
 def _json(path) -> dict:
@@ -217,7 +105,7 @@ def _results_untouched():
 def test_peak():
     r = run_script("peak.py", "--smoke")
     _ok(r)
-    assert "CPU: " in r.stdout and "FMA peak" in r.stdout and "torch.mm" in r.stdout, r.tail()
+    assert "CPU: " in r.stdout and "FMA peak" in r.stdout and "torch.mm" in r.stdout, _tail(r)
 
 
 def test_bench_cpu(tmp_path):
@@ -247,7 +135,7 @@ def test_bench_cpu(tmp_path):
         assert t["ratio"] > 0 and not t["issue_shape_and_threads"], t  # smoke shapes are not the issue's
     assert "error" not in res["peak_memory"], res["peak_memory"]
     assert res["peak_memory"]["peak_extra_bytes"] > 0
-    assert "issue 14, bfloat16 against float32" in r.stdout, r.tail()
+    assert "issue 14, bfloat16 against float32" in r.stdout, _tail(r)
 
 
 def test_bench_cpu_profile(tmp_path):
@@ -257,7 +145,7 @@ def test_bench_cpu_profile(tmp_path):
     (prof,) = _json(path)["profile"]
     assert prof["full_ms"] > 0 and len(prof["parts_ms"]) == 4, prof
     assert prof["transposed"]["full_ms"] > 0 and len(prof["transposed"]["parts_ms"]) == 4, prof
-    assert "forward profile" in r.stdout, r.tail()
+    assert "forward profile" in r.stdout, _tail(r)
 
 
 @pytest.mark.slow
@@ -270,10 +158,10 @@ def test_bench_cpu_compile_time(tmp_path):
     assert ct["cache_files"] > 0 and ct["second_process"]["float32_fwd_bwd_s"] > 0, ct
 
 
-def _amx_checks(res: dict, r: Ran, engine: str) -> None:
+def _amx_checks(res: dict, r: subprocess.CompletedProcess, engine: str) -> None:
     _has(res, "cpu", "engine", "engine_requested", "threads", "rows", "targets", "engine_calls", "cpu_features_bfloat16")
     assert res["engine"] == engine, (res["engine"], engine)
-    assert f"bfloat16 engine: {engine}" in r.stdout and f"CPU: {res['cpu']}" in r.stdout, r.tail()
+    assert f"bfloat16 engine: {engine}" in r.stdout and f"CPU: {res['cpu']}" in r.stdout, _tail(r)
     variants = {(row["case"], row["variant"]) for row in res["rows"]}
     for want in (("dense fwd", "cpu bfloat16 fwd"), ("dense fwd", "cpu float32 fwd"), ("dense fwd", "sdpa bfloat16 fwd"),
                  ("causal fwd+bwd", "cpu bfloat16 fwd+bwd"), ("causal fwd+bwd", "cpu float32 fwd+bwd"),
@@ -311,8 +199,8 @@ def test_bench_amx_engine(tmp_path, engine):
         _ok(r)
         _amx_checks(_json(path), r, engine)
     else:
-        assert r.returncode == 2 and not path.exists(), r.tail()
-        assert f"--engine {engine}: not on this CPU" in r.stderr and "Traceback" not in r.stderr, r.tail()
+        assert r.returncode == 2 and not path.exists(), _tail(r)
+        assert f"--engine {engine}: not on this CPU" in r.stderr and "Traceback" not in r.stderr, _tail(r)
 
 
 def test_bench_amx_float32_fallback(tmp_path):
@@ -333,7 +221,7 @@ def test_bench_bf16_mk(tmp_path):
     r = run_script("bench_bf16_mk.py", "--seconds", "0.001", "--length", "128", "--json", path)
     _ok(r)
     if not cpu_bf16.host_has_bf16_dot():
-        assert "nothing to measure" in r.stdout and not path.exists(), r.tail()
+        assert "nothing to measure" in r.stdout and not path.exists(), _tail(r)
         return
     res = _json(path)
     _has(res, "fma_gflops", "vdpbf16ps_gflops", "tiles", "per_tile_us", "forward_estimate")
@@ -356,7 +244,7 @@ def test_bench_short(tmp_path):
     rows = _json(path)["rows"]
     assert {row["pass"] for row in rows} == {"fwd", "fwd+bwd", "fwd (decoding)"}, rows
     assert any("torch_sdpa_aa_s" in row for row in rows if row["pass"] != "fwd (decoding)"), rows  # --fixed's table ran
-    assert "auto's calibration" in r.stdout, r.tail()
+    assert "auto's calibration" in r.stdout, _tail(r)
 
 
 def test_bench_batches(tmp_path):
@@ -422,7 +310,7 @@ def test_bench_ring(tmp_path):
 def test_bench_gpu_dry_run():
     r = run_script("bench_gpu.py", "--dry-run")
     _ok(r)
-    assert "dense fwd" in r.stdout and "FLOPs" in r.stdout, r.tail()
+    assert "dense fwd" in r.stdout and "FLOPs" in r.stdout, _tail(r)
 
 
 @pytest.mark.slow
@@ -431,7 +319,7 @@ def test_bench_gpu_compile():
     pytest.importorskip("triton")
     r = run_script("bench_gpu.py", "--compile", "--quick", env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     _ok(r)
-    assert "compiled " in r.stdout and " kernels;" in r.stdout, r.tail()
+    assert "compiled " in r.stdout and " kernels;" in r.stdout, _tail(r)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bench_gpu.py times the triton backend on a CUDA GPU: none here")
@@ -440,7 +328,7 @@ def test_bench_gpu(tmp_path):
     r = run_script("bench_gpu.py", "--cases", "dense fwd", "--scale", "0.0625", "--rep", "5", "--json", path)
     _ok(r)
     rows = _json(path)
-    assert rows, r.tail()
+    assert rows, _tail(r)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not torch.distributed.is_nccl_available(),
@@ -454,4 +342,4 @@ def test_ring_nccl_check():
 
 def test_bench_cpu_cases_refuses_unknown_names():
     r = run_script("bench_cpu.py", "--smoke", "--cases", "dense fwd,dense fwd bf16")
-    assert r.returncode == 2 and "no case named ['dense fwd bf16']" in r.stderr, r.tail()
+    assert r.returncode == 2 and "no case named ['dense fwd bf16']" in r.stderr, _tail(r)
