@@ -90,7 +90,9 @@ from selfattn.kernels.cpu_flash import (
     _padded,
     _probs,
     _query_task,
+    _score_rest,
     _score_terms,
+    _vec_exp2_row,
     _Vectors,
 )
 from selfattn.kernels.cpu_fwd import I1, LANES, NO_COUNTER, _exp2_v, _fetch_add, _finish_step, _loop, _score_terms_t
@@ -537,6 +539,29 @@ class AmxGradInputs(NamedTuple):
 
 
 @njit(fastmath=FASTMATH, cache=True)
+def _raw_probs(p, rows, ncols, b, h, r0, qb, kb, kind, mask, opts, row_max, row_log):
+    # P = exp2((s c - M) - log l) in place from raw q.k (p[:rows, :ncols]) of a call without score terms,
+    # as the forward took them: its exponent (s - m) c with M = fl(m c) and the rest m c - M in log l.
+    # s c - M is rounded once (s c is exact in float64): a rounded S = fl(s c) first would put its
+    # rounding (~|S| 2**-24) into the exponent, ~1e-3 at logits of 1e4. Then the element-wise mask
+    # and -inf past ncols. Returns nc (ncols rounded up to a whole vector).
+    c64 = np.float64(opts.qk_scale)
+    for i in range(rows):
+        big = np.float64(row_max[b, h, r0 + i])
+        for j in range(ncols):
+            p[i, j] = np.float32(np.float64(p[i, j]) * c64 - big)
+    nc = _score_rest(p, rows, ncols, b, h, qb, kb, kind, mask, opts, False)
+    for i in range(rows):
+        if row_max[b, h, r0 + i] == -np.inf:  # no key: P = 0
+            for j in range(nc):
+                p[i, j] = opts.zero
+        else:
+            _vec_exp2_row(_addr(p) + i * p.strides[0], _addr(p) + i * p.strides[0], nc, opts.zero, row_log[b, h, r0 + i],
+                          opts.exp_lo, np.intp(0), p)
+    return nc
+
+
+@njit(fastmath=FASTMATH, cache=True)
 def _bf16_block(x, x16, rows, nc, k32):
     # x16[:rows, :k32] = bfloat16(x[:rows, :nc]), zero in columns nc..k32 (the product's padding)
     _bf.to_bf16_rows(x, x16, rows, nc)
@@ -578,6 +603,7 @@ def _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, pbuf, dpbuf, kbs, pairs,
             pairs[pr, j, 0] = 0
             pairs[pr, j, 1] = 0
     tanh_buf = np.empty((BLOCK_M, BLOCK_N) if softcap > 0.0 else (1, 1), np.float32)
+    terms = softcap > 0.0 or mask.alibi.size > 0 or mask.bias.size > 0  # the forward scaled its tiles first
     dl = np.zeros(BLOCK_M, np.float64)  # delta = rowsum(P * dP), in float64
     dq_acc = _zeros_f32(BLOCK_M, g.k.shape[3])
     n = 0
@@ -593,8 +619,11 @@ def _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, pbuf, dpbuf, kbs, pairs,
         n += 1
         # -- S = Q_blk K^T, the forward's product and score terms; P = exp2((S - max) - log l), in place --
         _mm(g.engine, q_blk, g.kt[b, hk, kb], p, rows, D, ncols)
-        nc = _score_terms(p, tanh_buf, rows, ncols, False, b, h, qb, kb, kind, mask, opts)
-        _probs(p, p, rows, nc, row_max, row_log, b, h, r0, opts)
+        if terms:
+            nc = _score_terms(p, tanh_buf, rows, ncols, False, b, h, qb, kb, kind, mask, opts)
+            _probs(p, p, rows, nc, row_max, row_log, b, h, r0, opts)
+        else:
+            nc = _raw_probs(p, rows, ncols, b, h, r0, qb, kb, kind, mask, opts, row_max, row_log)
         # -- dP = dO_blk V^T; delta += rowsum(P * dP) (products exact in float64) --
         _mm(g.engine, do_blk, g.vt[b, hk, kb], dp, rows, Dv, ncols)
         for i in range(rows):
