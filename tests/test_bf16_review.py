@@ -31,6 +31,7 @@ import torch
 import selfattn
 from selfattn import masks
 from selfattn.kernels import cpu_amx
+from selfattn.backends import cpu as cpu_backend
 from selfattn.stats import AttentionStats
 
 from _oracle import RefRun, compare, reference_pair
@@ -778,16 +779,13 @@ def test_sinks_gradient_with_masks():
     check("sinks grad", q, k, v, do, sinks=torch.tensor([-2.0, 0.0, 1.0, 3.0]), causal=True)
 
 
-@pytest.mark.xfail(strict=True, reason="d sinks of bfloat16 calls is computed from the bfloat16-rounded output "
-                   "(backends/cpu.py _sinks_grad -> lowering.sink_grad: rowsum(dO * O) with O rounded to 8 bits): "
-                   "outside the rule in ~6% of small calls, on the engine and the float32 fallback alike; "
-                   "reported to the lead in COORDINATION.md")
-def test_sinks_gradient_small_calls():
-    # 40 small calls: every d sinks within 3x the bfloat16 twin's error (as dq, dk, dv are)
+def _sink_grad_misses(cases):
+    # the d sinks of `cases` ((index, ((q, k, v, do), kw)) pairs) outside 3x the bfloat16 twin's error, as
+    # dq, dk, dv are held
     from tolerance import floor_for
 
     bad = []
-    for i, ((q, k, v, do), kw) in enumerate(_sink_cases(40)):
+    for i, ((q, k, v, do), kw) in cases:
         s = kw["sinks"].clone().requires_grad_()
         leafs = [t.clone().requires_grad_() for t in (q, k, v)]
         out = selfattn.attention(*leafs, backend="cpu", **dict(kw, sinks=s))
@@ -799,7 +797,26 @@ def test_sinks_gradient_small_calls():
         tol = 3 * base + floor_for(got.dtype, want)
         if err > tol:
             bad.append(f"case {i}: |d sinks - oracle| {err:.3e} > tol {tol:.3e} (oracle {float(want):.4f})")
+    return bad
+
+
+def test_sinks_gradient_small_calls():
+    # 40 small calls: every d sinks within 3x the bfloat16 twin's error. (Until the float32 output was kept for
+    # d sinks, rowsum(dO * O) of the bfloat16-rounded output missed in ~6% of them.)
+    bad = _sink_grad_misses(enumerate(_sink_cases(40)))
     assert not bad, f"{len(bad)} of 40 sink gradients outside the rule: " + "; ".join(bad)
+
+
+@pytest.mark.xfail(cpu_amx.engine() is not None and not cpu_backend._AMX_DELTA, strict=True,
+                   reason="d sinks on the bfloat16 engine: rowsum(dO * O) of the engine's output bf16(P) V (float32, "
+                   "but with P's 8 bits): outside the rule in 4 of 300 small calls (these; 21.7x, 4.9x, 1.7x, 1.9x). "
+                   "Fixed when cpu_amx.launch_backward hands out its delta = rowsum(P * dP) (delta_out, requested in "
+                   "COORDINATION.md; backends.cpu._grads takes it then). The float32 fallback passes (0 of 300)")
+def test_sinks_gradient_engine_misses():
+    # the 4 of _sink_cases(300) that the engine's output missed
+    cases = [c for c in enumerate(_sink_cases(300)) if c[0] in (63, 67, 214, 237)]
+    bad = _sink_grad_misses(cases)
+    assert not bad, f"{len(bad)} of 4 sink gradients outside the rule: " + "; ".join(bad)
 
 
 # -- the layers in bfloat16 ------------------------------------------------------------------------------------

@@ -342,12 +342,20 @@ def sink_stats(lse_k: torch.Tensor, ent_k: torch.Tensor | None, sinks: torch.Ten
     return lse, ent, mass
 
 
-def sink_grad(sinks: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def sink_grad(sinks: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, out: torch.Tensor,
+              delta: torch.Tensor | None = None) -> torch.Tensor:
     """d loss / d sinks (Hq,): -sum over batch and rows of p_sink * rowsum(dO * O).
 
-    ``lse`` is the full log-sum-exp (sink included), ``out`` the full output.
+    ``lse`` is the full log-sum-exp (sink included), ``out`` the full output, unrounded where the caller
+    has it (a bfloat16 output's rounding reaches d sinks: rowsum(dO * O) is a difference of near terms).
+    ``delta`` (B, Hq, Lq): rowsum(dO * O) computed already (a backward kernel's rowsum(P * dP)); then
+    ``out`` is not read.
     """
     acc = lse.dtype
     p_sink = torch.exp(sinks.detach().to(acc)[None, :, None] - lse)  # (B, Hq, Lq)
-    delta = (grad_out.to(acc) * out.to(acc)).sum(-1)  # (B, Hq, Lq)
+    if delta is None:
+        delta = (grad_out.to(acc) * out.to(acc)).sum(-1)  # (B, Hq, Lq)
+    else:
+        p_sink = p_sink.to(torch.promote_types(delta.dtype, acc))
+        delta = delta.to(p_sink.dtype)
     return -(p_sink * delta).sum(dim=(0, 2)).to(sinks.dtype)  # (Hq,)

@@ -44,6 +44,7 @@ gradient; a float mask gets no gradient (refused if it requires one).
 from __future__ import annotations
 
 import _thread
+import inspect
 import os
 import sys
 import threading
@@ -418,8 +419,9 @@ def _forward_buffers(B: int, Hq: int, Lq: int, Dv: int, acc, rows: object = True
 
 
 def _forward_result(q, bufs: _FwdBuffers, sinks, call: _Call, opts):
-    """The launchers' 5-tuple from filled buffers: max_logit in nats, sinks folded, out in q's dtype;
-    without ``call.rows`` (and sinks) the four row tensors are None (a no-grad call without stats)."""
+    """The kernel launchers' 5-tuple from filled buffers: max_logit in nats, sinks folded, out in the
+    accumulation dtype (``_launch_forward`` converts it to q's); without ``call.rows`` (and sinks) the
+    four row tensors are None (a no-grad call without stats)."""
     out = bufs.out
     if call.rows or sinks is not None:
         rows = bufs.rows
@@ -430,7 +432,7 @@ def _forward_result(q, bufs: _FwdBuffers, sinks, call: _Call, opts):
             out, row_max, row_log, ent = _fold_sinks(out, row_max, row_log, ent, sinks, opts)
     else:
         row_max = row_log = max_logit = ent = None
-    return (out if out.dtype == q.dtype else out.to(q.dtype)), row_max, row_log, max_logit, ent
+    return out, row_max, row_log, max_logit, ent
 
 
 def _transposed(x, lq):
@@ -461,22 +463,34 @@ def _fold_sinks(out, row_max, row_log, ent, sinks, opts):
     return out, new_max, new_log.to(acc), ent
 
 
-def _on_bf16_kernels(q, call: _Call) -> bool:
-    """Whether the bfloat16 kernels (products on AMX or vdpbf16ps, ``cpu_amx.engine``) take this call
-    (forward and backward alike). Scale 0 stays off them: their tiles hold raw q.k and take score units
-    as |scale| log2(e) = 0, so their lazy running max never leaves -inf ((s - m) * 0 is NaN there):
-    0.8-1.6 off for a padded or causal row; the float32 kernels average the allowed values as they should."""
-    return q.dtype == torch.bfloat16 and call.scale != 0.0 and _amx is not None and _amx.available()
+def _bf16_engine(q, call: _Call):
+    """The engine (``cpu_amx.engine``: AMX or vdpbf16ps) of the bfloat16 kernels when they take this call
+    (forward and backward alike), else None; the launchers hand it down, so a call reads it once. Scale 0
+    stays off them: their tiles hold raw q.k and take score units as |scale| log2(e) = 0, so their lazy
+    running max never leaves -inf ((s - m) * 0 is NaN there): 0.8-1.6 off for a padded or causal row; the
+    float32 kernels average the allowed values as they should."""
+    return _amx.engine() if q.dtype == torch.bfloat16 and call.scale != 0.0 and _amx is not None else None
 
 
-def _launch_forward(q, k, v, sinks, call: _Call):
-    """(out, row_max, row_log, max_logit, entropy): out in q's dtype; the lse (sink included) as
+def _launch_forward(q, k, v, sinks, call: _Call, acc_out: bool = False):
+    """(out, row_max, row_log, max_logit, entropy): out in q's dtype (``acc_out``: as the kernel left it,
+    float32 for bfloat16/float16 inputs, before rounding to q's dtype); the lse (sink included) as
     row_max + row_log in score units; max_logit over the keys and the entropy in nats (both
     meaningful only with call.want_stats)."""
-    if _on_bf16_kernels(q, call):
-        return _amx.launch_forward(q, k, v, sinks, call)  # same outputs; bfloat16 products
-    if _fwd.serves(q):
-        return _fwd.launch_forward(q, k, v, sinks, call)  # same outputs; float32, >= 4 query rows
+    eng = _bf16_engine(q, call)
+    if eng is not None:
+        res = _amx.launch_forward(q, k, v, sinks, call, eng)  # same outputs; bfloat16 products
+    elif _fwd.serves(q):
+        res = _fwd.launch_forward(q, k, v, sinks, call)  # same outputs; float32, >= 4 query rows
+    else:
+        res = _launch_flash(q, k, v, sinks, call)
+    if acc_out or res[0].dtype == q.dtype:
+        return res
+    return (res[0].to(q.dtype),) + res[1:]
+
+
+def _launch_flash(q, k, v, sinks, call: _Call):
+    # _launch_forward on cpu_flash.flash_fwd (float64, and the calls of fewer than 4 query rows)
     acc = acc_dtype(q.dtype)
     B, Hq, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
@@ -501,8 +515,9 @@ def _launch_backward(grad_out, q, k, v, out, row_max, row_log, call: _Call, delt
     instead of computing rowsum(P * dP) themselves (``shard_backward``). ``sinks_known``: the caller
     passes the forward's sinks (None: there were none), so the float32 kernel may normalise its delta
     by rowsum(P) + p_sink (rows of a few keys); callers that do not know keep the plain delta."""
-    if delta is None and _on_bf16_kernels(q, call):
-        return _amx.launch_backward(grad_out, q, k, v, out, row_max, row_log, call)  # bfloat16 products
+    eng = None if delta is not None else _bf16_engine(q, call)
+    if eng is not None:
+        return _amx.launch_backward(grad_out, q, k, v, out, row_max, row_log, call, eng)  # bfloat16 products
     if _bwd.serves(q):
         s = sinks if sinks_known else _bwd.SINKS_UNKNOWN
         return _bwd.launch_backward(grad_out, q, k, v, out, row_max, row_log, call, delta, sinks=s)  # float32: one kernel
@@ -615,8 +630,27 @@ def _lse(row_max, row_log):
     return ((row_max.double() + row_log.double()) * nat).to(row_max.dtype)  # (B, Hq, Lq)
 
 
-def _sinks_grad(sinks, grad_out, out, row_max, row_log):
-    return lowering.sink_grad(sinks, _lse(row_max, row_log), grad_out, out)  # (Hq,)
+def _sinks_grad(sinks, grad_out, out, row_max, row_log, delta=None):
+    # ``out``: the forward's output before rounding to q's dtype where the forward kept it (bfloat16/float16
+    # calls whose sinks have a gradient): rowsum(dO * O) of a rounded O carries its 8 (11) bits; ``delta``
+    # (B, Hq, Lq): that rowsum as the backward kernel had it, when it gave it (then ``out`` is not read)
+    return lowering.sink_grad(sinks, _lse(row_max, row_log), grad_out, out, delta)  # (Hq,)
+
+
+#: cpu_amx's backward can hand out its delta = rowsum(P * dP) (float64, from the unrounded P): the bfloat16
+#: kernels' output is bf16(P) V, too coarse for d sinks = -sum p_sink rowsum(dO * O)
+_AMX_DELTA = _amx is not None and "delta_out" in inspect.signature(_amx.launch_backward).parameters
+
+
+def _grads(grad_out, q, k, v, out, row_max, row_log, call: _Call, sinks, want_dsinks: bool):
+    """(dq, dk, dv, d sinks or None) of a forward's saved tensors (``out`` as :func:`_eager_forward` keeps it)."""
+    eng = _bf16_engine(q, call) if want_dsinks and _AMX_DELTA else None
+    if eng is not None:
+        delta = torch.empty(q.shape[:3], dtype=torch.float64)  # (B, Hq, Lq)
+        dq, dk, dv = _amx.launch_backward(grad_out, q, k, v, out, row_max, row_log, call, eng, delta_out=delta.numpy())
+        return dq, dk, dv, _sinks_grad(sinks, grad_out, None, row_max, row_log, delta)
+    dq, dk, dv = _launch_backward(grad_out, q, k, v, out, row_max, row_log, call, sinks=sinks, sinks_known=True)
+    return dq, dk, dv, (_sinks_grad(sinks, grad_out, out, row_max, row_log) if want_dsinks else None)
 
 
 # -- torch.library custom ops -------------------------------------------------------------------
@@ -686,14 +720,16 @@ def _flash_op(
     layout: str, mask_tensors: list[Optional[torch.Tensor]], scale: float, softcap: float, want_stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     call = _op_call(q, k, v, layout, mask_tensors, scale, softcap, want_stats)
-    return _launch_forward(q, k, v, sinks, call)
+    return _launch_forward(q, k, v, sinks, call, acc_out=sinks is not None)
 
 
 @_flash_op.register_fake
 def _flash_op_fake(q, k, v, sinks, layout, mask_tensors, scale, softcap, want_stats):
     B, Hq, Lq, _ = q.shape
-    rows = [q.new_empty((B, Hq, Lq), dtype=acc_dtype(q.dtype)) for _ in range(4)]  # row_max, row_log, max_logit, entropy
-    return (q.new_empty((B, Hq, Lq, v.shape[3])), *rows)
+    acc = acc_dtype(q.dtype)
+    rows = [q.new_empty((B, Hq, Lq), dtype=acc) for _ in range(4)]  # row_max, row_log, max_logit, entropy
+    # with sinks the output in the accumulation dtype (the caller rounds it; the backward's d sinks reads it)
+    return (q.new_empty((B, Hq, Lq, v.shape[3]), dtype=q.dtype if sinks is None else acc), *rows)
 
 
 @torch.library.custom_op("selfattn::cpu_flash_attention_backward", mutates_args=(), device_types="cpu")
@@ -701,14 +737,17 @@ def _flash_backward_op(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, row_max: torch.Tensor, row_log: torch.Tensor, sinks: Optional[torch.Tensor],
     layout: str, mask_tensors: list[Optional[torch.Tensor]], scale: float, softcap: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # (dq, dk, dv, d sinks): d sinks (Hq,) with sinks, else an empty tensor
     call = _op_call(q, k, v, layout, mask_tensors, scale, softcap, False)
-    return _launch_backward(grad_out, q, k, v, out, row_max, row_log, call, sinks=sinks, sinks_known=True)
+    dq, dk, dv, dsinks = _grads(grad_out, q, k, v, out, row_max, row_log, call, sinks, sinks is not None)
+    return dq, dk, dv, q.new_empty(0, dtype=torch.float32) if dsinks is None else dsinks
 
 
 @_flash_backward_op.register_fake
 def _flash_backward_op_fake(grad_out, q, k, v, out, row_max, row_log, sinks, layout, mask_tensors, scale, softcap):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dsinks = q.new_empty(0, dtype=torch.float32) if sinks is None else torch.empty_like(sinks)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
 
 
 def _setup_context(ctx, inputs, output):
@@ -721,9 +760,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, *_stats_grads):
     q, k, v, out, row_max, row_log, sinks, *mask_tensors = ctx.saved_tensors
-    dq, dk, dv = torch.ops.selfattn.cpu_flash_attention_backward(
+    dq, dk, dv, dsinks = torch.ops.selfattn.cpu_flash_attention_backward(
         grad_out, q, k, v, out, row_max, row_log, sinks, ctx.layout, mask_tensors, ctx.scale, ctx.softcap)
-    dsinks = None if sinks is None else _sinks_grad(sinks, grad_out, out, row_max, row_log)
+    dsinks = None if sinks is None else dsinks
     return dq, dk, dv, dsinks, None, [None] * len(mask_tensors), None, None, None  # one entry per input
 
 
@@ -765,12 +804,15 @@ def _eager_forward(ctx, q, k, v, sinks, call: _Call):
     acc = acc_dtype(q.dtype)
     # bfloat16 reaches the launcher as it is (it may take the AMX forward); the backward converts
     ready = [t.detach() if q.dtype == torch.bfloat16 else _ready(t, acc) for t in (q, k, v)]
-    out, row_max, row_log, max_logit, ent = _launch_forward(*ready, sinks, call)
+    out_acc, row_max, row_log, max_logit, ent = _launch_forward(*ready, sinks, call, acc_out=True)
     # keep the kernels' copies (strided heads made contiguous) when they have the inputs' dtype:
     # the backward pass reads them as they are, for the memory the inputs would have taken
     keep = [r if r.dtype == t.dtype else t for r, t in zip(ready, (q, k, v))]
-    out = _as(out, q.dtype)
-    ctx.save_for_backward(*keep, out, row_max, row_log, sinks)
+    out = _as(out_acc, q.dtype)
+    # sinks with a gradient: the output as the kernel left it (float32 for bfloat16/float16 calls), for
+    # d sinks = -sum p_sink rowsum(dO * O) without O's rounding (the backward kernels do not read it)
+    ctx.save_for_backward(*keep, out_acc if sinks is not None and ctx.needs_input_grad[3] else out,
+                          row_max, row_log, sinks)
     ctx.call = call
     ctx.set_materialize_grads(False)  # (the statistics never have gradients: no zeros made for them)
     return out, row_max, row_log, max_logit, ent
@@ -780,8 +822,7 @@ def _eager_backward(ctx, grad_out):
     if grad_out is None:  # (no gradient reached the output: none for the inputs either)
         return None, None, None, None, None
     q, k, v, out, row_max, row_log, sinks = ctx.saved_tensors
-    dq, dk, dv = _launch_backward(grad_out, q, k, v, out, row_max, row_log, ctx.call, sinks=sinks, sinks_known=True)
-    dsinks = _sinks_grad(sinks, grad_out, out, row_max, row_log) if ctx.needs_input_grad[3] else None
+    dq, dk, dv, dsinks = _grads(grad_out, q, k, v, out, row_max, row_log, ctx.call, sinks, ctx.needs_input_grad[3])
     return dq, dk, dv, dsinks, None
 
 
@@ -1549,6 +1590,7 @@ class CPUBackend(Backend):
             layout, tensors = _op_args(req)
             out, row_max, row_log, max_logit, ent = torch.ops.selfattn.cpu_flash_attention(
                 q, k, v, req.sinks, layout, tensors, req.scale, softcap, req.return_stats)
+            out = _as(out, q.dtype)  # (with sinks the op's output is float32 for bfloat16/float16 inputs)
         else:
             out = _masked_rows(q, k, v, req)  # (decoding steps under a boolean mask: the row kernel)
             if out is not None:
@@ -1565,6 +1607,7 @@ class CPUBackend(Backend):
         if not req.return_stats:
             return out, None
         return out, AttentionStats(_lse(row_max, row_log), max_logit, ent)
+
 
 
 def _register():

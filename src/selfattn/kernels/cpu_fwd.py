@@ -1049,9 +1049,9 @@ def serves(q) -> bool:
 
 
 def launch_forward(q, k, v, sinks, call):
-    """``backends.cpu._launch_forward`` on this kernel: (out in q's dtype, row_max, row_log, max_logit,
-    entropy), float32, exactly as the old kernel gives them (the rows None for a call that reads only
-    the output, ``_Call.rows``)."""
+    """``backends.cpu._launch_forward`` on this kernel: (out, row_max, row_log, max_logit, entropy), all
+    float32 (the dispatcher rounds out to q's dtype), exactly as the old kernel gives them (the rows None for a
+    call that reads only the output, ``_Call.rows``)."""
     _cpu = _backend()
     B, Hq, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
