@@ -81,7 +81,7 @@ from numba.core import config as numba_config
 from numba.extending import intrinsic, overload
 
 from selfattn.kernels import numba_cache_dir
-from selfattn.kernels.cpu_flash import NAN_BITS, _ptr, _rne  # noqa: F401 (NAN_BITS: this module's name for it)
+from selfattn.kernels.cpu_flash import K_SEGMENT, NAN_BITS, _ptr, _rne  # noqa: F401 (NAN_BITS: this module's name for it)
 from selfattn.kernels import cpu_flash as _flash_src, stamp_sources
 
 # numba fixes a function's cache place when it is decorated: the kernels' place (selfattn.kernels:
@@ -287,31 +287,57 @@ def _make_microkernel(rows):
                         phi.add_incoming(loaded[i][v], load_c)
                         row.append(phi)
                     init.append(row)
-                # -- full pairs --
-                entry = builder.block
-                loop = builder.append_basic_block(f"mk{rows}x{nvec}.loop")
-                after = builder.append_basic_block(f"mk{rows}x{nvec}.after")
-                builder.cbranch(builder.icmp_signed(">", half, c(0)), loop, after)
-                builder.position_at_end(loop)
-                p = builder.phi(i64)
-                p.add_incoming(c(0), entry)
-                accs = [[builder.phi(fv) for _ in range(nvec)] for _ in range(rows)]
-                new = step(p, accs, masks, nvec, False)
-                nxt = builder.add(p, c(1))
-                p.add_incoming(nxt, loop)
-                for i in range(rows):
-                    for v in range(nvec):
-                        accs[i][v].add_incoming(init[i][v], entry)
-                        accs[i][v].add_incoming(new[i][v], loop)
-                builder.cbranch(builder.icmp_signed("<", nxt, half), loop, after)
-                builder.position_at_end(after)
+                # -- full pairs: one loop, or past K_SEGMENT elements two halves from init and from zero,
+                # added at the end (as the float32 kernels' _fma_k_loop: one chain over D 193-256 put the
+                # scores ~1.8x as far from float64 as torch's float32 matmul) --
+                def pairs(lo, hi, start, tag):
+                    entry = builder.block
+                    loop = builder.append_basic_block(f"mk{rows}x{nvec}.{tag}")
+                    after = builder.append_basic_block(f"mk{rows}x{nvec}.{tag}.after")
+                    builder.cbranch(builder.icmp_signed("<", lo, hi), loop, after)
+                    builder.position_at_end(loop)
+                    p = builder.phi(i64)
+                    p.add_incoming(lo, entry)
+                    accs = [[builder.phi(fv) for _ in range(nvec)] for _ in range(rows)]
+                    new = step(p, accs, masks, nvec, False)
+                    nxt = builder.add(p, c(1))
+                    p.add_incoming(nxt, loop)
+                    for i in range(rows):
+                        for v in range(nvec):
+                            accs[i][v].add_incoming(start[i][v], entry)
+                            accs[i][v].add_incoming(new[i][v], loop)
+                    builder.cbranch(builder.icmp_signed("<", nxt, hi), loop, after)
+                    builder.position_at_end(after)
+                    out = [[builder.phi(fv) for _ in range(nvec)] for _ in range(rows)]
+                    for i in range(rows):
+                        for v in range(nvec):
+                            out[i][v].add_incoming(start[i][v], entry)
+                            out[i][v].add_incoming(new[i][v], loop)
+                    return out
+
+                one = builder.append_basic_block(f"mk{rows}x{nvec}.one")
+                segs = builder.append_basic_block(f"mk{rows}x{nvec}.segs")
+                join = builder.append_basic_block(f"mk{rows}x{nvec}.join")
+                builder.cbranch(builder.icmp_signed(">", kdim, c(K_SEGMENT)), segs, one)
+                builder.position_at_end(one)
+                whole = pairs(c(0), half, init, "loop")
+                end_one = builder.block
+                builder.branch(join)
+                builder.position_at_end(segs)
+                mid = builder.sdiv(half, c(2))
+                first = pairs(c(0), mid, init, "h1")
+                second = pairs(mid, half, [[fzero] * nvec for _ in range(rows)], "h2")
+                summed = [[builder.fadd(first[i][v], second[i][v]) for v in range(nvec)] for i in range(rows)]
+                end_segs = builder.block
+                builder.branch(join)
+                builder.position_at_end(join)
                 got = []
                 for i in range(rows):
                     row = []
                     for v in range(nvec):
                         phi = builder.phi(fv)
-                        phi.add_incoming(init[i][v], entry)
-                        phi.add_incoming(new[i][v], loop)
+                        phi.add_incoming(whole[i][v], end_one)
+                        phi.add_incoming(summed[i][v], end_segs)
                         row.append(phi)
                     got.append(row)
                 # -- odd kdim: the last pair holds one element --
