@@ -1035,11 +1035,9 @@ def test_transformers_bfloat16_on_the_cpu_kernels(family, monkeypatch):
     print("generated", seq[:, L:].tolist(), "eager", ref[:, L:].tolist())
 
 
-@pytest.mark.xfail(strict=True, reason="a row whose every logit is a float mask's finfo.min (-3.4e38; transformers' "
-                   "masks) gets lse = max_logit = -2.36e38: the kernels work in base-2 score units, where the bias is "
-                   "clamped to -FLT_MAX (backends/cpu.py _flat -> cpu_short.to_score_units), i.e. -FLT_MAX ln 2 nats; "
-                   "the output and attention_probs are right. Float32 inputs alike. Reported to the lead.")
 def test_statistics_of_a_row_at_the_float_minimum():
+    # (the kernels clamp such a bias to -FLT_MAX in base-2 score units: lse = max_logit came out -2.36e38 until
+    # backends.cpu._floor_rows took those rows' statistics from the mask)
     q, k, v, _ = inputs(1, 1, 1, 4, 6, 32, seed=36)
     bias = torch.zeros(1, 1, 4, 6)
     bias[:, :, 1] = torch.finfo(torch.float32).min  # row 1: every key "masked" the transformers way

@@ -167,6 +167,30 @@ def test_sinks_fully_masked_rows_lse_is_the_sink():
     compare("cpu sinks", reference_pair(q, k, v, mask=m, sinks=sinks), out, stats=st, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("lq", [2, 70])  # decoding (cpu_flash's dot products); a 64-row tile and a ragged block
+@pytest.mark.parametrize("sinks", [False, True])
+def test_statistics_of_rows_at_the_float_minimum(lq, sinks):
+    """Rows whose every allowed logit is a float mask's entry below -FLT_MAX ln 2 (finfo.min: transformers' padded
+    query rows) have lse = max_logit = that entry, about -3.4e38, as the reference (float32: q.k is far below its
+    ulp of 2**104; with sinks the lse is the sink's). The kernels clamp such entries to -FLT_MAX in their base-2
+    score units, and these statistics came out -FLT_MAX ln 2 = -2.36e38 (backends.cpu._floor_rows)."""
+    g = torch.Generator().manual_seed(lq)
+    B, Hq, Hkv, Lk, D = 2, 4, 2, 90, 32
+    q = torch.randn(B, Hq, lq, D, generator=g)
+    k, v = (torch.randn(B, Hkv, Lk, D, generator=g) for _ in range(2))
+    low = torch.finfo(torch.float32).min
+    m = torch.randn(B, 1, lq, Lk, generator=g)
+    m[0, :, 1] = low  # a whole row, batch 0
+    m[1, :, lq - 1] = -3.0e38  # below -FLT_MAX ln 2 too (clamped alike), batch 1
+    m[1, :, 0, : Lk // 2] = low  # half a row: its statistics are the other keys'
+    kw = dict(mask=m, causal=True)
+    if sinks:
+        kw["sinks"] = torch.randn(Hq, generator=g)
+    out, st = selfattn.attention(q, k, v, backend="cpu", return_stats=True, **kw)
+    compare(f"cpu finfo.min rows Lq {lq} sinks {sinks}", reference_pair(q, k, v, **kw), out, stats=st, dtype=torch.float32)
+    assert bool((st.max_logit[0, :, 1] == low).all()) and bool((st.max_logit[1, :, lq - 1] == -3.0e38).all())
+
+
 @pytest.mark.xfail(strict=True, reason="float32 tiles of >= 4 rows with a float bias or ALiBi scale q.k at the store by "
                                        "fl32(scale log2 e): one rounded factor for every score of the tile")
 def test_float_bias_tile_at_a_power_of_two_scale():

@@ -1606,8 +1606,47 @@ class CPUBackend(Backend):
                 out, row_max, row_log, max_logit, ent = _launch_forward(q, k, v, req.sinks, call)
         if not req.return_stats:
             return out, None
-        return out, AttentionStats(_lse(row_max, row_log), max_logit, ent)
+        lse = _lse(row_max, row_log)
+        if req.mask is not None and max_logit.dtype == torch.float32 and not torch.compiler.is_compiling():
+            lse, max_logit = _floor_rows(req, lse, max_logit)
+        return out, AttentionStats(lse, max_logit, ent)
 
+
+#: max_logit (nats) at or below this: the row's every allowed score was at most -FLT_MAX in the float32
+#: kernels' base-2 score units, i.e. a float mask's entries below -FLT_MAX ln 2 (finfo.min: transformers'
+#: masks), which ``_flat`` clamps to -FLT_MAX (a finite mask entry stays finite); no score reaches there
+#: otherwise
+_FLOOR_NATS = -float(np.finfo(np.float32).max) * 0.6931471805599453 * (1.0 - 2.0 ** -20) if _k is not None else 0.0
+
+
+def _floor_rows(req: Request, lse, max_logit):
+    """(lse, max_logit) with the rows at the score-unit floor (``_FLOOR_NATS``) taken from their mask.
+
+    The kernels see such a row's scores all at -FLT_MAX: the output is right (the mean of the values the
+    float32 definition weighs equally: fl32(s + b) = b there, q.k being far below b's ulp of 2**104), but
+    max_logit and lse came out as -FLT_MAX ln 2 = -2.36e38. Their float32 values are the row's largest
+    allowed mask entry (q.k, the ALiBi term and log(number of keys) are below its ulp); with sinks the lse
+    is the sink's already. A few rows: a tensor pass over the flagged rows' mask entries, not the kernels.
+    (Not handled: a row whose entries below -FLT_MAX ln 2 differ, as -3.0e38 and finfo.min: the clamp makes
+    them equal, so the kernels weigh all alike where the definition weighs only the largest.)"""
+    flag = max_logit <= _FLOOR_NATS  # (B, Hq, Lq)
+    if not bool(flag.any()):
+        return lse, max_logit
+    B, Hq = max_logit.shape[:2]
+    rows = flag.any(dim=1).any(dim=0).nonzero().reshape(-1)  # (r,) query rows flagged in some batch and head
+    g = req.geometry
+    bias = req.mask.bias_in(g, rows)  # (B|1, H|1, r, Lk) or None
+    if bias is None:  # (not reached: only a float mask's entries get there)
+        return lse, max_logit
+    allowed = req.mask.allowed_in(g, rows)
+    top = bias.to(torch.float32).masked_fill(~allowed, float("-inf")).amax(-1).expand(B, Hq, -1)  # (B, Hq, r)
+    f = flag[:, :, rows]
+    max_logit = max_logit.clone()
+    max_logit[:, :, rows] = torch.where(f, top, max_logit[:, :, rows])
+    if req.sinks is None:
+        lse = lse.clone()
+        lse[:, :, rows] = torch.where(f, top, lse[:, :, rows])
+    return lse, max_logit
 
 
 def _register():
