@@ -572,7 +572,8 @@ def _bf16_block(x, x16, rows, nc, k32):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, pbuf, dpbuf, kbs, pairs, ds_all, qt_blk, dot_blk, counts, mask, opts):
+def _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, delta_out, pbuf, dpbuf, kbs, pairs, ds_all, qt_blk, dot_blk, counts, mask,
+                  opts):
     # One (batch, head, query block): its dQ, and its shares of dK^T, dV^T added to dkt, dvt
     # (B, Hkv, nK, D16|Dv16, BLOCK_N). pbuf/dpbuf (nK, BLOCK_M, BLOCK_N): the worker's P and dP
     # tiles, kept from the first sweep to the second; kbs (nK,): each kept tile's key block; ds_all
@@ -639,6 +640,9 @@ def _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, pbuf, dpbuf, kbs, pairs,
             for i in range(rows):
                 for j in range(ncols):
                     p[i, j] *= softcap * (1.0 - tanh_buf[i, j] * tanh_buf[i, j])
+    if delta_out.size > 0:  # (d sinks: rowsum(dO * O) from the unrounded P, not from the bfloat16 output)
+        for i in range(rows):
+            delta_out[b, h, r0 + i] = dl[i]
     # -- sweep 2: dS = P (dP - delta); dK^T += Q^T bf16(dS) per tile; dQ = bf16(dS) K, one product
     # over all the kept tiles when their key blocks are consecutive (causal, windows: dQ's tiles are
     # loaded and stored once, not once per key tile), else per tile --
@@ -671,11 +675,11 @@ def _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, pbuf, dpbuf, kbs, pairs,
 
 
 @njit(cache=True, nogil=True)
-def flash_bwd_amx(g, row_max, row_log, dkt, dvt, dq, counts, mask, opts, t0, step, per, taken):
+def flash_bwd_amx(g, row_max, row_log, dkt, dvt, dq, delta_out, counts, mask, opts, t0, step, per, taken):
     """The bfloat16 backward on AMX (:class:`AmxGradInputs` ``g``, the lse halves row_max, row_log
     (B, Hq, Lq)): tasks (batch, head, query block), ``counts`` one entry each, adding their dK^T and dV^T
     shares into dkt (B, Hkv, nK, D16, BLOCK_N) and dvt (.., Dv16, ..), zeroed, writing dq (B, Hq, Lq, D)
-    float32. ``taken`` empty: tasks t0, t0 + step, ... in order; else a shared (1,) int64 counter, zeroed:
+    float32 and, unless it is empty, delta_out (B, Hq, Lq) float64: each row's rowsum(P * dP). ``taken`` empty: tasks t0, t0 + step, ... in order; else a shared (1,) int64 counter, zeroed:
     whole kv heads of ``per`` tasks, the next one no thread running this call has taken (one writer per
     dK/dV row). :func:`finish_kv_amx` turns the sums into dk and dv."""
     # The buffers are allocated here, in the thread that runs the tasks, and the tile state loaded once
@@ -701,8 +705,8 @@ def flash_bwd_amx(g, row_max, row_log, dkt, dvt, dq, counts, mask, opts, t0, ste
             t, t_end = kh * per, min((kh + 1) * per, T)
         if t >= t_end:
             break
-        _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, pbuf, dpbuf, kbs, pairs, ds_all, qt_blk, dot_blk, counts, mask,
-                      opts)
+        _bwd_task_amx(t, g, row_max, row_log, dkt, dvt, dq, delta_out, pbuf, dpbuf, kbs, pairs, ds_all, qt_blk, dot_blk, counts,
+                      mask, opts)
         t += 1 if shared else step
     _end(g.engine)
     _mxcsr_set(old)
@@ -912,10 +916,14 @@ def prepare_backward(q, k, v, do, threads: int = 1, eng=None) -> AmxGradInputs:
                          head_dim=D, v_dim=Dv, kv_len=Lk, engine=_engine_or_refuse(eng))
 
 
-def launch_backward(grad_out, q, k, v, out, row_max, row_log, call, eng=None):
+_NO_DELTA = np.zeros((0, 0, 0), np.float64)
+
+
+def launch_backward(grad_out, q, k, v, out, row_max, row_log, call, eng=None, delta_out=None):
     """``backends.cpu._launch_backward`` for bfloat16 q, k, v (and grad_out), products on ``eng``: (dq, dk, dv) in
     bfloat16, from the forward's lse halves (score units, float32); ``out`` is unused (delta is
-    rowsum(P * dP), computed by the kernel)."""
+    rowsum(P * dP), computed by the kernel). ``delta_out``: a (B, Hq, Lq) float64 numpy array to receive
+    that delta of every row (d sinks needs it from the unrounded P), or None."""
     from selfattn.backends import cpu as _cpu
 
     B, Hq, Lq, D = q.shape
@@ -934,7 +942,7 @@ def launch_backward(grad_out, q, k, v, out, row_max, row_log, call, eng=None):
     dkt = _zeros_np((W, B, Hkv, nK, g.k.shape[3], BLOCK_N), np.float32)
     dvt = _zeros_np((W, B, Hkv, nK, -(-Dv // 16) * 16, BLOCK_N), np.float32)
     args = (g, row_max.detach().contiguous().numpy(), row_log.detach().contiguous().numpy())
-    rest = (dq.numpy(), counts, mask, opts)
+    rest = (dq.numpy(), _NO_DELTA if delta_out is None else delta_out, counts, mask, opts)
     per = (Hq // Hkv) * (-(-Lq // BLOCK_M))  # tasks per kv head
     if threads <= 1:
         flash_bwd_amx(*args, dkt[0], dvt[0], *rest, 0, 1, per, NO_COUNTER)
