@@ -146,6 +146,13 @@ class ForkServer:
         atexit.register(_stop, p, tmp)
         return self._helper
 
+    def stop(self):
+        """Lets the helper end, if it runs: it exits once it has read its last request (reaped at exit); the next
+        run starts another."""
+        if self._helper is not None:
+            self._helper[0].stdin.close()
+            self._helper = None
+
     def run(self, *, module: str | None = None, path: str | None = None, args=(), env=None, cwd=None, input=None,
             timeout=120, name: str | None = None) -> subprocess.CompletedProcess:
         """``subprocess.run([sys.executable, "-m", module | path, *args], capture_output=True, text=True, ...)``

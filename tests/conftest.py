@@ -306,6 +306,15 @@ LONGEST_FIRST = {
     "tests/test_packaging.py::test_numba_cache_place[writable]": 4,
     "tests/test_train_text.py::test_char_model_learns_a_text_file": 4,
     "tests/test_train_parity.py::test_same_seed_same_loss_curve_on_math_sdpa_cpu": 4,
+    # the benchmark smoke runs (one SAME_WORKER group; one process, -s --durations, CPU of the child and what it
+    # started): the first test starts the helper (~17-20 s of imports)
+    "tests/test_benchmarks_smoke.py::test_peak": 20,
+    "tests/test_benchmarks_smoke.py::test_bench_ring": 21,
+    "tests/test_benchmarks_smoke.py::test_bench_bf16_mk": 8,
+    "tests/test_benchmarks_smoke.py::test_bench_train": 6,
+    "tests/test_benchmarks_smoke.py::test_bench_cpu_profile": 4,
+    "tests/test_benchmarks_smoke.py::test_bench_hf": 3,
+    "tests/test_benchmarks_smoke.py::test_bench_decode": 3,
 }
 
 # Tests whose first run in a process compiles or warms up something the precompile does not cover: each group
@@ -326,6 +335,8 @@ SAME_WORKER = {
     # module fixtures, computed once per worker that runs one of the file's tests: a training run (7 s), Chromium
     "tests/test_train.py": "test_train's trained run",
     "tests/test_html_browser.py": "one Chromium",
+    # the benchmark scripts' helper process (tests/_cli.py's ForkServer): its imports (~17-20 s) once, not on each worker
+    "tests/test_benchmarks_smoke.py": "the benchmark helper",
 }
 
 

@@ -12,9 +12,14 @@ ForkServer, which runs the CLI the same way; the imports are most of a smoke run
 operation before it forks, so the children start no thread pool the helper had. JSON outputs go to pytest's tmp
 dirs, never to benchmarks/results/ (a test checks that the smoke runs left that folder as it was).
 
-Not run by default: ``bench_cpu.py --compile-time`` (it compiles every kernel from an empty cache: minutes) and
-``bench_gpu.py --compile --quick`` (triton builds sm_90 kernels offline: ~30 s), both marked slow; on machines without CUDA the GPU runs (``bench_gpu.py`` on the GPU, ``ring_nccl_check.py``):
-skipped there with the reason; ``bench_gpu.py --dry-run`` runs anywhere.
+Not run by default (marked slow): ``bench_cpu.py --compile-time`` (it compiles every kernel from an empty cache:
+minutes), ``bench_gpu.py --compile --quick`` (triton builds sm_90 kernels offline: ~30 s), and the memory passes of
+``bench_cpu.py`` and ``bench_batches.py`` (each a fresh interpreter, ~7 s; CI runs both scripts with --no-memory).
+On machines without CUDA the GPU runs (``bench_gpu.py`` on the GPU, ``ring_nccl_check.py``) are skipped with the
+reason; ``bench_gpu.py --dry-run`` runs anywhere.
+
+The whole file runs on one xdist worker (conftest's SAME_WORKER), which starts the helper once; the helper stops
+when the file's tests are done.
 """
 
 from __future__ import annotations
@@ -99,6 +104,13 @@ def _results_untouched():
     assert snapshot() == before, "a smoke run wrote into benchmarks/results/"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _helper_stopped():
+    """The helper (torch, transformers and matplotlib imported: ~0.5 GB resident) goes when the file's tests are done."""
+    yield
+    _SERVER.stop()
+
+
 # -- the kernels' benchmarks ----------------------------------------------------------------------------------
 
 
@@ -108,12 +120,19 @@ def test_peak():
     assert "CPU: " in r.stdout and "FMA peak" in r.stdout and "torch.mm" in r.stdout, _tail(r)
 
 
-def test_bench_cpu(tmp_path):
+# The memory passes start a fresh interpreter (torch and selfattn imported again, ~7 s of CPU each): CI runs
+# bench_cpu and bench_batches without them, -m slow with them.
+MEMORY = [pytest.param(False, id="no-memory"), pytest.param(True, id="memory", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("memory", MEMORY)
+def test_bench_cpu(tmp_path, memory):
     path = tmp_path / "cpu.json"
-    r = run_script("bench_cpu.py", "--smoke", "--paired", "1", "--json", path)
+    r = run_script("bench_cpu.py", "--smoke", "--paired", "1", "--json", path, *([] if memory else ["--no-memory"]))
     _ok(r)
     res = _json(path)
-    _has(res, "meta", "rows", "bf16_targets", "peak_memory")
+    _has(res, "meta", "rows", "bf16_targets")
+    assert ("peak_memory" in res) == memory, sorted(res)
     _has(res["meta"], "fma_peak_GFLOPs", "fp32_matmul_GFLOPs", "bfloat16_engine")
     assert res["meta"]["bfloat16_engine"].startswith(_bf16_engine() + " -- "), res["meta"]["bfloat16_engine"]
     rows = {row["case"]: row for row in res["rows"]}
@@ -133,8 +152,9 @@ def test_bench_cpu(tmp_path):
     for t in targets.values():
         _has(t, "ratio", "ratio_vs_float32_row", "paired_median_ratio", "met", "engine")
         assert t["ratio"] > 0 and not t["issue_shape_and_threads"], t  # smoke shapes are not the issue's
-    assert "error" not in res["peak_memory"], res["peak_memory"]
-    assert res["peak_memory"]["peak_extra_bytes"] > 0
+    if memory:
+        assert "error" not in res["peak_memory"], res["peak_memory"]
+        assert res["peak_memory"]["peak_extra_bytes"] > 0
     assert "issue 14, bfloat16 against float32" in r.stdout, _tail(r)
 
 
@@ -247,14 +267,17 @@ def test_bench_short(tmp_path):
     assert "auto's calibration" in r.stdout, _tail(r)
 
 
-def test_bench_batches(tmp_path):
+@pytest.mark.parametrize("memory", MEMORY)
+def test_bench_batches(tmp_path, memory):
     path = tmp_path / "batches.json"
-    r = run_script("bench_batches.py", "--smoke", "--json", path)
+    r = run_script("bench_batches.py", "--smoke", "--json", path, *([] if memory else ["--no-memory"]))
     _ok(r)
     res = _json(path)
-    _has(res, "meta", "mask_function", "memory", "overhead")
+    _has(res, "meta", "mask_function", "overhead")
     _has(res["mask_function"], "cpu_function_s", "cpu_window_s", "sdpa_dense_s", "speedup_vs_sdpa")
-    assert all(isinstance(v, int) and v > 0 for v in res["memory"].values()), res["memory"]  # not {"error": ...}
+    assert ("memory" in res) == memory, sorted(res)
+    if memory:
+        assert all(isinstance(v, int) and v > 0 for v in res["memory"].values()), res["memory"]  # not {"error": ...}
     _has(res["overhead"], "plain_s", "alibi_overhead", "sinks_overhead")
 
 
