@@ -12,9 +12,9 @@ where `math` passed them with room (<= 0.61x). The micro-kernels now sum a reduc
 cpu_flash.K_SEGMENT steps as two halves (cpu_flash._fma_k_loop); the requests below were found missing
 one rule or both on the old kernels (noted per case) and pass now.
 
-Also here: +inf logits (lse and max_logit +inf, as the reference), and two known defects as strict xfails,
-each naming what would fix it: the launcher's sinks rest (backends/cpu.py) and the stepwise rounding of a
-score with a float bias or ALiBi in tiles of >= 4 rows.
+Also here: +inf logits (lse and max_logit +inf, as the reference), the launcher's sinks rest (backends/cpu.py),
+the statistics of rows at a float mask's finfo.min, and the store factor of a score with a float bias or ALiBi
+in tiles of >= 4 rows (once strict xfails, each fixed).
 """
 
 from __future__ import annotations
@@ -191,17 +191,14 @@ def test_statistics_of_rows_at_the_float_minimum(lq, sinks):
     assert bool((st.max_logit[0, :, 1] == low).all()) and bool((st.max_logit[1, :, lq - 1] == -3.0e38).all())
 
 
-@pytest.mark.xfail(strict=True, reason="float32 tiles of >= 4 rows with a float bias or ALiBi scale q.k at the store by "
-                                       "fl32(scale log2 e): one rounded factor for every score of the tile")
 def test_float_bias_tile_at_a_power_of_two_scale():
     """test_semantics_review's drawn request (D 4: the float32 reference scales q.k by 1/2, exactly; x3 logits, a
-    float mask, sinks, 97 x 130): the kernel's output 1.20x FlashAttention's rule (STYLE rule 6: within; math
-    passes). A numpy emulation of the kernel's scores reproduces it (1.16x); with the store's factor applied in
-    float64 (fl32(q.k x scale log2 e), rounded once; the bias added as now) 0.38x, the same as the whole score
-    in float64. 1 of ~1400 drawn 'tiles' requests. The fix is in the Q K^T micro-kernels' STORE epilogue, which
-    cpu_fwd's _make_mk_t and cpu_bwd's _make_mk_pf each write: both must change together (e.g. fma(x, c_hi,
-    x c_lo) with c_hi + c_lo = scale log2 e where c_lo != 0), since the backward recomputes the forward's
-    scores bit for bit."""
+    float mask, sinks, 97 x 130): the kernel's output was 1.20x FlashAttention's rule (STYLE rule 6: within; math
+    passes). Its tiles of >= 4 rows with a float bias or ALiBi scaled q.k at the store by one rounded factor,
+    fl32(scale log2 e), shared by every score of the tile (a numpy emulation: 1.16x; the factor applied in float64:
+    0.38x, the same as the whole score in float64). The Q K^T STORE epilogues of cpu_fwd and cpu_bwd now apply the
+    float64 factor as c_hi + c_lo (cpu_fwd._split_factor, mode STORE_SPLIT; the backward's scores stay the
+    forward's bit for bit). 1 of ~1400 drawn 'tiles' requests."""
     import test_semantics_review as sr
 
     case = sr.Case(200267, torch.float32, {"dense_bool", "dense_float", "function", "large", "sinks", "strided", "tiles"})

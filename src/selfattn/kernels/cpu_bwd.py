@@ -67,7 +67,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .cpu_fwd import NO_COUNTER, _alibi_tile, _bias_mask_t, _fetch_add, _loop, _mask_tile_t, _zeros64
+from .cpu_fwd import (NO_COUNTER, STORE_SPLIT, _alibi_tile, _bias_mask_t, _fetch_add, _loop, _mask_tile_t,
+                      _mul_split, _qk_store, _split_factor, _zeros64)
 
 from .cpu_flash import (ALL_FEATURES, ADD, VEC_BYTES, _fold_lo, _softcap_tile, BLOCK_M, BLOCK_N, EMPTY, FASTMATH, PARTIAL, STORE, _addr, _bx, _dot, _Exact,
                         _exp2_ir, _fma_k_loop, _not_inlined, _per_vector_count, _prefetch, _qk_split, _qk64_t, _qt64, _raw_units, _split_tiles, _Vectors, NV_MAX, TILE_N)
@@ -85,7 +86,8 @@ def _make_mk_pf(MR):
     # order over kdim the same, so the same results bit for bit), plus one prefetcht1 a step of the line
     # at ppf + kk * spf (bytes): _gemm_pf walks the operands of the next tile into L2 through it. One
     # head's K, V, dK and dV at Lk = 4096, D = 64 are 4 MB and the kept P^T/dP^T tiles up to 2 MB more,
-    # against a 2 MB L2: without the walk every tile's operands come from L3.
+    # against a 2 MB L2: without the walk every tile's operands come from L3. Mode STORE_SPLIT: STORE with the
+    # float64 scale applied as c_hi + c_lo, as cpu_fwd's product stores a tile with terms (cpu_fwd._split_factor).
     @intrinsic
     def microkernel(typingctx, pa, sa0, sa1, pb, sb, pc, sc, n, kdim, scale, mode, ppf, spf, like):
         if not (isinstance(like, types.Array) and like.dtype == types.float32):
@@ -125,10 +127,19 @@ def _make_mk_pf(MR):
                                 off = builder.add(builder.mul(c(i), sc), c(v * width))
                                 vec.store(builder.fmul(final[i][v], scale_v), pc, off, masks[v])
                     with add:
-                        for i in range(MR):
-                            for v in range(nvec):
-                                off = builder.add(builder.mul(c(i), sc), c(v * width))
-                                vec.store(builder.fadd(vec.load(pc, off, masks[v]), final[i][v]), pc, off, masks[v])
+                        with builder.if_else(builder.icmp_signed("==", mode, c(STORE_SPLIT))) as (split, add2):
+                            with split:
+                                # -- S^T of a tile with terms: the forward's scores bit for bit --
+                                hi, lo = _split_factor(builder, vec, scale)
+                                for i in range(MR):
+                                    for v in range(nvec):
+                                        off = builder.add(builder.mul(c(i), sc), c(v * width))
+                                        vec.store(_mul_split(builder, vec, final[i][v], hi, lo), pc, off, masks[v])
+                            with add2:
+                                for i in range(MR):
+                                    for v in range(nvec):
+                                        off = builder.add(builder.mul(c(i), sc), c(v * width))
+                                        vec.store(builder.fadd(vec.load(pc, off, masks[v]), final[i][v]), pc, off, masks[v])
 
             # one copy of the product per vector count, picked by ceil(n / width)
             _per_vector_count(builder, vec, builder.sdiv(builder.add(n, c(width - 1)), c(width)), product, "mkp")
@@ -471,6 +482,8 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
         # (times the scale's sign) and P = exp2(fma(s, cu, -row_max) - row_log) where nothing is added to
         # the scaled score (cpu_flash._raw_units)
         store, cu64 = _raw_units(opts.qk_scale, opts.softcap_u, opts.base2, mask.alibi.size > 0 or mask.bias.size > 0)
+        # (the Q K^T product's factor and mode, as the forward's: scale log2(e) exact where terms follow)
+        qk_factor, qk_mode = _qk_store(store, cu64, opts.qk_scale64, opts.softcap_u, mask.alibi.size > 0 or mask.bias.size > 0)
         if split or wide:
             store, cu64 = 1.0, 1.0
         cu = np.float32(cu64)
@@ -555,7 +568,7 @@ def flash_bwd_t(q, k, v, do, row_max, row_log, delta, sink_p, normalize, fold_lo
                         for i in range(rows):
                             st[j, i] *= store
             else:
-                _gemm_pf(pk, D, I1, _addr(qt), IM, _addr(st), IM, ncols, D, nr, store, MODE_STORE, walk_s, st)
+                _gemm_pf(pk, D, I1, _addr(qt), IM, _addr(st), IM, ncols, D, nr, qk_factor, qk_mode, walk_s, st)
             if ALL_FEATURES:
                 if terms or kind == PARTIAL:
                     _score_terms_t(st, lo, wcap, rows, ncols, (scaled or raw or split) and softcap <= 0.0, b, h, qb, kb, kind, mask, opts,

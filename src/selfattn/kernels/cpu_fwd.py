@@ -277,11 +277,54 @@ def exp2_lanes(x, y):
     _exp2_vec(_addr(x), _addr(y), x.size, y)
 
 
+# A Q K^T tile whose scaled score gets a term added (ALiBi, a float bias; float32, no softcap: cpu_flash._raw_units)
+# is scaled at the STORE, by scale log2(e). One float32 factor fl32(scale log2 e) put its own rounding (up to
+# 2**-24 relative) into every score of the tile alike, on top of the product's: test_semantics_review's Case
+# 200267 (D 4, x3 logits, a float bias) came out 1.20x FlashAttention's rule, against 0.38x with the factor
+# exact. Mode STORE_SPLIT applies the float64 factor as c_hi + c_lo (both float32; c_hi the factor rounded
+# toward zero, so c_lo has its sign or is 0): fma(x, c_hi, x c_lo), one rounding of x (c_hi + c_lo) but for
+# x c_lo's (~2**-24 of the result's ulp). Taken only where the factor is not a float32 (_qk_store); a plain
+# tile's factor is the scale's sign and keeps STORE. cpu_bwd's product stores the same way (the same IR).
+STORE_SPLIT = 3  # after cpu_flash's STORE, ADD, RESCALE
+
+
+def _split_factor(builder, vec, scale):
+    """(c_hi, c_lo) vectors of float32 with c_hi + c_lo = ``scale`` (float64 IR value) within ~2**-48 of it:
+    c_hi = scale rounded toward zero, c_lo = the rest rounded (the same sign as c_hi, or 0)."""
+    f64 = ir.DoubleType()
+    hi = builder.fptrunc(scale, vec.fty)
+    hi64 = builder.fpext(hi, f64)
+    zero = ir.Constant(f64, 0.0)
+    # rounded away from zero: one ulp back toward zero (the bits of a nonzero float32's magnitude minus 1)
+    away = builder.select(builder.fcmp_ordered(">", scale, zero), builder.fcmp_ordered(">", hi64, scale),
+                          builder.fcmp_ordered("<", hi64, scale))
+    down = builder.bitcast(builder.sub(builder.bitcast(hi, vec.i32), ir.Constant(vec.i32, 1)), vec.fty)
+    hi = builder.select(away, down, hi)
+    lo = builder.fptrunc(builder.fsub(scale, builder.fpext(hi, f64)), vec.fty)
+    return vec.splat(hi), vec.splat(lo)
+
+
+def _mul_split(builder, vec, x, hi, lo):
+    # x * (c_hi + c_lo) as fma(x, c_hi, x * c_lo): +-inf stays +-inf (c_hi, c_lo of one sign), NaN stays NaN
+    return builder.call(vec.fma, [x, hi, builder.fmul(x, lo)])
+
+
+@njit(cache=True, inline="always")
+def _qk_store(store, cu64, qk_scale64, softcap_u, added):
+    """(factor, mode) of a tile's Q K^T product from ``_raw_units``' (store, cu): STORE_SPLIT with the float64
+    factor where the product is scaled by a factor that is not a float32 (ALiBi or a float bias added: cu 1,
+    store fl32(scale log2 e)), else STORE with ``store``. cpu_fwd and cpu_bwd ask this the same."""
+    if added and softcap_u <= 0.0 and cu64 == 1.0 and np.float64(np.float32(qk_scale64)) == store and store != qk_scale64:
+        return qk_scale64, np.intp(STORE_SPLIT)
+    return store, np.intp(STORE)
+
+
 def _make_mk_t(MR):
     # a float32 micro-kernel of MR rows for this kernel's two products, both with the query block's
     # vectors as B: C[:MR, :nvec * LANES] (op)= A[:MR, :kdim] @ B[:kdim, :nvec * LANES] at raw addresses
     # (strides in elements, rows of B and C contiguous, whole vectors: Q^T and P^T are BLOCK_M wide).
-    # mode STORE: C = scale * (A B); RESCALE: C = alpha * C + A B, alpha a vector per column of C (the
+    # mode STORE: C = scale * (A B); STORE_SPLIT: the same with the float64 scale applied as c_hi + c_lo
+    # (_split_factor); RESCALE: C = alpha * C + A B, alpha a vector per column of C (the
     # query lanes' factors at raw address palpha). Each element's FMA order over kdim is cpu_flash's
     # micro-kernel's (the scores are its scores). Every step also prefetches the line at ppf + kk * spf
     # (bytes) into L2: the caller walks the next tiles through it. pmax != 0 (STORE): the raw address of a
@@ -332,11 +375,20 @@ def _make_mk_t(MR):
                                     mx = builder.select(builder.fcmp_ordered(">", outs[i][v], mx), outs[i][v], mx)
                                 vec.store(mx, pmax, c(v * width))
                     with rescale:
-                        al = [vec.load(palpha, c(v * width)) for v in range(nv)]
-                        for i in range(MR):
-                            for v in range(nv):
-                                off = builder.add(builder.mul(c(i), sc), c(v * width))
-                                vec.store(builder.call(vec.fma, [vec.load(pc, off), al[v], final[i][v]]), pc, off)
+                        with builder.if_else(builder.icmp_signed("==", mode, c(STORE_SPLIT))) as (split, rescale2):
+                            with split:
+                                # -- a tile with terms: the scale exact to ~2**-48 (_split_factor); no column max --
+                                hi, lo = _split_factor(builder, vec, scale)
+                                for i in range(MR):
+                                    for v in range(nv):
+                                        vec.store(_mul_split(builder, vec, final[i][v], hi, lo), pc,
+                                                  builder.add(builder.mul(c(i), sc), c(v * width)))
+                            with rescale2:
+                                al = [vec.load(palpha, c(v * width)) for v in range(nv)]
+                                for i in range(MR):
+                                    for v in range(nv):
+                                        off = builder.add(builder.mul(c(i), sc), c(v * width))
+                                        vec.store(builder.call(vec.fma, [vec.load(pc, off), al[v], final[i][v]]), pc, off)
 
             # the product in copies for 1, 2 and NV_MAX vectors (cpu_flash._per_vector_count); 3 vectors: the NV_MAX copy
             # (B, C and the factors are BLOCK_M wide; Q^T's columns past the block's rows are zero)
@@ -389,6 +441,7 @@ def _gemm_t(pa, sa0, sa1, pb, sb, pc, sc, m, kdim, nvec, scale, mode, palpha, pm
 # int64 values, not literals, for constant arguments of _gemm_t: numba compiles a function once per pattern
 # of literal arguments (the two products' calls made two copies of it)
 I0, I1, IM, MODE_STORE, MODE_RESCALE = np.intp(0), np.intp(1), np.intp(BLOCK_M), np.intp(STORE), np.intp(RESCALE)
+MODE_STORE_SPLIT = np.intp(STORE_SPLIT)
 
 
 # -- the vertical online-softmax step --------------------------------------------------------------
@@ -891,6 +944,8 @@ def flash_fwd_t(q, k, v, out, row_max, row_log, ent, counts, mask, opts, u0, u1,
         # the product's factor and the score units per unit of s (a softcap scales in float64, afterwards)
         scale, cu64 = _raw_units(opts.qk_scale, opts.softcap_u, opts.base2, mask.alibi.size > 0 or mask.bias.size > 0)
         cu = np.float32(cu64)
+        # (the tile products' factor and mode: scale log2(e) applied exactly where terms follow: _qk_store)
+        qk_factor, qk_mode = _qk_store(scale, cu64, opts.qk_scale64, opts.softcap_u, mask.alibi.size > 0 or mask.bias.size > 0)
         want = 1 if opts.want_stats else 0
         # fewer than 4 rows (a ragged last block, always alone): dot products, as every pass of cpu_flash
         # computes such a block, so that the backward recomputes bit-identical scores; without a softcap in
@@ -966,7 +1021,7 @@ def flash_fwd_t(q, k, v, out, row_max, row_log, ent, counts, mask, opts, u0, u1,
                     if fused:
                         cmax_t[:] = -np.inf
                     _gemm_t(pk0 + c0 * D * isz, D, I1, _addr(qt) + g * D * BLOCK_M * isz, IM, pst, IM, ncols, D,
-                            groups, scale, MODE_STORE, I0, _addr(cmax_t) if fused else I0, pf, st)
+                            groups, qk_factor, qk_mode, I0, _addr(cmax_t) if fused else I0, pf, st)
                 if ALL_FEATURES and own_alibi and not split:
                     # (split: _qk_split adds ALiBi in float64)
                     _alibi_tile(st, rows, ncols, b, h, r0, c0, slopes, q_pos_f, kv_pos_f)
@@ -1050,8 +1105,8 @@ def serves(q) -> bool:
 
 def launch_forward(q, k, v, sinks, call):
     """``backends.cpu._launch_forward`` on this kernel: (out, row_max, row_log, max_logit, entropy), all
-    float32 (the dispatcher rounds out to q's dtype), exactly as the old kernel gives them (the rows None for a
-    call that reads only the output, ``_Call.rows``)."""
+    float32 (the dispatcher rounds out to q's dtype), exactly as the old kernel gives them (the rows None for a call that reads only
+    the output, ``_Call.rows``)."""
     _cpu = _backend()
     B, Hq, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
