@@ -37,9 +37,14 @@ tdpbf16ps ~7 ns), and AMX work does not overlap the vector work here (a tile pro
 the softmax of the previous tile gained nothing). Where the time goes (one thread, dense
 (1, 4, 2048, 2048, D), each part left out of the kernel, loaded machine): D = 64, ~3.9 us a tile:
 Q K^T ~24 %, the softmax step ~43 %, P V ~28 %; D = 128, ~5.7 us a tile: ~25 / 38 / 40 %
-(acc^T's rescale ~0-2 % with the lazy max). Around the kernel the call adds ~14 % at D = 64
-(prepare's V^T ~5 %, the output's conversion to bfloat16 ~3 %). The float32 kernel takes ~10 us a
-tile at D = 64 in the same run.
+(acc^T's rescale ~0-2 % with the lazy max). The float32 kernel takes ~10 us a tile at D = 64 in the
+same run. On the AMD Zen 4 (vdpbf16ps, 1 thread, D = 64, in-process A/B with each part left out):
+~6.3 us a tile: Q K^T ~39 %, P V ~42 % (the products at 90-95 % of vdpbf16ps's ceiling), the softmax
+step ~16 % (its exp2 ~7.5 %, the bfloat16 pairs ~3 %, the column max ~1.4 %); fewer vector ops in the
+step (no select for exponents below -126, one vcvtne2ps2bf16 + vpermw per pair) measured within 1 %:
+the products and exp2's polynomial share the FMA pipes. Around the kernel: V^T is made by
+:func:`pack_fwd` on the call's threads and the output is written as bfloat16 by the kernel itself
+(torch's transposing copy and the float32 output's conversion took ~8 % of a call).
 
 **Backward** (``flash_bwd_amx``): cpu_bwd's design with row-major tiles: one task per (batch, head,
 query block), recomputing P from the lse halves, two sweeps over its non-empty key tiles::
@@ -679,8 +684,8 @@ def flash_bwd_amx(g, row_max, row_log, dkt, dvt, dq, delta_out, counts, mask, op
     """The bfloat16 backward on AMX (:class:`AmxGradInputs` ``g``, the lse halves row_max, row_log
     (B, Hq, Lq)): tasks (batch, head, query block), ``counts`` one entry each, adding their dK^T and dV^T
     shares into dkt (B, Hkv, nK, D16, BLOCK_N) and dvt (.., Dv16, ..), zeroed, writing dq (B, Hq, Lq, D)
-    float32 and, unless it is empty, delta_out (B, Hq, Lq) float64: each row's rowsum(P * dP). ``taken`` empty: tasks t0, t0 + step, ... in order; else a shared (1,) int64 counter, zeroed:
-    whole kv heads of ``per`` tasks, the next one no thread running this call has taken (one writer per
+    float32 and, unless it is empty, delta_out (B, Hq, Lq) float64: each row's rowsum(P * dP). ``taken``
+    empty: tasks t0, t0 + step, ... in order; else a shared (1,) int64 counter, zeroed: whole kv heads of ``per`` tasks, the next one no thread running this call has taken (one writer per
     dK/dV row). :func:`finish_kv_amx` turns the sums into dk and dv."""
     # The buffers are allocated here, in the thread that runs the tasks, and the tile state loaded once
     nK = g.kt.shape[2]
@@ -920,8 +925,8 @@ _NO_DELTA = np.zeros((0, 0, 0), np.float64)
 
 
 def launch_backward(grad_out, q, k, v, out, row_max, row_log, call, eng=None, delta_out=None):
-    """``backends.cpu._launch_backward`` for bfloat16 q, k, v (and grad_out), products on ``eng``: (dq, dk, dv) in
-    bfloat16, from the forward's lse halves (score units, float32); ``out`` is unused (delta is
+    """``backends.cpu._launch_backward`` for bfloat16 q, k, v (and grad_out), products on ``eng``: (dq, dk,
+    dv) in bfloat16, from the forward's lse halves (score units, float32); ``out`` is unused (delta is
     rowsum(P * dP), computed by the kernel). ``delta_out``: a (B, Hq, Lq) float64 numpy array to receive
     that delta of every row (d sinks needs it from the unrounded P), or None."""
     from selfattn.backends import cpu as _cpu
