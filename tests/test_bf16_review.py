@@ -31,7 +31,6 @@ import torch
 import selfattn
 from selfattn import masks
 from selfattn.kernels import cpu_amx
-from selfattn.backends import cpu as cpu_backend
 from selfattn.stats import AttentionStats
 
 from _oracle import RefRun, compare, reference_pair
@@ -807,13 +806,9 @@ def test_sinks_gradient_small_calls():
     assert not bad, f"{len(bad)} of 40 sink gradients outside the rule: " + "; ".join(bad)
 
 
-@pytest.mark.xfail(cpu_amx.engine() is not None and not cpu_backend._AMX_DELTA, strict=True,
-                   reason="d sinks on the bfloat16 engine: rowsum(dO * O) of the engine's output bf16(P) V (float32, "
-                   "but with P's 8 bits): outside the rule in 4 of 300 small calls (these; 21.7x, 4.9x, 1.7x, 1.9x). "
-                   "Fixed when cpu_amx.launch_backward hands out its delta = rowsum(P * dP) (delta_out, requested in "
-                   "COORDINATION.md; backends.cpu._grads takes it then). The float32 fallback passes (0 of 300)")
 def test_sinks_gradient_engine_misses():
-    # the 4 of _sink_cases(300) that the engine's output missed
+    # the 4 of _sink_cases(300) that d sinks from the bfloat16 engine's output, rowsum(dO * O) of bf16(P) V, missed
+    # (21.7x, 4.9x, 1.7x, 1.9x): the engine's backward now gives its own delta = rowsum(P * dP) (backends.cpu._grads)
     cases = [c for c in enumerate(_sink_cases(300)) if c[0] in (63, 67, 214, 237)]
     bad = _sink_grad_misses(cases)
     assert not bad, f"{len(bad)} of 4 sink gradients outside the rule: " + "; ".join(bad)
