@@ -188,6 +188,33 @@ def test_float16_keeps_the_float32_kernels(engine):
     compare("fp16", reference_pair(q, k, v, causal=True), out, stats=stats, dtype=torch.float16)
 
 
+def test_spare_buffers_between_calls(engine, monkeypatch):
+    # the forward's V^T comes from a kept buffer (cpu_amx._take_spare): calls of other shapes (a larger one
+    # first, then smaller ones with padding in their last key block and head dim, then a larger one again)
+    # must give what a fresh buffer gives, bit for bit, and the buffer must actually be reused
+    shapes = [(1, 4, 2, 200, 300, 64, 64), (2, 2, 1, 70, 90, 40, 24), (1, 3, 3, 64, 64, 72, 48), (1, 4, 2, 200, 330, 64, 64)]
+    runs = [_inputs(b, hq, hkv, lq, lk, d, dv=dv, seed=i) for i, (b, hq, hkv, lq, lk, d, dv) in enumerate(shapes)]
+
+    def outputs():
+        res = []
+        for q, k, v, _ in runs:
+            out, stats = selfattn.attention(q, k, v, backend="cpu", return_stats=True, causal=True)
+            res.append((out, stats.lse))
+        return res
+
+    monkeypatch.setattr(cpu_amx, "_SPARE_MAX", -1)  # nothing kept: a fresh buffer every call
+    cpu_amx._SPARE.clear()
+    fresh = outputs()
+    monkeypatch.setattr(cpu_amx, "_SPARE_MAX", 64 << 20)
+    taken = []
+    take = cpu_amx._take_spare
+    monkeypatch.setattr(cpu_amx, "_take_spare", lambda n: taken.append(take(n)) or taken[-1])
+    reused = outputs()
+    assert any(a is b for i, a in enumerate(taken) for b in taken[:i]), "no V^T buffer was reused"
+    for (o1, l1), (o2, l2) in zip(fresh, reused):
+        assert torch.equal(o1, o2) and torch.equal(l1, l2)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("heads", [(4, 2), (3, 1)], ids=["kv-heads-per-worker", "worker-copies"])
 def test_backward_threads_deterministic(threads, heads, engine):

@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -847,10 +848,35 @@ def _bits(t):
     return t.view(torch.int16).numpy().view(np.uint16)
 
 
-def prepare(q, k, v, opts, eng=None, threads: int = 1) -> AmxInputs:
+# -- spare V^T buffers ----------------------------------------------------------------------------
+# A call's V^T is as large as V; a fresh buffer costs a page fault every 4 KB on first touch (~1000
+# for a (1, 16, 2048, 64) V: ~3 % of that dense forward on 2 threads, the faults serialised by the
+# kernel's memory map lock). launch_forward takes one from here and gives it back after the kernel;
+# a buffer larger than _SPARE_MAX bytes is not kept (concurrent calls each get their own).
+_SPARE: list = []
+_SPARE_LOCK = threading.Lock()
+_SPARE_MAX = 64 << 20
+
+
+def _take_spare(n: int) -> np.ndarray:
+    # a 1-D uint16 buffer of at least n elements, first element on a 64-byte line (torch allocates so)
+    with _SPARE_LOCK:
+        for i, buf in enumerate(_SPARE):
+            if buf.size >= n:
+                return _SPARE.pop(i)
+    return torch.empty(n, dtype=torch.int16).numpy().view(np.uint16)
+
+
+def _give_spare(buf: np.ndarray) -> None:
+    if buf.nbytes <= _SPARE_MAX:
+        with _SPARE_LOCK:
+            _SPARE[:] = sorted(_SPARE + [buf], key=lambda b: b.size)[-2:]  # the two largest
+
+
+def prepare(q, k, v, opts, eng=None, threads: int = 1, spare=None) -> AmxInputs:
     """The :class:`AmxInputs` of bfloat16 q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) for a
     call with cpu_flash's ``opts``, its products on ``eng`` (default: :func:`engine`); V^T is made on
-    ``threads`` threads."""
+    ``threads`` threads, in ``spare`` (a 1-D uint16 buffer large enough) when given."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     F = torch.nn.functional
@@ -861,7 +887,9 @@ def prepare(q, k, v, opts, eng=None, threads: int = 1) -> AmxInputs:
     if d32 != D or lk64 != Lk:
         kp = F.pad(kp, (0, d32 - D, 0, lk64 - Lk))
     # V^T (B, Hkv, nK, Dv16, BLOCK_N) by pack_fwd (torch's transposing bfloat16 copy took ~5x as long)
-    vt = torch.empty(B, Hkv, nK, dv16, BLOCK_N, dtype=torch.int16).numpy().view(np.uint16)
+    shape = (B, Hkv, nK, dv16, BLOCK_N)
+    n = math.prod(shape)
+    vt = (spare if spare is not None else torch.empty(n, dtype=torch.int16).numpy().view(np.uint16))[:n].reshape(shape)
     _run_threads(pack_fwd, (_bits(v.detach()), vt), threads)
     negate = float(opts.qk_scale) < 0.0 and float(opts.softcap_u) <= 0.0
     return AmxInputs(q=_bits(q.detach()), k=_bits(kp), vt=vt, head_dim=D, kv_len=Lk,
@@ -881,7 +909,8 @@ def launch_forward(q, k, v, sinks, call, eng=None):
     opts = _cpu._opts(torch.float32, call)
     counts = np.zeros(B * Hq * (-(-Lq // BLOCK_M)), np.int64)  # one per task
     threads = _cpu._threads(len(counts), 4.0 * B * Hq * Lq * Lk * D)
-    inp = prepare(q, k, v, opts, eng, threads)
+    spare = _take_spare(B * k.shape[1] * -(-Lk // BLOCK_N) * BLOCK_N * (-(-Dv // 16) * 16))
+    inp = prepare(q, k, v, opts, eng, threads, spare)
     # the output as bfloat16 bits straight from the kernel (_finish_rows rounds as torch's conversion
     # does); float32 where sinks are folded in after the kernel
     out = torch.empty(B, Hq, Lq, Dv, dtype=torch.float32 if sinks is not None else torch.bfloat16)
@@ -890,6 +919,7 @@ def launch_forward(q, k, v, sinks, call, eng=None):
     row_max, row_log, ent, top = (torch.empty(B, Hq, Lq, dtype=torch.float32) for _ in range(4))
     args = (inp, out_np, row_max.numpy(), row_log.numpy(), ent.numpy(), top.numpy(), counts, mask, opts)
     _run_threads(flash_fwd_amx, args, threads)
+    _give_spare(spare)
     tiles = int(counts.sum())
     _cpu.TILE_PRODUCTS["forward"] += tiles
     AMX_CALLS["calls"] += 1
