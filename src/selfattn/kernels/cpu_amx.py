@@ -10,7 +10,8 @@ picks (the module keeps its first name) -- and each tile
     m, alpha, l, p^T                one vertical pass per 16 query rows (_vsoftmax_pack): the scale
                                     folded into the exponent, exp2(s c - m) in one FMA; p^T written
                                     straight as bfloat16 pairs of key rows (the CPU's conversion)
-    acc^T  = alpha acc^T + V_blk^T @ P^T    AMX: V^T per key block (made once per call), P^T as above
+    acc^T  = alpha acc^T + V_blk^T @ P^T    AMX: V^T per key block (made once per call), P^T as above;
+                                            vdpbf16ps: V^T given as V's key rows in pairs (no transposition)
 
 Without softcap/ALiBi/bias the tiles stay raw q.k (a negative scale's sign is flipped into Q^T,
 exact): the running max m is raw, the exponent is (s - m) c (the difference exact near the max,
@@ -43,7 +44,8 @@ same run. On the AMD Zen 4 (vdpbf16ps, 1 thread, D = 64, in-process A/B with eac
 step ~16 % (its exp2 ~7.5 %, the bfloat16 pairs ~3 %, the column max ~1.4 %); fewer vector ops in the
 step (no select for exponents below -126, one vcvtne2ps2bf16 + vpermw per pair) measured within 1 %:
 the products and exp2's polynomial share the FMA pipes. Around the kernel: V^T is made by
-:func:`pack_fwd` on the call's threads and the output is written as bfloat16 by the kernel itself
+:func:`pack_fwd` (AMX) or V's pairs by :func:`pack_fwd_pairs` (vdpbf16ps: 0.3 ms against 2 ms for a
+(1, 16, 2048, 64) V) in a kept buffer, and the output is written as bfloat16 by the kernel itself
 (torch's transposing copy and the float32 output's conversion took ~8 % of a call).
 
 **Backward** (``flash_bwd_amx``): cpu_bwd's design with row-major tiles: one task per (batch, head,
@@ -155,6 +157,23 @@ def _mm_add_impl(engine, a, bp, c, m, kdim, n):
     return lambda engine, a, bp, c, m, kdim, n: _bf.mm_bf16_add(a, bp, c, (m + 15) // 16 * 16, kdim, (n + 15) // 16 * 16)
 
 
+def _pv_add(engine, inp, b, hk, kb, pk, acct, Dv, ncols, rows):
+    """acct[:Dv16, :N16] += V_blk^T P^T for key block kb of (b, hk) (``pk``: P^T in pairs of key rows), from
+    inp.vt on AMX (no transposed-A form) or inp.vp on vdpbf16ps."""
+
+
+@overload(_pv_add)
+def _pv_add_impl(engine, inp, b, hk, kb, pk, acct, Dv, ncols, rows):
+    if _is_amx(engine):
+        def pv_amx(engine, inp, b, hk, kb, pk, acct, Dv, ncols, rows):
+            _bf.mm_amx_add(inp.vt[b, hk, kb], pk, acct, Dv, ncols, rows)
+        return pv_amx
+
+    def pv_dot(engine, inp, b, hk, kb, pk, acct, Dv, ncols, rows):
+        _bf.mm_bf16_tn_add(inp.vp[b, hk, kb], pk, acct, (Dv + 15) // 16 * 16, ncols, (rows + 15) // 16 * 16)
+    return pv_dot
+
+
 @overload(_begin)
 def _begin_impl(engine):
     if _is_amx(engine):
@@ -227,7 +246,9 @@ class AmxInputs(NamedTuple):
 
     q: np.ndarray  # (B, Hq, Lq, D): queries as given (each task packs its block's Q^T pairs)
     k: np.ndarray  # (B, Hkv, nK * BLOCK_N, D32): keys, row-major (the A of s^T = K_blk Q^T), zero past Lk and D
-    vt: np.ndarray  # (B, Hkv, nK, Dv16, BLOCK_N): V^T per key block (the A of acc^T += V^T P^T), zero past Lk and Dv
+    vt: np.ndarray  # AMX: (B, Hkv, nK, Dv16, BLOCK_N): V^T per key block (the A of acc^T += V^T P^T), zero past Lk and Dv
+    vp: np.ndarray  # vdpbf16ps: (B, Hkv, nK, PAIRS_N, Dv16, 2): V's key rows in pairs per key block (that A given as
+    #                 pairs of A^T: no transposition), zero past Lk and Dv. The other engine's field is empty
     head_dim: int  # D (the scores' reduction length)
     kv_len: int  # Lk
     qk_abs: float  # |opts.qk_scale| (float32): q.k -> score units once the sign is in Q^T
@@ -422,10 +443,10 @@ _vsoftmax_pack = _make_vsoftmax_pack(LAZY)  # see _vsoftmax_pack_typer
 def _fwd_task(t, inp, out, row_max, row_log, ent, top, counts, mask, opts):
     B, Hq, Lq, Dv = out.shape
     D = inp.head_dim
-    nK = inp.vt.shape[2]
-    Dv16 = inp.vt.shape[3]
+    nK = inp.k.shape[2] // BLOCK_N
+    Dv16 = (Dv + 15) // 16 * 16
     tiles = mask.tiles
-    b, h, hk, qb, r0, rows, tb, th_ = _query_task(t, out, inp.vt, tiles)
+    b, h, hk, qb, r0, rows, tb, th_ = _query_task(t, out, inp.k, tiles)
     Lk = inp.kv_len
     groups = (rows + LANES - 1) // LANES  # vectors of query rows
     # -- Q_blk^T as pairs along the head dim (the B of s^T = K_blk Q^T), lanes past `rows` zero; a
@@ -483,7 +504,7 @@ def _fwd_task(t, inp, out, row_max, row_log, ent, top, counts, mask, opts):
                 pk[pr, i, 0] = 0
                 pk[pr, i, 1] = 0
         # -- acc^T += V_blk^T P^T on the tile unit --
-        _mm_add(inp.engine, inp.vt[b, hk, kb], pk, acct, Dv, ncols, rows)
+        _pv_add(inp.engine, inp, b, hk, kb, pk, acct, Dv, ncols, rows)
     _end(inp.engine)
     acc = np.empty((BLOCK_M, Dv), np.float32)
     for i in range(rows):
@@ -686,8 +707,9 @@ def flash_bwd_amx(g, row_max, row_log, dkt, dvt, dq, delta_out, counts, mask, op
     (B, Hq, Lq)): tasks (batch, head, query block), ``counts`` one entry each, adding their dK^T and dV^T
     shares into dkt (B, Hkv, nK, D16, BLOCK_N) and dvt (.., Dv16, ..), zeroed, writing dq (B, Hq, Lq, D)
     float32 and, unless it is empty, delta_out (B, Hq, Lq) float64: each row's rowsum(P * dP). ``taken``
-    empty: tasks t0, t0 + step, ... in order; else a shared (1,) int64 counter, zeroed: whole kv heads of ``per`` tasks, the next one no thread running this call has taken (one writer per
-    dK/dV row). :func:`finish_kv_amx` turns the sums into dk and dv."""
+    empty: tasks t0, t0 + step, ... in order; else a shared (1,) int64 counter, zeroed: whole kv heads of
+    ``per`` tasks, the next one no thread running this call has taken (one writer per dK/dV row).
+    :func:`finish_kv_amx` turns the sums into dk and dv."""
     # The buffers are allocated here, in the thread that runs the tasks, and the tile state loaded once
     nK = g.kt.shape[2]
     # (every buffer a product reads or writes on 64-byte lines: _zeros_f32)
@@ -801,6 +823,40 @@ def pack_fwd(v16, vt, taken):
                 dst[d, j] = 0
 
 
+@njit(cache=True, nogil=True)
+def pack_fwd_pairs(v16, vp, taken):
+    """V's key rows in pairs per (batch, kv head, key block) of bfloat16 bits v16 (B, Hkv, Lk, Dv) into vp (B,
+    Hkv, nK, PAIRS_N, Dv16, 2) (AmxInputs, the vdpbf16ps engine), zero past Lk and Dv; ``taken`` as
+    :func:`flash_fwd_amx`'s."""
+    B, Hkv, Lk, Dv = v16.shape
+    nK, Dv16 = vp.shape[2], vp.shape[4]
+    w = vp.view(np.uint32)  # (.., PAIRS_N, Dv16, 1): one pair a word
+    t = -1
+    while True:
+        t = _fetch_add(taken, I1) if taken.size > 0 else t + 1
+        if t >= B * Hkv * nK:
+            break
+        kb = t % nK
+        hk = (t // nK) % Hkv
+        b = t // (nK * Hkv)
+        c0 = kb * BLOCK_N
+        ncols = min(BLOCK_N, Lk - c0)
+        dst = w[b, hk, kb]  # (PAIRS_N, Dv16, 1)
+        for pr in range(PAIRS_N):
+            j = c0 + 2 * pr
+            if 2 * pr + 1 < ncols:
+                for d in range(Dv):
+                    dst[pr, d, 0] = np.uint32(v16[b, hk, j, d]) | (np.uint32(v16[b, hk, j + 1, d]) << np.uint32(16))
+            elif 2 * pr < ncols:  # the odd last key: its pair's high half zero
+                for d in range(Dv):
+                    dst[pr, d, 0] = np.uint32(v16[b, hk, j, d])
+            else:
+                for d in range(Dv):
+                    dst[pr, d, 0] = 0
+            for d in range(Dv, Dv16):
+                dst[pr, d, 0] = 0
+
+
 stamp_sources(globals(), _bf, _bwd_src, _flash_src, _fwd_src)  # the kernels compile these modules' numba functions into themselves
 numba_config.CACHE_DIR = _NUMBA_CACHE_DIR
 
@@ -849,10 +905,10 @@ def _bits(t):
 
 
 # -- spare V^T buffers ----------------------------------------------------------------------------
-# A call's V^T is as large as V; a fresh buffer costs a page fault every 4 KB on first touch (~1000
-# for a (1, 16, 2048, 64) V: ~3 % of that dense forward on 2 threads, the faults serialised by the
-# kernel's memory map lock). launch_forward takes one from here and gives it back after the kernel;
-# a buffer larger than _SPARE_MAX bytes is not kept (concurrent calls each get their own).
+# A call's V^T (V's pairs on vdpbf16ps) is as large as V; a fresh buffer costs a page fault every 4 KB
+# on first touch (~1000 for a (1, 16, 2048, 64) V: ~3 % of that dense forward on 2 threads, the faults
+# serialised by the kernel's memory map lock). launch_forward takes one from here and gives it back
+# after the kernel; a buffer larger than _SPARE_MAX bytes is not kept (concurrent calls each get their own).
 _SPARE: list = []
 _SPARE_LOCK = threading.Lock()
 _SPARE_MAX = 64 << 20
@@ -886,15 +942,18 @@ def prepare(q, k, v, opts, eng=None, threads: int = 1, spare=None) -> AmxInputs:
     kp = k.detach()  # (B, Hkv, nK * BLOCK_N, D32): a zero-padded copy only where the shape needs one
     if d32 != D or lk64 != Lk:
         kp = F.pad(kp, (0, d32 - D, 0, lk64 - Lk))
-    # V^T (B, Hkv, nK, Dv16, BLOCK_N) by pack_fwd (torch's transposing bfloat16 copy took ~5x as long)
-    shape = (B, Hkv, nK, dv16, BLOCK_N)
+    eng = _engine_or_refuse(eng)
+    amx = eng.dtype == ENGINE_AMX.dtype
+    # AMX: V^T (B, Hkv, nK, Dv16, BLOCK_N); vdpbf16ps: V's key-row pairs (B, Hkv, nK, PAIRS_N, Dv16, 2), no
+    # transposition (torch's transposing bfloat16 copy took ~5x as long as pack_fwd)
+    shape = (B, Hkv, nK, dv16, BLOCK_N) if amx else (B, Hkv, nK, PAIRS_N, dv16, 2)
     n = math.prod(shape)
-    vt = (spare if spare is not None else torch.empty(n, dtype=torch.int16).numpy().view(np.uint16))[:n].reshape(shape)
-    _run_threads(pack_fwd, (_bits(v.detach()), vt), threads)
+    vx = (spare if spare is not None else torch.empty(n, dtype=torch.int16).numpy().view(np.uint16))[:n].reshape(shape)
+    _run_threads(pack_fwd if amx else pack_fwd_pairs, (_bits(v.detach()), vx), threads)
+    none = np.zeros((0,) * 6 if amx else (0,) * 5, np.uint16)
     negate = float(opts.qk_scale) < 0.0 and float(opts.softcap_u) <= 0.0
-    return AmxInputs(q=_bits(q.detach()), k=_bits(kp), vt=vt, head_dim=D, kv_len=Lk,
-                     qk_abs=np.float32(abs(float(opts.qk_scale))), negate=negate,
-                     engine=_engine_or_refuse(eng))
+    return AmxInputs(q=_bits(q.detach()), k=_bits(kp), vt=vx if amx else none, vp=none if amx else vx, head_dim=D,
+                     kv_len=Lk, qk_abs=np.float32(abs(float(opts.qk_scale))), negate=negate, engine=eng)
 
 
 def launch_forward(q, k, v, sinks, call, eng=None):
