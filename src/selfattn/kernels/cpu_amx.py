@@ -43,10 +43,10 @@ same run. On the AMD Zen 4 (vdpbf16ps, 1 thread, D = 64, in-process A/B with eac
 ~6.3 us a tile: Q K^T ~39 %, P V ~42 % (the products at 90-95 % of vdpbf16ps's ceiling), the softmax
 step ~16 % (its exp2 ~7.5 %, the bfloat16 pairs ~3 %, the column max ~1.4 %); fewer vector ops in the
 step (no select for exponents below -126, one vcvtne2ps2bf16 + vpermw per pair) measured within 1 %:
-the products and exp2's polynomial share the FMA pipes. Around the kernel: V^T is made by
-:func:`pack_fwd` (AMX) or V's pairs by :func:`pack_fwd_pairs` (vdpbf16ps: 0.3 ms against 2 ms for a
-(1, 16, 2048, 64) V) in a kept buffer, and the output is written as bfloat16 by the kernel itself
-(torch's transposing copy and the float32 output's conversion took ~8 % of a call).
+the products and exp2's polynomial share the FMA pipes. Around the kernel: :func:`pack_fwd` makes V^T
+(AMX) or V's key-row pairs (vdpbf16ps: an interleave, 0.3 ms against the transposition's 2 ms for a
+(1, 16, 2048, 64) V) in a kept buffer, and the kernel writes the output as bfloat16 itself (torch's
+transposing copy and the float32 output's conversion took ~8 % of a call).
 
 **Backward** (``flash_bwd_amx``): cpu_bwd's design with row-major tiles: one task per (batch, head,
 query block), recomputing P from the lse halves, two sweeps over its non-empty key tiles::
@@ -794,67 +794,64 @@ def pack_bwd(k16, v16, kt, vt, kp, taken):
         _pack_bwd_task(t, k16, v16, kt, vt, kp)
 
 
-@njit(cache=True, nogil=True)
-def pack_fwd(v16, vt, taken):
-    """V^T of every (batch, kv head, key block) of bfloat16 bits v16 (B, Hkv, Lk, Dv) into vt (B, Hkv, nK,
-    Dv16, BLOCK_N) (AmxInputs), zero past Lk and Dv; ``taken`` as :func:`flash_fwd_amx`'s."""
-    B, Hkv, Lk, Dv = v16.shape
-    nK, Dv16 = vt.shape[2], vt.shape[3]
-    t = -1
-    while True:
-        t = _fetch_add(taken, I1) if taken.size > 0 else t + 1
-        if t >= B * Hkv * nK:
-            break
-        kb = t % nK
-        hk = (t // nK) % Hkv
-        b = t // (nK * Hkv)
-        c0 = kb * BLOCK_N
-        ncols = min(BLOCK_N, Lk - c0)
-        dst = vt[b, hk, kb]  # (Dv16, BLOCK_N)
-        for d0 in range(0, Dv, 16):  # 16 x BLOCK_N strips: the block's rows stay in L1
-            for j in range(ncols):
-                for d in range(d0, min(d0 + 16, Dv)):
-                    dst[d, j] = v16[b, hk, c0 + j, d]
-        for d in range(Dv):
-            for j in range(ncols, BLOCK_N):
-                dst[d, j] = 0
-        for d in range(Dv, Dv16):
-            for j in range(BLOCK_N):
-                dst[d, j] = 0
+def _pack_block(dst, v16, b, hk, c0, ncols):
+    """One key block of V (rows c0 .. c0 + ncols of v16[b, hk]) into ``dst``: (Dv16, BLOCK_N) as V^T (AMX),
+    or (PAIRS_N, Dv16, 2) as pairs of key rows (vdpbf16ps); zero past the block's keys and Dv."""
 
 
-@njit(cache=True, nogil=True)
-def pack_fwd_pairs(v16, vp, taken):
-    """V's key rows in pairs per (batch, kv head, key block) of bfloat16 bits v16 (B, Hkv, Lk, Dv) into vp (B,
-    Hkv, nK, PAIRS_N, Dv16, 2) (AmxInputs, the vdpbf16ps engine), zero past Lk and Dv; ``taken`` as
-    :func:`flash_fwd_amx`'s."""
-    B, Hkv, Lk, Dv = v16.shape
-    nK, Dv16 = vp.shape[2], vp.shape[4]
-    w = vp.view(np.uint32)  # (.., PAIRS_N, Dv16, 1): one pair a word
-    t = -1
-    while True:
-        t = _fetch_add(taken, I1) if taken.size > 0 else t + 1
-        if t >= B * Hkv * nK:
-            break
-        kb = t % nK
-        hk = (t // nK) % Hkv
-        b = t // (nK * Hkv)
-        c0 = kb * BLOCK_N
-        ncols = min(BLOCK_N, Lk - c0)
-        dst = w[b, hk, kb]  # (PAIRS_N, Dv16, 1)
+@overload(_pack_block)
+def _pack_block_impl(dst, v16, b, hk, c0, ncols):
+    if dst.ndim == 2:
+        def transposed(dst, v16, b, hk, c0, ncols):
+            Dv = v16.shape[3]
+            for d0 in range(0, Dv, 16):  # 16 x BLOCK_N strips: the block's rows stay in L1
+                for j in range(ncols):
+                    for d in range(d0, min(d0 + 16, Dv)):
+                        dst[d, j] = v16[b, hk, c0 + j, d]
+            for d in range(Dv):
+                for j in range(ncols, BLOCK_N):
+                    dst[d, j] = 0
+            for d in range(Dv, dst.shape[0]):
+                for j in range(BLOCK_N):
+                    dst[d, j] = 0
+        return transposed
+
+    def pairs(dst, v16, b, hk, c0, ncols):
+        Dv = v16.shape[3]
+        w = dst.view(np.uint32)  # (PAIRS_N, Dv16, 1): one pair a word, the first key in the low half
         for pr in range(PAIRS_N):
             j = c0 + 2 * pr
             if 2 * pr + 1 < ncols:
                 for d in range(Dv):
-                    dst[pr, d, 0] = np.uint32(v16[b, hk, j, d]) | (np.uint32(v16[b, hk, j + 1, d]) << np.uint32(16))
+                    w[pr, d, 0] = np.uint32(v16[b, hk, j, d]) | (np.uint32(v16[b, hk, j + 1, d]) << np.uint32(16))
             elif 2 * pr < ncols:  # the odd last key: its pair's high half zero
                 for d in range(Dv):
-                    dst[pr, d, 0] = np.uint32(v16[b, hk, j, d])
+                    w[pr, d, 0] = np.uint32(v16[b, hk, j, d])
             else:
                 for d in range(Dv):
-                    dst[pr, d, 0] = 0
-            for d in range(Dv, Dv16):
-                dst[pr, d, 0] = 0
+                    w[pr, d, 0] = 0
+            for d in range(Dv, w.shape[1]):
+                w[pr, d, 0] = 0
+    return pairs
+
+
+@njit(cache=True, nogil=True)
+def pack_fwd(v16, vx, taken):
+    """Every (batch, kv head, key block) of V, bfloat16 bits v16 (B, Hkv, Lk, Dv), into the forward's operand
+    vx (AmxInputs): V^T (B, Hkv, nK, Dv16, BLOCK_N) for AMX, or V's key rows in pairs (B, Hkv, nK, PAIRS_N, Dv16,
+    2) for vdpbf16ps (an interleave, no transposition); zero past Lk and Dv. ``taken`` as :func:`flash_fwd_amx`'s."""
+    B, Hkv, Lk, Dv = v16.shape
+    nK = vx.shape[2]
+    t = -1
+    while True:
+        t = _fetch_add(taken, I1) if taken.size > 0 else t + 1
+        if t >= B * Hkv * nK:
+            break
+        kb = t % nK
+        hk = (t // nK) % Hkv
+        b = t // (nK * Hkv)
+        c0 = kb * BLOCK_N
+        _pack_block(vx[b, hk, kb], v16, b, hk, c0, min(BLOCK_N, Lk - c0))
 
 
 stamp_sources(globals(), _bf, _bwd_src, _flash_src, _fwd_src)  # the kernels compile these modules' numba functions into themselves
@@ -949,7 +946,7 @@ def prepare(q, k, v, opts, eng=None, threads: int = 1, spare=None) -> AmxInputs:
     shape = (B, Hkv, nK, dv16, BLOCK_N) if amx else (B, Hkv, nK, PAIRS_N, dv16, 2)
     n = math.prod(shape)
     vx = (spare if spare is not None else torch.empty(n, dtype=torch.int16).numpy().view(np.uint16))[:n].reshape(shape)
-    _run_threads(pack_fwd if amx else pack_fwd_pairs, (_bits(v.detach()), vx), threads)
+    _run_threads(pack_fwd, (_bits(v.detach()), vx), threads)
     none = np.zeros((0,) * 6 if amx else (0,) * 5, np.uint16)
     negate = float(opts.qk_scale) < 0.0 and float(opts.softcap_u) <= 0.0
     return AmxInputs(q=_bits(q.detach()), k=_bits(kp), vt=vx if amx else none, vp=none if amx else vx, head_dim=D,
