@@ -911,6 +911,16 @@ _SPARE_LOCK = threading.Lock()
 _SPARE_MAX = 64 << 20
 
 
+def _reset_spare_lock():
+    # a forked child has none of the parent's threads: a lock one of them held would never be released
+    global _SPARE_LOCK
+    _SPARE_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_spare_lock)
+
+
 def _take_spare(n: int) -> np.ndarray:
     # a 1-D uint16 buffer of at least n elements, first element on a 64-byte line (torch allocates so)
     with _SPARE_LOCK:
