@@ -245,6 +245,50 @@ def test_from_torch_matches_torch(batch_first, kind, kvdims, bias, avg):
     assert_close("out (auto, no weights)", ours(q, k, v, key_padding_mask=kpm, attn_mask=am), o64, o32)
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("avg", [True, False])
+def test_unbatched_matches_torch(batch_first, avg):
+    # one unbatched sequence, (L, E), as torch.nn.MultiheadAttention takes it: key (S, kdim), key_padding_mask
+    # (S,), attn_mask (L, S) or (num_heads, L, S); the output (L, E), the weights (L, S) or (num_heads, L, S)
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    E, H, Lq, Lk, kdim, vdim = 12, 3, 6, 8, 5, 7
+    tm = nn.MultiheadAttention(E, H, kdim=kdim, vdim=vdim, batch_first=batch_first).eval()
+    with torch.no_grad():
+        for p in tm.parameters():
+            p.normal_(0, 0.4)
+    t64 = copy.deepcopy(tm).double()
+    ours = MultiHeadAttention.from_torch(tm)
+    q, k, v = torch.randn(Lq, E, generator=gen), torch.randn(Lk, kdim, generator=gen), torch.randn(Lk, vdim, generator=gen)
+    kpm = torch.zeros(Lk, dtype=torch.bool)
+    kpm[[1, 6]] = True
+    for am in (None, torch.rand(Lq, Lk, generator=gen) < 0.3, torch.randn(H, Lq, Lk, generator=gen).double()):
+        floating = am is not None and am.is_floating_point()
+        am32 = am.float() if floating else am
+        # (torch wants both masks of one kind: the padding as -inf with a float attn_mask)
+        k64 = torch.zeros(Lk, dtype=torch.float64).masked_fill(kpm, float("-inf")) if floating else kpm
+        k32 = k64.float() if floating else kpm
+        o32, w32 = tm(q, k, v, key_padding_mask=k32, attn_mask=am32, need_weights=True, average_attn_weights=avg)
+        o64, w64 = t64(q.double(), k.double(), v.double(), key_padding_mask=k64, attn_mask=am, need_weights=True,
+                       average_attn_weights=avg)
+        out, w = ours(q, k, v, key_padding_mask=k32, attn_mask=am32, need_weights=True, average_attn_weights=avg)
+        assert out.shape == o32.shape == (Lq, E) and w.shape == w32.shape
+        assert_close("out", out, o64, o32)
+        assert_close("weights", w, w64, w32)
+    # self-attention m(x, x, x) and the statistics, against the same sequence as a batch of one
+    x = torch.randn(Lq, E, generator=gen)
+    sm = MultiHeadAttention(E, H, batch_first=batch_first)
+    out, stats = sm(x, x, x, causal=True, return_stats=True)
+    one = x[None] if batch_first else x[:, None]
+    ref, ref_stats = sm(one, one, one, causal=True, return_stats=True)
+    assert torch.equal(out, ref[0] if batch_first else ref[:, 0])
+    assert stats.lse.shape == (H, Lq) and torch.equal(stats.lse, ref_stats.lse[0])
+    with pytest.raises(ValueError, match=r"key must be 2-D too"):
+        ours(q, k[None], v[None])
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(Lk,\)"):
+        ours(q, k, v, key_padding_mask=kpm[None])
+
+
 def test_to_torch_round_trip():
     torch.manual_seed(4)
     for kw in (dict(), dict(kdim=5, vdim=3, batch_first=False, bias=False, dropout=0.25)):
@@ -394,12 +438,12 @@ def test_mha_bad_input():
     with pytest.raises(ValueError, match="dropout"):
         MultiHeadAttention(8, 2, dropout=1.0)
     m = MultiHeadAttention(8, 2)
-    with pytest.raises(ValueError, match=r"query must have shape \(B, L, E\).*\(3, 8\)"):
-        m(torch.randn(3, 8))
+    with pytest.raises(ValueError, match=r"query must have shape \(B, L, E\), or \(L, E\) for one unbatched sequence.*\(8,\)"):
+        m(torch.randn(8))
     with pytest.raises(ValueError, match="query has width 6.*embed_dim=8"):
         m(torch.randn(1, 3, 6))
-    with pytest.raises(ValueError, match=r"query must have shape \(L, B, E\) with batch_first=False"):
-        MultiHeadAttention(8, 2, batch_first=False)(torch.randn(3, 8))
+    with pytest.raises(ValueError, match=r"query must have shape \(L, B, E\) with batch_first=False, or \(L, E\)"):
+        MultiHeadAttention(8, 2, batch_first=False)(torch.randn(2, 3, 3, 8))
     with pytest.raises(ValueError, match="key has width 5.*kdim=8"):
         m(torch.randn(1, 3, 8), torch.randn(1, 4, 5))
     with pytest.raises(ValueError, match="same batch size"):

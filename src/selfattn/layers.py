@@ -483,6 +483,29 @@ class MultiHeadAttention(nn.Module):
                 f"head_dim={self.head_dim}, dropout={self.dropout}, rope={self.rope}, qk_norm={self.qk_norm}, "
                 f"batch_first={self.batch_first}")
 
+    def _unbatched(self, query, key, value, key_padding_mask, kw):
+        # one unbatched sequence, as torch.nn.MultiheadAttention takes it: query (Lq, E), key/value
+        # (Lk, kdim/vdim), key_padding_mask (Lk,); run as a batch of one, the results without its axis
+        for name, t in (("key", key), ("value", value)):
+            if isinstance(t, torch.Tensor) and t.dim() != 2:
+                raise ValueError(f"query is one unbatched sequence, shape {_shape(query)}, so {name} must be 2-D too "
+                                 f"(L, features), got shape {_shape(t)}")
+        if isinstance(key_padding_mask, torch.Tensor):
+            if key_padding_mask.dim() != 1:
+                raise ValueError(f"key_padding_mask must have shape (Lk,) for an unbatched query of shape {_shape(query)}, "
+                                 f"got shape {_shape(key_padding_mask)}")
+            key_padding_mask = key_padding_mask[None]
+        axis = 0 if self.batch_first else 1
+        q1 = query.unsqueeze(axis)
+        k1 = q1 if key is query else (key.unsqueeze(axis) if isinstance(key, torch.Tensor) else key)
+        v1 = q1 if value is query else k1 if value is key else (value.unsqueeze(axis) if isinstance(value, torch.Tensor) else value)
+        res = self.forward(q1, k1, v1, key_padding_mask=key_padding_mask, **kw)
+        if not isinstance(res, tuple):
+            return res.squeeze(axis)
+        out, *extra = res
+        extra = [AttentionStats(x.lse[0], x.max_logit[0], x.entropy[0]) if isinstance(x, AttentionStats) else x[0] for x in extra]
+        return (out.squeeze(axis), *extra)
+
     def _heads(self, x, proj, heads):
         B, L, _ = x.shape
         return proj(x).view(B, L, heads, self.head_dim).transpose(1, 2)  # (B, heads, L, head_dim)
@@ -494,7 +517,9 @@ class MultiHeadAttention(nn.Module):
         """Attend from ``query`` to ``key``/``value`` (self-attention when ``key`` is None).
 
         Args:
-            query: (B, Lq, E) if batch_first else (Lq, B, E).
+            query: (B, Lq, E) if batch_first else (Lq, B, E); or (Lq, E), one unbatched sequence (as
+                torch.nn.MultiheadAttention takes it): then key/value are (Lk, kdim/vdim),
+                key_padding_mask (Lk,), and the results have no batch axis.
             key: (B, Lk, kdim) or None (self-attention: key = value = query).
             value: (B, Lk, vdim), or None to use ``key``.
             key_padding_mask: (B, Lk), torch.nn.MultiheadAttention's convention: bool True =
@@ -529,12 +554,21 @@ class MultiHeadAttention(nn.Module):
             out in the layout of ``query``; with need_weights ``(out, weights)``; with
             return_stats ``(out, stats)``; with both ``(out, weights, stats)``.
         """
+        if isinstance(query, torch.Tensor) and query.dim() not in (2, 3):
+            layout = "(B, L, E)" if self.batch_first else "(L, B, E) with batch_first=False"
+            raise ValueError(f"query must have shape {layout}, or (L, E) for one unbatched sequence, got shape {_shape(query)}")
+        if isinstance(query, torch.Tensor) and query.dim() == 2:
+            return self._unbatched(query, key, value, key_padding_mask, dict(
+                attn_mask=attn_mask, causal=causal, window=window, need_weights=need_weights,
+                average_attn_weights=average_attn_weights, return_stats=return_stats, kv_cache=kv_cache,
+                positions=positions, backend=backend))
         p = self.q_proj.weight
         same_key = key is query  # m(x, x, x) is self-attention in either layout (the transposes below make new views)
         if not self.batch_first:
             for name, t in (("query", query), ("key", key), ("value", value)):
                 if isinstance(t, torch.Tensor) and t.dim() != 3:
-                    raise ValueError(f"{name} must have shape (L, B, E) with batch_first=False, got shape {_shape(t)}")
+                    raise ValueError(f"{name} must have shape (L, B, E) with batch_first=False (query {_shape(query)} is batched), "
+                                     f"got shape {_shape(t)}")
             query = query.transpose(0, 1) if isinstance(query, torch.Tensor) else query
             key = key.transpose(0, 1) if isinstance(key, torch.Tensor) else key
             value = value.transpose(0, 1) if isinstance(value, torch.Tensor) else value
