@@ -818,20 +818,16 @@ def _pack_block_impl(dst, v16, b, hk, c0, ncols):
 
     def pairs(dst, v16, b, hk, c0, ncols):
         Dv = v16.shape[3]
-        w = dst.view(np.uint32)  # (PAIRS_N, Dv16, 1): one pair a word, the first key in the low half
-        for pr in range(PAIRS_N):
-            j = c0 + 2 * pr
-            if 2 * pr + 1 < ncols:
-                for d in range(Dv):
-                    w[pr, d, 0] = np.uint32(v16[b, hk, j, d]) | (np.uint32(v16[b, hk, j + 1, d]) << np.uint32(16))
-            elif 2 * pr < ncols:  # the odd last key: its pair's high half zero
-                for d in range(Dv):
-                    w[pr, d, 0] = np.uint32(v16[b, hk, j, d])
-            else:
-                for d in range(Dv):
-                    w[pr, d, 0] = 0
-            for d in range(Dv, w.shape[1]):
-                w[pr, d, 0] = 0
+        used = (ncols + 1) // 2
+        _bf.pack_pairs(v16[b, hk, c0:c0 + ncols], dst[:used])  # columns < Dv; an odd last key's high half 0
+        for pr in range(used):
+            for d in range(Dv, dst.shape[1]):
+                dst[pr, d, 0] = 0
+                dst[pr, d, 1] = 0
+        for pr in range(used, dst.shape[0]):
+            for d in range(dst.shape[1]):
+                dst[pr, d, 0] = 0
+                dst[pr, d, 1] = 0
     return pairs
 
 
@@ -936,6 +932,12 @@ def _give_spare(buf: np.ndarray) -> None:
             _SPARE[:] = sorted(_SPARE + [buf], key=lambda b: b.size)[-2:]  # the two largest
 
 
+def _v_elements(B, Hkv, Lk, Dv) -> int:
+    # elements of the forward's V operand (V^T or V's key-row pairs: the same count), keys padded to whole
+    # blocks and Dv to 16
+    return B * Hkv * -(-Lk // BLOCK_N) * BLOCK_N * (-(-Dv // 16) * 16)
+
+
 def prepare(q, k, v, opts, eng=None, threads: int = 1, spare=None) -> AmxInputs:
     """The :class:`AmxInputs` of bfloat16 q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) for a
     call with cpu_flash's ``opts``, its products on ``eng`` (default: :func:`engine`); V^T is made on
@@ -954,7 +956,7 @@ def prepare(q, k, v, opts, eng=None, threads: int = 1, spare=None) -> AmxInputs:
     # AMX: V^T (B, Hkv, nK, Dv16, BLOCK_N); vdpbf16ps: V's key-row pairs (B, Hkv, nK, PAIRS_N, Dv16, 2), no
     # transposition (torch's transposing bfloat16 copy took ~5x as long as pack_fwd)
     shape = (B, Hkv, nK, dv16, BLOCK_N) if amx else (B, Hkv, nK, PAIRS_N, dv16, 2)
-    n = math.prod(shape)
+    n = _v_elements(B, Hkv, Lk, Dv)  # = math.prod(shape), either layout
     vx = (spare if spare is not None else torch.empty(n, dtype=torch.int16).numpy().view(np.uint16))[:n].reshape(shape)
     _run_threads(pack_fwd, (_bits(v.detach()), vx), threads)
     none = np.zeros((0,) * 6 if amx else (0,) * 5, np.uint16)
@@ -975,7 +977,7 @@ def launch_forward(q, k, v, sinks, call, eng=None):
     opts = _cpu._opts(torch.float32, call)
     counts = np.zeros(B * Hq * (-(-Lq // BLOCK_M)), np.int64)  # one per task
     threads = _cpu._threads(len(counts), 4.0 * B * Hq * Lq * Lk * D)
-    spare = _take_spare(B * k.shape[1] * -(-Lk // BLOCK_N) * BLOCK_N * (-(-Dv // 16) * 16))
+    spare = _take_spare(_v_elements(B, k.shape[1], Lk, Dv))
     inp = prepare(q, k, v, opts, eng, threads, spare)
     # the output as bfloat16 bits straight from the kernel (_finish_rows rounds as torch's conversion
     # does); float32 where sinks are folded in after the kernel

@@ -441,7 +441,6 @@ def _gemm_t(pa, sa0, sa1, pb, sb, pc, sc, m, kdim, nvec, scale, mode, palpha, pm
 # int64 values, not literals, for constant arguments of _gemm_t: numba compiles a function once per pattern
 # of literal arguments (the two products' calls made two copies of it)
 I0, I1, IM, MODE_STORE, MODE_RESCALE = np.intp(0), np.intp(1), np.intp(BLOCK_M), np.intp(STORE), np.intp(RESCALE)
-MODE_STORE_SPLIT = np.intp(STORE_SPLIT)
 
 
 # -- the vertical online-softmax step --------------------------------------------------------------
